@@ -1,0 +1,336 @@
+//! Message types. Every change here bumps [`crate::PROTOCOL_VERSION`].
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Identifies a call (supervisor-assigned) or a host call (worker-assigned).
+pub type RequestId = u64;
+
+/// The worker's first message, sent after the handshake preamble.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Which runtime this worker embeds.
+    pub kind: WorkerKind,
+    /// The engine's own version, e.g. `wasmtime 48.0.8`.
+    pub engine_version: String,
+    /// The worker's process id as it sees itself.
+    pub pid: u32,
+    /// What confinement the worker has verified is in force.
+    pub enforcement: EnforcementReport,
+}
+
+/// The runtimes Corral runs plugins in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WorkerKind {
+    Wasm,
+    Js,
+    Python,
+}
+
+impl WorkerKind {
+    /// The name used in manifests and policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerKind::Wasm => "wasm",
+            WorkerKind::Js => "js",
+            WorkerKind::Python => "python",
+        }
+    }
+}
+
+impl fmt::Display for WorkerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How fully a confinement mechanism is in force, as the worker observed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Enforcement {
+    /// Fully enforced, with a short description (e.g. `ABI 6`).
+    Full(String),
+    /// Partly enforced; the string says what is missing.
+    Partial(String),
+    /// Not enforced; the string says why (not requested, or unsupported).
+    None(String),
+}
+
+impl fmt::Display for Enforcement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Enforcement::Full(s) => write!(f, "enforced ({s})"),
+            Enforcement::Partial(s) => write!(f, "partly enforced ({s})"),
+            Enforcement::None(s) => write!(f, "not enforced ({s})"),
+        }
+    }
+}
+
+/// What a worker reports as actually enforced on itself, per mechanism.
+///
+/// The supervisor decides whether that is enough for the plugin's level.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnforcementReport {
+    pub cgroup: Enforcement,
+    pub landlock: Enforcement,
+    pub seccomp: Enforcement,
+    pub namespaces: Enforcement,
+    pub no_new_privs: bool,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl EnforcementReport {
+    /// A report for a worker that applied no confinement, with the reason.
+    pub fn unconfined(reason: &str) -> Self {
+        EnforcementReport {
+            cgroup: Enforcement::None(reason.to_owned()),
+            landlock: Enforcement::None(reason.to_owned()),
+            seccomp: Enforcement::None(reason.to_owned()),
+            namespaces: Enforcement::None(reason.to_owned()),
+            no_new_privs: false,
+            uid: 0,
+            gid: 0,
+        }
+    }
+}
+
+/// Limits the supervisor hands a worker with [`ToWorker::Load`]; the engine enforces
+/// them in addition to the kernel's limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineLimits {
+    /// Maximum linear memory / heap in bytes.
+    pub memory_bytes: u64,
+    /// Maximum size of one call's output in bytes.
+    pub max_output_bytes: u64,
+    /// Budget for instantiation and the `init` hook, in milliseconds.
+    pub init_deadline_ms: u64,
+}
+
+/// Where the supervisor wants a worker to keep compiled artefacts, if anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadSpec {
+    pub plugin_id: String,
+    /// Absolute path of the plugin directory.
+    pub plugin_dir: String,
+    /// Entry file, relative to `plugin_dir` (validated by the manifest crate).
+    pub entry: String,
+    pub limits: EngineLimits,
+    /// Directory for the engine's compiled-code cache; `None` disables caching.
+    pub cache_dir: Option<String>,
+}
+
+/// Messages from the supervisor to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Load the plugin and run its `init` hook. Answered by `Loaded` or `LoadFailed`.
+    Load(LoadSpec),
+    /// Run one exported function. Answered by `CallResult` with the same id.
+    Call {
+        id: RequestId,
+        function: String,
+        input: Vec<u8>,
+        /// Wall-clock budget for the call, enforced inside the engine.
+        deadline_ms: u64,
+    },
+    /// The answer to a `FromWorker::HostCall`.
+    HostResult {
+        id: RequestId,
+        result: Result<Vec<u8>, HostError>,
+    },
+    /// Ask for a `Stats` message.
+    Stats,
+    /// Run the `shutdown` hook (within `grace_ms`) and exit.
+    Shutdown { grace_ms: u64 },
+}
+
+/// Messages from a worker to the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// The plugin is loaded and initialised; it exports these functions.
+    Loaded { exports: Vec<String> },
+    /// Loading failed; the worker exits after sending this.
+    LoadFailed { error: String },
+    /// The outcome of `ToWorker::Call` with the same id.
+    CallResult {
+        id: RequestId,
+        result: Result<Vec<u8>, CallError>,
+    },
+    /// The plugin asks the supervisor to do something on its behalf, during call
+    /// `call` (or during `init`, where `call` is 0).
+    HostCall {
+        id: RequestId,
+        call: RequestId,
+        op: HostOp,
+    },
+    /// A log line from the plugin (or the worker itself).
+    Log { level: LogLevel, message: String },
+    /// Answer to `ToWorker::Stats`.
+    Stats(WorkerStats),
+}
+
+/// Operations a plugin may ask the supervisor to perform.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostOp {
+    /// Wall-clock time in milliseconds since the Unix epoch, from the supervisor.
+    Now,
+}
+
+/// Why a host call was not performed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum HostError {
+    #[error("denied by policy: {rule}")]
+    Denied { rule: String },
+    #[error("host call failed: {0}")]
+    Failed(String),
+}
+
+/// Log severity, shared by plugins in every runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    /// Decode the numeric level used by the Wasm ABI (0 = error .. 4 = trace).
+    pub fn from_u32(n: u32) -> Option<Self> {
+        Some(match n {
+            0 => LogLevel::Error,
+            1 => LogLevel::Warn,
+            2 => LogLevel::Info,
+            3 => LogLevel::Debug,
+            4 => LogLevel::Trace,
+            _ => return None,
+        })
+    }
+}
+
+/// Counters a worker keeps about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    pub calls: u64,
+    pub errors: u64,
+    pub memory_bytes: u64,
+}
+
+/// Every way a call can fail. Produced by the worker (engine errors) or by the
+/// supervisor (everything about the process and routing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CallError {
+    /// The plugin function ran and returned an error of its own.
+    #[error("plugin returned an error: {message}")]
+    Plugin { message: String },
+    /// The engine trapped (Wasm trap, uncaught exception); `message` carries the
+    /// trap message or stack.
+    #[error("plugin trapped: {message}")]
+    Trap { message: String },
+    /// The call ran past its deadline and was interrupted.
+    #[error("call exceeded its deadline of {deadline_ms} ms")]
+    Timeout { deadline_ms: u64 },
+    /// The plugin tried to use more memory than its limit allows.
+    #[error("plugin exceeded its memory limit of {limit_bytes} bytes")]
+    MemoryLimit { limit_bytes: u64 },
+    /// The worker process died while the call was in flight.
+    #[error("worker crashed: {0}")]
+    WorkerCrashed(ExitReason),
+    /// The plugin has crashed too often and is not restarted until reset.
+    #[error("plugin {plugin} is failed after {crashes} crashes (last: {last})")]
+    PluginFailed {
+        plugin: String,
+        crashes: u32,
+        last: String,
+    },
+    /// The plugin could not be started or loaded.
+    #[error("plugin {plugin} could not be started: {reason}")]
+    StartFailed { plugin: String, reason: String },
+    #[error("unknown plugin {plugin:?}")]
+    UnknownPlugin { plugin: String },
+    #[error("plugin {plugin:?} has no function {function:?} (it exports: {exports})")]
+    UnknownFunction {
+        plugin: String,
+        function: String,
+        /// Comma-separated exported names.
+        exports: String,
+    },
+    #[error("bad input: {reason}")]
+    BadInput { reason: String },
+    /// The plugin's output was larger than its limit.
+    #[error("plugin output of {size} bytes exceeds the limit of {limit} bytes")]
+    OutputTooLarge { size: u64, limit: u64 },
+    /// Too many calls are queued for the plugin.
+    #[error("plugin {plugin} is overloaded ({queued} calls queued)")]
+    Overloaded { plugin: String, queued: u32 },
+    /// The supervisor is shutting down.
+    #[error("supervisor is shutting down")]
+    ShuttingDown,
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitReason {
+    /// Exited with this status code.
+    Code(i32),
+    /// Killed by this signal (number and name).
+    Signal { signo: i32, name: String },
+    /// The process ended but its status could not be read (already reaped).
+    Unknown,
+    /// The connection broke for a protocol reason; the worker was killed.
+    Protocol(String),
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitReason::Code(c) => write!(f, "exited with code {c}"),
+            ExitReason::Signal { signo, name } => write!(f, "killed by signal {signo} ({name})"),
+            ExitReason::Unknown => f.write_str("exited with unknown status"),
+            ExitReason::Protocol(why) => write!(f, "protocol violation: {why}"),
+        }
+    }
+}
+
+/// A request on the daemon's control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// Call a function; the answer is `ControlResponse::Called`.
+    Call {
+        plugin: String,
+        function: String,
+        input: Vec<u8>,
+        /// Overrides the plugin's deadline when set.
+        timeout_ms: Option<u64>,
+    },
+    /// List plugins and their state.
+    List,
+    /// Stop all workers and exit.
+    Shutdown,
+}
+
+/// The answer to a [`ControlRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlResponse {
+    Called(Result<Vec<u8>, CallError>),
+    Plugins(Vec<PluginInfo>),
+    ShuttingDown,
+    /// The request could not be decoded or is not allowed.
+    Rejected(String),
+}
+
+/// One plugin as `corral list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginInfo {
+    pub id: String,
+    pub version: String,
+    pub runtime: WorkerKind,
+    pub dir: String,
+    /// `stopped`, `running`, `backoff`, `failed`.
+    pub state: String,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    pub calls: u64,
+    pub last_error: Option<String>,
+    pub exports: Vec<String>,
+}

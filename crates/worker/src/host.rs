@@ -1,0 +1,112 @@
+//! The worker's connection to the supervisor, shared by the loop and by engine host
+//! functions.
+//!
+//! The worker is single-threaded with respect to plugin code: a host call blocks the
+//! calling engine until the supervisor answers. Frames that arrive meanwhile (the
+//! supervisor pipelines further calls) are queued and served, in order, afterwards.
+
+use corral_protocol::{
+    FromWorker, Hello, HostError, HostOp, LogLevel, RequestId, ToWorker,
+    frame::{self, FrameError},
+};
+use std::collections::VecDeque;
+use std::io::{BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Handle on the supervisor connection. Cheap to clone; engines keep one in their
+/// host-function state.
+#[derive(Debug, Clone)]
+pub struct Host {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    queued: VecDeque<ToWorker>,
+    next_id: RequestId,
+    current_call: RequestId,
+}
+
+impl Host {
+    pub(crate) fn new(stream: UnixStream) -> Result<Host, String> {
+        let writer = stream
+            .try_clone()
+            .map_err(|e| format!("cannot clone supervisor socket: {e}"))?;
+        Ok(Host {
+            inner: Arc::new(Mutex::new(Inner {
+                reader: BufReader::with_capacity(64 * 1024, stream),
+                writer,
+                queued: VecDeque::new(),
+                next_id: 1,
+                current_call: 0,
+            })),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic mid-frame; the stream state is unknown, but the
+        // worker is about to exit anyway, so carry on with the data.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn send_hello(&self, hello: &Hello) -> Result<(), FrameError> {
+        let buf = frame::encode_hello(hello)?;
+        let mut inner = self.lock();
+        inner.writer.write_all(&buf).map_err(FrameError::Io)
+    }
+
+    /// Send one message to the supervisor.
+    pub fn send(&self, msg: &FromWorker) -> Result<(), FrameError> {
+        let buf = frame::encode(msg)?;
+        let mut inner = self.lock();
+        inner.writer.write_all(&buf).map_err(FrameError::Io)
+    }
+
+    pub(crate) fn next_message(&self) -> Result<ToWorker, FrameError> {
+        let mut inner = self.lock();
+        if let Some(m) = inner.queued.pop_front() {
+            return Ok(m);
+        }
+        frame::read_msg(&mut inner.reader, frame::MAX_FRAME)
+    }
+
+    pub(crate) fn set_current_call(&self, id: RequestId) {
+        self.lock().current_call = id;
+    }
+
+    /// Send a log line to the supervisor. Logging never fails the plugin: if the
+    /// supervisor is gone, the worker notices on its next read.
+    pub fn log(&self, level: LogLevel, message: String) {
+        let _ = self.send(&FromWorker::Log { level, message });
+    }
+
+    /// Ask the supervisor to perform `op` and wait for its answer.
+    pub fn call(&self, op: HostOp) -> Result<Vec<u8>, HostError> {
+        let mut inner = self.lock();
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let call = inner.current_call;
+        let buf = frame::encode(&FromWorker::HostCall { id, call, op })
+            .map_err(|e| HostError::Failed(e.to_string()))?;
+        inner
+            .writer
+            .write_all(&buf)
+            .map_err(|e| HostError::Failed(format!("supervisor connection lost: {e}")))?;
+        loop {
+            let msg: ToWorker = frame::read_msg(&mut inner.reader, frame::MAX_FRAME)
+                .map_err(|e| HostError::Failed(format!("supervisor connection lost: {e}")))?;
+            match msg {
+                ToWorker::HostResult { id: got, result } if got == id => return result,
+                ToWorker::HostResult { id: got, .. } => {
+                    return Err(HostError::Failed(format!(
+                        "supervisor answered host call {got}, expected {id}"
+                    )));
+                }
+                other => inner.queued.push_back(other),
+            }
+        }
+    }
+}

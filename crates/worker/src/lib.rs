@@ -1,0 +1,255 @@
+//! The worker side of Corral: the loop every worker binary runs, the [`Engine`] trait
+//! each runtime implements once, and the [`Host`] client through which plugin code
+//! reaches the supervisor.
+//!
+//! A worker binary is a few lines:
+//!
+//! ```no_run
+//! # use corral_worker::{Engine, Host, EngineInfo};
+//! # use corral_protocol::{CallError, LoadSpec, WorkerKind};
+//! # use std::time::Duration;
+//! # struct MyEngine;
+//! # impl Engine for MyEngine {
+//! #   fn info(&self) -> EngineInfo { EngineInfo { kind: WorkerKind::Wasm, version: "x".into() } }
+//! #   fn load(&mut self, _: &LoadSpec, _: &Host) -> Result<Vec<String>, String> { Ok(vec![]) }
+//! #   fn call(&mut self, _: &str, _: &[u8], _: Duration, _: &Host) -> Result<Vec<u8>, CallError> { Ok(vec![]) }
+//! # }
+//! fn main() -> std::process::ExitCode {
+//!     corral_worker::run(MyEngine)
+//! }
+//! ```
+//!
+//! # Order of start-up
+//!
+//! [`run`] takes the inherited socket, lets the engine initialise (shared libraries,
+//! runtime files), then applies confinement ([`Confinement`]) and only then sends
+//! its handshake and accepts a `Load`: no plugin code, not even top-level code, runs
+//! before confinement is in force. The handshake carries what confinement reports
+//! as enforced; the supervisor decides whether that is enough.
+//!
+//! # Exit codes
+//!
+//! 0 after `Shutdown` or when the supervisor closes the socket; 70 when the plugin
+//! could not be loaded; 71 when the socket is missing or the supervisor broke the
+//! protocol; 72 when confinement could not be applied.
+
+mod host;
+
+pub use host::Host;
+
+use corral_protocol::{
+    CallError, EnforcementReport, FromWorker, LoadSpec, ToWorker, WORKER_SOCKET_ENV,
+    WORKER_SOCKET_FD, WorkerKind, WorkerStats, frame,
+};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Exit code: the plugin could not be loaded.
+pub const EXIT_LOAD_FAILED: u8 = 70;
+/// Exit code: no usable socket, or the supervisor broke the protocol.
+pub const EXIT_PROTOCOL: u8 = 71;
+/// Exit code: confinement could not be applied.
+pub const EXIT_CONFINE_FAILED: u8 = 72;
+
+/// What an engine says about itself in the handshake.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub kind: WorkerKind,
+    /// e.g. `wasmtime 48.0.8`.
+    pub version: String,
+}
+
+/// One runtime. Implemented once per engine; the loop, framing and confinement are
+/// shared.
+pub trait Engine {
+    fn info(&self) -> EngineInfo;
+
+    /// Engine set-up that must happen before confinement (loading shared libraries,
+    /// opening runtime files). Runs no plugin code.
+    fn prepare(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Load the plugin and run its `init` hook; return the exported function names.
+    fn load(&mut self, spec: &LoadSpec, host: &Host) -> Result<Vec<String>, String>;
+
+    /// Run `function` on `input` within `deadline`.
+    fn call(
+        &mut self,
+        function: &str,
+        input: &[u8],
+        deadline: Duration,
+        host: &Host,
+    ) -> Result<Vec<u8>, CallError>;
+
+    /// Run the plugin's `shutdown` hook, if it has one, within `grace`.
+    fn shutdown(&mut self, _grace: Duration, _host: &Host) {}
+
+    /// Memory the engine currently uses for the plugin, in bytes.
+    fn memory_bytes(&self) -> u64 {
+        0
+    }
+}
+
+/// Confinement the worker applies to itself after [`Engine::prepare`] and before any
+/// plugin code. The default applies nothing and says so in the report.
+pub trait Confinement {
+    fn apply(self) -> Result<EnforcementReport, String>;
+}
+
+/// No self-confinement; the report says why.
+#[derive(Debug)]
+pub struct NoConfinement;
+
+impl Confinement for NoConfinement {
+    fn apply(self) -> Result<EnforcementReport, String> {
+        Ok(EnforcementReport::unconfined("worker confinement not configured"))
+    }
+}
+
+/// Run a worker with no self-confinement. See [`run_confined`].
+pub fn run(engine: impl Engine) -> ExitCode {
+    run_confined(engine, NoConfinement)
+}
+
+/// Run the worker loop on the inherited socket until shutdown.
+pub fn run_confined(mut engine: impl Engine, confinement: impl Confinement) -> ExitCode {
+    let stream = match inherited_socket() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("corral worker: {e}");
+            return ExitCode::from(EXIT_PROTOCOL);
+        }
+    };
+    if let Err(e) = engine.prepare() {
+        eprintln!("corral worker: engine set-up failed: {e}");
+        return ExitCode::from(EXIT_LOAD_FAILED);
+    }
+    let enforcement = match confinement.apply() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("corral worker: confinement failed: {e}");
+            return ExitCode::from(EXIT_CONFINE_FAILED);
+        }
+    };
+    let host = match Host::new(stream) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("corral worker: {e}");
+            return ExitCode::from(EXIT_PROTOCOL);
+        }
+    };
+    let info = engine.info();
+    let hello = corral_protocol::Hello {
+        kind: info.kind,
+        engine_version: info.version,
+        pid: std::process::id(),
+        enforcement,
+    };
+    if let Err(e) = host.send_hello(&hello) {
+        eprintln!("corral worker: handshake failed: {e}");
+        return ExitCode::from(EXIT_PROTOCOL);
+    }
+    serve(&mut engine, &host)
+}
+
+fn serve(engine: &mut impl Engine, host: &Host) -> ExitCode {
+    let mut max_output = u64::MAX;
+    let mut stats = WorkerStats::default();
+    loop {
+        let msg = match host.next_message() {
+            Ok(m) => m,
+            // The supervisor went away: nothing left to serve.
+            Err(frame::FrameError::Closed) => return ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("corral worker: {e}");
+                return ExitCode::from(EXIT_PROTOCOL);
+            }
+        };
+        let reply = match msg {
+            ToWorker::Load(spec) => {
+                max_output = spec.limits.max_output_bytes;
+                match engine.load(&spec, host) {
+                    Ok(exports) => FromWorker::Loaded { exports },
+                    Err(error) => {
+                        let _ = host.send(&FromWorker::LoadFailed { error });
+                        return ExitCode::from(EXIT_LOAD_FAILED);
+                    }
+                }
+            }
+            ToWorker::Call {
+                id,
+                function,
+                input,
+                deadline_ms,
+            } => {
+                host.set_current_call(id);
+                let deadline = Duration::from_millis(deadline_ms);
+                let result = engine
+                    .call(&function, &input, deadline, host)
+                    .and_then(|out| check_output(out, max_output));
+                host.set_current_call(0);
+                stats.calls += 1;
+                stats.errors += u64::from(result.is_err());
+                FromWorker::CallResult { id, result }
+            }
+            ToWorker::Stats => {
+                stats.memory_bytes = engine.memory_bytes();
+                FromWorker::Stats(stats.clone())
+            }
+            ToWorker::Shutdown { grace_ms } => {
+                engine.shutdown(Duration::from_millis(grace_ms), host);
+                return ExitCode::SUCCESS;
+            }
+            ToWorker::HostResult { id, .. } => {
+                eprintln!("corral worker: answer to host call {id} that is not pending");
+                return ExitCode::from(EXIT_PROTOCOL);
+            }
+        };
+        if let Err(e) = host.send(&reply) {
+            eprintln!("corral worker: {e}");
+            return ExitCode::from(EXIT_PROTOCOL);
+        }
+    }
+}
+
+fn check_output(out: Vec<u8>, limit: u64) -> Result<Vec<u8>, CallError> {
+    let size = out.len() as u64;
+    if size > limit {
+        return Err(CallError::OutputTooLarge { size, limit });
+    }
+    Ok(out)
+}
+
+/// Take ownership of the socket the supervisor left at [`WORKER_SOCKET_FD`].
+fn inherited_socket() -> Result<UnixStream, String> {
+    let expected = WORKER_SOCKET_FD.to_string();
+    match std::env::var(WORKER_SOCKET_ENV) {
+        Ok(v) if v == expected => {}
+        _ => {
+            return Err(format!(
+                "no supervisor socket: workers are started by the corral supervisor \
+                 ({WORKER_SOCKET_ENV}={expected} and a socket at fd {expected})"
+            ));
+        }
+    }
+    // SAFETY: `fcntl(F_GETFD)` only queries the descriptor table; any fd value is fine.
+    let flags = unsafe { libc::fcntl(WORKER_SOCKET_FD, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(format!("fd {WORKER_SOCKET_FD} is not open"));
+    }
+    // SAFETY: the fd is open (checked above) and nothing else in this process owns it:
+    // the supervisor placed it there for us and we take it exactly once, here.
+    let fd = unsafe { OwnedFd::from_raw_fd(WORKER_SOCKET_FD) };
+    // Make sure it is a Unix stream socket before trusting it.
+    let stream = UnixStream::from(fd);
+    stream
+        .local_addr()
+        .map_err(|e| format!("fd {WORKER_SOCKET_FD} is not a unix socket: {e}"))?;
+    // SAFETY: plain fcntl on a descriptor we own; sets close-on-exec so that nothing
+    // the engine might exec inherits the supervisor channel.
+    unsafe { libc::fcntl(WORKER_SOCKET_FD, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+    Ok(stream)
+}

@@ -1,0 +1,62 @@
+//! The example Corral plugin for WebAssembly: ordinary Rust functions over bytes,
+//! exported with `corral_guest::plugin!`.
+
+use std::str;
+
+/// `greet "Ada"` -> `Hello, Ada!`
+pub fn greet(input: &[u8]) -> Result<String, String> {
+    let name = str::from_utf8(input).map_err(|e| format!("name is not UTF-8: {e}"))?;
+    let name = name.trim();
+    if name.is_empty() {
+        return Err("give a name to greet".into());
+    }
+    corral_guest::log::info(&format!("greeting {name}"));
+    Ok(format!("Hello, {name}!"))
+}
+
+/// Reverse the characters of a UTF-8 string.
+pub fn reverse(input: &[u8]) -> Result<String, String> {
+    let s = str::from_utf8(input).map_err(|e| format!("input is not UTF-8: {e}"))?;
+    Ok(s.chars().rev().collect())
+}
+
+/// Count words, lines and bytes, as JSON.
+pub fn wc(input: &[u8]) -> Result<String, String> {
+    let s = String::from_utf8_lossy(input);
+    Ok(format!(
+        "{{\"lines\":{},\"words\":{},\"bytes\":{}}}",
+        s.lines().count(),
+        s.split_whitespace().count(),
+        input.len()
+    ))
+}
+
+/// Return the input unchanged.
+pub fn echo(input: &[u8]) -> Result<Vec<u8>, String> {
+    Ok(input.to_vec())
+}
+
+/// Do nothing (for measuring call overhead).
+pub fn noop(_input: &[u8]) -> Result<(), String> {
+    Ok(())
+}
+
+/// The supervisor's clock, through a host call.
+pub fn now(_input: &[u8]) -> Result<String, String> {
+    Ok(corral_guest::now_ms().to_string())
+}
+
+corral_guest::plugin!(functions: [greet, reverse, wc, echo, noop, now]);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn functions_work_natively() {
+        assert_eq!(greet(b" Ada ").unwrap(), "Hello, Ada!");
+        assert!(greet(b"").is_err());
+        assert_eq!(reverse("añb".as_bytes()).unwrap(), "bña");
+        assert_eq!(wc(b"a b\nc").unwrap(), r#"{"lines":2,"words":3,"bytes":5}"#);
+    }
+}

@@ -1,0 +1,155 @@
+//! Support for Corral's end-to-end tests and benchmarks: building the real binaries
+//! and example plugins, making fixture plugins, and starting supervisors.
+//!
+//! Tests go through real worker processes. [`built`] runs `cargo build` for the
+//! `corral` and worker binaries (in the same profile as the test) and for the
+//! example Wasm plugin (`wasm32-wasip1`, installed with rustup if missing), once per
+//! test process; cargo makes that a no-op when nothing changed, and it guarantees a
+//! test never runs against a stale worker binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Paths of the built artefacts.
+#[derive(Debug)]
+pub struct Built {
+    /// Directory holding `corral` and `corral-worker-wasm`.
+    pub bin_dir: PathBuf,
+    /// The example Wasm plugin directory (with its module built).
+    pub hello_wasm: PathBuf,
+}
+
+impl Built {
+    pub fn corral(&self) -> PathBuf {
+        self.bin_dir.join("corral")
+    }
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration-tests lives in the repository root")
+        .to_owned()
+}
+
+/// A test fixture file.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env!("CARGO"));
+    c.current_dir(repo_root());
+    c
+}
+
+fn run(mut cmd: Command, what: &str) {
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("failed to run cargo to {what}: {e}"));
+    assert!(status.success(), "cargo failed to {what} ({status})");
+}
+
+/// Build everything the tests need, once per process.
+pub fn built() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let release = !cfg!(debug_assertions);
+        let mut cmd = cargo();
+        cmd.args(["build", "--quiet", "-p", "corral", "-p", "corral-worker-wasm", "--bins"]);
+        if release {
+            cmd.arg("--release");
+        }
+        run(cmd, "build the corral and worker binaries");
+
+        ensure_wasm_target();
+        let example = repo_root().join("examples/hello-wasm");
+        let mut cmd = cargo();
+        cmd.args(["build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
+            .arg(example.join("Cargo.toml"))
+            // The example has its own workspace and target directory.
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS");
+        run(cmd, "build the example Wasm plugin");
+
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target"));
+        Built {
+            bin_dir: target.join(if release { "release" } else { "debug" }),
+            hello_wasm: example,
+        }
+    })
+}
+
+/// Install the `wasm32-wasip1` standard library if rustup lacks it. Loud, because it
+/// changes the toolchain.
+fn ensure_wasm_target() {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    match out {
+        Ok(o) if String::from_utf8_lossy(&o.stdout).lines().any(|l| l == "wasm32-wasip1") => {}
+        Ok(_) => {
+            eprintln!("corral tests: installing the wasm32-wasip1 target with rustup");
+            let status = Command::new("rustup")
+                .args(["target", "add", "wasm32-wasip1"])
+                .status()
+                .expect("failed to run rustup");
+            assert!(status.success(), "rustup target add wasm32-wasip1 failed");
+        }
+        Err(e) => panic!(
+            "rustup is needed to install the wasm32-wasip1 target for the example plugin: {e}"
+        ),
+    }
+}
+
+/// Make a plugin directory in a fresh temporary directory: `plugin.toml` with `id`,
+/// the given `[limits]` lines, and `module` (a fixture file name) copied as entry.
+pub fn wat_plugin(id: &str, module: &str, limits: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(fixture(module), dir.path().join(module)).expect("copy fixture");
+    std::fs::write(
+        dir.path().join("plugin.toml"),
+        format!(
+            "id = \"{id}\"\nversion = \"1.0.0\"\nruntime = \"wasm\"\nentry = \"{module}\"\n\n[limits]\n{limits}\n"
+        ),
+    )
+    .expect("write manifest");
+    dir
+}
+
+/// Supervisor options for tests: the freshly built workers and a private cache.
+pub fn options(cache: &Path) -> corral::Options {
+    let mut o = corral::Options::new();
+    o.worker_dir = built().bin_dir.clone();
+    o.cache_dir = Some(cache.to_owned());
+    o
+}
+
+/// Whether `pid` is gone (or a zombie waiting to be reaped by someone else).
+pub fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+/// Wait up to `timeout` for `pid` to be gone.
+pub fn wait_gone(pid: u32, timeout: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < until {
+        if process_gone(pid) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    process_gone(pid)
+}

@@ -1,0 +1,167 @@
+//! The supervisor-worker channel cannot be dialled, inherited or impersonated, and the
+//! control socket is private.
+
+use crate::support::{hello, worker_pid};
+use corral::control::{ControlClient, ControlServer};
+use corral_protocol::{ControlRequest, ControlResponse, frame};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+fn fd_links(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let e = e.unwrap();
+        let fd: u32 = e.file_name().to_str().unwrap().parse().unwrap();
+        if let Ok(target) = std::fs::read_link(e.path()) {
+            out.push((fd, target.to_string_lossy().into_owned()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn worker_holds_only_stdio_and_its_socket() {
+    let (sup, _c) = hello();
+    sup.call("hello-wasm", "noop", vec![], None).await.unwrap();
+    let pid = worker_pid(&sup, "hello-wasm").await;
+    let links = fd_links(pid);
+    let fds: Vec<u32> = links.iter().map(|(fd, _)| *fd).collect();
+    assert_eq!(fds, [0, 1, 2, 3], "worker fds: {links:?}");
+    assert_eq!(links[0].1, "/dev/null", "stdin");
+    assert!(links[1].1.starts_with("pipe:") && links[2].1.starts_with("pipe:"), "{links:?}");
+    assert!(socket_inode(&links[3].1).is_some(), "fd 3 is the socket: {links:?}");
+    sup.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn worker_socket_has_no_address_and_no_other_holder() {
+    let (sup, _c) = hello();
+    sup.call("hello-wasm", "noop", vec![], None).await.unwrap();
+    let pid = worker_pid(&sup, "hello-wasm").await;
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/3")).unwrap();
+    let inode = socket_inode(&link.to_string_lossy()).expect("socket");
+
+    // Unnamed: /proc/net/unix lists it without a path (nothing to connect to).
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.split_whitespace().nth(6) == Some(&inode.to_string()))
+        .unwrap_or_else(|| panic!("inode {inode} in /proc/net/unix"));
+    assert_eq!(row.split_whitespace().count(), 7, "socket has a path: {row}");
+
+    // No process other than the worker holds its end.
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(other) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if other == pid {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{other}/fd")) else { continue };
+        for fd in fds.flatten() {
+            if let Ok(t) = std::fs::read_link(fd.path()) {
+                assert_ne!(socket_inode(&t.to_string_lossy()), Some(inode), "pid {other} holds it");
+            }
+        }
+    }
+    sup.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn worker_environment_is_cleared() {
+    assert!(std::env::var_os("PATH").is_some(), "the test process has an environment");
+    let (sup, _c) = hello();
+    sup.call("hello-wasm", "noop", vec![], None).await.unwrap();
+    let pid = worker_pid(&sup, "hello-wasm").await;
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let keys: Vec<String> = environ
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).split('=').next().unwrap().to_owned())
+        .collect();
+    assert!(keys.contains(&"CORRAL_WORKER_FD".to_owned()));
+    for k in &keys {
+        assert!(
+            ["CORRAL_WORKER_FD", "RUST_BACKTRACE", "CORRAL_WORKER_LOG"].contains(&k.as_str()),
+            "unexpected variable {k} in the worker's environment"
+        );
+    }
+    // Own process group: a terminal's ^C goes to the supervisor, which stops workers.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let pgrp: u32 = stat.rsplit(')').next().unwrap().split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert_eq!(pgrp, pid);
+    sup.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn control_socket_is_private_and_refuses_a_worker_impostor() {
+    let (sup, _c) = hello();
+    let sup = Arc::new(sup);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run/control.sock");
+    let server = ControlServer::bind(&path).await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
+    assert_eq!(mode(&path), 0o600);
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let serving = tokio::spawn(server.serve(sup.clone(), stop.clone()));
+
+    // A second daemon cannot take the socket over.
+    let err = ControlServer::bind(&path).await.unwrap_err();
+    assert!(err.to_string().contains("already listening"), "{err}");
+
+    // Someone dials the control socket and speaks as a worker would.
+    let p = path.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&p).unwrap();
+        let hello = corral_protocol::Hello {
+            kind: corral_protocol::WorkerKind::Wasm,
+            engine_version: "impostor".into(),
+            pid: 1,
+            enforcement: corral_protocol::EnforcementReport::unconfined("x"),
+        };
+        s.write_all(&frame::encode_hello(&hello).unwrap()).unwrap();
+        let answer: ControlResponse = frame::read_msg(&mut s, frame::MAX_FRAME).unwrap();
+        let mut rest = Vec::new();
+        let closed = s.read_to_end(&mut rest).map(|n| n == 0).unwrap_or(true);
+        (answer, closed)
+    })
+    .await
+    .unwrap();
+    match answer {
+        (ControlResponse::Rejected(why), true) => assert!(why.contains("malformed"), "{why}"),
+        other => panic!("impostor was not rejected and disconnected: {other:?}"),
+    }
+
+    // The daemon still serves real clients.
+    let mut client = ControlClient::connect(&path).await.unwrap();
+    let resp = client
+        .request(&ControlRequest::Call {
+            plugin: "hello-wasm".into(),
+            function: "greet".into(),
+            input: b"Bo".to_vec(),
+            timeout_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(resp, ControlResponse::Called(Ok(b"Hello, Bo!".to_vec())));
+
+    stop.notify_one();
+    serving.await.unwrap();
+    sup.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn control_socket_dir_writable_by_others_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = ControlServer::bind(&shared.join("control.sock")).await.unwrap_err();
+    assert!(err.to_string().contains("writable by other users"), "{err}");
+}

@@ -1,0 +1,235 @@
+//! The `corral` binary: one-shot runs, the daemon, exit codes, and no orphans.
+
+use corral_integration_tests::{built, fixture, wait_gone, wat_plugin};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn corral(cache: &Path) -> Command {
+    let mut c = Command::new(built().corral());
+    c.env("CORRAL_CACHE_DIR", cache).env_remove("CORRAL_SOCKET");
+    c
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run corral")
+}
+
+#[test]
+fn run_prints_the_plugin_output() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = run(corral(cache.path())
+        .args(["run"])
+        .arg(&built().hello_wasm)
+        .args(["greet", "--input", "Ada"]));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "Hello, Ada!\n");
+
+    // --input-file, including standard input.
+    let file = cache.path().join("in.txt");
+    std::fs::write(&file, "one two\nthree").unwrap();
+    let out = run(corral(cache.path()).arg("run").arg(&built().hello_wasm).args(["wc", "--input-file"]).arg(&file));
+    assert_eq!(text(&out.stdout), "{\"lines\":2,\"words\":3,\"bytes\":13}\n");
+    let mut child = corral(cache.path())
+        .arg("run")
+        .arg(&built().hello_wasm)
+        .args(["reverse", "--input-file", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"stressed").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout), "desserts\n");
+}
+
+#[test]
+fn exit_codes_and_json_output() {
+    let cache = tempfile::tempdir().unwrap();
+    let hello = &built().hello_wasm;
+
+    let out = run(corral(cache.path()).arg("run").arg(hello).args(["greet", "--input", "Ada", "--json"]));
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v, serde_json::json!({"ok": true, "output": "Hello, Ada!"}));
+
+    let out = run(corral(cache.path()).arg("run").arg(hello).args(["greet", "--input", " "]));
+    assert_eq!(out.status.code(), Some(3), "plugin error");
+    assert_eq!(text(&out.stderr).trim(), "error: plugin returned an error: give a name to greet");
+
+    let out = run(corral(cache.path()).arg("run").arg(hello).args(["nope", "--json"]));
+    assert_eq!(out.status.code(), Some(6), "unknown function");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["error"]["kind"], "unknown_function");
+
+    let kit = wat_plugin("kit", "testkit.wat", "");
+    let out = run(corral(cache.path()).arg("run").arg(kit.path()).args(["spin", "--timeout", "200ms"]));
+    assert_eq!(out.status.code(), Some(4), "deadline");
+    assert!(text(&out.stderr).contains("exceeded its deadline of 200 ms"));
+    let out = run(corral(cache.path()).arg("run").arg(kit.path()).args(["trap"]));
+    assert_eq!(out.status.code(), Some(4), "trap");
+
+    let out = run(corral(cache.path()).args(["run", "/nonexistent/plugin", "f"]));
+    assert_eq!(out.status.code(), Some(7));
+    assert!(text(&out.stderr).contains("cannot resolve plugin directory /nonexistent/plugin"));
+
+    let out = run(corral(cache.path()).args(["run", "x", "f", "--input", "a", "--input-file", "b"]));
+    assert_eq!(out.status.code(), Some(2), "usage error");
+}
+
+#[test]
+fn malformed_manifest_names_file_line_and_column() {
+    let cache = tempfile::tempdir().unwrap();
+    let kit = wat_plugin("kit", "testkit.wat", "timout = \"1s\"");
+    let out = run(corral(cache.path()).arg("run").arg(kit.path()).arg("ok"));
+    assert_eq!(out.status.code(), Some(7));
+    let err = text(&out.stderr);
+    let manifest = kit.path().canonicalize().unwrap().join("plugin.toml");
+    let expected = format!("error: {}:7:1: unknown field `timout`", manifest.display());
+    assert!(err.starts_with(&expected), "{err}");
+    assert!(err.contains("expected one of `memory`, `timeout`, `max_output`"), "{err}");
+}
+
+struct Daemon {
+    child: Child,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let kit = dir.path().join("kit");
+        std::fs::create_dir(&kit).unwrap();
+        std::fs::copy(fixture("testkit.wat"), kit.join("testkit.wat")).unwrap();
+        std::fs::write(
+            kit.join("plugin.toml"),
+            "id = \"kit\"\nversion = \"1.0.0\"\nruntime = \"wasm\"\nentry = \"testkit.wat\"\n",
+        )
+        .unwrap();
+        let socket = dir.path().join("run/control.sock");
+        let config = dir.path().join("corral.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "plugins = [{:?}, \"kit\"]\nsocket = \"run/control.sock\"\ncache_dir = \"cache\"\n",
+                built().hello_wasm.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(built().corral())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < until, "daemon did not create its socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon { child, socket, _dir: dir }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        let out = Command::new(built().corral())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap();
+        out
+    }
+
+    fn worker_pids(&self) -> Vec<u32> {
+        let out = self.cli(&["list", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array().unwrap().iter().filter_map(|p| p["pid"].as_u64()).map(|p| p as u32).collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serve_call_list_stop() {
+    let mut d = Daemon::start();
+    let out = d.cli(&["call", "hello-wasm", "greet", "--input", "Cy"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "Hello, Cy!\n");
+    let out = d.cli(&["call", "kit", "fail", "--json"]);
+    assert_eq!(out.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["message"], "plugin returned an error: boom requested");
+    let out = d.cli(&["call", "ghost", "f"]);
+    assert_eq!(out.status.code(), Some(6));
+
+    let out = d.cli(&["list"]);
+    let table = text(&out.stdout);
+    assert!(table.starts_with("PLUGIN"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("hello-wasm") && l.contains("running")), "{table}");
+    let out = d.cli(&["list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kit = v.as_array().unwrap().iter().find(|p| p["id"] == "kit").unwrap();
+    assert_eq!(kit["state"], "running");
+    assert_eq!(kit["calls"], 1);
+    assert!(kit["exports"].as_array().unwrap().contains(&serde_json::json!("spin")));
+
+    let workers = d.worker_pids();
+    assert_eq!(workers.len(), 2);
+    let out = d.cli(&["stop"]);
+    assert_eq!(out.status.code(), Some(0));
+    let until = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < until, "daemon did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(!d.socket.exists(), "socket removed");
+    for pid in workers {
+        assert!(wait_gone(pid, Duration::from_secs(2)), "worker {pid} stopped");
+    }
+    let out = d.cli(&["list"]);
+    assert_eq!(out.status.code(), Some(8), "daemon gone: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("is `corral serve` running?"));
+}
+
+#[test]
+fn sigterm_stops_the_daemon_and_its_workers() {
+    let mut d = Daemon::start();
+    d.cli(&["call", "kit", "ok"]);
+    let workers = d.worker_pids();
+    assert_eq!(workers.len(), 1);
+    // SAFETY: signals the daemon this test started.
+    assert_eq!(unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) }, 0);
+    let status = d.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(wait_gone(workers[0], Duration::from_secs(2)));
+}
+
+#[test]
+fn no_orphan_workers_when_the_supervisor_is_sigkilled() {
+    let mut d = Daemon::start();
+    d.cli(&["call", "kit", "ok"]);
+    d.cli(&["call", "hello-wasm", "noop"]);
+    let workers = d.worker_pids();
+    assert_eq!(workers.len(), 2);
+    d.child.kill().unwrap(); // SIGKILL: no chance to clean up
+    d.child.wait().unwrap();
+    for pid in workers {
+        assert!(wait_gone(pid, Duration::from_secs(2)), "worker {pid} outlived its supervisor");
+    }
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests through real `corral` and worker processes.
+//!
+//! One test binary with modules (so the binaries are built once per process, see
+//! `corral_integration_tests::built`).
+
+mod calls;
+mod channel;
+mod cli;
+mod faults;
+mod support;

@@ -1,0 +1,45 @@
+//! Helpers shared by the test modules.
+
+use corral::Supervisor;
+use corral_integration_tests::{built, options, wat_plugin};
+use tempfile::TempDir;
+
+/// A supervisor with one WAT fixture plugin; keep the returned dirs alive.
+pub struct Fixture {
+    pub sup: Supervisor,
+    pub id: String,
+    _plugin: TempDir,
+    _cache: TempDir,
+}
+
+pub fn testkit(limits: &str) -> Fixture {
+    with_module("testkit", "testkit.wat", limits)
+}
+
+pub fn with_module(id: &str, module: &str, limits: &str) -> Fixture {
+    let plugin = wat_plugin(id, module, limits);
+    let cache = tempfile::tempdir().unwrap();
+    let mut sup = Supervisor::new(options(cache.path()));
+    let id = sup.add_plugin_dir(plugin.path()).unwrap();
+    Fixture {
+        sup,
+        id,
+        _plugin: plugin,
+        _cache: cache,
+    }
+}
+
+/// A supervisor with the example plugin.
+pub fn hello() -> (Supervisor, TempDir) {
+    let cache = tempfile::tempdir().unwrap();
+    let mut sup = Supervisor::new(options(cache.path()));
+    sup.add_plugin_dir(&built().hello_wasm).unwrap();
+    (sup, cache)
+}
+
+/// The pid of the plugin's running worker.
+pub async fn worker_pid(sup: &Supervisor, id: &str) -> u32 {
+    let list = sup.list().await;
+    let p = list.iter().find(|p| p.id == id).expect("plugin listed");
+    p.pid.expect("worker running")
+}

@@ -1,0 +1,239 @@
+//! The daemon's control socket: `corral call`, `corral list` and `corral stop` talk to
+//! a running `corral serve` through it.
+//!
+//! The socket is a filesystem local socket (interprocess) created with mode 0600 in
+//! a directory the supervisor creates with mode 0700 (or checks is not writable by
+//! group or others), so only the supervisor's own user can dial it. Requests and
+//! responses are the length-prefixed bincode frames of `corral-protocol`.
+
+use crate::Supervisor;
+use crate::worker::read_frame;
+use corral_protocol::{ControlRequest, ControlResponse, frame};
+use interprocess::local_socket::tokio::{Listener, Stream};
+use interprocess::local_socket::traits::tokio::{Listener as _, Stream as _};
+use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
+use interprocess::os::unix::local_socket::ListenerOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
+
+/// Why the control socket could not be set up or used.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot create control socket directory {}", path.display())]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "control socket directory {} is writable by other users (mode {mode:o}); use a private directory",
+        path.display()
+    )]
+    UnsafeDir { path: PathBuf, mode: u32 },
+    #[error("another corral daemon is already listening on {}", path.display())]
+    InUse { path: PathBuf },
+    #[error("cannot listen on {}", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to the corral daemon at {} (is `corral serve` running?)", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control connection failed")]
+    Frame(#[from] frame::FrameError),
+}
+
+/// The default control socket path: `$XDG_RUNTIME_DIR/corral/control.sock`, else
+/// `/run/corral/control.sock` for root, else `/tmp/corral-<uid>/control.sock`.
+pub fn default_socket_path() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("corral/control.sock");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        PathBuf::from("/run/corral/control.sock")
+    } else {
+        PathBuf::from(format!("/tmp/corral-{uid}/control.sock"))
+    }
+}
+
+/// Create (or check) the private directory that holds the socket.
+fn private_dir(dir: &Path) -> Result<(), ControlError> {
+    let err = |source| ControlError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) => {
+            // SAFETY: getuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::getuid() };
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.uid() != uid || mode & 0o022 != 0 {
+                return Err(ControlError::UnsafeDir {
+                    path: dir.to_owned(),
+                    mode,
+                });
+            }
+            Ok(())
+        }
+        Err(_) => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+            .map_err(err),
+    }
+}
+
+/// A bound control socket; removed from the filesystem when dropped.
+#[derive(Debug)]
+pub struct ControlServer {
+    listener: Listener,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Bind the control socket at `path`. A stale socket left by a dead daemon is
+    /// replaced; a live one is an error.
+    pub async fn bind(path: &Path) -> Result<ControlServer, ControlError> {
+        if let Some(dir) = path.parent() {
+            private_dir(dir)?;
+        }
+        if path.exists() {
+            if connect(path).await.is_ok() {
+                return Err(ControlError::InUse {
+                    path: path.to_owned(),
+                });
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let listen_err = |source| ControlError::Listen {
+            path: path.to_owned(),
+            source,
+        };
+        let name = path
+            .to_fs_name::<GenericFilePath>()
+            .map_err(listen_err)?;
+        let listener = ListenerOptions::new()
+            .name(name)
+            .mode(0o600)
+            .create_tokio()
+            .map_err(listen_err)?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serve requests until `stop` is notified or a client asks for shutdown; then
+    /// return (the caller shuts the supervisor down).
+    pub async fn serve(self, supervisor: Arc<Supervisor>, stop: Arc<Notify>) {
+        loop {
+            tokio::select! {
+                conn = self.listener.accept() => match conn {
+                    Ok(conn) => {
+                        let sup = Arc::clone(&supervisor);
+                        let stop = Arc::clone(&stop);
+                        tokio::spawn(async move { handle_client(conn, sup, stop).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!("control socket accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                () = stop.notified() => break,
+            }
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn handle_client(conn: Stream, supervisor: Arc<Supervisor>, stop: Arc<Notify>) {
+    // `&Stream` reads and writes; one request is answered before the next is read.
+    let (mut rd, mut wr) = (&conn, &conn);
+    loop {
+        let req: ControlRequest = match read_frame(&mut rd).await {
+            Ok(r) => r,
+            Err(frame::FrameError::Closed) => return,
+            Err(e) => {
+                // Say why, then hang up: the stream position is unknown.
+                if let Ok(buf) = frame::encode(&ControlResponse::Rejected(e.to_string())) {
+                    let _ = wr.write_all(&buf).await;
+                }
+                return;
+            }
+        };
+        let resp = match req {
+            ControlRequest::Call {
+                plugin,
+                function,
+                input,
+                timeout_ms,
+            } => {
+                let timeout = timeout_ms.map(Duration::from_millis);
+                ControlResponse::Called(supervisor.call(&plugin, &function, input, timeout).await)
+            }
+            ControlRequest::List => ControlResponse::Plugins(supervisor.list().await),
+            ControlRequest::Shutdown => {
+                stop.notify_one();
+                ControlResponse::ShuttingDown
+            }
+        };
+        let Ok(buf) = frame::encode(&resp) else { return };
+        if wr.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn connect(path: &Path) -> Result<Stream, ControlError> {
+    let conn_err = |source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    };
+    let name = path.to_fs_name::<GenericFilePath>().map_err(conn_err)?;
+    Stream::connect(name).await.map_err(conn_err)
+}
+
+/// A client of a running daemon.
+#[derive(Debug)]
+pub struct ControlClient {
+    conn: Stream,
+}
+
+impl ControlClient {
+    pub async fn connect(path: &Path) -> Result<ControlClient, ControlError> {
+        Ok(ControlClient {
+            conn: connect(path).await?,
+        })
+    }
+
+    /// Send one request and wait for its response.
+    pub async fn request(&mut self, req: &ControlRequest) -> Result<ControlResponse, ControlError> {
+        let buf = frame::encode(req)?;
+        self.conn
+            .write_all(&buf)
+            .await
+            .map_err(frame::FrameError::Io)?;
+        Ok(read_frame(&mut self.conn).await?)
+    }
+}

@@ -1,0 +1,38 @@
+//! The Corral supervisor: starts one worker process per plugin, talks to it over an
+//! inherited socket, and answers every call with a result or a typed error.
+//!
+//! Principal types:
+//!
+//! - [`Supervisor`]: the plugins and their workers; [`Supervisor::call`] is the one
+//!   entry point every client (CLI, control socket, Rust API) goes through.
+//! - [`WorkerHandle`]: one running worker process and its in-flight calls.
+//! - [`Options`] and [`RestartPolicy`]: where workers live, the module cache, how
+//!   crashes are retried.
+//! - [`Config`]: the daemon's configuration file.
+//! - [`control`]: the daemon's control socket, server and client.
+//!
+//! Embedding the supervisor:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut sup = corral::Supervisor::new(corral::Options::new());
+//! let id = sup.add_plugin_dir("examples/hello-wasm".as_ref())?;
+//! let out = sup.call(&id, "greet", b"Ada".to_vec(), None).await?;
+//! assert_eq!(out, b"Hello, Ada!");
+//! sup.shutdown(std::time::Duration::from_secs(1)).await;
+//! # Ok(()) }
+//! ```
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("corral supervises workers with Linux facilities (socketpair fd passing, PR_SET_PDEATHSIG, close_range); other platforms are not supported");
+
+pub mod cli;
+mod config;
+pub mod control;
+mod host;
+pub(crate) mod supervisor;
+mod worker;
+
+pub use config::{Config, ConfigError};
+pub use supervisor::{AddPluginError, Options, RestartPolicy, Supervisor};
+pub use worker::{SpawnSpec, StartError, WorkerHandle, exit_reason};

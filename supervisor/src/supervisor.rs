@@ -1,0 +1,426 @@
+//! The supervisor: a set of plugins, each with at most one worker process, started on
+//! demand and restarted with backoff after crashes.
+
+use crate::worker::{SpawnSpec, StartError, WorkerHandle};
+use corral_manifest::{Manifest, ManifestError, Runtime};
+use corral_protocol::{CallError, EngineLimits, LoadSpec, PluginInfo, WorkerKind};
+use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// When a crashed plugin is restarted, and when it is given up on.
+#[derive(Debug, Clone)]
+pub struct RestartPolicy {
+    /// This many crashes within `window` mark the plugin failed.
+    pub max_crashes: u32,
+    pub window: Duration,
+    /// Delay before the second restart in a window; doubles each time after.
+    /// The first restart after a crash is immediate.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            max_crashes: 5,
+            window: Duration::from_secs(60),
+            base_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// Delay before restarting after `crashes` crashes in the window.
+    pub fn backoff(&self, crashes: u32) -> Duration {
+        match crashes {
+            0 | 1 => Duration::ZERO,
+            n => self
+                .base_backoff
+                .saturating_mul(1u32 << (n - 2).min(20))
+                .min(self.max_backoff),
+        }
+    }
+}
+
+/// How the supervisor finds and runs workers.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Directory holding `corral-worker-wasm` (and later the JS and Python workers).
+    pub worker_dir: PathBuf,
+    /// Where workers keep compiled modules; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+    pub restart: RestartPolicy,
+    pub handshake_timeout: Duration,
+    /// How long past a call's deadline to wait before killing an unresponsive worker.
+    pub kill_grace: Duration,
+}
+
+impl Options {
+    /// Defaults: workers beside the running executable, cache under the user's
+    /// cache directory.
+    pub fn new() -> Options {
+        let worker_dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_owned))
+            .unwrap_or_else(|| PathBuf::from("."));
+        Options {
+            worker_dir,
+            cache_dir: default_cache_dir(),
+            restart: RestartPolicy::default(),
+            handshake_timeout: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options::new()
+    }
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(x).join("corral"));
+    }
+    std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(|h| PathBuf::from(h).join(".cache/corral"))
+}
+
+/// Why a plugin could not be added.
+#[derive(Debug, thiserror::Error)]
+pub enum AddPluginError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("cannot resolve plugin directory {}", dir.display())]
+    Dir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("plugin id {id:?} in {} is already used by {}", dir.display(), other.display())]
+    Duplicate {
+        id: String,
+        dir: PathBuf,
+        other: PathBuf,
+    },
+}
+
+/// A plugin's place in the supervisor.
+#[derive(Debug)]
+struct Plugin {
+    manifest: Manifest,
+    dir: PathBuf,
+    state: Mutex<PluginState>,
+    calls: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct PluginState {
+    worker: Option<Arc<WorkerHandle>>,
+    /// Crash times within the restart window.
+    crashes: VecDeque<Instant>,
+    restarts: u32,
+    starts: u32,
+    failed: Option<String>,
+    last_error: Option<String>,
+    shutting_down: bool,
+}
+
+/// The supervisor. Share it behind an `Arc`; all methods take `&self`.
+#[derive(Debug)]
+pub struct Supervisor {
+    plugins: BTreeMap<String, Arc<Plugin>>,
+    options: Options,
+}
+
+impl Supervisor {
+    pub fn new(options: Options) -> Supervisor {
+        Supervisor {
+            plugins: BTreeMap::new(),
+            options,
+        }
+    }
+
+    /// Add the plugin in `dir` (reads and validates its `plugin.toml`); returns its id.
+    pub fn add_plugin_dir(&mut self, dir: &Path) -> Result<String, AddPluginError> {
+        let dir = dir.canonicalize().map_err(|source| AddPluginError::Dir {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        let manifest = Manifest::load_dir(&dir)?;
+        if let Some(other) = self.plugins.get(&manifest.id) {
+            return Err(AddPluginError::Duplicate {
+                id: manifest.id,
+                dir,
+                other: other.dir.clone(),
+            });
+        }
+        let id = manifest.id.clone();
+        self.plugins.insert(
+            id.clone(),
+            Arc::new(Plugin {
+                manifest,
+                dir,
+                state: Mutex::new(PluginState::default()),
+                calls: AtomicU64::new(0),
+            }),
+        );
+        Ok(id)
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// Call `function` of `plugin`. `timeout` overrides the plugin's own deadline.
+    pub async fn call(
+        &self,
+        plugin: &str,
+        function: &str,
+        input: Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>, CallError> {
+        let p = self
+            .plugins
+            .get(plugin)
+            .ok_or_else(|| CallError::UnknownPlugin {
+                plugin: plugin.to_owned(),
+            })?;
+        p.calls.fetch_add(1, Ordering::Relaxed);
+        let worker = self.worker_for(p).await?;
+        if !worker.exports.iter().any(|e| e == function) {
+            return Err(CallError::UnknownFunction {
+                plugin: plugin.to_owned(),
+                function: function.to_owned(),
+                exports: worker.exports.join(", "),
+            });
+        }
+        let deadline = timeout.unwrap_or(p.manifest.limits.timeout);
+        let result = worker.call(function, input, deadline).await;
+        if let Err(e @ (CallError::WorkerCrashed(_) | CallError::Timeout { .. })) = &result {
+            p.state.lock().await.last_error = Some(e.to_string());
+        }
+        result
+    }
+
+    /// The running worker of `p`, started (after any backoff) if needed.
+    async fn worker_for(&self, p: &Plugin) -> Result<Arc<WorkerHandle>, CallError> {
+        let mut st = p.state.lock().await;
+        if st.shutting_down {
+            return Err(CallError::ShuttingDown);
+        }
+        self.reap(p, &mut st);
+        if let Some(w) = &st.worker {
+            return Ok(Arc::clone(w));
+        }
+        if let Some(last) = &st.failed {
+            return Err(CallError::PluginFailed {
+                plugin: p.manifest.id.clone(),
+                crashes: st.crashes.len() as u32,
+                last: last.clone(),
+            });
+        }
+        let delay = self.options.restart.backoff(st.crashes.len() as u32);
+        if let Some(&last) = st.crashes.back() {
+            let wait = (last + delay).saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                tracing::info!(plugin = %p.manifest.id, ?wait, "restart backoff");
+                tokio::time::sleep(wait).await;
+            }
+        }
+        match self.start_worker(p).await {
+            Ok(w) => {
+                if st.starts > 0 {
+                    st.restarts += 1;
+                }
+                st.starts += 1;
+                tracing::info!(plugin = %p.manifest.id, pid = w.pid, "worker ready");
+                st.worker = Some(Arc::clone(&w));
+                Ok(w)
+            }
+            Err(e) => {
+                let reason = error_chain(&e);
+                self.record_crash(p, &mut st, reason.clone());
+                Err(CallError::StartFailed {
+                    plugin: p.manifest.id.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Notice a worker that has gone away and count it.
+    fn reap(&self, p: &Plugin, st: &mut PluginState) {
+        let Some(w) = &st.worker else { return };
+        let Some(reason) = w.exit_reason() else {
+            return;
+        };
+        let by_us = w.killed_by_supervisor();
+        st.worker = None;
+        if by_us {
+            st.last_error = Some(format!("worker killed by the supervisor: {reason}"));
+        } else {
+            self.record_crash(p, st, format!("worker crashed: {reason}"));
+        }
+    }
+
+    fn record_crash(&self, p: &Plugin, st: &mut PluginState, reason: String) {
+        let now = Instant::now();
+        let policy = &self.options.restart;
+        st.crashes.push_back(now);
+        while st
+            .crashes
+            .front()
+            .is_some_and(|&t| now.duration_since(t) > policy.window)
+        {
+            st.crashes.pop_front();
+        }
+        st.last_error = Some(reason.clone());
+        if st.crashes.len() as u32 >= policy.max_crashes {
+            tracing::error!(
+                plugin = %p.manifest.id,
+                crashes = st.crashes.len(),
+                "plugin failed: {reason}; not restarting"
+            );
+            st.failed = Some(reason);
+        } else {
+            tracing::warn!(plugin = %p.manifest.id, "{reason}");
+        }
+    }
+
+    async fn start_worker(&self, p: &Plugin) -> Result<Arc<WorkerHandle>, StartError> {
+        let m = &p.manifest;
+        let kind = worker_kind(m.runtime);
+        let program = self
+            .options
+            .worker_dir
+            .join(format!("corral-worker-{}", kind.as_str()));
+        let spec = SpawnSpec {
+            program,
+            kind,
+            plugin_id: m.id.clone(),
+            env: worker_env(),
+            handshake_timeout: self.options.handshake_timeout,
+            kill_grace: self.options.kill_grace,
+        };
+        let load = LoadSpec {
+            plugin_id: m.id.clone(),
+            plugin_dir: p.dir.to_string_lossy().into_owned(),
+            entry: m.entry.to_string_lossy().into_owned(),
+            limits: EngineLimits {
+                memory_bytes: m.limits.memory_bytes,
+                max_output_bytes: m.limits.max_output_bytes,
+                init_deadline_ms: m.limits.timeout.as_millis() as u64,
+            },
+            cache_dir: self
+                .options
+                .cache_dir
+                .as_ref()
+                .map(|d| d.join("modules").to_string_lossy().into_owned()),
+        };
+        WorkerHandle::start(&spec, load).await
+    }
+
+    /// Every plugin and its state.
+    pub async fn list(&self) -> Vec<PluginInfo> {
+        let mut out = Vec::new();
+        for p in self.plugins.values() {
+            let mut st = p.state.lock().await;
+            self.reap(p, &mut st);
+            let state = if st.failed.is_some() {
+                "failed"
+            } else if st.worker.is_some() {
+                "running"
+            } else if !st.crashes.is_empty() {
+                "crashed"
+            } else {
+                "stopped"
+            };
+            out.push(PluginInfo {
+                id: p.manifest.id.clone(),
+                version: p.manifest.version.to_string(),
+                runtime: worker_kind(p.manifest.runtime),
+                dir: p.dir.to_string_lossy().into_owned(),
+                state: state.to_owned(),
+                pid: st.worker.as_ref().map(|w| w.pid),
+                restarts: st.restarts,
+                calls: p.calls.load(Ordering::Relaxed),
+                last_error: st.last_error.clone(),
+                exports: st
+                    .worker
+                    .as_ref()
+                    .map(|w| w.exports.clone())
+                    .unwrap_or_default(),
+            });
+        }
+        out
+    }
+
+    /// Stop accepting calls, let queued calls finish, run shutdown hooks, and stop
+    /// every worker (killing any that takes longer than `grace`).
+    pub async fn shutdown(&self, grace: Duration) {
+        let mut workers = Vec::new();
+        for p in self.plugins.values() {
+            let mut st = p.state.lock().await;
+            st.shutting_down = true;
+            if let Some(w) = st.worker.take() {
+                workers.push(w);
+            }
+        }
+        let mut stops = tokio::task::JoinSet::new();
+        for w in workers {
+            stops.spawn(async move { w.shutdown(grace).await });
+        }
+        while stops.join_next().await.is_some() {}
+    }
+}
+
+/// An error and its sources on one line: `a: b: c`.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+fn worker_kind(r: Runtime) -> WorkerKind {
+    match r {
+        Runtime::Wasm => WorkerKind::Wasm,
+        Runtime::Js => WorkerKind::Js,
+        Runtime::Python => WorkerKind::Python,
+    }
+}
+
+/// The environment a worker gets: nothing but a sanitised locale and log filter.
+fn worker_env() -> Vec<(OsString, OsString)> {
+    ["RUST_BACKTRACE", "CORRAL_WORKER_LOG"]
+        .into_iter()
+        .filter_map(|k| std::env::var_os(k).map(|v| (OsString::from(k), v)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = RestartPolicy::default();
+        assert_eq!(p.backoff(1), Duration::ZERO);
+        assert_eq!(p.backoff(2), Duration::from_millis(100));
+        assert_eq!(p.backoff(3), Duration::from_millis(200));
+        assert_eq!(p.backoff(40), Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,620 @@
+//! One worker process: spawning it, the handshake, and the connection task that
+//! routes its answers.
+//!
+//! # Spawn path
+//!
+//! 1. A `socketpair` is created; the worker's end is placed at fd 3 in the child, so
+//!    there is no address anyone else could dial and no token to steal.
+//! 2. The child gets a cleared environment (an allow-list), stdin from `/dev/null`,
+//!    stdout/stderr piped to the supervisor's log, its own process group, and a
+//!    parent-death signal (SIGKILL); every other inherited fd is marked close-on-exec.
+//!    Kernel confinement that must be applied before `exec` (cgroup placement,
+//!    namespaces, uid/gid, rlimits) belongs in [`child_setup`], after these steps.
+//! 3. The worker initialises its engine, confines itself, and sends its handshake;
+//!    the supervisor checks magic, version and worker kind, then sends `Load`.
+//!
+//! Once loaded, one task per worker owns the child and the read half: it routes
+//! `CallResult`s to waiting callers, answers host calls, forwards logs, and when the
+//! worker goes away fails every call still in flight with
+//! [`CallError::WorkerCrashed`] carrying the exit code or signal.
+
+use crate::host;
+use corral_protocol::{
+    CallError, ExitReason, FromWorker, Hello, LoadSpec, LogLevel, RequestId, ToWorker,
+    WORKER_SOCKET_ENV, WORKER_SOCKET_FD, WorkerKind,
+    frame::{self, FrameError},
+};
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::{Child, Command};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// Everything needed to start one worker.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    pub program: PathBuf,
+    pub kind: WorkerKind,
+    pub plugin_id: String,
+    /// Variables passed through; the rest of the environment is cleared.
+    pub env: Vec<(OsString, OsString)>,
+    pub handshake_timeout: Duration,
+    /// How long past a call's deadline the supervisor waits before killing the worker.
+    pub kill_grace: Duration,
+}
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start worker {}", program.display())]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up the worker socket")]
+    Socket(#[source] std::io::Error),
+    #[error("worker {exit} before its handshake{}", stderr_tail(.stderr))]
+    DiedEarly { exit: ExitReason, stderr: String },
+    #[error("worker sent no handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("bad handshake")]
+    Handshake(#[source] FrameError),
+    #[error("worker is a {got} worker, expected {expected}")]
+    WrongKind { expected: WorkerKind, got: WorkerKind },
+    #[error("plugin failed to load: {0}")]
+    LoadFailed(String),
+}
+
+fn stderr_tail(s: &str) -> String {
+    let s = s.trim();
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(": {s}")
+    }
+}
+
+type Reply = oneshot::Sender<Result<Vec<u8>, CallError>>;
+
+#[derive(Debug, Default)]
+struct Pending {
+    calls: HashMap<RequestId, Reply>,
+    /// Set once the worker is gone; new calls fail at once with it.
+    closed: Option<ExitReason>,
+}
+
+/// A running worker. Cheap to share; dropping the last handle kills the process.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    pub pid: u32,
+    pub hello: Hello,
+    pub exports: Vec<String>,
+    plugin_id: String,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Arc<Mutex<Pending>>,
+    next_id: AtomicU64,
+    kill: Arc<Notify>,
+    killed_by_supervisor: Arc<AtomicBool>,
+    shutting_down: Arc<AtomicBool>,
+    exited: Arc<Notify>,
+    kill_grace: Duration,
+}
+
+fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl WorkerHandle {
+    /// Start a worker, complete the handshake and load the plugin.
+    pub async fn start(spec: &SpawnSpec, load: LoadSpec) -> Result<Arc<WorkerHandle>, StartError> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Socket)?;
+        let mut cmd = Command::new(&spec.program);
+        cmd.env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .env(WORKER_SOCKET_ENV, WORKER_SOCKET_FD.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let fd = theirs.as_raw_fd();
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: `child_setup` only makes async-signal-safe system calls (prctl,
+        // getppid, dup2, fcntl, close_range) and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || child_setup(fd, parent));
+        }
+        let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
+            program: spec.program.clone(),
+            source,
+        })?;
+        drop(theirs);
+        let pid = child.id().unwrap_or(0);
+        ours.set_nonblocking(true).map_err(StartError::Socket)?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(StartError::Socket)?;
+        let (mut rd, mut wr) = stream.into_split();
+
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let early_stderr = Arc::new(Mutex::new(String::new()));
+        if let Some(s) = stdout {
+            tokio::spawn(forward_output(s, spec.plugin_id.clone(), "stdout", None));
+        }
+        if let Some(s) = stderr {
+            let keep = Some(Arc::clone(&early_stderr));
+            tokio::spawn(forward_output(s, spec.plugin_id.clone(), "stderr", keep));
+        }
+
+        let hello = match handshake(&mut rd, &mut child, spec.handshake_timeout).await {
+            Ok(h) => h,
+            Err(HandshakeFailure::Died(exit)) => {
+                // Give the stderr forwarder a moment to collect the worker's last words.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let stderr = early_stderr.lock().map(|s| s.clone()).unwrap_or_default();
+                return Err(StartError::DiedEarly { exit, stderr });
+            }
+            Err(HandshakeFailure::Other(e)) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(e);
+            }
+        };
+        if hello.kind != spec.kind {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(StartError::WrongKind {
+                expected: spec.kind,
+                got: hello.kind,
+            });
+        }
+
+        // Load: the worker answers Loaded or LoadFailed (and exits).
+        let load_frame =
+            frame::encode(&ToWorker::Load(load)).map_err(StartError::Handshake)?;
+        let loaded = async {
+            wr.write_all(&load_frame).await.map_err(FrameError::Io)?;
+            loop {
+                match read_frame::<FromWorker>(&mut rd).await? {
+                    FromWorker::Loaded { exports } => return Ok(Ok(exports)),
+                    FromWorker::LoadFailed { error } => return Ok(Err(error)),
+                    FromWorker::Log { level, message } => log_line(&spec.plugin_id, level, &message),
+                    other => {
+                        return Err(FrameError::Decode(format!(
+                            "unexpected {other:?} while loading"
+                        )));
+                    }
+                }
+            }
+        };
+        let exports = match loaded.await {
+            Ok(Ok(exports)) => exports,
+            Ok(Err(error)) => {
+                let _ = child.wait().await;
+                return Err(StartError::LoadFailed(error));
+            }
+            Err(e) => {
+                let _ = child.start_kill();
+                let status = child.wait().await.ok();
+                return Err(match status {
+                    Some(s) if !matches!(e, FrameError::Decode(_)) => StartError::DiedEarly {
+                        exit: exit_reason(s),
+                        stderr: early_stderr.lock().map(|s| s.clone()).unwrap_or_default(),
+                    },
+                    _ => StartError::Handshake(e),
+                });
+            }
+        };
+        early_stderr.lock().map(|mut s| s.clear()).ok();
+
+        let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let handle = Arc::new(WorkerHandle {
+            pid,
+            hello,
+            exports,
+            plugin_id: spec.plugin_id.clone(),
+            tx: tx.clone(),
+            pending: Arc::new(Mutex::new(Pending::default())),
+            next_id: AtomicU64::new(1),
+            kill: Arc::new(Notify::new()),
+            killed_by_supervisor: Arc::new(AtomicBool::new(false)),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+            exited: Arc::new(Notify::new()),
+            kill_grace: spec.kill_grace,
+        });
+        tokio::spawn(write_frames(wr, rx));
+        tokio::spawn(
+            Connection {
+                plugin_id: spec.plugin_id.clone(),
+                pending: Arc::clone(&handle.pending),
+                kill: Arc::clone(&handle.kill),
+                shutting_down: Arc::clone(&handle.shutting_down),
+                exited: Arc::clone(&handle.exited),
+                tx,
+            }
+            .run(rd, child),
+        );
+        Ok(handle)
+    }
+
+    /// Whether the worker process is still serving.
+    pub fn is_alive(&self) -> bool {
+        lock(&self.pending).closed.is_none()
+    }
+
+    /// How the worker ended, once it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        lock(&self.pending).closed.clone()
+    }
+
+    /// Whether the supervisor killed this worker itself (deadline backstop), as
+    /// opposed to the worker crashing.
+    pub fn killed_by_supervisor(&self) -> bool {
+        self.killed_by_supervisor.load(Ordering::SeqCst)
+    }
+
+    /// Run `function`. Ends in a result or a typed error, always: if the worker does
+    /// not answer by `deadline` plus the kill grace, it is killed and the call gets
+    /// [`CallError::Timeout`].
+    pub async fn call(
+        &self,
+        function: &str,
+        input: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let deadline_ms = deadline.as_millis() as u64;
+        let msg = ToWorker::Call {
+            id,
+            function: function.to_owned(),
+            input,
+            deadline_ms,
+        };
+        let frame = frame::encode(&msg).map_err(|e| CallError::BadInput {
+            reason: e.to_string(),
+        })?;
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut p = lock(&self.pending);
+            if let Some(reason) = &p.closed {
+                return Err(CallError::WorkerCrashed(reason.clone()));
+            }
+            p.calls.insert(id, reply);
+        }
+        // If the writer is gone the connection task fails the pending call for us.
+        let _ = self.tx.send(frame);
+        match tokio::time::timeout(deadline + self.kill_grace, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CallError::WorkerCrashed(ExitReason::Unknown)),
+            Err(_) => {
+                lock(&self.pending).calls.remove(&id);
+                tracing::warn!(
+                    plugin = %self.plugin_id,
+                    pid = self.pid,
+                    "worker did not answer within its deadline; killing it"
+                );
+                self.killed_by_supervisor.store(true, Ordering::SeqCst);
+                self.kill.notify_one();
+                Err(CallError::Timeout { deadline_ms })
+            }
+        }
+    }
+
+    /// Ask the worker to run its shutdown hook and exit, after the calls already
+    /// queued; kill it if it has not exited within `grace`.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let exited = self.exited.notified();
+        tokio::pin!(exited);
+        exited.as_mut().enable();
+        if !self.is_alive() {
+            return;
+        }
+        let grace_ms = grace.as_millis() as u64;
+        if let Ok(f) = frame::encode(&ToWorker::Shutdown { grace_ms }) {
+            let _ = self.tx.send(f);
+        }
+        if tokio::time::timeout(grace, &mut exited).await.is_err() {
+            tracing::warn!(plugin = %self.plugin_id, pid = self.pid, "worker ignored shutdown; killing it");
+            self.kill.notify_one();
+            exited.await;
+        }
+    }
+
+    /// Kill the worker now (SIGKILL to the child the supervisor started).
+    pub fn kill(&self) {
+        self.killed_by_supervisor.store(true, Ordering::SeqCst);
+        self.kill.notify_one();
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.kill.notify_one();
+    }
+}
+
+/// Runs in the forked child between `fork` and `exec`.
+fn child_setup(fd: RawFd, parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: each call below is an async-signal-safe system call with plain integer
+    // arguments; none touches memory the parent shares.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The supervisor may have died before prctl took effect.
+        if libc::getppid() != parent {
+            return Err(std::io::Error::other("supervisor exited during spawn"));
+        }
+        if fd == WORKER_SOCKET_FD {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+        } else if libc::dup2(fd, WORKER_SOCKET_FD) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Everything above fd 3 closes at exec (marking rather than closing keeps the
+        // pipe std uses to report exec errors working).
+        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+        if libc::syscall(
+            libc::SYS_close_range,
+            (WORKER_SOCKET_FD + 1) as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+enum HandshakeFailure {
+    Died(ExitReason),
+    Other(StartError),
+}
+
+async fn handshake(
+    rd: &mut OwnedReadHalf,
+    child: &mut Child,
+    timeout: Duration,
+) -> Result<Hello, HandshakeFailure> {
+    let read = async {
+        let payload = read_payload(rd).await?;
+        frame::decode_hello(&payload)
+    };
+    tokio::select! {
+        r = tokio::time::timeout(timeout, read) => match r {
+            Ok(Ok(hello)) => Ok(hello),
+            Ok(Err(FrameError::Closed | FrameError::Io(_) | FrameError::Truncated { .. })) => {
+                let status = child.wait().await.map(exit_reason).unwrap_or(ExitReason::Unknown);
+                Err(HandshakeFailure::Died(status))
+            }
+            Ok(Err(e)) => Err(HandshakeFailure::Other(StartError::Handshake(e))),
+            Err(_) => Err(HandshakeFailure::Other(StartError::HandshakeTimeout(timeout))),
+        },
+    }
+}
+
+/// Read one frame payload, bounded by [`frame::MAX_FRAME`].
+pub(crate) async fn read_payload(r: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, FrameError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]).await {
+            Ok(0) if got == 0 => return Err(FrameError::Closed),
+            Ok(0) => return Err(FrameError::Truncated { expected: 4, got }),
+            Ok(n) => got += n,
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    let len = frame::check_len(u32::from_le_bytes(len), frame::MAX_FRAME)?;
+    let mut payload = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match r.read(&mut payload[got..]).await {
+            Ok(0) => return Err(FrameError::Truncated { expected: len, got }),
+            Ok(n) => got += n,
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    Ok(payload)
+}
+
+pub(crate) async fn read_frame<T: serde::de::DeserializeOwned>(
+    r: &mut (impl AsyncRead + Unpin),
+) -> Result<T, FrameError> {
+    frame::decode(&read_payload(r).await?)
+}
+
+async fn write_frames(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(buf) = rx.recv().await {
+        if wr.write_all(&buf).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn forward_output(
+    out: impl AsyncRead + Unpin,
+    plugin: String,
+    stream: &'static str,
+    keep: Option<Arc<Mutex<String>>>,
+) {
+    let mut lines = BufReader::new(out).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(plugin = %plugin, stream, "{line}");
+        if let Some(k) = &keep
+            && let Ok(mut s) = k.lock()
+            && s.len() < 4096
+        {
+            s.push_str(&line);
+            s.push('\n');
+        }
+    }
+}
+
+pub(crate) fn log_line(plugin: &str, level: LogLevel, message: &str) {
+    match level {
+        LogLevel::Error => tracing::error!(plugin = %plugin, "{message}"),
+        LogLevel::Warn => tracing::warn!(plugin = %plugin, "{message}"),
+        LogLevel::Info => tracing::info!(plugin = %plugin, "{message}"),
+        LogLevel::Debug => tracing::debug!(plugin = %plugin, "{message}"),
+        LogLevel::Trace => tracing::trace!(plugin = %plugin, "{message}"),
+    }
+}
+
+/// Describe how a process ended.
+pub fn exit_reason(status: ExitStatus) -> ExitReason {
+    if let Some(code) = status.code() {
+        ExitReason::Code(code)
+    } else if let Some(signo) = status.signal() {
+        ExitReason::Signal {
+            signo,
+            name: signal_name(signo),
+        }
+    } else {
+        ExitReason::Unknown
+    }
+}
+
+fn signal_name(signo: i32) -> String {
+    let name = match signo {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGSYS => "SIGSYS",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        _ => return format!("signal {signo}"),
+    };
+    name.to_owned()
+}
+
+/// The task that owns a loaded worker's child process and read half.
+struct Connection {
+    plugin_id: String,
+    pending: Arc<Mutex<Pending>>,
+    kill: Arc<Notify>,
+    shutting_down: Arc<AtomicBool>,
+    exited: Arc<Notify>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl Connection {
+    async fn run(self, mut rd: OwnedReadHalf, mut child: Child) {
+        let mut protocol_error = None;
+        let mut status = None;
+        loop {
+            tokio::select! {
+                msg = read_frame::<FromWorker>(&mut rd) => match msg {
+                    Ok(msg) => {
+                        if let Err(why) = self.handle(msg) {
+                            protocol_error = Some(why);
+                            break;
+                        }
+                    }
+                    Err(FrameError::Closed | FrameError::Io(_)) => break,
+                    Err(e) => {
+                        protocol_error = Some(e.to_string());
+                        break;
+                    }
+                },
+                s = child.wait(), if status.is_none() => {
+                    status = s.ok();
+                    // Read what the worker sent before it exited, briefly.
+                    while let Ok(Ok(msg)) =
+                        tokio::time::timeout(Duration::from_millis(50), read_frame::<FromWorker>(&mut rd)).await
+                    {
+                        let _ = self.handle(msg);
+                    }
+                    break;
+                }
+                () = self.kill.notified() => {
+                    let _ = child.start_kill();
+                }
+            }
+        }
+        if protocol_error.is_some() {
+            let _ = child.start_kill();
+        }
+        let status = match status {
+            Some(s) => Some(s),
+            None => child.wait().await.ok(),
+        };
+        let reason = match (&protocol_error, status) {
+            (Some(why), _) => ExitReason::Protocol(why.clone()),
+            (None, Some(s)) => exit_reason(s),
+            (None, None) => ExitReason::Unknown,
+        };
+        let orderly = self.shutting_down.load(Ordering::SeqCst);
+        if orderly {
+            tracing::debug!(plugin = %self.plugin_id, "worker {reason}");
+        } else {
+            tracing::warn!(plugin = %self.plugin_id, "worker {reason}");
+        }
+        let calls: Vec<Reply> = {
+            let mut p = lock(&self.pending);
+            p.closed = Some(reason.clone());
+            p.calls.drain().map(|(_, r)| r).collect()
+        };
+        for reply in calls {
+            let err = if orderly {
+                CallError::ShuttingDown
+            } else {
+                CallError::WorkerCrashed(reason.clone())
+            };
+            let _ = reply.send(Err(err));
+        }
+        self.exited.notify_waiters();
+    }
+
+    /// Route one message. An error means the worker broke the protocol.
+    fn handle(&self, msg: FromWorker) -> Result<(), String> {
+        match msg {
+            FromWorker::CallResult { id, result } => {
+                // A missing entry is a call the supervisor already gave up on.
+                if let Some(reply) = lock(&self.pending).calls.remove(&id) {
+                    let _ = reply.send(result);
+                }
+                Ok(())
+            }
+            FromWorker::HostCall { id, call, op } => {
+                let result = host::perform(&self.plugin_id, call, op);
+                let frame = frame::encode(&ToWorker::HostResult { id, result })
+                    .map_err(|e| e.to_string())?;
+                let _ = self.tx.send(frame);
+                Ok(())
+            }
+            FromWorker::Log { level, message } => {
+                log_line(&self.plugin_id, level, &message);
+                Ok(())
+            }
+            FromWorker::Stats(stats) => {
+                tracing::debug!(plugin = %self.plugin_id, ?stats, "worker stats");
+                Ok(())
+            }
+            FromWorker::Loaded { .. } | FromWorker::LoadFailed { .. } => {
+                Err("load answer after the plugin was loaded".into())
+            }
+        }
+    }
+}

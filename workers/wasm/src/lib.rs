@@ -1,0 +1,521 @@
+//! The WebAssembly engine of Corral: wasmtime running WASI preview-1 core modules.
+//!
+//! Principal types: [`WasmEngine`] (implements [`corral_worker::Engine`]),
+//! [`ModuleCache`] (precompiled modules on disk) and [`Watchdog`] (per-call deadlines
+//! through epoch interruption).
+//!
+//! # Plugin ABI (version 1)
+//!
+//! A plugin is a core module (`wasm32-wasip1`, or WAT text for tests). It exports:
+//!
+//! | export | signature | meaning |
+//! |---|---|---|
+//! | `memory` | memory | the linear memory inputs are written into |
+//! | `corral_alloc` | `(len: i32) -> i32` | return a pointer to `len` writable bytes |
+//! | `corral_fn_<name>` | `(ptr: i32, len: i32) -> i32` | function `<name>`; input at `ptr..ptr+len` (owned by the callee); returns 0 for success, anything else for an error |
+//! | `corral_init` (optional) | `() -> i32` | init hook, run after instantiation; non-zero fails the load |
+//! | `corral_shutdown` (optional) | `() -> ()` | shutdown hook |
+//! | `_initialize` (optional) | `() -> ()` | WASI reactor initialiser, run first |
+//!
+//! It may import, from module `corral`:
+//!
+//! | import | signature | meaning |
+//! |---|---|---|
+//! | `output` | `(ptr: i32, len: i32)` | set the call's result bytes (copied at once; last call wins) |
+//! | `error` | `(ptr: i32, len: i32)` | set the call's error message (UTF-8) |
+//! | `log` | `(level: i32, ptr: i32, len: i32)` | log a UTF-8 line; level 0 error .. 4 trace |
+//! | `now_ms` | `() -> i64` | wall-clock milliseconds since the Unix epoch, from the supervisor |
+//!
+//! and the WASI preview-1 functions. The WASI context has no preopened directories,
+//! no environment, no arguments and no sockets; stdout and stderr go to the worker's
+//! stderr, which the supervisor logs.
+//!
+//! A trap (including an interrupted deadline) discards the instance: the next call
+//! gets a fresh instance, and `corral_init` runs again.
+
+mod cache;
+mod watchdog;
+
+pub use cache::{CacheOutcome, ModuleCache};
+pub use watchdog::Watchdog;
+
+use corral_protocol::{CallError, HostOp, LoadSpec, LogLevel, WorkerKind};
+use corral_worker::{Engine, EngineInfo, Host};
+use std::path::Path;
+use std::time::Duration;
+use wasmtime::{
+    Caller, Config, Instance, Linker, Memory, Module, ResourceLimiter, Store, StoreLimits,
+    StoreLimitsBuilder, Trap, TypedFunc,
+};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+/// The wasmtime version this worker embeds.
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
+/// Prefix of exported plugin functions.
+pub const EXPORT_PREFIX: &str = "corral_fn_";
+
+/// The wasmtime [`Config`] every Corral worker uses. Cached modules are tied to it.
+pub fn engine_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config
+}
+
+/// Per-store state: WASI, limits, and the current call's result.
+struct State {
+    wasi: WasiP1Ctx,
+    limiter: Limiter,
+    host: Host,
+    output: Option<Vec<u8>>,
+    error: Option<String>,
+    max_output: u64,
+}
+
+/// [`StoreLimits`] that also records whether a memory limit was hit, so the error
+/// can say "memory limit" rather than a bare trap.
+struct Limiter {
+    limits: StoreLimits,
+    hit: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let r = self.limits.memory_growing(current, desired, maximum);
+        self.hit |= !matches!(r, Ok(true));
+        r
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+/// A loaded plugin: compiled module plus, between traps, a live instance.
+struct Loaded {
+    module: Module,
+    linker: Linker<State>,
+    spec: LoadSpec,
+    live: Option<Live>,
+}
+
+struct Live {
+    store: Store<State>,
+    memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    instance: Instance,
+}
+
+/// The wasmtime engine behind `corral-worker-wasm`.
+pub struct WasmEngine {
+    engine: wasmtime::Engine,
+    watchdog: Watchdog,
+    loaded: Option<Loaded>,
+}
+
+impl std::fmt::Debug for WasmEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmEngine")
+            .field("loaded", &self.loaded.as_ref().map(|l| &l.spec.plugin_id))
+            .finish()
+    }
+}
+
+impl WasmEngine {
+    pub fn new() -> Result<WasmEngine, String> {
+        let engine = wasmtime::Engine::new(&engine_config())
+            .map_err(|e| format!("cannot create wasmtime engine: {e:#}"))?;
+        let watchdog = Watchdog::start(engine.clone());
+        Ok(WasmEngine {
+            engine,
+            watchdog,
+            loaded: None,
+        })
+    }
+
+    fn compile(&self, spec: &LoadSpec, host: &Host) -> Result<Module, String> {
+        let path = Path::new(&spec.plugin_dir).join(&spec.entry);
+        let bytes =
+            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let Some(dir) = &spec.cache_dir else {
+            return Module::new(&self.engine, &bytes)
+                .map_err(|e| format!("invalid module {}: {e:#}", path.display()));
+        };
+        let cache = ModuleCache::new(dir.into(), &self.engine);
+        let (module, outcome) = cache
+            .load_or_compile(&bytes)
+            .map_err(|e| format!("invalid module {}: {e:#}", path.display()))?;
+        if let CacheOutcome::WriteFailed(why) = &outcome {
+            host.log(
+                LogLevel::Warn,
+                format!("module cache not written ({why}); the next start compiles again"),
+            );
+        }
+        Ok(module)
+    }
+
+    fn linker(&self) -> Result<Linker<State>, String> {
+        let mut linker: Linker<State> = Linker::new(&self.engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| &mut s.wasi)
+            .map_err(|e| format!("cannot link WASI: {e:#}"))?;
+        link_host_functions(&mut linker).map_err(|e| format!("cannot link host API: {e:#}"))?;
+        Ok(linker)
+    }
+}
+
+fn link_host_functions(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        "corral",
+        "output",
+        |mut caller: Caller<'_, State>, ptr: i32, len: i32| -> wasmtime::Result<()> {
+            let max = caller.data().max_output;
+            if len as u32 as u64 > max {
+                return Err(wasmtime::Error::new(OutputLimit {
+                    size: len as u32 as u64,
+                    limit: max,
+                }));
+            }
+            let bytes = read_guest(&mut caller, ptr, len)?;
+            caller.data_mut().output = Some(bytes);
+            Ok(())
+        },
+    )?;
+    linker.func_wrap(
+        "corral",
+        "error",
+        |mut caller: Caller<'_, State>, ptr: i32, len: i32| -> wasmtime::Result<()> {
+            let len = len.min(64 * 1024);
+            let bytes = read_guest(&mut caller, ptr, len)?;
+            caller.data_mut().error = Some(String::from_utf8_lossy(&bytes).into_owned());
+            Ok(())
+        },
+    )?;
+    linker.func_wrap(
+        "corral",
+        "log",
+        |mut caller: Caller<'_, State>, level: i32, ptr: i32, len: i32| -> wasmtime::Result<()> {
+            let level = LogLevel::from_u32(level as u32).unwrap_or(LogLevel::Info);
+            let len = len.min(64 * 1024);
+            let bytes = read_guest(&mut caller, ptr, len)?;
+            let message = String::from_utf8_lossy(&bytes).into_owned();
+            caller.data().host.log(level, message);
+            Ok(())
+        },
+    )?;
+    linker.func_wrap(
+        "corral",
+        "now_ms",
+        |caller: Caller<'_, State>| -> wasmtime::Result<i64> {
+            let bytes = caller
+                .data()
+                .host
+                .call(HostOp::Now)
+                .map_err(|e| wasmtime::Error::msg(format!("host call now_ms failed: {e}")))?;
+            let arr: [u8; 8] = bytes
+                .try_into()
+                .map_err(|_| wasmtime::Error::msg("host call now_ms: malformed answer"))?;
+            Ok(i64::from_le_bytes(arr))
+        },
+    )?;
+    Ok(())
+}
+
+/// The plugin passed more than its output limit to `corral.output`.
+#[derive(Debug, thiserror::Error)]
+#[error("output of {size} bytes exceeds the limit of {limit} bytes")]
+struct OutputLimit {
+    size: u64,
+    limit: u64,
+}
+
+fn read_guest(caller: &mut Caller<'_, State>, ptr: i32, len: i32) -> wasmtime::Result<Vec<u8>> {
+    let memory = caller
+        .get_export("memory")
+        .and_then(|e| e.into_memory())
+        .ok_or_else(|| wasmtime::Error::msg("plugin exports no memory"))?;
+    let (start, len) = (ptr as u32 as usize, len as u32 as usize);
+    let data = memory.data(&caller);
+    let end = start
+        .checked_add(len)
+        .filter(|&e| e <= data.len())
+        .ok_or_else(|| wasmtime::Error::msg("pointer outside the plugin's memory"))?;
+    Ok(data[start..end].to_vec())
+}
+
+impl Loaded {
+    /// Instantiate (if there is no live instance) and run `_initialize` and
+    /// `corral_init`.
+    fn live(
+        &mut self,
+        engine: &wasmtime::Engine,
+        watchdog: &Watchdog,
+        host: &Host,
+    ) -> Result<&mut Live, CallError> {
+        if self.live.is_none() {
+            let budget = Duration::from_millis(self.spec.limits.init_deadline_ms);
+            let _guard = watchdog.arm(budget);
+            self.live = Some(self.instantiate(engine, host)?);
+        }
+        Ok(self.live.as_mut().expect("instantiated above"))
+    }
+
+    fn instantiate(&self, engine: &wasmtime::Engine, host: &Host) -> Result<Live, CallError> {
+        let wasi = WasiCtxBuilder::new()
+            .inherit_stdout()
+            .inherit_stderr()
+            .build_p1();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.spec.limits.memory_bytes as usize)
+            .trap_on_grow_failure(true)
+            .instances(1)
+            .memories(1)
+            .tables(4)
+            .build();
+        let state = State {
+            wasi,
+            limiter: Limiter { limits, hit: false },
+            host: host.clone(),
+            output: None,
+            error: None,
+            max_output: self.spec.limits.max_output_bytes,
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|s| &mut s.limiter);
+        // Instantiation and init hooks run under the armed init deadline.
+        store.set_epoch_deadline(1);
+        let init_ms = self.spec.limits.init_deadline_ms;
+        let instance = self
+            .linker
+            .instantiate(&mut store, &self.module)
+            .map_err(|e| classify(e, &store, self.spec.limits.memory_bytes, init_ms))?;
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| abi_error("the module exports no `memory`"))?;
+        let alloc = instance
+            .get_typed_func::<i32, i32>(&mut store, "corral_alloc")
+            .map_err(|e| abi_error(&format!("`corral_alloc` must be (i32) -> i32: {e}")))?;
+        if let Ok(f) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+            f.call(&mut store, ())
+                .map_err(|e| classify(e, &store, self.spec.limits.memory_bytes, init_ms))?;
+        }
+        if let Some(f) = instance.get_func(&mut store, "corral_init") {
+            let f = f
+                .typed::<(), i32>(&store)
+                .map_err(|e| abi_error(&format!("`corral_init` must be () -> i32: {e}")))?;
+            let status = f
+                .call(&mut store, ())
+                .map_err(|e| classify(e, &store, self.spec.limits.memory_bytes, init_ms))?;
+            if status != 0 {
+                let message = store
+                    .data_mut()
+                    .error
+                    .take()
+                    .unwrap_or_else(|| format!("init returned status {status}"));
+                return Err(CallError::Plugin {
+                    message: format!("init failed: {message}"),
+                });
+            }
+        }
+        Ok(Live {
+            store,
+            memory,
+            alloc,
+            instance,
+        })
+    }
+}
+
+fn abi_error(what: &str) -> CallError {
+    CallError::Trap {
+        message: format!("plugin does not follow the Corral Wasm ABI: {what}"),
+    }
+}
+
+/// Turn a wasmtime error into the call error a user can act on.
+fn classify(err: wasmtime::Error, store: &Store<State>, memory_limit: u64, deadline_ms: u64) -> CallError {
+    if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
+        return CallError::Timeout { deadline_ms };
+    }
+    if let Some(o) = err.downcast_ref::<OutputLimit>() {
+        return CallError::OutputTooLarge {
+            size: o.size,
+            limit: o.limit,
+        };
+    }
+    if store.data().limiter.hit {
+        return CallError::MemoryLimit {
+            limit_bytes: memory_limit,
+        };
+    }
+    CallError::Trap {
+        message: format!("{err:?}"),
+    }
+}
+
+impl Engine for WasmEngine {
+    fn info(&self) -> EngineInfo {
+        EngineInfo {
+            kind: WorkerKind::Wasm,
+            version: format!("wasmtime {WASMTIME_VERSION}"),
+        }
+    }
+
+    fn load(&mut self, spec: &LoadSpec, host: &Host) -> Result<Vec<String>, String> {
+        let module = self.compile(spec, host)?;
+        let mut exports: Vec<String> = module
+            .exports()
+            .filter_map(|e| e.name().strip_prefix(EXPORT_PREFIX).map(str::to_owned))
+            .collect();
+        exports.sort();
+        if exports.is_empty() {
+            return Err(format!(
+                "the module exports no plugin functions (exports named `{EXPORT_PREFIX}<name>`)"
+            ));
+        }
+        let mut loaded = Loaded {
+            module,
+            linker: self.linker()?,
+            spec: spec.clone(),
+            live: None,
+        };
+        loaded
+            .live(&self.engine, &self.watchdog, host)
+            .map_err(|e| e.to_string())?;
+        self.loaded = Some(loaded);
+        Ok(exports)
+    }
+
+    fn call(
+        &mut self,
+        function: &str,
+        input: &[u8],
+        deadline: Duration,
+        host: &Host,
+    ) -> Result<Vec<u8>, CallError> {
+        let loaded = self.loaded.as_mut().ok_or_else(|| CallError::BadInput {
+            reason: "no plugin loaded".into(),
+        })?;
+        let deadline_ms = deadline.as_millis() as u64;
+        let memory_limit = loaded.spec.limits.memory_bytes;
+        let live = loaded.live(&self.engine, &self.watchdog, host)?;
+        let result = run_call(live, &self.watchdog, function, input, deadline);
+        match result {
+            Ok(out) => Ok(out),
+            Err(RunError::Wasm(e)) => {
+                let err = classify(e, &live.store, memory_limit, deadline_ms);
+                // A trapped instance may be mid-update: never run it again.
+                loaded.live = None;
+                Err(err)
+            }
+            Err(RunError::Call(e)) => Err(e),
+        }
+    }
+
+    fn shutdown(&mut self, grace: Duration, host: &Host) {
+        let Some(loaded) = self.loaded.as_mut() else {
+            return;
+        };
+        let Ok(live) = loaded.live(&self.engine, &self.watchdog, host) else {
+            return;
+        };
+        if let Ok(f) = live
+            .instance
+            .get_typed_func::<(), ()>(&mut live.store, "corral_shutdown")
+        {
+            let _guard = self.watchdog.arm(grace);
+            live.store.set_epoch_deadline(1);
+            if let Err(e) = f.call(&mut live.store, ()) {
+                host.log(LogLevel::Warn, format!("shutdown hook failed: {e}"));
+            }
+        }
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        self.loaded
+            .as_ref()
+            .and_then(|l| l.live.as_ref())
+            .map_or(0, |live| live.memory.data_size(&live.store) as u64)
+    }
+}
+
+enum RunError {
+    Wasm(wasmtime::Error),
+    Call(CallError),
+}
+
+fn run_call(
+    live: &mut Live,
+    watchdog: &Watchdog,
+    function: &str,
+    input: &[u8],
+    deadline: Duration,
+) -> Result<Vec<u8>, RunError> {
+    let name = format!("{EXPORT_PREFIX}{function}");
+    let func = live
+        .instance
+        .get_typed_func::<(i32, i32), i32>(&mut live.store, &name)
+        .map_err(|_| {
+            RunError::Call(CallError::UnknownFunction {
+                plugin: String::new(),
+                function: function.to_owned(),
+                exports: String::new(),
+            })
+        })?;
+    let len = i32::try_from(input.len()).map_err(|_| {
+        RunError::Call(CallError::BadInput {
+            reason: format!("input of {} bytes is too large for wasm32", input.len()),
+        })
+    })?;
+    let state = live.store.data_mut();
+    state.output = None;
+    state.error = None;
+    state.limiter.hit = false;
+
+    let _guard = watchdog.arm(deadline);
+    live.store.set_epoch_deadline(1);
+    let ptr = live
+        .alloc
+        .call(&mut live.store, len)
+        .map_err(RunError::Wasm)?;
+    live.memory
+        .write(&mut live.store, ptr as u32 as usize, input)
+        .map_err(|_| {
+            RunError::Wasm(wasmtime::Error::msg(
+                "corral_alloc returned a pointer outside memory",
+            ))
+        })?;
+    let status = func
+        .call(&mut live.store, (ptr, len))
+        .map_err(RunError::Wasm)?;
+    let state = live.store.data_mut();
+    if status == 0 {
+        Ok(state.output.take().unwrap_or_default())
+    } else {
+        let message = state
+            .error
+            .take()
+            .unwrap_or_else(|| format!("function returned status {status}"));
+        Err(RunError::Call(CallError::Plugin { message }))
+    }
+}
