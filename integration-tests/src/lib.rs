@@ -36,7 +36,9 @@ pub fn repo_root() -> PathBuf {
 
 /// A test fixture file.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 fn cargo() -> Command {
@@ -58,7 +60,15 @@ pub fn built() -> &'static Built {
     BUILT.get_or_init(|| {
         let release = !cfg!(debug_assertions);
         let mut cmd = cargo();
-        cmd.args(["build", "--quiet", "-p", "corral", "-p", "corral-worker-wasm", "--bins"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "corral",
+            "-p",
+            "corral-worker-wasm",
+            "--bins",
+        ]);
         if release {
             cmd.arg("--release");
         }
@@ -67,12 +77,19 @@ pub fn built() -> &'static Built {
         ensure_wasm_target();
         let example = repo_root().join("examples/hello-wasm");
         let mut cmd = cargo();
-        cmd.args(["build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
-            .arg(example.join("Cargo.toml"))
-            // The example has its own workspace and target directory.
-            .env_remove("CARGO_TARGET_DIR")
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS");
+        cmd.args([
+            "build",
+            "--quiet",
+            "--release",
+            "--target",
+            "wasm32-wasip1",
+            "--manifest-path",
+        ])
+        .arg(example.join("Cargo.toml"))
+        // The example has its own workspace and target directory.
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
         run(cmd, "build the example Wasm plugin");
 
         let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -92,7 +109,10 @@ fn ensure_wasm_target() {
         .args(["target", "list", "--installed"])
         .output();
     match out {
-        Ok(o) if String::from_utf8_lossy(&o.stdout).lines().any(|l| l == "wasm32-wasip1") => {}
+        Ok(o)
+            if String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l == "wasm32-wasip1") => {}
         Ok(_) => {
             eprintln!("corral tests: installing the wasm32-wasip1 target with rustup");
             let status = Command::new("rustup")

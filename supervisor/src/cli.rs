@@ -43,9 +43,9 @@ pub fn exit_code_for(e: &CallError) -> u8 {
         | CallError::Timeout { .. }
         | CallError::MemoryLimit { .. }
         | CallError::OutputTooLarge { .. } => exit::CALL_STOPPED,
-        CallError::WorkerCrashed(_) | CallError::PluginFailed { .. } | CallError::StartFailed { .. } => {
-            exit::WORKER_FAILED
-        }
+        CallError::WorkerCrashed(_)
+        | CallError::PluginFailed { .. }
+        | CallError::StartFailed { .. } => exit::WORKER_FAILED,
         CallError::UnknownPlugin { .. } | CallError::UnknownFunction { .. } => exit::NOT_FOUND,
         CallError::BadInput { .. } => exit::INVALID,
         CallError::Overloaded { .. } | CallError::ShuttingDown => exit::UNAVAILABLE,
@@ -282,8 +282,10 @@ async fn serve(config_path: &Path, socket: Option<PathBuf>) -> anyhow::Result<u8
     let signals = Arc::clone(&stop);
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         tokio::select! {
@@ -292,7 +294,11 @@ async fn serve(config_path: &Path, socket: Option<PathBuf>) -> anyhow::Result<u8
         }
         signals.notify_one();
     });
-    eprintln!("corral: serving {} plugin(s) on {}", config.plugins.len(), server.path().display());
+    eprintln!(
+        "corral: serving {} plugin(s) on {}",
+        config.plugins.len(),
+        server.path().display()
+    );
     server.serve(Arc::clone(&sup), stop).await;
     eprintln!("corral: shutting down");
     sup.shutdown(Duration::from_secs(5)).await;
@@ -312,7 +318,11 @@ async fn request(
             return Ok(Err(exit::UNREACHABLE));
         }
     };
-    match client.request(req).await.context("the daemon did not answer")? {
+    match client
+        .request(req)
+        .await
+        .context("the daemon did not answer")?
+    {
         ControlResponse::Rejected(why) => bail!("the daemon rejected the request: {why}"),
         resp => Ok(Ok(resp)),
     }

@@ -136,9 +136,18 @@ mod tests {
     fn unknown_keys_and_bad_values_name_line_and_column() {
         let e = Config::parse("plugins = []\nsockt = \"x\"\n", Path::new("c.toml")).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.starts_with("c.toml:2:1: unknown field `sockt`"), "{msg}");
-        let e = Config::parse("plugins = []\n[restart]\nwindow = \"soon\"\n", Path::new("c.toml"))
-            .unwrap_err();
-        assert!(e.to_string().starts_with("c.toml:3:10: invalid duration"), "{e}");
+        assert!(
+            msg.starts_with("c.toml:2:1: unknown field `sockt`"),
+            "{msg}"
+        );
+        let e = Config::parse(
+            "plugins = []\n[restart]\nwindow = \"soon\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("c.toml:3:10: invalid duration"),
+            "{e}"
+        );
     }
 }

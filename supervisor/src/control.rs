@@ -121,9 +121,7 @@ impl ControlServer {
             path: path.to_owned(),
             source,
         };
-        let name = path
-            .to_fs_name::<GenericFilePath>()
-            .map_err(listen_err)?;
+        let name = path.to_fs_name::<GenericFilePath>().map_err(listen_err)?;
         let listener = ListenerOptions::new()
             .name(name)
             .mode(0o600)
@@ -198,7 +196,9 @@ async fn handle_client(conn: Stream, supervisor: Arc<Supervisor>, stop: Arc<Noti
                 ControlResponse::ShuttingDown
             }
         };
-        let Ok(buf) = frame::encode(&resp) else { return };
+        let Ok(buf) = frame::encode(&resp) else {
+            return;
+        };
         if wr.write_all(&buf).await.is_err() {
             return;
         }

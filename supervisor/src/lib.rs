@@ -24,7 +24,9 @@
 //! ```
 
 #[cfg(not(target_os = "linux"))]
-compile_error!("corral supervises workers with Linux facilities (socketpair fd passing, PR_SET_PDEATHSIG, close_range); other platforms are not supported");
+compile_error!(
+    "corral supervises workers with Linux facilities (socketpair fd passing, PR_SET_PDEATHSIG, close_range); other platforms are not supported"
+);
 
 pub mod cli;
 mod config;

@@ -3,7 +3,7 @@
 
 use crate::worker::{SpawnSpec, StartError, WorkerHandle};
 use corral_manifest::{Manifest, ManifestError, Runtime};
-use corral_protocol::{CallError, EngineLimits, LoadSpec, PluginInfo, WorkerKind};
+use corral_protocol::{CallError, EngineLimits, ExitReason, LoadSpec, PluginInfo, WorkerKind};
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -260,13 +260,22 @@ impl Supervisor {
     /// Notice a worker that has gone away and count it.
     fn reap(&self, p: &Plugin, st: &mut PluginState) {
         let Some(w) = &st.worker else { return };
-        let Some(reason) = w.exit_reason() else {
-            return;
-        };
         let by_us = w.killed_by_supervisor();
+        // A worker the supervisor has killed is gone even if it has not been reaped yet:
+        // the next call must not be routed to it.
+        let reason = match w.exit_reason() {
+            Some(reason) => reason,
+            None if by_us => ExitReason::Signal {
+                signo: libc::SIGKILL,
+                name: "SIGKILL".into(),
+            },
+            None => return,
+        };
         st.worker = None;
         if by_us {
-            st.last_error = Some(format!("worker killed by the supervisor: {reason}"));
+            st.last_error = Some(format!(
+                "worker killed by the supervisor after it missed a deadline: {reason}"
+            ));
         } else {
             self.record_crash(p, st, format!("worker crashed: {reason}"));
         }

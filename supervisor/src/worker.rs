@@ -69,7 +69,10 @@ pub enum StartError {
     #[error("bad handshake")]
     Handshake(#[source] FrameError),
     #[error("worker is a {got} worker, expected {expected}")]
-    WrongKind { expected: WorkerKind, got: WorkerKind },
+    WrongKind {
+        expected: WorkerKind,
+        got: WorkerKind,
+    },
     #[error("plugin failed to load: {0}")]
     LoadFailed(String),
 }
@@ -179,15 +182,16 @@ impl WorkerHandle {
         }
 
         // Load: the worker answers Loaded or LoadFailed (and exits).
-        let load_frame =
-            frame::encode(&ToWorker::Load(load)).map_err(StartError::Handshake)?;
+        let load_frame = frame::encode(&ToWorker::Load(load)).map_err(StartError::Handshake)?;
         let loaded = async {
             wr.write_all(&load_frame).await.map_err(FrameError::Io)?;
             loop {
                 match read_frame::<FromWorker>(&mut rd).await? {
                     FromWorker::Loaded { exports } => return Ok(Ok(exports)),
                     FromWorker::LoadFailed { error } => return Ok(Err(error)),
-                    FromWorker::Log { level, message } => log_line(&spec.plugin_id, level, &message),
+                    FromWorker::Log { level, message } => {
+                        log_line(&spec.plugin_id, level, &message)
+                    }
                     other => {
                         return Err(FrameError::Decode(format!(
                             "unexpected {other:?} while loading"
@@ -348,7 +352,14 @@ fn child_setup(fd: RawFd, parent: libc::pid_t) -> std::io::Result<()> {
     // SAFETY: each call below is an async-signal-safe system call with plain integer
     // arguments; none touches memory the parent shares.
     unsafe {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
         // The supervisor may have died before prctl took effect.

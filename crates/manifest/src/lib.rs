@@ -387,7 +387,10 @@ extra = { version = ">=0.3, <0.5", optional = true }
     fn bad_runtime_lists_valid_choices() {
         let (line, col, msg) = invalid(&GOOD.replace("\"wasm\"", "\"ruby\""));
         assert_eq!((line, col), (3, 11));
-        assert!(msg.contains("`wasm`, `js`, `python`") || msg.contains("`wasm`, `js` or `python`"), "{msg}");
+        assert!(
+            msg.contains("`wasm`, `js`, `python`") || msg.contains("`wasm`, `js` or `python`"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -35,6 +35,10 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1m 30s").unwrap(), Duration::from_secs(90));
-        assert!(parse_duration("soon").unwrap_err().contains("invalid duration"));
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("invalid duration")
+        );
     }
 }

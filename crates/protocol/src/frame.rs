@@ -127,10 +127,7 @@ pub fn read_payload(r: &mut impl Read, max: u32) -> Result<Vec<u8>, FrameError> 
         return Err(FrameError::Closed);
     }
     if got < 4 {
-        return Err(FrameError::Truncated {
-            expected: 4,
-            got,
-        });
+        return Err(FrameError::Truncated { expected: 4, got });
     }
     let len = check_len(u32::from_le_bytes(len), max)?;
     let mut payload = vec![0u8; len];
@@ -212,7 +209,10 @@ mod tests {
             })),
         };
         let buf = encode(&m).unwrap();
-        assert_eq!(read_msg::<FromWorker>(&mut buf.as_slice(), MAX_FRAME).unwrap(), m);
+        assert_eq!(
+            read_msg::<FromWorker>(&mut buf.as_slice(), MAX_FRAME).unwrap(),
+            m
+        );
     }
 
     #[test]
@@ -229,7 +229,10 @@ mod tests {
             }
             other => panic!("expected version mismatch, got {other:?}"),
         }
-        assert!(matches!(decode_hello(b"HTTP/1.1 200"), Err(FrameError::BadMagic)));
+        assert!(matches!(
+            decode_hello(b"HTTP/1.1 200"),
+            Err(FrameError::BadMagic)
+        ));
         assert!(matches!(decode_hello(b"CR"), Err(FrameError::BadMagic)));
     }
 
@@ -251,7 +254,10 @@ mod tests {
         let buf = encode(&ToWorker::Stats).unwrap();
         assert!(matches!(
             read_payload(&mut &buf[..2], MAX_FRAME),
-            Err(FrameError::Truncated { expected: 4, got: 2 })
+            Err(FrameError::Truncated {
+                expected: 4,
+                got: 2
+            })
         ));
         let mut long = 100u32.to_le_bytes().to_vec();
         long.extend_from_slice(&[0; 10]);

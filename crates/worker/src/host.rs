@@ -23,27 +23,24 @@ pub struct Host {
 
 #[derive(Debug)]
 struct Inner {
+    /// The socket, read through a buffer; writes go to `reader.get_ref()` so the
+    /// worker holds exactly one descriptor for it.
     reader: BufReader<UnixStream>,
-    writer: UnixStream,
     queued: VecDeque<ToWorker>,
     next_id: RequestId,
     current_call: RequestId,
 }
 
 impl Host {
-    pub(crate) fn new(stream: UnixStream) -> Result<Host, String> {
-        let writer = stream
-            .try_clone()
-            .map_err(|e| format!("cannot clone supervisor socket: {e}"))?;
-        Ok(Host {
+    pub(crate) fn new(stream: UnixStream) -> Host {
+        Host {
             inner: Arc::new(Mutex::new(Inner {
                 reader: BufReader::with_capacity(64 * 1024, stream),
-                writer,
                 queued: VecDeque::new(),
                 next_id: 1,
                 current_call: 0,
             })),
-        })
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -54,15 +51,23 @@ impl Host {
 
     pub(crate) fn send_hello(&self, hello: &Hello) -> Result<(), FrameError> {
         let buf = frame::encode_hello(hello)?;
-        let mut inner = self.lock();
-        inner.writer.write_all(&buf).map_err(FrameError::Io)
+        let inner = self.lock();
+        inner
+            .reader
+            .get_ref()
+            .write_all(&buf)
+            .map_err(FrameError::Io)
     }
 
     /// Send one message to the supervisor.
     pub fn send(&self, msg: &FromWorker) -> Result<(), FrameError> {
         let buf = frame::encode(msg)?;
-        let mut inner = self.lock();
-        inner.writer.write_all(&buf).map_err(FrameError::Io)
+        let inner = self.lock();
+        inner
+            .reader
+            .get_ref()
+            .write_all(&buf)
+            .map_err(FrameError::Io)
     }
 
     pub(crate) fn next_message(&self) -> Result<ToWorker, FrameError> {
@@ -92,7 +97,8 @@ impl Host {
         let buf = frame::encode(&FromWorker::HostCall { id, call, op })
             .map_err(|e| HostError::Failed(e.to_string()))?;
         inner
-            .writer
+            .reader
+            .get_ref()
             .write_all(&buf)
             .map_err(|e| HostError::Failed(format!("supervisor connection lost: {e}")))?;
         loop {

@@ -105,7 +105,9 @@ pub struct NoConfinement;
 
 impl Confinement for NoConfinement {
     fn apply(self) -> Result<EnforcementReport, String> {
-        Ok(EnforcementReport::unconfined("worker confinement not configured"))
+        Ok(EnforcementReport::unconfined(
+            "worker confinement not configured",
+        ))
     }
 }
 
@@ -134,13 +136,7 @@ pub fn run_confined(mut engine: impl Engine, confinement: impl Confinement) -> E
             return ExitCode::from(EXIT_CONFINE_FAILED);
         }
     };
-    let host = match Host::new(stream) {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("corral worker: {e}");
-            return ExitCode::from(EXIT_PROTOCOL);
-        }
-    };
+    let host = Host::new(stream);
     let info = engine.info();
     let hello = corral_protocol::Hello {
         kind: info.kind,

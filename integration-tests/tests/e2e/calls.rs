@@ -19,8 +19,16 @@ async fn example_plugin_functions_answer() {
 #[tokio::test]
 async fn empty_input_and_empty_output() {
     let (sup, _c) = hello();
-    assert_eq!(sup.call("hello-wasm", "echo", vec![], None).await.unwrap(), b"");
-    assert_eq!(sup.call("hello-wasm", "noop", b"x".to_vec(), None).await.unwrap(), b"");
+    assert_eq!(
+        sup.call("hello-wasm", "echo", vec![], None).await.unwrap(),
+        b""
+    );
+    assert_eq!(
+        sup.call("hello-wasm", "noop", b"x".to_vec(), None)
+            .await
+            .unwrap(),
+        b""
+    );
     sup.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -28,8 +36,13 @@ async fn empty_input_and_empty_output() {
 async fn large_inputs_round_trip_exactly() {
     let (sup, _c) = hello();
     // 4 MiB of non-repeating bytes through the Rust example...
-    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let out = sup.call("hello-wasm", "echo", big.clone(), None).await.unwrap();
+    let big: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let out = sup
+        .call("hello-wasm", "echo", big.clone(), None)
+        .await
+        .unwrap();
     assert_eq!(out.len(), big.len());
     assert!(out == big, "echoed bytes differ");
     sup.shutdown(Duration::from_secs(1)).await;
@@ -47,7 +60,9 @@ async fn input_beyond_the_frame_limit_is_bad_input() {
     let f = testkit("");
     let too_big = vec![0u8; corral_protocol::frame::MAX_FRAME as usize + 1];
     match f.sup.call(&f.id, "echo", too_big, None).await {
-        Err(CallError::BadInput { reason }) => assert!(reason.contains("exceeds the limit"), "{reason}"),
+        Err(CallError::BadInput { reason }) => {
+            assert!(reason.contains("exceeds the limit"), "{reason}")
+        }
         other => panic!("expected bad input, got {other:?}"),
     }
     // The worker is unaffected.
@@ -98,7 +113,10 @@ async fn host_call_round_trip_reaches_the_supervisor() {
         .as_millis() as i64;
     let out = sup.call("hello-wasm", "now", vec![], None).await.unwrap();
     let now: i64 = String::from_utf8(out).unwrap().parse().unwrap();
-    assert!(now >= before && now - before < 10_000, "now={now} before={before}");
+    assert!(
+        now >= before && now - before < 10_000,
+        "now={now} before={before}"
+    );
     sup.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -126,7 +144,9 @@ async fn concurrent_callers_all_get_their_own_answers() {
         let sup = sup.clone();
         tasks.push(tokio::spawn(async move {
             let name = format!("caller{i}");
-            let out = sup.call("hello-wasm", "greet", name.clone().into_bytes(), None).await;
+            let out = sup
+                .call("hello-wasm", "greet", name.clone().into_bytes(), None)
+                .await;
             assert_eq!(out.unwrap(), format!("Hello, {name}!").into_bytes());
         }));
     }

@@ -32,8 +32,15 @@ fn run_prints_the_plugin_output() {
     // --input-file, including standard input.
     let file = cache.path().join("in.txt");
     std::fs::write(&file, "one two\nthree").unwrap();
-    let out = run(corral(cache.path()).arg("run").arg(&built().hello_wasm).args(["wc", "--input-file"]).arg(&file));
-    assert_eq!(text(&out.stdout), "{\"lines\":2,\"words\":3,\"bytes\":13}\n");
+    let out = run(corral(cache.path())
+        .arg("run")
+        .arg(&built().hello_wasm)
+        .args(["wc", "--input-file"])
+        .arg(&file));
+    assert_eq!(
+        text(&out.stdout),
+        "{\"lines\":2,\"words\":3,\"bytes\":13}\n"
+    );
     let mut child = corral(cache.path())
         .arg("run")
         .arg(&built().hello_wasm)
@@ -53,33 +60,53 @@ fn exit_codes_and_json_output() {
     let cache = tempfile::tempdir().unwrap();
     let hello = &built().hello_wasm;
 
-    let out = run(corral(cache.path()).arg("run").arg(hello).args(["greet", "--input", "Ada", "--json"]));
+    let out = run(corral(cache.path())
+        .arg("run")
+        .arg(hello)
+        .args(["greet", "--input", "Ada", "--json"]));
     assert_eq!(out.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v, serde_json::json!({"ok": true, "output": "Hello, Ada!"}));
 
-    let out = run(corral(cache.path()).arg("run").arg(hello).args(["greet", "--input", " "]));
+    let out = run(corral(cache.path())
+        .arg("run")
+        .arg(hello)
+        .args(["greet", "--input", " "]));
     assert_eq!(out.status.code(), Some(3), "plugin error");
-    assert_eq!(text(&out.stderr).trim(), "error: plugin returned an error: give a name to greet");
+    assert_eq!(
+        text(&out.stderr).trim(),
+        "error: plugin returned an error: give a name to greet"
+    );
 
-    let out = run(corral(cache.path()).arg("run").arg(hello).args(["nope", "--json"]));
+    let out = run(corral(cache.path())
+        .arg("run")
+        .arg(hello)
+        .args(["nope", "--json"]));
     assert_eq!(out.status.code(), Some(6), "unknown function");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], false);
     assert_eq!(v["error"]["kind"], "unknown_function");
 
     let kit = wat_plugin("kit", "testkit.wat", "");
-    let out = run(corral(cache.path()).arg("run").arg(kit.path()).args(["spin", "--timeout", "200ms"]));
+    let out =
+        run(corral(cache.path())
+            .arg("run")
+            .arg(kit.path())
+            .args(["spin", "--timeout", "200ms"]));
     assert_eq!(out.status.code(), Some(4), "deadline");
     assert!(text(&out.stderr).contains("exceeded its deadline of 200 ms"));
-    let out = run(corral(cache.path()).arg("run").arg(kit.path()).args(["trap"]));
+    let out = run(corral(cache.path())
+        .arg("run")
+        .arg(kit.path())
+        .args(["trap"]));
     assert_eq!(out.status.code(), Some(4), "trap");
 
     let out = run(corral(cache.path()).args(["run", "/nonexistent/plugin", "f"]));
     assert_eq!(out.status.code(), Some(7));
     assert!(text(&out.stderr).contains("cannot resolve plugin directory /nonexistent/plugin"));
 
-    let out = run(corral(cache.path()).args(["run", "x", "f", "--input", "a", "--input-file", "b"]));
+    let out =
+        run(corral(cache.path()).args(["run", "x", "f", "--input", "a", "--input-file", "b"]));
     assert_eq!(out.status.code(), Some(2), "usage error");
 }
 
@@ -93,7 +120,10 @@ fn malformed_manifest_names_file_line_and_column() {
     let manifest = kit.path().canonicalize().unwrap().join("plugin.toml");
     let expected = format!("error: {}:7:1: unknown field `timout`", manifest.display());
     assert!(err.starts_with(&expected), "{err}");
-    assert!(err.contains("expected one of `memory`, `timeout`, `max_output`"), "{err}");
+    assert!(
+        err.contains("expected one of `memory`, `timeout`, `max_output`"),
+        "{err}"
+    );
 }
 
 struct Daemon {
@@ -134,23 +164,31 @@ impl Daemon {
             assert!(Instant::now() < until, "daemon did not create its socket");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Daemon { child, socket, _dir: dir }
+        Daemon {
+            child,
+            socket,
+            _dir: dir,
+        }
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        let out = Command::new(built().corral())
+        Command::new(built().corral())
             .args(args)
             .arg("--socket")
             .arg(&self.socket)
             .output()
-            .unwrap();
-        out
+            .unwrap()
     }
 
     fn worker_pids(&self) -> Vec<u32> {
         let out = self.cli(&["list", "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v.as_array().unwrap().iter().filter_map(|p| p["pid"].as_u64()).map(|p| p as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["pid"].as_u64())
+            .map(|p| p as u32)
+            .collect()
     }
 }
 
@@ -170,20 +208,38 @@ fn serve_call_list_stop() {
     let out = d.cli(&["call", "kit", "fail", "--json"]);
     assert_eq!(out.status.code(), Some(3));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["error"]["message"], "plugin returned an error: boom requested");
+    assert_eq!(
+        v["error"]["message"],
+        "plugin returned an error: boom requested"
+    );
     let out = d.cli(&["call", "ghost", "f"]);
     assert_eq!(out.status.code(), Some(6));
 
     let out = d.cli(&["list"]);
     let table = text(&out.stdout);
     assert!(table.starts_with("PLUGIN"), "{table}");
-    assert!(table.lines().any(|l| l.starts_with("hello-wasm") && l.contains("running")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("hello-wasm") && l.contains("running")),
+        "{table}"
+    );
     let out = d.cli(&["list", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let kit = v.as_array().unwrap().iter().find(|p| p["id"] == "kit").unwrap();
+    let kit = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "kit")
+        .unwrap();
     assert_eq!(kit["state"], "running");
     assert_eq!(kit["calls"], 1);
-    assert!(kit["exports"].as_array().unwrap().contains(&serde_json::json!("spin")));
+    assert!(
+        kit["exports"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("spin"))
+    );
 
     let workers = d.worker_pids();
     assert_eq!(workers.len(), 2);
@@ -200,10 +256,18 @@ fn serve_call_list_stop() {
     assert_eq!(status.code(), Some(0));
     assert!(!d.socket.exists(), "socket removed");
     for pid in workers {
-        assert!(wait_gone(pid, Duration::from_secs(2)), "worker {pid} stopped");
+        assert!(
+            wait_gone(pid, Duration::from_secs(2)),
+            "worker {pid} stopped"
+        );
     }
     let out = d.cli(&["list"]);
-    assert_eq!(out.status.code(), Some(8), "daemon gone: {}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(8),
+        "daemon gone: {}",
+        text(&out.stderr)
+    );
     assert!(text(&out.stderr).contains("is `corral serve` running?"));
 }
 
@@ -230,6 +294,9 @@ fn no_orphan_workers_when_the_supervisor_is_sigkilled() {
     d.child.kill().unwrap(); // SIGKILL: no chance to clean up
     d.child.wait().unwrap();
     for pid in workers {
-        assert!(wait_gone(pid, Duration::from_secs(2)), "worker {pid} outlived its supervisor");
+        assert!(
+            wait_gone(pid, Duration::from_secs(2)),
+            "worker {pid} outlived its supervisor"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Calls that go wrong: traps, deadlines, limits, crashes, bad workers.
 
-use crate::support::{testkit, with_module, worker_pid};
+use crate::support::{testkit, wait_gone, with_module, worker_pid};
 use corral::Supervisor;
 use corral_integration_tests::{options, wat_plugin};
 use corral_protocol::{CallError, ExitReason};
@@ -11,18 +11,37 @@ async fn trap_is_typed_and_carries_the_trap_message() {
     let f = testkit("");
     match f.sup.call(&f.id, "trap", vec![], None).await {
         Err(CallError::Trap { message }) => {
-            assert!(message.contains("unreachable"), "{message}");
-            assert!(message.contains("corral_fn_trap"), "backtrace names the function: {message}");
+            assert!(
+                message.starts_with("wasm trap: wasm `unreachable` instruction executed"),
+                "{message}"
+            );
+            assert!(
+                message.contains("testkit.wat!trap"),
+                "backtrace names the function: {message}"
+            );
         }
         other => panic!("expected trap, got {other:?}"),
     }
     // Same worker, fresh instance: the count starts again.
     let pid = worker_pid(&f.sup, &f.id).await;
-    assert_eq!(f.sup.call(&f.id, "count", vec![], None).await.unwrap(), 1u32.to_le_bytes());
-    assert_eq!(f.sup.call(&f.id, "count", vec![], None).await.unwrap(), 2u32.to_le_bytes());
+    assert_eq!(
+        f.sup.call(&f.id, "count", vec![], None).await.unwrap(),
+        1u32.to_le_bytes()
+    );
+    assert_eq!(
+        f.sup.call(&f.id, "count", vec![], None).await.unwrap(),
+        2u32.to_le_bytes()
+    );
     f.sup.call(&f.id, "trap", vec![], None).await.unwrap_err();
-    assert_eq!(f.sup.call(&f.id, "count", vec![], None).await.unwrap(), 1u32.to_le_bytes());
-    assert_eq!(worker_pid(&f.sup, &f.id).await, pid, "a trap does not cost the process");
+    assert_eq!(
+        f.sup.call(&f.id, "count", vec![], None).await.unwrap(),
+        1u32.to_le_bytes()
+    );
+    assert_eq!(
+        worker_pid(&f.sup, &f.id).await,
+        pid,
+        "a trap does not cost the process"
+    );
     f.sup.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -35,17 +54,30 @@ async fn infinite_loop_stops_at_the_deadline_then_the_plugin_works() {
     let r = f.sup.call(&f.id, "spin", vec![], None).await;
     let took = t.elapsed();
     assert_eq!(r, Err(CallError::Timeout { deadline_ms: 300 }));
-    assert!(took >= Duration::from_millis(300), "stopped early: {took:?}");
-    assert!(took < Duration::from_millis(300 + 250), "deadline overshot: {took:?}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "stopped early: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(300 + 250),
+        "deadline overshot: {took:?}"
+    );
     // Interrupted inside the engine: same worker, and it answers at once.
     assert_eq!(f.sup.call(&f.id, "ok", vec![], None).await.unwrap(), b"ok");
     assert_eq!(worker_pid(&f.sup, &f.id).await, pid);
 
     // A caller's own shorter deadline wins.
     let t = Instant::now();
-    let r = f.sup.call(&f.id, "spin", vec![], Some(Duration::from_millis(100))).await;
+    let r = f
+        .sup
+        .call(&f.id, "spin", vec![], Some(Duration::from_millis(100)))
+        .await;
     assert_eq!(r, Err(CallError::Timeout { deadline_ms: 100 }));
-    assert!(t.elapsed() < Duration::from_millis(100 + 250), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(100 + 250),
+        "{:?}",
+        t.elapsed()
+    );
     f.sup.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -54,13 +86,17 @@ async fn memory_bomb_hits_the_store_limit() {
     let f = testkit("memory = \"8MiB\"");
     assert_eq!(
         f.sup.call(&f.id, "grow", vec![], None).await,
-        Err(CallError::MemoryLimit { limit_bytes: 8 << 20 })
+        Err(CallError::MemoryLimit {
+            limit_bytes: 8 << 20
+        })
     );
     assert_eq!(f.sup.call(&f.id, "ok", vec![], None).await.unwrap(), b"ok");
     // An input that cannot fit in the limit is refused the same way.
     assert_eq!(
         f.sup.call(&f.id, "echo", vec![1; 9 << 20], None).await,
-        Err(CallError::MemoryLimit { limit_bytes: 8 << 20 })
+        Err(CallError::MemoryLimit {
+            limit_bytes: 8 << 20
+        })
     );
     f.sup.shutdown(Duration::from_secs(1)).await;
 }
@@ -95,11 +131,21 @@ async fn worker_killed_mid_call_fails_the_call_and_the_next_call_works() {
     // SAFETY: plain kill(2) of the worker this test's supervisor started and that is
     // still running (it is spinning on our call).
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-    let killed = ExitReason::Signal { signo: 9, name: "SIGKILL".into() };
+    let killed = ExitReason::Signal {
+        signo: 9,
+        name: "SIGKILL".into(),
+    };
     let t = Instant::now();
-    assert_eq!(in_flight.await.unwrap(), Err(CallError::WorkerCrashed(killed.clone())));
+    assert_eq!(
+        in_flight.await.unwrap(),
+        Err(CallError::WorkerCrashed(killed.clone()))
+    );
     assert_eq!(queued.await.unwrap(), Err(CallError::WorkerCrashed(killed)));
-    assert!(t.elapsed() < Duration::from_secs(2), "crash noticed late: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "crash noticed late: {:?}",
+        t.elapsed()
+    );
 
     // The next call restarts the worker.
     assert_eq!(sup.call(&f.id, "ok", vec![], None).await.unwrap(), b"ok");
@@ -131,13 +177,20 @@ async fn unresponsive_worker_is_killed_by_the_supervisor_backstop() {
         Err(CallError::Timeout { deadline_ms: 200 })
     );
     let took = t.elapsed();
-    assert!(took >= Duration::from_millis(400) && took < Duration::from_millis(1500), "{took:?}");
-    assert!(corral_integration_tests::wait_gone(pid, Duration::from_secs(3)), "hung worker killed");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    assert!(wait_gone(pid).await, "hung worker killed");
     // A killed-by-us worker is a restart, not a crash.
     assert_eq!(sup.call(&id, "ok", vec![], None).await.unwrap(), b"ok");
     let info = sup.list().await.into_iter().find(|p| p.id == id).unwrap();
     assert_eq!(info.state, "running");
-    assert!(info.last_error.unwrap().contains("killed by the supervisor"));
+    assert!(
+        info.last_error
+            .unwrap()
+            .contains("killed by the supervisor")
+    );
     sup.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -151,7 +204,10 @@ fn fake_worker(script: &str) -> tempfile::TempDir {
     dir
 }
 
-fn fake_supervisor(workers: &tempfile::TempDir, cache: &tempfile::TempDir) -> (Supervisor, tempfile::TempDir) {
+fn fake_supervisor(
+    workers: &tempfile::TempDir,
+    cache: &tempfile::TempDir,
+) -> (Supervisor, tempfile::TempDir) {
     let plugin = wat_plugin("fake", "testkit.wat", "");
     let mut opts = options(cache.path());
     opts.worker_dir = workers.path().to_owned();
@@ -172,19 +228,31 @@ async fn repeated_crashes_mark_the_plugin_failed_visibly() {
             Err(CallError::StartFailed { plugin, reason }) => {
                 assert_eq!(plugin, "fake");
                 assert!(reason.contains("exited with code 3"), "{reason}");
-                assert!(reason.contains("cannot start: no engine here"), "stderr quoted: {reason}");
+                assert!(
+                    reason.contains("cannot start: no engine here"),
+                    "stderr quoted: {reason}"
+                );
             }
             other => panic!("start {n}: expected start failure, got {other:?}"),
         }
     }
     match sup.call("fake", "ok", vec![], None).await {
-        Err(CallError::PluginFailed { plugin, crashes, last }) => {
+        Err(CallError::PluginFailed {
+            plugin,
+            crashes,
+            last,
+        }) => {
             assert_eq!((plugin.as_str(), crashes), ("fake", 5));
             assert!(last.contains("exited with code 3"), "{last}");
         }
         other => panic!("expected plugin failed, got {other:?}"),
     }
-    let info = sup.list().await.into_iter().find(|p| p.id == "fake").unwrap();
+    let info = sup
+        .list()
+        .await
+        .into_iter()
+        .find(|p| p.id == "fake")
+        .unwrap();
     assert_eq!(info.state, "failed");
     assert!(info.last_error.unwrap().contains("exited with code 3"));
 }
@@ -199,7 +267,11 @@ async fn restarts_back_off() {
         sup.call("fake", "ok", vec![], None).await.unwrap_err();
     }
     // Backoff before starts 2, 3, 4: 0, 10, 20 ms after each crash (base 10 ms).
-    assert!(t.elapsed() >= Duration::from_millis(30), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(30),
+        "{:?}",
+        t.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -209,10 +281,19 @@ async fn protocol_violations_in_the_handshake_are_typed() {
             "printf '\\006\\000\\000\\000CRRL\\143\\000' >&3; sleep 5",
             "protocol version mismatch: peer speaks 99, we speak 1",
         ),
-        ("printf '\\006\\000\\000\\000HTTP/1' >&3; sleep 5", "magic bytes"),
-        ("printf '\\377\\377\\377\\177' >&3; sleep 5", "exceeds the limit"),
+        (
+            "printf '\\006\\000\\000\\000HTTP/1' >&3; sleep 5",
+            "magic bytes",
+        ),
+        (
+            "printf '\\377\\377\\377\\177' >&3; sleep 5",
+            "exceeds the limit",
+        ),
         ("sleep 5", "no handshake within"),
-        ("printf '\\010\\000' >&3; exit 0", "exited with code 0 before its handshake"),
+        (
+            "printf '\\010\\000' >&3; exit 0",
+            "exited with code 0 before its handshake",
+        ),
     ];
     for (body, expected) in cases {
         let workers = fake_worker(&format!("#!/bin/sh\n{body}\n"));
@@ -233,7 +314,10 @@ async fn init_hook_runs_under_the_deadline_and_can_refuse() {
     let t = Instant::now();
     match f.sup.call(&f.id, "ok", vec![], None).await {
         Err(CallError::StartFailed { reason, .. }) => {
-            assert!(reason.contains("exceeded its deadline of 200 ms"), "{reason}")
+            assert!(
+                reason.contains("exceeded its deadline of 200 ms"),
+                "{reason}"
+            )
         }
         other => panic!("expected start failure, got {other:?}"),
     }
@@ -242,7 +326,10 @@ async fn init_hook_runs_under_the_deadline_and_can_refuse() {
     let f = with_module("fail-init", "init-fail.wat", "");
     match f.sup.call(&f.id, "ok", vec![], None).await {
         Err(CallError::StartFailed { reason, .. }) => {
-            assert!(reason.contains("init failed: missing configuration"), "{reason}")
+            assert!(
+                reason.contains("init failed: missing configuration"),
+                "{reason}"
+            )
         }
         other => panic!("expected start failure, got {other:?}"),
     }
@@ -251,7 +338,11 @@ async fn init_hook_runs_under_the_deadline_and_can_refuse() {
 #[tokio::test]
 async fn invalid_module_is_a_start_failure_naming_the_file() {
     let plugin = wat_plugin("broken", "testkit.wat", "");
-    std::fs::write(plugin.path().join("testkit.wat"), "(module (func $x (result i32)))").unwrap();
+    std::fs::write(
+        plugin.path().join("testkit.wat"),
+        "(module (func $x (result i32)))",
+    )
+    .unwrap();
     let cache = tempfile::tempdir().unwrap();
     let mut sup = Supervisor::new(options(cache.path()));
     sup.add_plugin_dir(plugin.path()).unwrap();

@@ -43,3 +43,12 @@ pub async fn worker_pid(sup: &Supervisor, id: &str) -> u32 {
     let p = list.iter().find(|p| p.id == id).expect("plugin listed");
     p.pid.expect("worker running")
 }
+
+/// Wait (without blocking the runtime that must reap it) for `pid` to be gone.
+pub async fn wait_gone(pid: u32) -> bool {
+    tokio::task::spawn_blocking(move || {
+        corral_integration_tests::wait_gone(pid, std::time::Duration::from_secs(3))
+    })
+    .await
+    .unwrap()
+}

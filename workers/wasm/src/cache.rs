@@ -111,7 +111,10 @@ mod tests {
         let (_, second) = cache.load_or_compile(WAT.as_bytes()).unwrap();
         assert_eq!(second, CacheOutcome::Hit);
         let other = WAT.replace("16", "32");
-        assert_ne!(cache.path_for(WAT.as_bytes()), cache.path_for(other.as_bytes()));
+        assert_ne!(
+            cache.path_for(WAT.as_bytes()),
+            cache.path_for(other.as_bytes())
+        );
     }
 
     #[test]

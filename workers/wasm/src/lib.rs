@@ -353,7 +353,12 @@ fn abi_error(what: &str) -> CallError {
 }
 
 /// Turn a wasmtime error into the call error a user can act on.
-fn classify(err: wasmtime::Error, store: &Store<State>, memory_limit: u64, deadline_ms: u64) -> CallError {
+fn classify(
+    err: wasmtime::Error,
+    store: &Store<State>,
+    memory_limit: u64,
+    deadline_ms: u64,
+) -> CallError {
     if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
         return CallError::Timeout { deadline_ms };
     }
@@ -368,9 +373,13 @@ fn classify(err: wasmtime::Error, store: &Store<State>, memory_limit: u64, deadl
             limit_bytes: memory_limit,
         };
     }
-    CallError::Trap {
-        message: format!("{err:?}"),
+    // The cause first ("wasm trap: ..."), then the wasm backtrace if there is one.
+    let mut message = err.root_cause().to_string();
+    if let Some(bt) = err.downcast_ref::<wasmtime::WasmBacktrace>() {
+        message.push('\n');
+        message.push_str(&bt.to_string());
     }
+    CallError::Trap { message }
 }
 
 impl Engine for WasmEngine {
