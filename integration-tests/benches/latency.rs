@@ -1,1 +1,348 @@
-fn main() {}
+//! Latency of Corral calls beside baselines measured in the same run.
+//!
+//! Run with `cargo bench -p corral-integration-tests --bench latency`. Prints median,
+//! p99 and mean for:
+//!
+//! - warm call: `Supervisor::call` of the example plugin's empty `noop` function on
+//!   a running worker, beside a raw Unix-socket echo round trip with a second
+//!   process (same 4-byte length + payload framing) and an in-process wasmtime call
+//!   of the same function;
+//! - cold start: from an idle supervisor to the first result (spawn, handshake,
+//!   load from the module cache, call), beside fork+exec+wait of `/bin/true` and a
+//!   bare in-process engine start (deserialize the precompiled module, instantiate,
+//!   call).
+//!
+//! Every measurement runs twice: with the whole process tree pinned to one CPU
+//! (both ends of the socket share it: the floor) and unpinned. Machines here are
+//! noisy: compare the ratios, not the absolute numbers.
+
+use corral::Supervisor;
+use corral_integration_tests::{built, options};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const ECHO_ENV: &str = "CORRAL_BENCH_ECHO";
+const WARM_ITERS: usize = 20_000;
+const COLD_ITERS: usize = 60;
+
+#[derive(Clone, Copy)]
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+    mean: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let n = samples.len();
+    let mean = samples.iter().sum::<Duration>() / n as u32;
+    Stats {
+        p50: samples[n / 2],
+        p99: samples[(n * 99 / 100).min(n - 1)],
+        mean,
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn row(name: &str, s: Stats, base: Option<Stats>) {
+    let ratio = base.map_or(String::new(), |b| {
+        format!("{:>8.2}x", s.p50.as_secs_f64() / b.p50.as_secs_f64())
+    });
+    println!(
+        "  {name:<44} p50 {:>9.1} us   p99 {:>9.1} us   mean {:>9.1} us {ratio}",
+        us(s.p50),
+        us(s.p99),
+        us(s.mean)
+    );
+}
+
+/// The echo side of the raw-socket baseline: a child process on fd 3.
+fn echo_server() -> ! {
+    // SAFETY: the parent placed a socket at fd 3 for this process alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(3) };
+    let mut s = UnixStream::from(fd);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut len = [0u8; 4];
+        if s.read_exact(&mut len).is_err() {
+            std::process::exit(0);
+        }
+        let n = u32::from_le_bytes(len) as usize;
+        s.read_exact(&mut buf[..n]).unwrap();
+        s.write_all(&len).unwrap();
+        s.write_all(&buf[..n]).unwrap();
+    }
+}
+
+fn raw_socket_rtt(iters: usize) -> Stats {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let fd = theirs.as_raw_fd();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.env(ECHO_ENV, "1");
+    // SAFETY: dup2 is async-signal-safe; it places the socket at fd 3 in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(theirs);
+    let mut s = ours;
+    // Same shape as a Corral call frame for an empty function (~20 bytes).
+    let payload = [7u8; 20];
+    let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&payload);
+    let mut back = vec![0u8; frame.len()];
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        s.write_all(&frame).unwrap();
+        s.read_exact(&mut back).unwrap();
+        if i >= iters / 10 {
+            samples.push(t.elapsed());
+        }
+    }
+    drop(s);
+    child.wait().unwrap();
+    stats(samples)
+}
+
+fn wasm_path() -> std::path::PathBuf {
+    built()
+        .hello_wasm
+        .join("target/wasm32-wasip1/release/hello_wasm.wasm")
+}
+
+struct BenchState {
+    wasi: wasmtime_wasi::p1::WasiP1Ctx,
+    output: Vec<u8>,
+}
+
+struct InProcess {
+    store: wasmtime::Store<BenchState>,
+    alloc: wasmtime::TypedFunc<i32, i32>,
+    noop: wasmtime::TypedFunc<(i32, i32), i32>,
+}
+
+fn in_process_instance(engine: &wasmtime::Engine, module: &wasmtime::Module) -> InProcess {
+    let mut linker: wasmtime::Linker<BenchState> = wasmtime::Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut BenchState| &mut s.wasi).unwrap();
+    // The same copy-out work as the worker's `corral.output`.
+    linker
+        .func_wrap(
+            "corral",
+            "output",
+            |mut caller: wasmtime::Caller<'_, BenchState>, ptr: i32, len: i32| {
+                let mem = caller.get_export("memory").unwrap().into_memory().unwrap();
+                let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+                let bytes = mem.data(&caller)[ptr..ptr + len].to_vec();
+                caller.data_mut().output = bytes;
+            },
+        )
+        .unwrap();
+    linker.define_unknown_imports_as_traps(module).unwrap();
+    let state = BenchState {
+        wasi: wasmtime_wasi::WasiCtxBuilder::new().build_p1(),
+        output: Vec::new(),
+    };
+    let mut store = wasmtime::Store::new(engine, state);
+    store.set_epoch_deadline(u64::MAX / 2);
+    let instance = linker.instantiate(&mut store, module).unwrap();
+    if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+        init.call(&mut store, ()).unwrap();
+    }
+    let alloc = instance
+        .get_typed_func::<i32, i32>(&mut store, "corral_alloc")
+        .unwrap();
+    let noop = instance
+        .get_typed_func::<(i32, i32), i32>(&mut store, "corral_fn_noop")
+        .unwrap();
+    InProcess { store, alloc, noop }
+}
+
+fn in_process_call(iters: usize) -> Stats {
+    let engine = wasmtime::Engine::new(&corral_worker_wasm::engine_config()).unwrap();
+    let module = wasmtime::Module::from_file(&engine, wasm_path()).unwrap();
+    let mut p = in_process_instance(&engine, &module);
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        let ptr = p.alloc.call(&mut p.store, 0).unwrap();
+        assert_eq!(p.noop.call(&mut p.store, (ptr, 0)).unwrap(), 0);
+        if i >= iters / 10 {
+            samples.push(t.elapsed());
+        }
+    }
+    stats(samples)
+}
+
+fn bare_engine_start(iters: usize, cache: &std::path::Path) -> Stats {
+    let engine = wasmtime::Engine::new(&corral_worker_wasm::engine_config()).unwrap();
+    let bytes = std::fs::read(wasm_path()).unwrap();
+    let cwasm = cache.join("bare.cwasm");
+    std::fs::write(&cwasm, engine.precompile_module(&bytes).unwrap()).unwrap();
+    let mut samples = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        let engine = wasmtime::Engine::new(&corral_worker_wasm::engine_config()).unwrap();
+        // SAFETY: the file was just written by `precompile_module` of this config.
+        let module = unsafe { wasmtime::Module::deserialize_file(&engine, &cwasm) }.unwrap();
+        let mut p = in_process_instance(&engine, &module);
+        let ptr = p.alloc.call(&mut p.store, 0).unwrap();
+        p.noop.call(&mut p.store, (ptr, 0)).unwrap();
+        samples.push(t.elapsed());
+    }
+    stats(samples)
+}
+
+fn fork_exec(iters: usize) -> Stats {
+    let mut samples = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        Command::new("/bin/true").status().unwrap();
+        samples.push(t.elapsed());
+    }
+    stats(samples)
+}
+
+fn warm_call(rt: &tokio::runtime::Runtime, iters: usize, cache: &std::path::Path) -> Stats {
+    rt.block_on(async {
+        let mut sup = Supervisor::new(options(cache));
+        sup.add_plugin_dir(&built().hello_wasm).unwrap();
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..iters + iters / 10 {
+            let t = Instant::now();
+            let out = sup.call("hello-wasm", "noop", Vec::new(), None).await.unwrap();
+            if i >= iters / 10 {
+                samples.push(t.elapsed());
+            }
+            assert!(out.is_empty());
+        }
+        sup.shutdown(Duration::from_secs(1)).await;
+        stats(samples)
+    })
+}
+
+fn cold_start(rt: &tokio::runtime::Runtime, iters: usize, cache: &std::path::Path) -> Stats {
+    rt.block_on(async {
+        let mut samples = Vec::with_capacity(iters);
+        // One start to fill the module cache; the rest load from it.
+        for i in 0..=iters {
+            let mut sup = Supervisor::new(options(cache));
+            sup.add_plugin_dir(&built().hello_wasm).unwrap();
+            let t = Instant::now();
+            sup.call("hello-wasm", "noop", Vec::new(), None).await.unwrap();
+            if i > 0 {
+                samples.push(t.elapsed());
+            }
+            sup.shutdown(Duration::from_secs(1)).await;
+        }
+        stats(samples)
+    })
+}
+
+fn cold_start_uncached(rt: &tokio::runtime::Runtime, iters: usize) -> Stats {
+    rt.block_on(async {
+        let mut samples = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let mut opts = options(std::path::Path::new("/nonexistent"));
+            opts.cache_dir = None;
+            let mut sup = Supervisor::new(opts);
+            sup.add_plugin_dir(&built().hello_wasm).unwrap();
+            let t = Instant::now();
+            sup.call("hello-wasm", "noop", Vec::new(), None).await.unwrap();
+            samples.push(t.elapsed());
+            sup.shutdown(Duration::from_secs(1)).await;
+        }
+        stats(samples)
+    })
+}
+
+fn pin_to_cpu0() {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it for this process.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
+fn unpin() {
+    // SAFETY: as in `pin_to_cpu0`.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn main() {
+    if std::env::var_os(ECHO_ENV).is_some() {
+        echo_server();
+    }
+    // `cargo bench` passes `--bench`; nextest/`cargo test --benches` lists with
+    // `--list`: run nothing then.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (warm, cold) = if quick { (2_000, 10) } else { (WARM_ITERS, COLD_ITERS) };
+    built();
+    let cache = tempfile::tempdir().unwrap();
+
+    for pinned in [true, false] {
+        if pinned {
+            pin_to_cpu0();
+        } else {
+            unpin();
+        }
+        // Current-thread runtime: the supervisor's tasks for one call run on one
+        // thread, as in a latency-sensitive embedding.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        println!(
+            "\n== {} ==",
+            if pinned {
+                "pinned: supervisor and worker share CPU 0"
+            } else {
+                "unpinned: scheduler's choice of CPUs"
+            }
+        );
+        println!("warm call of an empty function ({warm} samples)");
+        let raw = raw_socket_rtt(warm);
+        row("baseline: raw unix-socket echo round trip", raw, None);
+        let inproc = in_process_call(warm);
+        row("baseline: in-process wasmtime call", inproc, None);
+        let w = warm_call(&rt, warm, cache.path());
+        row("corral: Supervisor::call -> worker -> result", w, Some(raw));
+        println!("  (ratio: corral p50 / raw socket p50; target <= 2x)");
+
+        println!("cold start to first result ({cold} samples)");
+        let fe = fork_exec(cold);
+        row("baseline: fork+exec+wait /bin/true", fe, None);
+        let bare = bare_engine_start(cold, cache.path());
+        row("baseline: bare engine start (cached module)", bare, None);
+        let c = cold_start(&rt, cold, cache.path());
+        row("corral: spawn, handshake, load (cached), call", c, Some(bare));
+        let u = cold_start_uncached(&rt, cold.min(10));
+        row("corral: same, module compiled (no cache)", u, Some(bare));
+        println!("  (ratio: corral p50 / bare engine start p50; target: cached p50 < 5 ms)");
+    }
+}
