@@ -222,7 +222,10 @@ fn warm_call(rt: &tokio::runtime::Runtime, iters: usize, cache: &std::path::Path
         let mut samples = Vec::with_capacity(iters);
         for i in 0..iters + iters / 10 {
             let t = Instant::now();
-            let out = sup.call("hello-wasm", "noop", Vec::new(), None).await.unwrap();
+            let out = sup
+                .call("hello-wasm", "noop", Vec::new(), None)
+                .await
+                .unwrap();
             if i >= iters / 10 {
                 samples.push(t.elapsed());
             }
@@ -241,7 +244,9 @@ fn cold_start(rt: &tokio::runtime::Runtime, iters: usize, cache: &std::path::Pat
             let mut sup = Supervisor::new(options(cache));
             sup.add_plugin_dir(&built().hello_wasm).unwrap();
             let t = Instant::now();
-            sup.call("hello-wasm", "noop", Vec::new(), None).await.unwrap();
+            sup.call("hello-wasm", "noop", Vec::new(), None)
+                .await
+                .unwrap();
             if i > 0 {
                 samples.push(t.elapsed());
             }
@@ -260,7 +265,9 @@ fn cold_start_uncached(rt: &tokio::runtime::Runtime, iters: usize) -> Stats {
             let mut sup = Supervisor::new(opts);
             sup.add_plugin_dir(&built().hello_wasm).unwrap();
             let t = Instant::now();
-            sup.call("hello-wasm", "noop", Vec::new(), None).await.unwrap();
+            sup.call("hello-wasm", "noop", Vec::new(), None)
+                .await
+                .unwrap();
             samples.push(t.elapsed());
             sup.shutdown(Duration::from_secs(1)).await;
         }
@@ -301,7 +308,11 @@ fn main() {
         return;
     }
     let quick = std::env::args().any(|a| a == "--quick");
-    let (warm, cold) = if quick { (2_000, 10) } else { (WARM_ITERS, COLD_ITERS) };
+    let (warm, cold) = if quick {
+        (2_000, 10)
+    } else {
+        (WARM_ITERS, COLD_ITERS)
+    };
     built();
     let cache = tempfile::tempdir().unwrap();
 
@@ -340,7 +351,11 @@ fn main() {
         let bare = bare_engine_start(cold, cache.path());
         row("baseline: bare engine start (cached module)", bare, None);
         let c = cold_start(&rt, cold, cache.path());
-        row("corral: spawn, handshake, load (cached), call", c, Some(bare));
+        row(
+            "corral: spawn, handshake, load (cached), call",
+            c,
+            Some(bare),
+        );
         let u = cold_start_uncached(&rt, cold.min(10));
         row("corral: same, module compiled (no cache)", u, Some(bare));
         println!("  (ratio: corral p50 / bare engine start p50; target: cached p50 < 5 ms)");
