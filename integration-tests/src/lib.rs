@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 /// Paths of the built artefacts.
 #[derive(Debug)]
 pub struct Built {
-    /// Directory holding `corral` and `corral-worker-wasm`.
+    /// Directory holding `corral`, `corral-worker-wasm` and `corral-worker-hostile`.
     pub bin_dir: PathBuf,
     /// The example Wasm plugin directory (with its module built).
     pub hello_wasm: PathBuf,

@@ -2,10 +2,12 @@
 //! demand and restarted with backoff after crashes.
 
 use crate::worker::{SpawnSpec, StartError, WorkerHandle};
+use corral_confine::{Level, SelfConfinement};
 use corral_manifest::{Manifest, ManifestError, Runtime};
 use corral_protocol::{CallError, EngineLimits, ExitReason, LoadSpec, PluginInfo, WorkerKind};
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +61,9 @@ pub struct Options {
     pub handshake_timeout: Duration,
     /// How long past a call's deadline to wait before killing an unresponsive worker.
     pub kill_grace: Duration,
+    /// The isolation level every plugin runs at. (Routing plugins to levels from
+    /// policy files is not built yet; until then one level applies to all.)
+    pub level: Level,
 }
 
 impl Options {
@@ -75,6 +80,7 @@ impl Options {
             restart: RestartPolicy::default(),
             handshake_timeout: Duration::from_secs(10),
             kill_grace: Duration::from_secs(1),
+            level: Level::Standard,
         }
     }
 }
@@ -312,6 +318,14 @@ impl Supervisor {
             .options
             .worker_dir
             .join(format!("corral-worker-{}", kind.as_str()));
+        let cache_dir = self.options.cache_dir.as_ref().map(|d| d.join("modules"));
+        if let Some(d) = &cache_dir {
+            // Created now so the worker's Landlock rule has something to grant.
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d);
+        }
         let spec = SpawnSpec {
             program,
             kind,
@@ -319,6 +333,11 @@ impl Supervisor {
             env: worker_env(),
             handshake_timeout: self.options.handshake_timeout,
             kill_grace: self.options.kill_grace,
+            confine: SelfConfinement {
+                level: self.options.level,
+                read: vec![p.dir.clone()],
+                write: cache_dir.iter().cloned().collect(),
+            },
         };
         let load = LoadSpec {
             plugin_id: m.id.clone(),
@@ -329,11 +348,7 @@ impl Supervisor {
                 max_output_bytes: m.limits.max_output_bytes,
                 init_deadline_ms: m.limits.timeout.as_millis() as u64,
             },
-            cache_dir: self
-                .options
-                .cache_dir
-                .as_ref()
-                .map(|d| d.join("modules").to_string_lossy().into_owned()),
+            cache_dir: cache_dir.map(|d| d.to_string_lossy().into_owned()),
         };
         WorkerHandle::start(&spec, load).await
     }
@@ -358,6 +373,8 @@ impl Supervisor {
                 version: p.manifest.version.to_string(),
                 runtime: worker_kind(p.manifest.runtime),
                 dir: p.dir.to_string_lossy().into_owned(),
+                level: self.options.level.to_string(),
+                enforcement: st.worker.as_ref().map(|w| w.hello.enforcement.clone()),
                 state: state.to_owned(),
                 pid: st.worker.as_ref().map(|w| w.pid),
                 restarts: st.restarts,

@@ -19,6 +19,7 @@
 //! [`CallError::WorkerCrashed`] carrying the exit code or signal.
 
 use crate::host;
+use corral_confine::{CONFINE_ENV, Level, SelfConfinement};
 use corral_protocol::{
     CallError, ExitReason, FromWorker, Hello, LoadSpec, LogLevel, RequestId, ToWorker,
     WORKER_SOCKET_ENV, WORKER_SOCKET_FD, WorkerKind,
@@ -49,6 +50,8 @@ pub struct SpawnSpec {
     pub handshake_timeout: Duration,
     /// How long past a call's deadline the supervisor waits before killing the worker.
     pub kill_grace: Duration,
+    /// What the worker must apply to itself before it accepts plugin code.
+    pub confine: SelfConfinement,
 }
 
 /// Why a worker could not be started.
@@ -124,6 +127,7 @@ impl WorkerHandle {
         cmd.env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .env(WORKER_SOCKET_ENV, WORKER_SOCKET_FD.to_string())
+            .env(CONFINE_ENV, spec.confine.to_env_value())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -132,10 +136,11 @@ impl WorkerHandle {
         let fd = theirs.as_raw_fd();
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
+        let level = spec.confine.level;
         // SAFETY: `child_setup` only makes async-signal-safe system calls (prctl,
-        // getppid, dup2, fcntl, close_range) and allocates nothing.
+        // getppid, dup2, fcntl, close_range, setrlimit, unshare) and allocates nothing.
         unsafe {
-            cmd.pre_exec(move || child_setup(fd, parent));
+            cmd.pre_exec(move || child_setup(fd, parent, level));
         }
         let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
             program: spec.program.clone(),
@@ -149,21 +154,20 @@ impl WorkerHandle {
 
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        let early_stderr = Arc::new(Mutex::new(String::new()));
+        let tail = Arc::new(StderrTail::default());
         if let Some(s) = stdout {
             tokio::spawn(forward_output(s, spec.plugin_id.clone(), "stdout", None));
         }
         if let Some(s) = stderr {
-            let keep = Some(Arc::clone(&early_stderr));
+            let keep = Some(Arc::clone(&tail));
             tokio::spawn(forward_output(s, spec.plugin_id.clone(), "stderr", keep));
         }
 
         let hello = match handshake(&mut rd, &mut child, spec.handshake_timeout).await {
             Ok(h) => h,
             Err(HandshakeFailure::Died(exit)) => {
-                // Give the stderr forwarder a moment to collect the worker's last words.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let stderr = early_stderr.lock().map(|s| s.clone()).unwrap_or_default();
+                let stderr = tail.wait_closed().await;
+                let exit = explain_exit(exit, &stderr);
                 return Err(StartError::DiedEarly { exit, stderr });
             }
             Err(HandshakeFailure::Other(e)) => {
@@ -207,18 +211,29 @@ impl WorkerHandle {
                 return Err(StartError::LoadFailed(error));
             }
             Err(e) => {
+                let status = match child.try_wait() {
+                    Ok(Some(s)) => Some(s),
+                    _ if matches!(e, FrameError::Decode(_)) => None,
+                    // The socket broke: the worker is probably dying; see how.
+                    _ => tokio::time::timeout(Duration::from_millis(500), child.wait())
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
+                };
                 let _ = child.start_kill();
-                let status = child.wait().await.ok();
+                let _ = child.wait().await;
                 return Err(match status {
-                    Some(s) if !matches!(e, FrameError::Decode(_)) => StartError::DiedEarly {
-                        exit: exit_reason(s),
-                        stderr: early_stderr.lock().map(|s| s.clone()).unwrap_or_default(),
-                    },
-                    _ => StartError::Handshake(e),
+                    Some(s) => {
+                        let stderr = tail.wait_closed().await;
+                        StartError::DiedEarly {
+                            exit: explain_exit(exit_reason(s), &stderr),
+                            stderr,
+                        }
+                    }
+                    None => StartError::Handshake(e),
                 });
             }
         };
-        early_stderr.lock().map(|mut s| s.clear()).ok();
 
         let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let handle = Arc::new(WorkerHandle {
@@ -239,6 +254,7 @@ impl WorkerHandle {
         tokio::spawn(
             Connection {
                 plugin_id: spec.plugin_id.clone(),
+                tail,
                 pending: Arc::clone(&handle.pending),
                 kill: Arc::clone(&handle.kill),
                 shutting_down: Arc::clone(&handle.shutting_down),
@@ -348,7 +364,7 @@ impl Drop for WorkerHandle {
 }
 
 /// Runs in the forked child between `fork` and `exec`.
-fn child_setup(fd: RawFd, parent: libc::pid_t) -> std::io::Result<()> {
+fn child_setup(fd: RawFd, parent: libc::pid_t, level: Level) -> std::io::Result<()> {
     // SAFETY: each call below is an async-signal-safe system call with plain integer
     // arguments; none touches memory the parent shares.
     unsafe {
@@ -384,8 +400,74 @@ fn child_setup(fd: RawFd, parent: libc::pid_t) -> std::io::Result<()> {
         {
             return Err(std::io::Error::last_os_error());
         }
+        // No core dumps: a plugin's memory may hold other tenants' data.
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // From `high`: own network (no interfaces but a down loopback), IPC and UTS
+        // namespaces.
+        if level >= Level::High
+            && libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(())
+}
+
+/// The last few KiB a worker wrote to stderr, kept for its whole life so its last
+/// words can explain its death.
+#[derive(Debug, Default)]
+struct StderrTail {
+    text: Mutex<String>,
+    closed: Notify,
+    is_closed: AtomicBool,
+}
+
+impl StderrTail {
+    const KEEP: usize = 8 * 1024;
+
+    fn push(&self, line: &str) {
+        let mut t = self.text.lock().unwrap_or_else(|e| e.into_inner());
+        t.push_str(line);
+        t.push('\n');
+        if t.len() > Self::KEEP {
+            let cut = t.len() - Self::KEEP;
+            let cut = (cut..t.len())
+                .find(|&i| t.is_char_boundary(i))
+                .unwrap_or(t.len());
+            t.drain(..cut);
+        }
+    }
+
+    fn close(&self) {
+        self.is_closed.store(true, Ordering::SeqCst);
+        self.closed.notify_waiters();
+    }
+
+    /// The tail once the worker's stderr has closed (or after 200 ms).
+    async fn wait_closed(&self) -> String {
+        let closed = self.closed.notified();
+        if !self.is_closed.load(Ordering::SeqCst) {
+            let _ = tokio::time::timeout(Duration::from_millis(200), closed).await;
+        }
+        self.text.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// A death by SIGSYS is a seccomp violation; the worker's reporter named the syscall.
+fn explain_exit(exit: ExitReason, stderr: &str) -> ExitReason {
+    match exit {
+        ExitReason::Signal { signo, .. } if signo == libc::SIGSYS => ExitReason::Seccomp {
+            syscall: corral_confine::violation_from_stderr(stderr)
+                .unwrap_or_else(|| "unknown syscall".into()),
+        },
+        other => other,
+    }
 }
 
 enum HandshakeFailure {
@@ -458,18 +540,17 @@ async fn forward_output(
     out: impl AsyncRead + Unpin,
     plugin: String,
     stream: &'static str,
-    keep: Option<Arc<Mutex<String>>>,
+    keep: Option<Arc<StderrTail>>,
 ) {
     let mut lines = BufReader::new(out).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         tracing::info!(plugin = %plugin, stream, "{line}");
-        if let Some(k) = &keep
-            && let Ok(mut s) = k.lock()
-            && s.len() < 4096
-        {
-            s.push_str(&line);
-            s.push('\n');
+        if let Some(k) = &keep {
+            k.push(&line);
         }
+    }
+    if let Some(k) = &keep {
+        k.close();
     }
 }
 
@@ -523,6 +604,7 @@ fn signal_name(signo: i32) -> String {
 /// The task that owns a loaded worker's child process and read half.
 struct Connection {
     plugin_id: String,
+    tail: Arc<StderrTail>,
     pending: Arc<Mutex<Pending>>,
     kill: Arc<Notify>,
     shutting_down: Arc<AtomicBool>,
@@ -573,7 +655,7 @@ impl Connection {
         };
         let reason = match (&protocol_error, status) {
             (Some(why), _) => ExitReason::Protocol(why.clone()),
-            (None, Some(s)) => exit_reason(s),
+            (None, Some(s)) => explain_exit(exit_reason(s), &self.tail.wait_closed().await),
             (None, None) => ExitReason::Unknown,
         };
         let orderly = self.shutting_down.load(Ordering::SeqCst);

@@ -275,6 +275,8 @@ pub enum ExitReason {
     Code(i32),
     /// Killed by this signal (number and name).
     Signal { signo: i32, name: String },
+    /// Killed by its seccomp filter for calling `syscall`.
+    Seccomp { syscall: String },
     /// The process ended but its status could not be read (already reaped).
     Unknown,
     /// The connection broke for a protocol reason; the worker was killed.
@@ -286,6 +288,7 @@ impl fmt::Display for ExitReason {
         match self {
             ExitReason::Code(c) => write!(f, "exited with code {c}"),
             ExitReason::Signal { signo, name } => write!(f, "killed by signal {signo} ({name})"),
+            ExitReason::Seccomp { syscall } => write!(f, "seccomp violation: {syscall}"),
             ExitReason::Unknown => f.write_str("exited with unknown status"),
             ExitReason::Protocol(why) => write!(f, "protocol violation: {why}"),
         }
@@ -326,6 +329,10 @@ pub struct PluginInfo {
     pub version: String,
     pub runtime: WorkerKind,
     pub dir: String,
+    /// Isolation level (`standard`, `high`, `maximum`).
+    pub level: String,
+    /// What the running worker reported as enforced.
+    pub enforcement: Option<EnforcementReport>,
     /// `stopped`, `running`, `backoff`, `failed`.
     pub state: String,
     pub pid: Option<u32>,

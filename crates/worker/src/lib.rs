@@ -111,9 +111,36 @@ impl Confinement for NoConfinement {
     }
 }
 
-/// Run a worker with no self-confinement. See [`run_confined`].
+/// The confinement the supervisor asked for in `CORRAL_CONFINE`
+/// ([`corral_confine::SelfConfinement`]); none if the variable is absent (a worker
+/// started by a test harness, say), which its report then says.
+#[derive(Debug)]
+pub struct SupervisorConfinement;
+
+impl Confinement for SupervisorConfinement {
+    fn apply(self) -> Result<EnforcementReport, String> {
+        match corral_confine::SelfConfinement::from_env() {
+            Ok(Some(spec)) => spec.apply().map_err(|e| error_chain(&e)),
+            Ok(None) => NoConfinement.apply(),
+            Err(e) => Err(error_chain(&e)),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// Run a worker confined as the supervisor asked. See [`run_confined`].
 pub fn run(engine: impl Engine) -> ExitCode {
-    run_confined(engine, NoConfinement)
+    run_confined(engine, SupervisorConfinement)
 }
 
 /// Run the worker loop on the inherited socket until shutdown.

@@ -125,7 +125,13 @@ async fn worker_environment_is_cleared() {
     assert!(keys.contains(&"CORRAL_WORKER_FD".to_owned()));
     for k in &keys {
         assert!(
-            ["CORRAL_WORKER_FD", "RUST_BACKTRACE", "CORRAL_WORKER_LOG"].contains(&k.as_str()),
+            [
+                "CORRAL_WORKER_FD",
+                "CORRAL_CONFINE",
+                "RUST_BACKTRACE",
+                "CORRAL_WORKER_LOG"
+            ]
+            .contains(&k.as_str()),
             "unexpected variable {k} in the worker's environment"
         );
     }

@@ -7,4 +7,5 @@ mod calls;
 mod channel;
 mod cli;
 mod faults;
+mod hostile;
 mod support;

@@ -130,7 +130,9 @@ struct Live {
 /// The wasmtime engine behind `corral-worker-wasm`.
 pub struct WasmEngine {
     engine: wasmtime::Engine,
-    watchdog: Watchdog,
+    /// Started at `load`, after confinement: Landlock confines the calling thread and
+    /// its future children only, so no thread may exist before it is applied.
+    watchdog: Option<Watchdog>,
     loaded: Option<Loaded>,
 }
 
@@ -146,10 +148,9 @@ impl WasmEngine {
     pub fn new() -> Result<WasmEngine, String> {
         let engine = wasmtime::Engine::new(&engine_config())
             .map_err(|e| format!("cannot create wasmtime engine: {e:#}"))?;
-        let watchdog = Watchdog::start(engine.clone());
         Ok(WasmEngine {
             engine,
-            watchdog,
+            watchdog: None,
             loaded: None,
         })
     }
@@ -391,6 +392,10 @@ impl Engine for WasmEngine {
     }
 
     fn load(&mut self, spec: &LoadSpec, host: &Host) -> Result<Vec<String>, String> {
+        let watchdog = self
+            .watchdog
+            .get_or_insert_with(|| Watchdog::start(self.engine.clone()))
+            .clone();
         let module = self.compile(spec, host)?;
         let mut exports: Vec<String> = module
             .exports()
@@ -409,7 +414,7 @@ impl Engine for WasmEngine {
             live: None,
         };
         loaded
-            .live(&self.engine, &self.watchdog, host)
+            .live(&self.engine, &watchdog, host)
             .map_err(|e| e.to_string())?;
         self.loaded = Some(loaded);
         Ok(exports)
@@ -427,8 +432,9 @@ impl Engine for WasmEngine {
         })?;
         let deadline_ms = deadline.as_millis() as u64;
         let memory_limit = loaded.spec.limits.memory_bytes;
-        let live = loaded.live(&self.engine, &self.watchdog, host)?;
-        let result = run_call(live, &self.watchdog, function, input, deadline);
+        let watchdog = self.watchdog.as_ref().expect("started at load");
+        let live = loaded.live(&self.engine, watchdog, host)?;
+        let result = run_call(live, watchdog, function, input, deadline);
         match result {
             Ok(out) => Ok(out),
             Err(RunError::Wasm(e)) => {
@@ -442,17 +448,17 @@ impl Engine for WasmEngine {
     }
 
     fn shutdown(&mut self, grace: Duration, host: &Host) {
-        let Some(loaded) = self.loaded.as_mut() else {
+        let (Some(loaded), Some(watchdog)) = (self.loaded.as_mut(), self.watchdog.as_ref()) else {
             return;
         };
-        let Ok(live) = loaded.live(&self.engine, &self.watchdog, host) else {
+        let Ok(live) = loaded.live(&self.engine, watchdog, host) else {
             return;
         };
         if let Ok(f) = live
             .instance
             .get_typed_func::<(), ()>(&mut live.store, "corral_shutdown")
         {
-            let _guard = self.watchdog.arm(grace);
+            let _guard = watchdog.arm(grace);
             live.store.set_epoch_deadline(1);
             if let Err(e) = f.call(&mut live.store, ()) {
                 host.log(LogLevel::Warn, format!("shutdown hook failed: {e}"));

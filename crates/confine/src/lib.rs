@@ -1,0 +1,258 @@
+//! Confinement of Corral workers, and an honest report of what is in force.
+//!
+//! Principal types:
+//!
+//! - [`Level`]: `standard`, `high`, `maximum`, as operators name them.
+//! - [`SelfConfinement`]: what a worker applies to itself after its engine is
+//!   prepared and before any plugin code runs: `no_new_privs`, Landlock filesystem
+//!   rules (read: the plugin directory and the engine's runtime files; write: the
+//!   plugin's data and cache directories; nothing else), TCP bind/connect denial and
+//!   abstract-socket/signal scoping (best effort at `standard`, required from
+//!   `high`), and a seccomp
+//!   filter compiled from the level's data file (`seccomp/<level>.json`, one reason
+//!   per rule).
+//! - [`SelfConfinement::apply`] returns the [`EnforcementReport`] the worker puts in
+//!   its handshake: each mechanism fully, partly or not enforced, with why.
+//!
+//! A seccomp violation sends SIGSYS; the handler installed here writes
+//! `corral-seccomp: <number>` to stderr and lets the signal kill the worker, so the
+//! supervisor can report "seccomp violation: <syscall>" ([`violation_from_stderr`]).
+//!
+//! Refusal rule: a mechanism the level requires that the kernel lacks is an error at
+//! `high` and `maximum`; at `standard` the worker starts and the report says what is
+//! missing.
+//!
+//! ```no_run
+//! use corral_confine::{Level, SelfConfinement};
+//! let c = SelfConfinement {
+//!     level: Level::Standard,
+//!     read: vec!["/srv/plugins/hello".into()],
+//!     write: vec!["/var/lib/corral/hello".into()],
+//! };
+//! let report = c.apply().expect("confined");
+//! println!("landlock: {}", report.landlock);
+//! ```
+
+mod seccomp;
+mod sys;
+
+pub use seccomp::{filter_source, syscall_name, violation_from_stderr};
+
+use corral_protocol::{Enforcement, EnforcementReport};
+use landlock::{
+    ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, RestrictionStatus, Ruleset,
+    RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, path_beneath_rules,
+};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::PathBuf;
+
+/// Environment variable through which the supervisor hands a worker its
+/// [`SelfConfinement`] (JSON). Present in every confined worker's environment.
+pub const CONFINE_ENV: &str = "CORRAL_CONFINE";
+
+/// The Landlock ABI whose rights Corral asks for (best effort below it at `standard`).
+const LANDLOCK_ABI: ABI = ABI::V6;
+
+/// Isolation levels, weakest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Standard,
+    High,
+    Maximum,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Standard => "standard",
+            Level::High => "high",
+            Level::Maximum => "maximum",
+        }
+    }
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a worker applies to itself before it accepts plugin code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfConfinement {
+    pub level: Level,
+    /// Readable trees (plugin directory, engine runtime files).
+    pub read: Vec<PathBuf>,
+    /// Readable and writable trees (data directory, compiled-code cache).
+    pub write: Vec<PathBuf>,
+}
+
+/// Why confinement could not be applied (or not to the level's requirement).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfineError {
+    #[error("malformed {CONFINE_ENV}: {0}")]
+    Spec(String),
+    #[error("cannot set no_new_privs")]
+    NoNewPrivs(#[source] std::io::Error),
+    #[error("landlock ruleset could not be built")]
+    Landlock(#[from] landlock::RulesetError),
+    #[error("level {level} requires landlock, but {why}")]
+    LandlockMissing { level: Level, why: String },
+    #[error("seccomp filter for level {level} is invalid: {why}")]
+    SeccompFilter { level: Level, why: String },
+    #[error("seccomp filter could not be installed")]
+    SeccompInstall(#[source] seccompiler::Error),
+    #[error("cannot install the SIGSYS reporter")]
+    Signal(#[source] std::io::Error),
+}
+
+impl SelfConfinement {
+    /// The spec the supervisor left in [`CONFINE_ENV`], if any.
+    pub fn from_env() -> Result<Option<SelfConfinement>, ConfineError> {
+        match std::env::var(CONFINE_ENV) {
+            Ok(v) => serde_json::from_str(&v)
+                .map(Some)
+                .map_err(|e| ConfineError::Spec(e.to_string())),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(e) => Err(ConfineError::Spec(e.to_string())),
+        }
+    }
+
+    /// The value to put in [`CONFINE_ENV`].
+    pub fn to_env_value(&self) -> String {
+        serde_json::to_string(self).expect("plain data serialises")
+    }
+
+    /// Confine the calling process. Call it before any thread that could run plugin
+    /// code exists: Landlock applies to the calling thread and its future children.
+    /// The seccomp filter is synchronised to all threads.
+    pub fn apply(&self) -> Result<EnforcementReport, ConfineError> {
+        // Read before Landlock hides the supervisor's /proc entries.
+        let namespaces = sys::namespaces_report();
+        sys::set_no_new_privs().map_err(ConfineError::NoNewPrivs)?;
+        let landlock = self.apply_landlock()?;
+        sys::install_sigsys_reporter().map_err(ConfineError::Signal)?;
+        let seccomp = seccomp::install(self.level)?;
+        Ok(EnforcementReport {
+            cgroup: Enforcement::None("not set up by the worker".into()),
+            landlock,
+            seccomp,
+            namespaces,
+            no_new_privs: sys::no_new_privs(),
+            uid: sys::uid(),
+            gid: sys::gid(),
+        })
+    }
+
+    fn apply_landlock(&self) -> Result<Enforcement, ConfineError> {
+        let required = self.level >= Level::High;
+        let abi = LANDLOCK_ABI;
+        let mut ruleset = Ruleset::default();
+        if required {
+            ruleset = ruleset.set_compatibility(CompatLevel::HardRequirement);
+        }
+        let ruleset = ruleset.handle_access(AccessFs::from_all(abi));
+        let ruleset = match ruleset {
+            Ok(r) => r,
+            Err(e) if required => {
+                return Err(ConfineError::LandlockMissing {
+                    level: self.level,
+                    why: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Network (TCP bind/connect, ABI 4) and scoping of abstract unix sockets and
+        // signals (ABI 6): best effort at `standard`, required from `high`.
+        let extra = ruleset
+            .handle_access(AccessNet::from_all(abi))
+            .and_then(|r| r.scope(Scope::AbstractUnixSocket | Scope::Signal));
+        let mut ruleset = match extra {
+            Ok(r) => r.create()?,
+            Err(e) if required => {
+                return Err(ConfineError::LandlockMissing {
+                    level: self.level,
+                    why: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Paths that do not exist are skipped: nothing there to grant.
+        let existing = |v: &[PathBuf]| v.iter().filter(|p| p.exists()).cloned().collect::<Vec<_>>();
+        ruleset = ruleset
+            .add_rules(path_beneath_rules(
+                existing(&self.read),
+                AccessFs::from_read(abi),
+            ))?
+            .add_rules(path_beneath_rules(
+                existing(&self.write),
+                AccessFs::from_all(abi),
+            ))?;
+        let status = ruleset.restrict_self()?;
+        let what = "filesystem, TCP bind/connect denied, abstract unix sockets and signals scoped";
+        let rules = format!(
+            "{what}; read: {}; write: {}",
+            paths(&self.read),
+            paths(&self.write)
+        );
+        Ok(match status {
+            RestrictionStatus {
+                ruleset: RulesetStatus::FullyEnforced,
+                ..
+            } => Enforcement::Full(rules),
+            RestrictionStatus {
+                ruleset: RulesetStatus::PartiallyEnforced,
+                ..
+            } => Enforcement::Partial(format!("kernel lacks some rights of ABI {abi:?}; {rules}")),
+            RestrictionStatus { landlock, .. } => {
+                if required {
+                    return Err(ConfineError::LandlockMissing {
+                        level: self.level,
+                        why: format!("it is not enforced ({landlock:?})"),
+                    });
+                }
+                Enforcement::None(format!("landlock not available ({landlock:?})"))
+            }
+        })
+    }
+}
+
+fn paths(v: &[PathBuf]) -> String {
+    if v.is_empty() {
+        return "nothing".into();
+    }
+    v.iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_round_trips_through_the_environment_value() {
+        let c = SelfConfinement {
+            level: Level::High,
+            read: vec!["/a".into()],
+            write: vec!["/b".into()],
+        };
+        let back: SelfConfinement = serde_json::from_str(&c.to_env_value()).unwrap();
+        assert_eq!(back, c);
+        assert!(
+            serde_json::from_str::<SelfConfinement>(r#"{"level":"low","read":[],"write":[]}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown variant `low`")
+        );
+    }
+
+    #[test]
+    fn levels_are_ordered() {
+        assert!(Level::Standard < Level::High && Level::High < Level::Maximum);
+    }
+}

@@ -1,0 +1,197 @@
+//! Seccomp filters as data (`seccomp/<level>.json`, seccompiler's JSON format with a
+//! `comment` giving the reason for every rule), and the names of the syscalls they
+//! deny, for reporting violations.
+
+use crate::{ConfineError, Level};
+use corral_protocol::Enforcement;
+use seccompiler::TargetArch;
+
+const STANDARD: &str = include_str!("../seccomp/standard.json");
+const HIGH: &str = include_str!("../seccomp/high.json");
+
+/// The filter file for `level`. `maximum` uses the `high` deny-list until per-engine
+/// allow-lists exist.
+pub fn filter_source(level: Level) -> &'static str {
+    match level {
+        Level::Standard => STANDARD,
+        Level::High | Level::Maximum => HIGH,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+const ARCH: TargetArch = TargetArch::x86_64;
+#[cfg(target_arch = "aarch64")]
+const ARCH: TargetArch = TargetArch::aarch64;
+
+pub(crate) fn install(level: Level) -> Result<Enforcement, ConfineError> {
+    let filters =
+        seccompiler::compile_from_json(filter_source(level).as_bytes(), ARCH).map_err(|e| {
+            ConfineError::SeccompFilter {
+                level,
+                why: e.to_string(),
+            }
+        })?;
+    let mut names: Vec<&String> = filters.keys().collect();
+    names.sort();
+    for name in &names {
+        seccompiler::apply_filter_all_threads(&filters[*name])
+            .map_err(ConfineError::SeccompInstall)?;
+    }
+    let denied = denied_syscalls(level).len();
+    Ok(Enforcement::Full(format!(
+        "{level} deny-list: {denied} syscalls trap with SIGSYS; clone3 answers ENOSYS; \
+         sockets other than AF_UNIX refused{}",
+        if level >= Level::High {
+            "; no exec"
+        } else {
+            ""
+        }
+    )))
+}
+
+/// The syscall names in `level`'s filters that trap.
+pub(crate) fn denied_syscalls(level: Level) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(filter_source(level)).expect("valid JSON");
+    v["deny"]["filter"]
+        .as_array()
+        .map(|rules| {
+            rules
+                .iter()
+                .filter_map(|r| r["syscall"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The supervisor's reading of a dead worker's stderr: the syscall named by the last
+/// `corral-seccomp: <number>` line, if any.
+pub fn violation_from_stderr(stderr: &str) -> Option<String> {
+    let line = stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(crate::sys::SIGSYS_PREFIX))?;
+    let nr: i64 = line.trim().parse().ok()?;
+    Some(match syscall_name(nr) {
+        Some(name) => name.to_owned(),
+        None => format!("syscall {nr}"),
+    })
+}
+
+/// Numbers and names of the syscalls Corral's filters deny (and a few they inspect).
+const NAMES: &[(i64, &str)] = &[
+    (libc::SYS_ptrace, "ptrace"),
+    (libc::SYS_process_vm_readv, "process_vm_readv"),
+    (libc::SYS_process_vm_writev, "process_vm_writev"),
+    (libc::SYS_mount, "mount"),
+    (libc::SYS_umount2, "umount2"),
+    (libc::SYS_pivot_root, "pivot_root"),
+    (libc::SYS_chroot, "chroot"),
+    (libc::SYS_unshare, "unshare"),
+    (libc::SYS_setns, "setns"),
+    (libc::SYS_bpf, "bpf"),
+    (libc::SYS_perf_event_open, "perf_event_open"),
+    (libc::SYS_userfaultfd, "userfaultfd"),
+    (libc::SYS_io_uring_setup, "io_uring_setup"),
+    (libc::SYS_io_uring_enter, "io_uring_enter"),
+    (libc::SYS_io_uring_register, "io_uring_register"),
+    (libc::SYS_keyctl, "keyctl"),
+    (libc::SYS_add_key, "add_key"),
+    (libc::SYS_request_key, "request_key"),
+    (libc::SYS_kexec_load, "kexec_load"),
+    (libc::SYS_kexec_file_load, "kexec_file_load"),
+    (libc::SYS_init_module, "init_module"),
+    (libc::SYS_finit_module, "finit_module"),
+    (libc::SYS_delete_module, "delete_module"),
+    (libc::SYS_reboot, "reboot"),
+    (libc::SYS_swapon, "swapon"),
+    (libc::SYS_swapoff, "swapoff"),
+    (libc::SYS_acct, "acct"),
+    (libc::SYS_settimeofday, "settimeofday"),
+    (libc::SYS_clock_settime, "clock_settime"),
+    (libc::SYS_clock_adjtime, "clock_adjtime"),
+    (libc::SYS_adjtimex, "adjtimex"),
+    (libc::SYS_sethostname, "sethostname"),
+    (libc::SYS_setdomainname, "setdomainname"),
+    (libc::SYS_open_by_handle_at, "open_by_handle_at"),
+    (libc::SYS_name_to_handle_at, "name_to_handle_at"),
+    (libc::SYS_fsopen, "fsopen"),
+    (libc::SYS_fsmount, "fsmount"),
+    (libc::SYS_fsconfig, "fsconfig"),
+    (libc::SYS_move_mount, "move_mount"),
+    (libc::SYS_open_tree, "open_tree"),
+    (libc::SYS_lookup_dcookie, "lookup_dcookie"),
+    (libc::SYS_quotactl, "quotactl"),
+    (libc::SYS_vhangup, "vhangup"),
+    (libc::SYS_iopl, "iopl"),
+    (libc::SYS_ioperm, "ioperm"),
+    (libc::SYS_personality, "personality"),
+    (libc::SYS_execve, "execve"),
+    (libc::SYS_execveat, "execveat"),
+    (libc::SYS_ioctl, "ioctl"),
+    (libc::SYS_socket, "socket"),
+    (libc::SYS_clone3, "clone3"),
+];
+
+/// The name of syscall `nr` on this architecture, for the syscalls Corral's filters
+/// deny or inspect.
+pub fn syscall_name(nr: i64) -> Option<&'static str> {
+    NAMES.iter().find(|(n, _)| *n == nr).map(|(_, name)| *name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_file_compiles_and_every_rule_has_a_reason() {
+        for level in [Level::Standard, Level::High, Level::Maximum] {
+            seccompiler::compile_from_json(filter_source(level).as_bytes(), ARCH)
+                .unwrap_or_else(|e| panic!("{level}: {e}"));
+            let v: serde_json::Value = serde_json::from_str(filter_source(level)).unwrap();
+            for (name, filter) in v.as_object().unwrap() {
+                for rule in filter["filter"].as_array().unwrap() {
+                    let reason = rule["comment"].as_str().unwrap_or("");
+                    assert!(
+                        reason.len() > 5,
+                        "{level}/{name}: rule {rule} has no reason"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_denied_syscall_can_be_named_in_a_report() {
+        for level in [Level::Standard, Level::High] {
+            let denied = denied_syscalls(level);
+            assert!(denied.len() > 40, "{level}: {}", denied.len());
+            for name in denied {
+                assert!(
+                    NAMES.iter().any(|(_, n)| *n == name),
+                    "{level}: no number for {name}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn high_adds_exec_and_socket_families() {
+        let high = denied_syscalls(Level::High);
+        assert!(high.contains(&"execve".to_owned()));
+        assert!(!denied_syscalls(Level::Standard).contains(&"execve".to_owned()));
+        assert!(HIGH.contains("no sockets but AF_UNIX"));
+        assert!(STANDARD.contains("no sockets but AF_UNIX"));
+    }
+
+    #[test]
+    fn violations_are_read_from_stderr() {
+        let nr = libc::SYS_ptrace;
+        let err = format!("some output\ncorral-seccomp: {nr}\n");
+        assert_eq!(violation_from_stderr(&err).as_deref(), Some("ptrace"));
+        assert_eq!(
+            violation_from_stderr("corral-seccomp: 999\n").as_deref(),
+            Some("syscall 999")
+        );
+        assert_eq!(violation_from_stderr("nothing here"), None);
+    }
+}

@@ -1,0 +1,103 @@
+//! Raw system calls for confinement, in one place.
+
+use corral_protocol::Enforcement;
+use std::io;
+
+/// Prefix of the line the SIGSYS reporter writes to stderr.
+pub const SIGSYS_PREFIX: &str = "corral-seccomp: ";
+
+pub fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments; PR_SET_NO_NEW_PRIVS only affects this process.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn no_new_privs() -> bool {
+    // SAFETY: read-only prctl query.
+    unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1 }
+}
+
+pub fn uid() -> u32 {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() }
+}
+
+pub fn gid() -> u32 {
+    // SAFETY: getgid cannot fail.
+    unsafe { libc::getgid() }
+}
+
+/// Which namespaces this process does not share with its parent (the supervisor).
+/// Read before Landlock restricts `/proc`.
+pub fn namespaces_report() -> Enforcement {
+    // SAFETY: getppid cannot fail.
+    let parent = unsafe { libc::getppid() };
+    let own: Vec<&str> = ["net", "ipc", "uts", "pid", "mnt", "user"]
+        .into_iter()
+        .filter(|ns| {
+            let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();
+            let theirs = std::fs::read_link(format!("/proc/{parent}/ns/{ns}")).ok();
+            mine.is_some() && theirs.is_some() && mine != theirs
+        })
+        .collect();
+    if own.is_empty() {
+        Enforcement::None("shares all namespaces with the supervisor".into())
+    } else {
+        Enforcement::Full(format!("own {}", own.join(", ")))
+    }
+}
+
+/// On SIGSYS (a seccomp trap), write `corral-seccomp: <syscall number>` to stderr and
+/// die by SIGSYS, so the supervisor can name the syscall.
+pub fn install_sigsys_reporter() -> io::Result<()> {
+    // SAFETY: `sigaction` is given a zeroed struct with a valid handler address and
+    // SA_SIGINFO; the handler below only calls async-signal-safe functions.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigsys as *const () as libc::sighandler_t;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SIGSYS. Its layout on 64-bit Linux:
+    // three ints (signo, errno, code) padded to 16 bytes, then `_sigsys`: a pointer
+    // (call address, 8 bytes) followed by the int `_syscall` at offset 24.
+    let nr = unsafe { *(info as *const u8).add(24).cast::<libc::c_int>() };
+    let mut buf = [0u8; 48];
+    let prefix = SIGSYS_PREFIX.as_bytes();
+    buf[..prefix.len()].copy_from_slice(prefix);
+    let mut len = prefix.len();
+    let mut digits = [0u8; 12];
+    let mut n = nr.unsigned_abs();
+    let mut d = 0;
+    loop {
+        digits[d] = b'0' + (n % 10) as u8;
+        d += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    while d > 0 {
+        d -= 1;
+        buf[len] = digits[d];
+        len += 1;
+    }
+    buf[len] = b'\n';
+    len += 1;
+    // SAFETY: write(2) and raise(3) are async-signal-safe; `buf` is valid for `len`
+    // bytes. SA_RESETHAND restored the default action, so raising SIGSYS ends the
+    // process with that signal.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), len);
+        libc::raise(libc::SIGSYS);
+    }
+}

@@ -1,0 +1,210 @@
+//! A hostile native "engine" for the hostile-plugin suite: a real Corral worker (same
+//! loop, same confinement from `CORRAL_CONFINE`) whose functions each try one escape
+//! with raw system calls and answer with the outcome (`ok` or the errno name). A
+//! seccomp violation kills it; the supervisor reports the syscall.
+//!
+//! The supervisor starts it in place of `corral-worker-wasm` (tests put it in a
+//! worker directory under that name), so the OS layer is proven on its own, not only
+//! the Wasm sandbox in front of it.
+
+use corral_protocol::{CallError, LoadSpec, WorkerKind};
+use corral_worker::{Engine, EngineInfo, Host};
+use std::process::ExitCode;
+use std::time::Duration;
+
+const ATTACKS: &[&str] = &[
+    "read",
+    "write",
+    "read_own",
+    "list",
+    "symlink_escape",
+    "connect",
+    "bind",
+    "socket_inet",
+    "abstract_connect",
+    "kill_parent",
+    "kill_pid",
+    "ptrace",
+    "mount",
+    "unshare",
+    "bpf",
+    "io_uring",
+    "tiocsti",
+    "clone3",
+    "exec",
+    "ok",
+];
+
+struct Hostile {
+    plugin_dir: String,
+}
+
+fn errno_name(e: &std::io::Error) -> String {
+    let name = match e.raw_os_error() {
+        Some(libc::EACCES) => "EACCES",
+        Some(libc::EPERM) => "EPERM",
+        Some(libc::ENOENT) => "ENOENT",
+        Some(libc::ENOSYS) => "ENOSYS",
+        Some(libc::EAFNOSUPPORT) => "EAFNOSUPPORT",
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED",
+        Some(libc::ENETUNREACH) => "ENETUNREACH",
+        Some(libc::EROFS) => "EROFS",
+        Some(libc::ESRCH) => "ESRCH",
+        _ => return format!("{e}"),
+    };
+    name.to_owned()
+}
+
+fn outcome<T>(r: std::io::Result<T>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => errno_name(&e),
+    }
+}
+
+impl Hostile {
+    fn attack(&self, function: &str, arg: &str) -> String {
+        match function {
+            "read" => outcome(std::fs::read(arg)),
+            "write" => outcome(std::fs::write(arg, b"pwned")),
+            "read_own" => outcome(std::fs::read_dir(&self.plugin_dir).map(|d| d.count())),
+            "list" => outcome(std::fs::read_dir(arg).map(|d| d.count())),
+            "symlink_escape" => {
+                // A link inside a writable place pointing outside is still outside.
+                let link = format!("{arg}/escape");
+                let _ = std::os::unix::fs::symlink("/etc/shadow", &link);
+                outcome(std::fs::read(&link))
+            }
+            "connect" => outcome(std::net::TcpStream::connect_timeout(
+                &arg.parse().expect("socket address"),
+                Duration::from_secs(2),
+            )),
+            "bind" => outcome(std::net::TcpListener::bind(arg)),
+            "socket_inet" => outcome(sys::socket_inet()),
+            "abstract_connect" => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(arg.as_bytes())
+                    .expect("abstract name");
+                outcome(std::os::unix::net::UnixStream::connect_addr(&addr))
+            }
+            "kill_parent" => outcome(sys::kill(sys::parent(), libc::SIGTERM)),
+            "kill_pid" => outcome(sys::kill(arg.parse().expect("pid"), libc::SIGKILL)),
+            "ptrace" => outcome(sys::ptrace_attach(sys::parent())),
+            "mount" => outcome(sys::mount_tmpfs("/tmp")),
+            "unshare" => outcome(sys::unshare_user()),
+            "bpf" => outcome(sys::raw(libc::SYS_bpf)),
+            "io_uring" => outcome(sys::raw(libc::SYS_io_uring_setup)),
+            "tiocsti" => outcome(sys::tiocsti()),
+            "clone3" => outcome(sys::raw(libc::SYS_clone3)),
+            "exec" => outcome(sys::exec(arg)),
+            "ok" => "ok".into(),
+            other => format!("unknown attack {other}"),
+        }
+    }
+}
+
+/// The raw system calls the attacks make. None endangers memory safety (plain integer
+/// arguments, or NUL-terminated strings that outlive the call); their effect on the
+/// system is the point, and it is confined to this throwaway process.
+mod sys {
+    use std::ffi::CString;
+    use std::io;
+
+    fn check(ret: libc::c_long) -> io::Result<()> {
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn c(s: &str) -> CString {
+        CString::new(s).expect("no NUL")
+    }
+
+    pub fn parent() -> libc::pid_t {
+        // SAFETY: getppid cannot fail and takes no arguments.
+        unsafe { libc::getppid() }
+    }
+
+    pub fn socket_inet() -> io::Result<()> {
+        // SAFETY: integer arguments only; a returned fd is leaked on purpose.
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) }.into())
+    }
+
+    pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
+        // SAFETY: integer arguments only.
+        check(unsafe { libc::kill(pid, sig) }.into())
+    }
+
+    pub fn ptrace_attach(pid: libc::pid_t) -> io::Result<()> {
+        // SAFETY: PTRACE_ATTACH dereferences nothing (addr and data are 0).
+        check(unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, 0, 0) })
+    }
+
+    pub fn mount_tmpfs(target: &str) -> io::Result<()> {
+        let (src, dst, fs) = (c("none"), c(target), c("tmpfs"));
+        // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+        let ret =
+            unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+        check(ret.into())
+    }
+
+    pub fn unshare_user() -> io::Result<()> {
+        // SAFETY: integer flags only.
+        check(unsafe { libc::unshare(libc::CLONE_NEWUSER) }.into())
+    }
+
+    /// A syscall by number with all arguments 0; the kernel validates them.
+    pub fn raw(nr: libc::c_long) -> io::Result<()> {
+        // SAFETY: all arguments are 0 (NULL pointers are rejected by the kernel).
+        check(unsafe { libc::syscall(nr, 0, 0, 0) })
+    }
+
+    pub fn tiocsti() -> io::Result<()> {
+        let ch = b'x';
+        // SAFETY: TIOCSTI reads one byte through a pointer to a live local.
+        check(unsafe { libc::ioctl(0, libc::TIOCSTI, &ch) }.into())
+    }
+
+    pub fn exec(program: &str) -> io::Result<()> {
+        let prog = c(program);
+        let argv = [prog.as_ptr(), std::ptr::null()];
+        // SAFETY: `prog` and the NULL-terminated `argv` outlive the call.
+        check(unsafe { libc::execv(prog.as_ptr(), argv.as_ptr()) }.into())
+    }
+}
+
+impl Engine for Hostile {
+    fn info(&self) -> EngineInfo {
+        EngineInfo {
+            kind: WorkerKind::Wasm,
+            version: "hostile 1".into(),
+        }
+    }
+
+    fn load(&mut self, spec: &LoadSpec, _host: &Host) -> Result<Vec<String>, String> {
+        // The plugin directory must stay readable under confinement.
+        let entry = std::path::Path::new(&spec.plugin_dir).join(&spec.entry);
+        std::fs::read(&entry).map_err(|e| format!("{}: {e}", entry.display()))?;
+        self.plugin_dir = spec.plugin_dir.clone();
+        Ok(ATTACKS.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn call(
+        &mut self,
+        function: &str,
+        input: &[u8],
+        _: Duration,
+        _: &Host,
+    ) -> Result<Vec<u8>, CallError> {
+        let arg = String::from_utf8_lossy(input);
+        Ok(self.attack(function, &arg).into_bytes())
+    }
+}
+
+fn main() -> ExitCode {
+    corral_worker::run(Hostile {
+        plugin_dir: String::new(),
+    })
+}

@@ -1,0 +1,227 @@
+//! Hostile plugins, from the attacker's side, at each level.
+//!
+//! `corral-worker-hostile` is a real worker (same loop, same `CORRAL_CONFINE`
+//! confinement) that runs native attacks instead of plugin code, so these tests prove
+//! the OS layer itself, behind any engine sandbox. Every attempt has one exact
+//! expected outcome; after the attacks, a neighbour plugin still answers from the
+//! same worker process and the supervisor (this test process) is untouched.
+//!
+//! Not covered yet (see ARCHITECTURE.md): cgroup limits (memory/pids/CPU bombs),
+//! user/PID/mount namespaces and the read-only view of `maximum`, uid drop.
+
+use corral::Supervisor;
+use corral_confine::Level;
+use corral_integration_tests::{built, options, wat_plugin};
+use corral_protocol::{CallError, Enforcement, ExitReason};
+use std::path::PathBuf;
+use tempfile::TempDir;
+
+struct Arena {
+    sup: Supervisor,
+    cache: TempDir,
+    neighbour: TempDir,
+    _attacker: TempDir,
+    _workers: TempDir,
+}
+
+fn arena(level: Level) -> Arena {
+    let workers = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        built().bin_dir.join("corral-worker-hostile"),
+        workers.path().join("corral-worker-wasm"),
+    )
+    .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let mut opts = options(cache.path());
+    opts.worker_dir = workers.path().to_owned();
+    opts.level = level;
+    opts.restart.max_crashes = 1000; // every seccomp kill costs a restart
+    let mut sup = Supervisor::new(opts);
+    let attacker = wat_plugin("attacker", "testkit.wat", "");
+    let neighbour = wat_plugin("neighbour", "testkit.wat", "");
+    sup.add_plugin_dir(attacker.path()).unwrap();
+    sup.add_plugin_dir(neighbour.path()).unwrap();
+    Arena {
+        sup,
+        cache,
+        neighbour,
+        _attacker: attacker,
+        _workers: workers,
+    }
+}
+
+impl Arena {
+    async fn attack(&self, what: &str, arg: &str) -> Result<String, CallError> {
+        self.sup
+            .call("attacker", what, arg.as_bytes().to_vec(), None)
+            .await
+            .map(|b| String::from_utf8(b).unwrap())
+    }
+
+    async fn expect(&self, what: &str, arg: &str, expected: &str) {
+        assert_eq!(
+            self.attack(what, arg).await,
+            Ok(expected.to_owned()),
+            "{what} {arg}"
+        );
+    }
+
+    async fn expect_seccomp(&self, what: &str, syscall: &str) {
+        assert_eq!(
+            self.attack(what, "").await,
+            Err(CallError::WorkerCrashed(ExitReason::Seccomp {
+                syscall: syscall.to_owned()
+            })),
+            "{what}"
+        );
+    }
+
+    async fn pid(&self, id: &str) -> u32 {
+        let list = self.sup.list().await;
+        list.iter()
+            .find(|p| p.id == id)
+            .and_then(|p| p.pid)
+            .unwrap()
+    }
+
+    fn writable(&self) -> PathBuf {
+        self.cache.path().join("modules")
+    }
+}
+
+/// The attacks whose outcome is the same at every level.
+async fn common_attacks(a: &Arena, abstract_socket: &str) {
+    let neighbour_pid = {
+        assert_eq!(
+            a.sup.call("neighbour", "ok", vec![], None).await.unwrap(),
+            b"ok"
+        );
+        a.pid("neighbour").await
+    };
+    // Its own plugin directory and its writable directory work.
+    a.expect("read_own", "", "ok").await;
+    let probe = a.writable().join("probe");
+    a.expect("write", probe.to_str().unwrap(), "ok").await;
+
+    // Filesystem: nothing else, whoever owns it (the worker runs as root here).
+    a.expect("read", "/etc/shadow", "EACCES").await;
+    a.expect("read", "/proc/1/environ", "EACCES").await;
+    a.expect(
+        "read",
+        &format!("/proc/{}/environ", std::process::id()),
+        "EACCES",
+    )
+    .await;
+    let other = a.neighbour.path().join("plugin.toml");
+    a.expect("read", other.to_str().unwrap(), "EACCES").await;
+    a.expect("list", "/", "EACCES").await;
+    let outside = std::env::temp_dir().join(format!("corral-escape-{}", std::process::id()));
+    a.expect("write", outside.to_str().unwrap(), "EACCES").await;
+    assert!(!outside.exists(), "file written outside the data dir");
+    a.expect("write", "/etc/corral-pwned", "EACCES").await;
+    a.expect("symlink_escape", a.writable().to_str().unwrap(), "EACCES")
+        .await;
+    a.expect("write", "/sys/fs/cgroup/cgroup.procs", "EACCES")
+        .await;
+
+    // Network: no sockets but AF_UNIX, so no TCP to the host.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    a.expect("connect", &addr, "EAFNOSUPPORT").await;
+    a.expect("bind", "127.0.0.1:0", "EAFNOSUPPORT").await;
+    a.expect("socket_inet", "", "EAFNOSUPPORT").await;
+
+    // Abstract unix sockets outside the worker's Landlock domain are out of reach
+    // (at `high` the worker's own network namespace hides the name altogether).
+    let name = format!("corral-test-{}", std::process::id());
+    let abs = {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        std::os::unix::net::UnixListener::bind_addr(&addr).unwrap()
+    };
+    a.expect("abstract_connect", &name, abstract_socket).await;
+    drop(abs);
+
+    // Signals: neither the supervisor nor a neighbour.
+    a.expect("kill_parent", "", "EPERM").await;
+    a.expect("kill_pid", &neighbour_pid.to_string(), "EPERM")
+        .await;
+
+    // Dangerous syscalls: the worker dies by SIGSYS and the call names the syscall.
+    a.expect_seccomp("ptrace", "ptrace").await;
+    a.expect_seccomp("mount", "mount").await;
+    a.expect_seccomp("unshare", "unshare").await;
+    a.expect_seccomp("bpf", "bpf").await;
+    a.expect_seccomp("io_uring", "io_uring_setup").await;
+    a.expect_seccomp("tiocsti", "ioctl").await;
+    // clone3 is answered, not punished: runtimes fall back to clone.
+    a.expect("clone3", "", "ENOSYS").await;
+
+    // The neighbour never noticed: same process, still answering.
+    assert_eq!(
+        a.sup.call("neighbour", "ok", vec![], None).await.unwrap(),
+        b"ok"
+    );
+    assert_eq!(a.pid("neighbour").await, neighbour_pid);
+    let info = a.sup.list().await;
+    let attacker = info.iter().find(|p| p.id == "attacker").unwrap();
+    assert_eq!(attacker.restarts, 6, "one restart per seccomp kill");
+    assert_eq!(
+        attacker.last_error.as_deref(),
+        Some("worker crashed: seccomp violation: ioctl")
+    );
+}
+
+fn assert_enforced(report: &corral_protocol::EnforcementReport) {
+    assert!(report.no_new_privs);
+    match &report.landlock {
+        Enforcement::Full(what) => assert!(what.contains("TCP bind/connect denied"), "{what}"),
+        other => panic!("landlock: {other}"),
+    }
+    assert!(
+        matches!(report.seccomp, Enforcement::Full(_)),
+        "{}",
+        report.seccomp
+    );
+}
+
+#[tokio::test]
+async fn standard_level_contains_a_hostile_native_worker() {
+    let a = arena(Level::Standard);
+    common_attacks(&a, "EPERM").await;
+    // At standard, exec of another program is refused by Landlock (nothing to execute).
+    a.expect("exec", "/bin/true", "EACCES").await;
+    let info = a.sup.list().await;
+    let attacker = info.iter().find(|p| p.id == "attacker").unwrap();
+    assert_eq!(attacker.level, "standard");
+    let report = attacker.enforcement.as_ref().unwrap();
+    assert_enforced(report);
+    assert!(
+        matches!(report.namespaces, Enforcement::None(_)),
+        "{}",
+        report.namespaces
+    );
+    a.sup.shutdown(std::time::Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn high_level_adds_exec_denial_and_namespaces() {
+    let a = arena(Level::High);
+    common_attacks(&a, "ECONNREFUSED").await;
+    a.expect_seccomp("exec", "execve").await;
+    a.sup.call("attacker", "ok", vec![], None).await.unwrap();
+    let pid = a.pid("attacker").await;
+    let info = a.sup.list().await;
+    let attacker = info.iter().find(|p| p.id == "attacker").unwrap();
+    assert_eq!(attacker.level, "high");
+    let report = attacker.enforcement.as_ref().unwrap();
+    assert_enforced(report);
+    assert_eq!(
+        report.namespaces,
+        Enforcement::Full("own net, ipc, uts".into())
+    );
+    // Checked from outside too: the worker's network namespace is not ours.
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
+    assert_ne!(ns(&pid.to_string()), ns("self"));
+    a.sup.shutdown(std::time::Duration::from_secs(1)).await;
+}
