@@ -100,6 +100,9 @@ pub enum Command {
         /// Module cache directory (default: ~/.cache/corral).
         #[arg(long, env = "CORRAL_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
+        /// Isolation level: standard or high (maximum is not built yet).
+        #[arg(long, default_value = "standard", value_parser = parse_level)]
+        level: corral_confine::Level,
     },
     /// Run the daemon: load the configured plugins and serve the control socket.
     Serve {
@@ -118,6 +121,14 @@ pub enum Command {
         input: InputArgs,
         #[command(flatten)]
         out: OutputArgs,
+        #[arg(long, env = "CORRAL_SOCKET")]
+        socket: Option<PathBuf>,
+    },
+    /// Show each plugin's state and what its worker really enforces.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[arg(long, env = "CORRAL_SOCKET")]
         socket: Option<PathBuf>,
     },
@@ -175,6 +186,12 @@ pub struct OutputArgs {
     timeout: Option<Duration>,
 }
 
+fn parse_level(s: &str) -> Result<corral_confine::Level, String> {
+    let level: corral_confine::Level = s.parse()?;
+    level.available()?;
+    Ok(level)
+}
+
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     corral_manifest::parse_duration(s)
 }
@@ -195,8 +212,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 out,
                 worker_dir,
                 cache_dir,
+                level,
             } => {
                 let mut options = Options::new();
+                options.level = level;
                 if let Some(d) = worker_dir {
                     options.worker_dir = d;
                 }
@@ -241,6 +260,19 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 Err(code) => Ok(code),
                 Ok(ControlResponse::Plugins(plugins)) => {
                     print_plugins(&plugins, json)?;
+                    Ok(exit::OK)
+                }
+                Ok(other) => bail!("unexpected answer from the daemon: {other:?}"),
+            },
+            Command::Status { json, socket } => match request(socket, &ControlRequest::List).await?
+            {
+                Err(code) => Ok(code),
+                Ok(ControlResponse::Plugins(plugins)) if json => {
+                    print_plugins(&plugins, true)?;
+                    Ok(exit::OK)
+                }
+                Ok(ControlResponse::Plugins(plugins)) => {
+                    print_status(&plugins)?;
                     Ok(exit::OK)
                 }
                 Ok(other) => bail!("unexpected answer from the daemon: {other:?}"),
@@ -373,8 +405,10 @@ fn print_plugins(plugins: &[PluginInfo], json: bool) -> anyhow::Result<()> {
             .map(|p| {
                 serde_json::json!({
                     "id": p.id, "version": p.version, "runtime": p.runtime.as_str(),
-                    "dir": p.dir, "state": p.state, "pid": p.pid, "restarts": p.restarts,
-                    "calls": p.calls, "last_error": p.last_error, "exports": p.exports,
+                    "dir": p.dir, "level": p.level, "state": p.state, "pid": p.pid,
+                    "restarts": p.restarts, "calls": p.calls, "last_error": p.last_error,
+                    "exports": p.exports,
+                    "enforcement": p.enforcement.as_ref().map(enforcement_json),
                 })
             })
             .collect();
@@ -383,22 +417,78 @@ fn print_plugins(plugins: &[PluginInfo], json: bool) -> anyhow::Result<()> {
     }
     writeln!(
         stdout,
-        "{:<20} {:<9} {:<7} {:<8} {:>7} {:>8} {:>6}  LAST ERROR",
-        "PLUGIN", "VERSION", "RUNTIME", "STATE", "PID", "RESTARTS", "CALLS"
+        "{:<20} {:<9} {:<7} {:<8} {:<8} {:>7} {:>8} {:>6}  LAST ERROR",
+        "PLUGIN", "VERSION", "RUNTIME", "LEVEL", "STATE", "PID", "RESTARTS", "CALLS"
     )?;
     for p in plugins {
         writeln!(
             stdout,
-            "{:<20} {:<9} {:<7} {:<8} {:>7} {:>8} {:>6}  {}",
+            "{:<20} {:<9} {:<7} {:<8} {:<8} {:>7} {:>8} {:>6}  {}",
             p.id,
             p.version,
             p.runtime.as_str(),
+            p.level,
             p.state,
             p.pid.map_or("-".to_owned(), |p| p.to_string()),
             p.restarts,
             p.calls,
             p.last_error.as_deref().unwrap_or("-"),
         )?;
+    }
+    Ok(())
+}
+
+fn enforcement_json(r: &corral_protocol::EnforcementReport) -> serde_json::Value {
+    use corral_protocol::Enforcement;
+    let one = |e: &Enforcement| match e {
+        Enforcement::Full(s) => serde_json::json!({"status": "full", "detail": s}),
+        Enforcement::Partial(s) => serde_json::json!({"status": "partial", "detail": s}),
+        Enforcement::None(s) => serde_json::json!({"status": "none", "detail": s}),
+    };
+    serde_json::json!({
+        "cgroup": one(&r.cgroup), "landlock": one(&r.landlock), "seccomp": one(&r.seccomp),
+        "namespaces": one(&r.namespaces), "no_new_privs": r.no_new_privs,
+        "uid": r.uid, "gid": r.gid,
+    })
+}
+
+fn print_status(plugins: &[PluginInfo]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for p in plugins {
+        writeln!(
+            out,
+            "{} {} ({}) {}{}, level {}, restarts {}, calls {}",
+            p.id,
+            p.version,
+            p.runtime.as_str(),
+            p.state,
+            p.pid.map_or(String::new(), |pid| format!(" as pid {pid}")),
+            p.level,
+            p.restarts,
+            p.calls,
+        )?;
+        match &p.enforcement {
+            Some(r) => {
+                writeln!(out, "  landlock    {}", r.landlock)?;
+                writeln!(out, "  seccomp     {}", r.seccomp)?;
+                writeln!(out, "  namespaces  {}", r.namespaces)?;
+                writeln!(out, "  cgroup      {}", r.cgroup)?;
+                writeln!(
+                    out,
+                    "  process     no_new_privs {}, uid {}, gid {}",
+                    if r.no_new_privs { "on" } else { "off" },
+                    r.uid,
+                    r.gid
+                )?;
+            }
+            None => writeln!(
+                out,
+                "  (no worker running: enforcement is reported at start)"
+            )?,
+        }
+        if let Some(e) = &p.last_error {
+            writeln!(out, "  last error  {e}")?;
+        }
     }
     Ok(())
 }

@@ -7,6 +7,8 @@
 //! socket = "/run/corral/control.sock"
 //! cache_dir = "/var/cache/corral"
 //! worker_dir = "/usr/libexec/corral"
+//! # Isolation level of every plugin until policy files route them: standard | high.
+//! level = "high"
 //!
 //! [restart]
 //! max_crashes = 5
@@ -45,6 +47,7 @@ struct RawConfig {
     socket: Option<String>,
     cache_dir: Option<String>,
     worker_dir: Option<String>,
+    level: Option<Spanned<String>>,
     #[serde(default)]
     restart: RawRestart,
 }
@@ -95,6 +98,14 @@ impl Config {
         }
         if let Some(d) = &raw.worker_dir {
             options.worker_dir = resolve(d);
+        }
+        if let Some(l) = &raw.level {
+            let level: corral_confine::Level = l
+                .get_ref()
+                .parse()
+                .map_err(|m| invalid(Some(l.span()), m))?;
+            level.available().map_err(|m| invalid(Some(l.span()), m))?;
+            options.level = level;
         }
         let mut restart = RestartPolicy::default();
         if let Some(n) = raw.restart.max_crashes {

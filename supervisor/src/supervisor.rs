@@ -312,6 +312,10 @@ impl Supervisor {
     }
 
     async fn start_worker(&self, p: &Plugin) -> Result<Arc<WorkerHandle>, StartError> {
+        self.options
+            .level
+            .available()
+            .map_err(StartError::Refused)?;
         let m = &p.manifest;
         let kind = worker_kind(m.runtime);
         let program = self

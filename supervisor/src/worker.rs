@@ -78,6 +78,9 @@ pub enum StartError {
     },
     #[error("plugin failed to load: {0}")]
     LoadFailed(String),
+    /// The isolation level cannot be enforced here; nothing was started.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 fn stderr_tail(s: &str) -> String {

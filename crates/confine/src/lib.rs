@@ -64,11 +64,39 @@ pub enum Level {
 }
 
 impl Level {
+    /// Whether this build can enforce everything the level promises. `maximum`
+    /// (user/PID/mount namespaces, a read-only filesystem view, per-engine seccomp
+    /// allow-lists) is not built yet, so it is refused rather than silently weakened.
+    pub fn available(self) -> Result<(), String> {
+        match self {
+            Level::Standard | Level::High => Ok(()),
+            Level::Maximum => Err("isolation level maximum is not available in this build \
+                 (user/PID/mount namespaces and the read-only filesystem view are not \
+                 implemented yet); use high"
+                .into()),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Level::Standard => "standard",
             Level::High => "high",
             Level::Maximum => "maximum",
+        }
+    }
+}
+
+impl std::str::FromStr for Level {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Level, String> {
+        match s {
+            "standard" => Ok(Level::Standard),
+            "high" => Ok(Level::High),
+            "maximum" => Ok(Level::Maximum),
+            other => Err(format!(
+                "unknown isolation level {other:?} (expected standard, high or maximum)"
+            )),
         }
     }
 }

@@ -241,6 +241,28 @@ fn serve_call_list_stop() {
             .contains(&serde_json::json!("spin"))
     );
 
+    // `status` says what each worker really enforces.
+    let out = d.cli(&["status"]);
+    let status = text(&out.stdout);
+    assert!(
+        status.contains("hello-wasm 0.1.0 (wasm) running as pid"),
+        "{status}"
+    );
+    assert!(status.contains("level standard"), "{status}");
+    assert!(
+        status.contains("  landlock    enforced (filesystem, TCP bind/connect denied"),
+        "{status}"
+    );
+    assert!(
+        status.contains("  seccomp     enforced (standard deny-list"),
+        "{status}"
+    );
+    assert!(status.contains("  process     no_new_privs on"), "{status}");
+    let out = d.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["enforcement"]["landlock"]["status"], "full", "{v}");
+    assert_eq!(v[0]["enforcement"]["no_new_privs"], true);
+
     let workers = d.worker_pids();
     assert_eq!(workers.len(), 2);
     let out = d.cli(&["stop"]);

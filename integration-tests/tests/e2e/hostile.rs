@@ -225,3 +225,20 @@ async fn high_level_adds_exec_denial_and_namespaces() {
     assert_ne!(ns(&pid.to_string()), ns("self"));
     a.sup.shutdown(std::time::Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn maximum_is_refused_not_weakened() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut opts = options(cache.path());
+    opts.level = Level::Maximum;
+    let mut sup = Supervisor::new(opts);
+    let plugin = wat_plugin("max", "testkit.wat", "");
+    sup.add_plugin_dir(plugin.path()).unwrap();
+    match sup.call("max", "ok", vec![], None).await {
+        Err(CallError::StartFailed { reason, .. }) => assert!(
+            reason.starts_with("refused: isolation level maximum is not available in this build"),
+            "{reason}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
