@@ -36,5 +36,8 @@ pub(crate) mod supervisor;
 mod worker;
 
 pub use config::{Config, ConfigError};
-pub use supervisor::{AddPluginError, Options, RestartPolicy, Supervisor};
+pub use supervisor::{
+    AddPluginError, CGROUP_PIDS_MAX, CGROUP_PREFIX, Options, RestartPolicy, Supervisor,
+    cgroup_memory,
+};
 pub use worker::{SpawnSpec, StartError, WorkerHandle, exit_reason};

@@ -2,6 +2,7 @@
 //! demand and restarted with backoff after crashes.
 
 use crate::worker::{SpawnSpec, StartError, WorkerHandle};
+use corral_confine::cgroup::{CgroupBase, CgroupHost, CgroupLimits};
 use corral_confine::{Level, SelfConfinement};
 use corral_manifest::{Manifest, ManifestError, Runtime};
 use corral_protocol::{CallError, EngineLimits, ExitReason, LoadSpec, PluginInfo, WorkerKind};
@@ -10,6 +11,7 @@ use std::ffi::OsString;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -64,7 +66,22 @@ pub struct Options {
     /// The isolation level every plugin runs at. (Routing plugins to levels from
     /// policy files is not built yet; until then one level applies to all.)
     pub level: Level,
+    /// Where to create per-plugin cgroups; `None` disables them (refused at `high`).
+    pub cgroups: Option<CgroupHost>,
 }
+
+/// Prefix of the supervisor's base cgroup (`corral-<pid>`).
+pub const CGROUP_PREFIX: &str = "corral-";
+
+/// Memory a worker's cgroup allows: twice the engine's memory limit (inputs and
+/// outputs are copied between socket buffers and the engine) plus 256 MiB for the
+/// runtime itself.
+pub fn cgroup_memory(engine_memory: u64) -> u64 {
+    engine_memory.saturating_mul(2).saturating_add(256 << 20)
+}
+
+/// Most processes/threads a worker's cgroup allows.
+pub const CGROUP_PIDS_MAX: u64 = 64;
 
 impl Options {
     /// Defaults: workers beside the running executable, cache under the user's
@@ -81,6 +98,7 @@ impl Options {
             handshake_timeout: Duration::from_secs(10),
             kill_grace: Duration::from_secs(1),
             level: Level::Standard,
+            cgroups: Some(CgroupHost::default()),
         }
     }
 }
@@ -145,6 +163,9 @@ struct PluginState {
 pub struct Supervisor {
     plugins: BTreeMap<String, Arc<Plugin>>,
     options: Options,
+    /// Created at the first worker start.
+    cgroup_base: OnceLock<Result<CgroupBase, String>>,
+    worker_seq: AtomicU64,
 }
 
 impl Supervisor {
@@ -152,6 +173,8 @@ impl Supervisor {
         Supervisor {
             plugins: BTreeMap::new(),
             options,
+            cgroup_base: OnceLock::new(),
+            worker_seq: AtomicU64::new(1),
         }
     }
 
@@ -330,7 +353,22 @@ impl Supervisor {
                 .mode(0o700)
                 .create(d);
         }
+        let (cgroup, cgroup_unavailable) = match self.plugin_cgroup(m) {
+            Ok(g) => (Some(Arc::new(g)), None),
+            Err(why) if self.options.level >= Level::High => {
+                return Err(StartError::Refused(format!(
+                    "level {} requires cgroup limits: {why}",
+                    self.options.level
+                )));
+            }
+            Err(why) => {
+                tracing::warn!(plugin = %m.id, "starting without cgroup limits: {why}");
+                (None, Some(why))
+            }
+        };
         let spec = SpawnSpec {
+            cgroup,
+            cgroup_unavailable,
             program,
             kind,
             plugin_id: m.id.clone(),
@@ -355,6 +393,35 @@ impl Supervisor {
             cache_dir: cache_dir.map(|d| d.to_string_lossy().into_owned()),
         };
         WorkerHandle::start(&spec, load).await
+    }
+
+    fn plugin_cgroup(&self, m: &Manifest) -> Result<corral_confine::cgroup::PluginCgroup, String> {
+        let base = self
+            .cgroup_base
+            .get_or_init(|| {
+                let host = self
+                    .options
+                    .cgroups
+                    .as_ref()
+                    .ok_or_else(|| "disabled in the supervisor's options".to_owned())?;
+                let name = format!("{CGROUP_PREFIX}{}", std::process::id());
+                let base = host.base(&name).map_err(|e| error_chain(&e))?;
+                base.clean_leftovers(CGROUP_PREFIX);
+                Ok(base)
+            })
+            .as_ref()
+            .map_err(Clone::clone)?;
+        let limits = CgroupLimits {
+            memory_bytes: cgroup_memory(m.limits.memory_bytes),
+            pids_max: CGROUP_PIDS_MAX,
+            cpu_micros_per_sec: 1_000_000,
+        };
+        let name = format!(
+            "{}-{}",
+            m.id,
+            self.worker_seq.fetch_add(1, Ordering::Relaxed)
+        );
+        base.create(&name, &limits).map_err(|e| error_chain(&e))
     }
 
     /// Every plugin and its state.
@@ -410,6 +477,25 @@ impl Supervisor {
             stops.spawn(async move { w.shutdown(grace).await });
         }
         while stops.join_next().await.is_some() {}
+        if let Some(Ok(base)) = self.cgroup_base.get() {
+            // Plugin groups go as their last processes exit; then the base.
+            for _ in 0..50 {
+                if base.try_remove() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    /// Best effort without `shutdown`: workers are killed as their handles drop, and
+    /// empty groups go now; anything still busy is cleaned by the next supervisor.
+    fn drop(&mut self) {
+        if let Some(Ok(base)) = self.cgroup_base.get() {
+            base.try_remove();
+        }
     }
 }
 

@@ -19,6 +19,7 @@
 //! [`CallError::WorkerCrashed`] carrying the exit code or signal.
 
 use crate::host;
+use corral_confine::cgroup::PluginCgroup;
 use corral_confine::{CONFINE_ENV, Level, SelfConfinement};
 use corral_protocol::{
     CallError, ExitReason, FromWorker, Hello, LoadSpec, LogLevel, RequestId, ToWorker,
@@ -26,6 +27,7 @@ use corral_protocol::{
     frame::{self, FrameError},
 };
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
@@ -52,6 +54,10 @@ pub struct SpawnSpec {
     pub kill_grace: Duration,
     /// What the worker must apply to itself before it accepts plugin code.
     pub confine: SelfConfinement,
+    /// The worker's cgroup, joined between fork and exec.
+    pub cgroup: Option<Arc<PluginCgroup>>,
+    /// Why there is no cgroup (reported in the handshake's enforcement).
+    pub cgroup_unavailable: Option<String>,
 }
 
 /// Why a worker could not be started.
@@ -140,10 +146,12 @@ impl WorkerHandle {
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
         let level = spec.confine.level;
+        let procs: Vec<CString> = spec.cgroup.iter().flat_map(|g| g.procs_files()).collect();
         // SAFETY: `child_setup` only makes async-signal-safe system calls (prctl,
-        // getppid, dup2, fcntl, close_range, setrlimit, unshare) and allocates nothing.
+        // getppid, dup2, fcntl, close_range, open, write, close, setrlimit, unshare)
+        // and allocates nothing (`procs` was built before the fork).
         unsafe {
-            cmd.pre_exec(move || child_setup(fd, parent, level));
+            cmd.pre_exec(move || child_setup(fd, parent, level, &procs));
         }
         let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
             program: spec.program.clone(),
@@ -171,6 +179,9 @@ impl WorkerHandle {
             Err(HandshakeFailure::Died(exit)) => {
                 let stderr = tail.wait_closed().await;
                 let exit = explain_exit(exit, &stderr);
+                if let Some(g) = &spec.cgroup {
+                    remove_when_empty(Arc::clone(g));
+                }
                 return Err(StartError::DiedEarly { exit, stderr });
             }
             Err(HandshakeFailure::Other(e)) => {
@@ -179,6 +190,12 @@ impl WorkerHandle {
                 return Err(e);
             }
         };
+        let mut hello = hello;
+        if let Some(g) = &spec.cgroup {
+            hello.enforcement.cgroup = g.report();
+        } else if let Some(why) = &spec.cgroup_unavailable {
+            hello.enforcement.cgroup = corral_protocol::Enforcement::None(why.clone());
+        }
         if hello.kind != spec.kind {
             let _ = child.start_kill();
             let _ = child.wait().await;
@@ -257,6 +274,7 @@ impl WorkerHandle {
         tokio::spawn(
             Connection {
                 plugin_id: spec.plugin_id.clone(),
+                cgroup: spec.cgroup.clone(),
                 tail,
                 pending: Arc::clone(&handle.pending),
                 kill: Arc::clone(&handle.kill),
@@ -367,10 +385,29 @@ impl Drop for WorkerHandle {
 }
 
 /// Runs in the forked child between `fork` and `exec`.
-fn child_setup(fd: RawFd, parent: libc::pid_t, level: Level) -> std::io::Result<()> {
+fn child_setup(
+    fd: RawFd,
+    parent: libc::pid_t,
+    level: Level,
+    cgroup_procs: &[CString],
+) -> std::io::Result<()> {
     // SAFETY: each call below is an async-signal-safe system call with plain integer
-    // arguments; none touches memory the parent shares.
+    // arguments or NUL-terminated paths built before the fork; none touches memory the
+    // parent shares.
     unsafe {
+        // Join the plugin's cgroup first: nothing after this runs unlimited.
+        for path in cgroup_procs {
+            let f = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if f < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = libc::write(f, b"0".as_ptr().cast(), 1) == 1;
+            let err = std::io::Error::last_os_error();
+            libc::close(f);
+            if !ok {
+                return Err(err);
+            }
+        }
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,
             libc::SIGKILL as libc::c_ulong,
@@ -420,6 +457,20 @@ fn child_setup(fd: RawFd, parent: libc::pid_t, level: Level) -> std::io::Result<
         }
     }
     Ok(())
+}
+
+/// Remove a worker's group once the processes in it are gone (children it forked
+/// die with it by their parent-death signal, a moment later).
+fn remove_when_empty(group: Arc<PluginCgroup>) {
+    tokio::spawn(async move {
+        for _ in 0..50 {
+            if group.try_remove() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(?group, "cgroup still busy after 1 s; left in place");
+    });
 }
 
 /// The last few KiB a worker wrote to stderr, kept for its whole life so its last
@@ -607,6 +658,7 @@ fn signal_name(signo: i32) -> String {
 /// The task that owns a loaded worker's child process and read half.
 struct Connection {
     plugin_id: String,
+    cgroup: Option<Arc<PluginCgroup>>,
     tail: Arc<StderrTail>,
     pending: Arc<Mutex<Pending>>,
     kill: Arc<Notify>,
@@ -661,6 +713,19 @@ impl Connection {
             (None, Some(s)) => explain_exit(exit_reason(s), &self.tail.wait_closed().await),
             (None, None) => ExitReason::Unknown,
         };
+        let reason = match (&self.cgroup, reason) {
+            (Some(g), ExitReason::Signal { signo, .. })
+                if signo == libc::SIGKILL && g.oom_kills() > 0 =>
+            {
+                ExitReason::OomKilled {
+                    limit_bytes: g.limits().memory_bytes,
+                }
+            }
+            (_, r) => r,
+        };
+        if let Some(g) = &self.cgroup {
+            remove_when_empty(Arc::clone(g));
+        }
         let orderly = self.shutting_down.load(Ordering::SeqCst);
         if orderly {
             tracing::debug!(plugin = %self.plugin_id, "worker {reason}");

@@ -33,6 +33,7 @@
 //! println!("landlock: {}", report.landlock);
 //! ```
 
+pub mod cgroup;
 mod seccomp;
 mod sys;
 

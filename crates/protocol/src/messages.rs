@@ -277,6 +277,8 @@ pub enum ExitReason {
     Signal { signo: i32, name: String },
     /// Killed by its seccomp filter for calling `syscall`.
     Seccomp { syscall: String },
+    /// Killed by the kernel's OOM killer at its cgroup memory limit.
+    OomKilled { limit_bytes: u64 },
     /// The process ended but its status could not be read (already reaped).
     Unknown,
     /// The connection broke for a protocol reason; the worker was killed.
@@ -289,6 +291,11 @@ impl fmt::Display for ExitReason {
             ExitReason::Code(c) => write!(f, "exited with code {c}"),
             ExitReason::Signal { signo, name } => write!(f, "killed by signal {signo} ({name})"),
             ExitReason::Seccomp { syscall } => write!(f, "seccomp violation: {syscall}"),
+            ExitReason::OomKilled { limit_bytes } => write!(
+                f,
+                "OOM-killed at its memory limit of {} MiB",
+                limit_bytes >> 20
+            ),
             ExitReason::Unknown => f.write_str("exited with unknown status"),
             ExitReason::Protocol(why) => write!(f, "protocol violation: {why}"),
         }

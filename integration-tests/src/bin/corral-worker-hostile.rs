@@ -32,6 +32,8 @@ const ATTACKS: &[&str] = &[
     "tiocsti",
     "clone3",
     "exec",
+    "alloc",
+    "fork_bomb",
     "ok",
 ];
 
@@ -50,6 +52,7 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::ENETUNREACH) => "ENETUNREACH",
         Some(libc::EROFS) => "EROFS",
         Some(libc::ESRCH) => "ESRCH",
+        Some(libc::EAGAIN) => "EAGAIN",
         _ => return format!("{e}"),
     };
     name.to_owned()
@@ -97,6 +100,32 @@ impl Hostile {
             "tiocsti" => outcome(sys::tiocsti()),
             "clone3" => outcome(sys::raw(libc::SYS_clone3)),
             "exec" => outcome(sys::exec(arg)),
+            "alloc" => {
+                // Touch `arg` MiB, one page at a time, and keep it.
+                let mib: usize = arg.parse().expect("MiB");
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                for _ in 0..mib {
+                    let mut chunk = vec![0u8; 1 << 20];
+                    for page in chunk.chunks_mut(4096) {
+                        page[0] = 1;
+                    }
+                    hoard.push(chunk);
+                }
+                format!("allocated {} MiB", hoard.len())
+            }
+            "fork_bomb" => {
+                let mut n = 0;
+                let err = loop {
+                    match sys::fork_sleeper() {
+                        Ok(()) => n += 1,
+                        Err(e) => break e,
+                    }
+                    if n >= 10_000 {
+                        break std::io::Error::other("no limit");
+                    }
+                };
+                format!("{} after {n} forks", errno_name(&err))
+            }
             "ok" => "ok".into(),
             other => format!("unknown attack {other}"),
         }
@@ -165,6 +194,32 @@ mod sys {
         let ch = b'x';
         // SAFETY: TIOCSTI reads one byte through a pointer to a live local.
         check(unsafe { libc::ioctl(0, libc::TIOCSTI, &ch) }.into())
+    }
+
+    /// Fork a child that sleeps until its parent (this worker) dies.
+    pub fn fork_sleeper() -> io::Result<()> {
+        // SAFETY: the worker is single-threaded while serving a call; the child only
+        // makes async-signal-safe calls (prctl, pause, _exit) before it dies.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: as above, in the child.
+            unsafe {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn exec(program: &str) -> io::Result<()> {

@@ -157,6 +157,25 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
     // clone3 is answered, not punished: runtimes fall back to clone.
     a.expect("clone3", "", "ENOSYS").await;
 
+    // Resource bombs meet the plugin's cgroup.
+    let limit = corral::cgroup_memory(corral_manifest_default_memory());
+    assert_eq!(
+        a.attack("alloc", &((limit >> 20) * 2).to_string()).await,
+        Err(CallError::WorkerCrashed(ExitReason::OomKilled {
+            limit_bytes: limit
+        })),
+        "memory bomb"
+    );
+    let forks = a.attack("fork_bomb", "").await.unwrap();
+    let n: u64 = forks
+        .strip_prefix("EAGAIN after ")
+        .and_then(|r| r.strip_suffix(" forks"))
+        .unwrap_or_else(|| panic!("fork bomb not stopped: {forks}"))
+        .parse()
+        .unwrap();
+    assert!(n < corral::CGROUP_PIDS_MAX, "{n} forks");
+    a.expect("ok", "", "ok").await;
+
     // The neighbour never noticed: same process, still answering.
     assert_eq!(
         a.sup.call("neighbour", "ok", vec![], None).await.unwrap(),
@@ -165,15 +184,24 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
     assert_eq!(a.pid("neighbour").await, neighbour_pid);
     let info = a.sup.list().await;
     let attacker = info.iter().find(|p| p.id == "attacker").unwrap();
-    assert_eq!(attacker.restarts, 6, "one restart per seccomp kill");
+    assert_eq!(attacker.restarts, 7, "one restart per seccomp or OOM kill");
     assert_eq!(
         attacker.last_error.as_deref(),
-        Some("worker crashed: seccomp violation: ioctl")
+        Some("worker crashed: OOM-killed at its memory limit of 384 MiB")
     );
+}
+
+/// The engine memory limit of a plugin whose manifest names none.
+fn corral_manifest_default_memory() -> u64 {
+    64 << 20
 }
 
 fn assert_enforced(report: &corral_protocol::EnforcementReport) {
     assert!(report.no_new_privs);
+    match &report.cgroup {
+        Enforcement::Full(what) => assert!(what.contains("memory 384 MiB, pids 64"), "{what}"),
+        other => panic!("cgroup: {other}"),
+    }
     match &report.landlock {
         Enforcement::Full(what) => assert!(what.contains("TCP bind/connect denied"), "{what}"),
         other => panic!("landlock: {other}"),
@@ -201,7 +229,32 @@ async fn standard_level_contains_a_hostile_native_worker() {
         "{}",
         report.namespaces
     );
+    let base = own_cgroup("pids").join(format!("corral-{}", std::process::id()));
+    assert!(base.exists(), "{} while plugins run", base.display());
     a.sup.shutdown(std::time::Duration::from_secs(1)).await;
+    assert!(!base.exists(), "{} removed after shutdown", base.display());
+}
+
+/// This process's group in the v1 hierarchy of `controller`.
+fn own_cgroup(controller: &str) -> PathBuf {
+    let me = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = me
+        .lines()
+        .find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, list, path) = (p.next()?, p.next()?, p.next()?);
+            list.split(',')
+                .any(|c| c == controller)
+                .then(|| path.to_owned())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no {controller} hierarchy: this suite needs cgroup v1 controllers (hybrid host)"
+            )
+        });
+    PathBuf::from("/sys/fs/cgroup")
+        .join(controller)
+        .join(path.trim_start_matches('/'))
 }
 
 #[tokio::test]

@@ -1,0 +1,463 @@
+//! Per-plugin cgroups: memory, CPU and pids limits, OOM-kill accounting, clean-up.
+//!
+//! The supervisor creates one group per worker start under a base group of its own
+//! (`corral-<supervisor pid>`), nested below the group it runs in, and never touches
+//! groups it did not create. The worker joins its group between `fork` and `exec`
+//! (it writes `0` to each `cgroup.procs`), so it never runs unlimited.
+//!
+//! Hybrid and legacy (v1) hosts get the `memory`, `cpu` and `pids` controllers'
+//! files; unified (v2) hosts get `memory.max`, `memory.swap.max`, `memory.oom.group`,
+//! `cpu.max` and `pids.max` in one directory. The cgroupfs root and `/proc/self/cgroup`
+//! are parameters ([`CgroupHost`]) so unit tests run on a temporary directory.
+
+use corral_protocol::Enforcement;
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Limits written into a plugin's group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupLimits {
+    pub memory_bytes: u64,
+    pub pids_max: u64,
+    /// CPU bandwidth in millionths of a CPU per period (1_000_000 = one CPU).
+    pub cpu_micros_per_sec: u64,
+}
+
+/// Which cgroup hierarchy is in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+/// Why a group could not be created or configured.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no usable cgroup controllers for memory, cpu and pids under {}", root.display())]
+    Unavailable { root: PathBuf },
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create or configure {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where the cgroup filesystem is and where this process sits in it.
+#[derive(Debug, Clone)]
+pub struct CgroupHost {
+    /// Usually `/sys/fs/cgroup`.
+    pub root: PathBuf,
+    /// Usually `/proc/self/cgroup`.
+    pub self_cgroup: PathBuf,
+}
+
+impl Default for CgroupHost {
+    fn default() -> Self {
+        CgroupHost {
+            root: "/sys/fs/cgroup".into(),
+            self_cgroup: "/proc/self/cgroup".into(),
+        }
+    }
+}
+
+/// The supervisor's own base group, one directory per controller.
+#[derive(Debug, Clone)]
+pub struct CgroupBase {
+    pub version: CgroupVersion,
+    /// v1: the base directory in the memory, cpu and pids hierarchies; v2: one.
+    dirs: Vec<PathBuf>,
+}
+
+const V1_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(|source| CgroupError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(CgroupError::Write {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+impl CgroupHost {
+    /// Where this process sits in hierarchy `controller` (v1) or the unified one
+    /// (`controller` = "").
+    fn own_path(&self, controller: &str) -> Result<PathBuf, CgroupError> {
+        let text = fs::read_to_string(&self.self_cgroup).map_err(|source| CgroupError::Read {
+            path: self.self_cgroup.clone(),
+            source,
+        })?;
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, list, path) = (parts.next(), parts.next(), parts.next());
+            let (Some(list), Some(path)) = (list, path) else {
+                continue;
+            };
+            let matches = if controller.is_empty() {
+                list.is_empty()
+            } else {
+                list.split(',').any(|c| c == controller)
+            };
+            if matches {
+                return Ok(PathBuf::from(path.trim_start_matches('/')));
+            }
+        }
+        Ok(PathBuf::new())
+    }
+
+    /// Find usable controllers and create the supervisor's base group `name` in each.
+    /// Prefers v2 when the unified hierarchy has memory, cpu and pids.
+    pub fn base(&self, name: &str) -> Result<CgroupBase, CgroupError> {
+        // Unified: either the root is cgroup2 itself or it has a `unified` mount.
+        for unified in [self.root.clone(), self.root.join("unified")] {
+            let ctl = fs::read_to_string(unified.join("cgroup.controllers")).unwrap_or_default();
+            let has = |c| ctl.split_whitespace().any(|x| x == c);
+            if has("memory") && has("cpu") && has("pids") {
+                let dir = unified.join(self.own_path("")?).join(name);
+                mkdir(&dir)?;
+                // Enable the controllers for the plugin groups below the base.
+                write(&dir.join("cgroup.subtree_control"), "+memory +cpu +pids")?;
+                return Ok(CgroupBase {
+                    version: CgroupVersion::V2,
+                    dirs: vec![dir],
+                });
+            }
+        }
+        let mut dirs = Vec::new();
+        for c in V1_CONTROLLERS {
+            let hier = self.root.join(c);
+            if !hier.join("cgroup.procs").exists() {
+                return Err(CgroupError::Unavailable {
+                    root: self.root.clone(),
+                });
+            }
+            let dir = hier.join(self.own_path(c)?).join(name);
+            mkdir(&dir)?;
+            dirs.push(dir);
+        }
+        Ok(CgroupBase {
+            version: CgroupVersion::V1,
+            dirs,
+        })
+    }
+}
+
+/// One worker's group.
+#[derive(Debug)]
+pub struct PluginCgroup {
+    pub version: CgroupVersion,
+    dirs: Vec<PathBuf>,
+    limits: CgroupLimits,
+}
+
+impl CgroupBase {
+    /// Remove the base groups of supervisors that are gone (`<prefix><pid>` whose pid
+    /// no longer exists) and their empty plugin groups. Live supervisors' groups and
+    /// anything not named by us are left alone.
+    pub fn clean_leftovers(&self, prefix: &str) {
+        for base in &self.dirs {
+            let Some(parent) = base.parent() else {
+                continue;
+            };
+            let Ok(entries) = fs::read_dir(parent) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(pid) = name
+                    .strip_prefix(prefix)
+                    .and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if Path::new(&format!("/proc/{pid}")).exists() {
+                    continue;
+                }
+                if let Ok(groups) = fs::read_dir(e.path()) {
+                    for g in groups.flatten().filter(|g| g.path().is_dir()) {
+                        let _ = fs::remove_dir(g.path());
+                    }
+                }
+                let _ = fs::remove_dir(e.path());
+            }
+        }
+    }
+
+    /// Remove the base itself; false while a plugin group is still in it.
+    pub fn try_remove(&self) -> bool {
+        self.dirs
+            .iter()
+            .all(|d| fs::remove_dir(d).is_ok() || !d.exists())
+    }
+
+    /// Create the group `name` with `limits`.
+    pub fn create(&self, name: &str, limits: &CgroupLimits) -> Result<PluginCgroup, CgroupError> {
+        let dirs: Vec<PathBuf> = self.dirs.iter().map(|d| d.join(name)).collect();
+        for d in &dirs {
+            mkdir(d)?;
+        }
+        let group = PluginCgroup {
+            version: self.version,
+            dirs,
+            limits: limits.clone(),
+        };
+        if let Err(e) = group.write_limits() {
+            group.try_remove();
+            return Err(e);
+        }
+        Ok(group)
+    }
+}
+
+impl PluginCgroup {
+    fn dir(&self, controller: &str) -> &Path {
+        match self.version {
+            CgroupVersion::V2 => &self.dirs[0],
+            CgroupVersion::V1 => {
+                let i = V1_CONTROLLERS
+                    .iter()
+                    .position(|c| *c == controller)
+                    .unwrap_or(0);
+                &self.dirs[i]
+            }
+        }
+    }
+
+    fn write_limits(&self) -> Result<(), CgroupError> {
+        let l = &self.limits;
+        let period: u64 = 100_000;
+        let quota = (l.cpu_micros_per_sec * period / 1_000_000).max(1_000);
+        match self.version {
+            CgroupVersion::V2 => {
+                let d = &self.dirs[0];
+                write(&d.join("memory.max"), &l.memory_bytes.to_string())?;
+                write(
+                    &d.join("memory.high"),
+                    &(l.memory_bytes / 10 * 9).to_string(),
+                )?;
+                write(&d.join("memory.swap.max"), "0")?;
+                write(&d.join("memory.oom.group"), "1")?;
+                write(&d.join("cpu.max"), &format!("{quota} {period}"))?;
+                write(&d.join("pids.max"), &l.pids_max.to_string())?;
+            }
+            CgroupVersion::V1 => {
+                let m = self.dir("memory");
+                write(
+                    &m.join("memory.limit_in_bytes"),
+                    &l.memory_bytes.to_string(),
+                )?;
+                // No swap either, where the kernel accounts it.
+                let memsw = m.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, &l.memory_bytes.to_string())?;
+                }
+                let c = self.dir("cpu");
+                write(&c.join("cpu.cfs_period_us"), &period.to_string())?;
+                write(&c.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                write(&self.dir("pids").join("pids.max"), &l.pids_max.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` files the child writes `0` into before `exec`.
+    pub fn procs_files(&self) -> Vec<CString> {
+        self.dirs
+            .iter()
+            .map(|d| {
+                CString::new(d.join("cgroup.procs").as_os_str().as_bytes()).expect("no NUL in path")
+            })
+            .collect()
+    }
+
+    /// How many processes the kernel's OOM killer has killed in this group.
+    pub fn oom_kills(&self) -> u64 {
+        let (file, key) = match self.version {
+            CgroupVersion::V2 => (self.dirs[0].join("memory.events"), "oom_kill"),
+            CgroupVersion::V1 => (self.dir("memory").join("memory.oom_control"), "oom_kill"),
+        };
+        fs::read_to_string(file)
+            .ok()
+            .and_then(|t| {
+                t.lines().find_map(|l| {
+                    let mut it = l.split_whitespace();
+                    (it.next() == Some(key)).then(|| it.next()?.parse().ok())?
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn limits(&self) -> &CgroupLimits {
+        &self.limits
+    }
+
+    /// What this group enforces, for the handshake report.
+    pub fn report(&self) -> Enforcement {
+        let l = &self.limits;
+        Enforcement::Full(format!(
+            "cgroup {}: memory {} MiB, pids {}, cpu {:.2}",
+            match self.version {
+                CgroupVersion::V1 => "v1",
+                CgroupVersion::V2 => "v2",
+            },
+            l.memory_bytes >> 20,
+            l.pids_max,
+            l.cpu_micros_per_sec as f64 / 1e6
+        ))
+    }
+
+    /// Remove the group; false while a process is still in it.
+    pub fn try_remove(&self) -> bool {
+        self.dirs
+            .iter()
+            .all(|d| fs::remove_dir(d).is_ok() || !d.exists())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_v1() -> (tempfile::TempDir, CgroupHost) {
+        let t = tempfile::tempdir().unwrap();
+        for c in ["memory", "cpu", "pids"] {
+            fs::create_dir_all(t.path().join(c).join("outer")).unwrap();
+            fs::write(t.path().join(c).join("cgroup.procs"), "").unwrap();
+        }
+        fs::write(
+            t.path().join("self_cgroup"),
+            "4:memory:/outer\n1:cpu:/\n8:pids:/\n0::/\n",
+        )
+        .unwrap();
+        let host = CgroupHost {
+            root: t.path().to_owned(),
+            self_cgroup: t.path().join("self_cgroup"),
+        };
+        (t, host)
+    }
+
+    #[test]
+    fn v1_groups_nest_below_our_own_and_get_limits() {
+        let (t, host) = fake_v1();
+        let base = host.base("corral-1").unwrap();
+        assert_eq!(base.version, CgroupVersion::V1);
+        let limits = CgroupLimits {
+            memory_bytes: 64 << 20,
+            pids_max: 32,
+            cpu_micros_per_sec: 500_000,
+        };
+        let g = base.create("hello-1", &limits).unwrap();
+        let mem = t.path().join("memory/outer/corral-1/hello-1");
+        assert_eq!(
+            fs::read_to_string(mem.join("memory.limit_in_bytes")).unwrap(),
+            "67108864"
+        );
+        assert_eq!(
+            fs::read_to_string(t.path().join("pids/corral-1/hello-1/pids.max")).unwrap(),
+            "32"
+        );
+        let cpu = t.path().join("cpu/corral-1/hello-1");
+        assert_eq!(
+            fs::read_to_string(cpu.join("cpu.cfs_quota_us")).unwrap(),
+            "50000"
+        );
+        assert_eq!(
+            fs::read_to_string(cpu.join("cpu.cfs_period_us")).unwrap(),
+            "100000"
+        );
+        let procs: Vec<String> = g
+            .procs_files()
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(procs.len(), 3);
+        assert!(procs[0].ends_with("memory/outer/corral-1/hello-1/cgroup.procs"));
+
+        fs::write(
+            mem.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .unwrap();
+        assert_eq!(g.oom_kills(), 2);
+        assert!(matches!(g.report(), Enforcement::Full(s) if s.contains("memory 64 MiB")));
+    }
+
+    #[test]
+    fn v2_is_preferred_when_the_unified_hierarchy_has_the_controllers() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(
+            t.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids",
+        )
+        .unwrap();
+        fs::write(t.path().join("self"), "0::/svc\n").unwrap();
+        fs::create_dir_all(t.path().join("svc")).unwrap();
+        let host = CgroupHost {
+            root: t.path().to_owned(),
+            self_cgroup: t.path().join("self"),
+        };
+        let base = host.base("corral-9").unwrap();
+        assert_eq!(base.version, CgroupVersion::V2);
+        assert_eq!(
+            fs::read_to_string(t.path().join("svc/corral-9/cgroup.subtree_control")).unwrap(),
+            "+memory +cpu +pids"
+        );
+        let limits = CgroupLimits {
+            memory_bytes: 32 << 20,
+            pids_max: 16,
+            cpu_micros_per_sec: 1_000_000,
+        };
+        let g = base.create("p", &limits).unwrap();
+        let d = t.path().join("svc/corral-9/p");
+        assert_eq!(
+            fs::read_to_string(d.join("memory.max")).unwrap(),
+            "33554432"
+        );
+        assert_eq!(fs::read_to_string(d.join("memory.oom.group")).unwrap(), "1");
+        assert_eq!(fs::read_to_string(d.join("memory.swap.max")).unwrap(), "0");
+        assert_eq!(
+            fs::read_to_string(d.join("cpu.max")).unwrap(),
+            "100000 100000"
+        );
+        fs::write(
+            d.join("memory.events"),
+            "low 0\nhigh 3\nmax 5\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
+        assert_eq!(g.oom_kills(), 1);
+    }
+
+    #[test]
+    fn no_controllers_is_a_clear_error() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("self"), "0::/\n").unwrap();
+        let host = CgroupHost {
+            root: t.path().to_owned(),
+            self_cgroup: t.path().join("self"),
+        };
+        let e = host.base("x").unwrap_err();
+        assert!(
+            e.to_string().starts_with("no usable cgroup controllers"),
+            "{e}"
+        );
+    }
+}
