@@ -6,8 +6,8 @@
 //! expected outcome; after the attacks, a neighbour plugin still answers from the
 //! same worker process and the supervisor (this test process) is untouched.
 //!
-//! Not covered yet (see ARCHITECTURE.md): cgroup limits (memory/pids/CPU bombs),
-//! user/PID/mount namespaces and the read-only view of `maximum`, uid drop.
+//! Not covered yet (see ARCHITECTURE.md): CPU throttling, user/PID/mount namespaces
+//! and the read-only view of `maximum`, uid drop.
 
 use corral::Supervisor;
 use corral_confine::Level;
