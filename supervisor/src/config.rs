@@ -79,12 +79,11 @@ impl Config {
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let invalid = |span: Option<std::ops::Range<usize>>, message: String| {
-            let pos = span.map_or(0, |s| s.start).min(text.len());
-            let before = &text[..pos];
+            let (line, column) = corral_manifest::line_col(text, span.map_or(0, |s| s.start));
             ConfigError::Invalid {
                 path: path.to_owned(),
-                line: before.matches('\n').count() + 1,
-                column: before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+                line,
+                column,
                 message,
             }
         };

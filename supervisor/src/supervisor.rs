@@ -499,17 +499,7 @@ impl Drop for Supervisor {
     }
 }
 
-/// An error and its sources on one line: `a: b: c`.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
-}
+pub(crate) use corral_protocol::error_chain;
 
 fn worker_kind(r: Runtime) -> WorkerKind {
     match r {

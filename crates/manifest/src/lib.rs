@@ -305,8 +305,9 @@ fn validate_entry(entry: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// 1-based line and column (in characters) of byte offset `pos` in `text`.
-fn line_col(text: &str, pos: usize) -> (usize, usize) {
+/// 1-based line and column (in characters) of byte offset `pos` in `text`, for
+/// errors about TOML files (manifests, daemon and policy configuration).
+pub fn line_col(text: &str, pos: usize) -> (usize, usize) {
     let pos = pos.min(text.len());
     let before = &text[..pos];
     let line = before.matches('\n').count() + 1;

@@ -53,6 +53,19 @@ pub const MAGIC: [u8; 4] = *b"CRRL";
 /// File descriptor number on which a worker finds its end of the supervisor socket.
 pub const WORKER_SOCKET_FD: i32 = 3;
 
+/// An error and its sources on one line (`a: b: c`), for the error strings that
+/// cross the wire (`LoadFailed`, `StartFailed`) and for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
 /// Environment variable naming the fd of the worker socket (always
 /// [`WORKER_SOCKET_FD`]; present so a worker started by hand fails clearly).
 pub const WORKER_SOCKET_ENV: &str = "CORRAL_WORKER_FD";

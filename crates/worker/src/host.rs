@@ -50,23 +50,20 @@ impl Host {
     }
 
     pub(crate) fn send_hello(&self, hello: &Hello) -> Result<(), FrameError> {
-        let buf = frame::encode_hello(hello)?;
-        let inner = self.lock();
-        inner
-            .reader
-            .get_ref()
-            .write_all(&buf)
-            .map_err(FrameError::Io)
+        self.write_frame(&frame::encode_hello(hello)?)
     }
 
     /// Send one message to the supervisor.
     pub fn send(&self, msg: &FromWorker) -> Result<(), FrameError> {
-        let buf = frame::encode(msg)?;
+        self.write_frame(&frame::encode(msg)?)
+    }
+
+    fn write_frame(&self, buf: &[u8]) -> Result<(), FrameError> {
         let inner = self.lock();
         inner
             .reader
             .get_ref()
-            .write_all(&buf)
+            .write_all(buf)
             .map_err(FrameError::Io)
     }
 

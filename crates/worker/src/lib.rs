@@ -39,7 +39,7 @@ pub use host::Host;
 
 use corral_protocol::{
     CallError, EnforcementReport, FromWorker, LoadSpec, ToWorker, WORKER_SOCKET_ENV,
-    WORKER_SOCKET_FD, WorkerKind, WorkerStats, frame,
+    WORKER_SOCKET_FD, WorkerKind, WorkerStats, error_chain, frame,
 };
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -125,17 +125,6 @@ impl Confinement for SupervisorConfinement {
             Err(e) => Err(error_chain(&e)),
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 /// Run a worker confined as the supervisor asked. See [`run_confined`].
