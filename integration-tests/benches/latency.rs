@@ -1,6 +1,6 @@
 //! Latency of Corral calls beside baselines measured in the same run.
 //!
-//! Run with `cargo bench -p corral-integration-tests --bench latency`. Prints median,
+//! Run with `cargo bench --workspace --bench latency`. Prints median,
 //! p99 and mean for:
 //!
 //! - warm call: `Supervisor::call` of the example plugin's empty `noop` function on

@@ -59,18 +59,16 @@ pub fn built() -> &'static Built {
     static BUILT: OnceLock<Built> = OnceLock::new();
     BUILT.get_or_init(|| {
         let release = !cfg!(debug_assertions);
+        // Select the same packages and target kinds as the run that built this test
+        // (`cargo nextest run --workspace`, or `cargo bench --workspace`): a narrower
+        // selection unifies dependency features differently (dev-dependencies change
+        // rustix's, which wasmtime sits on) and would rebuild the whole engine here.
         let mut cmd = cargo();
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "corral",
-            "-p",
-            "corral-worker-wasm",
-            "--bins",
-        ]);
+        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
         if release {
-            cmd.arg("--release");
+            cmd.args(["--release", "--benches"]);
+        } else {
+            cmd.arg("--tests");
         }
         run(cmd, "build the corral and worker binaries");
 
