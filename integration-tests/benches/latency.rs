@@ -215,9 +215,22 @@ fn fork_exec(iters: usize) -> Stats {
     stats(samples)
 }
 
-fn warm_call(rt: &tokio::runtime::Runtime, iters: usize, cache: &std::path::Path) -> Stats {
+fn bench_options(cache: &std::path::Path, cgroups: bool) -> corral::Options {
+    let mut o = options(cache);
+    if !cgroups {
+        o.cgroups = None;
+    }
+    o
+}
+
+fn warm_call(
+    rt: &tokio::runtime::Runtime,
+    iters: usize,
+    cache: &std::path::Path,
+    cgroups: bool,
+) -> Stats {
     rt.block_on(async {
-        let mut sup = Supervisor::new(options(cache));
+        let mut sup = Supervisor::new(bench_options(cache, cgroups));
         sup.add_plugin_dir(&built().hello_wasm).unwrap();
         let mut samples = Vec::with_capacity(iters);
         for i in 0..iters + iters / 10 {
@@ -236,12 +249,17 @@ fn warm_call(rt: &tokio::runtime::Runtime, iters: usize, cache: &std::path::Path
     })
 }
 
-fn cold_start(rt: &tokio::runtime::Runtime, iters: usize, cache: &std::path::Path) -> Stats {
+fn cold_start(
+    rt: &tokio::runtime::Runtime,
+    iters: usize,
+    cache: &std::path::Path,
+    cgroups: bool,
+) -> Stats {
     rt.block_on(async {
         let mut samples = Vec::with_capacity(iters);
         // One start to fill the module cache; the rest load from it.
         for i in 0..=iters {
-            let mut sup = Supervisor::new(options(cache));
+            let mut sup = Supervisor::new(bench_options(cache, cgroups));
             sup.add_plugin_dir(&built().hello_wasm).unwrap();
             let t = Instant::now();
             sup.call("hello-wasm", "noop", Vec::new(), None)
@@ -341,8 +359,10 @@ fn main() {
         row("baseline: raw unix-socket echo round trip", raw, None);
         let inproc = in_process_call(warm);
         row("baseline: in-process wasmtime call", inproc, None);
-        let w = warm_call(&rt, warm, cache.path());
+        let w = warm_call(&rt, warm, cache.path(), true);
         row("corral: Supervisor::call -> worker -> result", w, Some(raw));
+        let w = warm_call(&rt, warm, cache.path(), false);
+        row("corral: same, worker without its cgroup", w, Some(raw));
         println!("  (ratio: corral p50 / raw socket p50; target <= 2x)");
 
         println!("cold start to first result ({cold} samples)");
@@ -350,12 +370,14 @@ fn main() {
         row("baseline: fork+exec+wait /bin/true", fe, None);
         let bare = bare_engine_start(cold, cache.path());
         row("baseline: bare engine start (cached module)", bare, None);
-        let c = cold_start(&rt, cold, cache.path());
+        let c = cold_start(&rt, cold, cache.path(), true);
         row(
             "corral: spawn, handshake, load (cached), call",
             c,
             Some(bare),
         );
+        let c = cold_start(&rt, cold, cache.path(), false);
+        row("corral: same, worker without its cgroup", c, Some(bare));
         let u = cold_start_uncached(&rt, cold.min(10));
         row("corral: same, module compiled (no cache)", u, Some(bare));
         println!("  (ratio: corral p50 / bare engine start p50; target: cached p50 < 5 ms)");
