@@ -215,78 +215,59 @@ fn fork_exec(iters: usize) -> Stats {
     stats(samples)
 }
 
-fn bench_options(cache: &std::path::Path, cgroups: bool) -> corral::Options {
-    let mut o = options(cache);
+/// Options for a measured supervisor: its own cache (or none) and cgroups on or off.
+fn bench_options(cache: Option<&std::path::Path>, cgroups: bool) -> corral::Options {
+    let mut o = options(cache.unwrap_or(std::path::Path::new("/nonexistent")));
+    if cache.is_none() {
+        o.cache_dir = None;
+    }
     if !cgroups {
         o.cgroups = None;
     }
     o
 }
 
-fn warm_call(
-    rt: &tokio::runtime::Runtime,
-    iters: usize,
-    cache: &std::path::Path,
-    cgroups: bool,
-) -> Stats {
+/// A supervisor with the example plugin under `opts`.
+fn hello_supervisor(opts: &corral::Options) -> Supervisor {
+    let mut sup = Supervisor::new(opts.clone());
+    sup.add_plugin_dir(&built().hello_wasm).unwrap();
+    sup
+}
+
+/// One call of the empty function; asserts it answered.
+async fn noop(sup: &Supervisor) {
+    let out = sup.call("hello-wasm", "noop", Vec::new(), None).await;
+    assert_eq!(out.unwrap(), b"");
+}
+
+fn warm_call(rt: &tokio::runtime::Runtime, iters: usize, opts: &corral::Options) -> Stats {
     rt.block_on(async {
-        let mut sup = Supervisor::new(bench_options(cache, cgroups));
-        sup.add_plugin_dir(&built().hello_wasm).unwrap();
+        let sup = hello_supervisor(opts);
         let mut samples = Vec::with_capacity(iters);
         for i in 0..iters + iters / 10 {
             let t = Instant::now();
-            let out = sup
-                .call("hello-wasm", "noop", Vec::new(), None)
-                .await
-                .unwrap();
+            noop(&sup).await;
             if i >= iters / 10 {
                 samples.push(t.elapsed());
             }
-            assert!(out.is_empty());
         }
         sup.shutdown(Duration::from_secs(1)).await;
         stats(samples)
     })
 }
 
-fn cold_start(
-    rt: &tokio::runtime::Runtime,
-    iters: usize,
-    cache: &std::path::Path,
-    cgroups: bool,
-) -> Stats {
+/// From an idle supervisor to the first result. One extra start comes first and is
+/// not counted (it fills the module cache, when there is one).
+fn cold_start(rt: &tokio::runtime::Runtime, iters: usize, opts: &corral::Options) -> Stats {
     rt.block_on(async {
         let mut samples = Vec::with_capacity(iters);
-        // One start to fill the module cache; the rest load from it.
         for i in 0..=iters {
-            let mut sup = Supervisor::new(bench_options(cache, cgroups));
-            sup.add_plugin_dir(&built().hello_wasm).unwrap();
+            let sup = hello_supervisor(opts);
             let t = Instant::now();
-            sup.call("hello-wasm", "noop", Vec::new(), None)
-                .await
-                .unwrap();
+            noop(&sup).await;
             if i > 0 {
                 samples.push(t.elapsed());
             }
-            sup.shutdown(Duration::from_secs(1)).await;
-        }
-        stats(samples)
-    })
-}
-
-fn cold_start_uncached(rt: &tokio::runtime::Runtime, iters: usize) -> Stats {
-    rt.block_on(async {
-        let mut samples = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let mut opts = options(std::path::Path::new("/nonexistent"));
-            opts.cache_dir = None;
-            let mut sup = Supervisor::new(opts);
-            sup.add_plugin_dir(&built().hello_wasm).unwrap();
-            let t = Instant::now();
-            sup.call("hello-wasm", "noop", Vec::new(), None)
-                .await
-                .unwrap();
-            samples.push(t.elapsed());
             sup.shutdown(Duration::from_secs(1)).await;
         }
         stats(samples)
@@ -359,9 +340,10 @@ fn main() {
         row("baseline: raw unix-socket echo round trip", raw, None);
         let inproc = in_process_call(warm);
         row("baseline: in-process wasmtime call", inproc, None);
-        let w = warm_call(&rt, warm, cache.path(), true);
+        let cached = Some(cache.path());
+        let w = warm_call(&rt, warm, &bench_options(cached, true));
         row("corral: Supervisor::call -> worker -> result", w, Some(raw));
-        let w = warm_call(&rt, warm, cache.path(), false);
+        let w = warm_call(&rt, warm, &bench_options(cached, false));
         row("corral: same, worker without its cgroup", w, Some(raw));
         println!("  (ratio: corral p50 / raw socket p50; target <= 2x)");
 
@@ -370,15 +352,15 @@ fn main() {
         row("baseline: fork+exec+wait /bin/true", fe, None);
         let bare = bare_engine_start(cold, cache.path());
         row("baseline: bare engine start (cached module)", bare, None);
-        let c = cold_start(&rt, cold, cache.path(), true);
+        let c = cold_start(&rt, cold, &bench_options(cached, true));
         row(
             "corral: spawn, handshake, load (cached), call",
             c,
             Some(bare),
         );
-        let c = cold_start(&rt, cold, cache.path(), false);
+        let c = cold_start(&rt, cold, &bench_options(cached, false));
         row("corral: same, worker without its cgroup", c, Some(bare));
-        let u = cold_start_uncached(&rt, cold.min(10));
+        let u = cold_start(&rt, cold.min(10), &bench_options(None, true));
         row("corral: same, module compiled (no cache)", u, Some(bare));
         println!("  (ratio: corral p50 / bare engine start p50; target: cached p50 < 5 ms)");
     }
