@@ -51,10 +51,25 @@ pub struct Manifest {
     /// Entry file relative to the plugin directory; never absolute, never `..`.
     pub entry: PathBuf,
     pub description: String,
+    /// Free-form labels operators can route on in policy files.
+    pub tags: Vec<String>,
     pub permissions: Permissions,
     pub limits: Limits,
     /// Dependencies on other plugins, by id.
     pub dependencies: BTreeMap<String, Dependency>,
+    /// The manifest file this was read from, and where each `[limits]` value was set
+    /// (for `corral policy explain`).
+    pub origin: ManifestOrigin,
+}
+
+/// Where a manifest and its limit values came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ManifestOrigin {
+    pub path: PathBuf,
+    /// (line, column) of `limits.memory`, `limits.timeout` and `limits.max_output`.
+    pub memory: Option<(usize, usize)>,
+    pub timeout: Option<(usize, usize)>,
+    pub max_output: Option<(usize, usize)>,
 }
 
 /// The runtime a plugin is written for.
@@ -143,6 +158,8 @@ struct RawManifest {
     #[serde(default)]
     description: String,
     #[serde(default)]
+    tags: Vec<Spanned<String>>,
+    #[serde(default)]
     permissions: RawPermissions,
     #[serde(default)]
     limits: RawLimits,
@@ -219,6 +236,18 @@ impl Manifest {
         })?;
         let entry = validate_entry(raw.entry.get_ref()).map_err(|m| at(&raw.entry, m))?;
 
+        let mut tags = Vec::new();
+        for t in &raw.tags {
+            validate_tag(t.get_ref()).map_err(|m| at(t, m))?;
+            tags.push(t.get_ref().clone());
+        }
+        let pos = |s: &Option<Spanned<String>>| s.as_ref().map(|s| line_col(text, s.span().start));
+        let origin = ManifestOrigin {
+            path: path.to_owned(),
+            memory: pos(&raw.limits.memory),
+            timeout: pos(&raw.limits.timeout),
+            max_output: pos(&raw.limits.max_output),
+        };
         let mut limits = Limits::default();
         if let Some(m) = &raw.limits.memory {
             limits.memory_bytes = parse_size(m.get_ref()).map_err(|e| at(m, e))?;
@@ -261,6 +290,7 @@ impl Manifest {
             runtime: raw.runtime,
             entry,
             description: raw.description,
+            tags,
             permissions: Permissions {
                 http: p.http,
                 kv: p.kv,
@@ -270,6 +300,7 @@ impl Manifest {
             },
             limits,
             dependencies,
+            origin,
         })
     }
 }
@@ -288,6 +319,22 @@ pub fn validate_id(id: &str) -> Result<(), String> {
         Err(format!(
             "invalid plugin id {id:?}: use 1-64 characters of a-z, 0-9, '.', '_' and '-', \
              starting with a letter or digit"
+        ))
+    }
+}
+
+/// Tags: 1-32 characters of `a-z 0-9 . _ -`.
+pub fn validate_tag(tag: &str) -> Result<(), String> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 32
+        && tag
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid tag {tag:?}: use 1-32 characters of a-z, 0-9, '.', '_' and '-'"
         ))
     }
 }

@@ -1,0 +1,242 @@
+use super::*;
+use corral_manifest::Manifest;
+
+fn files(list: &[(&str, &str)]) -> Vec<(PathBuf, String)> {
+    list.iter()
+        .map(|(p, t)| (PathBuf::from(p), (*t).to_owned()))
+        .collect()
+}
+
+fn errors(list: &[(&str, &str)]) -> Vec<String> {
+    Policy::parse(&files(list))
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+fn manifest(extra: &str) -> Manifest {
+    let text = format!(
+        "id = \"billing-api\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n{extra}"
+    );
+    Manifest::parse(&text, Path::new("/plugins/billing/plugin.toml")).unwrap()
+}
+
+#[test]
+fn the_shipped_policy_is_valid_and_routes_the_examples_to_standard() {
+    let p = Policy::built_in();
+    let m = Manifest::parse(
+        include_str!("../../../examples/hello-wasm/plugin.toml"),
+        Path::new("examples/hello-wasm/plugin.toml"),
+    )
+    .unwrap();
+    let e = p.resolve(&m, None);
+    assert_eq!(e.level.value, Level::Standard);
+    assert_eq!(e.route.as_deref(), Some("shipped examples"));
+    assert!(
+        e.level.origin.to_string().starts_with("policies/routes.toml:"),
+        "{}",
+        e.level.origin
+    );
+    // plugin.toml asks for 32 MiB, below the level's 256 MiB: its request wins.
+    assert_eq!(e.memory.value, 32 << 20);
+    assert!(matches!(e.memory.origin, Origin::Manifest { line: 12, .. }), "{:?}", e.memory.origin);
+    assert_eq!(e.worker_memory.value, (64 << 20) + (256 << 20));
+}
+
+#[test]
+fn unmatched_plugins_get_maximum_with_its_limits() {
+    let p = Policy::built_in();
+    let e = p.resolve(&manifest(""), None);
+    assert_eq!(e.level.value, Level::Maximum);
+    assert_eq!(e.level.origin, Origin::Unmatched);
+    assert_eq!(e.route, None);
+    assert_eq!(e.cpu.value, 0.5);
+    assert_eq!(e.pids.value, 16);
+    assert_eq!(e.tmpfs.value, 16 << 20);
+    assert!(e.to_string().contains("no route matched"), "{e}");
+}
+
+#[test]
+fn routing_by_id_runtime_tags_and_publisher_with_overrides() {
+    let p = Policy::parse(&files(&[(
+        "p.toml",
+        r#"
+[level.high]
+memory = "100MiB"
+
+[[route]]
+name = "signed by acme"
+publisher = "acme"
+level = "standard"
+
+[[route]]
+name = "billing js"
+id = ["billing-*", "ledger"]
+runtime = "js"
+tags = ["internal", "pci"]
+level = "high"
+limits = { memory = "48MiB", cpu = "0.25", timeout = "2s" }
+
+[[route]]
+name = "unsigned python"
+runtime = ["python"]
+signed = false
+level = "maximum"
+"#,
+    )]))
+    .unwrap();
+    // Tags must all be present.
+    let e = p.resolve(&manifest("tags = [\"internal\"]\n"), None);
+    assert_eq!(e.level.value, Level::Maximum);
+    assert_eq!(e.level.origin, Origin::Unmatched);
+
+    let e = p.resolve(&manifest("tags = [\"pci\", \"internal\", \"x\"]\n"), None);
+    assert_eq!(e.route.as_deref(), Some("billing js"));
+    assert_eq!(e.level.value, Level::High);
+    assert_eq!(e.memory.value, 48 << 20);
+    assert_eq!(
+        e.memory.origin.to_string(),
+        "p.toml:16:21",
+        "the override's own line and column"
+    );
+    assert_eq!(e.cpu.value, 0.25);
+    assert_eq!(e.timeout.value, Duration::from_secs(2));
+    // Not overridden: the level's value (high's pids is a built-in default).
+    assert_eq!(e.pids.value, 32);
+    assert_eq!(e.pids.origin, Origin::BuiltIn);
+
+    // A verified publisher matches the first route.
+    let e = p.resolve(&manifest(""), Some("acme"));
+    assert_eq!(e.route.as_deref(), Some("signed by acme"));
+    assert_eq!(e.level.value, Level::Standard);
+
+    // The plugin asks for less than the policy allows: its own request, with its line.
+    let e = p.resolve(
+        &manifest("tags = [\"pci\", \"internal\"]\n[limits]\ntimeout = \"500ms\"\nmemory = \"1GiB\"\n"),
+        None,
+    );
+    assert_eq!(e.timeout.value, Duration::from_millis(500));
+    assert_eq!(e.timeout.origin.to_string(), "/plugins/billing/plugin.toml:7:11 (the plugin's request)");
+    assert_eq!(e.memory.value, 48 << 20, "asking for more than the policy allows is capped");
+    assert_eq!(e.clamped, ["plugin.toml asks for memory 1 GiB, policy allows 48 MiB"]);
+}
+
+#[test]
+fn a_level_override_from_the_command_line_comes_first() {
+    let p = Policy::built_in().with_level(Level::High, "--level on the command line");
+    let e = p.resolve(&manifest(""), None);
+    assert_eq!(e.level.value, Level::High);
+    assert_eq!(e.level.origin.to_string(), "--level on the command line");
+    assert_eq!(e.max_output.value, 8 << 20);
+    assert_eq!(e.max_output.origin.to_string(), "policies/levels.toml:28:14");
+}
+
+#[test]
+fn errors_name_file_line_column_and_the_valid_choices() {
+    let e = errors(&[(
+        "a.toml",
+        "[level.hihg]\nmemory = \"1MiB\"\n",
+    )]);
+    assert_eq!(
+        e,
+        ["a.toml:1:8: unknown level `hihg`; expected one of: standard, high, maximum"]
+    );
+
+    let e = errors(&[("a.toml", "[level.standard]\nmemroy = \"1MiB\"\n")]);
+    assert_eq!(e.len(), 1);
+    assert!(
+        e[0].starts_with("a.toml:2:1: unknown field `memroy`, expected one of `memory`, `worker_memory`, `cpu`"),
+        "{}",
+        e[0]
+    );
+
+    let e = errors(&[(
+        "r.toml",
+        "[[route]]\nruntime = [\"rust\"]\nlevel = \"standard\"\n",
+    )]);
+    assert_eq!(
+        e,
+        ["r.toml:2:11: unknown runtime `rust`; expected one of: wasm, js, python"]
+    );
+
+    let e = errors(&[("r.toml", "[[route]]\nid = \"x\"\n")]);
+    assert!(e[0].starts_with("r.toml:1:1: missing field `level`"), "{}", e[0]);
+
+    let e = errors(&[(
+        "u.toml",
+        "[level.high]\nmemory = \"lots\"\ncpu = 0\npids = 2\ntimeout = \"0s\"\nuser = \"root\"\n",
+    )]);
+    assert_eq!(e.len(), 5, "every problem of the table is reported: {e:#?}");
+    assert!(e[0].starts_with("u.toml:2:10: invalid size \"lots\""), "{}", e[0]);
+    assert_eq!(e[1], "u.toml:3:7: cpu must be more than 0 and at most 1024 CPUs, not 0");
+    assert!(e[2].starts_with("u.toml:4:8: pids must be between 4 and 65536"), "{}", e[2]);
+    assert_eq!(e[3], "u.toml:5:11: timeout must be greater than zero");
+    assert!(e[4].starts_with("u.toml:6:8: user must not be root"), "{}", e[4]);
+
+    let e = errors(&[("g.toml", "[[route]]\nid = \"a[\"\nlevel = \"high\"\n")]);
+    assert!(e[0].starts_with("g.toml:2:6: invalid id glob \"a[\""), "{}", e[0]);
+
+    let e = errors(&[("s.toml", "[level.standard]\nmemory = 5\n")]);
+    assert!(e[0].starts_with("s.toml:2:10: invalid type: integer `5`, expected a string"), "{}", e[0]);
+
+    let e = errors(&[(
+        "w.toml",
+        "[level.standard]\nmemory = \"512MiB\"\nworker_memory = \"256MiB\"\n",
+    )]);
+    assert!(e[0].starts_with("w.toml:3:17: worker_memory (256 MiB) is below memory (512 MiB)"), "{}", e[0]);
+
+    let e = errors(&[("t.toml", "[[route]]\nlevel = \"high\"\ntags = [\"Bad Tag\"]\n")]);
+    assert!(e[0].starts_with("t.toml:3:8: invalid tag \"Bad Tag\""), "{}", e[0]);
+}
+
+#[test]
+fn every_file_is_checked_and_a_value_set_twice_names_both_places() {
+    let e = errors(&[
+        ("10-a.toml", "[level.high]\npids = 20\n"),
+        ("20-b.toml", "[level.high]\npids = 30\n"),
+        ("30-c.toml", "not toml at all ="),
+    ]);
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert_eq!(
+        e[0],
+        "20-b.toml:2:8: `pids` of level high is already set at 10-a.toml:2:8"
+    );
+    assert!(e[1].starts_with("30-c.toml:1:"), "{}", e[1]);
+}
+
+#[test]
+fn load_reads_a_directory_in_name_order_and_reports_io_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "[[route]]\nname = \"second\"\nlevel = \"high\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("a.toml"),
+        "[[route]]\nname = \"first\"\nid = \"billing-*\"\nlevel = \"standard\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+    let p = Policy::load(dir.path()).unwrap();
+    assert_eq!(p.routes.len(), 2);
+    assert_eq!(p.routes[0].name, "first");
+    assert_eq!(p.resolve(&manifest(""), None).level.value, Level::Standard);
+
+    let missing = dir.path().join("nope");
+    let e = Policy::load(&missing).unwrap_err();
+    assert!(e.to_string().contains("cannot read"), "{e}");
+    let empty = tempfile::tempdir().unwrap();
+    let e = Policy::load(empty.path()).unwrap_err();
+    assert!(e.to_string().contains("no policy files"), "{e}");
+}
+
+#[test]
+fn cpu_accepts_numbers_and_strings() {
+    assert_eq!(parse_cpu(&toml::Value::Float(0.5)).unwrap(), 0.5);
+    assert_eq!(parse_cpu(&toml::Value::Integer(2)).unwrap(), 2.0);
+    assert_eq!(parse_cpu(&toml::Value::String("0.25".into())).unwrap(), 0.25);
+    assert!(parse_cpu(&toml::Value::String("lots".into())).unwrap_err().contains("expected a number"));
+}
