@@ -313,7 +313,7 @@ fn main() {
         (WARM_ITERS, COLD_ITERS)
     };
     built();
-    let cache = tempfile::tempdir().unwrap();
+    let cache = corral_integration_tests::open_tempdir();
 
     for pinned in [true, false] {
         if pinned {

@@ -128,7 +128,7 @@ fn ensure_wasm_target() {
 /// Make a plugin directory in a fresh temporary directory: `plugin.toml` with `id`,
 /// the given `[limits]` lines, and `module` (a fixture file name) copied as entry.
 pub fn wat_plugin(id: &str, module: &str, limits: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = open_tempdir();
     std::fs::copy(fixture(module), dir.path().join(module)).expect("copy fixture");
     std::fs::write(
         dir.path().join("plugin.toml"),
@@ -140,11 +140,29 @@ pub fn wat_plugin(id: &str, module: &str, limits: &str) -> tempfile::TempDir {
     dir
 }
 
-/// Supervisor options for tests: the freshly built workers and a private cache.
+/// A temporary directory the workers' unprivileged user may enter and read (0755):
+/// for plugin and cache directories.
+pub fn open_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// The policy the tests run under (`fixtures/policy/test.toml`): every plugin at
+/// standard with 64 MiB, 5 s, 64 MiB output, 64 pids, one CPU.
+pub fn test_policy() -> corral::Policy {
+    corral::Policy::load(&fixture("policy/test.toml")).expect("the test policy is valid")
+}
+
+/// Supervisor options for tests: the freshly built workers, a private cache and the
+/// test policy.
 pub fn options(cache: &Path) -> corral::Options {
     let mut o = corral::Options::new();
     o.worker_dir = built().bin_dir.clone();
     o.cache_dir = Some(cache.to_owned());
+    o.policy = std::sync::Arc::new(test_policy());
     o
 }
 

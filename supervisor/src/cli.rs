@@ -100,9 +100,14 @@ pub enum Command {
         /// Module cache directory (default: ~/.cache/corral).
         #[arg(long, env = "CORRAL_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
-        /// Isolation level: standard or high (maximum is not built yet).
-        #[arg(long, default_value = "standard", value_parser = parse_level)]
-        level: corral_confine::Level,
+        /// Policy files (directory or file) routing the plugin to its level. Default:
+        /// the shipped policy, compiled in.
+        #[arg(long, env = "CORRAL_POLICY")]
+        policy: Option<PathBuf>,
+        /// Run at this level whatever the policy routes (the level's limits still
+        /// come from the policy).
+        #[arg(long, value_parser = parse_level)]
+        level: Option<corral_confine::Level>,
     },
     /// Run the daemon: load the configured plugins and serve the control socket.
     Serve {
@@ -144,6 +149,35 @@ pub enum Command {
     Stop {
         #[arg(long, env = "CORRAL_SOCKET")]
         socket: Option<PathBuf>,
+    },
+    /// Check policy files and explain what they decide for a plugin.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate policy files: every error with file, line, column and the valid
+    /// choices. PATH is a policy directory or file; default: the one `--config` names,
+    /// else the built-in policy.
+    Check {
+        path: Option<PathBuf>,
+        /// Daemon configuration whose `policy` to check.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print a plugin's effective policy and the file and line that set each value.
+    Explain {
+        /// A plugin directory, or the id of a plugin in `--config`.
+        plugin: String,
+        /// Policy directory or file (default: the one `--config` names, else built-in).
+        #[arg(long, env = "CORRAL_POLICY")]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// As `corral run --level`: route the plugin to this level.
+        #[arg(long, value_parser = parse_level)]
+        level: Option<corral_confine::Level>,
     },
 }
 
@@ -187,9 +221,22 @@ pub struct OutputArgs {
 }
 
 fn parse_level(s: &str) -> Result<corral_confine::Level, String> {
-    let level: corral_confine::Level = s.parse()?;
-    level.available()?;
-    Ok(level)
+    s.parse()
+}
+
+/// The policy named by `path` (else the built-in one), with a `--level` override.
+fn policy_from(
+    path: Option<&Path>,
+    level: Option<corral_confine::Level>,
+) -> Result<corral_policy::Policy, corral_policy::PolicyErrors> {
+    let policy = match path {
+        Some(p) => corral_policy::Policy::load(p)?,
+        None => corral_policy::Policy::built_in(),
+    };
+    Ok(match level {
+        Some(l) => policy.with_level(l, "--level on the command line"),
+        None => policy,
+    })
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -212,10 +259,17 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 out,
                 worker_dir,
                 cache_dir,
+                policy,
                 level,
             } => {
                 let mut options = Options::new();
-                options.level = level;
+                match policy_from(policy.as_deref(), level) {
+                    Ok(p) => options.policy = Arc::new(p),
+                    Err(e) => {
+                        eprintln!("error: invalid policy:\n{e}");
+                        return Ok(exit::INVALID);
+                    }
+                }
                 if let Some(d) = worker_dir {
                     options.worker_dir = d;
                 }
@@ -264,19 +318,26 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 Ok(other) => bail!("unexpected answer from the daemon: {other:?}"),
             },
-            Command::Status { json, socket } => match request(socket, &ControlRequest::List).await?
-            {
-                Err(code) => Ok(code),
-                Ok(ControlResponse::Plugins(plugins)) if json => {
-                    print_plugins(&plugins, true)?;
-                    Ok(exit::OK)
+            Command::Status { json, socket } => {
+                let policy = match request(socket.clone(), &ControlRequest::Policy).await? {
+                    Err(code) => return Ok(code),
+                    Ok(ControlResponse::Policy(p)) => p,
+                    Ok(other) => bail!("unexpected answer from the daemon: {other:?}"),
+                };
+                match request(socket, &ControlRequest::List).await? {
+                    Err(code) => Ok(code),
+                    Ok(ControlResponse::Plugins(plugins)) if json => {
+                        print_plugins(&plugins, true)?;
+                        Ok(exit::OK)
+                    }
+                    Ok(ControlResponse::Plugins(plugins)) => {
+                        print_status(&policy, &plugins)?;
+                        Ok(exit::OK)
+                    }
+                    Ok(other) => bail!("unexpected answer from the daemon: {other:?}"),
                 }
-                Ok(ControlResponse::Plugins(plugins)) => {
-                    print_status(&plugins)?;
-                    Ok(exit::OK)
-                }
-                Ok(other) => bail!("unexpected answer from the daemon: {other:?}"),
-            },
+            }
+            Command::Policy(cmd) => policy_command(cmd),
             Command::Stop { socket } => match request(socket, &ControlRequest::Shutdown).await? {
                 Err(code) => Ok(code),
                 Ok(_) => Ok(exit::OK),
@@ -285,14 +346,137 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     })
 }
 
+fn policy_command(cmd: PolicyCommand) -> anyhow::Result<u8> {
+    let configured = |config: Option<&Path>| -> Result<Option<Config>, u8> {
+        let Some(path) = config else { return Ok(None) };
+        Config::load(path).map(Some).map_err(|e| {
+            eprintln!("error: {}", crate::supervisor::error_chain(&e));
+            exit::INVALID
+        })
+    };
+    match cmd {
+        PolicyCommand::Check { path, config } => {
+            let cfg = match configured(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let path = path.or_else(|| cfg.and_then(|c| c.policy_path));
+            let policy = match policy_from(path.as_deref(), None) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("{e}");
+                    eprintln!("policy check failed: {} error(s)", e.0.len());
+                    return Ok(exit::INVALID);
+                }
+            };
+            let mut out = std::io::stdout().lock();
+            let files: Vec<String> = policy
+                .sources
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            writeln!(
+                out,
+                "policy OK: {}{}",
+                files.join(", "),
+                if path.is_none() { " (built in)" } else { "" }
+            )?;
+            for level in corral_policy::LEVELS {
+                let l = policy.level_limits(level);
+                let show = |s: &Option<corral_policy::Setting<u64>>| {
+                    s.as_ref()
+                        .map_or("-".into(), |s| corral_policy::size(s.value))
+                };
+                writeln!(
+                    out,
+                    "  level {:<8} memory {}, cpu {}, pids {}, timeout {:?}, max_output {}, user {}",
+                    level.as_str(),
+                    show(&l.memory),
+                    l.cpu.as_ref().map_or(0.0, |c| c.value),
+                    l.pids.as_ref().map_or(0, |c| c.value),
+                    l.timeout.as_ref().map_or(Duration::ZERO, |c| c.value),
+                    show(&l.max_output),
+                    l.user
+                        .as_ref()
+                        .map_or(String::new(), |u| u.value.to_string()),
+                )?;
+            }
+            for r in &policy.routes {
+                writeln!(out, "  route {:?} -> {} ({})", r.name, r.level, r.origin)?;
+            }
+            writeln!(out, "  unmatched plugins -> maximum")?;
+            Ok(exit::OK)
+        }
+        PolicyCommand::Explain {
+            plugin,
+            policy,
+            config,
+            level,
+        } => {
+            let cfg = match configured(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let dir = PathBuf::from(&plugin);
+            let manifest = if dir.join(corral_manifest::MANIFEST_FILE).is_file() {
+                corral_manifest::Manifest::load_dir(&dir)
+            } else {
+                let found = cfg.as_ref().and_then(|c| {
+                    c.plugins.iter().find_map(|d| {
+                        corral_manifest::Manifest::load_dir(d)
+                            .ok()
+                            .filter(|m| m.id == plugin)
+                    })
+                });
+                match found {
+                    Some(m) => Ok(m),
+                    None => {
+                        eprintln!(
+                            "error: {plugin:?} is neither a plugin directory nor the id of a \
+                             plugin in {}",
+                            config
+                                .as_ref()
+                                .map_or("a --config file (none given)".into(), |c| c
+                                    .display()
+                                    .to_string())
+                        );
+                        return Ok(exit::NOT_FOUND);
+                    }
+                }
+            };
+            let manifest = match manifest {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(exit::INVALID);
+                }
+            };
+            let path = policy.or_else(|| cfg.and_then(|c| c.policy_path));
+            let policy = match policy_from(path.as_deref(), level) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: invalid policy:\n{e}");
+                    return Ok(exit::INVALID);
+                }
+            };
+            print!("{}", policy.resolve(&manifest, None));
+            Ok(exit::OK)
+        }
+    }
+}
+
 async fn serve(config_path: &Path, socket: Option<PathBuf>) -> anyhow::Result<u8> {
-    let config = match Config::load(config_path) {
+    let mut config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {}", crate::supervisor::error_chain(&e));
             return Ok(exit::INVALID);
         }
     };
+    if let Err(e) = config.load_policy() {
+        eprintln!("error: invalid policy:\n{e}");
+        return Ok(exit::INVALID);
+    }
     let mut sup = Supervisor::new(config.options.clone());
     for dir in &config.plugins {
         match sup.add_plugin_dir(dir) {
@@ -310,6 +494,13 @@ async fn serve(config_path: &Path, socket: Option<PathBuf>) -> anyhow::Result<u8
         .await
         .with_context(|| format!("failed to serve {}", socket.display()))?;
     let sup = Arc::new(sup);
+    let _watcher = match &config.policy_path {
+        Some(p) => Some(
+            crate::reload::watch_policy(p, Arc::clone(&sup))
+                .with_context(|| format!("cannot watch the policy {}", p.display()))?,
+        ),
+        None => None,
+    };
     let stop = Arc::new(Notify::new());
     let signals = Arc::clone(&stop);
     tokio::spawn(async move {
@@ -407,7 +598,8 @@ fn print_plugins(plugins: &[PluginInfo], json: bool) -> anyhow::Result<()> {
                     "id": p.id, "version": p.version, "runtime": p.runtime.as_str(),
                     "dir": p.dir, "level": p.level, "state": p.state, "pid": p.pid,
                     "restarts": p.restarts, "calls": p.calls, "last_error": p.last_error,
-                    "exports": p.exports,
+                    "exports": p.exports, "policy": p.policy,
+                    "resources": p.resources.as_ref().map(resources_json),
                     "enforcement": p.enforcement.as_ref().map(enforcement_json),
                 })
             })
@@ -438,6 +630,37 @@ fn print_plugins(plugins: &[PluginInfo], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn resources_line(r: &corral_protocol::ResourceStats) -> String {
+    let mib = |b: Option<u64>| b.map_or("?".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+    let mut s = format!(
+        "memory {} (peak {}, limit {}), cpu {}, pids {}/{}",
+        mib(r.memory_current),
+        mib(r.memory_peak),
+        mib(r.memory_limit),
+        r.cpu_usage_usec
+            .map_or("?".into(), |u| format!("{:.3}s", u as f64 / 1e6)),
+        r.pids_current.map_or("?".into(), |p| p.to_string()),
+        r.pids_max.map_or("-".into(), |p| p.to_string()),
+    );
+    if let (Some(n), Some(t)) = (r.cpu_throttled_periods, r.cpu_throttled_usec) {
+        s.push_str(&format!(", throttled {n} times ({:.3}s)", t as f64 / 1e6));
+    }
+    if r.oom_kills > 0 {
+        s.push_str(&format!(", OOM kills {}", r.oom_kills));
+    }
+    s
+}
+
+fn resources_json(r: &corral_protocol::ResourceStats) -> serde_json::Value {
+    serde_json::json!({
+        "memory_current": r.memory_current, "memory_peak": r.memory_peak,
+        "memory_limit": r.memory_limit, "cpu_usage_usec": r.cpu_usage_usec,
+        "cpu_throttled_periods": r.cpu_throttled_periods,
+        "cpu_throttled_usec": r.cpu_throttled_usec, "pids_current": r.pids_current,
+        "pids_max": r.pids_max, "oom_kills": r.oom_kills,
+    })
+}
+
 fn enforcement_json(r: &corral_protocol::EnforcementReport) -> serde_json::Value {
     use corral_protocol::Enforcement;
     let one = |e: &Enforcement| match e {
@@ -448,12 +671,26 @@ fn enforcement_json(r: &corral_protocol::EnforcementReport) -> serde_json::Value
     serde_json::json!({
         "cgroup": one(&r.cgroup), "landlock": one(&r.landlock), "seccomp": one(&r.seccomp),
         "namespaces": one(&r.namespaces), "no_new_privs": r.no_new_privs,
-        "uid": r.uid, "gid": r.gid,
+        "uid": r.uid, "gid": r.gid, "cap_effective": r.cap_effective,
+        "cap_bounding": r.cap_bounding,
     })
 }
 
-fn print_status(plugins: &[PluginInfo]) -> anyhow::Result<()> {
+fn print_status(
+    policy: &corral_protocol::PolicyStatus,
+    plugins: &[PluginInfo],
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
+    writeln!(out, "policy: {}", policy.sources.join(", "))?;
+    if let Some(e) = &policy.reload_error {
+        writeln!(
+            out,
+            "policy reload REJECTED (the last good policy stays in force):"
+        )?;
+        for line in e.lines() {
+            writeln!(out, "  {line}")?;
+        }
+    }
     for p in plugins {
         writeln!(
             out,
@@ -467,24 +704,37 @@ fn print_status(plugins: &[PluginInfo]) -> anyhow::Result<()> {
             p.restarts,
             p.calls,
         )?;
+        writeln!(out, "  policy      {}", p.policy)?;
         match &p.enforcement {
             Some(r) => {
                 writeln!(out, "  landlock    {}", r.landlock)?;
                 writeln!(out, "  seccomp     {}", r.seccomp)?;
                 writeln!(out, "  namespaces  {}", r.namespaces)?;
                 writeln!(out, "  cgroup      {}", r.cgroup)?;
+                let caps = |c: u64| {
+                    if c == 0 {
+                        "none".to_owned()
+                    } else {
+                        format!("{c:#x}")
+                    }
+                };
                 writeln!(
                     out,
-                    "  process     no_new_privs {}, uid {}, gid {}",
+                    "  process     no_new_privs {}, uid {}, gid {}, capabilities {} (bounding set {})",
                     if r.no_new_privs { "on" } else { "off" },
                     r.uid,
-                    r.gid
+                    r.gid,
+                    caps(r.cap_effective),
+                    caps(r.cap_bounding),
                 )?;
             }
             None => writeln!(
                 out,
                 "  (no worker running: enforcement is reported at start)"
             )?,
+        }
+        if let Some(r) = &p.resources {
+            writeln!(out, "  resources   {}", resources_line(r))?;
         }
         if let Some(e) = &p.last_error {
             writeln!(out, "  last error  {e}")?;

@@ -7,8 +7,9 @@
 //! socket = "/run/corral/control.sock"
 //! cache_dir = "/var/cache/corral"
 //! worker_dir = "/usr/libexec/corral"
-//! # Isolation level of every plugin until policy files route them: standard | high.
-//! level = "high"
+//! # Policy files (a directory of *.toml or one file) that route plugins to isolation
+//! # levels; reloaded live. Default: the shipped policy, compiled in.
+//! policy = "/etc/corral/policies"
 //!
 //! [restart]
 //! max_crashes = 5
@@ -47,7 +48,7 @@ struct RawConfig {
     socket: Option<String>,
     cache_dir: Option<String>,
     worker_dir: Option<String>,
-    level: Option<Spanned<String>>,
+    policy: Option<String>,
     #[serde(default)]
     restart: RawRestart,
 }
@@ -65,7 +66,20 @@ pub struct Config {
     /// Absolute plugin directories.
     pub plugins: Vec<PathBuf>,
     pub socket: Option<PathBuf>,
+    /// Where the policy was read from (`None`: the built-in policy); watched for edits.
+    pub policy_path: Option<PathBuf>,
     pub options: Options,
+}
+
+impl Config {
+    /// Load the configured policy into `self.options` (a separate step so that
+    /// `corral policy check` can report the policy's own errors).
+    pub fn load_policy(&mut self) -> Result<(), corral_policy::PolicyErrors> {
+        if let Some(p) = &self.policy_path {
+            self.options.policy = std::sync::Arc::new(corral_policy::Policy::load(p)?);
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -98,14 +112,6 @@ impl Config {
         if let Some(d) = &raw.worker_dir {
             options.worker_dir = resolve(d);
         }
-        if let Some(l) = &raw.level {
-            let level: corral_confine::Level = l
-                .get_ref()
-                .parse()
-                .map_err(|m| invalid(Some(l.span()), m))?;
-            level.available().map_err(|m| invalid(Some(l.span()), m))?;
-            options.level = level;
-        }
         let mut restart = RestartPolicy::default();
         if let Some(n) = raw.restart.max_crashes {
             restart.max_crashes = n.max(1);
@@ -118,6 +124,7 @@ impl Config {
         Ok(Config {
             plugins: raw.plugins.iter().map(|p| resolve(p)).collect(),
             socket: raw.socket.as_deref().map(resolve),
+            policy_path: raw.policy.as_deref().map(resolve),
             options,
         })
     }

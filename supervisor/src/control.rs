@@ -191,6 +191,21 @@ async fn handle_client(conn: Stream, supervisor: Arc<Supervisor>, stop: Arc<Noti
                 ControlResponse::Called(supervisor.call(&plugin, &function, input, timeout).await)
             }
             ControlRequest::List => ControlResponse::Plugins(supervisor.list().await),
+            ControlRequest::Policy => ControlResponse::Policy(corral_protocol::PolicyStatus {
+                sources: supervisor
+                    .policy()
+                    .sources
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+                reload_error: supervisor.policy_error(),
+            }),
+            ControlRequest::Explain { plugin } => ControlResponse::Explained(
+                supervisor
+                    .explain(&plugin)
+                    .map(|e| e.to_string())
+                    .ok_or_else(|| format!("no plugin {plugin:?} in this daemon")),
+            ),
             ControlRequest::Shutdown => {
                 stop.notify_one();
                 ControlResponse::ShuttingDown

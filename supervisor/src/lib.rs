@@ -6,8 +6,9 @@
 //! - [`Supervisor`]: the plugins and their workers; [`Supervisor::call`] is the one
 //!   entry point every client (CLI, control socket, Rust API) goes through.
 //! - [`WorkerHandle`]: one running worker process and its in-flight calls.
-//! - [`Options`] and [`RestartPolicy`]: where workers live, the module cache, how
-//!   crashes are retried.
+//! - [`Options`] and [`RestartPolicy`]: where workers live, the module cache, the
+//!   policy ([`corral_policy::Policy`]) that routes plugins to levels, how crashes
+//!   are retried.
 //! - [`Config`]: the daemon's configuration file.
 //! - [`control`]: the daemon's control socket, server and client.
 //!
@@ -28,16 +29,16 @@ compile_error!(
     "corral supervises workers with Linux facilities (socketpair fd passing, PR_SET_PDEATHSIG, close_range); other platforms are not supported"
 );
 
+pub mod access;
 pub mod cli;
 mod config;
 pub mod control;
 mod host;
+pub mod reload;
 pub(crate) mod supervisor;
 mod worker;
 
 pub use config::{Config, ConfigError};
-pub use supervisor::{
-    AddPluginError, CGROUP_PIDS_MAX, CGROUP_PREFIX, Options, RestartPolicy, Supervisor,
-    cgroup_memory,
-};
-pub use worker::{SpawnSpec, StartError, WorkerHandle, exit_reason};
+pub use corral_policy::{Effective, Policy};
+pub use supervisor::{AddPluginError, CGROUP_PREFIX, Options, RestartPolicy, Supervisor};
+pub use worker::{Credentials, SpawnSpec, StartError, WorkerHandle, exit_reason};

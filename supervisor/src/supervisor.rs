@@ -1,14 +1,17 @@
 //! The supervisor: a set of plugins, each with at most one worker process, started on
 //! demand and restarted with backoff after crashes.
 
+use crate::access;
 use crate::worker::{SpawnSpec, StartError, WorkerHandle};
-use corral_confine::cgroup::{CgroupBase, CgroupHost, CgroupLimits};
+use corral_confine::cgroup::{CgroupBase, CgroupHost, CgroupLimits, PluginCgroup};
 use corral_confine::{Level, SelfConfinement};
 use corral_manifest::{Manifest, ManifestError, Runtime};
-use corral_protocol::{CallError, EngineLimits, ExitReason, LoadSpec, PluginInfo, WorkerKind};
+use corral_policy::{Effective, Policy};
+use corral_protocol::{
+    CallError, EngineLimits, ExitReason, LoadSpec, PluginInfo, ResourceStats, WorkerKind,
+};
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -63,25 +66,15 @@ pub struct Options {
     pub handshake_timeout: Duration,
     /// How long past a call's deadline to wait before killing an unresponsive worker.
     pub kill_grace: Duration,
-    /// The isolation level every plugin runs at. (Routing plugins to levels from
-    /// policy files is not built yet; until then one level applies to all.)
-    pub level: Level,
+    /// Routes each plugin to an isolation level and its limits. Default: the shipped
+    /// policy (`policies/`), compiled in.
+    pub policy: Arc<Policy>,
     /// Where to create per-plugin cgroups; `None` disables them (refused at `high`).
     pub cgroups: Option<CgroupHost>,
 }
 
 /// Prefix of the supervisor's base cgroup (`corral-<pid>`).
 pub const CGROUP_PREFIX: &str = "corral-";
-
-/// Memory a worker's cgroup allows: twice the engine's memory limit (inputs and
-/// outputs are copied between socket buffers and the engine) plus 256 MiB for the
-/// runtime itself.
-pub fn cgroup_memory(engine_memory: u64) -> u64 {
-    engine_memory.saturating_mul(2).saturating_add(256 << 20)
-}
-
-/// Most processes/threads a worker's cgroup allows.
-pub const CGROUP_PIDS_MAX: u64 = 64;
 
 impl Options {
     /// Defaults: workers beside the running executable, cache under the user's
@@ -97,7 +90,7 @@ impl Options {
             restart: RestartPolicy::default(),
             handshake_timeout: Duration::from_secs(10),
             kill_grace: Duration::from_secs(1),
-            level: Level::Standard,
+            policy: Arc::new(Policy::built_in()),
             cgroups: Some(CgroupHost::default()),
         }
     }
@@ -110,6 +103,10 @@ impl Default for Options {
 }
 
 fn default_cache_dir() -> Option<PathBuf> {
+    // Root's home is closed to the unprivileged users workers run as.
+    if access::is_root() {
+        return Some(PathBuf::from("/var/cache/corral"));
+    }
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         return Some(PathBuf::from(x).join("corral"));
     }
@@ -156,6 +153,9 @@ struct PluginState {
     failed: Option<String>,
     last_error: Option<String>,
     shutting_down: bool,
+    /// The policy the running worker was started with (live changes applied).
+    effective: Option<Effective>,
+    group: Option<Arc<PluginCgroup>>,
 }
 
 /// The supervisor. Share it behind an `Arc`; all methods take `&self`.
@@ -163,6 +163,9 @@ struct PluginState {
 pub struct Supervisor {
     plugins: BTreeMap<String, Arc<Plugin>>,
     options: Options,
+    policy: std::sync::RwLock<Arc<Policy>>,
+    /// Why the last policy reload was rejected (the previous policy stays).
+    policy_error: std::sync::Mutex<Option<String>>,
     /// Created at the first worker start.
     cgroup_base: OnceLock<Result<CgroupBase, String>>,
     worker_seq: AtomicU64,
@@ -172,6 +175,8 @@ impl Supervisor {
     pub fn new(options: Options) -> Supervisor {
         Supervisor {
             plugins: BTreeMap::new(),
+            policy: std::sync::RwLock::new(Arc::clone(&options.policy)),
+            policy_error: std::sync::Mutex::new(None),
             options,
             cgroup_base: OnceLock::new(),
             worker_seq: AtomicU64::new(1),
@@ -224,7 +229,7 @@ impl Supervisor {
                 plugin: plugin.to_owned(),
             })?;
         p.calls.fetch_add(1, Ordering::Relaxed);
-        let worker = self.worker_for(p).await?;
+        let (worker, limits) = self.worker_for(p).await?;
         if !worker.exports.iter().any(|e| e == function) {
             return Err(CallError::UnknownFunction {
                 plugin: plugin.to_owned(),
@@ -232,7 +237,8 @@ impl Supervisor {
                 exports: worker.exports.join(", "),
             });
         }
-        let deadline = timeout.unwrap_or(p.manifest.limits.timeout);
+        // A caller may shorten the deadline, or lengthen it up to the policy's cap.
+        let deadline = timeout.map_or(limits.0, |t| t.min(limits.1));
         let result = worker.call(function, input, deadline).await;
         if let Err(e @ (CallError::WorkerCrashed(_) | CallError::Timeout { .. })) = &result {
             p.state.lock().await.last_error = Some(e.to_string());
@@ -240,15 +246,25 @@ impl Supervisor {
         result
     }
 
-    /// The running worker of `p`, started (after any backoff) if needed.
-    async fn worker_for(&self, p: &Plugin) -> Result<Arc<WorkerHandle>, CallError> {
+    /// The running worker of `p`, started (after any backoff) if needed, with the
+    /// call deadline and its cap from the plugin's effective policy.
+    async fn worker_for(
+        &self,
+        p: &Plugin,
+    ) -> Result<(Arc<WorkerHandle>, (Duration, Duration)), CallError> {
         let mut st = p.state.lock().await;
         if st.shutting_down {
             return Err(CallError::ShuttingDown);
         }
         self.reap(p, &mut st);
+        let deadlines = |e: &Option<Effective>| {
+            e.as_ref()
+                .map_or((Duration::from_secs(5), Duration::from_secs(5)), |e| {
+                    (e.timeout.value, e.timeout_cap)
+                })
+        };
         if let Some(w) = &st.worker {
-            return Ok(Arc::clone(w));
+            return Ok((Arc::clone(w), deadlines(&st.effective)));
         }
         if let Some(last) = &st.failed {
             return Err(CallError::PluginFailed {
@@ -266,14 +282,16 @@ impl Supervisor {
             }
         }
         match self.start_worker(p).await {
-            Ok(w) => {
+            Ok((w, effective, group)) => {
                 if st.starts > 0 {
                     st.restarts += 1;
                 }
                 st.starts += 1;
-                tracing::info!(plugin = %p.manifest.id, pid = w.pid, "worker ready");
+                tracing::info!(plugin = %p.manifest.id, pid = w.pid, level = %effective.level.value, "worker ready");
                 st.worker = Some(Arc::clone(&w));
-                Ok(w)
+                st.effective = Some(effective);
+                st.group = group;
+                Ok((w, deadlines(&st.effective)))
             }
             Err(e) => {
                 let reason = error_chain(&e);
@@ -301,6 +319,7 @@ impl Supervisor {
             None => return,
         };
         st.worker = None;
+        st.group = None;
         if by_us {
             st.last_error = Some(format!(
                 "worker killed by the supervisor after it missed a deadline: {reason}"
@@ -334,31 +353,54 @@ impl Supervisor {
         }
     }
 
-    async fn start_worker(&self, p: &Plugin) -> Result<Arc<WorkerHandle>, StartError> {
-        self.options
-            .level
-            .available()
-            .map_err(StartError::Refused)?;
+    async fn start_worker(
+        &self,
+        p: &Plugin,
+    ) -> Result<(Arc<WorkerHandle>, Effective, Option<Arc<PluginCgroup>>), StartError> {
         let m = &p.manifest;
+        let effective = self.policy().resolve(m, None);
+        let level = effective.level.value;
+        level.available().map_err(|why| {
+            StartError::Refused(format!("{why} (level set by {})", effective.level.origin))
+        })?;
+        for note in &effective.clamped {
+            tracing::warn!(plugin = %m.id, "{note}");
+        }
+        let run_as = access::credentials(&effective.user.value).map_err(|why| {
+            StartError::Refused(format!(
+                "cannot run the worker as user {} (set by {}): {why}",
+                effective.user.value, effective.user.origin
+            ))
+        })?;
+        if let Some(cred) = run_as {
+            access::check_readable(&p.dir, cred).map_err(|why| {
+                StartError::Refused(format!(
+                    "the worker runs as uid {} gid {} and cannot read the plugin directory: \
+                     {why}",
+                    cred.uid, cred.gid
+                ))
+            })?;
+        }
         let kind = worker_kind(m.runtime);
         let program = self
             .options
             .worker_dir
             .join(format!("corral-worker-{}", kind.as_str()));
-        let cache_dir = self.options.cache_dir.as_ref().map(|d| d.join("modules"));
-        if let Some(d) = &cache_dir {
-            // Created now so the worker's Landlock rule has something to grant.
-            let _ = std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(d);
-        }
-        let (cgroup, cgroup_unavailable) = match self.plugin_cgroup(m) {
+        let cache_dir =
+            self.options.cache_dir.as_ref().and_then(|d| {
+                match access::plugin_cache_dir(d, &m.id, run_as) {
+                    Ok(dir) => Some(dir),
+                    Err(why) => {
+                        tracing::warn!(plugin = %m.id, "starting without the module cache: {why}");
+                        None
+                    }
+                }
+            });
+        let (cgroup, cgroup_unavailable) = match self.plugin_cgroup(m, &effective) {
             Ok(g) => (Some(Arc::new(g)), None),
-            Err(why) if self.options.level >= Level::High => {
+            Err(why) if level >= Level::High => {
                 return Err(StartError::Refused(format!(
-                    "level {} requires cgroup limits: {why}",
-                    self.options.level
+                    "level {level} requires cgroup limits: {why}"
                 )));
             }
             Err(why) => {
@@ -367,8 +409,9 @@ impl Supervisor {
             }
         };
         let spec = SpawnSpec {
-            cgroup,
+            cgroup: cgroup.clone(),
             cgroup_unavailable,
+            run_as,
             program,
             kind,
             plugin_id: m.id.clone(),
@@ -376,7 +419,7 @@ impl Supervisor {
             handshake_timeout: self.options.handshake_timeout,
             kill_grace: self.options.kill_grace,
             confine: SelfConfinement {
-                level: self.options.level,
+                level,
                 read: vec![p.dir.clone()],
                 write: cache_dir.iter().cloned().collect(),
             },
@@ -386,16 +429,17 @@ impl Supervisor {
             plugin_dir: p.dir.to_string_lossy().into_owned(),
             entry: m.entry.to_string_lossy().into_owned(),
             limits: EngineLimits {
-                memory_bytes: m.limits.memory_bytes,
-                max_output_bytes: m.limits.max_output_bytes,
-                init_deadline_ms: m.limits.timeout.as_millis() as u64,
+                memory_bytes: effective.memory.value,
+                max_output_bytes: effective.max_output.value,
+                init_deadline_ms: effective.timeout.value.as_millis() as u64,
             },
             cache_dir: cache_dir.map(|d| d.to_string_lossy().into_owned()),
         };
-        WorkerHandle::start(&spec, load).await
+        let w = WorkerHandle::start(&spec, load).await?;
+        Ok((w, effective, cgroup))
     }
 
-    fn plugin_cgroup(&self, m: &Manifest) -> Result<corral_confine::cgroup::PluginCgroup, String> {
+    fn plugin_cgroup(&self, m: &Manifest, e: &Effective) -> Result<PluginCgroup, String> {
         let base = self
             .cgroup_base
             .get_or_init(|| {
@@ -411,17 +455,109 @@ impl Supervisor {
             })
             .as_ref()
             .map_err(Clone::clone)?;
-        let limits = CgroupLimits {
-            memory_bytes: cgroup_memory(m.limits.memory_bytes),
-            pids_max: CGROUP_PIDS_MAX,
-            cpu_micros_per_sec: 1_000_000,
-        };
         let name = format!(
             "{}-{}",
             m.id,
             self.worker_seq.fetch_add(1, Ordering::Relaxed)
         );
-        base.create(&name, &limits).map_err(|e| error_chain(&e))
+        base.create(&name, &cgroup_limits(e))
+            .map_err(|e| error_chain(&e))
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Why the last policy reload was rejected, if it was.
+    pub fn policy_error(&self) -> Option<String> {
+        self.policy_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Keep the current policy and remember why a reload was rejected.
+    pub fn reject_policy(&self, why: String) {
+        tracing::error!("policy reload rejected; keeping the last good policy: {why}");
+        *self.policy_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// The effective policy of `plugin` under the policy in force.
+    pub fn explain(&self, plugin: &str) -> Option<Effective> {
+        let p = self.plugins.get(plugin)?;
+        Some(self.policy().resolve(&p.manifest, None))
+    }
+
+    /// Switch to a new policy. Running workers get what can change live: cgroup
+    /// limits (memory, CPU, pids) are written to their groups and the call deadline
+    /// applies to the next call. A changed level, user or engine limit needs a new
+    /// worker: the old one finishes the calls it has and is retired; the next call
+    /// starts a worker under the new policy. Returns one line per change.
+    pub async fn set_policy(&self, policy: Policy) -> Vec<String> {
+        let policy = Arc::new(policy);
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&policy);
+        *self.policy_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut changes = Vec::new();
+        for p in self.plugins.values() {
+            let mut st = p.state.lock().await;
+            let new = policy.resolve(&p.manifest, None);
+            let Some(old) = st.effective.clone() else {
+                continue;
+            };
+            if st.worker.is_none() || old == new {
+                continue;
+            }
+            let id = &p.manifest.id;
+            let needs_new_worker = old.level.value != new.level.value
+                || old.user.value != new.user.value
+                || old.memory.value != new.memory.value
+                || old.max_output.value != new.max_output.value
+                || old.tmpfs.value != new.tmpfs.value;
+            if needs_new_worker {
+                if let Some(w) = st.worker.take() {
+                    st.group = None;
+                    let grace = old.timeout_cap + Duration::from_secs(1);
+                    tokio::spawn(async move { w.shutdown(grace).await });
+                }
+                changes.push(format!(
+                    "{id}: worker retired after its calls; the next call starts one at {}",
+                    new.summary()
+                ));
+                st.effective = Some(new);
+                continue;
+            }
+            let limits = cgroup_limits(&new);
+            match &st.group {
+                Some(g) if g.limits() != limits => match g.set_limits(&limits) {
+                    Ok(()) => changes.push(format!(
+                        "{id}: cgroup limits applied live: worker_memory {}, cpu {}, pids {}",
+                        corral_policy::size(new.worker_memory.value),
+                        new.cpu.value,
+                        new.pids.value
+                    )),
+                    Err(e) => {
+                        let why = format!(
+                            "{id}: new cgroup limits not applied to the running worker: {}",
+                            error_chain(&e)
+                        );
+                        tracing::warn!("{why}");
+                        st.last_error = Some(why.clone());
+                        changes.push(why);
+                        continue;
+                    }
+                },
+                _ => {}
+            }
+            if old.timeout != new.timeout {
+                changes.push(format!("{id}: call deadline now {:?}", new.timeout.value));
+            }
+            st.effective = Some(new);
+        }
+        for c in &changes {
+            tracing::info!("policy: {c}");
+        }
+        changes
     }
 
     /// Every plugin and its state.
@@ -439,12 +575,24 @@ impl Supervisor {
             } else {
                 "stopped"
             };
+            let effective = st
+                .effective
+                .clone()
+                .filter(|_| st.worker.is_some())
+                .unwrap_or_else(|| self.policy().resolve(&p.manifest, None));
+            let resources = match (&st.worker, &st.group) {
+                (Some(w), Some(g)) => Some(access::worker_stats(g.stats(), w.pid)),
+                (Some(w), None) => Some(access::worker_stats(ResourceStats::default(), w.pid)),
+                _ => None,
+            };
             out.push(PluginInfo {
+                policy: effective.summary(),
+                resources,
                 id: p.manifest.id.clone(),
                 version: p.manifest.version.to_string(),
                 runtime: worker_kind(p.manifest.runtime),
                 dir: p.dir.to_string_lossy().into_owned(),
-                level: self.options.level.to_string(),
+                level: effective.level.value.to_string(),
                 enforcement: st.worker.as_ref().map(|w| w.hello.enforcement.clone()),
                 state: state.to_owned(),
                 pid: st.worker.as_ref().map(|w| w.pid),
@@ -468,6 +616,7 @@ impl Supervisor {
         for p in self.plugins.values() {
             let mut st = p.state.lock().await;
             st.shutting_down = true;
+            st.group = None;
             if let Some(w) = st.worker.take() {
                 workers.push(w);
             }
@@ -500,6 +649,15 @@ impl Drop for Supervisor {
 }
 
 pub(crate) use corral_protocol::error_chain;
+
+/// The cgroup limits of an effective policy.
+fn cgroup_limits(e: &Effective) -> CgroupLimits {
+    CgroupLimits {
+        memory_bytes: e.worker_memory.value,
+        pids_max: e.pids.value,
+        cpu_micros_per_sec: (e.cpu.value * 1e6).round() as u64,
+    }
+}
 
 fn worker_kind(r: Runtime) -> WorkerKind {
     match r {

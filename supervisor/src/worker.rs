@@ -58,6 +58,16 @@ pub struct SpawnSpec {
     pub cgroup: Option<Arc<PluginCgroup>>,
     /// Why there is no cgroup (reported in the handshake's enforcement).
     pub cgroup_unavailable: Option<String>,
+    /// The unprivileged uid/gid to switch to before exec (when the supervisor is
+    /// root); every capability is dropped from the bounding set first.
+    pub run_as: Option<Credentials>,
+}
+
+/// A uid/gid pair a worker runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Why a worker could not be started.
@@ -147,11 +157,13 @@ impl WorkerHandle {
         let parent = unsafe { libc::getpid() };
         let level = spec.confine.level;
         let procs: Vec<CString> = spec.cgroup.iter().flat_map(|g| g.procs_files()).collect();
+        let drop_to = spec.run_as.map(|c| (c, last_capability()));
         // SAFETY: `child_setup` only makes async-signal-safe system calls (prctl,
-        // getppid, dup2, fcntl, close_range, open, write, close, setrlimit, unshare)
-        // and allocates nothing (`procs` was built before the fork).
+        // getppid, dup2, fcntl, close_range, open, write, close, setrlimit, unshare,
+        // setgroups, setresgid, setresuid) and allocates nothing (`procs` and `drop_to`
+        // were built before the fork).
         unsafe {
-            cmd.pre_exec(move || child_setup(fd, parent, level, &procs));
+            cmd.pre_exec(move || child_setup(fd, parent, level, &procs, drop_to));
         }
         let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
             program: spec.program.clone(),
@@ -191,6 +203,9 @@ impl WorkerHandle {
             }
         };
         let mut hello = hello;
+        // Namespaces are checked from outside: an unprivileged worker cannot read the
+        // supervisor's /proc entries to compare.
+        hello.enforcement.namespaces = corral_confine::worker_namespaces(pid);
         if let Some(g) = &spec.cgroup {
             hello.enforcement.cgroup = g.report();
         } else if let Some(why) = &spec.cgroup_unavailable {
@@ -390,6 +405,7 @@ fn child_setup(
     parent: libc::pid_t,
     level: Level,
     cgroup_procs: &[CString],
+    drop_to: Option<(Credentials, u32)>,
 ) -> std::io::Result<()> {
     // SAFETY: each call below is an async-signal-safe system call with plain integer
     // arguments or NUL-terminated paths built before the fork; none touches memory the
@@ -408,6 +424,30 @@ fn child_setup(
                 return Err(err);
             }
         }
+        // From `high`: own network (no interfaces but a down loopback), IPC and UTS
+        // namespaces. (Needs CAP_SYS_ADMIN, so before the privileges go.)
+        if level >= Level::High
+            && libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Drop root: empty the capability bounding set (needs CAP_SETPCAP, so first),
+        // clear supplementary groups, then switch gid and uid (real, effective and
+        // saved). Leaving uid 0 clears the permitted, effective and ambient sets.
+        if let Some((cred, last_cap)) = drop_to {
+            for cap in 0..=last_cap {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(cred.gid, cred.gid, cred.gid) != 0
+                || libc::setresuid(cred.uid, cred.uid, cred.uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        // After the uid change: changing credentials clears the parent-death signal.
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,
             libc::SIGKILL as libc::c_ulong,
@@ -448,15 +488,16 @@ fn child_setup(
         if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // From `high`: own network (no interfaces but a down loopback), IPC and UTS
-        // namespaces.
-        if level >= Level::High
-            && libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
     }
     Ok(())
+}
+
+/// The highest capability number this kernel knows (read before the fork).
+fn last_capability() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
 }
 
 /// Remove a worker's group once the processes in it are gone (children it forked

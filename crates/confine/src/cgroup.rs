@@ -10,7 +10,7 @@
 //! `cpu.max` and `pids.max` in one directory. The cgroupfs root and `/proc/self/cgroup`
 //! are parameters ([`CgroupHost`]) so unit tests run on a temporary directory.
 
-use corral_protocol::Enforcement;
+use corral_protocol::{Enforcement, ResourceStats};
 use std::ffi::CString;
 use std::fs;
 use std::io;
@@ -166,7 +166,7 @@ impl CgroupHost {
 pub struct PluginCgroup {
     pub version: CgroupVersion,
     dirs: Vec<PathBuf>,
-    limits: CgroupLimits,
+    limits: std::sync::Mutex<CgroupLimits>,
 }
 
 impl CgroupBase {
@@ -218,9 +218,9 @@ impl CgroupBase {
         let group = PluginCgroup {
             version: self.version,
             dirs,
-            limits: limits.clone(),
+            limits: std::sync::Mutex::new(limits.clone()),
         };
-        if let Err(e) = group.write_limits() {
+        if let Err(e) = group.write_limits(limits) {
             group.try_remove();
             return Err(e);
         }
@@ -242,8 +242,7 @@ impl PluginCgroup {
         }
     }
 
-    fn write_limits(&self) -> Result<(), CgroupError> {
-        let l = &self.limits;
+    fn write_limits(&self, l: &CgroupLimits) -> Result<(), CgroupError> {
         let period: u64 = 100_000;
         let quota = (l.cpu_micros_per_sec * period / 1_000_000).max(1_000);
         match self.version {
@@ -306,13 +305,68 @@ impl PluginCgroup {
             .unwrap_or(0)
     }
 
-    pub fn limits(&self) -> &CgroupLimits {
-        &self.limits
+    pub fn limits(&self) -> CgroupLimits {
+        self.limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Change the limits of a live group (a policy reload). The kernel refuses a
+    /// memory limit below what the group uses now (v1: EBUSY); then nothing changes
+    /// from the memory limit on and the error says which file refused.
+    pub fn set_limits(&self, new: &CgroupLimits) -> Result<(), CgroupError> {
+        let mut cur = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        let result = self.write_limits(new);
+        if result.is_ok() {
+            *cur = new.clone();
+        }
+        result
+    }
+
+    /// Resource use now. Counters a hierarchy lacks are `None`.
+    pub fn stats(&self) -> ResourceStats {
+        let num = |p: PathBuf| -> Option<u64> { fs::read_to_string(p).ok()?.trim().parse().ok() };
+        let key = |p: PathBuf, k: &str| -> Option<u64> {
+            fs::read_to_string(p).ok()?.lines().find_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next() == Some(k)).then(|| it.next()?.parse().ok())?
+            })
+        };
+        let l = self.limits();
+        let mut s = ResourceStats {
+            memory_limit: Some(l.memory_bytes),
+            pids_max: Some(l.pids_max),
+            oom_kills: self.oom_kills(),
+            ..ResourceStats::default()
+        };
+        match self.version {
+            CgroupVersion::V2 => {
+                let d = &self.dirs[0];
+                s.memory_current = num(d.join("memory.current"));
+                s.memory_peak = num(d.join("memory.peak"));
+                s.cpu_usage_usec = key(d.join("cpu.stat"), "usage_usec");
+                s.cpu_throttled_periods = key(d.join("cpu.stat"), "nr_throttled");
+                s.cpu_throttled_usec = key(d.join("cpu.stat"), "throttled_usec");
+                s.pids_current = num(d.join("pids.current"));
+            }
+            CgroupVersion::V1 => {
+                let m = self.dir("memory");
+                s.memory_current = num(m.join("memory.usage_in_bytes"));
+                s.memory_peak = num(m.join("memory.max_usage_in_bytes"));
+                let c = self.dir("cpu");
+                s.cpu_throttled_periods = key(c.join("cpu.stat"), "nr_throttled");
+                s.cpu_throttled_usec =
+                    key(c.join("cpu.stat"), "throttled_time").map(|ns| ns / 1000);
+                s.pids_current = num(self.dir("pids").join("pids.current"));
+            }
+        }
+        s
     }
 
     /// What this group enforces, for the handshake report.
     pub fn report(&self) -> Enforcement {
-        let l = &self.limits;
+        let l = self.limits();
         Enforcement::Full(format!(
             "cgroup {}: memory {} MiB, pids {}, cpu {:.2}",
             match self.version {
@@ -444,6 +498,77 @@ mod tests {
         )
         .unwrap();
         assert_eq!(g.oom_kills(), 1);
+
+        for (f, v) in [
+            ("memory.current", "1048576\n"),
+            ("memory.peak", "2097152\n"),
+            ("pids.current", "3\n"),
+            (
+                "cpu.stat",
+                "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 9\nnr_throttled 4\nthrottled_usec 7000\n",
+            ),
+        ] {
+            fs::write(d.join(f), v).unwrap();
+        }
+        let s = g.stats();
+        assert_eq!(
+            s,
+            ResourceStats {
+                memory_current: Some(1 << 20),
+                memory_peak: Some(2 << 20),
+                memory_limit: Some(32 << 20),
+                cpu_usage_usec: Some(1500),
+                cpu_throttled_periods: Some(4),
+                cpu_throttled_usec: Some(7000),
+                pids_current: Some(3),
+                pids_max: Some(16),
+                oom_kills: 1,
+            }
+        );
+
+        // A policy reload changes the live group.
+        let tighter = CgroupLimits {
+            memory_bytes: 16 << 20,
+            pids_max: 8,
+            cpu_micros_per_sec: 250_000,
+        };
+        g.set_limits(&tighter).unwrap();
+        assert_eq!(
+            fs::read_to_string(d.join("memory.max")).unwrap(),
+            "16777216"
+        );
+        assert_eq!(fs::read_to_string(d.join("pids.max")).unwrap(), "8");
+        assert_eq!(
+            fs::read_to_string(d.join("cpu.max")).unwrap(),
+            "25000 100000"
+        );
+        assert_eq!(g.limits(), tighter);
+    }
+
+    #[test]
+    fn a_refused_live_update_keeps_the_old_limits() {
+        let (t, host) = fake_v1();
+        let base = host.base("corral-2").unwrap();
+        let limits = CgroupLimits {
+            memory_bytes: 64 << 20,
+            pids_max: 32,
+            cpu_micros_per_sec: 1_000_000,
+        };
+        let g = base.create("p-1", &limits).unwrap();
+        // Stand-in for the kernel refusing the write: the file cannot be opened.
+        let mem = t
+            .path()
+            .join("memory/outer/corral-2/p-1/memory.limit_in_bytes");
+        fs::remove_file(&mem).unwrap();
+        fs::create_dir(&mem).unwrap();
+        let e = g
+            .set_limits(&CgroupLimits {
+                memory_bytes: 1 << 20,
+                ..limits.clone()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("memory.limit_in_bytes"), "{e}");
+        assert_eq!(g.limits(), limits);
     }
 
     #[test]

@@ -39,6 +39,12 @@ mod sys;
 
 pub use seccomp::{filter_source, syscall_name, violation_from_stderr};
 
+/// Which namespaces the worker `pid` does not share with the calling process (the
+/// supervisor checks from outside what the worker cannot see once it is unprivileged).
+pub fn worker_namespaces(pid: u32) -> corral_protocol::Enforcement {
+    sys::namespaces_between(&pid.to_string(), "self")
+}
+
 use corral_protocol::{Enforcement, EnforcementReport};
 use landlock::{
     ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, RestrictionStatus, Ruleset,
@@ -161,6 +167,8 @@ impl SelfConfinement {
     pub fn apply(&self) -> Result<EnforcementReport, ConfineError> {
         // Read before Landlock hides the supervisor's /proc entries.
         let namespaces = sys::namespaces_report();
+        let (cap_effective, cap_bounding) =
+            (sys::capabilities("CapEff"), sys::capabilities("CapBnd"));
         sys::set_no_new_privs().map_err(ConfineError::NoNewPrivs)?;
         let landlock = self.apply_landlock()?;
         sys::install_sigsys_reporter().map_err(ConfineError::Signal)?;
@@ -173,6 +181,8 @@ impl SelfConfinement {
             no_new_privs: sys::no_new_privs(),
             uid: sys::uid(),
             gid: sys::gid(),
+            cap_effective,
+            cap_bounding,
         })
     }
 

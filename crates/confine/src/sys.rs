@@ -24,6 +24,20 @@ pub fn uid() -> u32 {
     unsafe { libc::getuid() }
 }
 
+/// A capability set of this process (`CapEff`, `CapBnd`, ...) from /proc/self/status;
+/// all bits set if it cannot be read (assume the worst).
+pub fn capabilities(set: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                let v = l.strip_prefix(set)?.strip_prefix(':')?;
+                u64::from_str_radix(v.trim(), 16).ok()
+            })
+        })
+        .unwrap_or(u64::MAX)
+}
+
 pub fn gid() -> u32 {
     // SAFETY: getgid cannot fail.
     unsafe { libc::getgid() }
@@ -34,11 +48,17 @@ pub fn gid() -> u32 {
 pub fn namespaces_report() -> Enforcement {
     // SAFETY: getppid cannot fail.
     let parent = unsafe { libc::getppid() };
+    namespaces_between("self", &parent.to_string())
+}
+
+/// Which namespaces process `a` does not share with process `b` (`/proc/<x>/ns`
+/// entries; a process running as another user can only see its own).
+pub fn namespaces_between(a: &str, b: &str) -> Enforcement {
     let own: Vec<&str> = ["net", "ipc", "uts", "pid", "mnt", "user"]
         .into_iter()
         .filter(|ns| {
-            let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();
-            let theirs = std::fs::read_link(format!("/proc/{parent}/ns/{ns}")).ok();
+            let mine = std::fs::read_link(format!("/proc/{a}/ns/{ns}")).ok();
+            let theirs = std::fs::read_link(format!("/proc/{b}/ns/{ns}")).ok();
             mine.is_some() && theirs.is_some() && mine != theirs
         })
         .collect();

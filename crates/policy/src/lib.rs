@@ -109,7 +109,11 @@ impl fmt::Display for Origin {
                 write!(f, "{}:{line}:{column}", path.display())
             }
             Origin::Manifest { path, line, column } => {
-                write!(f, "{}:{line}:{column} (the plugin's request)", path.display())
+                write!(
+                    f,
+                    "{}:{line}:{column} (the plugin's request)",
+                    path.display()
+                )
             }
             Origin::Derived(how) => write!(f, "derived: {how}"),
             Origin::Override(by) => write!(f, "{by}"),
@@ -269,7 +273,8 @@ impl Route {
         (self.id.is_empty() || self.id.iter().any(|g| g.matcher.is_match(s.id)))
             && (self.runtime.is_empty() || self.runtime.contains(&s.runtime))
             && (self.publisher.is_empty()
-                || s.publisher.is_some_and(|p| self.publisher.iter().any(|q| q == p)))
+                || s.publisher
+                    .is_some_and(|p| self.publisher.iter().any(|q| q == p)))
             && self.signed.is_none_or(|want| want == s.publisher.is_some())
             && self.tags.iter().all(|t| s.tags.contains(t))
     }
@@ -319,8 +324,7 @@ impl Policy {
         let meta = std::fs::metadata(path).map_err(|e| one(format!("cannot read: {e}")))?;
         let mut names = Vec::new();
         if meta.is_dir() {
-            let entries =
-                std::fs::read_dir(path).map_err(|e| one(format!("cannot list: {e}")))?;
+            let entries = std::fs::read_dir(path).map_err(|e| one(format!("cannot list: {e}")))?;
             for entry in entries {
                 let entry = entry.map_err(|e| one(format!("cannot list: {e}")))?;
                 let p = entry.path();
@@ -330,21 +334,21 @@ impl Policy {
             }
             names.sort();
             if names.is_empty() {
-                return Err(one(
-                    "no policy files (*.toml) in this directory".to_owned(),
-                ));
+                return Err(one("no policy files (*.toml) in this directory".to_owned()));
             }
         } else {
             names.push(path.to_owned());
         }
         let mut files = Vec::new();
         for p in names {
-            let text = std::fs::read_to_string(&p).map_err(|e| PolicyErrors(vec![PolicyError {
-                path: p.clone(),
-                line: 0,
-                column: 0,
-                message: format!("cannot read: {e}"),
-            }]))?;
+            let text = std::fs::read_to_string(&p).map_err(|e| {
+                PolicyErrors(vec![PolicyError {
+                    path: p.clone(),
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot read: {e}"),
+                }])
+            })?;
             files.push((p, text));
         }
         Policy::parse(&files)
@@ -445,7 +449,7 @@ impl Policy {
                 value: m.limits.timeout,
                 origin,
             },
-            _ => timeout_cap,
+            _ => timeout_cap.clone(),
         };
         let worker_memory = limits.worker_memory.clone().unwrap_or_else(|| Setting {
             value: memory.value.saturating_mul(2).saturating_add(256 << 20),
@@ -481,6 +485,7 @@ impl Policy {
             cpu: limits.cpu.clone().expect("complete level limits"),
             pids: get(&limits.pids),
             timeout,
+            timeout_cap: timeout_cap.value,
             max_output,
             user: limits.user.clone().expect("complete level limits"),
             tmpfs: get(&limits.tmpfs),
@@ -500,7 +505,10 @@ pub struct Effective {
     pub worker_memory: Setting<u64>,
     pub cpu: Setting<f64>,
     pub pids: Setting<u64>,
+    /// A call's default deadline.
     pub timeout: Setting<Duration>,
+    /// The longest deadline a caller may ask for (the policy's value).
+    pub timeout_cap: Duration,
     pub max_output: Setting<u64>,
     pub user: Setting<RunAs>,
     pub tmpfs: Setting<u64>,
@@ -508,12 +516,34 @@ pub struct Effective {
     pub clamped: Vec<String>,
 }
 
+impl Effective {
+    /// One line: the level, where it came from, and the resolved limits.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} by {}: memory {}, worker_memory {}, cpu {}, pids {}, timeout {:?}, \
+             max_output {}, user {}",
+            self.level.value,
+            match &self.route {
+                Some(r) => format!("route {r:?} ({})", self.level.origin),
+                None => self.level.origin.to_string(),
+            },
+            size(self.memory.value),
+            size(self.worker_memory.value),
+            self.cpu.value,
+            self.pids.value,
+            self.timeout.value,
+            size(self.max_output.value),
+            self.user.value
+        )
+    }
+}
+
 /// `268435456` -> `256 MiB`.
 pub fn size(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut v = bytes;
     let mut i = 0;
-    while i < 3 && v >= 1024 && v % 1024 == 0 {
+    while i < 3 && v >= 1024 && v.is_multiple_of(1024) {
         v /= 1024;
         i += 1;
     }

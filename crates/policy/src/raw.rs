@@ -106,7 +106,13 @@ pub(crate) fn parse_file(
         let Some(limits) = limits(&file, raw_limits, errors) else {
             continue;
         };
-        merge(&file, level, &mut levels[level_index(level)], limits, errors);
+        merge(
+            &file,
+            level,
+            &mut levels[level_index(level)],
+            limits,
+            errors,
+        );
     }
     for (i, r) in raw.route.iter().enumerate() {
         if let Some(route) = route(&file, i + 1, r, errors) {
@@ -150,10 +156,7 @@ fn merge(
                     path: file.path.to_owned(),
                     line: *line,
                     column: *column,
-                    message: format!(
-                        "`{key}` of level {level} is already set at {}",
-                        old.origin
-                    ),
+                    message: format!("`{key}` of level {level} is already set at {}", old.origin),
                 });
             }
             None => *into = Some(new),
@@ -170,7 +173,14 @@ fn merge(
     );
     one(file, level, "cpu", &mut into.cpu, new.cpu, errors);
     one(file, level, "pids", &mut into.pids, new.pids, errors);
-    one(file, level, "timeout", &mut into.timeout, new.timeout, errors);
+    one(
+        file,
+        level,
+        "timeout",
+        &mut into.timeout,
+        new.timeout,
+        errors,
+    );
     one(
         file,
         level,
@@ -240,24 +250,30 @@ fn limits(file: &File<'_>, raw: &RawLimits, errors: &mut Vec<PolicyError>) -> Op
             None
         }
     });
-    let timeout = raw.timeout.as_ref().and_then(|t| match parse_duration(t.get_ref()) {
-        Ok(d) if !d.is_zero() => Some(file.setting(d, t.span())),
-        Ok(_) => {
-            errors.push(file.error(Some(t.span()), "timeout must be greater than zero".into()));
-            None
-        }
-        Err(m) => {
-            errors.push(file.error(Some(t.span()), m));
-            None
-        }
-    });
-    let user = raw.user.as_ref().and_then(|u| match parse_user(u.get_ref()) {
-        Ok(v) => Some(file.setting(v, u.span())),
-        Err(m) => {
-            errors.push(file.error(Some(u.span()), m));
-            None
-        }
-    });
+    let timeout = raw
+        .timeout
+        .as_ref()
+        .and_then(|t| match parse_duration(t.get_ref()) {
+            Ok(d) if !d.is_zero() => Some(file.setting(d, t.span())),
+            Ok(_) => {
+                errors.push(file.error(Some(t.span()), "timeout must be greater than zero".into()));
+                None
+            }
+            Err(m) => {
+                errors.push(file.error(Some(t.span()), m));
+                None
+            }
+        });
+    let user = raw
+        .user
+        .as_ref()
+        .and_then(|u| match parse_user(u.get_ref()) {
+            Ok(v) => Some(file.setting(v, u.span())),
+            Err(m) => {
+                errors.push(file.error(Some(u.span()), m));
+                None
+            }
+        });
     (errors.len() == before).then_some(Limits {
         memory,
         worker_memory,
@@ -291,9 +307,11 @@ pub fn parse_cpu(v: &toml::Value) -> Result<f64, String> {
 
 fn parse_user(s: &str) -> Result<RunAs, String> {
     let refuse_root = || {
-        Err("user must not be root: workers run unprivileged (use e.g. \"nobody\" or \
+        Err(
+            "user must not be root: workers run unprivileged (use e.g. \"nobody\" or \
              \"65534:65534\")"
-            .to_owned())
+                .to_owned(),
+        )
     };
     if let Some((u, g)) = s.split_once(':') {
         let (Ok(uid), Ok(gid)) = (u.parse::<u32>(), g.parse::<u32>()) else {
@@ -323,7 +341,11 @@ fn parse_user(s: &str) -> Result<RunAs, String> {
 }
 
 /// Strings from a string or an array of strings.
-fn strings(file: &File<'_>, v: &Spanned<toml::Value>, what: &str) -> Result<Vec<String>, PolicyError> {
+fn strings(
+    file: &File<'_>,
+    v: &Spanned<toml::Value>,
+    what: &str,
+) -> Result<Vec<String>, PolicyError> {
     let bad = || {
         file.error(
             Some(v.span()),
@@ -340,12 +362,7 @@ fn strings(file: &File<'_>, v: &Spanned<toml::Value>, what: &str) -> Result<Vec<
     }
 }
 
-fn route(
-    file: &File<'_>,
-    n: usize,
-    r: &RawRoute,
-    errors: &mut Vec<PolicyError>,
-) -> Option<Route> {
+fn route(file: &File<'_>, n: usize, r: &RawRoute, errors: &mut Vec<PolicyError>) -> Option<Route> {
     let before = errors.len();
     let mut list = |v: &Option<Spanned<toml::Value>>, what: &str| match v {
         None => Vec::new(),

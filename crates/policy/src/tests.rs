@@ -35,13 +35,20 @@ fn the_shipped_policy_is_valid_and_routes_the_examples_to_standard() {
     assert_eq!(e.level.value, Level::Standard);
     assert_eq!(e.route.as_deref(), Some("shipped examples"));
     assert!(
-        e.level.origin.to_string().starts_with("policies/routes.toml:"),
+        e.level
+            .origin
+            .to_string()
+            .starts_with("policies/routes.toml:"),
         "{}",
         e.level.origin
     );
     // plugin.toml asks for 32 MiB, below the level's 256 MiB: its request wins.
     assert_eq!(e.memory.value, 32 << 20);
-    assert!(matches!(e.memory.origin, Origin::Manifest { line: 12, .. }), "{:?}", e.memory.origin);
+    assert!(
+        matches!(e.memory.origin, Origin::Manifest { line: 12, .. }),
+        "{:?}",
+        e.memory.origin
+    );
     assert_eq!(e.worker_memory.value, (64 << 20) + (256 << 20));
 }
 
@@ -114,13 +121,25 @@ level = "maximum"
 
     // The plugin asks for less than the policy allows: its own request, with its line.
     let e = p.resolve(
-        &manifest("tags = [\"pci\", \"internal\"]\n[limits]\ntimeout = \"500ms\"\nmemory = \"1GiB\"\n"),
+        &manifest(
+            "tags = [\"pci\", \"internal\"]\n[limits]\ntimeout = \"500ms\"\nmemory = \"1GiB\"\n",
+        ),
         None,
     );
     assert_eq!(e.timeout.value, Duration::from_millis(500));
-    assert_eq!(e.timeout.origin.to_string(), "/plugins/billing/plugin.toml:7:11 (the plugin's request)");
-    assert_eq!(e.memory.value, 48 << 20, "asking for more than the policy allows is capped");
-    assert_eq!(e.clamped, ["plugin.toml asks for memory 1 GiB, policy allows 48 MiB"]);
+    assert_eq!(
+        e.timeout.origin.to_string(),
+        "/plugins/billing/plugin.toml:7:11 (the plugin's request)"
+    );
+    assert_eq!(
+        e.memory.value,
+        48 << 20,
+        "asking for more than the policy allows is capped"
+    );
+    assert_eq!(
+        e.clamped,
+        ["plugin.toml asks for memory 1 GiB, policy allows 48 MiB"]
+    );
 }
 
 #[test]
@@ -130,15 +149,15 @@ fn a_level_override_from_the_command_line_comes_first() {
     assert_eq!(e.level.value, Level::High);
     assert_eq!(e.level.origin.to_string(), "--level on the command line");
     assert_eq!(e.max_output.value, 8 << 20);
-    assert_eq!(e.max_output.origin.to_string(), "policies/levels.toml:28:14");
+    assert_eq!(
+        e.max_output.origin.to_string(),
+        "policies/levels.toml:28:14"
+    );
 }
 
 #[test]
 fn errors_name_file_line_column_and_the_valid_choices() {
-    let e = errors(&[(
-        "a.toml",
-        "[level.hihg]\nmemory = \"1MiB\"\n",
-    )]);
+    let e = errors(&[("a.toml", "[level.hihg]\nmemory = \"1MiB\"\n")]);
     assert_eq!(
         e,
         ["a.toml:1:8: unknown level `hihg`; expected one of: standard, high, maximum"]
@@ -147,7 +166,9 @@ fn errors_name_file_line_column_and_the_valid_choices() {
     let e = errors(&[("a.toml", "[level.standard]\nmemroy = \"1MiB\"\n")]);
     assert_eq!(e.len(), 1);
     assert!(
-        e[0].starts_with("a.toml:2:1: unknown field `memroy`, expected one of `memory`, `worker_memory`, `cpu`"),
+        e[0].starts_with(
+            "a.toml:2:1: unknown field `memroy`, expected one of `memory`, `worker_memory`, `cpu`"
+        ),
         "{}",
         e[0]
     );
@@ -162,33 +183,71 @@ fn errors_name_file_line_column_and_the_valid_choices() {
     );
 
     let e = errors(&[("r.toml", "[[route]]\nid = \"x\"\n")]);
-    assert!(e[0].starts_with("r.toml:1:1: missing field `level`"), "{}", e[0]);
+    assert!(
+        e[0].starts_with("r.toml:1:1: missing field `level`"),
+        "{}",
+        e[0]
+    );
 
     let e = errors(&[(
         "u.toml",
         "[level.high]\nmemory = \"lots\"\ncpu = 0\npids = 2\ntimeout = \"0s\"\nuser = \"root\"\n",
     )]);
     assert_eq!(e.len(), 5, "every problem of the table is reported: {e:#?}");
-    assert!(e[0].starts_with("u.toml:2:10: invalid size \"lots\""), "{}", e[0]);
-    assert_eq!(e[1], "u.toml:3:7: cpu must be more than 0 and at most 1024 CPUs, not 0");
-    assert!(e[2].starts_with("u.toml:4:8: pids must be between 4 and 65536"), "{}", e[2]);
+    assert!(
+        e[0].starts_with("u.toml:2:10: invalid size \"lots\""),
+        "{}",
+        e[0]
+    );
+    assert_eq!(
+        e[1],
+        "u.toml:3:7: cpu must be more than 0 and at most 1024 CPUs, not 0"
+    );
+    assert!(
+        e[2].starts_with("u.toml:4:8: pids must be between 4 and 65536"),
+        "{}",
+        e[2]
+    );
     assert_eq!(e[3], "u.toml:5:11: timeout must be greater than zero");
-    assert!(e[4].starts_with("u.toml:6:8: user must not be root"), "{}", e[4]);
+    assert!(
+        e[4].starts_with("u.toml:6:8: user must not be root"),
+        "{}",
+        e[4]
+    );
 
     let e = errors(&[("g.toml", "[[route]]\nid = \"a[\"\nlevel = \"high\"\n")]);
-    assert!(e[0].starts_with("g.toml:2:6: invalid id glob \"a[\""), "{}", e[0]);
+    assert!(
+        e[0].starts_with("g.toml:2:6: invalid id glob \"a[\""),
+        "{}",
+        e[0]
+    );
 
     let e = errors(&[("s.toml", "[level.standard]\nmemory = 5\n")]);
-    assert!(e[0].starts_with("s.toml:2:10: invalid type: integer `5`, expected a string"), "{}", e[0]);
+    assert!(
+        e[0].starts_with("s.toml:2:10: invalid type: integer `5`, expected a string"),
+        "{}",
+        e[0]
+    );
 
     let e = errors(&[(
         "w.toml",
         "[level.standard]\nmemory = \"512MiB\"\nworker_memory = \"256MiB\"\n",
     )]);
-    assert!(e[0].starts_with("w.toml:3:17: worker_memory (256 MiB) is below memory (512 MiB)"), "{}", e[0]);
+    assert!(
+        e[0].starts_with("w.toml:3:17: worker_memory (256 MiB) is below memory (512 MiB)"),
+        "{}",
+        e[0]
+    );
 
-    let e = errors(&[("t.toml", "[[route]]\nlevel = \"high\"\ntags = [\"Bad Tag\"]\n")]);
-    assert!(e[0].starts_with("t.toml:3:8: invalid tag \"Bad Tag\""), "{}", e[0]);
+    let e = errors(&[(
+        "t.toml",
+        "[[route]]\nlevel = \"high\"\ntags = [\"Bad Tag\"]\n",
+    )]);
+    assert!(
+        e[0].starts_with("t.toml:3:8: invalid tag \"Bad Tag\""),
+        "{}",
+        e[0]
+    );
 }
 
 #[test]
@@ -237,6 +296,13 @@ fn load_reads_a_directory_in_name_order_and_reports_io_problems() {
 fn cpu_accepts_numbers_and_strings() {
     assert_eq!(parse_cpu(&toml::Value::Float(0.5)).unwrap(), 0.5);
     assert_eq!(parse_cpu(&toml::Value::Integer(2)).unwrap(), 2.0);
-    assert_eq!(parse_cpu(&toml::Value::String("0.25".into())).unwrap(), 0.25);
-    assert!(parse_cpu(&toml::Value::String("lots".into())).unwrap_err().contains("expected a number"));
+    assert_eq!(
+        parse_cpu(&toml::Value::String("0.25".into())).unwrap(),
+        0.25
+    );
+    assert!(
+        parse_cpu(&toml::Value::String("lots".into()))
+            .unwrap_err()
+            .contains("expected a number")
+    );
 }

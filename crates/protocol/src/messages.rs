@@ -77,6 +77,9 @@ pub struct EnforcementReport {
     pub no_new_privs: bool,
     pub uid: u32,
     pub gid: u32,
+    /// Capability sets after confinement (`CapEff`, `CapBnd` of /proc/self/status).
+    pub cap_effective: u64,
+    pub cap_bounding: u64,
 }
 
 impl EnforcementReport {
@@ -90,6 +93,8 @@ impl EnforcementReport {
             no_new_privs: false,
             uid: 0,
             gid: 0,
+            cap_effective: 0,
+            cap_bounding: 0,
         }
     }
 }
@@ -317,6 +322,10 @@ pub enum ControlRequest {
     List,
     /// Stop all workers and exit.
     Shutdown,
+    /// Which policy is in force, and why the last reload was rejected (if it was).
+    Policy,
+    /// The effective policy of one plugin, with the origin of every value.
+    Explain { plugin: String },
 }
 
 /// The answer to a [`ControlRequest`].
@@ -327,6 +336,18 @@ pub enum ControlResponse {
     ShuttingDown,
     /// The request could not be decoded or is not allowed.
     Rejected(String),
+    Policy(PolicyStatus),
+    /// `Err` names an unknown plugin.
+    Explained(Result<String, String>),
+}
+
+/// The daemon's policy, as `corral status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// Files the policy in force was read from (`policies/*.toml (built in)` if none).
+    pub sources: Vec<String>,
+    /// Why the last edit was rejected; the policy in force is the last good one.
+    pub reload_error: Option<String>,
 }
 
 /// One plugin as `corral list` shows it.
@@ -347,4 +368,26 @@ pub struct PluginInfo {
     pub calls: u64,
     pub last_error: Option<String>,
     pub exports: Vec<String>,
+    /// The route that set the level and the resolved limits (`corral policy explain`
+    /// shows every value's origin).
+    pub policy: String,
+    /// Live resource use of the running worker.
+    pub resources: Option<ResourceStats>,
+}
+
+/// A worker's resource use, from its cgroup (and `/proc` where cgroup v1 has no
+/// usage counter).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceStats {
+    pub memory_current: Option<u64>,
+    pub memory_peak: Option<u64>,
+    pub memory_limit: Option<u64>,
+    /// CPU time used, in microseconds.
+    pub cpu_usage_usec: Option<u64>,
+    /// Periods in which the CPU quota throttled the worker, and for how long.
+    pub cpu_throttled_periods: Option<u64>,
+    pub cpu_throttled_usec: Option<u64>,
+    pub pids_current: Option<u64>,
+    pub pids_max: Option<u64>,
+    pub oom_kills: u64,
 }

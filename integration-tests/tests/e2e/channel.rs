@@ -154,7 +154,7 @@ async fn worker_environment_is_cleared() {
 async fn control_socket_is_private_and_refuses_a_worker_impostor() {
     let (sup, _c) = hello();
     let sup = Arc::new(sup);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = corral_integration_tests::open_tempdir();
     let path = dir.path().join("run/control.sock");
     let server = ControlServer::bind(&path).await.unwrap();
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -210,7 +210,7 @@ async fn control_socket_is_private_and_refuses_a_worker_impostor() {
 
 #[tokio::test]
 async fn control_socket_dir_writable_by_others_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = corral_integration_tests::open_tempdir();
     let shared = dir.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 fn corral(cache: &Path) -> Command {
     let mut c = Command::new(built().corral());
-    c.env("CORRAL_CACHE_DIR", cache).env_remove("CORRAL_SOCKET");
+    c.env("CORRAL_CACHE_DIR", cache)
+        .env("CORRAL_POLICY", fixture("policy/test.toml"))
+        .env_remove("CORRAL_SOCKET");
     c
 }
 
@@ -21,7 +23,7 @@ fn run(cmd: &mut Command) -> Output {
 
 #[test]
 fn run_prints_the_plugin_output() {
-    let cache = tempfile::tempdir().unwrap();
+    let cache = corral_integration_tests::open_tempdir();
     let out = run(corral(cache.path())
         .args(["run"])
         .arg(&built().hello_wasm)
@@ -57,7 +59,7 @@ fn run_prints_the_plugin_output() {
 
 #[test]
 fn exit_codes_and_json_output() {
-    let cache = tempfile::tempdir().unwrap();
+    let cache = corral_integration_tests::open_tempdir();
     let hello = &built().hello_wasm;
 
     let out = run(corral(cache.path())
@@ -112,7 +114,7 @@ fn exit_codes_and_json_output() {
 
 #[test]
 fn malformed_manifest_names_file_line_and_column() {
-    let cache = tempfile::tempdir().unwrap();
+    let cache = corral_integration_tests::open_tempdir();
     let kit = wat_plugin("kit", "testkit.wat", "timout = \"1s\"");
     let out = run(corral(cache.path()).arg("run").arg(kit.path()).arg("ok"));
     assert_eq!(out.status.code(), Some(7));
@@ -134,7 +136,7 @@ struct Daemon {
 
 impl Daemon {
     fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = corral_integration_tests::open_tempdir();
         let kit = dir.path().join("kit");
         std::fs::create_dir(&kit).unwrap();
         std::fs::copy(fixture("testkit.wat"), kit.join("testkit.wat")).unwrap();
@@ -148,8 +150,10 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "plugins = [{:?}, \"kit\"]\nsocket = \"run/control.sock\"\ncache_dir = \"cache\"\n",
-                built().hello_wasm.to_str().unwrap()
+                "plugins = [{:?}, \"kit\"]\nsocket = \"run/control.sock\"\ncache_dir = \"cache\"\n\
+                 policy = {:?}\n",
+                built().hello_wasm.to_str().unwrap(),
+                fixture("policy/test.toml").to_str().unwrap()
             ),
         )
         .unwrap();

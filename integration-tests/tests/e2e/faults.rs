@@ -161,7 +161,7 @@ async fn worker_killed_mid_call_fails_the_call_and_the_next_call_works() {
 async fn unresponsive_worker_is_killed_by_the_supervisor_backstop() {
     // SIGSTOP the real worker so it cannot answer at all, not even at its
     // in-engine deadline: only the supervisor's backstop can end the call.
-    let cache = tempfile::tempdir().unwrap();
+    let cache = corral_integration_tests::open_tempdir();
     let mut opts = options(cache.path());
     opts.kill_grace = Duration::from_millis(200);
     let plugin = wat_plugin("stopped", "testkit.wat", "timeout = \"200ms\"");
@@ -197,7 +197,7 @@ async fn unresponsive_worker_is_killed_by_the_supervisor_backstop() {
 /// A worker directory whose `corral-worker-wasm` is `script`.
 fn fake_worker(script: &str) -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = corral_integration_tests::open_tempdir();
     let path = dir.path().join("corral-worker-wasm");
     std::fs::write(&path, script).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -221,7 +221,7 @@ fn fake_supervisor(
 #[tokio::test]
 async fn repeated_crashes_mark_the_plugin_failed_visibly() {
     let workers = fake_worker("#!/bin/sh\necho 'cannot start: no engine here' >&2\nexit 3\n");
-    let cache = tempfile::tempdir().unwrap();
+    let cache = corral_integration_tests::open_tempdir();
     let (sup, _p) = fake_supervisor(&workers, &cache);
     for n in 1..=5 {
         match sup.call("fake", "ok", vec![], None).await {
@@ -260,7 +260,7 @@ async fn repeated_crashes_mark_the_plugin_failed_visibly() {
 #[tokio::test]
 async fn restarts_back_off() {
     let workers = fake_worker("#!/bin/sh\nexit 1\n");
-    let cache = tempfile::tempdir().unwrap();
+    let cache = corral_integration_tests::open_tempdir();
     let (sup, _p) = fake_supervisor(&workers, &cache);
     let t = Instant::now();
     for _ in 0..4 {
@@ -279,7 +279,7 @@ async fn protocol_violations_in_the_handshake_are_typed() {
     let cases = [
         (
             "printf '\\006\\000\\000\\000CRRL\\143\\000' >&3; sleep 5",
-            "protocol version mismatch: peer speaks 99, we speak 2",
+            "protocol version mismatch: peer speaks 99, we speak 3",
         ),
         (
             "printf '\\006\\000\\000\\000HTTP/1' >&3; sleep 5",
@@ -297,7 +297,7 @@ async fn protocol_violations_in_the_handshake_are_typed() {
     ];
     for (body, expected) in cases {
         let workers = fake_worker(&format!("#!/bin/sh\n{body}\n"));
-        let cache = tempfile::tempdir().unwrap();
+        let cache = corral_integration_tests::open_tempdir();
         let (sup, _p) = fake_supervisor(&workers, &cache);
         match sup.call("fake", "ok", vec![], None).await {
             Err(CallError::StartFailed { reason, .. }) => {
@@ -343,7 +343,7 @@ async fn invalid_module_is_a_start_failure_naming_the_file() {
         "(module (func $x (result i32)))",
     )
     .unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let cache = corral_integration_tests::open_tempdir();
     let mut sup = Supervisor::new(options(cache.path()));
     sup.add_plugin_dir(plugin.path()).unwrap();
     match sup.call("broken", "ok", vec![], None).await {

@@ -25,16 +25,17 @@ struct Arena {
 }
 
 fn arena(level: Level) -> Arena {
-    let workers = tempfile::tempdir().unwrap();
+    let workers = corral_integration_tests::open_tempdir();
     std::os::unix::fs::symlink(
         built().bin_dir.join("corral-worker-hostile"),
         workers.path().join("corral-worker-wasm"),
     )
     .unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let cache = corral_integration_tests::open_tempdir();
     let mut opts = options(cache.path());
     opts.worker_dir = workers.path().to_owned();
-    opts.level = level;
+    opts.policy =
+        std::sync::Arc::new(corral_integration_tests::test_policy().with_level(level, "test"));
     opts.restart.max_crashes = 1000; // every seccomp kill costs a restart
     let mut sup = Supervisor::new(opts);
     let attacker = wat_plugin("attacker", "testkit.wat", "");
@@ -84,8 +85,9 @@ impl Arena {
             .unwrap()
     }
 
+    /// The attacker's own cache directory: the only place it may write.
     fn writable(&self) -> PathBuf {
-        self.cache.path().join("modules")
+        self.cache.path().join("modules/attacker")
     }
 }
 
@@ -103,7 +105,7 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
     let probe = a.writable().join("probe");
     a.expect("write", probe.to_str().unwrap(), "ok").await;
 
-    // Filesystem: nothing else, whoever owns it (the worker runs as root here).
+    // Filesystem: nothing else, whoever owns it.
     a.expect("read", "/etc/shadow", "EACCES").await;
     a.expect("read", "/proc/1/environ", "EACCES").await;
     a.expect(
@@ -114,6 +116,10 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
     .await;
     let other = a.neighbour.path().join("plugin.toml");
     a.expect("read", other.to_str().unwrap(), "EACCES").await;
+    // ...nor plant a precompiled module in the neighbour's cache.
+    let planted = a.cache.path().join("modules/neighbour/planted.cwasm");
+    a.expect("write", planted.to_str().unwrap(), "EACCES").await;
+    assert!(!planted.exists());
     a.expect("list", "/", "EACCES").await;
     let outside = std::env::temp_dir().join(format!("corral-escape-{}", std::process::id()));
     a.expect("write", outside.to_str().unwrap(), "EACCES").await;
@@ -158,7 +164,13 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
     a.expect("clone3", "", "ENOSYS").await;
 
     // Resource bombs meet the plugin's cgroup.
-    let limit = corral::cgroup_memory(corral_manifest_default_memory());
+    let policy = a.sup.explain("attacker").unwrap();
+    let limit = policy.worker_memory.value;
+    assert_eq!(
+        limit,
+        (64 << 20) * 2 + (256 << 20),
+        "derived from the test policy"
+    );
     assert_eq!(
         a.attack("alloc", &((limit >> 20) * 2).to_string()).await,
         Err(CallError::WorkerCrashed(ExitReason::OomKilled {
@@ -173,7 +185,7 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
         .unwrap_or_else(|| panic!("fork bomb not stopped: {forks}"))
         .parse()
         .unwrap();
-    assert!(n < corral::CGROUP_PIDS_MAX, "{n} forks");
+    assert!(n < policy.pids.value, "{n} forks");
     a.expect("ok", "", "ok").await;
 
     // The neighbour never noticed: same process, still answering.
@@ -192,10 +204,6 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
 }
 
 /// The engine memory limit of a plugin whose manifest names none.
-fn corral_manifest_default_memory() -> u64 {
-    64 << 20
-}
-
 fn assert_enforced(report: &corral_protocol::EnforcementReport) {
     assert!(report.no_new_privs);
     match &report.cgroup {
@@ -211,12 +219,43 @@ fn assert_enforced(report: &corral_protocol::EnforcementReport) {
         "{}",
         report.seccomp
     );
+    // The supervisor runs as root here; the worker does not, and holds no capability,
+    // not even in its bounding set.
+    assert_eq!((report.uid, report.gid), (65534, 65534), "runs as nobody");
+    assert_eq!(report.cap_effective, 0);
+    assert_eq!(report.cap_bounding, 0);
+}
+
+/// What the kernel says about the worker, from outside.
+fn assert_unprivileged_from_outside(pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        field("Uid:"),
+        "65534 65534 65534 65534",
+        "real, effective, saved, fs uid"
+    );
+    assert_eq!(field("Gid:"), "65534 65534 65534 65534");
+    assert_eq!(field("Groups:"), "", "no supplementary groups");
+    for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(field(set), "0000000000000000", "{set}");
+    }
+    assert_eq!(field("NoNewPrivs:"), "1");
 }
 
 #[tokio::test]
 async fn standard_level_contains_a_hostile_native_worker() {
     let a = arena(Level::Standard);
     common_attacks(&a, "EPERM").await;
+    assert_unprivileged_from_outside(a.pid("attacker").await);
     // At standard, exec of another program is refused by Landlock (nothing to execute).
     a.expect("exec", "/bin/true", "EACCES").await;
     let info = a.sup.list().await;
@@ -264,6 +303,7 @@ async fn high_level_adds_exec_denial_and_namespaces() {
     a.expect_seccomp("exec", "execve").await;
     a.sup.call("attacker", "ok", vec![], None).await.unwrap();
     let pid = a.pid("attacker").await;
+    assert_unprivileged_from_outside(pid);
     let info = a.sup.list().await;
     let attacker = info.iter().find(|p| p.id == "attacker").unwrap();
     assert_eq!(attacker.level, "high");
@@ -280,18 +320,27 @@ async fn high_level_adds_exec_denial_and_namespaces() {
 }
 
 #[tokio::test]
-async fn maximum_is_refused_not_weakened() {
-    let cache = tempfile::tempdir().unwrap();
+async fn unmatched_plugins_get_maximum_which_is_refused_not_weakened() {
+    let cache = corral_integration_tests::open_tempdir();
     let mut opts = options(cache.path());
-    opts.level = Level::Maximum;
+    // The shipped policy routes only the tagged examples; anything else is maximum.
+    opts.policy = std::sync::Arc::new(corral::Policy::built_in());
     let mut sup = Supervisor::new(opts);
-    let plugin = wat_plugin("max", "testkit.wat", "");
+    let plugin = wat_plugin("stranger", "testkit.wat", "");
     sup.add_plugin_dir(plugin.path()).unwrap();
-    match sup.call("max", "ok", vec![], None).await {
-        Err(CallError::StartFailed { reason, .. }) => assert!(
-            reason.starts_with("refused: isolation level maximum is not available in this build"),
-            "{reason}"
-        ),
+    assert_eq!(sup.list().await[0].level, "maximum");
+    match sup.call("stranger", "ok", vec![], None).await {
+        Err(CallError::StartFailed { reason, .. }) => {
+            assert!(
+                reason
+                    .starts_with("refused: isolation level maximum is not available in this build"),
+                "{reason}"
+            );
+            assert!(
+                reason.ends_with("(level set by no route matched: unmatched plugins get maximum)"),
+                "{reason}"
+            );
+        }
         other => panic!("expected a refusal, got {other:?}"),
     }
 }

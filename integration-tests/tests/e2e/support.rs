@@ -18,7 +18,7 @@ pub fn testkit(limits: &str) -> Fixture {
 
 pub fn with_module(id: &str, module: &str, limits: &str) -> Fixture {
     let plugin = wat_plugin(id, module, limits);
-    let cache = tempfile::tempdir().unwrap();
+    let cache = corral_integration_tests::open_tempdir();
     let mut sup = Supervisor::new(options(cache.path()));
     let id = sup.add_plugin_dir(plugin.path()).unwrap();
     Fixture {
@@ -31,7 +31,7 @@ pub fn with_module(id: &str, module: &str, limits: &str) -> Fixture {
 
 /// A supervisor with the example plugin.
 pub fn hello() -> (Supervisor, TempDir) {
-    let cache = tempfile::tempdir().unwrap();
+    let cache = corral_integration_tests::open_tempdir();
     let mut sup = Supervisor::new(options(cache.path()));
     sup.add_plugin_dir(&built().hello_wasm).unwrap();
     (sup, cache)

@@ -1,0 +1,269 @@
+//! Who workers run as, and whether that user can reach what the worker needs: the
+//! plugin directory (read) and its own module-cache directory (read/write).
+//!
+//! When the supervisor runs as root, workers run as the unprivileged user the
+//! policy names (default `nobody`). The checks here turn what would be an obscure
+//! `EACCES` deep inside a worker into a refusal that names the directory, its mode
+//! and owner, and the fix.
+
+use corral_policy::RunAs;
+use corral_protocol::ResourceStats;
+use std::ffi::CString;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+pub use crate::worker::Credentials;
+
+/// Whether this process runs with root's effective uid.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The credentials to switch workers to; `None` when the supervisor is not root
+/// (workers then keep the supervisor's own unprivileged uid).
+pub fn credentials(user: &RunAs) -> Result<Option<Credentials>, String> {
+    if !is_root() {
+        return Ok(None);
+    }
+    match user {
+        RunAs::Ids { uid, gid } => Ok(Some(Credentials {
+            uid: *uid,
+            gid: *gid,
+        })),
+        RunAs::Name(name) => lookup_user(name).map(Some),
+    }
+}
+
+fn lookup_user(name: &str) -> Result<Credentials, String> {
+    let c_name = CString::new(name).map_err(|_| format!("invalid user name {name:?}"))?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: an all-zero passwd is a valid value for getpwnam_r to overwrite.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer refers to live, correctly sized storage owned here;
+        // `buf.len()` is the buffer's real length.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                c_name.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        if rc != 0 {
+            return Err(format!(
+                "cannot look up user {name:?}: {}",
+                std::io::Error::from_raw_os_error(rc)
+            ));
+        }
+        if result.is_null() {
+            return Err(format!(
+                "no user {name:?} on this machine (set `user` in the policy to an \
+                 existing user or to numeric \"uid:gid\")"
+            ));
+        }
+        if pwd.pw_uid == 0 {
+            return Err(format!(
+                "user {name:?} has uid 0; workers never run as root"
+            ));
+        }
+        return Ok(Credentials {
+            uid: pwd.pw_uid,
+            gid: pwd.pw_gid,
+        });
+    }
+}
+
+/// Which permission bits of `meta` apply to `cred` (owner, group or other).
+fn bits_for(meta: &std::fs::Metadata, cred: Credentials) -> u32 {
+    let mode = meta.mode();
+    if meta.uid() == cred.uid {
+        (mode >> 6) & 7
+    } else if meta.gid() == cred.gid {
+        (mode >> 3) & 7
+    } else {
+        mode & 7
+    }
+}
+
+fn explain(path: &Path, meta: &std::fs::Metadata, cred: Credentials, what: &str) -> String {
+    format!(
+        "{} is mode {:04o} owned by uid {} gid {}: uid {} cannot {what} (make it \
+         accessible, e.g. chmod o+rx, or route the plugin to a user that can)",
+        path.display(),
+        meta.mode() & 0o7777,
+        meta.uid(),
+        meta.gid(),
+        cred.uid
+    )
+}
+
+/// Check that `cred` can reach `path` (search permission on every ancestor) and use
+/// it: read (and search) a directory, or read a file; `write` adds write permission.
+pub fn check_access(path: &Path, cred: Credentials, write: bool) -> Result<(), String> {
+    let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
+    ancestors.reverse();
+    for a in ancestors {
+        let meta = std::fs::metadata(a).map_err(|e| format!("{}: {e}", a.display()))?;
+        if bits_for(&meta, cred) & 1 == 0 {
+            return Err(explain(a, &meta, cred, "enter it"));
+        }
+    }
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut need = 4;
+    if meta.is_dir() {
+        need |= 1;
+    }
+    if write {
+        need |= 2;
+    }
+    if bits_for(&meta, cred) & need != need {
+        let what = if write {
+            "read and write it"
+        } else {
+            "read it"
+        };
+        return Err(explain(path, &meta, cred, what));
+    }
+    Ok(())
+}
+
+/// The plugin directory must be readable by the worker's user.
+pub fn check_readable(dir: &Path, cred: Credentials) -> Result<(), String> {
+    check_access(dir, cred, false)
+}
+
+/// `<root>/modules/<plugin>`: the plugin's own cache directory (its worker may write
+/// only there, so one plugin cannot plant a precompiled module for another), created
+/// 0700 and owned by the worker's user. Missing parents are created 0711 (enter, not
+/// list).
+pub fn plugin_cache_dir(
+    root: &Path,
+    plugin: &str,
+    cred: Option<Credentials>,
+) -> Result<PathBuf, String> {
+    let modules = root.join("modules");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(&modules)
+        .map_err(|e| format!("cannot create {}: {e}", modules.display()))?;
+    let dir = modules.join(plugin);
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+    }
+    if let Some(c) = cred {
+        std::os::unix::fs::chown(&dir, Some(c.uid), Some(c.gid))
+            .map_err(|e| format!("cannot hand {} to uid {}: {e}", dir.display(), c.uid))?;
+        check_access(&dir, c, true)?;
+    }
+    Ok(dir)
+}
+
+/// Complete cgroup statistics with what `/proc/<pid>` knows: CPU time where cgroup
+/// v1 has no usage counter here, memory where there is no cgroup at all.
+pub fn worker_stats(mut s: ResourceStats, pid: u32) -> ResourceStats {
+    if s.cpu_usage_usec.is_none() {
+        s.cpu_usage_usec = proc_cpu_usec(pid);
+    }
+    if s.memory_current.is_none() || s.memory_peak.is_none() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kib = |key: &str| {
+            status.lines().find_map(|l| {
+                let v = l.strip_prefix(key)?.trim().strip_suffix("kB")?;
+                v.trim().parse::<u64>().ok().map(|k| k * 1024)
+            })
+        };
+        s.memory_current = s.memory_current.or_else(|| kib("VmRSS:"));
+        s.memory_peak = s.memory_peak.or_else(|| kib("VmHWM:"));
+    }
+    s
+}
+
+fn proc_cpu_usec(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some((utime + stime) * 1_000_000 / hz)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const NOBODY: Credentials = Credentials {
+        uid: 65534,
+        gid: 65534,
+    };
+
+    #[test]
+    fn a_closed_ancestor_is_named_with_its_mode_and_owner() {
+        let t = tempfile::tempdir().unwrap();
+        let inner = t.path().join("plugin");
+        std::fs::create_dir(&inner).unwrap();
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let owner = std::fs::metadata(t.path()).unwrap().uid();
+        assert_ne!(
+            owner, NOBODY.uid,
+            "run the tests as a user other than nobody"
+        );
+        let e = check_readable(&inner, NOBODY).unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "{} is mode 0700 owned by uid {owner}",
+                t.path().display()
+            )),
+            "{e}"
+        );
+        assert!(e.contains("uid 65534 cannot enter it"), "{e}");
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        check_readable(&inner, NOBODY).unwrap();
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let e = check_readable(&inner, NOBODY).unwrap_err();
+        assert!(e.contains("cannot read it"), "{e}");
+    }
+
+    #[test]
+    fn users_resolve_by_name_and_root_is_refused() {
+        if !is_root() {
+            assert_eq!(credentials(&RunAs::Name("nobody".into())), Ok(None));
+            return;
+        }
+        let c = credentials(&RunAs::Name("nobody".into())).unwrap().unwrap();
+        assert_eq!(c, NOBODY);
+        assert!(
+            credentials(&RunAs::Name("no-such-user-here".into()))
+                .unwrap_err()
+                .starts_with("no user \"no-such-user-here\"")
+        );
+        assert!(
+            lookup_user("root")
+                .unwrap_err()
+                .contains("never run as root")
+        );
+    }
+
+    #[test]
+    fn proc_stats_fill_what_the_cgroup_lacks() {
+        let s = worker_stats(ResourceStats::default(), std::process::id());
+        assert!(s.cpu_usage_usec.is_some());
+        assert!(s.memory_current.unwrap() > 0);
+        assert!(s.memory_peak.unwrap() >= s.memory_current.unwrap());
+    }
+}

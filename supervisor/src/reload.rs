@@ -1,0 +1,80 @@
+//! Live policy reload: the daemon watches its policy files and switches to an edited
+//! policy once it validates; a bad edit keeps the last good policy and is reported
+//! (log, `corral status`).
+
+use crate::Supervisor;
+use corral_policy::Policy;
+use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer, notify};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long edits must be quiet before the policy is reloaded (editors write files in
+/// several steps).
+pub const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// Watches the policy; dropping it stops watching.
+pub struct PolicyWatcher {
+    _debouncer: Debouncer<notify::RecommendedWatcher>,
+}
+
+impl std::fmt::Debug for PolicyWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PolicyWatcher")
+    }
+}
+
+/// Watch `path` (a policy directory or file) and apply every valid edit to `sup`.
+pub fn watch_policy(path: &Path, sup: Arc<Supervisor>) -> notify::Result<PolicyWatcher> {
+    let path = path.to_owned();
+    // A single file is watched through its directory: editors replace files by rename.
+    let (watched, only): (PathBuf, Option<PathBuf>) = if path.is_dir() {
+        (path.clone(), None)
+    } else {
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        (parent.to_owned(), Some(path.clone()))
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut debouncer = new_debouncer(DEBOUNCE, move |res: DebounceEventResult| match res {
+        Ok(events) => {
+            let relevant = events.iter().any(|e| {
+                only.as_ref().is_none_or(|f| &e.path == f)
+                    && (only.is_some() || e.path.extension().is_some_and(|x| x == "toml"))
+            });
+            if relevant {
+                let _ = tx.send(());
+            }
+        }
+        Err(e) => tracing::warn!("watching the policy: {e}"),
+    })?;
+    debouncer
+        .watcher()
+        .watch(&watched, notify::RecursiveMode::NonRecursive)?;
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            while rx.try_recv().is_ok() {}
+            reload(&path, &sup).await;
+        }
+    });
+    Ok(PolicyWatcher {
+        _debouncer: debouncer,
+    })
+}
+
+/// Load the policy at `path` and switch `sup` to it, or keep the current one.
+pub async fn reload(path: &Path, sup: &Supervisor) {
+    match Policy::load(path) {
+        Ok(p) => {
+            let changes = sup.set_policy(p).await;
+            tracing::info!(
+                "policy reloaded from {} ({} change(s) to running workers)",
+                path.display(),
+                changes.len()
+            );
+        }
+        Err(e) => sup.reject_policy(e.to_string()),
+    }
+}
