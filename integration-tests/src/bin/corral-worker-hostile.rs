@@ -34,6 +34,8 @@ const ATTACKS: &[&str] = &[
     "exec",
     "alloc",
     "fork_bomb",
+    "thread_bomb",
+    "unix_connect",
     "ok",
 ];
 
@@ -126,6 +128,26 @@ impl Hostile {
                 };
                 format!("{} after {n} forks", errno_name(&err))
             }
+            "thread_bomb" => {
+                // Threads that park forever; the pids limit counts threads too.
+                let mut n = 0;
+                let err = loop {
+                    let spawned = std::thread::Builder::new().stack_size(64 << 10).spawn(|| {
+                        loop {
+                            std::thread::park();
+                        }
+                    });
+                    match spawned {
+                        Ok(_) => n += 1,
+                        Err(e) => break e,
+                    }
+                    if n >= 10_000 {
+                        break std::io::Error::other("no limit");
+                    }
+                };
+                format!("{} after {n} threads", errno_name(&err))
+            }
+            "unix_connect" => outcome(std::os::unix::net::UnixStream::connect(arg)),
             "ok" => "ok".into(),
             other => format!("unknown attack {other}"),
         }

@@ -136,6 +136,11 @@ struct Daemon {
 
 impl Daemon {
     fn start() -> Daemon {
+        Daemon::start_with_policy(&fixture("policy/test.toml"))
+    }
+
+    /// A daemon with the example plugin and the WAT test kit, under `policy`.
+    fn start_with_policy(policy: &Path) -> Daemon {
         let dir = corral_integration_tests::open_tempdir();
         let kit = dir.path().join("kit");
         std::fs::create_dir(&kit).unwrap();
@@ -153,7 +158,7 @@ impl Daemon {
                 "plugins = [{:?}, \"kit\"]\nsocket = \"run/control.sock\"\ncache_dir = \"cache\"\n\
                  policy = {:?}\n",
                 built().hello_wasm.to_str().unwrap(),
-                fixture("policy/test.toml").to_str().unwrap()
+                policy.to_str().unwrap()
             ),
         )
         .unwrap();
@@ -325,4 +330,231 @@ fn no_orphan_workers_when_the_supervisor_is_sigkilled() {
             "worker {pid} outlived its supervisor"
         );
     }
+}
+
+#[test]
+fn policy_check_accepts_the_shipped_policy_and_names_every_error() {
+    let shipped = corral_integration_tests::repo_root().join("policies");
+    let out = run(Command::new(built().corral())
+        .args(["policy", "check"])
+        .arg(&shipped));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    assert!(report.starts_with("policy OK: "), "{report}");
+    assert!(
+        report.contains("levels.toml") && report.contains("routes.toml"),
+        "{report}"
+    );
+    assert!(
+        report.contains("route \"shipped examples\" -> standard ("),
+        "{report}"
+    );
+    assert!(report.contains("unmatched plugins -> maximum"), "{report}");
+    // Without a path: the built-in copy of the same files.
+    let out = run(Command::new(built().corral()).args(["policy", "check"]));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("(built in)"));
+
+    // A broken policy directory: every file's errors, exit code 7 (invalid).
+    let dir = corral_integration_tests::open_tempdir();
+    std::fs::write(
+        dir.path().join("10-levels.toml"),
+        "[level.standard]\nmemory = \"lots\"\ncpus = 2\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("20-routes.toml"),
+        "[[route]]\nid = \"billing-*\"\nlevel = \"hihg\"\n",
+    )
+    .unwrap();
+    let out = run(Command::new(built().corral())
+        .args(["policy", "check"])
+        .arg(dir.path()));
+    assert_eq!(out.status.code(), Some(7));
+    let err = text(&out.stderr);
+    let levels = dir.path().join("10-levels.toml");
+    let routes = dir.path().join("20-routes.toml");
+    assert!(
+        err.contains(&format!(
+            "{}:3:1: unknown field `cpus`, expected one of `memory`, `worker_memory`, `cpu`",
+            levels.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{}:3:9: unknown level `hihg`; expected one of: standard, high, maximum",
+            routes.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("policy check failed: 2 error(s)"), "{err}");
+}
+
+#[test]
+fn policy_explain_names_the_file_and_line_of_every_value() {
+    let shipped = corral_integration_tests::repo_root().join("policies");
+    let out = run(Command::new(built().corral())
+        .args(["policy", "explain"])
+        .arg(corral_integration_tests::repo_root().join("examples/hello-wasm"))
+        .arg("--policy")
+        .arg(&shipped));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let e = text(&out.stdout);
+    let routes = shipped.join("routes.toml");
+    let levels = shipped.join("levels.toml");
+    let line = |key: &str| {
+        e.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} in {e}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(line("route "), "route shipped examples");
+    assert!(
+        line("level ").starts_with(&format!("level standard {}:", routes.display())),
+        "{e}"
+    );
+    assert!(line("memory ").starts_with("memory 32 MiB "), "{e}");
+    assert!(
+        line("memory ").ends_with("examples/hello-wasm/plugin.toml:12:10 (the plugin's request)"),
+        "{e}"
+    );
+    assert_eq!(line("cpu "), format!("cpu 1 {}:13:7", levels.display()));
+    assert_eq!(line("pids "), format!("pids 64 {}:15:8", levels.display()));
+    assert!(
+        line("worker_memory ").starts_with("worker_memory 320 MiB derived: 2 × memory"),
+        "{e}"
+    );
+
+    // An unknown plugin directory is routed to maximum.
+    let kit = wat_plugin("stranger", "testkit.wat", "");
+    let out = run(Command::new(built().corral())
+        .args(["policy", "explain"])
+        .arg(kit.path()));
+    let e = text(&out.stdout);
+    assert!(
+        e.contains("no route matched: unmatched plugins get maximum"),
+        "{e}"
+    );
+    assert!(e.contains("tmpfs"), "{e}");
+
+    let out = run(Command::new(built().corral()).args(["policy", "explain", "nothing-here"]));
+    assert_eq!(out.status.code(), Some(6));
+}
+
+/// The group directory of `pid` in the v1 hierarchy of `controller`.
+fn cgroup_of(pid: u32, controller: &str) -> std::path::PathBuf {
+    let me = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let rel = me
+        .lines()
+        .find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, list, path) = (p.next()?, p.next()?, p.next()?);
+            list.split(',')
+                .any(|c| c == controller)
+                .then(|| path.to_owned())
+        })
+        .unwrap_or_else(|| panic!("no {controller} hierarchy (this suite needs cgroup v1)"));
+    Path::new("/sys/fs/cgroup")
+        .join(controller)
+        .join(rel.trim_start_matches('/'))
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy() {
+    let pol = corral_integration_tests::open_tempdir();
+    let file = pol.path().join("10-test.toml");
+    let base = std::fs::read_to_string(fixture("policy/test.toml")).unwrap();
+    std::fs::write(&file, &base).unwrap();
+    let d = Daemon::start_with_policy(pol.path());
+    let call_ok = || {
+        let out = d.cli(&["call", "kit", "ok"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    };
+    call_ok();
+    let kit_pid = || {
+        let v: serde_json::Value =
+            serde_json::from_slice(&d.cli(&["list", "--json"]).stdout).unwrap();
+        let kit = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == "kit")
+            .unwrap()
+            .clone();
+        (
+            kit["pid"].as_u64().map(|p| p as u32),
+            kit["level"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (pid, level) = kit_pid();
+    let pid = pid.unwrap();
+    assert_eq!(level, "standard");
+    let pids_max = cgroup_of(pid, "pids").join("pids.max");
+    let quota = cgroup_of(pid, "cpu").join("cpu.cfs_quota_us");
+    assert_eq!(std::fs::read_to_string(&pids_max).unwrap().trim(), "64");
+
+    // Tighter CPU and pids for the route: written into the running worker's group.
+    let tighter = base.replace(
+        "level = \"standard\"",
+        "level = \"standard\"\nlimits = { pids = 20, cpu = 0.5 }",
+    );
+    assert_ne!(tighter, base);
+    std::fs::write(&file, &tighter).unwrap();
+    wait_for("pids.max = 20", || {
+        std::fs::read_to_string(&pids_max).is_ok_and(|s| s.trim() == "20")
+    });
+    assert_eq!(std::fs::read_to_string(&quota).unwrap().trim(), "50000");
+    assert_eq!(kit_pid().0, Some(pid), "same worker, limits changed live");
+    call_ok();
+
+    // A bad edit: rejected with file, line and column; the last good policy stays.
+    std::fs::write(&file, tighter.replace("pids = 20", "pids = 2")).unwrap();
+    wait_for("the rejection in status", || {
+        text(&d.cli(&["status"]).stdout).contains("policy reload REJECTED")
+    });
+    let status = text(&d.cli(&["status"]).stdout);
+    assert!(
+        status.contains(&format!("{}:", file.display()))
+            && status.contains("pids must be between 4 and 65536"),
+        "{status}"
+    );
+    assert!(status.contains("resources   memory "), "{status}");
+    assert_eq!(std::fs::read_to_string(&pids_max).unwrap().trim(), "20");
+    call_ok();
+    assert_eq!(kit_pid().0, Some(pid));
+
+    // A new level needs a new worker: the old one is retired after its calls and
+    // the next call runs at the new level.
+    std::fs::write(
+        &file,
+        tighter.replace("level = \"standard\"", "level = \"high\""),
+    )
+    .unwrap();
+    wait_for("the old worker to retire", || kit_pid().0.is_none());
+    assert!(!text(&d.cli(&["status"]).stdout).contains("REJECTED"));
+    call_ok();
+    let (new_pid, level) = kit_pid();
+    assert_eq!(level, "high");
+    assert_ne!(new_pid, Some(pid));
+    let out = d.cli(&["status"]);
+    let status = text(&out.stdout);
+    assert!(
+        status.contains("namespaces  enforced (own net, ipc, uts)"),
+        "{status}"
+    );
+    assert!(corral_integration_tests::wait_gone(
+        pid,
+        Duration::from_secs(5)
+    ));
 }

@@ -148,6 +148,16 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
     a.expect("abstract_connect", &name, abstract_socket).await;
     drop(abs);
 
+    // The supervisor's control socket (0600 in a 0700 directory of root's): the
+    // unprivileged worker cannot even reach it.
+    let control_dir = corral_integration_tests::open_tempdir();
+    let control = control_dir.path().join("run/control.sock");
+    let _server = corral::control::ControlServer::bind(&control)
+        .await
+        .unwrap();
+    a.expect("unix_connect", control.to_str().unwrap(), "EACCES")
+        .await;
+
     // Signals: neither the supervisor nor a neighbour.
     a.expect("kill_parent", "", "EPERM").await;
     a.expect("kill_pid", &neighbour_pid.to_string(), "EPERM")
@@ -163,7 +173,7 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
     // clone3 is answered, not punished: runtimes fall back to clone.
     a.expect("clone3", "", "ENOSYS").await;
 
-    // Resource bombs meet the plugin's cgroup.
+    // Resource bombs meet the plugin's cgroup (each worker gets a fresh group).
     let policy = a.sup.explain("attacker").unwrap();
     let limit = policy.worker_memory.value;
     assert_eq!(
@@ -171,6 +181,19 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
         (64 << 20) * 2 + (256 << 20),
         "derived from the test policy"
     );
+    let pids = policy.pids.value;
+    let bomb = |what: &'static str, unit: &'static str| async move {
+        let out = a.attack(what, "").await.unwrap();
+        let n: u64 = out
+            .strip_prefix("EAGAIN after ")
+            .and_then(|r| r.strip_suffix(unit))
+            .unwrap_or_else(|| panic!("{what} not stopped: {out}"))
+            .parse()
+            .unwrap();
+        assert!(n < pids, "{n}{unit}");
+        assert!(n > 0, "{what}: the worker could not start a single one");
+    };
+    bomb("fork_bomb", " forks").await;
     assert_eq!(
         a.attack("alloc", &((limit >> 20) * 2).to_string()).await,
         Err(CallError::WorkerCrashed(ExitReason::OomKilled {
@@ -178,14 +201,7 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
         })),
         "memory bomb"
     );
-    let forks = a.attack("fork_bomb", "").await.unwrap();
-    let n: u64 = forks
-        .strip_prefix("EAGAIN after ")
-        .and_then(|r| r.strip_suffix(" forks"))
-        .unwrap_or_else(|| panic!("fork bomb not stopped: {forks}"))
-        .parse()
-        .unwrap();
-    assert!(n < policy.pids.value, "{n} forks");
+    bomb("thread_bomb", " threads").await;
     a.expect("ok", "", "ok").await;
 
     // The neighbour never noticed: same process, still answering.
@@ -343,4 +359,51 @@ async fn unmatched_plugins_get_maximum_which_is_refused_not_weakened() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+/// A Wasm plugin spinning on the CPU, with a fifth of a CPU and a 1 s deadline: the
+/// cgroup quota throttles it (the kernel's own counters say so) and the engine stops
+/// it at the deadline; the worker stays up and answers the next call.
+#[tokio::test]
+async fn cpu_spin_is_throttled_by_the_quota_and_stopped_at_the_deadline() {
+    let policy = corral::Policy::parse(&[(
+        PathBuf::from("spin.toml"),
+        "[[route]]\nlevel = \"standard\"\nlimits = { cpu = 0.2, timeout = \"1s\" }\n".into(),
+    )])
+    .unwrap();
+    let cache = corral_integration_tests::open_tempdir();
+    let mut opts = options(cache.path());
+    opts.policy = std::sync::Arc::new(policy);
+    let mut sup = Supervisor::new(opts);
+    let plugin = wat_plugin("spinner", "testkit.wat", "");
+    sup.add_plugin_dir(plugin.path()).unwrap();
+    assert_eq!(
+        sup.call("spinner", "ok", vec![], None).await.unwrap(),
+        b"ok"
+    );
+    let before = sup.list().await[0].resources.clone().unwrap();
+    let started = std::time::Instant::now();
+    match sup.call("spinner", "spin", vec![], None).await {
+        Err(CallError::Timeout { .. }) => {}
+        other => panic!("expected the deadline to stop the spin, got {other:?}"),
+    }
+    let wall = started.elapsed();
+    assert!(wall >= std::time::Duration::from_secs(1), "{wall:?}");
+    let info = &sup.list().await[0];
+    let after = info.resources.clone().unwrap();
+    let cpu = after.cpu_usage_usec.unwrap() - before.cpu_usage_usec.unwrap();
+    let throttled = after.cpu_throttled_periods.unwrap() - before.cpu_throttled_periods.unwrap();
+    // 0.2 CPU for about 1 s is about 200 ms of CPU; unthrottled it would be 1 s.
+    assert!(
+        cpu < 450_000,
+        "the spin used {cpu} us of CPU in {wall:?}: not throttled"
+    );
+    assert!(throttled >= 4, "only {throttled} throttled periods");
+    assert_eq!(
+        sup.call("spinner", "ok", vec![], None).await.unwrap(),
+        b"ok",
+        "same worker answers after the deadline"
+    );
+    assert_eq!(sup.list().await[0].pid, info.pid);
+    sup.shutdown(std::time::Duration::from_secs(1)).await;
 }
