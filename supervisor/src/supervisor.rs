@@ -360,9 +360,6 @@ impl Supervisor {
         let m = &p.manifest;
         let effective = self.policy().resolve(m, None);
         let level = effective.level.value;
-        level.available().map_err(|why| {
-            StartError::Refused(format!("{why} (level set by {})", effective.level.origin))
-        })?;
         for note in &effective.clamped {
             tracing::warn!(plugin = %m.id, "{note}");
         }
@@ -422,6 +419,8 @@ impl Supervisor {
                 level,
                 read: vec![p.dir.clone()],
                 write: cache_dir.iter().cloned().collect(),
+                tmpfs_bytes: effective.tmpfs.value,
+                engine: kind.as_str().to_owned(),
             },
         };
         let load = LoadSpec {

@@ -8,9 +8,11 @@
 //!   rules (read: the plugin directory and the engine's runtime files; write: the
 //!   plugin's data and cache directories; nothing else), TCP bind/connect denial and
 //!   abstract-socket/signal scoping (best effort at `standard`, required from
-//!   `high`), and a seccomp
-//!   filter compiled from the level's data file (`seccomp/<level>.json`, one reason
-//!   per rule).
+//!   `high`), and a seccomp filter compiled from a data file with one reason per
+//!   rule: deny-lists at `standard` and `high` (`seccomp/<level>.json`), the
+//!   engine's allow-list at `maximum` (`seccomp/maximum-<engine>.json`).
+//! - [`SelfConfinement::isolate`]: at `maximum`, first of all, own user, mount and
+//!   PID namespaces and a minimal read-only view with a small tmpfs at `/tmp`.
 //! - [`SelfConfinement::apply`] returns the [`EnforcementReport`] the worker puts in
 //!   its handshake: each mechanism fully, partly or not enforced, with why.
 //!
@@ -28,12 +30,16 @@
 //!     level: Level::Standard,
 //!     read: vec!["/srv/plugins/hello".into()],
 //!     write: vec!["/var/lib/corral/hello".into()],
+//!     tmpfs_bytes: 16 << 20,
+//!     engine: "wasm".into(),
 //! };
+//! c.isolate().expect("namespaces"); // a no-op below maximum
 //! let report = c.apply().expect("confined");
 //! println!("landlock: {}", report.landlock);
 //! ```
 
 pub mod cgroup;
+mod maximum;
 mod seccomp;
 mod sys;
 
@@ -71,19 +77,6 @@ pub enum Level {
 }
 
 impl Level {
-    /// Whether this build can enforce everything the level promises. `maximum`
-    /// (user/PID/mount namespaces, a read-only filesystem view, per-engine seccomp
-    /// allow-lists) is not built yet, so it is refused rather than silently weakened.
-    pub fn available(self) -> Result<(), String> {
-        match self {
-            Level::Standard | Level::High => Ok(()),
-            Level::Maximum => Err("isolation level maximum is not available in this build \
-                 (user/PID/mount namespaces and the read-only filesystem view are not \
-                 implemented yet); use high"
-                .into()),
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Level::Standard => "standard",
@@ -121,8 +114,17 @@ pub struct SelfConfinement {
     pub level: Level,
     /// Readable trees (plugin directory, engine runtime files).
     pub read: Vec<PathBuf>,
-    /// Readable and writable trees (data directory, compiled-code cache).
+    /// Readable and writable trees (data directory, compiled-code cache). At
+    /// `maximum` these are visible read-only; the tmpfs at `/tmp` is the only
+    /// writable place.
     pub write: Vec<PathBuf>,
+    /// Size of the writable tmpfs at `maximum`.
+    #[serde(default)]
+    pub tmpfs_bytes: u64,
+    /// The engine (`wasm`, `js`, `python`): `maximum` installs its own seccomp
+    /// allow-list.
+    #[serde(default)]
+    pub engine: String,
 }
 
 /// Why confinement could not be applied (or not to the level's requirement).
@@ -142,6 +144,10 @@ pub enum ConfineError {
     SeccompInstall(#[source] seccompiler::Error),
     #[error("cannot install the SIGSYS reporter")]
     Signal(#[source] std::io::Error),
+    #[error("cannot enter the namespaces of level maximum")]
+    Namespaces(#[source] std::io::Error),
+    #[error("level maximum has no seccomp allow-list for engine {0:?}")]
+    NoAllowList(String),
 }
 
 impl SelfConfinement {
@@ -167,26 +173,54 @@ impl SelfConfinement {
     pub fn apply(&self) -> Result<EnforcementReport, ConfineError> {
         // Read before Landlock hides the supervisor's /proc entries.
         let namespaces = sys::namespaces_report();
-        let (cap_effective, cap_bounding) =
-            (sys::capabilities("CapEff"), sys::capabilities("CapBnd"));
+        let (read, write) = if self.level == Level::Maximum {
+            // The capabilities of the worker's own user namespace go first.
+            maximum::drop_capabilities().map_err(ConfineError::Namespaces)?;
+            let mut read = self.read.clone();
+            read.extend(self.write.iter().cloned());
+            (read, vec![PathBuf::from("/tmp")])
+        } else {
+            (self.read.clone(), self.write.clone())
+        };
         sys::set_no_new_privs().map_err(ConfineError::NoNewPrivs)?;
-        let landlock = self.apply_landlock()?;
+        let landlock = self.apply_landlock(&read, &write)?;
+        // Read while the syscalls are still allowed (an allow-list has no capget).
+        let (cap_effective, cap_bounding) =
+            (sys::effective_capabilities(), sys::bounding_capabilities());
+        let (uid, gid, no_new_privs) = (sys::uid(), sys::gid(), sys::no_new_privs());
         sys::install_sigsys_reporter().map_err(ConfineError::Signal)?;
-        let seccomp = seccomp::install(self.level)?;
+        let seccomp = seccomp::install(self.level, &self.engine)?;
         Ok(EnforcementReport {
             cgroup: Enforcement::None("not set up by the worker".into()),
             landlock,
             seccomp,
             namespaces,
-            no_new_privs: sys::no_new_privs(),
-            uid: sys::uid(),
-            gid: sys::gid(),
+            no_new_privs,
+            uid,
+            gid,
             cap_effective,
             cap_bounding,
         })
     }
 
-    fn apply_landlock(&self) -> Result<Enforcement, ConfineError> {
+    /// Level `maximum` only: enter own user, mount and PID namespaces with a minimal
+    /// read-only view of the filesystem (see the `maximum` module). Call it first,
+    /// while the process is single-threaded; it forks, and returns in the child.
+    pub fn isolate(&self) -> Result<(), ConfineError> {
+        if self.level != Level::Maximum {
+            return Ok(());
+        }
+        let mut visible = self.read.clone();
+        visible.extend(self.write.iter().cloned());
+        visible.retain(|p| p.exists());
+        maximum::enter(&visible, self.tmpfs_bytes.max(1 << 20)).map_err(ConfineError::Namespaces)
+    }
+
+    fn apply_landlock(
+        &self,
+        read: &[PathBuf],
+        write: &[PathBuf],
+    ) -> Result<Enforcement, ConfineError> {
         let required = self.level >= Level::High;
         let abi = LANDLOCK_ABI;
         let mut ruleset = Ruleset::default();
@@ -222,21 +256,11 @@ impl SelfConfinement {
         // Paths that do not exist are skipped: nothing there to grant.
         let existing = |v: &[PathBuf]| v.iter().filter(|p| p.exists()).cloned().collect::<Vec<_>>();
         ruleset = ruleset
-            .add_rules(path_beneath_rules(
-                existing(&self.read),
-                AccessFs::from_read(abi),
-            ))?
-            .add_rules(path_beneath_rules(
-                existing(&self.write),
-                AccessFs::from_all(abi),
-            ))?;
+            .add_rules(path_beneath_rules(existing(read), AccessFs::from_read(abi)))?
+            .add_rules(path_beneath_rules(existing(write), AccessFs::from_all(abi)))?;
         let status = ruleset.restrict_self()?;
         let what = "filesystem, TCP bind/connect denied, abstract unix sockets and signals scoped";
-        let rules = format!(
-            "{what}; read: {}; write: {}",
-            paths(&self.read),
-            paths(&self.write)
-        );
+        let rules = format!("{what}; read: {}; write: {}", paths(read), paths(write));
         Ok(match status {
             RestrictionStatus {
                 ruleset: RulesetStatus::FullyEnforced,
@@ -279,6 +303,8 @@ mod tests {
             level: Level::High,
             read: vec!["/a".into()],
             write: vec!["/b".into()],
+            tmpfs_bytes: 1 << 20,
+            engine: "wasm".into(),
         };
         let back: SelfConfinement = serde_json::from_str(&c.to_env_value()).unwrap();
         assert_eq!(back, c);

@@ -8,13 +8,16 @@ use seccompiler::TargetArch;
 
 const STANDARD: &str = include_str!("../seccomp/standard.json");
 const HIGH: &str = include_str!("../seccomp/high.json");
+const MAXIMUM_WASM: &str = include_str!("../seccomp/maximum-wasm.json");
 
-/// The filter file for `level`. `maximum` uses the `high` deny-list until per-engine
-/// allow-lists exist.
-pub fn filter_source(level: Level) -> &'static str {
-    match level {
-        Level::Standard => STANDARD,
-        Level::High | Level::Maximum => HIGH,
+/// The filter file for `level` and `engine`: deny-lists at standard and high (the
+/// same for every engine); at maximum, the engine's own allow-list.
+pub fn filter_source(level: Level, engine: &str) -> Option<&'static str> {
+    match (level, engine) {
+        (Level::Standard, _) => Some(STANDARD),
+        (Level::High, _) => Some(HIGH),
+        (Level::Maximum, "wasm") => Some(MAXIMUM_WASM),
+        (Level::Maximum, _) => None,
     }
 }
 
@@ -23,19 +26,28 @@ const ARCH: TargetArch = TargetArch::x86_64;
 #[cfg(target_arch = "aarch64")]
 const ARCH: TargetArch = TargetArch::aarch64;
 
-pub(crate) fn install(level: Level) -> Result<Enforcement, ConfineError> {
-    let filters =
-        seccompiler::compile_from_json(filter_source(level).as_bytes(), ARCH).map_err(|e| {
-            ConfineError::SeccompFilter {
-                level,
-                why: e.to_string(),
-            }
-        })?;
+pub(crate) fn install(level: Level, engine: &str) -> Result<Enforcement, ConfineError> {
+    let source =
+        filter_source(level, engine).ok_or_else(|| ConfineError::NoAllowList(engine.to_owned()))?;
+    let filters = seccompiler::compile_from_json(source.as_bytes(), ARCH).map_err(|e| {
+        ConfineError::SeccompFilter {
+            level,
+            why: e.to_string(),
+        }
+    })?;
+    // The allow-list goes last: once it is in force, seccomp(2) itself is refused.
     let mut names: Vec<&String> = filters.keys().collect();
-    names.sort();
+    names.sort_by_key(|n| (n.as_str() == "allow", n.as_str()));
     for name in &names {
         seccompiler::apply_filter_all_threads(&filters[*name])
             .map_err(ConfineError::SeccompInstall)?;
+    }
+    if level == Level::Maximum {
+        return Ok(Enforcement::Full(format!(
+            "{engine} allow-list: {} syscalls, everything else traps with SIGSYS; threads \
+             but no processes; clone3 answers ENOSYS; sockets other than AF_UNIX refused",
+            allowed_syscalls(source).len()
+        )));
     }
     let denied = denied_syscalls(level).len();
     Ok(Enforcement::Full(format!(
@@ -49,10 +61,19 @@ pub(crate) fn install(level: Level) -> Result<Enforcement, ConfineError> {
     )))
 }
 
-/// The syscall names in `level`'s filters that trap.
+/// The syscall names in `level`'s deny-list.
 pub(crate) fn denied_syscalls(level: Level) -> Vec<String> {
-    let v: serde_json::Value = serde_json::from_str(filter_source(level)).expect("valid JSON");
-    v["deny"]["filter"]
+    rule_names(filter_source(level, "").unwrap_or("{}"), "deny")
+}
+
+/// The syscall names an allow-list permits.
+pub(crate) fn allowed_syscalls(source: &str) -> Vec<String> {
+    rule_names(source, "allow")
+}
+
+fn rule_names(source: &str, filter: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(source).expect("valid JSON");
+    v[filter]["filter"]
         .as_array()
         .map(|rules| {
             rules
@@ -73,7 +94,10 @@ pub fn violation_from_stderr(stderr: &str) -> Option<String> {
     let nr: i64 = line.trim().parse().ok()?;
     Some(match syscall_name(nr) {
         Some(name) => name.to_owned(),
-        None => format!("syscall {nr}"),
+        None => match syscalls::Sysno::new(nr as usize) {
+            Some(s) => s.name().to_owned(),
+            None => format!("syscall {nr}"),
+        },
     })
 }
 
@@ -144,10 +168,15 @@ mod tests {
 
     #[test]
     fn every_filter_file_compiles_and_every_rule_has_a_reason() {
-        for level in [Level::Standard, Level::High, Level::Maximum] {
-            seccompiler::compile_from_json(filter_source(level).as_bytes(), ARCH)
+        for (level, engine) in [
+            (Level::Standard, ""),
+            (Level::High, ""),
+            (Level::Maximum, "wasm"),
+        ] {
+            let source = filter_source(level, engine).unwrap();
+            seccompiler::compile_from_json(source.as_bytes(), ARCH)
                 .unwrap_or_else(|e| panic!("{level}: {e}"));
-            let v: serde_json::Value = serde_json::from_str(filter_source(level)).unwrap();
+            let v: serde_json::Value = serde_json::from_str(source).unwrap();
             for (name, filter) in v.as_object().unwrap() {
                 for rule in filter["filter"].as_array().unwrap() {
                     let reason = rule["comment"].as_str().unwrap_or("");
@@ -175,6 +204,30 @@ mod tests {
     }
 
     #[test]
+    fn the_wasm_allow_list_leaves_out_every_dangerous_syscall() {
+        let allowed = allowed_syscalls(MAXIMUM_WASM);
+        assert!(allowed.len() > 50, "{}", allowed.len());
+        for denied in denied_syscalls(Level::High) {
+            assert!(
+                !allowed.contains(&denied) || denied == "socket" || denied == "clone3",
+                "{denied} allowed"
+            );
+        }
+        for more in [
+            "fork", "vfork", "execve", "kill", "connect", "bind", "listen", "accept",
+        ] {
+            assert!(!allowed.contains(&more.to_owned()), "{more} allowed");
+        }
+        assert_eq!(filter_source(Level::Maximum, "lua"), None);
+    }
+
+    #[test]
+    fn violations_of_any_syscall_are_named() {
+        let err = format!("corral-seccomp: {}\n", libc::SYS_kill);
+        assert_eq!(violation_from_stderr(&err).as_deref(), Some("kill"));
+    }
+
+    #[test]
     fn high_adds_exec_and_socket_families() {
         let high = denied_syscalls(Level::High);
         assert!(high.contains(&"execve".to_owned()));
@@ -189,8 +242,8 @@ mod tests {
         let err = format!("some output\ncorral-seccomp: {nr}\n");
         assert_eq!(violation_from_stderr(&err).as_deref(), Some("ptrace"));
         assert_eq!(
-            violation_from_stderr("corral-seccomp: 999\n").as_deref(),
-            Some("syscall 999")
+            violation_from_stderr("corral-seccomp: 9999\n").as_deref(),
+            Some("syscall 9999")
         );
         assert_eq!(violation_from_stderr("nothing here"), None);
     }

@@ -24,18 +24,50 @@ pub fn uid() -> u32 {
     unsafe { libc::getuid() }
 }
 
-/// A capability set of this process (`CapEff`, `CapBnd`, ...) from /proc/self/status;
-/// all bits set if it cannot be read (assume the worst).
-pub fn capabilities(set: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// The highest capability number this kernel knows.
+pub fn last_capability() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                let v = l.strip_prefix(set)?.strip_prefix(':')?;
-                u64::from_str_radix(v.trim(), 16).ok()
-            })
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// This process's effective capability set, from `capget` (no /proc needed); all
+/// bits set if it cannot be read (assume the worst).
+pub fn effective_capabilities() -> u64 {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget fills a version-3 header and two data structs, laid out above.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    if rc != 0 {
+        return u64::MAX;
+    }
+    u64::from(data[0].effective) | (u64::from(data[1].effective) << 32)
+}
+
+/// This process's capability bounding set, from `PR_CAPBSET_READ`.
+pub fn bounding_capabilities() -> u64 {
+    (0..=last_capability().min(63))
+        .filter(|&cap| {
+            // SAFETY: prctl with plain integers.
+            unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0, 0, 0) != 0 }
         })
-        .unwrap_or(u64::MAX)
+        .fold(0, |acc, cap| acc | (1 << cap))
 }
 
 pub fn gid() -> u32 {
@@ -54,14 +86,24 @@ pub fn namespaces_report() -> Enforcement {
 /// Which namespaces process `a` does not share with process `b` (`/proc/<x>/ns`
 /// entries; a process running as another user can only see its own).
 pub fn namespaces_between(a: &str, b: &str) -> Enforcement {
-    let own: Vec<&str> = ["net", "ipc", "uts", "pid", "mnt", "user"]
-        .into_iter()
-        .filter(|ns| {
-            let mine = std::fs::read_link(format!("/proc/{a}/ns/{ns}")).ok();
-            let theirs = std::fs::read_link(format!("/proc/{b}/ns/{ns}")).ok();
-            mine.is_some() && theirs.is_some() && mine != theirs
-        })
-        .collect();
+    // The PID namespace is the one the process's children get (a worker at maximum
+    // is the parent of the namespace's pid 1).
+    let own: Vec<&str> = [
+        ("net", "net"),
+        ("ipc", "ipc"),
+        ("uts", "uts"),
+        ("pid", "pid_for_children"),
+        ("mnt", "mnt"),
+        ("user", "user"),
+    ]
+    .into_iter()
+    .filter(|(_, file)| {
+        let mine = std::fs::read_link(format!("/proc/{a}/ns/{file}")).ok();
+        let theirs = std::fs::read_link(format!("/proc/{b}/ns/{file}")).ok();
+        mine.is_some() && theirs.is_some() && mine != theirs
+    })
+    .map(|(name, _)| name)
+    .collect();
     if own.is_empty() {
         Enforcement::None("shares all namespaces with the supervisor".into())
     } else {
@@ -113,11 +155,16 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     }
     buf[len] = b'\n';
     len += 1;
-    // SAFETY: write(2) and raise(3) are async-signal-safe; `buf` is valid for `len`
-    // bytes. SA_RESETHAND restored the default action, so raising SIGSYS ends the
-    // process with that signal.
+    // SAFETY: write(2), syscall(2) and raise(3) are async-signal-safe; `buf` is valid
+    // for `len` bytes. SA_RESETHAND restored the default action. Making the same
+    // forbidden call again (without arguments, so it cannot do anything) traps again,
+    // and the kernel forces that SIGSYS with its default action: the process dies by
+    // it even as pid 1 of its own PID namespace (level maximum), which ignores
+    // signals it merely raises at itself. `raise` covers a call the filter only
+    // traps for some arguments.
     unsafe {
         libc::write(2, buf.as_ptr().cast(), len);
+        libc::syscall(libc::c_long::from(nr), 0, 0, 0, 0, 0, 0);
         libc::raise(libc::SIGSYS);
     }
 }

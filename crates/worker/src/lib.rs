@@ -96,6 +96,11 @@ pub trait Engine {
 /// Confinement the worker applies to itself after [`Engine::prepare`] and before any
 /// plugin code. The default applies nothing and says so in the report.
 pub trait Confinement {
+    /// Enter namespaces that need a single-threaded process (level `maximum`). Runs
+    /// first, before the engine is set up; may fork (see `corral_confine`).
+    fn isolate(&self) -> Result<(), String> {
+        Ok(())
+    }
     fn apply(self) -> Result<EnforcementReport, String>;
 }
 
@@ -118,6 +123,14 @@ impl Confinement for NoConfinement {
 pub struct SupervisorConfinement;
 
 impl Confinement for SupervisorConfinement {
+    fn isolate(&self) -> Result<(), String> {
+        match corral_confine::SelfConfinement::from_env() {
+            Ok(Some(spec)) => spec.isolate().map_err(|e| error_chain(&e)),
+            Ok(None) => Ok(()),
+            Err(e) => Err(error_chain(&e)),
+        }
+    }
+
     fn apply(self) -> Result<EnforcementReport, String> {
         match corral_confine::SelfConfinement::from_env() {
             Ok(Some(spec)) => spec.apply().map_err(|e| error_chain(&e)),
@@ -134,6 +147,10 @@ pub fn run(engine: impl Engine) -> ExitCode {
 
 /// Run the worker loop on the inherited socket until shutdown.
 pub fn run_confined(mut engine: impl Engine, confinement: impl Confinement) -> ExitCode {
+    if let Err(e) = confinement.isolate() {
+        eprintln!("corral worker: confinement failed: {e}");
+        return ExitCode::from(EXIT_CONFINE_FAILED);
+    }
     let stream = match inherited_socket() {
         Ok(s) => s,
         Err(e) => {

@@ -36,7 +36,10 @@ fn arena(level: Level) -> Arena {
     opts.worker_dir = workers.path().to_owned();
     opts.policy =
         std::sync::Arc::new(corral_integration_tests::test_policy().with_level(level, "test"));
-    opts.restart.max_crashes = 1000; // every seccomp kill costs a restart
+    // Every seccomp kill costs a restart: no backoff between them here.
+    opts.restart.max_crashes = 1000;
+    opts.restart.base_backoff = std::time::Duration::from_millis(1);
+    opts.restart.max_backoff = std::time::Duration::from_millis(1);
     let mut sup = Supervisor::new(opts);
     let attacker = wat_plugin("attacker", "testkit.wat", "");
     let neighbour = wat_plugin("neighbour", "testkit.wat", "");
@@ -336,29 +339,189 @@ async fn high_level_adds_exec_denial_and_namespaces() {
 }
 
 #[tokio::test]
-async fn unmatched_plugins_get_maximum_which_is_refused_not_weakened() {
+async fn maximum_level_shows_a_minimal_read_only_world() {
+    let a = arena(Level::Maximum);
+    let neighbour_pid = {
+        a.sup.call("neighbour", "ok", vec![], None).await.unwrap();
+        a.pid("neighbour").await
+    };
+    // Its own plugin directory is there, read-only; /tmp is its own small tmpfs, the
+    // only writable place; its module cache is visible but read-only.
+    a.expect("read_own", "", "ok").await;
+    a.expect("write", "/tmp/scratch", "ok").await;
+    let own_dir = a.sup.list().await;
+    let own_dir = &own_dir.iter().find(|p| p.id == "attacker").unwrap().dir;
+    a.expect("write", &format!("{own_dir}/plugin.toml"), "EROFS")
+        .await;
+    a.expect(
+        "write",
+        a.writable().join("probe").to_str().unwrap(),
+        "EROFS",
+    )
+    .await;
+    // Nothing else of the host exists in its view.
+    a.expect("read", "/etc/shadow", "ENOENT").await;
+    a.expect("read", "/proc/1/environ", "ENOENT").await;
+    let other = a.neighbour.path().join("plugin.toml");
+    a.expect("read", other.to_str().unwrap(), "ENOENT").await;
+    let planted = a.cache.path().join("modules/neighbour/planted.cwasm");
+    a.expect("write", planted.to_str().unwrap(), "ENOENT").await;
+    a.expect("list", "/", "EACCES").await;
+    a.expect("write", "/etc/corral-pwned", "ENOENT").await;
+    a.expect("write", "/sys/fs/cgroup/cgroup.procs", "ENOENT")
+        .await;
+    let control_dir = corral_integration_tests::open_tempdir();
+    let control = control_dir.path().join("run/control.sock");
+    let _server = corral::control::ControlServer::bind(&control)
+        .await
+        .unwrap();
+    // The Wasm engine never connects anywhere: connect(2) is not on its allow-list.
+    assert_eq!(
+        a.attack("unix_connect", control.to_str().unwrap()).await,
+        Err(CallError::WorkerCrashed(ExitReason::Seccomp {
+            syscall: "connect".into()
+        }))
+    );
+    // Network: no sockets but AF_UNIX, and its own network namespace.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    a.expect("connect", &addr, "EAFNOSUPPORT").await;
+    a.expect("socket_inet", "", "EAFNOSUPPORT").await;
+    let name = format!("corral-max-{}", std::process::id());
+    let _abs = {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        std::os::unix::net::UnixListener::bind_addr(&addr).unwrap()
+    };
+    a.expect_seccomp("abstract_connect", "connect").await;
+    // The engine's allow-list: anything it does not need kills the worker, and the
+    // report names the syscall (signals, processes and exec included).
+    for (attack, syscall) in [
+        ("kill_parent", "kill"),
+        ("ptrace", "ptrace"),
+        ("mount", "mount"),
+        ("unshare", "unshare"),
+        ("bpf", "bpf"),
+        ("io_uring", "io_uring_setup"),
+        ("tiocsti", "ioctl"),
+        ("exec", "execve"),
+        ("fork_bomb", "clone"),
+    ] {
+        a.expect_seccomp(attack, syscall).await;
+    }
+    assert_eq!(
+        a.attack("kill_pid", &neighbour_pid.to_string()).await,
+        Err(CallError::WorkerCrashed(ExitReason::Seccomp {
+            syscall: "kill".into()
+        }))
+    );
+    a.expect("clone3", "", "ENOSYS").await;
+    // Threads are allowed, up to the level's pids limit.
+    let policy = a.sup.explain("attacker").unwrap();
+    assert_eq!(policy.pids.value, 16, "the built-in maximum");
+    let out = a.attack("thread_bomb", "").await.unwrap();
+    let n: u64 = out
+        .strip_prefix("EAGAIN after ")
+        .and_then(|r| r.strip_suffix(" threads"))
+        .unwrap_or_else(|| panic!("thread bomb not stopped: {out}"))
+        .parse()
+        .unwrap();
+    assert!(n > 0 && n < 16, "{n} threads");
+    let limit = policy.worker_memory.value;
+    assert_eq!(
+        a.attack("alloc", &((limit >> 20) * 2).to_string()).await,
+        Err(CallError::WorkerCrashed(ExitReason::OomKilled {
+            limit_bytes: limit
+        })),
+        "memory bomb"
+    );
+
+    a.expect("ok", "", "ok").await;
+    let pid = a.pid("attacker").await;
+    assert_unprivileged_from_outside(pid);
+    let info = a.sup.list().await;
+    let attacker = info.iter().find(|p| p.id == "attacker").unwrap();
+    assert_eq!(attacker.level, "maximum");
+    let report = attacker.enforcement.as_ref().unwrap();
+    assert_eq!(
+        report.namespaces,
+        Enforcement::Full("own net, ipc, uts, pid, mnt, user".into())
+    );
+    assert!(
+        matches!(&report.seccomp, Enforcement::Full(s) if s.starts_with("wasm allow-list: ")),
+        "{}",
+        report.seccomp
+    );
+    assert!(
+        matches!(&report.landlock, Enforcement::Full(s) if s.ends_with("write: /tmp")),
+        "{}",
+        report.landlock
+    );
+    assert_eq!(
+        (
+            report.uid,
+            report.gid,
+            report.cap_effective,
+            report.cap_bounding
+        ),
+        (65534, 65534, 0, 0)
+    );
+    // The neighbour never noticed.
+    assert_eq!(
+        a.sup.call("neighbour", "ok", vec![], None).await.unwrap(),
+        b"ok"
+    );
+    assert_eq!(a.pid("neighbour").await, neighbour_pid);
+    a.sup.shutdown(std::time::Duration::from_secs(1)).await;
+}
+
+/// The real Wasm engine at maximum, under the shipped policy (which sends every
+/// plugin it does not route to maximum): calls, traps and deadlines work in the
+/// minimal view with the engine's allow-list.
+#[tokio::test]
+async fn unmatched_plugins_run_at_maximum_with_the_wasm_engine() {
     let cache = corral_integration_tests::open_tempdir();
     let mut opts = options(cache.path());
-    // The shipped policy routes only the tagged examples; anything else is maximum.
     opts.policy = std::sync::Arc::new(corral::Policy::built_in());
     let mut sup = Supervisor::new(opts);
-    let plugin = wat_plugin("stranger", "testkit.wat", "");
+    let plugin = wat_plugin("stranger", "testkit.wat", "timeout = \"300ms\"");
     sup.add_plugin_dir(plugin.path()).unwrap();
     assert_eq!(sup.list().await[0].level, "maximum");
-    match sup.call("stranger", "ok", vec![], None).await {
-        Err(CallError::StartFailed { reason, .. }) => {
-            assert!(
-                reason
-                    .starts_with("refused: isolation level maximum is not available in this build"),
-                "{reason}"
-            );
-            assert!(
-                reason.ends_with("(level set by no route matched: unmatched plugins get maximum)"),
-                "{reason}"
-            );
-        }
-        other => panic!("expected a refusal, got {other:?}"),
-    }
+    assert_eq!(
+        sup.call("stranger", "ok", vec![], None).await.unwrap(),
+        b"ok"
+    );
+    let big = vec![7u8; 1 << 20];
+    assert_eq!(
+        sup.call("stranger", "echo", big.clone(), None)
+            .await
+            .unwrap(),
+        big
+    );
+    assert!(matches!(
+        sup.call("stranger", "trap", vec![], None).await,
+        Err(CallError::Trap { .. })
+    ));
+    assert!(matches!(
+        sup.call("stranger", "spin", vec![], None).await,
+        Err(CallError::Timeout { .. })
+    ));
+    assert!(matches!(
+        sup.call("stranger", "grow", vec![], None).await,
+        Err(CallError::MemoryLimit { .. })
+    ));
+    assert_eq!(
+        sup.call("stranger", "ok", vec![], None).await.unwrap(),
+        b"ok"
+    );
+    let info = &sup.list().await[0];
+    assert_eq!(info.restarts, 0, "{:?}", info.last_error);
+    let report = info.enforcement.as_ref().unwrap();
+    assert_eq!(
+        report.namespaces,
+        Enforcement::Full("own net, ipc, uts, pid, mnt, user".into())
+    );
+    sup.shutdown(std::time::Duration::from_secs(1)).await;
 }
 
 /// A Wasm plugin spinning on the CPU, with a fifth of a CPU and a 1 s deadline: the

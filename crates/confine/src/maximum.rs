@@ -1,0 +1,309 @@
+//! Level `maximum`: the worker enters its own user, mount and PID namespaces and
+//! sees a minimal read-only filesystem: the plugin's directory and module cache
+//! (read-only, at their usual paths), four device nodes, and a small tmpfs at `/tmp`
+//! as the only writable place. Nothing else of the host exists in its view.
+//!
+//! Runs first thing in the worker, while it is single-threaded (a multi-threaded
+//! process cannot create a user namespace), before the engine is set up. The worker
+//! is already unprivileged (the supervisor switched uid before exec); the new user
+//! namespace maps that one uid and gid to themselves, which an unprivileged process
+//! may do, and gives it the capabilities to build the view inside its own namespaces
+//! only. Those capabilities are dropped before any plugin code runs.
+//!
+//! The PID namespace applies to children, so the worker forks once: the child is
+//! pid 1 of the new namespace and goes on to serve; the parent (outside) only waits
+//! and exits the same way the child did, so the supervisor sees one process whose
+//! exit status (code, SIGSYS, OOM SIGKILL) is the real one.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::OnceLock;
+
+/// `/proc/sys/kernel/cap_last_cap`, read while /proc is still visible.
+static LAST_CAP: OnceLock<u32> = OnceLock::new();
+use std::path::{Path, PathBuf};
+
+/// The device nodes bound into the view.
+const DEVICES: [&str; 4] = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"];
+
+/// Where the new root is assembled (a private mount in the worker's own namespace).
+const STAGING: &str = "/tmp";
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("NUL in path"))
+}
+
+fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        let e = io::Error::last_os_error();
+        Err(io::Error::new(e.kind(), format!("{what}: {e}")))
+    }
+}
+
+fn mount(
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let src = src.map(cstr).transpose()?;
+    let target_c = cstr(target)?;
+    let fstype = fstype.map(|f| CString::new(f).expect("no NUL"));
+    let data = data.map(|d| CString::new(d).expect("no NUL"));
+    // SAFETY: every pointer is either null or a NUL-terminated string that outlives
+    // the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            target_c.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            flags,
+            data.as_ref()
+                .map_or(std::ptr::null(), |s| s.as_ptr().cast()),
+        )
+    };
+    check(rc, &format!("mount {}", target.display()))
+}
+
+/// The mount flags the kernel locks on a mount inherited into a user namespace
+/// (a read-only remount must keep them).
+fn locked_flags(path: &Path) -> io::Result<libc::c_ulong> {
+    let c = cstr(path)?;
+    // SAFETY: statvfs writes into the zeroed struct; `c` is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    check(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, "statvfs")?;
+    let mut flags = 0;
+    for (st_flag, ms_flag) in [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if st.f_flag & st_flag != 0 {
+            flags |= ms_flag;
+        }
+    }
+    Ok(flags)
+}
+
+fn write_file(path: &str, text: &str) -> io::Result<()> {
+    std::fs::write(path, text).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+}
+
+/// Bind `fd` (an `O_PATH` handle on a host path) read-only at `target`.
+fn bind_readonly(fd: &OwnedFd, target: &Path) -> io::Result<()> {
+    let via = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    mount(Some(&via), target, None, libc::MS_BIND | libc::MS_REC, None)?;
+    let keep = locked_flags(&via)?;
+    mount(
+        None,
+        target,
+        None,
+        libc::MS_BIND
+            | libc::MS_REMOUNT
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | keep,
+        None,
+    )
+}
+
+/// Enter the maximum-level namespaces and filesystem view; returns in the child
+/// (pid 1 of the new PID namespace). `visible` are host paths to show read-only at
+/// the same paths; `tmpfs_bytes` sizes the writable `/tmp`.
+pub fn enter(visible: &[PathBuf], tmpfs_bytes: u64) -> io::Result<()> {
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    LAST_CAP.get_or_init(crate::sys::last_capability);
+    // Both the waiting parent and the serving child: no privilege gain by exec.
+    crate::sys::set_no_new_privs()?;
+    // SAFETY: unshare takes plain flags.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID) };
+    check(rc, "unshare(user, mount, pid)")?;
+    write_file("/proc/self/setgroups", "deny")?;
+    write_file("/proc/self/uid_map", &format!("{uid} {uid} 1"))?;
+    write_file("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
+
+    // Nothing done here propagates back to the host.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
+    // Handles on everything to show: taken in the new mount namespace (a bind source
+    // must be a mount of the caller's namespace), before the staging tmpfs hides any.
+    let mut sources = Vec::new();
+    for p in visible
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(DEVICES.iter().map(Path::new))
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+            .open(p)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+        sources.push((p.to_owned(), OwnedFd::from(f), p.is_dir()));
+    }
+
+    let root = Path::new(STAGING);
+    mount(
+        Some(Path::new("corral-root")),
+        root,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("size=1m,mode=0755"),
+    )?;
+    // The writable tmpfs first: shown paths under /tmp are bound on top of it.
+    let tmp = root.join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    mount(
+        Some(Path::new("corral-tmp")),
+        &tmp,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some(&format!("size={tmpfs_bytes},mode=0700")),
+    )?;
+
+    for (host, fd, is_dir) in &sources {
+        let target = root.join(host.strip_prefix("/").unwrap_or(host));
+        if *is_dir {
+            std::fs::create_dir_all(&target)?;
+        } else {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::File::create(&target)?;
+        }
+        if host.starts_with("/dev") {
+            // Device nodes stay usable (no MS_NODEV on these binds).
+            let via = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+            mount(Some(&via), &target, None, libc::MS_BIND, None)?;
+        } else {
+            bind_readonly(fd, &target)?;
+        }
+    }
+    drop(sources);
+    // Make the staging tmpfs the root and drop the host's.
+    std::env::set_current_dir(root)?;
+    let dot = CString::new(".").expect("no NUL");
+    // SAFETY: pivot_root with two NUL-terminated paths.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int };
+    check(rc, "pivot_root")?;
+    // SAFETY: umount2 with a NUL-terminated path.
+    let rc = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
+    check(rc, "detach the host root")?;
+    std::env::set_current_dir("/")?;
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        None,
+    )?;
+
+    fork_into_pid_namespace()
+}
+
+/// Fork; the child (pid 1 of the new namespace) returns, the parent waits for it and
+/// exits the same way.
+fn fork_into_pid_namespace() -> io::Result<()> {
+    // SAFETY: the process is single-threaded here (see the module docs), so the child
+    // may continue with any code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: prctl with plain integers.
+        unsafe {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        };
+        return Ok(());
+    }
+    // The parent only waits: it gives up the capabilities of the new user namespace
+    // (best effort: it runs no untrusted code) and keeps nothing open: the socket
+    // and pipes belong to the child.
+    let _ = drop_capabilities();
+    // SAFETY: close_range with plain integers; nothing below uses a descriptor.
+    unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) };
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes the status into `status`.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // SAFETY: _exit ends the process.
+            unsafe { libc::_exit(71) };
+        }
+    }
+    // SAFETY: plain libc calls on this process; `_exit` does not return.
+    unsafe {
+        if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::kill(libc::getpid(), sig);
+            libc::_exit(128 + sig);
+        }
+        libc::_exit(libc::WEXITSTATUS(status));
+    }
+}
+
+/// Drop every capability the user namespace gave (bounding set, then the
+/// effective, permitted and inheritable sets).
+pub fn drop_capabilities() -> io::Result<()> {
+    let last = *LAST_CAP.get_or_init(crate::sys::last_capability);
+    for cap in 0..=last {
+        // SAFETY: prctl with plain integers.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        check(rc, "drop the capability bounding set")?;
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [Data::default(); 2];
+    // SAFETY: capset reads a version-3 header and two data structs, as laid out above.
+    check(
+        unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) as libc::c_int },
+        "capset",
+    )
+}
