@@ -132,7 +132,9 @@ impl CgroupHost {
             let ctl = fs::read_to_string(unified.join("cgroup.controllers")).unwrap_or_default();
             let has = |c| ctl.split_whitespace().any(|x| x == c);
             if has("memory") && has("cpu") && has("pids") {
-                let dir = unified.join(self.own_path("")?).join(name);
+                let own = unified.join(self.own_path("")?);
+                delegate_controllers(&own)?;
+                let dir = own.join(name);
                 mkdir(&dir)?;
                 // Enable the controllers for the plugin groups below the base.
                 write(&dir.join("cgroup.subtree_control"), "+memory +cpu +pids")?;
@@ -158,6 +160,32 @@ impl CgroupHost {
             version: CgroupVersion::V1,
             dirs,
         })
+    }
+}
+
+/// Make memory, cpu and pids available to the groups below `own` (this process's
+/// cgroup v2 group). A delegated subtree (systemd `Delegate=yes`) starts with this
+/// process inside `own`, and "no internal processes" forbids enabling controllers
+/// for children of a group that has processes: the process first moves itself into a
+/// leaf `own/supervisor`. (The root group is exempt from the rule.)
+fn delegate_controllers(own: &Path) -> Result<(), CgroupError> {
+    let control = own.join("cgroup.subtree_control");
+    let enabled = fs::read_to_string(&control).unwrap_or_default();
+    let all = ["memory", "cpu", "pids"]
+        .iter()
+        .all(|c| enabled.split_whitespace().any(|x| x == *c));
+    if all {
+        return Ok(());
+    }
+    match write(&control, "+memory +cpu +pids") {
+        Ok(()) => Ok(()),
+        Err(CgroupError::Write { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => {
+            let leaf = own.join("supervisor");
+            mkdir(&leaf)?;
+            write(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
+            write(&control, "+memory +cpu +pids")
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -473,6 +501,11 @@ mod tests {
         assert_eq!(base.version, CgroupVersion::V2);
         assert_eq!(
             fs::read_to_string(t.path().join("svc/corral-9/cgroup.subtree_control")).unwrap(),
+            "+memory +cpu +pids"
+        );
+        // The delegated group itself offers the controllers to its children.
+        assert_eq!(
+            fs::read_to_string(t.path().join("svc/cgroup.subtree_control")).unwrap(),
             "+memory +cpu +pids"
         );
         let limits = CgroupLimits {

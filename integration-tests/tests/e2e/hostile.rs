@@ -570,3 +570,34 @@ async fn cpu_spin_is_throttled_by_the_quota_and_stopped_at_the_deadline() {
     assert_eq!(sup.list().await[0].pid, info.pid);
     sup.shutdown(std::time::Duration::from_secs(1)).await;
 }
+
+/// WASI from the attacker's side, at every level: the engine gives a plugin no
+/// preopened directory and no descriptor but the output pipes, so traversal,
+/// absolute paths and symlinks all end in EBADF (8) before the kernel is asked. (The
+/// native helper above proves the OS layer behind this.)
+#[tokio::test]
+async fn wasi_path_traversal_and_symlinks_find_no_directory() {
+    for level in [Level::Standard, Level::High, Level::Maximum] {
+        let cache = corral_integration_tests::open_tempdir();
+        let mut opts = options(cache.path());
+        opts.policy = std::sync::Arc::new(
+            corral_integration_tests::test_policy().with_level(level, "test"),
+        );
+        let mut sup = Supervisor::new(opts);
+        let plugin = wat_plugin("escapee", "wasi-escape.wat", "");
+        sup.add_plugin_dir(plugin.path()).unwrap();
+        for function in ["preopens", "traverse", "symlink"] {
+            let out = sup.call("escapee", function, vec![], None).await;
+            assert_eq!(out, Ok(b"8".to_vec()), "{level} {function}: errno");
+        }
+        // fd 3 of the process (the supervisor socket) is not a WASI descriptor, nor
+        // is anything else above stdio: reading finds nothing but EBADF.
+        assert_eq!(
+            sup.call("escapee", "read_fds", vec![], None).await,
+            Ok(b"8".to_vec()),
+            "{level} read_fds"
+        );
+        assert_eq!(sup.list().await[0].level, level.as_str());
+        sup.shutdown(std::time::Duration::from_secs(1)).await;
+    }
+}

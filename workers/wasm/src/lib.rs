@@ -168,8 +168,15 @@ impl WasmEngine {
             .load_or_compile(&bytes)
             .map_err(|e| format!("invalid module {}: {e:#}", path.display()))?;
         if let CacheOutcome::WriteFailed(why) = &outcome {
+            // At level maximum the cache is visible read-only by design: only a hit
+            // helps there, and a miss is no fault.
+            let level = if why.contains("Read-only file system") {
+                LogLevel::Debug
+            } else {
+                LogLevel::Warn
+            };
             host.log(
-                LogLevel::Warn,
+                level,
                 format!("module cache not written ({why}); the next start compiles again"),
             );
         }
