@@ -580,9 +580,8 @@ async fn wasi_path_traversal_and_symlinks_find_no_directory() {
     for level in [Level::Standard, Level::High, Level::Maximum] {
         let cache = corral_integration_tests::open_tempdir();
         let mut opts = options(cache.path());
-        opts.policy = std::sync::Arc::new(
-            corral_integration_tests::test_policy().with_level(level, "test"),
-        );
+        opts.policy =
+            std::sync::Arc::new(corral_integration_tests::test_policy().with_level(level, "test"));
         let mut sup = Supervisor::new(opts);
         let plugin = wat_plugin("escapee", "wasi-escape.wat", "");
         sup.add_plugin_dir(plugin.path()).unwrap();
