@@ -189,3 +189,27 @@ pub fn wait_gone(pid: u32, timeout: std::time::Duration) -> bool {
     }
     process_gone(pid)
 }
+
+/// The group directory of process `pid` (a number or `self`) in the cgroup v1
+/// hierarchy of `controller`. Panics where there is none: the suite needs the v1
+/// controllers of these hybrid hosts (the v2 path runs in the VM check).
+pub fn v1_cgroup(pid: &str, controller: &str) -> PathBuf {
+    let table = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup table");
+    let rel = table
+        .lines()
+        .find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, list, path) = (p.next()?, p.next()?, p.next()?);
+            list.split(',')
+                .any(|c| c == controller)
+                .then(|| path.to_owned())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no {controller} hierarchy: this suite needs cgroup v1 controllers (hybrid host)"
+            )
+        });
+    Path::new("/sys/fs/cgroup")
+        .join(controller)
+        .join(rel.trim_start_matches('/'))
+}

@@ -283,27 +283,5 @@ pub fn drop_capabilities() -> io::Result<()> {
         let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
         check(rc, "drop the capability bounding set")?;
     }
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let header = Header {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [Data::default(); 2];
-    // SAFETY: capset reads a version-3 header and two data structs, as laid out above.
-    check(
-        unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) as libc::c_int },
-        "capset",
-    )
+    crate::sys::clear_capabilities().map_err(|e| io::Error::new(e.kind(), format!("capset: {e}")))
 }

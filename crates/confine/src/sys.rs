@@ -32,32 +32,51 @@ pub fn last_capability() -> u32 {
         .unwrap_or(40)
 }
 
+/// `capget`/`capset` argument layout, version 3 (two 32-bit halves per set).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
 /// This process's effective capability set, from `capget` (no /proc needed); all
 /// bits set if it cannot be read (assume the worst).
 pub fn effective_capabilities() -> u64 {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut header = Header {
-        version: 0x2008_0522,
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let mut data = [Data::default(); 2];
+    let mut data = [CapData::default(); 2];
     // SAFETY: capget fills a version-3 header and two data structs, laid out above.
     let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
     if rc != 0 {
         return u64::MAX;
     }
     u64::from(data[0].effective) | (u64::from(data[1].effective) << 32)
+}
+
+/// Empty this process's effective, permitted and inheritable capability sets.
+pub fn clear_capabilities() -> io::Result<()> {
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: capset reads a version-3 header and two data structs, laid out above.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// This process's capability bounding set, from `PR_CAPBSET_READ`.

@@ -444,24 +444,6 @@ fn policy_explain_names_the_file_and_line_of_every_value() {
     assert_eq!(out.status.code(), Some(6));
 }
 
-/// The group directory of `pid` in the v1 hierarchy of `controller`.
-fn cgroup_of(pid: u32, controller: &str) -> std::path::PathBuf {
-    let me = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let rel = me
-        .lines()
-        .find_map(|l| {
-            let mut p = l.splitn(3, ':');
-            let (_, list, path) = (p.next()?, p.next()?, p.next()?);
-            list.split(',')
-                .any(|c| c == controller)
-                .then(|| path.to_owned())
-        })
-        .unwrap_or_else(|| panic!("no {controller} hierarchy (this suite needs cgroup v1)"));
-    Path::new("/sys/fs/cgroup")
-        .join(controller)
-        .join(rel.trim_start_matches('/'))
-}
-
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let until = Instant::now() + Duration::from_secs(10);
     while !done() {
@@ -500,8 +482,9 @@ fn policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy() {
     let (pid, level) = kit_pid();
     let pid = pid.unwrap();
     assert_eq!(level, "standard");
-    let pids_max = cgroup_of(pid, "pids").join("pids.max");
-    let quota = cgroup_of(pid, "cpu").join("cpu.cfs_quota_us");
+    let pids_max = corral_integration_tests::v1_cgroup(&pid.to_string(), "pids").join("pids.max");
+    let quota =
+        corral_integration_tests::v1_cgroup(&pid.to_string(), "cpu").join("cpu.cfs_quota_us");
     assert_eq!(std::fs::read_to_string(&pids_max).unwrap().trim(), "64");
 
     // Tighter CPU and pids for the route: written into the running worker's group.

@@ -287,32 +287,11 @@ async fn standard_level_contains_a_hostile_native_worker() {
         "{}",
         report.namespaces
     );
-    let base = own_cgroup("pids").join(format!("corral-{}", std::process::id()));
+    let base = corral_integration_tests::v1_cgroup("self", "pids")
+        .join(format!("corral-{}", std::process::id()));
     assert!(base.exists(), "{} while plugins run", base.display());
     a.sup.shutdown(std::time::Duration::from_secs(1)).await;
     assert!(!base.exists(), "{} removed after shutdown", base.display());
-}
-
-/// This process's group in the v1 hierarchy of `controller`.
-fn own_cgroup(controller: &str) -> PathBuf {
-    let me = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    let path = me
-        .lines()
-        .find_map(|l| {
-            let mut p = l.splitn(3, ':');
-            let (_, list, path) = (p.next()?, p.next()?, p.next()?);
-            list.split(',')
-                .any(|c| c == controller)
-                .then(|| path.to_owned())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no {controller} hierarchy: this suite needs cgroup v1 controllers (hybrid host)"
-            )
-        });
-    PathBuf::from("/sys/fs/cgroup")
-        .join(controller)
-        .join(path.trim_start_matches('/'))
 }
 
 #[tokio::test]
