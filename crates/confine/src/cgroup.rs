@@ -132,7 +132,15 @@ impl CgroupHost {
             let ctl = fs::read_to_string(unified.join("cgroup.controllers")).unwrap_or_default();
             let has = |c| ctl.split_whitespace().any(|x| x == c);
             if has("memory") && has("cpu") && has("pids") {
-                let own = unified.join(self.own_path("")?);
+                let mut own = unified.join(self.own_path("")?);
+                // Already moved into the leaf by an earlier base (another Supervisor
+                // in this process): the delegated group is its parent.
+                if own.file_name().is_some_and(|n| n == SUPERVISOR_LEAF)
+                    && let Some(parent) = own.parent()
+                    && offers_controllers(parent)
+                {
+                    own = parent.to_owned();
+                }
                 delegate_controllers(&own)?;
                 let dir = own.join(name);
                 mkdir(&dir)?;
@@ -167,26 +175,33 @@ impl CgroupHost {
 /// cgroup v2 group). A delegated subtree (systemd `Delegate=yes`) starts with this
 /// process inside `own`, and "no internal processes" forbids enabling controllers
 /// for children of a group that has processes: the process first moves itself into a
-/// leaf `own/supervisor`. (The root group is exempt from the rule.)
+/// leaf `own/corral-supervisor`. (The root group is exempt from the rule.)
 fn delegate_controllers(own: &Path) -> Result<(), CgroupError> {
-    let control = own.join("cgroup.subtree_control");
-    let enabled = fs::read_to_string(&control).unwrap_or_default();
-    let all = ["memory", "cpu", "pids"]
-        .iter()
-        .all(|c| enabled.split_whitespace().any(|x| x == *c));
-    if all {
+    if offers_controllers(own) {
         return Ok(());
     }
+    let control = own.join("cgroup.subtree_control");
     match write(&control, "+memory +cpu +pids") {
         Ok(()) => Ok(()),
         Err(CgroupError::Write { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => {
-            let leaf = own.join("supervisor");
+            let leaf = own.join(SUPERVISOR_LEAF);
             mkdir(&leaf)?;
             write(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
             write(&control, "+memory +cpu +pids")
         }
         Err(e) => Err(e),
     }
+}
+
+/// The leaf a supervisor moves itself into inside a delegated v2 group.
+pub const SUPERVISOR_LEAF: &str = "corral-supervisor";
+
+/// Whether v2 group `dir` offers memory, cpu and pids to its children.
+fn offers_controllers(dir: &Path) -> bool {
+    let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    ["memory", "cpu", "pids"]
+        .iter()
+        .all(|c| enabled.split_whitespace().any(|x| x == *c))
 }
 
 /// One worker's group.
@@ -277,10 +292,10 @@ impl PluginCgroup {
             CgroupVersion::V2 => {
                 let d = &self.dirs[0];
                 write(&d.join("memory.max"), &l.memory_bytes.to_string())?;
-                write(
-                    &d.join("memory.high"),
-                    &(l.memory_bytes / 10 * 9).to_string(),
-                )?;
+                // memory.high at the hard limit: a throttling zone below it turns a
+                // memory bomb into a wall-clock crawl (the kernel sleeps every
+                // allocation) that ends as a deadline kill instead of an OOM kill.
+                write(&d.join("memory.high"), &l.memory_bytes.to_string())?;
                 write(&d.join("memory.swap.max"), "0")?;
                 write(&d.join("memory.oom.group"), "1")?;
                 write(&d.join("cpu.max"), &format!("{quota} {period}"))?;
@@ -520,6 +535,10 @@ mod tests {
             "33554432"
         );
         assert_eq!(fs::read_to_string(d.join("memory.oom.group")).unwrap(), "1");
+        assert_eq!(
+            fs::read_to_string(d.join("memory.high")).unwrap(),
+            "33554432"
+        );
         assert_eq!(fs::read_to_string(d.join("memory.swap.max")).unwrap(), "0");
         assert_eq!(
             fs::read_to_string(d.join("cpu.max")).unwrap(),
