@@ -260,7 +260,13 @@ impl SelfConfinement {
             .add_rules(path_beneath_rules(existing(write), AccessFs::from_all(abi)))?;
         let status = ruleset.restrict_self()?;
         let what = "filesystem, TCP bind/connect denied, abstract unix sockets and signals scoped";
-        let rules = format!("{what}; read: {}; write: {}", paths(read), paths(write));
+        let rules = format!(
+            "ABI {} rules, kernel ABI {}: {what}; read: {}; write: {}",
+            abi as i32,
+            sys::landlock_kernel_abi().map_or("unknown".into(), |v| v.to_string()),
+            paths(read),
+            paths(write)
+        );
         Ok(match status {
             RestrictionStatus {
                 ruleset: RulesetStatus::FullyEnforced,

@@ -259,7 +259,8 @@ fn serve_call_list_stop() {
     );
     assert!(status.contains("level standard"), "{status}");
     assert!(
-        status.contains("  landlock    enforced (filesystem, TCP bind/connect denied"),
+        status.contains("  landlock    enforced (ABI 6 rules, kernel ABI ")
+            && status.contains(": filesystem, TCP bind/connect denied"),
         "{status}"
     );
     assert!(
