@@ -173,7 +173,7 @@ pub fn plugin_cache_dir(
 /// v1 has no usage counter here, memory where there is no cgroup at all.
 pub fn worker_stats(mut s: ResourceStats, pid: u32) -> ResourceStats {
     if s.cpu_usage_usec.is_none() {
-        s.cpu_usage_usec = proc_cpu_usec(pid);
+        s.cpu_usage_usec = corral_confine::cgroup::process_cpu_usec(&pid.to_string());
     }
     if s.memory_current.is_none() || s.memory_peak.is_none() {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -187,18 +187,6 @@ pub fn worker_stats(mut s: ResourceStats, pid: u32) -> ResourceStats {
         s.memory_peak = s.memory_peak.or_else(|| kib("VmHWM:"));
     }
     s
-}
-
-fn proc_cpu_usec(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start at field 3.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some((utime + stime) * 1_000_000 / hz)
 }
 
 #[cfg(test)]

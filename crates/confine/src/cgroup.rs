@@ -193,6 +193,19 @@ fn delegate_controllers(own: &Path) -> Result<(), CgroupError> {
     }
 }
 
+/// CPU time (user + system) of process `pid` so far, in microseconds.
+pub fn process_cpu_usec(pid: &str) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some((utime + stime) * 1_000_000 / hz)
+}
+
 /// The leaf a supervisor moves itself into inside a delegated v2 group.
 pub const SUPERVISOR_LEAF: &str = "corral-supervisor";
 
@@ -402,6 +415,11 @@ impl PluginCgroup {
                 s.cpu_throttled_usec =
                     key(c.join("cpu.stat"), "throttled_time").map(|ns| ns / 1000);
                 s.pids_current = num(self.dir("pids").join("pids.current"));
+                // v1 has no usage counter in these hierarchies (cpuacct is not
+                // joined): the CPU time of every process in the group.
+                s.cpu_usage_usec = fs::read_to_string(self.dir("pids").join("cgroup.procs"))
+                    .ok()
+                    .map(|procs| procs.split_whitespace().filter_map(process_cpu_usec).sum());
             }
         }
         s
