@@ -488,9 +488,20 @@ fn child_setup(
         if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
             return Err(std::io::Error::last_os_error());
         }
+        // A bounded descriptor table (an engine needs a few dozen).
+        let files = libc::rlimit {
+            rlim_cur: WORKER_MAX_FILES,
+            rlim_max: WORKER_MAX_FILES,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &files) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(())
 }
+
+/// `RLIMIT_NOFILE` of a worker (soft and hard).
+pub const WORKER_MAX_FILES: libc::rlim_t = 256;
 
 /// The highest capability number this kernel knows (read before the fork).
 fn last_capability() -> u32 {

@@ -36,6 +36,7 @@ const ATTACKS: &[&str] = &[
     "fork_bomb",
     "thread_bomb",
     "unix_connect",
+    "fd_bomb",
     "ok",
 ];
 
@@ -55,6 +56,7 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::EROFS) => "EROFS",
         Some(libc::ESRCH) => "ESRCH",
         Some(libc::EAGAIN) => "EAGAIN",
+        Some(libc::EMFILE) => "EMFILE",
         _ => return format!("{e}"),
     };
     name.to_owned()
@@ -148,6 +150,20 @@ impl Hostile {
                 format!("{} after {n} threads", errno_name(&err))
             }
             "unix_connect" => outcome(std::os::unix::net::UnixStream::connect(arg)),
+            "fd_bomb" => {
+                // Unix socket pairs (allowed at every level) until the table is full.
+                let mut held = Vec::new();
+                let err = loop {
+                    match std::os::unix::net::UnixStream::pair() {
+                        Ok(p) => held.push(p),
+                        Err(e) => break e,
+                    }
+                    if held.len() >= 100_000 {
+                        break std::io::Error::other("no limit");
+                    }
+                };
+                format!("{} after {} descriptors", errno_name(&err), held.len() * 2)
+            }
             "ok" => "ok".into(),
             other => format!("unknown attack {other}"),
         }

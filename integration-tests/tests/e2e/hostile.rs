@@ -94,6 +94,18 @@ impl Arena {
     }
 }
 
+/// Descriptors until the kernel refuses: RLIMIT_NOFILE stops it below the limit.
+async fn fd_bomb(a: &Arena) {
+    let out = a.attack("fd_bomb", "").await.unwrap();
+    let n: u64 = out
+        .strip_prefix("EMFILE after ")
+        .and_then(|r| r.strip_suffix(" descriptors"))
+        .unwrap_or_else(|| panic!("fd bomb not stopped: {out}"))
+        .parse()
+        .unwrap();
+    assert!(n > 0 && n <= corral::WORKER_MAX_FILES, "{n} descriptors");
+}
+
 /// The attacks whose outcome is the same at every level.
 async fn common_attacks(a: &Arena, abstract_socket: &str) {
     let neighbour_pid = {
@@ -205,6 +217,7 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
         "memory bomb"
     );
     bomb("thread_bomb", " threads").await;
+    fd_bomb(a).await;
     a.expect("ok", "", "ok").await;
 
     // The neighbour never noticed: same process, still answering.
@@ -406,6 +419,7 @@ async fn maximum_level_shows_a_minimal_read_only_world() {
         .parse()
         .unwrap();
     assert!(n > 0 && n < 16, "{n} threads");
+    fd_bomb(&a).await;
     let limit = policy.worker_memory.value;
     assert_eq!(
         a.attack("alloc", &((limit >> 20) * 2).to_string()).await,
@@ -503,14 +517,20 @@ async fn unmatched_plugins_run_at_maximum_with_the_wasm_engine() {
     sup.shutdown(std::time::Duration::from_secs(1)).await;
 }
 
-/// A Wasm plugin spinning on the CPU, with a fifth of a CPU and a 1 s deadline: the
-/// cgroup quota throttles it (the kernel's own counters say so) and the engine stops
-/// it at the deadline; the worker stays up and answers the next call.
+/// A Wasm plugin spinning on the CPU, with a fifth of a CPU and a 1 s deadline, at
+/// every level: the cgroup quota throttles it (the kernel's own counters say so) and
+/// the engine stops it at the deadline; the worker stays up and answers the next call.
 #[tokio::test]
 async fn cpu_spin_is_throttled_by_the_quota_and_stopped_at_the_deadline() {
+    for level in ["standard", "high", "maximum"] {
+        spin_at(level).await;
+    }
+}
+
+async fn spin_at(level: &str) {
     let policy = corral::Policy::parse(&[(
         PathBuf::from("spin.toml"),
-        "[[route]]\nlevel = \"standard\"\nlimits = { cpu = 0.2, timeout = \"1s\" }\n".into(),
+        format!("[[route]]\nlevel = \"{level}\"\nlimits = {{ cpu = 0.2, timeout = \"1s\" }}\n"),
     )])
     .unwrap();
     let cache = corral_integration_tests::open_tempdir();
@@ -527,20 +547,27 @@ async fn cpu_spin_is_throttled_by_the_quota_and_stopped_at_the_deadline() {
     let started = std::time::Instant::now();
     match sup.call("spinner", "spin", vec![], None).await {
         Err(CallError::Timeout { .. }) => {}
-        other => panic!("expected the deadline to stop the spin, got {other:?}"),
+        other => panic!("{level}: expected the deadline to stop the spin, got {other:?}"),
     }
     let wall = started.elapsed();
-    assert!(wall >= std::time::Duration::from_secs(1), "{wall:?}");
+    assert!(
+        wall >= std::time::Duration::from_secs(1),
+        "{level}: {wall:?}"
+    );
     let info = &sup.list().await[0];
+    assert_eq!(info.level, level);
     let after = info.resources.clone().unwrap();
     let cpu = after.cpu_usage_usec.unwrap() - before.cpu_usage_usec.unwrap();
     let throttled = after.cpu_throttled_periods.unwrap() - before.cpu_throttled_periods.unwrap();
     // 0.2 CPU for about 1 s is about 200 ms of CPU; unthrottled it would be 1 s.
     assert!(
         cpu < 450_000,
-        "the spin used {cpu} us of CPU in {wall:?}: not throttled"
+        "{level}: the spin used {cpu} us of CPU in {wall:?}: not throttled"
     );
-    assert!(throttled >= 4, "only {throttled} throttled periods");
+    assert!(
+        throttled >= 4,
+        "{level}: only {throttled} throttled periods"
+    );
     assert_eq!(
         sup.call("spinner", "ok", vec![], None).await.unwrap(),
         b"ok",
