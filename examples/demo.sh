@@ -11,18 +11,35 @@ corral=target/release/corral
 
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
-say corral run examples/hello-wasm greet --input Ada
-$corral run examples/hello-wasm greet --input Ada
-say corral run examples/hello-wasm wc --input "one two three" --json
-$corral run examples/hello-wasm wc --input "one two three" --json
-say corral run examples/hello-wasm greet --input ""   "# a plugin error: exit code 3"
-$corral run examples/hello-wasm greet --input "" || echo "(exit code $?)"
-
+# Workers run as an unprivileged user (policy: user = "nobody") when Corral runs as
+# root, so plugin directories must be readable by that user. A checkout may sit below
+# a private directory (/root is 0700): install the example where it can be read, as
+# an operator would under /srv.
 run=$(mktemp -d)
-trap 'kill "$daemon" 2>/dev/null || true; rm -rf "$run"' EXIT
-socket="$run/control.sock"
-say corral serve --config examples/corral.toml --socket "$socket" "&"
-$corral serve --config examples/corral.toml --socket "$socket" &
+trap 'kill "${daemon:-}" 2>/dev/null || true; rm -rf "$run"' EXIT
+chmod 755 "$run"
+plugin=$run/hello-wasm
+entry=target/wasm32-wasip1/release/hello_wasm.wasm
+mkdir -p "$plugin/$(dirname "$entry")"
+cp examples/hello-wasm/plugin.toml "$plugin/"
+cp "examples/hello-wasm/$entry" "$plugin/$entry"
+chmod -R a+rX "$plugin"
+# The daemon's configuration: examples/corral.toml with the installed plugin.
+sed -e "s|^plugins = .*|plugins = [\"$plugin\"]|" -e "s|^policy = .*|policy = \"$PWD/policies\"|" \
+    examples/corral.toml >"$run/corral.toml"
+
+say corral run "$plugin" greet --input Ada
+$corral run "$plugin" greet --input Ada
+say corral run "$plugin" wc --input "one two three" --json
+$corral run "$plugin" wc --input "one two three" --json
+say corral run "$plugin" greet --input ""   "# a plugin error: exit code 3"
+$corral run "$plugin" greet --input "" || echo "(exit code $?)"
+say corral policy explain "$plugin"   "# which policy file and line set each limit"
+$corral policy explain "$plugin" --policy policies
+
+socket="$run/ctl/control.sock"   # its own private directory
+say corral serve --config "$run/corral.toml" --socket "$socket" "&"
+$corral serve --config "$run/corral.toml" --socket "$socket" &
 daemon=$!
 for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.05; done
 say corral call hello-wasm reverse --input stressed
@@ -31,6 +48,8 @@ say corral call hello-wasm now
 $corral call hello-wasm now --socket "$socket"
 say corral list
 $corral list --socket "$socket"
+say corral status   "# what each worker really enforces, and uses"
+$corral status --socket "$socket"
 say corral stop
 $corral stop --socket "$socket"
 wait "$daemon"

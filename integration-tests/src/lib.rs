@@ -16,7 +16,8 @@ use std::sync::OnceLock;
 pub struct Built {
     /// Directory holding `corral`, `corral-worker-wasm` and `corral-worker-hostile`.
     pub bin_dir: PathBuf,
-    /// The example Wasm plugin directory (with its module built).
+    /// The example Wasm plugin (its module built), staged where the workers' user can
+    /// read it (see `stage_plugin`).
     pub hello_wasm: PathBuf,
 }
 
@@ -95,9 +96,57 @@ pub fn built() -> &'static Built {
             .unwrap_or_else(|| repo_root().join("target"));
         Built {
             bin_dir: target.join(if release { "release" } else { "debug" }),
-            hello_wasm: example,
+            hello_wasm: stage_plugin(&example, HELLO_WASM_ENTRY),
         }
     })
+}
+
+/// The example's entry, relative to its directory.
+const HELLO_WASM_ENTRY: &str = "target/wasm32-wasip1/release/hello_wasm.wasm";
+
+/// A copy of plugin `dir` (its `plugin.toml` and `entry`) where the workers'
+/// unprivileged user can read it, whatever the permissions of the checkout's parent
+/// directories: `<tmp>/corral-tests/<name>-<size>-<mtime>`, made once and reused.
+fn stage_plugin(dir: &Path, entry: &str) -> PathBuf {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let name = dir
+        .file_name()
+        .expect("plugin dir name")
+        .to_string_lossy()
+        .into_owned();
+    let meta = std::fs::metadata(dir.join(entry)).expect("the built plugin");
+    let stamp = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let parent = std::env::temp_dir().join("corral-tests");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&parent)
+        .expect("staging directory");
+    let staged = parent.join(format!("{name}-{}-{stamp}", meta.len()));
+    if staged.join("plugin.toml").exists() {
+        return staged;
+    }
+    let tmp = tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir_in(&parent)
+        .expect("staging directory");
+    let to = tmp.path().join(entry);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(to.parent().expect("entry parent"))
+        .expect("staging directory");
+    std::fs::copy(dir.join("plugin.toml"), tmp.path().join("plugin.toml")).expect("copy");
+    std::fs::copy(dir.join(entry), &to).expect("copy");
+    // Another test process may have won the race; either copy is the same.
+    if std::fs::rename(tmp.path(), &staged).is_ok() {
+        std::mem::forget(tmp);
+    }
+    staged
 }
 
 /// Install the `wasm32-wasip1` standard library if rustup lacks it. Loud, because it

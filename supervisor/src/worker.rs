@@ -58,8 +58,9 @@ pub struct SpawnSpec {
     pub cgroup: Option<Arc<PluginCgroup>>,
     /// Why there is no cgroup (reported in the handshake's enforcement).
     pub cgroup_unavailable: Option<String>,
-    /// The unprivileged uid/gid to switch to before exec (when the supervisor is
-    /// root); every capability is dropped from the bounding set first.
+    /// The unprivileged uid/gid the worker must switch to first thing (when the
+    /// supervisor is root; it is also in `confine.run_as`). The supervisor checks the
+    /// worker's credentials from outside before it sends any plugin.
     pub run_as: Option<Credentials>,
 }
 
@@ -157,13 +158,11 @@ impl WorkerHandle {
         let parent = unsafe { libc::getpid() };
         let level = spec.confine.level;
         let procs: Vec<CString> = spec.cgroup.iter().flat_map(|g| g.procs_files()).collect();
-        let drop_to = spec.run_as.map(|c| (c, last_capability()));
         // SAFETY: `child_setup` only makes async-signal-safe system calls (prctl,
-        // getppid, dup2, fcntl, close_range, open, write, close, setrlimit, unshare,
-        // setgroups, setresgid, setresuid) and allocates nothing (`procs` and `drop_to`
-        // were built before the fork).
+        // getppid, dup2, fcntl, close_range, open, write, close, setrlimit, unshare)
+        // and allocates nothing (`procs` was built before the fork).
         unsafe {
-            cmd.pre_exec(move || child_setup(fd, parent, level, &procs, drop_to));
+            cmd.pre_exec(move || child_setup(fd, parent, level, &procs));
         }
         let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
             program: spec.program.clone(),
@@ -203,9 +202,17 @@ impl WorkerHandle {
             }
         };
         let mut hello = hello;
-        // Namespaces are checked from outside: an unprivileged worker cannot read the
-        // supervisor's /proc entries to compare.
+        // Namespaces and credentials are checked from outside: an unprivileged worker
+        // cannot read the supervisor's /proc entries to compare, and a worker that
+        // did not drop root gets no plugin.
         hello.enforcement.namespaces = corral_confine::worker_namespaces(pid);
+        if let Some(cred) = spec.run_as
+            && let Err(why) = check_credentials(pid, cred)
+        {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(StartError::Refused(why));
+        }
         if let Some(g) = &spec.cgroup {
             hello.enforcement.cgroup = g.report();
         } else if let Some(why) = &spec.cgroup_unavailable {
@@ -405,7 +412,6 @@ fn child_setup(
     parent: libc::pid_t,
     level: Level,
     cgroup_procs: &[CString],
-    drop_to: Option<(Credentials, u32)>,
 ) -> std::io::Result<()> {
     // SAFETY: each call below is an async-signal-safe system call with plain integer
     // arguments or NUL-terminated paths built before the fork; none touches memory the
@@ -431,23 +437,6 @@ fn child_setup(
         {
             return Err(std::io::Error::last_os_error());
         }
-        // Drop root: empty the capability bounding set (needs CAP_SETPCAP, so first),
-        // clear supplementary groups, then switch gid and uid (real, effective and
-        // saved). Leaving uid 0 clears the permitted, effective and ambient sets.
-        if let Some((cred, last_cap)) = drop_to {
-            for cap in 0..=last_cap {
-                if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setresgid(cred.gid, cred.gid, cred.gid) != 0
-                || libc::setresuid(cred.uid, cred.uid, cred.uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        // After the uid change: changing credentials clears the parent-death signal.
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,
             libc::SIGKILL as libc::c_ulong,
@@ -503,12 +492,34 @@ fn child_setup(
 /// `RLIMIT_NOFILE` of a worker (soft and hard).
 pub const WORKER_MAX_FILES: libc::rlim_t = 256;
 
-/// The highest capability number this kernel knows (read before the fork).
-fn last_capability() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40)
+/// The worker's real, effective, saved and filesystem ids and its capability sets,
+/// as the kernel reports them, against what it was told to become.
+fn check_credentials(pid: u32, cred: Credentials) -> Result<(), String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("cannot read the worker's credentials: {e}"))?;
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let (uid, gid) = (cred.uid.to_string(), cred.gid.to_string());
+    let ok = field("Uid:") == [&uid; 4]
+        && field("Gid:") == [&gid; 4]
+        && field("CapEff:") == ["0000000000000000"]
+        && field("CapPrm:") == ["0000000000000000"];
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "the worker did not drop to uid {uid} gid {gid} with no capabilities (Uid {:?}, \
+             Gid {:?}, CapEff {:?})",
+            field("Uid:"),
+            field("Gid:"),
+            field("CapEff:")
+        ))
+    }
 }
 
 /// Remove a worker's group once the processes in it are gone (children it forked

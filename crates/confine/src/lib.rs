@@ -32,6 +32,7 @@
 //!     write: vec!["/var/lib/corral/hello".into()],
 //!     tmpfs_bytes: 16 << 20,
 //!     engine: "wasm".into(),
+//!     run_as: None,
 //! };
 //! c.isolate().expect("namespaces"); // a no-op below maximum
 //! let report = c.apply().expect("confined");
@@ -125,6 +126,11 @@ pub struct SelfConfinement {
     /// allow-list.
     #[serde(default)]
     pub engine: String,
+    /// `[uid, gid]` to switch to first of all (the supervisor is root and starts the
+    /// worker as root, so the worker binary's path needs no permissions for this
+    /// user); every capability goes with it.
+    #[serde(default)]
+    pub run_as: Option<[u32; 2]>,
 }
 
 /// Why confinement could not be applied (or not to the level's requirement).
@@ -144,6 +150,8 @@ pub enum ConfineError {
     SeccompInstall(#[source] seccompiler::Error),
     #[error("cannot install the SIGSYS reporter")]
     Signal(#[source] std::io::Error),
+    #[error("cannot drop root")]
+    Privileges(#[source] std::io::Error),
     #[error("cannot enter the namespaces of level maximum")]
     Namespaces(#[source] std::io::Error),
     #[error("level maximum has no seccomp allow-list for engine {0:?}")]
@@ -203,10 +211,14 @@ impl SelfConfinement {
         })
     }
 
-    /// Level `maximum` only: enter own user, mount and PID namespaces with a minimal
+    /// First of all: drop root if told to (`run_as`); then, at level `maximum`, enter
+    /// own user, mount and PID namespaces with a minimal
     /// read-only view of the filesystem (see the `maximum` module). Call it first,
     /// while the process is single-threaded; it forks, and returns in the child.
     pub fn isolate(&self) -> Result<(), ConfineError> {
+        if let Some([uid, gid]) = self.run_as {
+            sys::drop_privileges(uid, gid).map_err(ConfineError::Privileges)?;
+        }
         if self.level != Level::Maximum {
             return Ok(());
         }
@@ -311,6 +323,7 @@ mod tests {
             write: vec!["/b".into()],
             tmpfs_bytes: 1 << 20,
             engine: "wasm".into(),
+            run_as: Some([65534, 65534]),
         };
         let back: SelfConfinement = serde_json::from_str(&c.to_env_value()).unwrap();
         assert_eq!(back, c);

@@ -40,6 +40,54 @@ pub fn landlock_kernel_abi() -> Option<i64> {
     (v > 0).then_some(v)
 }
 
+/// Become `uid`/`gid` for good: empty the capability bounding set (needs
+/// CAP_SETPCAP, so first), clear supplementary groups, set real/effective/saved gid
+/// and uid (leaving uid 0 clears the other capability sets), then restore the
+/// parent-death signal and the dumpable flag, which a credential change clears, and
+/// make sure the parent did not die meanwhile.
+pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: getppid cannot fail.
+    let parent = unsafe { libc::getppid() };
+    for cap in 0..=last_capability() {
+        // SAFETY: prctl with plain integers.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: plain integer arguments; a null list with length 0 clears the groups.
+    let rc = unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setresgid(gid, gid, gid) != 0
+            || libc::setresuid(uid, uid, uid) != 0
+        {
+            -1
+        } else if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            -1
+        } else {
+            // The uid change made the process non-dumpable, which hands its /proc
+            // files to root; an exec as this user would have left it dumpable, and
+            // level maximum must write its own uid_map. Core dumps stay off
+            // (RLIMIT_CORE 0) and ptrace is denied by seccomp.
+            libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0)
+        }
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: getppid cannot fail.
+    if unsafe { libc::getppid() } != parent {
+        return Err(io::Error::other("the supervisor exited during start-up"));
+    }
+    Ok(())
+}
+
 /// The highest capability number this kernel knows.
 pub fn last_capability() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")

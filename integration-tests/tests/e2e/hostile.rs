@@ -25,7 +25,9 @@ struct Arena {
 }
 
 fn arena(level: Level) -> Arena {
-    let workers = corral_integration_tests::open_tempdir();
+    // A directory the workers' user cannot enter: the supervisor starts workers as
+    // root and they drop to the policy's user themselves.
+    let workers = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(
         built().bin_dir.join("corral-worker-hostile"),
         workers.path().join("corral-worker-wasm"),
