@@ -55,30 +55,18 @@ pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
         }
     }
     // SAFETY: plain integer arguments; a null list with length 0 clears the groups.
-    let rc = unsafe {
-        if libc::setgroups(0, std::ptr::null()) != 0
-            || libc::setresgid(gid, gid, gid) != 0
-            || libc::setresuid(uid, uid, uid) != 0
-        {
-            -1
-        } else if libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        ) != 0
-        {
-            -1
-        } else {
+    let dropped = unsafe {
+        libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setresgid(gid, gid, gid) == 0
+            && libc::setresuid(uid, uid, uid) == 0
+            && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) == 0
             // The uid change made the process non-dumpable, which hands its /proc
             // files to root; an exec as this user would have left it dumpable, and
             // level maximum must write its own uid_map. Core dumps stay off
             // (RLIMIT_CORE 0) and ptrace is denied by seccomp.
-            libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0)
-        }
+            && libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) == 0
     };
-    if rc != 0 {
+    if !dropped {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: getppid cannot fail.
