@@ -178,6 +178,10 @@ pub enum PolicyCommand {
         /// As `corral run --level`: route the plugin to this level.
         #[arg(long, value_parser = parse_level)]
         level: Option<corral_confine::Level>,
+        /// Ask the running daemon at this control socket instead: the policy it has
+        /// in force for one of its plugins (by id).
+        #[arg(long, conflicts_with_all = ["policy", "config", "level"])]
+        socket: Option<PathBuf>,
     },
 }
 
@@ -337,6 +341,22 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                     Ok(other) => bail!("unexpected answer from the daemon: {other:?}"),
                 }
             }
+            Command::Policy(PolicyCommand::Explain {
+                plugin,
+                socket: Some(socket),
+                ..
+            }) => match request(Some(socket), &ControlRequest::Explain { plugin }).await? {
+                Err(code) => Ok(code),
+                Ok(ControlResponse::Explained(Ok(text))) => {
+                    print!("{text}");
+                    Ok(exit::OK)
+                }
+                Ok(ControlResponse::Explained(Err(why))) => {
+                    eprintln!("error: {why}");
+                    Ok(exit::NOT_FOUND)
+                }
+                Ok(other) => bail!("unexpected answer from the daemon: {other:?}"),
+            },
             Command::Policy(cmd) => policy_command(cmd),
             Command::Stop { socket } => match request(socket, &ControlRequest::Shutdown).await? {
                 Err(code) => Ok(code),
@@ -412,6 +432,7 @@ fn policy_command(cmd: PolicyCommand) -> anyhow::Result<u8> {
             policy,
             config,
             level,
+            socket: _,
         } => {
             let cfg = match configured(config.as_deref()) {
                 Ok(c) => c,

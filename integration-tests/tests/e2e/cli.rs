@@ -502,6 +502,18 @@ fn policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy() {
     assert_eq!(kit_pid().0, Some(pid), "same worker, limits changed live");
     call_ok();
 
+    // The daemon explains its live policy.
+    let out = d.cli(&["policy", "explain", "kit"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let e = text(&out.stdout);
+    assert!(
+        e.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
+            == ["pids", "20", &format!("{}:20:19", file.display())]),
+        "{e}"
+    );
+    let out = d.cli(&["policy", "explain", "ghost"]);
+    assert_eq!(out.status.code(), Some(6));
+
     // A bad edit: rejected with file, line and column; the last good policy stays.
     std::fs::write(&file, tighter.replace("pids = 20", "pids = 2")).unwrap();
     wait_for("the rejection in status", || {
