@@ -189,6 +189,24 @@ pub fn wat_plugin(id: &str, module: &str, limits: &str) -> tempfile::TempDir {
     dir
 }
 
+/// A JavaScript plugin: a copy of `fixtures/js-kit` (an ES module and a library it
+/// imports) with `plugin.toml` for `id` and the given `[limits]` lines.
+pub fn js_plugin(id: &str, limits: &str) -> tempfile::TempDir {
+    let dir = open_tempdir();
+    let kit = fixture("js-kit");
+    std::fs::copy(kit.join("main.js"), dir.path().join("main.js")).expect("copy fixture");
+    std::fs::create_dir(dir.path().join("lib")).expect("lib dir");
+    std::fs::copy(kit.join("lib/util.js"), dir.path().join("lib/util.js")).expect("copy");
+    std::fs::write(
+        dir.path().join("plugin.toml"),
+        format!(
+            "id = \"{id}\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n\n[limits]\n{limits}\n"
+        ),
+    )
+    .expect("write manifest");
+    dir
+}
+
 /// A temporary directory the workers' unprivileged user may enter and read (0755):
 /// for plugin and cache directories.
 pub fn open_tempdir() -> tempfile::TempDir {

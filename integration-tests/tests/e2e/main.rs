@@ -8,4 +8,5 @@ mod channel;
 mod cli;
 mod faults;
 mod hostile;
+mod js;
 mod support;

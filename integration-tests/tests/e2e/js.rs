@@ -1,0 +1,274 @@
+//! The JavaScript worker (QuickJS): the plugin contract, its errors and limits, the
+//! host API's integrity, import confinement, and every isolation level.
+
+use corral::Supervisor;
+use corral_confine::Level;
+use corral_integration_tests::{js_plugin, open_tempdir, options, test_policy};
+use corral_protocol::{CallError, Enforcement};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+struct Js {
+    sup: Supervisor,
+    _plugin: TempDir,
+    _cache: TempDir,
+}
+
+fn js(limits: &str, level: Level) -> Js {
+    let plugin = js_plugin("kit", limits);
+    let cache = open_tempdir();
+    let mut opts = options(cache.path());
+    opts.policy = Arc::new(test_policy().with_level(level, "test"));
+    let mut sup = Supervisor::new(opts);
+    sup.add_plugin_dir(plugin.path()).unwrap();
+    Js {
+        sup,
+        _plugin: plugin,
+        _cache: cache,
+    }
+}
+
+impl Js {
+    async fn call(&self, f: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {
+        self.sup.call("kit", f, input.to_vec(), None).await
+    }
+
+    async fn text(&self, f: &str, input: &str) -> String {
+        String::from_utf8(self.call(f, input.as_bytes()).await.unwrap()).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn the_contract_bytes_strings_json_promises_and_init() {
+    let k = js("", Level::Standard);
+    assert_eq!(
+        k.text("ready", "").await,
+        "ready",
+        "init ran before the first call"
+    );
+    assert_eq!(
+        k.text("greet", "ada").await,
+        "Hello, ADA!",
+        "a relative import works"
+    );
+    let bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    assert_eq!(
+        k.call("echo", &bytes).await.unwrap(),
+        bytes,
+        "1 MiB, byte-exact"
+    );
+    assert_eq!(k.call("echo", b"").await.unwrap(), b"");
+    assert_eq!(
+        k.text("json", r#"{"a":[1,2]}"#).await,
+        r#"{"a":[1,2],"seen":true}"#
+    );
+    assert_eq!(k.text("later", "async").await, "async");
+    assert_eq!(k.text("count", "").await, "1");
+    assert_eq!(k.text("count", "").await, "2", "state lives across calls");
+    assert_eq!(
+        k.text("log_levels", "").await,
+        "TypeError: corral.log: unknown level \"loud\" (error, warn, info, debug, trace)"
+    );
+    let now: i64 = k.text("now", "").await.parse().unwrap();
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!((now - wall).abs() < 5_000, "now_ms {now} vs {wall}");
+    let list = k.sup.list().await;
+    assert_eq!(list[0].runtime.as_str(), "js");
+    assert!(list[0].exports.contains(&"greet".to_owned()));
+    assert!(
+        !list[0].exports.contains(&"init".to_owned()),
+        "hooks are not functions"
+    );
+    match k.call("nope", b"").await {
+        Err(CallError::UnknownFunction { exports, .. }) => assert!(exports.contains("greet")),
+        other => panic!("{other:?}"),
+    }
+    k.sup.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn exceptions_are_typed_errors_with_the_js_stack() {
+    let k = js("", Level::Standard);
+    match k.call("greet", b"").await {
+        Err(CallError::Plugin { message }) => {
+            assert!(message.starts_with("give a name to greet\n"), "{message}");
+            assert!(message.contains("at greet (main.js:"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        k.call("throw_value", b"").await,
+        Err(CallError::Plugin {
+            message: "a bare string".into()
+        })
+    );
+    match k.call("bug", b"").await {
+        Err(CallError::Trap { message }) => {
+            assert!(
+                message.starts_with("ReferenceError: undefined_variable is not defined"),
+                "{message}"
+            );
+            assert!(message.contains("at bug (main.js:"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match k.call("wrong_type", b"").await {
+        Err(CallError::Plugin { message }) => assert!(
+            message.contains("return a Uint8Array or a string"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    k.sup.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn deadlines_memory_stack_and_output_limits() {
+    let k = js(
+        "timeout = \"300ms\"\nmemory = \"32MiB\"\nmax_output = \"1MiB\"",
+        Level::Standard,
+    );
+    assert_eq!(k.text("count", "").await, "1");
+    let pid = k.sup.list().await[0].pid;
+    let t = Instant::now();
+    assert_eq!(
+        k.call("spin", b"").await,
+        Err(CallError::Timeout { deadline_ms: 300 })
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(300 + 250),
+        "{:?}",
+        t.elapsed()
+    );
+    // The interrupt handler stopped it: same process, a fresh runtime (init again).
+    assert_eq!(k.text("count", "").await, "1");
+    assert_eq!(k.text("ready", "").await, "ready");
+    assert_eq!(k.sup.list().await[0].pid, pid);
+    assert_eq!(
+        k.call("hog", b"").await,
+        Err(CallError::MemoryLimit {
+            limit_bytes: 32 << 20
+        })
+    );
+    match k.call("deep", b"").await {
+        Err(CallError::Trap { message }) => {
+            assert!(
+                message.starts_with("RangeError: Maximum call stack size exceeded"),
+                "{message}"
+            );
+            assert!(message.lines().count() <= 34, "the stack is cut: {message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        k.call("big", b"2097152").await,
+        Err(CallError::OutputTooLarge {
+            size: 2 << 20,
+            limit: 1 << 20
+        })
+    );
+    assert_eq!(k.call("big", b"1048576").await.unwrap().len(), 1 << 20);
+    assert_eq!(k.sup.list().await[0].pid, pid, "no crash along the way");
+    k.sup.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn the_host_api_cannot_be_tampered_with() {
+    let k = js("", Level::Standard);
+    assert_eq!(
+        k.text("tamper", "").await,
+        "TypeError,TypeError,TypeError,TypeError;api intact"
+    );
+    // Its own prototypes are its own business, and they do not reach the host.
+    assert_eq!(k.text("polluted", "").await, "yes");
+    assert_eq!(k.text("greet", "x").await, "Hello, X!");
+    assert_eq!(k.call("echo", b"bytes").await.unwrap(), b"bytes");
+    k.sup.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A plugin whose main module imports `import_line`.
+async fn load_failure(import_line: &str, extra: impl FnOnce(&std::path::Path)) -> String {
+    let k = js("", Level::Standard);
+    let dir = k._plugin.path();
+    std::fs::write(
+        dir.join("main.js"),
+        format!("{import_line}\nexport function ok() {{ return \"ok\"; }}\n"),
+    )
+    .unwrap();
+    extra(dir);
+    match k.call("ok", b"").await {
+        Err(CallError::StartFailed { reason, .. }) => reason,
+        other => panic!("{import_line}: expected a load failure, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn imports_stay_inside_the_plugin_directory() {
+    let r = load_failure("import x from \"../outside.js\";", |_| {}).await;
+    assert!(
+        r.contains("\"../outside.js\" leaves the plugin directory"),
+        "{r}"
+    );
+    let r = load_failure("import fs from \"fs\";", |_| {}).await;
+    assert!(
+        r.contains("only relative imports of files in the plugin directory"),
+        "{r}"
+    );
+    let r = load_failure("import x from \"/etc/passwd\";", |_| {}).await;
+    assert!(r.contains("only relative imports"), "{r}");
+    let r = load_failure("import { x } from \"./lib/escape.js\";", |dir| {
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("lib/escape.js")).unwrap();
+    })
+    .await;
+    assert!(r.contains("outside the plugin directory"), "{r}");
+    let r = load_failure("import { x } from \"./lib/missing.js\";", |_| {}).await;
+    assert!(r.contains("lib/missing.js"), "{r}");
+}
+
+#[tokio::test]
+async fn javascript_runs_confined_at_every_level() {
+    for level in [Level::Standard, Level::High, Level::Maximum] {
+        let k = js("timeout = \"300ms\"\nmemory = \"32MiB\"", level);
+        assert_eq!(k.text("greet", "ada").await, "Hello, ADA!", "{level}");
+        assert_eq!(
+            k.call("spin", b"").await,
+            Err(CallError::Timeout { deadline_ms: 300 }),
+            "{level}"
+        );
+        assert_eq!(
+            k.call("hog", b"").await,
+            Err(CallError::MemoryLimit {
+                limit_bytes: 32 << 20
+            }),
+            "{level}"
+        );
+        assert_eq!(k.text("count", "").await, "1", "{level}");
+        let info = &k.sup.list().await[0];
+        assert_eq!(info.level, level.as_str());
+        assert_eq!(info.restarts, 0, "{level}: {:?}", info.last_error);
+        let report = info.enforcement.as_ref().unwrap();
+        assert_eq!((report.uid, report.cap_effective), (65534, 0), "{level}");
+        let namespaces = match level {
+            Level::Standard => None,
+            Level::High => Some("own net, ipc, uts"),
+            Level::Maximum => Some("own net, ipc, uts, pid, mnt, user"),
+        };
+        match (namespaces, &report.namespaces) {
+            (None, Enforcement::None(_)) => {}
+            (Some(want), Enforcement::Full(got)) => assert_eq!(got, want),
+            (want, got) => panic!("{level}: namespaces {got:?}, expected {want:?}"),
+        }
+        if level == Level::Maximum {
+            assert!(
+                matches!(&report.seccomp, Enforcement::Full(s) if s.starts_with("js allow-list")),
+                "{}",
+                report.seccomp
+            );
+        }
+        k.sup.shutdown(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,172 @@
+//! The global `corral` object (host API and byte helpers), and turning a function's
+//! return value into output bytes.
+
+use corral_protocol::{CallError, HostOp};
+use corral_worker::Host;
+use rquickjs::function::Opt;
+use rquickjs::object::Property;
+use rquickjs::{Ctx, Exception, Function, Object, TypedArray, Value};
+
+/// Longest log message passed on (longer ones are cut, and say so).
+const MAX_LOG: usize = 64 * 1024;
+
+/// Install the frozen global `corral`.
+pub fn install<'js>(ctx: &Ctx<'js>, host: Host) -> rquickjs::Result<()> {
+    let corral = Object::new(ctx.clone())?;
+    let log_host = host.clone();
+    corral.set(
+        "log",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>,
+                  level: String,
+                  message: rquickjs::Coerced<String>|
+                  -> rquickjs::Result<()> {
+                let Some(level) = crate::log_level(&level) else {
+                    return Err(Exception::throw_type(
+                        &ctx,
+                        &format!(
+                            "corral.log: unknown level {level:?} (error, warn, info, debug, trace)"
+                        ),
+                    ));
+                };
+                let mut message = message.0;
+                if message.len() > MAX_LOG {
+                    let mut cut = MAX_LOG;
+                    while !message.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    let total = message.len();
+                    message.truncate(cut);
+                    message.push_str(&format!(" [cut: {total} bytes in all]"));
+                }
+                log_host.log(level, message);
+                Ok(())
+            },
+        )?
+        .with_name("log")?,
+    )?;
+    corral.set(
+        "now_ms",
+        Function::new(ctx.clone(), move |ctx: Ctx<'js>| -> rquickjs::Result<f64> {
+            let bytes = host.call(HostOp::Now).map_err(|e| {
+                Exception::throw_internal(&ctx, &format!("host call now_ms failed: {e}"))
+            })?;
+            let arr: [u8; 8] = bytes.try_into().map_err(|_| {
+                Exception::throw_internal(&ctx, "host call now_ms: malformed answer")
+            })?;
+            Ok(i64::from_le_bytes(arr) as f64)
+        })?
+        .with_name("now_ms")?,
+    )?;
+    corral.set(
+        "text",
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, bytes: Value<'js>| -> rquickjs::Result<String> {
+                let bytes = byte_view(&ctx, bytes, "corral.text")?;
+                String::from_utf8(bytes).map_err(|e| {
+                    Exception::throw_type(&ctx, &format!("corral.text: not UTF-8: {e}"))
+                })
+            },
+        )?
+        .with_name("text")?,
+    )?;
+    corral.set(
+        "bytes",
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, text: String| -> rquickjs::Result<TypedArray<'js, u8>> {
+                TypedArray::<u8>::new_copy(ctx, text.as_bytes())
+            },
+        )?
+        .with_name("bytes")?,
+    )?;
+    // JSON.parse and JSON.stringify are looked up per call: a JS value captured by a
+    // Rust closure is invisible to the cycle collector and would outlive the runtime.
+    // (A plugin that replaces them only changes its own results.)
+    corral.set(
+        "json",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, bytes: Value<'js>| -> rquickjs::Result<Value<'js>> {
+                let bytes = byte_view(&ctx, bytes, "corral.json")?;
+                let text = String::from_utf8(bytes).map_err(|e| {
+                    Exception::throw_type(&ctx, &format!("corral.json: not UTF-8: {e}"))
+                })?;
+                let json: Object = ctx.globals().get("JSON")?;
+                let parse: Function = json.get("parse")?;
+                parse.call((text,))
+            },
+        )?
+        .with_name("json")?,
+    )?;
+    corral.set(
+        "json_bytes",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>,
+                  value: Value<'js>,
+                  indent: Opt<Value<'js>>|
+                  -> rquickjs::Result<TypedArray<'js, u8>> {
+                let json: Object = ctx.globals().get("JSON")?;
+                let stringify: Function = json.get("stringify")?;
+                let text: Option<String> =
+                    stringify.call((value, Value::new_undefined(ctx.clone()), indent.0))?;
+                let text = text.ok_or_else(|| {
+                    Exception::throw_type(&ctx, "corral.json_bytes: the value has no JSON form")
+                })?;
+                TypedArray::<u8>::new_copy(ctx, text.as_bytes())
+            },
+        )?
+        .with_name("json_bytes")?,
+    )?;
+    let freeze: Function = ctx.globals().get::<_, Object>("Object")?.get("freeze")?;
+    freeze.call::<_, ()>((corral.clone(),))?;
+    ctx.globals().prop("corral", Property::from(corral))?;
+    Ok(())
+}
+
+/// The bytes of a `Uint8Array` argument, copied.
+fn byte_view(ctx: &Ctx<'_>, v: Value<'_>, what: &str) -> rquickjs::Result<Vec<u8>> {
+    let arr = TypedArray::<u8>::from_value(v)
+        .map_err(|_| Exception::throw_type(ctx, &format!("{what}: expected a Uint8Array")))?;
+    // SAFETY: the slice is copied at once; no JS runs while it is borrowed.
+    let bytes = unsafe { arr.as_bytes() }.map(<[u8]>::to_vec);
+    bytes.ok_or_else(|| Exception::throw_type(ctx, &format!("{what}: the array is detached")))
+}
+
+/// A function's return value as output bytes: a `Uint8Array` or a string.
+pub fn output(ret: &Value<'_>, max_output: u64) -> Result<Vec<u8>, CallError> {
+    let bytes = if let Some(s) = ret.as_string() {
+        s.to_string()
+            .map_err(|e| CallError::Trap {
+                message: format!("the returned string is not valid UTF-16: {e}"),
+            })?
+            .into_bytes()
+    } else if let Ok(arr) = TypedArray::<u8>::from_value(ret.clone()) {
+        // SAFETY: copied at once; no JS runs while the slice is borrowed.
+        unsafe { arr.as_bytes() }
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| CallError::Trap {
+                message: "the returned Uint8Array is detached".into(),
+            })?
+    } else if ret.is_undefined() {
+        Vec::new()
+    } else {
+        return Err(CallError::Plugin {
+            message: format!(
+                "the function returned a value of type {}; return a Uint8Array or a string \
+                 (corral.json_bytes(value) for JSON)",
+                ret.type_name()
+            ),
+        });
+    };
+    if bytes.len() as u64 > max_output {
+        return Err(CallError::OutputTooLarge {
+            size: bytes.len() as u64,
+            limit: max_output,
+        });
+    }
+    Ok(bytes)
+}

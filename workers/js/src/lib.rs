@@ -1,0 +1,447 @@
+//! The JavaScript engine of Corral workers: QuickJS (quickjs-ng, through rquickjs
+//! 0.14), one runtime per worker.
+//!
+//! # The plugin contract
+//!
+//! `entry` in plugin.toml names an ES module in the plugin directory. Its exported
+//! functions are the plugin's functions; each takes the input as a `Uint8Array` and
+//! returns a `Uint8Array` or a string (sent as UTF-8), or a promise of one. Optional
+//! exports `init()` and `shutdown()` are the lifecycle hooks; they are not callable
+//! functions.
+//!
+//! ```js
+//! export function greet(input) {
+//!   const name = corral.text(input);
+//!   if (!name) throw new Error("give a name to greet");   // a plugin error
+//!   corral.log("info", `greeting ${name}`);
+//!   return `Hello, ${name}!`;
+//! }
+//! ```
+//!
+//! Imports resolve only to files inside the plugin directory, by relative path
+//! (`./lib/util.js`); anything else (`"fs"`, `"../x.js"`, absolute paths) fails the
+//! load with an error naming the import.
+//!
+//! The host API is the global `corral`, frozen, under the same names as the Wasm
+//! imports: `log(level, message)` (`"error" | "warn" | "info" | "debug" | "trace"`),
+//! `now_ms()` (wall clock from the supervisor); plus helpers for bytes: `text(bytes)`
+//! (strict UTF-8), `bytes(string)`, `json(bytes)`, `json_bytes(value)`.
+//!
+//! # Errors and limits
+//!
+//! | the plugin | the call gets |
+//! |---|---|
+//! | throws an `Error` (or its own subclass, or any non-error value) | `CallError::Plugin` with the message and JS stack |
+//! | throws one of the engine's own errors (`TypeError`, `ReferenceError`, `RangeError`, `SyntaxError`, `InternalError` such as a stack overflow) | `CallError::Trap` with the stack |
+//! | runs past the deadline (interrupt handler) | `CallError::Timeout` |
+//! | allocates past its memory limit | `CallError::MemoryLimit` |
+//! | returns more than `max_output` | `CallError::OutputTooLarge` |
+//!
+//! After a trap, timeout or memory limit the runtime is discarded and the next call
+//! gets a fresh one (the module and `init` run again), as the Wasm engine does; the
+//! process stays.
+
+mod api;
+mod modules;
+
+use corral_protocol::{CallError, LoadSpec, LogLevel, WorkerKind};
+use corral_worker::{EngineInfo, Host};
+use rquickjs::promise::MaybePromise;
+use rquickjs::{
+    CatchResultExt, CaughtError, Context, Ctx, FromJs, Function, Module, Object, Persistent,
+    Runtime, Value,
+};
+use std::cell::Cell;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// The QuickJS version the worker reports (quickjs-ng, bundled by rquickjs-sys).
+pub const QUICKJS_VERSION: &str = "quickjs-ng 0.16 (rquickjs 0.14.0)";
+
+/// Stack QuickJS may use for plugin code (deep recursion is a trap, not a crash).
+const MAX_STACK: usize = 1 << 20;
+
+/// Exports that are lifecycle hooks, not callable functions.
+const HOOKS: [&str; 2] = ["init", "shutdown"];
+
+/// The engine's own error classes: throwing one of these is a fault, not the plugin's
+/// deliberate error.
+const ENGINE_ERRORS: [&str; 7] = [
+    "TypeError",
+    "ReferenceError",
+    "RangeError",
+    "SyntaxError",
+    "InternalError",
+    "EvalError",
+    "URIError",
+];
+
+/// A loaded plugin: its runtime, context and module namespace.
+struct Loaded {
+    // Field order: the namespace handle must go before the context and runtime.
+    namespace: Persistent<Object<'static>>,
+    context: Context,
+    runtime: Runtime,
+    exports: Vec<String>,
+}
+
+/// The QuickJS engine.
+pub struct JsEngine {
+    loaded: Option<Loaded>,
+    /// What to load again after the runtime was discarded.
+    spec: Option<LoadSpec>,
+    /// The running call's deadline, read by the interrupt handler.
+    deadline: Rc<Cell<Option<Instant>>>,
+    max_output: u64,
+    memory_limit: u64,
+}
+
+impl std::fmt::Debug for JsEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsEngine")
+            .field("loaded", &self.loaded.as_ref().map(|l| &l.exports))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for JsEngine {
+    fn default() -> Self {
+        JsEngine::new()
+    }
+}
+
+impl JsEngine {
+    pub fn new() -> JsEngine {
+        JsEngine {
+            loaded: None,
+            spec: None,
+            deadline: Rc::new(Cell::new(None)),
+            max_output: u64::MAX,
+            memory_limit: 0,
+        }
+    }
+
+    /// Create a runtime, run the module and its `init` within `deadline`.
+    fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<Loaded, String> {
+        let root = PathBuf::from(&spec.plugin_dir)
+            .canonicalize()
+            .map_err(|e| format!("plugin directory {}: {e}", spec.plugin_dir))?;
+        let entry = modules::logical_name(&spec.entry).ok_or_else(|| {
+            format!(
+                "entry {:?} is not a relative path inside the plugin",
+                spec.entry
+            )
+        })?;
+        let runtime =
+            Runtime::new().map_err(|e| format!("cannot create a QuickJS runtime: {e}"))?;
+        runtime.set_memory_limit(usize::try_from(spec.limits.memory_bytes).unwrap_or(usize::MAX));
+        runtime.set_max_stack_size(MAX_STACK);
+        let deadline = Rc::clone(&self.deadline);
+        runtime.set_interrupt_handler(Some(Box::new(move || {
+            deadline.get().is_some_and(|d| Instant::now() >= d)
+        })));
+        runtime.set_loader(
+            modules::PluginResolver,
+            modules::PluginLoader::new(root.clone()),
+        );
+        let context =
+            Context::full(&runtime).map_err(|e| format!("cannot create a QuickJS context: {e}"))?;
+
+        let init_deadline = Duration::from_millis(spec.limits.init_deadline_ms.max(1));
+        self.deadline.set(Some(Instant::now() + init_deadline));
+        let result = context.with(
+            |ctx| -> Result<(Persistent<Object<'static>>, Vec<String>), String> {
+                api::install(&ctx, host.clone())
+                    .map_err(|e| format!("cannot install the host API: {e}"))?;
+                let source = std::fs::read(root.join(&entry))
+                    .map_err(|e| format!("cannot read {}: {e}", spec.entry))?;
+                let evaluated = Module::declare(ctx.clone(), entry.clone(), source)
+                    .and_then(|m| m.eval())
+                    .catch(&ctx)
+                    .map_err(|e| describe(&ctx, e, "loading the module"))?;
+                let (module, promise) = evaluated;
+                promise
+                    .finish::<()>()
+                    .catch(&ctx)
+                    .map_err(|e| describe(&ctx, e, "loading the module"))?;
+                let namespace = module
+                    .namespace()
+                    .map_err(|e| format!("cannot read the module's exports: {e}"))?;
+                let mut exports = Vec::new();
+                let mut init = None;
+                for key in namespace.keys::<String>() {
+                    let key = key.map_err(|e| format!("cannot read the module's exports: {e}"))?;
+                    let value: Value = namespace.get(&key).map_err(|e| e.to_string())?;
+                    if let Some(f) = value.as_function() {
+                        if key == "init" {
+                            init = Some(f.clone());
+                        } else if !HOOKS.contains(&key.as_str()) {
+                            exports.push(key);
+                        }
+                    }
+                }
+                exports.sort();
+                if let Some(init) = init {
+                    let ret: Value = init
+                        .call(())
+                        .catch(&ctx)
+                        .map_err(|e| describe(&ctx, e, "init"))?;
+                    MaybePromise::from_value(ret)
+                        .finish::<Value>()
+                        .catch(&ctx)
+                        .map_err(|e| describe(&ctx, e, "init"))?;
+                }
+                Ok((Persistent::save(&ctx, namespace), exports))
+            },
+        );
+        self.deadline.set(None);
+        let (namespace, exports) = result.map_err(|e| {
+            if e.contains("interrupted") {
+                format!(
+                    "{e} (the load and init deadline is {} ms)",
+                    init_deadline.as_millis()
+                )
+            } else {
+                e
+            }
+        })?;
+        Ok(Loaded {
+            namespace,
+            context,
+            runtime,
+            exports,
+        })
+    }
+}
+
+/// A readable account of a failure while loading.
+fn describe<'js>(ctx: &Ctx<'js>, e: CaughtError<'js>, during: &str) -> String {
+    let (name, message, stack) = parts(ctx, &e);
+    let mut s = format!("{during}: {name}: {message}");
+    if !stack.trim().is_empty() {
+        s.push('\n');
+        s.push_str(stack.trim_end());
+    }
+    s
+}
+
+/// Most stack frames kept in an error (a stack overflow has thousands).
+const MAX_FRAMES: usize = 32;
+
+/// `stack` cut to [`MAX_FRAMES`] lines, saying how many were left out.
+fn trim_stack(stack: String) -> String {
+    let lines: Vec<&str> = stack.lines().collect();
+    if lines.len() <= MAX_FRAMES {
+        return stack;
+    }
+    format!(
+        "{}\n    ... {} more frames",
+        lines[..MAX_FRAMES].join("\n"),
+        lines.len() - MAX_FRAMES
+    )
+}
+
+/// (error class, message, stack) of a caught error.
+fn parts<'js>(ctx: &Ctx<'js>, e: &CaughtError<'js>) -> (String, String, String) {
+    match e {
+        CaughtError::Exception(ex) => {
+            let name = ex
+                .as_object()
+                .get::<_, String>("name")
+                .unwrap_or_else(|_| "Error".into());
+            (
+                name,
+                ex.message().unwrap_or_default(),
+                trim_stack(ex.stack().unwrap_or_default()),
+            )
+        }
+        CaughtError::Value(v) => {
+            let text = if v.is_null() {
+                "null".to_owned()
+            } else if let Some(s) = v.as_string() {
+                s.to_string().unwrap_or_default()
+            } else {
+                rquickjs::Coerced::<String>::from_js(ctx, v.clone())
+                    .map(|c| c.0)
+                    .unwrap_or_else(|_| v.type_name().to_owned())
+            };
+            ("thrown value".to_owned(), text, String::new())
+        }
+        CaughtError::Error(e) => ("engine error".to_owned(), e.to_string(), String::new()),
+    }
+}
+
+impl corral_worker::Engine for JsEngine {
+    fn info(&self) -> EngineInfo {
+        EngineInfo {
+            kind: WorkerKind::Js,
+            version: QUICKJS_VERSION.to_owned(),
+        }
+    }
+
+    fn load(&mut self, spec: &LoadSpec, host: &Host) -> Result<Vec<String>, String> {
+        self.max_output = spec.limits.max_output_bytes;
+        self.memory_limit = spec.limits.memory_bytes;
+        let loaded = self.instantiate(spec, host)?;
+        let exports = loaded.exports.clone();
+        self.loaded = Some(loaded);
+        self.spec = Some(spec.clone());
+        Ok(exports)
+    }
+
+    fn call(
+        &mut self,
+        function: &str,
+        input: &[u8],
+        deadline: Duration,
+        host: &Host,
+    ) -> Result<Vec<u8>, CallError> {
+        if self.loaded.is_none() {
+            // The last call discarded the runtime: start afresh.
+            let spec = self.spec.clone().ok_or_else(|| CallError::BadInput {
+                reason: "no plugin loaded".into(),
+            })?;
+            let loaded = self
+                .instantiate(&spec, host)
+                .map_err(|message| CallError::Trap {
+                    message: format!("reloading after the last failure: {message}"),
+                })?;
+            self.loaded = Some(loaded);
+        }
+        let loaded = self.loaded.as_ref().expect("loaded above");
+        if !loaded.exports.iter().any(|e| e == function) {
+            return Err(CallError::UnknownFunction {
+                plugin: self
+                    .spec
+                    .as_ref()
+                    .map(|s| s.plugin_id.clone())
+                    .unwrap_or_default(),
+                function: function.to_owned(),
+                exports: loaded.exports.join(", "),
+            });
+        }
+        let started = Instant::now();
+        self.deadline.set(Some(started + deadline));
+        let max_output = self.max_output;
+        let memory_limit = self.memory_limit;
+        let deadline_ms = deadline.as_millis() as u64;
+        let result = loaded.context.with(|ctx| -> Result<Vec<u8>, CallError> {
+            let namespace =
+                loaded
+                    .namespace
+                    .clone()
+                    .restore(&ctx)
+                    .map_err(|e| CallError::Trap {
+                        message: format!("module namespace lost: {e}"),
+                    })?;
+            let f: Function = namespace.get(function).map_err(|e| CallError::Trap {
+                message: e.to_string(),
+            })?;
+            let arg = rquickjs::TypedArray::<u8>::new_copy(ctx.clone(), input)
+                .catch(&ctx)
+                .map_err(|e| classify(&ctx, e, started, deadline_ms, memory_limit))?;
+            let ret: Value = f
+                .call((arg,))
+                .catch(&ctx)
+                .map_err(|e| classify(&ctx, e, started, deadline_ms, memory_limit))?;
+            let ret: Value = MaybePromise::from_value(ret)
+                .finish()
+                .catch(&ctx)
+                .map_err(|e| classify(&ctx, e, started, deadline_ms, memory_limit))?;
+            api::output(&ret, max_output)
+        });
+        self.deadline.set(None);
+        if matches!(
+            result,
+            Err(CallError::Trap { .. } | CallError::Timeout { .. } | CallError::MemoryLimit { .. })
+        ) {
+            // As after a Wasm trap: this runtime's state is suspect; the next call
+            // gets a fresh one.
+            self.loaded = None;
+        }
+        result
+    }
+
+    fn shutdown(&mut self, grace: Duration, _host: &Host) {
+        let Some(loaded) = self.loaded.as_ref() else {
+            return;
+        };
+        self.deadline.set(Some(Instant::now() + grace));
+        loaded.context.with(|ctx| {
+            let Ok(namespace) = loaded.namespace.clone().restore(&ctx) else {
+                return;
+            };
+            if let Ok(f) = namespace.get::<_, Function>("shutdown") {
+                let ret: rquickjs::Result<Value> = f.call(());
+                if let Ok(v) = ret {
+                    let _ = MaybePromise::from_value(v).finish::<Value>();
+                }
+            }
+        });
+        self.deadline.set(None);
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        self.loaded
+            .as_ref()
+            .map_or(0, |l| l.runtime.memory_usage().malloc_size.max(0) as u64)
+    }
+}
+
+/// The typed error for a failed call.
+fn classify<'js>(
+    ctx: &Ctx<'js>,
+    e: CaughtError<'js>,
+    started: Instant,
+    deadline_ms: u64,
+    memory_limit: u64,
+) -> CallError {
+    let past_deadline = started.elapsed() >= Duration::from_millis(deadline_ms);
+    if let CaughtError::Error(rquickjs::Error::WouldBlock) = e {
+        // A promise that can never settle: its job was interrupted, or it awaits
+        // nothing the engine can run.
+        return if past_deadline {
+            CallError::Timeout { deadline_ms }
+        } else {
+            CallError::Trap {
+                message: "the function returned a promise that never settles".into(),
+            }
+        };
+    }
+    let (name, message, stack) = parts(ctx, &e);
+    if name == "InternalError" && message == "interrupted" && past_deadline {
+        return CallError::Timeout { deadline_ms };
+    }
+    let out_of_memory = (name == "InternalError" && message == "out of memory")
+        || matches!(&e, CaughtError::Value(v) if v.is_null());
+    if out_of_memory {
+        return CallError::MemoryLimit {
+            limit_bytes: memory_limit,
+        };
+    }
+    let mut text = message;
+    if !stack.trim().is_empty() {
+        text.push('\n');
+        text.push_str(stack.trim_end());
+    }
+    if ENGINE_ERRORS.contains(&name.as_str()) {
+        CallError::Trap {
+            message: format!("{name}: {text}"),
+        }
+    } else {
+        CallError::Plugin { message: text }
+    }
+}
+
+/// Log level names of the host API.
+pub(crate) fn log_level(name: &str) -> Option<LogLevel> {
+    Some(match name {
+        "error" => LogLevel::Error,
+        "warn" => LogLevel::Warn,
+        "info" => LogLevel::Info,
+        "debug" => LogLevel::Debug,
+        "trace" => LogLevel::Trace,
+        _ => return None,
+    })
+}
