@@ -179,14 +179,19 @@ fn ensure_wasm_target() {
 pub fn wat_plugin(id: &str, module: &str, limits: &str) -> tempfile::TempDir {
     let dir = open_tempdir();
     std::fs::copy(fixture(module), dir.path().join(module)).expect("copy fixture");
+    write_manifest(dir.path(), id, "wasm", module, limits);
+    dir
+}
+
+/// `<dir>/plugin.toml` for a test plugin.
+fn write_manifest(dir: &Path, id: &str, runtime: &str, entry: &str, limits: &str) {
     std::fs::write(
-        dir.path().join("plugin.toml"),
+        dir.join("plugin.toml"),
         format!(
-            "id = \"{id}\"\nversion = \"1.0.0\"\nruntime = \"wasm\"\nentry = \"{module}\"\n\n[limits]\n{limits}\n"
+            "id = \"{id}\"\nversion = \"1.0.0\"\nruntime = \"{runtime}\"\nentry = \"{entry}\"\n\n[limits]\n{limits}\n"
         ),
     )
     .expect("write manifest");
-    dir
 }
 
 /// A JavaScript plugin: a copy of `fixtures/js-kit` (an ES module and a library it
@@ -197,13 +202,7 @@ pub fn js_plugin(id: &str, limits: &str) -> tempfile::TempDir {
     std::fs::copy(kit.join("main.js"), dir.path().join("main.js")).expect("copy fixture");
     std::fs::create_dir(dir.path().join("lib")).expect("lib dir");
     std::fs::copy(kit.join("lib/util.js"), dir.path().join("lib/util.js")).expect("copy");
-    std::fs::write(
-        dir.path().join("plugin.toml"),
-        format!(
-            "id = \"{id}\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n\n[limits]\n{limits}\n"
-        ),
-    )
-    .expect("write manifest");
+    write_manifest(dir.path(), id, "js", "main.js", limits);
     dir
 }
 
