@@ -169,8 +169,8 @@ pub fn plugin_cache_dir(
     Ok(dir)
 }
 
-/// Complete cgroup statistics with what `/proc/<pid>` knows: CPU time where cgroup
-/// v1 has no usage counter here, memory where there is no cgroup at all.
+/// Complete cgroup statistics with what `/proc/<pid>` knows: CPU time and memory
+/// when the worker has no cgroup (or the group's counters cannot be read).
 pub fn worker_stats(mut s: ResourceStats, pid: u32) -> ResourceStats {
     if s.cpu_usage_usec.is_none() {
         s.cpu_usage_usec = corral_confine::cgroup::process_cpu_usec(&pid.to_string());

@@ -408,7 +408,6 @@ impl Supervisor {
         let spec = SpawnSpec {
             cgroup: cgroup.clone(),
             cgroup_unavailable,
-            run_as,
             program,
             kind,
             plugin_id: m.id.clone(),

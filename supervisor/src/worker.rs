@@ -58,10 +58,6 @@ pub struct SpawnSpec {
     pub cgroup: Option<Arc<PluginCgroup>>,
     /// Why there is no cgroup (reported in the handshake's enforcement).
     pub cgroup_unavailable: Option<String>,
-    /// The unprivileged uid/gid the worker must switch to first thing (when the
-    /// supervisor is root; it is also in `confine.run_as`). The supervisor checks the
-    /// worker's credentials from outside before it sends any plugin.
-    pub run_as: Option<Credentials>,
 }
 
 /// A uid/gid pair a worker runs as.
@@ -206,8 +202,10 @@ impl WorkerHandle {
         // cannot read the supervisor's /proc entries to compare, and a worker that
         // did not drop root gets no plugin.
         hello.enforcement.namespaces = corral_confine::worker_namespaces(pid);
-        if let Some(cred) = spec.run_as
-            && let Err(why) = check_credentials(pid, cred)
+        // `confine.run_as`: the unprivileged uid/gid the worker was told to become
+        // first thing (when the supervisor is root).
+        if let Some([uid, gid]) = spec.confine.run_as
+            && let Err(why) = check_credentials(pid, Credentials { uid, gid })
         {
             let _ = child.start_kill();
             let _ = child.wait().await;
