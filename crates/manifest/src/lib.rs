@@ -305,15 +305,17 @@ impl Manifest {
     }
 }
 
+/// Names made of `a-z 0-9 . _ -`, 1 to `max` characters.
+fn is_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+}
+
 /// Plugin ids: 1-64 characters of `a-z 0-9 . _ -`, starting with a letter or digit.
 pub fn validate_id(id: &str) -> Result<(), String> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
-    if ok {
+    if is_name(id, 64) && id.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
         Ok(())
     } else {
         Err(format!(
@@ -325,12 +327,7 @@ pub fn validate_id(id: &str) -> Result<(), String> {
 
 /// Tags: 1-32 characters of `a-z 0-9 . _ -`.
 pub fn validate_tag(tag: &str) -> Result<(), String> {
-    let ok = !tag.is_empty()
-        && tag.len() <= 32
-        && tag
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
-    if ok {
+    if is_name(tag, 32) {
         Ok(())
     } else {
         Err(format!(
