@@ -390,18 +390,22 @@ async fn wasm_checks(worker_dir: &Path, report: &mut Report, base: &Path) -> Che
             report.record("cpu-max-throttles", Err(why));
         }
     }
-    if base.exists() {
-        shutdown(sup, base).await?;
-        Ok(format!(
-            "{} removed after the Wasm supervisor's shutdown",
-            base.display()
-        ))
-    } else {
-        Err(format!(
+    shut_down_and_removed(sup, base, "Wasm").await
+}
+
+/// Shut `sup` down and say whether its base group existed and went with it.
+async fn shut_down_and_removed(sup: Supervisor, base: &Path, who: &str) -> Check {
+    if !base.exists() {
+        return Err(format!(
             "{} did not exist while the worker ran",
             base.display()
-        ))
+        ));
     }
+    shutdown(sup, base).await?;
+    Ok(format!(
+        "{} removed after the {who} supervisor's shutdown",
+        base.display()
+    ))
 }
 
 /// The VM's init put this process in a group of its own that holds it (as systemd's
@@ -462,18 +466,7 @@ async fn hostile_checks(worker_dir: &Path, report: &mut Report, base: &Path) -> 
             report.record("memory-max-oom-kill", Err(why));
         }
     }
-    if base.exists() {
-        shutdown(sup, base).await?;
-        Ok(format!(
-            "{} removed after the hostile supervisor's shutdown",
-            base.display()
-        ))
-    } else {
-        Err(format!(
-            "{} did not exist while the worker ran",
-            base.display()
-        ))
-    }
+    shut_down_and_removed(sup, base, "hostile").await
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
