@@ -216,16 +216,28 @@ impl SelfConfinement {
     /// read-only view of the filesystem (see the `maximum` module). Call it first,
     /// while the process is single-threaded; it forks, and returns in the child.
     pub fn isolate(&self) -> Result<(), ConfineError> {
-        if let Some([uid, gid]) = self.run_as {
-            sys::drop_privileges(uid, gid).map_err(ConfineError::Privileges)?;
-        }
-        if self.level != Level::Maximum {
-            return Ok(());
-        }
+        let maximum = self.level == Level::Maximum;
         let mut visible = self.read.clone();
         visible.extend(self.write.iter().cloned());
         visible.retain(|p| p.exists());
-        maximum::enter(&visible, self.tmpfs_bytes.max(1 << 20)).map_err(ConfineError::Namespaces)
+        let shown = match self.run_as {
+            // Still root: stage what to show while every path is reachable.
+            Some(_) if maximum => maximum::prestage(&visible).map_err(ConfineError::Namespaces)?,
+            _ => visible
+                .iter()
+                .map(|p| maximum::Shown {
+                    at: p.clone(),
+                    from: p.clone(),
+                })
+                .collect(),
+        };
+        if let Some([uid, gid]) = self.run_as {
+            sys::drop_privileges(uid, gid).map_err(ConfineError::Privileges)?;
+        }
+        if !maximum {
+            return Ok(());
+        }
+        maximum::enter(&shown, self.tmpfs_bytes.max(1 << 20)).map_err(ConfineError::Namespaces)
     }
 
     fn apply_landlock(

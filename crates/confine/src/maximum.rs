@@ -118,10 +118,89 @@ fn bind_readonly(fd: &OwnedFd, target: &Path) -> io::Result<()> {
     )
 }
 
+/// A host path to show in the view, and where to open it from.
+#[derive(Debug, Clone)]
+pub struct Shown {
+    /// The path inside the view (the host path).
+    pub at: PathBuf,
+    /// Where the worker opens it: the host path, or its pre-staged copy.
+    pub from: PathBuf,
+}
+
+/// Run as root, before dropping privileges: in a mount namespace of its own
+/// (owned by the host's user namespace, so the worker can never change it), bind
+/// each of `visible` at `/tmp/<path>`, whose parents are world-traversable. The
+/// unprivileged worker can then show a tree its user cannot reach on the host,
+/// such as an interpreter's standard library under a 0700 `/root`, and nothing
+/// else of what lies on that path.
+pub fn prestage(visible: &[PathBuf]) -> io::Result<Vec<Shown>> {
+    // SAFETY: unshare takes plain flags.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+    check(rc, "unshare(mount) as root")?;
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
+    let mut sources = Vec::new();
+    for p in visible {
+        sources.push((p.clone(), open_path(p)?, p.is_dir()));
+    }
+    let root = Path::new(STAGING);
+    mount(
+        Some(Path::new("corral-prestage")),
+        root,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("size=1m,mode=0755"),
+    )?;
+    let mut shown = Vec::new();
+    for (host, fd, is_dir) in &sources {
+        let target = root.join(host.strip_prefix("/").unwrap_or(host));
+        make_mount_point(&target, *is_dir)?;
+        let via = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        mount(
+            Some(&via),
+            &target,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        )?;
+        shown.push(Shown {
+            at: host.clone(),
+            from: target,
+        });
+    }
+    Ok(shown)
+}
+
+/// An `O_PATH` handle on `p`.
+fn open_path(p: &Path) -> io::Result<OwnedFd> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(p)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+    Ok(OwnedFd::from(f))
+}
+
+/// A directory, or an empty file, to mount on.
+fn make_mount_point(target: &Path, is_dir: bool) -> io::Result<()> {
+    if is_dir {
+        return std::fs::create_dir_all(target);
+    }
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::File::create(target).map(drop)
+}
+
 /// Enter the maximum-level namespaces and filesystem view; returns in the child
-/// (pid 1 of the new PID namespace). `visible` are host paths to show read-only at
-/// the same paths; `tmpfs_bytes` sizes the writable `/tmp`.
-pub fn enter(visible: &[PathBuf], tmpfs_bytes: u64) -> io::Result<()> {
+/// (pid 1 of the new PID namespace). `visible` are the paths to show read-only;
+/// `tmpfs_bytes` sizes the writable `/tmp`.
+pub fn enter(visible: &[Shown], tmpfs_bytes: u64) -> io::Result<()> {
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     LAST_CAP.get_or_init(crate::sys::last_capability);
@@ -145,17 +224,13 @@ pub fn enter(visible: &[PathBuf], tmpfs_bytes: u64) -> io::Result<()> {
     // Handles on everything to show: taken in the new mount namespace (a bind source
     // must be a mount of the caller's namespace), before the staging tmpfs hides any.
     let mut sources = Vec::new();
-    for p in visible
+    let devices = DEVICES.iter().map(|d| (Path::new(d), Path::new(d)));
+    for (at, from) in visible
         .iter()
-        .map(PathBuf::as_path)
-        .chain(DEVICES.iter().map(Path::new))
+        .map(|s| (s.at.as_path(), s.from.as_path()))
+        .chain(devices)
     {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
-            .open(p)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
-        sources.push((p.to_owned(), OwnedFd::from(f), p.is_dir()));
+        sources.push((at.to_owned(), open_path(from)?, from.is_dir()));
     }
 
     let root = Path::new(STAGING);
@@ -179,14 +254,7 @@ pub fn enter(visible: &[PathBuf], tmpfs_bytes: u64) -> io::Result<()> {
 
     for (host, fd, is_dir) in &sources {
         let target = root.join(host.strip_prefix("/").unwrap_or(host));
-        if *is_dir {
-            std::fs::create_dir_all(&target)?;
-        } else {
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::File::create(&target)?;
-        }
+        make_mount_point(&target, *is_dir)?;
         if host.starts_with("/dev") {
             // Device nodes stay usable (no MS_NODEV on these binds).
             let via = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));

@@ -10,6 +10,7 @@ const STANDARD: &str = include_str!("../seccomp/standard.json");
 const HIGH: &str = include_str!("../seccomp/high.json");
 const MAXIMUM_WASM: &str = include_str!("../seccomp/maximum-wasm.json");
 const MAXIMUM_JS: &str = include_str!("../seccomp/maximum-js.json");
+const MAXIMUM_PYTHON: &str = include_str!("../seccomp/maximum-python.json");
 
 /// The filter file for `level` and `engine`: deny-lists at standard and high (the
 /// same for every engine); at maximum, the engine's own allow-list.
@@ -19,6 +20,7 @@ pub fn filter_source(level: Level, engine: &str) -> Option<&'static str> {
         (Level::High, _) => Some(HIGH),
         (Level::Maximum, "wasm") => Some(MAXIMUM_WASM),
         (Level::Maximum, "js") => Some(MAXIMUM_JS),
+        (Level::Maximum, "python") => Some(MAXIMUM_PYTHON),
         (Level::Maximum, _) => None,
     }
 }
@@ -175,6 +177,7 @@ mod tests {
             (Level::High, ""),
             (Level::Maximum, "wasm"),
             (Level::Maximum, "js"),
+            (Level::Maximum, "python"),
         ] {
             let source = filter_source(level, engine).unwrap();
             seccompiler::compile_from_json(source.as_bytes(), ARCH)

@@ -211,6 +211,18 @@ impl LogLevel {
             _ => return None,
         })
     }
+
+    /// Decode the level names of the JavaScript and Python host APIs.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "error" => LogLevel::Error,
+            "warn" => LogLevel::Warn,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" => LogLevel::Trace,
+            _ => return None,
+        })
+    }
 }
 
 /// Counters a worker keeps about itself.

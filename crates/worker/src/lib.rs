@@ -43,6 +43,7 @@ use corral_protocol::{
 };
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -65,6 +66,15 @@ pub struct EngineInfo {
 /// shared.
 pub trait Engine {
     fn info(&self) -> EngineInfo;
+
+    /// Trees of runtime files the engine reads while it serves (an interpreter's
+    /// standard library), to be readable under confinement and shown in the
+    /// `maximum` view. Runs first of all, with the privileges the worker started
+    /// with (before it drops root), so it may also open handles on them that stay
+    /// usable after the drop.
+    fn runtime_files(&mut self) -> Result<Vec<PathBuf>, String> {
+        Ok(Vec::new())
+    }
 
     /// Engine set-up that must happen before confinement (loading shared libraries,
     /// opening runtime files). Runs no plugin code.
@@ -98,10 +108,12 @@ pub trait Engine {
 pub trait Confinement {
     /// Enter namespaces that need a single-threaded process (level `maximum`). Runs
     /// first, before the engine is set up; may fork (see `corral_confine`).
-    fn isolate(&self) -> Result<(), String> {
+    /// `runtime` are the engine's [`Engine::runtime_files`], readable besides what the
+    /// supervisor asked for.
+    fn isolate(&self, _runtime: &[PathBuf]) -> Result<(), String> {
         Ok(())
     }
-    fn apply(self) -> Result<EnforcementReport, String>;
+    fn apply(self, runtime: &[PathBuf]) -> Result<EnforcementReport, String>;
 }
 
 /// No self-confinement; the report says why.
@@ -109,7 +121,7 @@ pub trait Confinement {
 pub struct NoConfinement;
 
 impl Confinement for NoConfinement {
-    fn apply(self) -> Result<EnforcementReport, String> {
+    fn apply(self, _runtime: &[PathBuf]) -> Result<EnforcementReport, String> {
         Ok(EnforcementReport::unconfined(
             "worker confinement not configured",
         ))
@@ -122,20 +134,29 @@ impl Confinement for NoConfinement {
 #[derive(Debug)]
 pub struct SupervisorConfinement;
 
+impl SupervisorConfinement {
+    /// The supervisor's spec with the engine's runtime files added to what is read.
+    fn spec(runtime: &[PathBuf]) -> Result<Option<corral_confine::SelfConfinement>, String> {
+        let mut spec = corral_confine::SelfConfinement::from_env().map_err(|e| error_chain(&e))?;
+        if let Some(spec) = spec.as_mut() {
+            spec.read.extend(runtime.iter().cloned());
+        }
+        Ok(spec)
+    }
+}
+
 impl Confinement for SupervisorConfinement {
-    fn isolate(&self) -> Result<(), String> {
-        match corral_confine::SelfConfinement::from_env() {
-            Ok(Some(spec)) => spec.isolate().map_err(|e| error_chain(&e)),
-            Ok(None) => Ok(()),
-            Err(e) => Err(error_chain(&e)),
+    fn isolate(&self, runtime: &[PathBuf]) -> Result<(), String> {
+        match Self::spec(runtime)? {
+            Some(spec) => spec.isolate().map_err(|e| error_chain(&e)),
+            None => Ok(()),
         }
     }
 
-    fn apply(self) -> Result<EnforcementReport, String> {
-        match corral_confine::SelfConfinement::from_env() {
-            Ok(Some(spec)) => spec.apply().map_err(|e| error_chain(&e)),
-            Ok(None) => NoConfinement.apply(),
-            Err(e) => Err(error_chain(&e)),
+    fn apply(self, runtime: &[PathBuf]) -> Result<EnforcementReport, String> {
+        match Self::spec(runtime)? {
+            Some(spec) => spec.apply().map_err(|e| error_chain(&e)),
+            None => NoConfinement.apply(runtime),
         }
     }
 }
@@ -147,7 +168,14 @@ pub fn run(engine: impl Engine) -> ExitCode {
 
 /// Run the worker loop on the inherited socket until shutdown.
 pub fn run_confined(mut engine: impl Engine, confinement: impl Confinement) -> ExitCode {
-    if let Err(e) = confinement.isolate() {
+    let runtime = match engine.runtime_files() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("corral worker: engine set-up failed: {e}");
+            return ExitCode::from(EXIT_LOAD_FAILED);
+        }
+    };
+    if let Err(e) = confinement.isolate(&runtime) {
         eprintln!("corral worker: confinement failed: {e}");
         return ExitCode::from(EXIT_CONFINE_FAILED);
     }
@@ -162,7 +190,7 @@ pub fn run_confined(mut engine: impl Engine, confinement: impl Confinement) -> E
         eprintln!("corral worker: engine set-up failed: {e}");
         return ExitCode::from(EXIT_LOAD_FAILED);
     }
-    let enforcement = match confinement.apply() {
+    let enforcement = match confinement.apply(&runtime) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("corral worker: confinement failed: {e}");

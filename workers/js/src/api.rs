@@ -22,7 +22,7 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: Host) -> rquickjs::Result<()> {
                   level: String,
                   message: rquickjs::Coerced<String>|
                   -> rquickjs::Result<()> {
-                let Some(level) = crate::log_level(&level) else {
+                let Some(level) = corral_protocol::LogLevel::from_name(&level) else {
                     return Err(Exception::throw_type(
                         &ctx,
                         &format!(

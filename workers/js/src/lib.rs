@@ -44,7 +44,7 @@
 mod api;
 mod modules;
 
-use corral_protocol::{CallError, LoadSpec, LogLevel, WorkerKind};
+use corral_protocol::{CallError, LoadSpec, WorkerKind};
 use corral_worker::{EngineInfo, Host};
 use rquickjs::promise::MaybePromise;
 use rquickjs::{
@@ -432,16 +432,4 @@ fn classify<'js>(
     } else {
         CallError::Plugin { message: text }
     }
-}
-
-/// Log level names of the host API.
-pub(crate) fn log_level(name: &str) -> Option<LogLevel> {
-    Some(match name {
-        "error" => LogLevel::Error,
-        "warn" => LogLevel::Warn,
-        "info" => LogLevel::Info,
-        "debug" => LogLevel::Debug,
-        "trace" => LogLevel::Trace,
-        _ => return None,
-    })
 }

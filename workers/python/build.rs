@@ -1,0 +1,48 @@
+//! Pins the worker to the CPython it was built against: RUNPATH to that libpython
+//! (otherwise the loader may silently pick another 3.11, such as Debian's), and the
+//! interpreter's standard library location compiled in.
+
+use std::process::Command;
+
+fn main() {
+    pyo3_build_config::use_pyo3_cfgs();
+    let config = pyo3_build_config::get();
+    let lib_dir = config
+        .lib_dir()
+        .map(str::to_owned)
+        .expect("pyo3-build-config found no libpython directory; set PYO3_PYTHON");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
+    println!("cargo:rustc-env=CORRAL_PYTHON_LIBDIR={lib_dir}");
+
+    let python = config
+        .executable()
+        .map(str::to_owned)
+        .expect("pyo3-build-config found no interpreter; set PYO3_PYTHON");
+    let out = Command::new(&python)
+        .args([
+            "-I",
+            "-S",
+            "-c",
+            "import sys, sysconfig; print(sys.base_prefix); \
+             print(sysconfig.get_path('stdlib')); \
+             print(sysconfig.get_config_var('DESTSHARED')); \
+             print(sys.version.split()[0])",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    assert!(
+        out.status.success(),
+        "{python} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("UTF-8 paths");
+    let lines: Vec<&str> = text.lines().collect();
+    let [prefix, stdlib, dynload, version] = lines[..] else {
+        panic!("unexpected answer from {python}: {text:?}");
+    };
+    println!("cargo:rustc-env=CORRAL_PYTHON_PREFIX={prefix}");
+    println!("cargo:rustc-env=CORRAL_PYTHON_STDLIB={stdlib}");
+    println!("cargo:rustc-env=CORRAL_PYTHON_DYNLOAD={dynload}");
+    println!("cargo:rustc-env=CORRAL_PYTHON_VERSION={version}");
+    println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
+}

@@ -1,0 +1,64 @@
+"""The Corral Python worker's driver: loads the plugin module and names its exports.
+
+Runs inside the worker's interpreter (not a plugin module; not importable by plugins).
+"""
+
+import importlib
+import inspect
+import os
+import sys
+
+HOOKS = ("init", "shutdown")
+
+
+def module_name(entry):
+    """The dotted module name of `entry`, a relative .py path inside the plugin."""
+    if os.path.isabs(entry) or not entry.endswith(".py"):
+        raise ValueError(
+            f"entry {entry!r} must be a relative path to a .py file inside the plugin"
+        )
+    parts = entry[: -len(".py")].split("/")
+    for part in parts:
+        if not part.isidentifier():
+            raise ValueError(
+                f"entry {entry!r}: {part!r} is not a Python module name "
+                "(letters, digits and _; no '..')"
+            )
+    return ".".join(parts)
+
+
+def load(plugin_dir, entry, pycache):
+    """Import the plugin; return (module, sorted export names, init or None)."""
+    name = module_name(entry)
+    if plugin_dir not in sys.path:
+        sys.path.insert(0, plugin_dir)
+    if pycache:
+        sys.pycache_prefix = pycache
+        sys.dont_write_bytecode = False
+    else:
+        sys.dont_write_bytecode = True
+    importlib.invalidate_caches()
+    module = importlib.import_module(name)
+    public = getattr(module, "__all__", None)
+    names = public if public is not None else [n for n in vars(module) if not n.startswith("_")]
+    exports = []
+    for n in names:
+        value = getattr(module, n, None)
+        if n in HOOKS or not callable(value) or inspect.isclass(value):
+            continue
+        # Without __all__: functions defined in the plugin, not ones it imported.
+        if public is None and getattr(value, "__module__", None) != module.__name__:
+            continue
+        exports.append(n)
+    exports.sort()
+    init = getattr(module, "init", None)
+    return module, exports, init if callable(init) else None
+
+
+def unload(plugin_dir):
+    """Forget every module loaded from the plugin directory (to import it afresh)."""
+    prefix = os.path.join(plugin_dir, "")
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None) or ""
+        if path.startswith(prefix):
+            del sys.modules[name]

@@ -1,0 +1,266 @@
+//! Starting the embedded interpreter in an isolated configuration, and counting the
+//! memory it allocates so the plugin's limit can be enforced.
+
+use pyo3::ffi;
+use std::ffi::c_void;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+/// Bytes the interpreter holds through the raw domain and pymalloc arenas (may
+/// start below zero: blocks allocated before the hooks are freed through them).
+static USED: AtomicI64 = AtomicI64::new(0);
+/// Allocation fails once `USED` would pass this (`i64::MAX`: no limit).
+static CEILING: AtomicI64 = AtomicI64::new(i64::MAX);
+/// An allocation was refused since the flag was last cleared.
+static REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// The allocators wrapped by the hooks.
+struct Originals {
+    raw: ffi::PyMemAllocatorEx,
+    arena: ffi::PyObjectArenaAllocator,
+}
+// SAFETY: the structs hold function pointers and CPython's (unused, null) contexts;
+// they are written once before the hooks are installed and only read after.
+unsafe impl Send for Originals {}
+// SAFETY: as above: read-only after initialisation.
+unsafe impl Sync for Originals {}
+
+static ORIGINALS: OnceLock<Originals> = OnceLock::new();
+
+fn originals() -> &'static Originals {
+    ORIGINALS
+        .get()
+        .expect("allocator hooks installed before use")
+}
+
+/// Whether `more` bytes fit under the ceiling now.
+fn fits(more: usize) -> bool {
+    let ceiling = CEILING.load(Ordering::Relaxed);
+    if ceiling == i64::MAX {
+        return true;
+    }
+    let fits = USED
+        .load(Ordering::Relaxed)
+        .saturating_add(i64::try_from(more).unwrap_or(i64::MAX))
+        <= ceiling;
+    if !fits {
+        REFUSED.store(true, Ordering::Relaxed);
+    }
+    fits
+}
+
+fn usable(p: *mut c_void) -> i64 {
+    if p.is_null() {
+        return 0;
+    }
+    // SAFETY: `p` came from glibc malloc (CPython's raw domain allocator).
+    unsafe { libc::malloc_usable_size(p) as i64 }
+}
+
+extern "C" fn raw_malloc(_ctx: *mut c_void, size: usize) -> *mut c_void {
+    if !fits(size) {
+        return std::ptr::null_mut();
+    }
+    let o = &originals().raw;
+    let p = (o.malloc.expect("raw malloc"))(o.ctx, size);
+    USED.fetch_add(usable(p), Ordering::Relaxed);
+    p
+}
+
+extern "C" fn raw_calloc(_ctx: *mut c_void, nelem: usize, elsize: usize) -> *mut c_void {
+    if !fits(nelem.saturating_mul(elsize)) {
+        return std::ptr::null_mut();
+    }
+    let o = &originals().raw;
+    let p = (o.calloc.expect("raw calloc"))(o.ctx, nelem, elsize);
+    USED.fetch_add(usable(p), Ordering::Relaxed);
+    p
+}
+
+extern "C" fn raw_realloc(_ctx: *mut c_void, ptr: *mut c_void, size: usize) -> *mut c_void {
+    let before = usable(ptr);
+    if size as i64 > before && !fits(size - before as usize) {
+        // The old block stays valid, as realloc promises on failure.
+        return std::ptr::null_mut();
+    }
+    let o = &originals().raw;
+    let p = (o.realloc.expect("raw realloc"))(o.ctx, ptr, size);
+    if !p.is_null() {
+        USED.fetch_add(usable(p) - before, Ordering::Relaxed);
+    }
+    p
+}
+
+extern "C" fn raw_free(_ctx: *mut c_void, ptr: *mut c_void) {
+    USED.fetch_sub(usable(ptr), Ordering::Relaxed);
+    let o = &originals().raw;
+    (o.free.expect("raw free"))(o.ctx, ptr)
+}
+
+extern "C" fn arena_alloc(_ctx: *mut c_void, size: usize) -> *mut c_void {
+    if !fits(size) {
+        return std::ptr::null_mut();
+    }
+    let o = &originals().arena;
+    let p = (o.alloc.expect("arena alloc"))(o.ctx, size);
+    if !p.is_null() {
+        USED.fetch_add(size as i64, Ordering::Relaxed);
+    }
+    p
+}
+
+extern "C" fn arena_free(_ctx: *mut c_void, ptr: *mut c_void, size: usize) {
+    USED.fetch_sub(size as i64, Ordering::Relaxed);
+    let o = &originals().arena;
+    (o.free.expect("arena free"))(o.ctx, ptr, size)
+}
+
+/// Wrap the raw allocator and pymalloc's arena allocator with the counting hooks.
+/// Every Python object lives in an arena or (above 512 bytes) a raw block.
+fn install_hooks() {
+    // SAFETY: the Get calls fill plain structs; the Set calls install functions
+    // that forward to those originals, which stay valid for the process's life.
+    unsafe {
+        let mut raw: ffi::PyMemAllocatorEx = std::mem::zeroed();
+        ffi::PyMem_GetAllocator(ffi::PyMemAllocatorDomain::PYMEM_DOMAIN_RAW, &mut raw);
+        let mut arena: ffi::PyObjectArenaAllocator = std::mem::zeroed();
+        ffi::PyObject_GetArenaAllocator(&mut arena);
+        if ORIGINALS.set(Originals { raw, arena }).is_err() {
+            return;
+        }
+        let mut hooks = ffi::PyMemAllocatorEx {
+            ctx: std::ptr::null_mut(),
+            malloc: Some(raw_malloc),
+            calloc: Some(raw_calloc),
+            realloc: Some(raw_realloc),
+            free: Some(raw_free),
+        };
+        ffi::PyMem_SetAllocator(ffi::PyMemAllocatorDomain::PYMEM_DOMAIN_RAW, &mut hooks);
+        let mut arena_hooks = ffi::PyObjectArenaAllocator {
+            ctx: std::ptr::null_mut(),
+            alloc: Some(arena_alloc),
+            free: Some(arena_free),
+        };
+        ffi::PyObject_SetArenaAllocator(&mut arena_hooks);
+    }
+}
+
+/// Let the plugin hold `limit` bytes more than the interpreter holds now.
+pub fn limit_from_now(limit: u64) {
+    let now = USED.load(Ordering::Relaxed);
+    CEILING.store(
+        now.saturating_add(i64::try_from(limit).unwrap_or(i64::MAX)),
+        Ordering::Relaxed,
+    );
+}
+
+/// Bytes held now beyond the level set by [`limit_from_now`].
+pub fn plugin_bytes(limit: u64) -> u64 {
+    let ceiling = CEILING.load(Ordering::Relaxed);
+    if ceiling == i64::MAX {
+        return USED.load(Ordering::Relaxed).max(0) as u64;
+    }
+    let base = ceiling - i64::try_from(limit).unwrap_or(i64::MAX);
+    (USED.load(Ordering::Relaxed) - base).max(0) as u64
+}
+
+/// Clear the "an allocation was refused" flag; returns its previous value.
+pub fn take_refused() -> bool {
+    REFUSED.swap(false, Ordering::Relaxed)
+}
+
+/// A NUL-terminated wide string.
+fn wide(s: &str) -> Vec<libc::wchar_t> {
+    s.chars()
+        .map(|c| c as libc::wchar_t)
+        .chain(std::iter::once(0))
+        .collect()
+}
+
+fn check(status: ffi::PyStatus, what: &str) -> Result<(), String> {
+    // SAFETY: PyStatus_Exception only reads the struct.
+    if unsafe { ffi::PyStatus_Exception(status) } == 0 {
+        return Ok(());
+    }
+    let msg = if status.err_msg.is_null() {
+        "unknown error".to_owned()
+    } else {
+        // SAFETY: CPython's status messages are static NUL-terminated strings.
+        unsafe { std::ffi::CStr::from_ptr(status.err_msg) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    Err(format!("{what}: {msg}"))
+}
+
+/// Set a string field of `cfg`.
+///
+/// # Safety
+/// `cfg` points at an initialised configuration and `field` into it.
+unsafe fn set_string(
+    cfg: *mut ffi::PyConfig,
+    field: *mut *mut libc::wchar_t,
+    value: &str,
+) -> Result<(), String> {
+    let w = wide(value);
+    // SAFETY: per the function's contract; CPython copies the string.
+    check(
+        unsafe { ffi::PyConfig_SetString(cfg, field, w.as_ptr()) },
+        "configuring Python",
+    )
+}
+
+/// Where the interpreter finds its standard library.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub prefix: String,
+    pub stdlib: String,
+    pub dynload: String,
+}
+
+/// Start CPython isolated: no `site`, no user site, no `PYTHON*` variables, no
+/// signal handlers of its own, UTF-8 mode, `sys.path` = the standard library (the
+/// plugin directory is put first at load). Returns with the GIL released.
+pub fn initialize(paths: &Paths) -> Result<(), String> {
+    // SAFETY: the pre-configuration, allocator hooks, inittab and configuration are
+    // set up in the order CPython documents, once, on the main thread, before the
+    // interpreter exists; every wide string outlives the call that copies it.
+    unsafe {
+        let mut pre: ffi::PyPreConfig = std::mem::zeroed();
+        ffi::PyPreConfig_InitIsolatedConfig(&mut pre);
+        pre.utf8_mode = 1;
+        check(ffi::Py_PreInitialize(&pre), "pre-initialising Python")?;
+        install_hooks();
+        pyo3::append_to_inittab!(corral_module);
+
+        let mut config: ffi::PyConfig = std::mem::zeroed();
+        ffi::PyConfig_InitIsolatedConfig(&mut config);
+        config.site_import = 0;
+        config.user_site_directory = 0;
+        config.write_bytecode = 0;
+        config.install_signal_handlers = 0;
+        config.pathconfig_warnings = 0;
+        config.parse_argv = 0;
+        config.safe_path = 1;
+        let cfg: *mut ffi::PyConfig = &mut config;
+        let result = (|| {
+            set_string(cfg, &raw mut (*cfg).program_name, "corral-worker-python")?;
+            set_string(cfg, &raw mut (*cfg).home, &paths.prefix)?;
+            for dir in [&paths.stdlib, &paths.dynload] {
+                let w = wide(dir);
+                check(
+                    ffi::PyWideStringList_Append(&raw mut (*cfg).module_search_paths, w.as_ptr()),
+                    "module search path",
+                )?;
+            }
+            (*cfg).module_search_paths_set = 1;
+            check(ffi::Py_InitializeFromConfig(cfg), "initialising Python")
+        })();
+        ffi::PyConfig_Clear(&mut config);
+        result?;
+        ffi::PyEval_SaveThread();
+    }
+    Ok(())
+}
+
+use crate::api::corral_module;

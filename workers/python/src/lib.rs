@@ -1,0 +1,465 @@
+//! The Python engine of Corral workers: CPython embedded with pyo3, one interpreter
+//! per worker, started in an isolated configuration.
+//!
+//! # The plugin contract
+//!
+//! `entry` in plugin.toml names a `.py` file in the plugin directory (`plugin.py`,
+//! or `pkg/main.py` for a module of a package). Its public functions are the
+//! plugin's functions (those it defines, not ones it imports; `__all__` overrides);
+//! each takes the input as `bytes` and returns `bytes`, `bytearray`, `str` (sent as
+//! UTF-8) or `None` (empty). Optional functions `init()` and `shutdown()` are the
+//! lifecycle hooks; they are not callable functions.
+//!
+//! ```python
+//! import corral
+//!
+//! def greet(data: bytes) -> str:
+//!     name = corral.text(data)
+//!     if not name:
+//!         raise ValueError("give a name to greet")   # a plugin error
+//!     corral.log("info", f"greeting {name}")
+//!     return f"Hello, {name}!"
+//! ```
+//!
+//! `sys.path` is the plugin directory and the standard library, nothing else: no
+//! `site`, no user site, no site-packages, no `PYTHON*` variable honoured. A
+//! plugin that needs a library vendors it into its directory.
+//!
+//! The host API is the module `corral`, under the same names as in Wasm and
+//! JavaScript: `log(level, message)`, `now_ms()`, and the byte helpers `text`,
+//! `bytes`, `json`, `json_bytes`.
+//!
+//! # Errors and limits
+//!
+//! | the plugin | the call gets |
+//! |---|---|
+//! | raises an exception | `CallError::Plugin` with the exception and its traceback |
+//! | recurses past the recursion limit, raises `SystemError` | `CallError::Trap` with the traceback |
+//! | runs past the deadline | `CallError::Timeout`: a SIGALRM timer raises `corral.DeadlineExceeded` (a `BaseException`) in the running code, again every 50 ms; code that ignores it or sits in one long C call is killed by the supervisor at the deadline plus its grace |
+//! | allocates past its memory limit | `CallError::MemoryLimit`: the interpreter's allocators count every block and refuse past the limit, which raises `MemoryError` |
+//! | returns more than `max_output` | `CallError::OutputTooLarge` |
+//!
+//! After a trap, timeout or memory limit, the plugin's modules are forgotten and
+//! the next call imports them afresh and runs `init` again, as the other engines
+//! start a fresh instance; the interpreter and process stay.
+//!
+//! # Finding the standard library
+//!
+//! The worker is linked (RUNPATH) to the libpython it was built against and reads
+//! that interpreter's standard library. Before dropping root it opens a handle on
+//! the standard library; if the worker's user cannot reach the real path (a pyenv
+//! under a 0700 `/root`), the interpreter reads it through `/proc/self/fd/N`, and
+//! at `maximum` it is staged into the view by root. Landlock allows reading the
+//! standard library and nothing else besides the plugin.
+
+mod api;
+mod interp;
+
+use corral_protocol::{CallError, LoadSpec, WorkerKind};
+use corral_worker::{EngineInfo, Host};
+use pyo3::exceptions::{PyMemoryError, PyRecursionError, PySystemError};
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyString};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The CPython the worker was built against.
+pub const PYTHON_VERSION: &str = env!("CORRAL_PYTHON_VERSION");
+/// Its standard library.
+pub const STDLIB: &str = env!("CORRAL_PYTHON_STDLIB");
+const DYNLOAD: &str = env!("CORRAL_PYTHON_DYNLOAD");
+const PREFIX: &str = env!("CORRAL_PYTHON_PREFIX");
+
+/// The driver module (see boot.py).
+const BOOT: &str = include_str!("boot.py");
+
+/// How often the deadline signal repeats until the call returns.
+const DEADLINE_REPEAT: Duration = Duration::from_millis(50);
+
+/// Most traceback lines kept in an error (a recursion error has thousands).
+const MAX_TRACEBACK_LINES: usize = 64;
+
+struct Loaded {
+    functions: HashMap<String, Py<PyAny>>,
+    module: Py<PyAny>,
+    exports: Vec<String>,
+}
+
+/// The CPython engine.
+pub struct PythonEngine {
+    /// Handle on the standard library, opened with the worker's first privileges.
+    stdlib_fd: Option<OwnedFd>,
+    boot: Option<Py<PyModule>>,
+    loaded: Option<Loaded>,
+    spec: Option<LoadSpec>,
+    memory_limit: u64,
+}
+
+impl std::fmt::Debug for PythonEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PythonEngine")
+            .field("loaded", &self.loaded.as_ref().map(|l| &l.exports))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for PythonEngine {
+    fn default() -> Self {
+        PythonEngine::new()
+    }
+}
+
+impl PythonEngine {
+    pub fn new() -> PythonEngine {
+        PythonEngine {
+            stdlib_fd: None,
+            boot: None,
+            loaded: None,
+            spec: None,
+            memory_limit: 0,
+        }
+    }
+
+    /// Where the interpreter reads the standard library from: the real path if this
+    /// process can read it, else through the handle taken before dropping root.
+    fn stdlib_paths(&self) -> interp::Paths {
+        let real = interp::Paths {
+            prefix: PREFIX.to_owned(),
+            stdlib: STDLIB.to_owned(),
+            dynload: DYNLOAD.to_owned(),
+        };
+        let readable = std::fs::metadata(Path::new(STDLIB).join("os.py")).is_ok();
+        match &self.stdlib_fd {
+            Some(fd) if !readable => {
+                let via = format!("/proc/self/fd/{}", fd.as_raw_fd());
+                let rebase = |p: &str| match Path::new(p).strip_prefix(STDLIB) {
+                    Ok(rest) => Path::new(&via).join(rest).to_string_lossy().into_owned(),
+                    Err(_) => p.to_owned(),
+                };
+                interp::Paths {
+                    prefix: via.clone(),
+                    stdlib: via.clone(),
+                    dynload: rebase(DYNLOAD),
+                }
+            }
+            _ => real,
+        }
+    }
+
+    /// Import the plugin and run its `init` within the load deadline.
+    fn instantiate(&mut self, py: Python<'_>, spec: &LoadSpec) -> Result<Loaded, String> {
+        let boot = self
+            .boot
+            .as_ref()
+            .ok_or("the interpreter is not running")?
+            .bind(py);
+        let pycache = spec
+            .cache_dir
+            .as_ref()
+            .map(|d| Path::new(d).join("pycache").to_string_lossy().into_owned());
+        let init_deadline = Duration::from_millis(spec.limits.init_deadline_ms.max(1));
+        let _armed = Deadline::arm(init_deadline);
+        let describe = |e: PyErr, during: &str| {
+            let text = format_error(py, &e);
+            if e.is_instance_of::<api::DeadlineExceeded>(py) {
+                format!(
+                    "{during}: {text} (the load and init deadline is {} ms)",
+                    init_deadline.as_millis()
+                )
+            } else {
+                format!("{during}: {text}")
+            }
+        };
+        let (module, exports, init): (Bound<PyAny>, Vec<String>, Option<Bound<PyAny>>) = boot
+            .call_method1("load", (&spec.plugin_dir, &spec.entry, pycache))
+            .and_then(|r| r.extract())
+            .map_err(|e| describe(e, "loading the module"))?;
+        if let Some(init) = init {
+            init.call0().map_err(|e| describe(e, "init"))?;
+        }
+        let mut functions = HashMap::new();
+        for name in &exports {
+            let f = module
+                .getattr(name.as_str())
+                .map_err(|e| describe(e, "reading the exports"))?;
+            functions.insert(name.clone(), f.unbind());
+        }
+        Ok(Loaded {
+            functions,
+            module: module.unbind(),
+            exports,
+        })
+    }
+
+    /// Forget the plugin's modules so the next call imports them afresh.
+    fn discard(&mut self, py: Python<'_>) {
+        self.loaded = None;
+        if let (Some(boot), Some(spec)) = (&self.boot, &self.spec) {
+            let _ = boot.bind(py).call_method1("unload", (&spec.plugin_dir,));
+        }
+    }
+}
+
+/// The SIGALRM timer of one call; disarmed when dropped.
+struct Deadline;
+
+impl Deadline {
+    fn arm(after: Duration) -> Deadline {
+        api::set_deadline(Some(Instant::now() + after));
+        set_timer(after, DEADLINE_REPEAT);
+        Deadline
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        set_timer(Duration::ZERO, Duration::ZERO);
+        api::set_deadline(None);
+    }
+}
+
+fn timeval(d: Duration) -> libc::timeval {
+    libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(d.subsec_micros()),
+    }
+}
+
+/// `setitimer(ITIMER_REAL)`: first expiry after `value` (zero disarms), then every
+/// `interval`.
+fn set_timer(value: Duration, interval: Duration) {
+    let value = if value.is_zero() && !interval.is_zero() {
+        Duration::from_micros(1)
+    } else {
+        value
+    };
+    let t = libc::itimerval {
+        it_interval: timeval(interval),
+        it_value: timeval(value),
+    };
+    // SAFETY: setitimer reads `t`; the old value is not wanted.
+    unsafe { libc::setitimer(libc::ITIMER_REAL, &t, std::ptr::null_mut()) };
+}
+
+/// `Type: message` and the traceback, cut to [`MAX_TRACEBACK_LINES`].
+fn format_error(py: Python<'_>, e: &PyErr) -> String {
+    let head = e.value(py).to_string();
+    let name = e
+        .get_type(py)
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "Exception".into());
+    let mut text = if head.is_empty() {
+        name
+    } else {
+        format!("{name}: {head}")
+    };
+    let tb = e.traceback(py).and_then(|tb| tb.format().ok());
+    if let Some(tb) = tb {
+        let lines: Vec<&str> = tb.lines().collect();
+        text.push('\n');
+        if lines.len() > MAX_TRACEBACK_LINES {
+            let keep = MAX_TRACEBACK_LINES / 2;
+            text.push_str(&lines[..keep].join("\n"));
+            text.push_str(&format!(
+                "\n  ... {} more lines ...\n",
+                lines.len() - 2 * keep
+            ));
+            text.push_str(&lines[lines.len() - keep..].join("\n"));
+        } else {
+            text.push_str(tb.trim_end());
+        }
+    }
+    text
+}
+
+/// A function's return value as output bytes.
+fn output(ret: &Bound<'_, PyAny>) -> Result<Vec<u8>, CallError> {
+    if let Ok(b) = ret.cast::<PyBytes>() {
+        Ok(b.as_bytes().to_vec())
+    } else if let Ok(s) = ret.cast::<PyString>() {
+        s.to_str()
+            .map(|s| s.as_bytes().to_vec())
+            .map_err(|e| CallError::Plugin {
+                message: format!("the returned str cannot be encoded as UTF-8: {e}"),
+            })
+    } else if let Ok(b) = ret.cast::<PyByteArray>() {
+        Ok(b.to_vec())
+    } else if ret.is_none() {
+        Ok(Vec::new())
+    } else {
+        let ty = ret
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        Err(CallError::Plugin {
+            message: format!(
+                "the function returned a value of type {ty}; return bytes, bytearray, str \
+                 or None (corral.json_bytes(value) for JSON)"
+            ),
+        })
+    }
+}
+
+impl corral_worker::Engine for PythonEngine {
+    fn info(&self) -> EngineInfo {
+        EngineInfo {
+            kind: WorkerKind::Python,
+            version: format!("CPython {PYTHON_VERSION} (pyo3)"),
+        }
+    }
+
+    fn runtime_files(&mut self) -> Result<Vec<PathBuf>, String> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(STDLIB)
+            .map_err(|e| format!("the Python standard library {STDLIB}: {e}"))?;
+        self.stdlib_fd = Some(OwnedFd::from(f));
+        let mut trees = vec![PathBuf::from(STDLIB)];
+        if !Path::new(DYNLOAD).starts_with(STDLIB) {
+            trees.push(PathBuf::from(DYNLOAD));
+        }
+        Ok(trees)
+    }
+
+    fn prepare(&mut self) -> Result<(), String> {
+        interp::initialize(&self.stdlib_paths())?;
+        let boot = Python::attach(|py| -> PyResult<Py<PyModule>> {
+            let boot = PyModule::from_code(
+                py,
+                &std::ffi::CString::new(BOOT).expect("no NUL in boot.py"),
+                c"<corral-worker>",
+                c"_corral_worker",
+            )?;
+            // The deadline signal's handler (Python-level, so it runs between
+            // bytecodes of the main thread).
+            let corral = py.import("corral")?;
+            let signal = py.import("signal")?;
+            signal.call_method1("signal", (libc::SIGALRM, corral.getattr("_deadline")?))?;
+            // Modules the worker itself uses later, loaded before confinement.
+            for m in ["json", "traceback", "importlib", "inspect"] {
+                py.import(m)?;
+            }
+            Ok(boot.unbind())
+        })
+        .map_err(|e| Python::attach(|py| format!("starting Python: {}", format_error(py, &e))))?;
+        self.boot = Some(boot);
+        Ok(())
+    }
+
+    fn load(&mut self, spec: &LoadSpec, host: &Host) -> Result<Vec<String>, String> {
+        api::set_host(host);
+        self.memory_limit = spec.limits.memory_bytes;
+        self.spec = Some(spec.clone());
+        Python::attach(|py| {
+            interp::limit_from_now(spec.limits.memory_bytes);
+            let loaded = self.instantiate(py, spec)?;
+            let exports = loaded.exports.clone();
+            self.loaded = Some(loaded);
+            Ok(exports)
+        })
+    }
+
+    fn call(
+        &mut self,
+        function: &str,
+        input: &[u8],
+        deadline: Duration,
+        _host: &Host,
+    ) -> Result<Vec<u8>, CallError> {
+        Python::attach(|py| {
+            if self.loaded.is_none() {
+                let spec = self.spec.clone().ok_or_else(|| CallError::BadInput {
+                    reason: "no plugin loaded".into(),
+                })?;
+                let loaded = self
+                    .instantiate(py, &spec)
+                    .map_err(|message| CallError::Trap {
+                        message: format!("reloading after the last failure: {message}"),
+                    });
+                match loaded {
+                    Ok(l) => self.loaded = Some(l),
+                    Err(e) => {
+                        self.discard(py);
+                        return Err(e);
+                    }
+                }
+            }
+            let loaded = self.loaded.as_ref().expect("loaded above");
+            let Some(f) = loaded.functions.get(function) else {
+                return Err(CallError::UnknownFunction {
+                    plugin: self
+                        .spec
+                        .as_ref()
+                        .map(|s| s.plugin_id.clone())
+                        .unwrap_or_default(),
+                    function: function.to_owned(),
+                    exports: loaded.exports.join(", "),
+                });
+            };
+            let deadline_ms = deadline.as_millis() as u64;
+            interp::take_refused();
+            let result = {
+                let _armed = Deadline::arm(deadline);
+                f.bind(py).call1((PyBytes::new(py, input),))
+            };
+            let result = match result {
+                Ok(v) => output(&v),
+                Err(e) => Err(self.classify(py, &e, deadline_ms)),
+            };
+            if matches!(
+                result,
+                Err(CallError::Trap { .. }
+                    | CallError::Timeout { .. }
+                    | CallError::MemoryLimit { .. })
+            ) {
+                self.discard(py);
+            }
+            result
+        })
+    }
+
+    fn shutdown(&mut self, grace: Duration, _host: &Host) {
+        let Some(loaded) = self.loaded.as_ref() else {
+            return;
+        };
+        Python::attach(|py| {
+            let _armed = Deadline::arm(grace);
+            let module = loaded.module.bind(py);
+            if let Ok(f) = module.getattr("shutdown")
+                && f.is_callable()
+            {
+                let _ = f.call0();
+            }
+        });
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        interp::plugin_bytes(self.memory_limit)
+    }
+}
+
+impl PythonEngine {
+    /// The typed error for a failed call.
+    fn classify(&self, py: Python<'_>, e: &PyErr, deadline_ms: u64) -> CallError {
+        if e.is_instance_of::<api::DeadlineExceeded>(py) {
+            return CallError::Timeout { deadline_ms };
+        }
+        if e.is_instance_of::<PyMemoryError>(py) && interp::take_refused() {
+            return CallError::MemoryLimit {
+                limit_bytes: self.memory_limit,
+            };
+        }
+        let message = format_error(py, e);
+        if e.is_instance_of::<PyRecursionError>(py) || e.is_instance_of::<PySystemError>(py) {
+            CallError::Trap { message }
+        } else {
+            CallError::Plugin { message }
+        }
+    }
+}
