@@ -197,13 +197,44 @@ fn write_manifest(dir: &Path, id: &str, runtime: &str, entry: &str, limits: &str
 /// A JavaScript plugin: a copy of `fixtures/js-kit` (an ES module and a library it
 /// imports) with `plugin.toml` for `id` and the given `[limits]` lines.
 pub fn js_plugin(id: &str, limits: &str) -> tempfile::TempDir {
+    fixture_plugin("js-kit", id, "js", "main.js", limits)
+}
+
+/// A Python plugin: a copy of `fixtures/py-kit` (a module and a package it imports).
+pub fn py_plugin(id: &str, limits: &str) -> tempfile::TempDir {
+    fixture_plugin("py-kit", id, "python", "plugin.py", limits)
+}
+
+/// A copy of the fixture directory `name` with `plugin.toml` for `id`, `runtime`,
+/// `entry` and the given `[limits]` lines, readable by the workers' user.
+pub fn fixture_plugin(
+    name: &str,
+    id: &str,
+    runtime: &str,
+    entry: &str,
+    limits: &str,
+) -> tempfile::TempDir {
     let dir = open_tempdir();
-    let kit = fixture("js-kit");
-    std::fs::copy(kit.join("main.js"), dir.path().join("main.js")).expect("copy fixture");
-    std::fs::create_dir(dir.path().join("lib")).expect("lib dir");
-    std::fs::copy(kit.join("lib/util.js"), dir.path().join("lib/util.js")).expect("copy");
-    write_manifest(dir.path(), id, "js", "main.js", limits);
+    copy_tree(&fixture(name), dir.path());
+    write_manifest(dir.path(), id, runtime, entry, limits);
     dir
+}
+
+/// Copy the files under `from` into `to` (directories 0755, files 0644).
+fn copy_tree(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("fixture directory") {
+        let entry = entry.expect("fixture entry");
+        if entry.file_name() == "__pycache__" {
+            continue;
+        }
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            std::fs::create_dir(&target).expect("create fixture subdirectory");
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy fixture file");
+        }
+    }
 }
 
 /// A temporary directory the workers' unprivileged user may enter and read (0755):

@@ -41,4 +41,7 @@ mod worker;
 pub use config::{Config, ConfigError};
 pub use corral_policy::{Effective, Policy};
 pub use supervisor::{AddPluginError, CGROUP_PREFIX, Options, RestartPolicy, Supervisor};
-pub use worker::{Credentials, SpawnSpec, StartError, WORKER_MAX_FILES, WorkerHandle, exit_reason};
+pub use worker::{
+    Credentials, SpawnSpec, StartError, UNREPORTED_SYSCALL, WORKER_MAX_FILES, WorkerHandle,
+    exit_reason,
+};

@@ -574,12 +574,17 @@ impl StderrTail {
     }
 }
 
+/// What a seccomp death says when the worker's reporter could not run: the kernel
+/// kills outright when SIGSYS is blocked, as it is while glibc spawns a process.
+pub const UNREPORTED_SYSCALL: &str =
+    "unreported syscall (SIGSYS arrived while signals were blocked, as around process spawning)";
+
 /// A death by SIGSYS is a seccomp violation; the worker's reporter named the syscall.
 fn explain_exit(exit: ExitReason, stderr: &str) -> ExitReason {
     match exit {
         ExitReason::Signal { signo, .. } if signo == libc::SIGSYS => ExitReason::Seccomp {
             syscall: corral_confine::violation_from_stderr(stderr)
-                .unwrap_or_else(|| "unknown syscall".into()),
+                .unwrap_or_else(|| UNREPORTED_SYSCALL.into()),
         },
         other => other,
     }

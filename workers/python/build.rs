@@ -44,5 +44,37 @@ fn main() {
     println!("cargo:rustc-env=CORRAL_PYTHON_STDLIB={stdlib}");
     println!("cargo:rustc-env=CORRAL_PYTHON_DYNLOAD={dynload}");
     println!("cargo:rustc-env=CORRAL_PYTHON_VERSION={version}");
+    println!(
+        "cargo:rustc-env=CORRAL_PYTHON_LIBS={}",
+        extension_libraries(dynload).join(":")
+    );
     println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
+}
+
+/// The shared libraries the standard library's extension modules link against
+/// (libffi for ctypes, libsqlite3, libssl, libz...): they must stay readable under
+/// confinement, and be shown in the `maximum` view, for `import ctypes` and the
+/// like to work. Asked of `ldd` here, once; the worker keeps those that exist.
+fn extension_libraries(dynload: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dynload) else {
+        return Vec::new();
+    };
+    let modules: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "so"))
+        .collect();
+    let Ok(out) = Command::new("ldd").args(&modules).output() else {
+        println!("cargo:warning=ldd not found: the Python worker lists no extension libraries");
+        return Vec::new();
+    };
+    let mut libs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("=> ").nth(1))
+        .filter_map(|rest| rest.split(" (").next())
+        .filter(|p| p.starts_with('/'))
+        .map(str::to_owned)
+        .collect();
+    libs.sort();
+    libs.dedup();
+    libs
 }

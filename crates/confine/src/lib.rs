@@ -54,8 +54,8 @@ pub fn worker_namespaces(pid: u32) -> corral_protocol::Enforcement {
 
 use corral_protocol::{Enforcement, EnforcementReport};
 use landlock::{
-    ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, RestrictionStatus, Ruleset,
-    RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, path_beneath_rules,
+    ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd,
+    RestrictionStatus, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
 };
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -232,6 +232,14 @@ impl SelfConfinement {
                 .collect(),
         };
         if let Some([uid, gid]) = self.run_as {
+            // Handles for the Landlock rules, while every path is reachable.
+            let mut early = EARLY_HANDLES.lock().unwrap_or_else(|e| e.into_inner());
+            for p in &visible {
+                if let Ok(fd) = PathFd::new(p) {
+                    early.push((p.clone(), fd));
+                }
+            }
+            drop(early);
             sys::drop_privileges(uid, gid).map_err(ConfineError::Privileges)?;
         }
         if !maximum {
@@ -277,11 +285,30 @@ impl SelfConfinement {
             }
             Err(e) => return Err(e.into()),
         };
-        // Paths that do not exist are skipped: nothing there to grant.
-        let existing = |v: &[PathBuf]| v.iter().filter(|p| p.exists()).cloned().collect::<Vec<_>>();
-        ruleset = ruleset
-            .add_rules(path_beneath_rules(existing(read), AccessFs::from_read(abi)))?
-            .add_rules(path_beneath_rules(existing(write), AccessFs::from_all(abi)))?;
+        // Handles taken before the worker dropped root, else opened now; paths that
+        // do not exist (or cannot be reached) are skipped: nothing there to grant.
+        let mut early =
+            std::mem::take(&mut *EARLY_HANDLES.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut handle = |p: &PathBuf| match early.iter().position(|(q, _)| q == p) {
+            Some(i) => Some(early.swap_remove(i).1),
+            None => PathFd::new(p).ok(),
+        };
+        for (paths, access) in [
+            (read, AccessFs::from_read(abi)),
+            (write, AccessFs::from_all(abi)),
+        ] {
+            for p in paths {
+                let Some(fd) = handle(p) else { continue };
+                let access = if is_dir(&fd) {
+                    access
+                } else {
+                    access & AccessFs::from_file(abi)
+                };
+                ruleset = ruleset.add_rule(PathBeneath::new(fd, access))?;
+            }
+        }
+        // Any handle left over goes now: none stays open for plugin code.
+        drop(early);
         let status = ruleset.restrict_self()?;
         let what = "filesystem, TCP bind/connect denied, abstract unix sockets and signals scoped";
         let rules = format!(
@@ -310,6 +337,22 @@ impl SelfConfinement {
                 Enforcement::None(format!("landlock not available ({landlock:?})"))
             }
         })
+    }
+}
+
+/// `O_PATH` handles on the readable and writable trees, taken by
+/// [`SelfConfinement::isolate`] before the worker drops root (its new user may not
+/// reach a path, such as a standard library under a 0700 `/root`) and consumed by
+/// the Landlock rules in [`SelfConfinement::apply`].
+static EARLY_HANDLES: std::sync::Mutex<Vec<(PathBuf, PathFd)>> = std::sync::Mutex::new(Vec::new());
+
+fn is_dir(fd: &PathFd) -> bool {
+    use std::os::fd::{AsFd, AsRawFd};
+    // SAFETY: fstat on a descriptor we hold, into a zeroed struct.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(fd.as_fd().as_raw_fd(), &mut st) == 0
+            && st.st_mode & libc::S_IFMT == libc::S_IFDIR
     }
 }
 

@@ -232,8 +232,30 @@ async fn imports_stay_inside_the_plugin_directory() {
 #[tokio::test]
 async fn javascript_runs_confined_at_every_level() {
     for level in [Level::Standard, Level::High, Level::Maximum] {
-        let k = js("timeout = \"300ms\"\nmemory = \"32MiB\"", level);
+        let k = js(
+            "timeout = \"300ms\"\nmemory = \"32MiB\"\nmax_output = \"1MiB\"",
+            level,
+        );
         assert_eq!(k.text("greet", "ada").await, "Hello, ADA!", "{level}");
+        // The JS attacks of the hostile suite, here at every level: a stack bomb, an
+        // oversized result, tampering with the host API and prototypes.
+        assert!(
+            matches!(k.call("deep", b"").await, Err(CallError::Trap { message }) if message.starts_with("RangeError: Maximum call stack size exceeded")),
+            "{level}"
+        );
+        assert_eq!(
+            k.call("big", b"2097152").await,
+            Err(CallError::OutputTooLarge {
+                size: 2 << 20,
+                limit: 1 << 20
+            }),
+            "{level}"
+        );
+        assert_eq!(
+            k.text("tamper", "").await,
+            "TypeError,TypeError,TypeError,TypeError;api intact",
+            "{level}"
+        );
         assert_eq!(
             k.call("spin", b"").await,
             Err(CallError::Timeout { deadline_ms: 300 }),

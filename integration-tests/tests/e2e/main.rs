@@ -6,7 +6,9 @@
 mod calls;
 mod channel;
 mod cli;
+mod contract;
 mod faults;
 mod hostile;
 mod js;
+mod python;
 mod support;

@@ -50,7 +50,9 @@
 //! the standard library; if the worker's user cannot reach the real path (a pyenv
 //! under a 0700 `/root`), the interpreter reads it through `/proc/self/fd/N`, and
 //! at `maximum` it is staged into the view by root. Landlock allows reading the
-//! standard library and nothing else besides the plugin.
+//! standard library and the shared libraries its extension modules link against
+//! (libffi, libsqlite3, libz...: found with `ldd` at build time), nothing else
+//! besides the plugin.
 
 mod api;
 mod interp;
@@ -72,6 +74,8 @@ pub const PYTHON_VERSION: &str = env!("CORRAL_PYTHON_VERSION");
 pub const STDLIB: &str = env!("CORRAL_PYTHON_STDLIB");
 const DYNLOAD: &str = env!("CORRAL_PYTHON_DYNLOAD");
 const PREFIX: &str = env!("CORRAL_PYTHON_PREFIX");
+/// Shared libraries the extension modules link against (`:`-separated).
+const EXTENSION_LIBS: &str = env!("CORRAL_PYTHON_LIBS");
 
 /// The driver module (see boot.py).
 const BOOT: &str = include_str!("boot.py");
@@ -324,11 +328,22 @@ impl corral_worker::Engine for PythonEngine {
         if !Path::new(DYNLOAD).starts_with(STDLIB) {
             trees.push(PathBuf::from(DYNLOAD));
         }
+        trees.extend(
+            EXTENSION_LIBS
+                .split(':')
+                .map(PathBuf::from)
+                .filter(|p| p.is_file()),
+        );
         Ok(trees)
     }
 
     fn prepare(&mut self) -> Result<(), String> {
-        interp::initialize(&self.stdlib_paths())?;
+        let paths = self.stdlib_paths();
+        if paths.stdlib == STDLIB {
+            // Reachable by path: no handle stays open for plugin code.
+            self.stdlib_fd = None;
+        }
+        interp::initialize(&paths)?;
         let boot = Python::attach(|py| -> PyResult<Py<PyModule>> {
             let boot = PyModule::from_code(
                 py,

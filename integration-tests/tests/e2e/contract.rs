@@ -1,0 +1,223 @@
+//! The plugin contract, the same in every runtime: one suite run against the same
+//! kit written three times (`fixtures/testkit.wat`, `fixtures/js-kit`,
+//! `fixtures/py-kit`), which share these function names:
+//!
+//! | function | does |
+//! |---|---|
+//! | `ok` | answers `ok` |
+//! | `echo` | answers its input |
+//! | `count` | counts calls on this instance (Wasm: 4 bytes LE; else decimal) |
+//! | `fail` | the plugin's own error, "boom requested" |
+//! | `trap` | an engine fault (Wasm `unreachable`, JS `TypeError`, Python `RecursionError`) |
+//! | `spin` | loops forever |
+//! | `grow` | allocates until refused |
+//! | `big` | answers more than 64 KiB |
+//! | `log` | logs "testkit says hi" |
+
+use corral::Supervisor;
+use corral_integration_tests::{
+    js_plugin, open_tempdir, options, py_plugin, test_policy, wat_plugin,
+};
+use corral_protocol::CallError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+const RUNTIMES: [&str; 3] = ["wasm", "js", "python"];
+
+struct Kit {
+    runtime: &'static str,
+    sup: Supervisor,
+    _plugin: TempDir,
+    _cache: TempDir,
+}
+
+fn kit(runtime: &'static str, limits: &str) -> Kit {
+    let plugin = match runtime {
+        "wasm" => wat_plugin("kit", "testkit.wat", limits),
+        "js" => js_plugin("kit", limits),
+        "python" => py_plugin("kit", limits),
+        other => panic!("no kit for {other}"),
+    };
+    let cache = open_tempdir();
+    let mut opts = options(cache.path());
+    opts.policy = Arc::new(test_policy());
+    let mut sup = Supervisor::new(opts);
+    sup.add_plugin_dir(plugin.path()).unwrap();
+    Kit {
+        runtime,
+        sup,
+        _plugin: plugin,
+        _cache: cache,
+    }
+}
+
+impl Kit {
+    async fn call(&self, f: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {
+        self.sup.call("kit", f, input.to_vec(), None).await
+    }
+
+    async fn count(&self) -> u32 {
+        let out = self.call("count", b"").await.unwrap();
+        if self.runtime == "wasm" {
+            u32::from_le_bytes(out.try_into().unwrap())
+        } else {
+            String::from_utf8(out).unwrap().parse().unwrap()
+        }
+    }
+
+    async fn pid(&self) -> u32 {
+        self.sup.list().await[0].pid.unwrap()
+    }
+
+    async fn restarts(&self) -> u32 {
+        self.sup.list().await[0].restarts
+    }
+
+    async fn stop(self) {
+        self.sup.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn results_echo_and_empty_input_are_the_same_everywhere() {
+    let bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    for rt in RUNTIMES {
+        let k = kit(rt, "");
+        assert_eq!(k.call("ok", b"").await.unwrap(), b"ok", "{rt}");
+        assert_eq!(k.call("echo", b"").await.unwrap(), b"", "{rt}: empty");
+        assert_eq!(
+            k.call("echo", &bytes).await.unwrap(),
+            bytes,
+            "{rt}: 1 MiB byte-exact"
+        );
+        k.call("log", b"").await.unwrap();
+        match k.call("nope", b"").await {
+            Err(CallError::UnknownFunction {
+                plugin,
+                function,
+                exports,
+            }) => {
+                assert_eq!((plugin.as_str(), function.as_str()), ("kit", "nope"));
+                for f in ["ok", "echo", "count", "fail", "trap", "spin", "grow", "big"] {
+                    assert!(
+                        exports.split(", ").any(|e| e == f),
+                        "{rt}: {f} in {exports}"
+                    );
+                }
+            }
+            other => panic!("{rt}: {other:?}"),
+        }
+        k.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_plugin_error_is_typed_and_keeps_the_instance() {
+    for rt in RUNTIMES {
+        let k = kit(rt, "");
+        assert_eq!(k.count().await, 1, "{rt}");
+        match k.call("fail", b"").await {
+            Err(CallError::Plugin { message }) => {
+                assert!(message.contains("boom requested"), "{rt}: {message}")
+            }
+            other => panic!("{rt}: {other:?}"),
+        }
+        assert_eq!(k.count().await, 2, "{rt}: the same instance goes on");
+        k.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_trap_is_typed_and_the_next_call_gets_a_fresh_instance() {
+    for rt in RUNTIMES {
+        let k = kit(rt, "");
+        assert_eq!(k.count().await, 1, "{rt}");
+        assert_eq!(k.count().await, 2, "{rt}");
+        let pid = k.pid().await;
+        match k.call("trap", b"").await {
+            Err(CallError::Trap { message }) => {
+                let expected = match rt {
+                    "wasm" => "unreachable",
+                    "js" => "TypeError",
+                    _ => "RecursionError",
+                };
+                assert!(message.contains(expected), "{rt}: {message}");
+            }
+            other => panic!("{rt}: {other:?}"),
+        }
+        assert_eq!(k.count().await, 1, "{rt}: a fresh instance counts again");
+        assert_eq!(k.pid().await, pid, "{rt}: a trap does not cost the process");
+        assert_eq!(k.restarts().await, 0, "{rt}");
+        k.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_loop_stops_at_the_deadline_inside_the_engine() {
+    for rt in RUNTIMES {
+        let k = kit(rt, "timeout = \"300ms\"");
+        k.call("ok", b"").await.unwrap();
+        let pid = k.pid().await;
+        let t = Instant::now();
+        assert_eq!(
+            k.call("spin", b"").await,
+            Err(CallError::Timeout { deadline_ms: 300 }),
+            "{rt}"
+        );
+        let took = t.elapsed();
+        // The engine stops it itself, well before the supervisor's kill backstop.
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_millis(1000),
+            "{rt}: {took:?}"
+        );
+        assert_eq!(k.call("ok", b"").await.unwrap(), b"ok", "{rt}");
+        assert_eq!(k.pid().await, pid, "{rt}: the same worker answers");
+        assert_eq!(k.restarts().await, 0, "{rt}");
+        k.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn memory_and_output_limits_are_typed() {
+    for rt in RUNTIMES {
+        let k = kit(rt, "memory = \"32MiB\"\nmax_output = \"64KiB\"");
+        assert_eq!(
+            k.call("grow", b"").await,
+            Err(CallError::MemoryLimit {
+                limit_bytes: 32 << 20
+            }),
+            "{rt}"
+        );
+        assert_eq!(k.call("ok", b"").await.unwrap(), b"ok", "{rt}");
+        match k.call("big", b"100000").await {
+            Err(CallError::OutputTooLarge { size, limit }) => {
+                assert_eq!(limit, 64 << 10, "{rt}");
+                assert!(size > limit, "{rt}: {size}");
+            }
+            other => panic!("{rt}: {other:?}"),
+        }
+        assert_eq!(k.restarts().await, 0, "{rt}");
+        k.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_callers_each_get_their_own_answer() {
+    for rt in RUNTIMES {
+        let k = Arc::new(kit(rt, ""));
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..32u32 {
+            let k = Arc::clone(&k);
+            calls.spawn(async move {
+                let input = format!("call {i} ").repeat(i as usize + 1).into_bytes();
+                let out = k.call("echo", &input).await.unwrap();
+                assert_eq!(out, input);
+            });
+        }
+        while let Some(r) = calls.join_next().await {
+            r.unwrap();
+        }
+        assert_eq!(k.count().await, 1, "{rt}: one instance served them all");
+    }
+}
