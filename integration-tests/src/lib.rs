@@ -220,11 +220,19 @@ pub fn fixture_plugin(
     dir
 }
 
+/// A copy of `examples/<name>` (a JavaScript or Python example) where the workers'
+/// user can read it.
+pub fn example_plugin(name: &str) -> tempfile::TempDir {
+    let dir = open_tempdir();
+    copy_tree(&repo_root().join("examples").join(name), dir.path());
+    dir
+}
+
 /// Copy the files under `from` into `to` (directories 0755, files 0644).
 fn copy_tree(from: &Path, to: &Path) {
     for entry in std::fs::read_dir(from).expect("fixture directory") {
         let entry = entry.expect("fixture entry");
-        if entry.file_name() == "__pycache__" {
+        if entry.file_name() == "__pycache__" || entry.file_name() == "target" {
             continue;
         }
         let target = to.join(entry.file_name());
