@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Corral's main job on built-in defaults: build the supervisor, the Wasm worker and the
-# example plugin, then run the example's functions one-shot and through a daemon.
+# Corral's main job on built-in defaults: build the supervisor, the workers and the
+# example plugins (Wasm, JavaScript, Python), then run the examples' functions one-shot
+# and through a daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
-cargo build --release --quiet -p corral -p corral-worker-wasm --bins
+cargo build --release --quiet -p corral -p corral-worker-wasm -p corral-worker-js \
+    -p corral-worker-python --bins
 cargo build --release --quiet --target wasm32-wasip1 --manifest-path examples/hello-wasm/Cargo.toml
 corral=target/release/corral
 
@@ -23,15 +25,28 @@ entry=target/wasm32-wasip1/release/hello_wasm.wasm
 mkdir -p "$plugin/$(dirname "$entry")"
 cp examples/hello-wasm/plugin.toml "$plugin/"
 cp "examples/hello-wasm/$entry" "$plugin/$entry"
-chmod -R a+rX "$plugin"
-# The daemon's configuration: examples/corral.toml with the installed plugin.
-sed -e "s|^plugins = .*|plugins = [\"$plugin\"]|" -e "s|^policy = .*|policy = \"$PWD/policies\"|" \
+cp -r examples/hello-js examples/hello-python "$run/"
+rm -rf "$run"/hello-python/__pycache__
+chmod -R a+rX "$run"
+js=$run/hello-js
+py=$run/hello-python
+# The daemon's configuration: examples/corral.toml with the installed plugins.
+sed -e "s|^plugins = .*|plugins = [\"$plugin\", \"$js\", \"$py\"]|" \
+    -e "s|^policy = .*|policy = \"$PWD/policies\"|" \
     examples/corral.toml >"$run/corral.toml"
 
 say corral run "$plugin" greet --input Ada
 $corral run "$plugin" greet --input Ada
 say corral run "$plugin" wc --input "one two three" --json
 $corral run "$plugin" wc --input "one two three" --json
+say corral run "$js" greet --input Ada   "# the same job in JavaScript..."
+$corral run "$js" greet --input Ada
+say corral run "$py" greet --input Ada   "# ...and in Python"
+$corral run "$py" greet --input Ada
+say corral run "$js" render --input "# Corral *renders* markdown"   "# marked, vendored from npm"
+$corral run "$js" render --input "# Corral *renders* markdown"
+say corral run "$py" top --input "the cat and the dog and the bird"   "# the Python standard library"
+$corral run "$py" top --input "the cat and the dog and the bird"
 say corral run "$plugin" greet --input ""   "# a plugin error: exit code 3"
 $corral run "$plugin" greet --input "" || echo "(exit code $?)"
 say corral policy explain "$plugin"   "# which policy file and line set each limit"
@@ -46,6 +61,10 @@ say corral call hello-wasm reverse --input stressed
 $corral call hello-wasm reverse --input stressed --socket "$socket"
 say corral call hello-wasm now
 $corral call hello-wasm now --socket "$socket"
+say corral call hello-python reverse --input stressed
+$corral call hello-python reverse --input stressed --socket "$socket"
+say corral call hello-js wc --input "one two three"
+$corral call hello-js wc --input "one two three" --socket "$socket"
 say corral list
 $corral list --socket "$socket"
 say corral status   "# what each worker really enforces, and uses"

@@ -12,6 +12,11 @@
 //!   bare in-process engine start (deserialize the precompiled module, instantiate,
 //!   call).
 //!
+//! - the same warm call and cold start for the JavaScript and Python examples,
+//!   beside QuickJS's own start in process (runtime, context, the example's module
+//!   and its vendored library, a call) and CPython's own start (`python3 -I -S`
+//!   importing what the example imports, as a process).
+//!
 //! Every measurement runs twice: with the whole process tree pinned to one CPU
 //! (both ends of the socket share it: the floor) and unpinned. Machines here are
 //! noisy: compare the ratios, not the absolute numbers.
@@ -205,6 +210,61 @@ fn bare_engine_start(iters: usize, cache: &std::path::Path) -> Stats {
     stats(samples)
 }
 
+/// QuickJS's own start, in process: runtime, context, the example's module (with
+/// the library it imports), one call of `noop`.
+fn bare_quickjs_start(iters: usize, dir: &std::path::Path) -> Stats {
+    use rquickjs::loader::{FileResolver, ScriptLoader};
+    let source = std::fs::read(dir.join("main.js")).unwrap();
+    let mut samples = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        let runtime = rquickjs::Runtime::new().unwrap();
+        runtime.set_loader(
+            FileResolver::default().with_path(dir.to_str().unwrap()),
+            ScriptLoader::default(),
+        );
+        let context = rquickjs::Context::full(&runtime).unwrap();
+        context.with(|ctx| {
+            let (module, promise) =
+                rquickjs::Module::declare(ctx.clone(), "main.js", source.clone())
+                    .unwrap()
+                    .eval()
+                    .unwrap();
+            promise.finish::<()>().unwrap();
+            let f: rquickjs::Function = module.namespace().unwrap().get("noop").unwrap();
+            f.call::<_, ()>(()).unwrap();
+        });
+        samples.push(t.elapsed());
+    }
+    stats(samples)
+}
+
+/// CPython's own start, as a process: `python3 -I -S` (isolated, no `site`, as the
+/// worker runs it) importing what the example imports.
+fn bare_python_start(iters: usize) -> Stats {
+    let mut samples = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        let status = Command::new("python3")
+            .args(["-I", "-S", "-c", "import collections, json, re"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        samples.push(t.elapsed());
+    }
+    stats(samples)
+}
+
+/// A row for a cold start beside its bare engine: the ratio and the difference of
+/// the medians (the target is a difference).
+fn cold_row(name: &str, s: Stats, bare: Stats) {
+    row(name, s, Some(bare));
+    println!(
+        "      p50 difference from the bare engine: {:+.2} ms",
+        (us(s.p50) - us(bare.p50)) / 1000.0
+    );
+}
+
 fn fork_exec(iters: usize) -> Stats {
     let mut samples = Vec::with_capacity(iters);
     for _ in 0..iters {
@@ -227,26 +287,38 @@ fn bench_options(cache: Option<&std::path::Path>, cgroups: bool) -> corral::Opti
     o
 }
 
+/// An example plugin: its id and directory.
+#[derive(Clone, Copy)]
+struct Example<'a> {
+    id: &'static str,
+    dir: &'a std::path::Path,
+}
+
 /// A supervisor with the example plugin under `opts`.
-fn hello_supervisor(opts: &corral::Options) -> Supervisor {
+fn hello_supervisor(opts: &corral::Options, ex: Example) -> Supervisor {
     let mut sup = Supervisor::new(opts.clone());
-    sup.add_plugin_dir(&built().hello_wasm).unwrap();
+    sup.add_plugin_dir(ex.dir).unwrap();
     sup
 }
 
 /// One call of the empty function; asserts it answered.
-async fn noop(sup: &Supervisor) {
-    let out = sup.call("hello-wasm", "noop", Vec::new(), None).await;
+async fn noop(sup: &Supervisor, ex: Example<'_>) {
+    let out = sup.call(ex.id, "noop", Vec::new(), None).await;
     assert_eq!(out.unwrap(), b"");
 }
 
-fn warm_call(rt: &tokio::runtime::Runtime, iters: usize, opts: &corral::Options) -> Stats {
+fn warm_call(
+    rt: &tokio::runtime::Runtime,
+    iters: usize,
+    opts: &corral::Options,
+    ex: Example,
+) -> Stats {
     rt.block_on(async {
-        let sup = hello_supervisor(opts);
+        let sup = hello_supervisor(opts, ex);
         let mut samples = Vec::with_capacity(iters);
         for i in 0..iters + iters / 10 {
             let t = Instant::now();
-            noop(&sup).await;
+            noop(&sup, ex).await;
             if i >= iters / 10 {
                 samples.push(t.elapsed());
             }
@@ -258,13 +330,18 @@ fn warm_call(rt: &tokio::runtime::Runtime, iters: usize, opts: &corral::Options)
 
 /// From an idle supervisor to the first result. One extra start comes first and is
 /// not counted (it fills the module cache, when there is one).
-fn cold_start(rt: &tokio::runtime::Runtime, iters: usize, opts: &corral::Options) -> Stats {
+fn cold_start(
+    rt: &tokio::runtime::Runtime,
+    iters: usize,
+    opts: &corral::Options,
+    ex: Example,
+) -> Stats {
     rt.block_on(async {
         let mut samples = Vec::with_capacity(iters);
         for i in 0..=iters {
-            let sup = hello_supervisor(opts);
+            let sup = hello_supervisor(opts, ex);
             let t = Instant::now();
-            noop(&sup).await;
+            noop(&sup, ex).await;
             if i > 0 {
                 samples.push(t.elapsed());
             }
@@ -314,6 +391,20 @@ fn main() {
     };
     built();
     let cache = corral_integration_tests::open_tempdir();
+    let js_dir = corral_integration_tests::example_plugin("hello-js");
+    let py_dir = corral_integration_tests::example_plugin("hello-python");
+    let wasm = Example {
+        id: "hello-wasm",
+        dir: &built().hello_wasm,
+    };
+    let js = Example {
+        id: "hello-js",
+        dir: js_dir.path(),
+    };
+    let python = Example {
+        id: "hello-python",
+        dir: py_dir.path(),
+    };
 
     for pinned in [true, false] {
         if pinned {
@@ -341,10 +432,14 @@ fn main() {
         let inproc = in_process_call(warm);
         row("baseline: in-process wasmtime call", inproc, None);
         let cached = Some(cache.path());
-        let w = warm_call(&rt, warm, &bench_options(cached, true));
+        let w = warm_call(&rt, warm, &bench_options(cached, true), wasm);
         row("corral: Supervisor::call -> worker -> result", w, Some(raw));
-        let w = warm_call(&rt, warm, &bench_options(cached, false));
+        let w = warm_call(&rt, warm, &bench_options(cached, false), wasm);
         row("corral: same, worker without its cgroup", w, Some(raw));
+        let w = warm_call(&rt, warm, &bench_options(cached, true), js);
+        row("corral: same, JavaScript (QuickJS) worker", w, Some(raw));
+        let w = warm_call(&rt, warm, &bench_options(cached, true), python);
+        row("corral: same, Python (CPython) worker", w, Some(raw));
         println!("  (ratio: corral p50 / raw socket p50; target <= 2x)");
 
         println!("cold start to first result ({cold} samples)");
@@ -352,16 +447,32 @@ fn main() {
         row("baseline: fork+exec+wait /bin/true", fe, None);
         let bare = bare_engine_start(cold, cache.path());
         row("baseline: bare engine start (cached module)", bare, None);
-        let c = cold_start(&rt, cold, &bench_options(cached, true));
+        let c = cold_start(&rt, cold, &bench_options(cached, true), wasm);
         row(
             "corral: spawn, handshake, load (cached), call",
             c,
             Some(bare),
         );
-        let c = cold_start(&rt, cold, &bench_options(cached, false));
+        let c = cold_start(&rt, cold, &bench_options(cached, false), wasm);
         row("corral: same, worker without its cgroup", c, Some(bare));
-        let u = cold_start(&rt, cold.min(10), &bench_options(None, true));
+        let u = cold_start(&rt, cold.min(10), &bench_options(None, true), wasm);
         row("corral: same, module compiled (no cache)", u, Some(bare));
         println!("  (ratio: corral p50 / bare engine start p50; target: cached p50 < 5 ms)");
+
+        println!("cold start, JavaScript ({cold} samples)");
+        let bare = bare_quickjs_start(cold, js.dir);
+        row(
+            "baseline: bare QuickJS start in process (module, call)",
+            bare,
+            None,
+        );
+        let c = cold_start(&rt, cold, &bench_options(cached, true), js);
+        cold_row("corral: spawn, handshake, load, call (QuickJS)", c, bare);
+        println!("cold start, Python ({cold} samples)");
+        let bare = bare_python_start(cold);
+        row("baseline: python3 -I -S process, same imports", bare, None);
+        let c = cold_start(&rt, cold, &bench_options(cached, true), python);
+        cold_row("corral: spawn, handshake, load, call (CPython)", c, bare);
+        println!("  (target: within 3 ms of the bare engine's own start)");
     }
 }

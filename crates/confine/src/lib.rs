@@ -356,14 +356,32 @@ fn is_dir(fd: &PathFd) -> bool {
     }
 }
 
+/// The paths for a report; more than three files in one directory (an engine's
+/// shared libraries) are summed up as `<dir>/ (N files)`.
 fn paths(v: &[PathBuf]) -> String {
     if v.is_empty() {
         return "nothing".into();
     }
-    v.iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut out: Vec<String> = Vec::new();
+    let mut grouped: Vec<&std::path::Path> = Vec::new();
+    for p in v {
+        let parent = p.parent().filter(|_| !p.is_dir());
+        let siblings = parent.map_or(0, |d| {
+            v.iter()
+                .filter(|q| q.parent() == Some(d) && !q.is_dir())
+                .count()
+        });
+        match parent {
+            Some(d) if siblings > 3 => {
+                if !grouped.contains(&d) {
+                    grouped.push(d);
+                    out.push(format!("{}/ ({siblings} files)", d.display()));
+                }
+            }
+            _ => out.push(p.display().to_string()),
+        }
+    }
+    out.join(", ")
 }
 
 #[cfg(test)]
