@@ -213,24 +213,30 @@ fn bare_engine_start(iters: usize, cache: &std::path::Path) -> Stats {
 /// QuickJS's own start, in process: runtime, context, the example's module (with
 /// the library it imports), one call of `noop`.
 fn bare_quickjs_start(iters: usize, dir: &std::path::Path) -> Stats {
-    use rquickjs::loader::{FileResolver, ScriptLoader};
     let source = std::fs::read(dir.join("main.js")).unwrap();
+    let name = "main.js".to_owned();
     let mut samples = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
         let runtime = rquickjs::Runtime::new().unwrap();
+        // The worker's own resolver and loader (inside the plugin directory).
         runtime.set_loader(
-            FileResolver::default().with_path(dir.to_str().unwrap()),
-            ScriptLoader::default(),
+            corral_worker_js::PluginResolver,
+            corral_worker_js::PluginLoader::new(dir.canonicalize().unwrap()),
         );
         let context = rquickjs::Context::full(&runtime).unwrap();
         context.with(|ctx| {
+            use rquickjs::CatchResultExt;
+            // Named by its logical name, as the worker does.
             let (module, promise) =
-                rquickjs::Module::declare(ctx.clone(), "main.js", source.clone())
-                    .unwrap()
-                    .eval()
-                    .unwrap();
-            promise.finish::<()>().unwrap();
+                rquickjs::Module::declare(ctx.clone(), name.clone(), source.clone())
+                    .and_then(|m| m.eval())
+                    .catch(&ctx)
+                    .unwrap_or_else(|e| panic!("bare QuickJS: {e}"));
+            promise
+                .finish::<()>()
+                .catch(&ctx)
+                .unwrap_or_else(|e| panic!("bare QuickJS: {e}"));
             let f: rquickjs::Function = module.namespace().unwrap().get("noop").unwrap();
             f.call::<_, ()>(()).unwrap();
         });
@@ -242,10 +248,16 @@ fn bare_quickjs_start(iters: usize, dir: &std::path::Path) -> Stats {
 /// CPython's own start, as a process: `python3 -I -S` (isolated, no `site`, as the
 /// worker runs it) importing what the example imports.
 fn bare_python_start(iters: usize) -> Stats {
+    // The interpreter itself, not pyenv's shim script in front of it.
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let python = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let mut samples = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
-        let status = Command::new("python3")
+        let status = Command::new(&python)
             .args(["-I", "-S", "-c", "import collections, json, re"])
             .status()
             .unwrap();

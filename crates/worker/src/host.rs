@@ -14,6 +14,9 @@ use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// Longest log message passed on; longer ones are cut.
+pub const MAX_LOG: usize = 64 * 1024;
+
 /// Handle on the supervisor connection. Cheap to clone; engines keep one in their
 /// host-function state.
 #[derive(Debug, Clone)]
@@ -79,9 +82,19 @@ impl Host {
         self.lock().current_call = id;
     }
 
-    /// Send a log line to the supervisor. Logging never fails the plugin: if the
-    /// supervisor is gone, the worker notices on its next read.
-    pub fn log(&self, level: LogLevel, message: String) {
+    /// Send a log line to the supervisor, cut to [`MAX_LOG`] bytes (saying so).
+    /// Logging never fails the plugin: if the supervisor is gone, the worker notices
+    /// on its next read.
+    pub fn log(&self, level: LogLevel, mut message: String) {
+        if message.len() > MAX_LOG {
+            let mut cut = MAX_LOG;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let total = message.len();
+            message.truncate(cut);
+            message.push_str(&format!(" [cut: {total} bytes in all]"));
+        }
         let _ = self.send(&FromWorker::Log { level, message });
     }
 

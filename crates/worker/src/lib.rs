@@ -35,7 +35,7 @@
 
 mod host;
 
-pub use host::Host;
+pub use host::{Host, MAX_LOG};
 
 use corral_protocol::{
     CallError, EnforcementReport, FromWorker, LoadSpec, ToWorker, WORKER_SOCKET_ENV,

@@ -7,9 +7,6 @@ use rquickjs::function::Opt;
 use rquickjs::object::Property;
 use rquickjs::{Ctx, Exception, Function, Object, TypedArray, Value};
 
-/// Longest log message passed on (longer ones are cut, and say so).
-const MAX_LOG: usize = 64 * 1024;
-
 /// Install the frozen global `corral`.
 pub fn install<'js>(ctx: &Ctx<'js>, host: Host) -> rquickjs::Result<()> {
     let corral = Object::new(ctx.clone())?;
@@ -30,16 +27,7 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: Host) -> rquickjs::Result<()> {
                         ),
                     ));
                 };
-                let mut message = message.0;
-                if message.len() > MAX_LOG {
-                    let mut cut = MAX_LOG;
-                    while !message.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    let total = message.len();
-                    message.truncate(cut);
-                    message.push_str(&format!(" [cut: {total} bytes in all]"));
-                }
+                let message = message.0;
                 log_host.log(level, message);
                 Ok(())
             },

@@ -43,6 +43,11 @@
 
 mod api;
 mod modules;
+pub use modules::{PluginLoader, PluginResolver};
+#[cfg(feature = "v8")]
+pub mod v8;
+#[cfg(feature = "v8")]
+pub use v8::V8Engine;
 
 use corral_protocol::{CallError, LoadSpec, WorkerKind};
 use corral_worker::{EngineInfo, Host};

@@ -3,6 +3,13 @@
 
 use std::process::ExitCode;
 
+#[cfg(not(feature = "v8"))]
 fn main() -> ExitCode {
     corral_worker::run(corral_worker_js::JsEngine::new())
+}
+
+/// Built with the `v8` feature: V8 (deno_core) serves instead of QuickJS.
+#[cfg(feature = "v8")]
+fn main() -> ExitCode {
+    corral_worker::run(corral_worker_js::V8Engine::new())
 }

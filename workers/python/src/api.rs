@@ -22,9 +22,6 @@ pyo3::create_exception!(
     "The call ran past its deadline."
 );
 
-/// Longest log message passed on (longer ones are cut, and say so).
-const MAX_LOG: usize = 64 * 1024;
-
 static HOST: Mutex<Option<Host>> = Mutex::new(None);
 static EPOCH: OnceLock<Instant> = OnceLock::new();
 /// The running call's deadline in nanoseconds after `EPOCH`; 0 when none.
@@ -72,16 +69,7 @@ fn log(level: &str, message: &Bound<'_, PyAny>) -> PyResult<()> {
             "corral.log: unknown level {level:?} (error, warn, info, debug, trace)"
         )));
     };
-    let mut message = message.str()?.to_string();
-    if message.len() > MAX_LOG {
-        let mut cut = MAX_LOG;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let total = message.len();
-        message.truncate(cut);
-        message.push_str(&format!(" [cut: {total} bytes in all]"));
-    }
+    let message = message.str()?.to_string();
     host()?.log(level, message);
     Ok(())
 }

@@ -1,0 +1,499 @@
+//! The V8 engine for JavaScript plugins (deno_core), behind the cargo feature `v8`:
+//! the same contract as the QuickJS engine ([`crate::JsEngine`]).
+//!
+//! - The entry is an ES module; imports resolve only to files inside the plugin
+//!   directory (relative specifiers; symlinks may not leave it); anything else fails
+//!   the load with an error naming the import.
+//! - The frozen global `corral` has the same names (`log`, `now_ms`, `text`,
+//!   `bytes`, `json`, `json_bytes`), built on a few ops (`corral.js`).
+//! - Deadline: a watchdog thread calls `terminate_execution` on the isolate;
+//!   memory: V8's heap limit, with a near-heap-limit callback that terminates the
+//!   call instead of letting V8 abort the process.
+//! - Errors: the plugin's own `Error`s are `CallError::Plugin`, V8's own error classes
+//!   `CallError::Trap`, both with the stack; after a trap, timeout or memory limit
+//!   the runtime is discarded and the next call gets a fresh one.
+//!
+//! Linking needs V8's prebuilt static library (rusty_v8 downloads it at build time,
+//! or `RUSTY_V8_ARCHIVE` names a local copy); see README.md.
+
+use corral_protocol::{CallError, HostOp, LoadSpec, LogLevel, WorkerKind};
+use corral_worker::{EngineInfo, Host};
+use deno_core::{
+    JsRuntime, ModuleLoadOptions, ModuleLoadReferrer, ModuleLoadResponse, ModuleLoader,
+    ModuleResolveResponse, ModuleSource, ModuleSourceCode, ModuleSpecifier, ModuleType, OpState,
+    PollEventLoopOptions, ResolutionKind, RuntimeOptions, op2, v8,
+};
+use deno_error::JsErrorBox;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+/// The host connection, kept in the op state.
+struct HostHandle(Host);
+
+/// One call's input and output, and the module's export names, in the op state.
+#[derive(Default)]
+struct CallIo {
+    input: Vec<u8>,
+    output: Option<Vec<u8>>,
+    exports: Vec<String>,
+}
+
+#[op2(fast)]
+fn op_corral_log(
+    state: &mut OpState,
+    #[string] level: &str,
+    #[string] message: &str,
+) -> Result<(), JsErrorBox> {
+    let level = LogLevel::from_name(level).ok_or_else(|| {
+        JsErrorBox::type_error(format!(
+            "corral.log: unknown level {level:?} (error, warn, info, debug, trace)"
+        ))
+    })?;
+    state
+        .borrow::<HostHandle>()
+        .0
+        .log(level, message.to_owned());
+    Ok(())
+}
+
+#[op2(fast)]
+fn op_corral_now_ms(state: &mut OpState) -> Result<f64, JsErrorBox> {
+    let bytes = state
+        .borrow::<HostHandle>()
+        .0
+        .call(HostOp::Now)
+        .map_err(|e| JsErrorBox::generic(format!("host call now_ms failed: {e}")))?;
+    let arr: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| JsErrorBox::generic("host call now_ms: malformed answer"))?;
+    Ok(i64::from_le_bytes(arr) as f64)
+}
+
+#[op2]
+#[string]
+fn op_corral_text(#[buffer] bytes: &[u8]) -> Result<String, JsErrorBox> {
+    String::from_utf8(bytes.to_vec())
+        .map_err(|e| JsErrorBox::type_error(format!("corral.text: not UTF-8: {e}")))
+}
+
+#[op2]
+#[buffer]
+fn op_corral_bytes(#[string] text: &str) -> Vec<u8> {
+    text.as_bytes().to_vec()
+}
+
+#[op2]
+#[buffer]
+fn op_corral_input(state: &mut OpState) -> Vec<u8> {
+    std::mem::take(&mut state.borrow_mut::<CallIo>().input)
+}
+
+#[op2(fast)]
+fn op_corral_output(state: &mut OpState, #[buffer] bytes: &[u8]) {
+    state.borrow_mut::<CallIo>().output = Some(bytes.to_vec());
+}
+
+#[op2]
+fn op_corral_exports(state: &mut OpState, #[serde] names: Vec<String>) {
+    state.borrow_mut::<CallIo>().exports = names;
+}
+
+deno_core::extension!(
+    corral_v8,
+    ops = [
+        op_corral_log,
+        op_corral_now_ms,
+        op_corral_text,
+        op_corral_bytes,
+        op_corral_input,
+        op_corral_output,
+        op_corral_exports
+    ],
+    esm_entry_point = "ext:corral_v8/corral.js",
+    esm = [dir "src/v8", "corral.js"],
+);
+
+/// Resolves and loads modules inside the plugin directory only.
+struct PluginLoader {
+    root: PathBuf,
+}
+
+impl PluginLoader {
+    fn inside(&self, url: &ModuleSpecifier) -> Result<PathBuf, JsErrorBox> {
+        let path = url
+            .to_file_path()
+            .map_err(|()| JsErrorBox::generic(format!("import {url}: not a file")))?;
+        if !path.starts_with(&self.root) {
+            return Err(JsErrorBox::generic(format!(
+                "import {url}: outside the plugin directory"
+            )));
+        }
+        Ok(path)
+    }
+}
+
+impl ModuleLoader for PluginLoader {
+    fn resolve(
+        &self,
+        specifier: &str,
+        referrer: &str,
+        _kind: ResolutionKind,
+    ) -> ModuleResolveResponse {
+        if !(specifier.starts_with("./") || specifier.starts_with("../")) {
+            return Err(JsErrorBox::generic(format!(
+                "import {specifier:?}: only relative imports of files inside the plugin \
+                 directory are allowed (vendor libraries into it)"
+            )));
+        }
+        let url = deno_core::resolve_import(specifier, referrer).map_err(JsErrorBox::from_err)?;
+        self.inside(&url)?;
+        Ok(url)
+    }
+
+    fn load(
+        &self,
+        specifier: &ModuleSpecifier,
+        _referrer: Option<&ModuleLoadReferrer>,
+        _options: ModuleLoadOptions,
+    ) -> ModuleLoadResponse {
+        let load = || -> Result<ModuleSource, JsErrorBox> {
+            let path = self.inside(specifier)?;
+            let real = path
+                .canonicalize()
+                .map_err(|e| JsErrorBox::generic(format!("import {specifier}: {e}")))?;
+            if !real.starts_with(&self.root) {
+                return Err(JsErrorBox::generic(format!(
+                    "import {specifier}: a link outside the plugin directory"
+                )));
+            }
+            let code = std::fs::read_to_string(&real)
+                .map_err(|e| JsErrorBox::generic(format!("import {specifier}: {e}")))?;
+            Ok(ModuleSource::new(
+                ModuleType::JavaScript,
+                ModuleSourceCode::String(code.into()),
+                specifier,
+                None,
+            ))
+        };
+        ModuleLoadResponse::Sync(load())
+    }
+}
+
+/// Terminates the isolate's execution at the armed deadline.
+struct Watchdog {
+    arm: mpsc::Sender<Option<Instant>>,
+    fired: Arc<AtomicBool>,
+}
+
+impl Watchdog {
+    fn start(handle: v8::IsolateHandle) -> Watchdog {
+        let (arm, rx) = mpsc::channel::<Option<Instant>>();
+        let fired = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&fired);
+        std::thread::spawn(move || {
+            let mut deadline: Option<Instant> = None;
+            loop {
+                let msg = match deadline {
+                    Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                        Ok(m) => m,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            flag.store(true, Ordering::SeqCst);
+                            handle.terminate_execution();
+                            None
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    },
+                    None => match rx.recv() {
+                        Ok(m) => m,
+                        Err(_) => return,
+                    },
+                };
+                deadline = msg;
+            }
+        });
+        Watchdog { arm, fired }
+    }
+
+    fn arm(&self, after: Duration) {
+        self.fired.store(false, Ordering::SeqCst);
+        let _ = self.arm.send(Some(Instant::now() + after));
+    }
+
+    fn disarm(&self) -> bool {
+        let _ = self.arm.send(None);
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
+struct Loaded {
+    runtime: JsRuntime,
+    watchdog: Watchdog,
+    out_of_memory: Arc<AtomicBool>,
+    exports: Vec<String>,
+}
+
+/// The V8 engine.
+pub struct V8Engine {
+    tokio: tokio::runtime::Runtime,
+    loaded: Option<Loaded>,
+    spec: Option<LoadSpec>,
+    host: Option<Host>,
+}
+
+impl std::fmt::Debug for V8Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("V8Engine")
+            .field("loaded", &self.loaded.as_ref().map(|l| &l.exports))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for V8Engine {
+    fn default() -> Self {
+        V8Engine::new()
+    }
+}
+
+/// V8's own error classes: throwing one of these is a fault, not the plugin's error.
+const ENGINE_ERRORS: [&str; 7] = [
+    "TypeError",
+    "ReferenceError",
+    "RangeError",
+    "SyntaxError",
+    "EvalError",
+    "URIError",
+    "WebAssembly.RuntimeError",
+];
+
+impl V8Engine {
+    pub fn new() -> V8Engine {
+        V8Engine {
+            tokio: tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("a current-thread runtime needs no resources"),
+            loaded: None,
+            spec: None,
+            host: None,
+        }
+    }
+
+    fn instantiate(&self, spec: &LoadSpec, host: &Host) -> Result<Loaded, String> {
+        let root = PathBuf::from(&spec.plugin_dir)
+            .canonicalize()
+            .map_err(|e| format!("plugin directory {}: {e}", spec.plugin_dir))?;
+        let entry = crate::modules::logical_name(&spec.entry).ok_or_else(|| {
+            format!(
+                "entry {:?} is not a relative path inside the plugin",
+                spec.entry
+            )
+        })?;
+        let memory = usize::try_from(spec.limits.memory_bytes).unwrap_or(usize::MAX);
+        let mut runtime = JsRuntime::new(RuntimeOptions {
+            module_loader: Some(std::rc::Rc::new(PluginLoader { root: root.clone() })),
+            extensions: vec![corral_v8::init()],
+            create_params: Some(v8::CreateParams::default().heap_limits(0, memory)),
+            ..Default::default()
+        });
+        {
+            let state = runtime.op_state();
+            let mut state = state.borrow_mut();
+            state.put(HostHandle(host.clone()));
+            state.put(CallIo::default());
+        }
+        let handle = runtime.v8_isolate().thread_safe_handle();
+        let out_of_memory = Arc::new(AtomicBool::new(false));
+        {
+            let flag = Arc::clone(&out_of_memory);
+            let handle = handle.clone();
+            runtime.add_near_heap_limit_callback(move |current, _initial| {
+                flag.store(true, Ordering::SeqCst);
+                handle.terminate_execution();
+                // Room to unwind; the runtime is discarded afterwards.
+                current + current / 2
+            });
+        }
+        let watchdog = Watchdog::start(handle);
+        let init_deadline = Duration::from_millis(spec.limits.init_deadline_ms.max(1));
+        watchdog.arm(init_deadline);
+        let main = ModuleSpecifier::from_file_path(root.join("__corral_main__.js"))
+            .map_err(|()| "the plugin directory is not an absolute path".to_owned())?;
+        let code = format!(
+            "import * as plugin from {:?};\nawait globalThis.__corral.bind(plugin);\n",
+            format!("./{entry}")
+        );
+        let result = self.tokio.block_on(async {
+            let id = runtime.load_main_es_module_from_code(&main, code).await?;
+            let evaluated = runtime.mod_evaluate(id);
+            runtime
+                .run_event_loop(PollEventLoopOptions::default())
+                .await?;
+            evaluated.await
+        });
+        let timed_out = watchdog.disarm();
+        if let Err(e) = result {
+            if timed_out {
+                return Err(format!(
+                    "loading the module: interrupted (the load and init deadline is {} ms)",
+                    init_deadline.as_millis()
+                ));
+            }
+            return Err(format!("loading the module: {e}"));
+        }
+        let exports = std::mem::take(
+            &mut runtime
+                .op_state()
+                .borrow_mut()
+                .borrow_mut::<CallIo>()
+                .exports,
+        );
+        Ok(Loaded {
+            runtime,
+            watchdog,
+            out_of_memory,
+            exports,
+        })
+    }
+}
+
+/// The typed error for a failed call.
+fn classify(
+    e: &deno_core::error::CoreError,
+    deadline_ms: u64,
+    timed_out: bool,
+    oom: bool,
+    limit: u64,
+) -> CallError {
+    if oom {
+        return CallError::MemoryLimit { limit_bytes: limit };
+    }
+    if timed_out {
+        return CallError::Timeout { deadline_ms };
+    }
+    match &*e.0 {
+        deno_core::error::CoreErrorKind::Js(js) => {
+            let name = js.name.clone().unwrap_or_else(|| "Error".into());
+            let mut text = js.message.clone().unwrap_or_default();
+            if let Some(stack) = &js.stack {
+                text.push('\n');
+                text.push_str(stack.trim_end());
+            }
+            if ENGINE_ERRORS.contains(&name.as_str()) {
+                CallError::Trap {
+                    message: format!("{name}: {text}"),
+                }
+            } else {
+                CallError::Plugin { message: text }
+            }
+        }
+        other => CallError::Trap {
+            message: other.to_string(),
+        },
+    }
+}
+
+impl corral_worker::Engine for V8Engine {
+    fn info(&self) -> EngineInfo {
+        EngineInfo {
+            kind: WorkerKind::Js,
+            version: format!("V8 {} (deno_core)", v8::VERSION_STRING),
+        }
+    }
+
+    fn load(&mut self, spec: &LoadSpec, host: &Host) -> Result<Vec<String>, String> {
+        let loaded = self.instantiate(spec, host)?;
+        let exports = loaded.exports.clone();
+        self.loaded = Some(loaded);
+        self.spec = Some(spec.clone());
+        self.host = Some(host.clone());
+        Ok(exports)
+    }
+
+    fn call(
+        &mut self,
+        function: &str,
+        input: &[u8],
+        deadline: Duration,
+        host: &Host,
+    ) -> Result<Vec<u8>, CallError> {
+        if self.loaded.is_none() {
+            let spec = self.spec.clone().ok_or_else(|| CallError::BadInput {
+                reason: "no plugin loaded".into(),
+            })?;
+            let loaded = self
+                .instantiate(&spec, host)
+                .map_err(|message| CallError::Trap {
+                    message: format!("reloading after the last failure: {message}"),
+                })?;
+            self.loaded = Some(loaded);
+        }
+        let spec = self.spec.as_ref().expect("loaded implies a spec");
+        let limit = spec.limits.memory_bytes;
+        let plugin = spec.plugin_id.clone();
+        let loaded = self.loaded.as_mut().expect("loaded above");
+        if !loaded.exports.iter().any(|e| e == function) {
+            return Err(CallError::UnknownFunction {
+                plugin,
+                function: function.to_owned(),
+                exports: loaded.exports.join(", "),
+            });
+        }
+        {
+            let state = loaded.runtime.op_state();
+            let mut state = state.borrow_mut();
+            let io = state.borrow_mut::<CallIo>();
+            io.input = input.to_vec();
+            io.output = None;
+        }
+        let deadline_ms = deadline.as_millis() as u64;
+        let script = format!(
+            "globalThis.__corral.call({})",
+            serde_json::to_string(function).expect("a string serialises")
+        );
+        loaded.watchdog.arm(deadline);
+        let runtime = &mut loaded.runtime;
+        let result = self.tokio.block_on(async {
+            let promise = runtime.execute_script("<corral>", script)?;
+            let settled = runtime.resolve(promise);
+            runtime
+                .with_event_loop_promise(settled, PollEventLoopOptions::default())
+                .await
+        });
+        let timed_out = loaded.watchdog.disarm();
+        let oom = loaded.out_of_memory.load(Ordering::SeqCst);
+        let result = match result {
+            Ok(_) => {
+                let state = loaded.runtime.op_state();
+                let output = state.borrow_mut().borrow_mut::<CallIo>().output.take();
+                output.ok_or_else(|| CallError::Trap {
+                    message: "the call settled without an output".into(),
+                })
+            }
+            Err(e) => Err(classify(&e, deadline_ms, timed_out, oom, limit)),
+        };
+        if matches!(
+            result,
+            Err(CallError::Trap { .. } | CallError::Timeout { .. } | CallError::MemoryLimit { .. })
+        ) {
+            self.loaded = None;
+        }
+        result
+    }
+
+    fn shutdown(&mut self, grace: Duration, _host: &Host) {
+        let Some(loaded) = self.loaded.as_mut() else {
+            return;
+        };
+        loaded.watchdog.arm(grace);
+        let runtime = &mut loaded.runtime;
+        let _ = self.tokio.block_on(async {
+            let promise = runtime.execute_script("<corral>", "globalThis.__corral.shutdown()")?;
+            let settled = runtime.resolve(promise);
+            runtime
+                .with_event_loop_promise(settled, PollEventLoopOptions::default())
+                .await
+        });
+        loaded.watchdog.disarm();
+    }
+}
