@@ -421,6 +421,7 @@ impl Supervisor {
                 tmpfs_bytes: effective.tmpfs.value,
                 engine: kind.as_str().to_owned(),
                 run_as: run_as.map(|c| [c.uid, c.gid]),
+                hide: Vec::new(),
             },
         };
         let load = LoadSpec {

@@ -26,7 +26,8 @@ fn main() {
             "import sys, sysconfig; print(sys.base_prefix); \
              print(sysconfig.get_path('stdlib')); \
              print(sysconfig.get_config_var('DESTSHARED')); \
-             print(sys.version.split()[0])",
+             print(sys.version.split()[0]); \
+             print(sysconfig.get_path('purelib'))",
         ])
         .output()
         .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
@@ -37,13 +38,14 @@ fn main() {
     );
     let text = String::from_utf8(out.stdout).expect("UTF-8 paths");
     let lines: Vec<&str> = text.lines().collect();
-    let [prefix, stdlib, dynload, version] = lines[..] else {
+    let [prefix, stdlib, dynload, version, site_packages] = lines[..] else {
         panic!("unexpected answer from {python}: {text:?}");
     };
     println!("cargo:rustc-env=CORRAL_PYTHON_PREFIX={prefix}");
     println!("cargo:rustc-env=CORRAL_PYTHON_STDLIB={stdlib}");
     println!("cargo:rustc-env=CORRAL_PYTHON_DYNLOAD={dynload}");
     println!("cargo:rustc-env=CORRAL_PYTHON_VERSION={version}");
+    println!("cargo:rustc-env=CORRAL_PYTHON_SITE_PACKAGES={site_packages}");
     println!(
         "cargo:rustc-env=CORRAL_PYTHON_LIBS={}",
         extension_libraries(dynload).join(":")

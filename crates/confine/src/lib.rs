@@ -33,6 +33,7 @@
 //!     tmpfs_bytes: 16 << 20,
 //!     engine: "wasm".into(),
 //!     run_as: None,
+//!     hide: vec![],
 //! };
 //! c.isolate().expect("namespaces"); // a no-op below maximum
 //! let report = c.apply().expect("confined");
@@ -131,6 +132,12 @@ pub struct SelfConfinement {
     /// user); every capability goes with it.
     #[serde(default)]
     pub run_as: Option<[u32; 2]>,
+    /// Directories directly inside a readable tree that stay unreadable (an
+    /// interpreter's `site-packages` inside its standard library): Landlock grants
+    /// the tree's other entries one by one (the tree itself may only be listed),
+    /// and at `maximum` an empty read-only tmpfs covers them.
+    #[serde(default)]
+    pub hide: Vec<PathBuf>,
 }
 
 /// Why confinement could not be applied (or not to the level's requirement).
@@ -245,7 +252,8 @@ impl SelfConfinement {
         if !maximum {
             return Ok(());
         }
-        maximum::enter(&shown, self.tmpfs_bytes.max(1 << 20)).map_err(ConfineError::Namespaces)
+        maximum::enter(&shown, &self.hide, self.tmpfs_bytes.max(1 << 20))
+            .map_err(ConfineError::Namespaces)
     }
 
     fn apply_landlock(
@@ -299,6 +307,24 @@ impl SelfConfinement {
         ] {
             for p in paths {
                 let Some(fd) = handle(p) else { continue };
+                let hidden: Vec<&PathBuf> = self
+                    .hide
+                    .iter()
+                    .filter(|h| h.parent() == Some(p.as_path()))
+                    .collect();
+                if !hidden.is_empty() {
+                    // List the tree; read every entry but the hidden ones.
+                    for entry in entries_except(&fd, &hidden) {
+                        let access = if is_dir(&entry) {
+                            access
+                        } else {
+                            access & AccessFs::from_file(abi)
+                        };
+                        ruleset = ruleset.add_rule(PathBeneath::new(entry, access))?;
+                    }
+                    ruleset = ruleset.add_rule(PathBeneath::new(fd, AccessFs::ReadDir))?;
+                    continue;
+                }
                 let access = if is_dir(&fd) {
                     access
                 } else {
@@ -346,8 +372,58 @@ impl SelfConfinement {
 /// the Landlock rules in [`SelfConfinement::apply`].
 static EARLY_HANDLES: std::sync::Mutex<Vec<(PathBuf, PathFd)>> = std::sync::Mutex::new(Vec::new());
 
-fn is_dir(fd: &PathFd) -> bool {
-    use std::os::fd::{AsFd, AsRawFd};
+/// Handles on the entries of the directory `dir`, but those in `hidden`. Read
+/// through the handle (`openat`), so it works whether or not the path is reachable
+/// from here: a standard library under a 0700 `/root`, or a view without `/proc`.
+fn entries_except(dir: &PathFd, hidden: &[&PathBuf]) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let base = dir.as_fd().as_raw_fd();
+    let mut out = Vec::new();
+    // SAFETY: openat/fdopendir/readdir/closedir on descriptors this function owns;
+    // each `d_name` is a NUL-terminated string valid until the next readdir.
+    unsafe {
+        let listing = libc::openat(
+            base,
+            c".".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if listing < 0 {
+            return out;
+        }
+        let stream = libc::fdopendir(listing);
+        if stream.is_null() {
+            libc::close(listing);
+            return out;
+        }
+        loop {
+            let entry = libc::readdir(stream);
+            if entry.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*entry).d_name.as_ptr());
+            let bytes = name.to_bytes();
+            if bytes == b"." || bytes == b".." {
+                continue;
+            }
+            if hidden
+                .iter()
+                .any(|h| h.file_name().map(|n| n.as_bytes()) == Some(bytes))
+            {
+                continue;
+            }
+            let fd = libc::openat(base, name.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+            if fd >= 0 {
+                out.push(OwnedFd::from_raw_fd(fd));
+            }
+        }
+        libc::closedir(stream);
+    }
+    out
+}
+
+fn is_dir(fd: &impl std::os::fd::AsFd) -> bool {
+    use std::os::fd::AsRawFd;
     // SAFETY: fstat on a descriptor we hold, into a zeroed struct.
     unsafe {
         let mut st: libc::stat = std::mem::zeroed();
@@ -397,6 +473,7 @@ mod tests {
             tmpfs_bytes: 1 << 20,
             engine: "wasm".into(),
             run_as: Some([65534, 65534]),
+            hide: vec!["/a/site-packages".into()],
         };
         let back: SelfConfinement = serde_json::from_str(&c.to_env_value()).unwrap();
         assert_eq!(back, c);

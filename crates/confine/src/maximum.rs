@@ -200,7 +200,7 @@ fn make_mount_point(target: &Path, is_dir: bool) -> io::Result<()> {
 /// Enter the maximum-level namespaces and filesystem view; returns in the child
 /// (pid 1 of the new PID namespace). `visible` are the paths to show read-only;
 /// `tmpfs_bytes` sizes the writable `/tmp`.
-pub fn enter(visible: &[Shown], tmpfs_bytes: u64) -> io::Result<()> {
+pub fn enter(visible: &[Shown], hide: &[PathBuf], tmpfs_bytes: u64) -> io::Result<()> {
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     LAST_CAP.get_or_init(crate::sys::last_capability);
@@ -264,6 +264,19 @@ pub fn enter(visible: &[Shown], tmpfs_bytes: u64) -> io::Result<()> {
         }
     }
     drop(sources);
+    // Hidden directories inside shown trees: an empty read-only tmpfs on top.
+    for h in hide {
+        let target = root.join(h.strip_prefix("/").unwrap_or(h));
+        if target.is_dir() {
+            mount(
+                Some(Path::new("corral-hidden")),
+                &target,
+                Some("tmpfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some("size=4k,mode=0555"),
+            )?;
+        }
+    }
     // Make the staging tmpfs the root and drop the host's.
     std::env::set_current_dir(root)?;
     let dot = CString::new(".").expect("no NUL");

@@ -54,6 +54,16 @@ pub const EXIT_PROTOCOL: u8 = 71;
 /// Exit code: confinement could not be applied.
 pub const EXIT_CONFINE_FAILED: u8 = 72;
 
+/// The runtime files of an engine ([`Engine::runtime_files`]).
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeFiles {
+    /// Trees to be readable (and shown at `maximum`).
+    pub read: Vec<PathBuf>,
+    /// Directories directly inside those trees that stay unreadable (an
+    /// interpreter's `site-packages`).
+    pub hide: Vec<PathBuf>,
+}
+
 /// What an engine says about itself in the handshake.
 #[derive(Debug, Clone)]
 pub struct EngineInfo {
@@ -72,8 +82,8 @@ pub trait Engine {
     /// `maximum` view. Runs first of all, with the privileges the worker started
     /// with (before it drops root), so it may also open handles on them that stay
     /// usable after the drop.
-    fn runtime_files(&mut self) -> Result<Vec<PathBuf>, String> {
-        Ok(Vec::new())
+    fn runtime_files(&mut self) -> Result<RuntimeFiles, String> {
+        Ok(RuntimeFiles::default())
     }
 
     /// Engine set-up that must happen before confinement (loading shared libraries,
@@ -110,10 +120,10 @@ pub trait Confinement {
     /// first, before the engine is set up; may fork (see `corral_confine`).
     /// `runtime` are the engine's [`Engine::runtime_files`], readable besides what the
     /// supervisor asked for.
-    fn isolate(&self, _runtime: &[PathBuf]) -> Result<(), String> {
+    fn isolate(&self, _runtime: &RuntimeFiles) -> Result<(), String> {
         Ok(())
     }
-    fn apply(self, runtime: &[PathBuf]) -> Result<EnforcementReport, String>;
+    fn apply(self, runtime: &RuntimeFiles) -> Result<EnforcementReport, String>;
 }
 
 /// No self-confinement; the report says why.
@@ -121,7 +131,7 @@ pub trait Confinement {
 pub struct NoConfinement;
 
 impl Confinement for NoConfinement {
-    fn apply(self, _runtime: &[PathBuf]) -> Result<EnforcementReport, String> {
+    fn apply(self, _runtime: &RuntimeFiles) -> Result<EnforcementReport, String> {
         Ok(EnforcementReport::unconfined(
             "worker confinement not configured",
         ))
@@ -136,24 +146,25 @@ pub struct SupervisorConfinement;
 
 impl SupervisorConfinement {
     /// The supervisor's spec with the engine's runtime files added to what is read.
-    fn spec(runtime: &[PathBuf]) -> Result<Option<corral_confine::SelfConfinement>, String> {
+    fn spec(runtime: &RuntimeFiles) -> Result<Option<corral_confine::SelfConfinement>, String> {
         let mut spec = corral_confine::SelfConfinement::from_env().map_err(|e| error_chain(&e))?;
         if let Some(spec) = spec.as_mut() {
-            spec.read.extend(runtime.iter().cloned());
+            spec.read.extend(runtime.read.iter().cloned());
+            spec.hide.extend(runtime.hide.iter().cloned());
         }
         Ok(spec)
     }
 }
 
 impl Confinement for SupervisorConfinement {
-    fn isolate(&self, runtime: &[PathBuf]) -> Result<(), String> {
+    fn isolate(&self, runtime: &RuntimeFiles) -> Result<(), String> {
         match Self::spec(runtime)? {
             Some(spec) => spec.isolate().map_err(|e| error_chain(&e)),
             None => Ok(()),
         }
     }
 
-    fn apply(self, runtime: &[PathBuf]) -> Result<EnforcementReport, String> {
+    fn apply(self, runtime: &RuntimeFiles) -> Result<EnforcementReport, String> {
         match Self::spec(runtime)? {
             Some(spec) => spec.apply().map_err(|e| error_chain(&e)),
             None => NoConfinement.apply(runtime),

@@ -273,16 +273,17 @@ async fn python_runs_confined_at_every_level() {
 /// The standard library the worker reads (as Python itself reports it).
 fn corral_worker_python_stdlib() -> &'static str {
     static STDLIB: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    STDLIB.get_or_init(|| {
-        let out = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import sysconfig; print(sysconfig.get_path('stdlib'))",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    })
+    STDLIB.get_or_init(|| sysconfig_path("stdlib"))
+}
+
+/// A `sysconfig` path of the `python3` the worker was built against.
+fn sysconfig_path(name: &str) -> String {
+    let script = format!("import sysconfig; print(sysconfig.get_path('{name}'))");
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 /// What each attack gets, by level.
@@ -395,6 +396,27 @@ async fn a_hostile_python_plugin_is_contained_at_every_level() {
             attack("write", "/etc/corral-pwned".into()).await,
             Ok(e.write_etc),
         );
+        // Beside the standard library: what pip installed, and the interpreter's
+        // own binaries, are not readable either.
+        if let Some(readme) = site_packages_file() {
+            check(
+                "read site-packages",
+                attack("read", readme).await,
+                Ok(e.shadow),
+            );
+        }
+        let stdlib = std::path::Path::new(corral_worker_python_stdlib());
+        let bin = stdlib
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("bin/python3");
+        check(
+            "read the interpreter's bin/",
+            attack("read", bin.display().to_string()).await,
+            Ok(e.shadow),
+        );
         assert!(!std::path::Path::new("/etc/corral-pwned").exists());
         check("list /", attack("listdir", "/".into()).await, Ok("EACCES"));
         check(
@@ -466,4 +488,18 @@ async fn a_hostile_python_plugin_is_contained_at_every_level() {
         assert_eq!(attacker.level, level.as_str());
         a.stop().await;
     }
+}
+
+/// A file in the interpreter's site-packages, when that lies inside the standard
+/// library (pyenv's layout), which the worker must hide.
+fn site_packages_file() -> Option<String> {
+    let site = std::path::PathBuf::from(sysconfig_path("purelib"));
+    if site.parent()? != std::path::Path::new(corral_worker_python_stdlib()) {
+        return None;
+    }
+    std::fs::read_dir(&site)
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.path().display().to_string())
 }

@@ -4,7 +4,6 @@ Runs inside the worker's interpreter (not a plugin module; not importable by plu
 """
 
 import importlib
-import inspect
 import os
 import sys
 
@@ -27,16 +26,11 @@ def module_name(entry):
     return ".".join(parts)
 
 
-def load(plugin_dir, entry, pycache):
+def load(plugin_dir, entry):
     """Import the plugin; return (module, sorted export names, init or None)."""
     name = module_name(entry)
     if plugin_dir not in sys.path:
         sys.path.insert(0, plugin_dir)
-    if pycache:
-        sys.pycache_prefix = pycache
-        sys.dont_write_bytecode = False
-    else:
-        sys.dont_write_bytecode = True
     importlib.invalidate_caches()
     module = importlib.import_module(name)
     public = getattr(module, "__all__", None)
@@ -44,7 +38,7 @@ def load(plugin_dir, entry, pycache):
     exports = []
     for n in names:
         value = getattr(module, n, None)
-        if n in HOOKS or not callable(value) or inspect.isclass(value):
+        if n in HOOKS or not callable(value) or isinstance(value, type):
             continue
         # Without __all__: functions defined in the plugin, not ones it imported.
         if public is None and getattr(value, "__module__", None) != module.__name__:

@@ -58,7 +58,7 @@ mod api;
 mod interp;
 
 use corral_protocol::{CallError, LoadSpec, WorkerKind};
-use corral_worker::{EngineInfo, Host};
+use corral_worker::{EngineInfo, Host, RuntimeFiles};
 use pyo3::exceptions::{PyMemoryError, PyRecursionError, PySystemError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyString};
@@ -74,6 +74,8 @@ pub const PYTHON_VERSION: &str = env!("CORRAL_PYTHON_VERSION");
 pub const STDLIB: &str = env!("CORRAL_PYTHON_STDLIB");
 const DYNLOAD: &str = env!("CORRAL_PYTHON_DYNLOAD");
 const PREFIX: &str = env!("CORRAL_PYTHON_PREFIX");
+/// Where pip installs for this interpreter (often inside the standard library).
+const SITE_PACKAGES: &str = env!("CORRAL_PYTHON_SITE_PACKAGES");
 /// Shared libraries the extension modules link against (`:`-separated).
 const EXTENSION_LIBS: &str = env!("CORRAL_PYTHON_LIBS");
 
@@ -160,10 +162,6 @@ impl PythonEngine {
             .as_ref()
             .ok_or("the interpreter is not running")?
             .bind(py);
-        let pycache = spec
-            .cache_dir
-            .as_ref()
-            .map(|d| Path::new(d).join("pycache").to_string_lossy().into_owned());
         let init_deadline = Duration::from_millis(spec.limits.init_deadline_ms.max(1));
         let _armed = Deadline::arm(init_deadline);
         let describe = |e: PyErr, during: &str| {
@@ -178,7 +176,7 @@ impl PythonEngine {
             }
         };
         let (module, exports, init): (Bound<PyAny>, Vec<String>, Option<Bound<PyAny>>) = boot
-            .call_method1("load", (&spec.plugin_dir, &spec.entry, pycache))
+            .call_method1("load", (&spec.plugin_dir, &spec.entry))
             .and_then(|r| r.extract())
             .map_err(|e| describe(e, "loading the module"))?;
         if let Some(init) = init {
@@ -317,7 +315,7 @@ impl corral_worker::Engine for PythonEngine {
         }
     }
 
-    fn runtime_files(&mut self) -> Result<Vec<PathBuf>, String> {
+    fn runtime_files(&mut self) -> Result<RuntimeFiles, String> {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
@@ -334,7 +332,13 @@ impl corral_worker::Engine for PythonEngine {
                 .map(PathBuf::from)
                 .filter(|p| p.is_file()),
         );
-        Ok(trees)
+        // What pip installed beside this interpreter is not the standard library.
+        let hide = [SITE_PACKAGES]
+            .into_iter()
+            .map(PathBuf::from)
+            .filter(|p| p.parent() == Some(Path::new(STDLIB)))
+            .collect();
+        Ok(RuntimeFiles { read: trees, hide })
     }
 
     fn prepare(&mut self) -> Result<(), String> {
@@ -356,10 +360,6 @@ impl corral_worker::Engine for PythonEngine {
             let corral = py.import("corral")?;
             let signal = py.import("signal")?;
             signal.call_method1("signal", (libc::SIGALRM, corral.getattr("_deadline")?))?;
-            // Modules the worker itself uses later, loaded before confinement.
-            for m in ["json", "traceback", "importlib", "inspect"] {
-                py.import(m)?;
-            }
             Ok(boot.unbind())
         })
         .map_err(|e| Python::attach(|py| format!("starting Python: {}", format_error(py, &e))))?;
