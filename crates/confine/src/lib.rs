@@ -433,23 +433,22 @@ fn is_dir(fd: &impl std::os::fd::AsFd) -> bool {
 }
 
 /// The paths for a report; more than three files in one directory (an engine's
-/// shared libraries) are summed up as `<dir>/ (N files)`.
+/// shared libraries) are summed up as `<dir>/ (N files)`. One `stat` per path.
 fn paths(v: &[PathBuf]) -> String {
     if v.is_empty() {
         return "nothing".into();
     }
+    let dirs: Vec<Option<&std::path::Path>> = v
+        .iter()
+        .map(|p| p.parent().filter(|_| !p.is_dir()))
+        .collect();
     let mut out: Vec<String> = Vec::new();
     let mut grouped: Vec<&std::path::Path> = Vec::new();
-    for p in v {
-        let parent = p.parent().filter(|_| !p.is_dir());
-        let siblings = parent.map_or(0, |d| {
-            v.iter()
-                .filter(|q| q.parent() == Some(d) && !q.is_dir())
-                .count()
-        });
-        match parent {
+    for (p, dir) in v.iter().zip(&dirs) {
+        let siblings = dir.map_or(0, |d| dirs.iter().filter(|q| **q == Some(d)).count());
+        match dir {
             Some(d) if siblings > 3 => {
-                if !grouped.contains(&d) {
+                if !grouped.contains(d) {
                     grouped.push(d);
                     out.push(format!("{}/ ({siblings} files)", d.display()));
                 }

@@ -283,6 +283,38 @@ fn serve(engine: &mut impl Engine, host: &Host) -> ExitCode {
     }
 }
 
+/// The spec to load again after an engine discarded its instance (a trap, deadline
+/// or memory limit), for engines that start a fresh one at the next call.
+pub fn spec_to_reload(spec: &Option<LoadSpec>) -> Result<LoadSpec, CallError> {
+    spec.clone().ok_or_else(|| CallError::BadInput {
+        reason: "no plugin loaded".into(),
+    })
+}
+
+/// The error when that fresh instance could not be made.
+pub fn reload_failed(message: String) -> CallError {
+    CallError::Trap {
+        message: format!("reloading after the last failure: {message}"),
+    }
+}
+
+/// `Ok` if the plugin exports `function`, else the typed error that lists what it
+/// does export.
+pub fn check_export(
+    spec: Option<&LoadSpec>,
+    exports: &[String],
+    function: &str,
+) -> Result<(), CallError> {
+    if exports.iter().any(|e| e == function) {
+        return Ok(());
+    }
+    Err(CallError::UnknownFunction {
+        plugin: spec.map(|s| s.plugin_id.clone()).unwrap_or_default(),
+        function: function.to_owned(),
+        exports: exports.join(", "),
+    })
+}
+
 fn check_output(out: Vec<u8>, limit: u64) -> Result<Vec<u8>, CallError> {
     let size = out.len() as u64;
     if size > limit {

@@ -304,28 +304,14 @@ impl corral_worker::Engine for JsEngine {
     ) -> Result<Vec<u8>, CallError> {
         if self.loaded.is_none() {
             // The last call discarded the runtime: start afresh.
-            let spec = self.spec.clone().ok_or_else(|| CallError::BadInput {
-                reason: "no plugin loaded".into(),
-            })?;
+            let spec = corral_worker::spec_to_reload(&self.spec)?;
             let loaded = self
                 .instantiate(&spec, host)
-                .map_err(|message| CallError::Trap {
-                    message: format!("reloading after the last failure: {message}"),
-                })?;
+                .map_err(corral_worker::reload_failed)?;
             self.loaded = Some(loaded);
         }
         let loaded = self.loaded.as_ref().expect("loaded above");
-        if !loaded.exports.iter().any(|e| e == function) {
-            return Err(CallError::UnknownFunction {
-                plugin: self
-                    .spec
-                    .as_ref()
-                    .map(|s| s.plugin_id.clone())
-                    .unwrap_or_default(),
-                function: function.to_owned(),
-                exports: loaded.exports.join(", "),
-            });
-        }
+        corral_worker::check_export(self.spec.as_ref(), &loaded.exports, function)?;
         let started = Instant::now();
         self.deadline.set(Some(started + deadline));
         let max_output = self.max_output;

@@ -358,7 +358,8 @@ impl corral_worker::Engine for PythonEngine {
             // The deadline signal's handler (Python-level, so it runs between
             // bytecodes of the main thread).
             let corral = py.import("corral")?;
-            let signal = py.import("signal")?;
+            // `_signal`, not `signal`: the latter builds enums at import (~5 ms).
+            let signal = py.import("_signal")?;
             signal.call_method1("signal", (libc::SIGALRM, corral.getattr("_deadline")?))?;
             Ok(boot.unbind())
         })
@@ -389,14 +390,10 @@ impl corral_worker::Engine for PythonEngine {
     ) -> Result<Vec<u8>, CallError> {
         Python::attach(|py| {
             if self.loaded.is_none() {
-                let spec = self.spec.clone().ok_or_else(|| CallError::BadInput {
-                    reason: "no plugin loaded".into(),
-                })?;
+                let spec = corral_worker::spec_to_reload(&self.spec)?;
                 let loaded = self
                     .instantiate(py, &spec)
-                    .map_err(|message| CallError::Trap {
-                        message: format!("reloading after the last failure: {message}"),
-                    });
+                    .map_err(corral_worker::reload_failed);
                 match loaded {
                     Ok(l) => self.loaded = Some(l),
                     Err(e) => {
@@ -406,17 +403,8 @@ impl corral_worker::Engine for PythonEngine {
                 }
             }
             let loaded = self.loaded.as_ref().expect("loaded above");
-            let Some(f) = loaded.functions.get(function) else {
-                return Err(CallError::UnknownFunction {
-                    plugin: self
-                        .spec
-                        .as_ref()
-                        .map(|s| s.plugin_id.clone())
-                        .unwrap_or_default(),
-                    function: function.to_owned(),
-                    exports: loaded.exports.join(", "),
-                });
-            };
+            corral_worker::check_export(self.spec.as_ref(), &loaded.exports, function)?;
+            let f = &loaded.functions[function];
             let deadline_ms = deadline.as_millis() as u64;
             interp::take_refused();
             let result = {

@@ -418,27 +418,16 @@ impl corral_worker::Engine for V8Engine {
         host: &Host,
     ) -> Result<Vec<u8>, CallError> {
         if self.loaded.is_none() {
-            let spec = self.spec.clone().ok_or_else(|| CallError::BadInput {
-                reason: "no plugin loaded".into(),
-            })?;
+            let spec = corral_worker::spec_to_reload(&self.spec)?;
             let loaded = self
                 .instantiate(&spec, host)
-                .map_err(|message| CallError::Trap {
-                    message: format!("reloading after the last failure: {message}"),
-                })?;
+                .map_err(corral_worker::reload_failed)?;
             self.loaded = Some(loaded);
         }
         let spec = self.spec.as_ref().expect("loaded implies a spec");
         let limit = spec.limits.memory_bytes;
-        let plugin = spec.plugin_id.clone();
         let loaded = self.loaded.as_mut().expect("loaded above");
-        if !loaded.exports.iter().any(|e| e == function) {
-            return Err(CallError::UnknownFunction {
-                plugin,
-                function: function.to_owned(),
-                exports: loaded.exports.join(", "),
-            });
-        }
+        corral_worker::check_export(Some(spec), &loaded.exports, function)?;
         {
             let state = loaded.runtime.op_state();
             let mut state = state.borrow_mut();
