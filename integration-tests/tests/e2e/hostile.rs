@@ -6,8 +6,10 @@
 //! expected outcome; after the attacks, a neighbour plugin still answers from the
 //! same worker process and the supervisor (this test process) is untouched.
 //!
-//! Not covered yet (see ARCHITECTURE.md): CPU throttling, user/PID/mount namespaces
-//! and the read-only view of `maximum`, uid drop.
+//! Also here: CPU throttling at every level, the namespaces and read-only view of
+//! `maximum`, the uid drop, and WASI escapes through the real Wasm engine. The
+//! JavaScript and Python engines have their own hostile tests (`js.rs`,
+//! `python.rs`), at every level too.
 
 use corral::Supervisor;
 use corral_confine::Level;
