@@ -318,3 +318,37 @@ pub fn v1_cgroup(pid: &str, controller: &str) -> PathBuf {
         .join(controller)
         .join(rel.trim_start_matches('/'))
 }
+
+/// What a worker of `engine` must report at `level`: that level, no restart, the
+/// unprivileged user with no capabilities, the level's namespaces, and at `maximum`
+/// the engine's own seccomp allow-list. Shared by the per-engine every-level tests.
+pub fn assert_confined_at(
+    info: &corral_protocol::PluginInfo,
+    level: corral_confine::Level,
+    engine: &str,
+) {
+    use corral_confine::Level;
+    use corral_protocol::Enforcement;
+    assert_eq!(info.level, level.as_str());
+    assert_eq!(info.restarts, 0, "{level}: {:?}", info.last_error);
+    let report = info.enforcement.as_ref().expect("a running worker reports");
+    assert_eq!((report.uid, report.cap_effective), (65534, 0), "{level}");
+    let namespaces = match level {
+        Level::Standard => None,
+        Level::High => Some("own net, ipc, uts"),
+        Level::Maximum => Some("own net, ipc, uts, pid, mnt, user"),
+    };
+    match (namespaces, &report.namespaces) {
+        (None, Enforcement::None(_)) => {}
+        (Some(want), Enforcement::Full(got)) => assert_eq!(got, want, "{level}"),
+        (want, got) => panic!("{level}: namespaces {got:?}, expected {want:?}"),
+    }
+    if level == Level::Maximum {
+        let allow_list = format!("{engine} allow-list");
+        assert!(
+            matches!(&report.seccomp, Enforcement::Full(s) if s.starts_with(&allow_list)),
+            "{}",
+            report.seccomp
+        );
+    }
+}

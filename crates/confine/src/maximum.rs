@@ -137,13 +137,7 @@ pub fn prestage(visible: &[PathBuf]) -> io::Result<Vec<Shown>> {
     // SAFETY: unshare takes plain flags.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
     check(rc, "unshare(mount) as root")?;
-    mount(
-        None,
-        Path::new("/"),
-        None,
-        libc::MS_REC | libc::MS_PRIVATE,
-        None,
-    )?;
+    make_mounts_private()?;
     let mut sources = Vec::new();
     for p in visible {
         sources.push((p.clone(), open_path(p)?, p.is_dir()));
@@ -174,6 +168,18 @@ pub fn prestage(visible: &[PathBuf]) -> io::Result<Vec<Shown>> {
         });
     }
     Ok(shown)
+}
+
+/// In a new mount namespace: make every mount private, so nothing done here
+/// propagates back to the host.
+fn make_mounts_private() -> io::Result<()> {
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )
 }
 
 /// An `O_PATH` handle on `p`.
@@ -213,14 +219,7 @@ pub fn enter(visible: &[Shown], hide: &[PathBuf], tmpfs_bytes: u64) -> io::Resul
     write_file("/proc/self/uid_map", &format!("{uid} {uid} 1"))?;
     write_file("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
 
-    // Nothing done here propagates back to the host.
-    mount(
-        None,
-        Path::new("/"),
-        None,
-        libc::MS_REC | libc::MS_PRIVATE,
-        None,
-    )?;
+    make_mounts_private()?;
     // Handles on everything to show: taken in the new mount namespace (a bind source
     // must be a mount of the caller's namespace), before the staging tmpfs hides any.
     let mut sources = Vec::new();

@@ -3,8 +3,8 @@
 
 use corral::Supervisor;
 use corral_confine::Level;
-use corral_integration_tests::{js_plugin, open_tempdir, options, test_policy};
-use corral_protocol::{CallError, Enforcement};
+use corral_integration_tests::{assert_confined_at, js_plugin, open_tempdir, options, test_policy};
+use corral_protocol::CallError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -269,28 +269,7 @@ async fn javascript_runs_confined_at_every_level() {
             "{level}"
         );
         assert_eq!(k.text("count", "").await, "1", "{level}");
-        let info = &k.sup.list().await[0];
-        assert_eq!(info.level, level.as_str());
-        assert_eq!(info.restarts, 0, "{level}: {:?}", info.last_error);
-        let report = info.enforcement.as_ref().unwrap();
-        assert_eq!((report.uid, report.cap_effective), (65534, 0), "{level}");
-        let namespaces = match level {
-            Level::Standard => None,
-            Level::High => Some("own net, ipc, uts"),
-            Level::Maximum => Some("own net, ipc, uts, pid, mnt, user"),
-        };
-        match (namespaces, &report.namespaces) {
-            (None, Enforcement::None(_)) => {}
-            (Some(want), Enforcement::Full(got)) => assert_eq!(got, want),
-            (want, got) => panic!("{level}: namespaces {got:?}, expected {want:?}"),
-        }
-        if level == Level::Maximum {
-            assert!(
-                matches!(&report.seccomp, Enforcement::Full(s) if s.starts_with("js allow-list")),
-                "{}",
-                report.seccomp
-            );
-        }
+        assert_confined_at(&k.sup.list().await[0], level, "js");
         k.sup.shutdown(Duration::from_secs(1)).await;
     }
 }
