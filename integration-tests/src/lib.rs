@@ -268,6 +268,8 @@ pub fn options(cache: &Path) -> corral::Options {
     o.worker_dir = built().bin_dir.clone();
     o.cache_dir = Some(cache.to_owned());
     o.policy = std::sync::Arc::new(test_policy());
+    // Stores beside the cache, never in the machine's /var/lib/corral.
+    o.state_dir = cache.join("state");
     o
 }
 

@@ -11,16 +11,32 @@
 //! # levels; reloaded live. Default: the shipped policy, compiled in.
 //! policy = "/etc/corral/policies"
 //!
+//! # Where the plugins' key-value stores live (default /var/lib/corral for root).
+//! state_dir = "/var/lib/corral"
+//! # Audit log: a file (JSON lines, appended), "stderr" (default) or "off".
+//! audit = "/var/log/corral/audit.jsonl"
+//! # Calls queued per plugin (and messages per subscriber) before "overloaded".
+//! max_queue = 64
+//! # How often plugins that export `health` are checked.
+//! health_interval = "30s"
+//!
 //! [restart]
 //! max_crashes = 5
 //! window = "60s"
+//!
+//! # Handed to the plugin at load (corral.config / corral.secret).
+//! [plugin.hello-js.config]
+//! greeting = "Hello"
+//! [plugin.hello-js.secrets]
+//! api_token = { env = "HELLO_TOKEN" }    # or { file = "token.txt" }, or "literal"
 //! ```
 //!
 //! Unknown keys are errors; errors name the file, line and column.
 
-use crate::supervisor::{Options, RestartPolicy};
+use crate::supervisor::{Options, PluginConfig, RestartPolicy};
 use serde::Deserialize;
 use serde_spanned::Spanned;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Why the configuration could not be loaded.
@@ -49,8 +65,32 @@ struct RawConfig {
     cache_dir: Option<String>,
     worker_dir: Option<String>,
     policy: Option<String>,
+    state_dir: Option<String>,
+    audit: Option<String>,
+    max_queue: Option<Spanned<usize>>,
+    health_interval: Option<Spanned<String>>,
     #[serde(default)]
     restart: RawRestart,
+    #[serde(default)]
+    plugin: BTreeMap<String, RawPluginConfig>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPluginConfig {
+    #[serde(default)]
+    config: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default)]
+    secrets: BTreeMap<String, Spanned<RawSecret>>,
+}
+
+/// A secret: given in line, or read from the supervisor's environment or a file.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSecret {
+    Value(String),
+    Env { env: String },
+    File { file: String },
 }
 
 #[derive(Deserialize, Default)]
@@ -121,6 +161,75 @@ impl Config {
                 .map_err(|m| invalid(Some(w.span()), m))?;
         }
         options.restart = restart;
+        if let Some(d) = &raw.state_dir {
+            options.state_dir = resolve(d);
+        }
+        if let Some(a) = &raw.audit {
+            options.audit = match crate::AuditSink::parse(a) {
+                crate::AuditSink::File(p) => crate::AuditSink::File(resolve(&p.to_string_lossy())),
+                other => other,
+            };
+        }
+        if let Some(q) = &raw.max_queue {
+            if *q.get_ref() == 0 {
+                return Err(invalid(
+                    Some(q.span()),
+                    "max_queue must be at least 1".into(),
+                ));
+            }
+            options.max_queue = *q.get_ref();
+        }
+        if let Some(h) = &raw.health_interval {
+            options.health_interval = corral_manifest::parse_duration(h.get_ref())
+                .map_err(|m| invalid(Some(h.span()), m))?;
+        }
+        for (id, c) in &raw.plugin {
+            let mut pc = PluginConfig::default();
+            for (k, v) in &c.config {
+                let text = match v.get_ref() {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
+                        v.get_ref().to_string()
+                    }
+                    _ => {
+                        return Err(invalid(
+                            Some(v.span()),
+                            format!("plugin.{id}.config.{k}: a string, number or boolean"),
+                        ));
+                    }
+                };
+                pc.config.insert(k.clone(), text);
+            }
+            for (k, v) in &c.secrets {
+                let value = match v.get_ref() {
+                    RawSecret::Value(s) => s.clone(),
+                    RawSecret::Env { env } => std::env::var(env).map_err(|_| {
+                        invalid(
+                            Some(v.span()),
+                            format!(
+                                "plugin.{id}.secrets.{k}: the environment variable {env} is not set"
+                            ),
+                        )
+                    })?,
+                    RawSecret::File { file } => {
+                        let path = resolve(file);
+                        std::fs::read_to_string(&path)
+                            .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+                            .map_err(|e| {
+                                invalid(
+                                    Some(v.span()),
+                                    format!(
+                                        "plugin.{id}.secrets.{k}: cannot read {}: {e}",
+                                        path.display()
+                                    ),
+                                )
+                            })?
+                    }
+                };
+                pc.secrets.insert(k.clone(), corral_protocol::Secret(value));
+            }
+            options.plugin_config.insert(id.clone(), pc);
+        }
         Ok(Config {
             plugins: raw.plugins.iter().map(|p| resolve(p)).collect(),
             socket: raw.socket.as_deref().map(resolve),
@@ -147,6 +256,40 @@ mod tests {
         );
         assert_eq!(c.socket.unwrap(), Path::new("/etc/corral/s.sock"));
         assert_eq!(c.options.restart.window, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn plugin_config_and_secrets_load_and_never_show_in_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tok"), "s3cr3t-file\n").unwrap();
+        let c = Config::parse(
+            "plugins = []\naudit = \"audit.jsonl\"\nmax_queue = 3\n\
+             [plugin.p.config]\ngreeting = \"hi\"\nn = 3\n\
+             [plugin.p.secrets]\na = \"s3cr3t-inline\"\nb = { file = \"tok\" }\n",
+            &dir.path().join("corral.toml"),
+        )
+        .unwrap();
+        let pc = &c.options.plugin_config["p"];
+        assert_eq!(pc.config["greeting"], "hi");
+        assert_eq!(pc.config["n"], "3");
+        assert_eq!(pc.secrets["a"].0, "s3cr3t-inline");
+        assert_eq!(pc.secrets["b"].0, "s3cr3t-file");
+        assert_eq!(c.options.max_queue, 3);
+        assert_eq!(
+            c.options.audit,
+            crate::AuditSink::File(dir.path().join("audit.jsonl"))
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        let e = Config::parse(
+            "plugins = []\n[plugin.p.secrets]\nt = { env = \"CORRAL_TEST_UNSET_VAR\" }\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("CORRAL_TEST_UNSET_VAR is not set"),
+            "{e}"
+        );
     }
 
     #[test]

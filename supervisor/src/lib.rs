@@ -30,18 +30,25 @@ compile_error!(
 );
 
 pub mod access;
+pub mod audit;
 pub mod cli;
 mod config;
 pub mod control;
-mod host;
+pub mod fetch;
+pub mod host;
 pub mod reload;
+pub mod store;
 pub(crate) mod supervisor;
 mod worker;
 
+pub use audit::AuditSink;
 pub use config::{Config, ConfigError};
 pub use corral_policy::{Effective, Policy};
-pub use supervisor::{AddPluginError, CGROUP_PREFIX, Options, RestartPolicy, Supervisor};
+pub use supervisor::{
+    AddPluginError, CGROUP_PREFIX, Core, HEALTH_EXPORT, Options, PluginConfig, RestartPolicy,
+    Supervisor,
+};
 pub use worker::{
-    Credentials, SpawnSpec, StartError, UNREPORTED_SYSCALL, WORKER_MAX_FILES, WorkerHandle,
-    exit_reason,
+    CallCtx, Credentials, Redactor, SpawnSpec, StartError, UNREPORTED_SYSCALL, WORKER_MAX_FILES,
+    WorkerHandle, exit_reason,
 };

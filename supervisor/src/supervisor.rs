@@ -2,20 +2,25 @@
 //! demand and restarted with backoff after crashes.
 
 use crate::access;
+use crate::audit::{Audit, AuditSink};
+use crate::fetch::Fetcher;
+use crate::store::Store;
+use crate::worker::Redactor;
 use crate::worker::{SpawnSpec, StartError, WorkerHandle};
 use corral_confine::cgroup::{CgroupBase, CgroupHost, CgroupLimits, PluginCgroup};
 use corral_confine::{Level, SelfConfinement};
 use corral_manifest::{Manifest, ManifestError, Runtime};
 use corral_policy::{Effective, Policy};
+use corral_protocol::Secret;
 use corral_protocol::{
     CallError, EngineLimits, ExitReason, LoadSpec, PluginInfo, ResourceStats, WorkerKind,
 };
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
@@ -71,7 +76,30 @@ pub struct Options {
     pub policy: Arc<Policy>,
     /// Where to create per-plugin cgroups; `None` disables them (refused at `high`).
     pub cgroups: Option<CgroupHost>,
+    /// Where the supervisor keeps the plugins' key-value stores (`kv.redb`).
+    pub state_dir: PathBuf,
+    /// Where audit lines go.
+    pub audit: AuditSink,
+    /// Calls one plugin may have queued or running (and messages queued for one
+    /// subscriber); past it, callers get "overloaded".
+    pub max_queue: usize,
+    /// How often a plugin's `health` export, if it has one, is called.
+    pub health_interval: Duration,
+    /// The operator's configuration and secrets for each plugin, by id.
+    pub plugin_config: BTreeMap<String, PluginConfig>,
 }
+
+/// The operator's configuration for one plugin, handed to it at load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PluginConfig {
+    pub config: BTreeMap<String, String>,
+    /// Never logged: `Secret`'s `Debug` is redacted, and the plugin's log lines and
+    /// errors have secret values replaced by `[secret NAME]`.
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+/// The export the supervisor calls for health checks, when a plugin has it.
+pub const HEALTH_EXPORT: &str = "health";
 
 /// Prefix of the supervisor's base cgroup (`corral-<pid>`).
 pub const CGROUP_PREFIX: &str = "corral-";
@@ -92,6 +120,11 @@ impl Options {
             kill_grace: Duration::from_secs(1),
             policy: Arc::new(Policy::built_in()),
             cgroups: Some(CgroupHost::default()),
+            state_dir: default_state_dir(),
+            audit: AuditSink::Stderr,
+            max_queue: 64,
+            health_interval: Duration::from_secs(30),
+            plugin_config: BTreeMap::new(),
         }
     }
 }
@@ -100,6 +133,23 @@ impl Default for Options {
     fn default() -> Self {
         Options::new()
     }
+}
+
+/// `/var/lib/corral` for root, else `$XDG_STATE_HOME/corral` or
+/// `~/.local/state/corral`.
+fn default_state_dir() -> PathBuf {
+    if access::is_root() {
+        return PathBuf::from("/var/lib/corral");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("corral");
+    }
+    std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map_or_else(std::env::temp_dir, |h| {
+            PathBuf::from(h).join(".local/state")
+        })
+        .join("corral")
 }
 
 fn default_cache_dir() -> Option<PathBuf> {
@@ -136,11 +186,16 @@ pub enum AddPluginError {
 
 /// A plugin's place in the supervisor.
 #[derive(Debug)]
-struct Plugin {
-    manifest: Manifest,
+pub(crate) struct Plugin {
+    pub(crate) manifest: Manifest,
     dir: PathBuf,
     state: Mutex<PluginState>,
     calls: AtomicU64,
+    /// Slots for calls queued or running (`Options::max_queue`).
+    inflight: Arc<tokio::sync::Semaphore>,
+    /// Messages queued for this plugin's subscriptions, delivered in order.
+    pub(crate) deliveries: OnceLock<tokio::sync::mpsc::Sender<crate::host::Delivery>>,
+    pub(crate) redactor: Redactor,
 }
 
 #[derive(Debug, Default)]
@@ -158,10 +213,42 @@ struct PluginState {
     group: Option<Arc<PluginCgroup>>,
 }
 
-/// The supervisor. Share it behind an `Arc`; all methods take `&self`.
+/// The supervisor. Share it behind an `Arc`; all methods take `&self` (through
+/// [`Core`], which it dereferences to) except adding plugins.
 #[derive(Debug)]
 pub struct Supervisor {
-    plugins: BTreeMap<String, Arc<Plugin>>,
+    core: Arc<Core>,
+}
+
+impl Supervisor {
+    pub fn new(options: Options) -> Supervisor {
+        Supervisor {
+            core: Arc::new_cyclic(|me| Core::new(options, me.clone())),
+        }
+    }
+
+    /// Add the plugin in `dir` (reads and validates its `plugin.toml`); returns its id.
+    pub fn add_plugin_dir(&mut self, dir: &Path) -> Result<String, AddPluginError> {
+        self.core.add_plugin_dir(dir)
+    }
+}
+
+impl std::ops::Deref for Supervisor {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+/// The supervisor's state, shared with its workers' connections (which perform host
+/// calls through it).
+#[derive(Debug)]
+pub struct Core {
+    pub(crate) me: Weak<Core>,
+    plugins: std::sync::RwLock<BTreeMap<String, Arc<Plugin>>>,
+    pub(crate) audit: Audit,
+    pub(crate) store: OnceLock<Result<Arc<Store>, String>>,
+    pub(crate) fetcher: Fetcher,
     options: Options,
     policy: std::sync::RwLock<Arc<Policy>>,
     /// Why the last policy reload was rejected (the previous policy stays).
@@ -171,10 +258,14 @@ pub struct Supervisor {
     worker_seq: AtomicU64,
 }
 
-impl Supervisor {
-    pub fn new(options: Options) -> Supervisor {
-        Supervisor {
-            plugins: BTreeMap::new(),
+impl Core {
+    fn new(options: Options, me: Weak<Core>) -> Core {
+        Core {
+            me,
+            audit: Audit::new(options.audit.clone()),
+            store: OnceLock::new(),
+            fetcher: Fetcher::new(),
+            plugins: Default::default(),
             policy: std::sync::RwLock::new(Arc::clone(&options.policy)),
             policy_error: std::sync::Mutex::new(None),
             options,
@@ -183,14 +274,33 @@ impl Supervisor {
         }
     }
 
-    /// Add the plugin in `dir` (reads and validates its `plugin.toml`); returns its id.
-    pub fn add_plugin_dir(&mut self, dir: &Path) -> Result<String, AddPluginError> {
+    /// The plugin `id`.
+    pub(crate) fn plugin(&self, id: &str) -> Option<Arc<Plugin>> {
+        self.plugins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Every plugin, in id order.
+    pub(crate) fn all_plugins(&self) -> Vec<Arc<Plugin>> {
+        self.plugins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn add_plugin_dir(&self, dir: &Path) -> Result<String, AddPluginError> {
         let dir = dir.canonicalize().map_err(|source| AddPluginError::Dir {
             dir: dir.to_owned(),
             source,
         })?;
         let manifest = Manifest::load_dir(&dir)?;
-        if let Some(other) = self.plugins.get(&manifest.id) {
+        let mut plugins = self.plugins.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(other) = plugins.get(&manifest.id) {
             return Err(AddPluginError::Duplicate {
                 id: manifest.id,
                 dir,
@@ -198,13 +308,23 @@ impl Supervisor {
             });
         }
         let id = manifest.id.clone();
-        self.plugins.insert(
+        let settings = self.options.plugin_config.get(&id);
+        let redactor = Redactor::new(
+            settings
+                .iter()
+                .flat_map(|c| c.secrets.iter())
+                .map(|(k, v)| (k.clone(), v.0.clone())),
+        );
+        plugins.insert(
             id.clone(),
             Arc::new(Plugin {
                 manifest,
                 dir,
                 state: Mutex::new(PluginState::default()),
                 calls: AtomicU64::new(0),
+                inflight: Arc::new(tokio::sync::Semaphore::new(self.options.max_queue)),
+                deliveries: OnceLock::new(),
+                redactor,
             }),
         );
         Ok(id)
@@ -222,13 +342,33 @@ impl Supervisor {
         input: Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>, CallError> {
+        self.call_from(plugin, function, input, timeout, &[]).await
+    }
+
+    /// [`Core::call`] on behalf of the plugins in `chain` (a plugin-to-plugin call),
+    /// within the plugin's bounded queue.
+    pub(crate) async fn call_from(
+        &self,
+        plugin: &str,
+        function: &str,
+        input: Vec<u8>,
+        timeout: Option<Duration>,
+        chain: &[String],
+    ) -> Result<Vec<u8>, CallError> {
         let p = self
-            .plugins
-            .get(plugin)
+            .plugin(plugin)
             .ok_or_else(|| CallError::UnknownPlugin {
                 plugin: plugin.to_owned(),
             })?;
+        let _slot =
+            Arc::clone(&p.inflight)
+                .try_acquire_owned()
+                .map_err(|_| CallError::Overloaded {
+                    plugin: plugin.to_owned(),
+                    queued: self.options.max_queue as u32,
+                })?;
         p.calls.fetch_add(1, Ordering::Relaxed);
+        let p = &p;
         let (worker, limits) = self.worker_for(p).await?;
         if !worker.exports.iter().any(|e| e == function) {
             return Err(CallError::UnknownFunction {
@@ -239,11 +379,27 @@ impl Supervisor {
         }
         // A caller may shorten the deadline, or lengthen it up to the policy's cap.
         let deadline = timeout.map_or(limits.0, |t| t.min(limits.1));
-        let result = worker.call(function, input, deadline).await;
+        let chain: Arc<[String]> = chain
+            .iter()
+            .cloned()
+            .chain([plugin.to_owned()])
+            .collect::<Vec<_>>()
+            .into();
+        let result = worker.call(function, input, deadline, chain).await;
         if let Err(e @ (CallError::WorkerCrashed(_) | CallError::Timeout { .. })) = &result {
             p.state.lock().await.last_error = Some(e.to_string());
         }
         result
+    }
+
+    /// Start `plugin`'s worker if it has none (after a health-check kill).
+    pub(crate) async fn restart(&self, plugin: &str) -> Result<(), CallError> {
+        let p = self
+            .plugin(plugin)
+            .ok_or_else(|| CallError::UnknownPlugin {
+                plugin: plugin.to_owned(),
+            })?;
+        self.worker_for(&p).await.map(drop)
     }
 
     /// The running worker of `p`, started (after any backoff) if needed, with the
@@ -291,6 +447,9 @@ impl Supervisor {
                 st.worker = Some(Arc::clone(&w));
                 st.effective = Some(effective);
                 st.group = group;
+                if w.exports.iter().any(|e| e == HEALTH_EXPORT) {
+                    self.watch_health(&p.manifest.id, &w);
+                }
                 Ok((w, deadlines(&st.effective)))
             }
             Err(e) => {
@@ -308,6 +467,7 @@ impl Supervisor {
     fn reap(&self, p: &Plugin, st: &mut PluginState) {
         let Some(w) = &st.worker else { return };
         let by_us = w.killed_by_supervisor();
+        let kill_reason = w.kill_reason();
         // A worker the supervisor has killed is gone even if it has not been reaped yet:
         // the next call must not be routed to it.
         let reason = match w.exit_reason() {
@@ -321,9 +481,9 @@ impl Supervisor {
         st.worker = None;
         st.group = None;
         if by_us {
-            st.last_error = Some(format!(
-                "worker killed by the supervisor after it missed a deadline: {reason}"
-            ));
+            st.last_error = Some(kill_reason.unwrap_or_else(|| {
+                format!("worker killed by the supervisor after it missed a deadline: {reason}")
+            }));
         } else {
             self.record_crash(p, st, format!("worker crashed: {reason}"));
         }
@@ -410,6 +570,8 @@ impl Supervisor {
             cgroup_unavailable,
             program,
             kind,
+            broker: self.me.clone(),
+            redactor: p.redactor.clone(),
             plugin_id: m.id.clone(),
             env: worker_env(),
             handshake_timeout: self.options.handshake_timeout,
@@ -434,6 +596,18 @@ impl Supervisor {
                 init_deadline_ms: effective.timeout.value.as_millis() as u64,
             },
             cache_dir: cache_dir.map(|d| d.to_string_lossy().into_owned()),
+            config: self
+                .options
+                .plugin_config
+                .get(&m.id)
+                .map(|c| c.config.clone())
+                .unwrap_or_default(),
+            secrets: self
+                .options
+                .plugin_config
+                .get(&m.id)
+                .map(|c| c.secrets.clone())
+                .unwrap_or_default(),
         };
         let w = WorkerHandle::start(&spec, load).await?;
         Ok((w, effective, cgroup))
@@ -485,7 +659,7 @@ impl Supervisor {
 
     /// The effective policy of `plugin` under the policy in force.
     pub fn explain(&self, plugin: &str) -> Option<Effective> {
-        let p = self.plugins.get(plugin)?;
+        let p = self.plugin(plugin)?;
         Some(self.policy().resolve(&p.manifest, None))
     }
 
@@ -499,7 +673,7 @@ impl Supervisor {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&policy);
         *self.policy_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let mut changes = Vec::new();
-        for p in self.plugins.values() {
+        for p in &self.all_plugins() {
             let mut st = p.state.lock().await;
             let new = policy.resolve(&p.manifest, None);
             let Some(old) = st.effective.clone() else {
@@ -563,7 +737,7 @@ impl Supervisor {
     /// Every plugin and its state.
     pub async fn list(&self) -> Vec<PluginInfo> {
         let mut out = Vec::new();
-        for p in self.plugins.values() {
+        for p in &self.all_plugins() {
             let mut st = p.state.lock().await;
             self.reap(p, &mut st);
             let state = if st.failed.is_some() {
@@ -598,7 +772,7 @@ impl Supervisor {
                 pid: st.worker.as_ref().map(|w| w.pid),
                 restarts: st.restarts,
                 calls: p.calls.load(Ordering::Relaxed),
-                last_error: st.last_error.clone(),
+                last_error: st.last_error.as_deref().map(|e| p.redactor.redact(e)),
                 exports: st
                     .worker
                     .as_ref()
@@ -613,7 +787,7 @@ impl Supervisor {
     /// every worker (killing any that takes longer than `grace`).
     pub async fn shutdown(&self, grace: Duration) {
         let mut workers = Vec::new();
-        for p in self.plugins.values() {
+        for p in &self.all_plugins() {
             let mut st = p.state.lock().await;
             st.shutting_down = true;
             st.group = None;
@@ -638,7 +812,7 @@ impl Supervisor {
     }
 }
 
-impl Drop for Supervisor {
+impl Drop for Core {
     /// Best effort without `shutdown`: workers are killed as their handles drop, and
     /// empty groups go now; anything still busy is cleaned by the next supervisor.
     fn drop(&mut self) {

@@ -18,11 +18,11 @@
 //! worker goes away fails every call still in flight with
 //! [`CallError::WorkerCrashed`] carrying the exit code or signal.
 
-use crate::host;
+use crate::supervisor::Core;
 use corral_confine::cgroup::PluginCgroup;
 use corral_confine::{CONFINE_ENV, Level, SelfConfinement};
 use corral_protocol::{
-    CallError, ExitReason, FromWorker, Hello, LoadSpec, LogLevel, RequestId, ToWorker,
+    CallError, ExitReason, FromWorker, Hello, HostError, LoadSpec, LogLevel, RequestId, ToWorker,
     WORKER_SOCKET_ENV, WORKER_SOCKET_FD, WorkerKind,
     frame::{self, FrameError},
 };
@@ -34,8 +34,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::{Child, Command};
@@ -58,6 +58,50 @@ pub struct SpawnSpec {
     pub cgroup: Option<Arc<PluginCgroup>>,
     /// Why there is no cgroup (reported in the handshake's enforcement).
     pub cgroup_unavailable: Option<String>,
+    /// Performs the worker's host calls and hears how it ended.
+    pub broker: Weak<Core>,
+    /// The plugin's secrets, cut out of everything it logs.
+    pub redactor: Redactor,
+}
+
+/// Replaces a plugin's secret values in text with `[secret NAME]`. Its `Debug`
+/// shows only how many secrets it holds.
+#[derive(Clone, Default)]
+pub struct Redactor(Arc<Vec<(String, String)>>);
+
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redactor({} secrets)", self.0.len())
+    }
+}
+
+impl Redactor {
+    /// From `(name, value)` pairs; empty values are ignored.
+    pub fn new(secrets: impl IntoIterator<Item = (String, String)>) -> Redactor {
+        let mut v: Vec<(String, String)> =
+            secrets.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+        // Longest first, so a secret that contains another is replaced whole.
+        v.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
+        Redactor(Arc::new(v))
+    }
+
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for (name, value) in self.0.iter() {
+            if out.contains(value.as_str()) {
+                out = out.replace(value.as_str(), &format!("[secret {name}]"));
+            }
+        }
+        out
+    }
+}
+
+/// What a call is part of: the plugins waiting on it (outermost first, this plugin
+/// last) and when it must be done.
+#[derive(Debug, Clone)]
+pub struct CallCtx {
+    pub chain: Arc<[String]>,
+    pub deadline: Instant,
 }
 
 /// A uid/gid pair a worker runs as.
@@ -110,6 +154,8 @@ type Reply = oneshot::Sender<Result<Vec<u8>, CallError>>;
 #[derive(Debug, Default)]
 struct Pending {
     calls: HashMap<RequestId, Reply>,
+    /// The context of each call in `calls`, for the host calls it makes.
+    contexts: HashMap<RequestId, CallCtx>,
     /// Set once the worker is gone; new calls fail at once with it.
     closed: Option<ExitReason>,
 }
@@ -126,6 +172,8 @@ pub struct WorkerHandle {
     next_id: AtomicU64,
     kill: Arc<Notify>,
     killed_by_supervisor: Arc<AtomicBool>,
+    /// Why the supervisor killed it, when not for a missed deadline.
+    kill_reason: Arc<Mutex<Option<String>>>,
     shutting_down: Arc<AtomicBool>,
     exited: Arc<Notify>,
     kill_grace: Duration,
@@ -133,6 +181,10 @@ pub struct WorkerHandle {
 
 fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
     p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock_reason(r: &Mutex<Option<String>>) -> MutexGuard<'_, Option<String>> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl WorkerHandle {
@@ -226,6 +278,7 @@ impl WorkerHandle {
         }
 
         // Load: the worker answers Loaded or LoadFailed (and exits).
+        let init_deadline = Duration::from_millis(load.limits.init_deadline_ms);
         let load_frame = frame::encode(&ToWorker::Load(load)).map_err(StartError::Handshake)?;
         let loaded = async {
             wr.write_all(&load_frame).await.map_err(FrameError::Io)?;
@@ -234,7 +287,20 @@ impl WorkerHandle {
                     FromWorker::Loaded { exports } => return Ok(Ok(exports)),
                     FromWorker::LoadFailed { error } => return Ok(Err(error)),
                     FromWorker::Log { level, message } => {
-                        log_line(&spec.plugin_id, level, &message)
+                        log_line(&spec.plugin_id, level, &spec.redactor.redact(&message))
+                    }
+                    // Host calls from `init`: answered in line.
+                    FromWorker::HostCall { id, op, .. } => {
+                        let ctx = CallCtx {
+                            chain: Arc::from(vec![spec.plugin_id.clone()]),
+                            deadline: Instant::now() + init_deadline,
+                        };
+                        let result = match spec.broker.upgrade() {
+                            Some(core) => core.host_call(&spec.plugin_id, ctx, op).await,
+                            None => Err(HostError::Failed("the supervisor is gone".into())),
+                        };
+                        let f = frame::encode(&ToWorker::HostResult { id, result })?;
+                        wr.write_all(&f).await.map_err(FrameError::Io)?;
                     }
                     other => {
                         return Err(FrameError::Decode(format!(
@@ -286,6 +352,7 @@ impl WorkerHandle {
             next_id: AtomicU64::new(1),
             kill: Arc::new(Notify::new()),
             killed_by_supervisor: Arc::new(AtomicBool::new(false)),
+            kill_reason: Arc::new(Mutex::new(None)),
             shutting_down: Arc::new(AtomicBool::new(false)),
             exited: Arc::new(Notify::new()),
             kill_grace: spec.kill_grace,
@@ -293,6 +360,11 @@ impl WorkerHandle {
         tokio::spawn(write_frames(wr, rx));
         tokio::spawn(
             Connection {
+                broker: spec.broker.clone(),
+                redactor: spec.redactor.clone(),
+                level: spec.confine.level,
+                killed_by_supervisor: Arc::clone(&handle.killed_by_supervisor),
+                kill_reason: Arc::clone(&handle.kill_reason),
                 plugin_id: spec.plugin_id.clone(),
                 cgroup: spec.cgroup.clone(),
                 tail,
@@ -331,6 +403,7 @@ impl WorkerHandle {
         function: &str,
         input: Vec<u8>,
         deadline: Duration,
+        chain: Arc<[String]>,
     ) -> Result<Vec<u8>, CallError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let deadline_ms = deadline.as_millis() as u64;
@@ -350,6 +423,13 @@ impl WorkerHandle {
                 return Err(CallError::WorkerCrashed(reason.clone()));
             }
             p.calls.insert(id, reply);
+            p.contexts.insert(
+                id,
+                CallCtx {
+                    chain,
+                    deadline: Instant::now() + deadline,
+                },
+            );
         }
         // If the writer is gone the connection task fails the pending call for us.
         let _ = self.tx.send(frame);
@@ -357,7 +437,10 @@ impl WorkerHandle {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(CallError::WorkerCrashed(ExitReason::Unknown)),
             Err(_) => {
-                lock(&self.pending).calls.remove(&id);
+                let mut p = lock(&self.pending);
+                p.calls.remove(&id);
+                p.contexts.remove(&id);
+                drop(p);
                 tracing::warn!(
                     plugin = %self.plugin_id,
                     pid = self.pid,
@@ -389,6 +472,17 @@ impl WorkerHandle {
             self.kill.notify_one();
             exited.await;
         }
+    }
+
+    /// Kill the worker now, saying why (shown by `corral status`).
+    pub fn kill_because(&self, why: String) {
+        *lock_reason(&self.kill_reason) = Some(why);
+        self.kill();
+    }
+
+    /// Why the supervisor killed the worker, if it said.
+    pub fn kill_reason(&self) -> Option<String> {
+        lock_reason(&self.kill_reason).clone()
     }
 
     /// Kill the worker now (SIGKILL to the child the supervisor started).
@@ -723,6 +817,11 @@ fn signal_name(signo: i32) -> String {
 
 /// The task that owns a loaded worker's child process and read half.
 struct Connection {
+    broker: Weak<Core>,
+    redactor: Redactor,
+    level: Level,
+    killed_by_supervisor: Arc<AtomicBool>,
+    kill_reason: Arc<Mutex<Option<String>>>,
     plugin_id: String,
     cgroup: Option<Arc<PluginCgroup>>,
     tail: Arc<StderrTail>,
@@ -801,8 +900,14 @@ impl Connection {
         let calls: Vec<Reply> = {
             let mut p = lock(&self.pending);
             p.closed = Some(reason.clone());
+            p.contexts.clear();
             p.calls.drain().map(|(_, r)| r).collect()
         };
+        if !orderly && let Some(core) = self.broker.upgrade() {
+            let by_us = self.killed_by_supervisor.load(Ordering::SeqCst);
+            let why = lock_reason(&self.kill_reason).clone();
+            core.worker_exited(&self.plugin_id, self.level, &reason, by_us, why.as_deref());
+        }
         for reply in calls {
             let err = if orderly {
                 CallError::ShuttingDown
@@ -819,20 +924,41 @@ impl Connection {
         match msg {
             FromWorker::CallResult { id, result } => {
                 // A missing entry is a call the supervisor already gave up on.
-                if let Some(reply) = lock(&self.pending).calls.remove(&id) {
+                let mut p = lock(&self.pending);
+                p.contexts.remove(&id);
+                if let Some(reply) = p.calls.remove(&id) {
                     let _ = reply.send(result);
                 }
                 Ok(())
             }
             FromWorker::HostCall { id, call, op } => {
-                let result = host::perform(&self.plugin_id, call, op);
-                let frame = frame::encode(&ToWorker::HostResult { id, result })
-                    .map_err(|e| e.to_string())?;
-                let _ = self.tx.send(frame);
+                let ctx = lock(&self.pending).contexts.get(&call).cloned();
+                let Some(ctx) = ctx else {
+                    return Err(format!(
+                        "host call {id} names call {call}, which is not running"
+                    ));
+                };
+                let broker = self.broker.clone();
+                let plugin = self.plugin_id.clone();
+                let tx = self.tx.clone();
+                // Performed on its own task: a fetch or another plugin's call may take
+                // a while, and the connection keeps reading meanwhile.
+                tokio::spawn(async move {
+                    let result = match broker.upgrade() {
+                        Some(core) => core.host_call(&plugin, ctx, op).await,
+                        None => Err(HostError::Failed("the supervisor is gone".into())),
+                    };
+                    match frame::encode(&ToWorker::HostResult { id, result }) {
+                        Ok(f) => {
+                            let _ = tx.send(f);
+                        }
+                        Err(e) => tracing::error!(plugin, "host call answer not sent: {e}"),
+                    }
+                });
                 Ok(())
             }
             FromWorker::Log { level, message } => {
-                log_line(&self.plugin_id, level, &message);
+                log_line(&self.plugin_id, level, &self.redactor.redact(&message));
                 Ok(())
             }
             FromWorker::Stats(stats) => {

@@ -56,6 +56,9 @@ mod imports {
         pub fn error(ptr: *const u8, len: usize);
         pub fn log(level: u32, ptr: *const u8, len: usize);
         pub fn now_ms() -> i64;
+        pub fn host_call(name: *const u8, name_len: usize, args: *const u8, args_len: usize)
+        -> i32;
+        pub fn host_take(ptr: *mut u8);
     }
 }
 
@@ -97,6 +100,174 @@ pub fn now_ms() -> i64 {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64)
     }
+}
+
+/// A brokered host call was refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostError {
+    /// `denied`, `invalid`, `quota`, `overloaded`, `cycle`, `call` or `failed`.
+    pub kind: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for HostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for HostError {}
+
+/// The raw host-service primitive (`corral.host_call`): an operation name and byte
+/// strings in, byte strings out. The typed functions below are built on it.
+pub fn host_call(name: &str, args: &[&[u8]]) -> Result<Vec<Vec<u8>>, HostError> {
+    let mut encoded = Vec::new();
+    for a in args {
+        encoded.extend_from_slice(&(a.len() as u32).to_le_bytes());
+        encoded.extend_from_slice(a);
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        // SAFETY: both slices are valid for the call; the host copies them.
+        let n = unsafe {
+            imports::host_call(name.as_ptr(), name.len(), encoded.as_ptr(), encoded.len())
+        };
+        let len = if n < 0 { -(n + 1) } else { n } as usize;
+        let mut answer = vec![0u8; len];
+        // SAFETY: `answer` has exactly the `len` bytes the host has ready.
+        unsafe { imports::host_take(answer.as_mut_ptr()) };
+        if n < 0 {
+            let text = String::from_utf8_lossy(&answer).into_owned();
+            let (kind, message) = text.split_once(": ").unwrap_or(("failed", &text));
+            return Err(HostError {
+                kind: kind.to_owned(),
+                message: message.to_owned(),
+            });
+        }
+        let mut items = Vec::new();
+        let mut rest = &answer[..];
+        while rest.len() >= 4 {
+            let n = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let end = (4 + n).min(rest.len());
+            items.push(rest[4..end].to_vec());
+            rest = &rest[end..];
+        }
+        Ok(items)
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = encoded;
+        Err(HostError {
+            kind: "failed".into(),
+            message: format!("host service {name} needs the Corral host"),
+        })
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The plugin's own key-value store, kept by the supervisor (durable once a write
+/// returns; limited by the policy's quota).
+pub mod kv {
+    use super::{HostError, host_call, text};
+
+    pub fn get(key: &str) -> Result<Option<Vec<u8>>, HostError> {
+        Ok(host_call("kv_get", &[key.as_bytes()])?.into_iter().next())
+    }
+    pub fn put(key: &str, value: &[u8]) -> Result<(), HostError> {
+        host_call("kv_put", &[key.as_bytes(), value]).map(drop)
+    }
+    /// Whether the key existed.
+    pub fn delete(key: &str) -> Result<bool, HostError> {
+        Ok(host_call("kv_delete", &[key.as_bytes()])?
+            .first()
+            .map(|v| &v[..])
+            == Some(b"1"))
+    }
+    pub fn keys(prefix: &str) -> Result<Vec<String>, HostError> {
+        Ok(host_call("kv_keys", &[prefix.as_bytes()])?
+            .iter()
+            .map(|k| text(k))
+            .collect())
+    }
+}
+
+/// A brokered HTTP response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub url: String,
+    /// `(lower-case name, value)` pairs.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// An HTTP request made by the supervisor, if the plugin's policy allows it.
+pub fn fetch(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Response, HostError> {
+    let head: Vec<String> = headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let r = host_call(
+        "fetch",
+        &[
+            method.as_bytes(),
+            url.as_bytes(),
+            head.join("\n").as_bytes(),
+            body,
+        ],
+    )?;
+    let [status, url, head, body]: [Vec<u8>; 4] = r.try_into().map_err(|_| HostError {
+        kind: "failed".into(),
+        message: "malformed fetch answer".into(),
+    })?;
+    Ok(Response {
+        status: text(&status).parse().unwrap_or(0),
+        url: text(&url),
+        headers: text(&head)
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
+            .collect(),
+        body,
+    })
+}
+
+/// Queue `payload` for the topic's subscribers; returns how many.
+pub fn publish(topic: &str, payload: &[u8]) -> Result<u32, HostError> {
+    let r = host_call("publish", &[topic.as_bytes(), payload])?;
+    Ok(r.first().map_or(0, |n| text(n).parse().unwrap_or(0)))
+}
+
+/// Call another plugin's function through the supervisor.
+pub fn call(plugin: &str, function: &str, input: &[u8]) -> Result<Vec<u8>, HostError> {
+    Ok(
+        host_call("call", &[plugin.as_bytes(), function.as_bytes(), input])?
+            .into_iter()
+            .next()
+            .unwrap_or_default(),
+    )
+}
+
+/// The operator's configuration value `key` for this plugin.
+pub fn config(key: &str) -> Option<String> {
+    let flat = host_call("config", &[]).ok()?;
+    flat.chunks(2)
+        .find(|kv| kv.len() == 2 && kv[0] == key.as_bytes())
+        .map(|kv| text(&kv[1]))
+}
+
+/// One of the plugin's secrets.
+pub fn secret(name: &str) -> Option<String> {
+    host_call("secret", &[name.as_bytes()])
+        .ok()?
+        .into_iter()
+        .next()
+        .map(|v| text(&v))
 }
 
 /// Support for [`plugin!`]; not part of the public API.

@@ -26,7 +26,10 @@
 //! A plugin that no route matches runs at `maximum`. Unknown keys are errors; every
 //! error names file, line and column and the valid choices.
 
+mod grants;
 mod raw;
+
+pub use grants::{FetchRule, Grant, NameGlob, Services};
 
 use corral_confine::Level;
 use corral_manifest::{Manifest, Runtime};
@@ -287,6 +290,8 @@ pub struct Policy {
     pub sources: Vec<PathBuf>,
     levels: [Limits; 3],
     pub routes: Vec<Route>,
+    /// `[[grant]]`s: the host services plugins may use.
+    pub grants: Vec<Grant>,
 }
 
 fn level_index(l: Level) -> usize {
@@ -358,9 +363,17 @@ impl Policy {
     pub fn parse(files: &[(PathBuf, String)]) -> Result<Policy, PolicyErrors> {
         let mut levels: [Limits; 3] = Default::default();
         let mut routes = Vec::new();
+        let mut grants = Vec::new();
         let mut errors = Vec::new();
         for (path, text) in files {
-            raw::parse_file(path, text, &mut levels, &mut routes, &mut errors);
+            raw::parse_file(
+                path,
+                text,
+                &mut levels,
+                &mut routes,
+                &mut grants,
+                &mut errors,
+            );
         }
         if !errors.is_empty() {
             return Err(PolicyErrors(errors));
@@ -369,6 +382,7 @@ impl Policy {
             sources: files.iter().map(|(p, _)| p.clone()).collect(),
             levels: LEVELS.map(|l| built_in_limits(l).overlay(&levels[level_index(l)])),
             routes,
+            grants,
         })
     }
 
@@ -490,6 +504,7 @@ impl Policy {
             user: limits.user.clone().expect("complete level limits"),
             tmpfs: get(&limits.tmpfs),
             clamped,
+            services: Services::of(&m.id, &self.grants),
         }
     }
 }
@@ -514,6 +529,8 @@ pub struct Effective {
     pub tmpfs: Setting<u64>,
     /// Requests in plugin.toml that the policy lowered.
     pub clamped: Vec<String>,
+    /// The host services it may use.
+    pub services: Services,
 }
 
 impl Effective {

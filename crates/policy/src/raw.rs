@@ -1,5 +1,6 @@
 //! The file format: raw TOML shapes with spans, and their validation.
 
+use crate::grants::{FetchRule, Grant, NameGlob};
 use crate::{IdGlob, LEVELS, Limits, Origin, PolicyError, Route, RunAs, Setting, level_index};
 use corral_confine::Level;
 use corral_manifest::{Runtime, line_col, parse_duration, parse_size};
@@ -16,6 +17,34 @@ struct RawFile {
     level: BTreeMap<Spanned<String>, RawLimits>,
     #[serde(default)]
     route: Vec<RawRoute>,
+    #[serde(default)]
+    grant: Vec<Spanned<RawGrant>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    name: Option<String>,
+    id: Option<Spanned<toml::Value>>,
+    kv_quota: Option<Spanned<String>>,
+    #[serde(default)]
+    fetch: Vec<Spanned<RawFetch>>,
+    fetch_max_response: Option<Spanned<String>>,
+    fetch_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    publish: Vec<Spanned<String>>,
+    #[serde(default)]
+    subscribe: Vec<Spanned<String>>,
+    #[serde(default)]
+    call: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFetch {
+    url: String,
+    #[serde(default)]
+    methods: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -85,6 +114,7 @@ pub(crate) fn parse_file(
     text: &str,
     levels: &mut [Limits; 3],
     routes: &mut Vec<Route>,
+    grants: &mut Vec<Grant>,
     errors: &mut Vec<PolicyError>,
 ) {
     let file = File { path, text };
@@ -117,6 +147,11 @@ pub(crate) fn parse_file(
     for (i, r) in raw.route.iter().enumerate() {
         if let Some(route) = route(&file, i + 1, r, errors) {
             routes.push(route);
+        }
+    }
+    for (i, g) in raw.grant.iter().enumerate() {
+        if let Some(g) = grant(&file, i + 1, g, errors) {
+            grants.push(g);
         }
     }
 }
@@ -375,22 +410,7 @@ fn route(file: &File<'_>, n: usize, r: &RawRoute, errors: &mut Vec<PolicyError>)
     let runtimes = list(&r.runtime, "runtime");
     let publisher = list(&r.publisher, "publisher");
     let tags = list(&r.tags, "tags");
-    let mut id = Vec::new();
-    for pattern in ids {
-        match globset::GlobBuilder::new(&pattern)
-            .literal_separator(true)
-            .build()
-        {
-            Ok(g) => id.push(IdGlob {
-                matcher: g.compile_matcher(),
-                pattern,
-            }),
-            Err(e) => errors.push(file.error(
-                r.id.as_ref().map(|v| v.span()),
-                format!("invalid id glob {pattern:?}: {}", e.kind()),
-            )),
-        }
-    }
+    let id = id_globs(file, ids, &r.id, errors);
     let mut runtime = Vec::new();
     for name in runtimes {
         match name.as_str() {
@@ -432,5 +452,119 @@ fn route(file: &File<'_>, n: usize, r: &RawRoute, errors: &mut Vec<PolicyError>)
         tags,
         level: level?,
         limits: limits?,
+    })
+}
+
+fn id_globs(
+    file: &File<'_>,
+    ids: Vec<String>,
+    at: &Option<Spanned<toml::Value>>,
+    errors: &mut Vec<PolicyError>,
+) -> Vec<IdGlob> {
+    let mut id = Vec::new();
+    for pattern in ids {
+        match globset::GlobBuilder::new(&pattern)
+            .literal_separator(true)
+            .build()
+        {
+            Ok(g) => id.push(IdGlob {
+                matcher: g.compile_matcher(),
+                pattern,
+            }),
+            Err(e) => errors.push(file.error(
+                at.as_ref().map(|v| v.span()),
+                format!("invalid id glob {pattern:?}: {}", e.kind()),
+            )),
+        }
+    }
+    id
+}
+
+fn grant(
+    file: &File<'_>,
+    n: usize,
+    g: &Spanned<RawGrant>,
+    errors: &mut Vec<PolicyError>,
+) -> Option<Grant> {
+    let before = errors.len();
+    let span = g.span();
+    let g = g.get_ref();
+    let ids = match &g.id {
+        None => Vec::new(),
+        Some(v) => strings(file, v, "id").unwrap_or_else(|e| {
+            errors.push(e);
+            Vec::new()
+        }),
+    };
+    let id = id_globs(file, ids, &g.id, errors);
+    let mut size = |s: &Option<Spanned<String>>| {
+        let s = s.as_ref()?;
+        match parse_size(s.get_ref()) {
+            Ok(v) => Some(file.setting(v, s.span())),
+            Err(m) => {
+                errors.push(file.error(Some(s.span()), m));
+                None
+            }
+        }
+    };
+    let kv_quota = size(&g.kv_quota);
+    let fetch_max_response = size(&g.fetch_max_response);
+    let fetch_timeout = g
+        .fetch_timeout
+        .as_ref()
+        .and_then(|t| match parse_duration(t.get_ref()) {
+            Ok(d) => Some(file.setting(d, t.span())),
+            Err(m) => {
+                errors.push(file.error(Some(t.span()), m));
+                None
+            }
+        });
+    let mut fetch = Vec::new();
+    for f in &g.fetch {
+        match FetchRule::parse(&f.get_ref().url, &f.get_ref().methods) {
+            Ok(r) => fetch.push(r),
+            Err(m) => errors.push(file.error(Some(f.span()), m)),
+        }
+    }
+    let mut globs = |list: &[Spanned<String>]| {
+        let mut out = Vec::new();
+        for t in list {
+            match NameGlob::new(t.get_ref()) {
+                Ok(g) => out.push(g),
+                Err(m) => errors.push(file.error(Some(t.span()), m)),
+            }
+        }
+        out
+    };
+    let publish = globs(&g.publish);
+    let subscribe = globs(&g.subscribe);
+    let mut call = Vec::new();
+    for c in &g.call {
+        let (p, f) = match c.get_ref().split_once(':') {
+            Some((p, f)) => (p, Some(f)),
+            None => (c.get_ref().as_str(), None),
+        };
+        match (NameGlob::new(p), f.map(NameGlob::new).transpose()) {
+            (Ok(p), Ok(f)) => call.push((p, f)),
+            (Err(m), _) | (_, Err(m)) => errors.push(file.error(Some(c.span()), m)),
+        }
+    }
+    if errors.len() != before {
+        return None;
+    }
+    Some(Grant {
+        name: g
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("grant {n} of {}", file.path.display())),
+        origin: file.origin(span),
+        id,
+        kv_quota,
+        fetch,
+        fetch_max_response,
+        fetch_timeout,
+        publish,
+        subscribe,
+        call,
     })
 }

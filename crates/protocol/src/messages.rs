@@ -1,6 +1,7 @@
 //! Message types. Every change here bumps [`crate::PROTOCOL_VERSION`].
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// Identifies a call (supervisor-assigned) or a host call (worker-assigned).
@@ -122,6 +123,22 @@ pub struct LoadSpec {
     pub limits: EngineLimits,
     /// Directory for the engine's compiled-code cache; `None` disables caching.
     pub cache_dir: Option<String>,
+    /// The operator's configuration for the plugin (`[plugin.<id>.config]` in the
+    /// daemon's configuration), readable by the plugin from `init` on.
+    pub config: BTreeMap<String, String>,
+    /// Secrets for the plugin; never logged (their `Debug` is redacted).
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+/// A secret value. `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 /// Messages from the supervisor to a worker.
@@ -140,7 +157,7 @@ pub enum ToWorker {
     /// The answer to a `FromWorker::HostCall`.
     HostResult {
         id: RequestId,
-        result: Result<Vec<u8>, HostError>,
+        result: Result<HostReply, HostError>,
     },
     /// Ask for a `Stats` message.
     Stats,
@@ -173,20 +190,145 @@ pub enum FromWorker {
     Stats(WorkerStats),
 }
 
-/// Operations a plugin may ask the supervisor to perform.
+/// Operations a plugin may ask the supervisor to perform. Each is checked against
+/// the plugin's effective policy, performed by the supervisor, and (when denied)
+/// written to the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostOp {
     /// Wall-clock time in milliseconds since the Unix epoch, from the supervisor.
     Now,
+    /// Read a key of the plugin's own store. `HostReply::Value`.
+    KvGet { key: String },
+    /// Write a key (durable once answered). `HostReply::Unit`.
+    KvPut { key: String, value: Vec<u8> },
+    /// Delete a key. `HostReply::Existed`.
+    KvDelete { key: String },
+    /// Keys starting with `prefix`, in order. `HostReply::Keys`.
+    KvKeys { prefix: String },
+    /// An HTTP request performed by the supervisor. `HostReply::Fetched`.
+    Fetch(FetchRequest),
+    /// Publish on a topic. `HostReply::Delivered` (subscribers it was queued for).
+    Publish { topic: String, payload: Vec<u8> },
+    /// Call another plugin's function. `HostReply::Output`.
+    Call {
+        plugin: String,
+        function: String,
+        input: Vec<u8>,
+    },
 }
 
-/// Why a host call was not performed.
+impl HostOp {
+    /// The operation's name in the host APIs and the audit log (`kv.put`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            HostOp::Now => "now",
+            HostOp::KvGet { .. } => "kv.get",
+            HostOp::KvPut { .. } => "kv.put",
+            HostOp::KvDelete { .. } => "kv.delete",
+            HostOp::KvKeys { .. } => "kv.keys",
+            HostOp::Fetch(_) => "fetch",
+            HostOp::Publish { .. } => "publish",
+            HostOp::Call { .. } => "call",
+        }
+    }
+
+    /// What the operation is about, for logs and the audit log (never values).
+    pub fn target(&self) -> String {
+        match self {
+            HostOp::Now => String::new(),
+            HostOp::KvGet { key } | HostOp::KvPut { key, .. } | HostOp::KvDelete { key } => {
+                key.clone()
+            }
+            HostOp::KvKeys { prefix } => prefix.clone(),
+            HostOp::Fetch(r) => format!("{} {}", r.method, r.url),
+            HostOp::Publish { topic, .. } => topic.clone(),
+            HostOp::Call {
+                plugin, function, ..
+            } => format!("{plugin}.{function}"),
+        }
+    }
+}
+
+/// An HTTP request a plugin asks the supervisor to make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRequest {
+    pub method: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// The answer to a [`FetchRequest`] (after any allowed redirects).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchResponse {
+    pub status: u16,
+    /// The URL that answered (differs from the request's after redirects).
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// A host call's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostReply {
+    Unit,
+    Time(i64),
+    /// A stored value, or `None` for a missing key.
+    Value(Option<Vec<u8>>),
+    Existed(bool),
+    Keys(Vec<String>),
+    Fetched(FetchResponse),
+    /// How many subscribers a message was queued for.
+    Delivered(u32),
+    /// Another plugin's answer.
+    Output(Vec<u8>),
+}
+
+/// Why a host call was not performed. Each has a short `kind` that the host APIs
+/// expose (`err.kind` in JS, `HostError.kind` in Python and Rust).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum HostError {
+    /// The plugin's policy does not allow it; `rule` says which rule decided.
     #[error("denied by policy: {rule}")]
     Denied { rule: String },
+    /// The arguments are not acceptable (bad key, bad URL, unknown method).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The store write would take the plugin past its quota.
+    #[error("store quota exceeded: {used} of {limit} bytes used, this write needs {needed} more")]
+    Quota { used: u64, limit: u64, needed: u64 },
+    /// A bounded queue is full; try again later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// A plugin call would wait on a plugin that is already waiting in the chain.
+    #[error("call cycle: {chain}")]
+    Cycle { chain: String },
+    /// The called plugin answered with an error.
+    #[error("{plugin}.{function} failed: {error}")]
+    Call {
+        plugin: String,
+        function: String,
+        error: CallError,
+    },
+    /// The operation was allowed but failed (network error, size or time limit).
     #[error("host call failed: {0}")]
     Failed(String),
+}
+
+impl HostError {
+    /// The short name of the error's kind (`denied`, `invalid`, `quota`,
+    /// `overloaded`, `cycle`, `call`, `failed`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HostError::Denied { .. } => "denied",
+            HostError::Invalid(_) => "invalid",
+            HostError::Quota { .. } => "quota",
+            HostError::Overloaded(_) => "overloaded",
+            HostError::Cycle { .. } => "cycle",
+            HostError::Call { .. } => "call",
+            HostError::Failed(_) => "failed",
+        }
+    }
 }
 
 /// Log severity, shared by plugins in every runtime.

@@ -6,10 +6,10 @@
 //! supervisor pipelines further calls) are queued and served, in order, afterwards.
 
 use corral_protocol::{
-    FromWorker, Hello, HostError, HostOp, LogLevel, RequestId, ToWorker,
+    FromWorker, Hello, HostError, HostOp, HostReply, LogLevel, RequestId, Secret, ToWorker,
     frame::{self, FrameError},
 };
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,6 +32,8 @@ struct Inner {
     queued: VecDeque<ToWorker>,
     next_id: RequestId,
     current_call: RequestId,
+    config: Arc<BTreeMap<String, String>>,
+    secrets: Arc<BTreeMap<String, Secret>>,
 }
 
 impl Host {
@@ -42,6 +44,8 @@ impl Host {
                 queued: VecDeque::new(),
                 next_id: 1,
                 current_call: 0,
+                config: Arc::default(),
+                secrets: Arc::default(),
             })),
         }
     }
@@ -78,6 +82,27 @@ impl Host {
         frame::read_msg(&mut inner.reader, frame::MAX_FRAME)
     }
 
+    /// Keep the plugin's configuration and secrets from its `Load` message.
+    pub(crate) fn set_config(
+        &self,
+        config: BTreeMap<String, String>,
+        secrets: BTreeMap<String, Secret>,
+    ) {
+        let mut inner = self.lock();
+        inner.config = Arc::new(config);
+        inner.secrets = Arc::new(secrets);
+    }
+
+    /// The operator's configuration for this plugin.
+    pub fn config(&self) -> Arc<BTreeMap<String, String>> {
+        Arc::clone(&self.lock().config)
+    }
+
+    /// One of the plugin's secrets, if the operator gave it one by that name.
+    pub fn secret(&self, name: &str) -> Option<String> {
+        self.lock().secrets.get(name).map(|s| s.0.clone())
+    }
+
     pub(crate) fn set_current_call(&self, id: RequestId) {
         self.lock().current_call = id;
     }
@@ -98,8 +123,18 @@ impl Host {
         let _ = self.send(&FromWorker::Log { level, message });
     }
 
+    /// The supervisor's wall clock in milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> Result<i64, HostError> {
+        match self.call(HostOp::Now)? {
+            HostReply::Time(ms) => Ok(ms),
+            other => Err(HostError::Failed(format!(
+                "supervisor answered `now` with {other:?}"
+            ))),
+        }
+    }
+
     /// Ask the supervisor to perform `op` and wait for its answer.
-    pub fn call(&self, op: HostOp) -> Result<Vec<u8>, HostError> {
+    pub fn call(&self, op: HostOp) -> Result<HostReply, HostError> {
         let mut inner = self.lock();
         let id = inner.next_id;
         inner.next_id += 1;

@@ -34,6 +34,7 @@
 //! protocol; 72 when confinement could not be applied.
 
 mod host;
+pub mod services;
 
 pub use host::{Host, MAX_LOG};
 
@@ -238,6 +239,7 @@ fn serve(engine: &mut impl Engine, host: &Host) -> ExitCode {
         };
         let reply = match msg {
             ToWorker::Load(spec) => {
+                host.set_config(spec.config.clone(), spec.secrets.clone());
                 max_output = spec.limits.max_output_bytes;
                 match engine.load(&spec, host) {
                     Ok(exports) => FromWorker::Loaded { exports },

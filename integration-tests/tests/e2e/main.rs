@@ -12,4 +12,5 @@ mod faults;
 mod hostile;
 mod js;
 mod python;
+mod services;
 mod support;

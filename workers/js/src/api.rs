@@ -1,7 +1,7 @@
 //! The global `corral` object (host API and byte helpers), and turning a function's
 //! return value into output bytes.
 
-use corral_protocol::{CallError, HostOp};
+use corral_protocol::CallError;
 use corral_worker::Host;
 use rquickjs::function::Opt;
 use rquickjs::object::Property;
@@ -10,6 +10,7 @@ use rquickjs::{Ctx, Exception, Function, Object, TypedArray, Value};
 /// Install the frozen global `corral`.
 pub fn install<'js>(ctx: &Ctx<'js>, host: Host) -> rquickjs::Result<()> {
     let corral = Object::new(ctx.clone())?;
+    let services_host = host.clone();
     let log_host = host.clone();
     corral.set(
         "log",
@@ -37,13 +38,10 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: Host) -> rquickjs::Result<()> {
     corral.set(
         "now_ms",
         Function::new(ctx.clone(), move |ctx: Ctx<'js>| -> rquickjs::Result<f64> {
-            let bytes = host.call(HostOp::Now).map_err(|e| {
+            let ms = host.now_ms().map_err(|e| {
                 Exception::throw_internal(&ctx, &format!("host call now_ms failed: {e}"))
             })?;
-            let arr: [u8; 8] = bytes.try_into().map_err(|_| {
-                Exception::throw_internal(&ctx, "host call now_ms: malformed answer")
-            })?;
-            Ok(i64::from_le_bytes(arr) as f64)
+            Ok(ms as f64)
         })?
         .with_name("now_ms")?,
     )?;
@@ -109,11 +107,53 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: Host) -> rquickjs::Result<()> {
         )?
         .with_name("json_bytes")?,
     )?;
+    install_services(ctx, &corral, services_host)?;
     let freeze: Function = ctx.globals().get::<_, Object>("Object")?.get("freeze")?;
     freeze.call::<_, ()>((corral.clone(),))?;
     ctx.globals().prop("corral", Property::from(corral))?;
     Ok(())
 }
+
+/// The typed services (`corral.kv`, `corral.fetch`, `corral.publish`, `corral.call`,
+/// `corral.config`, `corral.secret`, `corral.HostError`): `services.js` over one
+/// native primitive that only its closures can reach.
+fn install_services<'js>(ctx: &Ctx<'js>, corral: &Object<'js>, host: Host) -> rquickjs::Result<()> {
+    let host_call = Function::new(
+        ctx.clone(),
+        move |ctx: Ctx<'js>,
+              name: String,
+              args: rquickjs::function::Rest<Value<'js>>|
+              -> rquickjs::Result<Object<'js>> {
+            let mut bytes = Vec::with_capacity(args.0.len());
+            for a in args.0 {
+                bytes.push(match a.as_string() {
+                    Some(s) => s.to_string()?.into_bytes(),
+                    None => byte_view(&ctx, a, &format!("corral host call {name}"))?,
+                });
+            }
+            let answer = Object::new(ctx.clone())?;
+            match corral_worker::services::request(&host, &name, bytes) {
+                Ok(items) => {
+                    let list = rquickjs::Array::new(ctx.clone())?;
+                    for (i, item) in items.iter().enumerate() {
+                        list.set(i, TypedArray::<u8>::new_copy(ctx.clone(), item)?)?;
+                    }
+                    answer.set("ok", list)?;
+                }
+                Err(e) => {
+                    answer.set("error", e.kind())?;
+                    answer.set("message", e.to_string())?;
+                }
+            }
+            Ok(answer)
+        },
+    )?;
+    let define: Function = ctx.eval(SERVICES_JS)?;
+    define.call::<_, ()>((corral.clone(), host_call))
+}
+
+/// The JavaScript half of the host services, shared with the V8 engine.
+pub const SERVICES_JS: &str = include_str!("services.js");
 
 /// The bytes of a `Uint8Array` argument, copied.
 fn byte_view(ctx: &Ctx<'_>, v: Value<'_>, what: &str) -> rquickjs::Result<Vec<u8>> {

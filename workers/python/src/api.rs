@@ -5,7 +5,6 @@
 //! `json_bytes(value, indent=None)`, and the exception `DeadlineExceeded` (a
 //! `BaseException`, so `except Exception` does not swallow it).
 
-use corral_protocol::HostOp;
 use corral_worker::Host;
 use pyo3::exceptions::{PyBaseException, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -76,13 +75,9 @@ fn log(level: &str, message: &Bound<'_, PyAny>) -> PyResult<()> {
 
 #[pyfunction]
 fn now_ms() -> PyResult<i64> {
-    let bytes = host()?
-        .call(HostOp::Now)
-        .map_err(|e| PyRuntimeError::new_err(format!("host call now_ms failed: {e}")))?;
-    let arr: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| PyRuntimeError::new_err("host call now_ms: malformed answer"))?;
-    Ok(i64::from_le_bytes(arr))
+    host()?
+        .now_ms()
+        .map_err(|e| PyRuntimeError::new_err(format!("host call now_ms failed: {e}")))
 }
 
 fn byte_view(data: &Bound<'_, PyAny>, what: &str) -> PyResult<PyBackedBytes> {
@@ -136,6 +131,34 @@ fn json_bytes<'py>(
     Ok(PyBytes::new(py, text.as_bytes()))
 }
 
+/// The native half of the host services (`services.py` is the typed half).
+#[pyfunction]
+#[pyo3(signature = (name, *args))]
+fn _host<'py>(
+    py: Python<'py>,
+    name: &str,
+    args: Vec<Bound<'py, PyAny>>,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let mut bytes = Vec::with_capacity(args.len());
+    for a in &args {
+        bytes.push(match a.extract::<String>() {
+            Ok(s) => s.into_bytes(),
+            Err(_) => byte_view(a, &format!("corral host call {name}"))?.to_vec(),
+        });
+    }
+    let host = host()?;
+    match py.detach(|| corral_worker::services::request(&host, name, bytes)) {
+        Ok(items) => Ok(items.iter().map(|i| PyBytes::new(py, i)).collect()),
+        Err(e) => {
+            let class = py.import("corral")?.getattr("HostError")?;
+            Err(PyErr::from_value(class.call1((e.kind(), e.to_string()))?))
+        }
+    }
+}
+
+/// The typed host services, run in the module's namespace at start.
+pub const SERVICES_PY: &str = include_str!("services.py");
+
 #[pymodule]
 #[pyo3(name = "corral")]
 pub fn corral_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -146,6 +169,7 @@ pub fn corral_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(json, m)?)?;
     m.add_function(wrap_pyfunction!(json_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(_deadline, m)?)?;
+    m.add_function(wrap_pyfunction!(_host, m)?)?;
     m.add("DeadlineExceeded", m.py().get_type::<DeadlineExceeded>())?;
     Ok(())
 }

@@ -358,6 +358,11 @@ impl corral_worker::Engine for PythonEngine {
             // The deadline signal's handler (Python-level, so it runs between
             // bytecodes of the main thread).
             let corral = py.import("corral")?;
+            py.run(
+                &std::ffi::CString::new(api::SERVICES_PY).expect("no NUL in services.py"),
+                Some(&corral.dict()),
+                None,
+            )?;
             // `_signal`, not `signal`: the latter builds enums at import (~5 ms).
             let signal = py.import("_signal")?;
             signal.call_method1("signal", (libc::SIGALRM, corral.getattr("_deadline")?))?;

@@ -25,6 +25,8 @@
 //! | `error` | `(ptr: i32, len: i32)` | set the call's error message (UTF-8) |
 //! | `log` | `(level: i32, ptr: i32, len: i32)` | log a UTF-8 line; level 0 error .. 4 trace |
 //! | `now_ms` | `() -> i64` | wall-clock milliseconds since the Unix epoch, from the supervisor |
+//! | `host_call` | `(name_ptr, name_len, args_ptr, args_len: i32) -> i32` | a brokered host service (`corral_worker::services`): `name` UTF-8, `args` a byte-string list (`u32` LE length + bytes, repeated). Returns n >= 0: success, an answer list of n bytes is ready; n < 0: failure, a UTF-8 `kind: message` of -n-1 bytes is ready |
+//! | `host_take` | `(ptr: i32)` | copy the ready answer of the last `host_call` to `ptr` (the guest allocates exactly its size) |
 //!
 //! and the WASI preview-1 functions. The WASI context has no preopened directories,
 //! no environment, no arguments and no sockets; stdout and stderr go to the worker's
@@ -39,7 +41,7 @@ mod watchdog;
 pub use cache::{CacheOutcome, ModuleCache};
 pub use watchdog::Watchdog;
 
-use corral_protocol::{CallError, HostOp, LoadSpec, LogLevel, WorkerKind};
+use corral_protocol::{CallError, LoadSpec, LogLevel, WorkerKind};
 use corral_worker::{Engine, EngineInfo, Host};
 use std::path::Path;
 use std::time::Duration;
@@ -71,6 +73,8 @@ struct State {
     output: Option<Vec<u8>>,
     error: Option<String>,
     max_output: u64,
+    /// The answer of the last `host_call`, until `host_take` copies it out.
+    host_answer: Option<Vec<u8>>,
 }
 
 /// [`StoreLimits`] that also records whether a memory limit was hit, so the error
@@ -235,15 +239,61 @@ fn link_host_functions(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "corral",
         "now_ms",
         |caller: Caller<'_, State>| -> wasmtime::Result<i64> {
-            let bytes = caller
+            caller
                 .data()
                 .host
-                .call(HostOp::Now)
-                .map_err(|e| wasmtime::Error::msg(format!("host call now_ms failed: {e}")))?;
-            let arr: [u8; 8] = bytes
-                .try_into()
-                .map_err(|_| wasmtime::Error::msg("host call now_ms: malformed answer"))?;
-            Ok(i64::from_le_bytes(arr))
+                .now_ms()
+                .map_err(|e| wasmtime::Error::msg(format!("host call now_ms failed: {e}")))
+        },
+    )?;
+    linker.func_wrap(
+        "corral",
+        "host_call",
+        |mut caller: Caller<'_, State>,
+         name_ptr: i32,
+         name_len: i32,
+         args_ptr: i32,
+         args_len: i32|
+         -> wasmtime::Result<i32> {
+            let name = read_guest(&mut caller, name_ptr, name_len.min(256))?;
+            let args = read_guest(&mut caller, args_ptr, args_len)?;
+            let name = String::from_utf8_lossy(&name).into_owned();
+            let answer = corral_worker::services::decode_list(&args)
+                .map_err(corral_protocol::HostError::Invalid)
+                .and_then(|args| {
+                    corral_worker::services::request(&caller.data().host, &name, args)
+                });
+            let (code, bytes) = match answer {
+                Ok(items) => {
+                    let bytes = corral_worker::services::encode_list(&items);
+                    (i32::try_from(bytes.len()), bytes)
+                }
+                Err(e) => {
+                    let bytes = format!("{}: {e}", e.kind()).into_bytes();
+                    (i32::try_from(bytes.len()).map(|n| -n - 1), bytes)
+                }
+            };
+            let code = code.map_err(|_| wasmtime::Error::msg("host answer larger than 2 GiB"))?;
+            caller.data_mut().host_answer = Some(bytes);
+            Ok(code)
+        },
+    )?;
+    linker.func_wrap(
+        "corral",
+        "host_take",
+        |mut caller: Caller<'_, State>, ptr: i32| -> wasmtime::Result<()> {
+            let bytes = caller
+                .data_mut()
+                .host_answer
+                .take()
+                .ok_or_else(|| wasmtime::Error::msg("host_take without a host_call answer"))?;
+            let memory = caller
+                .get_export("memory")
+                .and_then(|e| e.into_memory())
+                .ok_or_else(|| wasmtime::Error::msg("plugin exports no memory"))?;
+            memory
+                .write(&mut caller, ptr as u32 as usize, &bytes)
+                .map_err(|_| wasmtime::Error::msg("host_take: pointer outside the plugin's memory"))
         },
     )?;
     Ok(())
@@ -307,6 +357,7 @@ impl Loaded {
             output: None,
             error: None,
             max_output: self.spec.limits.max_output_bytes,
+            host_answer: None,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limiter);

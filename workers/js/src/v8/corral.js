@@ -3,7 +3,7 @@
 const ops = Deno.core.ops;
 const HOOKS = ["init", "shutdown"];
 
-const corral = Object.freeze({
+const corral = ({
   log(level, message) {
     ops.op_corral_log(String(level), String(message));
   },
@@ -30,6 +30,41 @@ const corral = Object.freeze({
     return corral.bytes(text);
   },
 });
+// The host services: services.js (shared with QuickJS) over one op that takes and
+// answers byte-string lists (a u32 LE length before each item).
+function encodeList(items) {
+  const parts = items.map((a) => (typeof a === "string" ? corral.bytes(a) : a));
+  const out = new Uint8Array(parts.reduce((n, p) => n + 4 + p.length, 0));
+  const view = new DataView(out.buffer);
+  let i = 0;
+  for (const p of parts) {
+    view.setUint32(i, p.length, true);
+    out.set(p, i + 4);
+    i += 4 + p.length;
+  }
+  return out;
+}
+function decodeList(b) {
+  const items = [];
+  const view = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  for (let i = 0; i < b.length;) {
+    const n = view.getUint32(i, true);
+    items.push(b.slice(i + 4, i + 4 + n));
+    i += 4 + n;
+  }
+  return items;
+}
+function hostCall(name, ...args) {
+  const out = ops.op_corral_host(String(name), encodeList(args));
+  if (out[0] === 1) {
+    const text = corral.text(out.subarray(1));
+    const nl = text.indexOf("\n");
+    return { error: text.slice(0, nl), message: text.slice(nl + 1) };
+  }
+  return { ok: decodeList(out.subarray(1)) };
+}
+(0, eval)(ops.op_corral_services_js())(corral, hostCall);
+Object.freeze(corral);
 Object.defineProperty(globalThis, "corral", {
   value: corral,
   writable: false,

@@ -16,7 +16,7 @@
 //! Linking needs V8's prebuilt static library (rusty_v8 downloads it at build time,
 //! or `RUSTY_V8_ARCHIVE` names a local copy); see README.md.
 
-use corral_protocol::{CallError, HostOp, LoadSpec, LogLevel, WorkerKind};
+use corral_protocol::{CallError, LoadSpec, LogLevel, WorkerKind};
 use corral_worker::{EngineInfo, Host};
 use deno_core::{
     JsRuntime, ModuleLoadOptions, ModuleLoadReferrer, ModuleLoadResponse, ModuleLoader,
@@ -60,15 +60,12 @@ fn op_corral_log(
 
 #[op2(fast)]
 fn op_corral_now_ms(state: &mut OpState) -> Result<f64, JsErrorBox> {
-    let bytes = state
+    let ms = state
         .borrow::<HostHandle>()
         .0
-        .call(HostOp::Now)
+        .now_ms()
         .map_err(|e| JsErrorBox::generic(format!("host call now_ms failed: {e}")))?;
-    let arr: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| JsErrorBox::generic("host call now_ms: malformed answer"))?;
-    Ok(i64::from_le_bytes(arr) as f64)
+    Ok(ms as f64)
 }
 
 #[op2]
@@ -100,6 +97,28 @@ fn op_corral_exports(state: &mut OpState, #[serde] names: Vec<String>) {
     state.borrow_mut::<CallIo>().exports = names;
 }
 
+/// The native half of the host services: a byte-string list in, a tag byte (0 ok, 1
+/// error) and a byte-string list or `kind\nmessage` out.
+#[op2]
+#[buffer]
+fn op_corral_host(state: &mut OpState, #[string] name: String, #[buffer] args: &[u8]) -> Vec<u8> {
+    let host = state.borrow::<HostHandle>().0.clone();
+    let answer = corral_worker::services::decode_list(args)
+        .map_err(corral_protocol::HostError::Invalid)
+        .and_then(|args| corral_worker::services::request(&host, &name, args));
+    match answer {
+        Ok(items) => [vec![0], corral_worker::services::encode_list(&items)].concat(),
+        Err(e) => [vec![1], format!("{}\n{e}", e.kind()).into_bytes()].concat(),
+    }
+}
+
+/// The typed host services (shared with QuickJS), evaluated by `corral.js`.
+#[op2]
+#[string]
+fn op_corral_services_js() -> String {
+    include_str!("../services.js").to_owned()
+}
+
 deno_core::extension!(
     corral_v8,
     ops = [
@@ -109,7 +128,9 @@ deno_core::extension!(
         op_corral_bytes,
         op_corral_input,
         op_corral_output,
-        op_corral_exports
+        op_corral_exports,
+        op_corral_host,
+        op_corral_services_js
     ],
     esm_entry_point = "ext:corral_v8/corral.js",
     esm = [dir "src/v8", "corral.js"],

@@ -1,0 +1,297 @@
+//! `[[grant]]`: which host services a plugin may use. Everything is denied unless a
+//! grant allows it; every grant whose `id` globs match a plugin applies to it, and
+//! a decision names the grant (file:line:column) that allowed it, or the grants that
+//! applied when nothing did.
+//!
+//! ```toml
+//! [[grant]]
+//! name = "examples"
+//! id = ["hello-*"]                # plugin id globs (absent: every plugin)
+//! kv_quota = "1MiB"               # key-value store size (keys + values); absent: no store
+//! fetch = [{ url = "http://127.0.0.1:*/", methods = ["GET"] }]
+//! fetch_max_response = "1MiB"     # default 4 MiB
+//! fetch_timeout = "5s"            # default 10 s (and never past the call's deadline)
+//! publish = ["hello.*"]           # topic globs
+//! subscribe = ["hello.*"]
+//! call = ["hello-wasm", "tools-*:render"]   # plugin id glob, optionally :function glob
+//! ```
+//!
+//! A fetch rule's `url` is `scheme://host[:port][/path-prefix]`: `host` may be a glob
+//! (`*.example.com`), `port` a number or `*` (absent: the scheme's default), and the
+//! request's path must start with the prefix. `methods` defaults to `["GET"]`.
+
+use crate::{IdGlob, Origin, Setting};
+use std::fmt;
+use std::time::Duration;
+
+/// Default largest fetch response body.
+pub const DEFAULT_FETCH_MAX_RESPONSE: u64 = 4 << 20;
+/// Default fetch time limit.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A glob over topics, plugin ids or function names, with its text.
+#[derive(Debug, Clone)]
+pub struct NameGlob {
+    pub pattern: String,
+    pub(crate) matcher: globset::GlobMatcher,
+}
+
+impl NameGlob {
+    pub fn new(pattern: &str) -> Result<NameGlob, String> {
+        globset::Glob::new(pattern)
+            .map(|g| NameGlob {
+                matcher: g.compile_matcher(),
+                pattern: pattern.to_owned(),
+            })
+            .map_err(|e| format!("invalid glob {pattern:?}: {}", e.kind()))
+    }
+
+    pub fn is_match(&self, s: &str) -> bool {
+        self.matcher.is_match(s)
+    }
+}
+
+/// One allowed kind of HTTP request.
+#[derive(Debug, Clone)]
+pub struct FetchRule {
+    /// The rule as written (`GET http://127.0.0.1:*/`).
+    pub text: String,
+    pub scheme: String,
+    pub host: NameGlob,
+    /// `None`: any port.
+    pub port: Option<u16>,
+    pub path_prefix: String,
+    pub methods: Vec<String>,
+}
+
+impl FetchRule {
+    /// Parse `url` (`scheme://host[:port][/prefix]`) and `methods`.
+    pub fn parse(url: &str, methods: &[String]) -> Result<FetchRule, String> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("fetch url {url:?} must start with http:// or https://"))?;
+        let default_port = match scheme {
+            "http" => 80,
+            "https" => 443,
+            other => return Err(format!("fetch url scheme {other:?}: use http or https")),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = match authority.rfind(':') {
+            Some(i) if !authority[i..].contains(']') => {
+                (&authority[..i], Some(&authority[i + 1..]))
+            }
+            _ => (authority, None),
+        };
+        if host.is_empty() {
+            return Err(format!("fetch url {url:?} has no host"));
+        }
+        let port = match port {
+            None => Some(default_port),
+            Some("*") => None,
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .map_err(|_| format!("fetch url {url:?}: port {p:?} is not a number or *"))?,
+            ),
+        };
+        let methods: Vec<String> = if methods.is_empty() {
+            vec!["GET".into()]
+        } else {
+            methods.iter().map(|m| m.to_ascii_uppercase()).collect()
+        };
+        for m in &methods {
+            if !m.bytes().all(|b| b.is_ascii_uppercase()) || m.is_empty() {
+                return Err(format!("fetch method {m:?} is not an HTTP method"));
+            }
+        }
+        Ok(FetchRule {
+            text: format!("{} {url}", methods.join(",")),
+            scheme: scheme.to_owned(),
+            host: NameGlob::new(&host.to_ascii_lowercase())?,
+            port,
+            path_prefix: path.to_owned(),
+            methods,
+        })
+    }
+
+    /// Whether the rule allows `method` on a URL with these parts.
+    pub fn allows(&self, method: &str, scheme: &str, host: &str, port: u16, path: &str) -> bool {
+        self.methods.iter().any(|m| m == method)
+            && self.scheme == scheme
+            && self.host.is_match(&host.to_ascii_lowercase())
+            && self.port.is_none_or(|p| p == port)
+            && path.starts_with(&self.path_prefix)
+    }
+}
+
+/// A `[[grant]]` table.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The operator's name for it, or `grant N of FILE`.
+    pub name: String,
+    pub origin: Origin,
+    /// Any of these plugin id globs (empty: every plugin).
+    pub id: Vec<IdGlob>,
+    pub kv_quota: Option<Setting<u64>>,
+    pub fetch: Vec<FetchRule>,
+    pub fetch_max_response: Option<Setting<u64>>,
+    pub fetch_timeout: Option<Setting<Duration>>,
+    pub publish: Vec<NameGlob>,
+    pub subscribe: Vec<NameGlob>,
+    /// (plugin glob, function glob or `None` for any function).
+    pub call: Vec<(NameGlob, Option<NameGlob>)>,
+}
+
+impl Grant {
+    pub fn applies_to(&self, plugin: &str) -> bool {
+        self.id.is_empty() || self.id.iter().any(|g| g.matcher.is_match(plugin))
+    }
+}
+
+/// Grants are the same when they come from the same place under the same name.
+impl PartialEq for Grant {
+    fn eq(&self, other: &Grant) -> bool {
+        self.name == other.name && self.origin == other.origin
+    }
+}
+
+impl fmt::Display for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "grant {:?} ({})", self.name, self.origin)
+    }
+}
+
+/// The services one plugin may use: the grants that apply to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Services {
+    pub plugin: String,
+    pub grants: Vec<Grant>,
+    /// Store size; 0 when no grant gives one.
+    pub kv_quota: Setting<u64>,
+    pub fetch_max_response: Setting<u64>,
+    pub fetch_timeout: Setting<Duration>,
+}
+
+/// Which rule decided a host call.
+pub type Decision = Result<String, String>;
+
+impl Services {
+    pub(crate) fn of(plugin: &str, all: &[Grant]) -> Services {
+        let grants: Vec<Grant> = all
+            .iter()
+            .filter(|g| g.applies_to(plugin))
+            .cloned()
+            .collect();
+        let first = |f: &dyn Fn(&Grant) -> Option<Setting<u64>>| grants.iter().find_map(f);
+        let kv_quota = first(&|g| g.kv_quota.clone()).unwrap_or(Setting {
+            value: 0,
+            origin: Origin::Derived("no grant sets kv_quota: no store".into()),
+        });
+        let fetch_max_response = first(&|g| g.fetch_max_response.clone()).unwrap_or(Setting {
+            value: DEFAULT_FETCH_MAX_RESPONSE,
+            origin: Origin::BuiltIn,
+        });
+        let fetch_timeout = grants
+            .iter()
+            .find_map(|g| g.fetch_timeout.clone())
+            .unwrap_or(Setting {
+                value: DEFAULT_FETCH_TIMEOUT,
+                origin: Origin::BuiltIn,
+            });
+        Services {
+            plugin: plugin.to_owned(),
+            grants,
+            kv_quota,
+            fetch_max_response,
+            fetch_timeout,
+        }
+    }
+
+    /// Why nothing allowed `what`: default deny, and the grants that applied.
+    fn denied(&self, what: &str, field: &str) -> String {
+        let mut s = format!(
+            "default deny: no [[grant]] {field} rule allows {what} for plugin {}",
+            self.plugin
+        );
+        if self.grants.is_empty() {
+            s.push_str(" (no grant applies to it)");
+        } else {
+            let names: Vec<String> = self.grants.iter().map(ToString::to_string).collect();
+            s.push_str(&format!(" (grants that apply: {})", names.join(", ")));
+        }
+        s
+    }
+
+    /// May the plugin use its store? (A quota above zero.)
+    pub fn check_kv(&self) -> Decision {
+        if self.kv_quota.value > 0 {
+            Ok(format!(
+                "kv_quota {} ({})",
+                crate::size(self.kv_quota.value),
+                self.kv_quota.origin
+            ))
+        } else {
+            Err(self.denied("a key-value store", "kv_quota"))
+        }
+    }
+
+    /// May the plugin make this request? `url` parts as parsed by the caller.
+    pub fn check_fetch(
+        &self,
+        method: &str,
+        scheme: &str,
+        host: &str,
+        port: u16,
+        path: &str,
+    ) -> Decision {
+        for g in &self.grants {
+            if let Some(r) = g
+                .fetch
+                .iter()
+                .find(|r| r.allows(method, scheme, host, port, path))
+            {
+                return Ok(format!("{g}: fetch {}", r.text));
+            }
+        }
+        Err(self.denied(&format!("{method} {scheme}://{host}:{port}{path}"), "fetch"))
+    }
+
+    pub fn check_publish(&self, topic: &str) -> Decision {
+        self.check_topic(topic, "publish", |g| &g.publish)
+    }
+
+    pub fn check_subscribe(&self, topic: &str) -> Decision {
+        self.check_topic(topic, "subscribe", |g| &g.subscribe)
+    }
+
+    fn check_topic(
+        &self,
+        topic: &str,
+        field: &str,
+        list: impl Fn(&Grant) -> &Vec<NameGlob>,
+    ) -> Decision {
+        for g in &self.grants {
+            if let Some(t) = list(g).iter().find(|t| t.is_match(topic)) {
+                return Ok(format!("{g}: {field} {:?}", t.pattern));
+            }
+        }
+        Err(self.denied(&format!("{field} on topic {topic:?}"), field))
+    }
+
+    pub fn check_call(&self, plugin: &str, function: &str) -> Decision {
+        for g in &self.grants {
+            for (p, f) in &g.call {
+                if p.is_match(plugin) && f.as_ref().is_none_or(|f| f.is_match(function)) {
+                    let rule = match f {
+                        Some(f) => format!("{}:{}", p.pattern, f.pattern),
+                        None => p.pattern.clone(),
+                    };
+                    return Ok(format!("{g}: call {rule:?}"));
+                }
+            }
+        }
+        Err(self.denied(&format!("calling {plugin}.{function}"), "call"))
+    }
+}
