@@ -577,7 +577,9 @@ fn print_result(result: Result<Vec<u8>, CallError>, json: bool) -> anyhow::Resul
     match (result, json) {
         (Ok(out), false) => {
             stdout.write_all(&out)?;
-            if !out.ends_with(b"\n") && !out.is_empty() {
+            // Exact bytes into pipes and files; a final newline only for a terminal.
+            use std::io::IsTerminal;
+            if stdout.is_terminal() && !out.ends_with(b"\n") && !out.is_empty() {
                 stdout.write_all(b"\n")?;
             }
             Ok(exit::OK)

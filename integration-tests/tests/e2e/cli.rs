@@ -22,6 +22,7 @@ fn run(cmd: &mut Command) -> Output {
 }
 
 #[test]
+/// Output goes out byte for byte when piped (a newline is added only on a terminal).
 fn run_prints_the_plugin_output() {
     let cache = corral_integration_tests::open_tempdir();
     let out = run(corral(cache.path())
@@ -29,7 +30,7 @@ fn run_prints_the_plugin_output() {
         .arg(&built().hello_wasm)
         .args(["greet", "--input", "Ada"]));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "Hello, Ada!\n");
+    assert_eq!(text(&out.stdout), "Hello, Ada!");
 
     // --input-file, including standard input.
     let file = cache.path().join("in.txt");
@@ -39,10 +40,7 @@ fn run_prints_the_plugin_output() {
         .arg(&built().hello_wasm)
         .args(["wc", "--input-file"])
         .arg(&file));
-    assert_eq!(
-        text(&out.stdout),
-        "{\"lines\":2,\"words\":3,\"bytes\":13}\n"
-    );
+    assert_eq!(text(&out.stdout), "{\"lines\":2,\"words\":3,\"bytes\":13}");
     let mut child = corral(cache.path())
         .arg("run")
         .arg(&built().hello_wasm)
@@ -54,7 +52,7 @@ fn run_prints_the_plugin_output() {
     use std::io::Write;
     child.stdin.take().unwrap().write_all(b"stressed").unwrap();
     let out = child.wait_with_output().unwrap();
-    assert_eq!(text(&out.stdout), "desserts\n");
+    assert_eq!(text(&out.stdout), "desserts");
 }
 
 #[test]
@@ -213,7 +211,7 @@ fn serve_call_list_stop() {
     let mut d = Daemon::start();
     let out = d.cli(&["call", "hello-wasm", "greet", "--input", "Cy"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "Hello, Cy!\n");
+    assert_eq!(text(&out.stdout), "Hello, Cy!");
     let out = d.cli(&["call", "kit", "fail", "--json"]);
     assert_eq!(out.status.code(), Some(3));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -787,3 +787,205 @@ async fn an_unhealthy_plugin_is_restarted_visibly_in_every_runtime() {
         e.sup.shutdown(Duration::from_secs(2)).await;
     }
 }
+
+// ---------------------------------------------------------------- the daemon
+
+/// `corral serve` with the three kits, a state directory, an audit file and a
+/// secret for each kit; its stderr goes to `stderr.log`.
+struct Daemon {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+const TOKEN: &str = "tok-5e6b2d91";
+
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
+        let mut config = String::from(
+            "plugins = [\"wasm\", \"js\", \"python\"]\nsocket = \"run/control.sock\"\n\
+             cache_dir = \"cache\"\nstate_dir = \"state\"\naudit = \"audit.jsonl\"\n",
+        );
+        config.push_str(&format!(
+            "policy = {:?}\n",
+            corral_integration_tests::fixture("policy/test.toml")
+        ));
+        for rt in RUNTIMES {
+            config.push_str(&format!(
+                "[plugin.svc-{rt}.config]\ngreeting = \"Hej\"\n[plugin.svc-{rt}.secrets]\ntoken = {TOKEN:?}\n"
+            ));
+        }
+        std::fs::write(dir.join("corral.toml"), config).unwrap();
+        let _ = std::fs::remove_file(dir.join("run/control.sock"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("stderr.log"))
+            .unwrap();
+        let child = std::process::Command::new(corral_integration_tests::built().corral())
+            .args(["serve", "--log", "info", "--config"])
+            .arg(dir.join("corral.toml"))
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while !dir.join("run/control.sock").exists() {
+            assert!(Instant::now() < until, "daemon did not create its socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            child,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(corral_integration_tests::built().corral())
+            .args(args)
+            .arg("--socket")
+            .arg(self.dir.join("run/control.sock"))
+            .output()
+            .unwrap()
+    }
+
+    /// `corral call <id> host` with [operation, args...]; the answer list or stderr.
+    fn host(&self, id: &str, items: &[&[u8]]) -> Result<Vec<Vec<u8>>, String> {
+        let input = self.dir.join("input.bin");
+        std::fs::write(
+            &input,
+            encode_list(&items.iter().map(|i| i.to_vec()).collect::<Vec<_>>()),
+        )
+        .unwrap();
+        let out = self.cli(&["call", id, "host", "--input-file", input.to_str().unwrap()]);
+        if out.status.success() {
+            Ok(decode_list(&out.stdout).unwrap())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A write the plugin saw acknowledged is on disk: SIGKILL the supervisor right
+/// after, start a new one, and read it back (every runtime). Secrets reach the
+/// plugin but never the daemon's log or `corral status`/`list`.
+#[test]
+fn acknowledged_writes_survive_sigkill_and_secrets_stay_out_of_logs_and_status() {
+    let dir = open_tempdir();
+    for rt in RUNTIMES {
+        let plugin = dir.path().join(rt);
+        std::fs::create_dir(&plugin).unwrap();
+        let kit = kit(rt, &format!("svc-{rt}"), &[]);
+        for entry in std::fs::read_dir(kit.path()).unwrap() {
+            let entry = entry.unwrap();
+            let to = plugin.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::create_dir(&to).unwrap();
+                for f in std::fs::read_dir(entry.path()).unwrap() {
+                    let f = f.unwrap();
+                    std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+                }
+            } else {
+                std::fs::copy(entry.path(), to).unwrap();
+            }
+        }
+    }
+    let mut d = Daemon::start(dir.path());
+    for rt in RUNTIMES {
+        let id = format!("svc-{rt}");
+        for i in 0..20 {
+            let key = format!("k{i:02}");
+            let value = format!("{rt}-{i}");
+            assert_eq!(
+                d.host(&id, &[b"kv_put", key.as_bytes(), value.as_bytes()]),
+                Ok(vec![])
+            );
+        }
+    }
+    // The last write was acknowledged; kill at once.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    let d = Daemon::start(dir.path());
+    for rt in RUNTIMES {
+        let id = format!("svc-{rt}");
+        let keys = text(&d.host(&id, &[b"kv_keys", b"k"]).unwrap());
+        assert_eq!(keys.len(), 20, "{rt}: {keys:?}");
+        assert_eq!(
+            text(&d.host(&id, &[b"kv_get", b"k19"]).unwrap()),
+            [format!("{rt}-19")],
+            "{rt}"
+        );
+        // The secret reaches the plugin.
+        assert_eq!(text(&d.host(&id, &[b"secret", b"token"]).unwrap()), [TOKEN]);
+    }
+    // JS and Python kits log the secret and fail with it in the message.
+    for rt in ["js", "python"] {
+        let out = d.cli(&["call", &format!("svc-{rt}"), "log_secret"]);
+        assert!(!out.status.success(), "{rt}");
+    }
+    let list = d.cli(&["list", "--json"]);
+    let status = d.cli(&["status"]);
+    for (what, out) in [("list", &list.stdout), ("status", &status.stdout)] {
+        let out = String::from_utf8_lossy(out);
+        assert!(!out.contains(TOKEN), "{what} shows the secret:\n{out}");
+        assert!(out.contains("svc-js"), "{what}:\n{out}");
+    }
+    drop(d);
+    let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    assert!(!log.contains(TOKEN), "the daemon logged the secret:\n{log}");
+    assert!(log.contains("the token is [secret token]"), "{log}");
+}
+
+/// Security events end in the audit log too: a seccomp kill (with the syscall), an
+/// OOM kill (with the limit) and a deadline kill, each one line.
+#[tokio::test(flavor = "multi_thread")]
+async fn seccomp_oom_and_deadline_kills_are_audited() {
+    let cache = open_tempdir();
+    let mut opts = options(cache.path());
+    let audit = cache.path().join("audit.jsonl");
+    opts.audit = AuditSink::File(audit.clone());
+    let mut sup = Supervisor::new(opts);
+    let hostile = fixture_plugin("py-hostile", "attacker", "python", "plugin.py", "");
+    let stubborn = corral_integration_tests::py_plugin("stubborn", "timeout = \"300ms\"");
+    sup.add_plugin_dir(hostile.path()).unwrap();
+    sup.add_plugin_dir(stubborn.path()).unwrap();
+    let r = sup.call("attacker", "ctypes_ptrace", vec![], None).await;
+    assert!(matches!(r, Err(CallError::WorkerCrashed(_))), "{r:?}");
+    let limit = sup.explain("attacker").unwrap().worker_memory.value;
+    let mib = ((limit >> 20) * 2).to_string();
+    let r = sup
+        .call("attacker", "ctypes_alloc", mib.into_bytes(), None)
+        .await;
+    assert!(matches!(r, Err(CallError::WorkerCrashed(_))), "{r:?}");
+    let r = sup.call("stubborn", "stubborn", vec![], None).await;
+    assert_eq!(r, Err(CallError::Timeout { deadline_ms: 300 }));
+    // The connection task writes the line as it reaps the worker.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while audit_lines(&audit).len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = audit_line(&audit, "attacker", "seccomp", "ptrace");
+    assert_eq!(line["decision"], "killed");
+    assert_eq!(
+        line["rule"],
+        "seccomp filter of level standard (seccomp/standard*.json)"
+    );
+    let line = audit_line(&audit, "attacker", "oom", "");
+    assert_eq!(line["decision"], "killed");
+    assert_eq!(
+        line["rule"],
+        format!("cgroup memory limit {}", corral_policy_size(limit))
+    );
+    let line = audit_line(&audit, "stubborn", "deadline", "");
+    assert_eq!(line["decision"], "killed");
+    sup.shutdown(Duration::from_secs(2)).await;
+}
+
+fn corral_policy_size(bytes: u64) -> String {
+    format!("{} MiB", bytes >> 20)
+}
