@@ -18,7 +18,7 @@ say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 # a private directory (/root is 0700): install the example where it can be read, as
 # an operator would under /srv.
 run=$(mktemp -d)
-trap 'kill "${daemon:-}" 2>/dev/null || true; rm -rf "$run"' EXIT
+trap 'kill ${daemon:-} ${server:-} 2>/dev/null || true; rm -rf "$run"' EXIT
 chmod 755 "$run"
 plugin=$run/hello-wasm
 entry=target/wasm32-wasip1/release/hello_wasm.wasm
@@ -34,6 +34,8 @@ py=$run/hello-python
 sed -e "s|^plugins = .*|plugins = [\"$plugin\", \"$js\", \"$py\"]|" \
     -e "s|^policy = .*|policy = \"$PWD/policies\"|" \
     examples/corral.toml >"$run/corral.toml"
+# Keep the plugins' stores and the audit log with the demo.
+sed -i "1i state_dir = \"$run/state\"\naudit = \"$run/audit.jsonl\"" "$run/corral.toml"
 
 say corral run "$plugin" greet --input Ada
 $corral run "$plugin" greet --input Ada
@@ -65,6 +67,31 @@ say corral call hello-python reverse --input stressed
 $corral call hello-python reverse --input stressed --socket "$socket"
 say corral call hello-js wc --input "one two three"
 $corral call hello-js wc --input "one two three" --socket "$socket"
+say corral call hello-wasm visit --input Ada   "# the plugin's own store, kept by the supervisor"
+$corral call hello-wasm visit --input Ada --socket "$socket"
+say corral call hello-wasm visit --input Ada
+$corral call hello-wasm visit --input Ada --socket "$socket"
+# A web server on this machine for the brokered fetch (the grant allows 127.0.0.1).
+python3 -c 'import http.server, functools, sys
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1]))
+open(sys.argv[2], "w").write(str(s.server_port)); s.serve_forever()' "$run/hello-js" "$run/port" 2>/dev/null &
+server=$!
+for _ in $(seq 100); do [ -s "$run/port" ] && break; sleep 0.05; done
+url="http://127.0.0.1:$(cat "$run/port")/main.js"
+say corral call hello-js fetch --input "$url"   "# the supervisor fetches for the plugin"
+$corral call hello-js fetch --input "$url" --socket "$socket"
+say corral call hello-python fetch --input http://example.com/   "# outside the grant: denied"
+$corral call hello-python fetch --input http://example.com/ --socket "$socket" || echo "(exit code $?)"
+say corral call hello-python announce --input "tea at five"   "# a topic all three subscribe to"
+$corral call hello-python announce --input "tea at five" --socket "$socket"
+for _ in $(seq 100); do
+    [ "$($corral call hello-wasm news --socket "$socket")" = "tea at five" ] && break
+    sleep 0.05
+done
+say corral call hello-wasm news
+$corral call hello-wasm news --socket "$socket"
+say cat audit.jsonl   "# every denial, one JSON line"
+cat "$run/audit.jsonl"
 say corral list
 $corral list --socket "$socket"
 say corral status   "# what each worker really enforces, and uses"

@@ -40,3 +40,34 @@ export function now() {
 export function render(input) {
   return marked.parse(corral.text(input), { async: false });
 }
+
+// Host services, brokered by the supervisor under policies/grants.toml.
+
+/** Count visits per name in the plugin's own store: `Welcome, Ada (visit 2)`. */
+export function visit(input) {
+  const name = corral.text(input).trim() || "stranger";
+  const n = Number(corral.kv.get_text(`visits/${name}`) ?? "0") + 1;
+  corral.kv.put(`visits/${name}`, String(n));
+  return `Welcome, ${name} (visit ${n})`;
+}
+
+/** GET a URL through the supervisor: `200, 1234 bytes`. */
+export function fetch(input) {
+  const r = corral.fetch(corral.text(input).trim());
+  return `${r.status}, ${r.body.length} bytes`;
+}
+
+/** Publish on `hello.news`: every example subscribed receives it in `on_news`. */
+export function announce(input) {
+  return `queued for ${corral.publish("hello.news", input)} subscribers`;
+}
+
+/** Subscriber of `hello.news`: keep the latest message. */
+export function on_news(input) {
+  corral.kv.put("news/latest", input);
+}
+
+/** The latest message on `hello.news`, or nothing. */
+export function news() {
+  return corral.kv.get("news/latest") ?? "";
+}

@@ -50,3 +50,35 @@ def top(data: bytes) -> bytes:
     """The five most frequent words, with their counts, as JSON."""
     words = re.findall(r"\w+", corral.text(data).lower())
     return corral.json_bytes(collections.Counter(words).most_common(5))
+
+
+# Host services, brokered by the supervisor under policies/grants.toml.
+
+
+def visit(data: bytes) -> str:
+    """Count visits per name in the plugin's own store: `Welcome, Ada (visit 2)`."""
+    name = corral.text(data).strip() or "stranger"
+    n = int(corral.kv.get_text(f"visits/{name}") or "0") + 1
+    corral.kv.put(f"visits/{name}", str(n))
+    return f"Welcome, {name} (visit {n})"
+
+
+def fetch(data: bytes) -> str:
+    """GET a URL through the supervisor: `200, 1234 bytes`."""
+    r = corral.fetch(corral.text(data).strip())
+    return f"{r.status}, {len(r.body)} bytes"
+
+
+def announce(data: bytes) -> str:
+    """Publish on `hello.news`: every example subscribed receives it in `on_news`."""
+    return f"queued for {corral.publish('hello.news', data)} subscribers"
+
+
+def on_news(data: bytes) -> None:
+    """Subscriber of `hello.news`: keep the latest message."""
+    corral.kv.put("news/latest", data)
+
+
+def news(data: bytes) -> bytes:
+    """The latest message on `hello.news`, or nothing."""
+    return corral.kv.get("news/latest") or b""

@@ -16,6 +16,10 @@
 //!   beside QuickJS's own start in process (runtime, context, the example's module
 //!   and its vendored library, a call) and CPython's own start (`python3 -I -S`
 //!   importing what the example imports, as a process).
+//! - host call round trip (plugin -> supervisor -> plugin) in each runtime: the
+//!   example's `now` (one host call) and `news` (one `kv.get`: grant check and a
+//!   redb read transaction) beside its `noop`; the difference of medians is the
+//!   host call, quoted against the raw socket round trip.
 //!
 //! Every measurement runs twice: with the whole process tree pinned to one CPU
 //! (both ends of the socket share it: the floor) and unpinned. Machines here are
@@ -269,6 +273,15 @@ fn bare_python_start(iters: usize) -> Stats {
 
 /// A row for a cold start beside its bare engine: the ratio and the difference of
 /// the medians (the target is a difference).
+/// A host call's cost: the difference of medians, beside the raw socket round trip.
+fn host_row(name: &str, with: Stats, without: Stats, raw: Stats) {
+    let d = us(with.p50).max(0.0) - us(without.p50);
+    println!(
+        "{name:<58} +{d:>8.1} us over the empty call = {:.2}x the raw socket round trip",
+        d / us(raw.p50)
+    );
+}
+
 fn cold_row(name: &str, s: Stats, bare: Stats) {
     row(name, s, Some(bare));
     println!(
@@ -325,12 +338,24 @@ fn warm_call(
     opts: &corral::Options,
     ex: Example,
 ) -> Stats {
+    warm_fn(rt, iters, opts, ex, "noop")
+}
+
+/// Warm calls of `function` (which must succeed).
+fn warm_fn(
+    rt: &tokio::runtime::Runtime,
+    iters: usize,
+    opts: &corral::Options,
+    ex: Example,
+    function: &str,
+) -> Stats {
     rt.block_on(async {
         let sup = hello_supervisor(opts, ex);
         let mut samples = Vec::with_capacity(iters);
         for i in 0..iters + iters / 10 {
             let t = Instant::now();
-            noop(&sup, ex).await;
+            let out = sup.call(ex.id, function, Vec::new(), None).await;
+            assert!(out.is_ok(), "{function}: {out:?}");
             if i >= iters / 10 {
                 samples.push(t.elapsed());
             }
@@ -453,6 +478,26 @@ fn main() {
         let w = warm_call(&rt, warm, &bench_options(cached, true), python);
         row("corral: same, Python (CPython) worker", w, Some(raw));
         println!("  (ratio: corral p50 / raw socket p50; target <= 2x)");
+
+        println!("host call round trip: plugin -> supervisor -> plugin ({warm} samples)");
+        println!("  (a call that makes one host call, beside the same call's empty twin;");
+        println!("   the difference of the medians is the host call)");
+        let mut shipped = bench_options(cached, true);
+        shipped.policy = std::sync::Arc::new(corral::Policy::built_in());
+        for ex in [wasm, js, python] {
+            let base = warm_fn(&rt, warm, &shipped, ex, "noop");
+            let now = warm_fn(&rt, warm, &shipped, ex, "now");
+            let kv = warm_fn(&rt, warm, &shipped, ex, "news");
+            row(&format!("{}: noop (no host call)", ex.id), base, Some(raw));
+            row(&format!("{}: now (one host call)", ex.id), now, Some(raw));
+            row(
+                &format!("{}: news (one kv.get: grant check + redb read)", ex.id),
+                kv,
+                Some(raw),
+            );
+            host_row("  host call `now`", now, base, raw);
+            host_row("  host call `kv.get`", kv, base, raw);
+        }
 
         println!("cold start to first result ({cold} samples)");
         let fe = fork_exec(cold);

@@ -46,6 +46,10 @@ pub const BUILT_IN: &[(&str, &str)] = &[
         include_str!("../../../policies/levels.toml"),
     ),
     (
+        "policies/grants.toml",
+        include_str!("../../../policies/grants.toml"),
+    ),
+    (
         "policies/routes.toml",
         include_str!("../../../policies/routes.toml"),
     ),
@@ -597,6 +601,49 @@ impl fmt::Display for Effective {
         row("user", self.user.value.to_string(), &self.user.origin)?;
         if self.level.value == Level::Maximum {
             row("tmpfs", size(self.tmpfs.value), &self.tmpfs.origin)?;
+        }
+        let sv = &self.services;
+        row("kv_quota", size(sv.kv_quota.value), &sv.kv_quota.origin)?;
+        row(
+            "fetch_max",
+            size(sv.fetch_max_response.value),
+            &sv.fetch_max_response.origin,
+        )?;
+        row(
+            "fetch_timeout",
+            format!("{:?}", sv.fetch_timeout.value),
+            &sv.fetch_timeout.origin,
+        )?;
+        if sv.grants.is_empty() {
+            writeln!(f, "  grants         none: every host service is denied")?;
+        }
+        for g in &sv.grants {
+            writeln!(f, "  {g}")?;
+            for r in &g.fetch {
+                writeln!(f, "    fetch        {}", r.text)?;
+            }
+            let names = |v: &[grants::NameGlob]| {
+                v.iter()
+                    .map(|g| g.pattern.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            for (what, list) in [("publish", &g.publish), ("subscribe", &g.subscribe)] {
+                if !list.is_empty() {
+                    writeln!(f, "    {what:<12} {}", names(list))?;
+                }
+            }
+            if !g.call.is_empty() {
+                let calls: Vec<String> = g
+                    .call
+                    .iter()
+                    .map(|(p, fun)| match fun {
+                        Some(fun) => format!("{}:{}", p.pattern, fun.pattern),
+                        None => p.pattern.clone(),
+                    })
+                    .collect();
+                writeln!(f, "    call         {}", calls.join(", "))?;
+            }
         }
         for c in &self.clamped {
             writeln!(f, "  note: {c}")?;

@@ -306,3 +306,139 @@ fn cpu_accepts_numbers_and_strings() {
             .contains("expected a number")
     );
 }
+
+#[test]
+fn grants_allow_what_they_name_and_a_denial_names_the_grants_that_applied() {
+    let p = Policy::parse(&files(&[(
+        "grants.toml",
+        r#"
+[[grant]]
+name = "billing"
+id = "billing-*"
+kv_quota = "1MiB"
+fetch = [
+  { url = "https://api.example.com/v1/", methods = ["get", "POST"] },
+  { url = "http://*.internal:*/" },
+]
+fetch_timeout = "2s"
+publish = ["invoices.*"]
+subscribe = ["orders"]
+call = ["tax-*:compute", "audit"]
+
+[[grant]]
+id = "other"
+kv_quota = "5MiB"
+"#,
+    )]))
+    .unwrap();
+    let s = p.resolve(&manifest(""), None).services;
+    assert_eq!(s.kv_quota.value, 1 << 20);
+    assert_eq!(s.kv_quota.origin.to_string(), "grants.toml:5:12");
+    assert_eq!(s.fetch_timeout.value, Duration::from_secs(2));
+    assert!(s.check_kv().unwrap().starts_with("kv_quota 1 MiB"));
+    let ok = s.check_fetch("POST", "https", "api.example.com", 443, "/v1/charges");
+    assert_eq!(
+        ok.unwrap(),
+        "grant \"billing\" (grants.toml:2:1): fetch GET,POST https://api.example.com/v1/"
+    );
+    assert!(
+        s.check_fetch("GET", "http", "db.internal", 5432, "/x")
+            .is_ok()
+    );
+    // Wrong port (default 443), scheme, path, method, host.
+    for (m, scheme, host, port, path) in [
+        ("GET", "https", "api.example.com", 8443, "/v1/"),
+        ("GET", "http", "api.example.com", 443, "/v1/"),
+        ("GET", "https", "api.example.com", 443, "/v2/"),
+        ("DELETE", "https", "api.example.com", 443, "/v1/"),
+        ("GET", "https", "evil.com", 443, "/v1/"),
+        ("GET", "http", "internal", 80, "/"),
+    ] {
+        let why = s.check_fetch(m, scheme, host, port, path).unwrap_err();
+        assert_eq!(
+            why,
+            format!(
+                "default deny: no [[grant]] fetch rule allows {m} {scheme}://{host}:{port}{path} \
+                 for plugin billing-api (grants that apply: grant \"billing\" (grants.toml:2:1))"
+            )
+        );
+    }
+    assert!(s.check_publish("invoices.paid").is_ok());
+    assert!(s.check_publish("orders").is_err());
+    assert!(s.check_subscribe("orders").is_ok());
+    assert!(s.check_subscribe("invoices.paid").is_err());
+    assert!(s.check_call("tax-eu", "compute").is_ok());
+    assert!(s.check_call("tax-eu", "refund").is_err());
+    assert!(s.check_call("audit", "anything").is_ok());
+    // A plugin no grant names gets nothing.
+    let other = p.resolve(
+        &Manifest::parse(
+            "id = \"lonely\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"m.js\"\n",
+            Path::new("p.toml"),
+        )
+        .unwrap(),
+        None,
+    );
+    assert_eq!(other.services.kv_quota.value, 0);
+    assert_eq!(
+        other.services.check_kv().unwrap_err(),
+        "default deny: no [[grant]] kv_quota rule allows a key-value store for plugin lonely \
+         (no grant applies to it)"
+    );
+}
+
+#[test]
+fn grant_errors_name_file_line_and_column() {
+    let e = errors(&[(
+        "g.toml",
+        r#"
+[[grant]]
+fetch = [{ url = "ftp://x/" }, { url = "http://x:99999/" }, { url = "http://x/", methods = ["G T"] }]
+publish = ["a[", "ok"]
+kv_quota = "lots"
+fetch_timeout = "soon"
+colour = "red"
+"#,
+    )]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("g.toml:7:1: unknown field `colour`"),
+        "{e:?}"
+    );
+    let e = errors(&[(
+        "g.toml",
+        r#"
+[[grant]]
+fetch = [{ url = "ftp://x/" }, { url = "http://x:99999/" }, { url = "http://x/", methods = ["G T"] }]
+publish = ["a["]
+kv_quota = "lots"
+fetch_timeout = "soon"
+"#,
+    )]);
+    assert_eq!(e.len(), 6, "{e:#?}");
+    assert!(e.iter().any(|m| m.starts_with("g.toml:5:12: ")), "{e:#?}");
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("g.toml:6:17: invalid duration")),
+        "{e:#?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m == "g.toml:3:10: fetch url scheme \"ftp\": use http or https"),
+        "{e:#?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("port \"99999\" is not a number or *")),
+        "{e:#?}"
+    );
+    assert!(
+        e.iter().any(|m| m.contains("fetch method \"G T\"")),
+        "{e:#?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("g.toml:4:12: invalid glob \"a[\"")),
+        "{e:#?}"
+    );
+}

@@ -46,7 +46,47 @@ pub fn now(_input: &[u8]) -> Result<String, String> {
     Ok(corral_guest::now_ms().to_string())
 }
 
-corral_guest::plugin!(functions: [greet, reverse, wc, echo, noop, now]);
+// Host services, brokered by the supervisor under policies/grants.toml.
+
+/// Count visits per name in the plugin's own store: `Welcome, Ada (visit 2)`.
+pub fn visit(input: &[u8]) -> Result<String, corral_guest::HostError> {
+    let name = String::from_utf8_lossy(input).trim().to_owned();
+    let name = if name.is_empty() { "stranger".to_owned() } else { name };
+    let key = format!("visits/{name}");
+    let n = corral_guest::kv::get(&key)?
+        .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        + 1;
+    corral_guest::kv::put(&key, n.to_string().as_bytes())?;
+    Ok(format!("Welcome, {name} (visit {n})"))
+}
+
+/// GET a URL through the supervisor: `200, 1234 bytes`.
+pub fn fetch(input: &[u8]) -> Result<String, corral_guest::HostError> {
+    let url = String::from_utf8_lossy(input).trim().to_owned();
+    let r = corral_guest::fetch("GET", &url, &[], b"")?;
+    Ok(format!("{}, {} bytes", r.status, r.body.len()))
+}
+
+/// Publish on `hello.news`: every example subscribed receives it in `on_news`.
+pub fn announce(input: &[u8]) -> Result<String, corral_guest::HostError> {
+    let n = corral_guest::publish("hello.news", input)?;
+    Ok(format!("queued for {n} subscribers"))
+}
+
+/// Subscriber of `hello.news`: keep the latest message.
+pub fn on_news(input: &[u8]) -> Result<(), corral_guest::HostError> {
+    corral_guest::kv::put("news/latest", input)
+}
+
+/// The latest message on `hello.news`, or nothing.
+pub fn news(_input: &[u8]) -> Result<Vec<u8>, corral_guest::HostError> {
+    Ok(corral_guest::kv::get("news/latest")?.unwrap_or_default())
+}
+
+corral_guest::plugin!(functions: [
+    greet, reverse, wc, echo, noop, now, visit, fetch, announce, on_news, news
+]);
 
 #[cfg(test)]
 mod tests {

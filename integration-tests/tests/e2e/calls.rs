@@ -99,7 +99,12 @@ async fn unknown_plugin_and_function() {
         Err(e @ CallError::UnknownFunction { .. }) => {
             let msg = e.to_string();
             assert!(msg.contains("\"gret\""), "{msg}");
-            assert!(msg.contains("echo, greet, noop, now, reverse, wc"), "{msg}");
+            assert!(
+                msg.contains(
+                    "announce, echo, fetch, greet, news, noop, now, on_news, reverse, visit, wc"
+                ),
+                "{msg}"
+            );
         }
         other => panic!("expected unknown function, got {other:?}"),
     }

@@ -6,19 +6,27 @@ use corral_integration_tests::{built, example_plugin, open_tempdir, options};
 use corral_protocol::CallError;
 use std::time::Duration;
 
-#[tokio::test]
-async fn the_three_examples_give_the_same_answers() {
+const IDS: [&str; 3] = ["hello-wasm", "hello-js", "hello-python"];
+
+/// A supervisor with the three examples under the shipped policy (compiled in: the
+/// examples run at standard by its route, with its grant); keep the dirs alive.
+fn examples() -> (Supervisor, [tempfile::TempDir; 3]) {
     let js = example_plugin("hello-js");
     let py = example_plugin("hello-python");
     let cache = open_tempdir();
-    // The shipped policy (compiled in): examples run at standard by its route.
     let mut opts = options(cache.path());
     opts.policy = std::sync::Arc::new(corral::Policy::built_in());
     let mut sup = Supervisor::new(opts);
     sup.add_plugin_dir(&built().hello_wasm).unwrap();
     sup.add_plugin_dir(js.path()).unwrap();
     sup.add_plugin_dir(py.path()).unwrap();
-    let ids = ["hello-wasm", "hello-js", "hello-python"];
+    (sup, [js, py, cache])
+}
+
+#[tokio::test]
+async fn the_three_examples_give_the_same_answers() {
+    let (sup, _dirs) = examples();
+    let ids = IDS;
     let inputs: [(&str, &[u8]); 7] = [
         ("greet", b"  Ada  "),
         ("reverse", "héllo, wörld".as_bytes()),
@@ -90,4 +98,62 @@ async fn the_three_examples_give_the_same_answers() {
         assert_eq!(p.restarts, 0, "{}", p.id);
     }
     sup.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The examples use the store, a brokered fetch and a topic, under the shipped
+/// policy's grant (policies/grants.toml), with the same answers in every runtime.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_examples_use_the_store_fetch_and_a_topic() {
+    let port = crate::services::http_server();
+    let (sup, _dirs) = examples();
+    let ids = IDS;
+    let text = |r: Result<Vec<u8>, CallError>| String::from_utf8(r.unwrap()).unwrap();
+    for id in ids {
+        assert_eq!(
+            text(sup.call(id, "visit", b"Ada".to_vec(), None).await),
+            "Welcome, Ada (visit 1)"
+        );
+        assert_eq!(
+            text(sup.call(id, "visit", b"Ada".to_vec(), None).await),
+            "Welcome, Ada (visit 2)"
+        );
+        let url = format!("http://127.0.0.1:{port}/allowed/hello");
+        assert_eq!(
+            text(sup.call(id, "fetch", url.into_bytes(), None).await),
+            "200, 5 bytes",
+            "{id}"
+        );
+        // Outside the grant: another host.
+        let err = sup
+            .call(
+                id,
+                "fetch",
+                format!("http://localhost:{port}/").into_bytes(),
+                None,
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("denied by policy: default deny: no [[grant]] fetch rule allows GET http://localhost"), "{id}: {err}");
+    }
+    // One announcement reaches all three subscribers.
+    assert_eq!(
+        text(
+            sup.call("hello-js", "announce", b"tea at five".to_vec(), None)
+                .await
+        ),
+        "queued for 3 subscribers"
+    );
+    for id in ids {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = text(sup.call(id, "news", vec![], None).await);
+            if got == "tea at five" {
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "{id}: {got:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    sup.shutdown(Duration::from_secs(2)).await;
 }

@@ -358,11 +358,14 @@ impl corral_worker::Engine for PythonEngine {
             // The deadline signal's handler (Python-level, so it runs between
             // bytecodes of the main thread).
             let corral = py.import("corral")?;
-            py.run(
-                &std::ffi::CString::new(api::SERVICES_PY).expect("no NUL in services.py"),
-                Some(&corral.dict()),
-                None,
-            )?;
+            // Compiled under a name that tracebacks show.
+            let builtins = py.import("builtins")?;
+            let code = builtins.getattr("compile")?.call1((
+                api::SERVICES_PY,
+                "<corral host API>",
+                "exec",
+            ))?;
+            builtins.getattr("exec")?.call1((code, corral.dict()))?;
             // `_signal`, not `signal`: the latter builds enums at import (~5 ms).
             let signal = py.import("_signal")?;
             signal.call_method1("signal", (libc::SIGALRM, corral.getattr("_deadline")?))?;
