@@ -93,7 +93,8 @@ fn echo_server() -> ! {
 fn raw_socket_rtt(iters: usize) -> Stats {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let fd = theirs.as_raw_fd();
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    // This very binary, even if a build has replaced the file since it started.
+    let mut cmd = Command::new("/proc/self/exe");
     cmd.env(ECHO_ENV, "1");
     // SAFETY: dup2 is async-signal-safe; it places the socket at fd 3 in the child.
     unsafe {

@@ -503,7 +503,7 @@ async fn publish_reaches_allowed_subscribers_in_order_in_every_runtime() {
                 ("wasm", "svc-sub-wasm", &["news"]),
                 ("js", "svc-sub-js", &["news"]),
                 ("python", "svc-sub-python", &["news"]),
-                ("js", "mute-sub", &["news"]),
+                (rt, "mute-sub", &["news"]),
             ],
             |_| {},
         );
