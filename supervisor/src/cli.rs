@@ -153,6 +153,40 @@ pub enum Command {
     /// Check policy files and explain what they decide for a plugin.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Sign plugins and verify their signatures.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Make an ed25519 key pair for signing plugins: the secret key is written to
+    /// OUT (mode 0600, never overwritten), the public key printed for operators'
+    /// `[publishers]`.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a plugin directory as PUBLISHER: writes `plugin.sig`, which covers every
+    /// file in it.
+    Sign {
+        dir: PathBuf,
+        /// The secret key file from `corral plugin keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        publisher: String,
+    },
+    /// Verify a plugin directory's signature against trusted publisher keys
+    /// (`--trust NAME=KEY`, and the `[publishers]` of `--config`). Unsigned and
+    /// tampered plugins fail (exit code 7), naming the file.
+    Verify {
+        dir: PathBuf,
+        #[arg(long = "trust", value_name = "NAME=KEY")]
+        trust: Vec<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -358,12 +392,93 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 Ok(other) => bail!("unexpected answer from the daemon: {other:?}"),
             },
             Command::Policy(cmd) => policy_command(cmd),
+            Command::Plugin(cmd) => plugin_command(cmd),
             Command::Stop { socket } => match request(socket, &ControlRequest::Shutdown).await? {
                 Err(code) => Ok(code),
                 Ok(_) => Ok(exit::OK),
             },
         }
     })
+}
+
+fn plugin_command(cmd: PluginCommand) -> anyhow::Result<u8> {
+    use crate::signing;
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        Ok(exit::INVALID)
+    };
+    match cmd {
+        PluginCommand::Keygen { out } => {
+            let (secret, public) = signing::keygen()?;
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return fail(&format!(
+                        "{} already exists; a key is never overwritten",
+                        out.display()
+                    ));
+                }
+                Err(e) => return fail(&format!("cannot create {}: {e}", out.display())),
+            };
+            writeln!(f, "{secret}")?;
+            println!("secret key: {} (keep it private)", out.display());
+            println!("public key: {public}");
+            Ok(exit::OK)
+        }
+        PluginCommand::Sign {
+            dir,
+            key,
+            publisher,
+        } => {
+            let secret = std::fs::read_to_string(&key)
+                .with_context(|| format!("cannot read the key {}", key.display()))?;
+            match signing::sign(&dir, &publisher, &secret) {
+                Ok(n) => {
+                    println!(
+                        "signed {n} files of {} as {publisher} (public key {})",
+                        dir.display(),
+                        signing::public_of(&secret)?
+                    );
+                    Ok(exit::OK)
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        PluginCommand::Verify { dir, trust, config } => {
+            let mut trusted = std::collections::BTreeMap::new();
+            if let Some(c) = &config {
+                match Config::load(c) {
+                    Ok(c) => trusted.extend(c.options.publishers),
+                    Err(e) => return fail(&crate::supervisor::error_chain(&e)),
+                }
+            }
+            for t in &trust {
+                let Some((name, key)) = t.split_once('=') else {
+                    return fail(&format!("--trust {t:?}: expected NAME=KEY"));
+                };
+                trusted.insert(name.to_owned(), key.trim().to_ascii_lowercase());
+            }
+            match signing::verify(&dir, &trusted) {
+                Ok(Some(publisher)) => {
+                    println!("verified: signed by {publisher}: {}", dir.display());
+                    Ok(exit::OK)
+                }
+                Ok(None) => fail(&format!(
+                    "unsigned: no {} in {}",
+                    signing::SIG_FILE,
+                    dir.display()
+                )),
+                Err(e) => fail(&e),
+            }
+        }
+    }
 }
 
 fn policy_command(cmd: PolicyCommand) -> anyhow::Result<u8> {

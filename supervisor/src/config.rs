@@ -24,6 +24,10 @@
 //! max_crashes = 5
 //! window = "60s"
 //!
+//! # Trusted plugin publishers: name = ed25519 public key (`corral plugin keygen`).
+//! [publishers]
+//! acme = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"
+//!
 //! # Handed to the plugin at load (corral.config / corral.secret).
 //! [plugin.hello-js.config]
 //! greeting = "Hello"
@@ -73,6 +77,8 @@ struct RawConfig {
     restart: RawRestart,
     #[serde(default)]
     plugin: BTreeMap<String, RawPluginConfig>,
+    #[serde(default)]
+    publishers: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -182,6 +188,21 @@ impl Config {
         if let Some(h) = &raw.health_interval {
             options.health_interval = corral_manifest::parse_duration(h.get_ref())
                 .map_err(|m| invalid(Some(h.span()), m))?;
+        }
+        for (name, key) in &raw.publishers {
+            let k = key.get_ref().trim();
+            if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    Some(key.span()),
+                    format!(
+                        "publishers.{name}: an ed25519 public key is 64 hex digits \
+                         (`corral plugin keygen` prints it)"
+                    ),
+                ));
+            }
+            options
+                .publishers
+                .insert(name.clone(), k.to_ascii_lowercase());
         }
         for (id, c) in &raw.plugin {
             let mut pc = PluginConfig::default();

@@ -94,7 +94,10 @@ impl Core {
         let p = self
             .plugin(plugin)
             .ok_or_else(|| HostError::Failed(format!("unknown plugin {plugin}")))?;
-        Ok(self.policy().resolve(&p.manifest, None).services)
+        Ok(self
+            .policy()
+            .resolve(&p.manifest, p.publisher.as_deref())
+            .services)
     }
 
     /// The store, opened at the first use.
@@ -200,7 +203,7 @@ impl Core {
                 if t != topic {
                     continue;
                 }
-                let sub = policy.resolve(&p.manifest, None).services;
+                let sub = policy.resolve(&p.manifest, p.publisher.as_deref()).services;
                 if let Err(rule) = sub.check_subscribe(&topic) {
                     self.audit.record(AuditEvent {
                         plugin: &p.manifest.id,

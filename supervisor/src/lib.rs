@@ -37,6 +37,7 @@ pub mod control;
 pub mod fetch;
 pub mod host;
 pub mod reload;
+pub mod signing;
 pub mod store;
 pub(crate) mod supervisor;
 mod worker;

@@ -87,6 +87,10 @@ pub struct Options {
     pub health_interval: Duration,
     /// The operator's configuration and secrets for each plugin, by id.
     pub plugin_config: BTreeMap<String, PluginConfig>,
+    /// Trusted publishers: name -> ed25519 public key (hex). A plugin whose
+    /// `plugin.sig` verifies with its publisher's key has that publisher (policy
+    /// routes can match it); one whose signature does not verify is refused.
+    pub publishers: BTreeMap<String, String>,
 }
 
 /// The operator's configuration for one plugin, handed to it at load.
@@ -125,6 +129,7 @@ impl Options {
             max_queue: 64,
             health_interval: Duration::from_secs(30),
             plugin_config: BTreeMap::new(),
+            publishers: BTreeMap::new(),
         }
     }
 }
@@ -182,6 +187,13 @@ pub enum AddPluginError {
         dir: PathBuf,
         other: PathBuf,
     },
+    /// `plugin.sig` is there and does not verify.
+    #[error("refusing the plugin in {}: its signature does not verify: {source}", dir.display())]
+    Signature {
+        dir: PathBuf,
+        #[source]
+        source: crate::signing::SignError,
+    },
 }
 
 /// A plugin's place in the supervisor.
@@ -196,6 +208,8 @@ pub(crate) struct Plugin {
     /// Messages queued for this plugin's subscriptions, delivered in order.
     pub(crate) deliveries: OnceLock<tokio::sync::mpsc::Sender<crate::host::Delivery>>,
     pub(crate) redactor: Redactor,
+    /// The publisher whose trusted key verified `plugin.sig`; `None`: unsigned.
+    pub(crate) publisher: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -299,6 +313,13 @@ impl Core {
             source,
         })?;
         let manifest = Manifest::load_dir(&dir)?;
+        let publisher =
+            crate::signing::verify(&dir, &self.options.publishers).map_err(|source| {
+                AddPluginError::Signature {
+                    dir: dir.clone(),
+                    source,
+                }
+            })?;
         let mut plugins = self.plugins.write().unwrap_or_else(|e| e.into_inner());
         if let Some(other) = plugins.get(&manifest.id) {
             return Err(AddPluginError::Duplicate {
@@ -325,6 +346,7 @@ impl Core {
                 inflight: Arc::new(tokio::sync::Semaphore::new(self.options.max_queue)),
                 deliveries: OnceLock::new(),
                 redactor,
+                publisher,
             }),
         );
         Ok(id)
@@ -518,7 +540,18 @@ impl Core {
         p: &Plugin,
     ) -> Result<(Arc<WorkerHandle>, Effective, Option<Arc<PluginCgroup>>), StartError> {
         let m = &p.manifest;
-        let effective = self.policy().resolve(m, None);
+        // Checked again at every start: files may change after the plugin was added.
+        if p.publisher.is_some() || p.dir.join(crate::signing::SIG_FILE).exists() {
+            let now = crate::signing::verify(&p.dir, &self.options.publishers)
+                .map_err(|e| StartError::Refused(format!("signature: {e}")))?;
+            if now != p.publisher {
+                return Err(StartError::Refused(format!(
+                    "signature: the plugin was added as {:?} and is now {:?}; add it again",
+                    p.publisher, now
+                )));
+            }
+        }
+        let effective = self.policy().resolve(m, p.publisher.as_deref());
         let level = effective.level.value;
         for note in &effective.clamped {
             tracing::warn!(plugin = %m.id, "{note}");
@@ -660,7 +693,7 @@ impl Core {
     /// The effective policy of `plugin` under the policy in force.
     pub fn explain(&self, plugin: &str) -> Option<Effective> {
         let p = self.plugin(plugin)?;
-        Some(self.policy().resolve(&p.manifest, None))
+        Some(self.policy().resolve(&p.manifest, p.publisher.as_deref()))
     }
 
     /// Switch to a new policy. Running workers get what can change live: cgroup
@@ -675,7 +708,7 @@ impl Core {
         let mut changes = Vec::new();
         for p in &self.all_plugins() {
             let mut st = p.state.lock().await;
-            let new = policy.resolve(&p.manifest, None);
+            let new = policy.resolve(&p.manifest, p.publisher.as_deref());
             let Some(old) = st.effective.clone() else {
                 continue;
             };
@@ -753,7 +786,7 @@ impl Core {
                 .effective
                 .clone()
                 .filter(|_| st.worker.is_some())
-                .unwrap_or_else(|| self.policy().resolve(&p.manifest, None));
+                .unwrap_or_else(|| self.policy().resolve(&p.manifest, p.publisher.as_deref()));
             let resources = match (&st.worker, &st.group) {
                 (Some(w), Some(g)) => Some(access::worker_stats(g.stats(), w.pid)),
                 (Some(w), None) => Some(access::worker_stats(ResourceStats::default(), w.pid)),

@@ -13,4 +13,5 @@ mod hostile;
 mod js;
 mod python;
 mod services;
+mod signing;
 mod support;
