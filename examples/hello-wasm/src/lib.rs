@@ -51,7 +51,11 @@ pub fn now(_input: &[u8]) -> Result<String, String> {
 /// Count visits per name in the plugin's own store: `Welcome, Ada (visit 2)`.
 pub fn visit(input: &[u8]) -> Result<String, corral_guest::HostError> {
     let name = String::from_utf8_lossy(input).trim().to_owned();
-    let name = if name.is_empty() { "stranger".to_owned() } else { name };
+    let name = if name.is_empty() {
+        "stranger".to_owned()
+    } else {
+        name
+    };
     let key = format!("visits/{name}");
     let n = corral_guest::kv::get(&key)?
         .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
