@@ -34,6 +34,7 @@ pub mod audit;
 pub mod cli;
 mod config;
 pub mod control;
+pub mod deps;
 pub mod fetch;
 pub mod host;
 pub mod reload;

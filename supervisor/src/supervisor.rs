@@ -414,6 +414,35 @@ impl Core {
         result
     }
 
+    /// Dependency resolution over every plugin: the start order, and why plugins are
+    /// blocked.
+    pub fn dependencies(&self) -> crate::deps::Resolution {
+        let all = self.all_plugins();
+        let map = all
+            .iter()
+            .map(|p| (p.manifest.id.clone(), &p.manifest))
+            .collect();
+        crate::deps::resolve(&map)
+    }
+
+    /// Start `p`'s dependencies (each after its own), or say why `p` cannot start.
+    async fn start_dependencies(&self, p: &Plugin) -> Result<(), String> {
+        if p.manifest.dependencies.is_empty() {
+            return Ok(());
+        }
+        if let Some(why) = self.dependencies().blocked.get(&p.manifest.id) {
+            return Err(format!("not started: {why}"));
+        }
+        for dep in p.manifest.dependencies.keys() {
+            // Absent: an optional dependency (resolution refused missing required ones).
+            let Some(d) = self.plugin(dep) else { continue };
+            if let Err(e) = Box::pin(self.worker_for(&d)).await {
+                return Err(format!("not started: dependency {dep} cannot start: {e}"));
+            }
+        }
+        Ok(())
+    }
+
     /// Start `plugin`'s worker if it has none (after a health-check kill).
     pub(crate) async fn restart(&self, plugin: &str) -> Result<(), CallError> {
         let p = self
@@ -449,6 +478,15 @@ impl Core {
                 plugin: p.manifest.id.clone(),
                 crashes: st.crashes.len() as u32,
                 last: last.clone(),
+            });
+        }
+        // Dependencies first: a plugin whose dependency is missing, incompatible, in
+        // a cycle or cannot start is not started, and says why.
+        if let Err(why) = self.start_dependencies(p).await {
+            st.last_error = Some(why.clone());
+            return Err(CallError::StartFailed {
+                plugin: p.manifest.id.clone(),
+                reason: why,
             });
         }
         let delay = self.options.restart.backoff(st.crashes.len() as u32);
@@ -770,13 +808,20 @@ impl Core {
     /// Every plugin and its state.
     pub async fn list(&self) -> Vec<PluginInfo> {
         let mut out = Vec::new();
+        let blocked = self.dependencies().blocked;
         for p in &self.all_plugins() {
             let mut st = p.state.lock().await;
             self.reap(p, &mut st);
+            let why_blocked = blocked.get(&p.manifest.id).filter(|_| st.worker.is_none());
+            if let Some(why) = why_blocked {
+                st.last_error = Some(format!("not started: {why}"));
+            }
             let state = if st.failed.is_some() {
                 "failed"
             } else if st.worker.is_some() {
                 "running"
+            } else if why_blocked.is_some() {
+                "blocked"
             } else if !st.crashes.is_empty() {
                 "crashed"
             } else {

@@ -515,7 +515,7 @@ pub struct PluginInfo {
     pub level: String,
     /// What the running worker reported as enforced.
     pub enforcement: Option<EnforcementReport>,
-    /// `stopped`, `running`, `backoff`, `failed`.
+    /// `stopped`, `running`, `crashed`, `blocked` (a dependency), `failed`.
     pub state: String,
     pub pid: Option<u32>,
     pub restarts: u32,

@@ -7,6 +7,7 @@ mod calls;
 mod channel;
 mod cli;
 mod contract;
+mod deps;
 mod examples;
 mod faults;
 mod hostile;
