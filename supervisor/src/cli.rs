@@ -187,6 +187,88 @@ pub enum PluginCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Write a plugin archive (.tar.gz) of a plugin directory and print its SHA-256
+    /// (for an index's `sha256`).
+    Pack {
+        dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Install a plugin into the plugins directory from an archive (a path or an
+    /// http(s) URL) or, with `--index`, by id (`ID` or `ID@REQ`, a semver
+    /// requirement). Checks the checksum, the archive, the manifest and the
+    /// signature; a failed install leaves nothing behind. A running daemon watching
+    /// the directory loads it (or hot-reloads the version it replaces).
+    Install {
+        /// An archive, or with --index a plugin id (`hello-js`, `hello-js@^0.2`).
+        source: String,
+        /// An index: a directory holding index.toml, an index.toml, or a URL.
+        #[arg(long)]
+        index: Option<String>,
+        /// The archive's expected SHA-256 (a bare archive; an index gives its own).
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Install a plugin that has no plugin.sig.
+        #[arg(long)]
+        allow_unsigned: bool,
+        #[command(flatten)]
+        place: PlaceArgs,
+    },
+    /// Remove an installed plugin from the plugins directory (a running daemon drains
+    /// its calls and unloads it).
+    Remove {
+        id: String,
+        #[command(flatten)]
+        place: PlaceArgs,
+    },
+    /// List the plugins in the plugins directory with their signature status.
+    List {
+        #[command(flatten)]
+        place: PlaceArgs,
+    },
+}
+
+/// Which plugins directory, and whom to trust.
+#[derive(Debug, Args)]
+pub struct PlaceArgs {
+    /// The plugins directory (default: `plugins_dir` of --config).
+    #[arg(long, env = "CORRAL_PLUGINS_DIR")]
+    plugins_dir: Option<PathBuf>,
+    /// The daemon configuration: its `plugins_dir` and `[publishers]`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Trust a publisher key in addition to the configuration's.
+    #[arg(long = "trust", value_name = "NAME=KEY")]
+    trust: Vec<String>,
+}
+
+impl PlaceArgs {
+    /// The plugins directory and the trusted publishers.
+    fn resolve(&self) -> Result<(PathBuf, std::collections::BTreeMap<String, String>), String> {
+        let config = match &self.config {
+            Some(c) => Some(Config::load(c).map_err(|e| crate::supervisor::error_chain(&e))?),
+            None => None,
+        };
+        let dir = self
+            .plugins_dir
+            .clone()
+            .or_else(|| config.as_ref().and_then(|c| c.plugins_dir.clone()))
+            .ok_or("no plugins directory: pass --plugins-dir, or --config with plugins_dir")?;
+        let mut trusted = config.map(|c| c.options.publishers).unwrap_or_default();
+        trusted.extend(parse_trust(&self.trust)?);
+        Ok((dir, trusted))
+    }
+}
+
+/// `--trust NAME=KEY` arguments.
+fn parse_trust(args: &[String]) -> Result<std::collections::BTreeMap<String, String>, String> {
+    args.iter()
+        .map(|t| {
+            t.split_once('=')
+                .map(|(n, k)| (n.to_owned(), k.trim().to_ascii_lowercase()))
+                .ok_or_else(|| format!("--trust {t:?}: expected NAME=KEY"))
+        })
+        .collect()
 }
 
 #[derive(Debug, Subcommand)]
@@ -392,7 +474,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 Ok(other) => bail!("unexpected answer from the daemon: {other:?}"),
             },
             Command::Policy(cmd) => policy_command(cmd),
-            Command::Plugin(cmd) => plugin_command(cmd),
+            Command::Plugin(cmd) => plugin_command(cmd).await,
             Command::Stop { socket } => match request(socket, &ControlRequest::Shutdown).await? {
                 Err(code) => Ok(code),
                 Ok(_) => Ok(exit::OK),
@@ -401,7 +483,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     })
 }
 
-fn plugin_command(cmd: PluginCommand) -> anyhow::Result<u8> {
+async fn plugin_command(cmd: PluginCommand) -> anyhow::Result<u8> {
     use crate::signing;
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("error: {e}");
@@ -459,11 +541,9 @@ fn plugin_command(cmd: PluginCommand) -> anyhow::Result<u8> {
                     Err(e) => return fail(&crate::supervisor::error_chain(&e)),
                 }
             }
-            for t in &trust {
-                let Some((name, key)) = t.split_once('=') else {
-                    return fail(&format!("--trust {t:?}: expected NAME=KEY"));
-                };
-                trusted.insert(name.to_owned(), key.trim().to_ascii_lowercase());
+            match parse_trust(&trust) {
+                Ok(t) => trusted.extend(t),
+                Err(e) => return fail(&e),
             }
             match signing::verify(&dir, &trusted) {
                 Ok(Some(publisher)) => {
@@ -476,6 +556,102 @@ fn plugin_command(cmd: PluginCommand) -> anyhow::Result<u8> {
                     dir.display()
                 )),
                 Err(e) => fail(&e),
+            }
+        }
+        PluginCommand::Pack { dir, out } => match crate::install::pack(&dir, &out) {
+            Ok(sum) => {
+                println!("{}  sha256 {sum}", out.display());
+                Ok(exit::OK)
+            }
+            Err(e) => fail(&crate::supervisor::error_chain(&e)),
+        },
+        PluginCommand::Install {
+            source,
+            index,
+            sha256,
+            allow_unsigned,
+            place,
+        } => {
+            let (dir, publishers) = match place.resolve() {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            let source = match index {
+                Some(index) => {
+                    let (id, req) = source.split_once('@').unwrap_or((&source, "*"));
+                    match semver::VersionReq::parse(req) {
+                        Ok(req) => crate::install::Source::Index {
+                            index,
+                            id: id.to_owned(),
+                            req,
+                        },
+                        Err(e) => return fail(&format!("{source}: bad version requirement: {e}")),
+                    }
+                }
+                None => crate::install::Source::Archive(source),
+            };
+            let checks = crate::install::Checks {
+                publishers,
+                allow_unsigned,
+                sha256,
+            };
+            match crate::install::install(&source, &dir, &checks).await {
+                Ok(i) => {
+                    println!(
+                        "installed {} {} ({}) in {}{}",
+                        i.id,
+                        i.version,
+                        i.publisher
+                            .as_ref()
+                            .map_or("unsigned".to_owned(), |p| format!("signed by {p}")),
+                        i.dir.display(),
+                        i.replaced
+                            .as_ref()
+                            .map_or(String::new(), |v| format!(", replacing {v}")),
+                    );
+                    Ok(exit::OK)
+                }
+                Err(e) => fail(&format!(
+                    "{}; nothing was installed",
+                    crate::supervisor::error_chain(&e)
+                )),
+            }
+        }
+        PluginCommand::Remove { id, place } => {
+            let (dir, _) = match place.resolve() {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            match crate::install::remove(&dir, &id) {
+                Ok(version) => {
+                    println!("removed {id} {version} from {}", dir.display());
+                    Ok(exit::OK)
+                }
+                Err(e @ crate::install::InstallError::NotInstalled { .. }) => {
+                    eprintln!("error: {e}");
+                    Ok(exit::NOT_FOUND)
+                }
+                Err(e) => fail(&crate::supervisor::error_chain(&e)),
+            }
+        }
+        PluginCommand::List { place } => {
+            let (dir, publishers) = match place.resolve() {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            match crate::install::list(&dir, &publishers) {
+                Ok(list) => {
+                    for l in list {
+                        match &l.plugin {
+                            Ok((id, version, runtime)) => {
+                                println!("{id:<20} {version:<10} {runtime:<7} {}", l.signature)
+                            }
+                            Err(e) => println!("{}: INVALID: {e}", l.dir.display()),
+                        }
+                    }
+                    Ok(exit::OK)
+                }
+                Err(e) => fail(&crate::supervisor::error_chain(&e)),
             }
         }
     }
@@ -623,6 +799,24 @@ async fn serve(config_path: &Path, socket: Option<PathBuf>) -> anyhow::Result<u8
             }
         }
     }
+    let sources = crate::reload::PluginSources {
+        dirs: config.plugins.clone(),
+        plugins_dir: config.plugins_dir.clone(),
+    };
+    if let Some(d) = &config.plugins_dir {
+        // A broken plugin in the directory is reported and skipped; the others run.
+        let found = crate::lifecycle::discover(d)
+            .with_context(|| format!("cannot read the plugins directory {}", d.display()))?;
+        for dir in found {
+            match sup.add_plugin_dir(&dir) {
+                Ok(id) => tracing::info!(plugin = %id, dir = %dir.display(), "plugin found"),
+                Err(e) => {
+                    sup.record_rejection(&dir, crate::supervisor::error_chain(&e))
+                        .await
+                }
+            }
+        }
+    }
     let socket = socket
         .or(config.socket.clone())
         .unwrap_or_else(default_socket_path);
@@ -630,7 +824,15 @@ async fn serve(config_path: &Path, socket: Option<PathBuf>) -> anyhow::Result<u8
         .await
         .with_context(|| format!("failed to serve {}", socket.display()))?;
     let sup = Arc::new(sup);
-    let _watcher = match &config.policy_path {
+    let _plugins_watcher = if config.watch {
+        Some(
+            crate::reload::watch_plugins(sources, Arc::clone(&sup))
+                .context("cannot watch the plugin directories")?,
+        )
+    } else {
+        None
+    };
+    let _watcher = match config.policy_path.as_ref().filter(|_| config.watch) {
         Some(p) => Some(
             crate::reload::watch_policy(p, Arc::clone(&sup))
                 .with_context(|| format!("cannot watch the policy {}", p.display()))?,
@@ -655,7 +857,7 @@ async fn serve(config_path: &Path, socket: Option<PathBuf>) -> anyhow::Result<u8
     });
     eprintln!(
         "corral: serving {} plugin(s) on {}",
-        config.plugins.len(),
+        sup.list().await.len(),
         server.path().display()
     );
     server.serve(Arc::clone(&sup), stop).await;
@@ -824,6 +1026,15 @@ fn print_status(
         writeln!(
             out,
             "policy reload REJECTED (the last good policy stays in force):"
+        )?;
+        for line in e.lines() {
+            writeln!(out, "  {line}")?;
+        }
+    }
+    for e in &policy.plugin_errors {
+        writeln!(
+            out,
+            "plugin REJECTED (a running version keeps serving; fix the files to retry):"
         )?;
         for line in e.lines() {
             writeln!(out, "  {line}")?;

@@ -3,6 +3,12 @@
 //! ```toml
 //! # Plugin directories, relative to this file.
 //! plugins = ["hello-wasm"]
+//! # And/or a directory of plugins (one subdirectory each; `corral plugin install`
+//! # puts them there). Both are watched: plugins are added, reloaded and removed as
+//! # their files change, without losing calls.
+//! plugins_dir = "/var/lib/corral/plugins"
+//! # Set to false to load plugins at start only.
+//! watch = true
 //! # Optional: control socket, module cache, worker binaries.
 //! socket = "/run/corral/control.sock"
 //! cache_dir = "/var/cache/corral"
@@ -64,7 +70,10 @@ pub enum ConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    #[serde(default)]
     plugins: Vec<String>,
+    plugins_dir: Option<String>,
+    watch: Option<bool>,
     socket: Option<String>,
     cache_dir: Option<String>,
     worker_dir: Option<String>,
@@ -111,6 +120,10 @@ struct RawRestart {
 pub struct Config {
     /// Absolute plugin directories.
     pub plugins: Vec<PathBuf>,
+    /// A directory of plugin directories (discovered at start and watched).
+    pub plugins_dir: Option<PathBuf>,
+    /// Whether plugins (and the policy) are watched and reloaded live.
+    pub watch: bool,
     pub socket: Option<PathBuf>,
     /// Where the policy was read from (`None`: the built-in policy); watched for edits.
     pub policy_path: Option<PathBuf>,
@@ -253,6 +266,8 @@ impl Config {
         }
         Ok(Config {
             plugins: raw.plugins.iter().map(|p| resolve(p)).collect(),
+            plugins_dir: raw.plugins_dir.as_deref().map(resolve),
+            watch: raw.watch.unwrap_or(true),
             socket: raw.socket.as_deref().map(resolve),
             policy_path: raw.policy.as_deref().map(resolve),
             options,

@@ -199,6 +199,7 @@ async fn handle_client(conn: Stream, supervisor: Arc<Supervisor>, stop: Arc<Noti
                     .map(|p| p.display().to_string())
                     .collect(),
                 reload_error: supervisor.policy_error(),
+                plugin_errors: supervisor.lifecycle_errors().await,
             }),
             ControlRequest::Explain { plugin } => ControlResponse::Explained(
                 supervisor

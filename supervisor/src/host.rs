@@ -318,9 +318,11 @@ impl Core {
                 }
                 let deadline = interval.min(Duration::from_secs(5));
                 let chain: Arc<[String]> = Arc::from(vec![plugin.clone()]);
-                let Err(e) = w.call(HEALTH_EXPORT, Vec::new(), deadline, chain).await else {
-                    continue;
+                let Ok(result) = w.try_call(HEALTH_EXPORT, Vec::new(), deadline, chain).await
+                else {
+                    break; // Retired: a new version took over.
                 };
+                let Err(e) = result else { continue };
                 if !w.is_alive() && !w.killed_by_supervisor() {
                     break; // It crashed: counted and restarted as a crash.
                 }

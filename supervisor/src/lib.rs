@@ -37,6 +37,8 @@ pub mod control;
 pub mod deps;
 pub mod fetch;
 pub mod host;
+pub mod install;
+pub mod lifecycle;
 pub mod reload;
 pub mod signing;
 pub mod store;

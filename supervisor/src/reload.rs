@@ -1,6 +1,8 @@
-//! Live policy reload: the daemon watches its policy files and switches to an edited
-//! policy once it validates; a bad edit keeps the last good policy and is reported
-//! (log, `corral status`).
+//! Live reload: the daemon watches its policy files and switches to an edited policy
+//! once it validates (a bad edit keeps the last good policy and is reported by the log
+//! and `corral status`), and watches its plugins (the configured directories and the
+//! plugins directory) and adds, reloads and removes them as their files change (see
+//! [`crate::lifecycle`]).
 
 use crate::Supervisor;
 use corral_policy::Policy;
@@ -76,5 +78,102 @@ pub async fn reload(path: &Path, sup: &Supervisor) {
             );
         }
         Err(e) => sup.reject_policy(e.to_string()),
+    }
+}
+
+/// Watches plugin directories; dropping it stops watching.
+pub struct PluginWatcher {
+    _debouncer: Debouncer<notify::RecommendedWatcher>,
+}
+
+impl std::fmt::Debug for PluginWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PluginWatcher")
+    }
+}
+
+/// The plugins the daemon should run: the listed directories and every plugin
+/// directory in `plugins_dir`.
+#[derive(Debug, Clone, Default)]
+pub struct PluginSources {
+    pub dirs: Vec<PathBuf>,
+    pub plugins_dir: Option<PathBuf>,
+}
+
+impl PluginSources {
+    /// Every plugin directory now; an unreadable plugins directory is an error (the
+    /// caller keeps the plugins it has rather than removing them all).
+    pub fn scan(&self) -> std::io::Result<Vec<PathBuf>> {
+        let mut dirs = self.dirs.clone();
+        if let Some(d) = &self.plugins_dir {
+            dirs.extend(crate::lifecycle::discover(d)?);
+        }
+        Ok(dirs)
+    }
+}
+
+/// Watch the plugins of `sources` and bring `sup` in line after every burst of
+/// changes (debounced): new plugins are added, changed ones reloaded, removed ones
+/// drained and unloaded.
+pub fn watch_plugins(
+    sources: PluginSources,
+    sup: Arc<Supervisor>,
+) -> notify::Result<PluginWatcher> {
+    let roots: Vec<PathBuf> = sources
+        .dirs
+        .iter()
+        .chain(&sources.plugins_dir)
+        .map(|d| d.canonicalize().unwrap_or_else(|_| d.clone()))
+        .collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let filter = roots.clone();
+    let mut debouncer = new_debouncer(DEBOUNCE, move |res: DebounceEventResult| match res {
+        Ok(events) => {
+            if events
+                .iter()
+                .any(|e| filter.iter().any(|r| e.path.starts_with(r)))
+            {
+                let _ = tx.send(());
+            }
+        }
+        Err(e) => tracing::warn!("watching the plugins: {e}"),
+    })?;
+    for root in &roots {
+        debouncer
+            .watcher()
+            .watch(root, notify::RecursiveMode::Recursive)?;
+        // Through the parent too, to see the directory itself removed or replaced.
+        if let Some(parent) = root.parent().filter(|p| p.is_dir()) {
+            debouncer
+                .watcher()
+                .watch(parent, notify::RecursiveMode::NonRecursive)?;
+        }
+    }
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            while rx.try_recv().is_ok() {}
+            sync(&sources, &sup).await;
+        }
+    });
+    Ok(PluginWatcher {
+        _debouncer: debouncer,
+    })
+}
+
+/// One pass: scan `sources` and apply the differences to `sup`.
+pub async fn sync(sources: &PluginSources, sup: &Supervisor) -> crate::lifecycle::SyncReport {
+    match sources.scan() {
+        Ok(dirs) => sup.sync_plugins(&dirs).await,
+        Err(e) => {
+            tracing::error!(
+                "cannot read the plugins directory {}; keeping the plugins as they are: {e}",
+                sources
+                    .plugins_dir
+                    .as_deref()
+                    .unwrap_or(Path::new("?"))
+                    .display()
+            );
+            Default::default()
+        }
     }
 }

@@ -194,37 +194,49 @@ pub enum AddPluginError {
         #[source]
         source: crate::signing::SignError,
     },
+    #[error("cannot read the plugin files in {}", dir.display())]
+    Files {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A plugin's place in the supervisor.
 #[derive(Debug)]
 pub(crate) struct Plugin {
     pub(crate) manifest: Manifest,
-    dir: PathBuf,
-    state: Mutex<PluginState>,
-    calls: AtomicU64,
+    pub(crate) dir: PathBuf,
+    pub(crate) state: Mutex<PluginState>,
+    /// Shared by every version of the plugin (a reload carries them over):
+    calls: Arc<AtomicU64>,
     /// Slots for calls queued or running (`Options::max_queue`).
     inflight: Arc<tokio::sync::Semaphore>,
     /// Messages queued for this plugin's subscriptions, delivered in order.
-    pub(crate) deliveries: OnceLock<tokio::sync::mpsc::Sender<crate::host::Delivery>>,
+    pub(crate) deliveries: Arc<OnceLock<tokio::sync::mpsc::Sender<crate::host::Delivery>>>,
     pub(crate) redactor: Redactor,
     /// The publisher whose trusted key verified `plugin.sig`; `None`: unsigned.
     pub(crate) publisher: Option<String>,
+    /// Digest of the files this version was loaded from (hot reload compares it).
+    pub(crate) fingerprint: String,
+    /// Set (under the state lock) when a new version replaced this one or the plugin
+    /// was removed: calls that still hold it go to the plugin's current version.
+    pub(crate) retired: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
-struct PluginState {
-    worker: Option<Arc<WorkerHandle>>,
+pub(crate) struct PluginState {
+    pub(crate) worker: Option<Arc<WorkerHandle>>,
     /// Crash times within the restart window.
     crashes: VecDeque<Instant>,
     restarts: u32,
-    starts: u32,
+    pub(crate) starts: u32,
     failed: Option<String>,
     last_error: Option<String>,
     shutting_down: bool,
     /// The policy the running worker was started with (live changes applied).
-    effective: Option<Effective>,
-    group: Option<Arc<PluginCgroup>>,
+    pub(crate) effective: Option<Effective>,
+    pub(crate) group: Option<Arc<PluginCgroup>>,
 }
 
 /// The supervisor. Share it behind an `Arc`; all methods take `&self` (through
@@ -270,6 +282,8 @@ pub struct Core {
     /// Created at the first worker start.
     cgroup_base: OnceLock<Result<CgroupBase, String>>,
     worker_seq: AtomicU64,
+    /// Serialises adds, reloads and removals; remembers rejected versions.
+    pub(crate) lifecycle: Mutex<crate::lifecycle::Lifecycle>,
 }
 
 impl Core {
@@ -285,6 +299,7 @@ impl Core {
             options,
             cgroup_base: OnceLock::new(),
             worker_seq: AtomicU64::new(1),
+            lifecycle: Mutex::new(Default::default()),
         }
     }
 
@@ -307,11 +322,37 @@ impl Core {
             .collect()
     }
 
-    fn add_plugin_dir(&self, dir: &Path) -> Result<String, AddPluginError> {
+    pub(crate) fn add_plugin_dir(&self, dir: &Path) -> Result<String, AddPluginError> {
+        let plugin = self.read_plugin(dir, None)?;
+        let mut plugins = self.plugins.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(other) = plugins.get(&plugin.manifest.id) {
+            return Err(AddPluginError::Duplicate {
+                id: plugin.manifest.id,
+                dir: plugin.dir,
+                other: other.dir.clone(),
+            });
+        }
+        let id = plugin.manifest.id.clone();
+        plugins.insert(id.clone(), Arc::new(plugin));
+        Ok(id)
+    }
+
+    /// Read the plugin in `dir`: its manifest, signature and fingerprint. A new
+    /// version of `previous` shares its call count, queue and subscriptions.
+    pub(crate) fn read_plugin(
+        &self,
+        dir: &Path,
+        previous: Option<&Plugin>,
+    ) -> Result<Plugin, AddPluginError> {
         let dir = dir.canonicalize().map_err(|source| AddPluginError::Dir {
             dir: dir.to_owned(),
             source,
         })?;
+        let fingerprint =
+            crate::lifecycle::fingerprint(&dir).map_err(|source| AddPluginError::Files {
+                dir: dir.clone(),
+                source,
+            })?;
         let manifest = Manifest::load_dir(&dir)?;
         let publisher =
             crate::signing::verify(&dir, &self.options.publishers).map_err(|source| {
@@ -320,36 +361,51 @@ impl Core {
                     source,
                 }
             })?;
-        let mut plugins = self.plugins.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(other) = plugins.get(&manifest.id) {
-            return Err(AddPluginError::Duplicate {
-                id: manifest.id,
-                dir,
-                other: other.dir.clone(),
-            });
-        }
-        let id = manifest.id.clone();
-        let settings = self.options.plugin_config.get(&id);
+        let settings = self.options.plugin_config.get(&manifest.id);
         let redactor = Redactor::new(
             settings
                 .iter()
                 .flat_map(|c| c.secrets.iter())
                 .map(|(k, v)| (k.clone(), v.0.clone())),
         );
-        plugins.insert(
-            id.clone(),
-            Arc::new(Plugin {
-                manifest,
-                dir,
-                state: Mutex::new(PluginState::default()),
-                calls: AtomicU64::new(0),
-                inflight: Arc::new(tokio::sync::Semaphore::new(self.options.max_queue)),
-                deliveries: OnceLock::new(),
-                redactor,
-                publisher,
-            }),
-        );
-        Ok(id)
+        let previous = previous.filter(|p| p.manifest.id == manifest.id);
+        Ok(Plugin {
+            manifest,
+            dir,
+            state: Mutex::new(PluginState::default()),
+            calls: previous.map_or_else(Default::default, |p| Arc::clone(&p.calls)),
+            inflight: previous.map_or_else(
+                || Arc::new(tokio::sync::Semaphore::new(self.options.max_queue)),
+                |p| Arc::clone(&p.inflight),
+            ),
+            deliveries: previous.map_or_else(Default::default, |p| Arc::clone(&p.deliveries)),
+            redactor,
+            publisher,
+            fingerprint,
+            retired: Default::default(),
+        })
+    }
+
+    /// Put `plugin` in the table (replacing any plugin with its id); returns the one
+    /// it replaced.
+    pub(crate) fn install(&self, plugin: Arc<Plugin>) -> Option<Arc<Plugin>> {
+        self.plugins
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(plugin.manifest.id.clone(), plugin)
+    }
+
+    /// Take `id` out of the table if it is still `plugin`.
+    pub(crate) fn uninstall(&self, plugin: &Arc<Plugin>) -> bool {
+        let mut plugins = self.plugins.write().unwrap_or_else(|e| e.into_inner());
+        if plugins
+            .get(&plugin.manifest.id)
+            .is_some_and(|p| Arc::ptr_eq(p, plugin))
+        {
+            plugins.remove(&plugin.manifest.id);
+            return true;
+        }
+        false
     }
 
     pub fn options(&self) -> &Options {
@@ -377,11 +433,11 @@ impl Core {
         timeout: Option<Duration>,
         chain: &[String],
     ) -> Result<Vec<u8>, CallError> {
-        let p = self
-            .plugin(plugin)
-            .ok_or_else(|| CallError::UnknownPlugin {
-                plugin: plugin.to_owned(),
-            })?;
+        let unknown = || CallError::UnknownPlugin {
+            plugin: plugin.to_owned(),
+        };
+        let mut p = self.plugin(plugin).ok_or_else(unknown)?;
+        // The queue slot is shared by every version of the plugin.
         let _slot =
             Arc::clone(&p.inflight)
                 .try_acquire_owned()
@@ -390,28 +446,53 @@ impl Core {
                     queued: self.options.max_queue as u32,
                 })?;
         p.calls.fetch_add(1, Ordering::Relaxed);
-        let p = &p;
-        let (worker, limits) = self.worker_for(p).await?;
-        if !worker.exports.iter().any(|e| e == function) {
-            return Err(CallError::UnknownFunction {
-                plugin: plugin.to_owned(),
-                function: function.to_owned(),
-                exports: worker.exports.join(", "),
-            });
-        }
-        // A caller may shorten the deadline, or lengthen it up to the policy's cap.
-        let deadline = timeout.map_or(limits.0, |t| t.min(limits.1));
         let chain: Arc<[String]> = chain
             .iter()
             .cloned()
             .chain([plugin.to_owned()])
             .collect::<Vec<_>>()
             .into();
-        let result = worker.call(function, input, deadline, chain).await;
-        if let Err(e @ (CallError::WorkerCrashed(_) | CallError::Timeout { .. })) = &result {
-            p.state.lock().await.last_error = Some(e.to_string());
+        // A version retired while this call was on its way (hot reload, removal)
+        // passes the call to the plugin's current version; nothing was sent to it.
+        let mut input = Some(input);
+        for _ in 0..16 {
+            let (worker, limits) = match self.worker_for(&p).await {
+                Err(CallError::ShuttingDown) if p.retired.load(Ordering::SeqCst) => {
+                    p = self.plugin(plugin).ok_or_else(unknown)?;
+                    continue;
+                }
+                other => other?,
+            };
+            if !worker.exports.iter().any(|e| e == function) {
+                return Err(CallError::UnknownFunction {
+                    plugin: plugin.to_owned(),
+                    function: function.to_owned(),
+                    exports: worker.exports.join(", "),
+                });
+            }
+            // A caller may shorten the deadline, or lengthen it up to the policy's cap.
+            let deadline = timeout.map_or(limits.0, |t| t.min(limits.1));
+            let bytes = input.take().unwrap_or_default();
+            let result = match worker
+                .try_call(function, bytes, deadline, Arc::clone(&chain))
+                .await
+            {
+                Ok(result) => result,
+                Err(bytes) => {
+                    input = Some(bytes);
+                    p = self.plugin(plugin).ok_or_else(unknown)?;
+                    continue;
+                }
+            };
+            if let Err(e @ (CallError::WorkerCrashed(_) | CallError::Timeout { .. })) = &result {
+                p.state.lock().await.last_error = Some(e.to_string());
+            }
+            return result;
         }
-        result
+        Err(CallError::StartFailed {
+            plugin: plugin.to_owned(),
+            reason: "the plugin was replaced 16 times while this call waited".into(),
+        })
     }
 
     /// Dependency resolution over every plugin: the start order, and why plugins are
@@ -460,7 +541,7 @@ impl Core {
         p: &Plugin,
     ) -> Result<(Arc<WorkerHandle>, (Duration, Duration)), CallError> {
         let mut st = p.state.lock().await;
-        if st.shutting_down {
+        if st.shutting_down || p.retired.load(Ordering::SeqCst) {
             return Err(CallError::ShuttingDown);
         }
         self.reap(p, &mut st);
@@ -573,7 +654,7 @@ impl Core {
         }
     }
 
-    async fn start_worker(
+    pub(crate) async fn start_worker(
         &self,
         p: &Plugin,
     ) -> Result<(Arc<WorkerHandle>, Effective, Option<Arc<PluginCgroup>>), StartError> {
@@ -744,6 +825,7 @@ impl Core {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&policy);
         *self.policy_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let mut changes = Vec::new();
+        let mut renew = Vec::new();
         for p in &self.all_plugins() {
             let mut st = p.state.lock().await;
             let new = policy.resolve(&p.manifest, p.publisher.as_deref());
@@ -760,16 +842,7 @@ impl Core {
                 || old.max_output.value != new.max_output.value
                 || old.tmpfs.value != new.tmpfs.value;
             if needs_new_worker {
-                if let Some(w) = st.worker.take() {
-                    st.group = None;
-                    let grace = old.timeout_cap + Duration::from_secs(1);
-                    tokio::spawn(async move { w.shutdown(grace).await });
-                }
-                changes.push(format!(
-                    "{id}: worker retired after its calls; the next call starts one at {}",
-                    new.summary()
-                ));
-                st.effective = Some(new);
+                renew.push((Arc::clone(p), new));
                 continue;
             }
             let limits = cgroup_limits(&new);
@@ -798,6 +871,38 @@ impl Core {
                 changes.push(format!("{id}: call deadline now {:?}", new.timeout.value));
             }
             st.effective = Some(new);
+        }
+        // A new worker under the new policy takes over before the old one is retired
+        // (after its calls). If none can start, the old one is retired anyway: a
+        // policy is never left unenforced, and the next call starts a worker under it.
+        for (p, new) in renew {
+            let id = &p.manifest.id;
+            match self.renew(id).await {
+                Ok(()) => changes.push(format!(
+                    "{id}: new worker at {}; the old one retires after its calls",
+                    new.summary()
+                )),
+                Err(why) => {
+                    tracing::warn!(plugin = %id, "no new worker under the new policy: {why}");
+                    if let Some(current) = self.plugin(id) {
+                        let mut st = current.state.lock().await;
+                        if let Some(w) = st.worker.take() {
+                            let group = st.group.take();
+                            let grace = new.timeout_cap + Duration::from_secs(1);
+                            tokio::spawn(async move {
+                                w.retire(grace).await;
+                                drop(group);
+                            });
+                        }
+                        st.last_error = Some(format!("no worker under the new policy: {why}"));
+                    }
+                    changes.push(format!(
+                        "{id}: worker retired after its calls (no new worker could start: \
+                         {why}); the next call starts one at {}",
+                        new.summary()
+                    ));
+                }
+            }
         }
         for c in &changes {
             tracing::info!("policy: {c}");

@@ -158,6 +158,9 @@ struct Pending {
     contexts: HashMap<RequestId, CallCtx>,
     /// Set once the worker is gone; new calls fail at once with it.
     closed: Option<ExitReason>,
+    /// Set when the worker is being retired (a new version took over): it finishes
+    /// the calls it has and takes no more.
+    retiring: bool,
 }
 
 /// A running worker. Cheap to share; dropping the last handle kills the process.
@@ -405,22 +408,31 @@ impl WorkerHandle {
         deadline: Duration,
         chain: Arc<[String]>,
     ) -> Result<Vec<u8>, CallError> {
+        self.try_call(function, input, deadline, chain)
+            .await
+            .unwrap_or(Err(CallError::ShuttingDown))
+    }
+
+    /// [`WorkerHandle::call`], or the input back, with nothing sent, when the worker
+    /// is being retired (the caller routes the call to the plugin's new worker).
+    pub async fn try_call(
+        &self,
+        function: &str,
+        input: Vec<u8>,
+        deadline: Duration,
+        chain: Arc<[String]>,
+    ) -> Result<Result<Vec<u8>, CallError>, Vec<u8>> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let deadline_ms = deadline.as_millis() as u64;
-        let msg = ToWorker::Call {
-            id,
-            function: function.to_owned(),
-            input,
-            deadline_ms,
-        };
-        let frame = frame::encode(&msg).map_err(|e| CallError::BadInput {
-            reason: e.to_string(),
-        })?;
         let (reply, answer) = oneshot::channel();
         {
+            // Registered before it is sent: `retire` waits for every registered call.
             let mut p = lock(&self.pending);
+            if p.retiring {
+                return Err(input);
+            }
             if let Some(reason) = &p.closed {
-                return Err(CallError::WorkerCrashed(reason.clone()));
+                return Ok(Err(CallError::WorkerCrashed(reason.clone())));
             }
             p.calls.insert(id, reply);
             p.contexts.insert(
@@ -431,26 +443,67 @@ impl WorkerHandle {
                 },
             );
         }
-        // If the writer is gone the connection task fails the pending call for us.
-        let _ = self.tx.send(frame);
-        match tokio::time::timeout(deadline + self.kill_grace, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(CallError::WorkerCrashed(ExitReason::Unknown)),
-            Err(_) => {
+        let msg = ToWorker::Call {
+            id,
+            function: function.to_owned(),
+            input,
+            deadline_ms,
+        };
+        let frame = match frame::encode(&msg) {
+            Ok(f) => f,
+            Err(e) => {
                 let mut p = lock(&self.pending);
                 p.calls.remove(&id);
                 p.contexts.remove(&id);
-                drop(p);
-                tracing::warn!(
-                    plugin = %self.plugin_id,
-                    pid = self.pid,
-                    "worker did not answer within its deadline; killing it"
-                );
-                self.killed_by_supervisor.store(true, Ordering::SeqCst);
-                self.kill.notify_one();
-                Err(CallError::Timeout { deadline_ms })
+                return Ok(Err(CallError::BadInput {
+                    reason: e.to_string(),
+                }));
             }
+        };
+        // If the writer is gone the connection task fails the pending call for us.
+        let _ = self.tx.send(frame);
+        Ok(
+            match tokio::time::timeout(deadline + self.kill_grace, answer).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(CallError::WorkerCrashed(ExitReason::Unknown)),
+                Err(_) => {
+                    let mut p = lock(&self.pending);
+                    p.calls.remove(&id);
+                    p.contexts.remove(&id);
+                    drop(p);
+                    tracing::warn!(
+                        plugin = %self.plugin_id,
+                        pid = self.pid,
+                        "worker did not answer within its deadline; killing it"
+                    );
+                    self.killed_by_supervisor.store(true, Ordering::SeqCst);
+                    self.kill.notify_one();
+                    Err(CallError::Timeout { deadline_ms })
+                }
+            },
+        )
+    }
+
+    /// Whether the worker is being retired.
+    pub fn is_retiring(&self) -> bool {
+        lock(&self.pending).retiring
+    }
+
+    /// Retire the worker: take no new calls, let every call it has finish (each is
+    /// bounded by its own deadline and the kill backstop), then shut it down with
+    /// `grace` for its shutdown hook.
+    pub async fn retire(&self, grace: Duration) {
+        lock(&self.pending).retiring = true;
+        loop {
+            {
+                let p = lock(&self.pending);
+                if p.calls.is_empty() || p.closed.is_some() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        self.shutdown(grace).await;
     }
 
     /// Ask the worker to run its shutdown hook and exit, after the calls already

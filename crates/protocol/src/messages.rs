@@ -502,6 +502,9 @@ pub struct PolicyStatus {
     pub sources: Vec<String>,
     /// Why the last edit was rejected; the policy in force is the last good one.
     pub reload_error: Option<String>,
+    /// Plugin versions the daemon rejected (`dir: why`); the running version, if
+    /// any, keeps serving.
+    pub plugin_errors: Vec<String>,
 }
 
 /// One plugin as `corral list` shows it.

@@ -1,0 +1,414 @@
+//! Plugins on a live supervisor: discovery of a plugins directory, hot reload of a
+//! plugin's code and manifest, and removal.
+//!
+//! # Reload without lost calls
+//!
+//! A changed plugin (its files' [`fingerprint`] differs from the loaded version's) is
+//! read, checked (manifest, signature, dependencies: no plugin that resolves now may
+//! be blocked by the new version) and loaded in a fresh worker **while the old
+//! version keeps serving**. Only once the new worker is ready does it take the
+//! plugin's place in the table; then the old version is retired:
+//!
+//! - calls already sent to the old worker finish there (each within its deadline);
+//! - calls that had looked the old version up but not yet reached its worker are
+//!   passed to the new one (the worker refuses them without sending anything, see
+//!   `WorkerHandle::try_call`);
+//! - once the old worker has no call left it runs its `shutdown` hook and exits.
+//!
+//! The call count, the bounded queue and the subscription queue carry over, so a
+//! reload is invisible to callers. A version that cannot be read or loaded is
+//! rejected: the old one keeps serving, the reason is logged and shown by
+//! `corral status`, and the same files are not tried again until they change.
+//!
+//! A plugin whose directory disappears (or loses its `plugin.toml`) is taken out of
+//! the table at once (new calls get "unknown plugin") and its worker retired the same
+//! way: calls in flight finish first.
+
+use crate::supervisor::{AddPluginError, Core, HEALTH_EXPORT, Plugin, error_chain};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// What the lifecycle remembers between passes.
+#[derive(Debug, Default)]
+pub(crate) struct Lifecycle {
+    /// Plugin directories whose current files were rejected: their fingerprint (not
+    /// tried again until it changes; `None` if it could not be computed) and why.
+    rejected: BTreeMap<PathBuf, (Option<String>, String)>,
+}
+
+/// What one [`Core::sync_plugins`] pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Plugins loaded for the first time (ids).
+    pub added: Vec<String>,
+    /// Plugins now serving a new version: `id old-version -> new-version`.
+    pub reloaded: Vec<String>,
+    /// Plugins removed (ids); their workers are draining.
+    pub removed: Vec<String>,
+    /// Directories whose files were rejected, with why; the old version (if any)
+    /// keeps serving.
+    pub rejected: Vec<String>,
+}
+
+impl SyncReport {
+    pub fn is_empty(&self) -> bool {
+        *self == SyncReport::default()
+    }
+}
+
+/// The plugin directories in `plugins_dir`: every subdirectory holding a
+/// `plugin.toml`, in name order. Hidden entries (`.name`, such as installs being
+/// unpacked) are skipped.
+pub fn discover(plugins_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(plugins_dir)? {
+        let entry = entry?;
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        let path = entry.path();
+        if !hidden && path.is_dir() && path.join(corral_manifest::MANIFEST_FILE).is_file() {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A digest of the files of the plugin in `dir` (paths, contents and link targets).
+/// Hidden files, editor backups (`name~`) and `__pycache__` are left out: they are not
+/// part of a version.
+pub fn fingerprint(dir: &Path) -> std::io::Result<String> {
+    fn walk(root: &Path, dir: &Path, h: &mut Sha256) -> std::io::Result<()> {
+        let mut entries = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || name.ends_with('~') || name == "__pycache__" {
+                continue;
+            }
+            let path = e.path();
+            let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy();
+            let kind = e.file_type()?;
+            if kind.is_symlink() {
+                let target = std::fs::read_link(&path)?;
+                h.update(format!("link {rel} {}\n", target.display()));
+            } else if kind.is_dir() {
+                h.update(format!("dir {rel}\n"));
+                walk(root, &path, h)?;
+            } else if kind.is_file() {
+                let sum = Sha256::digest(std::fs::read(&path)?);
+                h.update(format!("file {rel} {}\n", crate::signing::hex(&sum)));
+            }
+        }
+        Ok(())
+    }
+    let mut h = Sha256::new();
+    walk(dir, dir, &mut h)?;
+    Ok(crate::signing::hex(&h.finalize()))
+}
+
+impl Core {
+    /// Bring the supervisor's plugins in line with `dirs` (plugin directories): add
+    /// the new ones, reload the changed ones, remove the ones no longer there. Every
+    /// new or changed version is loaded in a worker before it serves; see the module
+    /// documentation for how calls are kept.
+    pub async fn sync_plugins(&self, dirs: &[PathBuf]) -> SyncReport {
+        let mut lc = self.lifecycle.lock().await;
+        let mut report = SyncReport::default();
+        let wanted: Vec<PathBuf> = {
+            let mut v: Vec<PathBuf> = dirs.iter().filter_map(|d| d.canonicalize().ok()).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        lc.rejected.retain(|d, _| wanted.contains(d));
+
+        for p in self.all_plugins() {
+            if !wanted.contains(&p.dir) {
+                self.unload(&p).await;
+                tracing::info!(plugin = %p.manifest.id, dir = %p.dir.display(), "plugin removed; its worker drains");
+                report.removed.push(p.manifest.id.clone());
+            }
+        }
+
+        // Read every new or changed version first, so that new plugins can be loaded
+        // after the new plugins they depend on.
+        let mut pending: Vec<(Plugin, Option<Arc<Plugin>>)> = Vec::new();
+        for dir in &wanted {
+            let old = self.all_plugins().into_iter().find(|p| &p.dir == dir);
+            let fp = fingerprint(dir).ok();
+            if old
+                .as_ref()
+                .is_some_and(|o| Some(&o.fingerprint) == fp.as_ref())
+            {
+                lc.rejected.remove(dir);
+                continue;
+            }
+            if fp.is_some() && lc.rejected.get(dir).is_some_and(|(f, _)| f == &fp) {
+                continue; // Rejected before and unchanged since.
+            }
+            match self.read_plugin(dir, old.as_deref()) {
+                Ok(new) => pending.push((new, old)),
+                Err(e) => {
+                    let why = error_chain(&e);
+                    reject(&mut lc, &mut report, dir, fp, why, old.as_deref());
+                }
+            }
+        }
+        let order = {
+            let mut map: BTreeMap<String, &corral_manifest::Manifest> = BTreeMap::new();
+            let all = self.all_plugins();
+            for p in &all {
+                map.insert(p.manifest.id.clone(), &p.manifest);
+            }
+            for (new, _) in &pending {
+                map.insert(new.manifest.id.clone(), &new.manifest);
+            }
+            crate::deps::resolve(&map).order
+        };
+        pending.sort_by_key(|(new, _)| {
+            order
+                .iter()
+                .position(|id| id == &new.manifest.id)
+                .unwrap_or(usize::MAX)
+        });
+        for (new, old) in pending {
+            let dir = new.dir.clone();
+            let fp = Some(new.fingerprint.clone());
+            let (id, version) = (new.manifest.id.clone(), new.manifest.version.to_string());
+            match self.load_version(new, old.clone()).await {
+                Ok(()) => {
+                    lc.rejected.remove(&dir);
+                    match old {
+                        Some(o) if o.manifest.id == id => {
+                            let line = format!("{id} {} -> {version}", o.manifest.version);
+                            tracing::info!(plugin = %id, "plugin reloaded: {line}");
+                            report.reloaded.push(line);
+                        }
+                        other => {
+                            if let Some(o) = other {
+                                report.removed.push(o.manifest.id.clone());
+                            }
+                            tracing::info!(plugin = %id, %version, dir = %dir.display(), "plugin added");
+                            report.added.push(id);
+                        }
+                    }
+                }
+                Err(why) => reject(&mut lc, &mut report, &dir, fp, why, old.as_deref()),
+            }
+        }
+        report
+    }
+
+    /// Remember that the plugin in `dir` could not be added (at start), so that `corral
+    /// status` shows it and it is retried when its files change.
+    pub async fn record_rejection(&self, dir: &Path, why: String) {
+        let mut lc = self.lifecycle.lock().await;
+        let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+        let mut report = SyncReport::default();
+        reject(
+            &mut lc,
+            &mut report,
+            &dir,
+            fingerprint(&dir).ok(),
+            why,
+            None,
+        );
+    }
+
+    /// Why the current files of plugin directories were rejected (`dir: why`).
+    pub async fn lifecycle_errors(&self) -> Vec<String> {
+        self.lifecycle
+            .lock()
+            .await
+            .rejected
+            .iter()
+            .map(|(d, (_, why))| format!("{}: {why}", d.display()))
+            .collect()
+    }
+
+    /// Check `new`, start it in a worker, and put it in the table in place of `old`
+    /// (which is retired after its calls).
+    async fn load_version(&self, new: Plugin, old: Option<Arc<Plugin>>) -> Result<(), String> {
+        let id = new.manifest.id.clone();
+        if let Some(other) = self.plugin(&id)
+            && old.as_ref().is_none_or(|o| !Arc::ptr_eq(o, &other))
+        {
+            return Err(error_chain(&AddPluginError::Duplicate {
+                id,
+                dir: new.dir,
+                other: other.dir.clone(),
+            }));
+        }
+        // Dependencies: the new version must resolve, and must not block a plugin
+        // that resolves now.
+        {
+            let all = self.all_plugins();
+            let mut map: BTreeMap<String, &corral_manifest::Manifest> = all
+                .iter()
+                .filter(|p| old.as_ref().is_none_or(|o| !Arc::ptr_eq(o, p)))
+                .map(|p| (p.manifest.id.clone(), &p.manifest))
+                .collect();
+            map.insert(id.clone(), &new.manifest);
+            let after = crate::deps::resolve(&map);
+            if let Some(why) = after.blocked.get(&id) {
+                return Err(format!("not loaded: {why}"));
+            }
+            let before = self.dependencies();
+            if let Some((other, why)) = after
+                .blocked
+                .iter()
+                .find(|(other, _)| !before.blocked.contains_key(*other))
+            {
+                return Err(format!(
+                    "not loaded: version {} would block plugin {other}: {why}",
+                    new.manifest.version
+                ));
+            }
+        }
+        for dep in new.manifest.dependencies.keys() {
+            if let Some(d) = self.plugin(dep) {
+                Box::pin(self.restart(&d.manifest.id))
+                    .await
+                    .map_err(|e| format!("not loaded: dependency {dep} cannot start: {e}"))?;
+            }
+        }
+        let (worker, effective, group) = self
+            .start_worker(&new)
+            .await
+            .map_err(|e| format!("the new version does not load: {}", error_chain(&e)))?;
+        tracing::info!(plugin = %id, pid = worker.pid, version = %new.manifest.version, "new version ready");
+        {
+            let mut st = new.state.lock().await;
+            st.starts = 1;
+            st.worker = Some(Arc::clone(&worker));
+            st.effective = Some(effective);
+            st.group = group;
+        }
+        if worker.exports.iter().any(|e| e == HEALTH_EXPORT) {
+            self.watch_health(&id, &worker);
+        }
+        let new = Arc::new(new);
+        let replaced = self.install(Arc::clone(&new));
+        if let Some(o) = &old {
+            if o.manifest.id != id {
+                self.uninstall(o);
+            }
+            self.retire(o).await;
+        }
+        if let Some(r) = replaced
+            && old.as_ref().is_none_or(|o| !Arc::ptr_eq(o, &r))
+        {
+            self.retire(&r).await;
+        }
+        Ok(())
+    }
+
+    /// Take `p` out of the table and retire its worker after its calls.
+    pub(crate) async fn unload(&self, p: &Arc<Plugin>) {
+        self.uninstall(p);
+        self.retire(p).await;
+    }
+
+    /// Mark `p` retired (calls that still hold it go to the current version) and let
+    /// its worker finish its calls, run its shutdown hook and exit, in the background.
+    pub(crate) async fn retire(&self, p: &Plugin) {
+        let mut st = p.state.lock().await;
+        p.retired.store(true, Ordering::SeqCst);
+        let grace = st
+            .effective
+            .as_ref()
+            .map_or(Duration::from_secs(5), |e| e.timeout_cap)
+            + Duration::from_secs(1);
+        let group = st.group.take();
+        if let Some(w) = st.worker.take() {
+            tokio::spawn(async move {
+                w.retire(grace).await;
+                drop(group);
+            });
+        }
+    }
+
+    /// Start a fresh worker for `plugin` from its directory (after a policy change
+    /// that a running worker cannot take), and retire the old one after its calls.
+    pub(crate) async fn renew(&self, plugin: &str) -> Result<(), String> {
+        let _lc = self.lifecycle.lock().await;
+        let old = self
+            .plugin(plugin)
+            .ok_or_else(|| format!("no plugin {plugin:?}"))?;
+        let new = self
+            .read_plugin(&old.dir, Some(&old))
+            .map_err(|e| error_chain(&e))?;
+        if new.manifest.id != old.manifest.id {
+            return Err(format!(
+                "its directory now holds plugin {:?}; waiting for the reload",
+                new.manifest.id
+            ));
+        }
+        self.load_version(new, Some(old)).await
+    }
+}
+
+/// Remember that `dir`'s files were rejected, and report it.
+fn reject(
+    lc: &mut Lifecycle,
+    report: &mut SyncReport,
+    dir: &Path,
+    fingerprint: Option<String>,
+    why: String,
+    old: Option<&Plugin>,
+) {
+    match old {
+        Some(o) => tracing::error!(
+            plugin = %o.manifest.id,
+            dir = %dir.display(),
+            "new version rejected; version {} keeps serving: {why}",
+            o.manifest.version
+        ),
+        None => tracing::error!(dir = %dir.display(), "plugin rejected: {why}"),
+    }
+    report.rejected.push(format!("{}: {why}", dir.display()));
+    lc.rejected.insert(dir.to_owned(), (fingerprint, why));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_follows_contents_not_hidden_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("lib")).unwrap();
+        std::fs::write(d.path().join("plugin.toml"), "a").unwrap();
+        std::fs::write(d.path().join("lib/x.js"), "1").unwrap();
+        let first = fingerprint(d.path()).unwrap();
+        std::fs::write(d.path().join(".x.js.swp"), "junk").unwrap();
+        std::fs::write(d.path().join("main.js~"), "junk").unwrap();
+        assert_eq!(fingerprint(d.path()).unwrap(), first);
+        std::fs::write(d.path().join("lib/x.js"), "2").unwrap();
+        let second = fingerprint(d.path()).unwrap();
+        assert_ne!(second, first);
+        std::fs::rename(d.path().join("lib/x.js"), d.path().join("lib/y.js")).unwrap();
+        assert_ne!(fingerprint(d.path()).unwrap(), second);
+    }
+
+    #[test]
+    fn discovery_takes_plugin_directories_only() {
+        let d = tempfile::tempdir().unwrap();
+        for name in ["b", "a", ".install-x", "empty"] {
+            std::fs::create_dir(d.path().join(name)).unwrap();
+        }
+        for name in ["b", "a", ".install-x"] {
+            std::fs::write(d.path().join(name).join("plugin.toml"), "").unwrap();
+        }
+        std::fs::write(d.path().join("plugin.toml"), "").unwrap();
+        assert_eq!(
+            discover(d.path()).unwrap(),
+            [d.path().join("a"), d.path().join("b")]
+        );
+    }
+}
