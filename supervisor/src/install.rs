@@ -63,7 +63,7 @@ pub const INDEX_FILE: &str = "index.toml";
 pub enum InstallError {
     #[error("{what}: {why}")]
     Fetch { what: String, why: String },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
@@ -86,7 +86,7 @@ pub enum InstallError {
          it anyway; policy routes can confine unsigned plugins)"
     )]
     Unsigned { what: String },
-    #[error("{what}: signature refused: {source}")]
+    #[error("{what}: signature refused")]
     Signature {
         what: String,
         #[source]

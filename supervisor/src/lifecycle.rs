@@ -135,10 +135,38 @@ impl Core {
             }
         }
 
+        // A version rejected because of other plugins (a dependency not there yet)
+        // may load once they change: after a pass that changed anything, the
+        // rejected directories are tried again.
+        let mut retry_rejected = false;
+        for _round in 0..=wanted.len() {
+            let changed_before = report.added.len() + report.reloaded.len();
+            let skipped = self
+                .sync_round(&mut lc, &mut report, &wanted, retry_rejected)
+                .await;
+            let changed = report.added.len() + report.reloaded.len() > changed_before;
+            if !(changed && skipped) {
+                break;
+            }
+            retry_rejected = true;
+        }
+        report
+    }
+
+    /// One round of [`Core::sync_plugins`] over the wanted directories; returns
+    /// whether a rejected, unchanged directory was skipped (or retried).
+    async fn sync_round(
+        &self,
+        lc: &mut Lifecycle,
+        report: &mut SyncReport,
+        wanted: &[PathBuf],
+        retry_rejected: bool,
+    ) -> bool {
+        let mut skipped = false;
         // Read every new or changed version first, so that new plugins can be loaded
         // after the new plugins they depend on.
         let mut pending: Vec<(Plugin, Option<Arc<Plugin>>)> = Vec::new();
-        for dir in &wanted {
+        for dir in wanted {
             let old = self.all_plugins().into_iter().find(|p| &p.dir == dir);
             let fp = fingerprint(dir).ok();
             if old
@@ -149,13 +177,16 @@ impl Core {
                 continue;
             }
             if fp.is_some() && lc.rejected.get(dir).is_some_and(|(f, _)| f == &fp) {
-                continue; // Rejected before and unchanged since.
+                skipped = true;
+                if !retry_rejected {
+                    continue; // Rejected before and unchanged since.
+                }
             }
             match self.read_plugin(dir, old.as_deref()) {
                 Ok(new) => pending.push((new, old)),
                 Err(e) => {
                     let why = error_chain(&e);
-                    reject(&mut lc, &mut report, dir, fp, why, old.as_deref());
+                    reject(lc, report, dir, fp, why, old.as_deref());
                 }
             }
         }
@@ -198,10 +229,10 @@ impl Core {
                         }
                     }
                 }
-                Err(why) => reject(&mut lc, &mut report, &dir, fp, why, old.as_deref()),
+                Err(why) => reject(lc, report, &dir, fp, why, old.as_deref()),
             }
         }
-        report
+        skipped
     }
 
     /// Remember that the plugin in `dir` could not be added (at start), so that `corral

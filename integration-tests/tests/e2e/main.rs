@@ -12,6 +12,7 @@ mod examples;
 mod faults;
 mod hostile;
 mod js;
+mod lifecycle;
 mod python;
 mod services;
 mod signing;
