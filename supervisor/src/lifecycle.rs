@@ -357,6 +357,7 @@ impl Core {
             + Duration::from_secs(1);
         let group = st.group.take();
         if let Some(w) = st.worker.take() {
+            self.track_draining(&w);
             tokio::spawn(async move {
                 w.retire(grace).await;
                 drop(group);

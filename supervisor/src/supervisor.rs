@@ -284,6 +284,8 @@ pub struct Core {
     worker_seq: AtomicU64,
     /// Serialises adds, reloads and removals; remembers rejected versions.
     pub(crate) lifecycle: Mutex<crate::lifecycle::Lifecycle>,
+    /// Retired workers finishing their calls (shut down with the rest at shutdown).
+    pub(crate) draining: std::sync::Mutex<Vec<Weak<WorkerHandle>>>,
 }
 
 impl Core {
@@ -300,6 +302,7 @@ impl Core {
             cgroup_base: OnceLock::new(),
             worker_seq: AtomicU64::new(1),
             lifecycle: Mutex::new(Default::default()),
+            draining: Default::default(),
         }
     }
 
@@ -384,6 +387,13 @@ impl Core {
             fingerprint,
             retired: Default::default(),
         })
+    }
+
+    /// Remember a retired worker until it has exited.
+    pub(crate) fn track_draining(&self, w: &Arc<WorkerHandle>) {
+        let mut d = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+        d.retain(|w| w.upgrade().is_some_and(|w| w.is_alive()));
+        d.push(Arc::downgrade(w));
     }
 
     /// Put `plugin` in the table (replacing any plugin with its id); returns the one
@@ -887,6 +897,7 @@ impl Core {
                     if let Some(current) = self.plugin(id) {
                         let mut st = current.state.lock().await;
                         if let Some(w) = st.worker.take() {
+                            self.track_draining(&w);
                             let group = st.group.take();
                             let grace = new.timeout_cap + Duration::from_secs(1);
                             tokio::spawn(async move {
@@ -978,6 +989,9 @@ impl Core {
                 workers.push(w);
             }
         }
+        let draining =
+            std::mem::take(&mut *self.draining.lock().unwrap_or_else(|e| e.into_inner()));
+        workers.extend(draining.iter().filter_map(Weak::upgrade));
         let mut stops = tokio::task::JoinSet::new();
         for w in workers {
             stops.spawn(async move { w.shutdown(grace).await });
