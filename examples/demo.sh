@@ -92,6 +92,14 @@ say corral call hello-wasm news
 $corral call hello-wasm news --socket "$socket"
 say cat audit.jsonl   "# every denial, one JSON line"
 cat "$run/audit.jsonl"
+say sed -i s/Hello/Howdy/ hello-js/main.js   "# edit a live plugin: hot reload, no call lost"
+sed -i 's/`Hello, /`Howdy, /' "$js/main.js"
+for _ in $(seq 200); do
+    [ "$($corral call hello-js greet --input Ada --socket "$socket")" = "Howdy, Ada!" ] && break
+    sleep 0.05
+done
+say corral call hello-js greet --input Ada   "# the new version, in a fresh worker"
+$corral call hello-js greet --input Ada --socket "$socket"
 say corral list
 $corral list --socket "$socket"
 say corral status   "# what each worker really enforces, and uses"
