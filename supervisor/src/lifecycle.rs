@@ -38,6 +38,7 @@ pub(crate) struct Lifecycle {
     /// Plugin directories whose current files were rejected: their fingerprint (not
     /// tried again until it changes; `None` if it could not be computed) and why.
     rejected: BTreeMap<PathBuf, (Option<String>, String)>,
+    hashes: FileHashes,
 }
 
 /// What one [`Core::sync_plugins`] pass did.
@@ -81,7 +82,49 @@ pub fn discover(plugins_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// Hidden files, editor backups (`name~`) and `__pycache__` are left out: they are not
 /// part of a version.
 pub fn fingerprint(dir: &Path) -> std::io::Result<String> {
-    fn walk(root: &Path, dir: &Path, h: &mut Sha256) -> std::io::Result<()> {
+    fingerprint_with(dir, &mut FileHashes::default())
+}
+
+/// File digests by path, kept with the metadata they were computed from (size,
+/// inode, modification and change times, as git's index does): a watch pass hashes
+/// only the files that changed.
+#[derive(Debug, Default)]
+pub(crate) struct FileHashes(BTreeMap<PathBuf, (FileStamp, String)>);
+
+/// Size, inode, and modification and change times (seconds, nanoseconds).
+type FileStamp = (u64, u64, i64, i64, i64, i64);
+
+impl FileHashes {
+    fn digest(&mut self, path: &Path) -> std::io::Result<String> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        let key = (
+            m.len(),
+            m.ino(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        );
+        if let Some((k, sum)) = self.0.get(path)
+            && *k == key
+        {
+            return Ok(sum.clone());
+        }
+        let sum = crate::signing::hex(&Sha256::digest(std::fs::read(path)?));
+        self.0.insert(path.to_owned(), (key, sum.clone()));
+        Ok(sum)
+    }
+}
+
+/// [`fingerprint`], reusing the digests of unchanged files from `cache`.
+pub(crate) fn fingerprint_with(dir: &Path, cache: &mut FileHashes) -> std::io::Result<String> {
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        h: &mut Sha256,
+        cache: &mut FileHashes,
+    ) -> std::io::Result<()> {
         let mut entries = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
@@ -98,16 +141,15 @@ pub fn fingerprint(dir: &Path) -> std::io::Result<String> {
                 h.update(format!("link {rel} {}\n", target.display()));
             } else if kind.is_dir() {
                 h.update(format!("dir {rel}\n"));
-                walk(root, &path, h)?;
+                walk(root, &path, h, cache)?;
             } else if kind.is_file() {
-                let sum = Sha256::digest(std::fs::read(&path)?);
-                h.update(format!("file {rel} {}\n", crate::signing::hex(&sum)));
+                h.update(format!("file {rel} {}\n", cache.digest(&path)?));
             }
         }
         Ok(())
     }
     let mut h = Sha256::new();
-    walk(dir, dir, &mut h)?;
+    walk(dir, dir, &mut h, cache)?;
     Ok(crate::signing::hex(&h.finalize()))
 }
 
@@ -126,6 +168,9 @@ impl Core {
             v
         };
         lc.rejected.retain(|d, _| wanted.contains(d));
+        lc.hashes
+            .0
+            .retain(|f, _| wanted.iter().any(|d| f.starts_with(d)));
 
         for p in self.all_plugins() {
             if !wanted.contains(&p.dir) {
@@ -168,7 +213,7 @@ impl Core {
         let mut pending: Vec<(Plugin, Option<Arc<Plugin>>)> = Vec::new();
         for dir in wanted {
             let old = self.all_plugins().into_iter().find(|p| &p.dir == dir);
-            let fp = fingerprint(dir).ok();
+            let fp = fingerprint_with(dir, &mut lc.hashes).ok();
             if old
                 .as_ref()
                 .is_some_and(|o| Some(&o.fingerprint) == fp.as_ref())
@@ -426,6 +471,15 @@ mod tests {
         assert_ne!(second, first);
         std::fs::rename(d.path().join("lib/x.js"), d.path().join("lib/y.js")).unwrap();
         assert_ne!(fingerprint(d.path()).unwrap(), second);
+        // The cache gives the same answers, and sees a rewrite of the same size.
+        let mut cache = FileHashes::default();
+        let third = fingerprint_with(d.path(), &mut cache).unwrap();
+        assert_eq!(third, fingerprint(d.path()).unwrap());
+        assert_eq!(fingerprint_with(d.path(), &mut cache).unwrap(), third);
+        std::fs::write(d.path().join("lib/y.js"), "3").unwrap();
+        let fourth = fingerprint_with(d.path(), &mut cache).unwrap();
+        assert_ne!(fourth, third);
+        assert_eq!(fourth, fingerprint(d.path()).unwrap());
     }
 
     #[test]
