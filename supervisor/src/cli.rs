@@ -804,6 +804,8 @@ async fn serve(config_path: &Path, socket: Option<PathBuf>) -> anyhow::Result<u8
         plugins_dir: config.plugins_dir.clone(),
     };
     if let Some(d) = &config.plugins_dir {
+        std::fs::create_dir_all(d)
+            .with_context(|| format!("cannot create the plugins directory {}", d.display()))?;
         // A broken plugin in the directory is reported and skipped; the others run.
         let found = crate::lifecycle::discover(d)
             .with_context(|| format!("cannot read the plugins directory {}", d.display()))?;

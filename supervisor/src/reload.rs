@@ -83,7 +83,7 @@ pub async fn reload(path: &Path, sup: &Supervisor) {
 
 /// Watches plugin directories; dropping it stops watching.
 pub struct PluginWatcher {
-    _debouncer: Debouncer<notify::RecommendedWatcher>,
+    _debouncer: Arc<std::sync::Mutex<Debouncer<notify::RecommendedWatcher>>>,
 }
 
 impl std::fmt::Debug for PluginWatcher {
@@ -138,10 +138,12 @@ pub fn watch_plugins(
         }
         Err(e) => tracing::warn!("watching the plugins: {e}"),
     })?;
+    let mut watched = Vec::new();
     for root in &roots {
         debouncer
             .watcher()
             .watch(root, notify::RecursiveMode::Recursive)?;
+        watched.push(inode(root));
         // Through the parent too, to see the directory itself removed or replaced.
         if let Some(parent) = root.parent().filter(|p| p.is_dir()) {
             debouncer
@@ -149,15 +151,34 @@ pub fn watch_plugins(
                 .watch(parent, notify::RecursiveMode::NonRecursive)?;
         }
     }
+    let debouncer = Arc::new(std::sync::Mutex::new(debouncer));
+    let weak = Arc::downgrade(&debouncer);
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
             while rx.try_recv().is_ok() {}
             sync(&sources, &sup).await;
+            // A directory removed and made again is a new inode: watch it again.
+            let Some(d) = weak.upgrade() else { break };
+            let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+            for (root, seen) in roots.iter().zip(&mut watched) {
+                let now = inode(root);
+                if now != *seen && now.is_some() {
+                    match d.watcher().watch(root, notify::RecursiveMode::Recursive) {
+                        Ok(()) => *seen = now,
+                        Err(e) => tracing::warn!("cannot watch {}: {e}", root.display()),
+                    }
+                }
+            }
         }
     });
     Ok(PluginWatcher {
         _debouncer: debouncer,
     })
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
 /// One pass: scan `sources` and apply the differences to `sup`.

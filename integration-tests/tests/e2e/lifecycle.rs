@@ -468,6 +468,25 @@ async fn plugins_dropped_into_the_directory_load_dependencies_first() {
     live.sup.shutdown(Duration::from_secs(2)).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugins_directory_removed_and_made_again_is_watched_again() {
+    let live = Live::new();
+    write_plugin(&live.dir("again"), "js", "again", 1, "");
+    live.until_version("again", "v1").await;
+    // Gone: the plugins stay as they are (an unreadable directory removes nothing).
+    std::fs::remove_dir_all(live.plugins.path()).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(live.answer("again", "version").await.as_deref(), Ok("v1"));
+    // Made again with a new version, then edited: both are seen.
+    std::fs::create_dir(live.plugins.path()).unwrap();
+    write_plugin(&live.dir("again"), "js", "again", 2, "");
+    live.until_version("again", "v2").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    write_plugin(&live.dir("again"), "js", "again", 3, "");
+    live.until_version("again", "v3").await;
+    live.sup.shutdown(Duration::from_secs(2)).await;
+}
+
 // ------------------------------------------------------- install through a daemon
 
 /// A static file server for `root` on 127.0.0.1; returns its port.
