@@ -53,6 +53,60 @@ pub struct SyncReport {
     /// Directories whose files were rejected, with why; the old version (if any)
     /// keeps serving.
     pub rejected: Vec<String>,
+    /// Directories whose files are still changing (written within [`QUIET`], or
+    /// changed while their new version loaded): the caller should pass again after
+    /// [`QUIET`].
+    pub unsettled: Vec<PathBuf>,
+}
+
+/// How long a plugin's files must be unchanged before a new version is read: a
+/// half-written file is never loaded as a version.
+pub const QUIET: Duration = Duration::from_millis(250);
+
+/// The latest change (ctime) of the files and directories of the plugin in `dir`,
+/// hidden names aside.
+fn last_change(dir: &Path) -> std::io::Result<std::time::SystemTime> {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(dir: &Path, latest: &mut (i64, i64)) -> std::io::Result<()> {
+        let m = std::fs::metadata(dir)?;
+        *latest = (*latest).max((m.ctime(), m.ctime_nsec()));
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || name.ends_with('~') || name == "__pycache__" {
+                continue;
+            }
+            let kind = e.file_type()?;
+            if kind.is_dir() {
+                walk(&e.path(), latest)?;
+            } else {
+                let m = std::fs::symlink_metadata(e.path())?;
+                *latest = (*latest).max((m.ctime(), m.ctime_nsec()));
+            }
+        }
+        Ok(())
+    }
+    let mut latest = (0, 0);
+    walk(dir, &mut latest)?;
+    Ok(std::time::UNIX_EPOCH
+        + Duration::new(
+            latest.0.max(0) as u64,
+            latest.1.clamp(0, 999_999_999) as u32,
+        ))
+}
+
+/// Why a version did not replace the running one.
+enum NotLoaded {
+    Rejected(String),
+    /// Its files changed while it loaded; try again once they settle.
+    Changed,
+}
+
+impl From<String> for NotLoaded {
+    fn from(why: String) -> Self {
+        NotLoaded::Rejected(why)
+    }
 }
 
 impl SyncReport {
@@ -221,6 +275,15 @@ impl Core {
                 lc.rejected.remove(dir);
                 continue;
             }
+            let settled = last_change(dir).is_ok_and(|t| {
+                std::time::SystemTime::now()
+                    .duration_since(t)
+                    .is_ok_and(|age| age >= QUIET)
+            });
+            if !settled {
+                report.unsettled.push(dir.clone());
+                continue;
+            }
             if fp.is_some() && lc.rejected.get(dir).is_some_and(|(f, _)| f == &fp) {
                 skipped = true;
                 if !retry_rejected {
@@ -274,7 +337,8 @@ impl Core {
                         }
                     }
                 }
-                Err(why) => reject(lc, report, &dir, fp, why, old.as_deref()),
+                Err(NotLoaded::Rejected(why)) => reject(lc, report, &dir, fp, why, old.as_deref()),
+                Err(NotLoaded::Changed) => report.unsettled.push(dir),
             }
         }
         skipped
@@ -309,7 +373,7 @@ impl Core {
 
     /// Check `new`, start it in a worker, and put it in the table in place of `old`
     /// (which is retired after its calls).
-    async fn load_version(&self, new: Plugin, old: Option<Arc<Plugin>>) -> Result<(), String> {
+    async fn load_version(&self, new: Plugin, old: Option<Arc<Plugin>>) -> Result<(), NotLoaded> {
         let id = new.manifest.id.clone();
         if let Some(other) = self.plugin(&id)
             && old.as_ref().is_none_or(|o| !Arc::ptr_eq(o, &other))
@@ -318,7 +382,8 @@ impl Core {
                 id,
                 dir: new.dir,
                 other: other.dir.clone(),
-            }));
+            })
+            .into());
         }
         // Dependencies: the new version must resolve, and must not block a plugin
         // that resolves now.
@@ -332,7 +397,7 @@ impl Core {
             map.insert(id.clone(), &new.manifest);
             let after = crate::deps::resolve(&map);
             if let Some(why) = after.blocked.get(&id) {
-                return Err(format!("not loaded: {why}"));
+                return Err(format!("not loaded: {why}").into());
             }
             let before = self.dependencies();
             if let Some((other, why)) = after
@@ -343,7 +408,8 @@ impl Core {
                 return Err(format!(
                     "not loaded: version {} would block plugin {other}: {why}",
                     new.manifest.version
-                ));
+                )
+                .into());
             }
         }
         for dep in new.manifest.dependencies.keys() {
@@ -357,6 +423,14 @@ impl Core {
             .start_worker(&new)
             .await
             .map_err(|e| format!("the new version does not load: {}", error_chain(&e)))?;
+        // What the worker loaded must be what was checked: files that changed
+        // meanwhile make this version void (the next pass reads them again).
+        if fingerprint(&new.dir).ok().as_ref() != Some(&new.fingerprint) {
+            tracing::info!(plugin = %id, "files changed while the new version loaded; trying again");
+            worker.retire(Duration::from_secs(1)).await;
+            drop(group);
+            return Err(NotLoaded::Changed);
+        }
         tracing::info!(plugin = %id, pid = worker.pid, version = %new.manifest.version, "new version ready");
         {
             let mut st = new.state.lock().await;
@@ -426,7 +500,11 @@ impl Core {
                 new.manifest.id
             ));
         }
-        self.load_version(new, Some(old)).await
+        match self.load_version(new, Some(old)).await {
+            Ok(()) => Ok(()),
+            Err(NotLoaded::Rejected(why)) => Err(why),
+            Err(NotLoaded::Changed) => Err("its files changed while it loaded".into()),
+        }
     }
 }
 

@@ -154,9 +154,17 @@ pub fn watch_plugins(
     let debouncer = Arc::new(std::sync::Mutex::new(debouncer));
     let weak = Arc::downgrade(&debouncer);
     tokio::spawn(async move {
-        while rx.recv().await.is_some() {
+        let mut again = false;
+        loop {
+            // After a pass that found files still changing, pass again once they
+            // have had time to settle, events or not.
+            if again {
+                tokio::time::sleep(crate::lifecycle::QUIET).await;
+            } else if rx.recv().await.is_none() {
+                break;
+            }
             while rx.try_recv().is_ok() {}
-            sync(&sources, &sup).await;
+            again = !sync(&sources, &sup).await.unsettled.is_empty();
             // A directory removed and made again is a new inode: watch it again.
             let Some(d) = weak.upgrade() else { break };
             let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
