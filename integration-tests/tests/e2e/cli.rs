@@ -1,5 +1,6 @@
 //! The `corral` binary: one-shot runs, the daemon, exit codes, and no orphans.
 
+use crate::support::{text, wait_for};
 use corral_integration_tests::{built, fixture, wait_gone, wat_plugin};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -11,10 +12,6 @@ fn corral(cache: &Path) -> Command {
         .env("CORRAL_POLICY", fixture("policy/test.toml"))
         .env_remove("CORRAL_SOCKET");
     c
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -443,14 +440,6 @@ fn policy_explain_names_the_file_and_line_of_every_value() {
     assert_eq!(out.status.code(), Some(6));
 }
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy() {
     let pol = corral_integration_tests::open_tempdir();
@@ -493,7 +482,7 @@ fn policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy() {
     );
     assert_ne!(tighter, base);
     std::fs::write(&file, &tighter).unwrap();
-    wait_for("pids.max = 20", || {
+    wait_for("pids.max = 20", Duration::from_secs(10), || {
         std::fs::read_to_string(&pids_max).is_ok_and(|s| s.trim() == "20")
     });
     assert_eq!(std::fs::read_to_string(&quota).unwrap().trim(), "50000");
@@ -514,7 +503,7 @@ fn policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy() {
 
     // A bad edit: rejected with file, line and column; the last good policy stays.
     std::fs::write(&file, tighter.replace("pids = 20", "pids = 2")).unwrap();
-    wait_for("the rejection in status", || {
+    wait_for("the rejection in status", Duration::from_secs(10), || {
         text(&d.cli(&["status"]).stdout).contains("policy reload REJECTED")
     });
     let status = text(&d.cli(&["status"]).stdout);
@@ -535,10 +524,14 @@ fn policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy() {
         tighter.replace("level = \"standard\"", "level = \"high\""),
     )
     .unwrap();
-    wait_for("a new worker at the new level", || {
-        let (p, level) = kit_pid();
-        p.is_some() && p != Some(pid) && level == "high"
-    });
+    wait_for(
+        "a new worker at the new level",
+        Duration::from_secs(10),
+        || {
+            let (p, level) = kit_pid();
+            p.is_some() && p != Some(pid) && level == "high"
+        },
+    );
     assert!(!text(&d.cli(&["status"]).stdout).contains("REJECTED"));
     call_ok();
     let out = d.cli(&["status"]);

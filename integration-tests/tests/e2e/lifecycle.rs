@@ -3,6 +3,7 @@
 //! old one serves, removal after draining, and `corral plugin pack | install | remove
 //! | list` against a running daemon.
 
+use crate::support::{text, wait_for};
 use corral::Supervisor;
 use corral::reload::{PluginSources, PluginWatcher, watch_plugins};
 use corral_integration_tests::{built, open_tempdir, options, wait_gone};
@@ -556,10 +557,6 @@ fn corral(args: &[&str]) -> Output {
     Command::new(built().corral()).args(args).output().unwrap()
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 /// Every name under `dir`, hidden ones included.
 fn tree(dir: &Path) -> Vec<String> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
@@ -575,14 +572,6 @@ fn tree(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out);
     out.sort();
     out
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(30);
-    while !done() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -623,7 +612,9 @@ fn install_from_directory_and_http_indexes_hot_reloads_and_refuses_bad_archives(
         socket: w.join("run/control.sock"),
         config: config.clone(),
     };
-    wait_for("the daemon's socket", || d.socket.exists());
+    wait_for("the daemon's socket", Duration::from_secs(30), || {
+        d.socket.exists()
+    });
     let cfg = d.config.to_str().unwrap();
 
     // An index with two signed versions, one unsigned, one tampered, one mislabelled.
@@ -709,7 +700,7 @@ fn install_from_directory_and_http_indexes_hot_reloads_and_refuses_bad_archives(
         text(&out.stdout)
     );
     let answer = |d: &Daemon| text(&d.cli(&["call", "shop", "version"]).stdout);
-    wait_for("shop v1", || answer(&d) == "v1");
+    wait_for("shop v1", Duration::from_secs(30), || answer(&d) == "v1");
 
     // Upgrade over HTTP while calls keep coming: the newest version, hot-reloaded.
     let port = file_server(index.clone());
@@ -724,7 +715,7 @@ fn install_from_directory_and_http_indexes_hot_reloads_and_refuses_bad_archives(
         "{}",
         text(&out.stdout)
     );
-    wait_for("shop v2", || answer(&d) == "v2");
+    wait_for("shop v2", Duration::from_secs(30), || answer(&d) == "v2");
     let out = corral(&["plugin", "list", "--config", cfg]);
     let listed = text(&out.stdout);
     assert!(
@@ -809,7 +800,9 @@ fn install_from_directory_and_http_indexes_hot_reloads_and_refuses_bad_archives(
         cfg,
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    wait_for("shop v1 again", || answer(&d) == "v1");
+    wait_for("shop v1 again", Duration::from_secs(30), || {
+        answer(&d) == "v1"
+    });
 
     // Remove: the daemon unloads it.
     let out = corral(&["plugin", "remove", "shop", "--config", cfg]);
@@ -818,7 +811,7 @@ fn install_from_directory_and_http_indexes_hot_reloads_and_refuses_bad_archives(
         text(&out.stdout).trim(),
         format!("removed shop 1.1.0 from {}", plugins.display())
     );
-    wait_for("shop to be unloaded", || {
+    wait_for("shop to be unloaded", Duration::from_secs(30), || {
         d.cli(&["call", "shop", "version"]).status.code() == Some(6)
     });
     assert!(tree(&plugins).is_empty(), "{:?}", tree(&plugins));
@@ -830,7 +823,7 @@ fn install_from_directory_and_http_indexes_hot_reloads_and_refuses_bad_archives(
     let broken = plugins.join("broken");
     write_plugin(&broken, "js", "broken", 1, "");
     std::fs::write(broken.join("main.js"), "export function version( {\n").unwrap();
-    wait_for("the rejection in status", || {
+    wait_for("the rejection in status", Duration::from_secs(30), || {
         text(&d.cli(&["status"]).stdout).contains("plugin REJECTED")
     });
     let status = text(&d.cli(&["status"]).stdout);

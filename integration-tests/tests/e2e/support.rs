@@ -52,3 +52,20 @@ pub async fn wait_gone(pid: u32) -> bool {
     .await
     .unwrap()
 }
+
+/// Bytes as text (lossy), for output of `corral` commands.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Poll `done` every 50 ms; fail the test naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
