@@ -63,6 +63,76 @@ pub struct SyncReport {
 /// half-written file is never loaded as a version.
 pub const QUIET: Duration = Duration::from_millis(250);
 
+/// How long a file may stay open for writing, with no event, before it is taken for
+/// finished anyway (a writer that never closes, or a hard link, which is created
+/// without being written).
+pub const WRITE_STALE: Duration = Duration::from_secs(10);
+
+/// Files in the plugin directories being written: modified (or created) and not
+/// closed since, as the plugin watcher's events tell. A version is never read while
+/// one of its files is being written, however long the writer pauses between writes
+/// (the quiet period alone cannot tell a writer paused for a moment from one that is
+/// done: CI once caught a test's `fs::write` stalled between its truncate and its
+/// write, and loaded the empty file as a version).
+#[derive(Debug, Default)]
+pub struct Writes(std::sync::Mutex<BTreeMap<PathBuf, std::time::Instant>>);
+
+impl Writes {
+    /// Take one watcher event into account.
+    pub fn note(&self, event: &notify::Event) {
+        use notify::EventKind;
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        match event.kind {
+            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+                for p in &event.paths {
+                    open.insert(p.clone(), now);
+                }
+            }
+            // A new file is empty until written (links, made without a write, are
+            // left out; so is a hard link, which expires after WRITE_STALE).
+            EventKind::Create(CreateKind::File | CreateKind::Any) => {
+                for p in event
+                    .paths
+                    .iter()
+                    .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file()))
+                {
+                    open.insert(p.clone(), now);
+                }
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) | EventKind::Remove(_) => {
+                for p in &event.paths {
+                    open.retain(|f, _| !f.starts_with(p));
+                }
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::From | RenameMode::Both)) => {
+                if let Some(p) = event.paths.first() {
+                    open.retain(|f, _| !f.starts_with(p));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A file under `dir` being written now, if any.
+    pub fn writing_under(&self, dir: &Path) -> Option<PathBuf> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|f, at| {
+            let fresh = at.elapsed() < WRITE_STALE;
+            if !fresh {
+                tracing::warn!(
+                    file = %f.display(),
+                    "still open for writing after {} s with no change; reading it as it is",
+                    WRITE_STALE.as_secs()
+                );
+            }
+            fresh
+        });
+        open.keys().find(|f| f.starts_with(dir)).cloned()
+    }
+}
+
 /// The latest change (ctime) of the files and directories of the plugin in `dir`,
 /// hidden names aside.
 fn last_change(dir: &Path) -> std::io::Result<std::time::SystemTime> {
@@ -279,7 +349,7 @@ impl Core {
                 std::time::SystemTime::now()
                     .duration_since(t)
                     .is_ok_and(|age| age >= QUIET)
-            });
+            }) && self.writes.writing_under(dir).is_none();
             if !settled {
                 report.unsettled.push(dir.clone());
                 continue;
@@ -425,7 +495,9 @@ impl Core {
             .map_err(|e| format!("the new version does not load: {}", error_chain(&e)))?;
         // What the worker loaded must be what was checked: files that changed
         // meanwhile make this version void (the next pass reads them again).
-        if fingerprint(&new.dir).ok().as_ref() != Some(&new.fingerprint) {
+        if fingerprint(&new.dir).ok().as_ref() != Some(&new.fingerprint)
+            || self.writes.writing_under(&new.dir).is_some()
+        {
             tracing::info!(plugin = %id, "files changed while the new version loaded; trying again");
             worker.retire(Duration::from_secs(1)).await;
             drop(group);

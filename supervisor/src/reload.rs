@@ -6,6 +6,7 @@
 
 use crate::Supervisor;
 use corral_policy::Policy;
+use notify::Watcher;
 use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer, notify};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -83,7 +84,7 @@ pub async fn reload(path: &Path, sup: &Supervisor) {
 
 /// Watches plugin directories; dropping it stops watching.
 pub struct PluginWatcher {
-    _debouncer: Arc<std::sync::Mutex<Debouncer<notify::RecommendedWatcher>>>,
+    _watcher: Arc<std::sync::Mutex<notify::RecommendedWatcher>>,
 }
 
 impl std::fmt::Debug for PluginWatcher {
@@ -127,32 +128,50 @@ pub fn watch_plugins(
         .collect();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let filter = roots.clone();
-    let mut debouncer = new_debouncer(DEBOUNCE, move |res: DebounceEventResult| match res {
-        Ok(events) => {
-            if events
-                .iter()
-                .any(|e| filter.iter().any(|r| e.path.starts_with(r)))
-            {
+    let writes = Arc::clone(&sup.writes);
+    // Raw events, debounced below: which files are open for writing is known only from
+    // the kind of each event (see `Writes`).
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        use notify::EventKind;
+        use notify::event::{AccessKind, AccessMode};
+        match res {
+            Ok(event) => {
+                if !event
+                    .paths
+                    .iter()
+                    .any(|p| filter.iter().any(|r| p.starts_with(r)))
+                    && !event.need_rescan()
+                {
+                    return;
+                }
+                // Workers reading the files change nothing.
+                if matches!(
+                    event.kind,
+                    EventKind::Access(
+                        AccessKind::Open(_)
+                            | AccessKind::Read
+                            | AccessKind::Close(AccessMode::Read)
+                    )
+                ) {
+                    return;
+                }
+                writes.note(&event);
                 let _ = tx.send(());
             }
+            Err(e) => tracing::warn!("watching the plugins: {e}"),
         }
-        Err(e) => tracing::warn!("watching the plugins: {e}"),
     })?;
     let mut watched = Vec::new();
     for root in &roots {
-        debouncer
-            .watcher()
-            .watch(root, notify::RecursiveMode::Recursive)?;
+        watcher.watch(root, notify::RecursiveMode::Recursive)?;
         watched.push(inode(root));
         // Through the parent too, to see the directory itself removed or replaced.
         if let Some(parent) = root.parent().filter(|p| p.is_dir()) {
-            debouncer
-                .watcher()
-                .watch(parent, notify::RecursiveMode::NonRecursive)?;
+            watcher.watch(parent, notify::RecursiveMode::NonRecursive)?;
         }
     }
-    let debouncer = Arc::new(std::sync::Mutex::new(debouncer));
-    let weak = Arc::downgrade(&debouncer);
+    let watcher = Arc::new(std::sync::Mutex::new(watcher));
+    let weak = Arc::downgrade(&watcher);
     tokio::spawn(async move {
         let mut again = false;
         loop {
@@ -160,18 +179,18 @@ pub fn watch_plugins(
             // have had time to settle, events or not.
             if again {
                 tokio::time::sleep(crate::lifecycle::QUIET).await;
-            } else if rx.recv().await.is_none() {
+            } else if rx.recv().await.is_none() || !quiet(&mut rx).await {
                 break;
             }
             while rx.try_recv().is_ok() {}
             again = !sync(&sources, &sup).await.unsettled.is_empty();
             // A directory removed and made again is a new inode: watch it again.
-            let Some(d) = weak.upgrade() else { break };
-            let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(w) = weak.upgrade() else { break };
+            let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
             for (root, seen) in roots.iter().zip(&mut watched) {
                 let now = inode(root);
                 if now != *seen && now.is_some() {
-                    match d.watcher().watch(root, notify::RecursiveMode::Recursive) {
+                    match w.watch(root, notify::RecursiveMode::Recursive) {
                         Ok(()) => *seen = now,
                         Err(e) => tracing::warn!("cannot watch {}: {e}", root.display()),
                     }
@@ -179,9 +198,22 @@ pub fn watch_plugins(
             }
         }
     });
-    Ok(PluginWatcher {
-        _debouncer: debouncer,
-    })
+    Ok(PluginWatcher { _watcher: watcher })
+}
+
+/// Wait until the events pause for [`DEBOUNCE`] (but no longer than four times that,
+/// so that a steady stream of changes still gets passes); false once the watcher is
+/// gone.
+async fn quiet(rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>) -> bool {
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < 4 * DEBOUNCE {
+        match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+            Ok(Some(())) => continue,
+            Ok(None) => return false,
+            Err(_) => break,
+        }
+    }
+    true
 }
 
 fn inode(path: &Path) -> Option<u64> {

@@ -286,6 +286,8 @@ pub struct Core {
     pub(crate) lifecycle: Mutex<crate::lifecycle::Lifecycle>,
     /// Retired workers finishing their calls (shut down with the rest at shutdown).
     pub(crate) draining: std::sync::Mutex<Vec<Weak<WorkerHandle>>>,
+    /// Plugin files being written, as the plugin watcher sees them.
+    pub(crate) writes: Arc<crate::lifecycle::Writes>,
 }
 
 impl Core {
@@ -303,6 +305,7 @@ impl Core {
             worker_seq: AtomicU64::new(1),
             lifecycle: Mutex::new(Default::default()),
             draining: Default::default(),
+            writes: Default::default(),
         }
     }
 

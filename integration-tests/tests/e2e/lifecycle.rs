@@ -393,6 +393,57 @@ async fn a_broken_new_version_is_rejected_and_the_old_one_keeps_serving() {
     live.sup.shutdown(Duration::from_secs(2)).await;
 }
 
+/// A writer that pauses in the middle of a rewrite for longer than the quiet period
+/// (CI caught this: a test's `fs::write` stalled between its truncate and its write,
+/// and the empty file was loaded as a version). While the file is open for writing
+/// nothing is read; the version loads once it is closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_paused_mid_write_is_not_read_until_closed() {
+    use std::io::Write;
+    let live = Live::new();
+    let dir = live.dir("paused");
+    write_plugin(&dir, "python", "paused", 1, "");
+    live.until_version("paused", "v1").await;
+    let pid = live.pid("paused").await.unwrap();
+    let hold = 4 * corral::lifecycle::QUIET;
+    // Still version 1, nothing rejected, the same worker, for the whole pause.
+    let unchanged = |during: &'static str| {
+        let live = &live;
+        async move {
+            let until = Instant::now() + hold;
+            while Instant::now() < until {
+                assert_eq!(
+                    live.answer("paused", "version").await.as_deref(),
+                    Ok("v1"),
+                    "{during}"
+                );
+                assert_eq!(
+                    live.sup.lifecycle_errors().await,
+                    Vec::<String>::new(),
+                    "{during}"
+                );
+                assert_eq!(live.pid("paused").await, Some(pid), "{during}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let text = "def version(data):\n    return 'v2'\n";
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(dir.join("plugin.py"))
+        .unwrap();
+    unchanged("truncated, nothing written yet").await;
+    f.write_all(&text.as_bytes()[..10]).unwrap();
+    unchanged("half written").await;
+    f.write_all(&text.as_bytes()[10..]).unwrap();
+    drop(f);
+    live.until_version("paused", "v2").await;
+    assert_ne!(live.pid("paused").await, Some(pid));
+    assert!(live.sup.lifecycle_errors().await.is_empty());
+    live.sup.shutdown(Duration::from_secs(2)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removed_plugin_finishes_its_calls_then_is_unloaded() {
     let live = Live::new();
