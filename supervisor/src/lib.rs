@@ -43,6 +43,7 @@ pub mod reload;
 pub mod signing;
 pub mod store;
 pub(crate) mod supervisor;
+pub mod versions;
 mod worker;
 
 pub use audit::AuditSink;

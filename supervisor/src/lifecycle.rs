@@ -20,6 +20,10 @@
 //! rejected: the old one keeps serving, the reason is logged and shown by
 //! `corral status`, and the same files are not tried again until they change.
 //!
+//! Workers run a copy of their version's files ([`crate::versions`]), so a version
+//! keeps running as it was checked through worker restarts, whatever its directory
+//! holds meanwhile (a rejected edit, a file being written).
+//!
 //! A plugin whose directory disappears (or loses its `plugin.toml`) is taken out of
 //! the table at once (new calls get "unknown plugin") and its worker retired the same
 //! way: calls in flight finish first.
@@ -164,19 +168,6 @@ fn last_change(dir: &Path) -> std::io::Result<std::time::SystemTime> {
             latest.0.max(0) as u64,
             latest.1.clamp(0, 999_999_999) as u32,
         ))
-}
-
-/// Why a version did not replace the running one.
-enum NotLoaded {
-    Rejected(String),
-    /// Its files changed while it loaded; try again once they settle.
-    Changed,
-}
-
-impl From<String> for NotLoaded {
-    fn from(why: String) -> Self {
-        NotLoaded::Rejected(why)
-    }
 }
 
 impl SyncReport {
@@ -362,6 +353,8 @@ impl Core {
             }
             match self.read_plugin(dir, old.as_deref()) {
                 Ok(new) => pending.push((new, old)),
+                // Caught changing: read again once the files settle.
+                Err(AddPluginError::Changed { .. }) => report.unsettled.push(dir.clone()),
                 Err(e) => {
                     let why = error_chain(&e);
                     reject(lc, report, dir, fp, why, old.as_deref());
@@ -407,8 +400,7 @@ impl Core {
                         }
                     }
                 }
-                Err(NotLoaded::Rejected(why)) => reject(lc, report, &dir, fp, why, old.as_deref()),
-                Err(NotLoaded::Changed) => report.unsettled.push(dir),
+                Err(why) => reject(lc, report, &dir, fp, why, old.as_deref()),
             }
         }
         skipped
@@ -443,7 +435,7 @@ impl Core {
 
     /// Check `new`, start it in a worker, and put it in the table in place of `old`
     /// (which is retired after its calls).
-    async fn load_version(&self, new: Plugin, old: Option<Arc<Plugin>>) -> Result<(), NotLoaded> {
+    async fn load_version(&self, new: Plugin, old: Option<Arc<Plugin>>) -> Result<(), String> {
         let id = new.manifest.id.clone();
         if let Some(other) = self.plugin(&id)
             && old.as_ref().is_none_or(|o| !Arc::ptr_eq(o, &other))
@@ -452,8 +444,7 @@ impl Core {
                 id,
                 dir: new.dir,
                 other: other.dir.clone(),
-            })
-            .into());
+            }));
         }
         // Dependencies: the new version must resolve, and must not block a plugin
         // that resolves now.
@@ -467,7 +458,7 @@ impl Core {
             map.insert(id.clone(), &new.manifest);
             let after = crate::deps::resolve(&map);
             if let Some(why) = after.blocked.get(&id) {
-                return Err(format!("not loaded: {why}").into());
+                return Err(format!("not loaded: {why}"));
             }
             let before = self.dependencies();
             if let Some((other, why)) = after
@@ -478,8 +469,7 @@ impl Core {
                 return Err(format!(
                     "not loaded: version {} would block plugin {other}: {why}",
                     new.manifest.version
-                )
-                .into());
+                ));
             }
         }
         for dep in new.manifest.dependencies.keys() {
@@ -493,16 +483,6 @@ impl Core {
             .start_worker(&new)
             .await
             .map_err(|e| format!("the new version does not load: {}", error_chain(&e)))?;
-        // What the worker loaded must be what was checked: files that changed
-        // meanwhile make this version void (the next pass reads them again).
-        if fingerprint(&new.dir).ok().as_ref() != Some(&new.fingerprint)
-            || self.writes.writing_under(&new.dir).is_some()
-        {
-            tracing::info!(plugin = %id, "files changed while the new version loaded; trying again");
-            worker.retire(Duration::from_secs(1)).await;
-            drop(group);
-            return Err(NotLoaded::Changed);
-        }
         tracing::info!(plugin = %id, pid = worker.pid, version = %new.manifest.version, "new version ready");
         {
             let mut st = new.state.lock().await;
@@ -563,20 +543,9 @@ impl Core {
         let old = self
             .plugin(plugin)
             .ok_or_else(|| format!("no plugin {plugin:?}"))?;
-        let new = self
-            .read_plugin(&old.dir, Some(&old))
-            .map_err(|e| error_chain(&e))?;
-        if new.manifest.id != old.manifest.id {
-            return Err(format!(
-                "its directory now holds plugin {:?}; waiting for the reload",
-                new.manifest.id
-            ));
-        }
-        match self.load_version(new, Some(old)).await {
-            Ok(()) => Ok(()),
-            Err(NotLoaded::Rejected(why)) => Err(why),
-            Err(NotLoaded::Changed) => Err("its files changed while it loaded".into()),
-        }
+        // The same version in a new worker: file changes are the watcher's business.
+        let new = Core::same_version(&old);
+        self.load_version(new, Some(old)).await
     }
 }
 

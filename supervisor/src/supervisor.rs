@@ -200,13 +200,22 @@ pub enum AddPluginError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot copy the plugin in {}: {why}", dir.display())]
+    Snapshot { dir: PathBuf, why: String },
+    /// The files changed while they were read (the lifecycle reads them again once
+    /// they settle).
+    #[error("the files in {} changed while they were read", dir.display())]
+    Changed { dir: PathBuf },
 }
 
 /// A plugin's place in the supervisor.
 #[derive(Debug)]
 pub(crate) struct Plugin {
     pub(crate) manifest: Manifest,
+    /// The plugin's directory (its identity, and what messages name).
     pub(crate) dir: PathBuf,
+    /// The copy of this version's files that its workers read.
+    pub(crate) files: Arc<crate::versions::Snapshot>,
     pub(crate) state: Mutex<PluginState>,
     /// Shared by every version of the plugin (a reload carries them over):
     calls: Arc<AtomicU64>,
@@ -288,6 +297,8 @@ pub struct Core {
     pub(crate) draining: std::sync::Mutex<Vec<Weak<WorkerHandle>>>,
     /// Plugin files being written, as the plugin watcher sees them.
     pub(crate) writes: Arc<crate::lifecycle::Writes>,
+    /// Where versions' files are copied (made at the first read).
+    versions: OnceLock<Result<crate::versions::Versions, String>>,
 }
 
 impl Core {
@@ -306,6 +317,7 @@ impl Core {
             lifecycle: Mutex::new(Default::default()),
             draining: Default::default(),
             writes: Default::default(),
+            versions: OnceLock::new(),
         }
     }
 
@@ -367,6 +379,31 @@ impl Core {
                     source,
                 }
             })?;
+        // What was checked is what runs: the copy must hold the files fingerprinted
+        // before the manifest and signature were read.
+        let files = self
+            .versions
+            .get_or_init(|| {
+                let root = self
+                    .options
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(std::env::temp_dir);
+                crate::versions::Versions::create(&root)
+            })
+            .as_ref()
+            .map_err(|why| AddPluginError::Snapshot {
+                dir: dir.clone(),
+                why: why.clone(),
+            })?
+            .snapshot(&dir)
+            .map_err(|e| AddPluginError::Snapshot {
+                dir: dir.clone(),
+                why: e.to_string(),
+            })?;
+        if crate::lifecycle::fingerprint(files.path()).ok().as_ref() != Some(&fingerprint) {
+            return Err(AddPluginError::Changed { dir });
+        }
         let settings = self.options.plugin_config.get(&manifest.id);
         let redactor = Redactor::new(
             settings
@@ -378,6 +415,7 @@ impl Core {
         Ok(Plugin {
             manifest,
             dir,
+            files: Arc::new(files),
             state: Mutex::new(PluginState::default()),
             calls: previous.map_or_else(Default::default, |p| Arc::clone(&p.calls)),
             inflight: previous.map_or_else(
@@ -390,6 +428,24 @@ impl Core {
             fingerprint,
             retired: Default::default(),
         })
+    }
+
+    /// The same version of `p` (the same files and shared queues) as a new table
+    /// entry, to run in a new worker.
+    pub(crate) fn same_version(p: &Plugin) -> Plugin {
+        Plugin {
+            manifest: p.manifest.clone(),
+            dir: p.dir.clone(),
+            files: Arc::clone(&p.files),
+            state: Mutex::new(PluginState::default()),
+            calls: Arc::clone(&p.calls),
+            inflight: Arc::clone(&p.inflight),
+            deliveries: Arc::clone(&p.deliveries),
+            redactor: p.redactor.clone(),
+            publisher: p.publisher.clone(),
+            fingerprint: p.fingerprint.clone(),
+            retired: Default::default(),
+        }
     }
 
     /// Remember a retired worker until it has exited.
@@ -672,9 +728,11 @@ impl Core {
         p: &Plugin,
     ) -> Result<(Arc<WorkerHandle>, Effective, Option<Arc<PluginCgroup>>), StartError> {
         let m = &p.manifest;
-        // Checked again at every start: files may change after the plugin was added.
-        if p.publisher.is_some() || p.dir.join(crate::signing::SIG_FILE).exists() {
-            let now = crate::signing::verify(&p.dir, &self.options.publishers)
+        // The worker reads the version's copy, not the plugin directory.
+        let files = p.files.path();
+        // Checked again at every start: nothing but the supervisor may touch the copy.
+        if p.publisher.is_some() || files.join(crate::signing::SIG_FILE).exists() {
+            let now = crate::signing::verify(files, &self.options.publishers)
                 .map_err(|e| StartError::Refused(format!("signature: {e}")))?;
             if now != p.publisher {
                 return Err(StartError::Refused(format!(
@@ -695,9 +753,9 @@ impl Core {
             ))
         })?;
         if let Some(cred) = run_as {
-            access::check_readable(&p.dir, cred).map_err(|why| {
+            access::check_readable(files, cred).map_err(|why| {
                 StartError::Refused(format!(
-                    "the worker runs as uid {} gid {} and cannot read the plugin directory: \
+                    "the worker runs as uid {} gid {} and cannot read the copy of the plugin: \
                      {why}",
                     cred.uid, cred.gid
                 ))
@@ -737,13 +795,17 @@ impl Core {
             kind,
             broker: self.me.clone(),
             redactor: p.redactor.clone(),
+            files: Some(crate::worker::PluginFiles {
+                snapshot: Arc::clone(&p.files),
+                dir: p.dir.clone(),
+            }),
             plugin_id: m.id.clone(),
             env: worker_env(),
             handshake_timeout: self.options.handshake_timeout,
             kill_grace: self.options.kill_grace,
             confine: SelfConfinement {
                 level,
-                read: vec![p.dir.clone()],
+                read: vec![files.to_owned()],
                 write: cache_dir.iter().cloned().collect(),
                 tmpfs_bytes: effective.tmpfs.value,
                 engine: kind.as_str().to_owned(),
@@ -753,7 +815,7 @@ impl Core {
         };
         let load = LoadSpec {
             plugin_id: m.id.clone(),
-            plugin_dir: p.dir.to_string_lossy().into_owned(),
+            plugin_dir: files.to_string_lossy().into_owned(),
             entry: m.entry.to_string_lossy().into_owned(),
             limits: EngineLimits {
                 memory_bytes: effective.memory.value,

@@ -62,6 +62,41 @@ pub struct SpawnSpec {
     pub broker: Weak<Core>,
     /// The plugin's secrets, cut out of everything it logs.
     pub redactor: Redactor,
+    /// The version's files, kept while the worker lives.
+    pub files: Option<PluginFiles>,
+}
+
+/// The copy of a plugin version's files that a worker reads, and the plugin
+/// directory it was copied from, which messages name instead of the copy.
+#[derive(Debug, Clone)]
+pub struct PluginFiles {
+    pub snapshot: Arc<crate::versions::Snapshot>,
+    pub dir: PathBuf,
+}
+
+impl PluginFiles {
+    /// `text` with the copy's path replaced by the plugin directory's.
+    fn shown(&self, text: String) -> String {
+        let copy = self.snapshot.path().to_string_lossy();
+        if text.contains(copy.as_ref()) {
+            text.replace(copy.as_ref(), &self.dir.to_string_lossy())
+        } else {
+            text
+        }
+    }
+
+    /// Error messages (tracebacks, traps) with the plugin directory's path.
+    fn shown_error(&self, e: CallError) -> CallError {
+        match e {
+            CallError::Trap { message } => CallError::Trap {
+                message: self.shown(message),
+            },
+            CallError::Plugin { message } => CallError::Plugin {
+                message: self.shown(message),
+            },
+            other => other,
+        }
+    }
 }
 
 /// Replaces a plugin's secret values in text with `[secret NAME]`. Its `Debug`
@@ -180,6 +215,8 @@ pub struct WorkerHandle {
     shutting_down: Arc<AtomicBool>,
     exited: Arc<Notify>,
     kill_grace: Duration,
+    /// Kept (not read) while the worker lives: its version's files.
+    files: Option<PluginFiles>,
 }
 
 fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
@@ -317,7 +354,10 @@ impl WorkerHandle {
             Ok(Ok(exports)) => exports,
             Ok(Err(error)) => {
                 let _ = child.wait().await;
-                return Err(StartError::LoadFailed(error));
+                return Err(StartError::LoadFailed(match &spec.files {
+                    Some(f) => f.shown(error),
+                    None => error,
+                }));
             }
             Err(e) => {
                 let status = match child.try_wait() {
@@ -359,6 +399,7 @@ impl WorkerHandle {
             shutting_down: Arc::new(AtomicBool::new(false)),
             exited: Arc::new(Notify::new()),
             kill_grace: spec.kill_grace,
+            files: spec.files.clone(),
         });
         tokio::spawn(write_frames(wr, rx));
         tokio::spawn(
@@ -464,7 +505,10 @@ impl WorkerHandle {
         let _ = self.tx.send(frame);
         Ok(
             match tokio::time::timeout(deadline + self.kill_grace, answer).await {
-                Ok(Ok(result)) => result,
+                Ok(Ok(result)) => match &self.files {
+                    Some(f) => result.map_err(|e| f.shown_error(e)),
+                    None => result,
+                },
                 Ok(Err(_)) => Err(CallError::WorkerCrashed(ExitReason::Unknown)),
                 Err(_) => {
                     let mut p = lock(&self.pending);

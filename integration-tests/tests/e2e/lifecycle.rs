@@ -444,6 +444,105 @@ async fn a_file_paused_mid_write_is_not_read_until_closed() {
     live.sup.shutdown(Duration::from_secs(2)).await;
 }
 
+/// A rejected version never runs: the old version's workers read a copy of its own
+/// files, so a worker restarted after a crash (or a Python worker importing again
+/// after a trap) still runs the old version while the rejected files sit in its
+/// directory. Messages name the plugin's directory, not the copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_worker_runs_its_own_version_not_the_rejected_files() {
+    let live = Live::new();
+    for rt in ["js", "python"] {
+        let id = format!("kept-{rt}");
+        let dir = live.dir(&id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (entry, code): (&str, fn(&str) -> String) = match rt {
+            "js" => ("main.js", |v: &str| {
+                format!(
+                    "export function version() {{ return '{v}'; }}\n\
+                     export function boom() {{ throw new Error('boom in {v}'); }}\n"
+                )
+            }),
+            _ => ("plugin.py", |v: &str| {
+                format!(
+                    "def version(data):\n    return '{v}'\n\n\
+                     def boom(data):\n    raise RecursionError('boom in {v}')\n"
+                )
+            }),
+        };
+        let manifest = |v: &str, extra: &str| {
+            format!(
+                "id = \"{id}\"\nversion = \"{v}\"\nruntime = \"{rt}\"\nentry = \"{entry}\"\n{extra}"
+            )
+        };
+        std::fs::write(dir.join(entry), code("v1")).unwrap();
+        std::fs::write(dir.join("plugin.toml"), manifest("1.0.0", "")).unwrap();
+        live.until_version(&id, "v1").await;
+        let first = live.pid(&id).await.unwrap();
+
+        // Version 2 would load, but needs a plugin that is not installed: rejected.
+        std::fs::write(dir.join(entry), code("v2")).unwrap();
+        std::fs::write(
+            dir.join("plugin.toml"),
+            manifest("2.0.0", "[dependencies]\nghost = { version = \"^1\" }\n"),
+        )
+        .unwrap();
+        live.until_rejected(&dir, "dependency ghost (^1) is not installed")
+            .await;
+
+        // An error (in Python a trap, after which the worker imports the plugin
+        // again): the message names the file in the plugin's directory.
+        match live.answer(&id, "boom").await {
+            Err(CallError::Trap { message }) if rt == "python" => {
+                assert!(message.contains("boom in v1"), "{rt}: {message}");
+                if rt == "python" {
+                    let file = dir.canonicalize().unwrap().join(entry);
+                    assert!(
+                        message.contains(&format!("\"{}\"", file.display())),
+                        "{rt}: the traceback does not name {}: {message}",
+                        file.display()
+                    );
+                }
+                assert!(!message.contains("/versions/"), "{rt}: {message}");
+            }
+            Err(CallError::Plugin { message }) if rt == "js" => {
+                assert!(message.contains("boom in v1"), "{rt}: {message}");
+                assert!(!message.contains("/versions/"), "{rt}: {message}");
+            }
+            other => panic!("{rt}: boom answered {other:?}"),
+        }
+        assert_eq!(
+            live.answer(&id, "version").await.as_deref(),
+            Ok("v1"),
+            "{rt}"
+        );
+
+        // The worker dies; its replacement runs version 1, not the files on disk.
+        // SAFETY: plain kill(2) of a worker this test's supervisor started.
+        assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+        assert!(
+            wait_gone(first, Duration::from_secs(5)),
+            "{rt}: {first} still runs"
+        );
+        assert_eq!(
+            live.answer(&id, "version").await.as_deref(),
+            Ok("v1"),
+            "{rt}"
+        );
+        let second = live.pid(&id).await.unwrap();
+        assert_ne!(second, first, "{rt}");
+        let info = live.sup.list().await;
+        let info = info.iter().find(|p| p.id == id).unwrap();
+        assert_eq!(info.version, "1.0.0", "{rt}");
+
+        // Fixed: version 3 loads.
+        std::fs::write(dir.join(entry), code("v3")).unwrap();
+        std::fs::write(dir.join("plugin.toml"), manifest("3.0.0", "")).unwrap();
+        live.until_version(&id, "v3").await;
+        assert!(live.sup.lifecycle_errors().await.is_empty());
+    }
+    live.sup.shutdown(Duration::from_secs(2)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removed_plugin_finishes_its_calls_then_is_unloaded() {
     let live = Live::new();
