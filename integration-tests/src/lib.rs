@@ -354,3 +354,24 @@ pub fn assert_confined_at(
         );
     }
 }
+
+/// The copy of the plugin in `dir` that a supervisor with cache directory `cache`
+/// runs (`corral::versions`): the one version of it there.
+pub fn version_copy(cache: &Path, dir: &Path) -> PathBuf {
+    let name = format!("{}.", dir.file_name().unwrap().to_string_lossy());
+    let mut found = Vec::new();
+    for sup in std::fs::read_dir(cache.join("versions")).unwrap() {
+        let sup = sup.unwrap().path();
+        if !sup.is_dir() {
+            continue;
+        }
+        for v in std::fs::read_dir(&sup).unwrap() {
+            let v = v.unwrap();
+            if v.file_name().to_string_lossy().starts_with(&name) {
+                found.push(v.path());
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "copies of {}: {found:?}", dir.display());
+    found.remove(0)
+}

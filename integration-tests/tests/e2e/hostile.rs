@@ -341,13 +341,21 @@ async fn maximum_level_shows_a_minimal_read_only_world() {
         a.sup.call("neighbour", "ok", vec![], None).await.unwrap();
         a.pid("neighbour").await
     };
-    // Its own plugin directory is there, read-only; /tmp is its own small tmpfs, the
-    // only writable place; its module cache is visible but read-only.
+    // Its own files (the copy of its version) are there, read-only; /tmp is its own
+    // small tmpfs, the only writable place; its module cache is visible but
+    // read-only. The plugin directory the copy was made from is not there at all.
     a.expect("read_own", "", "ok").await;
     a.expect("write", "/tmp/scratch", "ok").await;
+    let own_copy = corral_integration_tests::version_copy(a.cache.path(), a._attacker.path());
+    a.expect(
+        "write",
+        own_copy.join("plugin.toml").to_str().unwrap(),
+        "EROFS",
+    )
+    .await;
     let own_dir = a.sup.list().await;
     let own_dir = &own_dir.iter().find(|p| p.id == "attacker").unwrap().dir;
-    a.expect("write", &format!("{own_dir}/plugin.toml"), "EROFS")
+    a.expect("write", &format!("{own_dir}/plugin.toml"), "ENOENT")
         .await;
     a.expect(
         "write",

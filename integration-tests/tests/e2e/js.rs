@@ -16,7 +16,13 @@ struct Js {
 }
 
 fn js(limits: &str, level: Level) -> Js {
+    js_with(limits, level, |_| {})
+}
+
+/// [`js`] with the plugin's files changed by `prepare` before it is added.
+fn js_with(limits: &str, level: Level, prepare: impl FnOnce(&std::path::Path)) -> Js {
     let plugin = js_plugin("kit", limits);
+    prepare(plugin.path());
     let cache = open_tempdir();
     let mut opts = options(cache.path());
     opts.policy = Arc::new(test_policy().with_level(level, "test"));
@@ -192,14 +198,14 @@ async fn the_host_api_cannot_be_tampered_with() {
 
 /// A plugin whose main module imports `import_line`.
 async fn load_failure(import_line: &str, extra: impl FnOnce(&std::path::Path)) -> String {
-    let k = js("", Level::Standard);
-    let dir = k._plugin.path();
-    std::fs::write(
-        dir.join("main.js"),
-        format!("{import_line}\nexport function ok() {{ return \"ok\"; }}\n"),
-    )
-    .unwrap();
-    extra(dir);
+    let k = js_with("", Level::Standard, |dir| {
+        std::fs::write(
+            dir.join("main.js"),
+            format!("{import_line}\nexport function ok() {{ return \"ok\"; }}\n"),
+        )
+        .unwrap();
+        extra(dir);
+    });
     match k.call("ok", b"").await {
         Err(CallError::StartFailed { reason, .. }) => reason,
         other => panic!("{import_line}: expected a load failure, got {other:?}"),

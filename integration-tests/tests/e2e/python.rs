@@ -143,7 +143,13 @@ async fn the_interpreter_is_isolated_and_the_intended_one() {
         .map(|p| p.as_str().unwrap())
         .collect();
     assert_eq!(path.len(), 3, "plugin dir, stdlib, lib-dynload: {path:?}");
-    assert_eq!(path[0], k.plugin.path().to_str().unwrap());
+    // The plugin's files: the copy of its version the supervisor made.
+    let copy = corral_integration_tests::version_copy(k._cache.path(), k.plugin.path());
+    assert_eq!(path[0], copy.to_str().unwrap());
+    assert_eq!(
+        std::fs::read(copy.join("plugin.py")).unwrap(),
+        std::fs::read(k.plugin.path().join("plugin.py")).unwrap()
+    );
     assert!(path[2].ends_with("/lib-dynload"), "{path:?}");
     for flag in ["isolated", "no_site", "no_user_site", "ignore_environment"] {
         assert_eq!(env["flags"][flag], 1, "{flag}");
