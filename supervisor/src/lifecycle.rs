@@ -39,11 +39,13 @@ use std::time::Duration;
 /// What the lifecycle remembers between passes.
 #[derive(Debug, Default)]
 pub(crate) struct Lifecycle {
-    /// Plugin directories whose current files were rejected: their fingerprint (not
-    /// tried again until it changes; `None` if it could not be computed) and why.
-    rejected: BTreeMap<PathBuf, (Option<String>, String)>,
     hashes: FileHashes,
 }
+
+/// Plugin directories whose current files were rejected: their fingerprint (not tried
+/// again until it changes; `None` if it could not be computed) and why. Kept under a
+/// lock of its own (`Core::rejected`) so that `corral status` never waits for a pass.
+pub(crate) type Rejected = BTreeMap<PathBuf, (Option<String>, String)>;
 
 /// What one [`Core::sync_plugins`] pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -282,7 +284,7 @@ impl Core {
             v.dedup();
             v
         };
-        lc.rejected.retain(|d, _| wanted.contains(d));
+        self.rejected().retain(|d, _| wanted.contains(d));
         lc.hashes
             .0
             .retain(|f, _| wanted.iter().any(|d| f.starts_with(d)));
@@ -333,7 +335,7 @@ impl Core {
                 .as_ref()
                 .is_some_and(|o| Some(&o.fingerprint) == fp.as_ref())
             {
-                lc.rejected.remove(dir);
+                self.rejected().remove(dir);
                 continue;
             }
             let settled = last_change(dir).is_ok_and(|t| {
@@ -345,7 +347,7 @@ impl Core {
                 report.unsettled.push(dir.clone());
                 continue;
             }
-            if fp.is_some() && lc.rejected.get(dir).is_some_and(|(f, _)| f == &fp) {
+            if fp.is_some() && self.rejected().get(dir).is_some_and(|(f, _)| f == &fp) {
                 skipped = true;
                 if !retry_rejected {
                     continue; // Rejected before and unchanged since.
@@ -357,7 +359,7 @@ impl Core {
                 Err(AddPluginError::Changed { .. }) => report.unsettled.push(dir.clone()),
                 Err(e) => {
                     let why = error_chain(&e);
-                    reject(lc, report, dir, fp, why, old.as_deref());
+                    self.reject(report, dir, fp, why, old.as_deref());
                 }
             }
         }
@@ -384,7 +386,7 @@ impl Core {
             let (id, version) = (new.manifest.id.clone(), new.manifest.version.to_string());
             match self.load_version(new, old.clone()).await {
                 Ok(()) => {
-                    lc.rejected.remove(&dir);
+                    self.rejected().remove(&dir);
                     match old {
                         Some(o) if o.manifest.id == id => {
                             let line = format!("{id} {} -> {version}", o.manifest.version);
@@ -400,7 +402,7 @@ impl Core {
                         }
                     }
                 }
-                Err(why) => reject(lc, report, &dir, fp, why, old.as_deref()),
+                Err(why) => self.reject(report, &dir, fp, why, old.as_deref()),
             }
         }
         skipped
@@ -409,25 +411,15 @@ impl Core {
     /// Remember that the plugin in `dir` could not be added (at start), so that `corral
     /// status` shows it and it is retried when its files change.
     pub async fn record_rejection(&self, dir: &Path, why: String) {
-        let mut lc = self.lifecycle.lock().await;
+        let _lc = self.lifecycle.lock().await;
         let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
         let mut report = SyncReport::default();
-        reject(
-            &mut lc,
-            &mut report,
-            &dir,
-            fingerprint(&dir).ok(),
-            why,
-            None,
-        );
+        self.reject(&mut report, &dir, fingerprint(&dir).ok(), why, None);
     }
 
     /// Why the current files of plugin directories were rejected (`dir: why`).
     pub async fn lifecycle_errors(&self) -> Vec<String> {
-        self.lifecycle
-            .lock()
-            .await
-            .rejected
+        self.rejected()
             .iter()
             .map(|(d, (_, why))| format!("{}: {why}", d.display()))
             .collect()
@@ -549,26 +541,39 @@ impl Core {
     }
 }
 
-/// Remember that `dir`'s files were rejected, and report it.
-fn reject(
-    lc: &mut Lifecycle,
-    report: &mut SyncReport,
-    dir: &Path,
-    fingerprint: Option<String>,
-    why: String,
-    old: Option<&Plugin>,
-) {
-    match old {
-        Some(o) => tracing::error!(
-            plugin = %o.manifest.id,
-            dir = %dir.display(),
-            "new version rejected; version {} keeps serving: {why}",
-            o.manifest.version
-        ),
-        None => tracing::error!(dir = %dir.display(), "plugin rejected: {why}"),
+impl Core {
+    fn rejected(&self) -> std::sync::MutexGuard<'_, Rejected> {
+        self.rejected.lock().unwrap_or_else(|e| e.into_inner())
     }
-    report.rejected.push(format!("{}: {why}", dir.display()));
-    lc.rejected.insert(dir.to_owned(), (fingerprint, why));
+
+    /// Remember that `dir`'s files were rejected, and report it (logged once for the
+    /// same files and reason, however many rounds try them).
+    fn reject(
+        &self,
+        report: &mut SyncReport,
+        dir: &Path,
+        fingerprint: Option<String>,
+        why: String,
+        old: Option<&Plugin>,
+    ) {
+        report.rejected.push(format!("{}: {why}", dir.display()));
+        let entry = (fingerprint, why);
+        let mut rejected = self.rejected();
+        if rejected.get(dir) == Some(&entry) {
+            return;
+        }
+        let why = &entry.1;
+        match old {
+            Some(o) => tracing::error!(
+                plugin = %o.manifest.id,
+                dir = %dir.display(),
+                "new version rejected; version {} keeps serving: {why}",
+                o.manifest.version
+            ),
+            None => tracing::error!(dir = %dir.display(), "plugin rejected: {why}"),
+        }
+        rejected.insert(dir.to_owned(), entry);
+    }
 }
 
 #[cfg(test)]

@@ -297,6 +297,8 @@ pub struct Core {
     pub(crate) draining: std::sync::Mutex<Vec<Weak<WorkerHandle>>>,
     /// Plugin files being written, as the plugin watcher sees them.
     pub(crate) writes: Arc<crate::lifecycle::Writes>,
+    /// Plugin directories whose files were rejected, and why.
+    pub(crate) rejected: std::sync::Mutex<crate::lifecycle::Rejected>,
     /// Where versions' files are copied (made at the first read).
     versions: OnceLock<Result<crate::versions::Versions, String>>,
 }
@@ -318,6 +320,7 @@ impl Core {
             draining: Default::default(),
             writes: Default::default(),
             versions: OnceLock::new(),
+            rejected: Default::default(),
         }
     }
 

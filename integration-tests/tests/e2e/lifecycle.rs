@@ -543,6 +543,60 @@ async fn a_restarted_worker_runs_its_own_version_not_the_rejected_files() {
     live.sup.shutdown(Duration::from_secs(2)).await;
 }
 
+/// `corral status` (the rejections) answers while a pass is busy loading a slow
+/// plugin: the rejections have a lock of their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn rejections_are_readable_while_a_pass_loads() {
+    let live = Live::new();
+    let bad = live.dir("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("main.js"), "export function version( {\n").unwrap();
+    std::fs::write(
+        bad.join("plugin.toml"),
+        "id = \"bad\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n",
+    )
+    .unwrap();
+    live.until_rejected(&bad, "SyntaxError").await;
+
+    let slow = live.dir("slow-init");
+    std::fs::create_dir_all(&slow).unwrap();
+    std::fs::write(
+        slow.join("main.js"),
+        "export function init() { const t = corral.now_ms(); while (corral.now_ms() - t < 3000) {} }\n\
+         export function version() { return 'v1'; }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        slow.join("plugin.toml"),
+        "id = \"slow-init\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n",
+    )
+    .unwrap();
+    // The pass has copied the version: it is loading it now, for three seconds.
+    let versions = live._cache.path().join("versions");
+    wait_for(
+        "the pass to read slow-init",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_dir(&versions).unwrap().flatten().any(|sup| {
+                std::fs::read_dir(sup.path()).is_ok_and(|mut d| {
+                    d.any(|v| {
+                        v.is_ok_and(|v| v.file_name().to_string_lossy().starts_with("slow-init."))
+                    })
+                })
+            })
+        },
+    );
+    let errors = live.sup.lifecycle_errors().await;
+    assert!(
+        live.sup.list().await.iter().all(|p| p.id != "slow-init"),
+        "the pass ended before the rejections were read: this proves nothing"
+    );
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("SyntaxError"), "{errors:?}");
+    live.until_version("slow-init", "v1").await;
+    live.sup.shutdown(Duration::from_secs(2)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removed_plugin_finishes_its_calls_then_is_unloaded() {
     let live = Live::new();
