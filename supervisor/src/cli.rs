@@ -194,6 +194,10 @@ pub enum PluginCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write DIR/index.toml for the plugin archives in DIR (*.tar.gz, *.tgz): id,
+    /// version, archive and SHA-256 of each, read with the checks of an install.
+    /// Entries of an existing index at a URL or in a subdirectory are kept.
+    Index { dir: PathBuf },
     /// Install a plugin into the plugins directory from an archive (a path or an
     /// http(s) URL) or, with `--index`, by id (`ID` or `ID@REQ`, a semver
     /// requirement). Checks the checksum, the archive, the manifest and the
@@ -561,6 +565,32 @@ async fn plugin_command(cmd: PluginCommand) -> anyhow::Result<u8> {
         PluginCommand::Pack { dir, out } => match crate::install::pack(&dir, &out) {
             Ok(sum) => {
                 println!("{}  sha256 {sum}", out.display());
+                Ok(exit::OK)
+            }
+            Err(e) => fail(&crate::supervisor::error_chain(&e)),
+        },
+        PluginCommand::Index { dir } => match crate::install::index(&dir) {
+            Ok(done) => {
+                for e in &done.entries {
+                    println!("{} {}  {}  sha256 {}", e.id, e.version, e.archive, e.sha256);
+                }
+                for e in &done.kept {
+                    println!(
+                        "{} {}  {}  (kept from the previous index)",
+                        e.id, e.version, e.archive
+                    );
+                }
+                for e in &done.dropped {
+                    println!(
+                        "{} {}  {}  DROPPED: the archive is gone",
+                        e.id, e.version, e.archive
+                    );
+                }
+                println!(
+                    "wrote {} ({} entries)",
+                    dir.join(crate::install::INDEX_FILE).display(),
+                    done.entries.len() + done.kept.len()
+                );
                 Ok(exit::OK)
             }
             Err(e) => fail(&crate::supervisor::error_chain(&e)),

@@ -22,7 +22,8 @@
 //! ```
 //!
 //! `corral plugin install ID[@REQ] --index I` takes the highest version satisfying the
-//! semver requirement `REQ` (default: any).
+//! semver requirement `REQ` (default: any). `corral plugin index DIR` writes the
+//! `index.toml` of a directory of archives (see [`index`]).
 //!
 //! # What an install checks, in order
 //!
@@ -150,7 +151,7 @@ pub struct Listed {
     pub signature: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawIndex {
     #[serde(default)]
@@ -158,7 +159,7 @@ struct RawIndex {
 }
 
 /// One archive in an index.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IndexEntry {
     pub id: String,
@@ -556,6 +557,124 @@ fn unpack(bytes: &[u8], into: &Path, what: &str) -> Result<(), InstallError> {
         }
     }
     Ok(())
+}
+
+/// What `corral plugin index` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Indexed {
+    /// The entries written, in id and version order.
+    pub entries: Vec<IndexEntry>,
+    /// Entries of the previous index kept as they were: archives at a URL, or in a
+    /// subdirectory (not read again).
+    pub kept: Vec<IndexEntry>,
+    /// Entries of the previous index dropped because their archive is gone.
+    pub dropped: Vec<IndexEntry>,
+}
+
+/// Write `dir/index.toml` for the plugin archives (`*.tar.gz`, `*.tgz`) in `dir`:
+/// each archive is read with the checks of an install (checksum taken, unpacked
+/// within the limits, manifest read) and listed with its id, version and SHA-256.
+/// Entries of an existing index whose archive is a URL or in a subdirectory are
+/// kept; entries whose archive is gone are dropped, and said so. Nothing is written
+/// if an archive is bad or two archives hold the same id and version.
+pub fn index(dir: &Path) -> Result<Indexed, InstallError> {
+    let file = dir.join(INDEX_FILE);
+    let shown = file.display().to_string();
+    let bad = |why: String| InstallError::Index {
+        index: shown.clone(),
+        why,
+    };
+    let previous: Vec<IndexEntry> = match std::fs::read_to_string(&file) {
+        Ok(text) => {
+            toml::from_str::<RawIndex>(&text)
+                .map_err(|e| {
+                    let (line, column) =
+                        corral_manifest::line_col(&text, e.span().map_or(0, |s| s.start));
+                    bad(format!(
+                        "{line}:{column}: {}; fix or remove it first",
+                        e.message()
+                    ))
+                })?
+                .plugin
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io(&shown)(e)),
+    };
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(io(dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tar.gz") || n.ends_with(".tgz"))
+        .collect();
+    names.sort();
+    let mut out = Indexed::default();
+    for name in &names {
+        let path = dir.join(name);
+        let what = path.display().to_string();
+        let len = std::fs::metadata(&path).map_err(io(&what))?.len();
+        if len > MAX_ARCHIVE {
+            return Err(InstallError::Archive {
+                what,
+                why: format!("{len} bytes, over the {MAX_ARCHIVE}-byte limit"),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(io(&what))?;
+        let unpacked = tempfile::tempdir().map_err(io("a temporary directory"))?;
+        unpack(&bytes, unpacked.path(), &what)?;
+        let root = plugin_root(unpacked.path()).ok_or_else(|| InstallError::Archive {
+            what: what.clone(),
+            why: "no plugin.toml at its root or in its one top directory".into(),
+        })?;
+        let manifest = Manifest::load_dir(&root).map_err(|e| InstallError::Plugin {
+            what: what.clone(),
+            why: crate::supervisor::error_chain(&e).replace(&root.display().to_string(), name),
+        })?;
+        out.entries.push(IndexEntry {
+            id: manifest.id.clone(),
+            version: manifest.version.clone(),
+            archive: name.clone(),
+            sha256: signing::hex(&Sha256::digest(&bytes)),
+        });
+    }
+    for e in previous {
+        if out.entries.iter().any(|n| n.archive == e.archive) {
+            continue;
+        }
+        // `dir.join` keeps an absolute path as it is.
+        if is_url(&e.archive) || dir.join(&e.archive).is_file() {
+            out.kept.push(e);
+        } else {
+            out.dropped.push(e);
+        }
+    }
+    let mut all: Vec<IndexEntry> = out.entries.iter().chain(&out.kept).cloned().collect();
+    all.sort_by(|a, b| (&a.id, &a.version).cmp(&(&b.id, &b.version)));
+    for pair in all.windows(2) {
+        if pair[0].id == pair[1].id && pair[0].version == pair[1].version {
+            return Err(bad(format!(
+                "{} and {} both hold {} {}; keep one",
+                pair[0].archive, pair[1].archive, pair[0].id, pair[0].version
+            )));
+        }
+    }
+    if all.is_empty() {
+        return Err(bad(format!(
+            "no plugin archives (*.tar.gz, *.tgz) in {}; make them with `corral plugin pack`",
+            dir.display()
+        )));
+    }
+    let body = toml::to_string(&RawIndex { plugin: all })
+        .map_err(|e| bad(format!("cannot write it: {e}")))?;
+    let text = format!(
+        "# Written by `corral plugin index`: one entry per plugin archive, for\n\
+         # `corral plugin install ID[@REQ] --index {}`.\n\n{body}",
+        dir.display()
+    );
+    let tmp = dir.join(format!(".{INDEX_FILE}.partial"));
+    std::fs::write(&tmp, text).map_err(io(tmp.display()))?;
+    std::fs::rename(&tmp, &file).map_err(io(&shown))?;
+    Ok(out)
 }
 
 /// Where the plugin is in an unpacked archive: its root or its one top directory.

@@ -1039,3 +1039,106 @@ fn install_from_directory_and_http_indexes_hot_reloads_and_refuses_bad_archives(
         "{status}"
     );
 }
+
+#[test]
+fn an_index_is_written_from_a_directory_of_archives_and_never_half_written() {
+    let work = open_tempdir();
+    let w = work.path();
+    let idx = w.join("index");
+    let plugins = w.join("plugins");
+    std::fs::create_dir_all(&idx).unwrap();
+    std::fs::create_dir_all(&plugins).unwrap();
+    let mut sums = BTreeMap::new();
+    for v in [1, 2] {
+        let src = w.join(format!("src/shop-{v}"));
+        write_plugin(&src, "js", "shop", v, "");
+        let archive = idx.join(format!("shop-1.{v}.0.tar.gz"));
+        let out = corral(&[
+            "plugin",
+            "pack",
+            src.to_str().unwrap(),
+            "--out",
+            archive.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let sum = text(&out.stdout)
+            .split("sha256 ")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_owned();
+        sums.insert(format!("1.{v}.0"), sum);
+    }
+    // A previous index: an archive elsewhere is kept, one that is gone is dropped.
+    std::fs::write(
+        idx.join("index.toml"),
+        format!(
+            "[[plugin]]\nid = \"far\"\nversion = \"1.0.0\"\narchive = \"http://127.0.0.1:9/far.tar.gz\"\nsha256 = \"{0}\"\n\n\
+             [[plugin]]\nid = \"gone\"\nversion = \"1.0.0\"\narchive = \"gone-1.0.0.tar.gz\"\nsha256 = \"{0}\"\n",
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    let out = corral(&["plugin", "index", idx.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    eprintln!("{said}");
+    for (v, sum) in &sums {
+        assert!(
+            said.contains(&format!("shop {v}  shop-{v}.tar.gz  sha256 {sum}")),
+            "{said}"
+        );
+    }
+    assert!(
+        said.contains("far 1.0.0  http://127.0.0.1:9/far.tar.gz  (kept"),
+        "{said}"
+    );
+    assert!(
+        said.contains("gone 1.0.0  gone-1.0.0.tar.gz  DROPPED"),
+        "{said}"
+    );
+    assert!(said.contains("(3 entries)"), "{said}");
+
+    // The index it wrote serves installs.
+    let out = corral(&[
+        "plugin",
+        "install",
+        "shop@~1.1",
+        "--index",
+        idx.to_str().unwrap(),
+        "--plugins-dir",
+        plugins.to_str().unwrap(),
+        "--allow-unsigned",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        std::fs::read_to_string(plugins.join("shop/plugin.toml"))
+            .unwrap()
+            .contains("version = \"1.1.0\"")
+    );
+
+    // A bad archive, or two archives of one version: refused, the index unchanged.
+    let written = std::fs::read(idx.join("index.toml")).unwrap();
+    std::fs::write(idx.join("junk.tar.gz"), "not an archive").unwrap();
+    let out = corral(&["plugin", "index", idx.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    eprintln!("junk: {err}");
+    assert!(
+        err.contains("junk.tar.gz: not a gzipped tar archive"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(idx.join("index.toml")).unwrap(), written);
+    std::fs::remove_file(idx.join("junk.tar.gz")).unwrap();
+    std::fs::copy(idx.join("shop-1.1.0.tar.gz"), idx.join("again.tgz")).unwrap();
+    let out = corral(&["plugin", "index", idx.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    eprintln!("duplicate: {err}");
+    assert!(
+        err.contains("again.tgz and shop-1.1.0.tar.gz both hold shop 1.1.0"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(idx.join("index.toml")).unwrap(), written);
+    assert_eq!(tree(&idx).iter().filter(|n| n.starts_with('.')).count(), 0);
+}
