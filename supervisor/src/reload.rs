@@ -129,6 +129,11 @@ pub fn watch_plugins(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let filter = roots.clone();
     let writes = Arc::clone(&sup.writes);
+    // Roots that were created, removed or renamed (seen through their parent's
+    // watch): watched again after the next pass. (Their inode alone cannot tell: a
+    // directory removed and made again often gets the same inode number.)
+    let touched: Arc<std::sync::Mutex<Vec<PathBuf>>> = Default::default();
+    let touch = Arc::clone(&touched);
     // Raw events, debounced below: which files are open for writing is known only from
     // the kind of each event (see `Writes`).
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -156,6 +161,14 @@ pub fn watch_plugins(
                     return;
                 }
                 writes.note(&event);
+                if !matches!(event.kind, EventKind::Access(_)) {
+                    let mut t = touch.lock().unwrap_or_else(|e| e.into_inner());
+                    for r in filter.iter().filter(|r| event.paths.contains(r)) {
+                        if !t.contains(r) {
+                            t.push(r.clone());
+                        }
+                    }
+                }
                 let _ = tx.send(());
             }
             Err(e) => tracing::warn!("watching the plugins: {e}"),
@@ -184,14 +197,21 @@ pub fn watch_plugins(
             }
             while rx.try_recv().is_ok() {}
             again = !sync(&sources, &sup).await.unsettled.is_empty();
-            // A directory removed and made again is a new inode: watch it again.
+            // A directory removed and made again (or renamed in): watch it again.
             let Some(w) = weak.upgrade() else { break };
             let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+            let again_roots: Vec<PathBuf> =
+                std::mem::take(&mut *touched.lock().unwrap_or_else(|e| e.into_inner()));
             for (root, seen) in roots.iter().zip(&mut watched) {
                 let now = inode(root);
-                if now != *seen && now.is_some() {
+                if now.is_some() && (now != *seen || again_roots.contains(root)) {
                     match w.watch(root, notify::RecursiveMode::Recursive) {
-                        Ok(()) => *seen = now,
+                        // What was written before the watch began has no events:
+                        // one more pass sees it.
+                        Ok(()) => {
+                            *seen = now;
+                            again = true;
+                        }
                         Err(e) => tracing::warn!("cannot watch {}: {e}", root.display()),
                     }
                 }

@@ -523,6 +523,16 @@ async fn a_restarted_worker_runs_its_own_version_not_the_rejected_files() {
             wait_gone(first, Duration::from_secs(5)),
             "{rt}: {first} still runs"
         );
+        // Once the supervisor has seen it go (a call sent before then gets
+        // `WorkerCrashed`, truthfully).
+        let until = Instant::now() + Duration::from_secs(10);
+        while live.pid(&id).await == Some(first) {
+            assert!(
+                Instant::now() < until,
+                "{rt}: the supervisor never saw {first} go"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         assert_eq!(
             live.answer(&id, "version").await.as_deref(),
             Ok("v1"),
