@@ -771,6 +771,26 @@ fn corral(args: &[&str]) -> Output {
     Command::new(built().corral()).args(args).output().unwrap()
 }
 
+/// `corral plugin pack SRC --out ARCHIVE`; returns the SHA-256 it printed.
+fn pack(src: &Path, archive: &Path) -> String {
+    let out = corral(&[
+        "plugin",
+        "pack",
+        src.to_str().unwrap(),
+        "--out",
+        archive.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sum = text(&out.stdout)
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(sum.len(), 64, "{}", text(&out.stdout));
+    sum
+}
+
 /// Every name under `dir`, hidden ones included.
 fn tree(dir: &Path) -> Vec<String> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
@@ -858,21 +878,7 @@ fn install_from_directory_and_http_indexes_hot_reloads_and_refuses_bad_archives(
             .unwrap();
         }
         let archive = index.join(format!("{name}.tar.gz"));
-        let out = corral(&[
-            "plugin",
-            "pack",
-            src.to_str().unwrap(),
-            "--out",
-            archive.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let sum = text(&out.stdout)
-            .trim()
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .to_owned();
-        assert_eq!(sum.len(), 64, "{}", text(&out.stdout));
+        let sum = pack(&src, &archive);
         sums.insert(name.to_owned(), sum);
     };
     pack("shop-1", "shop", 1, true, false);
@@ -1063,20 +1069,7 @@ fn an_index_is_written_from_a_directory_of_archives_and_never_half_written() {
         let src = w.join(format!("src/shop-{v}"));
         write_plugin(&src, "js", "shop", v, "");
         let archive = idx.join(format!("shop-1.{v}.0.tar.gz"));
-        let out = corral(&[
-            "plugin",
-            "pack",
-            src.to_str().unwrap(),
-            "--out",
-            archive.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let sum = text(&out.stdout)
-            .split("sha256 ")
-            .nth(1)
-            .unwrap()
-            .trim()
-            .to_owned();
+        let sum = pack(&src, &archive);
         sums.insert(format!("1.{v}.0"), sum);
     }
     // A previous index: an archive elsewhere is kept, one that is gone is dropped.
