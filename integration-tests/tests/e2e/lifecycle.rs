@@ -1122,26 +1122,25 @@ fn an_index_is_written_from_a_directory_of_archives_and_never_half_written() {
 
     // A bad archive, or two archives of one version: refused, the index unchanged.
     let written = std::fs::read(idx.join("index.toml")).unwrap();
+    let refused = |what: &str, want: &str| {
+        let out = corral(&["plugin", "index", idx.to_str().unwrap()]);
+        assert_ne!(out.status.code(), Some(0), "{what}");
+        let err = text(&out.stderr);
+        eprintln!("{what}: {err}");
+        assert!(err.contains(want), "{what}: {err}");
+        assert_eq!(
+            std::fs::read(idx.join("index.toml")).unwrap(),
+            written,
+            "{what}"
+        );
+    };
     std::fs::write(idx.join("junk.tar.gz"), "not an archive").unwrap();
-    let out = corral(&["plugin", "index", idx.to_str().unwrap()]);
-    assert_ne!(out.status.code(), Some(0));
-    let err = text(&out.stderr);
-    eprintln!("junk: {err}");
-    assert!(
-        err.contains("junk.tar.gz: not a gzipped tar archive"),
-        "{err}"
-    );
-    assert_eq!(std::fs::read(idx.join("index.toml")).unwrap(), written);
+    refused("junk", "junk.tar.gz: not a gzipped tar archive");
     std::fs::remove_file(idx.join("junk.tar.gz")).unwrap();
     std::fs::copy(idx.join("shop-1.1.0.tar.gz"), idx.join("again.tgz")).unwrap();
-    let out = corral(&["plugin", "index", idx.to_str().unwrap()]);
-    assert_ne!(out.status.code(), Some(0));
-    let err = text(&out.stderr);
-    eprintln!("duplicate: {err}");
-    assert!(
-        err.contains("again.tgz and shop-1.1.0.tar.gz both hold shop 1.1.0"),
-        "{err}"
+    refused(
+        "duplicate",
+        "again.tgz and shop-1.1.0.tar.gz both hold shop 1.1.0",
     );
-    assert_eq!(std::fs::read(idx.join("index.toml")).unwrap(), written);
     assert_eq!(tree(&idx).iter().filter(|n| n.starts_with('.')).count(), 0);
 }
