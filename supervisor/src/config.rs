@@ -43,7 +43,7 @@
 //!
 //! Unknown keys are errors; errors name the file, line and column.
 
-use crate::supervisor::{Options, PluginConfig, RestartPolicy};
+use crate::{Options, PluginConfig, RestartPolicy};
 use serde::Deserialize;
 use serde_spanned::Spanned;
 use std::collections::BTreeMap;

@@ -295,3 +295,52 @@ impl Services {
         Err(self.denied(&format!("calling {plugin}.{function}"), "call"))
     }
 }
+
+/// One permission a plugin's `plugin.toml` asks for, and what its grants say of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Requested {
+    /// As written: `kv`, `http api.example.com:443`, `publish orders`, ...
+    pub what: String,
+    /// `Ok(grant that allows it)` or `Err(why not)`.
+    pub decision: Decision,
+}
+
+impl Services {
+    /// What `m` asks for in `[permissions]`, each judged by these grants. Requests
+    /// are informational: the grants decide at every host call.
+    pub fn judge(&self, m: &corral_manifest::Manifest) -> Vec<Requested> {
+        let p = &m.permissions;
+        let mut out = Vec::new();
+        let mut push = |what: String, decision: Decision| out.push(Requested { what, decision });
+        if p.kv {
+            push("kv".into(), self.check_kv());
+        }
+        for h in &p.http {
+            let (host, port) = match h.rsplit_once(':') {
+                Some((host, port)) => (host, port.parse().ok()),
+                None => (h.as_str(), None),
+            };
+            // Allowed if a grant lets it fetch from the host over https or http.
+            let decision = [("https", 443), ("http", 80)]
+                .into_iter()
+                .map(|(scheme, default)| {
+                    self.check_fetch("GET", scheme, host, port.unwrap_or(default), "/")
+                })
+                .find(Result::is_ok)
+                .unwrap_or_else(|| Err(self.denied(&format!("fetch from {h}"), "fetch")));
+            push(format!("http {h}"), decision);
+        }
+        for t in &p.publish {
+            push(format!("publish {t}"), self.check_publish(t));
+        }
+        for s in &p.subscribe {
+            let topic = s.split_once('=').map_or(s.as_str(), |(t, _)| t).trim();
+            push(format!("subscribe {s}"), self.check_subscribe(topic));
+        }
+        for c in &p.call {
+            let (plugin, function) = c.split_once(':').unwrap_or((c.as_str(), "*"));
+            push(format!("call {c}"), self.check_call(plugin, function));
+        }
+        out
+    }
+}

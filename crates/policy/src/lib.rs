@@ -29,7 +29,7 @@
 mod grants;
 mod raw;
 
-pub use grants::{FetchRule, Grant, NameGlob, Services};
+pub use grants::{FetchRule, Grant, NameGlob, Requested, Services};
 
 use corral_confine::Level;
 use corral_manifest::{Manifest, Runtime};
@@ -508,8 +508,10 @@ impl Policy {
             user: limits.user.clone().expect("complete level limits"),
             tmpfs: get(&limits.tmpfs),
             clamped,
+            requested: Vec::new(),
             services: Services::of(&m.id, &self.grants),
         }
+        .with_requests(m)
     }
 }
 
@@ -535,9 +537,28 @@ pub struct Effective {
     pub clamped: Vec<String>,
     /// The host services it may use.
     pub services: Services,
+    /// What its `[permissions]` ask for, each judged by its grants.
+    pub requested: Vec<grants::Requested>,
 }
 
 impl Effective {
+    fn with_requests(mut self, m: &Manifest) -> Effective {
+        self.requested = self.services.judge(m);
+        self
+    }
+
+    /// The requested permissions, one line each: `http x: granted by ...` or
+    /// `kv: not granted: ...`.
+    pub fn requested_lines(&self) -> Vec<String> {
+        self.requested
+            .iter()
+            .map(|r| match &r.decision {
+                Ok(by) => format!("{}: granted by {by}", r.what),
+                Err(why) => format!("{}: not granted: {why}", r.what),
+            })
+            .collect()
+    }
+
     /// One line: the level, where it came from, and the resolved limits.
     pub fn summary(&self) -> String {
         format!(
@@ -644,6 +665,9 @@ impl fmt::Display for Effective {
                     .collect();
                 writeln!(f, "    call         {}", calls.join(", "))?;
             }
+        }
+        for r in self.requested_lines() {
+            writeln!(f, "  requested      {r}")?;
         }
         for c in &self.clamped {
             writeln!(f, "  note: {c}")?;

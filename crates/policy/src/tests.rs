@@ -442,3 +442,74 @@ fetch_timeout = "soon"
         "{e:#?}"
     );
 }
+
+#[test]
+fn requested_permissions_are_shown_with_what_the_grants_say() {
+    let p = Policy::parse(&files(&[(
+        "grants.toml",
+        r#"
+[[grant]]
+name = "billing"
+id = "billing-*"
+kv_quota = "1MiB"
+fetch = [{ url = "https://api.example.com/" }]
+publish = ["invoices.*"]
+call = ["tax-*:compute"]
+"#,
+    )]))
+    .unwrap();
+    let m = manifest(
+        r#"
+[permissions]
+kv = true
+http = ["api.example.com:443", "evil.example:8080"]
+publish = ["invoices.paid", "orders"]
+subscribe = ["news=on_news"]
+call = ["tax-eu:compute", "ledger"]
+"#,
+    );
+    let e = p.resolve(&m, None);
+    let lines = e.requested_lines();
+    let granted: Vec<(&str, bool)> = e
+        .requested
+        .iter()
+        .map(|r| (r.what.as_str(), r.decision.is_ok()))
+        .collect();
+    assert_eq!(
+        granted,
+        [
+            ("kv", true),
+            ("http api.example.com:443", true),
+            ("http evil.example:8080", false),
+            ("publish invoices.paid", true),
+            ("publish orders", false),
+            ("subscribe news=on_news", false),
+            ("call tax-eu:compute", true),
+            ("call ledger", false),
+        ]
+    );
+    assert_eq!(
+        lines[1],
+        "http api.example.com:443: granted by grant \"billing\" (grants.toml:2:1): fetch GET \
+         https://api.example.com/"
+    );
+    assert!(
+        lines[2].starts_with(
+            "http evil.example:8080: not granted: default deny: no [[grant]] fetch rule allows \
+             fetch from evil.example:8080 for plugin billing-api"
+        ),
+        "{}",
+        lines[2]
+    );
+    let shown = e.to_string();
+    assert!(
+        shown.contains("  requested      kv: granted by kv_quota 1 MiB"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("  requested      call ledger: not granted"),
+        "{shown}"
+    );
+    // A plugin that asks for nothing shows no request.
+    assert!(p.resolve(&manifest(""), None).requested.is_empty());
+}

@@ -11,7 +11,7 @@
 //!   ever left hanging: each ends in `Ok(bytes)` or one of these.
 //! - [`ControlRequest`] and [`ControlResponse`]: the daemon's control socket.
 //! - [`frame`]: length-prefixed bincode frames with a hard size limit, for blocking
-//!   (`std::io`) and async (`tokio`-free, caller-driven) use.
+//!   (`std::io`) use, and async use with the `tokio` feature.
 //!
 //! # Framing
 //!

@@ -525,6 +525,9 @@ pub struct PluginInfo {
     pub calls: u64,
     pub last_error: Option<String>,
     pub exports: Vec<String>,
+    /// What its `plugin.toml` `[permissions]` ask for, each with what the grants
+    /// say of it (`http x: granted by ...`, `kv: not granted: ...`).
+    pub requested: Vec<String>,
     /// The route that set the level and the resolved limits (`corral policy explain`
     /// shows every value's origin).
     pub policy: String,

@@ -405,7 +405,7 @@ async fn a_file_paused_mid_write_is_not_read_until_closed() {
     write_plugin(&dir, "python", "paused", 1, "");
     live.until_version("paused", "v1").await;
     let pid = live.pid("paused").await.unwrap();
-    let hold = 4 * corral::lifecycle::QUIET;
+    let hold = 4 * corral::QUIET;
     // Still version 1, nothing rejected, the same worker, for the whole pause.
     let unchanged = |during: &'static str| {
         let live = &live;

@@ -40,7 +40,7 @@
 //! daemon sees one complete change and hot-reloads it. Any failure removes the
 //! staging directory: a failed install leaves nothing behind.
 
-use crate::signing;
+use crate::plugins::signing;
 use corral_manifest::Manifest;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -196,7 +196,7 @@ async fn fetch(location: &str) -> Result<Vec<u8>, InstallError> {
         .get(location)
         .send()
         .await
-        .map_err(|e| fail(crate::supervisor::error_chain(&e)))?;
+        .map_err(|e| fail(corral_protocol::error_chain(&e)))?;
     if !resp.status().is_success() {
         return Err(fail(format!("HTTP {}", resp.status())));
     }
@@ -204,7 +204,7 @@ async fn fetch(location: &str) -> Result<Vec<u8>, InstallError> {
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| fail(crate::supervisor::error_chain(&e)))?
+        .map_err(|e| fail(corral_protocol::error_chain(&e)))?
     {
         body.extend_from_slice(&chunk);
         if body.len() as u64 > MAX_ARCHIVE {
@@ -316,7 +316,7 @@ pub async fn install(
     })?;
     let manifest = Manifest::load_dir(&root).map_err(|e| InstallError::Plugin {
         what: location.clone(),
-        why: crate::supervisor::error_chain(&e),
+        why: corral_protocol::error_chain(&e),
     })?;
     if let Some(e) = &entry
         && (e.id != manifest.id || e.version != manifest.version)
@@ -388,7 +388,7 @@ pub fn list(
     plugins_dir: &Path,
     publishers: &BTreeMap<String, String>,
 ) -> Result<Vec<Listed>, InstallError> {
-    let dirs = crate::lifecycle::discover(plugins_dir).map_err(io(plugins_dir.display()))?;
+    let dirs = crate::plugins::files::discover(plugins_dir).map_err(io(plugins_dir.display()))?;
     Ok(dirs
         .into_iter()
         .map(|dir| {
@@ -400,7 +400,7 @@ pub fn list(
                         format!("{:?}", m.runtime).to_lowercase(),
                     )
                 })
-                .map_err(|e| crate::supervisor::error_chain(&e));
+                .map_err(|e| corral_protocol::error_chain(&e));
             let signature = match signing::verify(&dir, publishers) {
                 Ok(Some(p)) => format!("signed by {p}"),
                 Ok(None) => "unsigned".into(),
@@ -420,7 +420,7 @@ pub fn list(
 pub fn pack(dir: &Path, out: &Path) -> Result<String, InstallError> {
     let manifest = Manifest::load_dir(dir).map_err(|e| InstallError::Plugin {
         what: dir.display().to_string(),
-        why: crate::supervisor::error_chain(&e),
+        why: corral_protocol::error_chain(&e),
     })?;
     let mut files = Vec::new();
     collect(dir, dir, &mut files)?;
@@ -628,7 +628,7 @@ pub fn index(dir: &Path) -> Result<Indexed, InstallError> {
         })?;
         let manifest = Manifest::load_dir(&root).map_err(|e| InstallError::Plugin {
             what: what.clone(),
-            why: crate::supervisor::error_chain(&e).replace(&root.display().to_string(), name),
+            why: corral_protocol::error_chain(&e).replace(&root.display().to_string(), name),
         })?;
         out.entries.push(IndexEntry {
             id: manifest.id.clone(),

@@ -2,7 +2,7 @@
 //! once it validates (a bad edit keeps the last good policy and is reported by the log
 //! and `corral status`), and watches its plugins (the configured directories and the
 //! plugins directory) and adds, reloads and removes them as their files change (see
-//! [`crate::lifecycle`]).
+//! [`crate::supervisor::lifecycle`]).
 
 use crate::Supervisor;
 use corral_policy::Policy;
@@ -107,7 +107,7 @@ impl PluginSources {
     pub fn scan(&self) -> std::io::Result<Vec<PathBuf>> {
         let mut dirs = self.dirs.clone();
         if let Some(d) = &self.plugins_dir {
-            dirs.extend(crate::lifecycle::discover(d)?);
+            dirs.extend(crate::plugins::files::discover(d)?);
         }
         Ok(dirs)
     }
@@ -128,7 +128,7 @@ pub fn watch_plugins(
         .collect();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let filter = roots.clone();
-    let writes = Arc::clone(&sup.writes);
+    let writes = Arc::clone(&sup.inner().writes);
     // Roots that were created, removed or renamed (seen through their parent's
     // watch): watched again after the next pass. (Their inode alone cannot tell: a
     // directory removed and made again often gets the same inode number.)
@@ -191,7 +191,7 @@ pub fn watch_plugins(
             // After a pass that found files still changing, pass again once they
             // have had time to settle, events or not.
             if again {
-                tokio::time::sleep(crate::lifecycle::QUIET).await;
+                tokio::time::sleep(crate::plugins::files::QUIET).await;
             } else if rx.recv().await.is_none() || !quiet(&mut rx).await {
                 break;
             }
@@ -242,7 +242,7 @@ fn inode(path: &Path) -> Option<u64> {
 }
 
 /// One pass: scan `sources` and apply the differences to `sup`.
-pub async fn sync(sources: &PluginSources, sup: &Supervisor) -> crate::lifecycle::SyncReport {
+pub async fn sync(sources: &PluginSources, sup: &Supervisor) -> crate::SyncReport {
     match sources.scan() {
         Ok(dirs) => sup.sync_plugins(&dirs).await,
         Err(e) => {

@@ -185,8 +185,8 @@ mod tests {
         );
         assert_eq!(std::fs::metadata(s).unwrap().mode() & 0o777, 0o755);
         assert_eq!(
-            crate::lifecycle::fingerprint(s).unwrap(),
-            crate::lifecycle::fingerprint(p).unwrap()
+            crate::plugins::files::fingerprint(s).unwrap(),
+            crate::plugins::files::fingerprint(p).unwrap()
         );
         // The copy does not follow the original.
         std::fs::write(p.join("plugin.py"), "x = 2\n").unwrap();

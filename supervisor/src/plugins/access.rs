@@ -12,7 +12,12 @@ use std::ffi::CString;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-pub use crate::worker::Credentials;
+/// A uid/gid pair a worker runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+}
 
 /// Whether this process runs with root's effective uid.
 pub fn is_root() -> bool {

@@ -7,7 +7,7 @@
 //! responses are the length-prefixed bincode frames of `corral-protocol`.
 
 use crate::Supervisor;
-use crate::worker::read_frame;
+
 use corral_protocol::{ControlRequest, ControlResponse, frame};
 use interprocess::local_socket::tokio::{Listener, Stream};
 use interprocess::local_socket::traits::tokio::{Listener as _, Stream as _};
@@ -169,7 +169,7 @@ async fn handle_client(conn: Stream, supervisor: Arc<Supervisor>, stop: Arc<Noti
     // `&Stream` reads and writes; one request is answered before the next is read.
     let (mut rd, mut wr) = (&conn, &conn);
     loop {
-        let req: ControlRequest = match read_frame(&mut rd).await {
+        let req: ControlRequest = match frame::read_msg_async(&mut rd, frame::MAX_FRAME).await {
             Ok(r) => r,
             Err(frame::FrameError::Closed) => return,
             Err(e) => {
@@ -250,6 +250,6 @@ impl ControlClient {
             .write_all(&buf)
             .await
             .map_err(frame::FrameError::Io)?;
-        Ok(read_frame(&mut self.conn).await?)
+        Ok(frame::read_msg_async(&mut self.conn, frame::MAX_FRAME).await?)
     }
 }

@@ -11,7 +11,7 @@
 
 use corral_protocol::HostError;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Longest key, in bytes.
 pub const MAX_KEY: usize = 1024;
@@ -24,7 +24,6 @@ const USAGE: TableDefinition<&str, u64> = TableDefinition::new("usage");
 #[derive(Debug)]
 pub struct Store {
     db: Database,
-    path: PathBuf,
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> HostError {
@@ -55,14 +54,7 @@ impl Store {
             .map_err(|e| format!("cannot open the store {}: {e}", path.display()))?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        Ok(Store {
-            db,
-            path: path.to_owned(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Store { db })
     }
 
     fn table(plugin: &str) -> String {
@@ -84,6 +76,7 @@ impl Store {
     }
 
     /// Bytes the plugin's keys and values take.
+    #[cfg(test)]
     pub fn usage(&self, plugin: &str) -> Result<u64, HostError> {
         let tx = self.db.begin_read().map_err(|e| failed("read", e))?;
         let table = match tx.open_table(USAGE) {

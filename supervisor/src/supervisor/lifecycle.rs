@@ -28,13 +28,12 @@
 //! the table at once (new calls get "unknown plugin") and its worker retired the same
 //! way: calls in flight finish first.
 
-use crate::supervisor::{AddPluginError, Core, HEALTH_EXPORT, Plugin, error_chain};
-use sha2::{Digest, Sha256};
+use super::{AddPluginError, HEALTH_EXPORT, Inner, Plugin, error_chain};
+use crate::plugins::files::{FileHashes, QUIET, fingerprint, fingerprint_with, last_change};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 /// What the lifecycle remembers between passes.
 #[derive(Debug, Default)]
@@ -44,10 +43,10 @@ pub(crate) struct Lifecycle {
 
 /// Plugin directories whose current files were rejected: their fingerprint (not tried
 /// again until it changes; `None` if it could not be computed) and why. Kept under a
-/// lock of its own (`Core::rejected`) so that `corral status` never waits for a pass.
+/// lock of its own (`Inner::rejected`) so that `corral status` never waits for a pass.
 pub(crate) type Rejected = BTreeMap<PathBuf, (Option<String>, String)>;
 
-/// What one [`Core::sync_plugins`] pass did.
+/// What one [`Supervisor::sync_plugins`](super::Supervisor::sync_plugins) pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncReport {
     /// Plugins loaded for the first time (ids).
@@ -65,217 +64,18 @@ pub struct SyncReport {
     pub unsettled: Vec<PathBuf>,
 }
 
-/// How long a plugin's files must be unchanged before a new version is read: a
-/// half-written file is never loaded as a version.
-pub const QUIET: Duration = Duration::from_millis(250);
-
-/// How long a file may stay open for writing, with no event, before it is taken for
-/// finished anyway (a writer that never closes, or a hard link, which is created
-/// without being written).
-pub const WRITE_STALE: Duration = Duration::from_secs(10);
-
-/// Files in the plugin directories being written: modified (or created) and not
-/// closed since, as the plugin watcher's events tell. A version is never read while
-/// one of its files is being written, however long the writer pauses between writes
-/// (the quiet period alone cannot tell a writer paused for a moment from one that is
-/// done: CI once caught a test's `fs::write` stalled between its truncate and its
-/// write, and loaded the empty file as a version).
-#[derive(Debug, Default)]
-pub struct Writes(std::sync::Mutex<BTreeMap<PathBuf, std::time::Instant>>);
-
-impl Writes {
-    /// Take one watcher event into account.
-    pub fn note(&self, event: &notify::Event) {
-        use notify::EventKind;
-        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
-        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        match event.kind {
-            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
-                for p in &event.paths {
-                    open.insert(p.clone(), now);
-                }
-            }
-            // A new file is empty until written (links, made without a write, are
-            // left out; so is a hard link, which expires after WRITE_STALE).
-            EventKind::Create(CreateKind::File | CreateKind::Any) => {
-                for p in event
-                    .paths
-                    .iter()
-                    .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file()))
-                {
-                    open.insert(p.clone(), now);
-                }
-            }
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) | EventKind::Remove(_) => {
-                for p in &event.paths {
-                    open.retain(|f, _| !f.starts_with(p));
-                }
-            }
-            EventKind::Modify(ModifyKind::Name(RenameMode::From | RenameMode::Both)) => {
-                if let Some(p) = event.paths.first() {
-                    open.retain(|f, _| !f.starts_with(p));
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// A file under `dir` being written now, if any.
-    pub fn writing_under(&self, dir: &Path) -> Option<PathBuf> {
-        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        open.retain(|f, at| {
-            let fresh = at.elapsed() < WRITE_STALE;
-            if !fresh {
-                tracing::warn!(
-                    file = %f.display(),
-                    "still open for writing after {} s with no change; reading it as it is",
-                    WRITE_STALE.as_secs()
-                );
-            }
-            fresh
-        });
-        open.keys().find(|f| f.starts_with(dir)).cloned()
-    }
-}
-
-/// The latest change (ctime) of the files and directories of the plugin in `dir`,
-/// hidden names aside.
-fn last_change(dir: &Path) -> std::io::Result<std::time::SystemTime> {
-    use std::os::unix::fs::MetadataExt;
-    fn walk(dir: &Path, latest: &mut (i64, i64)) -> std::io::Result<()> {
-        let m = std::fs::metadata(dir)?;
-        *latest = (*latest).max((m.ctime(), m.ctime_nsec()));
-        for e in std::fs::read_dir(dir)? {
-            let e = e?;
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') || name.ends_with('~') || name == "__pycache__" {
-                continue;
-            }
-            let kind = e.file_type()?;
-            if kind.is_dir() {
-                walk(&e.path(), latest)?;
-            } else {
-                let m = std::fs::symlink_metadata(e.path())?;
-                *latest = (*latest).max((m.ctime(), m.ctime_nsec()));
-            }
-        }
-        Ok(())
-    }
-    let mut latest = (0, 0);
-    walk(dir, &mut latest)?;
-    Ok(std::time::UNIX_EPOCH
-        + Duration::new(
-            latest.0.max(0) as u64,
-            latest.1.clamp(0, 999_999_999) as u32,
-        ))
-}
-
 impl SyncReport {
     pub fn is_empty(&self) -> bool {
         *self == SyncReport::default()
     }
 }
 
-/// The plugin directories in `plugins_dir`: every subdirectory holding a
-/// `plugin.toml`, in name order. Hidden entries (`.name`, such as installs being
-/// unpacked) are skipped.
-pub fn discover(plugins_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(plugins_dir)? {
-        let entry = entry?;
-        let hidden = entry.file_name().to_string_lossy().starts_with('.');
-        let path = entry.path();
-        if !hidden && path.is_dir() && path.join(corral_manifest::MANIFEST_FILE).is_file() {
-            out.push(path);
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// A digest of the files of the plugin in `dir` (paths, contents and link targets).
-/// Hidden files, editor backups (`name~`) and `__pycache__` are left out: they are not
-/// part of a version.
-pub fn fingerprint(dir: &Path) -> std::io::Result<String> {
-    fingerprint_with(dir, &mut FileHashes::default())
-}
-
-/// File digests by path, kept with the metadata they were computed from (size,
-/// inode, modification and change times, as git's index does): a watch pass hashes
-/// only the files that changed.
-#[derive(Debug, Default)]
-pub(crate) struct FileHashes(BTreeMap<PathBuf, (FileStamp, String)>);
-
-/// Size, inode, and modification and change times (seconds, nanoseconds).
-type FileStamp = (u64, u64, i64, i64, i64, i64);
-
-impl FileHashes {
-    fn digest(&mut self, path: &Path) -> std::io::Result<String> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path)?;
-        let key = (
-            m.len(),
-            m.ino(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec(),
-        );
-        if let Some((k, sum)) = self.0.get(path)
-            && *k == key
-        {
-            return Ok(sum.clone());
-        }
-        let sum = crate::signing::hex(&Sha256::digest(std::fs::read(path)?));
-        self.0.insert(path.to_owned(), (key, sum.clone()));
-        Ok(sum)
-    }
-}
-
-/// [`fingerprint`], reusing the digests of unchanged files from `cache`.
-pub(crate) fn fingerprint_with(dir: &Path, cache: &mut FileHashes) -> std::io::Result<String> {
-    fn walk(
-        root: &Path,
-        dir: &Path,
-        h: &mut Sha256,
-        cache: &mut FileHashes,
-    ) -> std::io::Result<()> {
-        let mut entries = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') || name.ends_with('~') || name == "__pycache__" {
-                continue;
-            }
-            let path = e.path();
-            let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy();
-            let kind = e.file_type()?;
-            if kind.is_symlink() {
-                let target = std::fs::read_link(&path)?;
-                h.update(format!("link {rel} {}\n", target.display()));
-            } else if kind.is_dir() {
-                h.update(format!("dir {rel}\n"));
-                walk(root, &path, h, cache)?;
-            } else if kind.is_file() {
-                h.update(format!("file {rel} {}\n", cache.digest(&path)?));
-            }
-        }
-        Ok(())
-    }
-    let mut h = Sha256::new();
-    walk(dir, dir, &mut h, cache)?;
-    Ok(crate::signing::hex(&h.finalize()))
-}
-
-impl Core {
+impl Inner {
     /// Bring the supervisor's plugins in line with `dirs` (plugin directories): add
     /// the new ones, reload the changed ones, remove the ones no longer there. Every
     /// new or changed version is loaded in a worker before it serves; see the module
     /// documentation for how calls are kept.
-    pub async fn sync_plugins(&self, dirs: &[PathBuf]) -> SyncReport {
+    pub(crate) async fn sync_plugins(&self, dirs: &[PathBuf]) -> SyncReport {
         let mut lc = self.lifecycle.lock().await;
         let mut report = SyncReport::default();
         let wanted: Vec<PathBuf> = {
@@ -285,9 +85,7 @@ impl Core {
             v
         };
         self.rejected().retain(|d, _| wanted.contains(d));
-        lc.hashes
-            .0
-            .retain(|f, _| wanted.iter().any(|d| f.starts_with(d)));
+        lc.hashes.retain_under(&wanted);
 
         for p in self.all_plugins() {
             if !wanted.contains(&p.dir) {
@@ -315,7 +113,7 @@ impl Core {
         report
     }
 
-    /// One round of [`Core::sync_plugins`] over the wanted directories; returns
+    /// One round of [`Inner::sync_plugins`] over the wanted directories; returns
     /// whether a rejected, unchanged directory was skipped (or retried).
     async fn sync_round(
         &self,
@@ -372,7 +170,7 @@ impl Core {
             for (new, _) in &pending {
                 map.insert(new.manifest.id.clone(), &new.manifest);
             }
-            crate::deps::resolve(&map).order
+            crate::plugins::deps::resolve(&map).order
         };
         pending.sort_by_key(|(new, _)| {
             order
@@ -410,7 +208,7 @@ impl Core {
 
     /// Remember that the plugin in `dir` could not be added (at start), so that `corral
     /// status` shows it and it is retried when its files change.
-    pub async fn record_rejection(&self, dir: &Path, why: String) {
+    pub(crate) async fn record_rejection(&self, dir: &Path, why: String) {
         let _lc = self.lifecycle.lock().await;
         let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
         let mut report = SyncReport::default();
@@ -418,7 +216,7 @@ impl Core {
     }
 
     /// Why the current files of plugin directories were rejected (`dir: why`).
-    pub async fn lifecycle_errors(&self) -> Vec<String> {
+    pub(crate) async fn lifecycle_errors(&self) -> Vec<String> {
         self.rejected()
             .iter()
             .map(|(d, (_, why))| format!("{}: {why}", d.display()))
@@ -448,7 +246,7 @@ impl Core {
                 .map(|p| (p.manifest.id.clone(), &p.manifest))
                 .collect();
             map.insert(id.clone(), &new.manifest);
-            let after = crate::deps::resolve(&map);
+            let after = crate::plugins::deps::resolve(&map);
             if let Some(why) = after.blocked.get(&id) {
                 return Err(format!("not loaded: {why}"));
             }
@@ -476,13 +274,10 @@ impl Core {
             .await
             .map_err(|e| format!("the new version does not load: {}", error_chain(&e)))?;
         tracing::info!(plugin = %id, pid = worker.pid, version = %new.manifest.version, "new version ready");
-        {
-            let mut st = new.state.lock().await;
-            st.starts = 1;
-            st.worker = Some(Arc::clone(&worker));
-            st.effective = Some(effective);
-            st.group = group;
-        }
+        new.state
+            .lock()
+            .await
+            .ready(Arc::clone(&worker), effective, group);
         if worker.exports.iter().any(|e| e == HEALTH_EXPORT) {
             self.watch_health(&id, &worker);
         }
@@ -513,18 +308,8 @@ impl Core {
     pub(crate) async fn retire(&self, p: &Plugin) {
         let mut st = p.state.lock().await;
         p.retired.store(true, Ordering::SeqCst);
-        let grace = st
-            .effective
-            .as_ref()
-            .map_or(Duration::from_secs(5), |e| e.timeout_cap)
-            + Duration::from_secs(1);
-        let group = st.group.take();
-        if let Some(w) = st.worker.take() {
-            self.track_draining(&w);
-            tokio::spawn(async move {
-                w.retire(grace).await;
-                drop(group);
-            });
+        if let Some(r) = st.retire() {
+            self.drain(r);
         }
     }
 
@@ -536,12 +321,12 @@ impl Core {
             .plugin(plugin)
             .ok_or_else(|| format!("no plugin {plugin:?}"))?;
         // The same version in a new worker: file changes are the watcher's business.
-        let new = Core::same_version(&old);
+        let new = Inner::same_version(&old);
         self.load_version(new, Some(old)).await
     }
 }
 
-impl Core {
+impl Inner {
     fn rejected(&self) -> std::sync::MutexGuard<'_, Rejected> {
         self.rejected.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -573,52 +358,5 @@ impl Core {
             None => tracing::error!(dir = %dir.display(), "plugin rejected: {why}"),
         }
         rejected.insert(dir.to_owned(), entry);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fingerprint_follows_contents_not_hidden_files() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::create_dir(d.path().join("lib")).unwrap();
-        std::fs::write(d.path().join("plugin.toml"), "a").unwrap();
-        std::fs::write(d.path().join("lib/x.js"), "1").unwrap();
-        let first = fingerprint(d.path()).unwrap();
-        std::fs::write(d.path().join(".x.js.swp"), "junk").unwrap();
-        std::fs::write(d.path().join("main.js~"), "junk").unwrap();
-        assert_eq!(fingerprint(d.path()).unwrap(), first);
-        std::fs::write(d.path().join("lib/x.js"), "2").unwrap();
-        let second = fingerprint(d.path()).unwrap();
-        assert_ne!(second, first);
-        std::fs::rename(d.path().join("lib/x.js"), d.path().join("lib/y.js")).unwrap();
-        assert_ne!(fingerprint(d.path()).unwrap(), second);
-        // The cache gives the same answers, and sees a rewrite of the same size.
-        let mut cache = FileHashes::default();
-        let third = fingerprint_with(d.path(), &mut cache).unwrap();
-        assert_eq!(third, fingerprint(d.path()).unwrap());
-        assert_eq!(fingerprint_with(d.path(), &mut cache).unwrap(), third);
-        std::fs::write(d.path().join("lib/y.js"), "3").unwrap();
-        let fourth = fingerprint_with(d.path(), &mut cache).unwrap();
-        assert_ne!(fourth, third);
-        assert_eq!(fourth, fingerprint(d.path()).unwrap());
-    }
-
-    #[test]
-    fn discovery_takes_plugin_directories_only() {
-        let d = tempfile::tempdir().unwrap();
-        for name in ["b", "a", ".install-x", "empty"] {
-            std::fs::create_dir(d.path().join(name)).unwrap();
-        }
-        for name in ["b", "a", ".install-x"] {
-            std::fs::write(d.path().join(name).join("plugin.toml"), "").unwrap();
-        }
-        std::fs::write(d.path().join("plugin.toml"), "").unwrap();
-        assert_eq!(
-            discover(d.path()).unwrap(),
-            [d.path().join("a"), d.path().join("b")]
-        );
     }
 }

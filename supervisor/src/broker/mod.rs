@@ -1,0 +1,246 @@
+//! Host calls: what the supervisor does on a plugin's behalf, checked against the
+//! plugin's grants (`corral_policy::Services`, the live policy), performed, and
+//! audited when denied; and the security events of workers (seccomp, OOM, deadline
+//! kills), which end in the audit log too.
+//!
+//! [`HostBroker`] is the [`Broker`] every worker reports to. It owns the services
+//! ([`store`], [`fetch`], [`messaging`], [`audit`]) and asks the supervisor for
+//! what only the supervisor knows (a plugin's grants, its subscribers, a call to
+//! another plugin) through the [`Directory`] trait, so this module imports nothing
+//! from `crate::supervisor`.
+
+pub mod audit;
+pub mod fetch;
+pub mod messaging;
+pub mod store;
+
+use crate::worker::{BoxFuture, Broker, CallCtx, Exited};
+use audit::{Audit, AuditEvent, AuditSink};
+use corral_policy::Services;
+use corral_protocol::{CallError, ExitReason, HostError, HostOp, HostReply};
+use fetch::Fetcher;
+use messaging::{Delivery, Subscriber};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+use store::Store;
+
+/// What the broker needs of the supervisor.
+pub(crate) trait Directory: Send + Sync {
+    /// The grants of `plugin` under the policy in force; `None`: no such plugin.
+    fn services(&self, plugin: &str) -> Option<Services>;
+
+    /// Every plugin whose manifest subscribes to `topic`, in id order.
+    fn subscribers(&self, topic: &str) -> Vec<Subscriber>;
+
+    /// The queue of messages for `plugin`'s subscriptions (its task started at the
+    /// first message); `None`: no such plugin.
+    fn delivery_queue(&self, plugin: &str) -> Option<tokio::sync::mpsc::Sender<Delivery>>;
+
+    /// Call `function` of `plugin` on behalf of the plugins in `chain`, within
+    /// `plugin`'s bounded queue.
+    fn call<'a>(
+        &'a self,
+        plugin: &'a str,
+        function: &'a str,
+        input: Vec<u8>,
+        timeout: Option<Duration>,
+        chain: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<u8>, CallError>>;
+}
+
+pub(crate) fn denied(rule: String) -> HostError {
+    HostError::Denied { rule }
+}
+
+/// The host services and the audit log, shared by every worker.
+pub(crate) struct HostBroker {
+    pub(crate) audit: Audit,
+    store: OnceLock<Result<Arc<Store>, String>>,
+    state_dir: PathBuf,
+    fetcher: Fetcher,
+    max_queue: usize,
+    directory: Weak<dyn Directory>,
+}
+
+impl std::fmt::Debug for HostBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBroker")
+            .field("state_dir", &self.state_dir)
+            .field("max_queue", &self.max_queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostBroker {
+    /// A broker whose store lives in `state_dir` (opened at the first use) and
+    /// whose subscribers queue at most `max_queue` messages each.
+    pub(crate) fn new(
+        audit: AuditSink,
+        state_dir: PathBuf,
+        max_queue: usize,
+        directory: Weak<dyn Directory>,
+    ) -> HostBroker {
+        HostBroker {
+            audit: Audit::new(audit),
+            store: OnceLock::new(),
+            state_dir,
+            fetcher: Fetcher::new(),
+            max_queue,
+            directory,
+        }
+    }
+
+    fn directory(&self) -> Result<Arc<dyn Directory>, HostError> {
+        self.directory
+            .upgrade()
+            .ok_or_else(|| HostError::Failed("the supervisor is gone".into()))
+    }
+
+    /// The store, opened at the first use.
+    fn store(&self) -> Result<Arc<Store>, HostError> {
+        self.store
+            .get_or_init(|| Store::open(&self.state_dir.join("kv.redb")).map(Arc::new))
+            .clone()
+            .map_err(HostError::Failed)
+    }
+
+    /// Perform `op` for `plugin` within `ctx`; denials are audited.
+    pub(crate) async fn perform_audited(
+        &self,
+        plugin: &str,
+        ctx: CallCtx,
+        op: HostOp,
+    ) -> Result<HostReply, HostError> {
+        let operation = op.name();
+        let target = op.target();
+        tracing::trace!(plugin, operation, target, "host call");
+        let result = self.perform(plugin, &ctx, op).await;
+        if let Err(HostError::Denied { rule }) = &result {
+            self.audit.record(AuditEvent {
+                plugin,
+                operation,
+                target: &target,
+                decision: "denied",
+                rule,
+            });
+        }
+        result
+    }
+
+    async fn perform(
+        &self,
+        plugin: &str,
+        ctx: &CallCtx,
+        op: HostOp,
+    ) -> Result<HostReply, HostError> {
+        if let HostOp::Now = op {
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|e| HostError::Failed(format!("system clock before 1970: {e}")))?
+                .as_millis() as i64;
+            return Ok(HostReply::Time(ms));
+        }
+        let directory = self.directory()?;
+        let services = directory
+            .services(plugin)
+            .ok_or_else(|| HostError::Failed(format!("unknown plugin {plugin}")))?;
+        match op {
+            HostOp::Now => unreachable!("answered above"),
+            HostOp::KvGet { .. }
+            | HostOp::KvPut { .. }
+            | HostOp::KvDelete { .. }
+            | HostOp::KvKeys { .. } => {
+                services.check_kv().map_err(denied)?;
+                let store = self.store()?;
+                let quota = services.kv_quota.value;
+                let plugin = plugin.to_owned();
+                tokio::task::spawn_blocking(move || match op {
+                    HostOp::KvGet { key } => store.get(&plugin, &key).map(HostReply::Value),
+                    HostOp::KvPut { key, value } => store
+                        .put(&plugin, &key, &value, quota)
+                        .map(|()| HostReply::Unit),
+                    HostOp::KvDelete { key } => store.delete(&plugin, &key).map(HostReply::Existed),
+                    HostOp::KvKeys { prefix } => store.keys(&plugin, &prefix).map(HostReply::Keys),
+                    _ => Err(HostError::Failed("not a store operation".into())),
+                })
+                .await
+                .map_err(|e| HostError::Failed(format!("store task: {e}")))?
+            }
+            HostOp::Fetch(req) => self
+                .fetcher
+                .fetch(&services, req, ctx.deadline)
+                .await
+                .map(HostReply::Fetched),
+            HostOp::Publish { topic, payload } => self.publish(plugin, &services, topic, payload),
+            HostOp::Call {
+                plugin: target,
+                function,
+                input,
+            } => {
+                services.check_call(&target, &function).map_err(denied)?;
+                if ctx.chain.contains(&target) {
+                    return Err(HostError::Cycle {
+                        chain: format!("{} -> {target}", ctx.chain.join(" -> ")),
+                    });
+                }
+                let left = ctx.deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(HostError::Failed(
+                        "the calling plugin's deadline has passed".into(),
+                    ));
+                }
+                directory
+                    .call(&target, &function, input, Some(left), &ctx.chain)
+                    .await
+                    .map(HostReply::Output)
+                    .map_err(|error| HostError::Call {
+                        plugin: target,
+                        function,
+                        error,
+                    })
+            }
+        }
+    }
+}
+
+impl Broker for HostBroker {
+    fn host_call<'a>(
+        &'a self,
+        plugin: &'a str,
+        ctx: CallCtx,
+        op: HostOp,
+    ) -> BoxFuture<'a, Result<HostReply, HostError>> {
+        Box::pin(self.perform_audited(plugin, ctx, op))
+    }
+
+    /// Audit the security events: seccomp, OOM and deadline kills.
+    fn worker_exited(&self, exit: Exited<'_>) {
+        let level = exit.level;
+        let (operation, target, rule) = match exit.reason {
+            ExitReason::Seccomp { syscall } => (
+                "seccomp",
+                syscall.clone(),
+                format!("seccomp filter of level {level} (seccomp/{level}*.json)"),
+            ),
+            ExitReason::OomKilled { limit_bytes } => (
+                "oom",
+                String::new(),
+                format!("cgroup memory limit {}", corral_policy::size(*limit_bytes)),
+            ),
+            _ if exit.by_supervisor && exit.why.is_none() => (
+                "deadline",
+                String::new(),
+                "no answer within the call's deadline plus the kill grace".to_owned(),
+            ),
+            _ => return,
+        };
+        self.audit.record(AuditEvent {
+            plugin: exit.plugin,
+            operation,
+            target: &target,
+            decision: "killed",
+            rule: &rule,
+        });
+    }
+}

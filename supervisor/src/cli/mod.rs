@@ -1,0 +1,331 @@
+//! The `corral` command line. `main` parses [`Cli`] and calls [`run`], which hands
+//! each command to its file (one per command or group) and maps what it ends with
+//! to an exit code in one place ([`exit::report`]).
+
+mod client;
+pub mod exit;
+mod output;
+mod plugin;
+mod policy;
+mod run;
+
+use crate::Config;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Corral runs untrusted WebAssembly, JavaScript and Python plugins in confined
+/// worker processes.
+#[derive(Debug, Parser)]
+#[command(name = "corral", version, about)]
+pub struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `corral=debug`.
+    #[arg(long, global = true, env = "CORRAL_LOG", default_value = "warn")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one function of the plugin in a directory, without a daemon.
+    Run(run::RunArgs),
+    /// Run the daemon: load the configured plugins and serve the control socket.
+    Serve {
+        /// Daemon configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Control socket (overrides the configuration).
+        #[arg(long, env = "CORRAL_SOCKET")]
+        socket: Option<PathBuf>,
+    },
+    /// Call a function of a plugin in the running daemon.
+    Call {
+        plugin: String,
+        function: String,
+        #[command(flatten)]
+        input: InputArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+        #[arg(long, env = "CORRAL_SOCKET")]
+        socket: Option<PathBuf>,
+    },
+    /// Show each plugin's state and what its worker really enforces.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "CORRAL_SOCKET")]
+        socket: Option<PathBuf>,
+    },
+    /// List the daemon's plugins and their state.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "CORRAL_SOCKET")]
+        socket: Option<PathBuf>,
+    },
+    /// Ask the daemon to shut down gracefully.
+    Stop {
+        #[arg(long, env = "CORRAL_SOCKET")]
+        socket: Option<PathBuf>,
+    },
+    /// Check policy files and explain what they decide for a plugin.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Sign plugins and verify their signatures.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Make an ed25519 key pair for signing plugins: the secret key is written to
+    /// OUT (mode 0600, never overwritten), the public key printed for operators'
+    /// `[publishers]`.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a plugin directory as PUBLISHER: writes `plugin.sig`, which covers every
+    /// file in it.
+    Sign {
+        dir: PathBuf,
+        /// The secret key file from `corral plugin keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        publisher: String,
+    },
+    /// Verify a plugin directory's signature against trusted publisher keys
+    /// (`--trust NAME=KEY`, and the `[publishers]` of `--config`). Unsigned and
+    /// tampered plugins fail (exit code 7), naming the file.
+    Verify {
+        dir: PathBuf,
+        #[arg(long = "trust", value_name = "NAME=KEY")]
+        trust: Vec<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write a plugin archive (.tar.gz) of a plugin directory and print its SHA-256
+    /// (for an index's `sha256`).
+    Pack {
+        dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write DIR/index.toml for the plugin archives in DIR (*.tar.gz, *.tgz): id,
+    /// version, archive and SHA-256 of each, read with the checks of an install.
+    /// Entries of an existing index at a URL or in a subdirectory are kept.
+    Index { dir: PathBuf },
+    /// Install a plugin into the plugins directory from an archive (a path or an
+    /// http(s) URL) or, with `--index`, by id (`ID` or `ID@REQ`, a semver
+    /// requirement). Checks the checksum, the archive, the manifest and the
+    /// signature; a failed install leaves nothing behind. A running daemon watching
+    /// the directory loads it (or hot-reloads the version it replaces).
+    Install {
+        /// An archive, or with --index a plugin id (`hello-js`, `hello-js@^0.2`).
+        source: String,
+        /// An index: a directory holding index.toml, an index.toml, or a URL.
+        #[arg(long)]
+        index: Option<String>,
+        /// The archive's expected SHA-256 (a bare archive; an index gives its own).
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Install a plugin that has no plugin.sig.
+        #[arg(long)]
+        allow_unsigned: bool,
+        #[command(flatten)]
+        place: PlaceArgs,
+    },
+    /// Remove an installed plugin from the plugins directory (a running daemon drains
+    /// its calls and unloads it).
+    Remove {
+        id: String,
+        #[command(flatten)]
+        place: PlaceArgs,
+    },
+    /// List the plugins in the plugins directory with their signature status.
+    List {
+        #[command(flatten)]
+        place: PlaceArgs,
+    },
+}
+
+/// Which plugins directory, and whom to trust.
+#[derive(Debug, Args)]
+pub struct PlaceArgs {
+    /// The plugins directory (default: `plugins_dir` of --config).
+    #[arg(long, env = "CORRAL_PLUGINS_DIR")]
+    plugins_dir: Option<PathBuf>,
+    /// The daemon configuration: its `plugins_dir` and `[publishers]`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Trust a publisher key in addition to the configuration's.
+    #[arg(long = "trust", value_name = "NAME=KEY")]
+    trust: Vec<String>,
+}
+
+impl PlaceArgs {
+    /// The plugins directory and the trusted publishers.
+    fn resolve(&self) -> Result<(PathBuf, std::collections::BTreeMap<String, String>), String> {
+        let config = match &self.config {
+            Some(c) => Some(Config::load(c).map_err(|e| corral_protocol::error_chain(&e))?),
+            None => None,
+        };
+        let dir = self
+            .plugins_dir
+            .clone()
+            .or_else(|| config.as_ref().and_then(|c| c.plugins_dir.clone()))
+            .ok_or("no plugins directory: pass --plugins-dir, or --config with plugins_dir")?;
+        let mut trusted = config.map(|c| c.options.publishers).unwrap_or_default();
+        trusted.extend(parse_trust(&self.trust)?);
+        Ok((dir, trusted))
+    }
+}
+
+/// `--trust NAME=KEY` arguments.
+fn parse_trust(args: &[String]) -> Result<std::collections::BTreeMap<String, String>, String> {
+    args.iter()
+        .map(|t| {
+            t.split_once('=')
+                .map(|(n, k)| (n.to_owned(), k.trim().to_ascii_lowercase()))
+                .ok_or_else(|| format!("--trust {t:?}: expected NAME=KEY"))
+        })
+        .collect()
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate policy files: every error with file, line, column and the valid
+    /// choices. PATH is a policy directory or file; default: the one `--config` names,
+    /// else the built-in policy.
+    Check {
+        path: Option<PathBuf>,
+        /// Daemon configuration whose `policy` to check.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print a plugin's effective policy and the file and line that set each value.
+    Explain {
+        /// A plugin directory, or the id of a plugin in `--config`.
+        plugin: String,
+        /// Policy directory or file (default: the one `--config` names, else built-in).
+        #[arg(long, env = "CORRAL_POLICY")]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// As `corral run --level`: route the plugin to this level.
+        #[arg(long, value_parser = parse_level)]
+        level: Option<corral_confine::Level>,
+        /// Ask the running daemon at this control socket instead: the policy it has
+        /// in force for one of its plugins (by id).
+        #[arg(long, conflicts_with_all = ["policy", "config", "level"])]
+        socket: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+pub struct InputArgs {
+    /// Input as a string.
+    #[arg(long)]
+    input: Option<String>,
+    /// Read the input from a file (`-` for standard input).
+    #[arg(long)]
+    input_file: Option<PathBuf>,
+}
+
+impl InputArgs {
+    fn read(&self) -> anyhow::Result<Vec<u8>> {
+        match (&self.input, &self.input_file) {
+            (Some(s), _) => Ok(s.clone().into_bytes()),
+            (None, Some(p)) if p == Path::new("-") => {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                    .context("failed to read standard input")?;
+                Ok(buf)
+            }
+            (None, Some(p)) => {
+                std::fs::read(p).with_context(|| format!("failed to read {}", p.display()))
+            }
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Print a JSON object (`{"ok":true,"output":...}` or `{"ok":false,"error":...}`).
+    #[arg(long)]
+    json: bool,
+    /// Per-call deadline, e.g. `500ms` or `10s` (default: the plugin's own).
+    #[arg(long, value_parser = parse_timeout)]
+    timeout: Option<Duration>,
+}
+
+fn parse_level(s: &str) -> Result<corral_confine::Level, String> {
+    s.parse()
+}
+
+/// The policy named by `path` (else the built-in one), with a `--level` override.
+fn policy_from(
+    path: Option<&Path>,
+    level: Option<corral_confine::Level>,
+) -> Result<corral_policy::Policy, corral_policy::PolicyErrors> {
+    let policy = match path {
+        Some(p) => corral_policy::Policy::load(p)?,
+        None => corral_policy::Policy::built_in(),
+    };
+    Ok(match level {
+        Some(l) => policy.with_level(l, "--level on the command line"),
+        None => policy,
+    })
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    corral_manifest::parse_duration(s)
+}
+
+/// Run the parsed command; returns the process exit code (errors are printed).
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    Ok(exit::report(rt.block_on(dispatch(cli.command))))
+}
+
+async fn dispatch(command: Command) -> exit::Outcome {
+    match command {
+        Command::Run(args) => run::run_once(args).await,
+        Command::Serve { config, socket } => {
+            use crate::daemon::serve::{ServeError, serve};
+            match serve(&config, socket).await {
+                Ok(()) => Ok(exit::OK),
+                Err(ServeError::Invalid(why)) => Err(exit::Failure::invalid(why).into()),
+                Err(ServeError::Failed(e)) => Err(e),
+            }
+        }
+        Command::Call {
+            plugin,
+            function,
+            input,
+            out,
+            socket,
+        } => client::call(plugin, function, input, out, socket).await,
+        Command::List { json, socket } => client::list(json, socket).await,
+        Command::Status { json, socket } => client::status(json, socket).await,
+        Command::Policy(PolicyCommand::Explain {
+            plugin,
+            socket: Some(socket),
+            ..
+        }) => client::explain(plugin, socket).await,
+        Command::Policy(cmd) => policy::policy_command(cmd),
+        Command::Plugin(cmd) => plugin::plugin_command(cmd).await,
+        Command::Stop { socket } => client::stop(socket).await,
+    }
+}

@@ -1,0 +1,212 @@
+//! How results, plugin lists and status are printed: plain text for people,
+//! `--json` for programs. Every command's output goes through here.
+
+use super::exit::{self, error_kind, exit_code_for};
+use corral_protocol::{CallError, PluginInfo};
+use std::io::Write;
+
+pub(super) fn print_result(result: Result<Vec<u8>, CallError>, json: bool) -> anyhow::Result<u8> {
+    let mut stdout = std::io::stdout().lock();
+    match (result, json) {
+        (Ok(out), false) => {
+            stdout.write_all(&out)?;
+            // Exact bytes into pipes and files; a final newline only for a terminal.
+            use std::io::IsTerminal;
+            if stdout.is_terminal() && !out.ends_with(b"\n") && !out.is_empty() {
+                stdout.write_all(b"\n")?;
+            }
+            Ok(exit::OK)
+        }
+        (Ok(out), true) => {
+            let v = match String::from_utf8(out) {
+                Ok(s) => serde_json::json!({ "ok": true, "output": s }),
+                Err(e) => serde_json::json!({ "ok": true, "output_hex": hex(e.as_bytes()) }),
+            };
+            writeln!(stdout, "{v}")?;
+            Ok(exit::OK)
+        }
+        (Err(e), false) => {
+            eprintln!("error: {e}");
+            Ok(exit_code_for(&e))
+        }
+        (Err(e), true) => {
+            let v = serde_json::json!({
+                "ok": false,
+                "error": { "kind": error_kind(&e), "message": e.to_string() },
+            });
+            writeln!(stdout, "{v}")?;
+            Ok(exit_code_for(&e))
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(super) fn print_plugins(plugins: &[PluginInfo], json: bool) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        let v: Vec<_> = plugins
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "id": p.id, "version": p.version, "runtime": p.runtime.as_str(),
+                    "dir": p.dir, "level": p.level, "state": p.state, "pid": p.pid,
+                    "restarts": p.restarts, "calls": p.calls, "last_error": p.last_error,
+                    "exports": p.exports, "policy": p.policy, "requested": p.requested,
+                    "resources": p.resources.as_ref().map(resources_json),
+                    "enforcement": p.enforcement.as_ref().map(enforcement_json),
+                })
+            })
+            .collect();
+        writeln!(stdout, "{}", serde_json::Value::Array(v))?;
+        return Ok(());
+    }
+    writeln!(
+        stdout,
+        "{:<20} {:<9} {:<7} {:<8} {:<8} {:>7} {:>8} {:>6}  LAST ERROR",
+        "PLUGIN", "VERSION", "RUNTIME", "LEVEL", "STATE", "PID", "RESTARTS", "CALLS"
+    )?;
+    for p in plugins {
+        writeln!(
+            stdout,
+            "{:<20} {:<9} {:<7} {:<8} {:<8} {:>7} {:>8} {:>6}  {}",
+            p.id,
+            p.version,
+            p.runtime.as_str(),
+            p.level,
+            p.state,
+            p.pid.map_or("-".to_owned(), |p| p.to_string()),
+            p.restarts,
+            p.calls,
+            p.last_error.as_deref().unwrap_or("-"),
+        )?;
+    }
+    Ok(())
+}
+
+fn resources_line(r: &corral_protocol::ResourceStats) -> String {
+    let mib = |b: Option<u64>| b.map_or("?".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+    let mut s = format!(
+        "memory {} (peak {}, limit {}), cpu {}, pids {}/{}",
+        mib(r.memory_current),
+        mib(r.memory_peak),
+        mib(r.memory_limit),
+        r.cpu_usage_usec
+            .map_or("?".into(), |u| format!("{:.3}s", u as f64 / 1e6)),
+        r.pids_current.map_or("?".into(), |p| p.to_string()),
+        r.pids_max.map_or("-".into(), |p| p.to_string()),
+    );
+    if let (Some(n), Some(t)) = (r.cpu_throttled_periods, r.cpu_throttled_usec) {
+        s.push_str(&format!(", throttled {n} times ({:.3}s)", t as f64 / 1e6));
+    }
+    if r.oom_kills > 0 {
+        s.push_str(&format!(", OOM kills {}", r.oom_kills));
+    }
+    s
+}
+
+fn resources_json(r: &corral_protocol::ResourceStats) -> serde_json::Value {
+    serde_json::json!({
+        "memory_current": r.memory_current, "memory_peak": r.memory_peak,
+        "memory_limit": r.memory_limit, "cpu_usage_usec": r.cpu_usage_usec,
+        "cpu_throttled_periods": r.cpu_throttled_periods,
+        "cpu_throttled_usec": r.cpu_throttled_usec, "pids_current": r.pids_current,
+        "pids_max": r.pids_max, "oom_kills": r.oom_kills,
+    })
+}
+
+fn enforcement_json(r: &corral_protocol::EnforcementReport) -> serde_json::Value {
+    use corral_protocol::Enforcement;
+    let one = |e: &Enforcement| match e {
+        Enforcement::Full(s) => serde_json::json!({"status": "full", "detail": s}),
+        Enforcement::Partial(s) => serde_json::json!({"status": "partial", "detail": s}),
+        Enforcement::None(s) => serde_json::json!({"status": "none", "detail": s}),
+    };
+    serde_json::json!({
+        "cgroup": one(&r.cgroup), "landlock": one(&r.landlock), "seccomp": one(&r.seccomp),
+        "namespaces": one(&r.namespaces), "no_new_privs": r.no_new_privs,
+        "uid": r.uid, "gid": r.gid, "cap_effective": r.cap_effective,
+        "cap_bounding": r.cap_bounding,
+    })
+}
+
+pub(super) fn print_status(
+    policy: &corral_protocol::PolicyStatus,
+    plugins: &[PluginInfo],
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "policy: {}", policy.sources.join(", "))?;
+    if let Some(e) = &policy.reload_error {
+        writeln!(
+            out,
+            "policy reload REJECTED (the last good policy stays in force):"
+        )?;
+        for line in e.lines() {
+            writeln!(out, "  {line}")?;
+        }
+    }
+    for e in &policy.plugin_errors {
+        writeln!(
+            out,
+            "plugin REJECTED (a running version keeps serving; fix the files to retry):"
+        )?;
+        for line in e.lines() {
+            writeln!(out, "  {line}")?;
+        }
+    }
+    for p in plugins {
+        writeln!(
+            out,
+            "{} {} ({}) {}{}, level {}, restarts {}, calls {}",
+            p.id,
+            p.version,
+            p.runtime.as_str(),
+            p.state,
+            p.pid.map_or(String::new(), |pid| format!(" as pid {pid}")),
+            p.level,
+            p.restarts,
+            p.calls,
+        )?;
+        writeln!(out, "  policy      {}", p.policy)?;
+        match &p.enforcement {
+            Some(r) => {
+                writeln!(out, "  landlock    {}", r.landlock)?;
+                writeln!(out, "  seccomp     {}", r.seccomp)?;
+                writeln!(out, "  namespaces  {}", r.namespaces)?;
+                writeln!(out, "  cgroup      {}", r.cgroup)?;
+                let caps = |c: u64| {
+                    if c == 0 {
+                        "none".to_owned()
+                    } else {
+                        format!("{c:#x}")
+                    }
+                };
+                writeln!(
+                    out,
+                    "  process     no_new_privs {}, uid {}, gid {}, capabilities {} (bounding set {})",
+                    if r.no_new_privs { "on" } else { "off" },
+                    r.uid,
+                    r.gid,
+                    caps(r.cap_effective),
+                    caps(r.cap_bounding),
+                )?;
+            }
+            None => writeln!(
+                out,
+                "  (no worker running: enforcement is reported at start)"
+            )?,
+        }
+        if let Some(r) = &p.resources {
+            writeln!(out, "  resources   {}", resources_line(r))?;
+        }
+        for r in &p.requested {
+            writeln!(out, "  requested   {r}")?;
+        }
+        if let Some(e) = &p.last_error {
+            writeln!(out, "  last error  {e}")?;
+        }
+    }
+    Ok(())
+}

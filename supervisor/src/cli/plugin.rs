@@ -1,0 +1,202 @@
+//! `corral plugin`: keys and signatures, archives and indexes, installs.
+
+use super::exit::{self, Failure, Outcome};
+use super::{PluginCommand, parse_trust};
+use crate::Config;
+use crate::plugins::{install, signing};
+use anyhow::Context;
+
+pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
+    let fail = |e: &dyn std::fmt::Display| -> Outcome { Err(Failure::invalid(e).into()) };
+    match cmd {
+        PluginCommand::Keygen { out } => {
+            let (secret, public) = signing::keygen()?;
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return fail(&format!(
+                        "{} already exists; a key is never overwritten",
+                        out.display()
+                    ));
+                }
+                Err(e) => return fail(&format!("cannot create {}: {e}", out.display())),
+            };
+            writeln!(f, "{secret}")?;
+            println!("secret key: {} (keep it private)", out.display());
+            println!("public key: {public}");
+            Ok(exit::OK)
+        }
+        PluginCommand::Sign {
+            dir,
+            key,
+            publisher,
+        } => {
+            let secret = std::fs::read_to_string(&key)
+                .with_context(|| format!("cannot read the key {}", key.display()))?;
+            match signing::sign(&dir, &publisher, &secret) {
+                Ok(n) => {
+                    println!(
+                        "signed {n} files of {} as {publisher} (public key {})",
+                        dir.display(),
+                        signing::public_of(&secret)?
+                    );
+                    Ok(exit::OK)
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        PluginCommand::Verify { dir, trust, config } => {
+            let mut trusted = std::collections::BTreeMap::new();
+            if let Some(c) = &config {
+                match Config::load(c) {
+                    Ok(c) => trusted.extend(c.options.publishers),
+                    Err(e) => return fail(&corral_protocol::error_chain(&e)),
+                }
+            }
+            match parse_trust(&trust) {
+                Ok(t) => trusted.extend(t),
+                Err(e) => return fail(&e),
+            }
+            match signing::verify(&dir, &trusted) {
+                Ok(Some(publisher)) => {
+                    println!("verified: signed by {publisher}: {}", dir.display());
+                    Ok(exit::OK)
+                }
+                Ok(None) => fail(&format!(
+                    "unsigned: no {} in {}",
+                    signing::SIG_FILE,
+                    dir.display()
+                )),
+                Err(e) => fail(&e),
+            }
+        }
+        PluginCommand::Pack { dir, out } => match install::pack(&dir, &out) {
+            Ok(sum) => {
+                println!("{}  sha256 {sum}", out.display());
+                Ok(exit::OK)
+            }
+            Err(e) => fail(&corral_protocol::error_chain(&e)),
+        },
+        PluginCommand::Index { dir } => match install::index(&dir) {
+            Ok(done) => {
+                for e in &done.entries {
+                    println!("{} {}  {}  sha256 {}", e.id, e.version, e.archive, e.sha256);
+                }
+                for e in &done.kept {
+                    println!(
+                        "{} {}  {}  (kept from the previous index)",
+                        e.id, e.version, e.archive
+                    );
+                }
+                for e in &done.dropped {
+                    println!(
+                        "{} {}  {}  DROPPED: the archive is gone",
+                        e.id, e.version, e.archive
+                    );
+                }
+                println!(
+                    "wrote {} ({} entries)",
+                    dir.join(install::INDEX_FILE).display(),
+                    done.entries.len() + done.kept.len()
+                );
+                Ok(exit::OK)
+            }
+            Err(e) => fail(&corral_protocol::error_chain(&e)),
+        },
+        PluginCommand::Install {
+            source,
+            index,
+            sha256,
+            allow_unsigned,
+            place,
+        } => {
+            let (dir, publishers) = match place.resolve() {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            let source = match index {
+                Some(index) => {
+                    let (id, req) = source.split_once('@').unwrap_or((&source, "*"));
+                    match semver::VersionReq::parse(req) {
+                        Ok(req) => install::Source::Index {
+                            index,
+                            id: id.to_owned(),
+                            req,
+                        },
+                        Err(e) => return fail(&format!("{source}: bad version requirement: {e}")),
+                    }
+                }
+                None => install::Source::Archive(source),
+            };
+            let checks = install::Checks {
+                publishers,
+                allow_unsigned,
+                sha256,
+            };
+            match install::install(&source, &dir, &checks).await {
+                Ok(i) => {
+                    println!(
+                        "installed {} {} ({}) in {}{}",
+                        i.id,
+                        i.version,
+                        i.publisher
+                            .as_ref()
+                            .map_or("unsigned".to_owned(), |p| format!("signed by {p}")),
+                        i.dir.display(),
+                        i.replaced
+                            .as_ref()
+                            .map_or(String::new(), |v| format!(", replacing {v}")),
+                    );
+                    Ok(exit::OK)
+                }
+                Err(e) => fail(&format!(
+                    "{}; nothing was installed",
+                    corral_protocol::error_chain(&e)
+                )),
+            }
+        }
+        PluginCommand::Remove { id, place } => {
+            let (dir, _) = match place.resolve() {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            match install::remove(&dir, &id) {
+                Ok(version) => {
+                    println!("removed {id} {version} from {}", dir.display());
+                    Ok(exit::OK)
+                }
+                Err(e @ install::InstallError::NotInstalled { .. }) => {
+                    Err(Failure::new(exit::NOT_FOUND, e).into())
+                }
+                Err(e) => fail(&corral_protocol::error_chain(&e)),
+            }
+        }
+        PluginCommand::List { place } => {
+            let (dir, publishers) = match place.resolve() {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            match install::list(&dir, &publishers) {
+                Ok(list) => {
+                    for l in list {
+                        match &l.plugin {
+                            Ok((id, version, runtime)) => {
+                                println!("{id:<20} {version:<10} {runtime:<7} {}", l.signature)
+                            }
+                            Err(e) => println!("{}: INVALID: {e}", l.dir.display()),
+                        }
+                    }
+                    Ok(exit::OK)
+                }
+                Err(e) => fail(&corral_protocol::error_chain(&e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! A plugin's files as the lifecycle reads them: discovery of plugin directories,
+//! fingerprints of their contents, and which files are still being written.
+
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long a plugin's files must be unchanged before a new version is read: a
+/// half-written file is never loaded as a version.
+pub const QUIET: Duration = Duration::from_millis(250);
+
+/// How long a file may stay open for writing, with no event, before it is taken for
+/// finished anyway (a writer that never closes, or a hard link, which is created
+/// without being written).
+pub const WRITE_STALE: Duration = Duration::from_secs(10);
+
+/// Files in the plugin directories being written: modified (or created) and not
+/// closed since, as the plugin watcher's events tell. A version is never read while
+/// one of its files is being written, however long the writer pauses between writes
+/// (the quiet period alone cannot tell a writer paused for a moment from one that is
+/// done: CI once caught a test's `fs::write` stalled between its truncate and its
+/// write, and loaded the empty file as a version).
+#[derive(Debug, Default)]
+pub struct Writes(std::sync::Mutex<BTreeMap<PathBuf, std::time::Instant>>);
+
+impl Writes {
+    /// Take one watcher event into account.
+    pub fn note(&self, event: &notify::Event) {
+        use notify::EventKind;
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        match event.kind {
+            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+                for p in &event.paths {
+                    open.insert(p.clone(), now);
+                }
+            }
+            // A new file is empty until written (links, made without a write, are
+            // left out; so is a hard link, which expires after WRITE_STALE).
+            EventKind::Create(CreateKind::File | CreateKind::Any) => {
+                for p in event
+                    .paths
+                    .iter()
+                    .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file()))
+                {
+                    open.insert(p.clone(), now);
+                }
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) | EventKind::Remove(_) => {
+                for p in &event.paths {
+                    open.retain(|f, _| !f.starts_with(p));
+                }
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::From | RenameMode::Both)) => {
+                if let Some(p) = event.paths.first() {
+                    open.retain(|f, _| !f.starts_with(p));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A file under `dir` being written now, if any.
+    pub fn writing_under(&self, dir: &Path) -> Option<PathBuf> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|f, at| {
+            let fresh = at.elapsed() < WRITE_STALE;
+            if !fresh {
+                tracing::warn!(
+                    file = %f.display(),
+                    "still open for writing after {} s with no change; reading it as it is",
+                    WRITE_STALE.as_secs()
+                );
+            }
+            fresh
+        });
+        open.keys().find(|f| f.starts_with(dir)).cloned()
+    }
+}
+
+/// The latest change (ctime) of the files and directories of the plugin in `dir`,
+/// hidden names aside.
+pub(crate) fn last_change(dir: &Path) -> std::io::Result<std::time::SystemTime> {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(dir: &Path, latest: &mut (i64, i64)) -> std::io::Result<()> {
+        let m = std::fs::metadata(dir)?;
+        *latest = (*latest).max((m.ctime(), m.ctime_nsec()));
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || name.ends_with('~') || name == "__pycache__" {
+                continue;
+            }
+            let kind = e.file_type()?;
+            if kind.is_dir() {
+                walk(&e.path(), latest)?;
+            } else {
+                let m = std::fs::symlink_metadata(e.path())?;
+                *latest = (*latest).max((m.ctime(), m.ctime_nsec()));
+            }
+        }
+        Ok(())
+    }
+    let mut latest = (0, 0);
+    walk(dir, &mut latest)?;
+    Ok(std::time::UNIX_EPOCH
+        + Duration::new(
+            latest.0.max(0) as u64,
+            latest.1.clamp(0, 999_999_999) as u32,
+        ))
+}
+
+/// The plugin directories in `plugins_dir`: every subdirectory holding a
+/// `plugin.toml`, in name order. Hidden entries (`.name`, such as installs being
+/// unpacked) are skipped.
+pub fn discover(plugins_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(plugins_dir)? {
+        let entry = entry?;
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        let path = entry.path();
+        if !hidden && path.is_dir() && path.join(corral_manifest::MANIFEST_FILE).is_file() {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A digest of the files of the plugin in `dir` (paths, contents and link targets).
+/// Hidden files, editor backups (`name~`) and `__pycache__` are left out: they are not
+/// part of a version.
+pub fn fingerprint(dir: &Path) -> std::io::Result<String> {
+    fingerprint_with(dir, &mut FileHashes::default())
+}
+
+/// File digests by path, kept with the metadata they were computed from (size,
+/// inode, modification and change times, as git's index does): a watch pass hashes
+/// only the files that changed.
+#[derive(Debug, Default)]
+pub(crate) struct FileHashes(BTreeMap<PathBuf, (FileStamp, String)>);
+
+/// Size, inode, and modification and change times (seconds, nanoseconds).
+type FileStamp = (u64, u64, i64, i64, i64, i64);
+
+impl FileHashes {
+    /// Forget the files outside `dirs`.
+    pub(crate) fn retain_under(&mut self, dirs: &[PathBuf]) {
+        self.0.retain(|f, _| dirs.iter().any(|d| f.starts_with(d)));
+    }
+
+    fn digest(&mut self, path: &Path) -> std::io::Result<String> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        let key = (
+            m.len(),
+            m.ino(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        );
+        if let Some((k, sum)) = self.0.get(path)
+            && *k == key
+        {
+            return Ok(sum.clone());
+        }
+        let sum = crate::plugins::signing::hex(&Sha256::digest(std::fs::read(path)?));
+        self.0.insert(path.to_owned(), (key, sum.clone()));
+        Ok(sum)
+    }
+}
+
+/// [`fingerprint`], reusing the digests of unchanged files from `cache`.
+pub(crate) fn fingerprint_with(dir: &Path, cache: &mut FileHashes) -> std::io::Result<String> {
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        h: &mut Sha256,
+        cache: &mut FileHashes,
+    ) -> std::io::Result<()> {
+        let mut entries = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || name.ends_with('~') || name == "__pycache__" {
+                continue;
+            }
+            let path = e.path();
+            let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy();
+            let kind = e.file_type()?;
+            if kind.is_symlink() {
+                let target = std::fs::read_link(&path)?;
+                h.update(format!("link {rel} {}\n", target.display()));
+            } else if kind.is_dir() {
+                h.update(format!("dir {rel}\n"));
+                walk(root, &path, h, cache)?;
+            } else if kind.is_file() {
+                h.update(format!("file {rel} {}\n", cache.digest(&path)?));
+            }
+        }
+        Ok(())
+    }
+    let mut h = Sha256::new();
+    walk(dir, dir, &mut h, cache)?;
+    Ok(crate::plugins::signing::hex(&h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_follows_contents_not_hidden_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("lib")).unwrap();
+        std::fs::write(d.path().join("plugin.toml"), "a").unwrap();
+        std::fs::write(d.path().join("lib/x.js"), "1").unwrap();
+        let first = fingerprint(d.path()).unwrap();
+        std::fs::write(d.path().join(".x.js.swp"), "junk").unwrap();
+        std::fs::write(d.path().join("main.js~"), "junk").unwrap();
+        assert_eq!(fingerprint(d.path()).unwrap(), first);
+        std::fs::write(d.path().join("lib/x.js"), "2").unwrap();
+        let second = fingerprint(d.path()).unwrap();
+        assert_ne!(second, first);
+        std::fs::rename(d.path().join("lib/x.js"), d.path().join("lib/y.js")).unwrap();
+        assert_ne!(fingerprint(d.path()).unwrap(), second);
+        // The cache gives the same answers, and sees a rewrite of the same size.
+        let mut cache = FileHashes::default();
+        let third = fingerprint_with(d.path(), &mut cache).unwrap();
+        assert_eq!(third, fingerprint(d.path()).unwrap());
+        assert_eq!(fingerprint_with(d.path(), &mut cache).unwrap(), third);
+        std::fs::write(d.path().join("lib/y.js"), "3").unwrap();
+        let fourth = fingerprint_with(d.path(), &mut cache).unwrap();
+        assert_ne!(fourth, third);
+        assert_eq!(fourth, fingerprint(d.path()).unwrap());
+    }
+
+    #[test]
+    fn discovery_takes_plugin_directories_only() {
+        let d = tempfile::tempdir().unwrap();
+        for name in ["b", "a", ".install-x", "empty"] {
+            std::fs::create_dir(d.path().join(name)).unwrap();
+        }
+        for name in ["b", "a", ".install-x"] {
+            std::fs::write(d.path().join(name).join("plugin.toml"), "").unwrap();
+        }
+        std::fs::write(d.path().join("plugin.toml"), "").unwrap();
+        assert_eq!(
+            discover(d.path()).unwrap(),
+            [d.path().join("a"), d.path().join("b")]
+        );
+    }
+}

@@ -1,0 +1,231 @@
+//! Call admission and routing: the bounded queue every call takes a slot of, the
+//! retry when the version a call looked up was retired on its way, and starting a
+//! plugin's worker on demand (dependencies first, after any backoff).
+
+use super::{HEALTH_EXPORT, Inner, Plugin, error_chain};
+use crate::broker::messaging::Delivery;
+use crate::worker::WorkerHandle;
+use corral_protocol::CallError;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// How often a call follows a plugin's new version before it gives up.
+const MAX_REROUTES: usize = 16;
+
+impl Inner {
+    /// Call `function` of `plugin` on behalf of the plugins in `chain` (empty for a
+    /// client's call), within the plugin's bounded queue. `timeout` overrides the
+    /// plugin's own deadline, up to the policy's cap.
+    pub(crate) async fn call_from(
+        &self,
+        plugin: &str,
+        function: &str,
+        input: Vec<u8>,
+        timeout: Option<Duration>,
+        chain: &[String],
+    ) -> Result<Vec<u8>, CallError> {
+        let unknown = || CallError::UnknownPlugin {
+            plugin: plugin.to_owned(),
+        };
+        let p = self.plugin(plugin).ok_or_else(unknown)?;
+        self.call_version(p, function, input, timeout, chain).await
+    }
+
+    /// [`Inner::call_from`] starting at version `p` of the plugin (which may have
+    /// been retired since it was looked up: the call then follows to the current
+    /// version, unsent).
+    pub(crate) async fn call_version(
+        &self,
+        mut p: Arc<Plugin>,
+        function: &str,
+        input: Vec<u8>,
+        timeout: Option<Duration>,
+        chain: &[String],
+    ) -> Result<Vec<u8>, CallError> {
+        let plugin = p.manifest.id.clone();
+        let plugin = plugin.as_str();
+        let unknown = || CallError::UnknownPlugin {
+            plugin: plugin.to_owned(),
+        };
+        // The queue slot is shared by every version of the plugin.
+        let _slot =
+            Arc::clone(&p.inflight)
+                .try_acquire_owned()
+                .map_err(|_| CallError::Overloaded {
+                    plugin: plugin.to_owned(),
+                    queued: self.options.max_queue as u32,
+                })?;
+        p.calls.fetch_add(1, Ordering::Relaxed);
+        let chain: Arc<[String]> = chain
+            .iter()
+            .cloned()
+            .chain([plugin.to_owned()])
+            .collect::<Vec<_>>()
+            .into();
+        // A version retired while this call was on its way (hot reload, removal)
+        // passes the call to the plugin's current version; nothing was sent to it.
+        let mut input = Some(input);
+        for _ in 0..MAX_REROUTES {
+            let (worker, limits) = match self.worker_for(&p).await {
+                Err(CallError::ShuttingDown) if p.retired.load(Ordering::SeqCst) => {
+                    p = self.plugin(plugin).ok_or_else(unknown)?;
+                    continue;
+                }
+                other => other?,
+            };
+            if !worker.exports.iter().any(|e| e == function) {
+                return Err(CallError::UnknownFunction {
+                    plugin: plugin.to_owned(),
+                    function: function.to_owned(),
+                    exports: worker.exports.join(", "),
+                });
+            }
+            // A caller may shorten the deadline, or lengthen it up to the policy's cap.
+            let deadline = timeout.map_or(limits.0, |t| t.min(limits.1));
+            let bytes = input.take().unwrap_or_default();
+            let result = match worker
+                .try_call(function, bytes, deadline, Arc::clone(&chain))
+                .await
+            {
+                Ok(result) => result,
+                Err(bytes) => {
+                    input = Some(bytes);
+                    p = self.plugin(plugin).ok_or_else(unknown)?;
+                    continue;
+                }
+            };
+            if let Err(e @ (CallError::WorkerCrashed(_) | CallError::Timeout { .. })) = &result {
+                p.state.lock().await.note_error(e.to_string());
+            }
+            return result;
+        }
+        Err(CallError::StartFailed {
+            plugin: plugin.to_owned(),
+            reason: format!("the plugin was replaced {MAX_REROUTES} times while this call waited"),
+        })
+    }
+
+    /// Dependency resolution over every plugin: the start order, and why plugins are
+    /// blocked.
+    pub(crate) fn dependencies(&self) -> crate::plugins::deps::Resolution {
+        let all = self.all_plugins();
+        let map = all
+            .iter()
+            .map(|p| (p.manifest.id.clone(), &p.manifest))
+            .collect();
+        crate::plugins::deps::resolve(&map)
+    }
+
+    /// Start `p`'s dependencies (each after its own), or say why `p` cannot start.
+    async fn start_dependencies(&self, p: &Plugin) -> Result<(), String> {
+        if p.manifest.dependencies.is_empty() {
+            return Ok(());
+        }
+        if let Some(why) = self.dependencies().blocked.get(&p.manifest.id) {
+            return Err(format!("not started: {why}"));
+        }
+        for dep in p.manifest.dependencies.keys() {
+            // Absent: an optional dependency (resolution refused missing required ones).
+            let Some(d) = self.plugin(dep) else { continue };
+            if let Err(e) = Box::pin(self.worker_for(&d)).await {
+                return Err(format!("not started: dependency {dep} cannot start: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Start `plugin`'s worker if it has none (after a health-check kill).
+    pub(crate) async fn restart(&self, plugin: &str) -> Result<(), CallError> {
+        let p = self
+            .plugin(plugin)
+            .ok_or_else(|| CallError::UnknownPlugin {
+                plugin: plugin.to_owned(),
+            })?;
+        self.worker_for(&p).await.map(drop)
+    }
+
+    /// The running worker of `p`, started (after any backoff) if needed, with the
+    /// call deadline and its cap from the plugin's effective policy.
+    pub(crate) async fn worker_for(
+        &self,
+        p: &Plugin,
+    ) -> Result<(Arc<WorkerHandle>, (Duration, Duration)), CallError> {
+        let id = &p.manifest.id;
+        let mut st = p.state.lock().await;
+        if st.is_shutting_down() || p.retired.load(Ordering::SeqCst) {
+            return Err(CallError::ShuttingDown);
+        }
+        st.reap(id, &self.options.restart, Instant::now());
+        if let Some(w) = st.worker() {
+            return Ok((Arc::clone(w), st.deadlines()));
+        }
+        if let Some(last) = st.failed() {
+            return Err(CallError::PluginFailed {
+                plugin: id.clone(),
+                crashes: st.crashes_in_window(),
+                last: last.to_owned(),
+            });
+        }
+        // Dependencies first: a plugin whose dependency is missing, incompatible, in
+        // a cycle or cannot start is not started, and says why.
+        if let Err(why) = self.start_dependencies(p).await {
+            st.note_error(why.clone());
+            return Err(CallError::StartFailed {
+                plugin: id.clone(),
+                reason: why,
+            });
+        }
+        let wait = st.restart_wait(&self.options.restart, Instant::now());
+        if !wait.is_zero() {
+            tracing::info!(plugin = %id, ?wait, "restart backoff");
+            tokio::time::sleep(wait).await;
+        }
+        match self.start_worker(p).await {
+            Ok((w, effective, group)) => {
+                tracing::info!(plugin = %id, pid = w.pid, level = %effective.level.value, "worker ready");
+                st.ready(Arc::clone(&w), effective, group);
+                if w.exports.iter().any(|e| e == HEALTH_EXPORT) {
+                    self.watch_health(id, &w);
+                }
+                Ok((w, st.deadlines()))
+            }
+            Err(e) => {
+                let reason = error_chain(&e);
+                st.record_crash(id, &self.options.restart, reason.clone(), Instant::now());
+                Err(CallError::StartFailed {
+                    plugin: id.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// `p`'s queue of messages for its subscriptions, with its task started at the
+    /// first message: one delivery at a time, in order.
+    pub(crate) fn deliveries(&self, p: &Arc<Plugin>) -> tokio::sync::mpsc::Sender<Delivery> {
+        p.deliveries
+            .get_or_init(|| {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Delivery>(self.options.max_queue);
+                let me = self.me.clone();
+                let id = p.manifest.id.clone();
+                tokio::spawn(async move {
+                    while let Some(d) = rx.recv().await {
+                        let Some(me) = me.upgrade() else { break };
+                        let r = me.call_from(&id, &d.function, d.payload, None, &[]).await;
+                        if let Err(e) = r {
+                            tracing::warn!(
+                                plugin = %id,
+                                "message on {:?} from {} not delivered to {}: {e}",
+                                d.topic,
+                                d.from,
+                                d.function
+                            );
+                        }
+                    }
+                });
+                tx
+            })
+            .clone()
+    }
+}

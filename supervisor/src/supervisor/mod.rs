@@ -1,0 +1,412 @@
+//! The supervisor: a set of plugins, each with at most one worker process, started on
+//! demand and restarted with backoff after crashes. It is the dispatcher: it owns
+//! every table and talks to the outside world (callers, the policy, the lifecycle);
+//! workers ([`crate::worker`]) run one process each and report back through the
+//! broker ([`crate::broker`]).
+//!
+//! One operation per file, each an `impl Inner` block:
+//!
+//! - [`table`]: the plugin table and reading a plugin version from its directory;
+//! - [`state`]: [`PluginState`] and every transition of it (ready, crash, reap,
+//!   retire, shut down);
+//! - [`call`]: call admission (the bounded queue) and routing, with the retry when
+//!   a version was retired on the way; starting a worker on demand, dependencies
+//!   first, after any backoff;
+//! - [`start`]: the spawn spec of a worker under its effective policy, behind the
+//!   [`start::Launcher`] seam (a process, or a fake in the unit tests);
+//! - [`policy`]: the live policy and what changes when it does;
+//! - [`status`]: what `corral list` and `corral status` show;
+//! - [`health`]: health checks;
+//! - [`lifecycle`]: discovery, hot reload and removal of plugin versions;
+//! - [`directory`]: what the broker may ask of the supervisor;
+//! - [`shutdown`]: stopping every worker.
+
+mod call;
+mod directory;
+mod health;
+pub mod lifecycle;
+mod policy;
+mod shutdown;
+mod start;
+mod state;
+mod status;
+mod table;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use state::PluginState;
+pub(crate) use table::Plugin;
+
+use crate::broker::audit::AuditSink;
+use crate::broker::{Directory, HostBroker};
+use crate::plugins::access;
+use crate::plugins::versions::Versions;
+use crate::worker::{Broker, WorkerHandle};
+use corral_confine::cgroup::CgroupHost;
+use corral_manifest::ManifestError;
+use corral_policy::Policy;
+use corral_protocol::Secret;
+use start::{Launcher, ProcessLauncher};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// When a crashed plugin is restarted, and when it is given up on.
+#[derive(Debug, Clone)]
+pub struct RestartPolicy {
+    /// This many crashes within `window` mark the plugin failed.
+    pub max_crashes: u32,
+    pub window: Duration,
+    /// Delay before the second restart in a window; doubles each time after.
+    /// The first restart after a crash is immediate.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            max_crashes: 5,
+            window: Duration::from_secs(60),
+            base_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// Delay before restarting after `crashes` crashes in the window.
+    pub fn backoff(&self, crashes: u32) -> Duration {
+        match crashes {
+            0 | 1 => Duration::ZERO,
+            n => self
+                .base_backoff
+                .saturating_mul(1u32 << (n - 2).min(20))
+                .min(self.max_backoff),
+        }
+    }
+}
+
+/// How the supervisor finds and runs workers.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Directory holding `corral-worker-wasm` (and later the JS and Python workers).
+    pub worker_dir: PathBuf,
+    /// Where workers keep compiled modules; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+    pub restart: RestartPolicy,
+    pub handshake_timeout: Duration,
+    /// How long past a call's deadline to wait before killing an unresponsive worker.
+    pub kill_grace: Duration,
+    /// Routes each plugin to an isolation level and its limits. Default: the shipped
+    /// policy (`policies/`), compiled in.
+    pub policy: Arc<Policy>,
+    /// Where to create per-plugin cgroups; `None` disables them (refused at `high`).
+    pub cgroups: Option<CgroupHost>,
+    /// Where the supervisor keeps the plugins' key-value stores (`kv.redb`).
+    pub state_dir: PathBuf,
+    /// Where audit lines go.
+    pub audit: AuditSink,
+    /// Calls one plugin may have queued or running (and messages queued for one
+    /// subscriber); past it, callers get "overloaded".
+    pub max_queue: usize,
+    /// How often a plugin's `health` export, if it has one, is called.
+    pub health_interval: Duration,
+    /// The operator's configuration and secrets for each plugin, by id.
+    pub plugin_config: BTreeMap<String, PluginConfig>,
+    /// Trusted publishers: name -> ed25519 public key (hex). A plugin whose
+    /// `plugin.sig` verifies with its publisher's key has that publisher (policy
+    /// routes can match it); one whose signature does not verify is refused.
+    pub publishers: BTreeMap<String, String>,
+}
+
+/// The operator's configuration for one plugin, handed to it at load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PluginConfig {
+    pub config: BTreeMap<String, String>,
+    /// Never logged: `Secret`'s `Debug` is redacted, and the plugin's log lines and
+    /// errors have secret values replaced by `[secret NAME]`.
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+/// The export the supervisor calls for health checks, when a plugin has it.
+pub const HEALTH_EXPORT: &str = "health";
+
+/// Prefix of the supervisor's base cgroup (`corral-<pid>`).
+pub const CGROUP_PREFIX: &str = "corral-";
+
+impl Options {
+    /// Defaults: workers beside the running executable, cache under the user's
+    /// cache directory.
+    pub fn new() -> Options {
+        let worker_dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_owned))
+            .unwrap_or_else(|| PathBuf::from("."));
+        Options {
+            worker_dir,
+            cache_dir: default_cache_dir(),
+            restart: RestartPolicy::default(),
+            handshake_timeout: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(1),
+            policy: Arc::new(Policy::built_in()),
+            cgroups: Some(CgroupHost::default()),
+            state_dir: default_state_dir(),
+            audit: AuditSink::Stderr,
+            max_queue: 64,
+            health_interval: Duration::from_secs(30),
+            plugin_config: BTreeMap::new(),
+            publishers: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options::new()
+    }
+}
+
+/// `/var/lib/corral` for root, else `$XDG_STATE_HOME/corral` or
+/// `~/.local/state/corral`.
+fn default_state_dir() -> PathBuf {
+    if access::is_root() {
+        return PathBuf::from("/var/lib/corral");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("corral");
+    }
+    std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map_or_else(std::env::temp_dir, |h| {
+            PathBuf::from(h).join(".local/state")
+        })
+        .join("corral")
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    // Root's home is closed to the unprivileged users workers run as.
+    if access::is_root() {
+        return Some(PathBuf::from("/var/cache/corral"));
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(x).join("corral"));
+    }
+    std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(|h| PathBuf::from(h).join(".cache/corral"))
+}
+
+/// Why a plugin could not be added.
+#[derive(Debug, thiserror::Error)]
+pub enum AddPluginError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("cannot resolve plugin directory {}", dir.display())]
+    Dir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("plugin id {id:?} in {} is already used by {}", dir.display(), other.display())]
+    Duplicate {
+        id: String,
+        dir: PathBuf,
+        other: PathBuf,
+    },
+    /// `plugin.sig` is there and does not verify.
+    #[error("refusing the plugin in {}: its signature does not verify: {source}", dir.display())]
+    Signature {
+        dir: PathBuf,
+        #[source]
+        source: crate::plugins::signing::SignError,
+    },
+    #[error("cannot read the plugin files in {}", dir.display())]
+    Files {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot copy the plugin in {}: {why}", dir.display())]
+    Snapshot { dir: PathBuf, why: String },
+    /// The files changed while they were read (the lifecycle reads them again once
+    /// they settle).
+    #[error("the files in {} changed while they were read", dir.display())]
+    Changed { dir: PathBuf },
+}
+
+/// The supervisor: the one entry point every client (CLI, control socket, Rust API)
+/// goes through. Cheap to clone; every clone is the same supervisor.
+#[derive(Debug, Clone)]
+pub struct Supervisor(Arc<Inner>);
+
+/// The supervisor's state. Workers never hold it: they report to the broker,
+/// which asks it what it needs through [`Directory`].
+pub(crate) struct Inner {
+    pub(crate) me: Weak<Inner>,
+    plugins: std::sync::RwLock<BTreeMap<String, Arc<Plugin>>>,
+    pub(crate) broker: Arc<HostBroker>,
+    launcher: Arc<dyn Launcher>,
+    options: Options,
+    policy: std::sync::RwLock<Arc<Policy>>,
+    /// Why the last policy reload was rejected (the previous policy stays).
+    policy_error: std::sync::Mutex<Option<String>>,
+    /// Serialises adds, reloads and removals; remembers file digests.
+    pub(crate) lifecycle: Mutex<lifecycle::Lifecycle>,
+    /// Retired workers finishing their calls (shut down with the rest at shutdown).
+    draining: std::sync::Mutex<Vec<Weak<WorkerHandle>>>,
+    /// Plugin files being written, as the plugin watcher sees them.
+    pub(crate) writes: Arc<crate::plugins::files::Writes>,
+    /// Plugin directories whose files were rejected, and why.
+    pub(crate) rejected: std::sync::Mutex<lifecycle::Rejected>,
+    /// Where versions' files are copied (made at the first read).
+    versions: OnceLock<Result<Versions, String>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("plugins", &self.plugins)
+            .field("launcher", &self.launcher)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Supervisor {
+    /// A supervisor with no plugins that starts worker processes as `options` say.
+    pub fn new(options: Options) -> Supervisor {
+        let launcher = Arc::new(ProcessLauncher::new(options.clone()));
+        Supervisor::with_launcher(options, launcher)
+    }
+
+    /// A supervisor whose workers `launcher` starts.
+    pub(crate) fn with_launcher(options: Options, launcher: Arc<dyn Launcher>) -> Supervisor {
+        Supervisor(Arc::new_cyclic(|me: &Weak<Inner>| {
+            let directory: Weak<dyn Directory> = me.clone();
+            Inner {
+                me: me.clone(),
+                broker: Arc::new(HostBroker::new(
+                    options.audit.clone(),
+                    options.state_dir.clone(),
+                    options.max_queue,
+                    directory,
+                )),
+                launcher,
+                plugins: Default::default(),
+                policy: std::sync::RwLock::new(Arc::clone(&options.policy)),
+                policy_error: std::sync::Mutex::new(None),
+                options,
+                lifecycle: Mutex::new(Default::default()),
+                draining: Default::default(),
+                writes: Default::default(),
+                versions: OnceLock::new(),
+                rejected: Default::default(),
+            }
+        }))
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.0
+    }
+
+    /// Add the plugin in `dir` (reads and validates its `plugin.toml`); returns its id.
+    pub fn add_plugin_dir(&mut self, dir: &Path) -> Result<String, AddPluginError> {
+        self.0.add_plugin_dir(dir)
+    }
+
+    /// Call `function` of `plugin`. `timeout` overrides the plugin's own deadline
+    /// (up to the policy's cap).
+    pub async fn call(
+        &self,
+        plugin: &str,
+        function: &str,
+        input: Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>, corral_protocol::CallError> {
+        self.0
+            .call_from(plugin, function, input, timeout, &[])
+            .await
+    }
+
+    /// Every plugin and its state (what `corral list` and `corral status` show).
+    pub async fn list(&self) -> Vec<corral_protocol::PluginInfo> {
+        self.0.list().await
+    }
+
+    /// Stop accepting calls, let queued calls finish, run shutdown hooks, and stop
+    /// every worker (killing any that takes longer than `grace`).
+    pub async fn shutdown(&self, grace: Duration) {
+        self.0.shutdown(grace).await
+    }
+
+    /// The options the supervisor was made with.
+    pub fn options(&self) -> &Options {
+        &self.0.options
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.0.policy()
+    }
+
+    /// Why the last policy reload was rejected, if it was.
+    pub fn policy_error(&self) -> Option<String> {
+        self.0.policy_error()
+    }
+
+    /// Keep the current policy and remember why a reload was rejected.
+    pub fn reject_policy(&self, why: String) {
+        self.0.reject_policy(why)
+    }
+
+    /// Switch to a new policy; returns one line per change (see
+    /// [`corral_policy::Policy`] for what applies live and what needs a new worker).
+    pub async fn set_policy(&self, policy: Policy) -> Vec<String> {
+        self.0.set_policy(policy).await
+    }
+
+    /// The effective policy of `plugin` under the policy in force, with the
+    /// permissions its manifest requests.
+    pub fn explain(&self, plugin: &str) -> Option<corral_policy::Effective> {
+        self.0.explain(plugin)
+    }
+
+    /// Dependency resolution over every plugin: the start order, and why plugins
+    /// are blocked.
+    pub fn dependencies(&self) -> crate::plugins::deps::Resolution {
+        self.0.dependencies()
+    }
+
+    /// Bring the plugins in line with `dirs` (plugin directories): add, reload and
+    /// remove; see [`lifecycle`].
+    pub async fn sync_plugins(&self, dirs: &[PathBuf]) -> lifecycle::SyncReport {
+        self.0.sync_plugins(dirs).await
+    }
+
+    /// Remember that the plugin in `dir` could not be added (shown by `corral
+    /// status`, retried when its files change).
+    pub async fn record_rejection(&self, dir: &Path, why: String) {
+        self.0.record_rejection(dir, why).await
+    }
+
+    /// Why the current files of plugin directories were rejected (`dir: why`).
+    pub async fn lifecycle_errors(&self) -> Vec<String> {
+        self.0.lifecycle_errors().await
+    }
+}
+
+impl Inner {
+    pub(crate) fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// The broker, as workers hold it.
+    pub(crate) fn broker_handle(&self) -> Weak<dyn Broker> {
+        let b: Arc<dyn Broker> = self.broker.clone();
+        Arc::downgrade(&b)
+    }
+}
+
+pub(crate) use corral_protocol::error_chain;

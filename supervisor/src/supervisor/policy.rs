@@ -1,0 +1,125 @@
+//! The live policy: which one is in force, why a reload was rejected, what a
+//! plugin's effective policy is, and what changes for running workers when the
+//! policy does.
+
+use super::start::cgroup_limits;
+use super::{Inner, error_chain};
+use corral_policy::{Effective, Policy};
+use std::sync::Arc;
+
+impl Inner {
+    /// The policy in force.
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Why the last policy reload was rejected, if it was.
+    pub(crate) fn policy_error(&self) -> Option<String> {
+        self.policy_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Keep the current policy and remember why a reload was rejected.
+    pub(crate) fn reject_policy(&self, why: String) {
+        tracing::error!("policy reload rejected; keeping the last good policy: {why}");
+        *self.policy_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// The effective policy of `plugin` under the policy in force.
+    pub(crate) fn explain(&self, plugin: &str) -> Option<Effective> {
+        let p = self.plugin(plugin)?;
+        Some(self.policy().resolve(&p.manifest, p.publisher.as_deref()))
+    }
+
+    /// Switch to a new policy. Running workers get what can change live: cgroup
+    /// limits (memory, CPU, pids) are written to their groups and the call deadline
+    /// applies to the next call. A changed level, user or engine limit needs a new
+    /// worker: the old one finishes the calls it has and is retired; the next call
+    /// starts a worker under the new policy. Returns one line per change.
+    pub(crate) async fn set_policy(&self, policy: Policy) -> Vec<String> {
+        let policy = Arc::new(policy);
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&policy);
+        *self.policy_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut changes = Vec::new();
+        let mut renew = Vec::new();
+        for p in &self.all_plugins() {
+            let mut st = p.state.lock().await;
+            let new = policy.resolve(&p.manifest, p.publisher.as_deref());
+            let Some(old) = st.effective().cloned() else {
+                continue;
+            };
+            if st.worker().is_none() || old == new {
+                continue;
+            }
+            let id = &p.manifest.id;
+            let needs_new_worker = old.level.value != new.level.value
+                || old.user.value != new.user.value
+                || old.memory.value != new.memory.value
+                || old.max_output.value != new.max_output.value
+                || old.tmpfs.value != new.tmpfs.value;
+            if needs_new_worker {
+                renew.push((Arc::clone(p), new));
+                continue;
+            }
+            let limits = cgroup_limits(&new);
+            match st.group() {
+                Some(g) if g.limits() != limits => match g.set_limits(&limits) {
+                    Ok(()) => changes.push(format!(
+                        "{id}: cgroup limits applied live: worker_memory {}, cpu {}, pids {}",
+                        corral_policy::size(new.worker_memory.value),
+                        new.cpu.value,
+                        new.pids.value
+                    )),
+                    Err(e) => {
+                        let why = format!(
+                            "{id}: new cgroup limits not applied to the running worker: {}",
+                            error_chain(&e)
+                        );
+                        tracing::warn!("{why}");
+                        st.note_error(why.clone());
+                        changes.push(why);
+                        continue;
+                    }
+                },
+                _ => {}
+            }
+            if old.timeout != new.timeout {
+                changes.push(format!("{id}: call deadline now {:?}", new.timeout.value));
+            }
+            st.policy_applied(new);
+        }
+        // A new worker under the new policy takes over before the old one is retired
+        // (after its calls). If none can start, the old one is retired anyway: a
+        // policy is never left unenforced, and the next call starts a worker under it.
+        for (p, new) in renew {
+            let id = &p.manifest.id;
+            match self.renew(id).await {
+                Ok(()) => changes.push(format!(
+                    "{id}: new worker at {}; the old one retires after its calls",
+                    new.summary()
+                )),
+                Err(why) => {
+                    tracing::warn!(plugin = %id, "no new worker under the new policy: {why}");
+                    if let Some(current) = self.plugin(id) {
+                        let mut st = current.state.lock().await;
+                        if let Some(r) = st.retire() {
+                            self.drain(r);
+                        }
+                        st.note_error(format!("no worker under the new policy: {why}"));
+                    }
+                    changes.push(format!(
+                        "{id}: worker retired after its calls (no new worker could start: \
+                         {why}); the next call starts one at {}",
+                        new.summary()
+                    ));
+                }
+            }
+        }
+        for c in &changes {
+            tracing::info!("policy: {c}");
+        }
+        changes
+    }
+}

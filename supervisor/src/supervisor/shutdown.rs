@@ -1,0 +1,31 @@
+//! Stopping the supervisor: no new starts, every worker (running or draining)
+//! asked to shut down and killed after the grace, then the cgroups removed.
+
+use super::Inner;
+use std::time::Duration;
+
+impl Inner {
+    /// Stop accepting calls, let queued calls finish, run shutdown hooks, and stop
+    /// every worker (killing any that takes longer than `grace`).
+    pub(crate) async fn shutdown(&self, grace: Duration) {
+        let mut workers = Vec::new();
+        for p in &self.all_plugins() {
+            if let Some(w) = p.state.lock().await.shut_down() {
+                workers.push(w);
+            }
+        }
+        workers.extend(self.take_draining());
+        let mut stops = tokio::task::JoinSet::new();
+        for w in workers {
+            stops.spawn(async move { w.shutdown(grace).await });
+        }
+        while stops.join_next().await.is_some() {}
+        // Plugin groups go as their last processes exit; then the base.
+        for _ in 0..50 {
+            if self.launcher.clean_up() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

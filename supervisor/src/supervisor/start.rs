@@ -1,0 +1,266 @@
+//! Starting a plugin version's worker under its effective policy. The supervisor
+//! checks the version (its signature, again) and resolves the policy; a
+//! [`Launcher`] does the rest. [`ProcessLauncher`] builds the spawn spec (the
+//! user, the module cache, the cgroup, the confinement) and spawns the worker
+//! process; the unit tests launch an in-process fake instead.
+
+use super::{CGROUP_PREFIX, Inner, Options, Plugin, error_chain};
+use crate::plugins::{access, signing};
+use crate::worker::{BoxFuture, Broker, PluginFiles, SpawnSpec, StartError, WorkerHandle};
+use corral_confine::cgroup::{CgroupBase, CgroupLimits, PluginCgroup};
+use corral_confine::{Level, SelfConfinement};
+use corral_manifest::{Manifest, Runtime};
+use corral_policy::Effective;
+use corral_protocol::{EngineLimits, LoadSpec, WorkerKind};
+use std::ffi::OsString;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+/// What a launcher is asked to start.
+#[derive(Debug)]
+pub(crate) struct Launch<'a> {
+    pub(crate) plugin: &'a Plugin,
+    pub(crate) effective: &'a Effective,
+    /// Where the worker reports its host calls and its exit.
+    pub(crate) broker: Weak<dyn Broker>,
+}
+
+/// A started worker and the cgroup it runs in.
+pub(crate) type Launched = (Arc<WorkerHandle>, Option<Arc<PluginCgroup>>);
+
+/// Starts workers: the seam between the supervisor and the processes it runs.
+pub(crate) trait Launcher: Send + Sync + std::fmt::Debug {
+    /// Start the worker of `req.plugin` under `req.effective`, up to `Loaded`.
+    fn launch<'a>(&'a self, req: Launch<'a>) -> BoxFuture<'a, Result<Launched, StartError>>;
+
+    /// Remove what the launcher made for every worker (the base cgroup) once it is
+    /// empty; returns whether nothing is left.
+    fn clean_up(&self) -> bool {
+        true
+    }
+}
+
+impl Inner {
+    /// Start a worker for `p` under the policy in force.
+    pub(crate) async fn start_worker(
+        &self,
+        p: &Plugin,
+    ) -> Result<(Arc<WorkerHandle>, Effective, Option<Arc<PluginCgroup>>), StartError> {
+        let files = p.files.path();
+        // Checked again at every start: nothing but the supervisor may touch the copy.
+        if p.publisher.is_some() || files.join(signing::SIG_FILE).exists() {
+            let now = signing::verify(files, &self.options.publishers)
+                .map_err(|e| StartError::Refused(format!("signature: {e}")))?;
+            if now != p.publisher {
+                return Err(StartError::Refused(format!(
+                    "signature: the plugin was added as {:?} and is now {:?}; add it again",
+                    p.publisher, now
+                )));
+            }
+        }
+        let effective = self.policy().resolve(&p.manifest, p.publisher.as_deref());
+        for note in &effective.clamped {
+            tracing::warn!(plugin = %p.manifest.id, "{note}");
+        }
+        let (worker, group) = self
+            .launcher
+            .launch(Launch {
+                plugin: p,
+                effective: &effective,
+                broker: self.broker_handle(),
+            })
+            .await?;
+        Ok((worker, effective, group))
+    }
+}
+
+/// Spawns worker processes as the supervisor's options say.
+#[derive(Debug)]
+pub(crate) struct ProcessLauncher {
+    options: Options,
+    /// Created at the first worker start.
+    cgroup_base: OnceLock<Result<CgroupBase, String>>,
+    worker_seq: AtomicU64,
+}
+
+impl ProcessLauncher {
+    pub(crate) fn new(options: Options) -> ProcessLauncher {
+        ProcessLauncher {
+            options,
+            cgroup_base: OnceLock::new(),
+            worker_seq: AtomicU64::new(1),
+        }
+    }
+
+    async fn start(&self, req: Launch<'_>) -> Result<Launched, StartError> {
+        let p = req.plugin;
+        let effective = req.effective;
+        let m = &p.manifest;
+        // The worker reads the version's copy, not the plugin directory.
+        let files = p.files.path();
+        let level = effective.level.value;
+        let run_as = access::credentials(&effective.user.value).map_err(|why| {
+            StartError::Refused(format!(
+                "cannot run the worker as user {} (set by {}): {why}",
+                effective.user.value, effective.user.origin
+            ))
+        })?;
+        if let Some(cred) = run_as {
+            access::check_readable(files, cred).map_err(|why| {
+                StartError::Refused(format!(
+                    "the worker runs as uid {} gid {} and cannot read the copy of the plugin: \
+                     {why}",
+                    cred.uid, cred.gid
+                ))
+            })?;
+        }
+        let kind = worker_kind(m.runtime);
+        let program = self
+            .options
+            .worker_dir
+            .join(format!("corral-worker-{}", kind.as_str()));
+        let cache_dir =
+            self.options.cache_dir.as_ref().and_then(|d| {
+                match access::plugin_cache_dir(d, &m.id, run_as) {
+                    Ok(dir) => Some(dir),
+                    Err(why) => {
+                        tracing::warn!(plugin = %m.id, "starting without the module cache: {why}");
+                        None
+                    }
+                }
+            });
+        let (cgroup, cgroup_unavailable) = match self.plugin_cgroup(m, effective) {
+            Ok(g) => (Some(Arc::new(g)), None),
+            Err(why) if level >= Level::High => {
+                return Err(StartError::Refused(format!(
+                    "level {level} requires cgroup limits: {why}"
+                )));
+            }
+            Err(why) => {
+                tracing::warn!(plugin = %m.id, "starting without cgroup limits: {why}");
+                (None, Some(why))
+            }
+        };
+        let spec = SpawnSpec {
+            cgroup: cgroup.clone(),
+            cgroup_unavailable,
+            program,
+            kind,
+            broker: req.broker,
+            redactor: p.redactor.clone(),
+            files: Some(PluginFiles {
+                snapshot: Arc::clone(&p.files),
+                dir: p.dir.clone(),
+            }),
+            plugin_id: m.id.clone(),
+            env: worker_env(),
+            handshake_timeout: self.options.handshake_timeout,
+            kill_grace: self.options.kill_grace,
+            confine: SelfConfinement {
+                level,
+                read: vec![files.to_owned()],
+                write: cache_dir.iter().cloned().collect(),
+                tmpfs_bytes: effective.tmpfs.value,
+                engine: kind.as_str().to_owned(),
+                run_as: run_as.map(|c| [c.uid, c.gid]),
+                hide: Vec::new(),
+            },
+        };
+        let load = LoadSpec {
+            plugin_id: m.id.clone(),
+            plugin_dir: files.to_string_lossy().into_owned(),
+            entry: m.entry.to_string_lossy().into_owned(),
+            limits: EngineLimits {
+                memory_bytes: effective.memory.value,
+                max_output_bytes: effective.max_output.value,
+                init_deadline_ms: effective.timeout.value.as_millis() as u64,
+            },
+            cache_dir: cache_dir.map(|d| d.to_string_lossy().into_owned()),
+            config: self
+                .options
+                .plugin_config
+                .get(&m.id)
+                .map(|c| c.config.clone())
+                .unwrap_or_default(),
+            secrets: self
+                .options
+                .plugin_config
+                .get(&m.id)
+                .map(|c| c.secrets.clone())
+                .unwrap_or_default(),
+        };
+        let w = WorkerHandle::start(&spec, load).await?;
+        Ok((w, cgroup))
+    }
+
+    fn plugin_cgroup(&self, m: &Manifest, e: &Effective) -> Result<PluginCgroup, String> {
+        let base = self
+            .cgroup_base
+            .get_or_init(|| {
+                let host = self
+                    .options
+                    .cgroups
+                    .as_ref()
+                    .ok_or_else(|| "disabled in the supervisor's options".to_owned())?;
+                let name = format!("{CGROUP_PREFIX}{}", std::process::id());
+                let base = host.base(&name).map_err(|e| error_chain(&e))?;
+                base.clean_leftovers(CGROUP_PREFIX);
+                Ok(base)
+            })
+            .as_ref()
+            .map_err(Clone::clone)?;
+        let name = format!(
+            "{}-{}",
+            m.id,
+            self.worker_seq.fetch_add(1, Ordering::Relaxed)
+        );
+        base.create(&name, &cgroup_limits(e))
+            .map_err(|e| error_chain(&e))
+    }
+}
+
+impl Launcher for ProcessLauncher {
+    fn launch<'a>(&'a self, req: Launch<'a>) -> BoxFuture<'a, Result<Launched, StartError>> {
+        Box::pin(self.start(req))
+    }
+
+    fn clean_up(&self) -> bool {
+        match self.cgroup_base.get() {
+            Some(Ok(base)) => base.try_remove(),
+            _ => true,
+        }
+    }
+}
+
+impl Drop for ProcessLauncher {
+    /// Best effort without `shutdown`: workers are killed as their handles drop, and
+    /// empty groups go now; anything still busy is cleaned by the next supervisor.
+    fn drop(&mut self) {
+        self.clean_up();
+    }
+}
+
+/// The cgroup limits of an effective policy.
+pub(crate) fn cgroup_limits(e: &Effective) -> CgroupLimits {
+    CgroupLimits {
+        memory_bytes: e.worker_memory.value,
+        pids_max: e.pids.value,
+        cpu_micros_per_sec: (e.cpu.value * 1e6).round() as u64,
+    }
+}
+
+pub(crate) fn worker_kind(r: Runtime) -> WorkerKind {
+    match r {
+        Runtime::Wasm => WorkerKind::Wasm,
+        Runtime::Js => WorkerKind::Js,
+        Runtime::Python => WorkerKind::Python,
+    }
+}
+
+/// The environment a worker gets: nothing but a sanitised locale and log filter.
+fn worker_env() -> Vec<(OsString, OsString)> {
+    ["RUST_BACKTRACE", "CORRAL_WORKER_LOG"]
+        .into_iter()
+        .filter_map(|k| std::env::var_os(k).map(|v| (OsString::from(k), v)))
+        .collect()
+}

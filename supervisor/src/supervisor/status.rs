@@ -1,0 +1,51 @@
+//! What `corral list` and `corral status` show of each plugin: its state, the
+//! policy and confinement in force, what its worker uses, and why it is not
+//! serving when it is not.
+
+use super::Inner;
+use super::start::worker_kind;
+use corral_protocol::PluginInfo;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+impl Inner {
+    /// Every plugin and its state.
+    pub(crate) async fn list(&self) -> Vec<PluginInfo> {
+        let mut out = Vec::new();
+        let blocked = self.dependencies().blocked;
+        for p in &self.all_plugins() {
+            let mut st = p.state.lock().await;
+            st.reap(&p.manifest.id, &self.options.restart, Instant::now());
+            let why_blocked = blocked
+                .get(&p.manifest.id)
+                .filter(|_| st.worker().is_none());
+            if let Some(why) = why_blocked {
+                st.note_error(format!("not started: {why}"));
+            }
+            let worker = st.worker();
+            let effective = st
+                .effective()
+                .filter(|_| worker.is_some())
+                .cloned()
+                .unwrap_or_else(|| self.policy().resolve(&p.manifest, p.publisher.as_deref()));
+            out.push(PluginInfo {
+                policy: effective.summary(),
+                resources: st.resources(),
+                id: p.manifest.id.clone(),
+                version: p.manifest.version.to_string(),
+                runtime: worker_kind(p.manifest.runtime),
+                dir: p.dir.to_string_lossy().into_owned(),
+                level: effective.level.value.to_string(),
+                enforcement: worker.map(|w| w.hello.enforcement.clone()),
+                state: st.status_word(why_blocked.is_some()).to_owned(),
+                pid: worker.map(|w| w.pid),
+                restarts: st.restarts(),
+                calls: p.calls.load(Ordering::Relaxed),
+                last_error: st.last_error().map(|e| p.redactor.redact(e)),
+                exports: worker.map(|w| w.exports.clone()).unwrap_or_default(),
+                requested: effective.requested_lines(),
+            });
+        }
+        out
+    }
+}

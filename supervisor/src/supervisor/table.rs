@@ -1,0 +1,187 @@
+//! The plugin table, and reading a plugin version from its directory.
+
+use super::{AddPluginError, Inner, PluginState};
+use crate::broker::messaging::Delivery;
+use crate::plugins::versions::{Snapshot, Versions};
+use crate::plugins::{files, signing};
+use crate::worker::Redactor;
+use corral_manifest::Manifest;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+use tokio::sync::Mutex;
+
+/// A plugin's place in the supervisor.
+#[derive(Debug)]
+pub(crate) struct Plugin {
+    pub(crate) manifest: Manifest,
+    /// The plugin's directory (its identity, and what messages name).
+    pub(crate) dir: PathBuf,
+    /// The copy of this version's files that its workers read.
+    pub(crate) files: Arc<Snapshot>,
+    pub(crate) state: Mutex<PluginState>,
+    /// Shared by every version of the plugin (a reload carries them over):
+    pub(crate) calls: Arc<AtomicU64>,
+    /// Slots for calls queued or running (`Options::max_queue`).
+    pub(crate) inflight: Arc<tokio::sync::Semaphore>,
+    /// Messages queued for this plugin's subscriptions, delivered in order.
+    pub(crate) deliveries: Arc<OnceLock<tokio::sync::mpsc::Sender<Delivery>>>,
+    pub(crate) redactor: Redactor,
+    /// The publisher whose trusted key verified `plugin.sig`; `None`: unsigned.
+    pub(crate) publisher: Option<String>,
+    /// Digest of the files this version was loaded from (hot reload compares it).
+    pub(crate) fingerprint: String,
+    /// Set (under the state lock) when a new version replaced this one or the plugin
+    /// was removed: calls that still hold it go to the plugin's current version.
+    pub(crate) retired: std::sync::atomic::AtomicBool,
+}
+
+impl Inner {
+    /// The plugin `id`.
+    pub(crate) fn plugin(&self, id: &str) -> Option<Arc<Plugin>> {
+        self.plugins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Every plugin, in id order.
+    pub(crate) fn all_plugins(&self) -> Vec<Arc<Plugin>> {
+        self.plugins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn add_plugin_dir(&self, dir: &Path) -> Result<String, AddPluginError> {
+        let plugin = self.read_plugin(dir, None)?;
+        let mut plugins = self.plugins.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(other) = plugins.get(&plugin.manifest.id) {
+            return Err(AddPluginError::Duplicate {
+                id: plugin.manifest.id,
+                dir: plugin.dir,
+                other: other.dir.clone(),
+            });
+        }
+        let id = plugin.manifest.id.clone();
+        plugins.insert(id.clone(), Arc::new(plugin));
+        Ok(id)
+    }
+
+    /// Read the plugin in `dir`: its manifest, signature and fingerprint. A new
+    /// version of `previous` shares its call count, queue and subscriptions.
+    pub(crate) fn read_plugin(
+        &self,
+        dir: &Path,
+        previous: Option<&Plugin>,
+    ) -> Result<Plugin, AddPluginError> {
+        let dir = dir.canonicalize().map_err(|source| AddPluginError::Dir {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        let fingerprint = files::fingerprint(&dir).map_err(|source| AddPluginError::Files {
+            dir: dir.clone(),
+            source,
+        })?;
+        let manifest = Manifest::load_dir(&dir)?;
+        let publisher = signing::verify(&dir, &self.options.publishers).map_err(|source| {
+            AddPluginError::Signature {
+                dir: dir.clone(),
+                source,
+            }
+        })?;
+        // What was checked is what runs: the copy must hold the files fingerprinted
+        // before the manifest and signature were read.
+        let files = self
+            .versions
+            .get_or_init(|| {
+                let root = self
+                    .options
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(std::env::temp_dir);
+                Versions::create(&root)
+            })
+            .as_ref()
+            .map_err(|why| AddPluginError::Snapshot {
+                dir: dir.clone(),
+                why: why.clone(),
+            })?
+            .snapshot(&dir)
+            .map_err(|e| AddPluginError::Snapshot {
+                dir: dir.clone(),
+                why: e.to_string(),
+            })?;
+        if files::fingerprint(files.path()).ok().as_ref() != Some(&fingerprint) {
+            return Err(AddPluginError::Changed { dir });
+        }
+        let settings = self.options.plugin_config.get(&manifest.id);
+        let redactor = Redactor::new(
+            settings
+                .iter()
+                .flat_map(|c| c.secrets.iter())
+                .map(|(k, v)| (k.clone(), v.0.clone())),
+        );
+        let previous = previous.filter(|p| p.manifest.id == manifest.id);
+        Ok(Plugin {
+            manifest,
+            dir,
+            files: Arc::new(files),
+            state: Mutex::new(PluginState::default()),
+            calls: previous.map_or_else(Default::default, |p| Arc::clone(&p.calls)),
+            inflight: previous.map_or_else(
+                || Arc::new(tokio::sync::Semaphore::new(self.options.max_queue)),
+                |p| Arc::clone(&p.inflight),
+            ),
+            deliveries: previous.map_or_else(Default::default, |p| Arc::clone(&p.deliveries)),
+            redactor,
+            publisher,
+            fingerprint,
+            retired: Default::default(),
+        })
+    }
+
+    /// The same version of `p` (the same files and shared queues) as a new table
+    /// entry, to run in a new worker.
+    pub(crate) fn same_version(p: &Plugin) -> Plugin {
+        Plugin {
+            manifest: p.manifest.clone(),
+            dir: p.dir.clone(),
+            files: Arc::clone(&p.files),
+            state: Mutex::new(PluginState::default()),
+            calls: Arc::clone(&p.calls),
+            inflight: Arc::clone(&p.inflight),
+            deliveries: Arc::clone(&p.deliveries),
+            redactor: p.redactor.clone(),
+            publisher: p.publisher.clone(),
+            fingerprint: p.fingerprint.clone(),
+            retired: Default::default(),
+        }
+    }
+
+    /// Put `plugin` in the table (replacing any plugin with its id); returns the one
+    /// it replaced.
+    pub(crate) fn install(&self, plugin: Arc<Plugin>) -> Option<Arc<Plugin>> {
+        self.plugins
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(plugin.manifest.id.clone(), plugin)
+    }
+
+    /// Take `id` out of the table if it is still `plugin`.
+    pub(crate) fn uninstall(&self, plugin: &Arc<Plugin>) -> bool {
+        let mut plugins = self.plugins.write().unwrap_or_else(|e| e.into_inner());
+        if plugins
+            .get(&plugin.manifest.id)
+            .is_some_and(|p| Arc::ptr_eq(p, plugin))
+        {
+            plugins.remove(&plugin.manifest.id);
+            return true;
+        }
+        false
+    }
+}

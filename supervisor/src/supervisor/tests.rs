@@ -1,0 +1,565 @@
+//! The supervisor's core with fake workers: an in-process [`Launcher`] whose
+//! workers speak the real protocol over a socketpair, so the handshake, the load,
+//! the connection task and every call path run for real, without a process.
+//! Each test fails if the logic it names breaks.
+
+use super::start::{Launch, Launched, Launcher};
+use super::*;
+use crate::worker::output::StderrTail;
+use crate::worker::process::Process;
+use crate::worker::{BoxFuture, SpawnSpec, StartError};
+use corral_confine::SelfConfinement;
+use corral_protocol::{
+    CallError, EnforcementReport, ExitReason, FromWorker, Hello, ToWorker, WorkerKind, frame,
+};
+use std::collections::VecDeque;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::Mutex as StdMutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, mpsc, watch};
+
+/// How one fake worker behaves.
+#[derive(Debug, Clone)]
+struct Script {
+    /// What `version` answers.
+    tag: &'static str,
+    /// `Some`: the load fails with this error.
+    load_error: Option<&'static str>,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Script {
+            tag: "v1",
+            load_error: None,
+        }
+    }
+}
+
+const EXPORTS: [&str; 5] = ["echo", "version", "hold", "crash", "hang"];
+
+/// What one fake worker received, in order.
+#[derive(Debug, Default)]
+struct Journal(StdMutex<Vec<String>>);
+
+impl Journal {
+    fn push(&self, what: String) {
+        self.0.lock().unwrap().push(what);
+    }
+    fn entries(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// Starts fake workers: `version` answers the script's tag, `echo` its input,
+/// `hold` waits for [`FakeLauncher::release`], `crash` exits with code 3, `hang`
+/// never answers.
+#[derive(Debug, Default)]
+struct FakeLauncher {
+    scripts: StdMutex<VecDeque<Script>>,
+    launches: AtomicU32,
+    release: Arc<Notify>,
+    /// One journal per worker started, in start order.
+    journals: StdMutex<Vec<Arc<Journal>>>,
+}
+
+impl FakeLauncher {
+    fn next(&self, script: Script) {
+        self.scripts.lock().unwrap().push_back(script);
+    }
+    fn journal(&self, n: usize) -> Vec<String> {
+        self.journals.lock().unwrap()[n].entries()
+    }
+    fn launches(&self) -> u32 {
+        self.launches.load(Ordering::SeqCst)
+    }
+    /// Let every held call answer.
+    fn release(&self) {
+        self.release.notify_waiters();
+    }
+}
+
+/// The fake worker's process: it "exits" when its task ends or is killed.
+struct FakeProcess {
+    pid: u32,
+    status: watch::Receiver<Option<ExitStatus>>,
+    kill: Arc<Notify>,
+}
+
+impl Process for FakeProcess {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+    fn verify(&self, _hello: &mut Hello) -> Result<(), String> {
+        Ok(())
+    }
+    fn start_kill(&mut self) {
+        self.kill.notify_one();
+    }
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        *self.status.borrow()
+    }
+    fn wait(&mut self) -> BoxFuture<'_, Option<ExitStatus>> {
+        Box::pin(async move {
+            let s = self.status.wait_for(Option::is_some).await.ok()?;
+            *s
+        })
+    }
+}
+
+impl Launcher for FakeLauncher {
+    fn launch<'a>(&'a self, req: Launch<'a>) -> BoxFuture<'a, Result<Launched, StartError>> {
+        Box::pin(async move {
+            let n = self.launches.fetch_add(1, Ordering::SeqCst);
+            let script = self.scripts.lock().unwrap().pop_front().unwrap_or_default();
+            let journal = Arc::new(Journal::default());
+            self.journals.lock().unwrap().push(Arc::clone(&journal));
+            let (ours, theirs) = tokio::net::UnixStream::pair().map_err(StartError::Socket)?;
+            let (status_tx, status) = watch::channel(None);
+            let kill = Arc::new(Notify::new());
+            tokio::spawn(fake_worker(
+                theirs,
+                script,
+                journal,
+                Arc::clone(&self.release),
+                Arc::clone(&kill),
+                status_tx,
+            ));
+            let spec = SpawnSpec {
+                program: "fake".into(),
+                kind: WorkerKind::Js,
+                plugin_id: req.plugin.manifest.id.clone(),
+                env: Vec::new(),
+                handshake_timeout: Duration::from_millis(500),
+                kill_grace: Duration::from_millis(200),
+                confine: SelfConfinement {
+                    level: req.effective.level.value,
+                    read: Vec::new(),
+                    write: Vec::new(),
+                    tmpfs_bytes: 0,
+                    engine: "js".into(),
+                    run_as: None,
+                    hide: Vec::new(),
+                },
+                cgroup: None,
+                cgroup_unavailable: Some("fake worker".into()),
+                broker: req.broker,
+                redactor: req.plugin.redactor.clone(),
+                files: None,
+            };
+            let load = corral_protocol::LoadSpec {
+                plugin_id: req.plugin.manifest.id.clone(),
+                plugin_dir: String::new(),
+                entry: String::new(),
+                limits: corral_protocol::EngineLimits {
+                    memory_bytes: 0,
+                    max_output_bytes: 1 << 20,
+                    init_deadline_ms: 1000,
+                },
+                cache_dir: None,
+                config: Default::default(),
+                secrets: Default::default(),
+            };
+            let process = Box::new(FakeProcess {
+                pid: 4_000_000 + n,
+                status,
+                kill,
+            });
+            let tail = Arc::new(StderrTail::default());
+            tail.close();
+            let w = WorkerHandle::connect(&spec, load, process, ours, tail).await?;
+            Ok((w, None))
+        })
+    }
+}
+
+async fn fake_worker(
+    stream: tokio::net::UnixStream,
+    script: Script,
+    journal: Arc<Journal>,
+    release: Arc<Notify>,
+    kill: Arc<Notify>,
+    status: watch::Sender<Option<ExitStatus>>,
+) {
+    let code = tokio::select! {
+        code = serve(stream, script, journal, release) => code,
+        () = kill.notified() => libc::SIGKILL,
+    };
+    // A code below 256 is an exit code; SIGKILL is sent as a raw wait status.
+    let raw = if code == libc::SIGKILL {
+        code
+    } else {
+        code << 8
+    };
+    let _ = status.send(Some(ExitStatus::from_raw(raw)));
+}
+
+/// The worker side of the protocol; returns the exit code (or SIGKILL).
+async fn serve(
+    stream: tokio::net::UnixStream,
+    script: Script,
+    journal: Arc<Journal>,
+    release: Arc<Notify>,
+) -> i32 {
+    let (mut rd, mut wr) = stream.into_split();
+    let hello = Hello {
+        kind: WorkerKind::Js,
+        engine_version: "fake 1".into(),
+        pid: 1,
+        enforcement: EnforcementReport::unconfined("fake worker"),
+    };
+    if wr
+        .write_all(&frame::encode_hello(&hello).unwrap())
+        .await
+        .is_err()
+    {
+        return 1;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<FromWorker>();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if wr.write_all(&frame::encode(&m).unwrap()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut holds = tokio::task::JoinSet::new();
+    let code = loop {
+        let msg: ToWorker = match frame::read_msg_async(&mut rd, frame::MAX_FRAME).await {
+            Ok(m) => m,
+            Err(_) => break 0,
+        };
+        match msg {
+            ToWorker::Load(_) => {
+                journal.push("load".into());
+                if let Some(e) = script.load_error {
+                    let _ = tx.send(FromWorker::LoadFailed { error: e.into() });
+                    break 1;
+                }
+                let exports = EXPORTS.iter().map(|e| e.to_string()).collect();
+                let _ = tx.send(FromWorker::Loaded { exports });
+            }
+            ToWorker::Call {
+                id,
+                function,
+                input,
+                ..
+            } => {
+                journal.push(format!("call {function}"));
+                let answer = move |result| FromWorker::CallResult { id, result };
+                match function.as_str() {
+                    "echo" => drop(tx.send(answer(Ok(input)))),
+                    "version" => drop(tx.send(answer(Ok(script.tag.as_bytes().to_vec())))),
+                    "hold" => {
+                        let (tx, release, journal) =
+                            (tx.clone(), Arc::clone(&release), Arc::clone(&journal));
+                        let released = release.notified_owned();
+                        holds.spawn(async move {
+                            released.await;
+                            journal.push("released".into());
+                            let _ = tx.send(answer(Ok(b"held".to_vec())));
+                        });
+                    }
+                    "crash" => break 3,
+                    _ => {} // "hang"
+                }
+            }
+            ToWorker::Shutdown { .. } => {
+                journal.push("shutdown".into());
+                break 0;
+            }
+            other => journal.push(format!("unexpected {other:?}")),
+        }
+    };
+    if code == 0 {
+        // An orderly exit answers what it holds first.
+        while holds.join_next().await.is_some() {}
+    }
+    drop(tx);
+    let _ = writer.await;
+    code
+}
+
+struct Fixture {
+    sup: Supervisor,
+    launcher: Arc<FakeLauncher>,
+    id: String,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture(tweak: impl FnOnce(&mut Options)) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("fake");
+    std::fs::create_dir(&plugin).unwrap();
+    std::fs::write(
+        plugin.join("plugin.toml"),
+        "id = \"fake\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        plugin.join("main.js"),
+        "export function echo(x) { return x }\n",
+    )
+    .unwrap();
+    let mut options = Options::new();
+    options.cache_dir = Some(dir.path().join("cache"));
+    options.state_dir = dir.path().join("state");
+    options.cgroups = None;
+    options.health_interval = Duration::from_secs(3600);
+    tweak(&mut options);
+    let launcher = Arc::new(FakeLauncher::default());
+    let mut sup = Supervisor::with_launcher(options, Arc::clone(&launcher) as Arc<dyn Launcher>);
+    let id = sup.add_plugin_dir(&plugin).unwrap();
+    Fixture {
+        sup,
+        launcher,
+        id,
+        _dir: dir,
+    }
+}
+
+impl Fixture {
+    async fn call(&self, function: &str) -> Result<Vec<u8>, CallError> {
+        self.sup
+            .call(
+                &self.id,
+                function,
+                b"in".to_vec(),
+                Some(Duration::from_secs(2)),
+            )
+            .await
+    }
+
+    async fn state(&self) -> String {
+        self.sup.list().await[0].state.clone()
+    }
+
+    /// A new version of the plugin (the same files) in a new worker, as a reload
+    /// does; the old one is retired after its calls.
+    async fn reload(&self, script: Script) {
+        self.launcher.next(script);
+        self.sup.inner().renew(&self.id).await.unwrap();
+    }
+}
+
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not within 5 s: {what}");
+}
+
+#[tokio::test]
+async fn one_worker_serves_every_call_and_unknown_functions_are_named() {
+    let f = fixture(|_| {});
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(f.call("version").await.unwrap(), b"v1");
+    assert_eq!(f.launcher.launches(), 1);
+    match f.call("missing").await {
+        Err(CallError::UnknownFunction {
+            function, exports, ..
+        }) => {
+            assert_eq!(function, "missing");
+            assert_eq!(exports, EXPORTS.join(", "));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.launcher.journal(0), ["load", "call echo", "call version"]);
+    f.sup.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(f.launcher.journal(0).last().unwrap(), "shutdown");
+}
+
+#[tokio::test]
+async fn a_call_holding_a_retired_version_goes_to_the_new_one_unsent() {
+    let f = fixture(|_| {});
+    assert_eq!(f.call("version").await.unwrap(), b"v1");
+    let old = f.sup.inner().plugin(&f.id).unwrap();
+    f.reload(Script {
+        tag: "v2",
+        ..Script::default()
+    })
+    .await;
+    assert!(old.retired.load(Ordering::SeqCst));
+    // A call that looked the old version up before the reload.
+    let out = f
+        .sup
+        .inner()
+        .call_version(old, "version", Vec::new(), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(out, b"v2");
+    assert_eq!(f.launcher.launches(), 2);
+    // The old worker never saw the call: it answered one call and shut down.
+    eventually("the old worker shuts down", || {
+        f.launcher.journal(0).len() == 3
+    })
+    .await;
+    assert_eq!(f.launcher.journal(0), ["load", "call version", "shutdown"]);
+    assert_eq!(f.launcher.journal(1), ["load", "call version"]);
+}
+
+#[tokio::test]
+async fn a_retired_worker_finishes_its_calls_before_it_shuts_down() {
+    let f = fixture(|_| {});
+    let sup = f.sup.clone();
+    let id = f.id.clone();
+    let held = tokio::spawn(async move { sup.call(&id, "hold", Vec::new(), None).await });
+    eventually("the call is held", || {
+        f.launcher.launches() == 1 && f.launcher.journal(0).contains(&"call hold".to_owned())
+    })
+    .await;
+    let old = f.sup.inner().plugin(&f.id).unwrap();
+    let old_worker = Arc::clone(old.state.lock().await.worker().unwrap());
+    f.reload(Script {
+        tag: "v2",
+        ..Script::default()
+    })
+    .await;
+    // New calls go to the new version while the old one drains.
+    assert_eq!(f.call("version").await.unwrap(), b"v2");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(old_worker.is_alive(), "retired before its call finished");
+    assert!(old_worker.is_retiring());
+    assert_eq!(f.launcher.journal(0), ["load", "call hold"]);
+    f.launcher.release();
+    assert_eq!(held.await.unwrap().unwrap(), b"held");
+    eventually("the old worker exits", || !old_worker.is_alive()).await;
+    assert_eq!(
+        f.launcher.journal(0),
+        ["load", "call hold", "released", "shutdown"]
+    );
+}
+
+#[tokio::test]
+async fn crashes_are_counted_and_the_plugin_fails_at_the_limit() {
+    let f = fixture(|o| {
+        o.restart = RestartPolicy {
+            max_crashes: 3,
+            window: Duration::from_secs(60),
+            base_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        }
+    });
+    for n in 1..=3u32 {
+        match f.call("crash").await {
+            Err(CallError::WorkerCrashed(ExitReason::Code(3))) => {}
+            other => panic!("crash {n}: {other:?}"),
+        }
+        assert_eq!(f.launcher.launches(), n);
+    }
+    // The third crash is noticed at the next call: the plugin has failed, and
+    // nothing more is started.
+    match f.call("echo").await {
+        Err(CallError::PluginFailed { crashes, last, .. }) => {
+            assert_eq!(crashes, 3);
+            assert!(last.contains("exited with code 3"), "{last}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.launcher.launches(), 3);
+    assert_eq!(f.state().await, "failed");
+    assert_eq!(f.sup.list().await[0].restarts, 2);
+}
+
+#[tokio::test]
+async fn restarts_wait_the_backoff_of_the_crashes_before() {
+    let f = fixture(|o| {
+        o.restart = RestartPolicy {
+            max_crashes: 10,
+            window: Duration::from_secs(60),
+            base_backoff: Duration::from_millis(300),
+            max_backoff: Duration::from_millis(450),
+        }
+    });
+    // The worker that crashes is started by the call; time the next start.
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        assert!(f.call("crash").await.is_err());
+        let t = Instant::now();
+        assert_eq!(f.call("echo").await.unwrap(), b"in");
+        waits.push(t.elapsed());
+    }
+    // Crashes 1, 2, 3, 4 in the window: no wait, 300 ms, 450 ms (600 capped), 450 ms.
+    assert!(waits[0] < Duration::from_millis(250), "{waits:?}");
+    assert!(waits[1] >= Duration::from_millis(300), "{waits:?}");
+    assert!(waits[2] >= Duration::from_millis(450), "{waits:?}");
+    assert!(waits[3] >= Duration::from_millis(450), "{waits:?}");
+    assert_eq!(f.state().await, "running");
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_overloaded_and_frees_its_slots() {
+    let f = fixture(|o| o.max_queue = 2);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (sup, id) = (f.sup.clone(), f.id.clone());
+        held.push(tokio::spawn(async move {
+            sup.call(&id, "hold", Vec::new(), None).await
+        }));
+    }
+    eventually("both calls are held", || {
+        f.launcher.launches() == 1
+            && f.launcher
+                .journal(0)
+                .iter()
+                .filter(|e| *e == "call hold")
+                .count()
+                == 2
+    })
+    .await;
+    match f.call("echo").await {
+        Err(CallError::Overloaded { queued, .. }) => assert_eq!(queued, 2),
+        other => panic!("{other:?}"),
+    }
+    f.launcher.release();
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap(), b"held");
+    }
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+}
+
+#[tokio::test]
+async fn a_worker_that_misses_its_deadline_is_killed_and_not_counted_as_a_crash() {
+    let f = fixture(|_| {});
+    let t = f
+        .sup
+        .call(&f.id, "hang", Vec::new(), Some(Duration::from_millis(100)))
+        .await;
+    assert!(
+        matches!(t, Err(CallError::Timeout { deadline_ms: 100 })),
+        "{t:?}"
+    );
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(f.launcher.launches(), 2, "a new worker after the kill");
+    let info = &f.sup.list().await[0];
+    assert_eq!(info.state, "running");
+    assert!(
+        info.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("missed a deadline")),
+        "{info:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_version_that_does_not_load_is_a_failed_start() {
+    let f = fixture(|_| {});
+    f.launcher.next(Script {
+        load_error: Some("SyntaxError: nope"),
+        ..Script::default()
+    });
+    match f.call("echo").await {
+        Err(CallError::StartFailed { reason, .. }) => {
+            assert!(reason.contains("SyntaxError: nope"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.state().await, "crashed");
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+}

@@ -1,0 +1,292 @@
+//! One worker process: its handle ([`WorkerHandle`]), how it is started
+//! ([`spawn`]), the task that serves its socket ([`connection`]), how it ended
+//! ([`exit`]), its output ([`output`]) and what its words may not show
+//! ([`redact`]).
+//!
+//! This module is the executor of the supervisor: it runs one worker and reports
+//! to a [`Broker`] (host calls and exits), never to the supervisor's tables. It
+//! imports nothing from `crate::supervisor` or `crate::broker`.
+//!
+//! # Spawn path
+//!
+//! 1. A `socketpair` is created; the worker's end is placed at fd 3 in the child, so
+//!    there is no address anyone else could dial and no token to steal.
+//! 2. The child gets a cleared environment (an allow-list), stdin from `/dev/null`,
+//!    stdout/stderr piped to the supervisor's log, its own process group, and a
+//!    parent-death signal (SIGKILL); every other inherited fd is marked close-on-exec.
+//!    Kernel confinement that must be applied before `exec` (cgroup placement,
+//!    namespaces, uid/gid, rlimits) happens in `process::child_setup`.
+//! 3. The worker initialises its engine, confines itself, and sends its handshake;
+//!    the supervisor checks magic, version and worker kind, then sends `Load`.
+//!
+//! Once loaded, one task per worker owns the child and the read half: it routes
+//! `CallResult`s to waiting callers, answers host calls, forwards logs, and when the
+//! worker goes away fails every call still in flight with
+//! [`CallError::WorkerCrashed`] carrying the exit code or signal.
+
+pub(crate) mod connection;
+pub(crate) mod exit;
+pub(crate) mod output;
+pub(crate) mod process;
+pub(crate) mod redact;
+pub(crate) mod spawn;
+
+pub use exit::UNREPORTED_SYSCALL;
+pub use process::WORKER_MAX_FILES;
+pub use redact::{PluginFiles, Redactor};
+pub(crate) use spawn::SpawnSpec;
+pub use spawn::StartError;
+
+use corral_confine::Level;
+use corral_protocol::{
+    CallError, ExitReason, Hello, HostError, HostOp, HostReply, RequestId, ToWorker, frame,
+};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// A boxed future, for the object-safe traits at the module's seams.
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a worker reports to: the host calls its plugin makes and how it ended.
+/// A worker holds its broker weakly; a broker that is gone answers host calls with
+/// "the supervisor is gone".
+pub(crate) trait Broker: Send + Sync + std::fmt::Debug {
+    /// Perform `op` for `plugin` within `ctx`.
+    fn host_call<'a>(
+        &'a self,
+        plugin: &'a str,
+        ctx: CallCtx,
+        op: HostOp,
+    ) -> BoxFuture<'a, Result<HostReply, HostError>>;
+
+    /// A worker ended without being asked to.
+    fn worker_exited(&self, exit: Exited<'_>);
+}
+
+/// How a worker ended, as reported to its [`Broker`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Exited<'a> {
+    pub(crate) plugin: &'a str,
+    pub(crate) level: Level,
+    pub(crate) reason: &'a ExitReason,
+    /// The supervisor killed it (a missed deadline, or `why`).
+    pub(crate) by_supervisor: bool,
+    pub(crate) why: Option<&'a str>,
+}
+
+/// What a call is part of: the plugins waiting on it (outermost first, this plugin
+/// last) and when it must be done.
+#[derive(Debug, Clone)]
+pub(crate) struct CallCtx {
+    pub(crate) chain: Arc<[String]>,
+    pub(crate) deadline: Instant,
+}
+
+pub(crate) type Reply = oneshot::Sender<Result<Vec<u8>, CallError>>;
+
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    calls: HashMap<RequestId, Reply>,
+    /// The context of each call in `calls`, for the host calls it makes.
+    contexts: HashMap<RequestId, CallCtx>,
+    /// Set once the worker is gone; new calls fail at once with it.
+    closed: Option<ExitReason>,
+    /// Set when the worker is being retired (a new version took over): it finishes
+    /// the calls it has and takes no more.
+    retiring: bool,
+}
+
+/// A running worker. Cheap to share; dropping the last handle kills the process.
+#[derive(Debug)]
+pub(crate) struct WorkerHandle {
+    pub pid: u32,
+    pub hello: Hello,
+    pub exports: Vec<String>,
+    plugin_id: String,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Arc<Mutex<Pending>>,
+    next_id: AtomicU64,
+    kill: Arc<Notify>,
+    killed_by_supervisor: Arc<AtomicBool>,
+    /// Why the supervisor killed it, when not for a missed deadline.
+    kill_reason: Arc<Mutex<Option<String>>>,
+    shutting_down: Arc<AtomicBool>,
+    exited: Arc<Notify>,
+    kill_grace: Duration,
+    /// Kept (not read) while the worker lives: its version's files.
+    files: Option<PluginFiles>,
+}
+
+pub(crate) fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn lock_reason(r: &Mutex<Option<String>>) -> MutexGuard<'_, Option<String>> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl WorkerHandle {
+    /// Whether the worker process is still serving.
+    pub fn is_alive(&self) -> bool {
+        lock(&self.pending).closed.is_none()
+    }
+
+    /// How the worker ended, once it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        lock(&self.pending).closed.clone()
+    }
+
+    /// Whether the supervisor killed this worker itself (deadline backstop), as
+    /// opposed to the worker crashing.
+    pub fn killed_by_supervisor(&self) -> bool {
+        self.killed_by_supervisor.load(Ordering::SeqCst)
+    }
+
+    /// Run `function`. Ends in a result or a typed error, always: if the worker does
+    /// not answer by `deadline` plus the kill grace, it is killed and the call gets
+    /// [`CallError::Timeout`]. `Err(input)`, with nothing sent, when the worker
+    /// is being retired (the caller routes the call to the plugin's new worker).
+    pub async fn try_call(
+        &self,
+        function: &str,
+        input: Vec<u8>,
+        deadline: Duration,
+        chain: Arc<[String]>,
+    ) -> Result<Result<Vec<u8>, CallError>, Vec<u8>> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let deadline_ms = deadline.as_millis() as u64;
+        let (reply, answer) = oneshot::channel();
+        {
+            // Registered before it is sent: `retire` waits for every registered call.
+            let mut p = lock(&self.pending);
+            if p.retiring {
+                return Err(input);
+            }
+            if let Some(reason) = &p.closed {
+                return Ok(Err(CallError::WorkerCrashed(reason.clone())));
+            }
+            p.calls.insert(id, reply);
+            p.contexts.insert(
+                id,
+                CallCtx {
+                    chain,
+                    deadline: Instant::now() + deadline,
+                },
+            );
+        }
+        let msg = ToWorker::Call {
+            id,
+            function: function.to_owned(),
+            input,
+            deadline_ms,
+        };
+        let frame = match frame::encode(&msg) {
+            Ok(f) => f,
+            Err(e) => {
+                let mut p = lock(&self.pending);
+                p.calls.remove(&id);
+                p.contexts.remove(&id);
+                return Ok(Err(CallError::BadInput {
+                    reason: e.to_string(),
+                }));
+            }
+        };
+        // If the writer is gone the connection task fails the pending call for us.
+        let _ = self.tx.send(frame);
+        Ok(
+            match tokio::time::timeout(deadline + self.kill_grace, answer).await {
+                Ok(Ok(result)) => match &self.files {
+                    Some(f) => result.map_err(|e| f.shown_error(e)),
+                    None => result,
+                },
+                Ok(Err(_)) => Err(CallError::WorkerCrashed(ExitReason::Unknown)),
+                Err(_) => {
+                    let mut p = lock(&self.pending);
+                    p.calls.remove(&id);
+                    p.contexts.remove(&id);
+                    drop(p);
+                    tracing::warn!(
+                        plugin = %self.plugin_id,
+                        pid = self.pid,
+                        "worker did not answer within its deadline; killing it"
+                    );
+                    self.killed_by_supervisor.store(true, Ordering::SeqCst);
+                    self.kill.notify_one();
+                    Err(CallError::Timeout { deadline_ms })
+                }
+            },
+        )
+    }
+
+    /// Whether the worker is being retired.
+    #[cfg(test)]
+    pub fn is_retiring(&self) -> bool {
+        lock(&self.pending).retiring
+    }
+
+    /// Retire the worker: take no new calls, let every call it has finish (each is
+    /// bounded by its own deadline and the kill backstop), then shut it down with
+    /// `grace` for its shutdown hook.
+    pub async fn retire(&self, grace: Duration) {
+        lock(&self.pending).retiring = true;
+        loop {
+            {
+                let p = lock(&self.pending);
+                if p.calls.is_empty() || p.closed.is_some() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.shutdown(grace).await;
+    }
+
+    /// Ask the worker to run its shutdown hook and exit, after the calls already
+    /// queued; kill it if it has not exited within `grace`.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let exited = self.exited.notified();
+        tokio::pin!(exited);
+        exited.as_mut().enable();
+        if !self.is_alive() {
+            return;
+        }
+        let grace_ms = grace.as_millis() as u64;
+        if let Ok(f) = frame::encode(&ToWorker::Shutdown { grace_ms }) {
+            let _ = self.tx.send(f);
+        }
+        if tokio::time::timeout(grace, &mut exited).await.is_err() {
+            tracing::warn!(plugin = %self.plugin_id, pid = self.pid, "worker ignored shutdown; killing it");
+            self.kill.notify_one();
+            exited.await;
+        }
+    }
+
+    /// Kill the worker now, saying why (shown by `corral status`).
+    pub fn kill_because(&self, why: String) {
+        *lock_reason(&self.kill_reason) = Some(why);
+        self.kill();
+    }
+
+    /// Why the supervisor killed the worker, if it said.
+    pub fn kill_reason(&self) -> Option<String> {
+        lock_reason(&self.kill_reason).clone()
+    }
+
+    /// Kill the worker now (SIGKILL to the child the supervisor started).
+    pub fn kill(&self) {
+        self.killed_by_supervisor.store(true, Ordering::SeqCst);
+        self.kill.notify_one();
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.kill.notify_one();
+    }
+}

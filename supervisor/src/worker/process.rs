@@ -1,0 +1,200 @@
+//! The process behind a worker, as the rest of this module sees it: a [`Process`]
+//! that can be verified, killed and waited for. [`Spawned`] is a child the
+//! supervisor started with [`super::spawn`]; the supervisor's unit tests put an
+//! in-process fake behind the same trait, so the handshake, the load, the
+//! connection task and every call path run for real without a process.
+
+use super::BoxFuture;
+use crate::plugins::access::Credentials;
+use corral_confine::Level;
+use corral_confine::cgroup::PluginCgroup;
+use corral_protocol::{Hello, WORKER_SOCKET_FD};
+use std::ffi::CString;
+use std::os::fd::RawFd;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::process::Child;
+
+/// A worker's process: what the connection needs of it.
+pub(crate) trait Process: Send + 'static {
+    /// Its pid (shown by `corral status`).
+    fn pid(&self) -> u32;
+    /// Check from outside what the worker claimed in its handshake, and fill in what
+    /// only the outside can see (its namespaces). An error refuses the worker.
+    fn verify(&self, hello: &mut Hello) -> Result<(), String>;
+    /// Send SIGKILL (or its equivalent); returns at once.
+    fn start_kill(&mut self);
+    /// How it ended, if it has.
+    fn try_wait(&mut self) -> Option<ExitStatus>;
+    /// Wait until it has ended; `None` if that cannot be known.
+    fn wait(&mut self) -> BoxFuture<'_, Option<ExitStatus>>;
+}
+
+/// A worker process the supervisor spawned.
+#[derive(Debug)]
+pub(crate) struct Spawned {
+    pub(crate) child: Child,
+    pub(crate) pid: u32,
+    /// The unprivileged ids it was told to become (when the supervisor is root).
+    pub(crate) run_as: Option<Credentials>,
+}
+
+impl Process for Spawned {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn verify(&self, hello: &mut Hello) -> Result<(), String> {
+        // Namespaces and credentials are checked from outside: an unprivileged worker
+        // cannot read the supervisor's /proc entries to compare, and a worker that
+        // did not drop root gets no plugin.
+        hello.enforcement.namespaces = corral_confine::worker_namespaces(self.pid);
+        match self.run_as {
+            Some(cred) => check_credentials(self.pid, cred),
+            None => Ok(()),
+        }
+    }
+
+    fn start_kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, Option<ExitStatus>> {
+        Box::pin(async move { self.child.wait().await.ok() })
+    }
+}
+
+/// Runs in the forked child between `fork` and `exec`.
+pub(crate) fn child_setup(
+    fd: RawFd,
+    parent: libc::pid_t,
+    level: Level,
+    cgroup_procs: &[CString],
+) -> std::io::Result<()> {
+    // SAFETY: each call below is an async-signal-safe system call with plain integer
+    // arguments or NUL-terminated paths built before the fork; none touches memory the
+    // parent shares.
+    unsafe {
+        // Join the plugin's cgroup first: nothing after this runs unlimited.
+        for path in cgroup_procs {
+            let f = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if f < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = libc::write(f, b"0".as_ptr().cast(), 1) == 1;
+            let err = std::io::Error::last_os_error();
+            libc::close(f);
+            if !ok {
+                return Err(err);
+            }
+        }
+        // From `high`: own network (no interfaces but a down loopback), IPC and UTS
+        // namespaces. (Needs CAP_SYS_ADMIN, so before the privileges go.)
+        if level >= Level::High
+            && libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The supervisor may have died before prctl took effect.
+        if libc::getppid() != parent {
+            return Err(std::io::Error::other("supervisor exited during spawn"));
+        }
+        if fd == WORKER_SOCKET_FD {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+        } else if libc::dup2(fd, WORKER_SOCKET_FD) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Everything above fd 3 closes at exec (marking rather than closing keeps the
+        // pipe std uses to report exec errors working).
+        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+        if libc::syscall(
+            libc::SYS_close_range,
+            (WORKER_SOCKET_FD + 1) as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        // No core dumps: a plugin's memory may hold other tenants' data.
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // A bounded descriptor table (an engine needs a few dozen).
+        let files = libc::rlimit {
+            rlim_cur: WORKER_MAX_FILES,
+            rlim_max: WORKER_MAX_FILES,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &files) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `RLIMIT_NOFILE` of a worker (soft and hard).
+pub const WORKER_MAX_FILES: libc::rlim_t = 256;
+
+/// The worker's real, effective, saved and filesystem ids and its capability sets,
+/// as the kernel reports them, against what it was told to become.
+fn check_credentials(pid: u32, cred: Credentials) -> Result<(), String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("cannot read the worker's credentials: {e}"))?;
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let (uid, gid) = (cred.uid.to_string(), cred.gid.to_string());
+    let ok = field("Uid:") == [&uid; 4]
+        && field("Gid:") == [&gid; 4]
+        && field("CapEff:") == ["0000000000000000"]
+        && field("CapPrm:") == ["0000000000000000"];
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "the worker did not drop to uid {uid} gid {gid} with no capabilities (Uid {:?}, \
+             Gid {:?}, CapEff {:?})",
+            field("Uid:"),
+            field("Gid:"),
+            field("CapEff:")
+        ))
+    }
+}
+
+/// Remove a worker's group once the processes in it are gone (children it forked
+/// die with it by their parent-death signal, a moment later).
+pub(crate) fn remove_when_empty(group: Arc<PluginCgroup>) {
+    tokio::spawn(async move {
+        for _ in 0..50 {
+            if group.try_remove() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(?group, "cgroup still busy after 1 s; left in place");
+    });
+}

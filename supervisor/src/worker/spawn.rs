@@ -1,0 +1,326 @@
+//! Starting a worker: the spawn ([`WorkerHandle::start`]), then, over any
+//! [`Process`] and socket, the handshake, the load and the connection task
+//! ([`WorkerHandle::connect`]).
+
+use super::connection::{Connection, write_frames};
+use super::exit::{exit_reason, explain_exit};
+use super::output::{StderrTail, forward_output, log_line};
+use super::process::{Process, Spawned, child_setup, remove_when_empty};
+use super::{Broker, CallCtx, Pending, PluginFiles, Redactor, WorkerHandle};
+use crate::plugins::access::Credentials;
+use corral_confine::cgroup::PluginCgroup;
+use corral_confine::{CONFINE_ENV, SelfConfinement};
+use corral_protocol::{
+    ExitReason, FromWorker, Hello, HostError, LoadSpec, ToWorker, WORKER_SOCKET_ENV,
+    WORKER_SOCKET_FD, WorkerKind,
+    frame::{self, FrameError},
+};
+use std::ffi::{CString, OsString};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedReadHalf;
+use tokio::process::Command;
+use tokio::sync::{Notify, mpsc};
+
+/// Everything needed to start one worker.
+#[derive(Debug, Clone)]
+pub(crate) struct SpawnSpec {
+    pub(crate) program: PathBuf,
+    pub(crate) kind: WorkerKind,
+    pub(crate) plugin_id: String,
+    /// Variables passed through; the rest of the environment is cleared.
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) handshake_timeout: Duration,
+    /// How long past a call's deadline the supervisor waits before killing the worker.
+    pub(crate) kill_grace: Duration,
+    /// What the worker must apply to itself before it accepts plugin code.
+    pub(crate) confine: SelfConfinement,
+    /// The worker's cgroup, joined between fork and exec.
+    pub(crate) cgroup: Option<Arc<PluginCgroup>>,
+    /// Why there is no cgroup (reported in the handshake's enforcement).
+    pub(crate) cgroup_unavailable: Option<String>,
+    /// Performs the worker's host calls and hears how it ended.
+    pub(crate) broker: Weak<dyn Broker>,
+    /// The plugin's secrets, cut out of everything it logs.
+    pub(crate) redactor: Redactor,
+    /// The version's files, kept while the worker lives.
+    pub(crate) files: Option<PluginFiles>,
+}
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start worker {}", program.display())]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up the worker socket")]
+    Socket(#[source] std::io::Error),
+    #[error("worker {exit} before its handshake{}", stderr_tail(.stderr))]
+    DiedEarly { exit: ExitReason, stderr: String },
+    #[error("worker sent no handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("bad handshake")]
+    Handshake(#[source] FrameError),
+    #[error("worker is a {got} worker, expected {expected}")]
+    WrongKind {
+        expected: WorkerKind,
+        got: WorkerKind,
+    },
+    #[error("plugin failed to load: {0}")]
+    LoadFailed(String),
+    /// The isolation level cannot be enforced here; nothing was started.
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+fn stderr_tail(s: &str) -> String {
+    let s = s.trim();
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(": {s}")
+    }
+}
+
+impl WorkerHandle {
+    /// Spawn the worker process of `spec`, complete the handshake and load the
+    /// plugin.
+    pub(crate) async fn start(
+        spec: &SpawnSpec,
+        load: LoadSpec,
+    ) -> Result<Arc<WorkerHandle>, StartError> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Socket)?;
+        let mut cmd = Command::new(&spec.program);
+        cmd.env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .env(WORKER_SOCKET_ENV, WORKER_SOCKET_FD.to_string())
+            .env(CONFINE_ENV, spec.confine.to_env_value())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let fd = theirs.as_raw_fd();
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
+        let level = spec.confine.level;
+        let procs: Vec<CString> = spec.cgroup.iter().flat_map(|g| g.procs_files()).collect();
+        // SAFETY: `child_setup` only makes async-signal-safe system calls (prctl,
+        // getppid, dup2, fcntl, close_range, open, write, close, setrlimit, unshare)
+        // and allocates nothing (`procs` was built before the fork).
+        unsafe {
+            cmd.pre_exec(move || child_setup(fd, parent, level, &procs));
+        }
+        let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
+            program: spec.program.clone(),
+            source,
+        })?;
+        drop(theirs);
+        let pid = child.id().unwrap_or(0);
+        ours.set_nonblocking(true).map_err(StartError::Socket)?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(StartError::Socket)?;
+        let tail = Arc::new(StderrTail::default());
+        if let Some(s) = child.stdout.take() {
+            tokio::spawn(forward_output(s, spec.plugin_id.clone(), "stdout", None));
+        }
+        if let Some(s) = child.stderr.take() {
+            let keep = Some(Arc::clone(&tail));
+            tokio::spawn(forward_output(s, spec.plugin_id.clone(), "stderr", keep));
+        }
+        let run_as = spec
+            .confine
+            .run_as
+            .map(|[uid, gid]| Credentials { uid, gid });
+        let process = Box::new(Spawned { child, pid, run_as });
+        WorkerHandle::connect(spec, load, process, stream, tail).await
+    }
+
+    /// The handshake and the load over `stream`, then the connection task that
+    /// serves the worker until it ends. `tail` is the worker's stderr as far as it
+    /// is read.
+    pub(crate) async fn connect(
+        spec: &SpawnSpec,
+        load: LoadSpec,
+        mut child: Box<dyn Process>,
+        stream: tokio::net::UnixStream,
+        tail: Arc<StderrTail>,
+    ) -> Result<Arc<WorkerHandle>, StartError> {
+        let pid = child.pid();
+        let (mut rd, mut wr) = stream.into_split();
+        let hello = match handshake(&mut rd, child.as_mut(), spec.handshake_timeout).await {
+            Ok(h) => h,
+            Err(HandshakeFailure::Died(exit)) => {
+                let stderr = tail.wait_closed().await;
+                let exit = explain_exit(exit, &stderr);
+                if let Some(g) = &spec.cgroup {
+                    remove_when_empty(Arc::clone(g));
+                }
+                return Err(StartError::DiedEarly { exit, stderr });
+            }
+            Err(HandshakeFailure::Other(e)) => {
+                child.start_kill();
+                child.wait().await;
+                return Err(e);
+            }
+        };
+        let mut hello = hello;
+        if let Err(why) = child.verify(&mut hello) {
+            child.start_kill();
+            child.wait().await;
+            return Err(StartError::Refused(why));
+        }
+        if let Some(g) = &spec.cgroup {
+            hello.enforcement.cgroup = g.report();
+        } else if let Some(why) = &spec.cgroup_unavailable {
+            hello.enforcement.cgroup = corral_protocol::Enforcement::None(why.clone());
+        }
+        if hello.kind != spec.kind {
+            child.start_kill();
+            child.wait().await;
+            return Err(StartError::WrongKind {
+                expected: spec.kind,
+                got: hello.kind,
+            });
+        }
+
+        // Load: the worker answers Loaded or LoadFailed (and exits).
+        let init_deadline = Duration::from_millis(load.limits.init_deadline_ms);
+        let load_frame = frame::encode(&ToWorker::Load(load)).map_err(StartError::Handshake)?;
+        let loaded = async {
+            wr.write_all(&load_frame).await.map_err(FrameError::Io)?;
+            loop {
+                match frame::read_msg_async::<FromWorker>(&mut rd, frame::MAX_FRAME).await? {
+                    FromWorker::Loaded { exports } => return Ok(Ok(exports)),
+                    FromWorker::LoadFailed { error } => return Ok(Err(error)),
+                    FromWorker::Log { level, message } => {
+                        log_line(&spec.plugin_id, level, &spec.redactor.redact(&message))
+                    }
+                    // Host calls from `init`: answered in line.
+                    FromWorker::HostCall { id, op, .. } => {
+                        let ctx = CallCtx {
+                            chain: Arc::from(vec![spec.plugin_id.clone()]),
+                            deadline: Instant::now() + init_deadline,
+                        };
+                        let result = match spec.broker.upgrade() {
+                            Some(broker) => broker.host_call(&spec.plugin_id, ctx, op).await,
+                            None => Err(HostError::Failed("the supervisor is gone".into())),
+                        };
+                        let f = frame::encode(&ToWorker::HostResult { id, result })?;
+                        wr.write_all(&f).await.map_err(FrameError::Io)?;
+                    }
+                    other => {
+                        return Err(FrameError::Decode(format!(
+                            "unexpected {other:?} while loading"
+                        )));
+                    }
+                }
+            }
+        };
+        let exports = match loaded.await {
+            Ok(Ok(exports)) => exports,
+            Ok(Err(error)) => {
+                child.wait().await;
+                return Err(StartError::LoadFailed(match &spec.files {
+                    Some(f) => f.shown(error),
+                    None => error,
+                }));
+            }
+            Err(e) => {
+                let status = match child.try_wait() {
+                    Some(s) => Some(s),
+                    None if matches!(e, FrameError::Decode(_)) => None,
+                    // The socket broke: the worker is probably dying; see how.
+                    None => tokio::time::timeout(Duration::from_millis(500), child.wait())
+                        .await
+                        .ok()
+                        .flatten(),
+                };
+                child.start_kill();
+                child.wait().await;
+                return Err(match status {
+                    Some(s) => {
+                        let stderr = tail.wait_closed().await;
+                        StartError::DiedEarly {
+                            exit: explain_exit(exit_reason(s), &stderr),
+                            stderr,
+                        }
+                    }
+                    None => StartError::Handshake(e),
+                });
+            }
+        };
+
+        let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let handle = Arc::new(WorkerHandle {
+            pid,
+            hello,
+            exports,
+            plugin_id: spec.plugin_id.clone(),
+            tx: tx.clone(),
+            pending: Arc::new(Mutex::new(Pending::default())),
+            next_id: AtomicU64::new(1),
+            kill: Arc::new(Notify::new()),
+            killed_by_supervisor: Arc::new(AtomicBool::new(false)),
+            kill_reason: Arc::new(Mutex::new(None)),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+            exited: Arc::new(Notify::new()),
+            kill_grace: spec.kill_grace,
+            files: spec.files.clone(),
+        });
+        tokio::spawn(write_frames(wr, rx));
+        tokio::spawn(
+            Connection {
+                broker: spec.broker.clone(),
+                redactor: spec.redactor.clone(),
+                level: spec.confine.level,
+                killed_by_supervisor: Arc::clone(&handle.killed_by_supervisor),
+                kill_reason: Arc::clone(&handle.kill_reason),
+                plugin_id: spec.plugin_id.clone(),
+                cgroup: spec.cgroup.clone(),
+                tail,
+                pending: Arc::clone(&handle.pending),
+                kill: Arc::clone(&handle.kill),
+                shutting_down: Arc::clone(&handle.shutting_down),
+                exited: Arc::clone(&handle.exited),
+                tx,
+            }
+            .run(rd, child),
+        );
+        Ok(handle)
+    }
+}
+
+enum HandshakeFailure {
+    Died(ExitReason),
+    Other(StartError),
+}
+
+async fn handshake(
+    rd: &mut OwnedReadHalf,
+    child: &mut dyn Process,
+    timeout: Duration,
+) -> Result<Hello, HandshakeFailure> {
+    let read = async {
+        let payload = frame::read_payload_async(rd, frame::MAX_FRAME).await?;
+        frame::decode_hello(&payload)
+    };
+    tokio::select! {
+        r = tokio::time::timeout(timeout, read) => match r {
+            Ok(Ok(hello)) => Ok(hello),
+            Ok(Err(FrameError::Closed | FrameError::Io(_) | FrameError::Truncated { .. })) => {
+                let status = child.wait().await.map(exit_reason).unwrap_or(ExitReason::Unknown);
+                Err(HandshakeFailure::Died(status))
+            }
+            Ok(Err(e)) => Err(HandshakeFailure::Other(StartError::Handshake(e))),
+            Err(_) => Err(HandshakeFailure::Other(StartError::HandshakeTimeout(timeout))),
+        },
+    }
+}
