@@ -28,6 +28,8 @@ struct Script {
     tag: &'static str,
     /// `Some`: the load fails with this error.
     load_error: Option<&'static str>,
+    /// The load never answers (an `init` that never returns).
+    load_hangs: bool,
 }
 
 impl Default for Script {
@@ -35,6 +37,7 @@ impl Default for Script {
         Script {
             tag: "v1",
             load_error: None,
+            load_hangs: false,
         }
     }
 }
@@ -235,6 +238,9 @@ async fn serve(
         match msg {
             ToWorker::Load(_) => {
                 journal.push("load".into());
+                if script.load_hangs {
+                    std::future::pending::<()>().await;
+                }
                 if let Some(e) = script.load_error {
                     let _ = tx.send(FromWorker::LoadFailed { error: e.into() });
                     break 1;
@@ -562,4 +568,31 @@ async fn a_version_that_does_not_load_is_a_failed_start() {
     }
     assert_eq!(f.state().await, "crashed");
     assert_eq!(f.call("echo").await.unwrap(), b"in");
+}
+
+#[tokio::test]
+async fn an_init_that_never_returns_is_killed_at_its_deadline() {
+    let f = fixture(|_| {});
+    f.launcher.next(Script {
+        load_hangs: true,
+        ..Script::default()
+    });
+    let t = Instant::now();
+    match f.call("echo").await {
+        Err(CallError::StartFailed { reason, .. }) => assert!(
+            reason.contains("did not finish loading (top-level code and init) within 1.5s"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // The fake's init deadline (1 s) plus its handshake time (500 ms), not forever.
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(f.launcher.journal(0), ["load"]);
+    // The next call starts a worker that loads.
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(f.launcher.launches(), 2);
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Notify;
 
 /// The last few KiB a worker wrote to stderr, kept for its whole life so its last
@@ -49,18 +49,156 @@ impl StderrTail {
     }
 }
 
+/// Longest line forwarded from a worker's stdout or stderr, in bytes; the rest of a
+/// longer line is dropped and counted in a marker. A worker that writes without
+/// newlines costs the supervisor this much, not what it wrote.
+pub(crate) const MAX_LINE: usize = 4096;
+
+/// Bytes per second of a worker's stdout and stderr that reach the supervisor's
+/// log (each stream), after a burst of [`LOG_BURST`]; the lines past it are
+/// counted and summarised, never queued.
+pub(crate) const LOG_RATE: u64 = 64 * 1024;
+/// See [`LOG_RATE`].
+pub(crate) const LOG_BURST: u64 = 256 * 1024;
+
+/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes, whatever the
+/// bytes are: invalid UTF-8 is replaced, never a reason to stop reading.
+#[derive(Debug, Default)]
+pub(crate) struct Lines {
+    line: Vec<u8>,
+    /// Bytes of the current line past [`MAX_LINE`].
+    cut: u64,
+}
+
+impl Lines {
+    /// Take `bytes`; complete lines are appended to `out`.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8], out: &mut Vec<String>) {
+        while !bytes.is_empty() {
+            let (part, rest, end) = match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => (&bytes[..i], &bytes[i + 1..], true),
+                None => (bytes, &[][..], false),
+            };
+            let room = MAX_LINE - self.line.len();
+            let keep = part.len().min(room);
+            self.line.extend_from_slice(&part[..keep]);
+            self.cut += (part.len() - keep) as u64;
+            if end {
+                out.push(self.take());
+            }
+            bytes = rest;
+        }
+    }
+
+    /// The last line, if the stream ended without a newline.
+    pub(crate) fn finish(&mut self, out: &mut Vec<String>) {
+        if !self.line.is_empty() || self.cut > 0 {
+            out.push(self.take());
+        }
+    }
+
+    fn take(&mut self) -> String {
+        let mut s = String::from_utf8_lossy(&self.line).into_owned();
+        if self.cut > 0 {
+            s.push_str(&format!(" [line cut: {} more bytes]", self.cut));
+        }
+        self.line.clear();
+        self.cut = 0;
+        s
+    }
+}
+
+/// A token bucket over the bytes one stream may log.
+#[derive(Debug)]
+pub(crate) struct LogBudget {
+    rate: u64,
+    burst: u64,
+    tokens: f64,
+    last: std::time::Instant,
+    /// Lines dropped since the last one logged.
+    suppressed: u64,
+}
+
+impl LogBudget {
+    pub(crate) fn new(rate: u64, burst: u64, now: std::time::Instant) -> LogBudget {
+        LogBudget {
+            rate,
+            burst,
+            tokens: burst as f64,
+            last: now,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a line of `len` bytes may be logged at `now`; `Some(n)` in the
+    /// answer's second half: `n` lines were suppressed before this one (to be said
+    /// first).
+    pub(crate) fn admit(&mut self, len: usize, now: std::time::Instant) -> (bool, Option<u64>) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.burst as f64);
+        let cost = len.max(1) as f64;
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            let before = std::mem::take(&mut self.suppressed);
+            (true, (before > 0).then_some(before))
+        } else {
+            self.suppressed += 1;
+            (false, None)
+        }
+    }
+
+    /// Lines suppressed and not yet summarised.
+    pub(crate) fn pending(&mut self) -> Option<u64> {
+        let n = std::mem::take(&mut self.suppressed);
+        (n > 0).then_some(n)
+    }
+}
+
+/// Forward a worker's stdout or stderr to the log, line by line: lines bounded
+/// ([`MAX_LINE`]), any bytes (lossy), at a bounded rate ([`LOG_RATE`]); every line
+/// also goes to `keep` (the stderr tail that explains a death), so a flood cannot
+/// hide the worker's last words.
 pub(crate) async fn forward_output(
-    out: impl AsyncRead + Unpin,
+    mut out: impl AsyncRead + Unpin,
     plugin: String,
     stream: &'static str,
     keep: Option<Arc<StderrTail>>,
 ) {
-    let mut lines = BufReader::new(out).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(plugin = %plugin, stream, "{line}");
-        if let Some(k) = &keep {
-            k.push(&line);
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut lines = Lines::default();
+    let mut budget = LogBudget::new(LOG_RATE, LOG_BURST, std::time::Instant::now());
+    let mut ready = Vec::new();
+    let suppressed = |n: u64| {
+        tracing::warn!(plugin = %plugin, stream, "{n} lines suppressed (over {LOG_RATE} bytes/s)");
+    };
+    loop {
+        let n = match out.read(&mut buf).await {
+            Ok(0) | Err(_) => 0,
+            Ok(n) => n,
+        };
+        if n == 0 {
+            lines.finish(&mut ready);
+        } else {
+            lines.feed(&buf[..n], &mut ready);
         }
+        for line in ready.drain(..) {
+            if let Some(k) = &keep {
+                k.push(&line);
+            }
+            let (log, before) = budget.admit(line.len(), std::time::Instant::now());
+            if let Some(n) = before {
+                suppressed(n);
+            }
+            if log {
+                tracing::info!(plugin = %plugin, stream, "{line}");
+            }
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    if let Some(n) = budget.pending() {
+        suppressed(n);
     }
     if let Some(k) = &keep {
         k.close();
@@ -74,5 +212,103 @@ pub(crate) fn log_line(plugin: &str, level: LogLevel, message: &str) {
         LogLevel::Info => tracing::info!(plugin = %plugin, "{message}"),
         LogLevel::Debug => tracing::debug!(plugin = %plugin, "{message}"),
         LogLevel::Trace => tracing::trace!(plugin = %plugin, "{message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn split(chunks: &[&[u8]]) -> Vec<String> {
+        let mut l = Lines::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            l.feed(c, &mut out);
+        }
+        l.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn lines_are_split_across_chunks_and_the_last_one_is_kept() {
+        assert_eq!(
+            split(&[b"one\ntw", b"o\n", b"\nthree"]),
+            ["one", "two", "", "three"]
+        );
+        assert!(split(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_line_without_end_costs_at_most_max_line() {
+        let mut l = Lines::default();
+        let mut out = Vec::new();
+        let mib = vec![b'x'; 1 << 20];
+        for _ in 0..64 {
+            l.feed(&mib, &mut out);
+            assert!(out.is_empty());
+            assert_eq!(l.line.len(), MAX_LINE, "the buffer stays bounded");
+        }
+        l.feed(b"\nnext\n", &mut out);
+        assert_eq!(out.len(), 2);
+        let cut = (64 << 20) - MAX_LINE;
+        assert_eq!(
+            out[0],
+            format!("{} [line cut: {cut} more bytes]", "x".repeat(MAX_LINE))
+        );
+        assert_eq!(out[1], "next");
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_and_reading_goes_on() {
+        assert_eq!(
+            split(&[b"bad \xff\xfe bytes\n", b"SECCOMP after\n"]),
+            ["bad \u{fffd}\u{fffd} bytes", "SECCOMP after"]
+        );
+    }
+
+    #[test]
+    fn the_budget_refills_at_its_rate_and_counts_what_it_drops() {
+        let t = Instant::now();
+        let mut b = LogBudget::new(100, 300, t);
+        assert_eq!(b.admit(200, t), (true, None));
+        assert_eq!(b.admit(200, t), (false, None), "100 left of the burst");
+        assert_eq!(b.admit(150, t), (false, None));
+        // A line that fits says first how many were dropped before it.
+        assert_eq!(b.admit(50, t), (true, Some(2)));
+        assert_eq!(b.admit(60, t), (false, None), "50 left");
+        // One second refills 100 bytes.
+        assert_eq!(b.admit(140, t + Duration::from_secs(1)), (true, Some(1)));
+        assert_eq!(b.pending(), None);
+        // Never above the burst, however long the wait.
+        assert_eq!(b.admit(301, t + Duration::from_secs(3600)), (false, None));
+        assert_eq!(b.pending(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_garbage_never_hides_the_last_words_on_stderr() {
+        let (mut w, r) = tokio::io::duplex(64 * 1024);
+        let tail = Arc::new(StderrTail::default());
+        let task = tokio::spawn(forward_output(
+            r,
+            "p".into(),
+            "stderr",
+            Some(Arc::clone(&tail)),
+        ));
+        use tokio::io::AsyncWriteExt;
+        for _ in 0..256 {
+            w.write_all(&[0xff; 16 * 1024]).await.unwrap();
+        }
+        w.write_all(b"\ncorral-seccomp: 101\n").await.unwrap();
+        drop(w);
+        task.await.unwrap();
+        let text = tail.wait_closed().await;
+        assert_eq!(
+            corral_confine::violation_from_stderr(&text).as_deref(),
+            Some("ptrace"),
+            "{}",
+            &text[text.len().saturating_sub(200)..]
+        );
+        assert!(text.len() <= StderrTail::KEEP + MAX_LINE, "{}", text.len());
     }
 }

@@ -67,6 +67,11 @@ pub enum StartError {
     DiedEarly { exit: ExitReason, stderr: String },
     #[error("worker sent no handshake within {0:?}")]
     HandshakeTimeout(Duration),
+    /// Loading the plugin (its top-level code and `init`) did not end in time.
+    #[error(
+        "the plugin did not finish loading (top-level code and init) within {0:?}; worker killed"
+    )]
+    LoadTimeout(Duration),
     #[error("bad handshake")]
     Handshake(#[source] FrameError),
     #[error("worker is a {got} worker, expected {expected}")]
@@ -224,7 +229,20 @@ impl WorkerHandle {
                 }
             }
         };
-        let exports = match loaded.await {
+        // The engine enforces `init`'s deadline itself; this is the backstop for a
+        // worker that does not (or cannot): it is killed, and the start fails. It
+        // allows the handshake's time again for what comes before `init` (compiling
+        // a module, importing the plugin's code).
+        let backstop = init_deadline + spec.handshake_timeout;
+        let Ok(loaded) = tokio::time::timeout(backstop, loaded).await else {
+            child.start_kill();
+            child.wait().await;
+            if let Some(g) = &spec.cgroup {
+                remove_when_empty(Arc::clone(g));
+            }
+            return Err(StartError::LoadTimeout(backstop));
+        };
+        let exports = match loaded {
             Ok(Ok(exports)) => exports,
             Ok(Err(error)) => {
                 child.wait().await;
