@@ -164,6 +164,46 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, FrameError> {
     Ok(got)
 }
 
+/// Read one frame payload from an async reader, bounded by `max` (checked before
+/// anything is allocated).
+#[cfg(feature = "tokio")]
+pub async fn read_payload_async(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    max: u32,
+) -> Result<Vec<u8>, FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]).await {
+            Ok(0) if got == 0 => return Err(FrameError::Closed),
+            Ok(0) => return Err(FrameError::Truncated { expected: 4, got }),
+            Ok(n) => got += n,
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    let len = check_len(u32::from_le_bytes(len), max)?;
+    let mut payload = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match r.read(&mut payload[got..]).await {
+            Ok(0) => return Err(FrameError::Truncated { expected: len, got }),
+            Ok(n) => got += n,
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    Ok(payload)
+}
+
+/// Read and decode one message from an async reader, bounded by `max`.
+#[cfg(feature = "tokio")]
+pub async fn read_msg_async<T: DeserializeOwned>(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    max: u32,
+) -> Result<T, FrameError> {
+    decode(&read_payload_async(r, max).await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,44 +380,4 @@ mod tests {
             prop_assert_eq!(read_msg::<ToWorker>(&mut buf.as_slice(), MAX_FRAME).unwrap(), msg);
         }
     }
-}
-
-/// Read one frame payload from an async reader, bounded by `max` (checked before
-/// anything is allocated).
-#[cfg(feature = "tokio")]
-pub async fn read_payload_async(
-    r: &mut (impl tokio::io::AsyncRead + Unpin),
-    max: u32,
-) -> Result<Vec<u8>, FrameError> {
-    use tokio::io::AsyncReadExt;
-    let mut len = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        match r.read(&mut len[got..]).await {
-            Ok(0) if got == 0 => return Err(FrameError::Closed),
-            Ok(0) => return Err(FrameError::Truncated { expected: 4, got }),
-            Ok(n) => got += n,
-            Err(e) => return Err(FrameError::Io(e)),
-        }
-    }
-    let len = check_len(u32::from_le_bytes(len), max)?;
-    let mut payload = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        match r.read(&mut payload[got..]).await {
-            Ok(0) => return Err(FrameError::Truncated { expected: len, got }),
-            Ok(n) => got += n,
-            Err(e) => return Err(FrameError::Io(e)),
-        }
-    }
-    Ok(payload)
-}
-
-/// Read and decode one message from an async reader, bounded by `max`.
-#[cfg(feature = "tokio")]
-pub async fn read_msg_async<T: DeserializeOwned>(
-    r: &mut (impl tokio::io::AsyncRead + Unpin),
-    max: u32,
-) -> Result<T, FrameError> {
-    decode(&read_payload_async(r, max).await?)
 }
