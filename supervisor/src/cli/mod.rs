@@ -243,17 +243,29 @@ impl InputArgs {
         match (&self.input, &self.input_file) {
             (Some(s), _) => Ok(s.clone().into_bytes()),
             (None, Some(p)) if p == Path::new("-") => {
-                let mut buf = Vec::new();
-                std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
-                    .context("failed to read standard input")?;
-                Ok(buf)
+                read_capped(std::io::stdin(), "standard input")
             }
             (None, Some(p)) => {
-                std::fs::read(p).with_context(|| format!("failed to read {}", p.display()))
+                let f = std::fs::File::open(p)
+                    .with_context(|| format!("failed to read {}", p.display()))?;
+                read_capped(f, &p.display().to_string())
             }
             (None, None) => Ok(Vec::new()),
         }
     }
+}
+
+/// Read a call's input, at most one frame's worth: a larger input could never be
+/// sent, so it is refused before it fills memory.
+fn read_capped(r: impl std::io::Read, what: &str) -> anyhow::Result<Vec<u8>> {
+    let max = u64::from(corral_protocol::frame::MAX_FRAME);
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(r, max + 1), &mut buf)
+        .with_context(|| format!("failed to read {what}"))?;
+    if buf.len() as u64 > max {
+        anyhow::bail!("{what}: input larger than {max} bytes (one frame)");
+    }
+    Ok(buf)
 }
 
 #[derive(Debug, Args)]
@@ -327,5 +339,24 @@ async fn dispatch(command: Command) -> exit::Outcome {
         Command::Policy(cmd) => policy::policy_command(cmd),
         Command::Plugin(cmd) => plugin::plugin_command(cmd).await,
         Command::Stop { socket } => client::stop(socket).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endless_input_is_refused_at_one_frame() {
+        // /dev/zero as --input-file: read up to one frame plus a byte, then refused.
+        let e = read_capped(std::io::repeat(0), "/dev/zero").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "/dev/zero: input larger than {} bytes (one frame)",
+                corral_protocol::frame::MAX_FRAME
+            )
+        );
+        assert_eq!(read_capped(&b"abc"[..], "x").unwrap(), b"abc");
     }
 }

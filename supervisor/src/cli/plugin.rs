@@ -38,8 +38,17 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
             key,
             publisher,
         } => {
-            let secret = std::fs::read_to_string(&key)
-                .with_context(|| format!("cannot read the key {}", key.display()))?;
+            // A key file is 64 hex digits; a larger one (or a device) is not a key.
+            let mut secret = String::new();
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(
+                    std::fs::File::open(&key)
+                        .with_context(|| format!("cannot read the key {}", key.display()))?,
+                    4096,
+                ),
+                &mut secret,
+            )
+            .with_context(|| format!("cannot read the key {}", key.display()))?;
             match signing::sign(&dir, &publisher, &secret) {
                 Ok(n) => {
                     println!(
