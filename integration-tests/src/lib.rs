@@ -45,6 +45,27 @@ pub fn fixture(name: &str) -> PathBuf {
 fn cargo() -> Command {
     let mut c = Command::new(env!("CARGO"));
     c.current_dir(repo_root());
+    // The test runner sets the test crate's own package variables
+    // (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...). Some build scripts track them (ring
+    // tracks `CARGO_MANIFEST_DIR`), so passing them on would make this build differ
+    // from the one that built the test and rebuild the TLS stack and everything above
+    // it, twice per run. The build sees the environment a shell would give it.
+    for (key, _) in std::env::vars_os() {
+        if let Some(key) = key.to_str()
+            && (key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_")
+                || matches!(
+                    key,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                ))
+        {
+            c.env_remove(key);
+        }
+    }
     c
 }
 

@@ -40,6 +40,7 @@
 
 pub mod frame;
 mod messages;
+mod payload;
 
 pub use frame::FrameError;
 pub use messages::*;

@@ -150,6 +150,7 @@ pub enum ToWorker {
     Call {
         id: RequestId,
         function: String,
+        #[serde(with = "serde_bytes")]
         input: Vec<u8>,
         /// Wall-clock budget for the call, enforced inside the engine.
         deadline_ms: u64,
@@ -175,6 +176,7 @@ pub enum FromWorker {
     /// The outcome of `ToWorker::Call` with the same id.
     CallResult {
         id: RequestId,
+        #[serde(with = "crate::payload::result")]
         result: Result<Vec<u8>, CallError>,
     },
     /// The plugin asks the supervisor to do something on its behalf, during call
@@ -200,7 +202,11 @@ pub enum HostOp {
     /// Read a key of the plugin's own store. `HostReply::Value`.
     KvGet { key: String },
     /// Write a key (durable once answered). `HostReply::Unit`.
-    KvPut { key: String, value: Vec<u8> },
+    KvPut {
+        key: String,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
     /// Delete a key. `HostReply::Existed`.
     KvDelete { key: String },
     /// Keys starting with `prefix`, in order. `HostReply::Keys`.
@@ -208,11 +214,16 @@ pub enum HostOp {
     /// An HTTP request performed by the supervisor. `HostReply::Fetched`.
     Fetch(FetchRequest),
     /// Publish on a topic. `HostReply::Delivered` (subscribers it was queued for).
-    Publish { topic: String, payload: Vec<u8> },
+    Publish {
+        topic: String,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
     /// Call another plugin's function. `HostReply::Output`.
     Call {
         plugin: String,
         function: String,
+        #[serde(with = "serde_bytes")]
         input: Vec<u8>,
     },
 }
@@ -255,6 +266,7 @@ pub struct FetchRequest {
     pub method: String,
     pub url: String,
     pub headers: Vec<(String, String)>,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 
@@ -265,6 +277,7 @@ pub struct FetchResponse {
     /// The URL that answered (differs from the request's after redirects).
     pub url: String,
     pub headers: Vec<(String, String)>,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 
@@ -274,14 +287,14 @@ pub enum HostReply {
     Unit,
     Time(i64),
     /// A stored value, or `None` for a missing key.
-    Value(Option<Vec<u8>>),
+    Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     Existed(bool),
     Keys(Vec<String>),
     Fetched(FetchResponse),
     /// How many subscribers a message was queued for.
     Delivered(u32),
     /// Another plugin's answer.
-    Output(Vec<u8>),
+    Output(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// Why a host call was not performed. Each has a short `kind` that the host APIs
@@ -468,6 +481,7 @@ pub enum ControlRequest {
     Call {
         plugin: String,
         function: String,
+        #[serde(with = "serde_bytes")]
         input: Vec<u8>,
         /// Overrides the plugin's deadline when set.
         timeout_ms: Option<u64>,
@@ -485,7 +499,7 @@ pub enum ControlRequest {
 /// The answer to a [`ControlRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlResponse {
-    Called(Result<Vec<u8>, CallError>),
+    Called(#[serde(with = "crate::payload::result")] Result<Vec<u8>, CallError>),
     Plugins(Vec<PluginInfo>),
     ShuttingDown,
     /// The request could not be decoded or is not allowed.

@@ -749,13 +749,15 @@ async fn an_unhealthy_plugin_is_restarted_visibly_in_every_runtime() {
     for rt in RUNTIMES {
         let id = format!("svc-{rt}");
         let e = env(&[(rt, &id, &[])], |o| {
-            o.health_interval = Duration::from_millis(200)
+            // A check's deadline is its interval: long enough that a healthy
+            // worker on a slow, shared machine answers in time.
+            o.health_interval = Duration::from_secs(1)
         });
         let s = &e.sup;
         host(s, &id, &[b"now"]).await.unwrap();
         let first = s.list().await[0].pid.unwrap();
-        // Healthy for a while: same worker.
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // Healthy for a while (two checks): same worker.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         let info = &s.list().await[0];
         assert_eq!((info.pid, info.restarts), (Some(first), 0), "{rt}");
         // Sick: the next check fails, the worker is replaced, status says why.
