@@ -228,6 +228,11 @@ impl Broker for HostBroker {
                 String::new(),
                 format!("cgroup memory limit {}", corral_policy::size(*limit_bytes)),
             ),
+            ExitReason::Protocol(why) => (
+                "protocol",
+                String::new(),
+                format!("protocol violation: {why}"),
+            ),
             _ if exit.by_supervisor && exit.why.is_none() => (
                 "deadline",
                 String::new(),

@@ -30,6 +30,8 @@ struct Script {
     load_error: Option<&'static str>,
     /// The load never answers (an `init` that never returns).
     load_hangs: bool,
+    /// A kill takes effect half a second late (the worker keeps sending).
+    dies_slowly: bool,
 }
 
 impl Default for Script {
@@ -38,11 +40,25 @@ impl Default for Script {
             tag: "v1",
             load_error: None,
             load_hangs: false,
+            dies_slowly: false,
         }
     }
 }
 
-const EXPORTS: [&str; 5] = ["echo", "version", "hold", "crash", "hang"];
+const EXPORTS: [&str; 12] = [
+    "echo",
+    "version",
+    "hold",
+    "crash",
+    "hang",
+    "forge",
+    "oversize",
+    "host_flood",
+    "host_dup",
+    "stats",
+    "late",
+    "log_flood",
+];
 
 /// What one fake worker received, in order.
 #[derive(Debug, Default)]
@@ -187,9 +203,17 @@ async fn fake_worker(
     kill: Arc<Notify>,
     status: watch::Sender<Option<ExitStatus>>,
 ) {
+    let dies_slowly = script.dies_slowly;
+    let serving = serve(stream, script, journal, release);
+    tokio::pin!(serving);
     let code = tokio::select! {
-        code = serve(stream, script, journal, release) => code,
-        () = kill.notified() => libc::SIGKILL,
+        code = &mut serving => code,
+        () = kill.notified() => {
+            if dies_slowly {
+                let _ = tokio::time::timeout(Duration::from_millis(500), &mut serving).await;
+            }
+            libc::SIGKILL
+        }
     };
     // A code below 256 is an exit code; SIGKILL is sent as a raw wait status.
     let raw = if code == libc::SIGKILL {
@@ -270,7 +294,50 @@ async fn serve(
                         });
                     }
                     "crash" => break 3,
-                    _ => {} // "hang"
+                    // Hostile: what a worker running someone else's code may send.
+                    "forge" => drop(tx.send(FromWorker::CallResult {
+                        id: id + 1000,
+                        result: Ok(b"forged".to_vec()),
+                    })),
+                    "oversize" => drop(tx.send(answer(Ok(vec![0; (1 << 20) + 1])))),
+                    "host_flood" => {
+                        for n in 0..64 {
+                            let op = corral_protocol::HostOp::Now;
+                            let _ = tx.send(FromWorker::HostCall {
+                                id: n,
+                                call: id,
+                                op,
+                            });
+                        }
+                    }
+                    "host_dup" => {
+                        for _ in 0..2 {
+                            let op = corral_protocol::HostOp::KvKeys { prefix: "".into() };
+                            let _ = tx.send(FromWorker::HostCall {
+                                id: 7,
+                                call: id,
+                                op,
+                            });
+                        }
+                    }
+                    "stats" => drop(tx.send(FromWorker::Stats(Default::default()))),
+                    "log_flood" => {
+                        // 64 MiB of log lines of 1 MiB each, then an answer.
+                        for _ in 0..64 {
+                            let message = "x".repeat(1 << 20);
+                            let level = corral_protocol::LogLevel::Info;
+                            let _ = tx.send(FromWorker::Log { level, message });
+                        }
+                        let _ = tx.send(answer(Ok(b"logged".to_vec())));
+                    }
+                    _ => {} // "hang", and "late": answered after the deadline
+                }
+                if function == "late" {
+                    let tx = tx.clone();
+                    holds.spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let _ = tx.send(answer(Ok(b"late".to_vec())));
+                    });
                 }
             }
             ToWorker::Shutdown { .. } => {
@@ -595,4 +662,97 @@ async fn an_init_that_never_returns_is_killed_at_its_deadline() {
     // The next call starts a worker that loads.
     assert_eq!(f.call("echo").await.unwrap(), b"in");
     assert_eq!(f.launcher.launches(), 2);
+}
+
+/// A worker that breaks the protocol is killed: its caller gets the violation by
+/// name, the audit log says so, and the next call is served by a new worker.
+#[tokio::test]
+async fn a_worker_that_breaks_the_protocol_is_killed_audited_and_replaced() {
+    let cases = [
+        ("forge", "an answer to call 1001, which is not running"),
+        (
+            "oversize",
+            "call 1 answered 1048577 bytes, past its max_output of 1048576 bytes",
+        ),
+        ("host_flood", "more than 4 host calls in flight"),
+        ("host_dup", "host call id 7 is already in flight"),
+        ("stats", "a Stats message nobody asked for"),
+    ];
+    for (function, why) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = dir.path().join("audit.log");
+        let f = fixture(|o| {
+            o.audit = AuditSink::File(audit.clone());
+            o.restart.base_backoff = Duration::from_millis(1);
+        });
+        match f.call(function).await {
+            Err(CallError::WorkerCrashed(ExitReason::Protocol(got))) => {
+                assert_eq!(got, why, "{function}")
+            }
+            other => panic!("{function}: {other:?}"),
+        }
+        eventually("the violation is audited", || {
+            std::fs::read_to_string(&audit).is_ok_and(|a| a.contains("protocol violation"))
+        })
+        .await;
+        let text = std::fs::read_to_string(&audit).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|l: &serde_json::Value| l["operation"] == "protocol")
+            .collect();
+        assert_eq!(lines.len(), 1, "{function}: one line per violation: {text}");
+        let line = &lines[0];
+        assert_eq!(line["decision"], "killed", "{function}");
+        assert_eq!(
+            line["rule"],
+            format!("protocol violation: {why}"),
+            "{function}"
+        );
+        // A new worker serves; the plugin counts a crash.
+        assert_eq!(f.call("echo").await.unwrap(), b"in", "{function}");
+        assert_eq!(f.launcher.launches(), 2, "{function}");
+        assert_eq!(f.sup.list().await[0].restarts, 1, "{function}");
+        f.sup.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+/// An answer that arrives after the supervisor gave up on the call is not a
+/// violation: the worker is killed for the missed deadline, and said so.
+#[tokio::test]
+async fn a_late_answer_is_a_missed_deadline_not_a_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let f = fixture(|o| o.audit = AuditSink::File(audit.clone()));
+    f.launcher.next(Script {
+        dies_slowly: true,
+        ..Script::default()
+    });
+    let out = f
+        .sup
+        .call(&f.id, "late", Vec::new(), Some(Duration::from_millis(10)))
+        .await;
+    assert_eq!(out, Err(CallError::Timeout { deadline_ms: 10 }));
+    // The answer came (at 300 ms, the supervisor gave up at 210 ms), then the kill.
+    eventually("the kill is audited", || {
+        std::fs::read_to_string(&audit).is_ok_and(|a| !a.is_empty())
+    })
+    .await;
+    assert!(f.launcher.journal(0).contains(&"call late".to_owned()));
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&audit).unwrap().trim()).unwrap();
+    assert_eq!(line["operation"], "deadline", "{line}");
+    f.sup.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A worker may log as much as it likes: its lines are cut and rate-limited, the
+/// connection keeps up, and the call is answered by the same worker.
+#[tokio::test]
+async fn a_log_flood_is_bounded_and_breaks_nothing() {
+    let f = fixture(|_| {});
+    assert_eq!(f.call("log_flood").await.unwrap(), b"logged");
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(f.launcher.launches(), 1);
+    assert_eq!(f.sup.list().await[0].restarts, 0);
+    f.sup.shutdown(Duration::from_secs(1)).await;
 }

@@ -2,11 +2,21 @@
 //! results to their callers, has host calls performed by the [`Broker`], forwards
 //! logs, and when the worker ends fails every call still in flight with how it
 //! ended and reports the exit to the broker.
+//!
+//! Every frame is hostile input. A worker that breaks the protocol (an answer to
+//! a call that is not running, output past its `max_output`, a host call for a
+//! call that is not running or past [`MAX_HOST_CALLS_IN_FLIGHT`], a message it
+//! was not asked for, a frame that does not decode) is killed; its callers get
+//! [`ExitReason::Protocol`] naming the violation, the broker audits it, and the
+//! supervisor restarts the plugin as after a crash (with backoff). What it may
+//! send without breaking the protocol is bounded too: its log lines are cut and
+//! rate-limited ([`PluginLog`]), and the answers queued for it are at most one
+//! per call admitted and one per host call in flight.
 
 use super::exit::{exit_reason, explain_exit};
-use super::output::{StderrTail, log_line};
+use super::output::{PluginLog, StderrTail};
 use super::process::{Process, remove_when_empty};
-use super::{Broker, Exited, Pending, Redactor, Reply, lock, lock_reason};
+use super::{Broker, Exited, Pending, Reply, lock, lock_reason};
 use corral_confine::Level;
 use corral_confine::cgroup::PluginCgroup;
 use corral_protocol::{
@@ -32,10 +42,30 @@ async fn read_message(rd: &mut OwnedReadHalf) -> Result<FromWorker, FrameError> 
     frame::read_msg_async(rd, frame::MAX_FRAME).await
 }
 
+/// Host calls one worker may have in flight. The worker library makes one at a
+/// time (it waits for each answer under a lock); more is a worker that no longer
+/// runs our code.
+pub(crate) const MAX_HOST_CALLS_IN_FLIGHT: usize = 4;
+
+/// A message's name, for errors (never its contents, which may be megabytes).
+pub(crate) fn message_name(msg: &FromWorker) -> &'static str {
+    match msg {
+        FromWorker::Loaded { .. } => "Loaded",
+        FromWorker::LoadFailed { .. } => "LoadFailed",
+        FromWorker::CallResult { .. } => "CallResult",
+        FromWorker::HostCall { .. } => "HostCall",
+        FromWorker::Log { .. } => "Log",
+        FromWorker::Stats(_) => "Stats",
+    }
+}
+
 /// The task that owns a loaded worker's child process and read half.
 pub(crate) struct Connection {
     pub(crate) broker: Weak<dyn Broker>,
-    pub(crate) redactor: Redactor,
+    pub(crate) log: PluginLog,
+    /// The plugin's `max_output`: a larger result breaks the protocol (the engine
+    /// answers `OutputTooLarge` instead).
+    pub(crate) max_output: u64,
     pub(crate) level: Level,
     pub(crate) killed_by_supervisor: Arc<AtomicBool>,
     pub(crate) kill_reason: Arc<Mutex<Option<String>>>,
@@ -50,7 +80,7 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) async fn run(self, mut rd: OwnedReadHalf, mut child: Box<dyn Process>) {
+    pub(crate) async fn run(mut self, mut rd: OwnedReadHalf, mut child: Box<dyn Process>) {
         let mut protocol_error = None;
         let mut status = None;
         loop {
@@ -83,9 +113,11 @@ impl Connection {
                 }
             }
         }
-        if protocol_error.is_some() {
+        if let Some(why) = &protocol_error {
+            tracing::warn!(plugin = %self.plugin_id, "protocol violation, killing the worker: {why}");
             child.start_kill();
         }
+        self.log.finish();
         let status = match status {
             Some(s) => Some(s),
             None => child.wait().await,
@@ -142,27 +174,54 @@ impl Connection {
     }
 
     /// Route one message. An error means the worker broke the protocol.
-    fn handle(&self, msg: FromWorker) -> Result<(), String> {
+    fn handle(&mut self, msg: FromWorker) -> Result<(), String> {
         match msg {
             FromWorker::CallResult { id, result } => {
-                // A missing entry is a call the supervisor already gave up on.
                 let mut p = lock(&self.pending);
-                p.contexts.remove(&id);
-                if let Some(reply) = p.calls.remove(&id) {
-                    let _ = reply.send(result);
+                // The supervisor gave up on it (and is killing the worker).
+                if p.given_up.remove(&id) {
+                    return Ok(());
                 }
+                let Some(reply) = p.calls.remove(&id) else {
+                    return Err(format!("an answer to call {id}, which is not running"));
+                };
+                if let Ok(out) = &result
+                    && out.len() as u64 > self.max_output
+                {
+                    // Failed with the violation, like every call in flight.
+                    p.calls.insert(id, reply);
+                    return Err(format!(
+                        "call {id} answered {} bytes, past its max_output of {} bytes",
+                        out.len(),
+                        self.max_output
+                    ));
+                }
+                p.contexts.remove(&id);
+                let _ = reply.send(result);
                 Ok(())
             }
             FromWorker::HostCall { id, call, op } => {
-                let ctx = lock(&self.pending).contexts.get(&call).cloned();
-                let Some(ctx) = ctx else {
-                    return Err(format!(
-                        "host call {id} names call {call}, which is not running"
-                    ));
+                let ctx = {
+                    let mut p = lock(&self.pending);
+                    let Some(ctx) = p.contexts.get(&call).cloned() else {
+                        return Err(format!(
+                            "host call {id} names call {call}, which is not running"
+                        ));
+                    };
+                    if p.host_calls.len() >= MAX_HOST_CALLS_IN_FLIGHT {
+                        return Err(format!(
+                            "more than {MAX_HOST_CALLS_IN_FLIGHT} host calls in flight"
+                        ));
+                    }
+                    if !p.host_calls.insert(id) {
+                        return Err(format!("host call id {id} is already in flight"));
+                    }
+                    ctx
                 };
                 let broker = self.broker.clone();
                 let plugin = self.plugin_id.clone();
                 let tx = self.tx.clone();
+                let pending = Arc::clone(&self.pending);
                 // Performed on its own task: a fetch or another plugin's call may take
                 // a while, and the connection keeps reading meanwhile.
                 tokio::spawn(async move {
@@ -170,6 +229,8 @@ impl Connection {
                         Some(broker) => broker.host_call(&plugin, ctx, op).await,
                         None => Err(HostError::Failed("the supervisor is gone".into())),
                     };
+                    // Out of flight before the answer leaves: the worker may reuse the id.
+                    lock(&pending).host_calls.remove(&id);
                     match frame::encode(&ToWorker::HostResult { id, result }) {
                         Ok(f) => {
                             let _ = tx.send(f);
@@ -180,16 +241,16 @@ impl Connection {
                 Ok(())
             }
             FromWorker::Log { level, message } => {
-                log_line(&self.plugin_id, level, &self.redactor.redact(&message));
+                self.log.line(level, message);
                 Ok(())
             }
-            FromWorker::Stats(stats) => {
-                tracing::debug!(plugin = %self.plugin_id, ?stats, "worker stats");
-                Ok(())
-            }
-            FromWorker::Loaded { .. } | FromWorker::LoadFailed { .. } => {
-                Err("load answer after the plugin was loaded".into())
-            }
+            // The supervisor never asks for stats yet; unasked, they are a flood.
+            other @ (FromWorker::Stats(_)
+            | FromWorker::Loaded { .. }
+            | FromWorker::LoadFailed { .. }) => Err(format!(
+                "a {} message nobody asked for",
+                message_name(&other)
+            )),
         }
     }
 }

@@ -41,7 +41,7 @@ use corral_confine::Level;
 use corral_protocol::{
     CallError, ExitReason, Hello, HostError, HostOp, HostReply, RequestId, ToWorker, frame,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -94,6 +94,11 @@ pub(crate) struct Pending {
     calls: HashMap<RequestId, Reply>,
     /// The context of each call in `calls`, for the host calls it makes.
     contexts: HashMap<RequestId, CallCtx>,
+    /// Calls the supervisor stopped waiting for (and killed the worker over): a
+    /// late answer to one is not a violation.
+    given_up: HashSet<RequestId>,
+    /// The worker's host calls being performed.
+    host_calls: HashSet<RequestId>,
     /// Set once the worker is gone; new calls fail at once with it.
     closed: Option<ExitReason>,
     /// Set when the worker is being retired (a new version took over): it finishes
@@ -209,6 +214,7 @@ impl WorkerHandle {
                     let mut p = lock(&self.pending);
                     p.calls.remove(&id);
                     p.contexts.remove(&id);
+                    p.given_up.insert(id);
                     drop(p);
                     tracing::warn!(
                         plugin = %self.plugin_id,

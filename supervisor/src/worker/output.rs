@@ -1,6 +1,7 @@
 //! A worker's stdout and stderr, forwarded to the supervisor's log, and the tail of
-//! its stderr kept to explain its death.
+//! its stderr kept to explain its death, and the plugin's own log lines.
 
+use super::Redactor;
 use corral_protocol::LogLevel;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -202,6 +203,56 @@ pub(crate) async fn forward_output(
     }
     if let Some(k) = &keep {
         k.close();
+    }
+}
+
+/// The plugin's own log lines (`Log` frames, during the load and after it): each
+/// cut to [`MAX_LINE`] bytes and redacted, at the same bounded rate as its output
+/// streams, with the same summary of what was suppressed.
+#[derive(Debug)]
+pub(crate) struct PluginLog {
+    plugin: String,
+    redactor: Redactor,
+    budget: LogBudget,
+}
+
+impl PluginLog {
+    pub(crate) fn new(plugin: &str, redactor: Redactor) -> PluginLog {
+        PluginLog {
+            plugin: plugin.to_owned(),
+            redactor,
+            budget: LogBudget::new(LOG_RATE, LOG_BURST, std::time::Instant::now()),
+        }
+    }
+
+    pub(crate) fn line(&mut self, level: LogLevel, mut message: String) {
+        if message.len() > MAX_LINE {
+            let total = message.len();
+            let mut cut = MAX_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str(&format!(" [line cut: {} more bytes]", total - cut));
+        }
+        let (log, before) = self.budget.admit(message.len(), std::time::Instant::now());
+        if let Some(n) = before {
+            self.suppressed(n);
+        }
+        if log {
+            log_line(&self.plugin, level, &self.redactor.redact(&message));
+        }
+    }
+
+    /// Say how many lines were suppressed since the last one logged (at the end).
+    pub(crate) fn finish(&mut self) {
+        if let Some(n) = self.budget.pending() {
+            self.suppressed(n);
+        }
+    }
+
+    fn suppressed(&self, n: u64) {
+        tracing::warn!(plugin = %self.plugin, stream = "log", "{n} lines suppressed (over {LOG_RATE} bytes/s)");
     }
 }
 

@@ -2,9 +2,9 @@
 //! [`Process`] and socket, the handshake, the load and the connection task
 //! ([`WorkerHandle::connect`]).
 
-use super::connection::{Connection, write_frames};
+use super::connection::{Connection, message_name, write_frames};
 use super::exit::{exit_reason, explain_exit};
-use super::output::{StderrTail, forward_output, log_line};
+use super::output::{PluginLog, StderrTail, forward_output};
 use super::process::{Process, Spawned, child_setup, remove_when_empty};
 use super::{Broker, CallCtx, Pending, PluginFiles, Redactor, WorkerHandle};
 use crate::plugins::access::Credentials;
@@ -198,6 +198,8 @@ impl WorkerHandle {
 
         // Load: the worker answers Loaded or LoadFailed (and exits).
         let init_deadline = Duration::from_millis(load.limits.init_deadline_ms);
+        let max_output = load.limits.max_output_bytes;
+        let mut log = PluginLog::new(&spec.plugin_id, spec.redactor.clone());
         let load_frame = frame::encode(&ToWorker::Load(load)).map_err(StartError::Handshake)?;
         let loaded = async {
             wr.write_all(&load_frame).await.map_err(FrameError::Io)?;
@@ -205,9 +207,7 @@ impl WorkerHandle {
                 match frame::read_msg_async::<FromWorker>(&mut rd, frame::MAX_FRAME).await? {
                     FromWorker::Loaded { exports } => return Ok(Ok(exports)),
                     FromWorker::LoadFailed { error } => return Ok(Err(error)),
-                    FromWorker::Log { level, message } => {
-                        log_line(&spec.plugin_id, level, &spec.redactor.redact(&message))
-                    }
+                    FromWorker::Log { level, message } => log.line(level, message),
                     // Host calls from `init`: answered in line.
                     FromWorker::HostCall { id, op, .. } => {
                         let ctx = CallCtx {
@@ -223,7 +223,8 @@ impl WorkerHandle {
                     }
                     other => {
                         return Err(FrameError::Decode(format!(
-                            "unexpected {other:?} while loading"
+                            "unexpected {} while loading",
+                            message_name(&other)
                         )));
                     }
                 }
@@ -297,7 +298,8 @@ impl WorkerHandle {
         tokio::spawn(
             Connection {
                 broker: spec.broker.clone(),
-                redactor: spec.redactor.clone(),
+                log,
+                max_output,
                 level: spec.confine.level,
                 killed_by_supervisor: Arc::clone(&handle.killed_by_supervisor),
                 kill_reason: Arc::clone(&handle.kill_reason),
