@@ -53,10 +53,12 @@ mod tests {
     #[test]
     fn payloads_encode_as_a_sequence_of_bytes_would() {
         #[derive(serde::Serialize)]
+        #[expect(
+            dead_code,
+            reason = "the first two variants hold the indices of FromWorker's"
+        )]
         enum PlainFromWorker {
-            #[allow(dead_code)]
             Loaded,
-            #[allow(dead_code)]
             LoadFailed,
             CallResult {
                 id: u64,
