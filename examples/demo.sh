@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 cargo build --release --quiet -p corral -p corral-worker-wasm -p corral-worker-js \
     -p corral-worker-python --bins
-cargo build --release --quiet --target wasm32-wasip1 --manifest-path examples/hello-wasm/Cargo.toml
-corral=target/release/corral
+# The example is its own workspace with its own target directory.
+env -u CARGO_TARGET_DIR cargo build --release --quiet --target wasm32-wasip1 \
+    --manifest-path examples/hello-wasm/Cargo.toml
+corral=${CARGO_TARGET_DIR:-target}/release/corral
 
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 

@@ -193,6 +193,7 @@ async fn reload_under_load(rt: &str, reloads: u32) {
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
+    let last = reloads + 1;
     let mut tasks = Vec::new();
     for t in 0..4 {
         let (sup, stop, tally, id) = (
@@ -207,7 +208,17 @@ async fn reload_under_load(rt: &str, reloads: u32) {
         tasks.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             let mut n = 0u64;
-            while !stop.load(Ordering::SeqCst) {
+            // After the last reload, each caller goes on until it has seen the last
+            // version (a slow call may span the switch), within a bound.
+            let mut until = None;
+            loop {
+                if stop.load(Ordering::SeqCst) {
+                    let until =
+                        *until.get_or_insert_with(|| Instant::now() + Duration::from_secs(30));
+                    if seen.last() == Some(&last) || Instant::now() > until {
+                        break;
+                    }
+                }
                 n += 1;
                 let function = if slow && n.is_multiple_of(5) {
                     "slow"
@@ -238,7 +249,8 @@ async fn reload_under_load(rt: &str, reloads: u32) {
         live.until_version(&id, &format!("v{v}")).await;
         pids.push(live.pid(&id).await.unwrap());
     }
-    // Let the callers run on the last version for a moment too.
+    // Let the callers run on the last version for a moment too (each one goes on
+    // until it has seen it).
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::SeqCst);
     for t in tasks {
@@ -266,7 +278,7 @@ async fn reload_under_load(rt: &str, reloads: u32) {
     for seen in &tally.seen {
         // Each caller saw versions only move forward, ending on the last one.
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "{rt}: {seen:?}");
-        assert_eq!(seen.last(), Some(&(reloads + 1)), "{rt}: {seen:?}");
+        assert_eq!(seen.last(), Some(&last), "{rt}: {seen:?}");
     }
     // A new worker per version; every old one has exited.
     pids.dedup();
