@@ -7,7 +7,7 @@
 //! worker directory under that name), so the OS layer is proven on its own, not only
 //! the Wasm sandbox in front of it.
 
-use corral_protocol::{CallError, LoadSpec, WorkerKind};
+use corral_protocol::{CallError, FromWorker, LoadSpec, LogLevel, WorkerKind};
 use corral_worker::{Engine, EngineInfo, Host};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -37,6 +37,8 @@ const ATTACKS: &[&str] = &[
     "thread_bomb",
     "unix_connect",
     "fd_bomb",
+    "forge_answer",
+    "log_flood",
     "ok",
 ];
 
@@ -164,6 +166,33 @@ impl Hostile {
                 };
                 format!("{} after {} descriptors", errno_name(&err), held.len() * 2)
             }
+            // Frames written straight to the worker's socket (fd 3), as any plugin
+            // with ctypes could: the supervisor must treat them as hostile input.
+            "forge_answer" => {
+                let forged = FromWorker::CallResult {
+                    id: u64::MAX - 1,
+                    result: Ok(b"forged".to_vec()),
+                };
+                let out = sys::write_frame(&forged);
+                // The supervisor kills the worker; until then, nothing more is sent.
+                std::thread::sleep(Duration::from_secs(30));
+                out.map_or_else(|e| errno_name(&e), |()| "not killed".into())
+            }
+            "log_flood" => {
+                // `arg` MiB of log lines of 1 MiB each, as fast as the socket takes them.
+                let mib: usize = arg.parse().expect("MiB");
+                let message = "x".repeat(1 << 20);
+                for _ in 0..mib {
+                    let line = FromWorker::Log {
+                        level: LogLevel::Info,
+                        message: message.clone(),
+                    };
+                    if let Err(e) = sys::write_frame(&line) {
+                        return errno_name(&e);
+                    }
+                }
+                "ok".into()
+            }
             "ok" => "ok".into(),
             other => format!("unknown attack {other}"),
         }
@@ -187,6 +216,17 @@ mod sys {
 
     fn c(s: &str) -> CString {
         CString::new(s).expect("no NUL")
+    }
+
+    /// Write one frame to the worker's socket (fd 3), past the worker library.
+    pub fn write_frame(msg: &corral_protocol::FromWorker) -> io::Result<()> {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        let frame = corral_protocol::frame::encode(msg).map_err(io::Error::other)?;
+        // SAFETY: fd 3 is the worker's socket for the life of the process; the
+        // `File` is never dropped, so the descriptor is not closed here.
+        let mut socket = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(3) });
+        socket.write_all(&frame)
     }
 
     pub fn parent() -> libc::pid_t {

@@ -618,3 +618,86 @@ async fn wasi_path_traversal_and_symlinks_find_no_directory() {
         sup.shutdown(std::time::Duration::from_secs(1)).await;
     }
 }
+
+/// The supervisor's own peak resident memory (the tests run it in-process).
+fn vm_hwm() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kib << 10
+}
+
+/// A worker that writes its own frames to its socket (any Python plugin with ctypes
+/// can): a flood of 256 log frames of 1 MiB each costs the supervisor a few frames'
+/// memory, not the flood's; a forged answer to a call that is not running gets the
+/// worker killed, audited as a protocol violation and replaced; the neighbour
+/// answers throughout.
+#[tokio::test]
+async fn a_worker_writing_its_own_frames_is_bounded_killed_and_replaced() {
+    let a = arena(Level::Standard);
+    a.expect("ok", "", "ok").await;
+    assert_eq!(
+        a.sup.call("neighbour", "ok", vec![], None).await.unwrap(),
+        b"ok"
+    );
+    let before = vm_hwm();
+    a.expect("log_flood", "256", "ok").await;
+    let grown = vm_hwm().saturating_sub(before);
+    println!(
+        "peak memory: {} MiB before, grew by {} KiB",
+        before >> 20,
+        grown >> 10
+    );
+    assert!(
+        grown < 16 << 20,
+        "the supervisor's peak memory grew by {} MiB over a 256 MiB log flood",
+        grown >> 20
+    );
+    assert_eq!(
+        a.sup
+            .list()
+            .await
+            .iter()
+            .find(|p| p.id == "attacker")
+            .unwrap()
+            .restarts,
+        0
+    );
+
+    let pid = a.pid("attacker").await;
+    assert_eq!(
+        a.attack("forge_answer", "").await,
+        Err(CallError::WorkerCrashed(ExitReason::Protocol(format!(
+            "an answer to call {}, which is not running",
+            u64::MAX - 1
+        ))))
+    );
+    assert!(
+        corral_integration_tests::wait_gone(pid, std::time::Duration::from_secs(5)),
+        "the forging worker {pid} is still running"
+    );
+    assert_eq!(
+        a.sup.call("neighbour", "ok", vec![], None).await.unwrap(),
+        b"ok"
+    );
+    a.expect("ok", "", "ok").await;
+    assert_ne!(a.pid("attacker").await, pid, "a new worker serves");
+    let info = a.sup.list().await;
+    let attacker = info.iter().find(|p| p.id == "attacker").unwrap();
+    assert_eq!(attacker.restarts, 1);
+    assert!(
+        attacker
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("protocol violation: an answer to call")),
+        "{:?}",
+        attacker.last_error
+    );
+    a.sup.shutdown(std::time::Duration::from_secs(1)).await;
+}
