@@ -29,6 +29,73 @@
 mod grants;
 mod raw;
 
+/// The largest policy file read: far beyond any real one, and small enough that a
+/// file that never ends (or a huge one dropped in by mistake) costs nothing.
+pub const MAX_POLICY_FILE: u64 = 1 << 20;
+
+/// The largest `max_output` a policy may set: a result must fit in one frame with
+/// its envelope.
+pub const MAX_OUTPUT_LIMIT: u64 = corral_protocol::frame::MAX_FRAME as u64 - (64 << 10);
+
+/// Read one policy file: opened without blocking (a FIFO named `*.toml` would
+/// stall every reload), checked to be a regular file on the opened descriptor (no
+/// swap between a check and the open), and read up to [`MAX_POLICY_FILE`].
+fn read_policy_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "cannot read: not a regular file (a {}); a policy file must be one",
+            file_kind(&meta)
+        ));
+    }
+    if meta.len() > MAX_POLICY_FILE {
+        return Err(format!(
+            "cannot read: {} bytes, over the {} a policy file may have",
+            meta.len(),
+            size(MAX_POLICY_FILE)
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_POLICY_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_POLICY_FILE {
+        return Err(format!(
+            "cannot read: it grew past the {} a policy file may have while being read",
+            size(MAX_POLICY_FILE)
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "cannot read: not UTF-8 (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "device"
+    } else {
+        "special file"
+    }
+}
+
 pub use grants::{FetchRule, Grant, NameGlob, Requested, Services};
 
 use corral_confine::Level;
@@ -321,6 +388,7 @@ impl Policy {
     }
 
     /// Read a policy file, or every `*.toml` file of a directory in name order.
+    /// Each must be a regular file of at most [`MAX_POLICY_FILE`] bytes of UTF-8.
     pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
         let one = |message: String| {
             PolicyErrors(vec![PolicyError {
@@ -350,12 +418,12 @@ impl Policy {
         }
         let mut files = Vec::new();
         for p in names {
-            let text = std::fs::read_to_string(&p).map_err(|e| {
+            let text = read_policy_file(&p).map_err(|message| {
                 PolicyErrors(vec![PolicyError {
                     path: p.clone(),
                     line: 0,
                     column: 0,
-                    message: format!("cannot read: {e}"),
+                    message,
                 }])
             })?;
             files.push((p, text));

@@ -233,8 +233,24 @@ fn limits(file: &File<'_>, raw: &RawLimits, errors: &mut Vec<PolicyError>) -> Op
     let before = errors.len();
     let mut size = |s: &Option<Spanned<String>>, min: u64, what: &str| {
         let s = s.as_ref()?;
+        let max = if what == "max_output" {
+            crate::MAX_OUTPUT_LIMIT
+        } else {
+            u64::MAX
+        };
         match parse_size(s.get_ref()) {
-            Ok(v) if v >= min => Some(file.setting(v, s.span())),
+            Ok(v) if (min..=max).contains(&v) => Some(file.setting(v, s.span())),
+            Ok(v) if v > max => {
+                errors.push(file.error(
+                    Some(s.span()),
+                    format!(
+                        "{what} must be at most {} (a result travels in one frame of {})",
+                        crate::size(max),
+                        crate::size(u64::from(corral_protocol::frame::MAX_FRAME))
+                    ),
+                ));
+                None
+            }
             Ok(_) => {
                 errors.push(file.error(
                     Some(s.span()),

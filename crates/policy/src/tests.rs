@@ -513,3 +513,62 @@ call = ["tax-eu:compute", "ledger"]
     // A plugin that asks for nothing shows no request.
     assert!(p.resolve(&manifest(""), None).requested.is_empty());
 }
+
+#[test]
+fn only_regular_files_of_bounded_size_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // A FIFO nobody writes to: refused at once, never waited on.
+    let e = Policy::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("fifo.toml") && e.contains("not a regular file (a FIFO)"),
+        "{e}"
+    );
+    std::fs::remove_file(&fifo).unwrap();
+
+    std::fs::create_dir(dir.path().join("dir.toml")).unwrap();
+    let e = Policy::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("not a regular file (a directory)"), "{e}");
+    std::fs::remove_dir(dir.path().join("dir.toml")).unwrap();
+
+    let big = dir.path().join("big.toml");
+    let mut text = "# padding\n".repeat((MAX_POLICY_FILE as usize / 10) + 1);
+    text.push_str("[[route]]\nlevel = \"high\"\n");
+    std::fs::write(&big, &text).unwrap();
+    let e = Policy::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "{} bytes, over the 1 MiB a policy file may have",
+            text.len()
+        )),
+        "{e}"
+    );
+    std::fs::remove_file(&big).unwrap();
+
+    std::fs::write(dir.path().join("latin1.toml"), b"# caf\xe9\n").unwrap();
+    let e = Policy::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("not UTF-8 (invalid byte at offset 5)"), "{e}");
+}
+
+#[test]
+fn max_output_must_fit_in_a_frame() {
+    let e = Policy::parse(&[(
+        PathBuf::from("big.toml"),
+        "[level.standard]\nmax_output = \"64MiB\"\n".to_owned(),
+    )])
+    .unwrap_err()
+    .to_string();
+    let want = format!(
+        "big.toml:2:14: max_output must be at most {} (a result travels in one frame of 64 MiB)",
+        size(MAX_OUTPUT_LIMIT)
+    );
+    assert!(e.starts_with(&want), "{e}");
+    Policy::parse(&[(
+        PathBuf::from("ok.toml"),
+        "[level.standard]\nmax_output = \"32MiB\"\n".to_owned(),
+    )])
+    .unwrap();
+}
