@@ -63,7 +63,7 @@ struct RawLimits {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
-    name: Option<String>,
+    name: Option<Spanned<String>>,
     id: Option<Spanned<toml::Value>>,
     runtime: Option<Spanned<toml::Value>>,
     publisher: Option<Spanned<toml::Value>>,
@@ -146,6 +146,21 @@ pub(crate) fn parse_file(
     }
     for (i, r) in raw.route.iter().enumerate() {
         if let Some(route) = route(&file, i + 1, r, errors) {
+            // A route's name is what explanations and the audit log cite: one
+            // name, one route.
+            if let Some(name) = &r.name
+                && let Some(first) = routes.iter().find(|x: &&Route| x.name == *name.get_ref())
+            {
+                errors.push(file.error(
+                    Some(name.span()),
+                    format!(
+                        "route name `{}` is already used by the route at {}",
+                        name.get_ref(),
+                        first.origin
+                    ),
+                ));
+                continue;
+            }
             routes.push(route);
         }
     }
@@ -458,7 +473,8 @@ fn route(file: &File<'_>, n: usize, r: &RawRoute, errors: &mut Vec<PolicyError>)
     Some(Route {
         name: r
             .name
-            .clone()
+            .as_ref()
+            .map(|n| n.get_ref().clone())
             .unwrap_or_else(|| format!("route {n} of {}", file.path.display())),
         origin: file.origin(r.level.span()),
         id,

@@ -572,3 +572,24 @@ fn max_output_must_fit_in_a_frame() {
     )])
     .unwrap();
 }
+
+#[test]
+fn route_names_are_unique_across_files() {
+    let e = Policy::parse(&[
+        (
+            PathBuf::from("a.toml"),
+            "[[route]]\nname = \"billing\"\nlevel = \"high\"\n".to_owned(),
+        ),
+        (
+            PathBuf::from("b.toml"),
+            "[[route]]\nname = \"other\"\nlevel = \"high\"\n\n[[route]]\nname = \"billing\"\nlevel = \"maximum\"\n"
+                .to_owned(),
+        ),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e.trim_end(),
+        "b.toml:6:8: route name `billing` is already used by the route at a.toml:3:9"
+    );
+}
