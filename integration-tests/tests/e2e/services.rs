@@ -953,7 +953,9 @@ async fn seccomp_oom_and_deadline_kills_are_audited() {
     opts.audit = AuditSink::File(audit.clone());
     let mut sup = Supervisor::new(opts);
     let hostile = fixture_plugin("py-hostile", "attacker", "python", "plugin.py", "");
-    let stubborn = corral_integration_tests::py_plugin("stubborn", "timeout = \"300ms\"");
+    // The plugin's own deadline (5 s) covers its load on a slow machine; the call
+    // asks for 300 ms.
+    let stubborn = corral_integration_tests::py_plugin("stubborn", "");
     sup.add_plugin_dir(hostile.path()).unwrap();
     sup.add_plugin_dir(stubborn.path()).unwrap();
     let r = sup.call("attacker", "ctypes_ptrace", vec![], None).await;
@@ -964,7 +966,14 @@ async fn seccomp_oom_and_deadline_kills_are_audited() {
         .call("attacker", "ctypes_alloc", mib.into_bytes(), None)
         .await;
     assert!(matches!(r, Err(CallError::WorkerCrashed(_))), "{r:?}");
-    let r = sup.call("stubborn", "stubborn", vec![], None).await;
+    let r = sup
+        .call(
+            "stubborn",
+            "stubborn",
+            vec![],
+            Some(Duration::from_millis(300)),
+        )
+        .await;
     assert_eq!(r, Err(CallError::Timeout { deadline_ms: 300 }));
     // The connection task writes the line as it reaps the worker.
     let deadline = Instant::now() + Duration::from_secs(5);
