@@ -388,10 +388,16 @@ async fn a_broken_new_version_is_rejected_and_the_old_one_keeps_serving() {
         assert_eq!(
             live.answer(&id, "version").await.as_deref(),
             Ok("v1"),
-            "{what}"
+            "{what}; rejected: {:?}",
+            live.sup.lifecycle_errors().await
         );
         if id == "steady-js" {
-            assert_eq!(live.pid(&id).await, Some(pid), "{what}");
+            let info = live.sup.list().await.into_iter().find(|p| p.id == id);
+            assert_eq!(
+                info.as_ref().and_then(|p| p.pid),
+                Some(pid),
+                "{what}: a new worker: {info:?}"
+            );
         }
     }
     // Fixed: the next version loads and the rejection is gone.
