@@ -49,14 +49,19 @@ use serde_spanned::Spanned;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The largest configuration file read.
+pub const MAX_CONFIG_FILE: u64 = 1 << 20;
+
+/// The largest secret file read (a token or a password, not a database).
+pub const MAX_SECRET_FILE: u64 = 64 << 10;
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("failed to read {}", path.display())]
+    #[error("cannot read {}: {source}", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        source: corral_files::ReadError,
     },
     #[error("{}:{line}:{column}: {message}", path.display())]
     Invalid {
@@ -143,9 +148,11 @@ impl Config {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
+        let text = corral_files::read_regular_string(path, MAX_CONFIG_FILE).map_err(|source| {
+            ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         Config::parse(&text, path)
     }
@@ -247,7 +254,7 @@ impl Config {
                     })?,
                     RawSecret::File { file } => {
                         let path = resolve(file);
-                        std::fs::read_to_string(&path)
+                        corral_files::read_regular_string(&path, MAX_SECRET_FILE)
                             .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
                             .map_err(|e| {
                                 invalid(

@@ -129,14 +129,16 @@ pub struct Dependency {
     pub optional: bool,
 }
 
+/// The largest `plugin.toml` read (real ones are well under 4 KiB).
+pub const MAX_MANIFEST: u64 = 64 << 10;
+
 /// Why a manifest could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("failed to read {}", path.display())]
+    #[error("cannot read {}: {source}", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        source: corral_files::ReadError,
     },
     /// The file is not valid TOML, has an unknown key, or a value is invalid.
     #[error("{}:{line}:{column}: {message}", path.display())]
@@ -199,12 +201,16 @@ struct RawDependency {
 }
 
 impl Manifest {
-    /// Read and validate `<dir>/plugin.toml`.
+    /// Read and validate `<dir>/plugin.toml`: a regular file of at most
+    /// [`MAX_MANIFEST`] bytes (a plugin directory is its author's: a FIFO there must
+    /// not stall the supervisor, nor a huge file grow it).
     pub fn load_dir(dir: &Path) -> Result<Manifest, ManifestError> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Read {
-            path: path.clone(),
-            source,
+        let text = corral_files::read_regular_string(&path, MAX_MANIFEST).map_err(|source| {
+            ManifestError::Read {
+                path: path.clone(),
+                source,
+            }
         })?;
         Manifest::parse(&text, &path)
     }
@@ -492,8 +498,31 @@ extra = { version = ">=0.3, <0.5", optional = true }
     fn load_dir_reports_missing_file() {
         let dir = tempfile::tempdir().unwrap();
         match Manifest::load_dir(dir.path()) {
-            Err(ManifestError::Read { path, .. }) => assert!(path.ends_with("plugin.toml")),
+            Err(ManifestError::Read { path, source }) => {
+                assert!(path.ends_with("plugin.toml"));
+                assert!(source.is_not_found(), "{source}");
+            }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A plugin's author controls its directory: a manifest that is a FIFO, a device
+    /// or too large is an error that says so, at once.
+    #[test]
+    fn only_a_small_regular_manifest_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MANIFEST_FILE);
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        let e = Manifest::load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.ends_with("plugin.toml: not a regular file (a device)"),
+            "{e}"
+        );
+        std::fs::remove_file(&path).unwrap();
+        let mut big = GOOD.to_owned();
+        big.push_str(&"#".repeat(MAX_MANIFEST as usize));
+        std::fs::write(&path, big).unwrap();
+        let e = Manifest::load_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("bytes, over the 64 KiB it may have"), "{e}");
     }
 }

@@ -37,63 +37,11 @@ pub const MAX_POLICY_FILE: u64 = 1 << 20;
 /// its envelope.
 pub const MAX_OUTPUT_LIMIT: u64 = corral_protocol::frame::MAX_FRAME as u64 - (64 << 10);
 
-/// Read one policy file: opened without blocking (a FIFO named `*.toml` would
-/// stall every reload), checked to be a regular file on the opened descriptor (no
-/// swap between a check and the open), and read up to [`MAX_POLICY_FILE`].
+/// Read one policy file: a regular file (a FIFO named `*.toml` would stall every
+/// reload), never blocked on, of at most [`MAX_POLICY_FILE`] bytes.
 fn read_policy_file(path: &Path) -> Result<String, String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!(
-            "cannot read: not a regular file (a {}); a policy file must be one",
-            file_kind(&meta)
-        ));
-    }
-    if meta.len() > MAX_POLICY_FILE {
-        return Err(format!(
-            "cannot read: {} bytes, over the {} a policy file may have",
-            meta.len(),
-            size(MAX_POLICY_FILE)
-        ));
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_POLICY_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if bytes.len() as u64 > MAX_POLICY_FILE {
-        return Err(format!(
-            "cannot read: it grew past the {} a policy file may have while being read",
-            size(MAX_POLICY_FILE)
-        ));
-    }
-    String::from_utf8(bytes).map_err(|e| {
-        format!(
-            "cannot read: not UTF-8 (invalid byte at offset {})",
-            e.utf8_error().valid_up_to()
-        )
-    })
-}
-
-fn file_kind(meta: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = meta.file_type();
-    if t.is_dir() {
-        "directory"
-    } else if t.is_fifo() {
-        "FIFO"
-    } else if t.is_socket() {
-        "socket"
-    } else if t.is_char_device() || t.is_block_device() {
-        "device"
-    } else {
-        "special file"
-    }
+    corral_files::read_regular_string(path, MAX_POLICY_FILE)
+        .map_err(|e| format!("cannot read: {e}"))
 }
 
 pub use grants::{FetchRule, Grant, NameGlob, Requested, Services};

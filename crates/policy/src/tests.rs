@@ -540,10 +540,7 @@ fn only_regular_files_of_bounded_size_are_read() {
     std::fs::write(&big, &text).unwrap();
     let e = Policy::load(dir.path()).unwrap_err().to_string();
     assert!(
-        e.contains(&format!(
-            "{} bytes, over the 1 MiB a policy file may have",
-            text.len()
-        )),
+        e.contains(&format!("{} bytes, over the 1 MiB it may have", text.len())),
         "{e}"
     );
     std::fs::remove_file(&big).unwrap();

@@ -217,3 +217,121 @@ async fn the_supervisor_routes_on_the_verified_publisher_and_refuses_tampering()
         "{err}"
     );
 }
+
+/// `corral` with `args`, ended (and the test failed) if it has not finished within
+/// 30 s: what these files are made to do is block a reader forever.
+fn corral_within(args: &[&str]) -> Output {
+    let child = Command::new(built().corral())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        Ok(o) => o,
+        Err(_) => {
+            // SAFETY: kill(2) of the child this test started, by pid.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("corral {args:?} blocked");
+        }
+    }
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// Files that are not what they seem: a key that is a FIFO or far too large, a FIFO
+/// in a plugin being signed or verified, a signature that is a FIFO. Each is refused
+/// at once with the file named; nothing blocks and nothing is silently cut.
+#[test]
+fn keys_and_plugin_files_that_are_not_regular_or_too_large_are_refused_at_once() {
+    let keys = open_tempdir();
+    let (key, public) = keygen(keys.path(), "acme");
+    let plugin = fixture_plugin("js-kit", "odd-kit", "js", "main.js", "");
+    let dir = plugin.path();
+    let sign = |key: &Path| {
+        corral_within(&[
+            "plugin",
+            "sign",
+            dir.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--publisher",
+            "acme",
+        ])
+    };
+
+    let fifo_key = keys.path().join("fifo.key");
+    mkfifo(&fifo_key);
+    let o = sign(&fifo_key);
+    assert!(!o.status.success());
+    assert!(
+        out(&o).contains(&format!(
+            "cannot read the key {}: not a regular file (a FIFO)",
+            fifo_key.display()
+        )),
+        "{}",
+        out(&o)
+    );
+    // A key followed by 5000 more bytes used to be cut at 4 KiB and read as a key.
+    let big_key = keys.path().join("big.key");
+    let mut text = std::fs::read_to_string(&key).unwrap();
+    text.push_str(&"0".repeat(5000));
+    std::fs::write(&big_key, &text).unwrap();
+    let o = sign(&big_key);
+    assert!(!o.status.success());
+    assert!(
+        out(&o).contains(&format!(
+            "cannot read the key {}: {} bytes, over the 4 KiB it may have",
+            big_key.display(),
+            text.len()
+        )),
+        "{}",
+        out(&o)
+    );
+    assert!(!dir.join("plugin.sig").exists(), "nothing was signed");
+
+    // A FIFO among the plugin's files: signing names it.
+    let pipe = dir.join("pipe");
+    mkfifo(&pipe);
+    let o = sign(&key);
+    assert!(!o.status.success());
+    assert!(
+        out(&o).contains(&format!("{}: not a regular file (a FIFO)", pipe.display())),
+        "{}",
+        out(&o)
+    );
+    // Signed without it, then one appears: verifying names it too.
+    std::fs::remove_file(&pipe).unwrap();
+    assert!(sign(&key).status.success());
+    mkfifo(&pipe);
+    let trust = format!("acme={public}");
+    let o = corral_within(&["plugin", "verify", dir.to_str().unwrap(), "--trust", &trust]);
+    assert!(!o.status.success());
+    assert!(
+        out(&o).contains(&format!("{}: not a regular file (a FIFO)", pipe.display())),
+        "{}",
+        out(&o)
+    );
+    std::fs::remove_file(&pipe).unwrap();
+    let ok = corral_within(&["plugin", "verify", dir.to_str().unwrap(), "--trust", &trust]);
+    assert!(ok.status.success(), "{}", out(&ok));
+
+    // The signature itself a FIFO.
+    let sig = dir.join("plugin.sig");
+    std::fs::remove_file(&sig).unwrap();
+    mkfifo(&sig);
+    let o = corral_within(&["plugin", "verify", dir.to_str().unwrap(), "--trust", &trust]);
+    assert!(!o.status.success());
+    assert!(
+        out(&o).contains(&format!("{}: not a regular file (a FIFO)", sig.display())),
+        "{}",
+        out(&o)
+    );
+}

@@ -6,6 +6,9 @@ use crate::Config;
 use crate::plugins::{install, signing};
 use anyhow::Context;
 
+/// The largest key file read (a key is 64 hex digits and a newline).
+const MAX_KEY_FILE: u64 = 4 << 10;
+
 pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
     let fail = |e: &dyn std::fmt::Display| -> Outcome { Err(Failure::invalid(e).into()) };
     match cmd {
@@ -38,17 +41,10 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
             key,
             publisher,
         } => {
-            // A key file is 64 hex digits; a larger one (or a device) is not a key.
-            let mut secret = String::new();
-            std::io::Read::read_to_string(
-                &mut std::io::Read::take(
-                    std::fs::File::open(&key)
-                        .with_context(|| format!("cannot read the key {}", key.display()))?,
-                    4096,
-                ),
-                &mut secret,
-            )
-            .with_context(|| format!("cannot read the key {}", key.display()))?;
+            // A key file is 64 hex digits: a larger one, a FIFO or a device is not
+            // a key, and says so rather than being cut or waited on.
+            let secret = corral_files::read_regular_string(&key, MAX_KEY_FILE)
+                .with_context(|| format!("cannot read the key {}", key.display()))?;
             match signing::sign(&dir, &publisher, &secret) {
                 Ok(n) => {
                     println!(

@@ -154,7 +154,7 @@ impl FileHashes {
 
     fn digest(&mut self, path: &Path) -> std::io::Result<String> {
         use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path)?;
+        let m = std::fs::symlink_metadata(path)?;
         let key = (
             m.len(),
             m.ino(),
@@ -168,7 +168,8 @@ impl FileHashes {
         {
             return Ok(sum.clone());
         }
-        let sum = crate::plugins::signing::hex(&Sha256::digest(std::fs::read(path)?));
+        let sum = crate::plugins::signing::sha256_file(path)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
         self.0.insert(path.to_owned(), (key, sum.clone()));
         Ok(sum)
     }

@@ -179,13 +179,8 @@ async fn fetch(location: &str) -> Result<Vec<u8>, InstallError> {
         why,
     };
     if !is_url(location) {
-        let len = std::fs::metadata(location).map_err(io(location))?.len();
-        if len > MAX_ARCHIVE {
-            return Err(fail(format!(
-                "{len} bytes, over the {MAX_ARCHIVE}-byte limit"
-            )));
-        }
-        return std::fs::read(location).map_err(io(location));
+        return corral_files::read_regular(Path::new(location), MAX_ARCHIVE)
+            .map_err(|e| fail(e.to_string()));
     }
     let client = reqwest::Client::builder()
         .no_proxy()
@@ -584,7 +579,7 @@ pub fn index(dir: &Path) -> Result<Indexed, InstallError> {
         index: shown.clone(),
         why,
     };
-    let previous: Vec<IndexEntry> = match std::fs::read_to_string(&file) {
+    let previous: Vec<IndexEntry> = match corral_files::read_regular_string(&file, MAX_ARCHIVE) {
         Ok(text) => {
             toml::from_str::<RawIndex>(&text)
                 .map_err(|e| {
@@ -597,8 +592,8 @@ pub fn index(dir: &Path) -> Result<Indexed, InstallError> {
                 })?
                 .plugin
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io(&shown)(e)),
+        Err(e) if e.is_not_found() => Vec::new(),
+        Err(e) => return Err(bad(format!("cannot read: {e}"))),
     };
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map_err(io(dir.display()))?
@@ -612,14 +607,11 @@ pub fn index(dir: &Path) -> Result<Indexed, InstallError> {
     for name in &names {
         let path = dir.join(name);
         let what = path.display().to_string();
-        let len = std::fs::metadata(&path).map_err(io(&what))?.len();
-        if len > MAX_ARCHIVE {
-            return Err(InstallError::Archive {
-                what,
-                why: format!("{len} bytes, over the {MAX_ARCHIVE}-byte limit"),
-            });
-        }
-        let bytes = std::fs::read(&path).map_err(io(&what))?;
+        let bytes =
+            corral_files::read_regular(&path, MAX_ARCHIVE).map_err(|e| InstallError::Archive {
+                what: what.clone(),
+                why: e.to_string(),
+            })?;
         let unpacked = tempfile::tempdir().map_err(io("a temporary directory"))?;
         unpack(&bytes, unpacked.path(), &what)?;
         let root = plugin_root(unpacked.path()).ok_or_else(|| InstallError::Archive {

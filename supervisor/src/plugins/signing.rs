@@ -33,6 +33,9 @@ use std::path::{Path, PathBuf};
 
 /// The signature file's name.
 pub const SIG_FILE: &str = "plugin.sig";
+
+/// The largest signature file read: it holds a publisher, a key and a signature.
+const MAX_SIG_FILE: u64 = 64 << 10;
 const DOMAIN: &str = "corral-plugin-signature-v1\n";
 
 /// Why a plugin's signature was refused, or could not be made.
@@ -43,6 +46,11 @@ pub enum SignError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        source: corral_files::ReadError,
     },
     #[error("plugin.sig: {0}")]
     Malformed(String),
@@ -103,11 +111,24 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) -> Result<(
                 walk(root, &path, out)?;
             }
         } else if rel != SIG_FILE {
-            let bytes = std::fs::read(&path).map_err(io(&path))?;
-            out.insert(rel, hex(&Sha256::digest(&bytes)));
+            let sum = sha256_file(&path).map_err(|source| SignError::File {
+                path: path.clone(),
+                source,
+            })?;
+            out.insert(rel, sum);
         }
     }
     Ok(())
+}
+
+/// SHA-256 (hex) of the regular file at `path`, read in pieces: a plugin's file is
+/// its author's, so it is never followed through a link, never waited on (a FIFO is
+/// refused) and never held whole in memory.
+pub(crate) fn sha256_file(path: &Path) -> Result<String, corral_files::ReadError> {
+    let (mut file, _) = corral_files::open_regular_here(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut file, &mut h)?;
+    Ok(hex(&h.finalize()))
 }
 
 fn message(publisher: &str, files: &BTreeMap<String, String>) -> Vec<u8> {
@@ -179,10 +200,10 @@ pub fn sign(dir: &Path, publisher: &str, secret_hex: &str) -> Result<usize, Sign
 /// `Ok(None)`: unsigned. `Ok(Some(publisher))`: verified.
 pub fn verify(dir: &Path, trusted: &BTreeMap<String, String>) -> Result<Option<String>, SignError> {
     let path = dir.join(SIG_FILE);
-    let text = match std::fs::read_to_string(&path) {
+    let text = match corral_files::read_regular_string(&path, MAX_SIG_FILE) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(&path)(e)),
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(source) => return Err(SignError::File { path, source }),
     };
     let sig: SigFile =
         toml::from_str(&text).map_err(|e| SignError::Malformed(e.message().to_owned()))?;

@@ -16,7 +16,7 @@
 //! that finds its lock free.
 
 use std::fs::File;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -97,7 +97,16 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
         } else if kind.is_symlink() {
             std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
         } else if kind.is_file() {
-            std::fs::copy(&src, &dst)?;
+            // Not `fs::copy`: the author may swap the file for a link (to a file only
+            // the supervisor can read) or a FIFO after the listing.
+            let (mut file, _) = corral_files::open_regular_here(&src)
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", src.display())))?;
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&dst)?;
+            std::io::copy(&mut file, &mut out)?;
             std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644))?;
         }
         // Pipes, sockets and devices are not plugin files.
