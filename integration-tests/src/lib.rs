@@ -277,7 +277,7 @@ pub fn open_tempdir() -> tempfile::TempDir {
 }
 
 /// The policy the tests run under (`fixtures/policy/test.toml`): every plugin at
-/// standard with 64 MiB, 5 s, 64 MiB output, 64 pids, one CPU.
+/// standard with 64 MiB, deadlines capped at 60 s, 63 MiB output, 64 pids, one CPU.
 pub fn test_policy() -> corral::Policy {
     corral::Policy::load(&fixture("policy/test.toml")).expect("the test policy is valid")
 }

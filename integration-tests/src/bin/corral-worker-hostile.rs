@@ -36,6 +36,8 @@ const ATTACKS: &[&str] = &[
     "fork_bomb",
     "thread_bomb",
     "unix_connect",
+    "unix_dgram",
+    "unix_dgram_pair",
     "fd_bomb",
     "forge_answer",
     "log_flood",
@@ -152,6 +154,16 @@ impl Hostile {
                 format!("{} after {n} threads", errno_name(&err))
             }
             "unix_connect" => outcome(std::os::unix::net::UnixStream::connect(arg)),
+            // A datagram to a pathname socket, from a new socket or from one end of a
+            // datagram pair (an explicit address overrides the pair's peer).
+            "unix_dgram" => outcome(
+                std::os::unix::net::UnixDatagram::unbound()
+                    .and_then(|s| s.send_to(b"corral", arg).map(drop)),
+            ),
+            "unix_dgram_pair" => outcome(
+                std::os::unix::net::UnixDatagram::pair()
+                    .and_then(|(s, _peer)| s.send_to(b"corral", arg).map(drop)),
+            ),
             "fd_bomb" => {
                 // Unix socket pairs (allowed at every level) until the table is full.
                 let mut held = Vec::new();

@@ -111,7 +111,55 @@ async fn fd_bomb(a: &Arena) {
 }
 
 /// The attacks whose outcome is the same at every level.
-async fn common_attacks(a: &Arena, abstract_socket: &str) {
+/// A stream and a datagram unix socket anyone may connect or send to, as D-Bus,
+/// journald or a container runtime's are.
+struct WorldSockets {
+    dir: TempDir,
+    stream: std::os::unix::net::UnixListener,
+    dgram: std::os::unix::net::UnixDatagram,
+}
+
+impl WorldSockets {
+    fn new() -> WorldSockets {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = corral_integration_tests::open_tempdir();
+        let stream =
+            std::os::unix::net::UnixListener::bind(dir.path().join("stream.sock")).unwrap();
+        let dgram = std::os::unix::net::UnixDatagram::bind(dir.path().join("dgram.sock")).unwrap();
+        for name in ["stream.sock", "dgram.sock"] {
+            std::fs::set_permissions(
+                dir.path().join(name),
+                std::fs::Permissions::from_mode(0o777),
+            )
+            .unwrap();
+        }
+        stream.set_nonblocking(true).unwrap();
+        dgram.set_nonblocking(true).unwrap();
+        WorldSockets { dir, stream, dgram }
+    }
+
+    fn stream_path(&self) -> String {
+        self.dir.path().join("stream.sock").display().to_string()
+    }
+
+    fn dgram_path(&self) -> String {
+        self.dir.path().join("dgram.sock").display().to_string()
+    }
+
+    fn assert_untouched(&self) {
+        let would_block = |e: std::io::Error| e.kind() == std::io::ErrorKind::WouldBlock;
+        assert!(
+            self.stream.accept().is_err_and(would_block),
+            "a connection arrived"
+        );
+        assert!(
+            self.dgram.recv(&mut [0; 64]).is_err_and(would_block),
+            "a datagram arrived"
+        );
+    }
+}
+
+async fn common_attacks(a: &Arena) {
     let neighbour_pid = {
         assert_eq!(
             a.sup.call("neighbour", "ok", vec![], None).await.unwrap(),
@@ -156,26 +204,37 @@ async fn common_attacks(a: &Arena, abstract_socket: &str) {
     a.expect("bind", "127.0.0.1:0", "EAFNOSUPPORT").await;
     a.expect("socket_inet", "", "EAFNOSUPPORT").await;
 
-    // Abstract unix sockets outside the worker's Landlock domain are out of reach
-    // (at `high` the worker's own network namespace hides the name altogether).
+    // Abstract unix sockets: no unix socket can be made to reach one (behind that,
+    // Landlock's scoping refuses one outside the worker's domain, and at `high` the
+    // worker's own network namespace hides the name altogether).
     let name = format!("corral-test-{}", std::process::id());
     let abs = {
         use std::os::linux::net::SocketAddrExt;
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
         std::os::unix::net::UnixListener::bind_addr(&addr).unwrap()
     };
-    a.expect("abstract_connect", &name, abstract_socket).await;
+    a.expect("abstract_connect", &name, "EAFNOSUPPORT").await;
     drop(abs);
 
-    // The supervisor's control socket (0600 in a 0700 directory of root's): the
-    // unprivileged worker cannot even reach it.
+    // Pathname unix sockets: no new socket at all (Landlock does not govern
+    // connecting to one), so neither the supervisor's control socket nor a
+    // world-writable stream or datagram socket of the host's is reachable, and
+    // nothing arrives at them.
     let control_dir = corral_integration_tests::open_tempdir();
     let control = control_dir.path().join("run/control.sock");
     let _server = corral::control::ControlServer::bind(&control)
         .await
         .unwrap();
-    a.expect("unix_connect", control.to_str().unwrap(), "EACCES")
+    a.expect("unix_connect", control.to_str().unwrap(), "EAFNOSUPPORT")
         .await;
+    let world = WorldSockets::new();
+    a.expect("unix_connect", &world.stream_path(), "EAFNOSUPPORT")
+        .await;
+    a.expect("unix_dgram", &world.dgram_path(), "EAFNOSUPPORT")
+        .await;
+    a.expect("unix_dgram_pair", &world.dgram_path(), "EAFNOSUPPORT")
+        .await;
+    world.assert_untouched();
 
     // Signals: neither the supervisor nor a neighbour.
     a.expect("kill_parent", "", "EPERM").await;
@@ -290,7 +349,7 @@ fn assert_unprivileged_from_outside(pid: u32) {
 #[tokio::test]
 async fn standard_level_contains_a_hostile_native_worker() {
     let a = arena(Level::Standard);
-    common_attacks(&a, "EPERM").await;
+    common_attacks(&a).await;
     assert_unprivileged_from_outside(a.pid("attacker").await);
     // At standard, exec of another program is refused by Landlock (nothing to execute).
     a.expect("exec", "/bin/true", "EACCES").await;
@@ -314,7 +373,7 @@ async fn standard_level_contains_a_hostile_native_worker() {
 #[tokio::test]
 async fn high_level_adds_exec_denial_and_namespaces() {
     let a = arena(Level::High);
-    common_attacks(&a, "ECONNREFUSED").await;
+    common_attacks(&a).await;
     a.expect_seccomp("exec", "execve").await;
     a.sup.call("attacker", "ok", vec![], None).await.unwrap();
     let pid = a.pid("attacker").await;
@@ -386,6 +445,13 @@ async fn maximum_level_shows_a_minimal_read_only_world() {
             syscall: "connect".into()
         }))
     );
+    // Datagrams: a new unix socket finds no host socket in this view, and a
+    // datagram pair (whose sendto may name any address) is refused.
+    let world = WorldSockets::new();
+    a.expect("unix_dgram", &world.dgram_path(), "ENOENT").await;
+    a.expect("unix_dgram_pair", &world.dgram_path(), "EAFNOSUPPORT")
+        .await;
+    world.assert_untouched();
     // Network: no sockets but AF_UNIX, and its own network namespace.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();

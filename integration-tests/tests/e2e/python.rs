@@ -308,7 +308,7 @@ async fn a_hostile_python_plugin_is_contained_at_every_level() {
             level: Level::Standard,
             shadow: "EACCES",
             write_etc: "EACCES",
-            control_socket: Ok("EACCES"),
+            control_socket: Ok("EAFNOSUPPORT"),
             system: Ok("exit 127"),
             subprocess: Ok("EACCES"),
             fork_bomb: Ok("EAGAIN after"),
@@ -318,7 +318,7 @@ async fn a_hostile_python_plugin_is_contained_at_every_level() {
             level: Level::High,
             shadow: "EACCES",
             write_etc: "EACCES",
-            control_socket: Ok("EACCES"),
+            control_socket: Ok("EAFNOSUPPORT"),
             system: Ok("killed by SIGSYS"),
             subprocess: Ok("killed by SIGSYS"),
             fork_bomb: Ok("EAGAIN after"),
@@ -340,6 +340,14 @@ async fn a_hostile_python_plugin_is_contained_at_every_level() {
     let _server = corral::control::ControlServer::bind(&control)
         .await
         .unwrap();
+    // A socket anyone may connect to, as D-Bus's or a container runtime's.
+    let world = control_dir.path().join("world.sock");
+    let world_listener = std::os::unix::net::UnixListener::bind(&world).unwrap();
+    world_listener.set_nonblocking(true).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&world, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tcp = listener.local_addr().unwrap().to_string();
     let me = std::process::id().to_string();
@@ -430,6 +438,17 @@ async fn a_hostile_python_plugin_is_contained_at_every_level() {
             "dial the control socket",
             attack("unix_connect", control.display().to_string()).await,
             e.control_socket,
+        );
+        check(
+            "dial a world-writable socket",
+            attack("unix_connect", world.display().to_string()).await,
+            e.control_socket,
+        );
+        assert!(
+            world_listener
+                .accept()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+            "{level}: a connection arrived"
         );
         check("os.system", attack("system", String::new()).await, e.system);
         check(
