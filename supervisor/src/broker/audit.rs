@@ -13,9 +13,11 @@
 //! Lines never carry values (store values, payloads, secrets): only names.
 
 use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::{Instant, SystemTime};
 
 /// Where audit lines go.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -61,23 +63,166 @@ struct Line<'a> {
     event: &'a AuditEvent<'a>,
 }
 
+/// Lines one plugin may have written at once...
+pub const AUDIT_BURST: u32 = 200;
+/// ...and a second after that. A plugin that makes denied host calls in a loop would
+/// otherwise write megabytes a second, drowning the other plugins' lines (and the
+/// disk). Beyond the budget its events are counted, not written, and one summary
+/// line per window says how many there were, by operation and decision.
+pub const AUDIT_RATE: u32 = 50;
+
 /// The audit log writer.
 #[derive(Debug)]
 pub struct Audit {
-    sink: AuditSink,
-    file: Mutex<Option<std::fs::File>>,
+    shared: std::sync::Arc<Shared>,
 }
 
-impl Audit {
-    pub fn new(sink: AuditSink) -> Audit {
-        Audit {
-            sink,
-            file: Mutex::new(None),
+#[derive(Debug)]
+struct Shared {
+    sink: AuditSink,
+    file: Mutex<Option<std::fs::File>>,
+    budgets: Mutex<HashMap<String, Budget>>,
+}
+
+/// One plugin's budget: a token bucket, and what it suppressed since it ran dry.
+#[derive(Debug)]
+struct Budget {
+    tokens: f64,
+    last: Instant,
+    suppressed: BTreeMap<(String, String), u64>,
+    since: Option<SystemTime>,
+}
+
+impl Budget {
+    fn full(now: Instant) -> Budget {
+        Budget {
+            tokens: f64::from(AUDIT_BURST),
+            last: now,
+            suppressed: BTreeMap::new(),
+            since: None,
         }
     }
 
-    /// Write one event. A failure to write is logged, never fatal.
+    fn refill(&mut self, now: Instant) {
+        let secs = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + secs * f64::from(AUDIT_RATE)).min(f64::from(AUDIT_BURST));
+        self.last = now;
+    }
+
+    /// The summary of what was suppressed, if anything was; the count starts over.
+    fn take_summary(&mut self) -> Option<String> {
+        if self.suppressed.is_empty() {
+            return None;
+        }
+        let total: u64 = self.suppressed.values().sum();
+        let by: Vec<String> = self
+            .suppressed
+            .iter()
+            .map(|((op, decision), n)| format!("{op} {decision} {n}"))
+            .collect();
+        let since = self
+            .since
+            .map(|t| humantime::format_rfc3339_millis(t).to_string())
+            .unwrap_or_default();
+        self.suppressed.clear();
+        self.since = None;
+        Some(format!(
+            "{total} events over the audit budget ({AUDIT_BURST} at once, {AUDIT_RATE} a second) \
+             not written since {since}: {}",
+            by.join(", ")
+        ))
+    }
+}
+
+/// The summary line for `plugin`.
+fn summary_event<'a>(plugin: &'a str, rule: &'a str) -> AuditEvent<'a> {
+    AuditEvent {
+        plugin,
+        operation: "audit",
+        target: "",
+        decision: "suppressed",
+        rule,
+    }
+}
+
+impl Audit {
+    /// A writer to `sink`. Inside a Tokio runtime a ticker writes the summaries of
+    /// plugins that went quiet after running over their budget, within a second.
+    pub fn new(sink: AuditSink) -> Audit {
+        let shared = std::sync::Arc::new(Shared {
+            sink,
+            file: Mutex::new(None),
+            budgets: Mutex::new(HashMap::new()),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = std::sync::Arc::downgrade(&shared);
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(shared) = weak.upgrade() else { break };
+                    shared.flush(Instant::now(), false);
+                }
+            });
+        }
+        Audit { shared }
+    }
+
+    /// Write one event, within its plugin's budget (see [`AUDIT_RATE`]). A failure
+    /// to write is logged, never fatal.
     pub fn record(&self, event: AuditEvent<'_>) {
+        self.shared.record(event, Instant::now());
+    }
+}
+
+impl Shared {
+    fn record(&self, event: AuditEvent<'_>, now: Instant) {
+        let summary = {
+            let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+            let b = budgets
+                .entry(event.plugin.to_owned())
+                .or_insert_with(|| Budget::full(now));
+            b.refill(now);
+            if b.tokens < 1.0 {
+                *b.suppressed
+                    .entry((event.operation.to_owned(), event.decision.to_owned()))
+                    .or_default() += 1;
+                b.since.get_or_insert_with(SystemTime::now);
+                return;
+            }
+            b.tokens -= 1.0;
+            b.take_summary()
+        };
+        if let Some(rule) = summary {
+            self.write(&summary_event(event.plugin, &rule));
+        }
+        self.write(&event);
+    }
+
+    /// Write the summaries that are due: of plugins with budget again, or (`all`)
+    /// of every plugin. Plugins with a full budget and nothing pending are forgotten.
+    fn flush(&self, now: Instant, all: bool) {
+        let due: Vec<(String, String)> = {
+            let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+            let mut due = Vec::new();
+            budgets.retain(|plugin, b| {
+                b.refill(now);
+                if (all || b.tokens >= 1.0)
+                    && let Some(rule) = b.take_summary()
+                {
+                    due.push((plugin.clone(), rule));
+                }
+                b.tokens < f64::from(AUDIT_BURST) || !b.suppressed.is_empty()
+            });
+            due
+        };
+        for (plugin, rule) in due {
+            self.write(&summary_event(&plugin, &rule));
+        }
+    }
+
+    fn write(&self, event: &AuditEvent<'_>) {
         tracing::warn!(
             plugin = event.plugin,
             operation = event.operation,
@@ -87,8 +232,8 @@ impl Audit {
             event.rule
         );
         let line = Line {
-            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            event: &event,
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            event,
         };
         let Ok(mut text) = serde_json::to_string(&line) else {
             return;
@@ -124,5 +269,118 @@ impl Audit {
         if let Err(e) = written {
             tracing::error!("cannot write the audit log: {e}");
         }
+    }
+}
+
+/// Nothing suppressed goes unsaid: the last summaries are written when the
+/// supervisor's broker goes away.
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.flush(Instant::now(), true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn event<'a>(plugin: &'a str, operation: &'a str) -> AuditEvent<'a> {
+        AuditEvent {
+            plugin,
+            operation,
+            target: "k",
+            decision: "denied",
+            rule: "default deny",
+        }
+    }
+
+    fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn of<'a>(lines: &'a [serde_json::Value], plugin: &str) -> Vec<&'a serde_json::Value> {
+        lines.iter().filter(|l| l["plugin"] == plugin).collect()
+    }
+
+    /// A plugin looping over denied calls gets its budget's worth of lines and then
+    /// summaries with exact counts; another plugin's lines are written as ever.
+    #[test]
+    fn a_flood_is_cut_to_the_budget_summarised_and_blinds_no_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        // Outside a runtime: no ticker, the test drives time.
+        let audit = Audit::new(AuditSink::File(path.clone()));
+        let a = &audit.shared;
+        let t0 = Instant::now();
+        for _ in 0..10_000 {
+            a.record(event("flood", "kv.get"), t0);
+        }
+        a.record(event("neighbour", "fetch"), t0);
+        let got = lines(&path);
+        assert_eq!(of(&got, "flood").len(), AUDIT_BURST as usize);
+        assert_eq!(of(&got, "neighbour").len(), 1, "not blinded by the flood");
+
+        // Half a second on: 25 lines of budget; the next one brings the summary.
+        let t1 = t0 + Duration::from_millis(500);
+        a.record(event("flood", "fetch"), t1);
+        let got = lines(&path);
+        let flood = of(&got, "flood");
+        assert_eq!(flood.len(), AUDIT_BURST as usize + 2);
+        let summary = flood[AUDIT_BURST as usize];
+        assert_eq!(summary["operation"], "audit");
+        assert_eq!(summary["decision"], "suppressed");
+        let rule = summary["rule"].as_str().unwrap();
+        assert!(
+            rule.starts_with(
+                "9800 events over the audit budget (200 at once, 50 a second) not written since "
+            ) && rule.ends_with(": kv.get denied 9800"),
+            "{rule}"
+        );
+        assert_eq!(flood[AUDIT_BURST as usize + 1]["operation"], "fetch");
+
+        // Another burst, then quiet: the ticker's flush says what was left unsaid,
+        // once there is budget again.
+        for i in 0..100 {
+            a.record(
+                event("flood", if i % 2 == 0 { "kv.get" } else { "call" }),
+                t1,
+            );
+        }
+        let before = lines(&path).len();
+        assert_eq!(before, AUDIT_BURST as usize + 2 + 24 + 1);
+        a.flush(t1, false);
+        assert_eq!(lines(&path).len(), before, "no budget yet");
+        a.flush(t1 + Duration::from_millis(100), false);
+        let got = lines(&path);
+        assert_eq!(got.len(), before + 1);
+        let rule = got[before]["rule"].as_str().unwrap();
+        assert!(
+            rule.ends_with(": call denied 38, kv.get denied 38"),
+            "{rule}"
+        );
+        drop(audit);
+        assert_eq!(lines(&path).len(), before + 1, "nothing left to say");
+    }
+
+    /// What is still suppressed when the broker goes away is written then.
+    #[test]
+    fn pending_summaries_are_written_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = Audit::new(AuditSink::File(path.clone()));
+        let t0 = Instant::now();
+        for _ in 0..AUDIT_BURST + 7 {
+            audit.shared.record(event("flood", "publish"), t0);
+        }
+        drop(audit);
+        let got = lines(&path);
+        assert_eq!(got.len(), AUDIT_BURST as usize + 1);
+        let rule = got.last().unwrap()["rule"].as_str().unwrap();
+        assert!(rule.ends_with(": publish denied 7"), "{rule}");
     }
 }
