@@ -481,6 +481,10 @@ fn policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy() {
         "level = \"standard\"\nlimits = { pids = 20, cpu = 0.5 }",
     );
     assert_ne!(tighter, base);
+    let route_line = 1 + tighter
+        .lines()
+        .position(|l| l.starts_with("limits = { pids = 20"))
+        .unwrap();
     std::fs::write(&file, &tighter).unwrap();
     wait_for("pids.max = 20", Duration::from_secs(10), || {
         std::fs::read_to_string(&pids_max).is_ok_and(|s| s.trim() == "20")
@@ -495,7 +499,7 @@ fn policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy() {
     let e = text(&out.stdout);
     assert!(
         e.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
-            == ["pids", "20", &format!("{}:20:19", file.display())]),
+            == ["pids", "20", &format!("{}:{route_line}:19", file.display())]),
         "{e}"
     );
     let out = d.cli(&["policy", "explain", "ghost"]);
