@@ -10,6 +10,23 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// A started worker, the policy it runs under and its cgroup.
+type Started = (
+    Arc<WorkerHandle>,
+    corral_policy::Effective,
+    Option<Arc<corral_confine::cgroup::PluginCgroup>>,
+);
+
+/// Why a start produced no worker.
+enum Start {
+    /// The supervisor is stopping.
+    Stopped,
+    /// A dependency is missing or did not start (not a crash of this plugin).
+    Dependencies(String),
+    /// The worker did not start or load (counted as a crash).
+    Failed(String),
+}
+
 /// How often a call follows a plugin's new version before it gives up.
 const MAX_REROUTES: usize = 16;
 
@@ -147,18 +164,85 @@ impl Inner {
 
     /// The running worker of `p`, started (after any backoff) if needed, with the
     /// call deadline and its cap from the plugin's effective policy.
+    ///
+    /// The state lock is held only to look and to record: a start (dependencies,
+    /// backoff, the worker's load and `init`) runs under `p.starting`, so `list`,
+    /// removal and shutdown never wait for a plugin's `init`, and a shutdown
+    /// abandons a start under way (its worker is killed).
     pub(crate) async fn worker_for(
         &self,
         p: &Plugin,
     ) -> Result<(Arc<WorkerHandle>, (Duration, Duration)), CallError> {
+        if let Some(ready) = self.running_worker(p).await? {
+            return Ok(ready);
+        }
+        // One start at a time; whoever waited here finds the worker it started.
+        let _starting = p.starting.lock().await;
+        let wait = {
+            let mut st = p.state.lock().await;
+            if let Some(ready) = self.running_in(p, &mut st)? {
+                return Ok(ready);
+            }
+            st.starting = true;
+            st.restart_wait(&self.options.restart, Instant::now())
+        };
+        let started = self.start_abandoned_at_stop(p, wait).await;
         let id = &p.manifest.id;
         let mut st = p.state.lock().await;
-        if st.is_shutting_down() || p.retired.load(Ordering::SeqCst) {
+        st.starting = false;
+        match started {
+            Err(Start::Stopped) => Err(CallError::ShuttingDown),
+            Err(Start::Dependencies(why)) => {
+                st.note_error(why.clone());
+                Err(CallError::StartFailed {
+                    plugin: id.clone(),
+                    reason: why,
+                })
+            }
+            Err(Start::Failed(reason)) => {
+                st.record_crash(id, &self.options.restart, reason.clone(), Instant::now());
+                Err(CallError::StartFailed {
+                    plugin: id.clone(),
+                    reason,
+                })
+            }
+            Ok((w, effective, group)) => {
+                if st.is_shutting_down() || p.retired.load(Ordering::SeqCst) {
+                    // Stopped or replaced while it loaded: nobody may use it.
+                    w.kill_because("started for a version that is gone".into());
+                    return Err(CallError::ShuttingDown);
+                }
+                tracing::info!(plugin = %id, pid = w.pid, level = %effective.level.value, "worker ready");
+                st.ready(Arc::clone(&w), effective, group);
+                if w.exports.iter().any(|e| e == HEALTH_EXPORT) {
+                    self.watch_health(id, &w);
+                }
+                Ok((w, st.deadlines()))
+            }
+        }
+    }
+
+    /// `p`'s running worker, if it has one; an error if it may not start one.
+    async fn running_worker(
+        &self,
+        p: &Plugin,
+    ) -> Result<Option<(Arc<WorkerHandle>, (Duration, Duration))>, CallError> {
+        let mut st = p.state.lock().await;
+        self.running_in(p, &mut st)
+    }
+
+    fn running_in(
+        &self,
+        p: &Plugin,
+        st: &mut super::state::PluginState,
+    ) -> Result<Option<(Arc<WorkerHandle>, (Duration, Duration))>, CallError> {
+        let id = &p.manifest.id;
+        if st.is_shutting_down() || p.retired.load(Ordering::SeqCst) || *self.stopping.borrow() {
             return Err(CallError::ShuttingDown);
         }
         st.reap(id, &self.options.restart, Instant::now());
         if let Some(w) = st.worker() {
-            return Ok((Arc::clone(w), st.deadlines()));
+            return Ok(Some((Arc::clone(w), st.deadlines())));
         }
         if let Some(last) = st.failed() {
             return Err(CallError::PluginFailed {
@@ -167,40 +251,32 @@ impl Inner {
                 last: last.to_owned(),
             });
         }
-        // Dependencies first: a plugin whose dependency is missing, incompatible, in
-        // a cycle or cannot start is not started, and says why.
-        if let Err(why) = self.start_dependencies(p).await {
-            st.note_error(why.clone());
-            return Err(CallError::StartFailed {
-                plugin: id.clone(),
-                reason: why,
-            });
-        }
-        let wait = st.restart_wait(&self.options.restart, Instant::now());
-        if !wait.is_zero() {
-            tracing::info!(plugin = %id, ?wait, "restart backoff");
-            tokio::time::sleep(wait).await;
-        }
-        match self.start_worker(p).await {
-            Ok((w, effective, group)) => {
-                tracing::info!(plugin = %id, pid = w.pid, level = %effective.level.value, "worker ready");
-                st.ready(Arc::clone(&w), effective, group);
-                if w.exports.iter().any(|e| e == HEALTH_EXPORT) {
-                    self.watch_health(id, &w);
-                }
-                Ok((w, st.deadlines()))
-            }
-            Err(e) => {
-                let reason = error_chain(&e);
-                st.record_crash(id, &self.options.restart, reason.clone(), Instant::now());
-                Err(CallError::StartFailed {
-                    plugin: id.clone(),
-                    reason,
-                })
-            }
-        }
+        Ok(None)
     }
 
+    /// Start `p`'s worker: its dependencies first (a plugin whose dependency is
+    /// missing, incompatible, in a cycle or cannot start is not started, and says
+    /// why), then the backoff `wait`, then the worker. All of it ends the moment the
+    /// supervisor stops; a worker half-started then is killed as its handle drops.
+    async fn start_abandoned_at_stop(&self, p: &Plugin, wait: Duration) -> Result<Started, Start> {
+        let mut stopping = self.stopping.subscribe();
+        let start = async {
+            self.start_dependencies(p)
+                .await
+                .map_err(Start::Dependencies)?;
+            if !wait.is_zero() {
+                tracing::info!(plugin = %p.manifest.id, ?wait, "restart backoff");
+                tokio::time::sleep(wait).await;
+            }
+            self.start_worker(p)
+                .await
+                .map_err(|e| Start::Failed(error_chain(&e)))
+        };
+        tokio::select! {
+            started = start => started,
+            _ = stopping.wait_for(|stop| *stop) => Err(Start::Stopped),
+        }
+    }
     /// `p`'s queue of messages for its subscriptions, with its task started at the
     /// first message: one delivery at a time, in order.
     pub(crate) fn deliveries(&self, p: &Arc<Plugin>) -> tokio::sync::mpsc::Sender<Delivery> {

@@ -263,6 +263,9 @@ pub(crate) struct Inner {
     pub(crate) rejected: std::sync::Mutex<lifecycle::Rejected>,
     /// Where versions' files are copied (made at the first read).
     versions: OnceLock<Result<Versions, String>>,
+    /// Set when the supervisor stops: starts under way (in a backoff wait or in a
+    /// worker's load) are abandoned and their workers killed.
+    pub(crate) stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -303,6 +306,7 @@ impl Supervisor {
                 writes: Default::default(),
                 versions: OnceLock::new(),
                 rejected: Default::default(),
+                stopping: tokio::sync::watch::Sender::new(false),
             }
         }))
     }

@@ -8,6 +8,8 @@ impl Inner {
     /// Stop accepting calls, let queued calls finish, run shutdown hooks, and stop
     /// every worker (killing any that takes longer than `grace`).
     pub(crate) async fn shutdown(&self, grace: Duration) {
+        // Starts under way end now (their workers are killed), and no new one begins.
+        self.stopping.send_replace(true);
         let mut workers = Vec::new();
         for p in &self.all_plugins() {
             if let Some(w) = p.state.lock().await.shut_down() {

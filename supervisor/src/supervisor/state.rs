@@ -27,6 +27,8 @@ pub(crate) struct PluginState {
     failed: Option<String>,
     last_error: Option<String>,
     shutting_down: bool,
+    /// A worker is being started (shown as `starting`).
+    pub(crate) starting: bool,
     /// The policy the running worker was started with (live changes applied).
     effective: Option<Effective>,
     group: Option<Arc<PluginCgroup>>,
@@ -210,6 +212,8 @@ impl PluginState {
             "failed"
         } else if self.worker.is_some() {
             "running"
+        } else if self.starting {
+            "starting"
         } else if blocked {
             "blocked"
         } else if !self.crashes.is_empty() {

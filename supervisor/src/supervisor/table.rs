@@ -21,6 +21,10 @@ pub(crate) struct Plugin {
     /// The copy of this version's files that its workers read.
     pub(crate) files: Arc<Snapshot>,
     pub(crate) state: Mutex<PluginState>,
+    /// Held by the one task starting this version's worker: the state lock is not
+    /// (a start takes as long as the plugin's `init`, and `list`, `status`, removal
+    /// and shutdown must not wait for it).
+    pub(crate) starting: Mutex<()>,
     /// Shared by every version of the plugin (a reload carries them over):
     pub(crate) calls: Arc<AtomicU64>,
     /// Slots for calls queued or running (`Options::max_queue`).
@@ -132,6 +136,7 @@ impl Inner {
             dir,
             files: Arc::new(files),
             state: Mutex::new(PluginState::default()),
+            starting: Mutex::new(()),
             calls: previous.map_or_else(Default::default, |p| Arc::clone(&p.calls)),
             inflight: previous.map_or_else(
                 || Arc::new(tokio::sync::Semaphore::new(self.options.max_queue)),
@@ -153,6 +158,7 @@ impl Inner {
             dir: p.dir.clone(),
             files: Arc::clone(&p.files),
             state: Mutex::new(PluginState::default()),
+            starting: Mutex::new(()),
             calls: Arc::clone(&p.calls),
             inflight: Arc::clone(&p.inflight),
             deliveries: Arc::clone(&p.deliveries),

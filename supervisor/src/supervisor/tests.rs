@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::Mutex as StdMutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc, watch};
@@ -32,6 +32,8 @@ struct Script {
     load_hangs: bool,
     /// A kill takes effect half a second late (the worker keeps sending).
     dies_slowly: bool,
+    /// The load's deadline (the plugin's `init`).
+    init_deadline_ms: u64,
 }
 
 impl Default for Script {
@@ -41,6 +43,7 @@ impl Default for Script {
             load_error: None,
             load_hangs: false,
             dies_slowly: false,
+            init_deadline_ms: 1000,
         }
     }
 }
@@ -62,7 +65,7 @@ const EXPORTS: [&str; 12] = [
 
 /// What one fake worker received, in order.
 #[derive(Debug, Default)]
-struct Journal(StdMutex<Vec<String>>);
+struct Journal(StdMutex<Vec<String>>, AtomicBool);
 
 impl Journal {
     fn push(&self, what: String) {
@@ -70,6 +73,10 @@ impl Journal {
     }
     fn entries(&self) -> Vec<String> {
         self.0.lock().unwrap().clone()
+    }
+    /// Whether the worker was killed.
+    fn killed(&self) -> bool {
+        self.1.load(Ordering::SeqCst)
     }
 }
 
@@ -108,6 +115,14 @@ struct FakeProcess {
     kill: Arc<Notify>,
 }
 
+/// As a real worker's `Child` (`kill_on_drop`): a process whose handle is dropped
+/// is killed.
+impl Drop for FakeProcess {
+    fn drop(&mut self) {
+        self.kill.notify_one();
+    }
+}
+
 impl Process for FakeProcess {
     fn pid(&self) -> u32 {
         self.pid
@@ -139,6 +154,7 @@ impl Launcher for FakeLauncher {
             let (ours, theirs) = tokio::net::UnixStream::pair().map_err(StartError::Socket)?;
             let (status_tx, status) = watch::channel(None);
             let kill = Arc::new(Notify::new());
+            let init_deadline_ms = script.init_deadline_ms;
             tokio::spawn(fake_worker(
                 theirs,
                 script,
@@ -176,7 +192,7 @@ impl Launcher for FakeLauncher {
                 limits: corral_protocol::EngineLimits {
                     memory_bytes: 0,
                     max_output_bytes: 1 << 20,
-                    init_deadline_ms: 1000,
+                    init_deadline_ms,
                 },
                 cache_dir: None,
                 config: Default::default(),
@@ -204,11 +220,13 @@ async fn fake_worker(
     status: watch::Sender<Option<ExitStatus>>,
 ) {
     let dies_slowly = script.dies_slowly;
+    let killed = Arc::clone(&journal);
     let serving = serve(stream, script, journal, release);
     tokio::pin!(serving);
     let code = tokio::select! {
         code = &mut serving => code,
         () = kill.notified() => {
+            killed.1.store(true, Ordering::SeqCst);
             if dies_slowly {
                 let _ = tokio::time::timeout(Duration::from_millis(500), &mut serving).await;
             }
@@ -662,6 +680,43 @@ async fn an_init_that_never_returns_is_killed_at_its_deadline() {
     // The next call starts a worker that loads.
     assert_eq!(f.call("echo").await.unwrap(), b"in");
     assert_eq!(f.launcher.launches(), 2);
+}
+
+/// A worker whose `init` never returns holds nobody up: `list` answers at once and
+/// shows the plugin starting, and a shutdown ends the start (its caller is told)
+/// and kills the worker, long before the plugin's 30 s load deadline.
+#[tokio::test]
+async fn a_start_under_way_blocks_neither_list_nor_shutdown() {
+    let f = fixture(|_| {});
+    f.launcher.next(Script {
+        load_hangs: true,
+        init_deadline_ms: 30_000,
+        ..Script::default()
+    });
+    let call = f.call("echo");
+    let probe = async {
+        eventually("the worker is loading", || {
+            f.launcher.launches() == 1 && f.launcher.journal(0) == ["load"]
+        })
+        .await;
+        let t = Instant::now();
+        let list = f.sup.list().await;
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert_eq!(list[0].state, "starting");
+        assert_eq!(list[0].pid, None);
+        let t = Instant::now();
+        f.sup.shutdown(Duration::from_secs(1)).await;
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    };
+    let (answer, ()) = tokio::join!(call, probe);
+    assert_eq!(answer, Err(CallError::ShuttingDown));
+    eventually("the half-started worker is killed", || {
+        f.launcher.journals.lock().unwrap()[0].killed()
+    })
+    .await;
+    // And nothing starts after the stop.
+    assert_eq!(f.call("echo").await, Err(CallError::ShuttingDown));
+    assert_eq!(f.launcher.launches(), 1);
 }
 
 /// A worker that breaks the protocol is killed: its caller gets the violation by
