@@ -38,6 +38,7 @@ const ATTACKS: &[&str] = &[
     "unix_connect",
     "unix_dgram",
     "unix_dgram_pair",
+    "shm_create",
     "fd_bomb",
     "forge_answer",
     "log_flood",
@@ -154,6 +155,8 @@ impl Hostile {
                 format!("{} after {n} threads", errno_name(&err))
             }
             "unix_connect" => outcome(std::os::unix::net::UnixStream::connect(arg)),
+            // A SysV shared memory segment under key `arg`, which must be new here.
+            "shm_create" => outcome(sys::shm_create(arg.parse().expect("key"))),
             // A datagram to a pathname socket, from a new socket or from one end of a
             // datagram pair (an explicit address overrides the pair's peer).
             "unix_dgram" => outcome(
@@ -244,6 +247,11 @@ mod sys {
     pub fn parent() -> libc::pid_t {
         // SAFETY: getppid cannot fail and takes no arguments.
         unsafe { libc::getppid() }
+    }
+
+    pub fn shm_create(key: libc::key_t) -> io::Result<()> {
+        // SAFETY: integer arguments only; the segment is left for others to find.
+        check(unsafe { libc::shmget(key, 4096, libc::IPC_CREAT | libc::IPC_EXCL | 0o666) }.into())
     }
 
     pub fn socket_inet() -> io::Result<()> {

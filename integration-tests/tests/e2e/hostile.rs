@@ -236,6 +236,31 @@ async fn common_attacks(a: &Arena) {
         .await;
     world.assert_untouched();
 
+    // IPC: a SysV segment one plugin makes is neither in the host's namespace nor
+    // in a neighbour's (each worker has its own), and it goes with its worker.
+    let key = 0x4000_0000 | (std::process::id() as libc::key_t & 0xffff);
+    a.expect("shm_create", &key.to_string(), "ok").await;
+    assert_eq!(
+        a.sup
+            .call(
+                "neighbour",
+                "shm_create",
+                key.to_string().into_bytes(),
+                None
+            )
+            .await
+            .map(|b| String::from_utf8(b).unwrap()),
+        Ok("ok".to_owned()),
+        "the neighbour's IPC namespace is its own"
+    );
+    // SAFETY: shmget with integer arguments only (a lookup, nothing is created).
+    let host = unsafe { libc::shmget(key, 0, 0) };
+    assert_eq!(
+        (host, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::ENOENT)),
+        "not in the host's IPC namespace"
+    );
+
     // Signals: neither the supervisor nor a neighbour.
     a.expect("kill_parent", "", "EPERM").await;
     a.expect("kill_pid", &neighbour_pid.to_string(), "EPERM")
@@ -358,11 +383,7 @@ async fn standard_level_contains_a_hostile_native_worker() {
     assert_eq!(attacker.level, "standard");
     let report = attacker.enforcement.as_ref().unwrap();
     assert_enforced(report);
-    assert!(
-        matches!(report.namespaces, Enforcement::None(_)),
-        "{}",
-        report.namespaces
-    );
+    assert_eq!(report.namespaces, Enforcement::Full("own ipc".into()));
     let base = corral_integration_tests::v1_cgroup("self", "pids")
         .join(format!("corral-{}", std::process::id()));
     assert!(base.exists(), "{} while plugins run", base.display());

@@ -94,10 +94,18 @@ pub(crate) fn child_setup(
             }
         }
         // From `high`: own network (no interfaces but a down loopback), IPC and UTS
-        // namespaces. (Needs CAP_SYS_ADMIN, so before the privileges go.)
-        if level >= Level::High
-            && libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) != 0
-        {
+        // namespaces. At `standard`, its own IPC namespace when the supervisor is
+        // root: SysV shared memory, semaphores and message queues (and POSIX ones)
+        // would otherwise be shared with every other plugin and outlive the worker.
+        // (Needs CAP_SYS_ADMIN, so before the privileges go.)
+        let namespaces = if level >= Level::High {
+            libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS
+        } else if libc::geteuid() == 0 {
+            libc::CLONE_NEWIPC
+        } else {
+            0
+        };
+        if namespaces != 0 && libc::unshare(namespaces) != 0 {
             return Err(std::io::Error::last_os_error());
         }
         if libc::prctl(
