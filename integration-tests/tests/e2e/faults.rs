@@ -358,3 +358,36 @@ async fn invalid_module_is_a_start_failure_naming_the_file() {
         other => panic!("expected start failure, got {other:?}"),
     }
 }
+
+/// Tables count against the engine's memory limit like linear memory: a table bomb
+/// ends in `MemoryLimit` from the same worker (not the cgroup's OOM kill), and a
+/// module declaring a table past the limit does not load, saying why.
+#[tokio::test]
+async fn tables_count_against_the_memory_limit() {
+    let f = with_module("tables", "table-bomb.wat", "memory = \"16MiB\"");
+    assert_eq!(f.sup.call(&f.id, "ok", vec![], None).await.unwrap(), b"ok");
+    let pid = worker_pid(&f.sup, &f.id).await;
+    assert_eq!(
+        f.sup.call(&f.id, "table_bomb", vec![], None).await,
+        Err(CallError::MemoryLimit {
+            limit_bytes: 16 << 20
+        })
+    );
+    assert_eq!(f.sup.call(&f.id, "ok", vec![], None).await.unwrap(), b"ok");
+    assert_eq!(
+        worker_pid(&f.sup, &f.id).await,
+        pid,
+        "no OOM kill, no restart"
+    );
+    f.sup.shutdown(Duration::from_secs(1)).await;
+
+    let f = with_module("huge-table", "table-huge.wat", "");
+    match f.sup.call(&f.id, "ok", vec![], None).await {
+        Err(CallError::StartFailed { reason, .. }) => assert!(
+            reason.contains("exceeded its memory limit of 67108864 bytes"),
+            "{reason}"
+        ),
+        other => panic!("a 800 MB table was accepted: {other:?}"),
+    }
+    f.sup.shutdown(Duration::from_secs(1)).await;
+}

@@ -77,11 +77,50 @@ struct State {
     host_answer: Option<Vec<u8>>,
 }
 
-/// [`StoreLimits`] that also records whether a memory limit was hit, so the error
-/// can say "memory limit" rather than a bare trap.
+/// The engine's memory limit, over linear memory and tables together: a table of
+/// a hundred million function references is as much memory as a big heap, and must
+/// end in `MemoryLimit` like one, not in the cgroup's OOM kill. It records whether
+/// the limit was hit, so the error can say "memory limit" rather than a bare trap.
 struct Limiter {
     limits: StoreLimits,
+    /// The budget, in bytes, for linear memory plus tables.
+    budget: u64,
+    /// Bytes of linear memory now (the module has one memory).
+    memory: u64,
+    /// Table elements now, over every table.
+    table_elements: u64,
     hit: bool,
+}
+
+/// What the engine stores per table element (a pointer to a function reference;
+/// GC references are smaller): the cost a table is counted at.
+const TABLE_ELEMENT_BYTES: u64 = 8;
+
+impl Limiter {
+    fn new(limits: StoreLimits, budget: u64) -> Limiter {
+        Limiter {
+            limits,
+            budget,
+            memory: 0,
+            table_elements: 0,
+            hit: false,
+        }
+    }
+
+    /// Allow growing to a total of `memory` bytes and `table_elements` elements
+    /// within the budget; past it the growth traps (so a bomb cannot carry on after
+    /// a failed grow) and `hit` is set.
+    fn within_budget(&mut self, memory: u64, table_elements: u64) -> wasmtime::Result<()> {
+        let total = memory.saturating_add(table_elements.saturating_mul(TABLE_ELEMENT_BYTES));
+        if total > self.budget {
+            self.hit = true;
+            return Err(wasmtime::Error::msg(format!(
+                "memory limit: {} bytes of linear memory and tables, past the {} allowed",
+                total, self.budget
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl ResourceLimiter for Limiter {
@@ -91,9 +130,14 @@ impl ResourceLimiter for Limiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let r = self.limits.memory_growing(current, desired, maximum);
-        self.hit |= !matches!(r, Ok(true));
-        r
+        // Beyond the module's own maximum is a failed grow (-1), as wasm says.
+        if maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
+        }
+        let memory = self.memory - (current as u64).min(self.memory) + desired as u64;
+        self.within_budget(memory, self.table_elements)?;
+        self.memory = memory;
+        Ok(true)
     }
 
     fn table_growing(
@@ -102,7 +146,14 @@ impl ResourceLimiter for Limiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        self.limits.table_growing(current, desired, maximum)
+        if maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
+        }
+        let elements =
+            self.table_elements - (current as u64).min(self.table_elements) + desired as u64;
+        self.within_budget(self.memory, elements)?;
+        self.table_elements = elements;
+        Ok(true)
     }
 
     fn instances(&self) -> usize {
@@ -343,16 +394,15 @@ impl Loaded {
             .inherit_stdout()
             .inherit_stderr()
             .build_p1();
+        // Counts only: sizes are the Limiter's budget over memory and tables.
         let limits = StoreLimitsBuilder::new()
-            .memory_size(self.spec.limits.memory_bytes as usize)
-            .trap_on_grow_failure(true)
             .instances(1)
             .memories(1)
             .tables(4)
             .build();
         let state = State {
             wasi,
-            limiter: Limiter { limits, hit: false },
+            limiter: Limiter::new(limits, self.spec.limits.memory_bytes),
             host: host.clone(),
             output: None,
             error: None,
