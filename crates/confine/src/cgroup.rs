@@ -227,8 +227,8 @@ pub struct PluginCgroup {
 
 impl CgroupBase {
     /// Remove the base groups of supervisors that are gone (`<prefix><pid>` whose pid
-    /// no longer exists) and their empty plugin groups. Live supervisors' groups and
-    /// anything not named by us are left alone.
+    /// no longer exists) and their plugin groups, killing what their plugins left
+    /// running. Live supervisors' groups and anything not named by us are left alone.
     pub fn clean_leftovers(&self, prefix: &str) {
         for base in &self.dirs {
             let Some(parent) = base.parent() else {
@@ -250,6 +250,12 @@ impl CgroupBase {
                 }
                 if let Ok(groups) = fs::read_dir(e.path()) {
                     for g in groups.flatten().filter(|g| g.path().is_dir()) {
+                        // Processes its plugins left when it died: ours to end.
+                        for pid in members(&g.path()) {
+                            // SAFETY: kill(2) with integer arguments, of a member of
+                            // a group a supervisor of ours made for a worker.
+                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                        }
                         let _ = fs::remove_dir(g.path());
                     }
                 }
@@ -446,6 +452,42 @@ impl PluginCgroup {
             .iter()
             .all(|d| fs::remove_dir(d).is_ok() || !d.exists())
     }
+
+    /// SIGKILL every process still in the group: once its worker has exited, what
+    /// is left is what the plugin started (a grandchild in a session of its own
+    /// outlives its parent's death signal). v2 kills the whole group at once
+    /// (`cgroup.kill`); v1 signals each member, and a member that forked meanwhile
+    /// put its child in the group too, for the next call to find. Returns how many
+    /// processes were signalled (v2: 1 when the group was told to die).
+    pub fn kill_all(&self) -> usize {
+        if self.version == CgroupVersion::V2 {
+            let kill = self.dirs[0].join("cgroup.kill");
+            if kill.exists() && fs::write(&kill, "1").is_ok() {
+                return usize::from(!members(&self.dirs[0]).is_empty());
+            }
+        }
+        let mut signalled = 0;
+        for d in &self.dirs {
+            for pid in members(d) {
+                // SAFETY: kill(2) with integer arguments; the pid is a member of a
+                // group only our workers and their descendants ever join.
+                if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                    signalled += 1;
+                }
+            }
+        }
+        signalled
+    }
+}
+
+/// The processes in group directory `dir` (none if it cannot be read).
+fn members(dir: &Path) -> Vec<libc::pid_t> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|&p: &libc::pid_t| p > 0)
+        .collect()
 }
 
 #[cfg(test)]

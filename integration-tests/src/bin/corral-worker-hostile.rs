@@ -39,6 +39,7 @@ const ATTACKS: &[&str] = &[
     "unix_dgram",
     "unix_dgram_pair",
     "shm_create",
+    "orphan",
     "fd_bomb",
     "forge_answer",
     "log_flood",
@@ -157,6 +158,12 @@ impl Hostile {
             "unix_connect" => outcome(std::os::unix::net::UnixStream::connect(arg)),
             // A SysV shared memory segment under key `arg`, which must be new here.
             "shm_create" => outcome(sys::shm_create(arg.parse().expect("key"))),
+            // A grandchild in a session of its own, reparented away from the worker:
+            // answers its pid.
+            "orphan" => match sys::orphan() {
+                Ok(pid) => pid.to_string(),
+                Err(e) => errno_name(&e),
+            },
             // A datagram to a pathname socket, from a new socket or from one end of a
             // datagram pair (an explicit address overrides the pair's peer).
             "unix_dgram" => outcome(
@@ -295,6 +302,47 @@ mod sys {
     }
 
     /// Fork a child that sleeps until its parent (this worker) dies.
+    pub fn orphan() -> io::Result<libc::pid_t> {
+        let mut fds = [0; 2];
+        // SAFETY: a valid two-element array for pipe(2).
+        check(unsafe { libc::pipe(fds.as_mut_ptr()) }.into())?;
+        // SAFETY: the worker is single-threaded while serving a call; the children
+        // only make async-signal-safe calls (setsid, fork, getpid, write, pause,
+        // _exit).
+        let child = unsafe { libc::fork() };
+        if child < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if child == 0 {
+            // SAFETY: as above, in the child and the grandchild.
+            unsafe {
+                libc::setsid();
+                if libc::fork() == 0 {
+                    let me = libc::getpid().to_ne_bytes();
+                    libc::write(fds[1], me.as_ptr().cast(), me.len());
+                    loop {
+                        libc::pause();
+                    }
+                }
+                libc::_exit(0);
+            }
+        }
+        let mut status = 0;
+        let mut pid = [0u8; 4];
+        // SAFETY: waiting for our own child; reading 4 bytes into a 4-byte buffer.
+        let n = unsafe {
+            libc::waitpid(child, &mut status, 0);
+            libc::close(fds[1]);
+            let n = libc::read(fds[0], pid.as_mut_ptr().cast(), pid.len());
+            libc::close(fds[0]);
+            n
+        };
+        if n != 4 {
+            return Err(io::Error::other("the grandchild did not report"));
+        }
+        Ok(libc::pid_t::from_ne_bytes(pid))
+    }
+
     pub fn fork_sleeper() -> io::Result<()> {
         // SAFETY: the worker is single-threaded while serving a call; the child only
         // makes async-signal-safe calls (prctl, pause, _exit) before it dies.

@@ -261,6 +261,37 @@ async fn common_attacks(a: &Arena) {
         "not in the host's IPC namespace"
     );
 
+    // Processes: a grandchild that leaves for a session of its own does not outlive
+    // its worker, and the worker's group goes with them.
+    let orphan: u32 = a
+        .attack("orphan", "")
+        .await
+        .unwrap()
+        .parse()
+        .expect("the orphan's pid");
+    assert!(
+        !corral_integration_tests::process_gone(orphan),
+        "the orphan runs"
+    );
+    let worker = a.pid("attacker").await;
+    let group = corral_integration_tests::v1_cgroup(&worker.to_string(), "pids");
+    assert!(group.exists(), "{}", group.display());
+    // SAFETY: kill(2) of the worker this test's supervisor started, by pid.
+    assert_eq!(unsafe { libc::kill(worker as i32, libc::SIGKILL) }, 0);
+    // (Polled without blocking: the supervisor's tasks run on this thread.)
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !(corral_integration_tests::process_gone(orphan) && !group.exists())
+        && std::time::Instant::now() < until
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        corral_integration_tests::process_gone(orphan),
+        "the orphan {orphan} outlived its worker"
+    );
+    assert!(!group.exists(), "{} left behind", group.display());
+    a.expect("ok", "", "ok").await;
+
     // Signals: neither the supervisor nor a neighbour.
     a.expect("kill_parent", "", "EPERM").await;
     a.expect("kill_pid", &neighbour_pid.to_string(), "EPERM")
@@ -316,7 +347,10 @@ async fn common_attacks(a: &Arena) {
     assert_eq!(a.pid("neighbour").await, neighbour_pid);
     let info = a.sup.list().await;
     let attacker = info.iter().find(|p| p.id == "attacker").unwrap();
-    assert_eq!(attacker.restarts, 7, "one restart per seccomp or OOM kill");
+    assert_eq!(
+        attacker.restarts, 8,
+        "one restart per seccomp or OOM kill, and the kill of the orphan's worker"
+    );
     assert_eq!(
         attacker.last_error.as_deref(),
         Some("worker crashed: OOM-killed at its memory limit of 384 MiB")

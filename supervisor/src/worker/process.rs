@@ -193,16 +193,21 @@ fn check_credentials(pid: u32, cred: Credentials) -> Result<(), String> {
     }
 }
 
-/// Remove a worker's group once the processes in it are gone (children it forked
-/// die with it by their parent-death signal, a moment later).
+/// After its worker has exited, kill whatever is left in a worker's group (what
+/// the plugin started, however it detached: a new session, a double fork) and
+/// remove the group once it is empty.
 pub(crate) fn remove_when_empty(group: Arc<PluginCgroup>) {
     tokio::spawn(async move {
-        for _ in 0..50 {
+        for _ in 0..100 {
+            group.kill_all();
             if group.try_remove() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tracing::warn!(?group, "cgroup still busy after 1 s; left in place");
+        tracing::warn!(
+            ?group,
+            "cgroup still busy after 2 s of kills; left in place"
+        );
     });
 }
