@@ -136,13 +136,20 @@ impl Daemon {
 
     /// A daemon with the example plugin and the WAT test kit, under `policy`.
     fn start_with_policy(policy: &Path) -> Daemon {
+        Daemon::start_with(policy, "testkit.wat")
+    }
+
+    /// A daemon with the example plugin and `module` as the plugin `kit`.
+    fn start_with(policy: &Path, module: &str) -> Daemon {
         let dir = corral_integration_tests::open_tempdir();
         let kit = dir.path().join("kit");
         std::fs::create_dir(&kit).unwrap();
-        std::fs::copy(fixture("testkit.wat"), kit.join("testkit.wat")).unwrap();
+        std::fs::copy(fixture(module), kit.join(module)).unwrap();
         std::fs::write(
             kit.join("plugin.toml"),
-            "id = \"kit\"\nversion = \"1.0.0\"\nruntime = \"wasm\"\nentry = \"testkit.wat\"\n",
+            format!(
+                "id = \"kit\"\nversion = \"1.0.0\"\nruntime = \"wasm\"\nentry = \"{module}\"\n"
+            ),
         )
         .unwrap();
         let socket = dir.path().join("run/control.sock");
@@ -309,6 +316,75 @@ fn sigterm_stops_the_daemon_and_its_workers() {
     let status = d.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(wait_gone(workers[0], Duration::from_secs(2)));
+}
+
+/// A plugin whose `init` never returns (within the test policy's 60 s deadline)
+/// holds nothing up in a daemon: its caller waits, but `list` answers at once and
+/// shows it starting, and SIGTERM stops the daemon within its grace, killing the
+/// half-started worker; the caller is told.
+#[test]
+fn an_init_that_never_returns_holds_up_neither_list_nor_sigterm() {
+    let mut d = Daemon::start_with(&fixture("policy/test.toml"), "init-spin.wat");
+    let caller = Command::new(built().corral())
+        .args(["call", "kit", "ok", "--socket"])
+        .arg(&d.socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = |d: &Daemon| {
+        let out = d.cli(&["list", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == "kit")
+            .map(|p| p["state"].as_str().unwrap().to_owned())
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    while state(&d).as_deref() != Some("starting") {
+        assert!(Instant::now() < until, "kit never showed as starting");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = Instant::now();
+    assert_eq!(state(&d).as_deref(), Some("starting"));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "list took {:?}",
+        t.elapsed()
+    );
+    // The daemon's children: the workers, the spinning one among them.
+    let pid = d.child.id();
+    let workers: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    assert!(!workers.is_empty(), "no worker is loading");
+    let t = Instant::now();
+    // SAFETY: signals the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    let status = d.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "SIGTERM took {:?}",
+        t.elapsed()
+    );
+    for w in workers {
+        assert!(
+            wait_gone(w, Duration::from_secs(2)),
+            "worker {w} outlived the daemon"
+        );
+    }
+    let out = caller.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!text(&out.stderr).is_empty(), "the caller was told");
 }
 
 #[test]
