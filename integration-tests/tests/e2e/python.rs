@@ -20,6 +20,15 @@ struct Py {
 }
 
 fn py_at(id: &'static str, plugin: TempDir, level: Level) -> Py {
+    py_at_with(id, plugin, level, |_| {})
+}
+
+fn py_at_with(
+    id: &'static str,
+    plugin: TempDir,
+    level: Level,
+    tweak: impl FnOnce(&mut corral::Options),
+) -> Py {
     let cache = open_tempdir();
     let mut opts = options(cache.path());
     opts.policy = Arc::new(test_policy().with_level(level, "test"));
@@ -27,6 +36,7 @@ fn py_at(id: &'static str, plugin: TempDir, level: Level) -> Py {
     opts.restart.max_crashes = 1000;
     opts.restart.base_backoff = Duration::from_millis(1);
     opts.restart.max_backoff = Duration::from_millis(1);
+    tweak(&mut opts);
     let mut sup = Supervisor::new(opts);
     sup.add_plugin_dir(plugin.path()).unwrap();
     Py {
@@ -236,8 +246,14 @@ async fn deadlines_interrupt_the_code_and_the_supervisor_kills_what_ignores_them
 async fn python_runs_confined_at_every_level() {
     for level in [Level::Standard, Level::High, Level::Maximum] {
         // A deadline far enough that the memory limit, not the clock, stops `hog`
-        // on a slow machine.
-        let k = py("timeout = \"2s\"\nmemory = \"32MiB\"", level);
+        // on a slow machine; and the engine, not the supervisor's backstop, must
+        // stop `spin` and `hog` (on a loaded machine its answer may take a while).
+        let k = py_at_with(
+            "kit",
+            py_plugin("kit", "timeout = \"10s\"\nmemory = \"32MiB\""),
+            level,
+            |o| o.kill_grace = Duration::from_secs(10),
+        );
         assert_eq!(k.text("greet", "ada").await, "Hello, ADA!", "{level}");
         assert_eq!(
             k.sup

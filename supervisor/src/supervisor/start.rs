@@ -14,6 +14,11 @@ use corral_policy::Effective;
 use corral_protocol::{EngineLimits, LoadSpec, WorkerKind};
 use std::ffi::OsString;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Numbers worker groups (`<plugin>-<n>`) uniquely in this process: supervisors in
+/// one process share a base group, and a group's clean-up (which kills what is left
+/// in it) must never meet a newer worker under a reused name.
+static WORKER_SEQ: AtomicU64 = AtomicU64::new(1);
 use std::sync::{Arc, OnceLock, Weak};
 
 /// What a launcher is asked to start.
@@ -80,7 +85,6 @@ pub(crate) struct ProcessLauncher {
     options: Options,
     /// Created at the first worker start.
     cgroup_base: OnceLock<Result<CgroupBase, String>>,
-    worker_seq: AtomicU64,
 }
 
 impl ProcessLauncher {
@@ -88,7 +92,6 @@ impl ProcessLauncher {
         ProcessLauncher {
             options,
             cgroup_base: OnceLock::new(),
-            worker_seq: AtomicU64::new(1),
         }
     }
 
@@ -209,11 +212,7 @@ impl ProcessLauncher {
             })
             .as_ref()
             .map_err(Clone::clone)?;
-        let name = format!(
-            "{}-{}",
-            m.id,
-            self.worker_seq.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("{}-{}", m.id, WORKER_SEQ.fetch_add(1, Ordering::Relaxed));
         base.create(&name, &cgroup_limits(e))
             .map_err(|e| error_chain(&e))
     }
