@@ -40,6 +40,7 @@ const ATTACKS: &[&str] = &[
     "unix_dgram_pair",
     "shm_create",
     "orphan",
+    "inotify",
     "fd_bomb",
     "forge_answer",
     "log_flood",
@@ -158,6 +159,8 @@ impl Hostile {
             "unix_connect" => outcome(std::os::unix::net::UnixStream::connect(arg)),
             // A SysV shared memory segment under key `arg`, which must be new here.
             "shm_create" => outcome(sys::shm_create(arg.parse().expect("key"))),
+            // Watch directory `arg` for activity (a side channel past Landlock).
+            "inotify" => outcome(sys::inotify_watch(arg)),
             // A grandchild in a session of its own, reparented away from the worker:
             // answers its pid.
             "orphan" => match sys::orphan() {
@@ -254,6 +257,15 @@ mod sys {
     pub fn parent() -> libc::pid_t {
         // SAFETY: getppid cannot fail and takes no arguments.
         unsafe { libc::getppid() }
+    }
+
+    pub fn inotify_watch(path: &str) -> io::Result<()> {
+        // SAFETY: integer arguments only; the descriptor is leaked on purpose.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        check(fd.into())?;
+        let path = c(path);
+        // SAFETY: a NUL-terminated path that outlives the call.
+        check(unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_ALL_EVENTS) }.into())
     }
 
     pub fn shm_create(key: libc::key_t) -> io::Result<()> {

@@ -261,6 +261,9 @@ async fn common_attacks(a: &Arena) {
         "not in the host's IPC namespace"
     );
 
+    // No watching host directories (Landlock does not govern inotify).
+    a.expect("inotify", "/etc", "EPERM").await;
+
     // Processes: a grandchild that leaves for a session of its own does not outlive
     // its worker, and the worker's group goes with them.
     let orphan: u32 = a
@@ -500,6 +503,7 @@ async fn maximum_level_shows_a_minimal_read_only_world() {
             syscall: "connect".into()
         }))
     );
+    a.expect_seccomp("inotify", "inotify_init1").await;
     // Datagrams: a new unix socket finds no host socket in this view, and a
     // datagram pair (whose sendto may name any address) is refused.
     let world = WorldSockets::new();
