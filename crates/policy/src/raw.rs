@@ -3,7 +3,7 @@
 use crate::grants::{FetchRule, Grant, NameGlob};
 use crate::{IdGlob, LEVELS, Limits, Origin, PolicyError, Route, RunAs, Setting, level_index};
 use corral_confine::Level;
-use corral_manifest::{Runtime, line_col, parse_duration, parse_size};
+use corral_manifest::{LineIndex, Runtime, parse_duration, parse_size};
 use serde::Deserialize;
 use serde_spanned::Spanned;
 use std::collections::BTreeMap;
@@ -78,11 +78,13 @@ struct RawRoute {
 struct File<'a> {
     path: &'a Path,
     text: &'a str,
+    /// Positions are named for every value: looked up, not rescanned.
+    lines: LineIndex,
 }
 
 impl File<'_> {
     fn error(&self, span: Option<Range<usize>>, message: String) -> PolicyError {
-        let (line, column) = line_col(self.text, span.map_or(0, |s| s.start));
+        let (line, column) = self.lines.line_col(self.text, span.map_or(0, |s| s.start));
         PolicyError {
             path: self.path.to_owned(),
             line,
@@ -92,7 +94,7 @@ impl File<'_> {
     }
 
     fn origin(&self, span: Range<usize>) -> Origin {
-        let (line, column) = line_col(self.text, span.start);
+        let (line, column) = self.lines.line_col(self.text, span.start);
         Origin::File {
             path: self.path.to_owned(),
             line,
@@ -117,7 +119,11 @@ pub(crate) fn parse_file(
     grants: &mut Vec<Grant>,
     errors: &mut Vec<PolicyError>,
 ) {
-    let file = File { path, text };
+    let file = File {
+        path,
+        text,
+        lines: LineIndex::new(text),
+    };
     let raw: RawFile = match toml::from_str(text) {
         Ok(r) => r,
         Err(e) => {
@@ -144,12 +150,18 @@ pub(crate) fn parse_file(
             errors,
         );
     }
+    // Routes by name so far (earlier files' too), found without a scan per route.
+    let mut named: std::collections::HashMap<String, usize> = routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.name.clone(), i))
+        .collect();
     for (i, r) in raw.route.iter().enumerate() {
         if let Some(route) = route(&file, i + 1, r, errors) {
             // A route's name is what explanations and the audit log cite: one
             // name, one route.
             if let Some(name) = &r.name
-                && let Some(first) = routes.iter().find(|x: &&Route| x.name == *name.get_ref())
+                && let Some(first) = named.get(name.get_ref()).map(|&i| &routes[i])
             {
                 errors.push(file.error(
                     Some(name.span()),
@@ -161,6 +173,7 @@ pub(crate) fn parse_file(
                 ));
                 continue;
             }
+            named.entry(route.name.clone()).or_insert(routes.len());
             routes.push(route);
         }
     }

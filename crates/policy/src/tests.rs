@@ -590,3 +590,32 @@ fn route_names_are_unique_across_files() {
         "b.toml:6:8: route name `billing` is already used by the route at a.toml:3:9"
     );
 }
+
+/// Positions are looked up, not rescanned from the start for every value: a policy
+/// of thousands of routes, near the size cap, parses with every origin right (the
+/// quadratic scan took minutes on such a file).
+#[test]
+fn a_large_policy_names_every_position() {
+    let n = 10_000;
+    let mut text = String::new();
+    for i in 0..n {
+        text.push_str(&format!(
+            "[[route]]\nname = \"r{i}\"\nid = [\"p{i}\"]\nlevel = \"high\"\nlimits = {{ pids = {} }}\n\n",
+            10 + i % 50
+        ));
+    }
+    assert!(text.len() as u64 <= MAX_POLICY_FILE, "{}", text.len());
+    let p = Policy::parse(&[(PathBuf::from("big.toml"), text)]).unwrap();
+    let last = n - 1;
+    let m = Manifest::parse(
+        &format!("id = \"p{last}\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n"),
+        Path::new("plugin.toml"),
+    )
+    .unwrap();
+    let e = p.resolve(&m, None);
+    assert_eq!(e.pids.value, 10 + last as u64 % 50);
+    assert_eq!(
+        e.pids.origin.to_string(),
+        format!("big.toml:{}:19", 6 * last + 5)
+    );
+}
