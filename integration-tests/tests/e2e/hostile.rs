@@ -283,7 +283,7 @@ async fn common_attacks(a: &Arena) {
     assert_eq!(unsafe { libc::kill(worker as i32, libc::SIGKILL) }, 0);
     // (Polled without blocking: the supervisor's tasks run on this thread.)
     let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !(corral_integration_tests::process_gone(orphan) && !group.exists())
+    while (group.exists() || !corral_integration_tests::process_gone(orphan))
         && std::time::Instant::now() < until
     {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

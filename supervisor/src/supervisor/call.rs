@@ -17,6 +17,9 @@ type Started = (
     Option<Arc<corral_confine::cgroup::PluginCgroup>>,
 );
 
+/// A running worker with the call deadline and its cap.
+type Ready = (Arc<WorkerHandle>, (Duration, Duration));
+
 /// Why a start produced no worker.
 enum Start {
     /// The supervisor is stopping.
@@ -169,10 +172,7 @@ impl Inner {
     /// backoff, the worker's load and `init`) runs under `p.starting`, so `list`,
     /// removal and shutdown never wait for a plugin's `init`, and a shutdown
     /// abandons a start under way (its worker is killed).
-    pub(crate) async fn worker_for(
-        &self,
-        p: &Plugin,
-    ) -> Result<(Arc<WorkerHandle>, (Duration, Duration)), CallError> {
+    pub(crate) async fn worker_for(&self, p: &Plugin) -> Result<Ready, CallError> {
         if let Some(ready) = self.running_worker(p).await? {
             return Ok(ready);
         }
@@ -223,10 +223,7 @@ impl Inner {
     }
 
     /// `p`'s running worker, if it has one; an error if it may not start one.
-    async fn running_worker(
-        &self,
-        p: &Plugin,
-    ) -> Result<Option<(Arc<WorkerHandle>, (Duration, Duration))>, CallError> {
+    async fn running_worker(&self, p: &Plugin) -> Result<Option<Ready>, CallError> {
         let mut st = p.state.lock().await;
         self.running_in(p, &mut st)
     }
@@ -235,7 +232,7 @@ impl Inner {
         &self,
         p: &Plugin,
         st: &mut super::state::PluginState,
-    ) -> Result<Option<(Arc<WorkerHandle>, (Duration, Duration))>, CallError> {
+    ) -> Result<Option<Ready>, CallError> {
         let id = &p.manifest.id;
         if st.is_shutting_down() || p.retired.load(Ordering::SeqCst) || *self.stopping.borrow() {
             return Err(CallError::ShuttingDown);
