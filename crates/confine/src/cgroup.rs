@@ -480,10 +480,24 @@ impl PluginCgroup {
     }
 }
 
-/// The processes in group directory `dir` (none if it cannot be read).
+/// The most of a group's `cgroup.procs` read at once. The kernel writes the file,
+/// and the group's `pids.max` bounds it, but a leftover group of another supervisor
+/// may have had any limit: a prefix is enough, as kills repeat until the group is
+/// empty.
+const MAX_PROCS_READ: u64 = 64 << 10;
+
+/// The processes in group directory `dir` (none if it cannot be read), at most
+/// [`MAX_PROCS_READ`] bytes' worth; a pid cut at the end is left for the next look.
 fn members(dir: &Path) -> Vec<libc::pid_t> {
-    fs::read_to_string(dir.join("cgroup.procs"))
-        .unwrap_or_default()
+    use std::io::Read;
+    let mut text = String::new();
+    let read = fs::File::open(dir.join("cgroup.procs"))
+        .and_then(|f| f.take(MAX_PROCS_READ).read_to_string(&mut text));
+    if read.is_err() {
+        return Vec::new();
+    }
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .filter(|&p: &libc::pid_t| p > 0)
@@ -510,6 +524,24 @@ mod tests {
             self_cgroup: t.path().join("self_cgroup"),
         };
         (t, host)
+    }
+
+    /// However large a group's process list, one look reads a bounded prefix of
+    /// whole lines. (The pids are above any `pid_max`, so nothing can be killed.)
+    #[test]
+    fn a_huge_process_list_is_read_in_bounded_pieces() {
+        let t = tempfile::tempdir().unwrap();
+        let line = "2000000000\n";
+        fs::write(t.path().join("cgroup.procs"), line.repeat(1 << 20)).unwrap();
+        let got = members(t.path());
+        assert_eq!(got.len() as u64, MAX_PROCS_READ / line.len() as u64);
+        assert!(got.iter().all(|&p| p == 2_000_000_000));
+        fs::write(t.path().join("cgroup.procs"), "12\n34").unwrap();
+        assert_eq!(
+            members(t.path()),
+            [12],
+            "a cut last line waits for the next look"
+        );
     }
 
     #[test]

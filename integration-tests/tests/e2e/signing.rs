@@ -240,6 +240,16 @@ fn corral_within(args: &[&str]) -> Output {
     }
 }
 
+/// `o` failed naming `fifo` as a FIFO, not a file it read.
+fn refused(o: &Output, fifo: &Path) {
+    assert!(!o.status.success(), "{}", out(o));
+    assert!(
+        out(o).contains(&format!("{}: not a regular file (a FIFO)", fifo.display())),
+        "{}",
+        out(o)
+    );
+}
+
 fn mkfifo(path: &Path) {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a NUL-terminated path that outlives the call.
@@ -300,38 +310,21 @@ fn keys_and_plugin_files_that_are_not_regular_or_too_large_are_refused_at_once()
     // A FIFO among the plugin's files: signing names it.
     let pipe = dir.join("pipe");
     mkfifo(&pipe);
-    let o = sign(&key);
-    assert!(!o.status.success());
-    assert!(
-        out(&o).contains(&format!("{}: not a regular file (a FIFO)", pipe.display())),
-        "{}",
-        out(&o)
-    );
+    refused(&sign(&key), &pipe);
     // Signed without it, then one appears: verifying names it too.
     std::fs::remove_file(&pipe).unwrap();
     assert!(sign(&key).status.success());
     mkfifo(&pipe);
     let trust = format!("acme={public}");
-    let o = corral_within(&["plugin", "verify", dir.to_str().unwrap(), "--trust", &trust]);
-    assert!(!o.status.success());
-    assert!(
-        out(&o).contains(&format!("{}: not a regular file (a FIFO)", pipe.display())),
-        "{}",
-        out(&o)
-    );
+    let verify = || corral_within(&["plugin", "verify", dir.to_str().unwrap(), "--trust", &trust]);
+    refused(&verify(), &pipe);
     std::fs::remove_file(&pipe).unwrap();
-    let ok = corral_within(&["plugin", "verify", dir.to_str().unwrap(), "--trust", &trust]);
+    let ok = verify();
     assert!(ok.status.success(), "{}", out(&ok));
 
     // The signature itself a FIFO.
     let sig = dir.join("plugin.sig");
     std::fs::remove_file(&sig).unwrap();
     mkfifo(&sig);
-    let o = corral_within(&["plugin", "verify", dir.to_str().unwrap(), "--trust", &trust]);
-    assert!(!o.status.success());
-    assert!(
-        out(&o).contains(&format!("{}: not a regular file (a FIFO)", sig.display())),
-        "{}",
-        out(&o)
-    );
+    refused(&verify(), &sig);
 }
