@@ -19,9 +19,15 @@
 //! A fetch rule's `url` is `scheme://host[:port][/path-prefix]`: `host` may be a glob
 //! (`*.example.com`), `port` a number or `*` (absent: the scheme's default), and the
 //! request's path must start with the prefix. `methods` defaults to `["GET"]`.
+//!
+//! A rule for a name is not a rule for whatever the name resolves to: loopback,
+//! private, link-local, unique-local and other special-use addresses are refused
+//! unless a rule allowing the request names that address itself (`http://10.0.0.5/`,
+//! `http://[fd00::1]:8080/`), never through a name or a glob.
 
 use crate::{IdGlob, Origin, Setting};
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
 
 /// Default largest fetch response body.
@@ -62,6 +68,8 @@ pub struct FetchRule {
     pub port: Option<u16>,
     pub path_prefix: String,
     pub methods: Vec<String>,
+    /// The address the rule's host names, when it is one (`10.0.0.5`, `[::1]`).
+    pub address: Option<IpAddr>,
 }
 
 impl FetchRule {
@@ -106,14 +114,40 @@ impl FetchRule {
                 return Err(format!("fetch method {m:?} is not an HTTP method"));
             }
         }
+        // An IPv6 literal's brackets would be a glob character class: an address is
+        // matched as written, and remembered for the special-address check.
+        let address = canonical(host.trim_start_matches('[').trim_end_matches(']'));
+        let host = host.to_ascii_lowercase();
+        let host = match address {
+            Some(_) => NameGlob::new(&globset::escape(&host))?,
+            None => NameGlob::new(&host)?,
+        };
         Ok(FetchRule {
             text: format!("{} {url}", methods.join(",")),
             scheme: scheme.to_owned(),
-            host: NameGlob::new(&host.to_ascii_lowercase())?,
+            host,
+            address,
             port,
             path_prefix: path.to_owned(),
             methods,
         })
+    }
+
+    /// Whether the rule allows `method` on these parts at `address`, named literally
+    /// by the rule (the only way a special-use address is allowed).
+    pub fn allows_address(
+        &self,
+        method: &str,
+        scheme: &str,
+        address: IpAddr,
+        port: u16,
+        path: &str,
+    ) -> bool {
+        self.address == Some(address.to_canonical())
+            && self.methods.iter().any(|m| m == method)
+            && self.scheme == scheme
+            && self.port.is_none_or(|p| p == port)
+            && path.starts_with(&self.path_prefix)
     }
 
     /// Whether the rule allows `method` on a URL with these parts.
@@ -258,6 +292,43 @@ impl Services {
         Err(self.denied(&format!("{method} {scheme}://{host}:{port}{path}"), "fetch"))
     }
 
+    /// May the plugin connect to `address`, a special-use address (`class`:
+    /// loopback, private, ...) that `host` resolved to, for this request? Only a
+    /// rule allowing the request that names the address itself allows it.
+    pub fn check_fetch_address(
+        &self,
+        method: &str,
+        scheme: &str,
+        (host, port, path): (&str, u16, &str),
+        address: IpAddr,
+        class: &str,
+    ) -> Decision {
+        for g in &self.grants {
+            if let Some(r) = g
+                .fetch
+                .iter()
+                .find(|r| r.allows_address(method, scheme, address, port, path))
+            {
+                return Ok(format!("{g}: fetch {} (names {address})", r.text));
+            }
+        }
+        let what = if host.trim_start_matches('[').trim_end_matches(']') == address.to_string() {
+            format!("{address}, a {class} address,")
+        } else {
+            format!("{host}, which resolves to {address}, a {class} address,")
+        };
+        let mut s = format!(
+            "special-use address: {what} is refused unless a fetch rule names {address} \
+             itself; no [[grant]] does for {method} {scheme}://{host}:{port}{path} for \
+             plugin {}",
+            self.plugin
+        );
+        if self.grants.is_empty() {
+            s.push_str(" (no grant applies to it)");
+        }
+        Err(s)
+    }
+
     pub fn check_publish(&self, topic: &str) -> Decision {
         self.check_topic(topic, "publish", |g| &g.publish)
     }
@@ -294,6 +365,75 @@ impl Services {
         }
         Err(self.denied(&format!("calling {plugin}.{function}"), "call"))
     }
+}
+
+/// What kind of special-use address `address` is (IANA's special-purpose registries),
+/// or `None` for an ordinary public one. IPv4-mapped, IPv4-compatible, NAT64 and
+/// 6to4 addresses are judged by the IPv4 address they carry.
+pub fn special_use(address: IpAddr) -> Option<&'static str> {
+    match address.to_canonical() {
+        IpAddr::V4(a) => special_v4(a),
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            let o = a.octets();
+            let v4 = |i: usize| std::net::Ipv4Addr::new(o[i], o[i + 1], o[i + 2], o[i + 3]);
+            if a.is_unspecified() {
+                Some("unspecified")
+            } else if a.is_loopback() {
+                Some("loopback")
+            } else if s[0] & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if s[0] & 0xffc0 == 0xfec0 {
+                Some("site-local")
+            } else if s[0] & 0xfe00 == 0xfc00 {
+                Some("unique-local")
+            } else if s[0] & 0xff00 == 0xff00 {
+                Some("multicast")
+            } else if s[..6] == [0; 6] {
+                // ::a.b.c.d, the deprecated IPv4-compatible form.
+                special_v4(v4(12)).or(Some("reserved"))
+            } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || s[..2] == [0x64, 0xff9b] {
+                // NAT64 (64:ff9b::/96 and the local-use 64:ff9b:1::/48).
+                special_v4(v4(12)).or((s[1] != 0xff9b || s[2] != 0).then_some("NAT64 local-use"))
+            } else if s[0] == 0x2002 {
+                special_v4(v4(2))
+            } else if s[0] == 0x2001 && s[1] < 0x200 {
+                // 2001::/23: IETF protocol assignments (Teredo, ORCHIDv2, benchmarking).
+                Some("IETF protocol assignment")
+            } else if s[0] == 0x2001 && s[1] == 0xdb8 || s[0] == 0x3fff && s[1] < 0x1000 {
+                Some("documentation")
+            } else if s[0] == 0x100 && s[1..4] == [0, 0, 0] {
+                Some("discard-only")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn special_v4(a: std::net::Ipv4Addr) -> Option<&'static str> {
+    let [b0, b1, b2, _] = a.octets();
+    Some(match (b0, b1, b2) {
+        (0, _, _) => "unspecified (\"this network\")",
+        (127, _, _) => "loopback",
+        (10, _, _) | (192, 168, _) => "private",
+        (172, 16..=31, _) => "private",
+        (169, 254, _) => "link-local",
+        (100, 64..=127, _) => "shared (carrier-grade NAT)",
+        (192, 0, 0) => "IETF protocol assignment",
+        (192, 0, 2) | (198, 51, 100) | (203, 0, 113) => "documentation",
+        (198, 18..=19, _) => "benchmarking",
+        (192, 88, 99) => "6to4 relay anycast",
+        (224..=239, _, _) => "multicast",
+        (240..=255, _, _) => "reserved",
+        _ => return None,
+    })
+}
+
+/// `text` as an address, IPv4-mapped IPv6 addresses as IPv4 (the address a
+/// connection reaches).
+fn canonical(text: &str) -> Option<IpAddr> {
+    text.parse::<IpAddr>().ok().map(|a| a.to_canonical())
 }
 
 /// One permission a plugin's `plugin.toml` asks for, and what its grants say of it.

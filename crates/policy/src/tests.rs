@@ -388,6 +388,143 @@ kv_quota = "5MiB"
 }
 
 #[test]
+fn special_use_addresses_are_classified_whatever_their_spelling() {
+    let class = |a: &str| special_use(a.parse().unwrap());
+    for (a, want) in [
+        ("127.0.0.1", Some("loopback")),
+        ("127.255.0.9", Some("loopback")),
+        ("10.1.2.3", Some("private")),
+        ("172.16.0.1", Some("private")),
+        ("172.31.255.255", Some("private")),
+        ("192.168.1.1", Some("private")),
+        ("169.254.169.254", Some("link-local")),
+        ("100.64.0.1", Some("shared (carrier-grade NAT)")),
+        ("0.0.0.0", Some("unspecified (\"this network\")")),
+        ("224.0.0.1", Some("multicast")),
+        ("255.255.255.255", Some("reserved")),
+        ("::1", Some("loopback")),
+        ("::", Some("unspecified")),
+        ("fe80::1", Some("link-local")),
+        ("fd00::1", Some("unique-local")),
+        ("fc12::1", Some("unique-local")),
+        ("ff02::1", Some("multicast")),
+        // The IPv4 address inside an IPv6 one decides.
+        ("::ffff:127.0.0.1", Some("loopback")),
+        ("::ffff:169.254.169.254", Some("link-local")),
+        ("::10.0.0.1", Some("private")),
+        ("64:ff9b::a9fe:a9fe", Some("link-local")),
+        ("2002:7f00:1::", Some("loopback")),
+        ("2001:db8::1", Some("documentation")),
+        // Ordinary public addresses.
+        ("93.184.215.14", None),
+        ("172.32.0.1", None),
+        ("100.128.0.1", None),
+        ("2606:4700::1111", None),
+        ("::ffff:8.8.8.8", None),
+        ("64:ff9b::808:808", None),
+        ("2002:808:808::", None),
+    ] {
+        assert_eq!(class(a), want, "{a}");
+    }
+}
+
+#[test]
+fn a_special_use_address_is_allowed_only_by_a_rule_that_names_it() {
+    let p = Policy::parse(&files(&[(
+        "grants.toml",
+        r#"
+[[grant]]
+name = "net"
+fetch = [
+  { url = "http://*:*/" },
+  { url = "http://10.0.0.5:8080/api/", methods = ["POST"] },
+  { url = "http://[fd00::1]/" },
+]
+"#,
+    )]))
+    .unwrap();
+    let s = p.resolve(&manifest(""), None).services;
+    let addr = |a: &str| a.parse::<std::net::IpAddr>().unwrap();
+    // The glob allows the name, but not the address behind it.
+    assert!(s.check_fetch("GET", "http", "db.corp", 80, "/").is_ok());
+    assert_eq!(
+        s.check_fetch_address(
+            "GET",
+            "http",
+            ("db.corp", 80, "/"),
+            addr("10.0.0.5"),
+            "private"
+        )
+        .unwrap_err(),
+        "special-use address: db.corp, which resolves to 10.0.0.5, a private address, is \
+         refused unless a fetch rule names 10.0.0.5 itself; no [[grant]] does for GET \
+         http://db.corp:80/ for plugin billing-api"
+    );
+    // The rule naming it allows it, for what else it allows (method, port, path).
+    let ok = s.check_fetch_address(
+        "POST",
+        "http",
+        ("db.corp", 8080, "/api/x"),
+        addr("10.0.0.5"),
+        "private",
+    );
+    assert_eq!(
+        ok.unwrap(),
+        "grant \"net\" (grants.toml:2:1): fetch POST http://10.0.0.5:8080/api/ (names 10.0.0.5)"
+    );
+    for (m, port, path) in [
+        ("GET", 8080, "/api/x"),
+        ("POST", 80, "/api/x"),
+        ("POST", 8080, "/"),
+    ] {
+        assert!(
+            s.check_fetch_address(
+                m,
+                "http",
+                ("10.0.0.5", port, path),
+                addr("10.0.0.5"),
+                "private"
+            )
+            .unwrap_err()
+            .starts_with("special-use address: 10.0.0.5, a private address, is refused"),
+            "{m} {port} {path}"
+        );
+    }
+    // IPv4-mapped is the same address; an IPv6 literal rule matches its own host.
+    assert!(
+        s.check_fetch_address(
+            "POST",
+            "http",
+            ("[::ffff:10.0.0.5]", 8080, "/api/"),
+            addr("::ffff:10.0.0.5"),
+            "private"
+        )
+        .is_ok()
+    );
+    assert!(s.check_fetch("GET", "http", "[fd00::1]", 80, "/").is_ok());
+    assert!(
+        s.check_fetch_address(
+            "GET",
+            "http",
+            ("[fd00::1]", 80, "/"),
+            addr("fd00::1"),
+            "unique-local"
+        )
+        .is_ok()
+    );
+    assert!(
+        s.check_fetch_address(
+            "GET",
+            "http",
+            ("[fd00::2]", 80, "/"),
+            addr("fd00::2"),
+            "unique-local"
+        )
+        .is_err()
+    );
+}
+
+#[test]
 fn grant_errors_name_file_line_and_column() {
     let e = errors(&[(
         "g.toml",

@@ -119,7 +119,7 @@ pub fn audit_line(path: &Path, plugin: &str, operation: &str, target: &str) -> s
 /// An HTTP/1.1 server on 127.0.0.1 for the fetch tests (one thread per connection):
 /// `/allowed/hello` (200, header x-test), `/allowed/echo` (the request body back),
 /// `/allowed/bounce` (302 to /allowed/hello), `/allowed/redirect` (302 to
-/// /forbidden/x), `/allowed/big` (100 KiB), `/allowed/slow` (answers after 3 s),
+/// /forbidden/x), `/allowed/to-local` (302 to `localhost`), `/allowed/big` (100 KiB), `/allowed/slow` (answers after 3 s),
 /// `/forbidden/x`.
 pub fn http_server() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -173,6 +173,11 @@ fn serve_one(mut s: TcpStream, port: u16) {
         "/allowed/redirect" => (
             "302 Found",
             format!("location: http://127.0.0.1:{port}/forbidden/x\r\n"),
+            vec![],
+        ),
+        "/allowed/to-local" => (
+            "302 Found",
+            format!("location: http://localhost:{port}/allowed/hello\r\n"),
             vec![],
         ),
         "/allowed/big" => ("200 OK", String::new(), vec![b'x'; 100 << 10]),
@@ -444,6 +449,129 @@ async fn fetch_is_brokered_within_the_grants_in_every_runtime() {
         );
         e.sup.shutdown(Duration::from_secs(2)).await;
     }
+}
+
+/// A grant for a name or a glob is not a grant for the loopback, private or
+/// link-local address behind it: only a rule naming the address reaches it, however
+/// the address is spelled or reached (a name, a mapped IPv6 or decimal form, a
+/// redirect), and every refusal is audited with the address and its class.
+#[tokio::test(flavor = "multi_thread")]
+async fn special_use_addresses_need_a_rule_that_names_them() {
+    let port = http_server();
+    let e = env(&[("wasm", "addr-wasm", &[])], |_| {});
+    let s = &e.sup;
+    let get = |url: String| async move {
+        host(
+            s,
+            "addr-wasm",
+            &[b"fetch", b"GET", url.as_bytes(), b"", b""],
+        )
+        .await
+    };
+    let refused = |host: &str, via: &str, path: &str| {
+        format!(
+            "denied: denied by policy: special-use address: {via}127.0.0.1, a loopback \
+             address, is refused unless a fetch rule names 127.0.0.1 itself; no [[grant]] \
+             does for GET http://{host}:{port}{path} for plugin addr-wasm"
+        )
+    };
+    // The glob "*" allows these names, and the address behind each is loopback.
+    for (host, via) in [
+        ("localhost", "localhost, which resolves to "),
+        ("127.0.0.1", ""),
+        // The URL parser's canonical forms of 127.0.0.1 written otherwise.
+        ("[::ffff:127.0.0.1]", "[::ffff:7f00:1], which resolves to "),
+    ] {
+        let err = get(format!("http://{host}:{port}/allowed/hello"))
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains(&refused(
+                if host.starts_with('[') {
+                    "[::ffff:7f00:1]"
+                } else {
+                    host
+                },
+                via,
+                "/allowed/hello"
+            )),
+            "{host}: {err}"
+        );
+    }
+    let err = get(format!("http://2130706433:{port}/allowed/hello"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains(&refused("127.0.0.1", "", "/allowed/hello")),
+        "{err}"
+    );
+    // The rule naming 127.0.0.1 reaches it, by address or by a name.
+    let echo = host(
+        s,
+        "addr-wasm",
+        &[
+            b"fetch",
+            b"POST",
+            format!("http://127.0.0.1:{port}/allowed/echo").as_bytes(),
+            b"",
+            b"x",
+        ],
+    )
+    .await;
+    assert!(
+        echo.unwrap_err()
+            .contains("no [[grant]] fetch rule allows POST"),
+        "the rule names GET only"
+    );
+    for h in ["127.0.0.1", "localhost"] {
+        let r = text(
+            &get(format!("http://{h}:{port}/allowed/echo"))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(r[0], "200", "{h}: {r:?}");
+        assert_eq!(r[3], "GET ", "{h}: {r:?}");
+    }
+    // A redirect from a named address to a name behind which it hides is refused.
+    let err = get(format!("http://127.0.0.1:{port}/allowed/to-local"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "denied: denied by policy: redirect to http://localhost:{port}/allowed/hello: {}",
+            refused(
+                "localhost",
+                "localhost, which resolves to ",
+                "/allowed/hello"
+            )
+            .trim_start_matches("denied: denied by policy: ")
+        )),
+        "{err}"
+    );
+    // A name that does not resolve is a failure, not a denial.
+    let err = get("http://no-such-host.invalid/allowed/".into())
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("failed: host call failed:")
+            && err.contains("cannot resolve no-such-host.invalid"),
+        "{err}"
+    );
+    for target in [
+        format!("GET http://localhost:{port}/allowed/hello"),
+        format!("GET http://127.0.0.1:{port}/allowed/hello"),
+        format!("GET http://127.0.0.1:{port}/allowed/to-local"),
+    ] {
+        let line = audit_line(&e.audit, "addr-wasm", "fetch", &target);
+        assert_eq!(line["decision"], "denied", "{line}");
+        assert!(
+            line["rule"]
+                .as_str()
+                .is_some_and(|r| r.contains("special-use address") && r.contains("loopback")),
+            "{line}"
+        );
+    }
+    e.sup.shutdown(Duration::from_secs(2)).await;
 }
 
 // ---------------------------------------------------------------- config and secrets

@@ -2,30 +2,98 @@
 //! plugin's grants allow (method, scheme, host, port, path prefix), re-checking every
 //! redirect, with a response size limit and a time limit that never outlasts the
 //! plugin's call.
+//!
+//! A grant for a name is not a grant for whatever the name resolves to. Every hop's
+//! host is resolved here, each address is judged (a loopback, private, link-local,
+//! unique-local or other special-use address only where a rule names it, see
+//! [`corral_policy::special_use`]), and the connection is pinned to the addresses
+//! judged: the HTTP client resolves nothing itself, so a second DNS answer (a
+//! rebinding) never reaches it. Each hop gets its own client with no pooled
+//! connections, so no connection made for one plugin or address is reused for
+//! another.
 
-use corral_policy::Services;
+use corral_policy::{Services, special_use};
 use corral_protocol::{FetchRequest, FetchResponse, HostError};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 /// Redirects followed before giving up.
 pub const MAX_REDIRECTS: usize = 5;
 
-/// The broker's HTTP client (no automatic redirects, no proxies from the
-/// environment).
-#[derive(Debug, Clone)]
-pub struct Fetcher {
-    client: reqwest::Client,
-}
+/// The broker's HTTP requests (no automatic redirects, no proxies from the
+/// environment, no pooled connections, every address pinned).
+#[derive(Debug, Clone, Default)]
+pub struct Fetcher {}
 
 impl Fetcher {
     pub fn new() -> Fetcher {
-        let client = reqwest::Client::builder()
+        Fetcher {}
+    }
+
+    /// A client that connects `url`'s host to `addrs` only.
+    fn client(url: &url::Url, addrs: &[SocketAddr]) -> Result<reqwest::Client, HostError> {
+        let mut b = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .user_agent(concat!("corral/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .unwrap_or_default();
-        Fetcher { client }
+            .pool_max_idle_per_host(0)
+            .user_agent(concat!("corral/", env!("CARGO_PKG_VERSION")));
+        if let Some(url::Host::Domain(name)) = url.host() {
+            b = b.resolve_to_addrs(name, addrs);
+        }
+        b.build()
+            .map_err(|e| HostError::Failed(format!("HTTP client: {}", chain(&e))))
+    }
+
+    /// Resolve `url`'s host and judge every address: the ones this request may
+    /// connect to, or a denial naming the first special-use address refused when
+    /// none is left.
+    async fn admit(
+        services: &Services,
+        method: &str,
+        url: &url::Url,
+    ) -> Result<Vec<SocketAddr>, HostError> {
+        let port = url.port_or_known_default().unwrap_or(0);
+        let host = url.host_str().unwrap_or_default();
+        let found: Vec<IpAddr> = match url.host() {
+            Some(url::Host::Ipv4(a)) => vec![IpAddr::V4(a)],
+            Some(url::Host::Ipv6(a)) => vec![IpAddr::V6(a)],
+            Some(url::Host::Domain(name)) => tokio::net::lookup_host((name, port))
+                .await
+                .map_err(|e| HostError::Failed(format!("{url}: cannot resolve {name}: {e}")))?
+                .map(|a| a.ip())
+                .collect(),
+            None => return Err(HostError::Invalid(format!("{url} has no host"))),
+        };
+        let mut refused = None;
+        let mut admitted = Vec::new();
+        for a in found {
+            let a = a.to_canonical();
+            if admitted.iter().any(|s: &SocketAddr| s.ip() == a) {
+                continue;
+            }
+            match special_use(a) {
+                None => admitted.push(SocketAddr::new(a, port)),
+                Some(class) => match services.check_fetch_address(
+                    method,
+                    url.scheme(),
+                    (host, port, url.path()),
+                    a,
+                    class,
+                ) {
+                    Ok(_) => admitted.push(SocketAddr::new(a, port)),
+                    Err(rule) => {
+                        refused.get_or_insert(rule);
+                    }
+                },
+            }
+        }
+        match (admitted.is_empty(), refused) {
+            (false, _) => Ok(admitted),
+            (true, Some(rule)) => Err(HostError::Denied { rule }),
+            (true, None) => Err(HostError::Failed(format!(
+                "{url}: {host} resolves to no address"
+            ))),
+        }
     }
 
     /// Check `url` for `method` against the grants; the allowing rule or a denial.
@@ -77,14 +145,17 @@ impl Fetcher {
         let work = async {
             let mut hops = 0;
             loop {
-                Self::check(services, method.as_str(), &url).map_err(|e| match e {
+                let hop = |e| match e {
                     HostError::Denied { rule } if hops > 0 => HostError::Denied {
                         rule: format!("redirect to {url}: {rule}"),
                     },
                     e => e,
-                })?;
-                let mut r = self
-                    .client
+                };
+                Self::check(services, method.as_str(), &url).map_err(hop)?;
+                let addrs = Self::admit(services, method.as_str(), &url)
+                    .await
+                    .map_err(hop)?;
+                let mut r = Self::client(&url, &addrs)?
                     .request(method.clone(), url.clone())
                     .headers(headers.clone());
                 if !body.is_empty() {
@@ -166,12 +237,6 @@ impl Fetcher {
                 req.method, req.url, services.fetch_timeout.value, services.fetch_timeout.origin
             ))),
         }
-    }
-}
-
-impl Default for Fetcher {
-    fn default() -> Self {
-        Fetcher::new()
     }
 }
 
