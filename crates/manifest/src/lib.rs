@@ -35,6 +35,9 @@ use std::time::Duration;
 /// The file name a plugin directory must contain.
 pub const MANIFEST_FILE: &str = "plugin.toml";
 
+/// The smallest memory limit a plugin may ask for.
+pub const MIN_MEMORY: u64 = 1 << 20;
+
 /// Default memory limit for a plugin that names none: 64 MiB.
 pub const DEFAULT_MEMORY: u64 = 64 * 1024 * 1024;
 /// Default per-call deadline: 5 s.
@@ -257,6 +260,15 @@ impl Manifest {
         let mut limits = Limits::default();
         if let Some(m) = &raw.limits.memory {
             limits.memory_bytes = parse_size(m.get_ref()).map_err(|e| at(m, e))?;
+            if limits.memory_bytes < MIN_MEMORY {
+                return Err(at(
+                    m,
+                    format!(
+                        "memory must be at least 1 MiB (got {} bytes): no engine starts in less",
+                        limits.memory_bytes
+                    ),
+                ));
+            }
         }
         if let Some(t) = &raw.limits.timeout {
             limits.timeout = parse_duration(t.get_ref()).map_err(|e| at(t, e))?;
@@ -266,6 +278,9 @@ impl Manifest {
         }
         if let Some(o) = &raw.limits.max_output {
             limits.max_output_bytes = parse_size(o.get_ref()).map_err(|e| at(o, e))?;
+            if limits.max_output_bytes == 0 {
+                return Err(at(o, "max_output must be at least 1 byte".into()));
+            }
         }
 
         let mut dependencies = BTreeMap::new();
@@ -492,6 +507,18 @@ extra = { version = ">=0.3, <0.5", optional = true }
 
         let (_, _, msg) = invalid(&GOOD.replace("\"250ms\"", "\"0s\""));
         assert!(msg.contains("greater than zero"), "{msg}");
+
+        // Limits of nothing: named with their place.
+        for zero in ["\"0\"", "\"0B\"", "\"1KiB\""] {
+            let (line, col, msg) = invalid(&GOOD.replace("\"16MiB\"", zero));
+            assert_eq!((line, col), (12, 10), "{zero}");
+            assert!(msg.starts_with("memory must be at least 1 MiB"), "{msg}");
+        }
+        let (line, col, msg) = invalid(&GOOD.replace("\"1MiB\"", "\"0\""));
+        assert_eq!(
+            (line, col, msg.as_str()),
+            (14, 14, "max_output must be at least 1 byte")
+        );
     }
 
     #[test]

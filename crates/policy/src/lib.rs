@@ -48,6 +48,7 @@ pub use grants::{FetchRule, Grant, NameGlob, Requested, Services, special_use};
 
 use corral_confine::Level;
 use corral_manifest::{Manifest, Runtime};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -396,6 +397,13 @@ impl Policy {
             );
         }
         if !errors.is_empty() {
+            // In the order of the files and of the places in each, as a reader goes.
+            let order: HashMap<&Path, usize> = files
+                .iter()
+                .enumerate()
+                .map(|(i, (p, _))| (p.as_path(), i))
+                .collect();
+            errors.sort_by_key(|e| (order.get(e.path.as_path()).copied(), e.line, e.column));
             return Err(PolicyErrors(errors));
         }
         Ok(Policy {

@@ -388,6 +388,24 @@ kv_quota = "5MiB"
 }
 
 #[test]
+fn limits_of_nothing_are_named_errors() {
+    let e = errors(&[(
+        "levels.toml",
+        "[level.standard]\nmemory = \"0\"\nmax_output = \"0B\"\n\n[level.high]\nmemory = \"512KiB\"\ntimeout = \"0s\"\n",
+    )]);
+    assert_eq!(
+        e,
+        [
+            "levels.toml:2:10: memory must be at least 1 MiB",
+            "levels.toml:3:14: max_output must be at least 1 B",
+            "levels.toml:6:10: memory must be at least 1 MiB",
+            "levels.toml:7:11: timeout must be greater than zero",
+        ],
+        "{e:#?}"
+    );
+}
+
+#[test]
 fn special_use_addresses_are_classified_whatever_their_spelling() {
     let class = |a: &str| special_use(a.parse().unwrap());
     for (a, want) in [
