@@ -32,6 +32,14 @@ pub enum FrameError {
     Io(#[source] io::Error),
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
     TooLarge { len: u64, max: u32 },
+    #[error("a {kind} frame of {len} bytes exceeds its limit of {max} bytes")]
+    KindTooLarge {
+        kind: &'static str,
+        len: u64,
+        max: u32,
+    },
+    #[error("a frame of unknown kind (first byte {0})")]
+    UnknownKind(u8),
     #[error("truncated frame: expected {expected} bytes, got {got}")]
     Truncated { expected: usize, got: usize },
     #[error("malformed message: {0}")]
@@ -82,11 +90,25 @@ fn seal(mut buf: Vec<u8>) -> Result<Vec<u8>, FrameError> {
 /// consumed.
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     let (msg, used) = bincode::serde::decode_from_slice(payload, config())
-        .map_err(|e| FrameError::Decode(e.to_string()))?;
+        .map_err(|e| FrameError::Decode(decode_error(e)))?;
     if used != payload.len() {
         return Err(FrameError::TrailingBytes(payload.len() - used));
     }
     Ok(msg)
+}
+
+/// A decoding error in words (bincode's own `Display` is its `Debug`).
+fn decode_error(e: bincode::error::DecodeError) -> String {
+    use bincode::error::DecodeError as E;
+    match e {
+        E::OtherString(s) => s,
+        E::UnexpectedEnd { additional } => {
+            format!("the message ends {additional} bytes early")
+        }
+        E::LimitExceeded => "a length inside the message is past the frame limit".into(),
+        E::Utf8 { .. } => "a string that is not UTF-8".into(),
+        other => format!("{other:?}"),
+    }
 }
 
 /// Encode the handshake frame: preamble, then `hello`.
@@ -195,6 +217,66 @@ pub async fn read_payload_async(
     Ok(payload)
 }
 
+/// Read one frame payload from an async reader whose limit depends on its kind:
+/// `limit` maps the payload's first byte to the kind's name and largest size (or
+/// `None`: no such kind), and a frame past it is refused before the rest of it is
+/// read or anything for it allocated. Every limit is at most [`MAX_FRAME`].
+#[cfg(feature = "tokio")]
+pub async fn read_payload_async_limited(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: impl FnOnce(u8) -> Option<(&'static str, u32)>,
+) -> Result<Vec<u8>, FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 5];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut head[got..4]).await {
+            Ok(0) if got == 0 => return Err(FrameError::Closed),
+            Ok(0) => return Err(FrameError::Truncated { expected: 4, got }),
+            Ok(n) => got += n,
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    let len = check_len(
+        u32::from_le_bytes([head[0], head[1], head[2], head[3]]),
+        MAX_FRAME,
+    )?;
+    if len == 0 {
+        return Err(FrameError::Decode("an empty frame".into()));
+    }
+    loop {
+        match r.read(&mut head[4..5]).await {
+            Ok(0) => {
+                return Err(FrameError::Truncated {
+                    expected: len,
+                    got: 0,
+                });
+            }
+            Ok(_) => break,
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    let (kind, max) = limit(head[4]).ok_or(FrameError::UnknownKind(head[4]))?;
+    if len > max as usize {
+        return Err(FrameError::KindTooLarge {
+            kind,
+            len: len as u64,
+            max,
+        });
+    }
+    let mut payload = vec![0u8; len];
+    payload[0] = head[4];
+    let mut got = 1;
+    while got < len {
+        match r.read(&mut payload[got..]).await {
+            Ok(0) => return Err(FrameError::Truncated { expected: len, got }),
+            Ok(n) => got += n,
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    Ok(payload)
+}
+
 /// Read and decode one message from an async reader, bounded by `max`.
 #[cfg(feature = "tokio")]
 pub async fn read_msg_async<T: DeserializeOwned>(
@@ -217,6 +299,35 @@ mod tests {
             pid: 42,
             enforcement: EnforcementReport::unconfined("test"),
         }
+    }
+
+    #[test]
+    fn a_frames_first_byte_names_its_kind() {
+        let msgs = [
+            FromWorker::Loaded { exports: vec![] },
+            FromWorker::LoadFailed { error: "x".into() },
+            FromWorker::CallResult {
+                id: 300,
+                result: Ok(vec![1; 300]),
+            },
+            FromWorker::HostCall {
+                id: 1,
+                call: 2,
+                op: HostOp::Now,
+            },
+            FromWorker::Log {
+                level: LogLevel::Warn,
+                message: "m".into(),
+            },
+            FromWorker::Stats(WorkerStats::default()),
+        ];
+        for (m, kind) in msgs.iter().zip(FromWorkerKind::ALL) {
+            assert_eq!(m.kind(), kind);
+            let f = encode(m).unwrap();
+            assert_eq!(FromWorkerKind::from_tag(f[4]), Some(kind), "{m:?}");
+        }
+        assert_eq!(FromWorkerKind::from_tag(6), None);
+        assert_eq!(FromWorkerKind::from_tag(255), None);
     }
 
     #[test]

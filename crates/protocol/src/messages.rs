@@ -192,6 +192,60 @@ pub enum FromWorker {
     Stats(WorkerStats),
 }
 
+/// The kind of a [`FromWorker`] message, known from a frame's first byte before
+/// the rest is read (bincode writes an enum's variant index first, one byte for
+/// indices below 251), so a reader can hold each kind to its own size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FromWorkerKind {
+    Loaded,
+    LoadFailed,
+    CallResult,
+    HostCall,
+    Log,
+    Stats,
+}
+
+impl FromWorkerKind {
+    /// Every kind, in the order of [`FromWorker`]'s variants.
+    pub const ALL: [FromWorkerKind; 6] = [
+        FromWorkerKind::Loaded,
+        FromWorkerKind::LoadFailed,
+        FromWorkerKind::CallResult,
+        FromWorkerKind::HostCall,
+        FromWorkerKind::Log,
+        FromWorkerKind::Stats,
+    ];
+
+    /// The kind whose frames start with `tag`, if any.
+    pub fn from_tag(tag: u8) -> Option<FromWorkerKind> {
+        Self::ALL.get(usize::from(tag)).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FromWorkerKind::Loaded => "Loaded",
+            FromWorkerKind::LoadFailed => "LoadFailed",
+            FromWorkerKind::CallResult => "CallResult",
+            FromWorkerKind::HostCall => "HostCall",
+            FromWorkerKind::Log => "Log",
+            FromWorkerKind::Stats => "Stats",
+        }
+    }
+}
+
+impl FromWorker {
+    pub fn kind(&self) -> FromWorkerKind {
+        match self {
+            FromWorker::Loaded { .. } => FromWorkerKind::Loaded,
+            FromWorker::LoadFailed { .. } => FromWorkerKind::LoadFailed,
+            FromWorker::CallResult { .. } => FromWorkerKind::CallResult,
+            FromWorker::HostCall { .. } => FromWorkerKind::HostCall,
+            FromWorker::Log { .. } => FromWorkerKind::Log,
+            FromWorker::Stats(_) => FromWorkerKind::Stats,
+        }
+    }
+}
+
 /// Operations a plugin may ask the supervisor to perform. Each is checked against
 /// the plugin's effective policy, performed by the supervisor, and (when denied)
 /// written to the audit log.

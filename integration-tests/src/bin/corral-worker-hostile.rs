@@ -44,6 +44,10 @@ const ATTACKS: &[&str] = &[
     "fd_bomb",
     "forge_answer",
     "log_flood",
+    "output_flood",
+    "huge_frame",
+    "garbage_frame",
+    "unknown_call",
     "ok",
 ];
 
@@ -204,10 +208,11 @@ impl Hostile {
                 out.map_or_else(|e| errno_name(&e), |()| "not killed".into())
             }
             "log_flood" => {
-                // `arg` MiB of log lines of 1 MiB each, as fast as the socket takes them.
+                // `arg` MiB of log lines of 64 KiB each (the longest a line may be),
+                // as fast as the socket takes them.
                 let mib: usize = arg.parse().expect("MiB");
-                let message = "x".repeat(1 << 20);
-                for _ in 0..mib {
+                let message = "x".repeat(64 << 10);
+                for _ in 0..mib * 16 {
                     let line = FromWorker::Log {
                         level: LogLevel::Info,
                         message: message.clone(),
@@ -217,6 +222,51 @@ impl Hostile {
                     }
                 }
                 "ok".into()
+            }
+            "output_flood" => {
+                // `arg` MiB to each of stdout and stderr: no newline anywhere, and
+                // bytes that are not UTF-8.
+                let mib: usize = arg.parse().expect("MiB");
+                let chunk: Vec<u8> = (0..1 << 20)
+                    .map(|i| [b'x', 0xff, 0xc3, b'y'][i % 4])
+                    .collect();
+                for _ in 0..mib {
+                    for fd in [1, 2] {
+                        if let Err(e) = sys::write_all(fd, &chunk) {
+                            return errno_name(&e);
+                        }
+                    }
+                }
+                "ok".into()
+            }
+            "huge_frame" => {
+                // A header claiming a 60 MiB result, and then a trickle: the
+                // supervisor must not wait for (or make room for) the rest.
+                let mut head = (60u32 << 20).to_le_bytes().to_vec();
+                head.push(2); // CallResult
+                let out = sys::write_all(3, &head).and_then(|()| sys::write_all(3, &[0; 100]));
+                std::thread::sleep(Duration::from_secs(30));
+                out.map_or_else(|e| errno_name(&e), |()| "not killed".into())
+            }
+            "garbage_frame" => {
+                // A frame of a known kind whose body is not a message.
+                let mut frame = 16u32.to_le_bytes().to_vec();
+                frame.extend_from_slice(&[4, 9, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+                frame.extend_from_slice(&[0xff; 8]);
+                let out = sys::write_all(3, &frame);
+                std::thread::sleep(Duration::from_secs(30));
+                out.map_or_else(|e| errno_name(&e), |()| "not killed".into())
+            }
+            "unknown_call" => {
+                // A host call on behalf of a call that is not running.
+                let forged = FromWorker::HostCall {
+                    id: 1,
+                    call: u64::MAX - 7,
+                    op: corral_protocol::HostOp::Now,
+                };
+                let out = sys::write_frame(&forged);
+                std::thread::sleep(Duration::from_secs(30));
+                out.map_or_else(|e| errno_name(&e), |()| "not killed".into())
             }
             "ok" => "ok".into(),
             other => format!("unknown attack {other}"),
@@ -245,13 +295,18 @@ mod sys {
 
     /// Write one frame to the worker's socket (fd 3), past the worker library.
     pub fn write_frame(msg: &corral_protocol::FromWorker) -> io::Result<()> {
+        let frame = corral_protocol::frame::encode(msg).map_err(io::Error::other)?;
+        write_all(3, &frame)
+    }
+
+    /// Write `bytes` to `fd` (the socket, stdout or stderr), which stays open.
+    pub fn write_all(fd: i32, bytes: &[u8]) -> io::Result<()> {
         use std::io::Write;
         use std::os::fd::FromRawFd;
-        let frame = corral_protocol::frame::encode(msg).map_err(io::Error::other)?;
-        // SAFETY: fd 3 is the worker's socket for the life of the process; the
-        // `File` is never dropped, so the descriptor is not closed here.
-        let mut socket = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(3) });
-        socket.write_all(&frame)
+        // SAFETY: fds 1 to 3 are open for the life of the process; the `File` is
+        // never dropped, so the descriptor is not closed here.
+        let mut f = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+        f.write_all(bytes)
     }
 
     pub fn parent() -> libc::pid_t {

@@ -44,8 +44,10 @@ fn arena(level: Level) -> Arena {
     opts.restart.max_crashes = 1000;
     opts.restart.base_backoff = std::time::Duration::from_millis(1);
     opts.restart.max_backoff = std::time::Duration::from_millis(1);
+    opts.audit = corral::AuditSink::File(cache.path().join("audit.jsonl"));
     let mut sup = Supervisor::new(opts);
-    let attacker = wat_plugin("attacker", "testkit.wat", "");
+    // Its answers are short: a small max_output holds its frames to little.
+    let attacker = wat_plugin("attacker", "testkit.wat", "max_output = \"1MiB\"");
     let neighbour = wat_plugin("neighbour", "testkit.wat", "");
     sup.add_plugin_dir(attacker.path()).unwrap();
     sup.add_plugin_dir(neighbour.path()).unwrap();
@@ -767,71 +769,120 @@ fn vm_hwm() -> u64 {
     kib << 10
 }
 
-/// A worker that writes its own frames to its socket (any Python plugin with ctypes
-/// can): a flood of 256 log frames of 1 MiB each costs the supervisor a few frames'
-/// memory, not the flood's; a forged answer to a call that is not running gets the
-/// worker killed, audited as a protocol violation and replaced; the neighbour
-/// answers throughout.
+/// The audit log's `protocol` lines so far.
+fn protocol_lines(a: &Arena) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(a.cache.path().join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["operation"] == "protocol")
+        .collect()
+}
+
+/// A worker that writes its own frames and output (any Python plugin with ctypes
+/// can): floods of log frames and of stdout and stderr without newlines or UTF-8
+/// cost the supervisor a few frames' memory, not the flood's, and break nothing; a
+/// forged answer, a frame claiming 60 MiB, a frame that does not decode and a host
+/// call for a call that is not running each get the worker killed, audited as a
+/// protocol violation naming the rule, and replaced; the neighbour answers
+/// throughout, and the supervisor's peak memory stays within 16 MiB of where it
+/// started.
 #[tokio::test]
 async fn a_worker_writing_its_own_frames_is_bounded_killed_and_replaced() {
     let a = arena(Level::Standard);
     a.expect("ok", "", "ok").await;
-    assert_eq!(
-        a.sup.call("neighbour", "ok", vec![], None).await.unwrap(),
-        b"ok"
-    );
+    let neighbour_ok = || async {
+        assert_eq!(
+            a.sup.call("neighbour", "ok", vec![], None).await.unwrap(),
+            b"ok"
+        );
+    };
+    neighbour_ok().await;
     let before = vm_hwm();
+    let grown = || {
+        let g = vm_hwm().saturating_sub(before);
+        println!(
+            "peak memory: {} MiB before, grew by {} KiB",
+            before >> 20,
+            g >> 10
+        );
+        g
+    };
     a.expect("log_flood", "256", "ok").await;
-    let grown = vm_hwm().saturating_sub(before);
-    println!(
-        "peak memory: {} MiB before, grew by {} KiB",
-        before >> 20,
-        grown >> 10
-    );
+    a.expect("output_flood", "64", "ok").await;
     assert!(
-        grown < 16 << 20,
-        "the supervisor's peak memory grew by {} MiB over a 256 MiB log flood",
-        grown >> 20
+        grown() < 16 << 20,
+        "the supervisor's peak memory grew by {} MiB over a 256 MiB log flood and \
+         64 MiB floods of stdout and stderr",
+        grown() >> 20
     );
-    assert_eq!(
-        a.sup
-            .list()
-            .await
-            .iter()
-            .find(|p| p.id == "attacker")
-            .unwrap()
-            .restarts,
-        0
-    );
+    neighbour_ok().await;
+    let attacker = || async {
+        let info = a.sup.list().await;
+        info.into_iter().find(|p| p.id == "attacker").unwrap()
+    };
+    assert_eq!(attacker().await.restarts, 0);
 
-    let pid = a.pid("attacker").await;
-    assert_eq!(
-        a.attack("forge_answer", "").await,
-        Err(CallError::WorkerCrashed(ExitReason::Protocol(format!(
-            "an answer to call {}, which is not running",
-            u64::MAX - 1
-        ))))
-    );
+    let violations = [
+        (
+            "forge_answer",
+            format!("an answer to call {}, which is not running", u64::MAX - 1),
+        ),
+        (
+            "huge_frame",
+            "a CallResult frame of 62914560 bytes exceeds its limit of 2097152 bytes".into(),
+        ),
+        (
+            "garbage_frame",
+            "malformed message: invalid value: integer `9`, expected variant index 0 <= i < 5"
+                .into(),
+        ),
+        (
+            "unknown_call",
+            format!(
+                "host call 1 names call {}, which is not running",
+                u64::MAX - 7
+            ),
+        ),
+    ];
+    for (n, (attack, why)) in violations.iter().enumerate() {
+        let pid = a.pid("attacker").await;
+        assert_eq!(
+            a.attack(attack, "").await,
+            Err(CallError::WorkerCrashed(ExitReason::Protocol(why.clone()))),
+            "{attack}"
+        );
+        assert!(
+            corral_integration_tests::wait_gone(pid, std::time::Duration::from_secs(5)),
+            "{attack}: the worker {pid} is still running"
+        );
+        neighbour_ok().await;
+        a.expect("ok", "", "ok").await;
+        assert_ne!(
+            a.pid("attacker").await,
+            pid,
+            "{attack}: a new worker serves"
+        );
+        let info = attacker().await;
+        assert_eq!(info.restarts, n as u32 + 1, "{attack}");
+        assert_eq!(
+            info.last_error.as_deref(),
+            Some(format!("worker crashed: protocol violation: {why}").as_str()),
+            "{attack}"
+        );
+        let lines = protocol_lines(&a);
+        assert_eq!(lines.len(), n + 1, "{attack}: {lines:#?}");
+        assert_eq!(lines[n]["decision"], "killed", "{attack}");
+        assert_eq!(
+            lines[n]["rule"],
+            format!("protocol violation: {why}"),
+            "{attack}"
+        );
+    }
     assert!(
-        corral_integration_tests::wait_gone(pid, std::time::Duration::from_secs(5)),
-        "the forging worker {pid} is still running"
-    );
-    assert_eq!(
-        a.sup.call("neighbour", "ok", vec![], None).await.unwrap(),
-        b"ok"
-    );
-    a.expect("ok", "", "ok").await;
-    assert_ne!(a.pid("attacker").await, pid, "a new worker serves");
-    let info = a.sup.list().await;
-    let attacker = info.iter().find(|p| p.id == "attacker").unwrap();
-    assert_eq!(attacker.restarts, 1);
-    assert!(
-        attacker
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("protocol violation: an answer to call")),
-        "{:?}",
-        attacker.last_error
+        grown() < 16 << 20,
+        "the supervisor's peak memory grew by {} MiB",
+        grown() >> 20
     );
     a.sup.shutdown(std::time::Duration::from_secs(1)).await;
 }

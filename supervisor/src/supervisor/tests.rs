@@ -48,7 +48,7 @@ impl Default for Script {
     }
 }
 
-const EXPORTS: [&str; 12] = [
+const EXPORTS: [&str; 14] = [
     "echo",
     "version",
     "hold",
@@ -61,6 +61,8 @@ const EXPORTS: [&str; 12] = [
     "stats",
     "late",
     "log_flood",
+    "log_huge",
+    "oversize_frame",
 ];
 
 /// What one fake worker received, in order.
@@ -339,10 +341,17 @@ async fn serve(
                         }
                     }
                     "stats" => drop(tx.send(FromWorker::Stats(Default::default()))),
+                    "log_huge" => {
+                        let message = "x".repeat(1 << 20);
+                        let level = corral_protocol::LogLevel::Info;
+                        let _ = tx.send(FromWorker::Log { level, message });
+                    }
+                    "oversize_frame" => drop(tx.send(answer(Ok(vec![0; 3 << 20])))),
                     "log_flood" => {
-                        // 16 MiB of log lines of 1 MiB each, then an answer.
-                        for _ in 0..16 {
-                            let message = "x".repeat(1 << 20);
+                        // 16 MiB of log lines of 64 KiB each (the most a line may
+                        // be), then an answer.
+                        for _ in 0..256 {
+                            let message = "x".repeat(64 << 10);
                             let level = corral_protocol::LogLevel::Info;
                             let _ = tx.send(FromWorker::Log { level, message });
                         }
@@ -732,6 +741,15 @@ async fn a_worker_that_breaks_the_protocol_is_killed_audited_and_replaced() {
         ("host_flood", "more than 4 host calls in flight"),
         ("host_dup", "host call id 7 is already in flight"),
         ("stats", "a Stats message nobody asked for"),
+        // Refused from the frame's length and kind, before the rest is read.
+        (
+            "log_huge",
+            "a Log frame of 1048583 bytes exceeds its limit of 81920 bytes",
+        ),
+        (
+            "oversize_frame",
+            "a CallResult frame of 3145736 bytes exceeds its limit of 2097152 bytes",
+        ),
     ];
     for (function, why) in cases {
         let dir = tempfile::tempdir().unwrap();

@@ -20,7 +20,7 @@ use super::{Broker, Exited, Pending, Reply, lock, lock_reason};
 use corral_confine::Level;
 use corral_confine::cgroup::PluginCgroup;
 use corral_protocol::{
-    CallError, ExitReason, FromWorker, HostError, ToWorker,
+    CallError, ExitReason, FromWorker, FromWorkerKind, HostError, ToWorker,
     frame::{self, FrameError},
 };
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,8 +38,56 @@ pub(crate) async fn write_frames(mut wr: OwnedWriteHalf, mut rx: mpsc::Unbounded
     }
 }
 
-async fn read_message(rd: &mut OwnedReadHalf) -> Result<FromWorker, FrameError> {
-    frame::read_msg_async(rd, frame::MAX_FRAME).await
+/// Room in a frame beyond `max_output`: a result's encoding, a failed call's
+/// message, a host call's own fields.
+pub(crate) const FRAME_SLACK: u64 = 1 << 20;
+
+/// Largest `Log` frame: the worker library cuts a message at 64 KiB.
+pub(crate) const MAX_LOG_FRAME: u32 = 80 << 10;
+
+/// Largest `Loaded` or `LoadFailed` frame (the exports, a load error).
+pub(crate) const MAX_LOAD_FRAME: u32 = 1 << 20;
+
+/// Largest frame of a message the supervisor did not ask for (`Stats`): it is a
+/// violation whatever its size, and is not read whole to find that out.
+pub(crate) const MAX_SMALL_FRAME: u32 = 4 << 10;
+
+/// The size limit of each kind of frame from a worker whose calls may answer
+/// `max_output` bytes: a call's result and a host call (what the plugin sends out
+/// through the host) at most `max_output` and [`FRAME_SLACK`], a log line
+/// [`MAX_LOG_FRAME`]. Checked from a frame's length and first byte, before the
+/// rest is read: a worker can make the supervisor hold no more than this.
+pub(crate) fn frame_limit(max_output: u64, tag: u8) -> Option<(&'static str, u32)> {
+    let kind = FromWorkerKind::from_tag(tag)?;
+    let max = match kind {
+        FromWorkerKind::CallResult | FromWorkerKind::HostCall => max_output
+            .saturating_add(FRAME_SLACK)
+            .min(u64::from(frame::MAX_FRAME))
+            as u32,
+        FromWorkerKind::Log => MAX_LOG_FRAME,
+        FromWorkerKind::Loaded | FromWorkerKind::LoadFailed => MAX_LOAD_FRAME,
+        FromWorkerKind::Stats => MAX_SMALL_FRAME,
+    };
+    Some((kind.name(), max))
+}
+
+/// Read one message from a worker, each kind held to its [`frame_limit`].
+pub(crate) async fn read_from_worker(
+    rd: &mut OwnedReadHalf,
+    max_output: u64,
+) -> Result<FromWorker, FrameError> {
+    let payload = frame::read_payload_async_limited(rd, |tag| frame_limit(max_output, tag)).await?;
+    frame::decode(&payload)
+}
+
+/// [`read_from_worker`] owning the read half, so the read can be kept across the
+/// other branches of a `select!` (a partly read frame is never dropped).
+async fn read_owned(
+    mut rd: OwnedReadHalf,
+    max_output: u64,
+) -> (OwnedReadHalf, Result<FromWorker, FrameError>) {
+    let r = read_from_worker(&mut rd, max_output).await;
+    (rd, r)
 }
 
 /// Host calls one worker may have in flight. The worker library makes one at a
@@ -49,14 +97,7 @@ pub(crate) const MAX_HOST_CALLS_IN_FLIGHT: usize = 4;
 
 /// A message's name, for errors (never its contents, which may be megabytes).
 pub(crate) fn message_name(msg: &FromWorker) -> &'static str {
-    match msg {
-        FromWorker::Loaded { .. } => "Loaded",
-        FromWorker::LoadFailed { .. } => "LoadFailed",
-        FromWorker::CallResult { .. } => "CallResult",
-        FromWorker::HostCall { .. } => "HostCall",
-        FromWorker::Log { .. } => "Log",
-        FromWorker::Stats(_) => "Stats",
-    }
+    msg.kind().name()
 }
 
 /// The task that owns a loaded worker's child process and read half.
@@ -80,31 +121,46 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) async fn run(mut self, mut rd: OwnedReadHalf, mut child: Box<dyn Process>) {
+    pub(crate) async fn run(mut self, rd: OwnedReadHalf, mut child: Box<dyn Process>) {
         let mut protocol_error = None;
         let mut status = None;
+        let max_output = self.max_output;
+        let read = read_owned(rd, max_output);
+        tokio::pin!(read);
         loop {
             tokio::select! {
-                msg = read_message(&mut rd) => match msg {
-                    Ok(msg) => {
-                        if let Err(why) = self.handle(msg) {
-                            protocol_error = Some(why);
+                (rd, msg) = &mut read => {
+                    match msg {
+                        Ok(msg) => {
+                            if let Err(why) = self.handle(msg) {
+                                protocol_error = Some(why);
+                                break;
+                            }
+                        }
+                        Err(FrameError::Closed | FrameError::Io(_)) => break,
+                        Err(e) => {
+                            protocol_error = Some(e.to_string());
                             break;
                         }
                     }
-                    Err(FrameError::Closed | FrameError::Io(_)) => break,
-                    Err(e) => {
-                        protocol_error = Some(e.to_string());
-                        break;
-                    }
-                },
+                    read.set(read_owned(rd, max_output));
+                }
                 s = child.wait(), if status.is_none() => {
                     status = s;
-                    // Read what the worker sent before it exited, briefly.
-                    while let Ok(Ok(msg)) =
-                        tokio::time::timeout(Duration::from_millis(50), read_message(&mut rd)).await
+                    // Read what the worker sent before it exited, briefly (the
+                    // frame under way first).
+                    if let Ok((mut rd, Ok(msg))) =
+                        tokio::time::timeout(Duration::from_millis(50), &mut read).await
                     {
                         let _ = self.handle(msg);
+                        while let Ok(Ok(msg)) = tokio::time::timeout(
+                            Duration::from_millis(50),
+                            read_from_worker(&mut rd, max_output),
+                        )
+                        .await
+                        {
+                            let _ = self.handle(msg);
+                        }
                     }
                     break;
                 }
@@ -252,5 +308,105 @@ impl Connection {
                 message_name(&other)
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_protocol::LogLevel;
+
+    /// A reader, and the worker's end to write to it.
+    fn pair() -> (OwnedReadHalf, tokio::net::UnixStream) {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        (a.into_split().0, b)
+    }
+
+    async fn read(rd: &mut OwnedReadHalf) -> Result<FromWorker, FrameError> {
+        tokio::time::timeout(Duration::from_secs(5), read_from_worker(rd, 1 << 20))
+            .await
+            .expect("refused from the header, without waiting for the rest")
+    }
+
+    #[tokio::test]
+    async fn a_frame_past_its_kinds_limit_is_refused_before_it_is_read() {
+        // Headers alone, claiming large frames of each kind (kind = first byte).
+        for (tag, len, why) in [
+            (
+                4u8,
+                60u32 << 20,
+                "a Log frame of 62914560 bytes exceeds its limit of 81920 bytes",
+            ),
+            (
+                2,
+                (2 << 20) + 1,
+                "a CallResult frame of 2097153 bytes exceeds its limit of 2097152 bytes",
+            ),
+            (
+                3,
+                3 << 20,
+                "a HostCall frame of 3145728 bytes exceeds its limit of 2097152 bytes",
+            ),
+            (
+                5,
+                5000,
+                "a Stats frame of 5000 bytes exceeds its limit of 4096 bytes",
+            ),
+            (
+                0,
+                2 << 20,
+                "a Loaded frame of 2097152 bytes exceeds its limit of 1048576 bytes",
+            ),
+            (9, 10, "a frame of unknown kind (first byte 9)"),
+            (
+                2,
+                u32::MAX,
+                "frame of 4294967295 bytes exceeds the limit of 67108864 bytes",
+            ),
+        ] {
+            let (mut rd, mut w) = pair();
+            let mut head = len.to_le_bytes().to_vec();
+            head.push(tag);
+            w.write_all(&head).await.unwrap();
+            assert_eq!(read(&mut rd).await.unwrap_err().to_string(), why);
+        }
+        let (mut rd, mut w) = pair();
+        w.write_all(&0u32.to_le_bytes()).await.unwrap();
+        assert_eq!(
+            read(&mut rd).await.unwrap_err().to_string(),
+            "malformed message: an empty frame"
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_within_their_limits_are_read_whole() {
+        let (mut rd, mut w) = pair();
+        let msgs = [
+            FromWorker::CallResult {
+                id: 1,
+                result: Ok(vec![7; 1 << 20]),
+            },
+            FromWorker::Log {
+                level: LogLevel::Info,
+                message: "x".repeat(64 << 10),
+            },
+        ];
+        let writer = {
+            let frames: Vec<Vec<u8>> = msgs.iter().map(|m| frame::encode(m).unwrap()).collect();
+            tokio::spawn(async move {
+                for f in frames {
+                    // In small pieces, as a slow worker writes.
+                    for piece in f.chunks(1000) {
+                        w.write_all(piece).await.unwrap();
+                    }
+                }
+                w
+            })
+        };
+        for m in &msgs {
+            assert_eq!(&read(&mut rd).await.unwrap(), m);
+        }
+        drop(writer.await.unwrap());
+        assert!(matches!(read(&mut rd).await, Err(FrameError::Closed)));
     }
 }

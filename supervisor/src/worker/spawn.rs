@@ -2,7 +2,7 @@
 //! [`Process`] and socket, the handshake, the load and the connection task
 //! ([`WorkerHandle::connect`]).
 
-use super::connection::{Connection, message_name, write_frames};
+use super::connection::{Connection, message_name, read_from_worker, write_frames};
 use super::exit::{exit_reason, explain_exit};
 use super::output::{PluginLog, StderrTail, forward_output};
 use super::process::{Process, Spawned, child_setup, remove_when_empty};
@@ -204,7 +204,7 @@ impl WorkerHandle {
         let loaded = async {
             wr.write_all(&load_frame).await.map_err(FrameError::Io)?;
             loop {
-                match frame::read_msg_async::<FromWorker>(&mut rd, frame::MAX_FRAME).await? {
+                match read_from_worker(&mut rd, max_output).await? {
                     FromWorker::Loaded { exports } => return Ok(Ok(exports)),
                     FromWorker::LoadFailed { error } => return Ok(Err(error)),
                     FromWorker::Log { level, message } => log.line(level, message),
@@ -318,6 +318,9 @@ impl WorkerHandle {
     }
 }
 
+/// Largest `Hello` a worker may send (its engine version and enforcement report).
+const MAX_HELLO_FRAME: u32 = 64 << 10;
+
 enum HandshakeFailure {
     Died(ExitReason),
     Other(StartError),
@@ -329,7 +332,7 @@ async fn handshake(
     timeout: Duration,
 ) -> Result<Hello, HandshakeFailure> {
     let read = async {
-        let payload = frame::read_payload_async(rd, frame::MAX_FRAME).await?;
+        let payload = frame::read_payload_async(rd, MAX_HELLO_FRAME).await?;
         frame::decode_hello(&payload)
     };
     tokio::select! {
