@@ -55,6 +55,12 @@ pub mod cli;
 mod config;
 mod daemon;
 mod plugins;
+
+/// What the fuzz targets (`crates/fuzz-targets`) drive directly: not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::plugins::install::{IndexEntry, InstallError, parse_index, unpack};
+}
 mod supervisor;
 mod worker;
 

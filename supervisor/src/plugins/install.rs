@@ -227,18 +227,24 @@ async fn read_index(index: &str) -> Result<(Vec<IndexEntry>, String), InstallErr
         index: file.clone(),
         why: "not UTF-8".into(),
     })?;
-    let raw: RawIndex = toml::from_str(&text).map_err(|e| {
-        let (line, column) = corral_manifest::line_col(&text, e.span().map_or(0, |s| s.start));
-        InstallError::Index {
-            index: file.clone(),
-            why: format!("{line}:{column}: {}", e.message()),
-        }
-    })?;
+    let entries = parse_index(&text, &file)?;
     let base = match file.rfind('/') {
         Some(i) => file[..i].to_owned(),
         None => ".".to_owned(),
     };
-    Ok((raw.plugin, base))
+    Ok((entries, base))
+}
+
+/// The entries of an `index.toml` whose text is `text` (`index` names it in errors).
+pub fn parse_index(text: &str, index: &str) -> Result<Vec<IndexEntry>, InstallError> {
+    let raw: RawIndex = toml::from_str(text).map_err(|e| {
+        let (line, column) = corral_manifest::line_col(text, e.span().map_or(0, |s| s.start));
+        InstallError::Index {
+            index: index.to_owned(),
+            why: format!("{line}:{column}: {}", e.message()),
+        }
+    })?;
+    Ok(raw.plugin)
 }
 
 /// Pick the highest version of `id` satisfying `req`.
@@ -481,7 +487,9 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<
 
 /// Unpack the gzipped tar `bytes` into `into`, refusing anything but plain files and
 /// directories inside it, and archives over the limits.
-fn unpack(bytes: &[u8], into: &Path, what: &str) -> Result<(), InstallError> {
+/// Unpack a plugin archive (gzipped tar of files and directories only, every path
+/// inside `into`, bounded in entries and bytes) into `into`; `what` names it.
+pub fn unpack(bytes: &[u8], into: &Path, what: &str) -> Result<(), InstallError> {
     let bad = |why: String| InstallError::Archive {
         what: what.to_owned(),
         why,
