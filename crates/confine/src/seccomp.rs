@@ -56,7 +56,8 @@ pub(crate) fn install(level: Level, engine: &str) -> Result<Enforcement, Confine
     let denied = denied_syscalls(level).len();
     Ok(Enforcement::Full(format!(
         "{level} deny-list: {denied} syscalls trap with SIGSYS; clone3 answers ENOSYS; \
-         sockets other than AF_UNIX refused{}",
+         no new sockets (socket answers EAFNOSUPPORT: no network, no host unix socket), \
+         stream socketpairs only; no inotify or fanotify (EPERM){}",
         if level >= Level::High {
             "; no exec"
         } else {

@@ -599,6 +599,9 @@ pub struct PluginInfo {
     /// The route that set the level and the resolved limits (`corral policy explain`
     /// shows every value's origin).
     pub policy: String,
+    /// The rules the supervisor itself enforces on this plugin's worker (what it may
+    /// send, write, ask for and leave behind), each saying what enforces it.
+    pub supervision: Vec<String>,
     /// Live resource use of the running worker.
     pub resources: Option<ResourceStats>,
 }

@@ -266,14 +266,32 @@ fn serve_call_list_stop() {
         "{status}"
     );
     assert!(
-        status.contains("  seccomp     enforced (standard deny-list"),
+        status.contains("  seccomp     enforced (standard deny-list")
+            && status.contains(
+                "no new sockets (socket answers EAFNOSUPPORT: no network, no host unix \
+                 socket), stream socketpairs only; no inotify or fanotify (EPERM))"
+            ),
         "{status}"
     );
+    assert!(status.contains("own ipc"), "{status}");
     assert!(status.contains("  process     no_new_privs on"), "{status}");
+    // And what the supervisor itself enforces, each rule with its enforcer.
+    for rule in [
+        "  supervisor  frames: a result or host call at most ",
+        "  supervisor  protocol: answers only to running calls, at most 4 host calls",
+        "  supervisor  output: stdout, stderr and log lines cut at 4 KiB, any bytes, 64 KiB/s",
+        "  supervisor  audit: 50 events/s per plugin after a burst of 200",
+        "  supervisor  deadlines: load and init within ",
+        "  supervisor  process tree: everything in the worker's cgroup dies with it",
+        "  supervisor  fetch: every hop's addresses judged and the connection pinned",
+    ] {
+        assert!(status.contains(rule), "{rule}: {status}");
+    }
     let out = d.cli(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["enforcement"]["landlock"]["status"], "full", "{v}");
     assert_eq!(v[0]["enforcement"]["no_new_privs"], true);
+    assert_eq!(v[0]["supervision"].as_array().map(Vec::len), Some(7), "{v}");
 
     let workers = d.worker_pids();
     assert_eq!(workers.len(), 2);

@@ -57,6 +57,7 @@ pub(super) fn print_plugins(plugins: &[PluginInfo], json: bool) -> anyhow::Resul
                     "exports": p.exports, "policy": p.policy, "requested": p.requested,
                     "resources": p.resources.as_ref().map(resources_json),
                     "enforcement": p.enforcement.as_ref().map(enforcement_json),
+                    "supervision": p.supervision,
                 })
             })
             .collect();
@@ -197,6 +198,9 @@ pub(super) fn print_status(
                 out,
                 "  (no worker running: enforcement is reported at start)"
             )?,
+        }
+        for s in &p.supervision {
+            writeln!(out, "  supervisor  {s}")?;
         }
         if let Some(r) = &p.resources {
             writeln!(out, "  resources   {}", resources_line(r))?;

@@ -29,6 +29,11 @@ impl Inner {
                 .cloned()
                 .unwrap_or_else(|| self.policy().resolve(&p.manifest, p.publisher.as_deref()));
             out.push(PluginInfo {
+                supervision: crate::worker::supervision(
+                    effective.max_output.value,
+                    effective.timeout.value + self.options.handshake_timeout,
+                    self.options.kill_grace,
+                ),
                 policy: effective.summary(),
                 resources: st.resources(),
                 id: p.manifest.id.clone(),

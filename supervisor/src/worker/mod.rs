@@ -296,3 +296,50 @@ impl Drop for WorkerHandle {
         self.kill.notify_one();
     }
 }
+
+/// The rules the supervisor enforces on a worker whose calls may answer
+/// `max_output` bytes and whose load and `init` may take `init`, each saying what
+/// enforces it (`corral status` shows them).
+pub(crate) fn supervision(max_output: u64, init: Duration, kill_grace: Duration) -> Vec<String> {
+    use corral_policy::size;
+    let frame = max_output.saturating_add(connection::FRAME_SLACK);
+    vec![
+        format!(
+            "frames: a result or host call at most {}, a log message {}, anything else 1 MiB, \
+             refused from the header before it is read (the supervisor's reader)",
+            size(frame.min(u64::from(corral_protocol::frame::MAX_FRAME))),
+            size(u64::from(connection::MAX_LOG_FRAME)),
+        ),
+        format!(
+            "protocol: answers only to running calls, at most {} host calls in flight, each \
+             for a running call; a worker breaking a rule is killed, audited and restarted \
+             with backoff (the supervisor's reader)",
+            connection::MAX_HOST_CALLS_IN_FLIGHT
+        ),
+        format!(
+            "output: stdout, stderr and log lines cut at {}, any bytes, {}/s per stream after \
+             a burst of {}, the rest counted as suppressed (the supervisor's log)",
+            size(output::MAX_LINE as u64),
+            size(output::LOG_RATE),
+            size(output::LOG_BURST),
+        ),
+        format!(
+            "audit: {} events/s per plugin after a burst of {}, the rest summarized (the \
+             supervisor's audit log)",
+            crate::broker::audit::AUDIT_RATE,
+            crate::broker::audit::AUDIT_BURST
+        ),
+        format!(
+            "deadlines: load and init within {}, a call within its deadline and {} of grace, \
+             then SIGKILL (the supervisor's timers; no lock is held while waiting)",
+            humantime::format_duration(init),
+            humantime::format_duration(kill_grace),
+        ),
+        "process tree: everything in the worker's cgroup dies with it (cgroup.kill on v2, \
+         each member killed until none is left on v1), and the group is removed"
+            .to_owned(),
+        "fetch: every hop's addresses judged and the connection pinned to them; loopback, \
+         private and link-local only where a rule names the address (the broker)"
+            .to_owned(),
+    ]
+}
