@@ -199,6 +199,16 @@ pub struct Limits {
     pub user: Option<Setting<RunAs>>,
     /// Size of the writable tmpfs (level maximum).
     pub tmpfs: Option<Setting<u64>>,
+    /// Deadline of the load and `init`. Unset: the plugin's timeout.
+    pub init_timeout: Option<Setting<Duration>>,
+    /// Bytes per second of each output stream (stdout, stderr, log) the supervisor
+    /// passes on, after a burst of four seconds' worth.
+    pub log_rate: Option<Setting<u64>>,
+    /// Audit events per second written for the plugin, after a burst of four
+    /// seconds' worth.
+    pub audit_rate: Option<Setting<u64>>,
+    /// Host calls one worker may have in flight.
+    pub host_calls: Option<Setting<u64>>,
 }
 
 impl Limits {
@@ -216,6 +226,10 @@ impl Limits {
             max_output: pick(&self.max_output, &over.max_output),
             user: pick(&self.user, &over.user),
             tmpfs: pick(&self.tmpfs, &over.tmpfs),
+            init_timeout: pick(&self.init_timeout, &over.init_timeout),
+            log_rate: pick(&self.log_rate, &over.log_rate),
+            audit_rate: pick(&self.audit_rate, &over.audit_rate),
+            host_calls: pick(&self.host_calls, &over.host_calls),
         }
     }
 }
@@ -237,6 +251,10 @@ pub fn built_in_limits(level: Level) -> Limits {
         max_output: Some(Setting::built_in(max_output)),
         user: Some(Setting::built_in(RunAs::Name("nobody".into()))),
         tmpfs: Some(Setting::built_in(16 * MIB)),
+        init_timeout: None,
+        log_rate: Some(Setting::built_in(64 << 10)),
+        audit_rate: Some(Setting::built_in(50)),
+        host_calls: Some(Setting::built_in(4)),
     }
 }
 
@@ -526,11 +544,18 @@ impl Policy {
             worker_memory,
             cpu: limits.cpu.clone().expect("complete level limits"),
             pids: get(&limits.pids),
-            timeout,
             timeout_cap: timeout_cap.value,
             max_output,
             user: limits.user.clone().expect("complete level limits"),
             tmpfs: get(&limits.tmpfs),
+            init_timeout: limits.init_timeout.clone().unwrap_or_else(|| Setting {
+                value: timeout.value,
+                origin: Origin::Derived("the plugin's timeout".into()),
+            }),
+            log_rate: get(&limits.log_rate),
+            audit_rate: get(&limits.audit_rate),
+            host_calls: get(&limits.host_calls),
+            timeout,
             clamped,
             requested: Vec::new(),
             services: Services::of(&m.id, &self.grants),
@@ -557,6 +582,14 @@ pub struct Effective {
     pub max_output: Setting<u64>,
     pub user: Setting<RunAs>,
     pub tmpfs: Setting<u64>,
+    /// Deadline of the load and `init`.
+    pub init_timeout: Setting<Duration>,
+    /// Bytes per second per output stream passed on (burst: 4 s worth).
+    pub log_rate: Setting<u64>,
+    /// Audit events per second (burst: 4 s worth).
+    pub audit_rate: Setting<u64>,
+    /// Host calls in flight per worker.
+    pub host_calls: Setting<u64>,
     /// Requests in plugin.toml that the policy lowered.
     pub clamped: Vec<String>,
     /// The host services it may use.
@@ -647,6 +680,26 @@ impl fmt::Display for Effective {
         if self.level.value == Level::Maximum {
             row("tmpfs", size(self.tmpfs.value), &self.tmpfs.origin)?;
         }
+        row(
+            "init_timeout",
+            format!("{:?}", self.init_timeout.value),
+            &self.init_timeout.origin,
+        )?;
+        row(
+            "log_rate",
+            format!("{}/s", size(self.log_rate.value)),
+            &self.log_rate.origin,
+        )?;
+        row(
+            "audit_rate",
+            format!("{}/s", self.audit_rate.value),
+            &self.audit_rate.origin,
+        )?;
+        row(
+            "host_calls",
+            self.host_calls.value.to_string(),
+            &self.host_calls.origin,
+        )?;
         let sv = &self.services;
         row("kv_quota", size(sv.kv_quota.value), &sv.kv_quota.origin)?;
         row(

@@ -58,6 +58,10 @@ struct RawLimits {
     max_output: Option<Spanned<String>>,
     user: Option<Spanned<String>>,
     tmpfs: Option<Spanned<String>>,
+    init_timeout: Option<Spanned<String>>,
+    log_rate: Option<Spanned<String>>,
+    audit_rate: Option<Spanned<i64>>,
+    host_calls: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -254,6 +258,38 @@ fn merge(
     );
     one(file, level, "user", &mut into.user, new.user, errors);
     one(file, level, "tmpfs", &mut into.tmpfs, new.tmpfs, errors);
+    one(
+        file,
+        level,
+        "init_timeout",
+        &mut into.init_timeout,
+        new.init_timeout,
+        errors,
+    );
+    one(
+        file,
+        level,
+        "log_rate",
+        &mut into.log_rate,
+        new.log_rate,
+        errors,
+    );
+    one(
+        file,
+        level,
+        "audit_rate",
+        &mut into.audit_rate,
+        new.audit_rate,
+        errors,
+    );
+    one(
+        file,
+        level,
+        "host_calls",
+        &mut into.host_calls,
+        new.host_calls,
+        errors,
+    );
 }
 
 /// Validate a limits table; `None` if anything in it is wrong (reported).
@@ -296,6 +332,7 @@ fn limits(file: &File<'_>, raw: &RawLimits, errors: &mut Vec<PolicyError>) -> Op
     let worker_memory = size(&raw.worker_memory, 32 << 20, "worker_memory");
     let max_output = size(&raw.max_output, 1, "max_output");
     let tmpfs = size(&raw.tmpfs, 64 << 10, "tmpfs");
+    let log_rate = size(&raw.log_rate, 1 << 10, "log_rate");
     if let (Some(m), Some(w)) = (&memory, &worker_memory)
         && w.value < m.value
     {
@@ -343,6 +380,42 @@ fn limits(file: &File<'_>, raw: &RawLimits, errors: &mut Vec<PolicyError>) -> Op
                 None
             }
         });
+    let init_timeout = raw
+        .init_timeout
+        .as_ref()
+        .and_then(|t| match parse_duration(t.get_ref()) {
+            Ok(d) if !d.is_zero() => Some(file.setting(d, t.span())),
+            Ok(_) => {
+                errors.push(file.error(
+                    Some(t.span()),
+                    "init_timeout must be greater than zero".into(),
+                ));
+                None
+            }
+            Err(m) => {
+                errors.push(file.error(Some(t.span()), m));
+                None
+            }
+        });
+    let mut count = |v: &Option<Spanned<i64>>, range: std::ops::RangeInclusive<i64>, what: &str| {
+        let v = v.as_ref()?;
+        if range.contains(v.get_ref()) {
+            Some(file.setting(*v.get_ref() as u64, v.span()))
+        } else {
+            errors.push(file.error(
+                Some(v.span()),
+                format!(
+                    "{what} must be between {} and {}, not {}",
+                    range.start(),
+                    range.end(),
+                    v.get_ref()
+                ),
+            ));
+            None
+        }
+    };
+    let audit_rate = count(&raw.audit_rate, 1..=10_000, "audit_rate");
+    let host_calls = count(&raw.host_calls, 1..=64, "host_calls");
     let user = raw
         .user
         .as_ref()
@@ -362,6 +435,10 @@ fn limits(file: &File<'_>, raw: &RawLimits, errors: &mut Vec<PolicyError>) -> Op
         max_output,
         user,
         tmpfs,
+        init_timeout,
+        log_rate,
+        audit_rate,
+        host_calls,
     })
 }
 

@@ -151,7 +151,7 @@ fn a_level_override_from_the_command_line_comes_first() {
     assert_eq!(e.max_output.value, 8 << 20);
     assert_eq!(
         e.max_output.origin.to_string(),
-        "policies/levels.toml:28:14"
+        "policies/levels.toml:41:14"
     );
 }
 
@@ -384,6 +384,61 @@ kv_quota = "5MiB"
         other.services.check_kv().unwrap_err(),
         "default deny: no [[grant]] kv_quota rule allows a key-value store for plugin lonely \
          (no grant applies to it)"
+    );
+}
+
+#[test]
+fn budgets_are_policy_values_per_level_and_route_with_their_origin() {
+    let p = Policy::parse(&files(&[
+        (
+            "levels.toml",
+            "[level.standard]\ninit_timeout = \"2s\"\nlog_rate = \"16KiB\"\naudit_rate = 10\nhost_calls = 2\n",
+        ),
+        (
+            "routes.toml",
+            "[[route]]\nname = \"chatty\"\nid = \"billing-*\"\nlevel = \"standard\"\nlimits = { log_rate = \"1MiB\" }\n",
+        ),
+    ]))
+    .unwrap();
+    let e = p.resolve(&manifest(""), None);
+    assert_eq!(e.init_timeout.value, Duration::from_secs(2));
+    assert_eq!(e.init_timeout.origin.to_string(), "levels.toml:2:16");
+    assert_eq!(e.log_rate.value, 1 << 20);
+    assert_eq!(e.log_rate.origin.to_string(), "routes.toml:5:23");
+    assert_eq!((e.audit_rate.value, e.host_calls.value), (10, 2));
+    let shown = e.to_string();
+    for row in [
+        "  init_timeout   2s           levels.toml:2:16",
+        "  log_rate       1 MiB/s      routes.toml:5:23",
+        "  audit_rate     10/s         levels.toml:4:14",
+        "  host_calls     2            levels.toml:5:14",
+    ] {
+        assert!(shown.contains(row), "{row}:\n{shown}");
+    }
+    // Unset: built in, and the load's deadline is the plugin's timeout.
+    let d = Policy::built_in().resolve(&manifest("[limits]\ntimeout = \"3s\"\n"), None);
+    assert_eq!(d.init_timeout.value, Duration::from_secs(3));
+    assert_eq!(
+        d.init_timeout.origin.to_string(),
+        "derived: the plugin's timeout"
+    );
+    assert_eq!(
+        (d.log_rate.value, d.audit_rate.value, d.host_calls.value),
+        (64 << 10, 50, 4)
+    );
+    let e = errors(&[(
+        "levels.toml",
+        "[level.high]\ninit_timeout = \"0s\"\nlog_rate = \"10B\"\naudit_rate = 0\nhost_calls = 65\n",
+    )]);
+    assert_eq!(
+        e,
+        [
+            "levels.toml:2:16: init_timeout must be greater than zero",
+            "levels.toml:3:12: log_rate must be at least 1 KiB",
+            "levels.toml:4:14: audit_rate must be between 1 and 10000, not 0",
+            "levels.toml:5:14: host_calls must be between 1 and 64, not 65",
+        ],
+        "{e:#?}"
     );
 }
 

@@ -63,13 +63,15 @@ struct Line<'a> {
     event: &'a AuditEvent<'a>,
 }
 
-/// Lines one plugin may have written at once...
-pub const AUDIT_BURST: u32 = 200;
-/// ...and a second after that. A plugin that makes denied host calls in a loop would
+/// Lines a second one plugin may have written, after a burst of four seconds'
+/// worth, unless the policy's `audit_rate` says otherwise. A plugin that makes denied host calls in a loop would
 /// otherwise write megabytes a second, drowning the other plugins' lines (and the
 /// disk). Beyond the budget its events are counted, not written, and one summary
 /// line per window says how many there were, by operation and decision.
 pub const AUDIT_RATE: u32 = 50;
+
+#[cfg(test)]
+const AUDIT_BURST: u32 = 4 * AUDIT_RATE;
 
 /// The audit log writer.
 #[derive(Debug)]
@@ -82,11 +84,15 @@ struct Shared {
     sink: AuditSink,
     file: Mutex<Option<std::fs::File>>,
     budgets: Mutex<HashMap<String, Budget>>,
+    /// Each plugin's `audit_rate` (the policy's; [`AUDIT_RATE`] when not set).
+    rates: Mutex<HashMap<String, u32>>,
 }
 
 /// One plugin's budget: a token bucket, and what it suppressed since it ran dry.
 #[derive(Debug)]
 struct Budget {
+    /// Events a second, and at once (four seconds' worth).
+    rate: u32,
     tokens: f64,
     last: Instant,
     suppressed: BTreeMap<(String, String), u64>,
@@ -94,9 +100,10 @@ struct Budget {
 }
 
 impl Budget {
-    fn full(now: Instant) -> Budget {
+    fn full(now: Instant, rate: u32) -> Budget {
         Budget {
-            tokens: f64::from(AUDIT_BURST),
+            rate,
+            tokens: f64::from(rate.saturating_mul(4)),
             last: now,
             suppressed: BTreeMap::new(),
             since: None,
@@ -105,8 +112,12 @@ impl Budget {
 
     fn refill(&mut self, now: Instant) {
         let secs = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + secs * f64::from(AUDIT_RATE)).min(f64::from(AUDIT_BURST));
+        self.tokens = (self.tokens + secs * f64::from(self.rate)).min(self.burst());
         self.last = now;
+    }
+
+    fn burst(&self) -> f64 {
+        f64::from(self.rate.saturating_mul(4))
     }
 
     /// The summary of what was suppressed, if anything was; the count starts over.
@@ -127,8 +138,10 @@ impl Budget {
         self.suppressed.clear();
         self.since = None;
         Some(format!(
-            "{total} events over the audit budget ({AUDIT_BURST} at once, {AUDIT_RATE} a second) \
-             not written since {since}: {}",
+            "{total} events over the audit budget ({} at once, {} a second) not written \
+             since {since}: {}",
+            self.rate.saturating_mul(4),
+            self.rate,
             by.join(", ")
         ))
     }
@@ -153,6 +166,7 @@ impl Audit {
             sink,
             file: Mutex::new(None),
             budgets: Mutex::new(HashMap::new()),
+            rates: Mutex::new(HashMap::new()),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let weak = std::sync::Arc::downgrade(&shared);
@@ -174,15 +188,43 @@ impl Audit {
     pub fn record(&self, event: AuditEvent<'_>) {
         self.shared.record(event, Instant::now());
     }
+
+    /// `plugin`'s budget from now on: `rate` events a second after a burst of four
+    /// seconds' worth (the policy's `audit_rate`, set when a worker starts).
+    pub fn set_rate(&self, plugin: &str, rate: u32) {
+        let rate = rate.max(1);
+        self.shared
+            .rates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(plugin.to_owned(), rate);
+        if let Some(b) = self
+            .shared
+            .budgets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(plugin)
+        {
+            b.rate = rate;
+            b.tokens = b.tokens.min(b.burst());
+        }
+    }
 }
 
 impl Shared {
     fn record(&self, event: AuditEvent<'_>, now: Instant) {
         let summary = {
+            let rate = self
+                .rates
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(event.plugin)
+                .copied()
+                .unwrap_or(AUDIT_RATE);
             let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
             let b = budgets
                 .entry(event.plugin.to_owned())
-                .or_insert_with(|| Budget::full(now));
+                .or_insert_with(|| Budget::full(now, rate));
             b.refill(now);
             if b.tokens < 1.0 {
                 *b.suppressed
@@ -213,7 +255,7 @@ impl Shared {
                 {
                     due.push((plugin.clone(), rule));
                 }
-                b.tokens < f64::from(AUDIT_BURST) || !b.suppressed.is_empty()
+                b.tokens < b.burst() || !b.suppressed.is_empty()
             });
             due
         };
@@ -305,6 +347,40 @@ mod tests {
 
     fn of<'a>(lines: &'a [serde_json::Value], plugin: &str) -> Vec<&'a serde_json::Value> {
         lines.iter().filter(|l| l["plugin"] == plugin).collect()
+    }
+
+    /// A plugin's own `audit_rate` sets its budget: a burst of four seconds' worth,
+    /// then that many a second; other plugins keep the default.
+    #[test]
+    fn a_plugins_audit_rate_is_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = Audit::new(AuditSink::File(path.clone()));
+        audit.set_rate("quiet", 5);
+        let a = &audit.shared;
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            a.record(event("quiet", "kv.get"), t0);
+            a.record(event("other", "kv.get"), t0);
+        }
+        let l = lines(&path);
+        assert_eq!(of(&l, "quiet").len(), 20);
+        assert_eq!(of(&l, "other").len(), 100);
+        // A second later: five more, after the summary of the 80 held back.
+        for _ in 0..10 {
+            a.record(event("quiet", "kv.get"), t0 + Duration::from_secs(1));
+        }
+        let l = lines(&path);
+        let quiet = of(&l, "quiet");
+        assert_eq!(quiet.len(), 20 + 1 + 5, "{quiet:#?}");
+        assert!(
+            quiet[20]["rule"]
+                .as_str()
+                .unwrap()
+                .starts_with("80 events over the audit budget (20 at once, 5 a second)"),
+            "{}",
+            quiet[20]
+        );
     }
 
     /// A plugin looping over denied calls gets its budget's worth of lines and then

@@ -6,7 +6,7 @@
 
 use super::{CGROUP_PREFIX, Inner, Options, Plugin, error_chain};
 use crate::plugins::{access, signing};
-use crate::worker::{BoxFuture, Broker, PluginFiles, SpawnSpec, StartError, WorkerHandle};
+use crate::worker::{BoxFuture, Broker, Budgets, PluginFiles, SpawnSpec, StartError, WorkerHandle};
 use corral_confine::cgroup::{CgroupBase, CgroupLimits, PluginCgroup};
 use corral_confine::{Level, SelfConfinement};
 use corral_manifest::{Manifest, Runtime};
@@ -67,6 +67,9 @@ impl Inner {
         for note in &effective.clamped {
             tracing::warn!(plugin = %p.manifest.id, "{note}");
         }
+        self.broker
+            .audit
+            .set_rate(&p.manifest.id, effective.audit_rate.value as u32);
         let (worker, group) = self
             .launcher
             .launch(Launch {
@@ -159,6 +162,10 @@ impl ProcessLauncher {
             env: worker_env(),
             handshake_timeout: self.options.handshake_timeout,
             kill_grace: self.options.kill_grace,
+            budgets: Budgets {
+                log_rate: effective.log_rate.value,
+                host_calls: effective.host_calls.value as usize,
+            },
             confine: SelfConfinement {
                 level,
                 read: vec![files.to_owned()],
@@ -176,7 +183,7 @@ impl ProcessLauncher {
             limits: EngineLimits {
                 memory_bytes: effective.memory.value,
                 max_output_bytes: effective.max_output.value,
-                init_deadline_ms: effective.timeout.value.as_millis() as u64,
+                init_deadline_ms: effective.init_timeout.value.as_millis() as u64,
             },
             cache_dir: cache_dir.map(|d| d.to_string_lossy().into_owned()),
             config: self

@@ -30,8 +30,8 @@ impl Inner {
                 .unwrap_or_else(|| self.policy().resolve(&p.manifest, p.publisher.as_deref()));
             out.push(PluginInfo {
                 supervision: crate::worker::supervision(
-                    effective.max_output.value,
-                    effective.timeout.value + self.options.handshake_timeout,
+                    &effective,
+                    self.options.handshake_timeout,
                     self.options.kill_grace,
                 ),
                 policy: effective.summary(),

@@ -186,6 +186,10 @@ impl Launcher for FakeLauncher {
                 broker: req.broker,
                 redactor: req.plugin.redactor.clone(),
                 files: None,
+                budgets: crate::worker::Budgets {
+                    log_rate: req.effective.log_rate.value,
+                    host_calls: req.effective.host_calls.value as usize,
+                },
             };
             let load = corral_protocol::LoadSpec {
                 plugin_id: req.plugin.manifest.id.clone(),
@@ -738,7 +742,10 @@ async fn a_worker_that_breaks_the_protocol_is_killed_audited_and_replaced() {
             "oversize",
             "call 1 answered 1048577 bytes, past its max_output of 1048576 bytes",
         ),
-        ("host_flood", "more than 4 host calls in flight"),
+        (
+            "host_flood",
+            "more than 4 host calls in flight (host_calls)",
+        ),
         ("host_dup", "host call id 7 is already in flight"),
         ("stats", "a Stats message nobody asked for"),
         // Refused from the frame's length and kind, before the rest is read.
@@ -792,6 +799,26 @@ async fn a_worker_that_breaks_the_protocol_is_killed_audited_and_replaced() {
         assert_eq!(f.sup.list().await[0].restarts, 1, "{function}");
         f.sup.shutdown(Duration::from_secs(1)).await;
     }
+}
+
+/// The policy's `host_calls` is the bound the supervisor holds a worker to.
+#[tokio::test]
+async fn the_policys_host_calls_bound_the_host_calls_in_flight() {
+    let f = fixture(|o| {
+        let p = corral_policy::Policy::parse(&[(
+            "levels.toml".into(),
+            "[level.standard]\nhost_calls = 2\n[[route]]\nlevel = \"standard\"\n".into(),
+        )])
+        .unwrap();
+        o.policy = Arc::new(p);
+    });
+    match f.call("host_flood").await {
+        Err(CallError::WorkerCrashed(ExitReason::Protocol(why))) => {
+            assert_eq!(why, "more than 2 host calls in flight (host_calls)")
+        }
+        other => panic!("{other:?}"),
+    }
+    f.sup.shutdown(Duration::from_secs(1)).await;
 }
 
 /// The complete JSON lines of the audit log at `path` so far (none if it is not

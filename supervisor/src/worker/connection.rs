@@ -5,7 +5,7 @@
 //!
 //! Every frame is hostile input. A worker that breaks the protocol (an answer to
 //! a call that is not running, output past its `max_output`, a host call for a
-//! call that is not running or past [`MAX_HOST_CALLS_IN_FLIGHT`], a message it
+//! call that is not running or past the policy's `host_calls`, a message it
 //! was not asked for, a frame that does not decode) is killed; its callers get
 //! [`ExitReason::Protocol`] naming the violation, the broker audits it, and the
 //! supervisor restarts the plugin as after a crash (with backoff). What it may
@@ -90,11 +90,6 @@ async fn read_owned(
     (rd, r)
 }
 
-/// Host calls one worker may have in flight. The worker library makes one at a
-/// time (it waits for each answer under a lock); more is a worker that no longer
-/// runs our code.
-pub(crate) const MAX_HOST_CALLS_IN_FLIGHT: usize = 4;
-
 /// A message's name, for errors (never its contents, which may be megabytes).
 pub(crate) fn message_name(msg: &FromWorker) -> &'static str {
     msg.kind().name()
@@ -107,6 +102,8 @@ pub(crate) struct Connection {
     /// The plugin's `max_output`: a larger result breaks the protocol (the engine
     /// answers `OutputTooLarge` instead).
     pub(crate) max_output: u64,
+    /// The policy's `host_calls`: more in flight breaks the protocol.
+    pub(crate) host_calls: usize,
     pub(crate) level: Level,
     pub(crate) killed_by_supervisor: Arc<AtomicBool>,
     pub(crate) kill_reason: Arc<Mutex<Option<String>>>,
@@ -264,9 +261,10 @@ impl Connection {
                             "host call {id} names call {call}, which is not running"
                         ));
                     };
-                    if p.host_calls.len() >= MAX_HOST_CALLS_IN_FLIGHT {
+                    if p.host_calls.len() >= self.host_calls {
                         return Err(format!(
-                            "more than {MAX_HOST_CALLS_IN_FLIGHT} host calls in flight"
+                            "more than {} host calls in flight (host_calls)",
+                            self.host_calls
                         ));
                     }
                     if !p.host_calls.insert(id) {

@@ -34,8 +34,8 @@ pub(crate) mod spawn;
 pub use exit::UNREPORTED_SYSCALL;
 pub use process::WORKER_MAX_FILES;
 pub use redact::{PluginFiles, Redactor};
-pub(crate) use spawn::SpawnSpec;
 pub use spawn::StartError;
+pub(crate) use spawn::{Budgets, SpawnSpec};
 
 use corral_confine::Level;
 use corral_protocol::{
@@ -297,12 +297,18 @@ impl Drop for WorkerHandle {
     }
 }
 
-/// The rules the supervisor enforces on a worker whose calls may answer
-/// `max_output` bytes and whose load and `init` may take `init`, each saying what
-/// enforces it (`corral status` shows them).
-pub(crate) fn supervision(max_output: u64, init: Duration, kill_grace: Duration) -> Vec<String> {
+/// The rules the supervisor enforces on a worker under `effective` (the policy's
+/// budgets and limits), each saying what enforces it (`corral status` shows them).
+pub(crate) fn supervision(
+    effective: &corral_policy::Effective,
+    handshake: Duration,
+    kill_grace: Duration,
+) -> Vec<String> {
     use corral_policy::size;
-    let frame = max_output.saturating_add(connection::FRAME_SLACK);
+    let frame = effective
+        .max_output
+        .value
+        .saturating_add(connection::FRAME_SLACK);
     vec![
         format!(
             "frames: a result or host call at most {}, a log message {}, anything else 1 MiB, \
@@ -314,25 +320,25 @@ pub(crate) fn supervision(max_output: u64, init: Duration, kill_grace: Duration)
             "protocol: answers only to running calls, at most {} host calls in flight, each \
              for a running call; a worker breaking a rule is killed, audited and restarted \
              with backoff (the supervisor's reader)",
-            connection::MAX_HOST_CALLS_IN_FLIGHT
+            effective.host_calls.value
         ),
         format!(
             "output: stdout, stderr and log lines cut at {}, any bytes, {}/s per stream after \
              a burst of {}, the rest counted as suppressed (the supervisor's log)",
             size(output::MAX_LINE as u64),
-            size(output::LOG_RATE),
-            size(output::LOG_BURST),
+            size(effective.log_rate.value),
+            size(effective.log_rate.value.saturating_mul(4)),
         ),
         format!(
             "audit: {} events/s per plugin after a burst of {}, the rest summarized (the \
              supervisor's audit log)",
-            crate::broker::audit::AUDIT_RATE,
-            crate::broker::audit::AUDIT_BURST
+            effective.audit_rate.value,
+            effective.audit_rate.value.saturating_mul(4)
         ),
         format!(
             "deadlines: load and init within {}, a call within its deadline and {} of grace, \
              then SIGKILL (the supervisor's timers; no lock is held while waiting)",
-            humantime::format_duration(init),
+            humantime::format_duration(effective.init_timeout.value + handshake),
             humantime::format_duration(kill_grace),
         ),
         "process tree: everything in the worker's cgroup dies with it (cgroup.kill on v2, \

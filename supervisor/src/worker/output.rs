@@ -55,12 +55,11 @@ impl StderrTail {
 /// newlines costs the supervisor this much, not what it wrote.
 pub(crate) const MAX_LINE: usize = 4096;
 
-/// Bytes per second of a worker's stdout and stderr that reach the supervisor's
-/// log (each stream), after a burst of [`LOG_BURST`]; the lines past it are
-/// counted and summarised, never queued.
+/// The built-in `log_rate` (the tests' budget): bytes per second of each of a
+/// worker's streams that reach the supervisor's log, after a burst of four seconds'
+/// worth; the lines past it are counted and summarised, never queued.
+#[cfg(test)]
 pub(crate) const LOG_RATE: u64 = 64 * 1024;
-/// See [`LOG_RATE`].
-pub(crate) const LOG_BURST: u64 = 256 * 1024;
 
 /// Splits a byte stream into lines of at most [`MAX_LINE`] bytes, whatever the
 /// bytes are: invalid UTF-8 is replaced, never a reason to stop reading.
@@ -156,7 +155,8 @@ impl LogBudget {
 }
 
 /// Forward a worker's stdout or stderr to the log, line by line: lines bounded
-/// ([`MAX_LINE`]), any bytes (lossy), at a bounded rate ([`LOG_RATE`]); every line
+/// ([`MAX_LINE`]), any bytes (lossy), at `rate` bytes a second (the policy's
+/// `log_rate`); every line
 /// also goes to `keep` (the stderr tail that explains a death), so a flood cannot
 /// hide the worker's last words.
 pub(crate) async fn forward_output(
@@ -164,13 +164,14 @@ pub(crate) async fn forward_output(
     plugin: String,
     stream: &'static str,
     keep: Option<Arc<StderrTail>>,
+    rate: u64,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut lines = Lines::default();
-    let mut budget = LogBudget::new(LOG_RATE, LOG_BURST, std::time::Instant::now());
+    let mut budget = LogBudget::new(rate, rate.saturating_mul(4), std::time::Instant::now());
     let mut ready = Vec::new();
     let suppressed = |n: u64| {
-        tracing::warn!(plugin = %plugin, stream, "{n} lines suppressed (over {LOG_RATE} bytes/s)");
+        tracing::warn!(plugin = %plugin, stream, "{n} lines suppressed (over {rate} bytes/s)");
     };
     loop {
         let n = match out.read(&mut buf).await {
@@ -214,14 +215,18 @@ pub(crate) struct PluginLog {
     plugin: String,
     redactor: Redactor,
     budget: LogBudget,
+    rate: u64,
 }
 
 impl PluginLog {
-    pub(crate) fn new(plugin: &str, redactor: Redactor) -> PluginLog {
+    /// The log of `plugin`, passing on `rate` bytes a second after a burst of four
+    /// seconds' worth.
+    pub(crate) fn new(plugin: &str, redactor: Redactor, rate: u64) -> PluginLog {
         PluginLog {
             plugin: plugin.to_owned(),
             redactor,
-            budget: LogBudget::new(LOG_RATE, LOG_BURST, std::time::Instant::now()),
+            budget: LogBudget::new(rate, rate.saturating_mul(4), std::time::Instant::now()),
+            rate,
         }
     }
 
@@ -252,7 +257,7 @@ impl PluginLog {
     }
 
     fn suppressed(&self, n: u64) {
-        tracing::warn!(plugin = %self.plugin, stream = "log", "{n} lines suppressed (over {LOG_RATE} bytes/s)");
+        tracing::warn!(plugin = %self.plugin, stream = "log", "{n} lines suppressed (over {} bytes/s)", self.rate);
     }
 }
 
@@ -345,6 +350,7 @@ mod tests {
             "p".into(),
             "stderr",
             Some(Arc::clone(&tail)),
+            LOG_RATE,
         ));
         use tokio::io::AsyncWriteExt;
         for _ in 0..256 {

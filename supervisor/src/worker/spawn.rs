@@ -50,6 +50,17 @@ pub(crate) struct SpawnSpec {
     pub(crate) redactor: Redactor,
     /// The version's files, kept while the worker lives.
     pub(crate) files: Option<PluginFiles>,
+    /// What the worker may send: the policy's `log_rate` and `host_calls`.
+    pub(crate) budgets: Budgets,
+}
+
+/// The policy's budgets for one worker's streams, enforced by the supervisor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budgets {
+    /// Bytes per second of each output stream passed on (burst: four seconds' worth).
+    pub(crate) log_rate: u64,
+    /// Host calls in flight.
+    pub(crate) host_calls: usize,
 }
 
 /// Why a worker could not be started.
@@ -134,11 +145,23 @@ impl WorkerHandle {
         let stream = tokio::net::UnixStream::from_std(ours).map_err(StartError::Socket)?;
         let tail = Arc::new(StderrTail::default());
         if let Some(s) = child.stdout.take() {
-            tokio::spawn(forward_output(s, spec.plugin_id.clone(), "stdout", None));
+            tokio::spawn(forward_output(
+                s,
+                spec.plugin_id.clone(),
+                "stdout",
+                None,
+                spec.budgets.log_rate,
+            ));
         }
         if let Some(s) = child.stderr.take() {
             let keep = Some(Arc::clone(&tail));
-            tokio::spawn(forward_output(s, spec.plugin_id.clone(), "stderr", keep));
+            tokio::spawn(forward_output(
+                s,
+                spec.plugin_id.clone(),
+                "stderr",
+                keep,
+                spec.budgets.log_rate,
+            ));
         }
         let run_as = spec
             .confine
@@ -199,7 +222,11 @@ impl WorkerHandle {
         // Load: the worker answers Loaded or LoadFailed (and exits).
         let init_deadline = Duration::from_millis(load.limits.init_deadline_ms);
         let max_output = load.limits.max_output_bytes;
-        let mut log = PluginLog::new(&spec.plugin_id, spec.redactor.clone());
+        let mut log = PluginLog::new(
+            &spec.plugin_id,
+            spec.redactor.clone(),
+            spec.budgets.log_rate,
+        );
         let load_frame = frame::encode(&ToWorker::Load(load)).map_err(StartError::Handshake)?;
         let loaded = async {
             wr.write_all(&load_frame).await.map_err(FrameError::Io)?;
@@ -300,6 +327,7 @@ impl WorkerHandle {
                 broker: spec.broker.clone(),
                 log,
                 max_output,
+                host_calls: spec.budgets.host_calls,
                 level: spec.confine.level,
                 killed_by_supervisor: Arc::clone(&handle.killed_by_supervisor),
                 kill_reason: Arc::clone(&handle.kill_reason),

@@ -1,0 +1,200 @@
+//! A hostile worker flooding the supervisor at full speed, beside the quiet figures
+//! of the same run: the supervisor's peak resident memory (VmHWM) and a neighbour
+//! plugin's call latency (median, p99).
+//!
+//! Run with `cargo bench --workspace --bench flood` (`-- --quick` for a smoke run).
+//! The supervisor runs in this process on a multi-thread runtime, as `corral serve`
+//! does; both plugins run `corral-worker-hostile` (a real worker, confined at
+//! `standard`), the attacker writing its own frames and output past the worker
+//! library, the neighbour answering `ok`. Phases, each measured against the quiet
+//! one:
+//!
+//! - log frames: 64 KiB `Log` frames (the largest allowed) without pause;
+//! - stdout and stderr: megabytes without a newline, not UTF-8, on both streams;
+//! - violations: frames claiming 60 MiB, frames that do not decode, answers to
+//!   calls that are not running: each gets the worker killed, audited and
+//!   restarted.
+
+use corral::Supervisor;
+use corral_confine::Level;
+use corral_integration_tests::{built, options, wat_plugin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+fn vm_hwm() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap()
+        << 10
+}
+
+struct Stats {
+    n: usize,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    let n = v.len();
+    Stats {
+        n,
+        p50: v[n / 2],
+        p99: v[(n * 99 / 100).min(n - 1)],
+    }
+}
+
+fn row(name: &str, s: &Stats, quiet: &Stats) {
+    println!(
+        "  {name:<40} p50 {:>8.1} us   p99 {:>8.1} us   ({} calls)  p50 {:.2}x, p99 {:.2}x quiet",
+        s.p50.as_secs_f64() * 1e6,
+        s.p99.as_secs_f64() * 1e6,
+        s.n,
+        s.p50.as_secs_f64() / quiet.p50.as_secs_f64(),
+        s.p99.as_secs_f64() / quiet.p99.as_secs_f64(),
+    );
+}
+
+/// Neighbour calls, one after another, until `stop` (or `count` calls).
+async fn neighbour(sup: &Supervisor, stop: &AtomicBool, count: usize) -> Vec<Duration> {
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Relaxed) && out.len() < count {
+        let t = Instant::now();
+        let r = sup.call("neighbour", "ok", Vec::new(), None).await;
+        out.push(t.elapsed());
+        assert_eq!(r.unwrap(), b"ok", "the neighbour must answer");
+    }
+    out
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (quiet_calls, phase) = if quick {
+        (2_000, Duration::from_secs(3))
+    } else {
+        (20_000, Duration::from_secs(15))
+    };
+    built();
+    let workers = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        built().bin_dir.join("corral-worker-hostile"),
+        workers.path().join("corral-worker-wasm"),
+    )
+    .unwrap();
+    let cache = corral_integration_tests::open_tempdir();
+    let mut opts = options(cache.path());
+    opts.worker_dir = workers.path().to_owned();
+    opts.policy =
+        Arc::new(corral_integration_tests::test_policy().with_level(Level::Standard, "bench"));
+    opts.restart.max_crashes = u32::MAX;
+    opts.restart.base_backoff = Duration::from_millis(1);
+    opts.restart.max_backoff = Duration::from_millis(1);
+    opts.audit = corral::AuditSink::File(cache.path().join("audit.jsonl"));
+    let attacker = wat_plugin("attacker", "testkit.wat", "max_output = \"1MiB\"");
+    let neighbour_dir = wat_plugin("neighbour", "testkit.wat", "");
+    let mut sup = Supervisor::new(opts);
+    sup.add_plugin_dir(attacker.path()).unwrap();
+    sup.add_plugin_dir(neighbour_dir.path()).unwrap();
+    let sup = Arc::new(sup);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        assert_eq!(
+            sup.call("attacker", "ok", Vec::new(), None).await.unwrap(),
+            b"ok"
+        );
+        let never = AtomicBool::new(false);
+        // Warm up, then the quiet figures.
+        neighbour(&sup, &never, 200).await;
+        let quiet = stats(neighbour(&sup, &never, quiet_calls).await);
+        let hwm_quiet = vm_hwm();
+        println!("flood: supervisor and two confined workers, multi-thread runtime");
+        println!(
+            "  {:<40} p50 {:>8.1} us   p99 {:>8.1} us   ({} calls)",
+            "neighbour call, quiet",
+            quiet.p50.as_secs_f64() * 1e6,
+            quiet.p99.as_secs_f64() * 1e6,
+            quiet.n
+        );
+        let phases: [(&str, &[(&str, &str)]); 3] = [
+            ("log frames (64 KiB each)", &[("log_flood", "16")]),
+            (
+                "stdout + stderr, no newline, not UTF-8",
+                &[("output_flood", "16")],
+            ),
+            (
+                "violations (kill, audit, restart)",
+                &[
+                    ("huge_frame", ""),
+                    ("garbage_frame", ""),
+                    ("forge_answer", ""),
+                ],
+            ),
+        ];
+        for (name, attacks) in phases {
+            let stop = Arc::new(AtomicBool::new(false));
+            let sent = Arc::new(AtomicU64::new(0));
+            let flood = {
+                let (sup, stop, sent) = (Arc::clone(&sup), Arc::clone(&stop), Arc::clone(&sent));
+                let attacks: Vec<(String, String)> = attacks
+                    .iter()
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .collect();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        for (attack, arg) in &attacks {
+                            let _ = sup
+                                .call("attacker", attack, arg.as_bytes().to_vec(), None)
+                                .await;
+                            sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            };
+            let stopper = {
+                let stop = Arc::clone(&stop);
+                tokio::spawn(async move {
+                    tokio::time::sleep(phase).await;
+                    stop.store(true, Ordering::Relaxed);
+                })
+            };
+            let during = stats(neighbour(&sup, &stop, usize::MAX).await);
+            stopper.await.unwrap();
+            flood.await.unwrap();
+            row(&format!("neighbour call, {name}"), &during, &quiet);
+            println!(
+                "  {:<40} {} attacker calls in {:?}",
+                "",
+                sent.load(Ordering::Relaxed),
+                phase
+            );
+        }
+        let hwm = vm_hwm();
+        println!(
+            "  {:<40} {:>6.1} MiB quiet, {:>6.1} MiB after every flood (+{:.1} MiB)",
+            "supervisor peak memory (VmHWM)",
+            hwm_quiet as f64 / (1 << 20) as f64,
+            hwm as f64 / (1 << 20) as f64,
+            hwm.saturating_sub(hwm_quiet) as f64 / (1 << 20) as f64
+        );
+        let restarts = sup
+            .list()
+            .await
+            .into_iter()
+            .find(|p| p.id == "attacker")
+            .unwrap()
+            .restarts;
+        println!("  {:<40} {restarts}", "attacker restarts (violations)");
+        sup.shutdown(Duration::from_secs(2)).await;
+    });
+}
