@@ -283,7 +283,7 @@ async fn protocol_violations_in_the_handshake_are_typed() {
     let cases = [
         (
             "printf '\\006\\000\\000\\000CRRL\\143\\000' >&3; sleep 5",
-            "protocol version mismatch: peer speaks 99, we speak 4",
+            "protocol version mismatch: peer speaks 99, we speak 5",
         ),
         (
             "printf '\\006\\000\\000\\000HTTP/1' >&3; sleep 5",
