@@ -11,8 +11,11 @@
 use corral_protocol::{ControlRequest, ControlResponse, FromWorker, ToWorker, frame};
 use std::path::{Path, PathBuf};
 
+/// One fuzz target: it takes any bytes.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its corpus directory.
-pub const TARGETS: [(&str, fn(&[u8])); 7] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("frames", frames),
     ("handshake", handshake),
     ("control", control),

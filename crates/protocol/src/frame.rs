@@ -244,17 +244,16 @@ pub async fn read_payload_async_limited(
     if len == 0 {
         return Err(FrameError::Decode("an empty frame".into()));
     }
-    loop {
-        match r.read(&mut head[4..5]).await {
-            Ok(0) => {
-                return Err(FrameError::Truncated {
-                    expected: len,
-                    got: 0,
-                });
-            }
-            Ok(_) => break,
-            Err(e) => return Err(FrameError::Io(e)),
+    // The first byte of the payload: the message's kind.
+    match r.read(&mut head[4..5]).await {
+        Ok(0) => {
+            return Err(FrameError::Truncated {
+                expected: len,
+                got: 0,
+            });
         }
+        Ok(_) => {}
+        Err(e) => return Err(FrameError::Io(e)),
     }
     let (kind, max) = limit(head[4]).ok_or(FrameError::UnknownKind(head[4]))?;
     if len > max as usize {
