@@ -48,7 +48,7 @@ impl Default for Script {
     }
 }
 
-const EXPORTS: [&str; 14] = [
+const EXPORTS: [&str; 15] = [
     "echo",
     "version",
     "hold",
@@ -63,6 +63,7 @@ const EXPORTS: [&str; 14] = [
     "log_flood",
     "log_huge",
     "oversize_frame",
+    "host_unread",
 ];
 
 /// What one fake worker received, in order.
@@ -332,6 +333,25 @@ async fn serve(
                                 call: id,
                                 op,
                             });
+                        }
+                    }
+                    "host_unread" => {
+                        // Host calls one at a time, never reading an answer: once the
+                        // socket's buffer is full, the answers wait in the supervisor.
+                        // Three at a time (within the four in flight), as fast as that.
+                        for n in 0..100_000 {
+                            let op = corral_protocol::HostOp::Now;
+                            let host_call = FromWorker::HostCall {
+                                id: n,
+                                call: id,
+                                op,
+                            };
+                            if tx.send(host_call).is_err() {
+                                break;
+                            }
+                            if n % 3 == 2 {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
                         }
                     }
                     "host_dup" => {
@@ -747,6 +767,10 @@ async fn a_worker_that_breaks_the_protocol_is_killed_audited_and_replaced() {
             "more than 4 host calls in flight (host_calls)",
         ),
         ("host_dup", "host call id 7 is already in flight"),
+        (
+            "host_unread",
+            "5 answers to its host calls not read (host_calls 4)",
+        ),
         ("stats", "a Stats message nobody asked for"),
         // Refused from the frame's length and kind, before the rest is read.
         (
@@ -765,7 +789,8 @@ async fn a_worker_that_breaks_the_protocol_is_killed_audited_and_replaced() {
             o.audit = AuditSink::File(audit.clone());
             o.restart.base_backoff = Duration::from_millis(1);
         });
-        match f.call(function).await {
+        let deadline = Some(Duration::from_secs(20));
+        match f.sup.call(&f.id, function, b"in".to_vec(), deadline).await {
             Err(CallError::WorkerCrashed(ExitReason::Protocol(got))) => {
                 assert_eq!(got, why, "{function}")
             }

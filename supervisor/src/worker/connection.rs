@@ -28,13 +28,29 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
-pub(crate) async fn write_frames(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
-    while let Some(buf) = rx.recv().await {
+/// An answer to a host call on its way to the worker, with the permit it holds
+/// until it is written (see [`Connection::unwritten`]).
+pub(crate) type Answer = (Vec<u8>, OwnedSemaphorePermit);
+
+/// The task that writes to a worker: the supervisor's frames (calls, shutdown) and
+/// the answers to its host calls, each answer's permit given back once written.
+pub(crate) async fn write_frames(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut answers: mpsc::UnboundedReceiver<Answer>,
+) {
+    loop {
+        let (buf, permit) = tokio::select! {
+            Some(buf) = rx.recv() => (buf, None),
+            Some((buf, permit)) = answers.recv() => (buf, Some(permit)),
+            else => break,
+        };
         if wr.write_all(&buf).await.is_err() {
             break;
         }
+        drop(permit);
     }
 }
 
@@ -114,7 +130,15 @@ pub(crate) struct Connection {
     pub(crate) kill: Arc<Notify>,
     pub(crate) shutting_down: Arc<AtomicBool>,
     pub(crate) exited: Arc<Notify>,
-    pub(crate) tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// Where host call answers go to be written.
+    pub(crate) answers: mpsc::UnboundedSender<Answer>,
+    /// Host calls admitted whose answers are not yet written to the worker:
+    /// `host_calls` + 1 permits, one taken when a host call is admitted and given
+    /// back when its answer is written. A worker that makes host calls and does not
+    /// read their answers runs out of them and is killed: what the supervisor holds
+    /// for it stays bounded (one more than `host_calls`, so a worker that reads each
+    /// answer before its next call never races the writer).
+    pub(crate) unwritten: Arc<Semaphore>,
 }
 
 impl Connection {
@@ -255,7 +279,7 @@ impl Connection {
             }
             FromWorker::HostCall { id, call, op } => {
                 let ctx = {
-                    let mut p = lock(&self.pending);
+                    let p = lock(&self.pending);
                     let Some(ctx) = p.contexts.get(&call).cloned() else {
                         return Err(format!(
                             "host call {id} names call {call}, which is not running"
@@ -267,14 +291,22 @@ impl Connection {
                             self.host_calls
                         ));
                     }
-                    if !p.host_calls.insert(id) {
+                    if p.host_calls.contains(&id) {
                         return Err(format!("host call id {id} is already in flight"));
                     }
                     ctx
                 };
+                let Ok(permit) = Arc::clone(&self.unwritten).try_acquire_owned() else {
+                    return Err(format!(
+                        "{} answers to its host calls not read (host_calls {})",
+                        self.host_calls + 1,
+                        self.host_calls
+                    ));
+                };
+                lock(&self.pending).host_calls.insert(id);
                 let broker = self.broker.clone();
                 let plugin = self.plugin_id.clone();
-                let tx = self.tx.clone();
+                let tx = self.answers.clone();
                 let pending = Arc::clone(&self.pending);
                 // Performed on its own task: a fetch or another plugin's call may take
                 // a while, and the connection keeps reading meanwhile.
@@ -287,7 +319,7 @@ impl Connection {
                     lock(&pending).host_calls.remove(&id);
                     match frame::encode(&ToWorker::HostResult { id, result }) {
                         Ok(f) => {
-                            let _ = tx.send(f);
+                            let _ = tx.send((f, permit));
                         }
                         Err(e) => tracing::error!(plugin, "host call answer not sent: {e}"),
                     }

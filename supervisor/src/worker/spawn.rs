@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::process::Command;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 
 /// Everything needed to start one worker.
 #[derive(Debug, Clone)]
@@ -310,7 +310,7 @@ impl WorkerHandle {
             hello,
             exports,
             plugin_id: spec.plugin_id.clone(),
-            tx: tx.clone(),
+            tx,
             pending: Arc::new(Mutex::new(Pending::default())),
             next_id: AtomicU64::new(1),
             kill: Arc::new(Notify::new()),
@@ -321,7 +321,8 @@ impl WorkerHandle {
             kill_grace: spec.kill_grace,
             files: spec.files.clone(),
         });
-        tokio::spawn(write_frames(wr, rx));
+        let (answers, answers_rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_frames(wr, rx, answers_rx));
         tokio::spawn(
             Connection {
                 broker: spec.broker.clone(),
@@ -338,7 +339,8 @@ impl WorkerHandle {
                 kill: Arc::clone(&handle.kill),
                 shutting_down: Arc::clone(&handle.shutting_down),
                 exited: Arc::clone(&handle.exited),
-                tx,
+                answers,
+                unwritten: Arc::new(Semaphore::new(spec.budgets.host_calls + 1)),
             }
             .run(rd, child),
         );
