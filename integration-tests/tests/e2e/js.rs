@@ -152,8 +152,11 @@ async fn deadlines_memory_stack_and_output_limits() {
     assert_eq!(k.text("count", "").await, "1");
     assert_eq!(k.text("ready", "").await, "ready");
     assert_eq!(k.sup.list().await[0].pid, pid);
+    // Its own deadline: filling 32 MiB takes a while where page faults are slow.
     assert_eq!(
-        k.call("hog", b"").await,
+        k.sup
+            .call("kit", "hog", Vec::new(), Some(Duration::from_secs(10)))
+            .await,
         Err(CallError::MemoryLimit {
             limit_bytes: 32 << 20
         })
