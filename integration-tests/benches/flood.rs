@@ -17,37 +17,11 @@
 
 use corral::Supervisor;
 use corral_confine::Level;
-use corral_integration_tests::{built, options, wat_plugin};
+use corral_integration_tests::bench::{Stats, stats};
+use corral_integration_tests::{built, hostile_options, hostile_worker_dir, vm_hwm, wat_plugin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-fn vm_hwm() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap()
-        << 10
-}
-
-struct Stats {
-    n: usize,
-    p50: Duration,
-    p99: Duration,
-}
-
-fn stats(mut v: Vec<Duration>) -> Stats {
-    v.sort();
-    let n = v.len();
-    Stats {
-        n,
-        p50: v[n / 2],
-        p99: v[(n * 99 / 100).min(n - 1)],
-    }
-}
 
 fn row(name: &str, s: &Stats, quiet: &Stats) {
     println!(
@@ -83,21 +57,11 @@ fn main() {
         (20_000, Duration::from_secs(15))
     };
     built();
-    let workers = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(
-        built().bin_dir.join("corral-worker-hostile"),
-        workers.path().join("corral-worker-wasm"),
-    )
-    .unwrap();
+    let workers = hostile_worker_dir();
     let cache = corral_integration_tests::open_tempdir();
-    let mut opts = options(cache.path());
-    opts.worker_dir = workers.path().to_owned();
-    opts.policy =
-        Arc::new(corral_integration_tests::test_policy().with_level(Level::Standard, "bench"));
+    let mut opts = hostile_options(cache.path(), workers.path(), Level::Standard);
+    // Violations for as long as the phase lasts: each is a crash.
     opts.restart.max_crashes = u32::MAX;
-    opts.restart.base_backoff = Duration::from_millis(1);
-    opts.restart.max_backoff = Duration::from_millis(1);
-    opts.audit = corral::AuditSink::File(cache.path().join("audit.jsonl"));
     let attacker = wat_plugin("attacker", "testkit.wat", "max_output = \"1MiB\"");
     let neighbour_dir = wat_plugin("neighbour", "testkit.wat", "");
     let mut sup = Supervisor::new(opts);

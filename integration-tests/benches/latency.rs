@@ -26,6 +26,7 @@
 //! noisy: compare the ratios, not the absolute numbers.
 
 use corral::Supervisor;
+use corral_integration_tests::bench::{Stats, stats};
 use corral_integration_tests::{built, options};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -37,24 +38,6 @@ use std::time::{Duration, Instant};
 const ECHO_ENV: &str = "CORRAL_BENCH_ECHO";
 const WARM_ITERS: usize = 20_000;
 const COLD_ITERS: usize = 60;
-
-#[derive(Clone, Copy)]
-struct Stats {
-    p50: Duration,
-    p99: Duration,
-    mean: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let n = samples.len();
-    let mean = samples.iter().sum::<Duration>() / n as u32;
-    Stats {
-        p50: samples[n / 2],
-        p99: samples[(n * 99 / 100).min(n - 1)],
-        mean,
-    }
-}
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6

@@ -397,3 +397,74 @@ pub fn version_copy(cache: &Path, dir: &Path) -> PathBuf {
     assert_eq!(found.len(), 1, "copies of {}: {found:?}", dir.display());
     found.remove(0)
 }
+
+/// A directory of workers in which `corral-worker-wasm` is the hostile native worker
+/// (`corral-worker-hostile`): every Wasm plugin of a supervisor pointed at it runs
+/// attacks instead of a module. The workers' user cannot enter it: the supervisor
+/// starts workers as root, and they drop to the policy's user themselves.
+pub fn hostile_worker_dir() -> tempfile::TempDir {
+    let workers = tempfile::tempdir().expect("a temporary directory");
+    std::os::unix::fs::symlink(
+        built().bin_dir.join("corral-worker-hostile"),
+        workers.path().join("corral-worker-wasm"),
+    )
+    .expect("link the hostile worker");
+    workers
+}
+
+/// Options for a supervisor of hostile workers (`workers` from
+/// [`hostile_worker_dir`]) at `level`: its cache and audit log
+/// (`audit.jsonl`) in `cache`, and restarts without backoff, since every kill of an
+/// attacker costs one.
+pub fn hostile_options(
+    cache: &Path,
+    workers: &Path,
+    level: corral_confine::Level,
+) -> corral::Options {
+    let mut opts = options(cache);
+    opts.worker_dir = workers.to_owned();
+    opts.policy = std::sync::Arc::new(test_policy().with_level(level, "test"));
+    opts.restart.max_crashes = 1000;
+    opts.restart.base_backoff = std::time::Duration::from_millis(1);
+    opts.restart.max_backoff = std::time::Duration::from_millis(1);
+    opts.audit = corral::AuditSink::File(cache.join("audit.jsonl"));
+    opts
+}
+
+/// This process's peak resident memory (`VmHWM`), in bytes: a supervisor run in
+/// process is measured by it.
+pub fn vm_hwm() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a VmHWM line in kB");
+    kib << 10
+}
+
+/// Latency samples summarised for the benchmarks.
+pub mod bench {
+    use std::time::Duration;
+
+    #[derive(Debug, Clone, Copy)]
+    pub struct Stats {
+        pub n: usize,
+        pub p50: Duration,
+        pub p99: Duration,
+        pub mean: Duration,
+    }
+
+    /// Median, 99th percentile and mean of `samples` (at least one).
+    pub fn stats(mut samples: Vec<Duration>) -> Stats {
+        samples.sort();
+        let n = samples.len();
+        Stats {
+            n,
+            p50: samples[n / 2],
+            p99: samples[(n * 99 / 100).min(n - 1)],
+            mean: samples.iter().sum::<Duration>() / n as u32,
+        }
+    }
+}

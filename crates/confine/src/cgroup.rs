@@ -423,9 +423,14 @@ impl PluginCgroup {
                 s.pids_current = num(self.dir("pids").join("pids.current"));
                 // v1 has no usage counter in these hierarchies (cpuacct is not
                 // joined): the CPU time of every process in the group.
-                s.cpu_usage_usec = fs::read_to_string(self.dir("pids").join("cgroup.procs"))
-                    .ok()
-                    .map(|procs| procs.split_whitespace().filter_map(process_cpu_usec).sum());
+                // Bounded like every read of the list (`members`).
+                let procs = self.dir("pids");
+                s.cpu_usage_usec = procs.join("cgroup.procs").exists().then(|| {
+                    members(procs)
+                        .into_iter()
+                        .filter_map(|pid| process_cpu_usec(&pid.to_string()))
+                        .sum()
+                });
             }
         }
         s

@@ -186,13 +186,10 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, FrameError> {
     Ok(got)
 }
 
-/// Read one frame payload from an async reader, bounded by `max` (checked before
-/// anything is allocated).
+/// Read a frame's 4-byte length prefix: `Closed` if the peer closed cleanly
+/// before it.
 #[cfg(feature = "tokio")]
-pub async fn read_payload_async(
-    r: &mut (impl tokio::io::AsyncRead + Unpin),
-    max: u32,
-) -> Result<Vec<u8>, FrameError> {
+async fn read_len_async(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<u32, FrameError> {
     use tokio::io::AsyncReadExt;
     let mut len = [0u8; 4];
     let mut got = 0;
@@ -204,16 +201,43 @@ pub async fn read_payload_async(
             Err(e) => return Err(FrameError::Io(e)),
         }
     }
-    let len = check_len(u32::from_le_bytes(len), max)?;
-    let mut payload = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        match r.read(&mut payload[got..]).await {
-            Ok(0) => return Err(FrameError::Truncated { expected: len, got }),
+    Ok(u32::from_le_bytes(len))
+}
+
+/// Fill `buf` from its byte `got` on; the end of the stream first is a truncated
+/// frame.
+#[cfg(feature = "tokio")]
+async fn fill_async(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut [u8],
+    mut got: usize,
+) -> Result<(), FrameError> {
+    use tokio::io::AsyncReadExt;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]).await {
+            Ok(0) => {
+                return Err(FrameError::Truncated {
+                    expected: buf.len(),
+                    got,
+                });
+            }
             Ok(n) => got += n,
             Err(e) => return Err(FrameError::Io(e)),
         }
     }
+    Ok(())
+}
+
+/// Read one frame payload from an async reader, bounded by `max` (checked before
+/// anything is allocated).
+#[cfg(feature = "tokio")]
+pub async fn read_payload_async(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    max: u32,
+) -> Result<Vec<u8>, FrameError> {
+    let len = check_len(read_len_async(r).await?, max)?;
+    let mut payload = vec![0u8; len];
+    fill_async(r, &mut payload, 0).await?;
     Ok(payload)
 }
 
@@ -226,36 +250,20 @@ pub async fn read_payload_async_limited(
     r: &mut (impl tokio::io::AsyncRead + Unpin),
     limit: impl FnOnce(u8) -> Option<(&'static str, u32)>,
 ) -> Result<Vec<u8>, FrameError> {
-    use tokio::io::AsyncReadExt;
-    let mut head = [0u8; 5];
-    let mut got = 0;
-    while got < 4 {
-        match r.read(&mut head[got..4]).await {
-            Ok(0) if got == 0 => return Err(FrameError::Closed),
-            Ok(0) => return Err(FrameError::Truncated { expected: 4, got }),
-            Ok(n) => got += n,
-            Err(e) => return Err(FrameError::Io(e)),
-        }
-    }
-    let len = check_len(
-        u32::from_le_bytes([head[0], head[1], head[2], head[3]]),
-        MAX_FRAME,
-    )?;
+    let len = check_len(read_len_async(r).await?, MAX_FRAME)?;
     if len == 0 {
         return Err(FrameError::Decode("an empty frame".into()));
     }
     // The first byte of the payload: the message's kind.
-    match r.read(&mut head[4..5]).await {
-        Ok(0) => {
-            return Err(FrameError::Truncated {
-                expected: len,
-                got: 0,
-            });
-        }
-        Ok(_) => {}
-        Err(e) => return Err(FrameError::Io(e)),
-    }
-    let (kind, max) = limit(head[4]).ok_or(FrameError::UnknownKind(head[4]))?;
+    let mut tag = [0u8; 1];
+    fill_async(r, &mut tag, 0).await.map_err(|e| match e {
+        FrameError::Truncated { .. } => FrameError::Truncated {
+            expected: len,
+            got: 0,
+        },
+        e => e,
+    })?;
+    let (kind, max) = limit(tag[0]).ok_or(FrameError::UnknownKind(tag[0]))?;
     if len > max as usize {
         return Err(FrameError::KindTooLarge {
             kind,
@@ -264,15 +272,8 @@ pub async fn read_payload_async_limited(
         });
     }
     let mut payload = vec![0u8; len];
-    payload[0] = head[4];
-    let mut got = 1;
-    while got < len {
-        match r.read(&mut payload[got..]).await {
-            Ok(0) => return Err(FrameError::Truncated { expected: len, got }),
-            Ok(n) => got += n,
-            Err(e) => return Err(FrameError::Io(e)),
-        }
-    }
+    payload[0] = tag[0];
+    fill_async(r, &mut payload, 1).await?;
     Ok(payload)
 }
 

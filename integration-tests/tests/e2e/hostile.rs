@@ -13,7 +13,7 @@
 
 use corral::Supervisor;
 use corral_confine::Level;
-use corral_integration_tests::{built, options, wat_plugin};
+use corral_integration_tests::{options, wat_plugin};
 use corral_protocol::{CallError, Enforcement, ExitReason};
 use std::path::PathBuf;
 use tempfile::TempDir;
@@ -27,24 +27,9 @@ struct Arena {
 }
 
 fn arena(level: Level) -> Arena {
-    // A directory the workers' user cannot enter: the supervisor starts workers as
-    // root and they drop to the policy's user themselves.
-    let workers = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(
-        built().bin_dir.join("corral-worker-hostile"),
-        workers.path().join("corral-worker-wasm"),
-    )
-    .unwrap();
+    let workers = corral_integration_tests::hostile_worker_dir();
     let cache = corral_integration_tests::open_tempdir();
-    let mut opts = options(cache.path());
-    opts.worker_dir = workers.path().to_owned();
-    opts.policy =
-        std::sync::Arc::new(corral_integration_tests::test_policy().with_level(level, "test"));
-    // Every seccomp kill costs a restart: no backoff between them here.
-    opts.restart.max_crashes = 1000;
-    opts.restart.base_backoff = std::time::Duration::from_millis(1);
-    opts.restart.max_backoff = std::time::Duration::from_millis(1);
-    opts.audit = corral::AuditSink::File(cache.path().join("audit.jsonl"));
+    let opts = corral_integration_tests::hostile_options(cache.path(), workers.path(), level);
     let mut sup = Supervisor::new(opts);
     // Its answers are short: a small max_output holds its frames to little.
     let attacker = wat_plugin("attacker", "testkit.wat", "max_output = \"1MiB\"");
@@ -755,20 +740,6 @@ async fn wasi_path_traversal_and_symlinks_find_no_directory() {
     }
 }
 
-/// The supervisor's own peak resident memory (the tests run it in-process).
-fn vm_hwm() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    kib << 10
-}
-
 /// The audit log's `protocol` lines so far.
 fn protocol_lines(a: &Arena) -> Vec<serde_json::Value> {
     std::fs::read_to_string(a.cache.path().join("audit.jsonl"))
@@ -798,9 +769,9 @@ async fn a_worker_writing_its_own_frames_is_bounded_killed_and_replaced() {
         );
     };
     neighbour_ok().await;
-    let before = vm_hwm();
+    let before = corral_integration_tests::vm_hwm();
     let grown = || {
-        let g = vm_hwm().saturating_sub(before);
+        let g = corral_integration_tests::vm_hwm().saturating_sub(before);
         println!(
             "peak memory: {} MiB before, grew by {} KiB",
             before >> 20,

@@ -39,7 +39,7 @@ pub(crate) type Answer = (Vec<u8>, OwnedSemaphorePermit);
 pub(crate) async fn write_frames(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    mut answers: mpsc::UnboundedReceiver<Answer>,
+    mut answers: mpsc::Receiver<Answer>,
 ) {
     loop {
         let (buf, permit) = tokio::select! {
@@ -130,8 +130,10 @@ pub(crate) struct Connection {
     pub(crate) kill: Arc<Notify>,
     pub(crate) shutting_down: Arc<AtomicBool>,
     pub(crate) exited: Arc<Notify>,
-    /// Where host call answers go to be written.
-    pub(crate) answers: mpsc::UnboundedSender<Answer>,
+    /// Where host call answers go to be written: a channel of `host_calls` + 1,
+    /// the number of permits of `unwritten`, so a send never waits (an answer
+    /// holds its permit until written, after it has left the channel).
+    pub(crate) answers: mpsc::Sender<Answer>,
     /// Host calls admitted whose answers are not yet written to the worker:
     /// `host_calls` + 1 permits, one taken when a host call is admitted and given
     /// back when its answer is written. A worker that makes host calls and does not
@@ -319,7 +321,7 @@ impl Connection {
                     lock(&pending).host_calls.remove(&id);
                     match frame::encode(&ToWorker::HostResult { id, result }) {
                         Ok(f) => {
-                            let _ = tx.send((f, permit));
+                            let _ = tx.send((f, permit)).await;
                         }
                         Err(e) => tracing::error!(plugin, "host call answer not sent: {e}"),
                     }

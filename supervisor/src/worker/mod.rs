@@ -113,6 +113,9 @@ pub(crate) struct WorkerHandle {
     pub hello: Hello,
     pub exports: Vec<String>,
     plugin_id: String,
+    /// The supervisor's own frames: one `Call` per admitted call (admission is
+    /// bounded by the plugin's queue, `max_queue`), a `Shutdown`. Answers to host
+    /// calls go on the connection's bounded channel instead.
     tx: mpsc::UnboundedSender<Vec<u8>>,
     pending: Arc<Mutex<Pending>>,
     next_id: AtomicU64,

@@ -321,7 +321,9 @@ impl WorkerHandle {
             kill_grace: spec.kill_grace,
             files: spec.files.clone(),
         });
-        let (answers, answers_rx) = mpsc::unbounded_channel();
+        // As many answers as there are permits to hold them (`Connection::unwritten`).
+        let unwritten = spec.budgets.host_calls + 1;
+        let (answers, answers_rx) = mpsc::channel(unwritten);
         tokio::spawn(write_frames(wr, rx, answers_rx));
         tokio::spawn(
             Connection {
@@ -340,7 +342,7 @@ impl WorkerHandle {
                 shutting_down: Arc::clone(&handle.shutting_down),
                 exited: Arc::clone(&handle.exited),
                 answers,
-                unwritten: Arc::new(Semaphore::new(spec.budgets.host_calls + 1)),
+                unwritten: Arc::new(Semaphore::new(unwritten)),
             }
             .run(rd, child),
         );
