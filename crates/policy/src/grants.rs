@@ -271,6 +271,13 @@ impl Services {
         }
     }
 
+    /// The first fetch rule of the grants that `allows`, with its grant.
+    fn fetch_rule(&self, allows: impl Fn(&FetchRule) -> bool) -> Option<(&Grant, &FetchRule)> {
+        self.grants
+            .iter()
+            .find_map(|g| g.fetch.iter().find(|r| allows(r)).map(|r| (g, r)))
+    }
+
     /// May the plugin make this request? `url` parts as parsed by the caller.
     pub fn check_fetch(
         &self,
@@ -280,14 +287,8 @@ impl Services {
         port: u16,
         path: &str,
     ) -> Decision {
-        for g in &self.grants {
-            if let Some(r) = g
-                .fetch
-                .iter()
-                .find(|r| r.allows(method, scheme, host, port, path))
-            {
-                return Ok(format!("{g}: fetch {}", r.text));
-            }
+        if let Some((g, r)) = self.fetch_rule(|r| r.allows(method, scheme, host, port, path)) {
+            return Ok(format!("{g}: fetch {}", r.text));
         }
         Err(self.denied(&format!("{method} {scheme}://{host}:{port}{path}"), "fetch"))
     }
@@ -303,14 +304,9 @@ impl Services {
         address: IpAddr,
         class: &str,
     ) -> Decision {
-        for g in &self.grants {
-            if let Some(r) = g
-                .fetch
-                .iter()
-                .find(|r| r.allows_address(method, scheme, address, port, path))
-            {
-                return Ok(format!("{g}: fetch {} (names {address})", r.text));
-            }
+        let names = |r: &FetchRule| r.allows_address(method, scheme, address, port, path);
+        if let Some((g, r)) = self.fetch_rule(names) {
+            return Ok(format!("{g}: fetch {} (names {address})", r.text));
         }
         let what = if host.trim_start_matches('[').trim_end_matches(']') == address.to_string() {
             format!("{address}, a {class} address,")

@@ -366,37 +366,23 @@ fn limits(file: &File<'_>, raw: &RawLimits, errors: &mut Vec<PolicyError>) -> Op
             None
         }
     });
-    let timeout = raw
-        .timeout
-        .as_ref()
-        .and_then(|t| match parse_duration(t.get_ref()) {
-            Ok(d) if !d.is_zero() => Some(file.setting(d, t.span())),
+    let mut duration = |v: &Option<Spanned<String>>, what: &str| {
+        let v = v.as_ref()?;
+        match parse_duration(v.get_ref()) {
+            Ok(d) if !d.is_zero() => Some(file.setting(d, v.span())),
             Ok(_) => {
-                errors.push(file.error(Some(t.span()), "timeout must be greater than zero".into()));
+                let m = format!("{what} must be greater than zero");
+                errors.push(file.error(Some(v.span()), m));
                 None
             }
             Err(m) => {
-                errors.push(file.error(Some(t.span()), m));
+                errors.push(file.error(Some(v.span()), m));
                 None
             }
-        });
-    let init_timeout = raw
-        .init_timeout
-        .as_ref()
-        .and_then(|t| match parse_duration(t.get_ref()) {
-            Ok(d) if !d.is_zero() => Some(file.setting(d, t.span())),
-            Ok(_) => {
-                errors.push(file.error(
-                    Some(t.span()),
-                    "init_timeout must be greater than zero".into(),
-                ));
-                None
-            }
-            Err(m) => {
-                errors.push(file.error(Some(t.span()), m));
-                None
-            }
-        });
+        }
+    };
+    let timeout = duration(&raw.timeout, "timeout");
+    let init_timeout = duration(&raw.init_timeout, "init_timeout");
     let mut count = |v: &Option<Spanned<i64>>, range: std::ops::RangeInclusive<i64>, what: &str| {
         let v = v.as_ref()?;
         if range.contains(v.get_ref()) {
