@@ -26,12 +26,13 @@
 //!
 //! ```no_run
 //! use corral_confine::{Level, SelfConfinement};
+//! use corral_protocol::Runtime;
 //! let c = SelfConfinement {
 //!     level: Level::Standard,
 //!     read: vec!["/srv/plugins/hello".into()],
 //!     write: vec!["/var/lib/corral/hello".into()],
 //!     tmpfs_bytes: 16 << 20,
-//!     engine: "wasm".into(),
+//!     runtime: Runtime::Wasm,
 //!     run_as: None,
 //!     hide: vec![],
 //! };
@@ -53,7 +54,7 @@ pub fn worker_namespaces(pid: u32) -> corral_protocol::Enforcement {
     sys::namespaces_between(&pid.to_string(), "self")
 }
 
-use corral_protocol::{Enforcement, EnforcementReport};
+use corral_protocol::{Enforcement, EnforcementReport, Runtime};
 use landlock::{
     ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd,
     RestrictionStatus, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
@@ -123,10 +124,9 @@ pub struct SelfConfinement {
     /// Size of the writable tmpfs at `maximum`.
     #[serde(default)]
     pub tmpfs_bytes: u64,
-    /// The engine (`wasm`, `js`, `python`): `maximum` installs its own seccomp
+    /// The runtime the worker embeds: `maximum` installs its engine's own seccomp
     /// allow-list.
-    #[serde(default)]
-    pub engine: String,
+    pub runtime: Runtime,
     /// `[uid, gid]` to switch to first of all (the supervisor is root and starts the
     /// worker as root, so the worker binary's path needs no permissions for this
     /// user); every capability goes with it.
@@ -161,8 +161,6 @@ pub enum ConfineError {
     Privileges(#[source] std::io::Error),
     #[error("cannot enter the namespaces of level maximum")]
     Namespaces(#[source] std::io::Error),
-    #[error("level maximum has no seccomp allow-list for engine {0:?}")]
-    NoAllowList(String),
 }
 
 impl SelfConfinement {
@@ -204,7 +202,7 @@ impl SelfConfinement {
             (sys::effective_capabilities(), sys::bounding_capabilities());
         let (uid, gid, no_new_privs) = (sys::uid(), sys::gid(), sys::no_new_privs());
         sys::install_sigsys_reporter().map_err(ConfineError::Signal)?;
-        let seccomp = seccomp::install(self.level, &self.engine)?;
+        let seccomp = seccomp::install(self.level, self.runtime)?;
         Ok(EnforcementReport {
             cgroup: Enforcement::None("not set up by the worker".into()),
             landlock,
@@ -470,7 +468,7 @@ mod tests {
             read: vec!["/a".into()],
             write: vec!["/b".into()],
             tmpfs_bytes: 1 << 20,
-            engine: "wasm".into(),
+            runtime: Runtime::Wasm,
             run_as: Some([65534, 65534]),
             hide: vec!["/a/site-packages".into()],
         };

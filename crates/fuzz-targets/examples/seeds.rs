@@ -86,7 +86,7 @@ fn main() {
     write("frames", "stream", &stream);
 
     let hello = Hello {
-        kind: WorkerKind::Python,
+        runtime: Runtime::Python,
         engine_version: "CPython 3.11.7".into(),
         pid: 42,
         enforcement: EnforcementReport::unconfined("seed"),

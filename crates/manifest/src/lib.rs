@@ -75,24 +75,8 @@ pub struct ManifestOrigin {
     pub max_output: Option<(usize, usize)>,
 }
 
-/// The runtime a plugin is written for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Runtime {
-    Wasm,
-    Js,
-    Python,
-}
-
-impl Runtime {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Runtime::Wasm => "wasm",
-            Runtime::Js => "js",
-            Runtime::Python => "python",
-        }
-    }
-}
+/// The runtime a plugin is written for: the one type every crate uses.
+pub use corral_protocol::Runtime;
 
 /// What a plugin asks to be allowed. Policy decides what it gets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -520,13 +520,11 @@ fn route(file: &File<'_>, n: usize, r: &RawRoute, errors: &mut Vec<PolicyError>)
     let id = id_globs(file, ids, &r.id, errors);
     let mut runtime = Vec::new();
     for name in runtimes {
-        match name.as_str() {
-            "wasm" => runtime.push(Runtime::Wasm),
-            "js" => runtime.push(Runtime::Js),
-            "python" => runtime.push(Runtime::Python),
-            other => errors.push(file.error(
+        match Runtime::from_name(&name) {
+            Some(r) => runtime.push(r),
+            None => errors.push(file.error(
                 r.runtime.as_ref().map(|v| v.span()),
-                format!("unknown runtime `{other}`; expected one of: wasm, js, python"),
+                format!("unknown runtime `{name}`; expected one of: wasm, js, python"),
             )),
         }
     }

@@ -294,7 +294,7 @@ mod tests {
 
     fn hello() -> Hello {
         Hello {
-            kind: WorkerKind::Wasm,
+            runtime: Runtime::Wasm,
             engine_version: "wasmtime 48.0.8".into(),
             pid: 42,
             enforcement: EnforcementReport::unconfined("test"),

@@ -11,7 +11,7 @@ pub type RequestId = u64;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// Which runtime this worker embeds.
-    pub kind: WorkerKind,
+    pub runtime: Runtime,
     /// The engine's own version, e.g. `wasmtime 48.0.8`.
     pub engine_version: String,
     /// The worker's process id as it sees itself.
@@ -20,26 +20,37 @@ pub struct Hello {
     pub enforcement: EnforcementReport,
 }
 
-/// The runtimes Corral runs plugins in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum WorkerKind {
+/// The runtime a plugin is written for, and so the engine its worker embeds: the
+/// one name for that concept in manifests, policy files, the handshake, seccomp
+/// allow-lists and status. Spelled in files as `wasm`, `js` or `python`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
     Wasm,
     Js,
     Python,
 }
 
-impl WorkerKind {
+impl Runtime {
+    /// Every runtime, in the order files list them.
+    pub const ALL: [Runtime; 3] = [Runtime::Wasm, Runtime::Js, Runtime::Python];
+
     /// The name used in manifests and policy files.
     pub fn as_str(self) -> &'static str {
         match self {
-            WorkerKind::Wasm => "wasm",
-            WorkerKind::Js => "js",
-            WorkerKind::Python => "python",
+            Runtime::Wasm => "wasm",
+            Runtime::Js => "js",
+            Runtime::Python => "python",
         }
+    }
+
+    /// The runtime a file calls `name`, if any.
+    pub fn from_name(name: &str) -> Option<Runtime> {
+        Runtime::ALL.into_iter().find(|r| r.as_str() == name)
     }
 }
 
-impl fmt::Display for WorkerKind {
+impl fmt::Display for Runtime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -580,7 +591,7 @@ pub struct PolicyStatus {
 pub struct PluginInfo {
     pub id: String,
     pub version: String,
-    pub runtime: WorkerKind,
+    pub runtime: Runtime,
     pub dir: String,
     /// Isolation level (`standard`, `high`, `maximum`).
     pub level: String,

@@ -1,18 +1,26 @@
-//! The worker side of Corral: the loop every worker binary runs, the [`Engine`] trait
-//! each runtime implements once, and the [`Host`] client through which plugin code
-//! reaches the supervisor.
+//! The worker side of Corral: the loop every worker binary runs, the [`Engine`] and
+//! [`Instance`] traits each runtime implements once, the [`Host`] client through
+//! which plugin code reaches the supervisor, and the [`Watchdog`] deadline thread.
 //!
-//! A worker binary is a few lines:
+//! An engine sets itself up and makes instances of a plugin; the loop owns the rest:
+//! the protocol, confinement before any plugin code, the export check, the output
+//! limit, and recycling an instance after a trap, timeout or memory limit (the next
+//! call gets a fresh one). A worker binary is a few lines:
 //!
 //! ```no_run
-//! # use corral_worker::{Engine, Host, EngineInfo};
-//! # use corral_protocol::{CallError, LoadSpec, WorkerKind};
+//! # use corral_worker::{Engine, EngineInfo, Host, Instance, LoadError};
+//! # use corral_protocol::{CallError, LoadSpec, Runtime};
 //! # use std::time::Duration;
 //! # struct MyEngine;
-//! # impl Engine for MyEngine {
-//! #   fn info(&self) -> EngineInfo { EngineInfo { kind: WorkerKind::Wasm, version: "x".into() } }
-//! #   fn load(&mut self, _: &LoadSpec, _: &Host) -> Result<Vec<String>, String> { Ok(vec![]) }
+//! # struct Mine(Vec<String>);
+//! # impl Instance for Mine {
+//! #   fn exports(&self) -> &[String] { &self.0 }
 //! #   fn call(&mut self, _: &str, _: &[u8], _: Duration, _: &Host) -> Result<Vec<u8>, CallError> { Ok(vec![]) }
+//! # }
+//! # impl Engine for MyEngine {
+//! #   type Instance = Mine;
+//! #   fn info(&self) -> EngineInfo { EngineInfo { runtime: Runtime::Wasm, version: "x".into() } }
+//! #   fn instantiate(&mut self, _: &LoadSpec, _: &Host) -> Result<Mine, LoadError> { Ok(Mine(vec![])) }
 //! # }
 //! fn main() -> std::process::ExitCode {
 //!     corral_worker::run(MyEngine)
@@ -33,14 +41,20 @@
 //! could not be loaded; 71 when the socket is missing or the supervisor broke the
 //! protocol; 72 when confinement could not be applied.
 
+mod errors;
 mod host;
+mod serve;
 pub mod services;
+mod watchdog;
 
+pub use errors::{LoadError, SetupError};
 pub use host::{Host, MAX_LOG};
+pub use watchdog::{Armed, Watchdog};
 
+use corral_confine::ConfineError;
 use corral_protocol::{
-    CallError, EnforcementReport, FromWorker, LoadSpec, ToWorker, WORKER_SOCKET_ENV,
-    WORKER_SOCKET_FD, WorkerKind, WorkerStats, error_chain, frame,
+    CallError, EnforcementReport, LoadSpec, Runtime, WORKER_SOCKET_ENV, WORKER_SOCKET_FD,
+    error_chain,
 };
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -68,14 +82,17 @@ pub struct RuntimeFiles {
 /// What an engine says about itself in the handshake.
 #[derive(Debug, Clone)]
 pub struct EngineInfo {
-    pub kind: WorkerKind,
+    pub runtime: Runtime,
     /// e.g. `wasmtime 48.0.8`.
     pub version: String,
 }
 
-/// One runtime. Implemented once per engine; the loop, framing and confinement are
-/// shared.
+/// One runtime. Implemented once per engine; the loop, framing, confinement and the
+/// rules every call follows are shared.
 pub trait Engine {
+    /// A loaded plugin, ready for calls.
+    type Instance: Instance;
+
     fn info(&self) -> EngineInfo;
 
     /// Trees of runtime files the engine reads while it serves (an interpreter's
@@ -83,20 +100,31 @@ pub trait Engine {
     /// `maximum` view. Runs first of all, with the privileges the worker started
     /// with (before it drops root), so it may also open handles on them that stay
     /// usable after the drop.
-    fn runtime_files(&mut self) -> Result<RuntimeFiles, String> {
+    fn runtime_files(&mut self) -> Result<RuntimeFiles, SetupError> {
         Ok(RuntimeFiles::default())
     }
 
     /// Engine set-up that must happen before confinement (loading shared libraries,
     /// opening runtime files). Runs no plugin code.
-    fn prepare(&mut self) -> Result<(), String> {
+    fn prepare(&mut self) -> Result<(), SetupError> {
         Ok(())
     }
 
-    /// Load the plugin and run its `init` hook; return the exported function names.
-    fn load(&mut self, spec: &LoadSpec, host: &Host) -> Result<Vec<String>, String>;
+    /// Load the plugin `spec` names and run its top-level code and `init` hook
+    /// within `spec.limits.init_deadline_ms`. Called at `Load`, and again at the
+    /// next call after the loop discarded an instance; an engine may keep what does
+    /// not change between the two (a compiled module).
+    fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<Self::Instance, LoadError>;
+}
 
-    /// Run `function` on `input` within `deadline`.
+/// A loaded plugin. The loop checks a call's function against [`Instance::exports`]
+/// before it calls, checks the output against the plugin's `max_output`, and drops
+/// the instance after a `Trap`, `Timeout` or `MemoryLimit` (its state is suspect).
+pub trait Instance {
+    /// The plugin's callable functions, sorted; lifecycle hooks are not among them.
+    fn exports(&self) -> &[String];
+
+    /// Run `function` (one of [`Instance::exports`]) on `input` within `deadline`.
     fn call(
         &mut self,
         function: &str,
@@ -121,10 +149,10 @@ pub trait Confinement {
     /// first, before the engine is set up; may fork (see `corral_confine`).
     /// `runtime` are the engine's [`Engine::runtime_files`], readable besides what the
     /// supervisor asked for.
-    fn isolate(&self, _runtime: &RuntimeFiles) -> Result<(), String> {
+    fn isolate(&self, _runtime: &RuntimeFiles) -> Result<(), ConfineError> {
         Ok(())
     }
-    fn apply(self, runtime: &RuntimeFiles) -> Result<EnforcementReport, String>;
+    fn apply(self, runtime: &RuntimeFiles) -> Result<EnforcementReport, ConfineError>;
 }
 
 /// No self-confinement; the report says why.
@@ -132,7 +160,7 @@ pub trait Confinement {
 pub struct NoConfinement;
 
 impl Confinement for NoConfinement {
-    fn apply(self, _runtime: &RuntimeFiles) -> Result<EnforcementReport, String> {
+    fn apply(self, _runtime: &RuntimeFiles) -> Result<EnforcementReport, ConfineError> {
         Ok(EnforcementReport::unconfined(
             "worker confinement not configured",
         ))
@@ -147,8 +175,10 @@ pub struct SupervisorConfinement;
 
 impl SupervisorConfinement {
     /// The supervisor's spec with the engine's runtime files added to what is read.
-    fn spec(runtime: &RuntimeFiles) -> Result<Option<corral_confine::SelfConfinement>, String> {
-        let mut spec = corral_confine::SelfConfinement::from_env().map_err(|e| error_chain(&e))?;
+    fn spec(
+        runtime: &RuntimeFiles,
+    ) -> Result<Option<corral_confine::SelfConfinement>, ConfineError> {
+        let mut spec = corral_confine::SelfConfinement::from_env()?;
         if let Some(spec) = spec.as_mut() {
             spec.read.extend(runtime.read.iter().cloned());
             spec.hide.extend(runtime.hide.iter().cloned());
@@ -158,16 +188,16 @@ impl SupervisorConfinement {
 }
 
 impl Confinement for SupervisorConfinement {
-    fn isolate(&self, runtime: &RuntimeFiles) -> Result<(), String> {
+    fn isolate(&self, runtime: &RuntimeFiles) -> Result<(), ConfineError> {
         match Self::spec(runtime)? {
-            Some(spec) => spec.isolate().map_err(|e| error_chain(&e)),
+            Some(spec) => spec.isolate(),
             None => Ok(()),
         }
     }
 
-    fn apply(self, runtime: &RuntimeFiles) -> Result<EnforcementReport, String> {
+    fn apply(self, runtime: &RuntimeFiles) -> Result<EnforcementReport, ConfineError> {
         match Self::spec(runtime)? {
-            Some(spec) => spec.apply().map_err(|e| error_chain(&e)),
+            Some(spec) => spec.apply(),
             None => NoConfinement.apply(runtime),
         }
     }
@@ -182,174 +212,72 @@ pub fn run(engine: impl Engine) -> ExitCode {
 pub fn run_confined(mut engine: impl Engine, confinement: impl Confinement) -> ExitCode {
     let runtime = match engine.runtime_files() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("corral worker: engine set-up failed: {e}");
-            return ExitCode::from(EXIT_LOAD_FAILED);
-        }
+        Err(e) => return fail("engine set-up failed", &e, EXIT_LOAD_FAILED),
     };
     if let Err(e) = confinement.isolate(&runtime) {
-        eprintln!("corral worker: confinement failed: {e}");
-        return ExitCode::from(EXIT_CONFINE_FAILED);
+        return fail("confinement failed", &e, EXIT_CONFINE_FAILED);
     }
     let stream = match inherited_socket() {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("corral worker: {e}");
-            return ExitCode::from(EXIT_PROTOCOL);
-        }
+        Err(e) => return fail("no supervisor socket", &e, EXIT_PROTOCOL),
     };
     if let Err(e) = engine.prepare() {
-        eprintln!("corral worker: engine set-up failed: {e}");
-        return ExitCode::from(EXIT_LOAD_FAILED);
+        return fail("engine set-up failed", &e, EXIT_LOAD_FAILED);
     }
     let enforcement = match confinement.apply(&runtime) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("corral worker: confinement failed: {e}");
-            return ExitCode::from(EXIT_CONFINE_FAILED);
-        }
+        Err(e) => return fail("confinement failed", &e, EXIT_CONFINE_FAILED),
     };
     let host = Host::new(stream);
     let info = engine.info();
     let hello = corral_protocol::Hello {
-        kind: info.kind,
+        runtime: info.runtime,
         engine_version: info.version,
         pid: std::process::id(),
         enforcement,
     };
     if let Err(e) = host.send_hello(&hello) {
-        eprintln!("corral worker: handshake failed: {e}");
-        return ExitCode::from(EXIT_PROTOCOL);
+        return fail("handshake failed", &e, EXIT_PROTOCOL);
     }
-    serve(&mut engine, &host)
+    ExitCode::from(serve::serve(&mut engine, &host))
 }
 
-fn serve(engine: &mut impl Engine, host: &Host) -> ExitCode {
-    let mut max_output = u64::MAX;
-    let mut stats = WorkerStats::default();
-    loop {
-        let msg = match host.next_message() {
-            Ok(m) => m,
-            // The supervisor went away: nothing left to serve.
-            Err(frame::FrameError::Closed) => return ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("corral worker: {e}");
-                return ExitCode::from(EXIT_PROTOCOL);
-            }
-        };
-        let reply = match msg {
-            ToWorker::Load(spec) => {
-                host.set_config(spec.config.clone(), spec.secrets.clone());
-                max_output = spec.limits.max_output_bytes;
-                match engine.load(&spec, host) {
-                    Ok(exports) => FromWorker::Loaded { exports },
-                    Err(error) => {
-                        let _ = host.send(&FromWorker::LoadFailed { error });
-                        return ExitCode::from(EXIT_LOAD_FAILED);
-                    }
-                }
-            }
-            ToWorker::Call {
-                id,
-                function,
-                input,
-                deadline_ms,
-            } => {
-                host.set_current_call(id);
-                let deadline = Duration::from_millis(deadline_ms);
-                let result = engine
-                    .call(&function, &input, deadline, host)
-                    .and_then(|out| check_output(out, max_output));
-                host.set_current_call(0);
-                stats.calls += 1;
-                stats.errors += u64::from(result.is_err());
-                FromWorker::CallResult { id, result }
-            }
-            ToWorker::Stats => {
-                stats.memory_bytes = engine.memory_bytes();
-                FromWorker::Stats(stats.clone())
-            }
-            ToWorker::Shutdown { grace_ms } => {
-                engine.shutdown(Duration::from_millis(grace_ms), host);
-                return ExitCode::SUCCESS;
-            }
-            ToWorker::HostResult { id, .. } => {
-                eprintln!("corral worker: answer to host call {id} that is not pending");
-                return ExitCode::from(EXIT_PROTOCOL);
-            }
-        };
-        if let Err(e) = host.send(&reply) {
-            eprintln!("corral worker: {e}");
-            return ExitCode::from(EXIT_PROTOCOL);
-        }
-    }
+/// Say on stderr (which the supervisor reads) why the worker stops, and exit.
+fn fail(what: &str, e: &dyn std::error::Error, code: u8) -> ExitCode {
+    eprintln!("corral worker: {what}: {}", error_chain(e));
+    ExitCode::from(code)
 }
 
-/// The spec to load again after an engine discarded its instance (a trap, deadline
-/// or memory limit), for engines that start a fresh one at the next call.
-pub fn spec_to_reload(spec: &Option<LoadSpec>) -> Result<LoadSpec, CallError> {
-    spec.clone().ok_or_else(|| CallError::BadInput {
-        reason: "no plugin loaded".into(),
-    })
-}
-
-/// The error when that fresh instance could not be made.
-pub fn reload_failed(message: String) -> CallError {
-    CallError::Trap {
-        message: format!("reloading after the last failure: {message}"),
-    }
-}
-
-/// `Ok` if the plugin exports `function`, else the typed error that lists what it
-/// does export.
-pub fn check_export(
-    spec: Option<&LoadSpec>,
-    exports: &[String],
-    function: &str,
-) -> Result<(), CallError> {
-    if exports.iter().any(|e| e == function) {
-        return Ok(());
-    }
-    Err(CallError::UnknownFunction {
-        plugin: spec.map(|s| s.plugin_id.clone()).unwrap_or_default(),
-        function: function.to_owned(),
-        exports: exports.join(", "),
-    })
-}
-
-fn check_output(out: Vec<u8>, limit: u64) -> Result<Vec<u8>, CallError> {
-    let size = out.len() as u64;
-    if size > limit {
-        return Err(CallError::OutputTooLarge { size, limit });
-    }
-    Ok(out)
+/// Why the inherited socket cannot be used.
+#[derive(Debug, thiserror::Error)]
+enum SocketError {
+    #[error(
+        "workers are started by the corral supervisor ({WORKER_SOCKET_ENV}={WORKER_SOCKET_FD} \
+         and a socket at fd {WORKER_SOCKET_FD})"
+    )]
+    Missing,
+    #[error("fd {WORKER_SOCKET_FD} is not open")]
+    Closed,
+    #[error("fd {WORKER_SOCKET_FD} is not a unix socket")]
+    Other(#[source] std::io::Error),
 }
 
 /// Take ownership of the socket the supervisor left at [`WORKER_SOCKET_FD`].
-fn inherited_socket() -> Result<UnixStream, String> {
-    let expected = WORKER_SOCKET_FD.to_string();
-    match std::env::var(WORKER_SOCKET_ENV) {
-        Ok(v) if v == expected => {}
-        _ => {
-            return Err(format!(
-                "no supervisor socket: workers are started by the corral supervisor \
-                 ({WORKER_SOCKET_ENV}={expected} and a socket at fd {expected})"
-            ));
-        }
+fn inherited_socket() -> Result<UnixStream, SocketError> {
+    if std::env::var(WORKER_SOCKET_ENV).ok() != Some(WORKER_SOCKET_FD.to_string()) {
+        return Err(SocketError::Missing);
     }
     // SAFETY: `fcntl(F_GETFD)` only queries the descriptor table; any fd value is fine.
     let flags = unsafe { libc::fcntl(WORKER_SOCKET_FD, libc::F_GETFD) };
     if flags < 0 {
-        return Err(format!("fd {WORKER_SOCKET_FD} is not open"));
+        return Err(SocketError::Closed);
     }
     // SAFETY: the fd is open (checked above) and nothing else in this process owns it:
     // the supervisor placed it there for us and we take it exactly once, here.
     let fd = unsafe { OwnedFd::from_raw_fd(WORKER_SOCKET_FD) };
     // Make sure it is a Unix stream socket before trusting it.
     let stream = UnixStream::from(fd);
-    stream
-        .local_addr()
-        .map_err(|e| format!("fd {WORKER_SOCKET_FD} is not a unix socket: {e}"))?;
+    stream.local_addr().map_err(SocketError::Other)?;
     // SAFETY: plain fcntl on a descriptor we own; sets close-on-exec so that nothing
     // the engine might exec inherits the supervisor channel.
     unsafe { libc::fcntl(WORKER_SOCKET_FD, libc::F_SETFD, flags | libc::FD_CLOEXEC) };

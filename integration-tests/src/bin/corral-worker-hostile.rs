@@ -7,8 +7,8 @@
 //! worker directory under that name), so the OS layer is proven on its own, not only
 //! the Wasm sandbox in front of it.
 
-use corral_protocol::{CallError, FromWorker, LoadSpec, LogLevel, WorkerKind};
-use corral_worker::{Engine, EngineInfo, Host};
+use corral_protocol::{CallError, FromWorker, LoadSpec, LogLevel, Runtime};
+use corral_worker::{Engine, EngineInfo, Host, Instance, LoadError};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -51,8 +51,13 @@ const ATTACKS: &[&str] = &[
     "ok",
 ];
 
+/// The engine: it "loads" a plugin by checking its entry is readable.
+struct HostileEngine;
+
+/// The loaded "plugin": every attack, run in this process.
 struct Hostile {
     plugin_dir: String,
+    exports: Vec<String>,
 }
 
 fn errno_name(e: &std::io::Error) -> String {
@@ -443,20 +448,35 @@ mod sys {
     }
 }
 
-impl Engine for Hostile {
+impl Engine for HostileEngine {
+    type Instance = Hostile;
+
     fn info(&self) -> EngineInfo {
         EngineInfo {
-            kind: WorkerKind::Wasm,
+            runtime: Runtime::Wasm,
             version: "hostile 1".into(),
         }
     }
 
-    fn load(&mut self, spec: &LoadSpec, _host: &Host) -> Result<Vec<String>, String> {
+    fn instantiate(&mut self, spec: &LoadSpec, _host: &Host) -> Result<Hostile, LoadError> {
         // The plugin directory must stay readable under confinement.
         let entry = std::path::Path::new(&spec.plugin_dir).join(&spec.entry);
-        std::fs::read(&entry).map_err(|e| format!("{}: {e}", entry.display()))?;
-        self.plugin_dir = spec.plugin_dir.clone();
-        Ok(ATTACKS.iter().map(|s| s.to_string()).collect())
+        std::fs::read(&entry).map_err(|source| LoadError::Read {
+            path: entry.display().to_string(),
+            source,
+        })?;
+        let mut exports: Vec<String> = ATTACKS.iter().map(|s| s.to_string()).collect();
+        exports.sort();
+        Ok(Hostile {
+            plugin_dir: spec.plugin_dir.clone(),
+            exports,
+        })
+    }
+}
+
+impl Instance for Hostile {
+    fn exports(&self) -> &[String] {
+        &self.exports
     }
 
     fn call(
@@ -472,7 +492,5 @@ impl Engine for Hostile {
 }
 
 fn main() -> ExitCode {
-    corral_worker::run(Hostile {
-        plugin_dir: String::new(),
-    })
+    corral_worker::run(HostileEngine)
 }

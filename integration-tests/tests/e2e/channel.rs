@@ -172,7 +172,7 @@ async fn control_socket_is_private_and_refuses_a_worker_impostor() {
     let answer = tokio::task::spawn_blocking(move || {
         let mut s = std::os::unix::net::UnixStream::connect(&p).unwrap();
         let hello = corral_protocol::Hello {
-            kind: corral_protocol::WorkerKind::Wasm,
+            runtime: corral_protocol::Runtime::Wasm,
             engine_version: "impostor".into(),
             pid: 1,
             enforcement: corral_protocol::EnforcementReport::unconfined("x"),

@@ -9,9 +9,9 @@ use crate::plugins::{access, signing};
 use crate::worker::{BoxFuture, Broker, Budgets, PluginFiles, SpawnSpec, StartError, WorkerHandle};
 use corral_confine::cgroup::{CgroupBase, CgroupLimits, PluginCgroup};
 use corral_confine::{Level, SelfConfinement};
-use corral_manifest::{Manifest, Runtime};
+use corral_manifest::Manifest;
 use corral_policy::Effective;
-use corral_protocol::{EngineLimits, LoadSpec, WorkerKind};
+use corral_protocol::{EngineLimits, LoadSpec};
 use std::ffi::OsString;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -120,11 +120,10 @@ impl ProcessLauncher {
                 ))
             })?;
         }
-        let kind = worker_kind(m.runtime);
         let program = self
             .options
             .worker_dir
-            .join(format!("corral-worker-{}", kind.as_str()));
+            .join(format!("corral-worker-{}", m.runtime));
         let cache_dir =
             self.options.cache_dir.as_ref().and_then(|d| {
                 match access::plugin_cache_dir(d, &m.id, run_as) {
@@ -151,7 +150,7 @@ impl ProcessLauncher {
             cgroup: cgroup.clone(),
             cgroup_unavailable,
             program,
-            kind,
+            runtime: m.runtime,
             broker: req.broker,
             redactor: p.redactor.clone(),
             files: Some(PluginFiles {
@@ -171,7 +170,7 @@ impl ProcessLauncher {
                 read: vec![files.to_owned()],
                 write: cache_dir.iter().cloned().collect(),
                 tmpfs_bytes: effective.tmpfs.value,
-                engine: kind.as_str().to_owned(),
+                runtime: m.runtime,
                 run_as: run_as.map(|c| [c.uid, c.gid]),
                 hide: Vec::new(),
             },
@@ -252,14 +251,6 @@ pub(crate) fn cgroup_limits(e: &Effective) -> CgroupLimits {
         memory_bytes: e.worker_memory.value,
         pids_max: e.pids.value,
         cpu_micros_per_sec: (e.cpu.value * 1e6).round() as u64,
-    }
-}
-
-pub(crate) fn worker_kind(r: Runtime) -> WorkerKind {
-    match r {
-        Runtime::Wasm => WorkerKind::Wasm,
-        Runtime::Js => WorkerKind::Js,
-        Runtime::Python => WorkerKind::Python,
     }
 }
 

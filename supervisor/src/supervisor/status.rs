@@ -3,7 +3,6 @@
 //! serving when it is not.
 
 use super::Inner;
-use super::start::worker_kind;
 use corral_protocol::PluginInfo;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -38,7 +37,7 @@ impl Inner {
                 resources: st.resources(),
                 id: p.manifest.id.clone(),
                 version: p.manifest.version.to_string(),
-                runtime: worker_kind(p.manifest.runtime),
+                runtime: p.manifest.runtime,
                 dir: p.dir.to_string_lossy().into_owned(),
                 level: effective.level.value.to_string(),
                 enforcement: worker.map(|w| w.hello.enforcement.clone()),

@@ -10,7 +10,7 @@ use crate::worker::process::Process;
 use crate::worker::{BoxFuture, SpawnSpec, StartError};
 use corral_confine::SelfConfinement;
 use corral_protocol::{
-    CallError, EnforcementReport, ExitReason, FromWorker, Hello, ToWorker, WorkerKind, frame,
+    CallError, EnforcementReport, ExitReason, FromWorker, Hello, Runtime, ToWorker, frame,
 };
 use std::collections::VecDeque;
 use std::os::unix::process::ExitStatusExt;
@@ -130,7 +130,7 @@ impl Process for FakeProcess {
     fn pid(&self) -> u32 {
         self.pid
     }
-    fn verify(&self, _hello: &mut Hello) -> Result<(), String> {
+    fn verify(&self, _hello: &mut Hello) -> Result<(), crate::VerifyError> {
         Ok(())
     }
     fn start_kill(&mut self) {
@@ -168,7 +168,7 @@ impl Launcher for FakeLauncher {
             ));
             let spec = SpawnSpec {
                 program: "fake".into(),
-                kind: WorkerKind::Js,
+                runtime: Runtime::Js,
                 plugin_id: req.plugin.manifest.id.clone(),
                 env: Vec::new(),
                 handshake_timeout: Duration::from_millis(500),
@@ -178,7 +178,7 @@ impl Launcher for FakeLauncher {
                     read: Vec::new(),
                     write: Vec::new(),
                     tmpfs_bytes: 0,
-                    engine: "js".into(),
+                    runtime: Runtime::Js,
                     run_as: None,
                     hide: Vec::new(),
                 },
@@ -258,7 +258,7 @@ async fn serve(
 ) -> i32 {
     let (mut rd, mut wr) = stream.into_split();
     let hello = Hello {
-        kind: WorkerKind::Js,
+        runtime: Runtime::Js,
         engine_version: "fake 1".into(),
         pid: 1,
         enforcement: EnforcementReport::unconfined("fake worker"),

@@ -32,7 +32,7 @@ pub(crate) mod redact;
 pub(crate) mod spawn;
 
 pub use exit::UNREPORTED_SYSCALL;
-pub use process::WORKER_MAX_FILES;
+pub use process::{VerifyError, WORKER_MAX_FILES};
 pub use redact::{PluginFiles, Redactor};
 pub use spawn::StartError;
 pub(crate) use spawn::{Budgets, SpawnSpec};

@@ -22,13 +22,32 @@ pub(crate) trait Process: Send + 'static {
     fn pid(&self) -> u32;
     /// Check from outside what the worker claimed in its handshake, and fill in what
     /// only the outside can see (its namespaces). An error refuses the worker.
-    fn verify(&self, hello: &mut Hello) -> Result<(), String>;
+    fn verify(&self, hello: &mut Hello) -> Result<(), VerifyError>;
     /// Send SIGKILL (or its equivalent); returns at once.
     fn start_kill(&mut self);
     /// How it ended, if it has.
     fn try_wait(&mut self) -> Option<ExitStatus>;
     /// Wait until it has ended; `None` if that cannot be known.
     fn wait(&mut self) -> BoxFuture<'_, Option<ExitStatus>>;
+}
+
+/// Why a worker is refused after its handshake: what it claimed is not what the
+/// outside sees.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot read the worker's credentials: {0}")]
+    Credentials(std::io::Error),
+    #[error(
+        "the worker did not drop to uid {uid} gid {gid} with no capabilities (Uid {uids:?}, \
+         Gid {gids:?}, CapEff {caps:?})"
+    )]
+    NotDropped {
+        uid: u32,
+        gid: u32,
+        uids: Vec<String>,
+        gids: Vec<String>,
+        caps: Vec<String>,
+    },
 }
 
 /// A worker process the supervisor spawned.
@@ -45,7 +64,7 @@ impl Process for Spawned {
         self.pid
     }
 
-    fn verify(&self, hello: &mut Hello) -> Result<(), String> {
+    fn verify(&self, hello: &mut Hello) -> Result<(), VerifyError> {
         // Namespaces and credentials are checked from outside: an unprivileged worker
         // cannot read the supervisor's /proc entries to compare, and a worker that
         // did not drop root gets no plugin.
@@ -165,31 +184,32 @@ pub const WORKER_MAX_FILES: libc::rlim_t = 256;
 
 /// The worker's real, effective, saved and filesystem ids and its capability sets,
 /// as the kernel reports them, against what it was told to become.
-fn check_credentials(pid: u32, cred: Credentials) -> Result<(), String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("cannot read the worker's credentials: {e}"))?;
+fn check_credentials(pid: u32, cred: Credentials) -> Result<(), VerifyError> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(VerifyError::Credentials)?;
     let field = |k: &str| {
         status
             .lines()
             .find_map(|l| l.strip_prefix(k))
-            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
             .unwrap_or_default()
     };
+    let (uids, gids, caps) = (field("Uid:"), field("Gid:"), field("CapEff:"));
     let (uid, gid) = (cred.uid.to_string(), cred.gid.to_string());
-    let ok = field("Uid:") == [&uid; 4]
-        && field("Gid:") == [&gid; 4]
-        && field("CapEff:") == ["0000000000000000"]
+    let ok = uids == [uid.as_str(); 4]
+        && gids == [gid.as_str(); 4]
+        && caps == ["0000000000000000"]
         && field("CapPrm:") == ["0000000000000000"];
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "the worker did not drop to uid {uid} gid {gid} with no capabilities (Uid {:?}, \
-             Gid {:?}, CapEff {:?})",
-            field("Uid:"),
-            field("Gid:"),
-            field("CapEff:")
-        ))
+        Err(VerifyError::NotDropped {
+            uid: cred.uid,
+            gid: cred.gid,
+            uids,
+            gids,
+            caps,
+        })
     }
 }
 

@@ -5,14 +5,14 @@
 use super::connection::{Connection, message_name, read_from_worker, write_frames};
 use super::exit::{exit_reason, explain_exit};
 use super::output::{PluginLog, StderrTail, forward_output};
-use super::process::{Process, Spawned, child_setup, remove_when_empty};
+use super::process::{Process, Spawned, VerifyError, child_setup, remove_when_empty};
 use super::{Broker, CallCtx, Pending, PluginFiles, Redactor, WorkerHandle};
 use crate::plugins::access::Credentials;
 use corral_confine::cgroup::PluginCgroup;
 use corral_confine::{CONFINE_ENV, SelfConfinement};
 use corral_protocol::{
-    ExitReason, FromWorker, Hello, HostError, LoadSpec, ToWorker, WORKER_SOCKET_ENV,
-    WORKER_SOCKET_FD, WorkerKind,
+    ExitReason, FromWorker, Hello, HostError, LoadSpec, Runtime, ToWorker, WORKER_SOCKET_ENV,
+    WORKER_SOCKET_FD,
     frame::{self, FrameError},
 };
 use std::ffi::{CString, OsString};
@@ -31,7 +31,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 #[derive(Debug, Clone)]
 pub(crate) struct SpawnSpec {
     pub(crate) program: PathBuf,
-    pub(crate) kind: WorkerKind,
+    pub(crate) runtime: Runtime,
     pub(crate) plugin_id: String,
     /// Variables passed through; the rest of the environment is cleared.
     pub(crate) env: Vec<(OsString, OsString)>,
@@ -86,12 +86,12 @@ pub enum StartError {
     #[error("bad handshake")]
     Handshake(#[source] FrameError),
     #[error("worker is a {got} worker, expected {expected}")]
-    WrongKind {
-        expected: WorkerKind,
-        got: WorkerKind,
-    },
+    WrongRuntime { expected: Runtime, got: Runtime },
     #[error("plugin failed to load: {0}")]
     LoadFailed(String),
+    /// What the worker claimed in its handshake is not what the outside sees.
+    #[error("refused: {0}")]
+    Unverified(VerifyError),
     /// The isolation level cannot be enforced here; nothing was started.
     #[error("refused: {0}")]
     Refused(String),
@@ -203,19 +203,19 @@ impl WorkerHandle {
         if let Err(why) = child.verify(&mut hello) {
             child.start_kill();
             child.wait().await;
-            return Err(StartError::Refused(why));
+            return Err(StartError::Unverified(why));
         }
         if let Some(g) = &spec.cgroup {
             hello.enforcement.cgroup = g.report();
         } else if let Some(why) = &spec.cgroup_unavailable {
             hello.enforcement.cgroup = corral_protocol::Enforcement::None(why.clone());
         }
-        if hello.kind != spec.kind {
+        if hello.runtime != spec.runtime {
             child.start_kill();
             child.wait().await;
-            return Err(StartError::WrongKind {
-                expected: spec.kind,
-                got: hello.kind,
+            return Err(StartError::WrongRuntime {
+                expected: spec.runtime,
+                got: hello.runtime,
             });
         }
 

@@ -164,37 +164,31 @@ fn byte_view(ctx: &Ctx<'_>, v: Value<'_>, what: &str) -> rquickjs::Result<Vec<u8
     bytes.ok_or_else(|| Exception::throw_type(ctx, &format!("{what}: the array is detached")))
 }
 
-/// A function's return value as output bytes: a `Uint8Array` or a string.
-pub fn output(ret: &Value<'_>, max_output: u64) -> Result<Vec<u8>, CallError> {
-    let bytes = if let Some(s) = ret.as_string() {
+/// A function's return value as output bytes: a `Uint8Array` or a string. The
+/// worker loop checks the size against `max_output`.
+pub fn output(ret: &Value<'_>) -> Result<Vec<u8>, CallError> {
+    if let Some(s) = ret.as_string() {
         s.to_string()
+            .map(String::into_bytes)
             .map_err(|e| CallError::Trap {
                 message: format!("the returned string is not valid UTF-16: {e}"),
-            })?
-            .into_bytes()
+            })
     } else if let Ok(arr) = TypedArray::<u8>::from_value(ret.clone()) {
         // SAFETY: copied at once; no JS runs while the slice is borrowed.
         unsafe { arr.as_bytes() }
             .map(<[u8]>::to_vec)
             .ok_or_else(|| CallError::Trap {
                 message: "the returned Uint8Array is detached".into(),
-            })?
+            })
     } else if ret.is_undefined() {
-        Vec::new()
+        Ok(Vec::new())
     } else {
-        return Err(CallError::Plugin {
+        Err(CallError::Plugin {
             message: format!(
                 "the function returned a value of type {}; return a Uint8Array or a string \
                  (corral.json_bytes(value) for JSON)",
                 ret.type_name()
             ),
-        });
-    };
-    if bytes.len() as u64 > max_output {
-        return Err(CallError::OutputTooLarge {
-            size: bytes.len() as u64,
-            limit: max_output,
-        });
+        })
     }
-    Ok(bytes)
 }

@@ -37,9 +37,9 @@
 //! | allocates past its memory limit | `CallError::MemoryLimit` |
 //! | returns more than `max_output` | `CallError::OutputTooLarge` |
 //!
-//! After a trap, timeout or memory limit the runtime is discarded and the next call
-//! gets a fresh one (the module and `init` run again), as the Wasm engine does; the
-//! process stays.
+//! After a trap, timeout or memory limit the worker loop discards the instance (its
+//! runtime) and the next call gets a fresh one (the module and `init` run again), as
+//! in every engine; the process stays.
 
 mod api;
 mod modules;
@@ -49,8 +49,8 @@ pub mod v8;
 #[cfg(feature = "v8")]
 pub use v8::V8Engine;
 
-use corral_protocol::{CallError, LoadSpec, WorkerKind};
-use corral_worker::{EngineInfo, Host};
+use corral_protocol::{CallError, LoadSpec};
+use corral_worker::{EngineInfo, Host, LoadError};
 use rquickjs::promise::MaybePromise;
 use rquickjs::{
     CatchResultExt, CaughtError, Context, Ctx, FromJs, Function, Module, Object, Persistent,
@@ -82,148 +82,151 @@ const ENGINE_ERRORS: [&str; 7] = [
     "URIError",
 ];
 
-/// A loaded plugin: its runtime, context and module namespace.
-struct Loaded {
+/// One instance of the plugin: its runtime, context and module namespace.
+pub struct JsInstance {
     // Field order: the namespace handle must go before the context and runtime.
     namespace: Persistent<Object<'static>>,
     context: Context,
     runtime: Runtime,
     exports: Vec<String>,
-}
-
-/// The QuickJS engine.
-pub struct JsEngine {
-    loaded: Option<Loaded>,
-    /// What to load again after the runtime was discarded.
-    spec: Option<LoadSpec>,
     /// The running call's deadline, read by the interrupt handler.
     deadline: Rc<Cell<Option<Instant>>>,
-    max_output: u64,
     memory_limit: u64,
 }
 
-impl std::fmt::Debug for JsEngine {
+impl std::fmt::Debug for JsInstance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JsEngine")
-            .field("loaded", &self.loaded.as_ref().map(|l| &l.exports))
+        f.debug_struct("JsInstance")
+            .field("exports", &self.exports)
             .finish_non_exhaustive()
     }
 }
 
-impl Default for JsEngine {
-    fn default() -> Self {
-        JsEngine::new()
-    }
-}
+/// The QuickJS engine: one runtime per instance, no state of its own.
+#[derive(Debug, Default)]
+pub struct JsEngine;
 
 impl JsEngine {
     pub fn new() -> JsEngine {
-        JsEngine {
-            loaded: None,
-            spec: None,
-            deadline: Rc::new(Cell::new(None)),
-            max_output: u64::MAX,
-            memory_limit: 0,
-        }
-    }
-
-    /// Create a runtime, run the module and its `init` within `deadline`.
-    fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<Loaded, String> {
-        let root = PathBuf::from(&spec.plugin_dir)
-            .canonicalize()
-            .map_err(|e| format!("plugin directory {}: {e}", spec.plugin_dir))?;
-        let entry = modules::logical_name(&spec.entry).ok_or_else(|| {
-            format!(
-                "entry {:?} is not a relative path inside the plugin",
-                spec.entry
-            )
-        })?;
-        let runtime =
-            Runtime::new().map_err(|e| format!("cannot create a QuickJS runtime: {e}"))?;
-        runtime.set_memory_limit(usize::try_from(spec.limits.memory_bytes).unwrap_or(usize::MAX));
-        runtime.set_max_stack_size(MAX_STACK);
-        let deadline = Rc::clone(&self.deadline);
-        runtime.set_interrupt_handler(Some(Box::new(move || {
-            deadline.get().is_some_and(|d| Instant::now() >= d)
-        })));
-        runtime.set_loader(
-            modules::PluginResolver,
-            modules::PluginLoader::new(root.clone()),
-        );
-        let context =
-            Context::full(&runtime).map_err(|e| format!("cannot create a QuickJS context: {e}"))?;
-
-        let init_deadline = Duration::from_millis(spec.limits.init_deadline_ms.max(1));
-        self.deadline.set(Some(Instant::now() + init_deadline));
-        let result = context.with(
-            |ctx| -> Result<(Persistent<Object<'static>>, Vec<String>), String> {
-                api::install(&ctx, host.clone())
-                    .map_err(|e| format!("cannot install the host API: {e}"))?;
-                let source = std::fs::read(root.join(&entry))
-                    .map_err(|e| format!("cannot read {}: {e}", spec.entry))?;
-                let evaluated = Module::declare(ctx.clone(), entry.clone(), source)
-                    .and_then(|m| m.eval())
-                    .catch(&ctx)
-                    .map_err(|e| describe(&ctx, e, "loading the module"))?;
-                let (module, promise) = evaluated;
-                promise
-                    .finish::<()>()
-                    .catch(&ctx)
-                    .map_err(|e| describe(&ctx, e, "loading the module"))?;
-                let namespace = module
-                    .namespace()
-                    .map_err(|e| format!("cannot read the module's exports: {e}"))?;
-                let mut exports = Vec::new();
-                let mut init = None;
-                for key in namespace.keys::<String>() {
-                    let key = key.map_err(|e| format!("cannot read the module's exports: {e}"))?;
-                    let value: Value = namespace.get(&key).map_err(|e| e.to_string())?;
-                    if let Some(f) = value.as_function() {
-                        if key == "init" {
-                            init = Some(f.clone());
-                        } else if !HOOKS.contains(&key.as_str()) {
-                            exports.push(key);
-                        }
-                    }
-                }
-                exports.sort();
-                if let Some(init) = init {
-                    let ret: Value = init
-                        .call(())
-                        .catch(&ctx)
-                        .map_err(|e| describe(&ctx, e, "init"))?;
-                    MaybePromise::from_value(ret)
-                        .finish::<Value>()
-                        .catch(&ctx)
-                        .map_err(|e| describe(&ctx, e, "init"))?;
-                }
-                Ok((Persistent::save(&ctx, namespace), exports))
-            },
-        );
-        self.deadline.set(None);
-        let (namespace, exports) = result.map_err(|e| {
-            if e.contains("interrupted") {
-                format!(
-                    "{e} (the load and init deadline is {} ms)",
-                    init_deadline.as_millis()
-                )
-            } else {
-                e
-            }
-        })?;
-        Ok(Loaded {
-            namespace,
-            context,
-            runtime,
-            exports,
-        })
+        JsEngine
     }
 }
 
-/// A readable account of a failure while loading.
-fn describe<'js>(ctx: &Ctx<'js>, e: CaughtError<'js>, during: &str) -> String {
+/// Create a runtime, run the module and its `init` within the load deadline.
+fn instantiate(spec: &LoadSpec, host: &Host) -> Result<JsInstance, LoadError> {
+    let root = PathBuf::from(&spec.plugin_dir)
+        .canonicalize()
+        .map_err(|source| LoadError::Read {
+            path: format!("plugin directory {}", spec.plugin_dir),
+            source,
+        })?;
+    let entry = modules::logical_name(&spec.entry).ok_or_else(|| LoadError::Entry {
+        entry: spec.entry.clone(),
+    })?;
+    let runtime = Runtime::new()
+        .map_err(|e| LoadError::Engine(format!("cannot create a QuickJS runtime: {e}")))?;
+    runtime.set_memory_limit(usize::try_from(spec.limits.memory_bytes).unwrap_or(usize::MAX));
+    runtime.set_max_stack_size(MAX_STACK);
+    let deadline = Rc::new(Cell::new(None::<Instant>));
+    let watched = Rc::clone(&deadline);
+    runtime.set_interrupt_handler(Some(Box::new(move || {
+        watched.get().is_some_and(|d| Instant::now() >= d)
+    })));
+    runtime.set_loader(
+        modules::PluginResolver,
+        modules::PluginLoader::new(root.clone()),
+    );
+    let context = Context::full(&runtime)
+        .map_err(|e| LoadError::Engine(format!("cannot create a QuickJS context: {e}")))?;
+
+    let init_deadline = Duration::from_millis(spec.limits.init_deadline_ms.max(1));
+    deadline.set(Some(Instant::now() + init_deadline));
+    let engine = |what: &str, e: rquickjs::Error| LoadError::Engine(format!("{what}: {e}"));
+    let result = context.with(
+        |ctx| -> Result<(Persistent<Object<'static>>, Vec<String>), LoadError> {
+            api::install(&ctx, host.clone())
+                .map_err(|e| engine("cannot install the host API", e))?;
+            let source = std::fs::read(root.join(&entry)).map_err(|source| LoadError::Read {
+                path: spec.entry.clone(),
+                source,
+            })?;
+            let evaluated = Module::declare(ctx.clone(), entry.clone(), source)
+                .and_then(|m| m.eval())
+                .catch(&ctx)
+                .map_err(|e| load_failure(&ctx, e, "loading the module", init_deadline))?;
+            let (module, promise) = evaluated;
+            promise
+                .finish::<()>()
+                .catch(&ctx)
+                .map_err(|e| load_failure(&ctx, e, "loading the module", init_deadline))?;
+            let namespace = module
+                .namespace()
+                .map_err(|e| engine("cannot read the module's exports", e))?;
+            let mut exports = Vec::new();
+            let mut init = None;
+            for key in namespace.keys::<String>() {
+                let key = key.map_err(|e| engine("cannot read the module's exports", e))?;
+                let value: Value = namespace
+                    .get(&key)
+                    .map_err(|e| engine("cannot read the module's exports", e))?;
+                if let Some(f) = value.as_function() {
+                    if key == "init" {
+                        init = Some(f.clone());
+                    } else if !HOOKS.contains(&key.as_str()) {
+                        exports.push(key);
+                    }
+                }
+            }
+            exports.sort();
+            if let Some(init) = init {
+                let ret: Value = init
+                    .call(())
+                    .catch(&ctx)
+                    .map_err(|e| load_failure(&ctx, e, "init", init_deadline))?;
+                MaybePromise::from_value(ret)
+                    .finish::<Value>()
+                    .catch(&ctx)
+                    .map_err(|e| load_failure(&ctx, e, "init", init_deadline))?;
+            }
+            Ok((Persistent::save(&ctx, namespace), exports))
+        },
+    );
+    deadline.set(None);
+    let (namespace, exports) = result?;
+    Ok(JsInstance {
+        namespace,
+        context,
+        runtime,
+        exports,
+        deadline,
+        memory_limit: spec.limits.memory_bytes,
+    })
+}
+
+/// The load error for plugin code that failed while loading: past the deadline if
+/// the engine interrupted it.
+fn load_failure<'js>(
+    ctx: &Ctx<'js>,
+    e: CaughtError<'js>,
+    during: &'static str,
+    init_deadline: Duration,
+) -> LoadError {
+    let message = describe(ctx, e);
+    if message.contains("interrupted") {
+        LoadError::Deadline {
+            during,
+            message,
+            deadline_ms: init_deadline.as_millis() as u64,
+        }
+    } else {
+        LoadError::Plugin { during, message }
+    }
+}
+
+/// A readable account of a failure while loading: the class, message and stack.
+fn describe<'js>(ctx: &Ctx<'js>, e: CaughtError<'js>) -> String {
     let (name, message, stack) = parts(ctx, &e);
-    let mut s = format!("{during}: {name}: {message}");
+    let mut s = format!("{name}: {message}");
     if !stack.trim().is_empty() {
         s.push('\n');
         s.push_str(stack.trim_end());
@@ -278,21 +281,23 @@ fn parts<'js>(ctx: &Ctx<'js>, e: &CaughtError<'js>) -> (String, String, String) 
 }
 
 impl corral_worker::Engine for JsEngine {
+    type Instance = JsInstance;
+
     fn info(&self) -> EngineInfo {
         EngineInfo {
-            kind: WorkerKind::Js,
+            runtime: corral_protocol::Runtime::Js,
             version: QUICKJS_VERSION.to_owned(),
         }
     }
 
-    fn load(&mut self, spec: &LoadSpec, host: &Host) -> Result<Vec<String>, String> {
-        self.max_output = spec.limits.max_output_bytes;
-        self.memory_limit = spec.limits.memory_bytes;
-        let loaded = self.instantiate(spec, host)?;
-        let exports = loaded.exports.clone();
-        self.loaded = Some(loaded);
-        self.spec = Some(spec.clone());
-        Ok(exports)
+    fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<JsInstance, LoadError> {
+        instantiate(spec, host)
+    }
+}
+
+impl corral_worker::Instance for JsInstance {
+    fn exports(&self) -> &[String] {
+        &self.exports
     }
 
     fn call(
@@ -300,32 +305,20 @@ impl corral_worker::Engine for JsEngine {
         function: &str,
         input: &[u8],
         deadline: Duration,
-        host: &Host,
+        _host: &Host,
     ) -> Result<Vec<u8>, CallError> {
-        if self.loaded.is_none() {
-            // The last call discarded the runtime: start afresh.
-            let spec = corral_worker::spec_to_reload(&self.spec)?;
-            let loaded = self
-                .instantiate(&spec, host)
-                .map_err(corral_worker::reload_failed)?;
-            self.loaded = Some(loaded);
-        }
-        let loaded = self.loaded.as_ref().expect("loaded above");
-        corral_worker::check_export(self.spec.as_ref(), &loaded.exports, function)?;
         let started = Instant::now();
         self.deadline.set(Some(started + deadline));
-        let max_output = self.max_output;
         let memory_limit = self.memory_limit;
         let deadline_ms = deadline.as_millis() as u64;
-        let result = loaded.context.with(|ctx| -> Result<Vec<u8>, CallError> {
-            let namespace =
-                loaded
-                    .namespace
-                    .clone()
-                    .restore(&ctx)
-                    .map_err(|e| CallError::Trap {
-                        message: format!("module namespace lost: {e}"),
-                    })?;
+        let result = self.context.with(|ctx| -> Result<Vec<u8>, CallError> {
+            let namespace = self
+                .namespace
+                .clone()
+                .restore(&ctx)
+                .map_err(|e| CallError::Trap {
+                    message: format!("module namespace lost: {e}"),
+                })?;
             let f: Function = namespace.get(function).map_err(|e| CallError::Trap {
                 message: e.to_string(),
             })?;
@@ -340,27 +333,16 @@ impl corral_worker::Engine for JsEngine {
                 .finish()
                 .catch(&ctx)
                 .map_err(|e| classify(&ctx, e, started, deadline_ms, memory_limit))?;
-            api::output(&ret, max_output)
+            api::output(&ret)
         });
         self.deadline.set(None);
-        if matches!(
-            result,
-            Err(CallError::Trap { .. } | CallError::Timeout { .. } | CallError::MemoryLimit { .. })
-        ) {
-            // As after a Wasm trap: this runtime's state is suspect; the next call
-            // gets a fresh one.
-            self.loaded = None;
-        }
         result
     }
 
     fn shutdown(&mut self, grace: Duration, _host: &Host) {
-        let Some(loaded) = self.loaded.as_ref() else {
-            return;
-        };
         self.deadline.set(Some(Instant::now() + grace));
-        loaded.context.with(|ctx| {
-            let Ok(namespace) = loaded.namespace.clone().restore(&ctx) else {
+        self.context.with(|ctx| {
+            let Ok(namespace) = self.namespace.clone().restore(&ctx) else {
                 return;
             };
             if let Ok(f) = namespace.get::<_, Function>("shutdown") {
@@ -374,9 +356,7 @@ impl corral_worker::Engine for JsEngine {
     }
 
     fn memory_bytes(&self) -> u64 {
-        self.loaded
-            .as_ref()
-            .map_or(0, |l| l.runtime.memory_usage().malloc_size.max(0) as u64)
+        self.runtime.memory_usage().malloc_size.max(0) as u64
     }
 }
 

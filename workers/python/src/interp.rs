@@ -1,6 +1,7 @@
 //! Starting the embedded interpreter in an isolated configuration, and counting the
 //! memory it allocates so the plugin's limit can be enforced.
 
+use corral_worker::SetupError;
 use pyo3::ffi;
 use std::ffi::c_void;
 use std::sync::OnceLock;
@@ -177,7 +178,7 @@ fn wide(s: &str) -> Vec<libc::wchar_t> {
         .collect()
 }
 
-fn check(status: ffi::PyStatus, what: &str) -> Result<(), String> {
+fn check(status: ffi::PyStatus, what: &str) -> Result<(), SetupError> {
     // SAFETY: PyStatus_Exception only reads the struct.
     if unsafe { ffi::PyStatus_Exception(status) } == 0 {
         return Ok(());
@@ -190,7 +191,10 @@ fn check(status: ffi::PyStatus, what: &str) -> Result<(), String> {
             .to_string_lossy()
             .into_owned()
     };
-    Err(format!("{what}: {msg}"))
+    Err(SetupError::Engine {
+        engine: "CPython",
+        message: format!("{what}: {msg}"),
+    })
 }
 
 /// Set a string field of `cfg`.
@@ -201,7 +205,7 @@ unsafe fn set_string(
     cfg: *mut ffi::PyConfig,
     field: *mut *mut libc::wchar_t,
     value: &str,
-) -> Result<(), String> {
+) -> Result<(), SetupError> {
     let w = wide(value);
     // SAFETY: per the function's contract; CPython copies the string.
     check(
@@ -221,7 +225,7 @@ pub struct Paths {
 /// Start CPython isolated: no `site`, no user site, no `PYTHON*` variables, no
 /// signal handlers of its own, UTF-8 mode, `sys.path` = the standard library (the
 /// plugin directory is put first at load). Returns with the GIL released.
-pub fn initialize(paths: &Paths) -> Result<(), String> {
+pub fn initialize(paths: &Paths) -> Result<(), SetupError> {
     // SAFETY: the pre-configuration, allocator hooks, inittab and configuration are
     // set up in the order CPython documents, once, on the main thread, before the
     // interpreter exists; every wide string outlives the call that copies it.

@@ -39,9 +39,10 @@
 //! | allocates past its memory limit | `CallError::MemoryLimit`: the interpreter's allocators count every block and refuse past the limit, which raises `MemoryError` |
 //! | returns more than `max_output` | `CallError::OutputTooLarge` |
 //!
-//! After a trap, timeout or memory limit, the plugin's modules are forgotten and
-//! the next call imports them afresh and runs `init` again, as the other engines
-//! start a fresh instance; the interpreter and process stay.
+//! After a trap, timeout or memory limit, the worker loop discards the instance:
+//! the plugin's modules are forgotten and the next call imports them afresh and
+//! runs `init` again, as every engine starts a fresh instance; the interpreter and
+//! process stay.
 //!
 //! # Finding the standard library
 //!
@@ -57,8 +58,8 @@
 mod api;
 mod interp;
 
-use corral_protocol::{CallError, LoadSpec, WorkerKind};
-use corral_worker::{EngineInfo, Host, RuntimeFiles};
+use corral_protocol::{CallError, LoadSpec, Runtime};
+use corral_worker::{EngineInfo, Host, LoadError, RuntimeFiles, SetupError};
 use pyo3::exceptions::{PyMemoryError, PyRecursionError, PySystemError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyString};
@@ -88,10 +89,37 @@ const DEADLINE_REPEAT: Duration = Duration::from_millis(50);
 /// Most traceback lines kept in an error (a recursion error has thousands).
 const MAX_TRACEBACK_LINES: usize = 64;
 
-struct Loaded {
+/// One instance of the plugin: its imported module and functions. Dropping it
+/// forgets the plugin's modules, so that a fresh instance imports them afresh.
+pub struct PythonInstance {
     functions: HashMap<String, Py<PyAny>>,
     module: Py<PyAny>,
     exports: Vec<String>,
+    boot: Py<PyModule>,
+    plugin_dir: String,
+    memory_limit: u64,
+}
+
+impl std::fmt::Debug for PythonInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PythonInstance")
+            .field("exports", &self.exports)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PythonInstance {
+    fn drop(&mut self) {
+        Python::attach(|py| {
+            self.functions.clear();
+            unload(py, &self.boot, &self.plugin_dir);
+        });
+    }
+}
+
+/// Forget the modules imported from `plugin_dir`.
+fn unload(py: Python<'_>, boot: &Py<PyModule>, plugin_dir: &str) {
+    let _ = boot.bind(py).call_method1("unload", (plugin_dir,));
 }
 
 /// The CPython engine.
@@ -99,15 +127,15 @@ pub struct PythonEngine {
     /// Handle on the standard library, opened with the worker's first privileges.
     stdlib_fd: Option<OwnedFd>,
     boot: Option<Py<PyModule>>,
-    loaded: Option<Loaded>,
-    spec: Option<LoadSpec>,
-    memory_limit: u64,
+    /// Whether the allocators count against the plugin's memory limit yet (from
+    /// the first instance on).
+    limited: bool,
 }
 
 impl std::fmt::Debug for PythonEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PythonEngine")
-            .field("loaded", &self.loaded.as_ref().map(|l| &l.exports))
+            .field("running", &self.boot.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -123,9 +151,7 @@ impl PythonEngine {
         PythonEngine {
             stdlib_fd: None,
             boot: None,
-            loaded: None,
-            spec: None,
-            memory_limit: 0,
+            limited: false,
         }
     }
 
@@ -155,52 +181,58 @@ impl PythonEngine {
         }
     }
 
-    /// Import the plugin and run its `init` within the load deadline.
-    fn instantiate(&mut self, py: Python<'_>, spec: &LoadSpec) -> Result<Loaded, String> {
+    /// Import the plugin and run its `init` within the load deadline. A failed
+    /// import leaves none of the plugin's modules behind.
+    fn import(&self, py: Python<'_>, spec: &LoadSpec) -> Result<PythonInstance, LoadError> {
         let boot = self
             .boot
             .as_ref()
-            .ok_or("the interpreter is not running")?
-            .bind(py);
+            .ok_or_else(|| LoadError::Engine("the interpreter is not running".into()))?;
         let init_deadline = Duration::from_millis(spec.limits.init_deadline_ms.max(1));
         let _armed = Deadline::arm(init_deadline);
-        let describe = |e: PyErr, during: &str| {
-            let text = format_error(py, &e);
+        let failed = |e: PyErr, during: &'static str| {
+            let message = format_error(py, &e);
             if e.is_instance_of::<api::DeadlineExceeded>(py) {
-                format!(
-                    "{during}: {text} (the load and init deadline is {} ms)",
-                    init_deadline.as_millis()
-                )
+                LoadError::Deadline {
+                    during,
+                    message,
+                    deadline_ms: init_deadline.as_millis() as u64,
+                }
             } else {
-                format!("{during}: {text}")
+                LoadError::Plugin { during, message }
             }
         };
-        let (module, exports, init): (Bound<PyAny>, Vec<String>, Option<Bound<PyAny>>) = boot
-            .call_method1("load", (&spec.plugin_dir, &spec.entry))
-            .and_then(|r| r.extract())
-            .map_err(|e| describe(e, "loading the module"))?;
-        if let Some(init) = init {
-            init.call0().map_err(|e| describe(e, "init"))?;
-        }
-        let mut functions = HashMap::new();
-        for name in &exports {
-            let f = module
-                .getattr(name.as_str())
-                .map_err(|e| describe(e, "reading the exports"))?;
-            functions.insert(name.clone(), f.unbind());
-        }
-        Ok(Loaded {
-            functions,
-            module: module.unbind(),
-            exports,
-        })
-    }
-
-    /// Forget the plugin's modules so the next call imports them afresh.
-    fn discard(&mut self, py: Python<'_>) {
-        self.loaded = None;
-        if let (Some(boot), Some(spec)) = (&self.boot, &self.spec) {
-            let _ = boot.bind(py).call_method1("unload", (&spec.plugin_dir,));
+        let imported = || -> Result<(Bound<PyAny>, Vec<String>, HashMap<_, _>), LoadError> {
+            let (module, exports, init): (Bound<PyAny>, Vec<String>, Option<Bound<PyAny>>) = boot
+                .bind(py)
+                .call_method1("load", (&spec.plugin_dir, &spec.entry))
+                .and_then(|r| r.extract())
+                .map_err(|e| failed(e, "loading the module"))?;
+            if let Some(init) = init {
+                init.call0().map_err(|e| failed(e, "init"))?;
+            }
+            let mut functions = HashMap::new();
+            for name in &exports {
+                let f = module
+                    .getattr(name.as_str())
+                    .map_err(|e| failed(e, "reading the exports"))?;
+                functions.insert(name.clone(), f.unbind());
+            }
+            Ok((module, exports, functions))
+        };
+        match imported() {
+            Ok((module, exports, functions)) => Ok(PythonInstance {
+                functions,
+                module: module.unbind(),
+                exports,
+                boot: boot.clone_ref(py),
+                plugin_dir: spec.plugin_dir.clone(),
+                memory_limit: spec.limits.memory_bytes,
+            }),
+            Err(e) => {
+                unload(py, boot, &spec.plugin_dir);
+                Err(e)
+            }
         }
     }
 }
@@ -308,19 +340,25 @@ fn output(ret: &Bound<'_, PyAny>) -> Result<Vec<u8>, CallError> {
 }
 
 impl corral_worker::Engine for PythonEngine {
+    type Instance = PythonInstance;
+
     fn info(&self) -> EngineInfo {
         EngineInfo {
-            kind: WorkerKind::Python,
+            runtime: Runtime::Python,
             version: format!("CPython {PYTHON_VERSION} (pyo3)"),
         }
     }
 
-    fn runtime_files(&mut self) -> Result<RuntimeFiles, String> {
+    fn runtime_files(&mut self) -> Result<RuntimeFiles, SetupError> {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
             .open(STDLIB)
-            .map_err(|e| format!("the Python standard library {STDLIB}: {e}"))?;
+            .map_err(|source| SetupError::RuntimeFiles {
+                what: "the Python standard library",
+                path: PathBuf::from(STDLIB),
+                source,
+            })?;
         self.stdlib_fd = Some(OwnedFd::from(f));
         let mut trees = vec![PathBuf::from(STDLIB)];
         if !Path::new(DYNLOAD).starts_with(STDLIB) {
@@ -341,7 +379,7 @@ impl corral_worker::Engine for PythonEngine {
         Ok(RuntimeFiles { read: trees, hide })
     }
 
-    fn prepare(&mut self) -> Result<(), String> {
+    fn prepare(&mut self) -> Result<(), SetupError> {
         let paths = self.stdlib_paths();
         if paths.stdlib == STDLIB {
             // Reachable by path: no handle stays open for plugin code.
@@ -371,22 +409,31 @@ impl corral_worker::Engine for PythonEngine {
             signal.call_method1("signal", (libc::SIGALRM, corral.getattr("_deadline")?))?;
             Ok(boot.unbind())
         })
-        .map_err(|e| Python::attach(|py| format!("starting Python: {}", format_error(py, &e))))?;
+        .map_err(|e| SetupError::Engine {
+            engine: "CPython",
+            message: Python::attach(|py| format_error(py, &e)),
+        })?;
         self.boot = Some(boot);
         Ok(())
     }
 
-    fn load(&mut self, spec: &LoadSpec, host: &Host) -> Result<Vec<String>, String> {
+    fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<PythonInstance, LoadError> {
         api::set_host(host);
-        self.memory_limit = spec.limits.memory_bytes;
-        self.spec = Some(spec.clone());
         Python::attach(|py| {
-            interp::limit_from_now(spec.limits.memory_bytes);
-            let loaded = self.instantiate(py, spec)?;
-            let exports = loaded.exports.clone();
-            self.loaded = Some(loaded);
-            Ok(exports)
+            if !self.limited {
+                // Counted from here: what the interpreter itself holds is not the
+                // plugin's.
+                interp::limit_from_now(spec.limits.memory_bytes);
+                self.limited = true;
+            }
+            self.import(py, spec)
         })
+    }
+}
+
+impl corral_worker::Instance for PythonInstance {
+    fn exports(&self) -> &[String] {
+        &self.exports
     }
 
     fn call(
@@ -397,51 +444,29 @@ impl corral_worker::Engine for PythonEngine {
         _host: &Host,
     ) -> Result<Vec<u8>, CallError> {
         Python::attach(|py| {
-            if self.loaded.is_none() {
-                let spec = corral_worker::spec_to_reload(&self.spec)?;
-                let loaded = self
-                    .instantiate(py, &spec)
-                    .map_err(corral_worker::reload_failed);
-                match loaded {
-                    Ok(l) => self.loaded = Some(l),
-                    Err(e) => {
-                        self.discard(py);
-                        return Err(e);
-                    }
-                }
-            }
-            let loaded = self.loaded.as_ref().expect("loaded above");
-            corral_worker::check_export(self.spec.as_ref(), &loaded.exports, function)?;
-            let f = &loaded.functions[function];
+            let f = self
+                .functions
+                .get(function)
+                .ok_or_else(|| CallError::Trap {
+                    message: format!("{function} is not among the imported functions"),
+                })?;
             let deadline_ms = deadline.as_millis() as u64;
             interp::take_refused();
             let result = {
                 let _armed = Deadline::arm(deadline);
                 f.bind(py).call1((PyBytes::new(py, input),))
             };
-            let result = match result {
+            match result {
                 Ok(v) => output(&v),
                 Err(e) => Err(self.classify(py, &e, deadline_ms)),
-            };
-            if matches!(
-                result,
-                Err(CallError::Trap { .. }
-                    | CallError::Timeout { .. }
-                    | CallError::MemoryLimit { .. })
-            ) {
-                self.discard(py);
             }
-            result
         })
     }
 
     fn shutdown(&mut self, grace: Duration, _host: &Host) {
-        let Some(loaded) = self.loaded.as_ref() else {
-            return;
-        };
         Python::attach(|py| {
             let _armed = Deadline::arm(grace);
-            let module = loaded.module.bind(py);
+            let module = self.module.bind(py);
             if let Ok(f) = module.getattr("shutdown")
                 && f.is_callable()
             {
@@ -455,7 +480,7 @@ impl corral_worker::Engine for PythonEngine {
     }
 }
 
-impl PythonEngine {
+impl PythonInstance {
     /// The typed error for a failed call.
     fn classify(&self, py: Python<'_>, e: &PyErr, deadline_ms: u64) -> CallError {
         if e.is_instance_of::<api::DeadlineExceeded>(py) {

@@ -1,8 +1,11 @@
 //! The WebAssembly engine of Corral: wasmtime running WASI preview-1 core modules.
 //!
 //! Principal types: [`WasmEngine`] (implements [`corral_worker::Engine`]),
-//! [`ModuleCache`] (precompiled modules on disk) and [`Watchdog`] (per-call deadlines
-//! through epoch interruption).
+//! [`WasmInstance`] (one instantiated plugin) and [`ModuleCache`] (precompiled
+//! modules on disk). Deadlines are epoch interruption, driven by the shared
+//! [`corral_worker::Watchdog`]: each store runs with an epoch deadline of one tick,
+//! and the watchdog increments the engine's epoch when the armed deadline passes,
+//! which traps the running guest with [`wasmtime::Trap::Interrupt`].
 //!
 //! # Plugin ABI (version 1)
 //!
@@ -32,18 +35,18 @@
 //! no environment, no arguments and no sockets; stdout and stderr go to the worker's
 //! stderr, which the supervisor logs.
 //!
-//! A trap (including an interrupted deadline) discards the instance: the next call
-//! gets a fresh instance, and `corral_init` runs again.
+//! A trap (including an interrupted deadline) discards the instance: the worker loop
+//! asks for a fresh one at the next call, made from the module compiled at load, and
+//! `corral_init` runs again.
 
 mod cache;
-mod watchdog;
 
 pub use cache::{CacheOutcome, ModuleCache};
-pub use watchdog::Watchdog;
 
-use corral_protocol::{CallError, LoadSpec, LogLevel, WorkerKind};
-use corral_worker::{Engine, EngineInfo, Host};
+use corral_protocol::{CallError, LoadSpec, LogLevel, Runtime};
+use corral_worker::{Engine, EngineInfo, Host, LoadError, SetupError, Watchdog};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::{
     Caller, Config, Instance, Linker, Memory, Module, ResourceLimiter, Store, StoreLimits,
@@ -72,7 +75,6 @@ struct State {
     host: Host,
     output: Option<Vec<u8>>,
     error: Option<String>,
-    max_output: u64,
     /// The answer of the last `host_call`, until `host_take` copies it out.
     host_answer: Option<Vec<u8>>,
 }
@@ -167,61 +169,119 @@ impl ResourceLimiter for Limiter {
     }
 }
 
-/// A loaded plugin: compiled module plus, between traps, a live instance.
-struct Loaded {
+/// The plugin's compiled module, kept across instances: a fresh instance after a
+/// trap is made from it without compiling again.
+struct Compiled {
+    /// `plugin_dir` and `entry` of the spec it was compiled for.
+    source: (String, String),
     module: Module,
     linker: Linker<State>,
-    spec: LoadSpec,
-    live: Option<Live>,
+    exports: Vec<String>,
 }
 
-struct Live {
+/// One instance of the plugin: its store, memory and functions.
+pub struct WasmInstance {
     store: Store<State>,
     memory: Memory,
     alloc: TypedFunc<i32, i32>,
     instance: Instance,
+    exports: Vec<String>,
+    memory_limit: u64,
+    watchdog: Arc<Watchdog>,
+}
+
+impl std::fmt::Debug for WasmInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmInstance")
+            .field("exports", &self.exports)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The wasmtime engine behind `corral-worker-wasm`.
 pub struct WasmEngine {
     engine: wasmtime::Engine,
-    /// Started at `load`, after confinement: Landlock confines the calling thread and
-    /// its future children only, so no thread may exist before it is applied.
-    watchdog: Option<Watchdog>,
-    loaded: Option<Loaded>,
+    /// Started at the first instance, after confinement: Landlock confines the
+    /// calling thread and its future children only, so no thread may exist before
+    /// it is applied.
+    watchdog: Option<Arc<Watchdog>>,
+    compiled: Option<Compiled>,
 }
 
 impl std::fmt::Debug for WasmEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WasmEngine")
-            .field("loaded", &self.loaded.as_ref().map(|l| &l.spec.plugin_id))
+            .field("compiled", &self.compiled.as_ref().map(|c| &c.source))
             .finish()
     }
 }
 
 impl WasmEngine {
-    pub fn new() -> Result<WasmEngine, String> {
-        let engine = wasmtime::Engine::new(&engine_config())
-            .map_err(|e| format!("cannot create wasmtime engine: {e:#}"))?;
+    pub fn new() -> Result<WasmEngine, SetupError> {
+        let engine = wasmtime::Engine::new(&engine_config()).map_err(|e| SetupError::Engine {
+            engine: "wasmtime",
+            message: format!("{e:#}"),
+        })?;
         Ok(WasmEngine {
             engine,
             watchdog: None,
-            loaded: None,
+            compiled: None,
         })
     }
 
-    fn compile(&self, spec: &LoadSpec, host: &Host) -> Result<Module, String> {
+    fn watchdog(&mut self) -> Result<Arc<Watchdog>, LoadError> {
+        if let Some(w) = &self.watchdog {
+            return Ok(Arc::clone(w));
+        }
+        let engine = self.engine.clone();
+        let w = Watchdog::start(move || engine.increment_epoch())
+            .map_err(|e| LoadError::Engine(format!("cannot start the deadline thread: {e}")))?;
+        Ok(Arc::clone(self.watchdog.insert(Arc::new(w))))
+    }
+
+    /// The compiled module for `spec`: compiled (or read from the module cache)
+    /// once, at load.
+    fn compiled(&mut self, spec: &LoadSpec, host: &Host) -> Result<&Compiled, LoadError> {
+        let source = (spec.plugin_dir.clone(), spec.entry.clone());
+        if self.compiled.as_ref().is_some_and(|c| c.source == source) {
+            return Ok(self.compiled.as_ref().expect("checked above"));
+        }
+        let module = self.compile(spec, host)?;
+        let mut exports: Vec<String> = module
+            .exports()
+            .filter_map(|e| e.name().strip_prefix(EXPORT_PREFIX).map(str::to_owned))
+            .collect();
+        exports.sort();
+        if exports.is_empty() {
+            return Err(LoadError::NoExports {
+                hint: "exports named `corral_fn_<name>`",
+            });
+        }
+        let linker = self.linker()?;
+        Ok(self.compiled.insert(Compiled {
+            source,
+            module,
+            linker,
+            exports,
+        }))
+    }
+
+    fn compile(&self, spec: &LoadSpec, host: &Host) -> Result<Module, LoadError> {
         let path = Path::new(&spec.plugin_dir).join(&spec.entry);
-        let bytes =
-            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(&path).map_err(|source| LoadError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let invalid = |e: wasmtime::Error| LoadError::Invalid {
+            path: shown.clone(),
+            message: format!("{e:#}"),
+        };
         let Some(dir) = &spec.cache_dir else {
-            return Module::new(&self.engine, &bytes)
-                .map_err(|e| format!("invalid module {}: {e:#}", path.display()));
+            return Module::new(&self.engine, &bytes).map_err(invalid);
         };
         let cache = ModuleCache::new(dir.into(), &self.engine);
-        let (module, outcome) = cache
-            .load_or_compile(&bytes)
-            .map_err(|e| format!("invalid module {}: {e:#}", path.display()))?;
+        let (module, outcome) = cache.load_or_compile(&bytes).map_err(invalid)?;
         if let CacheOutcome::WriteFailed(why) = &outcome {
             // At level maximum the cache is visible read-only by design: only a hit
             // helps there, and a miss is no fault.
@@ -238,11 +298,12 @@ impl WasmEngine {
         Ok(module)
     }
 
-    fn linker(&self) -> Result<Linker<State>, String> {
+    fn linker(&self) -> Result<Linker<State>, LoadError> {
         let mut linker: Linker<State> = Linker::new(&self.engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| &mut s.wasi)
-            .map_err(|e| format!("cannot link WASI: {e:#}"))?;
-        link_host_functions(&mut linker).map_err(|e| format!("cannot link host API: {e:#}"))?;
+            .map_err(|e| LoadError::Engine(format!("cannot link WASI: {e:#}")))?;
+        link_host_functions(&mut linker)
+            .map_err(|e| LoadError::Engine(format!("cannot link host API: {e:#}")))?;
         Ok(linker)
     }
 }
@@ -252,13 +313,7 @@ fn link_host_functions(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "corral",
         "output",
         |mut caller: Caller<'_, State>, ptr: i32, len: i32| -> wasmtime::Result<()> {
-            let max = caller.data().max_output;
-            if len as u32 as u64 > max {
-                return Err(wasmtime::Error::new(OutputLimit {
-                    size: len as u32 as u64,
-                    limit: max,
-                }));
-            }
+            // Bounded by the guest's memory; the worker loop checks `max_output`.
             let bytes = read_guest(&mut caller, ptr, len)?;
             caller.data_mut().output = Some(bytes);
             Ok(())
@@ -350,14 +405,6 @@ fn link_host_functions(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// The plugin passed more than its output limit to `corral.output`.
-#[derive(Debug, thiserror::Error)]
-#[error("output of {size} bytes exceeds the limit of {limit} bytes")]
-struct OutputLimit {
-    size: u64,
-    limit: u64,
-}
-
 fn read_guest(caller: &mut Caller<'_, State>, ptr: i32, len: i32) -> wasmtime::Result<Vec<u8>> {
     let memory = caller
         .get_export("memory")
@@ -372,87 +419,81 @@ fn read_guest(caller: &mut Caller<'_, State>, ptr: i32, len: i32) -> wasmtime::R
     Ok(data[start..end].to_vec())
 }
 
-impl Loaded {
-    /// Instantiate (if there is no live instance) and run `_initialize` and
-    /// `corral_init`.
-    fn live(
-        &mut self,
-        engine: &wasmtime::Engine,
-        watchdog: &Watchdog,
-        host: &Host,
-    ) -> Result<&mut Live, CallError> {
-        if self.live.is_none() {
-            let budget = Duration::from_millis(self.spec.limits.init_deadline_ms);
-            let _guard = watchdog.arm(budget);
-            self.live = Some(self.instantiate(engine, host)?);
-        }
-        Ok(self.live.as_mut().expect("instantiated above"))
+/// Make an instance of `compiled` and run `_initialize` and `corral_init`, all under
+/// the load and init deadline.
+fn instantiate(
+    engine: &wasmtime::Engine,
+    compiled: &Compiled,
+    spec: &LoadSpec,
+    host: &Host,
+    watchdog: Arc<Watchdog>,
+) -> Result<WasmInstance, CallError> {
+    let wasi = WasiCtxBuilder::new()
+        .inherit_stdout()
+        .inherit_stderr()
+        .build_p1();
+    // Counts only: sizes are the Limiter's budget over memory and tables.
+    let limits = StoreLimitsBuilder::new()
+        .instances(1)
+        .memories(1)
+        .tables(4)
+        .build();
+    let memory_limit = spec.limits.memory_bytes;
+    let state = State {
+        wasi,
+        limiter: Limiter::new(limits, memory_limit),
+        host: host.clone(),
+        output: None,
+        error: None,
+        host_answer: None,
+    };
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limiter);
+    let init_ms = spec.limits.init_deadline_ms;
+    let armed = watchdog.arm(Duration::from_millis(init_ms));
+    store.set_epoch_deadline(1);
+    let instance = compiled
+        .linker
+        .instantiate(&mut store, &compiled.module)
+        .map_err(|e| classify(e, &store, memory_limit, init_ms))?;
+    let memory = instance
+        .get_memory(&mut store, "memory")
+        .ok_or_else(|| abi_error("the module exports no `memory`"))?;
+    let alloc = instance
+        .get_typed_func::<i32, i32>(&mut store, "corral_alloc")
+        .map_err(|e| abi_error(&format!("`corral_alloc` must be (i32) -> i32: {e}")))?;
+    if let Ok(f) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+        f.call(&mut store, ())
+            .map_err(|e| classify(e, &store, memory_limit, init_ms))?;
     }
-
-    fn instantiate(&self, engine: &wasmtime::Engine, host: &Host) -> Result<Live, CallError> {
-        let wasi = WasiCtxBuilder::new()
-            .inherit_stdout()
-            .inherit_stderr()
-            .build_p1();
-        // Counts only: sizes are the Limiter's budget over memory and tables.
-        let limits = StoreLimitsBuilder::new()
-            .instances(1)
-            .memories(1)
-            .tables(4)
-            .build();
-        let state = State {
-            wasi,
-            limiter: Limiter::new(limits, self.spec.limits.memory_bytes),
-            host: host.clone(),
-            output: None,
-            error: None,
-            max_output: self.spec.limits.max_output_bytes,
-            host_answer: None,
-        };
-        let mut store = Store::new(engine, state);
-        store.limiter(|s| &mut s.limiter);
-        // Instantiation and init hooks run under the armed init deadline.
-        store.set_epoch_deadline(1);
-        let init_ms = self.spec.limits.init_deadline_ms;
-        let instance = self
-            .linker
-            .instantiate(&mut store, &self.module)
-            .map_err(|e| classify(e, &store, self.spec.limits.memory_bytes, init_ms))?;
-        let memory = instance
-            .get_memory(&mut store, "memory")
-            .ok_or_else(|| abi_error("the module exports no `memory`"))?;
-        let alloc = instance
-            .get_typed_func::<i32, i32>(&mut store, "corral_alloc")
-            .map_err(|e| abi_error(&format!("`corral_alloc` must be (i32) -> i32: {e}")))?;
-        if let Ok(f) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
-            f.call(&mut store, ())
-                .map_err(|e| classify(e, &store, self.spec.limits.memory_bytes, init_ms))?;
+    if let Some(f) = instance.get_func(&mut store, "corral_init") {
+        let f = f
+            .typed::<(), i32>(&store)
+            .map_err(|e| abi_error(&format!("`corral_init` must be () -> i32: {e}")))?;
+        let status = f
+            .call(&mut store, ())
+            .map_err(|e| classify(e, &store, memory_limit, init_ms))?;
+        if status != 0 {
+            let message = store
+                .data_mut()
+                .error
+                .take()
+                .unwrap_or_else(|| format!("init returned status {status}"));
+            return Err(CallError::Plugin {
+                message: format!("init failed: {message}"),
+            });
         }
-        if let Some(f) = instance.get_func(&mut store, "corral_init") {
-            let f = f
-                .typed::<(), i32>(&store)
-                .map_err(|e| abi_error(&format!("`corral_init` must be () -> i32: {e}")))?;
-            let status = f
-                .call(&mut store, ())
-                .map_err(|e| classify(e, &store, self.spec.limits.memory_bytes, init_ms))?;
-            if status != 0 {
-                let message = store
-                    .data_mut()
-                    .error
-                    .take()
-                    .unwrap_or_else(|| format!("init returned status {status}"));
-                return Err(CallError::Plugin {
-                    message: format!("init failed: {message}"),
-                });
-            }
-        }
-        Ok(Live {
-            store,
-            memory,
-            alloc,
-            instance,
-        })
     }
+    drop(armed);
+    Ok(WasmInstance {
+        store,
+        memory,
+        alloc,
+        instance,
+        exports: compiled.exports.clone(),
+        memory_limit,
+        watchdog,
+    })
 }
 
 fn abi_error(what: &str) -> CallError {
@@ -471,12 +512,6 @@ fn classify(
     if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
         return CallError::Timeout { deadline_ms };
     }
-    if let Some(o) = err.downcast_ref::<OutputLimit>() {
-        return CallError::OutputTooLarge {
-            size: o.size,
-            limit: o.limit,
-        };
-    }
     if store.data().limiter.hit {
         return CallError::MemoryLimit {
             limit_bytes: memory_limit,
@@ -492,40 +527,26 @@ fn classify(
 }
 
 impl Engine for WasmEngine {
+    type Instance = WasmInstance;
+
     fn info(&self) -> EngineInfo {
         EngineInfo {
-            kind: WorkerKind::Wasm,
+            runtime: Runtime::Wasm,
             version: format!("wasmtime {WASMTIME_VERSION}"),
         }
     }
 
-    fn load(&mut self, spec: &LoadSpec, host: &Host) -> Result<Vec<String>, String> {
-        let watchdog = self
-            .watchdog
-            .get_or_insert_with(|| Watchdog::start(self.engine.clone()))
-            .clone();
-        let module = self.compile(spec, host)?;
-        let mut exports: Vec<String> = module
-            .exports()
-            .filter_map(|e| e.name().strip_prefix(EXPORT_PREFIX).map(str::to_owned))
-            .collect();
-        exports.sort();
-        if exports.is_empty() {
-            return Err(format!(
-                "the module exports no plugin functions (exports named `{EXPORT_PREFIX}<name>`)"
-            ));
-        }
-        let mut loaded = Loaded {
-            module,
-            linker: self.linker()?,
-            spec: spec.clone(),
-            live: None,
-        };
-        loaded
-            .live(&self.engine, &watchdog, host)
-            .map_err(|e| e.to_string())?;
-        self.loaded = Some(loaded);
-        Ok(exports)
+    fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<WasmInstance, LoadError> {
+        let watchdog = self.watchdog()?;
+        let engine = self.engine.clone();
+        let compiled = self.compiled(spec, host)?;
+        Ok(instantiate(&engine, compiled, spec, host, watchdog)?)
+    }
+}
+
+impl corral_worker::Instance for WasmInstance {
+    fn exports(&self) -> &[String] {
+        &self.exports
     }
 
     fn call(
@@ -533,52 +554,30 @@ impl Engine for WasmEngine {
         function: &str,
         input: &[u8],
         deadline: Duration,
-        host: &Host,
+        _host: &Host,
     ) -> Result<Vec<u8>, CallError> {
-        let loaded = self.loaded.as_mut().ok_or_else(|| CallError::BadInput {
-            reason: "no plugin loaded".into(),
-        })?;
         let deadline_ms = deadline.as_millis() as u64;
-        let memory_limit = loaded.spec.limits.memory_bytes;
-        let watchdog = self.watchdog.as_ref().expect("started at load");
-        let live = loaded.live(&self.engine, watchdog, host)?;
-        let result = run_call(live, watchdog, function, input, deadline);
-        match result {
-            Ok(out) => Ok(out),
-            Err(RunError::Wasm(e)) => {
-                let err = classify(e, &live.store, memory_limit, deadline_ms);
-                // A trapped instance may be mid-update: never run it again.
-                loaded.live = None;
-                Err(err)
-            }
-            Err(RunError::Call(e)) => Err(e),
-        }
+        self.run(function, input, deadline).map_err(|e| match e {
+            RunError::Wasm(e) => classify(e, &self.store, self.memory_limit, deadline_ms),
+            RunError::Call(e) => e,
+        })
     }
 
     fn shutdown(&mut self, grace: Duration, host: &Host) {
-        let (Some(loaded), Some(watchdog)) = (self.loaded.as_mut(), self.watchdog.as_ref()) else {
-            return;
-        };
-        let Ok(live) = loaded.live(&self.engine, watchdog, host) else {
-            return;
-        };
-        if let Ok(f) = live
+        if let Ok(f) = self
             .instance
-            .get_typed_func::<(), ()>(&mut live.store, "corral_shutdown")
+            .get_typed_func::<(), ()>(&mut self.store, "corral_shutdown")
         {
-            let _guard = watchdog.arm(grace);
-            live.store.set_epoch_deadline(1);
-            if let Err(e) = f.call(&mut live.store, ()) {
+            let _armed = self.watchdog.arm(grace);
+            self.store.set_epoch_deadline(1);
+            if let Err(e) = f.call(&mut self.store, ()) {
                 host.log(LogLevel::Warn, format!("shutdown hook failed: {e}"));
             }
         }
     }
 
     fn memory_bytes(&self) -> u64 {
-        self.loaded
-            .as_ref()
-            .and_then(|l| l.live.as_ref())
-            .map_or(0, |live| live.memory.data_size(&live.store) as u64)
+        self.memory.data_size(&self.store) as u64
     }
 }
 
@@ -587,58 +586,57 @@ enum RunError {
     Call(CallError),
 }
 
-fn run_call(
-    live: &mut Live,
-    watchdog: &Watchdog,
-    function: &str,
-    input: &[u8],
-    deadline: Duration,
-) -> Result<Vec<u8>, RunError> {
-    let name = format!("{EXPORT_PREFIX}{function}");
-    let func = live
-        .instance
-        .get_typed_func::<(i32, i32), i32>(&mut live.store, &name)
-        .map_err(|_| {
-            RunError::Call(CallError::UnknownFunction {
-                plugin: String::new(),
-                function: function.to_owned(),
-                exports: String::new(),
+impl WasmInstance {
+    fn run(
+        &mut self,
+        function: &str,
+        input: &[u8],
+        deadline: Duration,
+    ) -> Result<Vec<u8>, RunError> {
+        let name = format!("{EXPORT_PREFIX}{function}");
+        let func = self
+            .instance
+            .get_typed_func::<(i32, i32), i32>(&mut self.store, &name)
+            .map_err(|e| {
+                RunError::Call(abi_error(&format!(
+                    "`{name}` must be (i32, i32) -> i32: {e}"
+                )))
+            })?;
+        let len = i32::try_from(input.len()).map_err(|_| {
+            RunError::Call(CallError::BadInput {
+                reason: format!("input of {} bytes is too large for wasm32", input.len()),
             })
         })?;
-    let len = i32::try_from(input.len()).map_err(|_| {
-        RunError::Call(CallError::BadInput {
-            reason: format!("input of {} bytes is too large for wasm32", input.len()),
-        })
-    })?;
-    let state = live.store.data_mut();
-    state.output = None;
-    state.error = None;
-    state.limiter.hit = false;
+        let state = self.store.data_mut();
+        state.output = None;
+        state.error = None;
+        state.limiter.hit = false;
 
-    let _guard = watchdog.arm(deadline);
-    live.store.set_epoch_deadline(1);
-    let ptr = live
-        .alloc
-        .call(&mut live.store, len)
-        .map_err(RunError::Wasm)?;
-    live.memory
-        .write(&mut live.store, ptr as u32 as usize, input)
-        .map_err(|_| {
-            RunError::Wasm(wasmtime::Error::msg(
-                "corral_alloc returned a pointer outside memory",
-            ))
-        })?;
-    let status = func
-        .call(&mut live.store, (ptr, len))
-        .map_err(RunError::Wasm)?;
-    let state = live.store.data_mut();
-    if status == 0 {
-        Ok(state.output.take().unwrap_or_default())
-    } else {
-        let message = state
-            .error
-            .take()
-            .unwrap_or_else(|| format!("function returned status {status}"));
-        Err(RunError::Call(CallError::Plugin { message }))
+        let _armed = self.watchdog.arm(deadline);
+        self.store.set_epoch_deadline(1);
+        let ptr = self
+            .alloc
+            .call(&mut self.store, len)
+            .map_err(RunError::Wasm)?;
+        self.memory
+            .write(&mut self.store, ptr as u32 as usize, input)
+            .map_err(|_| {
+                RunError::Wasm(wasmtime::Error::msg(
+                    "corral_alloc returned a pointer outside memory",
+                ))
+            })?;
+        let status = func
+            .call(&mut self.store, (ptr, len))
+            .map_err(RunError::Wasm)?;
+        let state = self.store.data_mut();
+        if status == 0 {
+            Ok(state.output.take().unwrap_or_default())
+        } else {
+            let message = state
+                .error
+                .take()
+                .unwrap_or_else(|| format!("function returned status {status}"));
+            Err(RunError::Call(CallError::Plugin { message }))
+        }
     }
 }

@@ -6,7 +6,8 @@
 //!   the load with an error naming the import.
 //! - The frozen global `corral` has the same names (`log`, `now_ms`, `text`,
 //!   `bytes`, `json`, `json_bytes`), built on a few ops (`corral.js`).
-//! - Deadline: a watchdog thread calls `terminate_execution` on the isolate;
+//! - Deadline: the shared [`corral_worker::Watchdog`] calls `terminate_execution`
+//!   on the isolate;
 //!   memory: V8's heap limit, with a near-heap-limit callback that terminates the
 //!   call instead of letting V8 abort the process.
 //! - Errors: the plugin's own `Error`s are `CallError::Plugin`, V8's own error classes
@@ -16,8 +17,8 @@
 //! Linking needs V8's prebuilt static library (rusty_v8 downloads it at build time,
 //! or `RUSTY_V8_ARCHIVE` names a local copy); see README.md.
 
-use corral_protocol::{CallError, LoadSpec, LogLevel, WorkerKind};
-use corral_worker::{EngineInfo, Host};
+use corral_protocol::{CallError, LoadSpec, LogLevel, Runtime};
+use corral_worker::{EngineInfo, Host, LoadError, Watchdog};
 use deno_core::{
     JsRuntime, ModuleLoadOptions, ModuleLoadReferrer, ModuleLoadResponse, ModuleLoader,
     ModuleResolveResponse, ModuleSource, ModuleSourceCode, ModuleSpecifier, ModuleType, OpState,
@@ -25,9 +26,10 @@ use deno_core::{
 };
 use deno_error::JsErrorBox;
 use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The host connection, kept in the op state.
 struct HostHandle(Host);
@@ -202,72 +204,33 @@ impl ModuleLoader for PluginLoader {
     }
 }
 
-/// Terminates the isolate's execution at the armed deadline.
-struct Watchdog {
-    arm: mpsc::Sender<Option<Instant>>,
-    fired: Arc<AtomicBool>,
-}
-
-impl Watchdog {
-    fn start(handle: v8::IsolateHandle) -> Watchdog {
-        let (arm, rx) = mpsc::channel::<Option<Instant>>();
-        let fired = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&fired);
-        std::thread::spawn(move || {
-            let mut deadline: Option<Instant> = None;
-            loop {
-                let msg = match deadline {
-                    Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
-                        Ok(m) => m,
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            flag.store(true, Ordering::SeqCst);
-                            handle.terminate_execution();
-                            None
-                        }
-                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                    },
-                    None => match rx.recv() {
-                        Ok(m) => m,
-                        Err(_) => return,
-                    },
-                };
-                deadline = msg;
-            }
-        });
-        Watchdog { arm, fired }
-    }
-
-    fn arm(&self, after: Duration) {
-        self.fired.store(false, Ordering::SeqCst);
-        let _ = self.arm.send(Some(Instant::now() + after));
-    }
-
-    fn disarm(&self) -> bool {
-        let _ = self.arm.send(None);
-        self.fired.load(Ordering::SeqCst)
-    }
-}
-
-struct Loaded {
-    runtime: JsRuntime,
+/// One instance of the plugin: a V8 isolate with the module evaluated.
+pub struct V8Instance {
+    // Field order: the watchdog (which holds the isolate's handle) ends first.
     watchdog: Watchdog,
+    runtime: JsRuntime,
     out_of_memory: Arc<AtomicBool>,
     exports: Vec<String>,
+    memory_limit: u64,
+    tokio: Rc<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for V8Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("V8Instance")
+            .field("exports", &self.exports)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The V8 engine.
 pub struct V8Engine {
-    tokio: tokio::runtime::Runtime,
-    loaded: Option<Loaded>,
-    spec: Option<LoadSpec>,
-    host: Option<Host>,
+    tokio: Rc<tokio::runtime::Runtime>,
 }
 
 impl std::fmt::Debug for V8Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("V8Engine")
-            .field("loaded", &self.loaded.as_ref().map(|l| &l.exports))
-            .finish_non_exhaustive()
+        f.debug_struct("V8Engine").finish_non_exhaustive()
     }
 }
 
@@ -291,91 +254,106 @@ const ENGINE_ERRORS: [&str; 7] = [
 impl V8Engine {
     pub fn new() -> V8Engine {
         V8Engine {
-            tokio: tokio::runtime::Builder::new_current_thread()
-                .build()
-                .expect("a current-thread runtime needs no resources"),
-            loaded: None,
-            spec: None,
-            host: None,
+            tokio: Rc::new(
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("a current-thread runtime needs no resources"),
+            ),
         }
     }
+}
 
-    fn instantiate(&self, spec: &LoadSpec, host: &Host) -> Result<Loaded, String> {
-        let root = PathBuf::from(&spec.plugin_dir)
-            .canonicalize()
-            .map_err(|e| format!("plugin directory {}: {e}", spec.plugin_dir))?;
-        let entry = crate::modules::logical_name(&spec.entry).ok_or_else(|| {
-            format!(
-                "entry {:?} is not a relative path inside the plugin",
-                spec.entry
-            )
+/// Create an isolate, run the module and its `init` within the load deadline.
+fn instantiate(
+    tokio: &Rc<tokio::runtime::Runtime>,
+    spec: &LoadSpec,
+    host: &Host,
+) -> Result<V8Instance, LoadError> {
+    let root = PathBuf::from(&spec.plugin_dir)
+        .canonicalize()
+        .map_err(|source| LoadError::Read {
+            path: format!("plugin directory {}", spec.plugin_dir),
+            source,
         })?;
-        let memory = usize::try_from(spec.limits.memory_bytes).unwrap_or(usize::MAX);
-        let mut runtime = JsRuntime::new(RuntimeOptions {
-            module_loader: Some(std::rc::Rc::new(PluginLoader { root: root.clone() })),
-            extensions: vec![corral_v8::init()],
-            create_params: Some(v8::CreateParams::default().heap_limits(0, memory)),
-            ..Default::default()
+    let entry = crate::modules::logical_name(&spec.entry).ok_or_else(|| LoadError::Entry {
+        entry: spec.entry.clone(),
+    })?;
+    let memory = usize::try_from(spec.limits.memory_bytes).unwrap_or(usize::MAX);
+    let mut runtime = JsRuntime::new(RuntimeOptions {
+        module_loader: Some(Rc::new(PluginLoader { root: root.clone() })),
+        extensions: vec![corral_v8::init()],
+        create_params: Some(v8::CreateParams::default().heap_limits(0, memory)),
+        ..Default::default()
+    });
+    {
+        let state = runtime.op_state();
+        let mut state = state.borrow_mut();
+        state.put(HostHandle(host.clone()));
+        state.put(CallIo::default());
+    }
+    let handle = runtime.v8_isolate().thread_safe_handle();
+    let out_of_memory = Arc::new(AtomicBool::new(false));
+    {
+        let flag = Arc::clone(&out_of_memory);
+        let handle = handle.clone();
+        runtime.add_near_heap_limit_callback(move |current, _initial| {
+            flag.store(true, Ordering::SeqCst);
+            handle.terminate_execution();
+            // Room to unwind; the runtime is discarded afterwards.
+            current + current / 2
         });
-        {
-            let state = runtime.op_state();
-            let mut state = state.borrow_mut();
-            state.put(HostHandle(host.clone()));
-            state.put(CallIo::default());
-        }
-        let handle = runtime.v8_isolate().thread_safe_handle();
-        let out_of_memory = Arc::new(AtomicBool::new(false));
-        {
-            let flag = Arc::clone(&out_of_memory);
-            let handle = handle.clone();
-            runtime.add_near_heap_limit_callback(move |current, _initial| {
-                flag.store(true, Ordering::SeqCst);
-                handle.terminate_execution();
-                // Room to unwind; the runtime is discarded afterwards.
-                current + current / 2
+    }
+    let watchdog = Watchdog::start(move || {
+        handle.terminate_execution();
+    })
+    .map_err(|e| LoadError::Engine(format!("cannot start the deadline thread: {e}")))?;
+    let init_deadline = Duration::from_millis(spec.limits.init_deadline_ms.max(1));
+    let main = ModuleSpecifier::from_file_path(root.join("__corral_main__.js"))
+        .map_err(|()| LoadError::Engine("the plugin directory is not an absolute path".into()))?;
+    let code = format!(
+        "import * as plugin from {:?};\nawait globalThis.__corral.bind(plugin);\n",
+        format!("./{entry}")
+    );
+    let armed = watchdog.arm(init_deadline);
+    let result = tokio.block_on(async {
+        let id = runtime.load_main_es_module_from_code(&main, code).await?;
+        let evaluated = runtime.mod_evaluate(id);
+        runtime
+            .run_event_loop(PollEventLoopOptions::default())
+            .await?;
+        evaluated.await
+    });
+    let timed_out = armed.fired();
+    drop(armed);
+    if let Err(e) = result {
+        let during = "loading the module";
+        if timed_out {
+            return Err(LoadError::Deadline {
+                during,
+                message: "interrupted".into(),
+                deadline_ms: init_deadline.as_millis() as u64,
             });
         }
-        let watchdog = Watchdog::start(handle);
-        let init_deadline = Duration::from_millis(spec.limits.init_deadline_ms.max(1));
-        watchdog.arm(init_deadline);
-        let main = ModuleSpecifier::from_file_path(root.join("__corral_main__.js"))
-            .map_err(|()| "the plugin directory is not an absolute path".to_owned())?;
-        let code = format!(
-            "import * as plugin from {:?};\nawait globalThis.__corral.bind(plugin);\n",
-            format!("./{entry}")
-        );
-        let result = self.tokio.block_on(async {
-            let id = runtime.load_main_es_module_from_code(&main, code).await?;
-            let evaluated = runtime.mod_evaluate(id);
-            runtime
-                .run_event_loop(PollEventLoopOptions::default())
-                .await?;
-            evaluated.await
+        return Err(LoadError::Plugin {
+            during,
+            message: e.to_string(),
         });
-        let timed_out = watchdog.disarm();
-        if let Err(e) = result {
-            if timed_out {
-                return Err(format!(
-                    "loading the module: interrupted (the load and init deadline is {} ms)",
-                    init_deadline.as_millis()
-                ));
-            }
-            return Err(format!("loading the module: {e}"));
-        }
-        let exports = std::mem::take(
-            &mut runtime
-                .op_state()
-                .borrow_mut()
-                .borrow_mut::<CallIo>()
-                .exports,
-        );
-        Ok(Loaded {
-            runtime,
-            watchdog,
-            out_of_memory,
-            exports,
-        })
     }
+    let exports = std::mem::take(
+        &mut runtime
+            .op_state()
+            .borrow_mut()
+            .borrow_mut::<CallIo>()
+            .exports,
+    );
+    Ok(V8Instance {
+        watchdog,
+        runtime,
+        out_of_memory,
+        exports,
+        memory_limit: spec.limits.memory_bytes,
+        tokio: Rc::clone(tokio),
+    })
 }
 
 /// The typed error for a failed call.
@@ -415,20 +393,23 @@ fn classify(
 }
 
 impl corral_worker::Engine for V8Engine {
+    type Instance = V8Instance;
+
     fn info(&self) -> EngineInfo {
         EngineInfo {
-            kind: WorkerKind::Js,
+            runtime: Runtime::Js,
             version: format!("V8 {} (deno_core)", v8::VERSION_STRING),
         }
     }
 
-    fn load(&mut self, spec: &LoadSpec, host: &Host) -> Result<Vec<String>, String> {
-        let loaded = self.instantiate(spec, host)?;
-        let exports = loaded.exports.clone();
-        self.loaded = Some(loaded);
-        self.spec = Some(spec.clone());
-        self.host = Some(host.clone());
-        Ok(exports)
+    fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<V8Instance, LoadError> {
+        instantiate(&self.tokio, spec, host)
+    }
+}
+
+impl corral_worker::Instance for V8Instance {
+    fn exports(&self) -> &[String] {
+        &self.exports
     }
 
     fn call(
@@ -436,21 +417,10 @@ impl corral_worker::Engine for V8Engine {
         function: &str,
         input: &[u8],
         deadline: Duration,
-        host: &Host,
+        _host: &Host,
     ) -> Result<Vec<u8>, CallError> {
-        if self.loaded.is_none() {
-            let spec = corral_worker::spec_to_reload(&self.spec)?;
-            let loaded = self
-                .instantiate(&spec, host)
-                .map_err(corral_worker::reload_failed)?;
-            self.loaded = Some(loaded);
-        }
-        let spec = self.spec.as_ref().expect("loaded implies a spec");
-        let limit = spec.limits.memory_bytes;
-        let loaded = self.loaded.as_mut().expect("loaded above");
-        corral_worker::check_export(Some(spec), &loaded.exports, function)?;
         {
-            let state = loaded.runtime.op_state();
+            let state = self.runtime.op_state();
             let mut state = state.borrow_mut();
             let io = state.borrow_mut::<CallIo>();
             io.input = input.to_vec();
@@ -461,8 +431,8 @@ impl corral_worker::Engine for V8Engine {
             "globalThis.__corral.call({})",
             serde_json::to_string(function).expect("a string serialises")
         );
-        loaded.watchdog.arm(deadline);
-        let runtime = &mut loaded.runtime;
+        let armed = self.watchdog.arm(deadline);
+        let runtime = &mut self.runtime;
         let result = self.tokio.block_on(async {
             let promise = runtime.execute_script("<corral>", script)?;
             let settled = runtime.resolve(promise);
@@ -470,33 +440,24 @@ impl corral_worker::Engine for V8Engine {
                 .with_event_loop_promise(settled, PollEventLoopOptions::default())
                 .await
         });
-        let timed_out = loaded.watchdog.disarm();
-        let oom = loaded.out_of_memory.load(Ordering::SeqCst);
-        let result = match result {
+        let timed_out = armed.fired();
+        drop(armed);
+        let oom = self.out_of_memory.load(Ordering::SeqCst);
+        match result {
             Ok(_) => {
-                let state = loaded.runtime.op_state();
+                let state = self.runtime.op_state();
                 let output = state.borrow_mut().borrow_mut::<CallIo>().output.take();
                 output.ok_or_else(|| CallError::Trap {
                     message: "the call settled without an output".into(),
                 })
             }
-            Err(e) => Err(classify(&e, deadline_ms, timed_out, oom, limit)),
-        };
-        if matches!(
-            result,
-            Err(CallError::Trap { .. } | CallError::Timeout { .. } | CallError::MemoryLimit { .. })
-        ) {
-            self.loaded = None;
+            Err(e) => Err(classify(&e, deadline_ms, timed_out, oom, self.memory_limit)),
         }
-        result
     }
 
     fn shutdown(&mut self, grace: Duration, _host: &Host) {
-        let Some(loaded) = self.loaded.as_mut() else {
-            return;
-        };
-        loaded.watchdog.arm(grace);
-        let runtime = &mut loaded.runtime;
+        let _armed = self.watchdog.arm(grace);
+        let runtime = &mut self.runtime;
         let _ = self.tokio.block_on(async {
             let promise = runtime.execute_script("<corral>", "globalThis.__corral.shutdown()")?;
             let settled = runtime.resolve(promise);
@@ -504,6 +465,5 @@ impl corral_worker::Engine for V8Engine {
                 .with_event_loop_promise(settled, PollEventLoopOptions::default())
                 .await
         });
-        loaded.watchdog.disarm();
     }
 }
