@@ -184,7 +184,7 @@ impl Config {
         }
         if let Some(w) = &raw.restart.window {
             restart.window = corral_manifest::parse_duration(w.get_ref())
-                .map_err(|m| invalid(Some(w.span()), m))?;
+                .map_err(|m| invalid(Some(w.span()), m.to_string()))?;
         }
         options.restart = restart;
         if let Some(d) = &raw.state_dir {
@@ -207,7 +207,7 @@ impl Config {
         }
         if let Some(h) = &raw.health_interval {
             options.health_interval = corral_manifest::parse_duration(h.get_ref())
-                .map_err(|m| invalid(Some(h.span()), m))?;
+                .map_err(|m| invalid(Some(h.span()), m.to_string()))?;
         }
         for (name, key) in &raw.publishers {
             let k = key.get_ref().trim();

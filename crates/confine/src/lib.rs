@@ -89,17 +89,20 @@ impl Level {
     }
 }
 
-impl std::str::FromStr for Level {
-    type Err = String;
+/// A level name that is none of `standard`, `high`, `maximum`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown isolation level {0:?} (expected standard, high or maximum)")]
+pub struct UnknownLevel(pub String);
 
-    fn from_str(s: &str) -> Result<Level, String> {
+impl std::str::FromStr for Level {
+    type Err = UnknownLevel;
+
+    fn from_str(s: &str) -> Result<Level, UnknownLevel> {
         match s {
             "standard" => Ok(Level::Standard),
             "high" => Ok(Level::High),
             "maximum" => Ok(Level::Maximum),
-            other => Err(format!(
-                "unknown isolation level {other:?} (expected standard, high or maximum)"
-            )),
+            other => Err(UnknownLevel(other.to_owned())),
         }
     }
 }

@@ -23,7 +23,7 @@
 
 mod units;
 
-pub use units::{parse_duration, parse_size};
+pub use units::{ValueError, parse_duration, parse_size};
 
 use serde::Deserialize;
 use serde_spanned::Spanned;
@@ -217,7 +217,7 @@ impl Manifest {
             toml::from_str(text).map_err(|e| err(e.span(), e.message().to_owned()))?;
         let at = |s: &Spanned<String>, m: String| err(Some(s.span()), m);
 
-        validate_id(raw.id.get_ref()).map_err(|m| at(&raw.id, m))?;
+        validate_id(raw.id.get_ref()).map_err(|m| at(&raw.id, m.to_string()))?;
         let version = semver::Version::parse(raw.version.get_ref()).map_err(|e| {
             at(
                 &raw.version,
@@ -227,11 +227,12 @@ impl Manifest {
                 ),
             )
         })?;
-        let entry = validate_entry(raw.entry.get_ref()).map_err(|m| at(&raw.entry, m))?;
+        let entry =
+            validate_entry(raw.entry.get_ref()).map_err(|m| at(&raw.entry, m.to_string()))?;
 
         let mut tags = Vec::new();
         for t in &raw.tags {
-            validate_tag(t.get_ref()).map_err(|m| at(t, m))?;
+            validate_tag(t.get_ref()).map_err(|m| at(t, m.to_string()))?;
             tags.push(t.get_ref().clone());
         }
         let pos = |s: &Option<Spanned<String>>| s.as_ref().map(|s| line_col(text, s.span().start));
@@ -243,7 +244,7 @@ impl Manifest {
         };
         let mut limits = Limits::default();
         if let Some(m) = &raw.limits.memory {
-            limits.memory_bytes = parse_size(m.get_ref()).map_err(|e| at(m, e))?;
+            limits.memory_bytes = parse_size(m.get_ref()).map_err(|e| at(m, e.to_string()))?;
             if limits.memory_bytes < MIN_MEMORY {
                 return Err(at(
                     m,
@@ -255,13 +256,13 @@ impl Manifest {
             }
         }
         if let Some(t) = &raw.limits.timeout {
-            limits.timeout = parse_duration(t.get_ref()).map_err(|e| at(t, e))?;
+            limits.timeout = parse_duration(t.get_ref()).map_err(|e| at(t, e.to_string()))?;
             if limits.timeout.is_zero() {
                 return Err(at(t, "timeout must be greater than zero".into()));
             }
         }
         if let Some(o) = &raw.limits.max_output {
-            limits.max_output_bytes = parse_size(o.get_ref()).map_err(|e| at(o, e))?;
+            limits.max_output_bytes = parse_size(o.get_ref()).map_err(|e| at(o, e.to_string()))?;
             if limits.max_output_bytes == 0 {
                 return Err(at(o, "max_output must be at least 1 byte".into()));
             }
@@ -269,7 +270,7 @@ impl Manifest {
 
         let mut dependencies = BTreeMap::new();
         for (name, dep) in raw.dependencies {
-            validate_id(name.get_ref()).map_err(|m| at(&name, m))?;
+            validate_id(name.get_ref()).map_err(|m| at(&name, m.to_string()))?;
             let req = semver::VersionReq::parse(dep.version.get_ref()).map_err(|e| {
                 at(
                     &dep.version,
@@ -319,38 +320,30 @@ fn is_name(s: &str, max: usize) -> bool {
 }
 
 /// Plugin ids: 1-64 characters of `a-z 0-9 . _ -`, starting with a letter or digit.
-pub fn validate_id(id: &str) -> Result<(), String> {
+pub fn validate_id(id: &str) -> Result<(), ValueError> {
     if is_name(id, 64) && id.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
         Ok(())
     } else {
-        Err(format!(
-            "invalid plugin id {id:?}: use 1-64 characters of a-z, 0-9, '.', '_' and '-', \
-             starting with a letter or digit"
-        ))
+        Err(ValueError::Id(id.to_owned()))
     }
 }
 
 /// Tags: 1-32 characters of `a-z 0-9 . _ -`.
-pub fn validate_tag(tag: &str) -> Result<(), String> {
+pub fn validate_tag(tag: &str) -> Result<(), ValueError> {
     if is_name(tag, 32) {
         Ok(())
     } else {
-        Err(format!(
-            "invalid tag {tag:?}: use 1-32 characters of a-z, 0-9, '.', '_' and '-'"
-        ))
+        Err(ValueError::Tag(tag.to_owned()))
     }
 }
 
-fn validate_entry(entry: &str) -> Result<PathBuf, String> {
+fn validate_entry(entry: &str) -> Result<PathBuf, ValueError> {
     let p = Path::new(entry);
     let inside = !entry.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
     if inside {
         Ok(p.to_owned())
     } else {
-        Err(format!(
-            "invalid entry {entry:?}: it must be a relative path inside the plugin directory \
-             (no '/', '..' or '.' components at its start)"
-        ))
+        Err(ValueError::Entry(entry.to_owned()))
     }
 }
 

@@ -87,13 +87,13 @@ struct File<'a> {
 }
 
 impl File<'_> {
-    fn error(&self, span: Option<Range<usize>>, message: String) -> PolicyError {
+    fn error(&self, span: Option<Range<usize>>, message: impl ToString) -> PolicyError {
         let (line, column) = self.lines.line_col(self.text, span.map_or(0, |s| s.start));
         PolicyError {
             path: self.path.to_owned(),
             line,
             column,
-            message,
+            message: message.to_string(),
         }
     }
 

@@ -278,7 +278,7 @@ pub struct OutputArgs {
     timeout: Option<Duration>,
 }
 
-fn parse_level(s: &str) -> Result<corral_confine::Level, String> {
+fn parse_level(s: &str) -> Result<corral_confine::Level, corral_confine::UnknownLevel> {
     s.parse()
 }
 
@@ -297,7 +297,7 @@ fn policy_from(
     })
 }
 
-fn parse_timeout(s: &str) -> Result<Duration, String> {
+fn parse_timeout(s: &str) -> Result<Duration, corral_manifest::ValueError> {
     corral_manifest::parse_duration(s)
 }
 
