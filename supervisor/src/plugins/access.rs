@@ -12,6 +12,59 @@ use std::ffi::CString;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+/// Why the policy's `user` cannot be what workers run as.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("invalid user name {0:?}")]
+    Name(String),
+    #[error("cannot look up user {name:?}: {source}")]
+    Lookup {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "no user {0:?} on this machine (set `user` in the policy to an existing user or to \
+         numeric \"uid:gid\")"
+    )]
+    Missing(String),
+    #[error("user {0:?} has uid 0; workers never run as root")]
+    Root(String),
+}
+
+/// Why a worker's user cannot reach or use a path it needs.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("{}: {source}", path.display())]
+    Stat {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is mode {mode:04o} owned by uid {owner} gid {group}: uid {uid} cannot {what} \
+         (make it accessible, e.g. chmod o+rx, or route the plugin to a user that can)",
+        path.display()
+    )]
+    Denied {
+        path: PathBuf,
+        mode: u32,
+        owner: u32,
+        group: u32,
+        uid: u32,
+        what: &'static str,
+    },
+    #[error("cannot create {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot hand {} to uid {uid}: {source}", path.display())]
+    Chown {
+        path: PathBuf,
+        uid: u32,
+        source: std::io::Error,
+    },
+}
+
 /// A uid/gid pair a worker runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Credentials {
@@ -27,7 +80,7 @@ pub fn is_root() -> bool {
 
 /// The credentials to switch workers to; `None` when the supervisor is not root
 /// (workers then keep the supervisor's own unprivileged uid).
-pub fn credentials(user: &RunAs) -> Result<Option<Credentials>, String> {
+pub fn credentials(user: &RunAs) -> Result<Option<Credentials>, UserError> {
     if !is_root() {
         return Ok(None);
     }
@@ -40,8 +93,8 @@ pub fn credentials(user: &RunAs) -> Result<Option<Credentials>, String> {
     }
 }
 
-fn lookup_user(name: &str) -> Result<Credentials, String> {
-    let c_name = CString::new(name).map_err(|_| format!("invalid user name {name:?}"))?;
+fn lookup_user(name: &str) -> Result<Credentials, UserError> {
+    let c_name = CString::new(name).map_err(|_| UserError::Name(name.to_owned()))?;
     let mut buf = vec![0u8; 4096];
     loop {
         // SAFETY: an all-zero passwd is a valid value for getpwnam_r to overwrite.
@@ -63,21 +116,16 @@ fn lookup_user(name: &str) -> Result<Credentials, String> {
             continue;
         }
         if rc != 0 {
-            return Err(format!(
-                "cannot look up user {name:?}: {}",
-                std::io::Error::from_raw_os_error(rc)
-            ));
+            return Err(UserError::Lookup {
+                name: name.to_owned(),
+                source: std::io::Error::from_raw_os_error(rc),
+            });
         }
         if result.is_null() {
-            return Err(format!(
-                "no user {name:?} on this machine (set `user` in the policy to an \
-                 existing user or to numeric \"uid:gid\")"
-            ));
+            return Err(UserError::Missing(name.to_owned()));
         }
         if pwd.pw_uid == 0 {
-            return Err(format!(
-                "user {name:?} has uid 0; workers never run as root"
-            ));
+            return Err(UserError::Root(name.to_owned()));
         }
         return Ok(Credentials {
             uid: pwd.pw_uid,
@@ -98,30 +146,41 @@ fn bits_for(meta: &std::fs::Metadata, cred: Credentials) -> u32 {
     }
 }
 
-fn explain(path: &Path, meta: &std::fs::Metadata, cred: Credentials, what: &str) -> String {
-    format!(
-        "{} is mode {:04o} owned by uid {} gid {}: uid {} cannot {what} (make it \
-         accessible, e.g. chmod o+rx, or route the plugin to a user that can)",
-        path.display(),
-        meta.mode() & 0o7777,
-        meta.uid(),
-        meta.gid(),
-        cred.uid
-    )
+fn denied(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    cred: Credentials,
+    what: &'static str,
+) -> AccessError {
+    AccessError::Denied {
+        path: path.to_owned(),
+        mode: meta.mode() & 0o7777,
+        owner: meta.uid(),
+        group: meta.gid(),
+        uid: cred.uid,
+        what,
+    }
+}
+
+fn stat(path: &Path) -> Result<std::fs::Metadata, AccessError> {
+    std::fs::metadata(path).map_err(|source| AccessError::Stat {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Check that `cred` can reach `path` (search permission on every ancestor) and use
 /// it: read (and search) a directory, or read a file; `write` adds write permission.
-pub fn check_access(path: &Path, cred: Credentials, write: bool) -> Result<(), String> {
+pub fn check_access(path: &Path, cred: Credentials, write: bool) -> Result<(), AccessError> {
     let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
     ancestors.reverse();
     for a in ancestors {
-        let meta = std::fs::metadata(a).map_err(|e| format!("{}: {e}", a.display()))?;
+        let meta = stat(a)?;
         if bits_for(&meta, cred) & 1 == 0 {
-            return Err(explain(a, &meta, cred, "enter it"));
+            return Err(denied(a, &meta, cred, "enter it"));
         }
     }
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = stat(path)?;
     let mut need = 4;
     if meta.is_dir() {
         need |= 1;
@@ -135,13 +194,13 @@ pub fn check_access(path: &Path, cred: Credentials, write: bool) -> Result<(), S
         } else {
             "read it"
         };
-        return Err(explain(path, &meta, cred, what));
+        return Err(denied(path, &meta, cred, what));
     }
     Ok(())
 }
 
 /// The plugin directory must be readable by the worker's user.
-pub fn check_readable(dir: &Path, cred: Credentials) -> Result<(), String> {
+pub fn check_readable(dir: &Path, cred: Credentials) -> Result<(), AccessError> {
     check_access(dir, cred, false)
 }
 
@@ -153,22 +212,29 @@ pub fn plugin_cache_dir(
     root: &Path,
     plugin: &str,
     cred: Option<Credentials>,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, AccessError> {
     let modules = root.join("modules");
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o711)
         .create(&modules)
-        .map_err(|e| format!("cannot create {}: {e}", modules.display()))?;
+        .map_err(|source| AccessError::Create {
+            path: modules.clone(),
+            source,
+        })?;
     let dir = modules.join(plugin);
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+        Err(source) => return Err(AccessError::Create { path: dir, source }),
     }
     if let Some(c) = cred {
         std::os::unix::fs::chown(&dir, Some(c.uid), Some(c.gid))
-            .map_err(|e| format!("cannot hand {} to uid {}: {e}", dir.display(), c.uid))?;
+            .map_err(|source| AccessError::Chown {
+                path: dir.clone(),
+                uid: c.uid,
+                source,
+            })?;
         check_access(&dir, c, true)?;
     }
     Ok(dir)
@@ -216,7 +282,7 @@ mod tests {
             owner, NOBODY.uid,
             "run the tests as a user other than nobody"
         );
-        let e = check_readable(&inner, NOBODY).unwrap_err();
+        let e = check_readable(&inner, NOBODY).unwrap_err().to_string();
         assert!(
             e.starts_with(&format!(
                 "{} is mode 0700 owned by uid {owner}",
@@ -228,14 +294,14 @@ mod tests {
         std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         check_readable(&inner, NOBODY).unwrap();
         std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let e = check_readable(&inner, NOBODY).unwrap_err();
+        let e = check_readable(&inner, NOBODY).unwrap_err().to_string();
         assert!(e.contains("cannot read it"), "{e}");
     }
 
     #[test]
     fn users_resolve_by_name_and_root_is_refused() {
         if !is_root() {
-            assert_eq!(credentials(&RunAs::Name("nobody".into())), Ok(None));
+            assert!(matches!(credentials(&RunAs::Name("nobody".into())), Ok(None)));
             return;
         }
         let c = credentials(&RunAs::Name("nobody".into())).unwrap().unwrap();
@@ -243,11 +309,13 @@ mod tests {
         assert!(
             credentials(&RunAs::Name("no-such-user-here".into()))
                 .unwrap_err()
+                .to_string()
                 .starts_with("no user \"no-such-user-here\"")
         );
         assert!(
             lookup_user("root")
                 .unwrap_err()
+                .to_string()
                 .contains("never run as root")
         );
     }
