@@ -42,14 +42,35 @@ pub struct NameGlob {
     pub(crate) matcher: globset::GlobMatcher,
 }
 
+/// Why a grant's rule cannot be used; the policy reader puts the file, line and
+/// column around it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("invalid glob {pattern:?}: {reason}")]
+    Glob { pattern: String, reason: String },
+    #[error("fetch url {0:?} must start with http:// or https://")]
+    NoScheme(String),
+    #[error("fetch url scheme {0:?}: use http or https")]
+    Scheme(String),
+    #[error("fetch url {0:?} has no host")]
+    NoHost(String),
+    #[error("fetch url {url:?}: port {port:?} is not a number or *")]
+    Port { url: String, port: String },
+    #[error("fetch method {0:?} is not an HTTP method")]
+    Method(String),
+}
+
 impl NameGlob {
-    pub fn new(pattern: &str) -> Result<NameGlob, String> {
+    pub fn new(pattern: &str) -> Result<NameGlob, RuleError> {
         globset::Glob::new(pattern)
             .map(|g| NameGlob {
                 matcher: g.compile_matcher(),
                 pattern: pattern.to_owned(),
             })
-            .map_err(|e| format!("invalid glob {pattern:?}: {}", e.kind()))
+            .map_err(|e| RuleError::Glob {
+                pattern: pattern.to_owned(),
+                reason: e.kind().to_string(),
+            })
     }
 
     pub fn is_match(&self, s: &str) -> bool {
@@ -74,14 +95,14 @@ pub struct FetchRule {
 
 impl FetchRule {
     /// Parse `url` (`scheme://host[:port][/prefix]`) and `methods`.
-    pub fn parse(url: &str, methods: &[String]) -> Result<FetchRule, String> {
+    pub fn parse(url: &str, methods: &[String]) -> Result<FetchRule, RuleError> {
         let (scheme, rest) = url
             .split_once("://")
-            .ok_or_else(|| format!("fetch url {url:?} must start with http:// or https://"))?;
+            .ok_or_else(|| RuleError::NoScheme(url.to_owned()))?;
         let default_port = match scheme {
             "http" => 80,
             "https" => 443,
-            other => return Err(format!("fetch url scheme {other:?}: use http or https")),
+            other => return Err(RuleError::Scheme(other.to_owned())),
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -94,15 +115,15 @@ impl FetchRule {
             _ => (authority, None),
         };
         if host.is_empty() {
-            return Err(format!("fetch url {url:?} has no host"));
+            return Err(RuleError::NoHost(url.to_owned()));
         }
         let port = match port {
             None => Some(default_port),
             Some("*") => None,
-            Some(p) => Some(
-                p.parse::<u16>()
-                    .map_err(|_| format!("fetch url {url:?}: port {p:?} is not a number or *"))?,
-            ),
+            Some(p) => Some(p.parse::<u16>().map_err(|_| RuleError::Port {
+                url: url.to_owned(),
+                port: p.to_owned(),
+            })?),
         };
         let methods: Vec<String> = if methods.is_empty() {
             vec!["GET".into()]
@@ -111,7 +132,7 @@ impl FetchRule {
         };
         for m in &methods {
             if !m.bytes().all(|b| b.is_ascii_uppercase()) || m.is_empty() {
-                return Err(format!("fetch method {m:?} is not an HTTP method"));
+                return Err(RuleError::Method(m.clone()));
             }
         }
         // An IPv6 literal's brackets would be a glob character class: an address is
@@ -208,7 +229,8 @@ pub struct Services {
     pub fetch_timeout: Setting<Duration>,
 }
 
-/// Which rule decided a host call.
+/// Which rule decided a host call: `Ok(rule that allows it)` or `Err(rule that
+/// refuses it)`; a decision, not a failure (denials are audited with the rule).
 pub type Decision = Result<String, String>;
 
 impl Services {

@@ -44,7 +44,7 @@ fn read_policy_file(path: &Path) -> Result<String, String> {
         .map_err(|e| format!("cannot read: {e}"))
 }
 
-pub use grants::{FetchRule, Grant, NameGlob, Requested, Services, special_use};
+pub use grants::{FetchRule, Grant, NameGlob, Requested, RuleError, Services, special_use};
 
 use corral_confine::Level;
 use corral_manifest::{Manifest, Runtime};

@@ -56,7 +56,7 @@ pub(crate) fn denied(rule: String) -> HostError {
 /// The host services and the audit log, shared by every worker.
 pub(crate) struct HostBroker {
     pub(crate) audit: Audit,
-    store: OnceLock<Result<Arc<Store>, String>>,
+    store: OnceLock<Result<Arc<Store>, store::OpenStoreError>>,
     state_dir: PathBuf,
     fetcher: Fetcher,
     max_queue: usize,
@@ -101,8 +101,9 @@ impl HostBroker {
     fn store(&self) -> Result<Arc<Store>, HostError> {
         self.store
             .get_or_init(|| Store::open(&self.state_dir.join("kv.redb")).map(Arc::new))
-            .clone()
-            .map_err(HostError::Failed)
+            .as_ref()
+            .map(Arc::clone)
+            .map_err(|e| HostError::Failed(e.to_string()))
     }
 
     /// Perform `op` for `plugin` within `ctx`; denials are audited.

@@ -43,15 +43,34 @@ fn check_key(key: &str) -> Result<(), HostError> {
     Ok(())
 }
 
+/// Why the store cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenStoreError {
+    #[error("cannot create {}: {source}", dir.display())]
+    Dir {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store {}: {source}", path.display())]
+    Database {
+        path: std::path::PathBuf,
+        source: redb::DatabaseError,
+    },
+}
+
 impl Store {
     /// Open (or create) the database at `path`, 0600.
-    pub fn open(path: &Path) -> Result<Store, String> {
+    pub fn open(path: &Path) -> Result<Store, OpenStoreError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| OpenStoreError::Dir {
+                dir: dir.to_owned(),
+                source,
+            })?;
         }
-        let db = Database::create(path)
-            .map_err(|e| format!("cannot open the store {}: {e}", path.display()))?;
+        let db = Database::create(path).map_err(|source| OpenStoreError::Database {
+            path: path.to_owned(),
+            source,
+        })?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         Ok(Store { db })

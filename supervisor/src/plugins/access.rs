@@ -229,12 +229,13 @@ pub fn plugin_cache_dir(
         Err(source) => return Err(AccessError::Create { path: dir, source }),
     }
     if let Some(c) = cred {
-        std::os::unix::fs::chown(&dir, Some(c.uid), Some(c.gid))
-            .map_err(|source| AccessError::Chown {
+        std::os::unix::fs::chown(&dir, Some(c.uid), Some(c.gid)).map_err(|source| {
+            AccessError::Chown {
                 path: dir.clone(),
                 uid: c.uid,
                 source,
-            })?;
+            }
+        })?;
         check_access(&dir, c, true)?;
     }
     Ok(dir)
@@ -301,7 +302,10 @@ mod tests {
     #[test]
     fn users_resolve_by_name_and_root_is_refused() {
         if !is_root() {
-            assert!(matches!(credentials(&RunAs::Name("nobody".into())), Ok(None)));
+            assert!(matches!(
+                credentials(&RunAs::Name("nobody".into())),
+                Ok(None)
+            ));
             return;
         }
         let c = credentials(&RunAs::Name("nobody".into())).unwrap().unwrap();

@@ -40,29 +40,42 @@ pub(crate) struct Versions {
 
 const LOCK: &str = ".lock";
 
+/// Why the directory of version snapshots cannot be made.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {step} {}: {source}", path.display())]
+pub(crate) struct VersionsError {
+    step: &'static str,
+    path: std::path::PathBuf,
+    source: std::io::Error,
+}
+
 impl Versions {
     /// A new directory for this supervisor's snapshots in `<root>/versions`; the
     /// directories of supervisors that are gone are removed first.
-    pub(crate) fn create(root: &Path) -> Result<Versions, String> {
+    pub(crate) fn create(root: &Path) -> Result<Versions, VersionsError> {
         let base = root.join("versions");
+        let at = |step: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| VersionsError { step, path, source }
+        };
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o711)
             .create(&base)
-            .map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+            .map_err(at("create", &base))?;
         remove_stale(&base);
         let dir = tempfile::Builder::new()
             .prefix(&format!("{}.", std::process::id()))
             .tempdir_in(&base)
-            .map_err(|e| format!("cannot create a directory in {}: {e}", base.display()))?;
+            .map_err(at("create a directory in", &base))?;
         // Workers running as other users go through it to their version, but may not
         // list it.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
-            .map_err(|e| format!("cannot open {} to workers: {e}", dir.path().display()))?;
-        let lock = File::create(dir.path().join(LOCK))
-            .map_err(|e| format!("cannot create {}: {e}", dir.path().join(LOCK).display()))?;
+            .map_err(at("open to workers", dir.path()))?;
+        let lock_path = dir.path().join(LOCK);
+        let lock = File::create(&lock_path).map_err(at("create", &lock_path))?;
         lock.try_lock()
-            .map_err(|e| format!("cannot lock {}: {e}", dir.path().join(LOCK).display()))?;
+            .map_err(|e| at("lock", &lock_path)(std::io::Error::from(e)))?;
         Ok(Versions { dir, _lock: lock })
     }
 

@@ -262,7 +262,7 @@ pub(crate) struct Inner {
     /// Plugin directories whose files were rejected, and why.
     pub(crate) rejected: std::sync::Mutex<lifecycle::Rejected>,
     /// Where versions' files are copied (made at the first read).
-    versions: OnceLock<Result<Versions, String>>,
+    versions: OnceLock<Result<Versions, crate::plugins::versions::VersionsError>>,
     /// Set when the supervisor stops: starts under way (in a backoff wait or in a
     /// worker's load) are abandoned and their workers killed.
     pub(crate) stopping: tokio::sync::watch::Sender<bool>,

@@ -113,7 +113,7 @@ impl Inner {
             .as_ref()
             .map_err(|why| AddPluginError::Snapshot {
                 dir: dir.clone(),
-                why: why.clone(),
+                why: why.to_string(),
             })?
             .snapshot(&dir)
             .map_err(|e| AddPluginError::Snapshot {
