@@ -90,8 +90,12 @@ fn main() {
             quiet.p99.as_secs_f64() * 1e6,
             quiet.n
         );
-        let phases: [(&str, &[(&str, &str)]); 3] = [
+        let phases: [(&str, &[(&str, &str)]); 4] = [
             ("log frames (64 KiB each)", &[("log_flood", "16")]),
+            (
+                "host calls, 64 at once, never read (kill, audit, restart)",
+                &[("host_flood", "")],
+            ),
             (
                 "stdout + stderr, no newline, not UTF-8",
                 &[("output_flood", "16")],

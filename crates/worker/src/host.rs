@@ -103,6 +103,13 @@ impl Host {
         self.lock().secrets.get(name).map(|s| s.0.clone())
     }
 
+    /// The id of the call running now (0 between calls). Plugin code with native
+    /// access could read it from the worker's memory anyway; the hostile test
+    /// worker uses it to forge host calls the supervisor would accept.
+    pub fn current_call(&self) -> RequestId {
+        self.lock().current_call
+    }
+
     pub(crate) fn set_current_call(&self, id: RequestId) {
         self.lock().current_call = id;
     }

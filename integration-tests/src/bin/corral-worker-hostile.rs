@@ -48,6 +48,7 @@ const ATTACKS: &[&str] = &[
     "huge_frame",
     "garbage_frame",
     "unknown_call",
+    "host_flood",
     "ok",
 ];
 
@@ -86,7 +87,7 @@ fn outcome<T>(r: std::io::Result<T>) -> String {
 }
 
 impl Hostile {
-    fn attack(&self, function: &str, arg: &str) -> String {
+    fn attack(&self, function: &str, arg: &str, host: &Host) -> String {
         match function {
             "read" => outcome(std::fs::read(arg)),
             "write" => outcome(std::fs::write(arg, b"pwned")),
@@ -270,6 +271,20 @@ impl Hostile {
                     op: corral_protocol::HostOp::Now,
                 };
                 let out = sys::write_frame(&forged);
+                std::thread::sleep(Duration::from_secs(30));
+                out.map_or_else(|e| errno_name(&e), |()| "not killed".into())
+            }
+            "host_flood" => {
+                // 64 host calls for the running call, in one write, never reading an
+                // answer: past the policy's host_calls in flight the worker is killed.
+                let call = host.current_call();
+                let mut frames = Vec::new();
+                for id in 1..=64 {
+                    let op = corral_protocol::HostOp::Now;
+                    let frame = FromWorker::HostCall { id, call, op };
+                    frames.extend(corral_protocol::frame::encode(&frame).expect("encodes"));
+                }
+                let out = sys::write_all(3, &frames);
                 std::thread::sleep(Duration::from_secs(30));
                 out.map_or_else(|e| errno_name(&e), |()| "not killed".into())
             }
@@ -484,10 +499,10 @@ impl Instance for Hostile {
         function: &str,
         input: &[u8],
         _: Duration,
-        _: &Host,
+        host: &Host,
     ) -> Result<Vec<u8>, CallError> {
         let arg = String::from_utf8_lossy(input);
-        Ok(self.attack(function, &arg).into_bytes())
+        Ok(self.attack(function, &arg, host).into_bytes())
     }
 }
 

@@ -754,7 +754,8 @@ fn protocol_lines(a: &Arena) -> Vec<serde_json::Value> {
 /// can): floods of log frames and of stdout and stderr without newlines or UTF-8
 /// cost the supervisor a few frames' memory, not the flood's, and break nothing; a
 /// forged answer, a frame claiming 60 MiB, a frame that does not decode and a host
-/// call for a call that is not running each get the worker killed, audited as a
+/// call for a call that is not running and a flood of host calls that never reads
+/// an answer each get the worker killed, audited as a
 /// protocol violation naming the rule, and replaced; the neighbour answers
 /// throughout, and the supervisor's peak memory stays within 16 MiB of where it
 /// started.
@@ -814,6 +815,10 @@ async fn a_worker_writing_its_own_frames_is_bounded_killed_and_replaced() {
                 "host call 1 names call {}, which is not running",
                 u64::MAX - 7
             ),
+        ),
+        (
+            "host_flood",
+            "more than 4 host calls in flight (host_calls)".into(),
         ),
     ];
     for (n, (attack, why)) in violations.iter().enumerate() {
