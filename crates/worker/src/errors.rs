@@ -69,3 +69,24 @@ pub enum LoadError {
     #[error("{0}")]
     Engine(String),
 }
+
+impl LoadError {
+    /// The plugin's own code failed `during` the load: past the load and init
+    /// deadline if the engine interrupted it for that, else in its own words.
+    pub fn plugin_code(
+        during: &'static str,
+        message: String,
+        interrupted: bool,
+        deadline: std::time::Duration,
+    ) -> LoadError {
+        if interrupted {
+            LoadError::Deadline {
+                during,
+                message,
+                deadline_ms: deadline.as_millis() as u64,
+            }
+        } else {
+            LoadError::Plugin { during, message }
+        }
+    }
+}

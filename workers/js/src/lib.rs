@@ -212,15 +212,8 @@ fn load_failure<'js>(
     init_deadline: Duration,
 ) -> LoadError {
     let message = describe(ctx, e);
-    if message.contains("interrupted") {
-        LoadError::Deadline {
-            during,
-            message,
-            deadline_ms: init_deadline.as_millis() as u64,
-        }
-    } else {
-        LoadError::Plugin { during, message }
-    }
+    let interrupted = message.contains("interrupted");
+    LoadError::plugin_code(during, message, interrupted, init_deadline)
 }
 
 /// A readable account of a failure while loading: the class, message and stack.

@@ -191,16 +191,8 @@ impl PythonEngine {
         let init_deadline = Duration::from_millis(spec.limits.init_deadline_ms.max(1));
         let _armed = Deadline::arm(init_deadline);
         let failed = |e: PyErr, during: &'static str| {
-            let message = format_error(py, &e);
-            if e.is_instance_of::<api::DeadlineExceeded>(py) {
-                LoadError::Deadline {
-                    during,
-                    message,
-                    deadline_ms: init_deadline.as_millis() as u64,
-                }
-            } else {
-                LoadError::Plugin { during, message }
-            }
+            let interrupted = e.is_instance_of::<api::DeadlineExceeded>(py);
+            LoadError::plugin_code(during, format_error(py, &e), interrupted, init_deadline)
         };
         let imported = || -> Result<(Bound<PyAny>, Vec<String>, HashMap<_, _>), LoadError> {
             let (module, exports, init): (Bound<PyAny>, Vec<String>, Option<Bound<PyAny>>) = boot

@@ -326,18 +326,17 @@ fn instantiate(
     let timed_out = armed.fired();
     drop(armed);
     if let Err(e) = result {
-        let during = "loading the module";
-        if timed_out {
-            return Err(LoadError::Deadline {
-                during,
-                message: "interrupted".into(),
-                deadline_ms: init_deadline.as_millis() as u64,
-            });
-        }
-        return Err(LoadError::Plugin {
-            during,
-            message: e.to_string(),
-        });
+        let message = if timed_out {
+            "interrupted".to_owned()
+        } else {
+            e.to_string()
+        };
+        return Err(LoadError::plugin_code(
+            "loading the module",
+            message,
+            timed_out,
+            init_deadline,
+        ));
     }
     let exports = std::mem::take(
         &mut runtime
