@@ -20,7 +20,7 @@ use super::{Broker, Exited, Pending, Reply, lock, lock_reason};
 use corral_confine::Level;
 use corral_confine::cgroup::PluginCgroup;
 use corral_protocol::{
-    CallError, ExitReason, FromWorker, FromWorkerKind, HostError, ToWorker,
+    CallError, ExitReason, FromWorker, FromWorkerKind, HostError, RequestId, ToWorker,
     frame::{self, FrameError},
 };
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,6 +107,33 @@ async fn read_owned(
 }
 
 /// A message's name, for errors (never its contents, which may be megabytes).
+/// A rule of the protocol a worker broke. The supervisor kills the worker and names
+/// the rule in the exit reason, in every call in flight and in one audit line.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Violation {
+    #[error("an answer to call {0}, which is not running")]
+    AnswerNotRunning(RequestId),
+    #[error("call {id} answered {size} bytes, past its max_output of {limit} bytes")]
+    OutputTooLarge {
+        id: RequestId,
+        size: usize,
+        limit: u64,
+    },
+    #[error("host call {id} names call {call}, which is not running")]
+    HostCallNotRunning { id: RequestId, call: RequestId },
+    #[error("more than {0} host calls in flight (host_calls)")]
+    HostCallsInFlight(usize),
+    #[error("host call id {0} is already in flight")]
+    HostCallIdInFlight(RequestId),
+    #[error("{} answers to its host calls not read (host_calls {host_calls})", host_calls + 1)]
+    AnswersNotRead { host_calls: usize },
+    #[error("a {0} message nobody asked for")]
+    Unasked(&'static str),
+    /// A frame past its kind's limit, or one that does not decode.
+    #[error(transparent)]
+    Frame(FrameError),
+}
+
 pub(crate) fn message_name(msg: &FromWorker) -> &'static str {
     msg.kind().name()
 }
@@ -162,7 +189,7 @@ impl Connection {
                         }
                         Err(FrameError::Closed | FrameError::Io(_)) => break,
                         Err(e) => {
-                            protocol_error = Some(e.to_string());
+                            protocol_error = Some(Violation::Frame(e));
                             break;
                         }
                     }
@@ -202,7 +229,7 @@ impl Connection {
             None => child.wait().await,
         };
         let reason = match (&protocol_error, status) {
-            (Some(why), _) => ExitReason::Protocol(why.clone()),
+            (Some(why), _) => ExitReason::Protocol(why.to_string()),
             (None, Some(s)) => explain_exit(exit_reason(s), &self.tail.wait_closed().await),
             (None, None) => ExitReason::Unknown,
         };
@@ -253,7 +280,7 @@ impl Connection {
     }
 
     /// Route one message. An error means the worker broke the protocol.
-    fn handle(&mut self, msg: FromWorker) -> Result<(), String> {
+    fn handle(&mut self, msg: FromWorker) -> Result<(), Violation> {
         match msg {
             FromWorker::CallResult { id, result } => {
                 let mut p = lock(&self.pending);
@@ -262,18 +289,18 @@ impl Connection {
                     return Ok(());
                 }
                 let Some(reply) = p.calls.remove(&id) else {
-                    return Err(format!("an answer to call {id}, which is not running"));
+                    return Err(Violation::AnswerNotRunning(id));
                 };
                 if let Ok(out) = &result
                     && out.len() as u64 > self.max_output
                 {
                     // Failed with the violation, like every call in flight.
                     p.calls.insert(id, reply);
-                    return Err(format!(
-                        "call {id} answered {} bytes, past its max_output of {} bytes",
-                        out.len(),
-                        self.max_output
-                    ));
+                    return Err(Violation::OutputTooLarge {
+                        id,
+                        size: out.len(),
+                        limit: self.max_output,
+                    });
                 }
                 p.contexts.remove(&id);
                 let _ = reply.send(result);
@@ -283,27 +310,20 @@ impl Connection {
                 let ctx = {
                     let p = lock(&self.pending);
                     let Some(ctx) = p.contexts.get(&call).cloned() else {
-                        return Err(format!(
-                            "host call {id} names call {call}, which is not running"
-                        ));
+                        return Err(Violation::HostCallNotRunning { id, call });
                     };
                     if p.host_calls.len() >= self.host_calls {
-                        return Err(format!(
-                            "more than {} host calls in flight (host_calls)",
-                            self.host_calls
-                        ));
+                        return Err(Violation::HostCallsInFlight(self.host_calls));
                     }
                     if p.host_calls.contains(&id) {
-                        return Err(format!("host call id {id} is already in flight"));
+                        return Err(Violation::HostCallIdInFlight(id));
                     }
                     ctx
                 };
                 let Ok(permit) = Arc::clone(&self.unwritten).try_acquire_owned() else {
-                    return Err(format!(
-                        "{} answers to its host calls not read (host_calls {})",
-                        self.host_calls + 1,
-                        self.host_calls
-                    ));
+                    return Err(Violation::AnswersNotRead {
+                        host_calls: self.host_calls,
+                    });
                 };
                 lock(&self.pending).host_calls.insert(id);
                 let broker = self.broker.clone();
@@ -335,10 +355,7 @@ impl Connection {
             // The supervisor never asks for stats yet; unasked, they are a flood.
             other @ (FromWorker::Stats(_)
             | FromWorker::Loaded { .. }
-            | FromWorker::LoadFailed { .. }) => Err(format!(
-                "a {} message nobody asked for",
-                message_name(&other)
-            )),
+            | FromWorker::LoadFailed { .. }) => Err(Violation::Unasked(message_name(&other))),
         }
     }
 }
