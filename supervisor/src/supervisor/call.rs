@@ -25,9 +25,19 @@ enum Start {
     /// The supervisor is stopping.
     Stopped,
     /// A dependency is missing or did not start (not a crash of this plugin).
-    Dependencies(String),
+    Dependencies(NotStarted),
     /// The worker did not start or load (counted as a crash).
     Failed(String),
+}
+
+/// Why a plugin's dependencies keep it from starting.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotStarted {
+    /// Dependency resolution blocks it (missing, incompatible, a cycle).
+    #[error("not started: {0}")]
+    Blocked(crate::plugins::deps::Blocked),
+    #[error("not started: dependency {dep} cannot start: {source}")]
+    Dependency { dep: String, source: CallError },
 }
 
 /// How often a call follows a plugin's new version before it gives up.
@@ -138,18 +148,19 @@ impl Inner {
     }
 
     /// Start `p`'s dependencies (each after its own), or say why `p` cannot start.
-    async fn start_dependencies(&self, p: &Plugin) -> Result<(), String> {
+    async fn start_dependencies(&self, p: &Plugin) -> Result<(), NotStarted> {
         if p.manifest.dependencies.is_empty() {
             return Ok(());
         }
         if let Some(why) = self.dependencies().blocked.get(&p.manifest.id) {
-            return Err(format!("not started: {why}"));
+            return Err(NotStarted::Blocked(why.clone()));
         }
         for dep in p.manifest.dependencies.keys() {
             // Absent: an optional dependency (resolution refused missing required ones).
             let Some(d) = self.plugin(dep) else { continue };
-            if let Err(e) = Box::pin(self.worker_for(&d)).await {
-                return Err(format!("not started: dependency {dep} cannot start: {e}"));
+            if let Err(source) = Box::pin(self.worker_for(&d)).await {
+                let dep = dep.clone();
+                return Err(NotStarted::Dependency { dep, source });
             }
         }
         Ok(())
@@ -193,6 +204,7 @@ impl Inner {
         match started {
             Err(Start::Stopped) => Err(CallError::ShuttingDown),
             Err(Start::Dependencies(why)) => {
+                let why = why.to_string();
                 st.note_error(why.clone());
                 Err(CallError::StartFailed {
                     plugin: id.clone(),

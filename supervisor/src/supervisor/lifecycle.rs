@@ -64,6 +64,32 @@ pub struct SyncReport {
     pub unsettled: Vec<PathBuf>,
 }
 
+/// Why a version of a plugin is not loaded (kept as its directory's rejection, or
+/// as the plugin's last error when a policy change needs a new worker).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotLoaded {
+    #[error("{}", error_chain(.0))]
+    Duplicate(AddPluginError),
+    #[error("no plugin {0:?}")]
+    Gone(String),
+    /// Dependency resolution blocks it.
+    #[error("not loaded: {0}")]
+    Blocked(crate::plugins::deps::Blocked),
+    #[error("not loaded: version {version} would block plugin {other}: {why}")]
+    WouldBlock {
+        version: String,
+        other: String,
+        why: crate::plugins::deps::Blocked,
+    },
+    #[error("not loaded: dependency {dep} cannot start: {source}")]
+    Dependency {
+        dep: String,
+        source: corral_protocol::CallError,
+    },
+    #[error("the new version does not load: {}", error_chain(.0))]
+    Start(crate::worker::StartError),
+}
+
 impl SyncReport {
     pub fn is_empty(&self) -> bool {
         *self == SyncReport::default()
@@ -200,7 +226,7 @@ impl Inner {
                         }
                     }
                 }
-                Err(why) => self.reject(report, &dir, fp, why, old.as_deref()),
+                Err(why) => self.reject(report, &dir, fp, why.to_string(), old.as_deref()),
             }
         }
         skipped
@@ -225,12 +251,12 @@ impl Inner {
 
     /// Check `new`, start it in a worker, and put it in the table in place of `old`
     /// (which is retired after its calls).
-    async fn load_version(&self, new: Plugin, old: Option<Arc<Plugin>>) -> Result<(), String> {
+    async fn load_version(&self, new: Plugin, old: Option<Arc<Plugin>>) -> Result<(), NotLoaded> {
         let id = new.manifest.id.clone();
         if let Some(other) = self.plugin(&id)
             && old.as_ref().is_none_or(|o| !Arc::ptr_eq(o, &other))
         {
-            return Err(error_chain(&AddPluginError::Duplicate {
+            return Err(NotLoaded::Duplicate(AddPluginError::Duplicate {
                 id,
                 dir: new.dir,
                 other: other.dir.clone(),
@@ -248,7 +274,7 @@ impl Inner {
             map.insert(id.clone(), &new.manifest);
             let after = crate::plugins::deps::resolve(&map);
             if let Some(why) = after.blocked.get(&id) {
-                return Err(format!("not loaded: {why}"));
+                return Err(NotLoaded::Blocked(why.clone()));
             }
             let before = self.dependencies();
             if let Some((other, why)) = after
@@ -256,23 +282,24 @@ impl Inner {
                 .iter()
                 .find(|(other, _)| !before.blocked.contains_key(*other))
             {
-                return Err(format!(
-                    "not loaded: version {} would block plugin {other}: {why}",
-                    new.manifest.version
-                ));
+                return Err(NotLoaded::WouldBlock {
+                    version: new.manifest.version.to_string(),
+                    other: other.clone(),
+                    why: why.clone(),
+                });
             }
         }
         for dep in new.manifest.dependencies.keys() {
             if let Some(d) = self.plugin(dep) {
                 Box::pin(self.restart(&d.manifest.id))
                     .await
-                    .map_err(|e| format!("not loaded: dependency {dep} cannot start: {e}"))?;
+                    .map_err(|source| NotLoaded::Dependency {
+                        dep: dep.clone(),
+                        source,
+                    })?;
             }
         }
-        let (worker, effective, group) = self
-            .start_worker(&new)
-            .await
-            .map_err(|e| format!("the new version does not load: {}", error_chain(&e)))?;
+        let (worker, effective, group) = self.start_worker(&new).await.map_err(NotLoaded::Start)?;
         tracing::info!(plugin = %id, pid = worker.pid, version = %new.manifest.version, "new version ready");
         new.state
             .lock()
@@ -315,11 +342,11 @@ impl Inner {
 
     /// Start a fresh worker for `plugin` from its directory (after a policy change
     /// that a running worker cannot take), and retire the old one after its calls.
-    pub(crate) async fn renew(&self, plugin: &str) -> Result<(), String> {
+    pub(crate) async fn renew(&self, plugin: &str) -> Result<(), NotLoaded> {
         let _lc = self.lifecycle.lock().await;
         let old = self
             .plugin(plugin)
-            .ok_or_else(|| format!("no plugin {plugin:?}"))?;
+            .ok_or_else(|| NotLoaded::Gone(plugin.to_owned()))?;
         // The same version in a new worker: file changes are the watcher's business.
         let new = Inner::same_version(&old);
         self.load_version(new, Some(old)).await
