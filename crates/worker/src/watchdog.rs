@@ -5,7 +5,8 @@
 //!
 //! Arming bumps a generation number, so a deadline that fires late can never hit a
 //! later call; dropping the [`Armed`] guard disarms it and says whether it fired.
-//! The thread ends when the [`Watchdog`] is dropped.
+//! Dropping the [`Watchdog`] tells the thread to end (it is not joined; it holds
+//! nothing but the interrupt).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

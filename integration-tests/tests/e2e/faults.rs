@@ -339,6 +339,35 @@ async fn init_hook_runs_under_the_deadline_and_can_refuse() {
     }
 }
 
+/// An export named as a plugin function with another signature is refused at load,
+/// by name, not answered as an unknown function (nor a trap) at every call.
+#[tokio::test]
+async fn an_export_with_the_wrong_signature_is_a_start_failure_naming_it() {
+    let plugin = wat_plugin("wrong-abi", "testkit.wat", "");
+    std::fs::write(
+        plugin.path().join("testkit.wat"),
+        r#"(module
+             (memory (export "memory") 1)
+             (func (export "corral_alloc") (param i32) (result i32) i32.const 0)
+             (func (export "corral_fn_ok") (param i32 i32) (result i32) i32.const 0)
+             (func (export "corral_fn_bad") (param i32) (result i32) i32.const 0))"#,
+    )
+    .unwrap();
+    let cache = corral_integration_tests::open_tempdir();
+    let mut sup = Supervisor::new(options(cache.path()));
+    sup.add_plugin_dir(plugin.path()).unwrap();
+    match sup.call("wrong-abi", "ok", vec![], None).await {
+        Err(CallError::StartFailed { reason, .. }) => {
+            assert!(reason.contains("invalid module"), "{reason}");
+            assert!(
+                reason.contains("`corral_fn_bad` must be a function (i32, i32) -> i32"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected start failure, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn invalid_module_is_a_start_failure_naming_the_file() {
     let plugin = wat_plugin("broken", "testkit.wat", "");

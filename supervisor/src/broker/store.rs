@@ -46,15 +46,15 @@ fn check_key(key: &str) -> Result<(), HostError> {
 /// Why the store cannot be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenStoreError {
-    #[error("cannot create {}: {source}", dir.display())]
+    #[error("cannot create {}: {error}", dir.display())]
     Dir {
         dir: std::path::PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot open the store {}: {source}", path.display())]
+    #[error("cannot open the store {}: {error}", path.display())]
     Database {
         path: std::path::PathBuf,
-        source: redb::DatabaseError,
+        error: redb::DatabaseError,
     },
 }
 
@@ -62,14 +62,14 @@ impl Store {
     /// Open (or create) the database at `path`, 0600.
     pub fn open(path: &Path) -> Result<Store, OpenStoreError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| OpenStoreError::Dir {
+            std::fs::create_dir_all(dir).map_err(|error| OpenStoreError::Dir {
                 dir: dir.to_owned(),
-                source,
+                error,
             })?;
         }
-        let db = Database::create(path).map_err(|source| OpenStoreError::Database {
+        let db = Database::create(path).map_err(|error| OpenStoreError::Database {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));

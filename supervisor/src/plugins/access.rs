@@ -17,11 +17,8 @@ use std::path::{Path, PathBuf};
 pub enum UserError {
     #[error("invalid user name {0:?}")]
     Name(String),
-    #[error("cannot look up user {name:?}: {source}")]
-    Lookup {
-        name: String,
-        source: std::io::Error,
-    },
+    #[error("cannot look up user {name:?}: {error}")]
+    Lookup { name: String, error: std::io::Error },
     #[error(
         "no user {0:?} on this machine (set `user` in the policy to an existing user or to \
          numeric \"uid:gid\")"
@@ -34,10 +31,10 @@ pub enum UserError {
 /// Why a worker's user cannot reach or use a path it needs.
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Stat {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{} is mode {mode:04o} owned by uid {owner} gid {group}: uid {uid} cannot {what} \
@@ -52,16 +49,16 @@ pub enum AccessError {
         uid: u32,
         what: &'static str,
     },
-    #[error("cannot create {}: {source}", path.display())]
+    #[error("cannot create {}: {error}", path.display())]
     Create {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot hand {} to uid {uid}: {source}", path.display())]
+    #[error("cannot hand {} to uid {uid}: {error}", path.display())]
     Chown {
         path: PathBuf,
         uid: u32,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -118,7 +115,7 @@ fn lookup_user(name: &str) -> Result<Credentials, UserError> {
         if rc != 0 {
             return Err(UserError::Lookup {
                 name: name.to_owned(),
-                source: std::io::Error::from_raw_os_error(rc),
+                error: std::io::Error::from_raw_os_error(rc),
             });
         }
         if result.is_null() {
@@ -163,9 +160,9 @@ fn denied(
 }
 
 fn stat(path: &Path) -> Result<std::fs::Metadata, AccessError> {
-    std::fs::metadata(path).map_err(|source| AccessError::Stat {
+    std::fs::metadata(path).map_err(|error| AccessError::Stat {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -218,22 +215,22 @@ pub fn plugin_cache_dir(
         .recursive(true)
         .mode(0o711)
         .create(&modules)
-        .map_err(|source| AccessError::Create {
+        .map_err(|error| AccessError::Create {
             path: modules.clone(),
-            source,
+            error,
         })?;
     let dir = modules.join(plugin);
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(source) => return Err(AccessError::Create { path: dir, source }),
+        Err(error) => return Err(AccessError::Create { path: dir, error }),
     }
     if let Some(c) = cred {
-        std::os::unix::fs::chown(&dir, Some(c.uid), Some(c.gid)).map_err(|source| {
+        std::os::unix::fs::chown(&dir, Some(c.uid), Some(c.gid)).map_err(|error| {
             AccessError::Chown {
                 path: dir.clone(),
                 uid: c.uid,
-                source,
+                error,
             }
         })?;
         check_access(&dir, c, true)?;

@@ -42,11 +42,11 @@ const LOCK: &str = ".lock";
 
 /// Why the directory of version snapshots cannot be made.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {step} {}: {source}", path.display())]
+#[error("cannot {what}: {error}")]
 pub(crate) struct VersionsError {
-    step: &'static str,
-    path: std::path::PathBuf,
-    source: std::io::Error,
+    /// What was being done, with its path (`create /var/cache/corral/versions`).
+    what: String,
+    error: std::io::Error,
 }
 
 impl Versions {
@@ -54,28 +54,26 @@ impl Versions {
     /// directories of supervisors that are gone are removed first.
     pub(crate) fn create(root: &Path) -> Result<Versions, VersionsError> {
         let base = root.join("versions");
-        let at = |step: &'static str, path: &Path| {
-            let path = path.to_owned();
-            move |source| VersionsError { step, path, source }
-        };
+        let at = |what: String| move |error| VersionsError { what, error };
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o711)
             .create(&base)
-            .map_err(at("create", &base))?;
+            .map_err(at(format!("create {}", base.display())))?;
         remove_stale(&base);
         let dir = tempfile::Builder::new()
             .prefix(&format!("{}.", std::process::id()))
             .tempdir_in(&base)
-            .map_err(at("create a directory in", &base))?;
+            .map_err(at(format!("create a directory in {}", base.display())))?;
         // Workers running as other users go through it to their version, but may not
         // list it.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
-            .map_err(at("open to workers", dir.path()))?;
+            .map_err(at(format!("open {} to workers", dir.path().display())))?;
         let lock_path = dir.path().join(LOCK);
-        let lock = File::create(&lock_path).map_err(at("create", &lock_path))?;
+        let lock =
+            File::create(&lock_path).map_err(at(format!("create {}", lock_path.display())))?;
         lock.try_lock()
-            .map_err(|e| at("lock", &lock_path)(std::io::Error::from(e)))?;
+            .map_err(|e| at(format!("lock {}", lock_path.display()))(std::io::Error::from(e)))?;
         Ok(Versions { dir, _lock: lock })
     }
 

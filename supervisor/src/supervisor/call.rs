@@ -36,8 +36,8 @@ pub(crate) enum NotStarted {
     /// Dependency resolution blocks it (missing, incompatible, a cycle).
     #[error("not started: {0}")]
     Blocked(crate::plugins::deps::Blocked),
-    #[error("not started: dependency {dep} cannot start: {source}")]
-    Dependency { dep: String, source: CallError },
+    #[error("not started: dependency {dep} cannot start: {error}")]
+    Dependency { dep: String, error: CallError },
 }
 
 /// How often a call follows a plugin's new version before it gives up.
@@ -158,9 +158,9 @@ impl Inner {
         for dep in p.manifest.dependencies.keys() {
             // Absent: an optional dependency (resolution refused missing required ones).
             let Some(d) = self.plugin(dep) else { continue };
-            if let Err(source) = Box::pin(self.worker_for(&d)).await {
+            if let Err(error) = Box::pin(self.worker_for(&d)).await {
                 let dep = dep.clone();
-                return Err(NotStarted::Dependency { dep, source });
+                return Err(NotStarted::Dependency { dep, error });
             }
         }
         Ok(())

@@ -81,10 +81,10 @@ pub(crate) enum NotLoaded {
         other: String,
         why: crate::plugins::deps::Blocked,
     },
-    #[error("not loaded: dependency {dep} cannot start: {source}")]
+    #[error("not loaded: dependency {dep} cannot start: {error}")]
     Dependency {
         dep: String,
-        source: corral_protocol::CallError,
+        error: corral_protocol::CallError,
     },
     #[error("the new version does not load: {}", error_chain(.0))]
     Start(crate::worker::StartError),
@@ -293,9 +293,9 @@ impl Inner {
             if let Some(d) = self.plugin(dep) {
                 Box::pin(self.restart(&d.manifest.id))
                     .await
-                    .map_err(|source| NotLoaded::Dependency {
+                    .map_err(|error| NotLoaded::Dependency {
                         dep: dep.clone(),
-                        source,
+                        error,
                     })?;
             }
         }

@@ -499,6 +499,32 @@ async fn one_worker_serves_every_call_and_unknown_functions_are_named() {
     assert_eq!(f.launcher.journal(0).last().unwrap(), "shutdown");
 }
 
+/// `status` says the process tree is not enforced for a worker without a cgroup (the
+/// fake launcher makes none), and that it is for a plugin whose worker will have one.
+#[tokio::test]
+async fn the_process_tree_rule_says_when_a_worker_has_no_cgroup() {
+    let f = fixture(|_| {});
+    let tree = |info: &corral_protocol::PluginInfo| {
+        info.supervision
+            .iter()
+            .find(|l| l.starts_with("process tree: "))
+            .cloned()
+            .unwrap()
+    };
+    let idle = tree(&f.sup.list().await[0]);
+    assert!(
+        idle.starts_with("process tree: everything in the worker's cgroup"),
+        "{idle}"
+    );
+    f.call("echo").await.unwrap();
+    let running = tree(&f.sup.list().await[0]);
+    assert!(
+        running.starts_with("process tree: not enforced, this worker has no cgroup"),
+        "{running}"
+    );
+    f.sup.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn a_call_holding_a_retired_version_goes_to_the_new_one_unsent() {
     let f = fixture(|_| {});

@@ -106,7 +106,6 @@ async fn read_owned(
     (rd, r)
 }
 
-/// A message's name, for errors (never its contents, which may be megabytes).
 /// A rule of the protocol a worker broke. The supervisor kills the worker and names
 /// the rule in the exit reason, in every call in flight and in one audit line.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +133,7 @@ pub(crate) enum Violation {
     Frame(FrameError),
 }
 
+/// A message's name, for errors (never its contents, which may be megabytes).
 pub(crate) fn message_name(msg: &FromWorker) -> &'static str {
     msg.kind().name()
 }

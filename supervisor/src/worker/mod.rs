@@ -302,10 +302,12 @@ impl Drop for WorkerHandle {
 
 /// The rules the supervisor enforces on a worker under `effective` (the policy's
 /// budgets and limits), each saying what enforces it (`corral status` shows them).
+/// `in_cgroup`: whether the running worker has a cgroup (`None`: none is running).
 pub(crate) fn supervision(
     effective: &corral_policy::Effective,
     handshake: Duration,
     kill_grace: Duration,
+    in_cgroup: Option<bool>,
 ) -> Vec<String> {
     use corral_policy::size;
     let frame = effective
@@ -344,9 +346,15 @@ pub(crate) fn supervision(
             humantime::format_duration(effective.init_timeout.value + handshake),
             humantime::format_duration(kill_grace),
         ),
-        "process tree: everything in the worker's cgroup dies with it (cgroup.kill on v2, \
-         each member killed until none is left on v1), and the group is removed"
-            .to_owned(),
+        if in_cgroup == Some(false) {
+            "process tree: not enforced, this worker has no cgroup (see its cgroup line): \
+             what the plugin detaches from it (a new session, a double fork) may outlive it"
+                .to_owned()
+        } else {
+            "process tree: everything in the worker's cgroup dies with it (cgroup.kill on v2, \
+             each member killed until none is left on v1), and the group is removed"
+                .to_owned()
+        },
         "fetch: every hop's addresses judged and the connection pinned to them; loopback, \
          private and link-local only where a rule names the address (the broker)"
             .to_owned(),

@@ -1,5 +1,5 @@
 //! The JavaScript engine of Corral workers: QuickJS (quickjs-ng, through rquickjs
-//! 0.14), one runtime per worker.
+//! 0.14), one runtime per instance of the plugin.
 //!
 //! # The plugin contract
 //!

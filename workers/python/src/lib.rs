@@ -93,7 +93,8 @@ const MAX_TRACEBACK_LINES: usize = 64;
 /// forgets the plugin's modules, so that a fresh instance imports them afresh.
 pub struct PythonInstance {
     functions: HashMap<String, Py<PyAny>>,
-    module: Py<PyAny>,
+    /// `None` only while dropping.
+    module: Option<Py<PyAny>>,
     exports: Vec<String>,
     boot: Py<PyModule>,
     plugin_dir: String,
@@ -110,8 +111,11 @@ impl std::fmt::Debug for PythonInstance {
 
 impl Drop for PythonInstance {
     fn drop(&mut self) {
+        // Every reference to the plugin's objects goes with the GIL held, so their
+        // teardown (a plugin's `__del__`) runs now, not inside the next instance.
         Python::attach(|py| {
             self.functions.clear();
+            drop(self.module.take());
             unload(py, &self.boot, &self.plugin_dir);
         });
     }
@@ -189,7 +193,6 @@ impl PythonEngine {
             .as_ref()
             .ok_or_else(|| LoadError::Engine("the interpreter is not running".into()))?;
         let init_deadline = Duration::from_millis(spec.limits.init_deadline_ms.max(1));
-        let _armed = Deadline::arm(init_deadline);
         let failed = |e: PyErr, during: &'static str| {
             let interrupted = e.is_instance_of::<api::DeadlineExceeded>(py);
             LoadError::plugin_code(during, format_error(py, &e), interrupted, init_deadline)
@@ -212,10 +215,15 @@ impl PythonEngine {
             }
             Ok((module, exports, functions))
         };
-        match imported() {
+        // The deadline covers the plugin's code, not the clean-up after it.
+        let imported = {
+            let _armed = Deadline::arm(init_deadline);
+            imported()
+        };
+        match imported {
             Ok((module, exports, functions)) => Ok(PythonInstance {
                 functions,
-                module: module.unbind(),
+                module: Some(module.unbind()),
                 exports,
                 boot: boot.clone_ref(py),
                 plugin_dir: spec.plugin_dir.clone(),
@@ -458,7 +466,9 @@ impl corral_worker::Instance for PythonInstance {
     fn shutdown(&mut self, grace: Duration, _host: &Host) {
         Python::attach(|py| {
             let _armed = Deadline::arm(grace);
-            let module = self.module.bind(py);
+            let Some(module) = self.module.as_ref().map(|m| m.bind(py)) else {
+                return;
+            };
             if let Ok(f) = module.getattr("shutdown")
                 && f.is_callable()
             {

@@ -50,7 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::{
     Caller, Config, Instance, Linker, Memory, Module, ResourceLimiter, Store, StoreLimits,
-    StoreLimitsBuilder, Trap, TypedFunc,
+    StoreLimitsBuilder, Trap, TypedFunc, ValType,
 };
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -74,6 +74,10 @@ struct State {
     limiter: Limiter,
     host: Host,
     output: Option<Vec<u8>>,
+    /// The size the plugin last passed to `corral.output` past `max_output`: not
+    /// copied, and the call answers `OutputTooLarge`.
+    too_large: Option<u64>,
+    max_output: u64,
     error: Option<String>,
     /// The answer of the last `host_call`, until `host_take` copies it out.
     host_answer: Option<Vec<u8>>,
@@ -247,10 +251,28 @@ impl WasmEngine {
             return Ok(self.compiled.as_ref().expect("checked above"));
         }
         let module = self.compile(spec, host)?;
-        let mut exports: Vec<String> = module
-            .exports()
-            .filter_map(|e| e.name().strip_prefix(EXPORT_PREFIX).map(str::to_owned))
-            .collect();
+        let mut exports = Vec::new();
+        for e in module.exports() {
+            let Some(name) = e.name().strip_prefix(EXPORT_PREFIX) else {
+                continue;
+            };
+            let abi = e.ty().func().is_some_and(|f| {
+                let params: Vec<_> = f.params().collect();
+                let results: Vec<_> = f.results().collect();
+                matches!(params[..], [ValType::I32, ValType::I32])
+                    && matches!(results[..], [ValType::I32])
+            });
+            if !abi {
+                return Err(LoadError::Invalid {
+                    path: Path::new(&spec.plugin_dir)
+                        .join(&spec.entry)
+                        .display()
+                        .to_string(),
+                    message: format!("`{}` must be a function (i32, i32) -> i32", e.name()),
+                });
+            }
+            exports.push(name.to_owned());
+        }
         exports.sort();
         if exports.is_empty() {
             return Err(LoadError::NoExports {
@@ -313,7 +335,15 @@ fn link_host_functions(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "corral",
         "output",
         |mut caller: Caller<'_, State>, ptr: i32, len: i32| -> wasmtime::Result<()> {
-            // Bounded by the guest's memory; the worker loop checks `max_output`.
+            // Refused before it is copied (the worker loop checks `max_output` for
+            // every engine; here a copy of all linear memory would come first).
+            let size = u64::from(len as u32);
+            if size > caller.data().max_output {
+                let state = caller.data_mut();
+                state.too_large = Some(size);
+                state.output = None;
+                return Ok(());
+            }
             let bytes = read_guest(&mut caller, ptr, len)?;
             caller.data_mut().output = Some(bytes);
             Ok(())
@@ -444,14 +474,17 @@ fn instantiate(
         limiter: Limiter::new(limits, memory_limit),
         host: host.clone(),
         output: None,
+        too_large: None,
+        max_output: spec.limits.max_output_bytes,
         error: None,
         host_answer: None,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
     let init_ms = spec.limits.init_deadline_ms;
-    let armed = watchdog.arm(Duration::from_millis(init_ms));
+    // The epoch deadline first: a tick between the two must not be lost.
     store.set_epoch_deadline(1);
+    let armed = watchdog.arm(Duration::from_millis(init_ms));
     let instance = compiled
         .linker
         .instantiate(&mut store, &compiled.module)
@@ -568,8 +601,8 @@ impl corral_worker::Instance for WasmInstance {
             .instance
             .get_typed_func::<(), ()>(&mut self.store, "corral_shutdown")
         {
-            let _armed = self.watchdog.arm(grace);
             self.store.set_epoch_deadline(1);
+            let _armed = self.watchdog.arm(grace);
             if let Err(e) = f.call(&mut self.store, ()) {
                 host.log(LogLevel::Warn, format!("shutdown hook failed: {e}"));
             }
@@ -609,11 +642,12 @@ impl WasmInstance {
         })?;
         let state = self.store.data_mut();
         state.output = None;
+        state.too_large = None;
         state.error = None;
         state.limiter.hit = false;
 
-        let _armed = self.watchdog.arm(deadline);
         self.store.set_epoch_deadline(1);
+        let _armed = self.watchdog.arm(deadline);
         let ptr = self
             .alloc
             .call(&mut self.store, len)
@@ -629,6 +663,10 @@ impl WasmInstance {
             .call(&mut self.store, (ptr, len))
             .map_err(RunError::Wasm)?;
         let state = self.store.data_mut();
+        if let Some(size) = state.too_large {
+            let limit = state.max_output;
+            return Err(RunError::Call(CallError::OutputTooLarge { size, limit }));
+        }
         if status == 0 {
             Ok(state.output.take().unwrap_or_default())
         } else {

@@ -325,6 +325,10 @@ fn instantiate(
     });
     let timed_out = armed.fired();
     drop(armed);
+    if timed_out && result.is_ok() {
+        // The deadline fired as the load ended: no termination may be left pending.
+        runtime.v8_isolate().cancel_terminate_execution();
+    }
     if let Err(e) = result {
         let message = if timed_out {
             "interrupted".to_owned()
@@ -441,6 +445,11 @@ impl corral_worker::Instance for V8Instance {
         });
         let timed_out = armed.fired();
         drop(armed);
+        if timed_out && result.is_ok() {
+            // The deadline fired as the call settled: the answer stands, and no
+            // termination is left pending for the next call.
+            self.runtime.v8_isolate().cancel_terminate_execution();
+        }
         let oom = self.out_of_memory.load(Ordering::SeqCst);
         match result {
             Ok(_) => {
