@@ -307,6 +307,40 @@ pub fn process_gone(pid: u32) -> bool {
 }
 
 /// Wait up to `timeout` for `pid` to be gone.
+/// Every descendant of `pid` (children, theirs, ...), as this process's PID
+/// namespace numbers them, from `/proc/<pid>/task/<tid>/children`.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                out.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// The pids of `pid` in each PID namespace it is in, outermost first (`NSpid`).
+pub fn ns_pids(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn wait_gone(pid: u32, timeout: std::time::Duration) -> bool {
     let until = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < until {

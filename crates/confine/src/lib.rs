@@ -35,6 +35,7 @@
 //!     runtime: Runtime::Wasm,
 //!     run_as: None,
 //!     hide: vec![],
+//!     own_pids: false,
 //! };
 //! c.isolate().expect("namespaces"); // a no-op below maximum
 //! let report = c.apply().expect("confined");
@@ -141,6 +142,12 @@ pub struct SelfConfinement {
     /// and at `maximum` an empty read-only tmpfs covers them.
     #[serde(default)]
     pub hide: Vec<PathBuf>,
+    /// Below `maximum` (which has one anyway): serve as pid 1 of a PID namespace of
+    /// its own, so that everything the plugin starts dies with the worker. The
+    /// supervisor asks for it when the worker has no cgroup to kill; a user
+    /// namespace comes with it when the worker is not started as root.
+    #[serde(default)]
+    pub own_pids: bool,
 }
 
 /// Why confinement could not be applied (or not to the level's requirement).
@@ -189,6 +196,10 @@ impl SelfConfinement {
     pub fn apply(&self) -> Result<EnforcementReport, ConfineError> {
         // Read before Landlock hides the supervisor's /proc entries.
         let namespaces = sys::namespaces_report();
+        if self.own_pids && self.run_as.is_none() && self.level != Level::Maximum {
+            // The capabilities of the user namespace that came with the PID one.
+            maximum::drop_capabilities().map_err(ConfineError::Namespaces)?;
+        }
         let (read, write) = if self.level == Level::Maximum {
             // The capabilities of the worker's own user namespace go first.
             maximum::drop_capabilities().map_err(ConfineError::Namespaces)?;
@@ -239,6 +250,7 @@ impl SelfConfinement {
                 })
                 .collect(),
         };
+        let own_pids = self.own_pids && !maximum;
         if let Some([uid, gid]) = self.run_as {
             // Handles for the Landlock rules, while every path is reachable.
             let mut early = EARLY_HANDLES.lock().unwrap_or_else(|e| e.into_inner());
@@ -248,7 +260,16 @@ impl SelfConfinement {
                 }
             }
             drop(early);
+            if own_pids {
+                // While still root: a PID namespace needs CAP_SYS_ADMIN.
+                maximum::unshare_pids(false).map_err(ConfineError::Namespaces)?;
+            }
             sys::drop_privileges(uid, gid).map_err(ConfineError::Privileges)?;
+        } else if own_pids {
+            maximum::unshare_pids(true).map_err(ConfineError::Namespaces)?;
+        }
+        if own_pids {
+            return maximum::fork_into_pid_namespace().map_err(ConfineError::Namespaces);
         }
         if !maximum {
             return Ok(());
@@ -474,6 +495,7 @@ mod tests {
             runtime: Runtime::Wasm,
             run_as: Some([65534, 65534]),
             hide: vec!["/a/site-packages".into()],
+            own_pids: true,
         };
         let back: SelfConfinement = serde_json::from_str(&c.to_env_value()).unwrap();
         assert_eq!(back, c);

@@ -298,9 +298,34 @@ pub fn enter(visible: &[Shown], hide: &[PathBuf], tmpfs_bytes: u64) -> io::Resul
     fork_into_pid_namespace()
 }
 
+/// A PID namespace for the children of this process (`with_user`: inside a user
+/// namespace of its own, which an unprivileged process needs; its uid and gid map
+/// to themselves). [`fork_into_pid_namespace`] follows.
+pub fn unshare_pids(with_user: bool) -> io::Result<()> {
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    LAST_CAP.get_or_init(crate::sys::last_capability);
+    crate::sys::set_no_new_privs()?;
+    let flags = if with_user {
+        libc::CLONE_NEWUSER | libc::CLONE_NEWPID
+    } else {
+        libc::CLONE_NEWPID
+    };
+    // SAFETY: unshare takes plain flags.
+    check(unsafe { libc::unshare(flags) }, "unshare(pid)")?;
+    if with_user {
+        write_file("/proc/self/setgroups", "deny")?;
+        write_file("/proc/self/uid_map", &format!("{uid} {uid} 1"))?;
+        write_file("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
+    }
+    Ok(())
+}
+
 /// Fork; the child (pid 1 of the new namespace) returns, the parent waits for it and
-/// exits the same way.
-fn fork_into_pid_namespace() -> io::Result<()> {
+/// exits the same way. The child dies with the parent (`PR_SET_PDEATHSIG`, which the
+/// seccomp filters keep the plugin from resetting), and every process in the
+/// namespace dies with the child.
+pub fn fork_into_pid_namespace() -> io::Result<()> {
     // SAFETY: the process is single-threaded here (see the module docs), so the child
     // may continue with any code.
     let pid = unsafe { libc::fork() };

@@ -49,6 +49,7 @@ const ATTACKS: &[&str] = &[
     "garbage_frame",
     "unknown_call",
     "host_flood",
+    "reset_pdeathsig",
     "ok",
 ];
 
@@ -287,6 +288,16 @@ impl Hostile {
                 let out = sys::write_all(3, &frames);
                 std::thread::sleep(Duration::from_secs(30));
                 out.map_or_else(|e| errno_name(&e), |()| "not killed".into())
+            }
+            "reset_pdeathsig" => {
+                // Outlive the process the supervisor started: no parent-death signal.
+                // SAFETY: prctl with plain integers.
+                let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
+                outcome(if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                })
             }
             "ok" => "ok".into(),
             other => format!("unknown attack {other}"),

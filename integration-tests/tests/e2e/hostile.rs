@@ -750,6 +750,83 @@ fn protocol_lines(a: &Arena) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A supervisor that cannot make cgroups (not root, no delegated subtree) still
+/// takes the plugin's whole process tree down with the worker: the worker is pid 1
+/// of a PID namespace of its own, and dies with the process the supervisor started.
+/// A grandchild in a session of its own dies when that process is killed, the
+/// plugin cannot reset its parent-death signal, and status names what enforces it.
+#[tokio::test]
+async fn without_a_cgroup_the_process_tree_still_dies_with_the_worker() {
+    let workers = corral_integration_tests::hostile_worker_dir();
+    let cache = corral_integration_tests::open_tempdir();
+    let mut opts =
+        corral_integration_tests::hostile_options(cache.path(), workers.path(), Level::Standard);
+    opts.cgroups = None;
+    let mut sup = Supervisor::new(opts);
+    let attacker = wat_plugin("attacker", "testkit.wat", "");
+    sup.add_plugin_dir(attacker.path()).unwrap();
+    let call = |what: &'static str, arg: &'static str| {
+        let sup = &sup;
+        async move {
+            sup.call("attacker", what, arg.as_bytes().to_vec(), None)
+                .await
+                .map(|b| String::from_utf8(b).unwrap())
+        }
+    };
+    assert_eq!(call("ok", "").await, Ok("ok".into()));
+    let info = sup.list().await.remove(0);
+    let worker = info.pid.unwrap();
+    let namespaces = info.enforcement.as_ref().unwrap().namespaces.to_string();
+    assert!(namespaces.contains("pid"), "{namespaces}");
+    assert!(
+        info.supervision.iter().any(|l| l.starts_with(
+            "process tree: no cgroup, so the worker is pid 1 of a PID namespace of its own"
+        )),
+        "{:#?}",
+        info.supervision
+    );
+    let inner: u32 = call("orphan", "")
+        .await
+        .unwrap()
+        .parse()
+        .expect("the orphan's pid in its namespace");
+    let tree = corral_integration_tests::descendants(worker);
+    let orphan = *tree
+        .iter()
+        .find(|p| corral_integration_tests::ns_pids(**p).last() == Some(&inner))
+        .unwrap_or_else(|| panic!("no descendant of {worker} is pid {inner} inside: {tree:?}"));
+    assert_eq!(
+        corral_integration_tests::ns_pids(orphan).len(),
+        2,
+        "the orphan is in a PID namespace below this one"
+    );
+    // prctl(PR_SET_PDEATHSIG, 0): refused by the seccomp filter.
+    assert_eq!(call("reset_pdeathsig", "").await, Ok("EPERM".into()));
+    // SAFETY: kill(2) of the worker this test's supervisor started, by pid.
+    assert_eq!(unsafe { libc::kill(worker as i32, libc::SIGKILL) }, 0);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !tree
+        .iter()
+        .all(|p| corral_integration_tests::process_gone(*p))
+        && std::time::Instant::now() < until
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let left: Vec<u32> = tree
+        .iter()
+        .copied()
+        .filter(|p| !corral_integration_tests::process_gone(*p))
+        .collect();
+    assert!(left.is_empty(), "outlived their worker {worker}: {left:?}");
+    // Once the supervisor has seen the worker go, a new one serves.
+    while sup.list().await[0].pid == Some(worker) && std::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(call("ok", "").await, Ok("ok".into()));
+    assert_ne!(sup.list().await[0].pid, Some(worker));
+    sup.shutdown(std::time::Duration::from_secs(1)).await;
+}
+
 /// A worker that writes its own frames and output (any Python plugin with ctypes
 /// can): floods of log frames and of stdout and stderr without newlines or UTF-8
 /// cost the supervisor a few frames' memory, not the flood's, and break nothing; a

@@ -173,6 +173,8 @@ impl ProcessLauncher {
                 runtime: m.runtime,
                 run_as: run_as.map(|c| [c.uid, c.gid]),
                 hide: Vec::new(),
+                // No group to kill the plugin's processes with: a PID namespace.
+                own_pids: cgroup.is_none(),
             },
         };
         let load = LoadSpec {

@@ -32,7 +32,7 @@ impl Inner {
                     &effective,
                     self.options.handshake_timeout,
                     self.options.kill_grace,
-                    worker.map(|_| st.group().is_some()),
+                    worker.map(|w| crate::worker::TreeKill::of(w, st.group().is_some())),
                 ),
                 policy: effective.summary(),
                 resources: st.resources(),

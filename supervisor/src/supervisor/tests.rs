@@ -181,6 +181,7 @@ impl Launcher for FakeLauncher {
                     runtime: Runtime::Js,
                     run_as: None,
                     hide: Vec::new(),
+                    own_pids: false,
                 },
                 cgroup: None,
                 cgroup_unavailable: Some("fake worker".into()),
@@ -519,7 +520,7 @@ async fn the_process_tree_rule_says_when_a_worker_has_no_cgroup() {
     f.call("echo").await.unwrap();
     let running = tree(&f.sup.list().await[0]);
     assert!(
-        running.starts_with("process tree: not enforced, this worker has no cgroup"),
+        running.starts_with("process tree: not enforced, this worker has neither a cgroup"),
         "{running}"
     );
     f.sup.shutdown(Duration::from_secs(1)).await;

@@ -300,14 +300,39 @@ impl Drop for WorkerHandle {
     }
 }
 
+/// What kills a worker's processes with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TreeKill {
+    Cgroup,
+    PidNamespace,
+    Nothing,
+}
+
+impl TreeKill {
+    /// What a running worker has: its cgroup, else the PID namespace its
+    /// handshake's namespaces (read by the supervisor from /proc) show.
+    pub(crate) fn of(worker: &WorkerHandle, in_cgroup: bool) -> TreeKill {
+        let own_pid = matches!(
+            &worker.hello.enforcement.namespaces,
+            corral_protocol::Enforcement::Full(s) if s.split(", ").any(|n| n.trim_start_matches("own ") == "pid")
+        );
+        match (in_cgroup, own_pid) {
+            (true, _) => TreeKill::Cgroup,
+            (false, true) => TreeKill::PidNamespace,
+            (false, false) => TreeKill::Nothing,
+        }
+    }
+}
+
 /// The rules the supervisor enforces on a worker under `effective` (the policy's
 /// budgets and limits), each saying what enforces it (`corral status` shows them).
-/// `in_cgroup`: whether the running worker has a cgroup (`None`: none is running).
+/// `tree`: what kills the running worker's processes with it (`None`: no worker is
+/// running; one will have a cgroup, or a PID namespace where it cannot).
 pub(crate) fn supervision(
     effective: &corral_policy::Effective,
     handshake: Duration,
     kill_grace: Duration,
-    in_cgroup: Option<bool>,
+    tree: Option<TreeKill>,
 ) -> Vec<String> {
     use corral_policy::size;
     let frame = effective
@@ -346,15 +371,23 @@ pub(crate) fn supervision(
             humantime::format_duration(effective.init_timeout.value + handshake),
             humantime::format_duration(kill_grace),
         ),
-        if in_cgroup == Some(false) {
-            "process tree: not enforced, this worker has no cgroup (see its cgroup line): \
-             what the plugin detaches from it (a new session, a double fork) may outlive it"
-                .to_owned()
-        } else {
-            "process tree: everything in the worker's cgroup dies with it (cgroup.kill on v2, \
-             each member killed until none is left on v1), and the group is removed"
-                .to_owned()
-        },
+        match tree {
+            None | Some(TreeKill::Cgroup) => {
+                "process tree: everything in the worker's cgroup dies with it (cgroup.kill on \
+                 v2, each member killed until none is left on v1), and the group is removed"
+            }
+            Some(TreeKill::PidNamespace) => {
+                "process tree: no cgroup, so the worker is pid 1 of a PID namespace of its \
+                 own: when it dies the kernel kills everything the plugin started, and it \
+                 dies with the process the supervisor started (a parent-death signal the \
+                 plugin cannot reset)"
+            }
+            Some(TreeKill::Nothing) => {
+                "process tree: not enforced, this worker has neither a cgroup nor a PID \
+                 namespace: what the plugin detaches from it may outlive it"
+            }
+        }
+        .to_owned(),
         "fetch: every hop's addresses judged and the connection pinned to them; loopback, \
          private and link-local only where a rule names the address (the broker)"
             .to_owned(),
