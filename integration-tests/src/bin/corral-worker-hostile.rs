@@ -174,7 +174,7 @@ impl Hostile {
             "inotify" => outcome(sys::inotify_watch(arg)),
             // A grandchild in a session of its own, reparented away from the worker:
             // answers its pid.
-            "orphan" => match sys::orphan() {
+            "orphan" => match sys::orphan(arg) {
                 Ok(pid) => pid.to_string(),
                 Err(e) => errno_name(&e),
             },
@@ -400,7 +400,10 @@ mod sys {
     }
 
     /// Fork a child that sleeps until its parent (this worker) dies.
-    pub fn orphan() -> io::Result<libc::pid_t> {
+    /// A grandchild in a session of its own that pauses forever; named `name` (its
+    /// `comm`, at most 15 bytes) when that is not empty, so a test can find it.
+    pub fn orphan(name: &str) -> io::Result<libc::pid_t> {
+        let name = c(name);
         let mut fds = [0; 2];
         // SAFETY: a valid two-element array for pipe(2).
         check(unsafe { libc::pipe(fds.as_mut_ptr()) }.into())?;
@@ -416,6 +419,9 @@ mod sys {
             unsafe {
                 libc::setsid();
                 if libc::fork() == 0 {
+                    if !name.as_bytes().is_empty() {
+                        libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
+                    }
                     let me = libc::getpid().to_ne_bytes();
                     libc::write(fds[1], me.as_ptr().cast(), me.len());
                     loop {

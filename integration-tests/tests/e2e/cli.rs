@@ -643,3 +643,73 @@ fn policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy() {
         Duration::from_secs(5)
     ));
 }
+
+/// Processes named `name` (their `comm`) that still run.
+fn running_named(name: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+                && !corral_integration_tests::process_gone(*pid)
+        })
+        .collect()
+}
+
+/// An unprivileged `corral run` (no cgroups: nobody may create them here) still
+/// takes the plugin's whole process tree down with its worker: the worker is pid 1
+/// of a PID namespace in a user namespace of its own. A grandchild that leaves for
+/// a session of its own is gone once the run has ended, and nothing the hostile
+/// worker started is left behind.
+#[test]
+fn an_unprivileged_run_without_cgroups_leaves_no_process_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the suite runs as root (README)");
+    let open = |p: &Path| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    let workers = corral_integration_tests::hostile_worker_dir();
+    open(workers.path());
+    let plugin = wat_plugin("attacker", "testkit.wat", "");
+    open(plugin.path());
+    for f in std::fs::read_dir(plugin.path()).unwrap().flatten() {
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let home = corral_integration_tests::open_tempdir();
+    std::os::unix::fs::chown(home.path(), Some(65534), Some(65534)).unwrap();
+    let name = format!("corral-o{}", std::process::id() % 100_000);
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(built().corral())
+        .arg("run")
+        .arg(plugin.path())
+        .args(["orphan", "--level", "standard", "--input", &name])
+        .env("HOME", home.path())
+        .env("CORRAL_CACHE_DIR", home.path().join("cache"))
+        .env("CORRAL_WORKER_DIR", workers.path())
+        .env("CORRAL_POLICY", fixture("policy/test.toml"))
+        .env_remove("CORRAL_SOCKET")
+        .output()
+        .expect("setpriv (util-linux) runs corral as nobody");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("starting without cgroup limits"),
+        "nobody cannot make cgroups here, so this is the case under test: {}",
+        text(&out.stderr)
+    );
+    let inner: u32 = text(&out.stdout).trim().parse().expect("the orphan's pid");
+    assert!(inner > 1, "the orphan is not the namespace's pid 1");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !running_named(&name).is_empty() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = running_named(&name);
+    for pid in &left {
+        // SAFETY: kill(2) of the orphan this test made the hostile worker start.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    assert_eq!(left, Vec::<u32>::new(), "the orphan outlived the run");
+}
