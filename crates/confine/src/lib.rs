@@ -196,7 +196,9 @@ impl SelfConfinement {
     pub fn apply(&self) -> Result<EnforcementReport, ConfineError> {
         // Read before Landlock hides the supervisor's /proc entries.
         let namespaces = sys::namespaces_report();
-        if self.own_pids && self.run_as.is_none() && self.level != Level::Maximum {
+        if self.level != Level::Maximum
+            && maximum::OWN_USER_NAMESPACE.load(std::sync::atomic::Ordering::SeqCst)
+        {
             // The capabilities of the user namespace that came with the PID one.
             maximum::drop_capabilities().map_err(ConfineError::Namespaces)?;
         }
@@ -250,7 +252,24 @@ impl SelfConfinement {
                 })
                 .collect(),
         };
-        let own_pids = self.own_pids && !maximum;
+        let mut own_pids = self.own_pids && !maximum;
+        // Below maximum the namespace is best effort, as every mechanism at standard:
+        // a kernel that refuses it (user namespaces turned off for unprivileged
+        // users) starts the worker without, says so on stderr (the supervisor logs
+        // it), and `corral status` shows the process tree as not enforced.
+        let unshare = |with_user: bool| -> Result<bool, ConfineError> {
+            match maximum::unshare_pids(with_user) {
+                Ok(None) => Ok(true),
+                Ok(Some(e)) => {
+                    eprintln!(
+                        "corral worker: no PID namespace of its own ({e}): processes the \
+                         plugin detaches may outlive the worker"
+                    );
+                    Ok(false)
+                }
+                Err(e) => Err(ConfineError::Namespaces(e)),
+            }
+        };
         if let Some([uid, gid]) = self.run_as {
             // Handles for the Landlock rules, while every path is reachable.
             let mut early = EARLY_HANDLES.lock().unwrap_or_else(|e| e.into_inner());
@@ -262,11 +281,11 @@ impl SelfConfinement {
             drop(early);
             if own_pids {
                 // While still root: a PID namespace needs CAP_SYS_ADMIN.
-                maximum::unshare_pids(false).map_err(ConfineError::Namespaces)?;
+                own_pids = unshare(false)?;
             }
             sys::drop_privileges(uid, gid).map_err(ConfineError::Privileges)?;
         } else if own_pids {
-            maximum::unshare_pids(true).map_err(ConfineError::Namespaces)?;
+            own_pids = unshare(true)?;
         }
         if own_pids {
             return maximum::fork_into_pid_namespace().map_err(ConfineError::Namespaces);

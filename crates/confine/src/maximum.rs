@@ -300,8 +300,9 @@ pub fn enter(visible: &[Shown], hide: &[PathBuf], tmpfs_bytes: u64) -> io::Resul
 
 /// A PID namespace for the children of this process (`with_user`: inside a user
 /// namespace of its own, which an unprivileged process needs; its uid and gid map
-/// to themselves). [`fork_into_pid_namespace`] follows.
-pub fn unshare_pids(with_user: bool) -> io::Result<()> {
+/// to themselves). [`fork_into_pid_namespace`] follows. `Ok(Some(why))`: the kernel
+/// refuses the namespace here (user namespaces turned off, say), and nothing changed.
+pub fn unshare_pids(with_user: bool) -> io::Result<Option<io::Error>> {
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     LAST_CAP.get_or_init(crate::sys::last_capability);
@@ -312,14 +313,28 @@ pub fn unshare_pids(with_user: bool) -> io::Result<()> {
         libc::CLONE_NEWPID
     };
     // SAFETY: unshare takes plain flags.
-    check(unsafe { libc::unshare(flags) }, "unshare(pid)")?;
+    if unsafe { libc::unshare(flags) } != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EPERM | libc::EINVAL | libc::ENOSPC | libc::EUSERS | libc::ENOSYS) => {
+                Ok(Some(e))
+            }
+            _ => Err(io::Error::new(e.kind(), format!("unshare(pid): {e}"))),
+        };
+    }
     if with_user {
+        OWN_USER_NAMESPACE.store(true, std::sync::atomic::Ordering::SeqCst);
         write_file("/proc/self/setgroups", "deny")?;
         write_file("/proc/self/uid_map", &format!("{uid} {uid} 1"))?;
         write_file("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
     }
-    Ok(())
+    Ok(None)
 }
+
+/// Whether [`unshare_pids`] made a user namespace, whose capabilities
+/// `SelfConfinement::apply` then drops.
+pub static OWN_USER_NAMESPACE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Fork; the child (pid 1 of the new namespace) returns, the parent waits for it and
 /// exits the same way. The child dies with the parent (`PR_SET_PDEATHSIG`, which the

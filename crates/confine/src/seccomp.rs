@@ -37,6 +37,7 @@ pub(crate) fn install(level: Level, runtime: Runtime) -> Result<Enforcement, Con
             why: e.to_string(),
         }
     })?;
+    seccompiler::apply_filter_all_threads(&no_x32()).map_err(ConfineError::SeccompInstall)?;
     // The allow-list goes last: once it is in force, seccomp(2) itself is refused.
     let mut names: Vec<&String> = filters.keys().collect();
     names.sort_by_key(|n| (n.as_str() == "allow", n.as_str()));
@@ -62,6 +63,46 @@ pub(crate) fn install(level: Level, runtime: Runtime) -> Result<Enforcement, Con
             ""
         }
     )))
+}
+
+/// The bit that marks an x32 syscall number on x86_64.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// Every x32 call traps, at every level. The x32 ABI shares x86_64's architecture
+/// value and marks its numbers with [`X32_SYSCALL_BIT`], so filters by name never
+/// match them: on a kernel with x32 enabled, `prctl`, `ptrace` or `unshare` by their
+/// x32 numbers would pass every rule.
+fn no_x32() -> seccompiler::BpfProgram {
+    use seccompiler::sock_filter;
+    // BPF_LD | BPF_W | BPF_ABS, BPF_JMP | BPF_JGE | BPF_K, BPF_RET | BPF_K.
+    let (load, jge, ret) = (0x20, 0x35, 0x06);
+    vec![
+        // A = seccomp_data.nr
+        sock_filter {
+            code: load,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        sock_filter {
+            code: jge,
+            jt: 0,
+            jf: 1,
+            k: X32_SYSCALL_BIT,
+        },
+        sock_filter {
+            code: ret,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_TRAP,
+        },
+        sock_filter {
+            code: ret,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ]
 }
 
 /// The syscall names in `level`'s deny-list.
@@ -99,6 +140,11 @@ pub fn violation_from_stderr(stderr: &str) -> Option<String> {
         .rev()
         .find_map(|l| l.trim().strip_prefix(crate::sys::SIGSYS_PREFIX))?;
     let nr: i64 = line.trim().parse().ok()?;
+    if nr & i64::from(X32_SYSCALL_BIT) != 0 {
+        let native = nr & !i64::from(X32_SYSCALL_BIT);
+        let name = syscalls::Sysno::new(native as usize).map_or("unknown", |s| s.name());
+        return Some(format!("x32 {name}"));
+    }
     Some(match syscall_name(nr) {
         Some(name) => name.to_owned(),
         None => match syscalls::Sysno::new(nr as usize) {

@@ -231,11 +231,14 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // forbidden call again (without arguments, so it cannot do anything) traps again,
     // and the kernel forces that SIGSYS with its default action: the process dies by
     // it even as pid 1 of its own PID namespace (level maximum), which ignores
-    // signals it merely raises at itself. `raise` covers a call the filter only
-    // traps for some arguments.
+    // signals it merely raises at itself. A call the filter only traps for some
+    // arguments (ioctl TIOCSTI) may pass without them: `ptrace`, which every level's
+    // filter traps whatever its arguments (an invalid request, should it run), then
+    // forces the SIGSYS all the same. `raise` is the last resort.
     unsafe {
         libc::write(2, buf.as_ptr().cast(), len);
         libc::syscall(libc::c_long::from(nr), 0, 0, 0, 0, 0, 0);
+        libc::syscall(libc::SYS_ptrace, -1 as libc::c_long, 0, 0, 0);
         libc::raise(libc::SIGSYS);
     }
 }

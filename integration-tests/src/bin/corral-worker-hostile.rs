@@ -50,6 +50,7 @@ const ATTACKS: &[&str] = &[
     "unknown_call",
     "host_flood",
     "reset_pdeathsig",
+    "x32_prctl",
     "ok",
 ];
 
@@ -288,6 +289,19 @@ impl Hostile {
                 let out = sys::write_all(3, &frames);
                 std::thread::sleep(Duration::from_secs(30));
                 out.map_or_else(|e| errno_name(&e), |()| "not killed".into())
+            }
+            "x32_prctl" => {
+                // prctl by its x32 number (the same architecture value, bit 30 set),
+                // which a filter by name would never see.
+                // SAFETY: prctl(PR_SET_PDEATHSIG, 0) with plain integers.
+                let rc = unsafe {
+                    libc::syscall(0x4000_0000 | libc::SYS_prctl, libc::PR_SET_PDEATHSIG, 0)
+                };
+                outcome(if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                })
             }
             "reset_pdeathsig" => {
                 // Outlive the process the supervisor started: no parent-death signal.
