@@ -240,22 +240,66 @@ pub fn plugin_cache_dir(
 
 /// Complete cgroup statistics with what `/proc/<pid>` knows: CPU time and memory
 /// when the worker has no cgroup (or the group's counters cannot be read).
+/// Over the worker's whole process tree: a worker without a cgroup serves from the
+/// child it forked into its PID namespace, and the plugin may have started more.
+/// Memory is the sum of the processes' resident sizes, and the peak the sum of their
+/// peaks (at most what the tree held at once).
 pub fn worker_stats(mut s: ResourceStats, pid: u32) -> ResourceStats {
+    let tree = process_tree(pid);
     if s.cpu_usage_usec.is_none() {
-        s.cpu_usage_usec = corral_confine::cgroup::process_cpu_usec(&pid.to_string());
+        s.cpu_usage_usec = tree
+            .iter()
+            .map(|p| corral_confine::cgroup::process_cpu_usec(&p.to_string()))
+            .sum();
     }
     if s.memory_current.is_none() || s.memory_peak.is_none() {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let kib = |key: &str| {
-            status.lines().find_map(|l| {
-                let v = l.strip_prefix(key)?.trim().strip_suffix("kB")?;
-                v.trim().parse::<u64>().ok().map(|k| k * 1024)
-            })
-        };
-        s.memory_current = s.memory_current.or_else(|| kib("VmRSS:"));
-        s.memory_peak = s.memory_peak.or_else(|| kib("VmHWM:"));
+        let (mut current, mut peak) = (None::<u64>, None::<u64>);
+        for p in &tree {
+            let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+            let kib = |key: &str| {
+                status.lines().find_map(|l| {
+                    let v = l.strip_prefix(key)?.trim().strip_suffix("kB")?;
+                    v.trim().parse::<u64>().ok().map(|k| k * 1024)
+                })
+            };
+            if let Some(v) = kib("VmRSS:") {
+                current = Some(current.unwrap_or(0) + v);
+            }
+            if let Some(v) = kib("VmHWM:") {
+                peak = Some(peak.unwrap_or(0) + v);
+            }
+        }
+        s.memory_current = s.memory_current.or(current);
+        s.memory_peak = s.memory_peak.or(peak);
     }
     s
+}
+
+/// Most processes [`worker_stats`] looks at: a fork bomb costs `status` no more.
+const MAX_TREE: usize = 256;
+
+/// `pid` and its descendants (from `/proc/<pid>/task/<tid>/children`), at most
+/// [`MAX_TREE`].
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut tree = vec![pid];
+    let mut next = 0;
+    while next < tree.len() && tree.len() < MAX_TREE {
+        let p = tree[next];
+        next += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten().take(MAX_TREE) {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            tree.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    tree.truncate(MAX_TREE);
+    tree
 }
 
 #[cfg(test)]
@@ -318,6 +362,39 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("never run as root")
+        );
+    }
+
+    #[test]
+    fn stats_without_a_cgroup_cover_the_process_tree() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        let own = || {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+            line[6..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+                * 1024
+        };
+        let tree = process_tree(me);
+        let alone = worker_stats(ResourceStats::default(), child.id());
+        let before = own();
+        let with = worker_stats(ResourceStats::default(), me);
+        let after = own();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(tree.contains(&child.id()), "{tree:?}");
+        // This process and the child, summed.
+        assert!(
+            with.memory_current.unwrap() >= before.min(after) + alone.memory_current.unwrap(),
+            "{with:?} {alone:?} {before} {after}"
         );
     }
 
