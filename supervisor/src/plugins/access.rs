@@ -290,9 +290,15 @@ fn process_tree(pid: u32) -> Vec<u32> {
             continue;
         };
         for t in tasks.flatten().take(MAX_TREE) {
-            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            // A plugin decides how many children it has: read what MAX_TREE pids
+            // take at most, whole numbers only (the kernel ends each with a space).
+            let mut children = String::new();
+            let _ = std::fs::File::open(t.path().join("children"))
+                .map(|f| std::io::Read::take(f, MAX_TREE as u64 * 12))
+                .and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut children));
+            let whole = children.rfind(' ').map_or("", |end| &children[..end]);
             tree.extend(
-                children
+                whole
                     .split_whitespace()
                     .filter_map(|c| c.parse::<u32>().ok()),
             );
