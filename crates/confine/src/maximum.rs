@@ -341,6 +341,13 @@ pub static OWN_USER_NAMESPACE: std::sync::atomic::AtomicBool =
 /// seccomp filters keep the plugin from resetting), and every process in the
 /// namespace dies with the child.
 pub fn fork_into_pid_namespace() -> io::Result<()> {
+    // The child goes on only once the parent has given up its capabilities (the
+    // supervisor checks the parent's from /proc at the handshake) and only while
+    // the parent lives: its end of the pipe closes when it exits.
+    let mut ready = [0; 2];
+    // SAFETY: a valid two-element array for pipe2(2).
+    let rc = unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) };
+    check(rc, "pipe2")?;
     // SAFETY: the process is single-threaded here (see the module docs), so the child
     // may continue with any code.
     let pid = unsafe { libc::fork() };
@@ -348,22 +355,40 @@ pub fn fork_into_pid_namespace() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     if pid == 0 {
-        // SAFETY: prctl with plain integers.
-        unsafe {
+        let mut byte = [0u8; 1];
+        // SAFETY: prctl with plain integers; close and read on the pipe's own ends
+        // into a one-byte buffer.
+        let n = unsafe {
+            libc::close(ready[1]);
             libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,
                 0,
                 0,
                 0,
-            )
+            );
+            let n = loop {
+                let n = libc::read(ready[0], byte.as_mut_ptr().cast(), 1);
+                if n >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    break n;
+                }
+            };
+            libc::close(ready[0]);
+            n
         };
+        if n != 1 {
+            // The parent is gone (before the death signal was set, perhaps).
+            // SAFETY: _exit ends the process.
+            unsafe { libc::_exit(71) };
+        }
         return Ok(());
     }
     // The parent only waits: it gives up the capabilities of the new user namespace
     // (best effort: it runs no untrusted code) and keeps nothing open: the socket
     // and pipes belong to the child.
     let _ = drop_capabilities();
+    // SAFETY: write one byte from a live buffer to the pipe's write end.
+    unsafe { libc::write(ready[1], [1u8].as_ptr().cast(), 1) };
     // SAFETY: close_range with plain integers; nothing below uses a descriptor.
     unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) };
     let mut status = 0;
