@@ -255,7 +255,7 @@ pub fn worker_stats(mut s: ResourceStats, pid: u32) -> ResourceStats {
     if s.memory_current.is_none() || s.memory_peak.is_none() {
         let (mut current, mut peak) = (None::<u64>, None::<u64>);
         for p in &tree {
-            let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+            let status = read_proc(Path::new(&format!("/proc/{p}/status"))).unwrap_or_default();
             let kib = |key: &str| {
                 status.lines().find_map(|l| {
                     let v = l.strip_prefix(key)?.trim().strip_suffix("kB")?;
@@ -273,6 +273,22 @@ pub fn worker_stats(mut s: ResourceStats, pid: u32) -> ResourceStats {
         s.memory_peak = s.memory_peak.or(peak);
     }
     s
+}
+
+/// Most bytes read of one `/proc` file about a worker's process.
+pub(crate) const MAX_PROC_READ: u64 = 64 * 1024;
+
+/// The start of a `/proc` file about a worker's process, at most [`MAX_PROC_READ`]
+/// bytes. The kernel writes these files, but a worker decides some of what is in
+/// them (its supplementary groups, the number of its children); a field past the
+/// cut is absent, and every caller treats absent as unknown or as refused.
+pub(crate) fn read_proc(path: &Path) -> std::io::Result<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::fs::File::open(path)?, MAX_PROC_READ),
+        &mut text,
+    )?;
+    Ok(text)
 }
 
 /// Most processes [`worker_stats`] looks at: a fork bomb costs `status` no more.
@@ -369,6 +385,16 @@ mod tests {
                 .to_string()
                 .contains("never run as root")
         );
+    }
+
+    #[test]
+    fn proc_files_are_read_within_their_bound() {
+        let t = tempfile::tempdir().unwrap();
+        let big = t.path().join("status");
+        std::fs::write(&big, "Groups:\t1\n".repeat(100_000)).unwrap();
+        assert_eq!(read_proc(&big).unwrap().len() as u64, MAX_PROC_READ);
+        let own = read_proc(Path::new("/proc/self/status")).unwrap();
+        assert!(own.contains("\nVmRSS:"), "{own}");
     }
 
     #[test]
