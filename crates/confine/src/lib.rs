@@ -241,6 +241,9 @@ impl SelfConfinement {
         let mut visible = self.read.clone();
         visible.extend(self.write.iter().cloned());
         visible.retain(|p| p.exists());
+        // One mount per path, none inside another: making a mount point inside a
+        // bound host tree would create it on the host.
+        let visible = maximum::distinct_mounts(visible);
         let shown = match self.run_as {
             // Still root: stage what to show while every path is reachable.
             Some(_) if maximum => maximum::prestage(&visible).map_err(ConfineError::Namespaces)?,

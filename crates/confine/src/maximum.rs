@@ -154,14 +154,8 @@ pub fn prestage(visible: &[PathBuf]) -> io::Result<Vec<Shown>> {
     for (host, fd, is_dir) in &sources {
         let target = root.join(host.strip_prefix("/").unwrap_or(host));
         make_mount_point(&target, *is_dir)?;
-        let via = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        mount(
-            Some(&via),
-            &target,
-            None,
-            libc::MS_BIND | libc::MS_REC,
-            None,
-        )?;
+        // Read-only at once: nothing done as root below may write through it.
+        bind_readonly(fd, &target)?;
         shown.push(Shown {
             at: host.clone(),
             from: target,
@@ -193,6 +187,22 @@ fn open_path(p: &Path) -> io::Result<OwnedFd> {
 }
 
 /// A directory, or an empty file, to mount on.
+/// The paths to show, each once, leaving out those inside a directory shown
+/// anyway (the same library can be the plugin's and the engine's; the engine's
+/// extension modules lie inside its standard library). Order is kept otherwise.
+pub fn distinct_mounts(paths: Vec<PathBuf>) -> Vec<PathBuf> {
+    let dirs: Vec<PathBuf> = paths.iter().filter(|p| p.is_dir()).cloned().collect();
+    let mut seen = std::collections::HashSet::new();
+    paths
+        .into_iter()
+        .filter(|p| !dirs.iter().any(|d| p != d && p.starts_with(d)))
+        .filter(|p| seen.insert(p.clone()))
+        .collect()
+}
+
+/// Make an empty mount point at `target` in the staging tmpfs. A file is created
+/// only if nothing is there: `target` must never be opened for writing if it is
+/// already a bound host file (as root, truncating it would truncate the host's).
 fn make_mount_point(target: &Path, is_dir: bool) -> io::Result<()> {
     if is_dir {
         return std::fs::create_dir_all(target);
@@ -200,7 +210,12 @@ fn make_mount_point(target: &Path, is_dir: bool) -> io::Result<()> {
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    std::fs::File::create(target).map(drop)
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(target)
+        .map(drop)
+        .map_err(|e| io::Error::new(e.kind(), format!("mount point {}: {e}", target.display())))
 }
 
 /// Enter the maximum-level namespaces and filesystem view; returns in the child
