@@ -90,6 +90,7 @@ fn main() {
         engine_version: "CPython 3.11.7".into(),
         pid: 42,
         enforcement: EnforcementReport::unconfined("seed"),
+        runtime_files: vec!["/usr/lib/python3.11".into()],
     };
     write(
         "handshake",

@@ -298,6 +298,7 @@ mod tests {
             engine_version: "wasmtime 48.0.8".into(),
             pid: 42,
             enforcement: EnforcementReport::unconfined("test"),
+            runtime_files: vec!["/usr/lib/python3.11".into()],
         }
     }
 

@@ -18,6 +18,10 @@ pub struct Hello {
     pub pid: u32,
     /// What confinement the worker has verified is in force.
     pub enforcement: EnforcementReport,
+    /// Files outside the plugin the engine reads (an interpreter's standard
+    /// library and the shared libraries its own modules load), made readable by
+    /// the worker's confinement.
+    pub runtime_files: Vec<String>,
 }
 
 /// The runtime a plugin is written for, and so the engine its worker embeds: the
@@ -615,6 +619,10 @@ pub struct PluginInfo {
     pub supervision: Vec<String>,
     /// Live resource use of the running worker.
     pub resources: Option<ResourceStats>,
+    /// What its worker may read besides the plugin's files, each saying why: the
+    /// engine's runtime files (reported by a running worker) and the system
+    /// libraries the plugin's compiled extensions need.
+    pub reads: Vec<String>,
 }
 
 /// A worker's resource use, from its cgroup (and `/proc` where cgroup v1 has no

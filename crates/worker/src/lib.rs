@@ -235,6 +235,11 @@ pub fn run_confined(mut engine: impl Engine, confinement: impl Confinement) -> E
         engine_version: info.version,
         pid: std::process::id(),
         enforcement,
+        runtime_files: runtime
+            .read
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect(),
     };
     if let Err(e) = host.send_hello(&hello) {
         return fail("handshake failed", &e, EXIT_PROTOCOL);

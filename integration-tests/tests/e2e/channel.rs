@@ -176,6 +176,7 @@ async fn control_socket_is_private_and_refuses_a_worker_impostor() {
             engine_version: "impostor".into(),
             pid: 1,
             enforcement: corral_protocol::EnforcementReport::unconfined("x"),
+            runtime_files: Vec::new(),
         };
         s.write_all(&frame::encode_hello(&hello).unwrap()).unwrap();
         let answer: ControlResponse = frame::read_msg(&mut s, frame::MAX_FRAME).unwrap();

@@ -58,6 +58,7 @@ pub(super) fn print_plugins(plugins: &[PluginInfo], json: bool) -> anyhow::Resul
                     "resources": p.resources.as_ref().map(resources_json),
                     "enforcement": p.enforcement.as_ref().map(enforcement_json),
                     "supervision": p.supervision,
+                    "reads": p.reads,
                 })
             })
             .collect();
@@ -207,6 +208,9 @@ pub(super) fn print_status(
         }
         for r in &p.requested {
             writeln!(out, "  requested   {r}")?;
+        }
+        for r in &p.reads {
+            writeln!(out, "  reads       {r}")?;
         }
         if let Some(e) = &p.last_error {
             writeln!(out, "  last error  {e}")?;

@@ -7,5 +7,7 @@ pub mod access;
 pub mod deps;
 pub mod files;
 pub mod install;
+pub mod native;
 pub mod signing;
+pub mod vendor;
 pub mod versions;

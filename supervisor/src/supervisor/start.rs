@@ -120,6 +120,10 @@ impl ProcessLauncher {
                 ))
             })?;
         }
+        let libraries = match p.libraries.as_ref() {
+            Ok(libs) => libs.iter().map(|l| l.path.clone()),
+            Err(why) => return Err(StartError::LoadFailed(why.to_string())),
+        };
         let program = self
             .options
             .worker_dir
@@ -167,7 +171,7 @@ impl ProcessLauncher {
             },
             confine: SelfConfinement {
                 level,
-                read: vec![files.to_owned()],
+                read: std::iter::once(files.to_owned()).chain(libraries).collect(),
                 write: cache_dir.iter().cloned().collect(),
                 tmpfs_bytes: effective.tmpfs.value,
                 runtime: m.runtime,

@@ -4,6 +4,7 @@
 
 use super::Inner;
 use corral_protocol::PluginInfo;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -49,8 +50,26 @@ impl Inner {
                 last_error: st.last_error().map(|e| p.redactor.redact(e)),
                 exports: worker.map(|w| w.exports.clone()).unwrap_or_default(),
                 requested: effective.requested_lines(),
+                reads: reads(p, worker),
             });
         }
         out
     }
+}
+
+/// What `p`'s worker may read besides its files, one line each.
+fn reads(p: &super::Plugin, worker: Option<&Arc<crate::worker::WorkerHandle>>) -> Vec<String> {
+    let mut out: Vec<String> = worker
+        .iter()
+        .flat_map(|w| w.hello.runtime_files.iter())
+        .map(|f| format!("{f} (the {} engine)", p.manifest.runtime.as_str()))
+        .collect();
+    match p.libraries.as_ref() {
+        Ok(libs) => out.extend(
+            libs.iter()
+                .map(|l| format!("{} (needed by {})", l.path.display(), l.needed_by)),
+        ),
+        Err(why) => out.push(format!("(none: {why})")),
+    }
+    out
 }

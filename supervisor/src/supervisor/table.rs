@@ -2,6 +2,7 @@
 
 use super::{AddPluginError, Inner, PluginState};
 use crate::broker::messaging::Delivery;
+use crate::plugins::native::{self, Library, NativeError};
 use crate::plugins::versions::{Snapshot, Versions};
 use crate::plugins::{files, signing};
 use crate::worker::Redactor;
@@ -36,6 +37,10 @@ pub(crate) struct Plugin {
     pub(crate) publisher: Option<String>,
     /// Digest of the files this version was loaded from (hot reload compares it).
     pub(crate) fingerprint: String,
+    /// The system libraries its compiled extensions need (Python), granted
+    /// read-only to its workers; or why they cannot all be found, which fails every
+    /// start of this version.
+    pub(crate) libraries: Arc<Result<Vec<Library>, NativeError>>,
     /// Set (under the state lock) when a new version replaced this one or the plugin
     /// was removed: calls that still hold it go to the plugin's current version.
     pub(crate) retired: std::sync::atomic::AtomicBool,
@@ -131,6 +136,7 @@ impl Inner {
                 .map(|(k, v)| (k.clone(), v.0.clone())),
         );
         let previous = previous.filter(|p| p.manifest.id == manifest.id);
+        let libraries = Arc::new(self.native_libraries(&manifest, files.path()));
         Ok(Plugin {
             manifest,
             dir,
@@ -146,8 +152,36 @@ impl Inner {
             redactor,
             publisher,
             fingerprint,
+            libraries,
             retired: Default::default(),
         })
+    }
+
+    /// What the compiled extensions in a version's `files` need of the system, as
+    /// the Python worker's loader resolves it. Only Python loads native code.
+    fn native_libraries(
+        &self,
+        manifest: &Manifest,
+        files: &Path,
+    ) -> Result<Vec<Library>, NativeError> {
+        if manifest.runtime != corral_protocol::Runtime::Python {
+            return Ok(Vec::new());
+        }
+        let worker = self
+            .options
+            .worker_dir
+            .join(format!("corral-worker-{}", manifest.runtime));
+        let linker = native::Linker::system(Some(&worker));
+        let mut libraries = linker.libraries(files)?;
+        if !libraries.is_empty() && linker.uses_cache() {
+            // Where the loader looks names up first (without it, only the default
+            // directories are searched).
+            libraries.push(Library {
+                path: native::LD_SO_CACHE.into(),
+                needed_by: "the dynamic loader (its index of libraries)".into(),
+            });
+        }
+        Ok(libraries)
     }
 
     /// The same version of `p` (the same files and shared queues) as a new table
@@ -165,6 +199,7 @@ impl Inner {
             redactor: p.redactor.clone(),
             publisher: p.publisher.clone(),
             fingerprint: p.fingerprint.clone(),
+            libraries: Arc::clone(&p.libraries),
             retired: Default::default(),
         }
     }

@@ -263,6 +263,7 @@ async fn serve(
         engine_version: "fake 1".into(),
         pid: 1,
         enforcement: EnforcementReport::unconfined("fake worker"),
+        runtime_files: Vec::new(),
     };
     if wr
         .write_all(&frame::encode_hello(&hello).unwrap())
