@@ -41,6 +41,7 @@ fn main() {
     let [prefix, stdlib, dynload, version, site_packages] = lines[..] else {
         panic!("unexpected answer from {python}: {text:?}");
     };
+    println!("cargo:rustc-env=CORRAL_PYTHON_EXECUTABLE={python}");
     println!("cargo:rustc-env=CORRAL_PYTHON_PREFIX={prefix}");
     println!("cargo:rustc-env=CORRAL_PYTHON_STDLIB={stdlib}");
     println!("cargo:rustc-env=CORRAL_PYTHON_DYNLOAD={dynload}");

@@ -9,6 +9,10 @@ import sys
 
 HOOKS = ("init", "shutdown")
 
+# Where `corral plugin vendor` installs a plugin's packages (on sys.path after the
+# plugin directory).
+VENDORED = "site-packages"
+
 
 def module_name(entry):
     """The dotted module name of `entry`, a relative .py path inside the plugin."""
@@ -29,6 +33,9 @@ def module_name(entry):
 def load(plugin_dir, entry):
     """Import the plugin; return (module, sorted export names, init or None)."""
     name = module_name(entry)
+    vendored = os.path.join(plugin_dir, VENDORED)
+    if os.path.isdir(vendored) and vendored not in sys.path:
+        sys.path.insert(0, vendored)
     if plugin_dir not in sys.path:
         sys.path.insert(0, plugin_dir)
     importlib.invalidate_caches()
@@ -50,9 +57,21 @@ def load(plugin_dir, entry):
 
 
 def unload(plugin_dir):
-    """Forget every module loaded from the plugin directory (to import it afresh)."""
+    """Forget the plugin's own modules (to import them afresh).
+
+    Vendored packages (in site-packages) and compiled extension modules stay, with
+    the packages that hold them: a C extension cannot be initialised twice in one
+    process (numpy refuses), so they are imported once per worker.
+    """
     prefix = os.path.join(plugin_dir, "")
+    vendored = os.path.join(plugin_dir, VENDORED, "")
+    kept = set()
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None) or ""
-        if path.startswith(prefix):
+        if path.startswith(prefix) and (path.startswith(vendored) or path.endswith(".so")):
+            parts = name.split(".")
+            kept.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None) or ""
+        if path.startswith(prefix) and name not in kept and not path.startswith(vendored):
             del sys.modules[name]

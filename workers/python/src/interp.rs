@@ -7,8 +7,9 @@ use std::ffi::c_void;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
-/// Bytes the interpreter holds through the raw domain and pymalloc arenas (may
-/// start below zero: blocks allocated before the hooks are freed through them).
+/// Bytes the interpreter holds through the raw domain (or, with `malloc`
+/// interposed, all C allocations) and pymalloc arenas (may start below zero:
+/// blocks allocated before the hooks are freed through them).
 static USED: AtomicI64 = AtomicI64::new(0);
 /// Allocation fails once `USED` would pass this (`i64::MAX`: no limit).
 static CEILING: AtomicI64 = AtomicI64::new(i64::MAX);
@@ -116,8 +117,139 @@ extern "C" fn arena_free(_ctx: *mut c_void, ptr: *mut c_void, size: usize) {
     (o.free.expect("arena free"))(o.ctx, ptr, size)
 }
 
-/// Wrap the raw allocator and pymalloc's arena allocator with the counting hooks.
-/// Every Python object lives in an arena or (above 512 bytes) a raw block.
+/// Set by the worker program when it interposes the C library's `malloc` family
+/// ([`c_malloc`] and the rest): then every C allocation is counted there (the raw
+/// domain included, which ends in `malloc`), and only pymalloc's arenas, which
+/// are mapped directly, are hooked here.
+static INTERPOSED: AtomicBool = AtomicBool::new(false);
+
+/// Say that the program interposes `malloc` through this module's functions.
+pub fn set_malloc_interposed() {
+    INTERPOSED.store(true, Ordering::Relaxed);
+}
+
+// glibc's own entry points, which the interposed ones forward to.
+unsafe extern "C" {
+    fn __libc_malloc(size: usize) -> *mut c_void;
+    fn __libc_calloc(nelem: usize, elsize: usize) -> *mut c_void;
+    fn __libc_realloc(ptr: *mut c_void, size: usize) -> *mut c_void;
+    fn __libc_free(ptr: *mut c_void);
+    fn __libc_memalign(align: usize, size: usize) -> *mut c_void;
+}
+
+fn refuse() -> *mut c_void {
+    // SAFETY: errno is this thread's.
+    unsafe { *libc::__errno_location() = libc::ENOMEM };
+    std::ptr::null_mut()
+}
+
+/// `malloc` for the whole process, counted against the plugin's limit: what a
+/// compiled extension allocates (numpy's arrays, C++'s `new`) is the plugin's too.
+///
+/// # Safety
+/// As `malloc(3)`.
+pub unsafe fn c_malloc(size: usize) -> *mut c_void {
+    if !fits(size) {
+        return refuse();
+    }
+    // SAFETY: forwarding to glibc.
+    let p = unsafe { __libc_malloc(size) };
+    USED.fetch_add(usable(p), Ordering::Relaxed);
+    p
+}
+
+/// # Safety
+/// As `calloc(3)`.
+pub unsafe fn c_calloc(nelem: usize, elsize: usize) -> *mut c_void {
+    if !fits(nelem.saturating_mul(elsize)) {
+        return refuse();
+    }
+    // SAFETY: forwarding to glibc.
+    let p = unsafe { __libc_calloc(nelem, elsize) };
+    USED.fetch_add(usable(p), Ordering::Relaxed);
+    p
+}
+
+/// # Safety
+/// As `realloc(3)`.
+pub unsafe fn c_realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
+    let before = usable(ptr);
+    if size as i64 > before && !fits(size - before as usize) {
+        // The old block stays valid, as realloc promises on failure.
+        return refuse();
+    }
+    // SAFETY: forwarding to glibc.
+    let p = unsafe { __libc_realloc(ptr, size) };
+    if !p.is_null() {
+        USED.fetch_add(usable(p) - before, Ordering::Relaxed);
+    } else if size == 0 {
+        USED.fetch_sub(before, Ordering::Relaxed);
+    }
+    p
+}
+
+/// # Safety
+/// As `free(3)`.
+pub unsafe fn c_free(ptr: *mut c_void) {
+    USED.fetch_sub(usable(ptr), Ordering::Relaxed);
+    // SAFETY: forwarding to glibc.
+    unsafe { __libc_free(ptr) }
+}
+
+/// `memalign`, `aligned_alloc`, `valloc` and `posix_memalign`'s allocation.
+///
+/// # Safety
+/// As `memalign(3)`.
+pub unsafe fn c_memalign(align: usize, size: usize) -> *mut c_void {
+    if !fits(size.saturating_add(align)) {
+        return refuse();
+    }
+    // SAFETY: forwarding to glibc.
+    let p = unsafe { __libc_memalign(align, size) };
+    USED.fetch_add(usable(p), Ordering::Relaxed);
+    p
+}
+
+/// Uncounted allocation, for the worker's own Rust code (its global allocator):
+/// frames and buffers the supervisor sends are not the plugin's memory.
+///
+/// # Safety
+/// As `memalign(3)`.
+pub unsafe fn uncounted_alloc(align: usize, size: usize) -> *mut c_void {
+    // SAFETY: forwarding to glibc.
+    unsafe {
+        if align <= 16 {
+            __libc_malloc(size)
+        } else {
+            __libc_memalign(align, size)
+        }
+    }
+}
+
+/// # Safety
+/// As `free(3)`, for a block from [`uncounted_alloc`] or [`uncounted_realloc`].
+pub unsafe fn uncounted_free(ptr: *mut c_void) {
+    // SAFETY: forwarding to glibc.
+    unsafe { __libc_free(ptr) }
+}
+
+/// # Safety
+/// As `realloc(3)`, for a block from [`uncounted_alloc`] with alignment <= 16.
+pub unsafe fn uncounted_realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: forwarding to glibc.
+    unsafe { __libc_realloc(ptr, size) }
+}
+
+/// # Safety
+/// As `calloc(3)`.
+pub unsafe fn uncounted_zeroed(size: usize) -> *mut c_void {
+    // SAFETY: forwarding to glibc.
+    unsafe { __libc_calloc(1, size) }
+}
+
+/// Wrap pymalloc's arena allocator (and, unless `malloc` itself is counted, the raw
+/// allocator) with the counting hooks. Every Python object lives in an arena or
+/// (above 512 bytes) a raw block.
 fn install_hooks() {
     // SAFETY: the Get calls fill plain structs; the Set calls install functions
     // that forward to those originals, which stay valid for the process's life.
@@ -136,7 +268,9 @@ fn install_hooks() {
             realloc: Some(raw_realloc),
             free: Some(raw_free),
         };
-        ffi::PyMem_SetAllocator(ffi::PyMemAllocatorDomain::PYMEM_DOMAIN_RAW, &mut hooks);
+        if !INTERPOSED.load(Ordering::Relaxed) {
+            ffi::PyMem_SetAllocator(ffi::PyMemAllocatorDomain::PYMEM_DOMAIN_RAW, &mut hooks);
+        }
         let mut arena_hooks = ffi::PyObjectArenaAllocator {
             ctx: std::ptr::null_mut(),
             alloc: Some(arena_alloc),

@@ -58,6 +58,16 @@
 mod api;
 mod interp;
 
+/// Counting the C library's allocations against the plugin's memory limit: the
+/// worker program interposes `malloc` and the rest with these (see `main.rs`), and
+/// gives its own Rust code an allocator that is not counted.
+pub mod malloc {
+    pub use crate::interp::{
+        c_calloc, c_free, c_malloc, c_memalign, c_realloc, set_malloc_interposed, uncounted_alloc,
+        uncounted_free, uncounted_realloc, uncounted_zeroed,
+    };
+}
+
 use corral_protocol::{CallError, LoadSpec, Runtime};
 use corral_worker::{EngineInfo, Host, LoadError, RuntimeFiles, SetupError};
 use pyo3::exceptions::{PyMemoryError, PyRecursionError, PySystemError};
@@ -71,6 +81,9 @@ use std::time::{Duration, Instant};
 
 /// The CPython the worker was built against.
 pub const PYTHON_VERSION: &str = env!("CORRAL_PYTHON_VERSION");
+/// Its interpreter program (what `corral plugin vendor` runs pip with, so that
+/// wheels match this CPython's version and platform).
+pub const PYTHON_EXECUTABLE: &str = env!("CORRAL_PYTHON_EXECUTABLE");
 /// Its standard library.
 pub const STDLIB: &str = env!("CORRAL_PYTHON_STDLIB");
 const DYNLOAD: &str = env!("CORRAL_PYTHON_DYNLOAD");
