@@ -208,9 +208,10 @@ fn bare_quickjs_start(iters: usize, dir: &std::path::Path) -> Stats {
         let t = Instant::now();
         let runtime = rquickjs::Runtime::new().unwrap();
         // The worker's own resolver and loader (inside the plugin directory).
+        let files = corral_worker_js::PluginFiles::new(dir.canonicalize().unwrap());
         runtime.set_loader(
-            corral_worker_js::PluginResolver,
-            corral_worker_js::PluginLoader::new(dir.canonicalize().unwrap()),
+            corral_worker_js::PluginResolver::new(files.clone()),
+            corral_worker_js::PluginLoader::new(files),
         );
         let context = rquickjs::Context::full(&runtime).unwrap();
         context.with(|ctx| {

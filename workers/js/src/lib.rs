@@ -42,8 +42,10 @@
 //! in every engine; the process stays.
 
 mod api;
-mod modules;
-pub use modules::{PluginLoader, PluginResolver};
+mod loader;
+pub mod modules;
+pub use loader::{PluginLoader, PluginResolver};
+pub use modules::PluginFiles;
 #[cfg(feature = "v8")]
 pub mod v8;
 #[cfg(feature = "v8")]
@@ -132,9 +134,10 @@ fn instantiate(spec: &LoadSpec, host: &Host) -> Result<JsInstance, LoadError> {
     runtime.set_interrupt_handler(Some(Box::new(move || {
         watched.get().is_some_and(|d| Instant::now() >= d)
     })));
+    let files = PluginFiles::new(root.clone());
     runtime.set_loader(
-        modules::PluginResolver,
-        modules::PluginLoader::new(root.clone()),
+        PluginResolver::new(files.clone()),
+        PluginLoader::new(files.clone()),
     );
     let context = Context::full(&runtime)
         .map_err(|e| LoadError::Engine(format!("cannot create a QuickJS context: {e}")))?;
@@ -146,10 +149,17 @@ fn instantiate(spec: &LoadSpec, host: &Host) -> Result<JsInstance, LoadError> {
         |ctx| -> Result<(Persistent<Object<'static>>, Vec<String>), LoadError> {
             api::install(&ctx, host.clone())
                 .map_err(|e| engine("cannot install the host API", e))?;
-            let source = std::fs::read(root.join(&entry)).map_err(|source| LoadError::Read {
-                path: spec.entry.clone(),
-                source,
-            })?;
+            loader::install_commonjs(&ctx, files.clone())
+                .map_err(|e| engine("cannot install the CommonJS runtime", e))?;
+            let commonjs_entry = matches!(
+                files.format(&entry),
+                modules::Format::CommonJs | modules::Format::Json
+            );
+            let source =
+                loader::es_source(&ctx, &files, &entry).map_err(|why| LoadError::Read {
+                    path: spec.entry.clone(),
+                    source: std::io::Error::other(why),
+                })?;
             let evaluated = Module::declare(ctx.clone(), entry.clone(), source)
                 .and_then(|m| m.eval())
                 .catch(&ctx)
@@ -159,9 +169,22 @@ fn instantiate(spec: &LoadSpec, host: &Host) -> Result<JsInstance, LoadError> {
                 .finish::<()>()
                 .catch(&ctx)
                 .map_err(|e| load_failure(&ctx, e, "loading the module", init_deadline))?;
-            let namespace = module
+            let mut namespace = module
                 .namespace()
                 .map_err(|e| engine("cannot read the module's exports", e))?;
+            if commonjs_entry {
+                // A CommonJS entry's functions are those of its `module.exports`.
+                namespace = namespace
+                    .get::<_, Value>("default")
+                    .ok()
+                    .and_then(|v| v.into_object())
+                    .ok_or_else(|| {
+                        LoadError::Engine(format!(
+                            "the entry {entry} is CommonJS and its module.exports is not an \
+                             object of functions"
+                        ))
+                    })?;
+            }
             let mut exports = Vec::new();
             let mut init = None;
             for key in namespace.keys::<String>() {
