@@ -75,7 +75,7 @@ pub enum Command {
     /// Check policy files and explain what they decide for a plugin.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Sign plugins and verify their signatures.
+    /// Plugin files: keys and signatures, archives and installs, vendored dependencies.
     #[command(subcommand)]
     Plugin(PluginCommand),
 }
@@ -115,6 +115,29 @@ pub enum PluginCommand {
         dir: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Install a plugin's dependencies into its directory with its ecosystem's tool
+    /// and record them in DIR/vendor.lock: Python, `requirements.txt` by pip into
+    /// `site-packages/` (binary wheels for the Python worker's CPython only); JavaScript,
+    /// `package.json` by npm into `node_modules/` (production dependencies, no
+    /// links). Packages whose install runs scripts (a source build, an npm install
+    /// script) are refused unless `--allow-scripts`. A failure changes nothing.
+    Vendor {
+        dir: PathBuf,
+        /// Allow packages whose installation runs their scripts.
+        #[arg(long)]
+        allow_scripts: bool,
+        /// Run pip with this CPython instead of the Python worker's (its version
+        /// must be the worker's for the wheels to load).
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// The npm program.
+        #[arg(long, default_value = "npm")]
+        npm: PathBuf,
+        /// Where the worker executables are (to ask the Python worker which CPython
+        /// it embeds); default: beside this program.
+        #[arg(long, env = "CORRAL_WORKER_DIR")]
+        worker_dir: Option<PathBuf>,
     },
     /// Write DIR/index.toml for the plugin archives in DIR (*.tar.gz, *.tgz): id,
     /// version, archive and SHA-256 of each, read with the checks of an install.

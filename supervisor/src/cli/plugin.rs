@@ -3,7 +3,7 @@
 use super::exit::{self, Failure, Outcome};
 use super::{PluginCommand, parse_trust};
 use crate::Config;
-use crate::plugins::{install, signing};
+use crate::plugins::{install, signing, vendor};
 use anyhow::Context;
 
 /// The largest key file read (a key is 64 hex digits and a newline).
@@ -89,6 +89,66 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
             }
             Err(e) => fail(&corral_protocol::error_chain(&e)),
         },
+        PluginCommand::Vendor {
+            dir,
+            allow_scripts,
+            python,
+            npm,
+            worker_dir,
+        } => {
+            let opts = vendor::VendorOptions {
+                allow_scripts,
+                python,
+                npm,
+                worker_dir: worker_dir.unwrap_or_else(|| crate::Options::new().worker_dir),
+            };
+            let done = match tokio::task::spawn_blocking(move || {
+                vendor::vendor(&dir, &opts).map(|v| (v, dir))
+            })
+            .await?
+            {
+                Ok(v) => v,
+                Err(e) => return fail(&corral_protocol::error_chain(&e)),
+            };
+            let (v, dir) = done;
+            println!(
+                "vendored {} packages into {} with {}:",
+                v.lock.packages.len(),
+                dir.join(&v.lock.into).display(),
+                v.lock.tool
+            );
+            for p in &v.lock.packages {
+                println!(
+                    "  {} {}{}{}",
+                    p.name,
+                    p.version,
+                    p.hash
+                        .as_ref()
+                        .map(|h| format!("  {h}"))
+                        .unwrap_or_default(),
+                    if p.install_scripts {
+                        "  (ran its install scripts)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if !v.libraries.is_empty() {
+                println!(
+                    "their compiled extensions need {} system libraries, which the worker \
+                     will be allowed to read:",
+                    v.libraries.len()
+                );
+                for l in &v.libraries {
+                    println!("  {} (needed by {})", l.path.display(), l.needed_by);
+                }
+            }
+            for w in &v.warnings {
+                println!("warning: {w}");
+            }
+            println!("wrote {}", dir.join(vendor::LOCK_FILE).display());
+            Ok(exit::OK)
+        }
         PluginCommand::Index { dir } => match install::index(&dir) {
             Ok(done) => {
                 for e in &done.entries {

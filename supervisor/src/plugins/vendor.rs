@@ -1,0 +1,713 @@
+//! `corral plugin vendor`: a plugin's dependencies, installed into its directory
+//! by its ecosystem's own tool, and recorded.
+//!
+//! - **Python**: `requirements.txt`, installed by pip into `site-packages/` (on the
+//!   worker's `sys.path` after the plugin directory) with the worker's own CPython,
+//!   so that binary wheels match its version and platform. Only wheels: a source
+//!   distribution runs its build scripts (`setup.py`) when installed. pip's
+//!   `--only-binary=:all:` refuses those found in an index but not a direct
+//!   reference (a path or URL of an sdist, pypa/pip#12807), and option lines in
+//!   the file would override the command line, so both are refused here first.
+//! - **JavaScript**: `package.json`, installed by npm into `node_modules/`:
+//!   production dependencies only, no links (pack and signing refuse them). The
+//!   lock is resolved first without running anything; a package that has install
+//!   scripts is refused by name.
+//!
+//! `--allow-scripts` allows both. Nothing is changed until the install succeeded:
+//! the tool installs into a staging directory (Python) or the previous
+//! `node_modules` and lock are kept aside and put back (JavaScript). What was
+//! installed, with versions and hashes, goes to `vendor.lock`, which the plugin
+//! keeps (pack and signing include it with the vendored files).
+
+use crate::plugins::native::{Library, Linker, NativeError};
+use corral_manifest::{Manifest, Runtime};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The record of what was vendored.
+pub const LOCK_FILE: &str = "vendor.lock";
+/// Where Python packages go (the Python worker puts it on `sys.path`).
+pub const PYTHON_DIR: &str = "site-packages";
+/// Where npm packages go.
+pub const JS_DIR: &str = "node_modules";
+
+/// Largest `requirements.txt` or `package.json` read.
+const MAX_SPEC_FILE: u64 = 1 << 20;
+/// Largest report or lock a tool writes that is read back.
+const MAX_TOOL_FILE: u64 = 64 << 20;
+/// Lines of a failed tool's output shown.
+const OUTPUT_LINES: usize = 30;
+
+#[derive(Debug, Clone)]
+pub struct VendorOptions {
+    /// Install packages whose installation runs scripts.
+    pub allow_scripts: bool,
+    /// The CPython to run pip with; the Python worker's by default.
+    pub python: Option<PathBuf>,
+    /// Where the workers are (the Python worker is asked for its interpreter).
+    pub worker_dir: PathBuf,
+    /// The npm program.
+    pub npm: PathBuf,
+}
+
+/// `vendor.lock`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock {
+    pub runtime: Runtime,
+    /// The tool and its version (`pip 23.2.1`, `npm 11.19.1`).
+    pub tool: String,
+    /// The directory, inside the plugin, the packages are in.
+    pub into: String,
+    #[serde(default, rename = "package")]
+    pub packages: Vec<Locked>,
+}
+
+/// One installed package.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Locked {
+    pub name: String,
+    pub version: String,
+    /// Where it came from (a wheel's or tarball's URL, a path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// `sha256:<hex>` (pip) or npm's `integrity` (`sha512-<base64>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// Whether installing it ran (or, refused, would run) its scripts.
+    #[serde(default)]
+    pub install_scripts: bool,
+}
+
+/// What a vendor run did.
+#[derive(Debug)]
+pub struct Vendored {
+    pub lock: Lock,
+    /// The system libraries the packages' compiled extensions need (Python).
+    pub libraries: Vec<Library>,
+    /// Things the author should know (an npm package with a native addon).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VendorError {
+    #[error(transparent)]
+    Manifest(#[from] corral_manifest::ManifestError),
+    #[error(
+        "a {0} plugin has no dependencies to vendor (a Wasm module links its own at build time)"
+    )]
+    Nothing(Runtime),
+    #[error("cannot read {}: {why}", file.display())]
+    Spec { file: PathBuf, why: String },
+    #[error("requirements.txt line {line}: {why}\n  {text}")]
+    Requirement {
+        line: usize,
+        text: String,
+        why: String,
+    },
+    #[error("cannot run {tool}: {source}")]
+    Spawn {
+        tool: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed ({status}); nothing was changed:\n{output}")]
+    Tool {
+        what: String,
+        status: String,
+        output: String,
+    },
+    #[error(
+        "{package} has no binary wheel for CPython {python} on this platform; installing it from \
+         source runs its build scripts (setup.py), so it is refused: pin a version that has a \
+         wheel, or pass --allow-scripts to build it. Nothing was changed. pip said:\n{output}"
+    )]
+    NoWheel {
+        package: String,
+        python: String,
+        output: String,
+    },
+    #[error(
+        "refusing to install, because installing these packages runs their scripts: {}; \
+         pass --allow-scripts to allow them. Nothing was changed.",
+        packages.join(", ")
+    )]
+    Scripts { packages: Vec<String> },
+    #[error("the vendored packages cannot run in the Python worker; nothing was changed: {0}")]
+    Native(#[from] NativeError),
+    #[error("{}: a symbolic link, which plugin archives and signatures refuse; nothing was changed", path.display())]
+    Link { path: PathBuf },
+    #[error("cannot read what {tool} reported: {why}")]
+    Report { tool: String, why: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> VendorError {
+    let what = what.to_string();
+    move |source| VendorError::Io { what, source }
+}
+
+/// Vendor the dependencies of the plugin in `dir`.
+pub fn vendor(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorError> {
+    let manifest = Manifest::load_dir(dir)?;
+    match manifest.runtime {
+        Runtime::Python => vendor_python(dir, opts),
+        Runtime::Js => vendor_js(dir, opts),
+        Runtime::Wasm => Err(VendorError::Nothing(Runtime::Wasm)),
+    }
+}
+
+// ---- Python ----
+
+/// Refuse what would make pip run a package's build scripts or ignore the
+/// command line: option lines (`-r`, `--no-binary`, `--index-url`...) and direct
+/// references to anything but a wheel. `--hash` after a requirement is kept.
+pub fn check_requirements(text: &str, allow_scripts: bool) -> Result<usize, VendorError> {
+    let mut count = 0;
+    let mut logical = String::new();
+    let mut first_line = 0;
+    for (i, raw) in text.lines().enumerate() {
+        if logical.is_empty() {
+            first_line = i + 1;
+        }
+        if let Some(cont) = raw.strip_suffix('\\') {
+            logical.push_str(cont);
+            logical.push(' ');
+            continue;
+        }
+        logical.push_str(raw);
+        let line = std::mem::take(&mut logical);
+        // A comment starts at `#` at the start or after whitespace.
+        let body = match line
+            .find(" #")
+            .or_else(|| line.starts_with('#').then_some(0))
+        {
+            Some(at) => &line[..at],
+            None => &line[..],
+        };
+        let body = body.trim();
+        if body.is_empty() {
+            continue;
+        }
+        let fail = |why: &str| VendorError::Requirement {
+            line: first_line,
+            text: line.trim().to_owned(),
+            why: why.to_owned(),
+        };
+        if body.starts_with('-') {
+            return Err(fail(
+                "pip options are not accepted in requirements.txt (corral plugin vendor \
+                 chooses them, and one here would override its refusal to build from source)",
+            ));
+        }
+        let mut tokens = body.split_whitespace();
+        let requirement = tokens.next().unwrap_or_default();
+        let rest: Vec<&str> = tokens.collect();
+        // `name @ url`, with spaces around `@`.
+        let (direct, options) = if rest.first() == Some(&"@") {
+            (rest.get(1).copied(), &rest[rest.len().min(2)..])
+        } else if let Some((_, url)) = requirement.split_once('@') {
+            (Some(url), &rest[..])
+        } else {
+            let looks_like_path = requirement.contains('/')
+                || requirement.ends_with(".whl")
+                || requirement.ends_with(".zip")
+                || requirement.contains(".tar");
+            (looks_like_path.then_some(requirement), &rest[..])
+        };
+        if let Some(option) = options
+            .iter()
+            .find(|o| !o.starts_with("--hash=") && !o.starts_with(';') && o.starts_with('-'))
+        {
+            return Err(fail(&format!(
+                "the option {option} is not accepted (only --hash=... after a requirement)"
+            )));
+        }
+        if let Some(target) = direct {
+            let path = target.split(['#', '?']).next().unwrap_or(target);
+            if !allow_scripts && !path.ends_with(".whl") {
+                return Err(fail(
+                    "a direct reference to something other than a wheel (.whl): pip builds it \
+                     by running its scripts; pass --allow-scripts to allow that",
+                ));
+            }
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// The interpreter the Python worker embeds, and its version.
+fn worker_interpreter(worker_dir: &Path) -> Result<(PathBuf, String), VendorError> {
+    let worker = worker_dir.join("corral-worker-python");
+    let out = Command::new(&worker)
+        .arg("--interpreter")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| VendorError::Spawn {
+            tool: format!("{} (to ask which CPython it embeds)", worker.display()),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    match (out.status.success(), lines.next(), lines.next()) {
+        (true, Some(exe), Some(version)) => Ok((PathBuf::from(exe), version.to_owned())),
+        _ => Err(VendorError::Tool {
+            what: format!("{} --interpreter", worker.display()),
+            status: out.status.to_string(),
+            output: tail(&String::from_utf8_lossy(&out.stderr)),
+        }),
+    }
+}
+
+/// The version a CPython reports (`3.11.7`).
+fn python_version(python: &Path) -> Result<String, VendorError> {
+    let out = run_quiet(
+        Command::new(python).args(["-c", "import sys; print(sys.version.split()[0])"]),
+        &python.display().to_string(),
+    )?;
+    Ok(out.trim().to_owned())
+}
+
+fn vendor_python(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorError> {
+    let reqs = dir.join("requirements.txt");
+    let text =
+        corral_files::read_regular_string(&reqs, MAX_SPEC_FILE).map_err(|e| VendorError::Spec {
+            file: reqs.clone(),
+            why: format!("{e} (a Python plugin lists its packages there, one per line)"),
+        })?;
+    check_requirements(&text, opts.allow_scripts)?;
+    let (python, version) = match &opts.python {
+        Some(p) => (p.clone(), python_version(p)?),
+        None => worker_interpreter(&opts.worker_dir)?,
+    };
+    let pip_version = run_quiet(
+        Command::new(&python).args(["-m", "pip", "--version"]),
+        "pip --version",
+    )?;
+    let tool = pip_version
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let staging = tempfile::Builder::new()
+        .prefix(".corral-vendor-")
+        .tempdir_in(dir)
+        .map_err(io(format!(
+            "cannot make a staging directory in {}",
+            dir.display()
+        )))?;
+    let target = staging.path().join(PYTHON_DIR);
+    let report = staging.path().join("report.json");
+    let mut cmd = Command::new(&python);
+    cmd.args(["-m", "pip", "install", "--target"])
+        .arg(&target)
+        .args([
+            "--no-compile",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--progress-bar",
+            "off",
+            "--report",
+        ])
+        .arg(&report)
+        .arg("-r")
+        .arg(&reqs)
+        // Relative paths in requirements.txt are the plugin's.
+        .current_dir(dir);
+    if !opts.allow_scripts {
+        cmd.arg("--only-binary=:all:");
+    }
+    if let Err(e) = run_quiet(&mut cmd, "pip install") {
+        if let VendorError::Tool { output, .. } = &e {
+            let marker = "No matching distribution found for ";
+            if let Some(line) = output.lines().find(|l| l.contains(marker)) {
+                let package = line[line.find(marker).unwrap_or(0) + marker.len()..]
+                    .trim()
+                    .to_owned();
+                if !opts.allow_scripts {
+                    return Err(VendorError::NoWheel {
+                        package,
+                        python: version,
+                        output: output.clone(),
+                    });
+                }
+            }
+        }
+        return Err(e);
+    }
+    let packages = pip_report(&report)?;
+    // Console scripts point at this machine's interpreter: of no use in a plugin.
+    let bin = target.join("bin");
+    if bin.is_dir() {
+        std::fs::remove_dir_all(&bin).map_err(io(bin.display()))?;
+    }
+    refuse_links(&target)?;
+    let linker = Linker::system(Some(&opts.worker_dir.join("corral-worker-python")));
+    let libraries = linker.libraries(&target)?;
+    let lock = Lock {
+        runtime: Runtime::Python,
+        tool: format!("{tool} (CPython {version})"),
+        into: PYTHON_DIR.to_owned(),
+        packages,
+    };
+    swap_in(staging.path(), &target, &dir.join(PYTHON_DIR))?;
+    write_lock(dir, staging.path(), &lock)?;
+    Ok(Vendored {
+        lock,
+        libraries,
+        warnings: Vec::new(),
+    })
+}
+
+/// The packages of pip's `--report`.
+fn pip_report(report: &Path) -> Result<Vec<Locked>, VendorError> {
+    let bad = |why: String| VendorError::Report {
+        tool: "pip".into(),
+        why,
+    };
+    let text =
+        corral_files::read_regular_string(report, MAX_TOOL_FILE).map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let items = v["install"]
+        .as_array()
+        .ok_or_else(|| bad("no \"install\" list".into()))?;
+    let mut out: Vec<Locked> = items
+        .iter()
+        .map(|item| {
+            let url = item["download_info"]["url"].as_str().map(str::to_owned);
+            let hash = item["download_info"]["archive_info"]["hashes"]["sha256"]
+                .as_str()
+                .map(|h| format!("sha256:{h}"));
+            let wheel = url
+                .as_deref()
+                .is_some_and(|u| u.split(['#', '?']).next().unwrap_or(u).ends_with(".whl"));
+            Locked {
+                name: item["metadata"]["name"].as_str().unwrap_or("?").to_owned(),
+                version: item["metadata"]["version"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_owned(),
+                source: url,
+                hash,
+                install_scripts: !wheel,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+    Ok(out)
+}
+
+// ---- JavaScript ----
+
+/// npm's options for every step: production dependencies, no links, the lock
+/// recording where each package came from.
+const NPM_COMMON: &[&str] = &[
+    "--omit=dev",
+    "--no-audit",
+    "--no-fund",
+    "--no-bin-links",
+    "--install-links",
+    "--omit-lockfile-registry-resolved=false",
+    "--update-notifier=false",
+];
+
+fn vendor_js(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorError> {
+    let manifest_file = dir.join("package.json");
+    let text = corral_files::read_regular_string(&manifest_file, MAX_SPEC_FILE).map_err(|e| {
+        VendorError::Spec {
+            file: manifest_file.clone(),
+            why: format!("{e} (a JavaScript plugin lists its packages in its \"dependencies\")"),
+        }
+    })?;
+    serde_json::from_str::<serde_json::Value>(&text).map_err(|e| VendorError::Spec {
+        file: manifest_file.clone(),
+        why: e.to_string(),
+    })?;
+    let npm = &opts.npm;
+    let version = run_quiet(Command::new(npm).arg("--version"), "npm --version")?;
+    let tool = format!("npm {}", version.trim());
+
+    // What is there now is kept aside until the new install is complete.
+    let aside = tempfile::Builder::new()
+        .prefix(".corral-vendor-")
+        .tempdir_in(dir)
+        .map_err(io(format!(
+            "cannot make a staging directory in {}",
+            dir.display()
+        )))?;
+    let modules = dir.join(JS_DIR);
+    let lock_file = dir.join("package-lock.json");
+    let old_modules = aside.path().join(JS_DIR);
+    let old_lock = std::fs::read(&lock_file).ok();
+    if std::fs::symlink_metadata(&modules).is_ok() {
+        std::fs::rename(&modules, &old_modules).map_err(io(modules.display()))?;
+    }
+    let restore = || {
+        if std::fs::symlink_metadata(&modules).is_ok() {
+            let _ = std::fs::remove_dir_all(&modules);
+        }
+        if std::fs::symlink_metadata(&old_modules).is_ok() {
+            let _ = std::fs::rename(&old_modules, &modules);
+        }
+        match &old_lock {
+            Some(bytes) => {
+                let _ = std::fs::write(&lock_file, bytes);
+            }
+            None => {
+                let _ = std::fs::remove_file(&lock_file);
+            }
+        }
+    };
+    let result = (|| -> Result<(Vec<Locked>, Vec<String>), VendorError> {
+        // 1. Resolve the lock; nothing is installed or run.
+        run_quiet(
+            Command::new(npm)
+                .args(["install", "--package-lock-only", "--ignore-scripts"])
+                .args(NPM_COMMON)
+                .current_dir(dir),
+            "npm install --package-lock-only",
+        )?;
+        let packages = npm_lock(&lock_file)?;
+        let scripted: Vec<String> = packages
+            .iter()
+            .filter(|p| p.install_scripts)
+            .map(|p| format!("{} {}", p.name, p.version))
+            .collect();
+        if !scripted.is_empty() && !opts.allow_scripts {
+            return Err(VendorError::Scripts { packages: scripted });
+        }
+        // 2. Install exactly that lock.
+        let mut ci = Command::new(npm);
+        ci.arg("ci").args(NPM_COMMON).current_dir(dir);
+        if !opts.allow_scripts {
+            ci.arg("--ignore-scripts");
+        }
+        run_quiet(&mut ci, "npm ci")?;
+        if modules.is_dir() {
+            refuse_links(&modules)?;
+        }
+        let warnings = native_addons(&modules)
+            .into_iter()
+            .map(|p| {
+                format!(
+                    "{}: a native Node.js addon, which a JavaScript plugin cannot load (the \
+                     package must work without it)",
+                    p.strip_prefix(dir).unwrap_or(&p).display()
+                )
+            })
+            .collect();
+        Ok((packages, warnings))
+    })();
+    let (packages, warnings) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            restore();
+            return Err(e);
+        }
+    };
+    let lock = Lock {
+        runtime: Runtime::Js,
+        tool,
+        into: JS_DIR.to_owned(),
+        packages,
+    };
+    if let Err(e) = write_lock(dir, aside.path(), &lock) {
+        restore();
+        return Err(e);
+    }
+    Ok(Vendored {
+        lock,
+        libraries: Vec::new(),
+        warnings,
+    })
+}
+
+/// The installed (not dev) packages of an npm `package-lock.json` (version 2 or 3).
+fn npm_lock(path: &Path) -> Result<Vec<Locked>, VendorError> {
+    let bad = |why: String| VendorError::Report {
+        tool: "npm".into(),
+        why,
+    };
+    let text =
+        corral_files::read_regular_string(path, MAX_TOOL_FILE).map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let packages = v["packages"].as_object().ok_or_else(|| {
+        bad("no \"packages\" in package-lock.json (lockfileVersion 2 or 3)".into())
+    })?;
+    let mut out = Vec::new();
+    for (key, p) in packages {
+        if key.is_empty() || p["dev"].as_bool() == Some(true) {
+            continue;
+        }
+        let name = p["name"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| key.rsplit("node_modules/").next().unwrap_or(key).to_owned());
+        out.push(Locked {
+            name: if key.matches("node_modules/").count() > 1 {
+                // A nested copy: say where (`a/node_modules/b`).
+                key.trim_start_matches("node_modules/").to_owned()
+            } else {
+                name
+            },
+            version: p["version"].as_str().unwrap_or("?").to_owned(),
+            source: p["resolved"].as_str().map(str::to_owned),
+            hash: p["integrity"].as_str().map(str::to_owned),
+            install_scripts: p["hasInstallScript"].as_bool() == Some(true),
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// `.node` files under `dir`.
+fn native_addons(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(kind) = e.file_type() else { continue };
+            if kind.is_dir() {
+                dirs.push(e.path());
+            } else if e.file_name().to_string_lossy().ends_with(".node") {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+// ---- shared ----
+
+/// Refuse a symbolic link anywhere under `dir`.
+fn refuse_links(dir: &Path) -> Result<(), VendorError> {
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).map_err(io(d.display()))? {
+            let e = e.map_err(io(d.display()))?;
+            let kind = e.file_type().map_err(io(e.path().display()))?;
+            if kind.is_symlink() {
+                return Err(VendorError::Link { path: e.path() });
+            }
+            if kind.is_dir() {
+                dirs.push(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Put `new` at `dest`, the previous `dest` (if any) moved into `staging` first
+/// and put back if the move fails.
+fn swap_in(staging: &Path, new: &Path, dest: &Path) -> Result<(), VendorError> {
+    let previous = staging.join("previous");
+    let had = std::fs::symlink_metadata(dest).is_ok();
+    if had {
+        std::fs::rename(dest, &previous).map_err(io(dest.display()))?;
+    }
+    if let Err(e) = std::fs::rename(new, dest) {
+        if had {
+            let _ = std::fs::rename(&previous, dest);
+        }
+        return Err(io(dest.display())(e));
+    }
+    Ok(())
+}
+
+/// Write `vendor.lock` in `dir` (through a file in `staging`, renamed).
+fn write_lock(dir: &Path, staging: &Path, lock: &Lock) -> Result<(), VendorError> {
+    let mut text = String::from(
+        "# What `corral plugin vendor` installed into this plugin, with versions and hashes.\n\
+         # Keep it with the plugin; running the command again rewrites it.\n",
+    );
+    text.push_str(&toml::to_string(lock).map_err(|e| VendorError::Io {
+        what: LOCK_FILE.into(),
+        source: std::io::Error::other(e),
+    })?);
+    let tmp = staging.join(LOCK_FILE);
+    std::fs::write(&tmp, text).map_err(io(tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(LOCK_FILE)).map_err(io(dir.join(LOCK_FILE).display()))
+}
+
+/// Run `cmd` with its output captured: its stdout, or its failure with the tail of
+/// what it printed.
+fn run_quiet(cmd: &mut Command, what: &str) -> Result<String, VendorError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| VendorError::Spawn {
+            tool: format!("{what} ({})", cmd.get_program().to_string_lossy()),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let mut all = String::from_utf8_lossy(&out.stdout).into_owned();
+    all.push_str(&String::from_utf8_lossy(&out.stderr));
+    Err(VendorError::Tool {
+        what: what.to_owned(),
+        status: out.status.to_string(),
+        output: tail(&all),
+    })
+}
+
+/// The last [`OUTPUT_LINES`] lines of `text`, indented.
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let from = lines.len().saturating_sub(OUTPUT_LINES);
+    lines[from..]
+        .iter()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requirements_that_would_build_from_source_or_override_options_are_refused() {
+        assert_eq!(
+            check_requirements(
+                "# pinned\nnumpy==2.4.6\nmsgpack>=1 ; python_version >= '3.8'\n\n",
+                false
+            )
+            .unwrap(),
+            2
+        );
+        assert_eq!(
+            check_requirements(
+                "msgpack==1.2.4 \\\n    --hash=sha256:abc\n./dist/x-1.0-py3-none-any.whl\n",
+                false
+            )
+            .unwrap(),
+            2
+        );
+        for (text, why) in [
+            ("--no-binary=:all:\nnumpy", "pip options"),
+            ("-r other.txt", "pip options"),
+            ("-e ./src", "pip options"),
+            ("evil @ file:///tmp/evil-1.0.tar.gz", "other than a wheel"),
+            ("evil@https://example.org/evil.zip", "other than a wheel"),
+            ("./evil-1.0.tar.gz", "other than a wheel"),
+            ("numpy --index-url https://example.org", "not accepted"),
+        ] {
+            let e = check_requirements(text, false).unwrap_err().to_string();
+            assert!(e.contains(why), "{text}: {e}");
+            assert!(e.contains("line 1"), "{text}: {e}");
+        }
+        assert!(check_requirements("./evil-1.0.tar.gz", true).is_ok());
+        assert!(check_requirements("--no-binary=:all:", true).is_err());
+    }
+}
