@@ -241,6 +241,81 @@ pub fn fixture_plugin(
     dir
 }
 
+/// Fixture `name` (a plugin with `requirements.txt` or `package.json`) with its
+/// dependencies vendored by `corral plugin vendor` from the registries: made once
+/// per fixture content under `<tmp>/corral-tests/` (test processes take turns with
+/// a file lock) and reused by later runs, as pip's and npm's own caches are. The
+/// plugin's id is `name`.
+pub fn vendored_fixture(name: &str, runtime: &str, entry: &str) -> PathBuf {
+    use sha2::Digest;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let src = fixture(name);
+    let mut files = Vec::new();
+    list_files(&src, &src, &mut files);
+    files.sort();
+    let mut h = sha2::Sha256::new();
+    for rel in &files {
+        h.update(rel.as_bytes());
+        h.update(std::fs::read(src.join(rel)).expect("fixture file"));
+    }
+    let key: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let parent = std::env::temp_dir().join("corral-tests");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&parent)
+        .expect("staging directory");
+    let staged = parent.join(format!("vendored-{name}-{key}"));
+    let lock = std::fs::File::create(parent.join(format!("vendored-{name}.lock")))
+        .expect("vendor lock file");
+    lock.lock().expect("lock the vendored fixture");
+    if staged.join("vendor.lock").exists() {
+        return staged;
+    }
+    let tmp = tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir_in(&parent)
+        .expect("staging directory");
+    copy_tree(&src, tmp.path());
+    write_manifest(tmp.path(), name, runtime, entry, "");
+    let out = Command::new(built().corral())
+        .args(["plugin", "vendor"])
+        .arg(tmp.path())
+        .env("CORRAL_WORKER_DIR", &built().bin_dir)
+        .output()
+        .expect("run corral plugin vendor");
+    assert!(
+        out.status.success(),
+        "corral plugin vendor {name} failed (the registries must be reachable):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::rename(tmp.path(), &staged).expect("keep the vendored fixture");
+    std::mem::forget(tmp);
+    staged
+}
+
+/// The files under `dir`, relative to `root`.
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).expect("fixture directory") {
+        let entry = entry.expect("fixture entry");
+        if entry.file_type().expect("file type").is_dir() {
+            list_files(root, &entry.path(), out);
+        } else {
+            let rel = entry
+                .path()
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            out.push(rel);
+        }
+    }
+}
+
 /// A copy of `examples/<name>` (a JavaScript or Python example) where the workers'
 /// user can read it.
 pub fn example_plugin(name: &str) -> tempfile::TempDir {

@@ -222,11 +222,13 @@ async fn imports_stay_inside_the_plugin_directory() {
     );
     let r = load_failure("import fs from \"fs\";", |_| {}).await;
     assert!(
-        r.contains("only relative imports of files in the plugin directory"),
+        r.contains("\"fs\" is a Node.js built-in module, which Corral plugins do not have"),
         "{r}"
     );
     let r = load_failure("import x from \"/etc/passwd\";", |_| {}).await;
-    assert!(r.contains("only relative imports"), "{r}");
+    assert!(r.contains("absolute paths and URLs are not allowed"), "{r}");
+    let r = load_failure("import x from \"left-pad\";", |_| {}).await;
+    assert!(r.contains("there is no node_modules/left-pad"), "{r}");
     let r = load_failure("import { x } from \"./lib/escape.js\";", |dir| {
         std::os::unix::fs::symlink("/etc/passwd", dir.join("lib/escape.js")).unwrap();
     })

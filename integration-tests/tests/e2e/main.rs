@@ -13,6 +13,7 @@ mod faults;
 mod hostile;
 mod js;
 mod lifecycle;
+mod packages;
 mod python;
 mod services;
 mod signing;

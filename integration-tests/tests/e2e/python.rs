@@ -489,8 +489,10 @@ async fn a_hostile_python_plugin_is_contained_at_every_level() {
             attack("kill", me.clone()).await,
             e.kill,
         );
-        // Memory: the interpreter's own limit first; memory it never sees (C
-        // malloc through ctypes) meets the cgroup, which kills the worker.
+        // Memory: the interpreter's own limit first, for Python objects and C
+        // malloc alike (ctypes calls the worker's counted malloc); memory no
+        // allocator sees (anonymous mappings) meets the cgroup, which kills the
+        // worker.
         assert_eq!(
             attack("hog", String::new()).await,
             Err(CallError::MemoryLimit {
@@ -499,12 +501,23 @@ async fn a_hostile_python_plugin_is_contained_at_every_level() {
             "{level}"
         );
         let limit = a.sup.explain("attacker").unwrap().worker_memory.value;
+        let got = attack("ctypes_alloc", ((limit >> 20) * 2).to_string()).await;
+        let failed_at = got
+            .as_deref()
+            .ok()
+            .and_then(|t| t.strip_prefix("malloc failed after "))
+            .and_then(|t| t.strip_suffix(" MiB"))
+            .and_then(|n| n.parse::<u64>().ok());
+        assert!(
+            failed_at.is_some_and(|n| n <= 64),
+            "{level}: C malloc past the plugin's 64 MiB: {got:?}"
+        );
         assert_eq!(
-            attack("ctypes_alloc", ((limit >> 20) * 2).to_string()).await,
+            attack("ctypes_mmap", ((limit >> 20) * 2).to_string()).await,
             Err(CallError::WorkerCrashed(ExitReason::OomKilled {
                 limit_bytes: limit
             })),
-            "{level}: memory bomb through ctypes"
+            "{level}: memory bomb through ctypes mmap"
         );
         assert_eq!(
             attack("ok", String::new()).await,

@@ -1091,7 +1091,7 @@ async fn seccomp_oom_and_deadline_kills_are_audited() {
     let limit = sup.explain("attacker").unwrap().worker_memory.value;
     let mib = ((limit >> 20) * 2).to_string();
     let r = sup
-        .call("attacker", "ctypes_alloc", mib.into_bytes(), None)
+        .call("attacker", "ctypes_mmap", mib.into_bytes(), None)
         .await;
     assert!(matches!(r, Err(CallError::WorkerCrashed(_))), "{r:?}");
     let r = sup

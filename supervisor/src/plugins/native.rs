@@ -327,10 +327,10 @@ impl Linker {
             }
             searched.push(dir.display().to_string());
         }
-        if let Some(p) = self.cache.get(name) {
-            if loadable(p) {
-                return Ok(p.clone());
-            }
+        if let Some(p) = self.cache.get(name)
+            && loadable(p)
+        {
+            return Ok(p.clone());
         }
         searched.push(LD_SO_CACHE.to_owned());
         for dir in DEFAULT_DIRS {

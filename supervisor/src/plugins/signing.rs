@@ -34,8 +34,11 @@ use std::path::{Path, PathBuf};
 /// The signature file's name.
 pub const SIG_FILE: &str = "plugin.sig";
 
-/// The largest signature file read: it holds a publisher, a key and a signature.
-const MAX_SIG_FILE: u64 = 64 << 10;
+/// The largest signature file read: a publisher, a key, a signature and a line of
+/// about 100 bytes per file. A plugin with vendored packages has thousands of
+/// files (numpy alone about 1,000); an archive may hold 10,000 entries
+/// (`install::MAX_ENTRIES`), whose lines this holds with room to spare.
+const MAX_SIG_FILE: u64 = 4 << 20;
 const DOMAIN: &str = "corral-plugin-signature-v1\n";
 
 /// Why a plugin's signature was refused, or could not be made.

@@ -399,7 +399,7 @@ fn pip_report(report: &Path) -> Result<Vec<Locked>, VendorError> {
             }
         })
         .collect();
-    out.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+    out.sort_by_key(|p| p.name.to_lowercase());
     Ok(out)
 }
 

@@ -257,6 +257,16 @@ impl PluginFiles {
     }
 
     fn as_file(&self, target: &str) -> Result<Option<String>, String> {
+        let path = self.root.join(target);
+        let is_link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+        let inside = path
+            .canonicalize()
+            .is_ok_and(|real| real.starts_with(&self.root));
+        if is_link && !inside {
+            return Err(format!(
+                "{target} is outside the plugin directory (a symlink out of it)"
+            ));
+        }
         for candidate in [
             target.to_owned(),
             format!("{target}.js"),
