@@ -291,7 +291,7 @@ impl Linker {
             }
             for name in &dynamic.needed {
                 names.insert(name.clone());
-                if let Ok(found) = self.search(name, &path, &dynamic) {
+                if let Ok(found) = self.search(name, &path, &dynamic, None) {
                     queue.push_back(found);
                 }
             }
@@ -300,14 +300,35 @@ impl Linker {
     }
 
     /// Where the loader finds `name` needed by `object` (whose dynamic section is
-    /// `dynamic`): `Err` with the places searched.
-    fn search(&self, name: &str, object: &Path, dynamic: &Dynamic) -> Result<PathBuf, Vec<String>> {
+    /// `dynamic`): `Err` with the places searched. For an object of the plugin
+    /// (`plugin` is its root), the places the object itself names (its `RPATH`,
+    /// `RUNPATH`, a needed path with a slash) count only inside the plugin: a
+    /// plugin's file must not choose which host files become readable
+    /// (`RUNPATH=/root/private` would otherwise show an ELF file from a directory
+    /// the worker's user cannot enter). Outside it, the system's places.
+    fn search(
+        &self,
+        name: &str,
+        object: &Path,
+        dynamic: &Dynamic,
+        plugin: Option<&Path>,
+    ) -> Result<PathBuf, Vec<String>> {
+        let allowed = |candidate: &Path| match plugin {
+            None => true,
+            Some(root) => candidate
+                .canonicalize()
+                .is_ok_and(|real| real.starts_with(root)),
+        };
         if name.contains('/') {
-            let p = PathBuf::from(name);
-            return if p.is_absolute() && loadable(&p) {
+            let p = if Path::new(name).is_absolute() {
+                PathBuf::from(name)
+            } else {
+                object.parent().unwrap_or(Path::new("/")).join(name)
+            };
+            return if loadable(&p) && allowed(&p) {
                 Ok(p)
             } else {
-                Err(vec![name.to_owned()])
+                Err(vec![format!("{name} (a path: only a file of the plugin)")])
             };
         }
         let origin = object.parent().unwrap_or(Path::new("/"));
@@ -322,7 +343,18 @@ impl Linker {
                 continue;
             };
             let candidate = dir.join(name);
-            if loadable(&candidate) {
+            if !dir.exists() {
+                searched.push(dir.display().to_string());
+                continue;
+            }
+            if !allowed(&dir) {
+                searched.push(format!(
+                    "{} (outside the plugin: not searched)",
+                    dir.display()
+                ));
+                continue;
+            }
+            if loadable(&candidate) && allowed(&candidate) {
                 return Ok(candidate);
             }
             searched.push(dir.display().to_string());
@@ -394,14 +426,15 @@ impl Linker {
                     if self.loaded.contains(name) {
                         continue;
                     }
-                    let found = self.search(name, &path, &dynamic).map_err(|searched| {
-                        NativeError::Missing {
+                    let plugin = inside.then_some(root.as_path());
+                    let found = self
+                        .search(name, &path, &dynamic, plugin)
+                        .map_err(|searched| NativeError::Missing {
                             extension: ext_name.clone(),
                             library: name.clone(),
                             via: via.clone(),
                             searched,
-                        }
-                    })?;
+                        })?;
                     // Inside the plugin: by its real path (`$ORIGIN/../x.libs`), so
                     // that it is read once and named plainly.
                     let found = match found.canonicalize() {
@@ -557,6 +590,74 @@ mod tests {
             let _ = parse_ld_cache(&data[..len.min(data.len())]);
         }
         assert!(parse_ld_cache(b"not a cache at all").is_empty());
+    }
+
+    /// Build a shared object from C `source` with gcc.
+    fn gcc(source: &str, out: &Path, extra: &[&str]) {
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let c = out.with_extension("c");
+        std::fs::write(&c, source).unwrap();
+        let status = std::process::Command::new("gcc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(out)
+            .arg(&c)
+            .args(extra)
+            .status()
+            .expect("gcc runs");
+        assert!(status.success());
+        std::fs::remove_file(c).unwrap();
+    }
+
+    #[test]
+    fn a_plugins_own_search_paths_reach_only_its_own_files() {
+        let host = tempfile::tempdir().unwrap();
+        let private = host.path().join("private");
+        gcc(
+            "int secret(void) { return 7; }\n",
+            &private.join("libsecret.so"),
+            &[],
+        );
+        let plugin = tempfile::tempdir().unwrap();
+        let root = plugin.path();
+        // Bundled beside it through $ORIGIN: found inside, nothing granted.
+        gcc(
+            "int b(void) { return 1; }\n",
+            &root.join("pkg.libs/libbundled.so"),
+            &[],
+        );
+        gcc(
+            "#include <stdlib.h>\nint b(void);\nint f(void) { return b() + (getenv(\"X\") != 0); }\n",
+            &root.join("pkg/_ok.so"),
+            &[
+                &format!("-L{}", root.join("pkg.libs").display()),
+                "-lbundled",
+                "-Wl,-rpath,$ORIGIN/../pkg.libs",
+            ],
+        );
+        let linker = Linker::system(None);
+        let libs = linker.libraries(root).unwrap();
+        assert!(libs.iter().all(|l| !l.path.starts_with(root)), "{libs:?}");
+        assert!(
+            libs.iter().any(|l| l.path.ends_with("libc.so.6")),
+            "{libs:?}"
+        );
+
+        // An absolute RUNPATH naming a host directory is not searched.
+        gcc(
+            "int secret(void);\nint g(void) { return secret(); }\n",
+            &root.join("pkg/_evil.so"),
+            &[
+                &format!("-L{}", private.display()),
+                "-lsecret",
+                &format!("-Wl,-rpath,{}", private.display()),
+            ],
+        );
+        let e = linker.libraries(root).unwrap_err().to_string();
+        assert!(
+            e.contains("the extension pkg/_evil.so needs libsecret.so"),
+            "{e}"
+        );
+        assert!(e.contains("(outside the plugin: not searched)"), "{e}");
     }
 
     #[test]
