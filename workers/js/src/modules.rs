@@ -161,6 +161,19 @@ fn builtin_refused(name: &str) -> String {
     )
 }
 
+/// Whether `text` has ES module syntax: a line starting with an `import` or
+/// `export` statement (not `import(`, a dynamic import CommonJS may use). For an
+/// engine that cannot try the parse (QuickJS tries it); comments and strings can
+/// fool it, which only matters for files no `"type"` or extension decides.
+pub fn has_module_syntax(text: &str) -> bool {
+    text.lines().any(|line| {
+        let l = line.trim_start();
+        (l.starts_with("import ") || l.starts_with("import{") || l.starts_with("import\""))
+            || l.starts_with("export ")
+            || l.starts_with("export{")
+    })
+}
+
 /// The plugin's files, as modules see them.
 #[derive(Debug, Clone)]
 pub struct PluginFiles {
@@ -662,6 +675,16 @@ mod tests {
         );
         assert_eq!(f.format("own/helper.js"), Format::CommonJs);
         assert_eq!(f.format("node_modules/l/package.json"), Format::Json);
+    }
+
+    #[test]
+    fn module_syntax_is_told_from_commonjs() {
+        assert!(has_module_syntax("// x\nexport default 42;\n"));
+        assert!(has_module_syntax("import x from \"y\";"));
+        assert!(!has_module_syntax(
+            "const a = require('a');\nmodule.exports = a;"
+        ));
+        assert!(!has_module_syntax("import('x').then(f);"));
     }
 
     #[test]

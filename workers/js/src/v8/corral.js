@@ -64,6 +64,26 @@ function hostCall(name, ...args) {
   return { ok: decodeList(out.subarray(1)) };
 }
 (0, eval)(ops.op_corral_services_js())(corral, hostCall);
+// CommonJS (commonjs.js, shared with QuickJS): a module's wrapper is compiled by an
+// indirect eval, named by its file for stacks.
+const commonjs = (0, eval)(ops.op_corral_commonjs_js())({
+  resolve: (from, specifier) => ops.op_corral_cjs_resolve(from, specifier),
+  source: (name) => ops.op_corral_cjs_source(name),
+  compile: (text, name) => (0, eval)(`${text}\n//# sourceURL=${name}`),
+});
+Object.defineProperty(globalThis, "__corral_commonjs__", {
+  value: commonjs,
+  writable: false,
+  configurable: false,
+  enumerable: false,
+});
+// What CommonJS code looks for to find the global object.
+Object.defineProperty(globalThis, "global", {
+  value: globalThis,
+  writable: true,
+  configurable: true,
+  enumerable: false,
+});
 Object.freeze(corral);
 Object.defineProperty(globalThis, "corral", {
   value: corral,

@@ -1,9 +1,10 @@
 //! The V8 engine for JavaScript plugins (deno_core), behind the cargo feature `v8`:
 //! the same contract as the QuickJS engine ([`crate::JsEngine`]).
 //!
-//! - The entry is an ES module; imports resolve only to files inside the plugin
-//!   directory (relative specifiers; symlinks may not leave it); anything else fails
-//!   the load with an error naming the import.
+//! - Modules resolve as on QuickJS ([`crate::modules`]): files and `node_modules`
+//!   packages inside the plugin directory only, ES modules and CommonJS (the
+//!   shared `commonjs.js` over two ops); anything else fails the load with an error
+//!   naming the import.
 //! - The frozen global `corral` has the same names (`log`, `now_ms`, `text`,
 //!   `bytes`, `json`, `json_bytes`), built on a few ops (`corral.js`).
 //! - Deadline: the shared [`corral_worker::Watchdog`] calls `terminate_execution`
@@ -17,6 +18,8 @@
 //! Linking needs V8's prebuilt static library (rusty_v8 downloads it at build time,
 //! or `RUSTY_V8_ARCHIVE` names a local copy); see README.md.
 
+use crate::loader::commonjs_facade;
+use crate::modules::{Format, Mode, PluginFiles};
 use corral_protocol::{CallError, LoadSpec, LogLevel, Runtime};
 use corral_worker::{EngineInfo, Host, LoadError, Watchdog};
 use deno_core::{
@@ -114,6 +117,41 @@ fn op_corral_host(state: &mut OpState, #[string] name: String, #[buffer] args: &
     }
 }
 
+/// `require` from module `from` (CommonJS, shared with QuickJS: `commonjs.js`).
+#[op2]
+#[string]
+fn op_corral_cjs_resolve(
+    state: &mut OpState,
+    #[string] from: String,
+    #[string] spec: String,
+) -> Result<String, JsErrorBox> {
+    state
+        .borrow::<PluginFiles>()
+        .resolve(&from, &spec, Mode::Require)
+        .map_err(|why| JsErrorBox::generic(format!("require({spec:?}) in {from}: {why}")))
+}
+
+/// The format and text of CommonJS module `name`, read inside the plugin only.
+#[op2]
+#[serde]
+fn op_corral_cjs_source(
+    state: &mut OpState,
+    #[string] name: String,
+) -> Result<Vec<String>, JsErrorBox> {
+    let files = state.borrow::<PluginFiles>();
+    let bytes = files.read(&name).map_err(JsErrorBox::generic)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| JsErrorBox::generic(format!("{name}: not UTF-8: {e}")))?;
+    Ok(vec![files.format(&name).name().to_owned(), text])
+}
+
+/// The CommonJS runtime (shared with QuickJS), evaluated by `corral.js`.
+#[op2]
+#[string]
+fn op_corral_commonjs_js() -> String {
+    include_str!("../commonjs.js").to_owned()
+}
+
 /// The typed host services (shared with QuickJS), evaluated by `corral.js`.
 #[op2]
 #[string]
@@ -132,28 +170,34 @@ deno_core::extension!(
         op_corral_output,
         op_corral_exports,
         op_corral_host,
-        op_corral_services_js
+        op_corral_services_js,
+        op_corral_cjs_resolve,
+        op_corral_cjs_source,
+        op_corral_commonjs_js
     ],
     esm_entry_point = "ext:corral_v8/corral.js",
     esm = [dir "src/v8", "corral.js"],
 );
 
-/// Resolves and loads modules inside the plugin directory only.
+/// Resolves and loads modules inside the plugin directory only, as
+/// [`PluginFiles`] says (the same rules as on QuickJS).
 struct PluginLoader {
     root: PathBuf,
+    files: PluginFiles,
 }
 
 impl PluginLoader {
-    fn inside(&self, url: &ModuleSpecifier) -> Result<PathBuf, JsErrorBox> {
+    /// The logical name of a module URL inside the plugin root.
+    fn logical(&self, url: &ModuleSpecifier) -> Result<String, JsErrorBox> {
         let path = url
             .to_file_path()
             .map_err(|()| JsErrorBox::generic(format!("import {url}: not a file")))?;
-        if !path.starts_with(&self.root) {
-            return Err(JsErrorBox::generic(format!(
-                "import {url}: outside the plugin directory"
-            )));
-        }
-        Ok(path)
+        let rel = path.strip_prefix(&self.root).map_err(|_| {
+            JsErrorBox::generic(format!("import {url}: outside the plugin directory"))
+        })?;
+        crate::modules::logical_name(&rel.to_string_lossy()).ok_or_else(|| {
+            JsErrorBox::generic(format!("import {url}: outside the plugin directory"))
+        })
     }
 }
 
@@ -164,15 +208,15 @@ impl ModuleLoader for PluginLoader {
         referrer: &str,
         _kind: ResolutionKind,
     ) -> ModuleResolveResponse {
-        if !(specifier.starts_with("./") || specifier.starts_with("../")) {
-            return Err(JsErrorBox::generic(format!(
-                "import {specifier:?}: only relative imports of files inside the plugin \
-                 directory are allowed (vendor libraries into it)"
-            )));
-        }
-        let url = deno_core::resolve_import(specifier, referrer).map_err(JsErrorBox::from_err)?;
-        self.inside(&url)?;
-        Ok(url)
+        let referrer = ModuleSpecifier::parse(referrer)
+            .map_err(|e| JsErrorBox::generic(format!("import {specifier:?}: {e}")))?;
+        let base = self.logical(&referrer)?;
+        let name = self
+            .files
+            .resolve(&base, specifier, Mode::Import)
+            .map_err(|why| JsErrorBox::generic(format!("import {specifier:?} in {base}: {why}")))?;
+        ModuleSpecifier::from_file_path(self.root.join(name))
+            .map_err(|()| JsErrorBox::generic(format!("import {specifier:?}: not a path")))
     }
 
     fn load(
@@ -182,17 +226,19 @@ impl ModuleLoader for PluginLoader {
         _options: ModuleLoadOptions,
     ) -> ModuleLoadResponse {
         let load = || -> Result<ModuleSource, JsErrorBox> {
-            let path = self.inside(specifier)?;
-            let real = path
-                .canonicalize()
-                .map_err(|e| JsErrorBox::generic(format!("import {specifier}: {e}")))?;
-            if !real.starts_with(&self.root) {
-                return Err(JsErrorBox::generic(format!(
-                    "import {specifier}: a link outside the plugin directory"
-                )));
-            }
-            let code = std::fs::read_to_string(&real)
-                .map_err(|e| JsErrorBox::generic(format!("import {specifier}: {e}")))?;
+            let name = self.logical(specifier)?;
+            let code = match self.files.format(&name) {
+                Format::CommonJs | Format::Json => commonjs_facade(&name),
+                Format::EsModule => self.text(&name)?,
+                Format::CommonJsUnlessModuleSyntax => {
+                    let text = self.text(&name)?;
+                    if crate::modules::has_module_syntax(&text) {
+                        text
+                    } else {
+                        commonjs_facade(&name)
+                    }
+                }
+            };
             Ok(ModuleSource::new(
                 ModuleType::JavaScript,
                 ModuleSourceCode::String(code.into()),
@@ -201,6 +247,17 @@ impl ModuleLoader for PluginLoader {
             ))
         };
         ModuleLoadResponse::Sync(load())
+    }
+}
+
+impl PluginLoader {
+    fn text(&self, name: &str) -> Result<String, JsErrorBox> {
+        let bytes = self
+            .files
+            .read(name)
+            .map_err(|why| JsErrorBox::generic(format!("import {name}: {why}")))?;
+        String::from_utf8(bytes)
+            .map_err(|e| JsErrorBox::generic(format!("import {name}: not UTF-8: {e}")))
     }
 }
 
@@ -279,8 +336,14 @@ fn instantiate(
         entry: spec.entry.clone(),
     })?;
     let memory = usize::try_from(spec.limits.memory_bytes).unwrap_or(usize::MAX);
+    let files = PluginFiles::new(root.clone());
+    // A CommonJS entry's functions are its module.exports, the facade's default.
+    let commonjs_entry = matches!(files.format(&entry), Format::CommonJs | Format::Json);
     let mut runtime = JsRuntime::new(RuntimeOptions {
-        module_loader: Some(Rc::new(PluginLoader { root: root.clone() })),
+        module_loader: Some(Rc::new(PluginLoader {
+            root: root.clone(),
+            files: files.clone(),
+        })),
         extensions: vec![corral_v8::init()],
         create_params: Some(v8::CreateParams::default().heap_limits(0, memory)),
         ..Default::default()
@@ -289,6 +352,7 @@ fn instantiate(
         let state = runtime.op_state();
         let mut state = state.borrow_mut();
         state.put(HostHandle(host.clone()));
+        state.put(files.clone());
         state.put(CallIo::default());
     }
     let handle = runtime.v8_isolate().thread_safe_handle();
@@ -310,8 +374,13 @@ fn instantiate(
     let init_deadline = Duration::from_millis(spec.limits.init_deadline_ms.max(1));
     let main = ModuleSpecifier::from_file_path(root.join("__corral_main__.js"))
         .map_err(|()| LoadError::Engine("the plugin directory is not an absolute path".into()))?;
+    let import = if commonjs_entry {
+        "import plugin from"
+    } else {
+        "import * as plugin from"
+    };
     let code = format!(
-        "import * as plugin from {:?};\nawait globalThis.__corral.bind(plugin);\n",
+        "{import} {:?};\nawait globalThis.__corral.bind(plugin);\n",
         format!("./{entry}")
     );
     let armed = watchdog.arm(init_deadline);
