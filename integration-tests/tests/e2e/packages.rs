@@ -427,8 +427,9 @@ fn evil_sdist(dir: &Path, marker: &Path) -> PathBuf {
     out
 }
 
-/// A wheel holding `files` (path, bytes), made by hand as pip accepts it.
-fn wheel(dir: &Path, name: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
+/// A wheel holding `files` (path, bytes), made by hand as pip accepts it, with
+/// `requires` (`Requires-Dist:` lines) in its metadata.
+fn wheel(dir: &Path, name: &str, files: &[(&str, Vec<u8>)], requires: &str) -> PathBuf {
     let out = dir.join(format!("{name}-1.0-py3-none-any.whl"));
     let listing = dir.join("wheel-files");
     std::fs::create_dir_all(&listing).unwrap();
@@ -441,7 +442,7 @@ fn wheel(dir: &Path, name: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
     let py = format!(
         "import base64, hashlib, zipfile\n\
          files = [{entries}]\n\
-         meta = {{'{name}-1.0.dist-info/METADATA': b'Metadata-Version: 2.1\\nName: {name}\\nVersion: 1.0\\n',\n\
+         meta = {{'{name}-1.0.dist-info/METADATA': b'Metadata-Version: 2.1\\nName: {name}\\nVersion: 1.0\\n' + {requires:?}.encode(),\n\
          \x20       '{name}-1.0.dist-info/WHEEL': b'Wheel-Version: 1.0\\nGenerator: test\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n'}}\n\
          record = []\n\
          with zipfile.ZipFile({out:?}, 'w') as z:\n\
@@ -455,7 +456,8 @@ fn wheel(dir: &Path, name: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
          \x20   record.append('{name}-1.0.dist-info/RECORD,,')\n\
          \x20   z.writestr('{name}-1.0.dist-info/RECORD', '\\n'.join(record) + '\\n')\n",
         entries = args.join(", "),
-        out = out.display().to_string()
+        out = out.display().to_string(),
+        requires = requires
     );
     let status = Command::new("python3").args(["-c", &py]).status().unwrap();
     assert!(status.success());
@@ -495,6 +497,29 @@ fn vendoring_python_refuses_what_would_run_build_scripts_and_changes_nothing() {
         );
         assert!(!plugin.path().join("vendor.lock").exists());
     }
+    // A wheel on disk whose dependency is that source distribution: pip would
+    // build it whatever --only-binary says.
+    let sneaky = wheel(
+        scratch.path(),
+        "sneaky",
+        &[("sneaky/__init__.py", b"".to_vec())],
+        &format!("Requires-Dist: evil @ file://{}\n", sdist.display()),
+    );
+    let plugin = py_plugin_with(&format!("{}\n", sneaky.display()));
+    let out = vendor(plugin.path(), &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(
+        err.contains("a wheel depends on a direct reference to something other than a wheel")
+            && err.contains("sneaky-1.0-py3-none-any.whl: evil @ file://"),
+        "{err}"
+    );
+    assert!(
+        !marker.exists(),
+        "setup.py ran through a wheel's dependency"
+    );
+    assert!(!plugin.path().join("site-packages").exists());
+
     // From the index: a package that has only a source distribution.
     let plugin = py_plugin_with("docopt==0.6.2\n");
     let out = vendor(plugin.path(), &[]);
@@ -531,6 +556,7 @@ fn vendoring_python_refuses_a_package_whose_extension_needs_a_missing_library() 
                 std::fs::read(&so).unwrap(),
             ),
         ],
+        "",
     );
     let plugin = py_plugin_with(&format!("{}\n", whl.display()));
     let out = vendor(plugin.path(), &[]);

@@ -105,6 +105,13 @@ pub enum VendorError {
         text: String,
         why: String,
     },
+    #[error(
+        "a wheel depends on a direct reference to something other than a wheel, which pip \
+         builds by running its scripts: {}; pass --allow-scripts to allow that. Nothing was \
+         changed.",
+        dependencies.join("; ")
+    )]
+    WheelNeedsSource { dependencies: Vec<String> },
     #[error("cannot run {tool}: {source}")]
     Spawn {
         tool: String,
@@ -164,11 +171,20 @@ pub fn vendor(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorError>
 
 // ---- Python ----
 
+/// What [`check_requirements`] accepted.
+#[derive(Debug, Default)]
+pub struct Requirements {
+    pub count: usize,
+    /// Direct references to wheels (paths or URLs), whose own dependencies are
+    /// checked too ([`check_wheel_dependencies`]).
+    pub wheels: Vec<String>,
+}
+
 /// Refuse what would make pip run a package's build scripts or ignore the
 /// command line: option lines (`-r`, `--no-binary`, `--index-url`...) and direct
 /// references to anything but a wheel. `--hash` after a requirement is kept.
-pub fn check_requirements(text: &str, allow_scripts: bool) -> Result<usize, VendorError> {
-    let mut count = 0;
+pub fn check_requirements(text: &str, allow_scripts: bool) -> Result<Requirements, VendorError> {
+    let mut out = Requirements::default();
     let mut logical = String::new();
     let mut first_line = 0;
     for (i, raw) in text.lines().enumerate() {
@@ -236,10 +252,78 @@ pub fn check_requirements(text: &str, allow_scripts: bool) -> Result<usize, Vend
                      by running its scripts; pass --allow-scripts to allow that",
                 ));
             }
+            out.wheels.push(target.to_owned());
         }
-        count += 1;
+        out.count += 1;
     }
-    Ok(count)
+    Ok(out)
+}
+
+/// Reads the `Requires-Dist` of local wheels (and of local wheels they name) and
+/// prints each dependency given as a direct reference to something other than a
+/// wheel. A package on an index cannot have one (PyPI refuses them); a wheel on
+/// disk can, and pip would build it however `--only-binary` is set.
+const WHEEL_DEPENDENCIES: &str = r##"
+import os, sys, urllib.parse, zipfile
+todo, seen, bad = list(sys.argv[1:]), set(), []
+while todo:
+    ref = todo.pop()
+    if ref.startswith("file:"):
+        path = urllib.parse.unquote(urllib.parse.urlparse(ref).path)
+    elif "://" in ref:
+        continue
+    else:
+        path = ref
+    path = os.path.abspath(path.split("#")[0])
+    if path in seen or not os.path.isfile(path):
+        continue
+    seen.add(path)
+    try:
+        z = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile):
+        continue
+    with z:
+        for name in z.namelist():
+            if name.count("/") != 1 or not name.endswith(".dist-info/METADATA"):
+                continue
+            for line in z.read(name).decode("utf-8", "replace").splitlines():
+                if not line.lower().startswith("requires-dist:") or " @ " not in line:
+                    continue
+                url = line.split(" @ ", 1)[1].split(";")[0].strip()
+                if url.split("#")[0].split("?")[0].endswith(".whl"):
+                    todo.append(url)
+                else:
+                    bad.append(os.path.basename(path) + ": " + line.split(":", 1)[1].strip())
+print("\n".join(bad))
+"##;
+
+/// Refuse local wheels whose dependencies are direct references to source
+/// distributions (checked with `python`, from the plugin directory `dir`).
+pub fn check_wheel_dependencies(
+    python: &Path,
+    dir: &Path,
+    wheels: &[String],
+) -> Result<(), VendorError> {
+    if wheels.is_empty() {
+        return Ok(());
+    }
+    let out = run_quiet(
+        Command::new(python)
+            .args(["-I", "-S", "-c", WHEEL_DEPENDENCIES])
+            .args(wheels)
+            .current_dir(dir),
+        "reading the wheels' dependencies",
+    )?;
+    let bad: Vec<String> = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(VendorError::WheelNeedsSource { dependencies: bad })
+    }
 }
 
 /// The interpreter the Python worker embeds, and its version.
@@ -281,11 +365,14 @@ fn vendor_python(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorErr
             file: reqs.clone(),
             why: format!("{e} (a Python plugin lists its packages there, one per line)"),
         })?;
-    check_requirements(&text, opts.allow_scripts)?;
+    let requirements = check_requirements(&text, opts.allow_scripts)?;
     let (python, version) = match &opts.python {
         Some(p) => (p.clone(), python_version(p)?),
         None => worker_interpreter(&opts.worker_dir)?,
     };
+    if !opts.allow_scripts {
+        check_wheel_dependencies(&python, dir, &requirements.wheels)?;
+    }
     let pip_version = run_quiet(
         Command::new(&python).args(["-m", "pip", "--version"]),
         "pip --version",
@@ -683,7 +770,8 @@ mod tests {
                 "# pinned\nnumpy==2.4.6\nmsgpack>=1 ; python_version >= '3.8'\n\n",
                 false
             )
-            .unwrap(),
+            .unwrap()
+            .count,
             2
         );
         assert_eq!(
@@ -691,8 +779,9 @@ mod tests {
                 "msgpack==1.2.4 \\\n    --hash=sha256:abc\n./dist/x-1.0-py3-none-any.whl\n",
                 false
             )
-            .unwrap(),
-            2
+            .unwrap()
+            .wheels,
+            vec!["./dist/x-1.0-py3-none-any.whl".to_owned()]
         );
         for (text, why) in [
             ("--no-binary=:all:\nnumpy", "pip options"),
