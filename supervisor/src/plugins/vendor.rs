@@ -452,15 +452,24 @@ fn vendor_python(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorErr
     })
 }
 
+/// A JSON file a tool wrote (its report or lock).
+fn tool_json(path: &Path, tool: &str) -> Result<serde_json::Value, VendorError> {
+    let bad = |why: String| VendorError::Report {
+        tool: tool.into(),
+        why,
+    };
+    let text =
+        corral_files::read_regular_string(path, MAX_TOOL_FILE).map_err(|e| bad(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+}
+
 /// The packages of pip's `--report`.
 fn pip_report(report: &Path) -> Result<Vec<Locked>, VendorError> {
     let bad = |why: String| VendorError::Report {
         tool: "pip".into(),
         why,
     };
-    let text =
-        corral_files::read_regular_string(report, MAX_TOOL_FILE).map_err(|e| bad(e.to_string()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let v = tool_json(report, "pip")?;
     let items = v["install"]
         .as_array()
         .ok_or_else(|| bad("no \"install\" list".into()))?;
@@ -621,9 +630,7 @@ fn npm_lock(path: &Path) -> Result<Vec<Locked>, VendorError> {
         tool: "npm".into(),
         why,
     };
-    let text =
-        corral_files::read_regular_string(path, MAX_TOOL_FILE).map_err(|e| bad(e.to_string()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let v = tool_json(path, "npm")?;
     let packages = v["packages"].as_object().ok_or_else(|| {
         bad("no \"packages\" in package-lock.json (lockfileVersion 2 or 3)".into())
     })?;
