@@ -174,6 +174,29 @@ pub fn has_module_syntax(text: &str) -> bool {
     })
 }
 
+/// Largest `package.json` read (a bigger one is as if absent).
+const MAX_PACKAGE_JSON: u64 = 1 << 20;
+/// Largest module file read.
+const MAX_MODULE: u64 = 64 << 20;
+
+/// The bytes of `path`, refused past `max` (the plugin's files are its author's:
+/// the worker's own memory, which the engine's limit does not count, is not theirs
+/// to fill).
+fn read_at_most(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "larger than the {} MiB a module may be",
+            max >> 20
+        )));
+    }
+    Ok(out)
+}
+
 /// The plugin's files, as modules see them.
 #[derive(Debug, Clone)]
 pub struct PluginFiles {
@@ -207,7 +230,8 @@ impl PluginFiles {
     /// A `package.json`, if there is one and it parses.
     fn package_json(&self, dir: &str) -> Option<serde_json::Value> {
         let path = self.file(&join(dir, "package.json", "package.json").ok()?)?;
-        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+        let bytes = read_at_most(&path, MAX_PACKAGE_JSON).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// The bytes of module `logical`, refused outside the plugin.
@@ -221,7 +245,7 @@ impl PluginFiles {
                 format!("{name}: no such file in the plugin")
             }
         })?;
-        std::fs::read(&path).map_err(|e| format!("{name}: {e}"))
+        read_at_most(&path, MAX_MODULE).map_err(|e| format!("{name}: {e}"))
     }
 
     /// Resolve `spec`, imported or required by module `base`, to a logical name.
