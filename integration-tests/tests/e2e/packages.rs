@@ -623,6 +623,13 @@ fn vendoring_npm_packages_refuses_install_scripts_and_restores_what_was_there() 
     .unwrap();
     std::fs::create_dir(plugin.path().join("node_modules")).unwrap();
     std::fs::write(plugin.path().join("node_modules/kept.txt"), "mine").unwrap();
+    // A plugin's own .npmrc could choose what npm runs (`git=`, `script-shell=`).
+    std::fs::write(plugin.path().join(".npmrc"), "script-shell=./evil.sh\n").unwrap();
+    let out = vendor(plugin.path(), &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("a plugin's .npmrc is not used"), "{err}");
+    std::fs::remove_file(plugin.path().join(".npmrc")).unwrap();
     let out = vendor(plugin.path(), &[]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{err}");

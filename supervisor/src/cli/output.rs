@@ -209,7 +209,26 @@ pub(super) fn print_status(
         for r in &p.requested {
             writeln!(out, "  requested   {r}")?;
         }
-        for r in &p.reads {
+        // The engine's own files in one line (every one of them in --json); what
+        // the plugin's dependencies made readable, one line each.
+        let (engine, dependencies): (Vec<&String>, Vec<&String>) =
+            p.reads.iter().partition(|r| r.ends_with(" engine)"));
+        if let Some((first, rest)) = engine.split_first() {
+            let first = first
+                .rsplit_once(" (")
+                .map_or(first.as_str(), |(path, _)| path);
+            let more = if rest.is_empty() {
+                String::new()
+            } else {
+                format!(" and {} files beside it (--json lists them)", rest.len())
+            };
+            writeln!(
+                out,
+                "  reads       the {} engine: {first}{more}",
+                p.runtime.as_str()
+            )?;
+        }
+        for r in dependencies {
             writeln!(out, "  reads       {r}")?;
         }
         if let Some(e) = &p.last_error {

@@ -116,7 +116,14 @@ struct Dynamic {
 /// Read the dynamic section of `path`: `Err` with the reason if it is not an ELF
 /// shared object for this machine.
 fn read_dynamic(path: &Path) -> Result<Result<Dynamic, String>, std::io::Error> {
-    let file = File::open(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Ok(Err("not a regular file".into()));
+    }
     let data = ReadCache::new(file);
     Ok(parse_dynamic(&data))
 }
@@ -160,17 +167,45 @@ fn dynamic_section<'a, R: ReadRef<'a>>(
     for d in table.iter().take(MAX_NEEDED) {
         let text = || -> Result<String, String> {
             let bytes = table.string(d).map_err(|e| e.to_string())?;
+            if bytes.len() > MAX_DIRS * (MAX_DIR + 1) {
+                return Err(format!("a dynamic string of {} bytes", bytes.len()));
+            }
             Ok(String::from_utf8_lossy(bytes).into_owned())
         };
         match d.tag {
-            elf::DT_NEEDED => out.needed.push(text()?),
-            elf::DT_RPATH => out.rpath.extend(text()?.split(':').map(str::to_owned)),
-            elf::DT_RUNPATH => out.runpath.extend(text()?.split(':').map(str::to_owned)),
-            elf::DT_SONAME => out.soname = Some(text()?),
+            elf::DT_NEEDED => out.needed.push(bounded_name(text()?)?),
+            elf::DT_RPATH => push_dirs(&mut out.rpath, &text()?)?,
+            elf::DT_RUNPATH => push_dirs(&mut out.runpath, &text()?)?,
+            elf::DT_SONAME => out.soname = Some(bounded_name(text()?)?),
             _ => {}
         }
     }
     Ok(out)
+}
+
+/// Longest library name taken (a file name is at most 255 bytes).
+const MAX_NAME: usize = 255;
+/// Longest search directory, and most of them per object.
+const MAX_DIR: usize = 4096;
+const MAX_DIRS: usize = 32;
+
+fn bounded_name(name: String) -> Result<String, String> {
+    if name.len() > MAX_NAME {
+        return Err(format!("a needed library name of {} bytes", name.len()));
+    }
+    Ok(name)
+}
+
+fn push_dirs(dirs: &mut Vec<String>, text: &str) -> Result<(), String> {
+    for dir in text.split(':') {
+        if dir.len() > MAX_DIR || dirs.len() >= MAX_DIRS {
+            return Err(format!(
+                "its library search path is longer than {MAX_DIRS} directories of {MAX_DIR} bytes"
+            ));
+        }
+        dirs.push(dir.to_owned());
+    }
+    Ok(())
 }
 
 fn machine_name(m: u16) -> &'static str {
@@ -313,11 +348,16 @@ impl Linker {
         dynamic: &Dynamic,
         plugin: Option<&Path>,
     ) -> Result<PathBuf, Vec<String>> {
+        // Inside the plugin by its text first (no syscall on a path the plugin
+        // chose outside it: an automounter, a FIFO), then by its real path.
         let allowed = |candidate: &Path| match plugin {
             None => true,
-            Some(root) => candidate
-                .canonicalize()
-                .is_ok_and(|real| real.starts_with(root)),
+            Some(root) => {
+                candidate.starts_with(root)
+                    && candidate
+                        .canonicalize()
+                        .is_ok_and(|real| real.starts_with(root))
+            }
         };
         if name.contains('/') {
             let p = if Path::new(name).is_absolute() {
@@ -325,7 +365,7 @@ impl Linker {
             } else {
                 object.parent().unwrap_or(Path::new("/")).join(name)
             };
-            return if loadable(&p) && allowed(&p) {
+            return if allowed(&p) && loadable(&p) {
                 Ok(p)
             } else {
                 Err(vec![format!("{name} (a path: only a file of the plugin)")])
@@ -343,18 +383,14 @@ impl Linker {
                 continue;
             };
             let candidate = dir.join(name);
-            if !dir.exists() {
-                searched.push(dir.display().to_string());
-                continue;
-            }
-            if !allowed(&dir) {
+            if plugin.is_some_and(|root| !dir.starts_with(root)) {
                 searched.push(format!(
                     "{} (outside the plugin: not searched)",
                     dir.display()
                 ));
                 continue;
             }
-            if loadable(&candidate) && allowed(&candidate) {
+            if allowed(&candidate) && loadable(&candidate) {
                 return Ok(candidate);
             }
             searched.push(dir.display().to_string());
@@ -439,7 +475,18 @@ impl Linker {
                     // that it is read once and named plainly.
                     let found = match found.canonicalize() {
                         Ok(real) if real.starts_with(&root) => real,
-                        _ => found,
+                        // Outside: the path the loader opens, with `..` resolved in
+                        // its directory (one mount point per file in the view).
+                        _ => match (found.parent().map(Path::canonicalize), found.file_name()) {
+                            (Some(Ok(dir)), Some(file))
+                                if found
+                                    .components()
+                                    .any(|c| c == std::path::Component::ParentDir) =>
+                            {
+                                dir.join(file)
+                            }
+                            _ => found,
+                        },
                     };
                     let next_via = if found.starts_with(&root) {
                         Some(relative(&found))
@@ -489,12 +536,18 @@ fn expand(dir: &str, origin: &Path) -> Option<PathBuf> {
 /// Whether the loader would take `path`: a regular file (after symlinks) that is
 /// a 64-bit ELF for this machine.
 fn loadable(path: &Path) -> bool {
-    if !path.is_file() {
-        return false;
-    }
-    let Ok(file) = File::open(path) else {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never waited on: a FIFO or a device is not a library.
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    else {
         return false;
     };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return false;
+    }
     let mut ident = [0u8; 20];
     use std::io::Read;
     let mut f = file;

@@ -185,36 +185,41 @@ pub struct Requirements {
 /// references to anything but a wheel. `--hash` after a requirement is kept.
 pub fn check_requirements(text: &str, allow_scripts: bool) -> Result<Requirements, VendorError> {
     let mut out = Requirements::default();
-    let mut logical = String::new();
-    let mut first_line = 0;
-    for (i, raw) in text.lines().enumerate() {
-        if logical.is_empty() {
-            first_line = i + 1;
+    for (i, line) in text.split('\n').enumerate() {
+        let fail = |why: &str| VendorError::Requirement {
+            line: i + 1,
+            text: line.trim().chars().filter(|c| !c.is_control()).collect(),
+            why: why.to_owned(),
+        };
+        // pip splits lines as Python's splitlines does: where it would and this
+        // would not, the two would read different requirements.
+        if line.contains([
+            '\r', '\x0b', '\x0c', '\x1c', '\x1d', '\x1e', '\u{85}', '\u{2028}', '\u{2029}',
+        ]) {
+            return Err(fail(
+                "an unusual line break (pip would split the line there)",
+            ));
         }
-        if let Some(cont) = raw.strip_suffix('\\') {
-            logical.push_str(cont);
-            logical.push(' ');
-            continue;
+        if line.contains("${") {
+            return Err(fail("environment variables (${...}) are not accepted"));
         }
-        logical.push_str(raw);
-        let line = std::mem::take(&mut logical);
         // A comment starts at `#` at the start or after whitespace.
         let body = match line
-            .find(" #")
-            .or_else(|| line.starts_with('#').then_some(0))
+            .char_indices()
+            .find(|&(at, c)| c == '#' && (at == 0 || line[..at].ends_with(char::is_whitespace)))
         {
-            Some(at) => &line[..at],
-            None => &line[..],
+            Some((at, _)) => &line[..at],
+            None => line,
         };
         let body = body.trim();
         if body.is_empty() {
             continue;
         }
-        let fail = |why: &str| VendorError::Requirement {
-            line: first_line,
-            text: line.trim().to_owned(),
-            why: why.to_owned(),
-        };
+        if body.ends_with('\\') {
+            return Err(fail(
+                "line continuations are not accepted: put each requirement on one line",
+            ));
+        }
         if body.starts_with('-') {
             return Err(fail(
                 "pip options are not accepted in requirements.txt (corral plugin vendor \
@@ -224,21 +229,30 @@ pub fn check_requirements(text: &str, allow_scripts: bool) -> Result<Requirement
         let mut tokens = body.split_whitespace();
         let requirement = tokens.next().unwrap_or_default();
         let rest: Vec<&str> = tokens.collect();
-        // `name @ url`, with spaces around `@`.
+        // `name @ url`, with or without spaces around `@`.
         let (direct, options) = if rest.first() == Some(&"@") {
             (rest.get(1).copied(), &rest[rest.len().min(2)..])
         } else if let Some((_, url)) = requirement.split_once('@') {
             (Some(url), &rest[..])
+        } else if looks_like_path(requirement) {
+            (Some(requirement), &rest[..])
         } else {
-            let looks_like_path = requirement.contains('/')
-                || requirement.ends_with(".whl")
-                || requirement.ends_with(".zip")
-                || requirement.contains(".tar");
-            (looks_like_path.then_some(requirement), &rest[..])
+            let name_end = requirement
+                .find(|c: char| "[<>=!~;(".contains(c))
+                .unwrap_or(requirement.len());
+            let name = &requirement[..name_end];
+            let valid = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !valid {
+                return Err(fail("not a package name, a wheel or a direct reference"));
+            }
+            (None, &rest[..])
         };
         if let Some(option) = options
             .iter()
-            .find(|o| !o.starts_with("--hash=") && !o.starts_with(';') && o.starts_with('-'))
+            .find(|o| !o.starts_with("--hash=") && o.starts_with('-'))
         {
             return Err(fail(&format!(
                 "the option {option} is not accepted (only --hash=... after a requirement)"
@@ -246,10 +260,18 @@ pub fn check_requirements(text: &str, allow_scripts: bool) -> Result<Requirement
         }
         if let Some(target) = direct {
             let path = target.split(['#', '?']).next().unwrap_or(target);
+            let remote = path.contains("://") && !path.starts_with("file:");
             if !allow_scripts && !path.ends_with(".whl") {
                 return Err(fail(
                     "a direct reference to something other than a wheel (.whl): pip builds it \
                      by running its scripts; pass --allow-scripts to allow that",
+                ));
+            }
+            if !allow_scripts && remote {
+                return Err(fail(
+                    "a wheel by URL: its own dependencies cannot be checked before pip reads \
+                     them (one may be a source build); download it into the plugin and name \
+                     the file, or pass --allow-scripts",
                 ));
             }
             out.wheels.push(target.to_owned());
@@ -257,6 +279,30 @@ pub fn check_requirements(text: &str, allow_scripts: bool) -> Result<Requirement
         out.count += 1;
     }
     Ok(out)
+}
+
+/// Whether pip would take `requirement` for a path or an archive rather than a
+/// package name.
+fn looks_like_path(requirement: &str) -> bool {
+    const ARCHIVES: &[&str] = &[
+        ".whl",
+        ".zip",
+        ".tar",
+        ".tar.gz",
+        ".tgz",
+        ".tar.bz2",
+        ".tbz",
+        ".tar.xz",
+        ".txz",
+        ".tar.lz",
+        ".tlz",
+        ".tar.lzma",
+    ];
+    requirement.starts_with(['.', '/', '~'])
+        || requirement.contains(['/', '\\', ':'])
+        || ARCHIVES
+            .iter()
+            .any(|a| requirement.to_ascii_lowercase().ends_with(a))
 }
 
 /// Reads the `Requires-Dist` of local wheels (and of local wheels they name) and
@@ -352,7 +398,7 @@ fn worker_interpreter(worker_dir: &Path) -> Result<(PathBuf, String), VendorErro
 /// The version a CPython reports (`3.11.7`).
 fn python_version(python: &Path) -> Result<String, VendorError> {
     let out = run_quiet(
-        Command::new(python).args(["-c", "import sys; print(sys.version.split()[0])"]),
+        Command::new(python).args(["-I", "-c", "import sys; print(sys.version.split()[0])"]),
         &python.display().to_string(),
     )?;
     Ok(out.trim().to_owned())
@@ -374,7 +420,7 @@ fn vendor_python(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorErr
         check_wheel_dependencies(&python, dir, &requirements.wheels)?;
     }
     let pip_version = run_quiet(
-        Command::new(&python).args(["-m", "pip", "--version"]),
+        Command::new(&python).args(["-I", "-m", "pip", "--version"]),
         "pip --version",
     )?;
     let tool = pip_version
@@ -392,7 +438,10 @@ fn vendor_python(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorErr
     let target = staging.path().join(PYTHON_DIR);
     let report = staging.path().join("report.json");
     let mut cmd = Command::new(&python);
-    cmd.args(["-m", "pip", "install", "--target"])
+    // -I: the current directory (the plugin's, for its relative paths) is not on
+    // sys.path, so none of the plugin's files can stand in for pip or the standard
+    // library.
+    cmd.args(["-I", "-m", "pip", "install", "--target"])
         .arg(&target)
         .args([
             "--no-compile",
@@ -443,8 +492,11 @@ fn vendor_python(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorErr
         into: PYTHON_DIR.to_owned(),
         packages,
     };
+    // The lock is written before the swap, so that nothing can fail between the
+    // new packages going in and their record.
+    let lock_tmp = prepare_lock(staging.path(), &lock)?;
     swap_in(staging.path(), &target, &dir.join(PYTHON_DIR))?;
-    write_lock(dir, staging.path(), &lock)?;
+    commit_lock(dir, &lock_tmp)?;
     Ok(Vendored {
         lock,
         libraries,
@@ -529,6 +581,19 @@ fn vendor_js(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorError> 
     let version = run_quiet(Command::new(npm).arg("--version"), "npm --version")?;
     let tool = format!("npm {}", version.trim());
 
+    // npm obeys a project's .npmrc (`git=`, `script-shell=`, `registry=`: a plugin
+    // file could choose what runs), and prefers a shrinkwrap to the lock checked here.
+    for refused in [".npmrc", "npm-shrinkwrap.json"] {
+        if std::fs::symlink_metadata(dir.join(refused)).is_ok() {
+            return Err(VendorError::Spec {
+                file: dir.join(refused),
+                why: format!(
+                    "a plugin's {refused} is not used by corral plugin vendor (it would change \
+                     what npm installs or runs); remove it (your own ~/.npmrc still applies)"
+                ),
+            });
+        }
+    }
     // What is there now is kept aside until the new install is complete.
     let aside = tempfile::Builder::new()
         .prefix(".corral-vendor-")
@@ -540,7 +605,12 @@ fn vendor_js(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorError> 
     let modules = dir.join(JS_DIR);
     let lock_file = dir.join("package-lock.json");
     let old_modules = aside.path().join(JS_DIR);
-    let old_lock = std::fs::read(&lock_file).ok();
+    let old_lock = match std::fs::read(&lock_file) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        // Unreadable is not absent: it would be deleted on the way back.
+        Err(e) => return Err(io(lock_file.display())(e)),
+    };
     if std::fs::symlink_metadata(&modules).is_ok() {
         std::fs::rename(&modules, &old_modules).map_err(io(modules.display()))?;
     }
@@ -720,6 +790,12 @@ fn swap_in(staging: &Path, new: &Path, dest: &Path) -> Result<(), VendorError> {
 
 /// Write `vendor.lock` in `dir` (through a file in `staging`, renamed).
 fn write_lock(dir: &Path, staging: &Path, lock: &Lock) -> Result<(), VendorError> {
+    let tmp = prepare_lock(staging, lock)?;
+    commit_lock(dir, &tmp)
+}
+
+/// `vendor.lock`'s text in a file in `staging`.
+fn prepare_lock(staging: &Path, lock: &Lock) -> Result<PathBuf, VendorError> {
     let mut text = String::from(
         "# What `corral plugin vendor` installed into this plugin, with versions and hashes.\n\
          # Keep it with the plugin; running the command again rewrites it.\n",
@@ -730,7 +806,12 @@ fn write_lock(dir: &Path, staging: &Path, lock: &Lock) -> Result<(), VendorError
     })?);
     let tmp = staging.join(LOCK_FILE);
     std::fs::write(&tmp, text).map_err(io(tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(LOCK_FILE)).map_err(io(dir.join(LOCK_FILE).display()))
+    Ok(tmp)
+}
+
+/// Move the prepared lock into place.
+fn commit_lock(dir: &Path, tmp: &Path) -> Result<(), VendorError> {
+    std::fs::rename(tmp, dir.join(LOCK_FILE)).map_err(io(dir.join(LOCK_FILE).display()))
 }
 
 /// Run `cmd` with its output captured: its stdout, or its failure with the tail of
@@ -783,7 +864,7 @@ mod tests {
         );
         assert_eq!(
             check_requirements(
-                "msgpack==1.2.4 \\\n    --hash=sha256:abc\n./dist/x-1.0-py3-none-any.whl\n",
+                "msgpack==1.2.4 --hash=sha256:abc\n./dist/x-1.0-py3-none-any.whl\n",
                 false
             )
             .unwrap()
@@ -798,10 +879,17 @@ mod tests {
             ("evil@https://example.org/evil.zip", "other than a wheel"),
             ("./evil-1.0.tar.gz", "other than a wheel"),
             ("numpy --index-url https://example.org", "not accepted"),
+            ("# c \\\n--no-binary=:all:", "pip options"),
+            ("# c\r--no-binary=:all:", "unusual line break"),
+            ("msgpack \\", "continuations"),
+            (".", "other than a wheel"),
+            ("evil-1.0.tgz", "other than a wheel"),
+            ("${PWD}/evil", "environment variables"),
+            ("a @ https://h/a-1-py3-none-any.whl", "a wheel by URL"),
         ] {
             let e = check_requirements(text, false).unwrap_err().to_string();
             assert!(e.contains(why), "{text}: {e}");
-            assert!(e.contains("line 1"), "{text}: {e}");
+            assert!(e.contains("requirements.txt line "), "{text}: {e}");
         }
         assert!(check_requirements("./evil-1.0.tar.gz", true).is_ok());
         assert!(check_requirements("--no-binary=:all:", true).is_err());

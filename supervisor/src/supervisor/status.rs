@@ -57,12 +57,21 @@ impl Inner {
     }
 }
 
+/// Most engine files listed (a worker reports them in its handshake).
+const MAX_ENGINE_FILES: usize = 256;
+
 /// What `p`'s worker may read besides its files, one line each.
 fn reads(p: &super::Plugin, worker: Option<&Arc<crate::worker::WorkerHandle>>) -> Vec<String> {
     let mut out: Vec<String> = worker
         .iter()
         .flat_map(|w| w.hello.runtime_files.iter())
-        .map(|f| format!("{f} (the {} engine)", p.manifest.runtime.as_str()))
+        // What the worker said of itself: bounded, and no control characters
+        // reach an operator's terminal.
+        .take(MAX_ENGINE_FILES)
+        .map(|f| {
+            let f: String = f.chars().filter(|c| !c.is_control()).take(4096).collect();
+            format!("{f} (the {} engine)", p.manifest.runtime.as_str())
+        })
         .collect();
     match p.libraries.as_ref() {
         Ok(libs) => out.extend(

@@ -149,41 +149,71 @@ fn refuse() -> *mut c_void {
 /// # Safety
 /// As `malloc(3)`.
 pub unsafe fn c_malloc(size: usize) -> *mut c_void {
-    if !fits(size) {
+    if !reserve(size) {
         return refuse();
     }
     // SAFETY: forwarding to glibc.
     let p = unsafe { __libc_malloc(size) };
-    USED.fetch_add(usable(p), Ordering::Relaxed);
+    settle(size, p)
+}
+
+/// Count `size` bytes before allocating them, so that threads allocating at once
+/// cannot each pass the check and together overshoot; `false` (and nothing
+/// counted) if they do not fit.
+fn reserve(size: usize) -> bool {
+    if size == 0 {
+        return true;
+    }
+    let ceiling = CEILING.load(Ordering::Relaxed);
+    let size = i64::try_from(size).unwrap_or(i64::MAX);
+    let before = USED.fetch_add(size, Ordering::Relaxed);
+    if ceiling != i64::MAX && before.saturating_add(size) > ceiling {
+        USED.fetch_sub(size, Ordering::Relaxed);
+        REFUSED.store(true, Ordering::Relaxed);
+        return false;
+    }
+    true
+}
+
+/// Replace a reservation of `size` by the block's real size (nothing if the
+/// allocation failed).
+fn settle(size: usize, p: *mut c_void) -> *mut c_void {
+    let size = i64::try_from(size).unwrap_or(i64::MAX);
+    USED.fetch_add(usable(p) - size, Ordering::Relaxed);
     p
 }
 
 /// # Safety
 /// As `calloc(3)`.
 pub unsafe fn c_calloc(nelem: usize, elsize: usize) -> *mut c_void {
-    if !fits(nelem.saturating_mul(elsize)) {
+    let size = nelem.saturating_mul(elsize);
+    if !reserve(size) {
         return refuse();
     }
     // SAFETY: forwarding to glibc.
     let p = unsafe { __libc_calloc(nelem, elsize) };
-    USED.fetch_add(usable(p), Ordering::Relaxed);
-    p
+    settle(size, p)
 }
 
 /// # Safety
 /// As `realloc(3)`.
 pub unsafe fn c_realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
     let before = usable(ptr);
-    if size as i64 > before && !fits(size - before as usize) {
+    let growth = usize::try_from(i64::try_from(size).unwrap_or(i64::MAX) - before).unwrap_or(0);
+    if !reserve(growth) {
         // The old block stays valid, as realloc promises on failure.
         return refuse();
     }
     // SAFETY: forwarding to glibc.
     let p = unsafe { __libc_realloc(ptr, size) };
+    let growth = i64::try_from(growth).unwrap_or(i64::MAX);
     if !p.is_null() {
-        USED.fetch_add(usable(p) - before, Ordering::Relaxed);
+        USED.fetch_add(usable(p) - before - growth, Ordering::Relaxed);
     } else if size == 0 {
-        USED.fetch_sub(before, Ordering::Relaxed);
+        // glibc freed the block.
+        USED.fetch_sub(before + growth, Ordering::Relaxed);
+    } else {
+        USED.fetch_sub(growth, Ordering::Relaxed);
     }
     p
 }
@@ -201,13 +231,13 @@ pub unsafe fn c_free(ptr: *mut c_void) {
 /// # Safety
 /// As `memalign(3)`.
 pub unsafe fn c_memalign(align: usize, size: usize) -> *mut c_void {
-    if !fits(size.saturating_add(align)) {
+    let reserved = size.saturating_add(align);
+    if !reserve(reserved) {
         return refuse();
     }
     // SAFETY: forwarding to glibc.
     let p = unsafe { __libc_memalign(align, size) };
-    USED.fetch_add(usable(p), Ordering::Relaxed);
-    p
+    settle(reserved, p)
 }
 
 /// Uncounted allocation, for the worker's own Rust code (its global allocator):

@@ -141,8 +141,15 @@ pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
     let page = page_size();
-    // SAFETY: as pvalloc(3).
-    unsafe { m::c_memalign(page, size.div_ceil(page).max(1) * page) }
+    match size.div_ceil(page).max(1).checked_mul(page) {
+        // SAFETY: as pvalloc(3).
+        Some(rounded) => unsafe { m::c_memalign(page, rounded) },
+        None => {
+            // SAFETY: errno is this thread's.
+            unsafe { *libc::__errno_location() = libc::ENOMEM };
+            std::ptr::null_mut()
+        }
+    }
 }
 
 /// # Safety
