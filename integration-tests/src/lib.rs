@@ -129,7 +129,7 @@ const HELLO_WASM_ENTRY: &str = "target/wasm32-wasip1/release/hello_wasm.wasm";
 /// unprivileged user can read it, whatever the permissions of the checkout's parent
 /// directories: `<tmp>/corral-tests/<name>-<size>-<mtime>`, made once and reused.
 fn stage_plugin(dir: &Path, entry: &str) -> PathBuf {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let name = dir
         .file_name()
         .expect("plugin dir name")
@@ -141,20 +141,12 @@ fn stage_plugin(dir: &Path, entry: &str) -> PathBuf {
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
-    let parent = std::env::temp_dir().join("corral-tests");
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(&parent)
-        .expect("staging directory");
+    let parent = tests_dir();
     let staged = parent.join(format!("{name}-{}-{stamp}", meta.len()));
     if staged.join("plugin.toml").exists() {
         return staged;
     }
-    let tmp = tempfile::Builder::new()
-        .permissions(std::fs::Permissions::from_mode(0o755))
-        .tempdir_in(&parent)
-        .expect("staging directory");
+    let tmp = open_tempdir_in(&parent);
     let to = tmp.path().join(entry);
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -248,7 +240,6 @@ pub fn fixture_plugin(
 /// plugin's id is `name`.
 pub fn vendored_fixture(name: &str, runtime: &str, entry: &str) -> PathBuf {
     use sha2::Digest;
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let src = fixture(name);
     let mut files = Vec::new();
     list_files(&src, &src, &mut files);
@@ -262,12 +253,7 @@ pub fn vendored_fixture(name: &str, runtime: &str, entry: &str) -> PathBuf {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let parent = std::env::temp_dir().join("corral-tests");
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(&parent)
-        .expect("staging directory");
+    let parent = tests_dir();
     let staged = parent.join(format!("vendored-{name}-{key}"));
     let lock = std::fs::File::create(parent.join(format!("vendored-{name}.lock")))
         .expect("vendor lock file");
@@ -275,10 +261,7 @@ pub fn vendored_fixture(name: &str, runtime: &str, entry: &str) -> PathBuf {
     if staged.join("vendor.lock").exists() {
         return staged;
     }
-    let tmp = tempfile::Builder::new()
-        .permissions(std::fs::Permissions::from_mode(0o755))
-        .tempdir_in(&parent)
-        .expect("staging directory");
+    let tmp = open_tempdir_in(&parent);
     copy_tree(&src, tmp.path());
     write_manifest(tmp.path(), name, runtime, entry, "");
     let out = Command::new(built().corral())
@@ -296,6 +279,28 @@ pub fn vendored_fixture(name: &str, runtime: &str, entry: &str) -> PathBuf {
     std::fs::rename(tmp.path(), &staged).expect("keep the vendored fixture");
     std::mem::forget(tmp);
     staged
+}
+
+/// `<tmp>/corral-tests`, where staged and vendored plugins are kept between runs
+/// (0755: the workers' user reads them).
+fn tests_dir() -> PathBuf {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join("corral-tests");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&dir)
+        .expect("staging directory");
+    dir
+}
+
+/// A temporary directory in `parent` that the workers' user may read.
+fn open_tempdir_in(parent: &Path) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir_in(parent)
+        .expect("staging directory")
 }
 
 /// The files under `dir`, relative to `root`.

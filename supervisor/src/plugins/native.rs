@@ -61,6 +61,9 @@ const CACHE_FLAGS: i32 = 0x0303; // FLAG_ELF_LIBC6 | FLAG_X8664_LIB64
 #[cfg(target_arch = "aarch64")]
 const CACHE_FLAGS: i32 = 0x0a03; // FLAG_ELF_LIBC6 | FLAG_AARCH64_LIB64
 
+/// Largest `ld.so.cache` read.
+const MAX_LD_CACHE: u64 = 64 << 20;
+
 /// Most shared objects one plugin may hold (numpy holds about 60).
 const MAX_OBJECTS: usize = 4096;
 /// Most entries of one object's dynamic section that are read.
@@ -290,7 +293,10 @@ impl Linker {
     /// The machine's loader, for a worker that runs `worker` (its libraries count
     /// as loaded; without it, every library is searched for).
     pub fn system(worker: Option<&Path>) -> Linker {
-        let data = std::fs::read(LD_SO_CACHE).unwrap_or_default();
+        // Root's file, but read within a bound all the same (a glibc cache of
+        // every library of a large machine is well under a mebibyte).
+        let data =
+            corral_files::read_regular(Path::new(LD_SO_CACHE), MAX_LD_CACHE).unwrap_or_default();
         let mut linker = Linker {
             cache: parse_ld_cache(&data),
             loaded: HashSet::new(),

@@ -375,14 +375,12 @@ pub fn check_wheel_dependencies(
 /// The interpreter the Python worker embeds, and its version.
 fn worker_interpreter(worker_dir: &Path) -> Result<(PathBuf, String), VendorError> {
     let worker = worker_dir.join("corral-worker-python");
-    let out = Command::new(&worker)
-        .arg("--interpreter")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| VendorError::Spawn {
+    let out = bounded_output(Command::new(&worker).arg("--interpreter")).map_err(|source| {
+        VendorError::Spawn {
             tool: format!("{} (to ask which CPython it embeds)", worker.display()),
             source,
-        })?;
+        }
+    })?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
     match (out.status.success(), lines.next(), lines.next()) {
@@ -428,13 +426,7 @@ fn vendor_python(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorErr
         .take(2)
         .collect::<Vec<_>>()
         .join(" ");
-    let staging = tempfile::Builder::new()
-        .prefix(".corral-vendor-")
-        .tempdir_in(dir)
-        .map_err(io(format!(
-            "cannot make a staging directory in {}",
-            dir.display()
-        )))?;
+    let staging = staging_dir(dir)?;
     let target = staging.path().join(PYTHON_DIR);
     let report = staging.path().join("report.json");
     let mut cmd = Command::new(&python);
@@ -595,13 +587,7 @@ fn vendor_js(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorError> 
         }
     }
     // What is there now is kept aside until the new install is complete.
-    let aside = tempfile::Builder::new()
-        .prefix(".corral-vendor-")
-        .tempdir_in(dir)
-        .map_err(io(format!(
-            "cannot make a staging directory in {}",
-            dir.display()
-        )))?;
+    let aside = staging_dir(dir)?;
     let modules = dir.join(JS_DIR);
     let lock_file = dir.join("package-lock.json");
     let old_modules = aside.path().join(JS_DIR);
@@ -753,6 +739,19 @@ fn native_addons(dir: &Path) -> Vec<PathBuf> {
 
 // ---- shared ----
 
+/// A hidden staging directory in the plugin directory `dir` (the same filesystem,
+/// so that what it holds can be renamed into place; hidden, so that no fingerprint,
+/// signature or watcher counts it), removed when dropped.
+fn staging_dir(dir: &Path) -> Result<tempfile::TempDir, VendorError> {
+    tempfile::Builder::new()
+        .prefix(".corral-vendor-")
+        .tempdir_in(dir)
+        .map_err(io(format!(
+            "cannot make a staging directory in {}",
+            dir.display()
+        )))
+}
+
 /// Refuse a symbolic link anywhere under `dir`.
 fn refuse_links(dir: &Path) -> Result<(), VendorError> {
     let mut dirs = vec![dir.to_owned()];
@@ -817,13 +816,10 @@ fn commit_lock(dir: &Path, tmp: &Path) -> Result<(), VendorError> {
 /// Run `cmd` with its output captured: its stdout, or its failure with the tail of
 /// what it printed.
 fn run_quiet(cmd: &mut Command, what: &str) -> Result<String, VendorError> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| VendorError::Spawn {
-            tool: format!("{what} ({})", cmd.get_program().to_string_lossy()),
-            source,
-        })?;
+    let out = bounded_output(cmd).map_err(|source| VendorError::Spawn {
+        tool: format!("{what} ({})", cmd.get_program().to_string_lossy()),
+        source,
+    })?;
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
@@ -833,6 +829,50 @@ fn run_quiet(cmd: &mut Command, what: &str) -> Result<String, VendorError> {
         what: what.to_owned(),
         status: out.status.to_string(),
         output: tail(&all),
+    })
+}
+
+/// Most bytes kept of what a tool prints on each stream: the last ones (its
+/// error is at the end); the rest is read and dropped, so that a tool (or a
+/// package's build script under `--allow-scripts`) printing without end costs
+/// this process no more.
+const MAX_TOOL_OUTPUT: usize = 1 << 20;
+
+/// Run `cmd` (no standard input) and keep the last [`MAX_TOOL_OUTPUT`] bytes of
+/// each of its streams.
+fn bounded_output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    fn keep_tail(mut from: impl std::io::Read) -> Vec<u8> {
+        let mut kept = std::collections::VecDeque::new();
+        let mut chunk = [0u8; 16 << 10];
+        loop {
+            match from.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    kept.extend(&chunk[..n]);
+                    let over = kept.len().saturating_sub(MAX_TOOL_OUTPUT);
+                    kept.drain(..over);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        kept.into()
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let err = std::thread::spawn(move || keep_tail(stderr));
+    let stdout = keep_tail(stdout);
+    let stderr = err.join().unwrap_or_default();
+    let status = child.wait()?;
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
     })
 }
 
@@ -850,6 +890,37 @@ fn tail(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tool_printing_without_end_is_kept_to_its_last_mebibyte() {
+        // 64 MiB on stdout and 8 MiB on stderr, the last line of each marked.
+        let out = bounded_output(Command::new("sh").args([
+            "-c",
+            "head -c 67108864 /dev/zero; echo OUT-END; head -c 8388608 /dev/zero >&2; echo ERR-END >&2; exit 3",
+        ]))
+        .unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(out.stdout.len(), MAX_TOOL_OUTPUT);
+        assert_eq!(out.stderr.len(), MAX_TOOL_OUTPUT);
+        assert!(out.stdout.ends_with(b"OUT-END\n"));
+        assert!(out.stderr.ends_with(b"ERR-END\n"));
+        let e = run_quiet(
+            Command::new("sh").args(["-c", "yes x | head -c 33554432; echo boom >&2; exit 1"]),
+            "flood",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.ends_with("  boom"),
+            "{}",
+            &e[e.len().saturating_sub(200)..]
+        );
+        assert!(
+            e.lines().count() <= OUTPUT_LINES + 2,
+            "{} lines",
+            e.lines().count()
+        );
+    }
 
     #[test]
     fn requirements_that_would_build_from_source_or_override_options_are_refused() {
