@@ -25,6 +25,11 @@
 //! max_queue = 64
 //! # How often plugins that export `health` are checked.
 //! health_interval = "30s"
+//! # Optional: stop a worker that has had no call for this long (the next call
+//! # starts one again), and cap the worker processes alive at once (a start past
+//! # the cap stops the least recently used idle worker, else answers "overloaded").
+//! idle_timeout = "5m"
+//! max_workers = 2000
 //!
 //! [restart]
 //! max_crashes = 5
@@ -87,6 +92,8 @@ struct RawConfig {
     audit: Option<String>,
     max_queue: Option<Spanned<usize>>,
     health_interval: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_workers: Option<Spanned<usize>>,
     #[serde(default)]
     restart: RawRestart,
     #[serde(default)]
@@ -208,6 +215,27 @@ impl Config {
         if let Some(h) = &raw.health_interval {
             options.health_interval = corral_manifest::parse_duration(h.get_ref())
                 .map_err(|m| invalid(Some(h.span()), m.to_string()))?;
+        }
+        if let Some(t) = &raw.idle_timeout {
+            let d = corral_manifest::parse_duration(t.get_ref())
+                .map_err(|m| invalid(Some(t.span()), m.to_string()))?;
+            if d.is_zero() {
+                return Err(invalid(
+                    Some(t.span()),
+                    "idle_timeout must be more than zero (leave it out to keep idle workers)"
+                        .into(),
+                ));
+            }
+            options.idle_timeout = Some(d);
+        }
+        if let Some(m) = &raw.max_workers {
+            if *m.get_ref() == 0 {
+                return Err(invalid(
+                    Some(m.span()),
+                    "max_workers must be at least 1 (leave it out for no cap)".into(),
+                ));
+            }
+            options.max_workers = Some(*m.get_ref());
         }
         for (name, key) in &raw.publishers {
             let k = key.get_ref().trim();
@@ -352,5 +380,45 @@ mod tests {
             e.to_string().starts_with("c.toml:3:10: invalid duration"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn idle_timeout_and_max_workers_load_and_zero_is_refused_with_its_place() {
+        let c = Config::parse(
+            "plugins = []\nidle_timeout = \"90s\"\nmax_workers = 3000\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.options.idle_timeout,
+            Some(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(c.options.max_workers, Some(3000));
+        let c = Config::parse("plugins = []\n", Path::new("c.toml")).unwrap();
+        assert_eq!(
+            (c.options.idle_timeout, c.options.max_workers),
+            (None, None)
+        );
+        let e = Config::parse("plugins = []\nmax_workers = 0\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("c.toml:2:15: max_workers must be at least 1"),
+            "{e}"
+        );
+        let e = Config::parse("plugins = []\nidle_timeout = \"0s\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("c.toml:2:16: idle_timeout must be more than zero"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "plugins = []\nidle_timeout = \"later\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("c.toml:2:16: invalid duration"), "{e}");
     }
 }

@@ -73,4 +73,6 @@ pub use supervisor::lifecycle::SyncReport;
 pub use supervisor::{
     AddPluginError, CGROUP_PREFIX, HEALTH_EXPORT, Options, PluginConfig, RestartPolicy, Supervisor,
 };
-pub use worker::{StartError, UNREPORTED_SYSCALL, VerifyError, WORKER_MAX_FILES};
+pub use worker::{
+    StartError, UNREPORTED_SYSCALL, VerifyError, WORKER_MAX_FILES, raise_open_files_limit,
+};

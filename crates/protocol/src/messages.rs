@@ -501,12 +501,30 @@ pub enum CallError {
     /// The plugin's output was larger than its limit.
     #[error("plugin output of {size} bytes exceeds the limit of {limit} bytes")]
     OutputTooLarge { size: u64, limit: u64 },
-    /// Too many calls are queued for the plugin.
-    #[error("plugin {plugin} is overloaded ({queued} calls queued)")]
-    Overloaded { plugin: String, queued: u32 },
+    /// The call cannot be served now, and it is not the plugin's fault: its
+    /// queue is full, every worker the supervisor may run is busy, or the
+    /// supervisor itself is out of a resource. Worth retrying later.
+    #[error("plugin {plugin} is overloaded: {reason}")]
+    Overloaded { plugin: String, reason: Overload },
     /// The supervisor is shutting down.
     #[error("supervisor is shutting down")]
     ShuttingDown,
+}
+
+/// Why a call was refused as [`CallError::Overloaded`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Overload {
+    /// The plugin has `queued` calls queued or running (its `max_queue`).
+    #[error("{queued} calls queued (max_queue)")]
+    Queue { queued: u32 },
+    /// `live` workers run, the supervisor's `max_workers`, and none of them is
+    /// idle to make room.
+    #[error("{live} workers are running (max_workers {max}) and none is idle to make room")]
+    Workers { live: u32, max: u32 },
+    /// The supervisor could not start a worker for want of a resource of its own
+    /// (file descriptors, processes, memory): not the plugin's crash.
+    #[error("the supervisor cannot start a worker now: {0}")]
+    Supervisor(String),
 }
 
 /// How a worker process ended.
@@ -588,6 +606,27 @@ pub struct PolicyStatus {
     /// Plugin versions the daemon rejected (`dir: why`); the running version, if
     /// any, keeps serving.
     pub plugin_errors: Vec<String>,
+    /// The daemon's workers and its own descriptors.
+    pub workers: WorkersStatus,
+}
+
+/// How many workers run against the daemon's caps, and its own file descriptors.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkersStatus {
+    /// Worker processes alive (serving, or finishing their calls after a reload).
+    pub live: u32,
+    /// `max_workers`: the cap on live workers, if any.
+    pub max_workers: Option<u32>,
+    /// `idle_timeout`: a worker without a call for this long is stopped.
+    pub idle_timeout_ms: Option<u64>,
+    /// Workers stopped for being idle since the daemon started.
+    pub idle_stops: u64,
+    /// Workers stopped to make room under `max_workers`.
+    pub evictions: u64,
+    /// Descriptors the supervisor has open (`None`: it has none left to count
+    /// them with), and its `RLIMIT_NOFILE` (soft).
+    pub open_files: Option<u32>,
+    pub max_files: u64,
 }
 
 /// One plugin as `corral list` shows it.

@@ -280,10 +280,14 @@ async fn restarts_back_off() {
 
 #[tokio::test]
 async fn protocol_violations_in_the_handshake_are_typed() {
+    let mismatch = format!(
+        "protocol version mismatch: peer speaks 99, we speak {}",
+        corral_protocol::PROTOCOL_VERSION
+    );
     let cases = [
         (
             "printf '\\006\\000\\000\\000CRRL\\143\\000' >&3; sleep 5",
-            "protocol version mismatch: peer speaks 99, we speak 5",
+            mismatch.as_str(),
         ),
         (
             "printf '\\006\\000\\000\\000HTTP/1' >&3; sleep 5",

@@ -4,6 +4,7 @@
 //! `corral_integration_tests::built`).
 
 mod calls;
+mod capacity;
 mod channel;
 mod cli;
 mod contract;

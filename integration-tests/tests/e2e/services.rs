@@ -863,7 +863,10 @@ async fn a_plugin_with_a_full_queue_answers_overloaded() {
             "{rt}"
         );
         match second {
-            Err(CallError::Overloaded { plugin, queued: 1 }) => assert_eq!(plugin, id),
+            Err(CallError::Overloaded {
+                plugin,
+                reason: corral_protocol::Overload::Queue { queued: 1 },
+            }) => assert_eq!(plugin, id),
             other => panic!("{rt}: {other:?}"),
         }
         e.sup.shutdown(Duration::from_secs(2)).await;

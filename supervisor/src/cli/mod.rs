@@ -326,6 +326,12 @@ fn parse_timeout(s: &str) -> Result<Duration, corral_manifest::ValueError> {
 
 /// Run the parsed command; returns the process exit code (errors are printed).
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    // Each worker takes a few of the supervisor's descriptors: the soft limit
+    // (often 1,024) is lifted to the hard one. A failure leaves the soft limit,
+    // and starts past it are refused as the supervisor's, not the plugins'.
+    if let Err(e) = crate::raise_open_files_limit() {
+        tracing::warn!("cannot raise the open files limit: {e}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

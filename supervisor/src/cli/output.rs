@@ -134,12 +134,38 @@ fn enforcement_json(r: &corral_protocol::EnforcementReport) -> serde_json::Value
     })
 }
 
+/// The daemon's workers against its caps, and its own descriptors.
+fn workers_line(w: &corral_protocol::WorkersStatus) -> String {
+    let cap = w.max_workers.map_or_else(
+        || "no max_workers".to_owned(),
+        |m| format!("max_workers {m}"),
+    );
+    let idle = w.idle_timeout_ms.map_or_else(
+        || "no idle_timeout".to_owned(),
+        |ms| {
+            format!(
+                "idle_timeout {}",
+                humantime::format_duration(std::time::Duration::from_millis(ms))
+            )
+        },
+    );
+    let open = w
+        .open_files
+        .map_or_else(|| "all".to_owned(), |n| n.to_string());
+    format!(
+        "{} live ({cap}, {idle}); {} stopped idle, {} stopped for room; supervisor files \
+         {open} open of {}",
+        w.live, w.idle_stops, w.evictions, w.max_files
+    )
+}
+
 pub(super) fn print_status(
     policy: &corral_protocol::PolicyStatus,
     plugins: &[PluginInfo],
 ) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "policy: {}", policy.sources.join(", "))?;
+    writeln!(out, "workers: {}", workers_line(&policy.workers))?;
     if let Some(e) = &policy.reload_error {
         writeln!(
             out,

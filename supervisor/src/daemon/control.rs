@@ -200,6 +200,7 @@ async fn handle_client(conn: Stream, supervisor: Arc<Supervisor>, stop: Arc<Noti
                     .collect(),
                 reload_error: supervisor.policy_error(),
                 plugin_errors: supervisor.lifecycle_errors().await,
+                workers: supervisor.workers(),
             }),
             ControlRequest::Explain { plugin } => ControlResponse::Explained(
                 supervisor

@@ -5,17 +5,12 @@
 use super::{HEALTH_EXPORT, Inner, Plugin, error_chain};
 use crate::broker::messaging::Delivery;
 use crate::worker::WorkerHandle;
-use corral_protocol::CallError;
+use corral_protocol::{CallError, Overload};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// A started worker, the policy it runs under and its cgroup.
-type Started = (
-    Arc<WorkerHandle>,
-    corral_policy::Effective,
-    Option<Arc<corral_confine::cgroup::PluginCgroup>>,
-);
+use super::start::Started;
 
 /// A running worker with the call deadline and its cap.
 type Ready = (Arc<WorkerHandle>, (Duration, Duration));
@@ -28,6 +23,9 @@ enum Start {
     Dependencies(NotStarted),
     /// The worker did not start or load (counted as a crash).
     Failed(String),
+    /// No room under `max_workers`, or the supervisor ran out of a resource of
+    /// its own: not counted against the plugin.
+    Overloaded(Overload),
 }
 
 /// Why a plugin's dependencies keep it from starting.
@@ -84,7 +82,9 @@ impl Inner {
                 .try_acquire_owned()
                 .map_err(|_| CallError::Overloaded {
                     plugin: plugin.to_owned(),
-                    queued: self.options.max_queue as u32,
+                    reason: Overload::Queue {
+                        queued: self.options.max_queue as u32,
+                    },
                 })?;
         p.calls.fetch_add(1, Ordering::Relaxed);
         let chain: Arc<[String]> = chain
@@ -218,14 +218,23 @@ impl Inner {
                     reason,
                 })
             }
-            Ok((w, effective, group)) => {
+            Err(Start::Overloaded(reason)) => {
+                tracing::warn!(plugin = %id, "worker not started: {reason}");
+                st.note_error(format!("not started: {reason}"));
+                Err(CallError::Overloaded {
+                    plugin: id.clone(),
+                    reason,
+                })
+            }
+            Ok(started) => {
+                let w = Arc::clone(&started.worker);
                 if st.is_shutting_down() || p.retired.load(Ordering::SeqCst) {
                     // Stopped or replaced while it loaded: nobody may use it.
                     w.kill_because("started for a version that is gone".into());
                     return Err(CallError::ShuttingDown);
                 }
-                tracing::info!(plugin = %id, pid = w.pid, level = %effective.level.value, "worker ready");
-                st.ready(Arc::clone(&w), effective, group);
+                tracing::info!(plugin = %id, pid = w.pid, level = %started.effective.level.value, "worker ready");
+                st.ready(started);
                 if w.exports.iter().any(|e| e == HEALTH_EXPORT) {
                     self.watch_health(id, &w);
                 }
@@ -277,9 +286,10 @@ impl Inner {
                 tracing::info!(plugin = %p.manifest.id, ?wait, "restart backoff");
                 tokio::time::sleep(wait).await;
             }
-            self.start_worker(p)
-                .await
-                .map_err(|e| Start::Failed(error_chain(&e)))
+            self.start_worker(p).await.map_err(|e| match e {
+                crate::worker::StartError::Overloaded(o) => Start::Overloaded(o),
+                e => Start::Failed(error_chain(&e)),
+            })
         };
         tokio::select! {
             started = start => started,

@@ -23,7 +23,9 @@ impl Inner {
                 }
                 let deadline = interval.min(Duration::from_secs(5));
                 let chain: Arc<[String]> = Arc::from(vec![plugin.clone()]);
-                let Ok(result) = w.try_call(HEALTH_EXPORT, Vec::new(), deadline, chain).await
+                let Ok(result) = w
+                    .call_untracked(HEALTH_EXPORT, Vec::new(), deadline, chain)
+                    .await
                 else {
                     break; // Retired: a new version took over.
                 };

@@ -226,6 +226,18 @@ impl Inner {
                         }
                     }
                 }
+                // No room for its worker now: tried again at the next pass,
+                // not remembered against its files.
+                Err(NotLoaded::Start(crate::worker::StartError::Overloaded(why))) => {
+                    tracing::warn!(dir = %dir.display(), "plugin not loaded yet: {why}");
+                    if let Some(o) = &old {
+                        o.state
+                            .lock()
+                            .await
+                            .note_error(format!("new version not loaded yet: {why}"));
+                    }
+                    report.unsettled.push(dir);
+                }
                 Err(why) => self.reject(report, &dir, fp, why.to_string(), old.as_deref()),
             }
         }
@@ -299,12 +311,10 @@ impl Inner {
                     })?;
             }
         }
-        let (worker, effective, group) = self.start_worker(&new).await.map_err(NotLoaded::Start)?;
+        let started = self.start_worker(&new).await.map_err(NotLoaded::Start)?;
+        let worker = Arc::clone(&started.worker);
         tracing::info!(plugin = %id, pid = worker.pid, version = %new.manifest.version, "new version ready");
-        new.state
-            .lock()
-            .await
-            .ready(Arc::clone(&worker), effective, group);
+        new.state.lock().await.ready(started);
         if worker.exports.iter().any(|e| e == HEALTH_EXPORT) {
             self.watch_health(&id, &worker);
         }

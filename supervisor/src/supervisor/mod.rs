@@ -9,6 +9,8 @@
 //! - [`table`]: the plugin table and reading a plugin version from its directory;
 //! - [`state`]: [`PluginState`] and every transition of it (ready, crash, reap,
 //!   retire, shut down);
+//! - [`capacity`]: `max_workers` (slots, least recently used idle worker stopped
+//!   for room) and `idle_timeout` (the sweeper);
 //! - [`call`]: call admission (the bounded queue) and routing, with the retry when
 //!   a version was retired on the way; starting a worker on demand, dependencies
 //!   first, after any backoff;
@@ -22,6 +24,7 @@
 //! - [`shutdown`]: stopping every worker.
 
 mod call;
+mod capacity;
 mod directory;
 mod health;
 pub mod lifecycle;
@@ -120,6 +123,12 @@ pub struct Options {
     /// `plugin.sig` verifies with its publisher's key has that publisher (policy
     /// routes can match it); one whose signature does not verify is refused.
     pub publishers: BTreeMap<String, String>,
+    /// The most worker processes alive at once; a start past it stops the least
+    /// recently used idle worker, or answers `Overloaded`. `None`: no cap.
+    pub max_workers: Option<usize>,
+    /// A worker with no call for this long is stopped (started again at the next
+    /// call). `None`: workers stay.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// The operator's configuration for one plugin, handed to it at load.
@@ -159,6 +168,8 @@ impl Options {
             health_interval: Duration::from_secs(30),
             plugin_config: BTreeMap::new(),
             publishers: BTreeMap::new(),
+            max_workers: None,
+            idle_timeout: None,
         }
     }
 }
@@ -266,6 +277,8 @@ pub(crate) struct Inner {
     /// Set when the supervisor stops: starts under way (in a backoff wait or in a
     /// worker's load) are abandoned and their workers killed.
     pub(crate) stopping: tokio::sync::watch::Sender<bool>,
+    /// Live workers against `max_workers`; the idle sweeper.
+    capacity: Arc<capacity::Capacity>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -300,6 +313,7 @@ impl Supervisor {
                 plugins: Default::default(),
                 policy: std::sync::RwLock::new(Arc::clone(&options.policy)),
                 policy_error: std::sync::Mutex::new(None),
+                capacity: capacity::Capacity::new(options.max_workers, options.idle_timeout),
                 options,
                 lifecycle: Mutex::new(Default::default()),
                 draining: Default::default(),
@@ -398,6 +412,12 @@ impl Supervisor {
     /// Why the current files of plugin directories were rejected (`dir: why`).
     pub async fn lifecycle_errors(&self) -> Vec<String> {
         self.0.lifecycle_errors().await
+    }
+
+    /// Live workers against `max_workers` and `idle_timeout`, idle stops and
+    /// evictions so far, and the supervisor's own descriptors.
+    pub fn workers(&self) -> corral_protocol::WorkersStatus {
+        self.0.workers_status()
     }
 }
 

@@ -6,8 +6,9 @@
 
 use super::{CGROUP_PREFIX, Inner, Options, Plugin, error_chain};
 use crate::plugins::{access, signing};
+use crate::worker::process::remove_when_empty;
 use crate::worker::{BoxFuture, Broker, Budgets, PluginFiles, SpawnSpec, StartError, WorkerHandle};
-use corral_confine::cgroup::{CgroupBase, CgroupLimits, PluginCgroup};
+use corral_confine::cgroup::{CgroupBase, CgroupError, CgroupLimits, PluginCgroup};
 use corral_confine::{Level, SelfConfinement};
 use corral_manifest::Manifest;
 use corral_policy::Effective;
@@ -45,12 +46,19 @@ pub(crate) trait Launcher: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// A worker started for a plugin: the policy it runs under, its cgroup, its slot.
+#[derive(Debug)]
+pub(crate) struct Started {
+    pub(crate) worker: Arc<WorkerHandle>,
+    pub(crate) effective: Effective,
+    pub(crate) group: Option<Arc<PluginCgroup>>,
+    pub(crate) slot: super::capacity::Slot,
+}
+
 impl Inner {
-    /// Start a worker for `p` under the policy in force.
-    pub(crate) async fn start_worker(
-        &self,
-        p: &Plugin,
-    ) -> Result<(Arc<WorkerHandle>, Effective, Option<Arc<PluginCgroup>>), StartError> {
+    /// Start a worker for `p` under the policy in force, in a slot of
+    /// `max_workers` (taken first: a start that finds none refuses, nothing spawned).
+    pub(crate) async fn start_worker(&self, p: &Plugin) -> Result<Started, StartError> {
         let files = p.files.path();
         // Checked again at every start: nothing but the supervisor may touch the copy.
         if p.publisher.is_some() || files.join(signing::SIG_FILE).exists() {
@@ -70,6 +78,7 @@ impl Inner {
         self.broker
             .audit
             .set_rate(&p.manifest.id, effective.audit_rate.value as u32);
+        let slot = self.take_slot(p).await.map_err(StartError::Overloaded)?;
         let (worker, group) = self
             .launcher
             .launch(Launch {
@@ -78,7 +87,12 @@ impl Inner {
                 broker: self.broker_handle(),
             })
             .await?;
-        Ok((worker, effective, group))
+        Ok(Started {
+            worker,
+            effective,
+            group,
+            slot,
+        })
     }
 }
 
@@ -140,12 +154,14 @@ impl ProcessLauncher {
             });
         let (cgroup, cgroup_unavailable) = match self.plugin_cgroup(m, effective) {
             Ok(g) => (Some(Arc::new(g)), None),
-            Err(why) if level >= Level::High => {
+            // The supervisor's own limit: not a reason to start without a group.
+            Err(GroupError::Exhausted(o)) => return Err(StartError::Overloaded(o)),
+            Err(GroupError::Other(why)) if level >= Level::High => {
                 return Err(StartError::Refused(format!(
                     "level {level} requires cgroup limits: {why}"
                 )));
             }
-            Err(why) => {
+            Err(GroupError::Other(why)) => {
                 tracing::warn!(plugin = %m.id, "starting without cgroup limits: {why}");
                 (None, Some(why))
             }
@@ -204,11 +220,19 @@ impl ProcessLauncher {
                 .map(|c| c.secrets.clone())
                 .unwrap_or_default(),
         };
-        let w = WorkerHandle::start(&spec, load).await?;
-        Ok((w, cgroup))
+        match WorkerHandle::start(&spec, load).await {
+            Ok(w) => Ok((w, cgroup)),
+            Err(e) => {
+                // Whatever failed, the group made for this start goes with it.
+                if let Some(g) = cgroup {
+                    remove_when_empty(g);
+                }
+                Err(e)
+            }
+        }
     }
 
-    fn plugin_cgroup(&self, m: &Manifest, e: &Effective) -> Result<PluginCgroup, String> {
+    fn plugin_cgroup(&self, m: &Manifest, e: &Effective) -> Result<PluginCgroup, GroupError> {
         let base = self
             .cgroup_base
             .get_or_init(|| {
@@ -223,10 +247,20 @@ impl ProcessLauncher {
                 Ok(base)
             })
             .as_ref()
-            .map_err(Clone::clone)?;
+            .map_err(|why| GroupError::Other(why.clone()))?;
         let name = format!("{}-{}", m.id, WORKER_SEQ.fetch_add(1, Ordering::Relaxed));
-        base.create(&name, &cgroup_limits(e))
-            .map_err(|e| error_chain(&e))
+        base.create(&name, &cgroup_limits(e)).map_err(|e| {
+            let io = match &e {
+                CgroupError::Read { source, .. } | CgroupError::Write { source, .. } => {
+                    crate::worker::exhausted(source)
+                }
+                CgroupError::Unavailable { .. } => None,
+            };
+            match io {
+                Some(o) => GroupError::Exhausted(o),
+                None => GroupError::Other(error_chain(&e)),
+            }
+        })
     }
 }
 
@@ -249,6 +283,13 @@ impl Drop for ProcessLauncher {
     fn drop(&mut self) {
         self.clean_up();
     }
+}
+
+/// Why a worker's cgroup could not be made.
+enum GroupError {
+    /// The supervisor's own limit (descriptors, memory, cgroup count).
+    Exhausted(corral_protocol::Overload),
+    Other(String),
 }
 
 /// The cgroup limits of an effective policy.

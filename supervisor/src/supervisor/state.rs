@@ -4,6 +4,7 @@
 //! failed, a retired worker is tracked until it exits) live in one place and are
 //! unit-tested without a process.
 
+use super::capacity::Slot;
 use super::{Inner, RestartPolicy};
 use crate::worker::WorkerHandle;
 use corral_confine::cgroup::PluginCgroup;
@@ -32,6 +33,10 @@ pub(crate) struct PluginState {
     /// The policy the running worker was started with (live changes applied).
     effective: Option<Effective>,
     group: Option<Arc<PluginCgroup>>,
+    /// The running worker's place under `max_workers`.
+    slot: Option<Slot>,
+    /// The last worker was stopped for being idle (shown as `idle`).
+    idle: bool,
 }
 
 /// A worker taken out of service, with its cgroup (kept until it has exited).
@@ -41,6 +46,8 @@ pub(crate) struct Retiring {
     pub(crate) group: Option<Arc<PluginCgroup>>,
     /// How long its calls may still take, plus a second for its shutdown hook.
     pub(crate) grace: Duration,
+    /// Given back once the worker has exited.
+    pub(crate) slot: Option<Slot>,
 }
 
 impl PluginState {
@@ -90,19 +97,17 @@ impl PluginState {
     }
 
     /// A new worker is ready under `effective`.
-    pub(crate) fn ready(
-        &mut self,
-        worker: Arc<WorkerHandle>,
-        effective: Effective,
-        group: Option<Arc<PluginCgroup>>,
-    ) {
-        if self.starts > 0 {
+    pub(crate) fn ready(&mut self, started: super::start::Started) {
+        // A start after an idle stop is not a restart.
+        if self.starts > 0 && !self.idle {
             self.restarts += 1;
         }
         self.starts += 1;
-        self.worker = Some(worker);
-        self.effective = Some(effective);
-        self.group = group;
+        self.idle = false;
+        self.worker = Some(started.worker);
+        self.effective = Some(started.effective);
+        self.group = started.group;
+        self.slot = Some(started.slot);
     }
 
     /// Say why the plugin is not serving as it should (shown by `corral status`).
@@ -173,6 +178,7 @@ impl PluginState {
         };
         self.worker = None;
         self.group = None;
+        self.slot = None;
         if by_us {
             self.last_error = Some(kill_reason.unwrap_or_else(|| {
                 format!("worker killed by the supervisor after it missed a deadline: {reason}")
@@ -191,17 +197,28 @@ impl PluginState {
             .map_or(DEFAULT_DEADLINE, |e| e.timeout_cap)
             + Duration::from_secs(1);
         let group = self.group.take();
+        let slot = self.slot.take();
         self.worker.take().map(|worker| Retiring {
             worker,
             group,
             grace,
+            slot,
         })
+    }
+
+    /// Stop the worker for being idle (or to make room for another plugin's): it
+    /// is retired like a replaced one, and the next call starts a new one.
+    pub(crate) fn idle_stop(&mut self) -> Option<Retiring> {
+        let r = self.retire()?;
+        self.idle = true;
+        Some(r)
     }
 
     /// The supervisor is stopping: no more starts; returns the worker to stop.
     pub(crate) fn shut_down(&mut self) -> Option<Arc<WorkerHandle>> {
         self.shutting_down = true;
         self.group = None;
+        self.slot = None;
         self.worker.take()
     }
 
@@ -216,6 +233,8 @@ impl PluginState {
             "starting"
         } else if blocked {
             "blocked"
+        } else if self.idle {
+            "idle"
         } else if !self.crashes.is_empty() {
             "crashed"
         } else {
@@ -243,6 +262,7 @@ impl Inner {
         tokio::spawn(async move {
             r.worker.retire(r.grace).await;
             drop(r.group);
+            drop(r.slot);
         });
     }
 

@@ -666,7 +666,10 @@ async fn a_full_queue_answers_overloaded_and_frees_its_slots() {
     })
     .await;
     match f.call("echo").await {
-        Err(CallError::Overloaded { queued, .. }) => assert_eq!(queued, 2),
+        Err(CallError::Overloaded {
+            reason: corral_protocol::Overload::Queue { queued },
+            ..
+        }) => assert_eq!(queued, 2),
         other => panic!("{other:?}"),
     }
     f.launcher.release();
@@ -926,4 +929,115 @@ async fn a_log_flood_is_bounded_and_breaks_nothing() {
     assert_eq!(f.launcher.launches(), 1);
     assert_eq!(f.sup.list().await[0].restarts, 0);
     f.sup.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A second plugin (`other`) beside the fixture's, in the same supervisor.
+fn add_other(f: &Fixture) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plugin.toml"),
+        "id = \"other\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("main.js"),
+        "export function echo(x) { return x }\n",
+    )
+    .unwrap();
+    let mut sup = f.sup.clone();
+    (sup.add_plugin_dir(dir.path()).unwrap(), dir)
+}
+
+async fn state_of(sup: &Supervisor, id: &str) -> corral_protocol::PluginInfo {
+    sup.list().await.into_iter().find(|p| p.id == id).unwrap()
+}
+
+#[tokio::test]
+async fn max_workers_stops_the_least_recently_used_idle_worker_and_refuses_when_all_are_busy() {
+    let f = fixture(|o| o.max_workers = Some(1));
+    let (other, _dir) = add_other(&f);
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(f.sup.workers().live, 1);
+    // The one slot is taken by an idle worker: it is stopped (its shutdown hook
+    // runs) to make room, and its plugin is idle, not crashed.
+    let out = f
+        .sup
+        .call(&other, "echo", b"x".to_vec(), Some(Duration::from_secs(2)))
+        .await;
+    assert_eq!(out.unwrap(), b"x");
+    assert_eq!(f.launcher.journal(0), ["load", "call echo", "shutdown"]);
+    let fake = state_of(&f.sup, &f.id).await;
+    assert_eq!(fake.state, "idle");
+    assert_eq!((fake.restarts, fake.last_error), (0, None));
+    let w = f.sup.workers();
+    assert_eq!((w.live, w.max_workers, w.evictions), (1, Some(1), 1));
+
+    // Now the only worker is busy: no room, and the reason says so; nothing is
+    // counted against the plugin that could not start.
+    let (sup, o) = (f.sup.clone(), other.clone());
+    let held = tokio::spawn(async move { sup.call(&o, "hold", Vec::new(), None).await });
+    eventually("the call is held", || {
+        f.launcher.journal(1).iter().any(|e| e == "call hold")
+    })
+    .await;
+    match f.call("echo").await {
+        Err(CallError::Overloaded {
+            plugin,
+            reason: corral_protocol::Overload::Workers { live: 1, max: 1 },
+        }) => assert_eq!(plugin, f.id),
+        other => panic!("{other:?}"),
+    }
+    let fake = state_of(&f.sup, &f.id).await;
+    assert_eq!(fake.state, "idle", "{fake:?}");
+    assert!(
+        fake.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("max_workers 1")),
+        "{fake:?}"
+    );
+    assert_eq!(f.launcher.launches(), 2, "nothing was started past the cap");
+    f.launcher.release();
+    assert_eq!(held.await.unwrap().unwrap(), b"held");
+    // Free again: the first plugin starts, the second makes room.
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(state_of(&f.sup, &f.id).await.state, "running");
+    assert_eq!(state_of(&f.sup, &other).await.state, "idle");
+    assert_eq!(f.sup.workers().live, 1);
+}
+
+#[tokio::test]
+async fn idle_timeout_stops_a_worker_without_calls_and_the_next_call_starts_one() {
+    let f = fixture(|o| o.idle_timeout = Some(Duration::from_millis(200)));
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    // Calls keep it: five calls 100 ms apart outlast the timeout together.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(f.call("echo").await.unwrap(), b"in");
+    }
+    assert_eq!(f.launcher.launches(), 1, "a busy worker is not idle");
+    // A call running past the timeout is not cut off either.
+    let (sup, id) = (f.sup.clone(), f.id.clone());
+    let held = tokio::spawn(async move { sup.call(&id, "hold", Vec::new(), None).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(f.state().await, "running");
+    f.launcher.release();
+    assert_eq!(held.await.unwrap().unwrap(), b"held");
+    eventually("the idle worker is stopped", || {
+        f.launcher
+            .journal(0)
+            .last()
+            .is_some_and(|e| e == "shutdown")
+    })
+    .await;
+    assert_eq!(f.state().await, "idle");
+    let w = f.sup.workers();
+    assert_eq!((w.live, w.idle_stops, w.idle_timeout_ms), (0, 1, Some(200)));
+    assert_eq!(f.call("version").await.unwrap(), b"v1");
+    assert_eq!(f.launcher.launches(), 2);
+    let p = state_of(&f.sup, &f.id).await;
+    assert_eq!(
+        (p.state.as_str(), p.restarts),
+        ("running", 0),
+        "not a restart"
+    );
 }

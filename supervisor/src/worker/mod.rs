@@ -32,10 +32,11 @@ pub(crate) mod redact;
 pub(crate) mod spawn;
 
 pub use exit::UNREPORTED_SYSCALL;
-pub use process::{VerifyError, WORKER_MAX_FILES};
+pub(crate) use process::open_files;
+pub use process::{VerifyError, WORKER_MAX_FILES, raise_open_files_limit};
 pub use redact::{PluginFiles, Redactor};
 pub use spawn::StartError;
-pub(crate) use spawn::{Budgets, SpawnSpec};
+pub(crate) use spawn::{Budgets, SpawnSpec, exhausted};
 
 use corral_confine::Level;
 use corral_protocol::{
@@ -128,6 +129,8 @@ pub(crate) struct WorkerHandle {
     kill_grace: Duration,
     /// Kept (not read) while the worker lives: its version's files.
     files: Option<PluginFiles>,
+    /// When a call last began or ended (health checks do not count).
+    last_active: Mutex<Instant>,
 }
 
 pub(crate) fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
@@ -155,11 +158,41 @@ impl WorkerHandle {
         self.killed_by_supervisor.load(Ordering::SeqCst)
     }
 
+    /// Whether the worker is serving and has no call in flight (nor a host call).
+    pub fn is_idle(&self) -> bool {
+        let p = lock(&self.pending);
+        p.closed.is_none() && !p.retiring && p.calls.is_empty() && p.host_calls.is_empty()
+    }
+
+    /// When a call last began or ended on this worker (its start, before any).
+    pub fn last_active(&self) -> Instant {
+        *self.last_active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn touch(&self) {
+        *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
     /// Run `function`. Ends in a result or a typed error, always: if the worker does
     /// not answer by `deadline` plus the kill grace, it is killed and the call gets
     /// [`CallError::Timeout`]. `Err(input)`, with nothing sent, when the worker
     /// is being retired (the caller routes the call to the plugin's new worker).
     pub async fn try_call(
+        &self,
+        function: &str,
+        input: Vec<u8>,
+        deadline: Duration,
+        chain: Arc<[String]>,
+    ) -> Result<Result<Vec<u8>, CallError>, Vec<u8>> {
+        self.touch();
+        let r = self.call_untracked(function, input, deadline, chain).await;
+        self.touch();
+        r
+    }
+
+    /// [`WorkerHandle::try_call`] that does not count as activity for
+    /// `idle_timeout` (a health check).
+    pub async fn call_untracked(
         &self,
         function: &str,
         input: Vec<u8>,

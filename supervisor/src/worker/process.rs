@@ -167,10 +167,18 @@ pub(crate) fn child_setup(
         if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // A bounded descriptor table (an engine needs a few dozen).
+        // A bounded descriptor table (an engine needs a few dozen), never above
+        // the supervisor's own hard limit (raising it takes CAP_SYS_RESOURCE).
+        let mut own = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         let files = libc::rlimit {
-            rlim_cur: WORKER_MAX_FILES,
-            rlim_max: WORKER_MAX_FILES,
+            rlim_cur: WORKER_MAX_FILES.min(own.rlim_max),
+            rlim_max: WORKER_MAX_FILES.min(own.rlim_max),
         };
         if libc::setrlimit(libc::RLIMIT_NOFILE, &files) != 0 {
             return Err(std::io::Error::last_os_error());
@@ -232,4 +240,43 @@ pub(crate) fn remove_when_empty(group: Arc<PluginCgroup>) {
             "cgroup still busy after 2 s of kills; left in place"
         );
     });
+}
+
+/// Descriptors this process has open (`None` when counting them takes one more
+/// than it has) and its soft `RLIMIT_NOFILE`.
+pub(crate) fn open_files() -> (Option<u32>, u64) {
+    let open = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|d| d.count() as u32);
+    (open, nofile().0)
+}
+
+fn nofile() -> (u64, u64) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+    (r.rlim_cur, r.rlim_max)
+}
+
+/// Raise this process's soft `RLIMIT_NOFILE` to its hard limit (each worker takes
+/// a few descriptors of the supervisor's; the usual soft limit of 1,024 would stop
+/// at a few hundred workers). Returns the limit now in force. `corral serve` and
+/// `corral run` call it at start; a program embedding the supervisor may too.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let (soft, hard) = nofile();
+    if soft >= hard {
+        return Ok(soft);
+    }
+    let r = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(hard)
 }

@@ -11,8 +11,8 @@ use crate::plugins::access::Credentials;
 use corral_confine::cgroup::PluginCgroup;
 use corral_confine::{CONFINE_ENV, SelfConfinement};
 use corral_protocol::{
-    ExitReason, FromWorker, Hello, HostError, LoadSpec, Runtime, ToWorker, WORKER_SOCKET_ENV,
-    WORKER_SOCKET_FD,
+    ExitReason, FromWorker, Hello, HostError, LoadSpec, Overload, Runtime, ToWorker,
+    WORKER_SOCKET_ENV, WORKER_SOCKET_FD,
     frame::{self, FrameError},
 };
 use std::ffi::{CString, OsString};
@@ -95,6 +95,45 @@ pub enum StartError {
     /// The isolation level cannot be enforced here; nothing was started.
     #[error("refused: {0}")]
     Refused(String),
+    /// The supervisor has no room for the worker (`max_workers`), or ran out of a
+    /// resource of its own starting it: not the plugin's fault, nothing is left.
+    #[error("{0}")]
+    Overloaded(Overload),
+}
+
+/// The supervisor's own resource that `e` says ran out, if it says so: a start
+/// that fails this way is the supervisor's limit, never the plugin's crash.
+pub(crate) fn exhausted(e: &std::io::Error) -> Option<Overload> {
+    let why = match e.raw_os_error()? {
+        libc::EMFILE => {
+            let (open, limit) = super::process::open_files();
+            let open = open.map_or_else(|| "all".to_owned(), |n| n.to_string());
+            format!(
+                "the supervisor is out of file descriptors (EMFILE: {open} open, its \
+                 RLIMIT_NOFILE is {limit}; raise LimitNOFILE or lower max_workers)"
+            )
+        }
+        libc::ENFILE => "the system's file table is full (ENFILE)".to_owned(),
+        libc::EAGAIN => "the supervisor cannot create a process (EAGAIN: its RLIMIT_NPROC, \
+                         its cgroup's pids.max or the system's pid limit)"
+            .to_owned(),
+        libc::ENOMEM => "the kernel refused the supervisor memory (ENOMEM)".to_owned(),
+        libc::ENOSPC => "no room for another cgroup (ENOSPC: cgroup.max.descendants or \
+                         the kernel's limit)"
+            .to_owned(),
+        _ => return None,
+    };
+    Some(Overload::Supervisor(why))
+}
+
+impl StartError {
+    /// `Socket`, classified: the supervisor's own limit, or a socket failure.
+    fn socket(e: std::io::Error) -> StartError {
+        match exhausted(&e) {
+            Some(o) => StartError::Overloaded(o),
+            None => StartError::Socket(e),
+        }
+    }
 }
 
 fn stderr_tail(s: &str) -> String {
@@ -113,7 +152,7 @@ impl WorkerHandle {
         spec: &SpawnSpec,
         load: LoadSpec,
     ) -> Result<Arc<WorkerHandle>, StartError> {
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Socket)?;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::socket)?;
         let mut cmd = Command::new(&spec.program);
         cmd.env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -130,19 +169,22 @@ impl WorkerHandle {
         let level = spec.confine.level;
         let procs: Vec<CString> = spec.cgroup.iter().flat_map(|g| g.procs_files()).collect();
         // SAFETY: `child_setup` only makes async-signal-safe system calls (prctl,
-        // getppid, dup2, fcntl, close_range, open, write, close, setrlimit, unshare)
+        // getppid, dup2, fcntl, close_range, open, write, close, getrlimit, setrlimit, unshare)
         // and allocates nothing (`procs` was built before the fork).
         unsafe {
             cmd.pre_exec(move || child_setup(fd, parent, level, &procs));
         }
-        let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
-            program: spec.program.clone(),
-            source,
+        let mut child = cmd.spawn().map_err(|source| match exhausted(&source) {
+            Some(o) => StartError::Overloaded(o),
+            None => StartError::Spawn {
+                program: spec.program.clone(),
+                source,
+            },
         })?;
         drop(theirs);
         let pid = child.id().unwrap_or(0);
-        ours.set_nonblocking(true).map_err(StartError::Socket)?;
-        let stream = tokio::net::UnixStream::from_std(ours).map_err(StartError::Socket)?;
+        ours.set_nonblocking(true).map_err(StartError::socket)?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(StartError::socket)?;
         let tail = Arc::new(StderrTail::default());
         if let Some(s) = child.stdout.take() {
             tokio::spawn(forward_output(
@@ -203,7 +245,11 @@ impl WorkerHandle {
         if let Err(why) = child.verify(&mut hello) {
             child.start_kill();
             child.wait().await;
-            return Err(StartError::Unverified(why));
+            return Err(match &why {
+                VerifyError::Credentials(e) => exhausted(e).map(StartError::Overloaded),
+                VerifyError::NotDropped { .. } => None,
+            }
+            .unwrap_or(StartError::Unverified(why)));
         }
         if let Some(g) = &spec.cgroup {
             hello.enforcement.cgroup = g.report();
@@ -320,6 +366,7 @@ impl WorkerHandle {
             exited: Arc::new(Notify::new()),
             kill_grace: spec.kill_grace,
             files: spec.files.clone(),
+            last_active: Mutex::new(Instant::now()),
         });
         // As many answers as there are permits to hold them (`Connection::unwritten`).
         let unwritten = spec.budgets.host_calls + 1;
