@@ -140,6 +140,10 @@ impl ControlServer {
     /// Serve requests until `stop` is notified or a client asks for shutdown; then
     /// return (the caller shuts the supervisor down).
     pub async fn serve(self, supervisor: Arc<Supervisor>, stop: Arc<Notify>) {
+        // Failures (EMFILE while every descriptor is taken) are logged once per
+        // ten seconds with a count, not every 50 ms.
+        let mut failed_since_warning = 0u64;
+        let mut last_warning: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 conn = self.listener.accept() => match conn {
@@ -149,7 +153,15 @@ impl ControlServer {
                         tokio::spawn(async move { handle_client(conn, sup, stop).await });
                     }
                     Err(e) => {
-                        tracing::warn!("control socket accept failed: {e}");
+                        failed_since_warning += 1;
+                        if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            tracing::warn!(
+                                "control socket accept failed ({failed_since_warning} times since \
+                                 the last warning): {e}"
+                            );
+                            failed_since_warning = 0;
+                            last_warning = Some(std::time::Instant::now());
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
