@@ -384,41 +384,28 @@ mod tests {
 
     #[test]
     fn idle_timeout_and_max_workers_load_and_zero_is_refused_with_its_place() {
-        let c = Config::parse(
-            "plugins = []\nidle_timeout = \"90s\"\nmax_workers = 3000\n",
-            Path::new("c.toml"),
-        )
-        .unwrap();
-        assert_eq!(
-            c.options.idle_timeout,
-            Some(std::time::Duration::from_secs(90))
-        );
-        assert_eq!(c.options.max_workers, Some(3000));
-        let c = Config::parse("plugins = []\n", Path::new("c.toml")).unwrap();
-        assert_eq!(
-            (c.options.idle_timeout, c.options.max_workers),
-            (None, None)
-        );
-        let e = Config::parse("plugins = []\nmax_workers = 0\n", Path::new("c.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("c.toml:2:15: max_workers must be at least 1"),
-            "{e}"
-        );
-        let e = Config::parse("plugins = []\nidle_timeout = \"0s\"\n", Path::new("c.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("c.toml:2:16: idle_timeout must be more than zero"),
-            "{e}"
-        );
-        let e = Config::parse(
-            "plugins = []\nidle_timeout = \"later\"\n",
-            Path::new("c.toml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.starts_with("c.toml:2:16: invalid duration"), "{e}");
+        let parse = |text: &str| Config::parse(text, Path::new("c.toml"));
+        let c = parse("plugins = []\nidle_timeout = \"90s\"\nmax_workers = 3000\n").unwrap();
+        let o = (c.options.idle_timeout, c.options.max_workers);
+        assert_eq!(o, (Some(std::time::Duration::from_secs(90)), Some(3000)));
+        let c = parse("plugins = []\n").unwrap();
+        let o = (c.options.idle_timeout, c.options.max_workers);
+        assert_eq!(o, (None, None));
+        for (text, error) in [
+            (
+                "max_workers = 0",
+                "c.toml:2:15: max_workers must be at least 1",
+            ),
+            (
+                "idle_timeout = \"0s\"",
+                "c.toml:2:16: idle_timeout must be more than zero",
+            ),
+            ("idle_timeout = \"later\"", "c.toml:2:16: invalid duration"),
+        ] {
+            let e = parse(&format!("plugins = []\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(error), "{text}: {e}");
+        }
     }
 }

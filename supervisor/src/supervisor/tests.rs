@@ -416,20 +416,25 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
+/// A JavaScript plugin `id` in `dir` (the fake launcher never runs its code).
+fn write_plugin(dir: &std::path::Path, id: &str) {
+    std::fs::write(
+        dir.join("plugin.toml"),
+        format!("id = \"{id}\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("main.js"),
+        "export function echo(x) { return x }\n",
+    )
+    .unwrap();
+}
+
 fn fixture(tweak: impl FnOnce(&mut Options)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let plugin = dir.path().join("fake");
     std::fs::create_dir(&plugin).unwrap();
-    std::fs::write(
-        plugin.join("plugin.toml"),
-        "id = \"fake\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        plugin.join("main.js"),
-        "export function echo(x) { return x }\n",
-    )
-    .unwrap();
+    write_plugin(&plugin, "fake");
     let mut options = Options::new();
     options.cache_dir = Some(dir.path().join("cache"));
     options.state_dir = dir.path().join("state");
@@ -934,16 +939,7 @@ async fn a_log_flood_is_bounded_and_breaks_nothing() {
 /// A second plugin (`other`) beside the fixture's, in the same supervisor.
 fn add_other(f: &Fixture) -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("plugin.toml"),
-        "id = \"other\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("main.js"),
-        "export function echo(x) { return x }\n",
-    )
-    .unwrap();
+    write_plugin(dir.path(), "other");
     let mut sup = f.sup.clone();
     (sup.add_plugin_dir(dir.path()).unwrap(), dir)
 }
