@@ -165,6 +165,11 @@ fn stage_plugin(dir: &Path, entry: &str) -> PathBuf {
 /// Install the `wasm32-wasip1` standard library if rustup lacks it. Loud, because it
 /// changes the toolchain.
 fn ensure_wasm_target() {
+    // One test process at a time: two `rustup target add` at once race on rustup's
+    // own files, and the loser fails.
+    let lock = std::env::temp_dir().join("corral-tests-wasm-target.lock");
+    let lock = std::fs::File::create(&lock).expect("the rustup lock file");
+    lock.lock().expect("lock the rustup lock file");
     let out = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output();

@@ -46,13 +46,18 @@ pub use frame::FrameError;
 pub use messages::*;
 
 /// Version of the messages in this crate. Bumped on any change to their encoding.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Magic bytes that open every handshake frame.
 pub const MAGIC: [u8; 4] = *b"CRRL";
 
 /// File descriptor number on which a worker finds its end of the supervisor socket.
 pub const WORKER_SOCKET_FD: i32 = 3;
+
+/// File descriptor on which a compile helper ([`Code::CompileOnly`]) finds the file
+/// it writes the compiled module into: made by the supervisor, owned by it, and the
+/// only thing the helper can write.
+pub const ARTIFACT_FD: i32 = 4;
 
 /// An error and its sources on one line (`a: b: c`), for the error strings that
 /// cross the wire (`LoadFailed`, `StartFailed`) and for logs.

@@ -127,7 +127,22 @@ pub struct EngineLimits {
     pub init_deadline_ms: u64,
 }
 
-/// Where the supervisor wants a worker to keep compiled artefacts, if anywhere.
+/// How a Wasm worker gets the plugin's compiled code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Code {
+    /// Compile the entry itself (no shared store of compiled modules, and every
+    /// engine but Wasm).
+    Compile,
+    /// Map the precompiled module at this path (read-only to the worker; made by a
+    /// compile helper from exactly the entry's bytes, and named by their digest).
+    Precompiled(String),
+    /// Be a compile helper: compile the entry, write the artefact to
+    /// [`crate::ARTIFACT_FD`], answer `Loaded` with no exports and exit. No plugin
+    /// code runs (no instance is made, no `init`).
+    CompileOnly,
+}
+
+/// What a worker is to load: the plugin, its limits and configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadSpec {
     pub plugin_id: String,
@@ -136,8 +151,8 @@ pub struct LoadSpec {
     /// Entry file, relative to `plugin_dir` (validated by the manifest crate).
     pub entry: String,
     pub limits: EngineLimits,
-    /// Directory for the engine's compiled-code cache; `None` disables caching.
-    pub cache_dir: Option<String>,
+    /// Where compiled code comes from (Wasm).
+    pub code: Code,
     /// The operator's configuration for the plugin (`[plugin.<id>.config]` in the
     /// daemon's configuration), readable by the plugin from `init` on.
     pub config: BTreeMap<String, String>,
@@ -627,6 +642,9 @@ pub struct WorkersStatus {
     /// them with), and its `RLIMIT_NOFILE` (soft).
     pub open_files: Option<u32>,
     pub max_files: u64,
+    /// Wasm modules compiled (by compile helpers) since the daemon started; every
+    /// other start mapped one already compiled.
+    pub modules_compiled: u64,
 }
 
 /// One plugin as `corral list` shows it.

@@ -115,6 +115,35 @@ pub trait Engine {
     /// next call after the loop discarded an instance; an engine may keep what does
     /// not change between the two (a compiled module).
     fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<Self::Instance, LoadError>;
+
+    /// Compile the plugin `spec` names into `out` and run none of it: the worker is
+    /// a compile helper (`Code::CompileOnly`), whose artefact the supervisor shares
+    /// between every worker of a module with the same bytes. Only engines with
+    /// precompiled code have one.
+    fn precompile(&mut self, spec: &LoadSpec, out: &mut std::fs::File) -> Result<(), LoadError> {
+        let _ = (spec, out);
+        Err(LoadError::Engine(
+            "this engine has no precompiled code".into(),
+        ))
+    }
+}
+
+/// The file a compile helper writes its artefact into ([`corral_protocol::ARTIFACT_FD`]),
+/// taken once.
+pub(crate) fn artifact_file() -> Result<std::fs::File, LoadError> {
+    use corral_protocol::ARTIFACT_FD;
+    // SAFETY: `fcntl(F_GETFD)` only queries the descriptor table.
+    let flags = unsafe { libc::fcntl(ARTIFACT_FD, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(LoadError::Engine(format!(
+            "a compile helper needs its artefact file at fd {ARTIFACT_FD}, which is not open"
+        )));
+    }
+    // SAFETY: the fd is open (checked above); the supervisor placed it for this
+    // helper and it is taken exactly once, at its only `Load`.
+    Ok(std::fs::File::from(unsafe {
+        OwnedFd::from_raw_fd(ARTIFACT_FD)
+    }))
 }
 
 /// A loaded plugin. The loop checks a call's function against [`Instance::exports`]

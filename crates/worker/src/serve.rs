@@ -6,7 +6,9 @@
 //! calls on them.
 
 use crate::{EXIT_LOAD_FAILED, EXIT_PROTOCOL, Engine, Host, Instance};
-use corral_protocol::{CallError, FromWorker, LoadSpec, ToWorker, WorkerStats, error_chain, frame};
+use corral_protocol::{
+    CallError, Code, FromWorker, LoadSpec, ToWorker, WorkerStats, error_chain, frame,
+};
 use std::time::Duration;
 
 /// The plugin this worker serves: its spec, and an instance unless the last call
@@ -67,6 +69,34 @@ fn discards(result: &Result<Vec<u8>, CallError>) -> bool {
     )
 }
 
+/// A compile helper's one job: the artefact written, `Loaded` with no exports (or
+/// `LoadFailed`), and the exit. Nothing of the plugin runs.
+fn compile_only<E: Engine>(engine: &mut E, spec: &LoadSpec, host: &Host) -> u8 {
+    let written = crate::artifact_file().and_then(|mut out| {
+        engine.precompile(spec, &mut out)?;
+        out.sync_data()
+            .map_err(|e| crate::LoadError::Engine(format!("cannot write the compiled module: {e}")))
+    });
+    let (reply, code) = match written {
+        Ok(()) => (
+            FromWorker::Loaded {
+                exports: Vec::new(),
+            },
+            0,
+        ),
+        Err(e) => (
+            FromWorker::LoadFailed {
+                error: error_chain(&e),
+            },
+            EXIT_LOAD_FAILED,
+        ),
+    };
+    match host.send(&reply) {
+        Ok(()) => code,
+        Err(_) => EXIT_PROTOCOL,
+    }
+}
+
 /// Serve until shutdown; the worker's exit code.
 pub(crate) fn serve<E: Engine>(engine: &mut E, host: &Host) -> u8 {
     let mut plugin: Option<Plugin<E::Instance>> = None;
@@ -86,6 +116,9 @@ pub(crate) fn serve<E: Engine>(engine: &mut E, host: &Host) -> u8 {
                 if plugin.is_some() {
                     eprintln!("corral worker: a second Load; a worker serves one plugin");
                     return EXIT_PROTOCOL;
+                }
+                if spec.code == Code::CompileOnly {
+                    return compile_only(engine, &spec, host);
                 }
                 host.set_config(spec.config.clone(), spec.secrets.clone());
                 match engine.instantiate(&spec, host) {
@@ -271,7 +304,7 @@ mod tests {
                 plugin_id: "fake".into(),
                 plugin_dir: "/nowhere".into(),
                 entry: "plugin".into(),
-                cache_dir: None,
+                code: Code::Compile,
                 limits: EngineLimits {
                     memory_bytes: 1 << 20,
                     max_output_bytes: 10,
@@ -405,7 +438,7 @@ mod tests {
             plugin_id: "other".into(),
             plugin_dir: "/".into(),
             entry: "x".into(),
-            cache_dir: None,
+            code: Code::Compile,
             limits: EngineLimits {
                 memory_bytes: 1,
                 max_output_bytes: 1,

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const ATTACKS: &[&str] = &[
+    "precompiled",
     "read",
     "write",
     "read_own",
@@ -61,6 +62,8 @@ struct HostileEngine;
 struct Hostile {
     plugin_dir: String,
     exports: Vec<String>,
+    /// The precompiled module it was given, if any.
+    precompiled: Option<String>,
 }
 
 fn errno_name(e: &std::io::Error) -> String {
@@ -76,6 +79,7 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::ESRCH) => "ESRCH",
         Some(libc::EAGAIN) => "EAGAIN",
         Some(libc::EMFILE) => "EMFILE",
+        Some(libc::EFBIG) => "EFBIG",
         _ => return format!("{e}"),
     };
     name.to_owned()
@@ -91,6 +95,7 @@ fn outcome<T>(r: std::io::Result<T>) -> String {
 impl Hostile {
     fn attack(&self, function: &str, arg: &str, host: &Host) -> String {
         match function {
+            "precompiled" => self.precompiled.clone().unwrap_or_else(|| "none".into()),
             "read" => outcome(std::fs::read(arg)),
             "write" => outcome(std::fs::write(arg, b"pwned")),
             "read_own" => outcome(std::fs::read_dir(&self.plugin_dir).map(|d| d.count())),
@@ -513,10 +518,47 @@ impl Engine for HostileEngine {
         })?;
         let mut exports: Vec<String> = ATTACKS.iter().map(|s| s.to_string()).collect();
         exports.sort();
+        let precompiled = match &spec.code {
+            corral_protocol::Code::Precompiled(p) => Some(p.clone()),
+            _ => None,
+        };
         Ok(Hostile {
             plugin_dir: spec.plugin_dir.clone(),
             exports,
+            precompiled,
         })
+    }
+
+    /// A compile helper gone bad: it writes `hostile artifact` and the module, or,
+    /// for a module saying `hostile-compile: flood`, writes until it is stopped and
+    /// says how far it got and why.
+    fn precompile(&mut self, spec: &LoadSpec, out: &mut std::fs::File) -> Result<(), LoadError> {
+        use std::io::Write;
+        let entry = std::path::Path::new(&spec.plugin_dir).join(&spec.entry);
+        let bytes = std::fs::read(&entry).map_err(|source| LoadError::Read {
+            path: entry.display().to_string(),
+            source,
+        })?;
+        if bytes.windows(22).any(|w| w == b"hostile-compile: flood") {
+            let chunk = vec![0x90u8; 1 << 20];
+            let mut written = 0u64;
+            let err = loop {
+                match out.write(&chunk) {
+                    Ok(n) => written += n as u64,
+                    Err(e) => break e,
+                }
+                if written > 8 << 30 {
+                    break std::io::Error::other("never stopped");
+                }
+            };
+            return Err(LoadError::Engine(format!(
+                "flood stopped after {written} bytes: {}",
+                errno_name(&err)
+            )));
+        }
+        out.write_all(b"hostile artifact\n")
+            .and_then(|()| out.write_all(&bytes))
+            .map_err(|e| LoadError::Engine(errno_name(&e)))
     }
 }
 

@@ -31,7 +31,7 @@ fn fd_links(pid: u32) -> Vec<(u32, String)> {
 
 #[tokio::test]
 async fn worker_holds_only_stdio_and_its_socket() {
-    let (sup, _c) = hello();
+    let (sup, cache) = hello();
     sup.call("hello-wasm", "noop", vec![], None).await.unwrap();
     let pid = worker_pid(&sup, "hello-wasm").await;
     let links = fd_links(pid);
@@ -46,9 +46,26 @@ async fn worker_holds_only_stdio_and_its_socket() {
         socket_inode(&links[3].1).is_some(),
         "fd 3 is the socket: {links:?}"
     );
-    // Anything else is wasmtime's own memory image, made after exec: nothing
-    // inherited from the supervisor, and no second handle on the socket.
+    // Anything else is what wasmtime opened after exec: the precompiled module it
+    // maps (read-only, in the store of compiled modules) and its memory image.
+    // Nothing inherited from the supervisor, and no second handle on the socket.
+    let store = cache.path().join("wasm");
     for (fd, target) in &links[4..] {
+        if target.starts_with(store.to_str().unwrap()) {
+            assert!(target.ends_with(".cwasm"), "fd {fd} -> {target}");
+            let flags = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+            let flags = flags
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+                .unwrap();
+            assert_eq!(
+                flags & 0o3,
+                0,
+                "fd {fd} -> {target} is open for reading only"
+            );
+            continue;
+        }
         assert!(
             target.starts_with("/memfd:wasm-memory-image"),
             "fd {fd} -> {target}"

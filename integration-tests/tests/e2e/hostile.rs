@@ -97,6 +97,41 @@ async fn fd_bomb(a: &Arena) {
     assert!(n > 0 && n <= corral::WORKER_MAX_FILES, "{n} descriptors");
 }
 
+/// The store of compiled modules, from a worker that maps one: it reads its own
+/// module, which is what its compile helper wrote from its bytes, and can change
+/// neither that file (`write_own`: EACCES, or EROFS in the read-only view of
+/// `maximum`) nor anything else in the store, nor plant a module of its own there
+/// (`plant`: EACCES; at `maximum`, with these tests' cache under `/tmp`, the path
+/// is in the worker's own tmpfs, so the write succeeds there and the host's store
+/// is untouched).
+async fn module_store_attacks(a: &Arena, write_own: &str, plant: &str) {
+    let own = a.attack("precompiled", "").await.unwrap();
+    let own = PathBuf::from(own);
+    assert!(
+        own.starts_with(a.cache.path().join("wasm")) && own.extension().unwrap() == "cwasm",
+        "{}",
+        own.display()
+    );
+    a.expect("read", own.to_str().unwrap(), "ok").await;
+    let module = std::fs::read(a._attacker.path().join("testkit.wat")).unwrap();
+    let mut wrote = b"hostile artifact\n".to_vec();
+    wrote.extend_from_slice(&module);
+    a.expect("write", own.to_str().unwrap(), write_own).await;
+    assert_eq!(
+        std::fs::read(&own).unwrap(),
+        wrote,
+        "the stored module changed"
+    );
+    let store = own.parent().unwrap();
+    let planted = store.join("0000.cwasm");
+    a.expect("write", planted.to_str().unwrap(), plant).await;
+    a.expect("list", store.to_str().unwrap(), plant).await;
+    assert!(!planted.exists(), "a module planted in the host's store");
+    assert_eq!(std::fs::read_dir(store).unwrap().count(), 1);
+    // The neighbour's module has the same bytes: the same file, written once.
+    assert_eq!(a.sup.workers().modules_compiled, 1);
+}
+
 /// The attacks whose outcome is the same at every level.
 /// A stream and a datagram unix socket anyone may connect or send to, as D-Bus,
 /// journald or a container runtime's are.
@@ -158,6 +193,7 @@ async fn common_attacks(a: &Arena) {
     a.expect("read_own", "", "ok").await;
     let probe = a.writable().join("probe");
     a.expect("write", probe.to_str().unwrap(), "ok").await;
+    module_store_attacks(a, "EACCES", "EACCES").await;
 
     // Filesystem: nothing else, whoever owns it.
     a.expect("read", "/etc/shadow", "EACCES").await;
@@ -470,6 +506,7 @@ async fn maximum_level_shows_a_minimal_read_only_world() {
         "EROFS",
     )
     .await;
+    module_store_attacks(&a, "EROFS", "ok").await;
     // Nothing else of the host exists in its view.
     a.expect("read", "/etc/shadow", "ENOENT").await;
     a.expect("read", "/proc/1/environ", "ENOENT").await;
@@ -949,4 +986,45 @@ async fn a_worker_writing_its_own_frames_is_bounded_killed_and_replaced() {
         grown() >> 20
     );
     a.sup.shutdown(std::time::Duration::from_secs(1)).await;
+}
+
+/// A compile helper that writes without end is stopped at the artefact's limit
+/// (`RLIMIT_FSIZE`: EFBIG, at every level); the start fails saying so, nothing is
+/// stored, and the neighbour still answers.
+#[tokio::test]
+async fn a_compile_helper_flooding_its_artefact_is_stopped_at_the_limit() {
+    for level in [Level::Standard, Level::High, Level::Maximum] {
+        let a = arena(level);
+        let flood = corral_integration_tests::open_tempdir();
+        let module = ";; hostile-compile: flood\n(module)\n";
+        std::fs::write(flood.path().join("flood.wat"), module).unwrap();
+        std::fs::write(
+            flood.path().join("plugin.toml"),
+            "id = \"flood\"\nversion = \"1.0.0\"\nruntime = \"wasm\"\nentry = \"flood.wat\"\n",
+        )
+        .unwrap();
+        let mut sup = a.sup;
+        sup.add_plugin_dir(flood.path()).unwrap();
+        let limit = (64u64 << 20) + 16 * module.len() as u64;
+        match sup.call("flood", "ok", vec![], None).await {
+            Err(CallError::StartFailed { reason, .. }) => assert!(
+                reason.contains(&format!("flood stopped after {limit} bytes: EFBIG")),
+                "{level}: {reason}"
+            ),
+            other => panic!("{level}: {other:?}"),
+        }
+        let stored: Vec<_> = std::fs::read_dir(a.cache.path().join("wasm"))
+            .unwrap()
+            .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+            .map(|f| f.unwrap().file_name())
+            .collect();
+        assert!(stored.is_empty(), "{level}: {stored:?}");
+        assert_eq!(sup.workers().modules_compiled, 0);
+        assert_eq!(
+            sup.call("neighbour", "ok", vec![], None).await.unwrap(),
+            b"ok"
+        );
+        assert_eq!(sup.workers().modules_compiled, 1, "{level}");
+        sup.shutdown(std::time::Duration::from_secs(1)).await;
+    }
 }

@@ -14,6 +14,7 @@ mod faults;
 mod hostile;
 mod js;
 mod lifecycle;
+mod modules;
 mod packages;
 mod python;
 mod services;

@@ -153,9 +153,9 @@ fn workers_line(w: &corral_protocol::WorkersStatus) -> String {
         .open_files
         .map_or_else(|| "all".to_owned(), |n| n.to_string());
     format!(
-        "{} live ({cap}, {idle}); {} stopped idle, {} stopped for room; supervisor files \
-         {open} open of {}",
-        w.live, w.idle_stops, w.evictions, w.max_files
+        "{} live ({cap}, {idle}); {} stopped idle, {} stopped for room; {} Wasm modules \
+         compiled; supervisor files {open} open of {}",
+        w.live, w.idle_stops, w.evictions, w.modules_compiled, w.max_files
     )
 }
 

@@ -85,6 +85,7 @@ impl Capacity {
             evictions: self.evictions.load(Ordering::Relaxed),
             open_files,
             max_files,
+            modules_compiled: 0,
         }
     }
 }
@@ -204,6 +205,9 @@ impl Inner {
 
     /// The workers against the caps, and the supervisor's descriptors.
     pub(crate) fn workers_status(&self) -> WorkersStatus {
-        self.capacity.status()
+        WorkersStatus {
+            modules_compiled: self.launcher.modules_compiled(),
+            ..self.capacity.status()
+        }
     }
 }

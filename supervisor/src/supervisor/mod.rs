@@ -28,6 +28,7 @@ mod capacity;
 mod directory;
 mod health;
 pub mod lifecycle;
+mod modules;
 mod policy;
 mod shutdown;
 mod start;

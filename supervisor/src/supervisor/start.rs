@@ -4,16 +4,20 @@
 //! user, the module cache, the cgroup, the confinement) and spawns the worker
 //! process; the unit tests launch an in-process fake instead.
 
+use super::modules::{Modules, max_artifact_bytes};
 use super::{CGROUP_PREFIX, Inner, Options, Plugin, error_chain};
 use crate::plugins::{access, signing};
 use crate::worker::process::remove_when_empty;
-use crate::worker::{BoxFuture, Broker, Budgets, PluginFiles, SpawnSpec, StartError, WorkerHandle};
+use crate::worker::{
+    ArtifactOut, BoxFuture, Broker, Budgets, PluginFiles, SpawnSpec, StartError, WorkerHandle,
+};
 use corral_confine::cgroup::{CgroupBase, CgroupError, CgroupLimits, PluginCgroup};
 use corral_confine::{Level, SelfConfinement};
 use corral_manifest::Manifest;
 use corral_policy::Effective;
-use corral_protocol::{EngineLimits, LoadSpec};
+use corral_protocol::{Code, EngineLimits, LoadSpec};
 use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Numbers worker groups (`<plugin>-<n>`) uniquely in this process: supervisors in
@@ -43,6 +47,11 @@ pub(crate) trait Launcher: Send + Sync + std::fmt::Debug {
     /// empty; returns whether nothing is left.
     fn clean_up(&self) -> bool {
         true
+    }
+
+    /// Wasm modules compiled so far (for `status`).
+    fn modules_compiled(&self) -> u64 {
+        0
     }
 }
 
@@ -102,13 +111,52 @@ pub(crate) struct ProcessLauncher {
     options: Options,
     /// Created at the first worker start.
     cgroup_base: OnceLock<Result<CgroupBase, String>>,
+    /// Compiled Wasm modules; made at the first Wasm start.
+    modules: OnceLock<Option<Modules>>,
 }
+
+/// What every process started for one worker start shares.
+struct Worker<'a> {
+    req: &'a Launch<'a>,
+    program: PathBuf,
+    run_as: Option<access::Credentials>,
+    /// The system libraries its extensions need (read-only).
+    libraries: Vec<PathBuf>,
+    /// The plugin's own writable directory (`<cache>/modules/<plugin>`).
+    scratch: Option<PathBuf>,
+}
+
+/// The SHA-256 of the module at `path` and its size, read within the limit of a
+/// module.
+fn module_digest(path: &Path) -> Result<(String, u64), corral_files::ReadError> {
+    use sha2::{Digest, Sha256};
+    let (file, meta) = corral_files::open_regular_here(path)?;
+    let mut h = Sha256::new();
+    if meta.len() > MAX_MODULE_BYTES {
+        return Err(corral_files::ReadError::TooLarge {
+            len: meta.len(),
+            max: MAX_MODULE_BYTES,
+        });
+    }
+    let size = std::io::copy(&mut std::io::Read::take(file, MAX_MODULE_BYTES + 1), &mut h)?;
+    if size > MAX_MODULE_BYTES {
+        return Err(corral_files::ReadError::Grew {
+            max: MAX_MODULE_BYTES,
+        });
+    }
+    Ok((crate::plugins::signing::hex(&h.finalize()), size))
+}
+
+/// The largest Wasm module loaded (1 GiB): past it, the start is refused before any
+/// compile.
+const MAX_MODULE_BYTES: u64 = 1 << 30;
 
 impl ProcessLauncher {
     pub(crate) fn new(options: Options) -> ProcessLauncher {
         ProcessLauncher {
             options,
             cgroup_base: OnceLock::new(),
+            modules: OnceLock::new(),
         }
     }
 
@@ -118,7 +166,6 @@ impl ProcessLauncher {
         let m = &p.manifest;
         // The worker reads the version's copy, not the plugin directory.
         let files = p.files.path();
-        let level = effective.level.value;
         let run_as = access::credentials(&effective.user.value).map_err(|why| {
             StartError::Refused(format!(
                 "cannot run the worker as user {} (set by {}): {why}",
@@ -135,7 +182,7 @@ impl ProcessLauncher {
             })?;
         }
         let libraries = match p.libraries.as_ref() {
-            Ok(libs) => libs.iter().map(|l| l.path.clone()),
+            Ok(libs) => libs.iter().map(|l| l.path.clone()).collect(),
             Err(why) => return Err(StartError::LoadFailed(why.to_string())),
         };
         let program = self
@@ -152,6 +199,73 @@ impl ProcessLauncher {
                     }
                 }
             });
+        let worker = Worker {
+            req: &req,
+            program,
+            run_as,
+            libraries,
+            scratch: cache_dir,
+        };
+        let code = match m.runtime {
+            corral_protocol::Runtime::Wasm => self.precompiled(&worker).await?,
+            _ => Code::Compile,
+        };
+        self.spawn(&worker, code, None).await
+    }
+
+    /// The code a Wasm worker of `w` maps: from the store of compiled modules, made
+    /// first by a compile helper if the store has none for the entry's bytes.
+    /// `Code::Compile` (the worker compiles) only when there is no store.
+    async fn precompiled(&self, w: &Worker<'_>) -> Result<Code, StartError> {
+        let Some(modules) = self.modules(&w.program) else {
+            return Ok(Code::Compile);
+        };
+        let p = w.req.plugin;
+        let entry = p.files.path().join(&p.manifest.entry);
+        let (digest, size) = module_digest(&entry)
+            .map_err(|e| StartError::LoadFailed(format!("{}: {e}", entry.display())))?;
+        let path = modules
+            .get_or_compile(&digest, max_artifact_bytes(size), |out| async move {
+                let (helper, group) = self.spawn(w, Code::CompileOnly, Some(out)).await?;
+                // It exits on its own once it has answered.
+                helper.shutdown(self.options.kill_grace).await;
+                if let Some(g) = group {
+                    remove_when_empty(g);
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(Code::Precompiled(path.to_string_lossy().into_owned()))
+    }
+
+    /// The store of compiled modules for the worker binary `program`, made at the
+    /// first Wasm start; `None` (with a warning, once) if it cannot be.
+    fn modules(&self, program: &Path) -> Option<&Modules> {
+        self.modules
+            .get_or_init(|| {
+                Modules::open(self.options.cache_dir.as_deref(), program)
+                    .inspect_err(|e| {
+                        tracing::warn!(
+                            "Wasm workers compile their own modules (nothing shared): {e}"
+                        )
+                    })
+                    .ok()
+            })
+            .as_ref()
+    }
+
+    /// Spawn the worker of `w` with `code`: a serving worker, or with `artifact` a
+    /// compile helper (nothing writable but that file).
+    async fn spawn(
+        &self,
+        w: &Worker<'_>,
+        code: Code,
+        artifact: Option<ArtifactOut>,
+    ) -> Result<Launched, StartError> {
+        let (p, effective) = (w.req.plugin, w.req.effective);
+        let m = &p.manifest;
+        let files = p.files.path();
+        let level = effective.level.value;
         let (cgroup, cgroup_unavailable) = match self.plugin_cgroup(m, effective) {
             Ok(g) => (Some(Arc::new(g)), None),
             // The supervisor's own limit: not a reason to start without a group.
@@ -166,12 +280,22 @@ impl ProcessLauncher {
                 (None, Some(why))
             }
         };
+        let mut read: Vec<PathBuf> = std::iter::once(files.to_owned())
+            .chain(w.libraries.iter().cloned())
+            .collect();
+        if let Code::Precompiled(path) = &code {
+            read.push(path.into());
+        }
+        let write = match artifact {
+            Some(_) => Vec::new(),
+            None => w.scratch.iter().cloned().collect(),
+        };
         let spec = SpawnSpec {
             cgroup: cgroup.clone(),
             cgroup_unavailable,
-            program,
+            program: w.program.clone(),
             runtime: m.runtime,
-            broker: req.broker,
+            broker: w.req.broker.clone(),
             redactor: p.redactor.clone(),
             files: Some(PluginFiles {
                 snapshot: Arc::clone(&p.files),
@@ -187,16 +311,18 @@ impl ProcessLauncher {
             },
             confine: SelfConfinement {
                 level,
-                read: std::iter::once(files.to_owned()).chain(libraries).collect(),
-                write: cache_dir.iter().cloned().collect(),
+                read,
+                write,
                 tmpfs_bytes: effective.tmpfs.value,
                 runtime: m.runtime,
-                run_as: run_as.map(|c| [c.uid, c.gid]),
+                run_as: w.run_as.map(|c| [c.uid, c.gid]),
                 hide: Vec::new(),
                 // No group to kill the plugin's processes with: a PID namespace.
                 own_pids: cgroup.is_none(),
             },
+            artifact,
         };
+        let settings = self.options.plugin_config.get(&m.id);
         let load = LoadSpec {
             plugin_id: m.id.clone(),
             plugin_dir: files.to_string_lossy().into_owned(),
@@ -206,19 +332,9 @@ impl ProcessLauncher {
                 max_output_bytes: effective.max_output.value,
                 init_deadline_ms: effective.init_timeout.value.as_millis() as u64,
             },
-            cache_dir: cache_dir.map(|d| d.to_string_lossy().into_owned()),
-            config: self
-                .options
-                .plugin_config
-                .get(&m.id)
-                .map(|c| c.config.clone())
-                .unwrap_or_default(),
-            secrets: self
-                .options
-                .plugin_config
-                .get(&m.id)
-                .map(|c| c.secrets.clone())
-                .unwrap_or_default(),
+            code,
+            config: settings.map(|c| c.config.clone()).unwrap_or_default(),
+            secrets: settings.map(|c| c.secrets.clone()).unwrap_or_default(),
         };
         match WorkerHandle::start(&spec, load).await {
             Ok(w) => Ok((w, cgroup)),
@@ -267,6 +383,13 @@ impl ProcessLauncher {
 impl Launcher for ProcessLauncher {
     fn launch<'a>(&'a self, req: Launch<'a>) -> BoxFuture<'a, Result<Launched, StartError>> {
         Box::pin(self.start(req))
+    }
+
+    fn modules_compiled(&self) -> u64 {
+        self.modules
+            .get()
+            .and_then(Option::as_ref)
+            .map_or(0, Modules::compiles)
     }
 
     fn clean_up(&self) -> bool {

@@ -192,6 +192,7 @@ impl Launcher for FakeLauncher {
                     log_rate: req.effective.log_rate.value,
                     host_calls: req.effective.host_calls.value as usize,
                 },
+                artifact: None,
             };
             let load = corral_protocol::LoadSpec {
                 plugin_id: req.plugin.manifest.id.clone(),
@@ -202,7 +203,7 @@ impl Launcher for FakeLauncher {
                     max_output_bytes: 1 << 20,
                     init_deadline_ms,
                 },
-                cache_dir: None,
+                code: corral_protocol::Code::Compile,
                 config: Default::default(),
                 secrets: Default::default(),
             };

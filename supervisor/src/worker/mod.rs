@@ -36,7 +36,7 @@ pub(crate) use process::open_files;
 pub use process::{VerifyError, WORKER_MAX_FILES, raise_open_files_limit};
 pub use redact::{PluginFiles, Redactor};
 pub use spawn::StartError;
-pub(crate) use spawn::{Budgets, SpawnSpec, exhausted};
+pub(crate) use spawn::{ArtifactOut, Budgets, SpawnSpec, exhausted};
 
 use corral_confine::Level;
 use corral_protocol::{

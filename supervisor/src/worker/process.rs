@@ -8,7 +8,7 @@ use super::BoxFuture;
 use crate::plugins::access::Credentials;
 use corral_confine::Level;
 use corral_confine::cgroup::PluginCgroup;
-use corral_protocol::{Hello, WORKER_SOCKET_FD};
+use corral_protocol::{ARTIFACT_FD, Hello, WORKER_SOCKET_FD};
 use std::ffi::CString;
 use std::os::fd::RawFd;
 use std::process::ExitStatus;
@@ -94,6 +94,7 @@ pub(crate) fn child_setup(
     parent: libc::pid_t,
     level: Level,
     cgroup_procs: &[CString],
+    artifact: Option<(RawFd, u64)>,
 ) -> std::io::Result<()> {
     // SAFETY: each call below is an async-signal-safe system call with plain integer
     // arguments or NUL-terminated paths built before the fork; none touches memory the
@@ -147,12 +148,30 @@ pub(crate) fn child_setup(
         } else if libc::dup2(fd, WORKER_SOCKET_FD) < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // Everything above fd 3 closes at exec (marking rather than closing keeps the
+        // A compile helper's artefact file at fd 4, and no file of its own larger
+        // than the artefact may be (a write past it fails with EFBIG rather than
+        // killing it with SIGXFSZ, so the helper can say what happened).
+        let mut keep = WORKER_SOCKET_FD;
+        if let Some((file, max_bytes)) = artifact {
+            if libc::dup2(file, ARTIFACT_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let size = libc::rlimit {
+                rlim_cur: max_bytes,
+                rlim_max: max_bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &size) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            keep = ARTIFACT_FD;
+        }
+        // Everything above closes at exec (marking rather than closing keeps the
         // pipe std uses to report exec errors working).
         const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
         if libc::syscall(
             libc::SYS_close_range,
-            (WORKER_SOCKET_FD + 1) as libc::c_uint,
+            (keep + 1) as libc::c_uint,
             libc::c_uint::MAX,
             CLOSE_RANGE_CLOEXEC,
         ) != 0

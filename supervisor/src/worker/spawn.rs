@@ -52,6 +52,16 @@ pub(crate) struct SpawnSpec {
     pub(crate) files: Option<PluginFiles>,
     /// What the worker may send: the policy's `log_rate` and `host_calls`.
     pub(crate) budgets: Budgets,
+    /// For a compile helper: the file it writes the compiled module into, placed at
+    /// `ARTIFACT_FD`, and how large it may grow (`RLIMIT_FSIZE`).
+    pub(crate) artifact: Option<ArtifactOut>,
+}
+
+/// The file a compile helper writes into (made and owned by the supervisor).
+#[derive(Debug, Clone)]
+pub(crate) struct ArtifactOut {
+    pub(crate) file: Arc<std::fs::File>,
+    pub(crate) max_bytes: u64,
 }
 
 /// The policy's budgets for one worker's streams, enforced by the supervisor.
@@ -145,6 +155,24 @@ fn stderr_tail(s: &str) -> String {
     }
 }
 
+/// A close-on-exec duplicate of `file` numbered above `ARTIFACT_FD`.
+fn above_artifact_fd(file: &std::fs::File) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor `file` keeps open; the new one is ours.
+    let fd = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_DUPFD_CLOEXEC,
+            corral_protocol::ARTIFACT_FD + 1,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just made and is owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 impl WorkerHandle {
     /// Spawn the worker process of `spec`, complete the handshake and load the
     /// plugin.
@@ -168,11 +196,20 @@ impl WorkerHandle {
         let parent = unsafe { libc::getpid() };
         let level = spec.confine.level;
         let procs: Vec<CString> = spec.cgroup.iter().flat_map(|g| g.procs_files()).collect();
+        // Above fd 4, so that placing the socket at 3 cannot close it first.
+        let artifact_fd = match &spec.artifact {
+            Some(a) => Some(above_artifact_fd(&a.file).map_err(StartError::socket)?),
+            None => None,
+        };
+        let artifact = artifact_fd
+            .as_ref()
+            .zip(spec.artifact.as_ref())
+            .map(|(fd, a)| (fd.as_raw_fd(), a.max_bytes));
         // SAFETY: `child_setup` only makes async-signal-safe system calls (prctl,
-        // getppid, dup2, fcntl, close_range, open, write, close, getrlimit, setrlimit, unshare)
-        // and allocates nothing (`procs` was built before the fork).
+        // getppid, dup2, fcntl, close_range, open, write, close, getrlimit, setrlimit,
+        // unshare, signal) and allocates nothing (`procs` was built before the fork).
         unsafe {
-            cmd.pre_exec(move || child_setup(fd, parent, level, &procs));
+            cmd.pre_exec(move || child_setup(fd, parent, level, &procs, artifact));
         }
         let mut child = cmd.spawn().map_err(|source| match exhausted(&source) {
             Some(o) => StartError::Overloaded(o),
@@ -182,6 +219,7 @@ impl WorkerHandle {
             },
         })?;
         drop(theirs);
+        drop(artifact_fd);
         let pid = child.id().unwrap_or(0);
         ours.set_nonblocking(true).map_err(StartError::socket)?;
         let stream = tokio::net::UnixStream::from_std(ours).map_err(StartError::socket)?;

@@ -1,8 +1,9 @@
 //! The WebAssembly engine of Corral: wasmtime running WASI preview-1 core modules.
 //!
 //! Principal types: [`WasmEngine`] (implements [`corral_worker::Engine`]),
-//! [`WasmInstance`] (one instantiated plugin) and [`ModuleCache`] (precompiled
-//! modules on disk). Deadlines are epoch interruption, driven by the shared
+//! [`WasmInstance`] (one instantiated plugin). A serving worker maps the module
+//! a compile helper (this same binary, at `Code::CompileOnly`) precompiled for it;
+//! it compiles only when the supervisor has no store of compiled modules. Deadlines are epoch interruption, driven by the shared
 //! [`corral_worker::Watchdog`]: each store runs with an epoch deadline of one tick,
 //! and the watchdog increments the engine's epoch when the armed deadline passes,
 //! which traps the running guest with [`wasmtime::Trap::Interrupt`].
@@ -39,11 +40,7 @@
 //! asks for a fresh one at the next call, made from the module compiled at load, and
 //! `corral_init` runs again.
 
-mod cache;
-
-pub use cache::{CacheOutcome, ModuleCache};
-
-use corral_protocol::{CallError, LoadSpec, LogLevel, Runtime};
+use corral_protocol::{CallError, Code, LoadSpec, LogLevel, Runtime};
 use corral_worker::{Engine, EngineInfo, Host, LoadError, SetupError, Watchdog};
 use std::path::Path;
 use std::sync::Arc;
@@ -61,7 +58,7 @@ pub const WASMTIME_VERSION: &str = "48.0.8";
 /// Prefix of exported plugin functions.
 pub const EXPORT_PREFIX: &str = "corral_fn_";
 
-/// The wasmtime [`Config`] every Corral worker uses. Cached modules are tied to it.
+/// The wasmtime [`Config`] every Corral worker uses. Precompiled modules are tied to it.
 pub fn engine_config() -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
@@ -243,14 +240,14 @@ impl WasmEngine {
         Ok(Arc::clone(self.watchdog.insert(Arc::new(w))))
     }
 
-    /// The compiled module for `spec`: compiled (or read from the module cache)
-    /// once, at load.
-    fn compiled(&mut self, spec: &LoadSpec, host: &Host) -> Result<&Compiled, LoadError> {
+    /// The compiled module for `spec`: mapped from its precompiled artefact (or,
+    /// without one, compiled) once, at load.
+    fn compiled(&mut self, spec: &LoadSpec) -> Result<&Compiled, LoadError> {
         let source = (spec.plugin_dir.clone(), spec.entry.clone());
         if self.compiled.as_ref().is_some_and(|c| c.source == source) {
             return Ok(self.compiled.as_ref().expect("checked above"));
         }
-        let module = self.compile(spec, host)?;
+        let module = self.compile(spec)?;
         let mut exports = Vec::new();
         for e in module.exports() {
             let Some(name) = e.name().strip_prefix(EXPORT_PREFIX) else {
@@ -288,36 +285,33 @@ impl WasmEngine {
         }))
     }
 
-    fn compile(&self, spec: &LoadSpec, host: &Host) -> Result<Module, LoadError> {
-        let path = Path::new(&spec.plugin_dir).join(&spec.entry);
-        let shown = path.display().to_string();
-        let bytes = std::fs::read(&path).map_err(|source| LoadError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        let invalid = |e: wasmtime::Error| LoadError::Invalid {
-            path: shown.clone(),
-            message: format!("{e:#}"),
-        };
-        let Some(dir) = &spec.cache_dir else {
-            return Module::new(&self.engine, &bytes).map_err(invalid);
-        };
-        let cache = ModuleCache::new(dir.into(), &self.engine);
-        let (module, outcome) = cache.load_or_compile(&bytes).map_err(invalid)?;
-        if let CacheOutcome::WriteFailed(why) = &outcome {
-            // At level maximum the cache is visible read-only by design: only a hit
-            // helps there, and a miss is no fault.
-            let level = if why.contains("Read-only file system") {
-                LogLevel::Debug
-            } else {
-                LogLevel::Warn
-            };
-            host.log(
-                level,
-                format!("module cache not written ({why}); the next start compiles again"),
-            );
+    fn compile(&self, spec: &LoadSpec) -> Result<Module, LoadError> {
+        match &spec.code {
+            Code::Precompiled(path) => {
+                // SAFETY: the supervisor made this file from a compile helper's output
+                // for exactly the entry's bytes, in a directory only it can write, and
+                // the worker can only read it; wasmtime still checks its header and
+                // refuses an artefact of another version or configuration. It is
+                // mapped, not read: its code pages are shared by every worker of the
+                // module.
+                unsafe { Module::deserialize_file(&self.engine, path) }.map_err(|e| {
+                    LoadError::Invalid {
+                        path: path.clone(),
+                        message: format!(
+                            "the precompiled module is refused: {e:#} (remove the file and \
+                             the next start compiles it again)"
+                        ),
+                    }
+                })
+            }
+            Code::Compile | Code::CompileOnly => {
+                let (bytes, shown) = entry_bytes(spec)?;
+                Module::new(&self.engine, &bytes).map_err(|e| LoadError::Invalid {
+                    path: shown,
+                    message: format!("{e:#}"),
+                })
+            }
         }
-        Ok(module)
     }
 
     fn linker(&self) -> Result<Linker<State>, LoadError> {
@@ -572,8 +566,35 @@ impl Engine for WasmEngine {
     fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<WasmInstance, LoadError> {
         let watchdog = self.watchdog()?;
         let engine = self.engine.clone();
-        let compiled = self.compiled(spec, host)?;
+        let compiled = self.compiled(spec)?;
         Ok(instantiate(&engine, compiled, spec, host, watchdog)?)
+    }
+
+    fn precompile(&mut self, spec: &LoadSpec, out: &mut std::fs::File) -> Result<(), LoadError> {
+        use std::io::Write;
+        let (bytes, shown) = entry_bytes(spec)?;
+        let artefact = self
+            .engine
+            .precompile_module(&bytes)
+            .map_err(|e| LoadError::Invalid {
+                path: shown,
+                message: format!("{e:#}"),
+            })?;
+        out.write_all(&artefact)
+            .map_err(|e| LoadError::Engine(format!("cannot write the compiled module: {e}")))
+    }
+}
+
+/// The entry's bytes, and its path as shown in errors.
+fn entry_bytes(spec: &LoadSpec) -> Result<(Vec<u8>, String), LoadError> {
+    let path = Path::new(&spec.plugin_dir).join(&spec.entry);
+    let shown = path.display().to_string();
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok((bytes, shown)),
+        Err(source) => Err(LoadError::Read {
+            path: shown,
+            source,
+        }),
     }
 }
 
