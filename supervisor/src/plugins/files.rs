@@ -139,12 +139,35 @@ pub fn fingerprint(dir: &Path) -> std::io::Result<String> {
 
 /// File digests by path, kept with the metadata they were computed from (size,
 /// inode, modification and change times, as git's index does): a watch pass hashes
-/// only the files that changed.
+/// only the files that changed. A file changed within the last two seconds is not
+/// remembered (the kernel's coarse timestamps could hide a second write in the same
+/// tick, git's "racily clean" entries).
 #[derive(Debug, Default)]
 pub(crate) struct FileHashes(BTreeMap<PathBuf, (FileStamp, String)>);
 
-/// Size, inode, and modification and change times (seconds, nanoseconds).
-type FileStamp = (u64, u64, i64, i64, i64, i64);
+/// Device, inode, size, and modification and change times (seconds, nanoseconds).
+pub(crate) type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
+
+/// The stamp of a file's metadata.
+pub(crate) fn stamp(m: &std::fs::Metadata) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    (
+        m.dev(),
+        m.ino(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    )
+}
+
+/// How long after its last change a file's digest may be remembered.
+const SETTLED: Duration = Duration::from_secs(2);
+
+/// More entries than this and the memory starts again (a bound on what a plugin
+/// directory of millions of files could make the supervisor hold).
+const MAX_REMEMBERED: usize = 1 << 20;
 
 impl FileHashes {
     /// Forget the files outside `dirs`.
@@ -152,36 +175,58 @@ impl FileHashes {
         self.0.retain(|f, _| dirs.iter().any(|d| f.starts_with(d)));
     }
 
+    /// The digest of `path` if it was computed from a file with this stamp.
+    pub(crate) fn known(&self, path: &Path, stamp: &FileStamp) -> Option<String> {
+        self.0
+            .get(path)
+            .filter(|(k, _)| k == stamp)
+            .map(|(_, sum)| sum.clone())
+    }
+
+    /// Remember `digest` for `path` at `stamp`, unless the file changed too recently.
+    pub(crate) fn remember(&mut self, path: &Path, stamp: FileStamp, digest: &str) {
+        let changed = std::time::UNIX_EPOCH
+            + Duration::new(stamp.5.max(0) as u64, stamp.6.clamp(0, 999_999_999) as u32);
+        let settled = std::time::SystemTime::now()
+            .duration_since(changed)
+            .is_ok_and(|age| age >= SETTLED);
+        if !settled {
+            self.0.remove(path);
+            return;
+        }
+        if self.0.len() >= MAX_REMEMBERED {
+            self.0.clear();
+        }
+        self.0.insert(path.to_owned(), (stamp, digest.to_owned()));
+    }
+
     fn digest(&mut self, path: &Path) -> std::io::Result<String> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::symlink_metadata(path)?;
-        let key = (
-            m.len(),
-            m.ino(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec(),
-        );
-        if let Some((k, sum)) = self.0.get(path)
-            && *k == key
-        {
-            return Ok(sum.clone());
+        let key = stamp(&std::fs::symlink_metadata(path)?);
+        if let Some(sum) = self.known(path, &key) {
+            return Ok(sum);
         }
         let sum = crate::plugins::signing::sha256_file(path)
             .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
-        self.0.insert(path.to_owned(), (key, sum.clone()));
+        self.remember(path, key, &sum);
         Ok(sum)
     }
 }
 
 /// [`fingerprint`], reusing the digests of unchanged files from `cache`.
 pub(crate) fn fingerprint_with(dir: &Path, cache: &mut FileHashes) -> std::io::Result<String> {
+    fingerprint_by(dir, &mut |p| cache.digest(p))
+}
+
+/// [`fingerprint`], with each regular file's digest from `digest`.
+pub(crate) fn fingerprint_by(
+    dir: &Path,
+    digest: &mut dyn FnMut(&Path) -> std::io::Result<String>,
+) -> std::io::Result<String> {
     fn walk(
         root: &Path,
         dir: &Path,
         h: &mut Sha256,
-        cache: &mut FileHashes,
+        digest: &mut dyn FnMut(&Path) -> std::io::Result<String>,
     ) -> std::io::Result<()> {
         let mut entries = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
         entries.sort_by_key(|e| e.file_name());
@@ -199,15 +244,15 @@ pub(crate) fn fingerprint_with(dir: &Path, cache: &mut FileHashes) -> std::io::R
                 h.update(format!("link {rel} {}\n", target.display()));
             } else if kind.is_dir() {
                 h.update(format!("dir {rel}\n"));
-                walk(root, &path, h, cache)?;
+                walk(root, &path, h, digest)?;
             } else if kind.is_file() {
-                h.update(format!("file {rel} {}\n", cache.digest(&path)?));
+                h.update(format!("file {rel} {}\n", digest(&path)?));
             }
         }
         Ok(())
     }
     let mut h = Sha256::new();
-    walk(dir, dir, &mut h, cache)?;
+    walk(dir, dir, &mut h, digest)?;
     Ok(crate::plugins::signing::hex(&h.finalize()))
 }
 

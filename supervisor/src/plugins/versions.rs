@@ -1,44 +1,93 @@
 //! Snapshots of plugin versions: the files a version's workers read.
 //!
-//! When a version is read, its directory is copied into the supervisor's own
-//! `versions` directory (under the cache directory), and every worker of that
-//! version loads the copy. A version therefore keeps running exactly as it was
-//! checked whatever happens to its directory afterwards: an edit the lifecycle
-//! rejected, a half-written file, or the directory removed. A worker restarted after
-//! a crash, renewed under a new policy, or a Python worker importing again after a
-//! trap reads the same files as the first one. The worker's user needs no access to
-//! the operator's plugin directory, only to the copy (read-only to it).
+//! When a version is read, its files are put into the supervisor's own `versions`
+//! directory (under the cache directory), and every worker of that version loads
+//! that snapshot. A version therefore keeps running exactly as it was checked
+//! whatever happens to its directory afterwards: an edit the lifecycle rejected, a
+//! half-written file, or the directory removed. A worker restarted after a crash,
+//! renewed under a new policy, or a Python worker importing again after a trap
+//! reads the same files as the first one. The worker's user needs no access to the
+//! operator's plugin directory, only to the snapshot (read-only to it).
+//!
+//! Snapshots are copy-on-write in the way that matters here: a file's contents are
+//! stored once, as an object named by their SHA-256 in `objects/` (0444, owned by
+//! the supervisor, in a 0700 directory), and every snapshot holding those bytes,
+//! of any version or plugin, is a hard link to it. Only files whose metadata
+//! (device, inode, size, modification and change times) changed since they were
+//! last hashed are read again; the others are linked from what is known. A file is
+//! copied into a new object through the descriptor it was checked on, hashed as it
+//! is copied. An object nothing links any more (a link count of one) for ten
+//! minutes is removed by the next sweep; the store is shared by the supervisors of
+//! one cache directory, and one of them removing an object another is about to
+//! link only costs that one a copy.
 //!
 //! Layout: `<cache>/versions/<pid>.<random>/` per supervisor, holding a `.lock` that
 //! the supervisor keeps locked while it runs, and one `<dir name>.<random>/` per
-//! version. A version's copy is removed when the version and all its workers are gone;
-//! a supervisor's directory when it exits, or, if it was killed, by the next supervisor
-//! that finds its lock free.
+//! version; `<cache>/versions/objects/<2 hex>/<64 hex>`. A version's snapshot is
+//! removed when the version and all its workers are gone; a supervisor's directory
+//! when it exits, or, if it was killed, by the next supervisor that finds its lock
+//! free.
 
+use crate::plugins::files::{FileHashes, stamp};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-/// The copy of one plugin version's files; removed when dropped.
+/// The snapshot of one plugin version's files; removed when dropped.
 #[derive(Debug)]
-pub struct Snapshot(tempfile::TempDir);
+pub struct Snapshot {
+    dir: tempfile::TempDir,
+    /// The digest of every regular file, by path in the snapshot.
+    digests: HashMap<PathBuf, String>,
+}
 
 impl Snapshot {
-    /// Where the copy is.
+    /// Where the snapshot is.
     pub fn path(&self) -> &Path {
-        self.0.path()
+        self.dir.path()
+    }
+
+    /// The fingerprint of the snapshot (as [`crate::plugins::files::fingerprint`]
+    /// gives it), from the digests taken as it was made: nothing is read again.
+    pub(crate) fn fingerprint(&self) -> std::io::Result<String> {
+        crate::plugins::files::fingerprint_by(self.path(), &mut |p| {
+            self.digests.get(p).cloned().ok_or_else(|| {
+                std::io::Error::other(format!("{}: not in the snapshot", p.display()))
+            })
+        })
+    }
+
+    /// The digest of the file at `rel` in the snapshot, if it is a regular file.
+    pub(crate) fn digest(&self, rel: &Path) -> Option<&str> {
+        self.digests.get(&self.path().join(rel)).map(String::as_str)
     }
 }
 
-/// One supervisor's directory of snapshots, locked while it lives.
+/// One supervisor's directory of snapshots, locked while it lives, and the store of
+/// file objects they link.
 #[derive(Debug)]
 pub(crate) struct Versions {
     dir: tempfile::TempDir,
     _lock: File,
+    objects: PathBuf,
+    /// Digests of the plugin directories' files, by path and metadata.
+    known: Mutex<FileHashes>,
+    last_sweep: Mutex<Instant>,
+    /// Bytes read from plugin directories into objects (what was not known).
+    copied: std::sync::atomic::AtomicU64,
 }
 
 const LOCK: &str = ".lock";
+const OBJECTS: &str = "objects";
+
+/// How long an object nothing links stays (a one-shot `corral run` of the same
+/// plugin a moment later links it again instead of copying).
+const UNUSED_FOR: Duration = Duration::from_secs(600);
 
 /// Why the directory of version snapshots cannot be made.
 #[derive(Debug, thiserror::Error)]
@@ -74,11 +123,32 @@ impl Versions {
             File::create(&lock_path).map_err(at(format!("create {}", lock_path.display())))?;
         lock.try_lock()
             .map_err(|e| at(format!("lock {}", lock_path.display()))(std::io::Error::from(e)))?;
-        Ok(Versions { dir, _lock: lock })
+        let objects = base.join(OBJECTS);
+        make_objects(&objects).map_err(at(format!("create {}", objects.display())))?;
+        let versions = Versions {
+            dir,
+            _lock: lock,
+            objects,
+            known: Mutex::default(),
+            last_sweep: Mutex::new(Instant::now()),
+            copied: Default::default(),
+        };
+        versions.sweep_in_background();
+        Ok(versions)
     }
 
-    /// Copy the plugin in `dir` (every file but `__pycache__`, links as links) into a
-    /// new snapshot, readable (not writable) by every user.
+    /// Remove, on a thread of its own, the objects nothing has linked for
+    /// [`UNUSED_FOR`].
+    fn sweep_in_background(&self) {
+        let objects = self.objects.clone();
+        let _ = std::thread::Builder::new()
+            .name("corral-objects-sweep".into())
+            .spawn(move || sweep(&objects, UNUSED_FOR));
+    }
+
+    /// Snapshot the plugin in `dir` (every file but `__pycache__`, links as links),
+    /// readable (not writable) by every user: each regular file linked from the
+    /// object of its bytes, copied into a new object only if it is not known.
     pub(crate) fn snapshot(&self, dir: &Path) -> std::io::Result<Snapshot> {
         let name = dir
             .file_name()
@@ -88,41 +158,183 @@ impl Versions {
             .prefix(&format!("{name}."))
             .tempdir_in(self.dir.path())?;
         std::fs::set_permissions(copy.path(), std::fs::Permissions::from_mode(0o755))?;
-        copy_tree(dir, copy.path())?;
-        Ok(Snapshot(copy))
+        let mut digests = HashMap::new();
+        {
+            let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            self.link_tree(dir, copy.path(), &mut known, &mut digests)?;
+        }
+        let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() > UNUSED_FOR {
+            *last = Instant::now();
+            self.sweep_in_background();
+        }
+        Ok(Snapshot { dir: copy, digests })
+    }
+
+    /// The fingerprint of the plugin in `dir`, hashing only the files that changed
+    /// since they were last hashed here.
+    pub(crate) fn fingerprint(&self, dir: &Path) -> std::io::Result<String> {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        crate::plugins::files::fingerprint_with(dir, &mut known)
+    }
+
+    fn link_tree(
+        &self,
+        from: &Path,
+        to: &Path,
+        known: &mut FileHashes,
+        digests: &mut HashMap<PathBuf, String>,
+    ) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            let src = entry.path();
+            let dst = to.join(entry.file_name());
+            if kind.is_dir() {
+                if entry.file_name() == "__pycache__" {
+                    continue;
+                }
+                std::fs::DirBuilder::new().mode(0o755).create(&dst)?;
+                self.link_tree(&src, &dst, known, digests)?;
+            } else if kind.is_symlink() {
+                std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+            } else if kind.is_file() {
+                let digest = self.link_file(&src, &dst, known)?;
+                digests.insert(dst, digest);
+            }
+            // Pipes, sockets and devices are not plugin files.
+        }
+        Ok(())
+    }
+
+    /// Put the file `src` at `dst` as a link to the object of its bytes; its digest.
+    fn link_file(&self, src: &Path, dst: &Path, known: &mut FileHashes) -> std::io::Result<String> {
+        // Known and unchanged: its object is linked without reading it (what is
+        // linked is the object, never the author's file).
+        let m = std::fs::symlink_metadata(src)?;
+        if m.file_type().is_file()
+            && let Some(digest) = known.known(src, &stamp(&m))
+            && std::fs::hard_link(self.object(&digest), dst).is_ok()
+        {
+            return Ok(digest);
+        }
+        // Not `fs::copy`: the author may swap the file for a link (to a file only
+        // the supervisor can read) or a FIFO after the listing.
+        let (mut file, before) = corral_files::open_regular_here(src)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", src.display())))?;
+        let mut out = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+            .open(&self.objects)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            self.copied
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        let digest = crate::plugins::signing::hex(&h.finalize());
+        out.set_permissions(std::fs::Permissions::from_mode(0o444))?;
+        let object = self.object(&digest);
+        match link_unnamed(&out, &object) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        // Linked from the store's object (the same bytes) when it is there; else
+        // (swept a moment ago by another supervisor) this copy itself.
+        if std::fs::hard_link(&object, dst).is_err() {
+            link_unnamed(&out, dst)?;
+        }
+        // Remembered only if the file did not change while it was read.
+        if file
+            .metadata()
+            .is_ok_and(|after| stamp(&after) == stamp(&before))
+        {
+            known.remember(src, stamp(&before), &digest);
+        }
+        Ok(digest)
+    }
+
+    fn object(&self, digest: &str) -> PathBuf {
+        self.objects.join(&digest[..2]).join(digest)
     }
 }
 
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        let src = entry.path();
-        let dst = to.join(entry.file_name());
-        if kind.is_dir() {
-            if entry.file_name() == "__pycache__" {
-                continue;
-            }
-            std::fs::DirBuilder::new().mode(0o755).create(&dst)?;
-            copy_tree(&src, &dst)?;
-        } else if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
-        } else if kind.is_file() {
-            // Not `fs::copy`: the author may swap the file for a link (to a file only
-            // the supervisor can read) or a FIFO after the listing.
-            let (mut file, _) = corral_files::open_regular_here(&src)
-                .map_err(|e| std::io::Error::other(format!("{}: {e}", src.display())))?;
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o644)
-                .open(&dst)?;
-            std::io::copy(&mut file, &mut out)?;
-            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644))?;
+/// `objects/` (0700) and its 256 shards.
+fn make_objects(objects: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(objects)?;
+    std::fs::set_permissions(objects, std::fs::Permissions::from_mode(0o700))?;
+    for i in 0..=255u8 {
+        match std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(objects.join(format!("{i:02x}")))
+        {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
         }
-        // Pipes, sockets and devices are not plugin files.
     }
     Ok(())
+}
+
+/// Give an `O_TMPFILE` file its name (never replacing one).
+fn link_unnamed(file: &File, to: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(std::io::Error::other)?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: both paths are NUL-terminated and live across the call.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Remove the objects with no link but the store's own whose last link went at
+/// least `unused_for` ago (a link count change sets the change time).
+fn sweep(objects: &Path, unused_for: Duration) {
+    let mut removed = 0u64;
+    for shard in std::fs::read_dir(objects).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(shard.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(m) = entry.metadata() else { continue };
+            let unused =
+                std::time::UNIX_EPOCH + Duration::new(m.ctime().max(0) as u64, 0) + unused_for;
+            if m.nlink() == 1
+                && std::time::SystemTime::now() > unused
+                && std::fs::remove_file(entry.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::debug!(removed, "unused plugin file objects removed");
+    }
 }
 
 /// Remove the directories in `base` of supervisors that are gone (their lock is
@@ -133,7 +345,7 @@ fn remove_stale(base: &Path) {
     };
     for entry in entries.flatten() {
         let path: PathBuf = entry.path();
-        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) || entry.file_name() == OBJECTS {
             continue;
         }
         let gone = match File::open(path.join(LOCK)) {
@@ -197,11 +409,10 @@ mod tests {
         );
         assert!(!s.join("__pycache__").exists());
         assert!(!s.join("lib/__pycache__").exists());
-        // Readable by every user whatever the original's mode, writable by none but
-        // its owner.
+        // Readable by every user whatever the original's mode, writable by none.
         assert_eq!(
             std::fs::metadata(s.join("plugin.py")).unwrap().mode() & 0o777,
-            0o644
+            0o444
         );
         assert_eq!(std::fs::metadata(s).unwrap().mode() & 0o777, 0o755);
         assert_eq!(
@@ -217,6 +428,95 @@ mod tests {
         let kept = s.to_owned();
         drop(snap);
         assert!(!kept.exists());
+    }
+
+    #[test]
+    fn identical_files_are_stored_once_and_only_changed_files_are_read_again() {
+        let root = tempfile::tempdir().unwrap();
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let shared = vec![7u8; 100_000];
+        for d in [a.path(), b.path()] {
+            std::fs::create_dir(d.join("lib")).unwrap();
+            std::fs::write(d.join("lib/shared.js"), &shared).unwrap();
+        }
+        std::fs::write(a.path().join("main.js"), "a").unwrap();
+        std::fs::write(b.path().join("main.js"), "b").unwrap();
+        let versions = Versions::create(root.path()).unwrap();
+        let sa = versions.snapshot(a.path()).unwrap();
+        let sb = versions.snapshot(b.path()).unwrap();
+        let inode = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let ja = sa.path().join("lib/shared.js");
+        let jb = sb.path().join("lib/shared.js");
+        // One object for the bytes both plugins have: the store's link and two
+        // snapshots'.
+        assert_eq!(inode(&ja), inode(&jb));
+        assert_eq!(std::fs::metadata(&ja).unwrap().nlink(), 3);
+        assert_ne!(
+            inode(&sa.path().join("main.js")),
+            inode(&sb.path().join("main.js"))
+        );
+        assert_eq!(std::fs::read(&jb).unwrap(), shared);
+        // Its fingerprint, from the digests it was made with, is the directory's.
+        assert_eq!(
+            sa.fingerprint().unwrap(),
+            crate::plugins::files::fingerprint(a.path()).unwrap()
+        );
+        assert_eq!(
+            sa.digest(Path::new("lib/shared.js")),
+            Some(crate::plugins::signing::sha256_file(&ja).unwrap().as_str())
+        );
+        // The objects dir is the supervisor's alone.
+        assert_eq!(
+            std::fs::metadata(root.path().join("versions/objects"))
+                .unwrap()
+                .mode()
+                & 0o777,
+            0o700
+        );
+
+        // Settled files (changed more than two seconds ago) are known by their
+        // metadata: a new version of `a` reads only what changed.
+        std::thread::sleep(Duration::from_millis(2100));
+        let _ = versions.fingerprint(a.path()).unwrap();
+        let before = versions.copied.load(std::sync::atomic::Ordering::Relaxed);
+        let again = versions.snapshot(a.path()).unwrap();
+        assert_eq!(
+            versions.copied.load(std::sync::atomic::Ordering::Relaxed),
+            before,
+            "unchanged files were read again"
+        );
+        assert_eq!(inode(&again.path().join("lib/shared.js")), inode(&ja));
+        std::fs::write(a.path().join("main.js"), "a2").unwrap();
+        let changed = versions.snapshot(a.path()).unwrap();
+        assert_eq!(
+            versions.copied.load(std::sync::atomic::Ordering::Relaxed),
+            before + 2
+        );
+        assert_eq!(
+            std::fs::read_to_string(changed.path().join("main.js")).unwrap(),
+            "a2"
+        );
+        // The old version still has its bytes.
+        assert_eq!(
+            std::fs::read_to_string(sa.path().join("main.js")).unwrap(),
+            "a"
+        );
+
+        // A sweep removes only what no snapshot links.
+        let objects = root.path().join("versions/objects");
+        let count = || {
+            std::fs::read_dir(&objects)
+                .unwrap()
+                .map(|s| std::fs::read_dir(s.unwrap().path()).unwrap().count())
+                .sum::<usize>()
+        };
+        assert_eq!(count(), 4);
+        drop((sa, again));
+        sweep(&objects, Duration::ZERO);
+        assert_eq!(count(), 3, "the object of \"a\" is linked by nothing");
+        drop((sb, changed));
+        sweep(&objects, Duration::ZERO);
+        assert_eq!(count(), 0);
     }
 
     #[test]

@@ -222,8 +222,24 @@ impl ProcessLauncher {
         };
         let p = w.req.plugin;
         let entry = p.files.path().join(&p.manifest.entry);
-        let (digest, size) = module_digest(&entry)
-            .map_err(|e| StartError::LoadFailed(format!("{}: {e}", entry.display())))?;
+        let unreadable =
+            |e: &dyn std::fmt::Display| StartError::LoadFailed(format!("{}: {e}", entry.display()));
+        // The snapshot knows the digest of its files (and they never change).
+        let (digest, size) = match p.files.digest(&p.manifest.entry) {
+            Some(d) => {
+                let size = std::fs::symlink_metadata(&entry)
+                    .map_err(|e| unreadable(&e))?
+                    .len();
+                if size > MAX_MODULE_BYTES {
+                    return Err(unreadable(&corral_files::ReadError::TooLarge {
+                        len: size,
+                        max: MAX_MODULE_BYTES,
+                    }));
+                }
+                (d.to_owned(), size)
+            }
+            None => module_digest(&entry).map_err(|e| unreadable(&e))?,
+        };
         let path = modules
             .get_or_compile(&digest, max_artifact_bytes(size), |out| async move {
                 let (helper, group) = self.spawn(w, Code::CompileOnly, Some(out)).await?;

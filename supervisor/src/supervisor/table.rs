@@ -3,8 +3,8 @@
 use super::{AddPluginError, Inner, PluginState};
 use crate::broker::messaging::Delivery;
 use crate::plugins::native::{self, Library, NativeError};
+use crate::plugins::signing;
 use crate::plugins::versions::{Snapshot, Versions};
-use crate::plugins::{files, signing};
 use crate::worker::Redactor;
 use corral_manifest::Manifest;
 use std::path::Path;
@@ -92,20 +92,7 @@ impl Inner {
             dir: dir.to_owned(),
             source,
         })?;
-        let fingerprint = files::fingerprint(&dir).map_err(|source| AddPluginError::Files {
-            dir: dir.clone(),
-            source,
-        })?;
-        let manifest = Manifest::load_dir(&dir)?;
-        let publisher = signing::verify(&dir, &self.options.publishers).map_err(|source| {
-            AddPluginError::Signature {
-                dir: dir.clone(),
-                source,
-            }
-        })?;
-        // What was checked is what runs: the copy must hold the files fingerprinted
-        // before the manifest and signature were read.
-        let files = self
+        let versions = self
             .versions
             .get_or_init(|| {
                 let root = self
@@ -119,13 +106,30 @@ impl Inner {
             .map_err(|why| AddPluginError::Snapshot {
                 dir: dir.clone(),
                 why: why.to_string(),
-            })?
+            })?;
+        let fingerprint = versions
+            .fingerprint(&dir)
+            .map_err(|source| AddPluginError::Files {
+                dir: dir.clone(),
+                source,
+            })?;
+        let manifest = Manifest::load_dir(&dir)?;
+        let publisher = signing::verify(&dir, &self.options.publishers).map_err(|source| {
+            AddPluginError::Signature {
+                dir: dir.clone(),
+                source,
+            }
+        })?;
+        // What was checked is what runs: the snapshot must hold the files
+        // fingerprinted before the manifest and signature were read (its own
+        // fingerprint comes from the digests taken as its files were linked).
+        let files = versions
             .snapshot(&dir)
             .map_err(|e| AddPluginError::Snapshot {
                 dir: dir.clone(),
                 why: e.to_string(),
             })?;
-        if files::fingerprint(files.path()).ok().as_ref() != Some(&fingerprint) {
+        if files.fingerprint().ok().as_ref() != Some(&fingerprint) {
             return Err(AddPluginError::Changed { dir });
         }
         let settings = self.options.plugin_config.get(&manifest.id);
