@@ -334,6 +334,39 @@ pub fn example_plugin(name: &str) -> tempfile::TempDir {
     dir
 }
 
+/// A copy of the plugin in `dir` whose `plugin.toml` names it `id` (for many plugins
+/// of one example), readable by the workers' user.
+pub fn plugin_copy(dir: &Path, id: &str) -> tempfile::TempDir {
+    fn all(from: &Path, to: &Path) {
+        for entry in std::fs::read_dir(from).expect("plugin directory") {
+            let entry = entry.expect("plugin entry");
+            let target = to.join(entry.file_name());
+            if entry.file_type().expect("file type").is_dir() {
+                std::fs::create_dir(&target).expect("create subdirectory");
+                all(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).expect("copy plugin file");
+            }
+        }
+    }
+    let copy = open_tempdir();
+    all(dir, copy.path());
+    let manifest = copy.path().join("plugin.toml");
+    let text = std::fs::read_to_string(&manifest).expect("plugin.toml");
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("id = ") {
+                format!("id = \"{id}\"\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&manifest, text).expect("write plugin.toml");
+    copy
+}
+
 /// Copy the files under `from` into `to` (directories 0755, files 0644).
 fn copy_tree(from: &Path, to: &Path) {
     for entry in std::fs::read_dir(from).expect("fixture directory") {
