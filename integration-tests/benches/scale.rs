@@ -160,9 +160,9 @@ fn main() {
         "scale: wrote {n} plugins in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let mut config = format!(
+    let mut config = String::from(
         "plugins_dir = \"plugins\"\nsocket = \"control.sock\"\ncache_dir = \"cache\"\n\
-         state_dir = \"state\"\naudit = \"audit.jsonl\"\n"
+         state_dir = \"state\"\naudit = \"audit.jsonl\"\n",
     );
     if let Some(m) = &max_workers {
         config.push_str(&format!("max_workers = {m}\n"));
