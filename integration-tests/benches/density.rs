@@ -224,11 +224,26 @@ fn main() {
         .unwrap();
     let js = example_plugin("hello-js");
     let py = example_plugin("hello-python");
+    // `--registration`: only the registration rows.
+    let only_registration = std::env::args().any(|a| a == "--registration");
+    let runs = if only_registration { 0 } else { runs };
 
+    if !only_registration {
+        idle_memory(&rt, workers, &js, &py);
+    }
+    registration_and_runs(reg, runs, &js, &py);
+}
+
+fn idle_memory(
+    rt: &tokio::runtime::Runtime,
+    workers: usize,
+    js: &tempfile::TempDir,
+    py: &tempfile::TempDir,
+) {
     println!("idle memory per worker (PSS, {workers} idle workers of each example):");
     let cache = open_tempdir();
     let opts = options(cache.path());
-    let wasm = idle_pss(&rt, &opts, &built().hello_wasm, workers);
+    let wasm = idle_pss(rt, &opts, &built().hello_wasm, workers);
     // A store others can write is refused: every worker compiles its own module.
     let refused = open_tempdir();
     std::fs::create_dir(refused.path().join("wasm")).unwrap();
@@ -237,9 +252,9 @@ fn main() {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .unwrap();
-    let compiling = idle_pss(&rt, &options(refused.path()), &built().hello_wasm, workers);
-    let js_pss = idle_pss(&rt, &opts, js.path(), workers);
-    let py_pss = idle_pss(&rt, &opts, py.path(), workers);
+    let compiling = idle_pss(rt, &options(refused.path()), &built().hello_wasm, workers);
+    let js_pss = idle_pss(rt, &opts, js.path(), workers);
+    let py_pss = idle_pss(rt, &opts, py.path(), workers);
     for (name, kib, target) in [
         ("Wasm (maps the shared precompiled module)", wasm, 1024.0),
         (
@@ -257,7 +272,9 @@ fn main() {
             if kib <= target { "met" } else { "missed" }
         );
     }
+}
 
+fn registration_and_runs(reg: usize, runs: usize, js: &tempfile::TempDir, py: &tempfile::TempDir) {
     println!("registering a plugin (fingerprint, manifest, snapshot), {reg} samples:");
     let big = big_plugin(5000);
     let tiny = js.path();
@@ -285,6 +302,9 @@ fn main() {
         Some(tiny_warm),
     );
 
+    if runs == 0 {
+        return;
+    }
     println!("one-shot `corral run ... noop` through the CLI, {runs} samples:");
     let run_cache = open_tempdir();
     let tiny_run = one_shot(tiny, run_cache.path(), runs);

@@ -85,6 +85,10 @@ pub(crate) struct Versions {
 const LOCK: &str = ".lock";
 const OBJECTS: &str = "objects";
 
+/// Files up to this size are read into memory, hashed, and written to the store
+/// only if it lacks their bytes; larger ones are streamed into it as they are hashed.
+const IN_MEMORY: u64 = 1 << 20;
+
 /// How long an object nothing links stays (a one-shot `corral run` of the same
 /// plugin a moment later links it again instead of copying).
 const UNUSED_FOR: Duration = Duration::from_secs(600);
@@ -222,37 +226,44 @@ impl Versions {
         // the supervisor can read) or a FIFO after the listing.
         let (mut file, before) = corral_files::open_regular_here(src)
             .map_err(|e| std::io::Error::other(format!("{}: {e}", src.display())))?;
-        let mut out = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-            .open(&self.objects)?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
+        let digest = if before.len() <= IN_MEMORY {
+            // Small (most files): read, hashed, and written only if no object has
+            // these bytes yet.
+            let mut bytes = Vec::with_capacity(before.len() as usize);
+            (&mut file).take(IN_MEMORY + 1).read_to_end(&mut bytes)?;
+            if bytes.len() as u64 > IN_MEMORY {
+                return Err(std::io::Error::other(format!(
+                    "{}: it grew while it was read",
+                    src.display()
+                )));
             }
-            h.update(&buf[..n]);
-            out.write_all(&buf[..n])?;
             self.copied
-                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        }
-        let digest = crate::plugins::signing::hex(&h.finalize());
-        out.set_permissions(std::fs::Permissions::from_mode(0o444))?;
-        let object = self.object(&digest);
-        match link_unnamed(&out, &object) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        // Linked from the store's object (the same bytes) when it is there; else
-        // (swept a moment ago by another supervisor) this copy itself.
-        if std::fs::hard_link(&object, dst).is_err() {
-            link_unnamed(&out, dst)?;
-        }
+                .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            let digest = crate::plugins::signing::hex(&Sha256::digest(&bytes));
+            if std::fs::hard_link(self.object(&digest), dst).is_err() {
+                let mut out = self.unnamed()?;
+                out.write_all(&bytes)?;
+                self.store(&out, &digest, dst)?;
+            }
+            digest
+        } else {
+            let mut out = self.unnamed()?;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
+                self.copied
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            let digest = crate::plugins::signing::hex(&h.finalize());
+            self.store(&out, &digest, dst)?;
+            digest
+        };
         // Remembered only if the file did not change while it was read.
         if file
             .metadata()
@@ -261,6 +272,34 @@ impl Versions {
             known.remember(src, stamp(&before), &digest);
         }
         Ok(digest)
+    }
+
+    /// A new unnamed file in the store, for an object's bytes.
+    fn unnamed(&self) -> std::io::Result<File> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+            .open(&self.objects)
+    }
+
+    /// Make `out` (the bytes with `digest`) the store's object unless one exists,
+    /// and link the object at `dst`.
+    fn store(&self, out: &File, digest: &str, dst: &Path) -> std::io::Result<()> {
+        out.set_permissions(std::fs::Permissions::from_mode(0o444))?;
+        let object = self.object(digest);
+        match link_unnamed(out, &object) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        // Linked from the store's object (the same bytes) when it is there; else
+        // (swept a moment ago by another supervisor) this copy itself.
+        if std::fs::hard_link(&object, dst).is_err() {
+            link_unnamed(out, dst)?;
+        }
+        Ok(())
     }
 
     fn object(&self, digest: &str) -> PathBuf {
