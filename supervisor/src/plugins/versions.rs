@@ -276,12 +276,7 @@ impl Versions {
 
     /// A new unnamed file in the store, for an object's bytes.
     fn unnamed(&self) -> std::io::Result<File> {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-            .open(&self.objects)
+        unnamed_file(&self.objects)
     }
 
     /// Make `out` (the bytes with `digest`) the store's object unless one exists,
@@ -326,8 +321,18 @@ fn make_objects(objects: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A file with no name yet in `dir`, readable and writable by this process only.
+pub(crate) fn unnamed_file(dir: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir)
+}
+
 /// Give an `O_TMPFILE` file its name (never replacing one).
-fn link_unnamed(file: &File, to: &Path) -> std::io::Result<()> {
+pub(crate) fn link_unnamed(file: &File, to: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::ffi::OsStrExt;
     let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))

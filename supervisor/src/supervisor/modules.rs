@@ -24,11 +24,11 @@
 //! Without a cache directory the store is a private temporary directory that goes
 //! with the supervisor. Two starts of one module wait for one compile.
 
+use crate::plugins::versions::{link_unnamed, unnamed_file};
 use crate::worker::{ArtifactOut, StartError};
 use std::collections::HashMap;
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -198,39 +198,6 @@ impl Modules {
         let f = Arc::new(tokio::sync::Mutex::new(()));
         flights.insert(digest.to_owned(), Arc::downgrade(&f));
         f
-    }
-}
-
-/// A file with no name yet in `dir`, readable and writable by this process only.
-fn unnamed_file(dir: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-        .open(dir)
-}
-
-/// Give an `O_TMPFILE` file its name (never replacing one).
-fn link_unnamed(file: &std::fs::File, to: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map_err(std::io::Error::other)?;
-    let to = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: both paths are NUL-terminated and live across the call.
-    let r = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 
