@@ -337,20 +337,8 @@ pub fn example_plugin(name: &str) -> tempfile::TempDir {
 /// A copy of the plugin in `dir` whose `plugin.toml` names it `id` (for many plugins
 /// of one example), readable by the workers' user.
 pub fn plugin_copy(dir: &Path, id: &str) -> tempfile::TempDir {
-    fn all(from: &Path, to: &Path) {
-        for entry in std::fs::read_dir(from).expect("plugin directory") {
-            let entry = entry.expect("plugin entry");
-            let target = to.join(entry.file_name());
-            if entry.file_type().expect("file type").is_dir() {
-                std::fs::create_dir(&target).expect("create subdirectory");
-                all(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), &target).expect("copy plugin file");
-            }
-        }
-    }
     let copy = open_tempdir();
-    all(dir, copy.path());
+    copy_files(dir, copy.path(), &[]);
     let manifest = copy.path().join("plugin.toml");
     let text = std::fs::read_to_string(&manifest).expect("plugin.toml");
     let text: String = text
@@ -367,17 +355,23 @@ pub fn plugin_copy(dir: &Path, id: &str) -> tempfile::TempDir {
     copy
 }
 
-/// Copy the files under `from` into `to` (directories 0755, files 0644).
+/// Copy the files under `from` into `to` (directories 0755, files 0644), leaving
+/// out `__pycache__` and build output (`target`).
 fn copy_tree(from: &Path, to: &Path) {
+    copy_files(from, to, &["__pycache__", "target"]);
+}
+
+/// Copy the files under `from` into `to`, but for entries named in `skip`.
+fn copy_files(from: &Path, to: &Path, skip: &[&str]) {
     for entry in std::fs::read_dir(from).expect("fixture directory") {
         let entry = entry.expect("fixture entry");
-        if entry.file_name() == "__pycache__" || entry.file_name() == "target" {
+        if skip.iter().any(|s| entry.file_name() == *s) {
             continue;
         }
         let target = to.join(entry.file_name());
         if entry.file_type().expect("file type").is_dir() {
             std::fs::create_dir(&target).expect("create fixture subdirectory");
-            copy_tree(&entry.path(), &target);
+            copy_files(&entry.path(), &target, skip);
         } else {
             std::fs::copy(entry.path(), &target).expect("copy fixture file");
         }

@@ -563,6 +563,36 @@ mod tests {
         assert_eq!(count(), 0);
     }
 
+    /// Both ways a file goes in: up to `IN_MEMORY` read whole (bounded by its size,
+    /// one byte past the limit at most), above it streamed through a 64 KiB buffer;
+    /// both give the same object and the right digest.
+    #[test]
+    fn files_above_the_in_memory_limit_are_streamed_into_the_store() {
+        let root = tempfile::tempdir().unwrap();
+        let plugin = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..(IN_MEMORY as usize * 3 + 7))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let edge = vec![1u8; IN_MEMORY as usize];
+        std::fs::write(plugin.path().join("big.bin"), &big).unwrap();
+        std::fs::write(plugin.path().join("edge.bin"), &edge).unwrap();
+        let versions = Versions::create(root.path()).unwrap();
+        let snap = versions.snapshot(plugin.path()).unwrap();
+        for (name, bytes) in [("big.bin", &big), ("edge.bin", &edge)] {
+            let path = snap.path().join(name);
+            assert_eq!(&std::fs::read(&path).unwrap(), bytes, "{name}");
+            assert_eq!(
+                snap.digest(Path::new(name)),
+                Some(crate::plugins::signing::hex(&Sha256::digest(bytes)).as_str())
+            );
+            assert_eq!(std::fs::metadata(&path).unwrap().nlink(), 2, "{name}");
+        }
+        assert_eq!(
+            versions.copied.load(std::sync::atomic::Ordering::Relaxed),
+            (big.len() + edge.len()) as u64
+        );
+    }
+
     #[test]
     fn the_copies_of_a_supervisor_that_is_gone_are_removed_and_live_ones_kept() {
         let root = tempfile::tempdir().unwrap();
