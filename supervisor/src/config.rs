@@ -30,6 +30,9 @@
 //! # the cap stops the least recently used idle worker, else answers "overloaded").
 //! idle_timeout = "5m"
 //! max_workers = 2000
+//! # Fork Python workers from a zygote template (default true; false starts each
+//! # worker from nothing).
+//! zygotes = true
 //!
 //! [restart]
 //! max_crashes = 5
@@ -94,6 +97,7 @@ struct RawConfig {
     health_interval: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     max_workers: Option<Spanned<usize>>,
+    zygotes: Option<bool>,
     #[serde(default)]
     restart: RawRestart,
     #[serde(default)]
@@ -236,6 +240,9 @@ impl Config {
                 ));
             }
             options.max_workers = Some(*m.get_ref());
+        }
+        if let Some(z) = raw.zygotes {
+            options.zygotes = z;
         }
         for (name, key) in &raw.publishers {
             let k = key.get_ref().trim();

@@ -43,6 +43,7 @@
 //! ```
 
 pub mod cgroup;
+pub mod child;
 mod maximum;
 mod seccomp;
 mod sys;

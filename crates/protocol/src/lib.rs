@@ -41,12 +41,13 @@
 pub mod frame;
 mod messages;
 mod payload;
+pub mod template;
 
 pub use frame::FrameError;
 pub use messages::*;
 
 /// Version of the messages in this crate. Bumped on any change to their encoding.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// Magic bytes that open every handshake frame.
 pub const MAGIC: [u8; 4] = *b"CRRL";

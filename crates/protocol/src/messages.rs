@@ -645,6 +645,10 @@ pub struct WorkersStatus {
     /// Wasm modules compiled (by compile helpers) since the daemon started; every
     /// other start mapped one already compiled.
     pub modules_compiled: u64,
+    /// Zygote templates started, and workers forked from one, since the daemon
+    /// started (every other worker was started by exec).
+    pub templates_started: u64,
+    pub workers_forked: u64,
 }
 
 /// One plugin as `corral list` shows it.

@@ -46,6 +46,7 @@ mod host;
 mod serve;
 pub mod services;
 mod watchdog;
+mod zygote;
 
 pub use errors::{LoadError, SetupError};
 pub use host::{Host, MAX_LOG};
@@ -105,9 +106,32 @@ pub trait Engine {
     }
 
     /// Engine set-up that must happen before confinement (loading shared libraries,
-    /// opening runtime files). Runs no plugin code.
+    /// opening runtime files). Runs no plugin code. In a worker forked from a
+    /// template it runs a second time, after [`Confinement::isolate`]: an engine
+    /// finishes there what depends on the worker (paths its user can reach).
     fn prepare(&mut self) -> Result<(), SetupError> {
         Ok(())
+    }
+
+    /// Set-up in a zygote template, before it forks workers: [`Engine::prepare`],
+    /// and whatever else every worker may share (imports, frozen heaps). Runs as
+    /// the supervisor's user, unconfined, and runs no plugin code.
+    fn warm(&mut self) -> Result<(), SetupError> {
+        self.prepare()
+    }
+
+    /// Descriptors the engine holds that a forked worker keeps (above fd 3).
+    fn kept_fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+
+    /// Just before a template forks (an interpreter takes its locks).
+    fn before_fork(&mut self) {}
+
+    /// Just after a template forked, in the template (`child` false) or in the new
+    /// worker (`child` true: reseed what must differ between workers).
+    fn after_fork(&mut self, child: bool) {
+        let _ = child;
     }
 
     /// Load the plugin `spec` names and run its top-level code and `init` hook
@@ -243,6 +267,16 @@ pub fn run_confined(mut engine: impl Engine, confinement: impl Confinement) -> E
         Ok(r) => r,
         Err(e) => return fail("engine set-up failed", &e, EXIT_LOAD_FAILED),
     };
+    if std::env::var_os(corral_protocol::template::TEMPLATE_ENV).is_some_and(|v| v == "1") {
+        if let Err(e) = engine.warm() {
+            return fail("template set-up failed", &e, EXIT_LOAD_FAILED);
+        }
+        // Returns only in a forked worker, set up as the supervisor asked; the
+        // template itself ends there when the supervisor closes its socket.
+        if let Err(code) = zygote::serve_template(&mut engine) {
+            return code;
+        }
+    }
     if let Err(e) = confinement.isolate(&runtime) {
         return fail("confinement failed", &e, EXIT_CONFINE_FAILED);
     }

@@ -154,8 +154,14 @@ fn workers_line(w: &corral_protocol::WorkersStatus) -> String {
         .map_or_else(|| "all".to_owned(), |n| n.to_string());
     format!(
         "{} live ({cap}, {idle}); {} stopped idle, {} stopped for room; {} Wasm modules \
-         compiled; supervisor files {open} open of {}",
-        w.live, w.idle_stops, w.evictions, w.modules_compiled, w.max_files
+         compiled; {} forked from {} zygote templates; supervisor files {open} open of {}",
+        w.live,
+        w.idle_stops,
+        w.evictions,
+        w.modules_compiled,
+        w.workers_forked,
+        w.templates_started,
+        w.max_files
     )
 }
 

@@ -86,6 +86,8 @@ impl Capacity {
             open_files,
             max_files,
             modules_compiled: 0,
+            templates_started: 0,
+            workers_forked: 0,
         }
     }
 }
@@ -205,8 +207,11 @@ impl Inner {
 
     /// The workers against the caps, and the supervisor's descriptors.
     pub(crate) fn workers_status(&self) -> WorkersStatus {
+        let (templates_started, workers_forked) = self.launcher.templates();
         WorkersStatus {
             modules_compiled: self.launcher.modules_compiled(),
+            templates_started,
+            workers_forked,
             ..self.capacity.status()
         }
     }

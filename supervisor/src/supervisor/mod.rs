@@ -130,6 +130,9 @@ pub struct Options {
     /// A worker with no call for this long is stopped (started again at the next
     /// call). `None`: workers stay.
     pub idle_timeout: Option<Duration>,
+    /// Fork Python workers from a zygote template (the interpreter started and its
+    /// common imports done once) instead of starting each from nothing.
+    pub zygotes: bool,
 }
 
 /// The operator's configuration for one plugin, handed to it at load.
@@ -171,6 +174,7 @@ impl Options {
             publishers: BTreeMap::new(),
             max_workers: None,
             idle_timeout: None,
+            zygotes: true,
         }
     }
 }

@@ -8,6 +8,7 @@ use super::modules::{Modules, max_artifact_bytes};
 use super::{CGROUP_PREFIX, Inner, Options, Plugin, error_chain};
 use crate::plugins::{access, signing};
 use crate::worker::process::remove_when_empty;
+use crate::worker::zygote::Templates;
 use crate::worker::{
     ArtifactOut, BoxFuture, Broker, Budgets, PluginFiles, SpawnSpec, StartError, WorkerHandle,
 };
@@ -15,7 +16,7 @@ use corral_confine::cgroup::{CgroupBase, CgroupError, CgroupLimits, PluginCgroup
 use corral_confine::{Level, SelfConfinement};
 use corral_manifest::Manifest;
 use corral_policy::Effective;
-use corral_protocol::{Code, EngineLimits, LoadSpec};
+use corral_protocol::{Code, EngineLimits, LoadSpec, Runtime};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +53,11 @@ pub(crate) trait Launcher: Send + Sync + std::fmt::Debug {
     /// Wasm modules compiled so far (for `status`).
     fn modules_compiled(&self) -> u64 {
         0
+    }
+
+    /// Zygote templates started and workers forked from them (for `status`).
+    fn templates(&self) -> (u64, u64) {
+        (0, 0)
     }
 }
 
@@ -113,7 +119,14 @@ pub(crate) struct ProcessLauncher {
     cgroup_base: OnceLock<Result<CgroupBase, String>>,
     /// Compiled Wasm modules; made at the first Wasm start.
     modules: OnceLock<Option<Modules>>,
+    /// Zygote templates, for the runtimes in [`ZYGOTE_RUNTIMES`] (`options.zygotes`).
+    templates: Arc<Templates>,
 }
+
+/// Runtimes whose workers are forked from a zygote template: where it pays (see
+/// docs/BENCHMARKS.md, "Zygotes"). CPython's start (the interpreter and its
+/// imports) is most of a Python worker's start and most of its idle memory.
+pub(crate) const ZYGOTE_RUNTIMES: &[Runtime] = &[Runtime::Python];
 
 /// What every process started for one worker start shares.
 struct Worker<'a> {
@@ -157,6 +170,7 @@ impl ProcessLauncher {
             options,
             cgroup_base: OnceLock::new(),
             modules: OnceLock::new(),
+            templates: Arc::default(),
         }
     }
 
@@ -336,6 +350,10 @@ impl ProcessLauncher {
                 // No group to kill the plugin's processes with: a PID namespace.
                 own_pids: cgroup.is_none(),
             },
+            templates: (artifact.is_none()
+                && self.options.zygotes
+                && ZYGOTE_RUNTIMES.contains(&m.runtime))
+            .then(|| Arc::clone(&self.templates)),
             artifact,
         };
         let settings = self.options.plugin_config.get(&m.id);
@@ -408,7 +426,12 @@ impl Launcher for ProcessLauncher {
             .map_or(0, Modules::compiles)
     }
 
+    fn templates(&self) -> (u64, u64) {
+        self.templates.counts()
+    }
+
     fn clean_up(&self) -> bool {
+        self.templates.close();
         match self.cgroup_base.get() {
             Some(Ok(base)) => base.try_remove(),
             _ => true,

@@ -193,6 +193,7 @@ impl Launcher for FakeLauncher {
                     host_calls: req.effective.host_calls.value as usize,
                 },
                 artifact: None,
+                templates: None,
             };
             let load = corral_protocol::LoadSpec {
                 plugin_id: req.plugin.manifest.id.clone(),

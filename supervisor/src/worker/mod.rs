@@ -30,6 +30,7 @@ pub(crate) mod output;
 pub(crate) mod process;
 pub(crate) mod redact;
 pub(crate) mod spawn;
+pub(crate) mod zygote;
 
 pub use exit::UNREPORTED_SYSCALL;
 pub(crate) use process::open_files;

@@ -6,11 +6,8 @@
 
 use super::BoxFuture;
 use crate::plugins::access::Credentials;
-use corral_confine::Level;
 use corral_confine::cgroup::PluginCgroup;
-use corral_protocol::{ARTIFACT_FD, Hello, WORKER_SOCKET_FD};
-use std::ffi::CString;
-use std::os::fd::RawFd;
+use corral_protocol::Hello;
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,14 +62,7 @@ impl Process for Spawned {
     }
 
     fn verify(&self, hello: &mut Hello) -> Result<(), VerifyError> {
-        // Namespaces and credentials are checked from outside: an unprivileged worker
-        // cannot read the supervisor's /proc entries to compare, and a worker that
-        // did not drop root gets no plugin.
-        hello.enforcement.namespaces = corral_confine::worker_namespaces(self.pid);
-        match self.run_as {
-            Some(cred) => check_credentials(self.pid, cred),
-            None => Ok(()),
-        }
+        verify_worker(self.pid, self.run_as, hello)
     }
 
     fn start_kill(&mut self) {
@@ -88,126 +78,23 @@ impl Process for Spawned {
     }
 }
 
-/// Runs in the forked child between `fork` and `exec`.
-pub(crate) fn child_setup(
-    fd: RawFd,
-    parent: libc::pid_t,
-    level: Level,
-    cgroup_procs: &[CString],
-    artifact: Option<(RawFd, u64)>,
-) -> std::io::Result<()> {
-    // SAFETY: each call below is an async-signal-safe system call with plain integer
-    // arguments or NUL-terminated paths built before the fork; none touches memory the
-    // parent shares.
-    unsafe {
-        // Join the plugin's cgroup first: nothing after this runs unlimited.
-        for path in cgroup_procs {
-            let f = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if f < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let ok = libc::write(f, b"0".as_ptr().cast(), 1) == 1;
-            let err = std::io::Error::last_os_error();
-            libc::close(f);
-            if !ok {
-                return Err(err);
-            }
-        }
-        // From `high`: own network (no interfaces but a down loopback), IPC and UTS
-        // namespaces. At `standard`, its own IPC namespace when the supervisor is
-        // root: SysV shared memory, semaphores and message queues (and POSIX ones)
-        // would otherwise be shared with every other plugin and outlive the worker.
-        // (Needs CAP_SYS_ADMIN, so before the privileges go.)
-        let namespaces = if level >= Level::High {
-            libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS
-        } else if libc::geteuid() == 0 {
-            libc::CLONE_NEWIPC
-        } else {
-            0
-        };
-        if namespaces != 0 && libc::unshare(namespaces) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        // The supervisor may have died before prctl took effect.
-        if libc::getppid() != parent {
-            return Err(std::io::Error::other("supervisor exited during spawn"));
-        }
-        if fd == WORKER_SOCKET_FD {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-        } else if libc::dup2(fd, WORKER_SOCKET_FD) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // A compile helper's artefact file at fd 4, and no file of its own larger
-        // than the artefact may be (a write past it fails with EFBIG rather than
-        // killing it with SIGXFSZ, so the helper can say what happened).
-        let mut keep = WORKER_SOCKET_FD;
-        if let Some((file, max_bytes)) = artifact {
-            if libc::dup2(file, ARTIFACT_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let size = libc::rlimit {
-                rlim_cur: max_bytes,
-                rlim_max: max_bytes,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &size) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            keep = ARTIFACT_FD;
-        }
-        // Everything above closes at exec (marking rather than closing keeps the
-        // pipe std uses to report exec errors working).
-        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-        if libc::syscall(
-            libc::SYS_close_range,
-            (keep + 1) as libc::c_uint,
-            libc::c_uint::MAX,
-            CLOSE_RANGE_CLOEXEC,
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        // No core dumps: a plugin's memory may hold other tenants' data.
-        let no_core = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // A bounded descriptor table (an engine needs a few dozen), never above
-        // the supervisor's own hard limit (raising it takes CAP_SYS_RESOURCE).
-        let mut own = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let files = libc::rlimit {
-            rlim_cur: WORKER_MAX_FILES.min(own.rlim_max),
-            rlim_max: WORKER_MAX_FILES.min(own.rlim_max),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &files) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
+pub use corral_confine::child::WORKER_MAX_FILES;
 
-/// `RLIMIT_NOFILE` of a worker (soft and hard).
-pub const WORKER_MAX_FILES: libc::rlim_t = 256;
+/// Check from outside what worker `pid` claimed in `hello`. Namespaces and
+/// credentials are checked from outside: an unprivileged worker cannot read the
+/// supervisor's /proc entries to compare, and a worker that did not drop root gets
+/// no plugin.
+pub(crate) fn verify_worker(
+    pid: u32,
+    run_as: Option<Credentials>,
+    hello: &mut Hello,
+) -> Result<(), VerifyError> {
+    hello.enforcement.namespaces = corral_confine::worker_namespaces(pid);
+    match run_as {
+        Some(cred) => check_credentials(pid, cred),
+        None => Ok(()),
+    }
+}
 
 /// The worker's real, effective, saved and filesystem ids and its capability sets,
 /// as the kernel reports them, against what it was told to become.

@@ -5,10 +5,12 @@
 use super::connection::{Connection, message_name, read_from_worker, write_frames};
 use super::exit::{exit_reason, explain_exit};
 use super::output::{PluginLog, StderrTail, forward_output};
-use super::process::{Process, Spawned, VerifyError, child_setup, remove_when_empty};
+use super::process::{Process, Spawned, VerifyError, remove_when_empty};
+use super::zygote::{self, ForkError, Templates};
 use super::{Broker, CallCtx, Pending, PluginFiles, Redactor, WorkerHandle};
 use crate::plugins::access::Credentials;
 use corral_confine::cgroup::PluginCgroup;
+use corral_confine::child::ChildSetup;
 use corral_confine::{CONFINE_ENV, SelfConfinement};
 use corral_protocol::{
     ExitReason, FromWorker, Hello, HostError, LoadSpec, Overload, Runtime, ToWorker,
@@ -55,6 +57,8 @@ pub(crate) struct SpawnSpec {
     /// For a compile helper: the file it writes the compiled module into, placed at
     /// `ARTIFACT_FD`, and how large it may grow (`RLIMIT_FSIZE`).
     pub(crate) artifact: Option<ArtifactOut>,
+    /// Zygote templates to fork a serving worker from (none: started by exec).
+    pub(crate) templates: Option<Arc<Templates>>,
 }
 
 /// The file a compile helper writes into (made and owned by the supervisor).
@@ -181,11 +185,19 @@ impl WorkerHandle {
         load: LoadSpec,
     ) -> Result<Arc<WorkerHandle>, StartError> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::socket)?;
+        let level = spec.confine.level;
+        let procs: Vec<CString> = spec.cgroup.iter().flat_map(|g| g.procs_files()).collect();
+        if let (Some(templates), None) = (&spec.templates, &spec.artifact)
+            && let Some(forked) = fork_worker(spec, templates, &theirs, &procs).await?
+        {
+            let (process, out, err) = forked;
+            drop(theirs);
+            let tail = forward_both(spec, out, err);
+            return WorkerHandle::connect(spec, load, process, stream(ours)?, tail).await;
+        }
         let mut cmd = Command::new(&spec.program);
         cmd.env_clear()
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .env(WORKER_SOCKET_ENV, WORKER_SOCKET_FD.to_string())
-            .env(CONFINE_ENV, spec.confine.to_env_value())
+            .envs(worker_env(spec))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -194,8 +206,6 @@ impl WorkerHandle {
         let fd = theirs.as_raw_fd();
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
-        let level = spec.confine.level;
-        let procs: Vec<CString> = spec.cgroup.iter().flat_map(|g| g.procs_files()).collect();
         // Above fd 4, so that placing the socket at 3 cannot close it first.
         let artifact_fd = match &spec.artifact {
             Some(a) => Some(above_artifact_fd(&a.file).map_err(StartError::socket)?),
@@ -205,11 +215,23 @@ impl WorkerHandle {
             .as_ref()
             .zip(spec.artifact.as_ref())
             .map(|(fd, a)| (fd.as_raw_fd(), a.max_bytes));
-        // SAFETY: `child_setup` only makes async-signal-safe system calls (prctl,
-        // getppid, dup2, fcntl, close_range, open, write, close, getrlimit, setrlimit,
-        // unshare, signal) and allocates nothing (`procs` was built before the fork).
+        // SAFETY: `ChildSetup::apply` only makes async-signal-safe system calls
+        // (prctl, getppid, dup2, fcntl, close_range, open, write, close, getrlimit,
+        // setrlimit, unshare, signal) and allocates nothing (`procs` was built before
+        // the fork).
         unsafe {
-            cmd.pre_exec(move || child_setup(fd, parent, level, &procs, artifact));
+            cmd.pre_exec(move || {
+                ChildSetup {
+                    socket: fd,
+                    stdio: None,
+                    parent,
+                    level,
+                    cgroup_procs: &procs,
+                    artifact,
+                    zygote_keep: None,
+                }
+                .apply()
+            });
         }
         let mut child = cmd.spawn().map_err(|source| match exhausted(&source) {
             Some(o) => StartError::Overloaded(o),
@@ -221,34 +243,16 @@ impl WorkerHandle {
         drop(theirs);
         drop(artifact_fd);
         let pid = child.id().unwrap_or(0);
-        ours.set_nonblocking(true).map_err(StartError::socket)?;
-        let stream = tokio::net::UnixStream::from_std(ours).map_err(StartError::socket)?;
-        let tail = Arc::new(StderrTail::default());
-        if let Some(s) = child.stdout.take() {
-            tokio::spawn(forward_output(
-                s,
-                spec.plugin_id.clone(),
-                "stdout",
-                None,
-                spec.budgets.log_rate,
-            ));
-        }
-        if let Some(s) = child.stderr.take() {
-            let keep = Some(Arc::clone(&tail));
-            tokio::spawn(forward_output(
-                s,
-                spec.plugin_id.clone(),
-                "stderr",
-                keep,
-                spec.budgets.log_rate,
-            ));
-        }
-        let run_as = spec
-            .confine
-            .run_as
-            .map(|[uid, gid]| Credentials { uid, gid });
-        let process = Box::new(Spawned { child, pid, run_as });
-        WorkerHandle::connect(spec, load, process, stream, tail).await
+        let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(StartError::Socket(std::io::Error::other("no output pipes")));
+        };
+        let tail = forward_both(spec, out, err);
+        let process = Box::new(Spawned {
+            child,
+            pid,
+            run_as: run_as(spec),
+        });
+        WorkerHandle::connect(spec, load, process, stream(ours)?, tail).await
     }
 
     /// The handshake and the load over `stream`, then the connection task that
@@ -432,6 +436,94 @@ impl WorkerHandle {
             .run(rd, child),
         );
         Ok(handle)
+    }
+}
+
+/// The worker's environment: the allow-listed variables, its socket's number and
+/// its confinement.
+fn worker_env(spec: &SpawnSpec) -> Vec<(OsString, OsString)> {
+    let mut env = spec.env.clone();
+    env.push((
+        WORKER_SOCKET_ENV.into(),
+        WORKER_SOCKET_FD.to_string().into(),
+    ));
+    env.push((CONFINE_ENV.into(), spec.confine.to_env_value().into()));
+    env
+}
+
+fn run_as(spec: &SpawnSpec) -> Option<Credentials> {
+    spec.confine
+        .run_as
+        .map(|[uid, gid]| Credentials { uid, gid })
+}
+
+/// The supervisor's end of a worker's socket, for tokio.
+fn stream(ours: std::os::unix::net::UnixStream) -> Result<tokio::net::UnixStream, StartError> {
+    ours.set_nonblocking(true).map_err(StartError::socket)?;
+    tokio::net::UnixStream::from_std(ours).map_err(StartError::socket)
+}
+
+/// Pass a worker's stdout and stderr to the log; the tail of stderr is kept.
+fn forward_both(
+    spec: &SpawnSpec,
+    out: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    err: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> Arc<StderrTail> {
+    let tail = Arc::new(StderrTail::default());
+    let rate = spec.budgets.log_rate;
+    tokio::spawn(forward_output(
+        out,
+        spec.plugin_id.clone(),
+        "stdout",
+        None,
+        rate,
+    ));
+    let keep = Some(Arc::clone(&tail));
+    tokio::spawn(forward_output(
+        err,
+        spec.plugin_id.clone(),
+        "stderr",
+        keep,
+        rate,
+    ));
+    tail
+}
+
+/// A forked worker, its stdout and its stderr.
+type ForkedWorker = (
+    Box<dyn Process>,
+    tokio::net::unix::pipe::Receiver,
+    tokio::net::unix::pipe::Receiver,
+);
+
+/// Fork the worker of `spec` from its template; `None` when there is no template
+/// to fork from (the worker is then started by exec).
+async fn fork_worker(
+    spec: &SpawnSpec,
+    templates: &Templates,
+    theirs: &std::os::unix::net::UnixStream,
+    procs: &[CString],
+) -> Result<Option<ForkedWorker>, StartError> {
+    let Some(request) = zygote::request(&worker_env(spec), spec.confine.level, procs) else {
+        return Ok(None);
+    };
+    let (out, out_w) = zygote::output_pipe().map_err(StartError::socket)?;
+    let (err, err_w) = zygote::output_pipe().map_err(StartError::socket)?;
+    let socket = std::os::fd::OwnedFd::from(theirs.try_clone().map_err(StartError::socket)?);
+    let forked = templates
+        .fork(
+            &spec.program,
+            spec.confine.level,
+            &spec.env,
+            &request,
+            &socket,
+            [&out_w, &err_w],
+        )
+        .await;
+    match forked {
+        Ok(f) => Ok(Some((Box::new(f.with_run_as(run_as(spec))), out, err))),
+        Err(ForkError::Unavailable(_)) => Ok(None),
+        Err(ForkError::Failed(e)) => Err(zygote::fork_failed(&spec.program, e)),
     }
 }
 

@@ -75,3 +75,23 @@ def unload(plugin_dir):
         path = getattr(module, "__file__", None) or ""
         if path.startswith(prefix) and name not in kept and not path.startswith(vendored):
             del sys.modules[name]
+
+
+def rebase_stdlib(old, new, dynload_old, dynload_new):
+    """In a worker forked from a template: read the standard library at `new`
+    from now on (the template imported it from `old`, which this worker's user may
+    not reach): the search path, and the packages already imported, whose
+    submodules are found through their own `__path__`."""
+    def moved(p):
+        for a, b in ((dynload_old, dynload_new), (old, new)):
+            if p == a or p.startswith(a + "/"):
+                return b + p[len(a):]
+        return p
+
+    sys.path[:] = [new, dynload_new]
+    sys.path_importer_cache.clear()
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__path__", None)
+        if isinstance(path, list):
+            path[:] = [moved(p) for p in path]
+    importlib.invalidate_caches()

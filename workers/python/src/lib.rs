@@ -147,6 +147,20 @@ pub struct PythonEngine {
     /// Whether the allocators count against the plugin's memory limit yet (from
     /// the first instance on).
     limited: bool,
+    /// The GIL taken for a template's fork, between `before_fork` and `after_fork`.
+    fork_gil: Option<pyo3::ffi::PyGILState_STATE>,
+}
+
+/// Modules a template imports before it forks: what boot.py and the host API use,
+/// and what nearly every plugin does (JSON in and out).
+const TEMPLATE_IMPORTS: &[&str] = &["json", "base64", "random"];
+
+// CPython's fork protocol (not in pyo3's bindings): called around a fork made
+// outside `os.fork`, with the GIL held.
+unsafe extern "C" {
+    fn PyOS_BeforeFork();
+    fn PyOS_AfterFork_Parent();
+    fn PyOS_AfterFork_Child();
 }
 
 impl std::fmt::Debug for PythonEngine {
@@ -169,7 +183,68 @@ impl PythonEngine {
             stdlib_fd: None,
             boot: None,
             limited: false,
+            fork_gil: None,
         }
+    }
+
+    /// Start the interpreter reading the standard library at `paths`, and the
+    /// worker's own module.
+    fn start(&mut self, paths: &interp::Paths) -> Result<(), SetupError> {
+        interp::initialize(paths)?;
+        let boot = Python::attach(|py| -> PyResult<Py<PyModule>> {
+            let boot = PyModule::from_code(
+                py,
+                &std::ffi::CString::new(BOOT).expect("no NUL in boot.py"),
+                c"<corral-worker>",
+                c"_corral_worker",
+            )?;
+            // The deadline signal's handler (Python-level, so it runs between
+            // bytecodes of the main thread).
+            let corral = py.import("corral")?;
+            // Compiled under a name that tracebacks show.
+            let builtins = py.import("builtins")?;
+            let code = builtins.getattr("compile")?.call1((
+                api::SERVICES_PY,
+                "<corral host API>",
+                "exec",
+            ))?;
+            builtins.getattr("exec")?.call1((code, corral.dict()))?;
+            // `_signal`, not `signal`: the latter builds enums at import (~5 ms).
+            let signal = py.import("_signal")?;
+            signal.call_method1("signal", (libc::SIGALRM, corral.getattr("_deadline")?))?;
+            Ok(boot.unbind())
+        })
+        .map_err(|e| SetupError::Engine {
+            engine: "CPython",
+            message: Python::attach(|py| format_error(py, &e)),
+        })?;
+        self.boot = Some(boot);
+        Ok(())
+    }
+
+    /// In a worker forked from a template: read the standard library from `paths`
+    /// from now on (the template started the interpreter with the real path, which
+    /// the worker's user may not reach), and close the handle if the path will do.
+    fn rebase_stdlib(&mut self, paths: &interp::Paths) -> Result<(), SetupError> {
+        if paths.stdlib == STDLIB {
+            self.stdlib_fd = None;
+            return Ok(());
+        }
+        Python::attach(|py| -> PyResult<()> {
+            let boot = self
+                .boot
+                .as_ref()
+                .expect("forked from a template: the interpreter runs");
+            boot.bind(py).call_method1(
+                "rebase_stdlib",
+                (STDLIB, &paths.stdlib, DYNLOAD, &paths.dynload),
+            )?;
+            Ok(())
+        })
+        .map_err(|e| SetupError::Engine {
+            engine: "CPython",
+            message: Python::attach(|py| format_error(py, &e)),
+        })
     }
 
     /// Where the interpreter reads the standard library from: the real path if this
@@ -394,40 +469,66 @@ impl corral_worker::Engine for PythonEngine {
 
     fn prepare(&mut self) -> Result<(), SetupError> {
         let paths = self.stdlib_paths();
+        if self.boot.is_some() {
+            // Forked from a template: the interpreter runs; only where this worker
+            // reads the standard library from is its own.
+            return self.rebase_stdlib(&paths);
+        }
         if paths.stdlib == STDLIB {
             // Reachable by path: no handle stays open for plugin code.
             self.stdlib_fd = None;
         }
-        interp::initialize(&paths)?;
-        let boot = Python::attach(|py| -> PyResult<Py<PyModule>> {
-            let boot = PyModule::from_code(
-                py,
-                &std::ffi::CString::new(BOOT).expect("no NUL in boot.py"),
-                c"<corral-worker>",
-                c"_corral_worker",
-            )?;
-            // The deadline signal's handler (Python-level, so it runs between
-            // bytecodes of the main thread).
-            let corral = py.import("corral")?;
-            // Compiled under a name that tracebacks show.
-            let builtins = py.import("builtins")?;
-            let code = builtins.getattr("compile")?.call1((
-                api::SERVICES_PY,
-                "<corral host API>",
-                "exec",
-            ))?;
-            builtins.getattr("exec")?.call1((code, corral.dict()))?;
-            // `_signal`, not `signal`: the latter builds enums at import (~5 ms).
-            let signal = py.import("_signal")?;
-            signal.call_method1("signal", (libc::SIGALRM, corral.getattr("_deadline")?))?;
-            Ok(boot.unbind())
+        self.start(&paths)
+    }
+
+    fn warm(&mut self) -> Result<(), SetupError> {
+        // The handle stays: a worker that drops to a user who cannot reach the
+        // standard library by path reads it through the handle.
+        self.start(&self.stdlib_paths())?;
+        Python::attach(|py| -> PyResult<()> {
+            // What every worker imports anyway, then out of the collector's reach:
+            // a collection would write to every object and unshare the pages.
+            for m in TEMPLATE_IMPORTS {
+                py.import(*m)?;
+            }
+            py.import("gc")?.call_method0("freeze")?;
+            Ok(())
         })
         .map_err(|e| SetupError::Engine {
             engine: "CPython",
             message: Python::attach(|py| format_error(py, &e)),
-        })?;
-        self.boot = Some(boot);
-        Ok(())
+        })
+    }
+
+    fn kept_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.stdlib_fd.iter().map(|f| f.as_raw_fd()).collect()
+    }
+
+    fn before_fork(&mut self) {
+        // SAFETY: the interpreter runs (warm) and this is its main thread; the GIL
+        // is taken here and given back in `after_fork`, as CPython's fork protocol
+        // asks (PyOS_BeforeFork with the GIL held).
+        unsafe {
+            self.fork_gil = Some(pyo3::ffi::PyGILState_Ensure());
+            PyOS_BeforeFork();
+        }
+    }
+
+    fn after_fork(&mut self, child: bool) {
+        let Some(gil) = self.fork_gil.take() else {
+            return;
+        };
+        // SAFETY: paired with `before_fork` on the same thread, with the GIL held.
+        // In the child, PyOS_AfterFork_Child re-initialises the interpreter's locks
+        // and runs `os.register_at_fork` hooks (the `random` module reseeds there).
+        unsafe {
+            if child {
+                PyOS_AfterFork_Child();
+            } else {
+                PyOS_AfterFork_Parent();
+            }
+            pyo3::ffi::PyGILState_Release(gil);
+        }
     }
 
     fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<PythonInstance, LoadError> {
