@@ -20,3 +20,4 @@ mod python;
 mod services;
 mod signing;
 mod support;
+mod zygote;
