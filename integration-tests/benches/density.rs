@@ -44,16 +44,31 @@ fn row(name: &str, s: Stats, base: Option<Stats>) {
     );
 }
 
-/// PSS in KiB of `pid` and its descendants.
-fn pss_tree(pid: u32) -> u64 {
-    let own = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+/// PSS in KiB of `pid` alone.
+fn pss_own(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
         .and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("Pss:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// `PPid` of `pid`.
+fn parent_of(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// PSS in KiB of `pid` and its descendants.
+fn pss_tree(pid: u32) -> u64 {
+    let own = pss_own(pid);
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     own + children
@@ -77,8 +92,17 @@ fn idle_pss(rt: &tokio::runtime::Runtime, opts: &corral::Options, dir: &Path, n:
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let list = sup.list().await;
-        let total: u64 = list.iter().filter_map(|p| p.pid).map(pss_tree).sum();
-        assert_eq!(list.iter().filter(|p| p.pid.is_some()).count(), n);
+        let pids: Vec<u32> = list.iter().filter_map(|p| p.pid).collect();
+        assert_eq!(pids.len(), n);
+        // Workers forked from a zygote template are its children: its own memory
+        // (not its children's) is theirs to share.
+        let templates: std::collections::BTreeSet<u32> = pids
+            .iter()
+            .map(|&p| parent_of(p))
+            .filter(|&p| p != std::process::id())
+            .collect();
+        let total: u64 = pids.iter().map(|&p| pss_tree(p)).sum::<u64>()
+            + templates.iter().map(|&t| pss_own(t)).sum::<u64>();
         sup.shutdown(Duration::from_secs(2)).await;
         total as f64 / n as f64
     })
@@ -255,6 +279,14 @@ fn idle_memory(
     let compiling = idle_pss(rt, &options(refused.path()), &built().hello_wasm, workers);
     let js_pss = idle_pss(rt, &opts, js.path(), workers);
     let py_pss = idle_pss(rt, &opts, py.path(), workers);
+    let mut exec = opts.clone();
+    exec.zygotes = Vec::new();
+    let py_exec = idle_pss(rt, &exec, py.path(), workers);
+    // The other runtimes forked from templates too (not the default): does it pay?
+    let mut all = opts.clone();
+    all.zygotes = corral_protocol::Runtime::ALL.to_vec();
+    let wasm_forked = idle_pss(rt, &all, &built().hello_wasm, workers);
+    let js_forked = idle_pss(rt, &all, js.path(), workers);
     for (name, kib, target) in [
         ("Wasm (maps the shared precompiled module)", wasm, 1024.0),
         (
@@ -262,8 +294,27 @@ fn idle_memory(
             compiling,
             1024.0,
         ),
+        (
+            "Wasm, forked from a template (zygotes = [\"wasm\"])",
+            wasm_forked,
+            1024.0,
+        ),
         ("JavaScript", js_pss, 1024.0),
-        ("Python", py_pss, 2048.0),
+        (
+            "JavaScript, forked from a template (zygotes = [\"js\"])",
+            js_forked,
+            1024.0,
+        ),
+        (
+            "Python (forked from a template; its share included)",
+            py_pss,
+            2048.0,
+        ),
+        (
+            "Python, each worker started by exec (zygotes off)",
+            py_exec,
+            2048.0,
+        ),
     ] {
         println!(
             "  {name:<58} {:>7.2} MiB   target {:.0} MiB: {}",

@@ -373,6 +373,39 @@ fn cold_start(
     })
 }
 
+/// From a running supervisor to the first result of a plugin it has not started
+/// yet (what a daemon does at a plugin's first call): `iters` copies of the
+/// example registered in one supervisor, the first call of each timed. One copy
+/// goes first and is not counted (it fills the module cache and starts the
+/// zygote template, when there is one).
+fn cold_start_in_running(
+    rt: &tokio::runtime::Runtime,
+    iters: usize,
+    opts: &corral::Options,
+    ex: Example,
+) -> Stats {
+    let copies: Vec<_> = (0..=iters)
+        .map(|i| corral_integration_tests::plugin_copy(ex.dir, &format!("c{i}")))
+        .collect();
+    let mut sup = Supervisor::new(opts.clone());
+    for c in &copies {
+        sup.add_plugin_dir(c.path()).unwrap();
+    }
+    rt.block_on(async {
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..=iters {
+            let t = Instant::now();
+            let out = sup.call(&format!("c{i}"), "noop", Vec::new(), None).await;
+            assert_eq!(out.unwrap(), b"");
+            if i > 0 {
+                samples.push(t.elapsed());
+            }
+        }
+        sup.shutdown(Duration::from_secs(2)).await;
+        stats(samples)
+    })
+}
+
 fn pin_to_cpu0() {
     // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it for this process.
     unsafe {
@@ -499,6 +532,16 @@ fn main() {
         row("corral: same, worker without its cgroup", c, Some(bare));
         let u = cold_start(&rt, cold.min(10), &bench_options(None, true), wasm);
         row("corral: same, module compiled (no cache)", u, Some(bare));
+        let mut forked = bench_options(cached, true);
+        forked.zygotes = vec![corral_protocol::Runtime::Wasm];
+        let c = cold_start_in_running(&rt, cold, &bench_options(cached, true), wasm);
+        row("corral: running supervisor, exec'd worker", c, Some(bare));
+        let c = cold_start_in_running(&rt, cold, &forked, wasm);
+        row(
+            "corral: running supervisor, forked (zygotes = [\"wasm\"])",
+            c,
+            Some(bare),
+        );
         println!("  (ratio: corral p50 / bare engine start p50; target: cached p50 < 5 ms)");
 
         println!("cold start, JavaScript ({cold} samples)");
@@ -510,11 +553,39 @@ fn main() {
         );
         let c = cold_start(&rt, cold, &bench_options(cached, true), js);
         cold_row("corral: spawn, handshake, load, call (QuickJS)", c, bare);
+        let mut forked = bench_options(cached, true);
+        forked.zygotes = vec![corral_protocol::Runtime::Js];
+        let c = cold_start_in_running(&rt, cold, &bench_options(cached, true), js);
+        cold_row("corral: running supervisor, exec'd worker", c, bare);
+        let c = cold_start_in_running(&rt, cold, &forked, js);
+        cold_row(
+            "corral: running supervisor, forked (zygotes = [\"js\"])",
+            c,
+            bare,
+        );
         println!("cold start, Python ({cold} samples)");
         let bare = bare_python_start(cold);
         row("baseline: python3 -I -S process, same imports", bare, None);
         let c = cold_start(&rt, cold, &bench_options(cached, true), python);
-        cold_row("corral: spawn, handshake, load, call (CPython)", c, bare);
-        println!("  (target: within 3 ms of the bare engine's own start)");
+        cold_row(
+            "corral: new supervisor, template, fork, load, call",
+            c,
+            bare,
+        );
+        let mut exec = bench_options(cached, true);
+        exec.zygotes = Vec::new();
+        let c = cold_start_in_running(&rt, cold, &exec, python);
+        cold_row(
+            "corral: running supervisor, exec'd worker (zygotes off)",
+            c,
+            bare,
+        );
+        let c = cold_start_in_running(&rt, cold, &bench_options(cached, true), python);
+        cold_row(
+            "corral: running supervisor, forked from its template",
+            c,
+            bare,
+        );
+        println!("  (target: at most half the bare python3 start)");
     }
 }

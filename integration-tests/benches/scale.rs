@@ -250,8 +250,17 @@ fn main() {
         }
     }
     let live = list.iter().filter(|p| p.pid.is_some()).count();
+    // The zygote templates the workers were forked from (their parent, when it is
+    // not the daemon) share their memory with them: counted once each.
+    let templates: std::collections::BTreeSet<u32> = list
+        .iter()
+        .filter_map(|p| p.pid)
+        .map(|w| kib(w, "status", "PPid:") as u32)
+        .filter(|&t| t != pid)
+        .collect();
     let pss: u64 = workers
         .iter()
+        .chain(templates.iter())
         .map(|&w| kib(w, "smaps_rollup", "Pss:"))
         .sum();
     let rss = kib(pid, "status", "VmRSS:");

@@ -30,9 +30,9 @@
 //! # the cap stops the least recently used idle worker, else answers "overloaded").
 //! idle_timeout = "5m"
 //! max_workers = 2000
-//! # Fork Python workers from a zygote template (default true; false starts each
-//! # worker from nothing).
-//! zygotes = true
+//! # Runtimes whose workers are forked from a zygote template, the engine set up
+//! # once (default ["wasm", "python"]; [] starts every worker by exec).
+//! zygotes = ["wasm", "python"]
 //!
 //! [restart]
 //! max_crashes = 5
@@ -97,7 +97,7 @@ struct RawConfig {
     health_interval: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     max_workers: Option<Spanned<usize>>,
-    zygotes: Option<bool>,
+    zygotes: Option<Vec<corral_protocol::Runtime>>,
     #[serde(default)]
     restart: RawRestart,
     #[serde(default)]
@@ -241,8 +241,8 @@ impl Config {
             }
             options.max_workers = Some(*m.get_ref());
         }
-        if let Some(z) = raw.zygotes {
-            options.zygotes = z;
+        if let Some(z) = &raw.zygotes {
+            options.zygotes = z.clone();
         }
         for (name, key) in &raw.publishers {
             let k = key.get_ref().trim();
@@ -414,5 +414,23 @@ mod tests {
                 .to_string();
             assert!(e.starts_with(error), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn zygotes_name_runtimes_default_to_wasm_and_python_and_a_wrong_name_is_refused_with_its_place()
+    {
+        use corral_protocol::Runtime;
+        let parse = |text: &str| Config::parse(text, Path::new("c.toml"));
+        let c = parse("plugins = []\n").unwrap();
+        assert_eq!(c.options.zygotes, [Runtime::Wasm, Runtime::Python]);
+        let c = parse("plugins = []\nzygotes = [\"python\", \"js\"]\n").unwrap();
+        assert_eq!(c.options.zygotes, [Runtime::Python, Runtime::Js]);
+        let c = parse("plugins = []\nzygotes = []\n").unwrap();
+        assert!(c.options.zygotes.is_empty());
+        let e = parse("plugins = []\nzygotes = [\"ruby\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c.toml:2:"), "{e}");
+        assert!(e.contains("unknown variant `ruby`"), "{e}");
     }
 }

@@ -2,7 +2,9 @@
 //! control socket is private.
 
 use crate::support::{hello, worker_pid};
+use corral::Supervisor;
 use corral::control::{ControlClient, ControlServer};
+use corral_integration_tests::built;
 use corral_protocol::{ControlRequest, ControlResponse, frame};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -124,47 +126,61 @@ async fn worker_environment_is_cleared() {
         std::env::var_os("PATH").is_some(),
         "the test process has an environment"
     );
-    let (sup, _c) = hello();
-    sup.call("hello-wasm", "noop", vec![], None).await.unwrap();
-    let pid = worker_pid(&sup, "hello-wasm").await;
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    let keys: Vec<String> = environ
-        .split(|b| *b == 0)
-        .filter(|v| !v.is_empty())
-        .map(|v| {
-            String::from_utf8_lossy(v)
-                .split('=')
-                .next()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    assert!(keys.contains(&"CORRAL_WORKER_FD".to_owned()));
-    for k in &keys {
-        assert!(
-            [
-                "CORRAL_WORKER_FD",
-                "CORRAL_CONFINE",
-                "RUST_BACKTRACE",
-                "CORRAL_WORKER_LOG"
-            ]
-            .contains(&k.as_str()),
-            "unexpected variable {k} in the worker's environment"
-        );
+    // Started by exec, and forked from a zygote template (whose environment block,
+    // what /proc shows, is the template's: the same allow-list and the variable
+    // that made it a template; the worker's own variables replace it in memory).
+    for (zygotes, marker) in [
+        (Vec::new(), "CORRAL_WORKER_FD"),
+        (vec![corral_protocol::Runtime::Wasm], "CORRAL_ZYGOTE"),
+    ] {
+        let cache = corral_integration_tests::open_tempdir();
+        let mut opts = corral_integration_tests::options(cache.path());
+        opts.zygotes = zygotes;
+        let mut sup = Supervisor::new(opts);
+        sup.add_plugin_dir(&built().hello_wasm).unwrap();
+        sup.call("hello-wasm", "noop", vec![], None).await.unwrap();
+        let pid = worker_pid(&sup, "hello-wasm").await;
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let keys: Vec<String> = environ
+            .split(|b| *b == 0)
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                String::from_utf8_lossy(v)
+                    .split('=')
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert!(keys.contains(&marker.to_owned()), "{keys:?}");
+        for k in &keys {
+            assert!(
+                [
+                    "CORRAL_WORKER_FD",
+                    "CORRAL_CONFINE",
+                    "RUST_BACKTRACE",
+                    "CORRAL_WORKER_LOG",
+                    "CORRAL_ZYGOTE",
+                ]
+                .contains(&k.as_str()),
+                "unexpected variable {k} in the worker's environment"
+            );
+        }
+        // Own process group: a terminal's ^C goes to the supervisor, which stops
+        // workers.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let pgrp: u32 = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(pgrp, pid);
+        sup.shutdown(Duration::from_secs(1)).await;
     }
-    // Own process group: a terminal's ^C goes to the supervisor, which stops workers.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let pgrp: u32 = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(pgrp, pid);
-    sup.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]

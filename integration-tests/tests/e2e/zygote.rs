@@ -8,7 +8,7 @@ use corral_confine::Level;
 use corral_integration_tests::{
     assert_confined_at, fixture_plugin, open_tempdir, options, test_policy, wait_gone,
 };
-use corral_protocol::{CallError, ExitReason};
+use corral_protocol::{CallError, ExitReason, Runtime};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,11 @@ fn kit(level: Level, ids: &[&str], zygotes: bool) -> Kit {
     let cache = open_tempdir();
     let mut opts = options(cache.path());
     opts.policy = Arc::new(test_policy().with_level(level, "test"));
-    opts.zygotes = zygotes;
+    opts.zygotes = if zygotes {
+        vec![Runtime::Python]
+    } else {
+        Vec::new()
+    };
     let mut sup = Supervisor::new(opts);
     let plugins: Vec<TempDir> = ids
         .iter()

@@ -48,6 +48,8 @@ pub(super) async fn run_once(args: RunArgs) -> Outcome {
     } = args;
 
     let mut options = Options::new();
+    // One worker: a zygote template would only be one more process to start.
+    options.zygotes = Vec::new();
     match policy_from(policy.as_deref(), level) {
         Ok(p) => options.policy = Arc::new(p),
         Err(e) => {

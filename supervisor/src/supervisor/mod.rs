@@ -49,7 +49,7 @@ use crate::worker::{Broker, WorkerHandle};
 use corral_confine::cgroup::CgroupHost;
 use corral_manifest::ManifestError;
 use corral_policy::Policy;
-use corral_protocol::Secret;
+use corral_protocol::{Runtime, Secret};
 use start::{Launcher, ProcessLauncher};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -130,9 +130,9 @@ pub struct Options {
     /// A worker with no call for this long is stopped (started again at the next
     /// call). `None`: workers stay.
     pub idle_timeout: Option<Duration>,
-    /// Fork Python workers from a zygote template (the interpreter started and its
-    /// common imports done once) instead of starting each from nothing.
-    pub zygotes: bool,
+    /// Runtimes whose workers are forked from a zygote template (the engine set
+    /// up once) instead of each started by exec. Default [`DEFAULT_ZYGOTES`].
+    pub zygotes: Vec<Runtime>,
 }
 
 /// The operator's configuration for one plugin, handed to it at load.
@@ -143,6 +143,14 @@ pub struct PluginConfig {
     /// errors have secret values replaced by `[secret NAME]`.
     pub secrets: BTreeMap<String, Secret>,
 }
+
+/// Runtimes forked from a zygote template unless the configuration says otherwise:
+/// where it pays (docs/BENCHMARKS.md, "Zygotes"). CPython's start (the interpreter
+/// and its imports) is most of a Python worker's start and of its idle memory; a
+/// forked Wasm worker starts in about 60% of the time and keeps about half the
+/// memory. QuickJS workers gain nothing measurable: their start is the plugin's
+/// own module.
+pub const DEFAULT_ZYGOTES: &[Runtime] = &[Runtime::Wasm, Runtime::Python];
 
 /// The export the supervisor calls for health checks, when a plugin has it.
 pub const HEALTH_EXPORT: &str = "health";
@@ -174,7 +182,7 @@ impl Options {
             publishers: BTreeMap::new(),
             max_workers: None,
             idle_timeout: None,
-            zygotes: true,
+            zygotes: DEFAULT_ZYGOTES.to_vec(),
         }
     }
 }

@@ -16,7 +16,7 @@ use corral_confine::cgroup::{CgroupBase, CgroupError, CgroupLimits, PluginCgroup
 use corral_confine::{Level, SelfConfinement};
 use corral_manifest::Manifest;
 use corral_policy::Effective;
-use corral_protocol::{Code, EngineLimits, LoadSpec, Runtime};
+use corral_protocol::{Code, EngineLimits, LoadSpec};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -119,14 +119,9 @@ pub(crate) struct ProcessLauncher {
     cgroup_base: OnceLock<Result<CgroupBase, String>>,
     /// Compiled Wasm modules; made at the first Wasm start.
     modules: OnceLock<Option<Modules>>,
-    /// Zygote templates, for the runtimes in [`ZYGOTE_RUNTIMES`] (`options.zygotes`).
+    /// Zygote templates, for the runtimes in `options.zygotes`.
     templates: Arc<Templates>,
 }
-
-/// Runtimes whose workers are forked from a zygote template: where it pays (see
-/// docs/BENCHMARKS.md, "Zygotes"). CPython's start (the interpreter and its
-/// imports) is most of a Python worker's start and most of its idle memory.
-pub(crate) const ZYGOTE_RUNTIMES: &[Runtime] = &[Runtime::Python];
 
 /// What every process started for one worker start shares.
 struct Worker<'a> {
@@ -350,10 +345,8 @@ impl ProcessLauncher {
                 // No group to kill the plugin's processes with: a PID namespace.
                 own_pids: cgroup.is_none(),
             },
-            templates: (artifact.is_none()
-                && self.options.zygotes
-                && ZYGOTE_RUNTIMES.contains(&m.runtime))
-            .then(|| Arc::clone(&self.templates)),
+            templates: (artifact.is_none() && self.options.zygotes.contains(&m.runtime))
+                .then(|| Arc::clone(&self.templates)),
             artifact,
         };
         let settings = self.options.plugin_config.get(&m.id);
