@@ -4,10 +4,11 @@
 //! fewer samples). Prints:
 //!
 //! - idle memory (PSS, from `/proc/<pid>/smaps_rollup`, summed over each worker's
-//!   process tree) per worker, for N idle workers of each example plugin (Wasm
-//!   modules byte-identical, as with many instances of one plugin), and for Wasm
-//!   the same with the store of compiled modules refused, so every worker compiles
-//!   for itself (what Corral did before the store);
+//!   process tree, plus the zygote template's own PSS shared among its children)
+//!   per worker, for N idle workers of each example plugin (Wasm modules
+//!   byte-identical, as with many instances of one plugin): forked from a template
+//!   and started by exec, and for Wasm with the store of compiled modules refused,
+//!   so every worker compiles for itself (what Corral did before the store);
 //! - registering a plugin vendoring 5,000 files (40 MB) beside a tiny one
 //!   (`Supervisor::add_plugin_dir`: fingerprint, manifest, snapshot), with the
 //!   store of file objects empty and with it holding the files already;
@@ -266,8 +267,15 @@ fn idle_memory(
 ) {
     println!("idle memory per worker (PSS, {workers} idle workers of each example):");
     let cache = open_tempdir();
+    // The defaults (Wasm and Python forked from zygote templates), every worker
+    // started by exec, and every runtime forked (JavaScript too).
     let opts = options(cache.path());
+    let mut exec = opts.clone();
+    exec.zygotes = Vec::new();
+    let mut all = opts.clone();
+    all.zygotes = corral_protocol::Runtime::ALL.to_vec();
     let wasm = idle_pss(rt, &opts, &built().hello_wasm, workers);
+    let wasm_exec = idle_pss(rt, &exec, &built().hello_wasm, workers);
     // A store others can write is refused: every worker compiles its own module.
     let refused = open_tempdir();
     std::fs::create_dir(refused.path().join("wasm")).unwrap();
@@ -276,45 +284,37 @@ fn idle_memory(
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .unwrap();
-    let compiling = idle_pss(rt, &options(refused.path()), &built().hello_wasm, workers);
+    let mut compiling_opts = options(refused.path());
+    compiling_opts.zygotes = Vec::new();
+    let compiling = idle_pss(rt, &compiling_opts, &built().hello_wasm, workers);
     let js_pss = idle_pss(rt, &opts, js.path(), workers);
-    let py_pss = idle_pss(rt, &opts, py.path(), workers);
-    let mut exec = opts.clone();
-    exec.zygotes = Vec::new();
-    let py_exec = idle_pss(rt, &exec, py.path(), workers);
-    // The other runtimes forked from templates too (not the default): does it pay?
-    let mut all = opts.clone();
-    all.zygotes = corral_protocol::Runtime::ALL.to_vec();
-    let wasm_forked = idle_pss(rt, &all, &built().hello_wasm, workers);
     let js_forked = idle_pss(rt, &all, js.path(), workers);
+    let py_pss = idle_pss(rt, &opts, py.path(), workers);
+    let py_exec = idle_pss(rt, &exec, py.path(), workers);
     for (name, kib, target) in [
-        ("Wasm (maps the shared precompiled module)", wasm, 1024.0),
+        ("Wasm (forked from its template: the default)", wasm, 1024.0),
         (
-            "Wasm, each worker compiling its own (store refused)",
+            "Wasm, started by exec, mapping the shared module",
+            wasm_exec,
+            1024.0,
+        ),
+        (
+            "Wasm, started by exec, compiling its own (store refused)",
             compiling,
             1024.0,
         ),
-        (
-            "Wasm, forked from a template (zygotes = [\"wasm\"])",
-            wasm_forked,
-            1024.0,
-        ),
-        ("JavaScript", js_pss, 1024.0),
+        ("JavaScript (started by exec: the default)", js_pss, 1024.0),
         (
             "JavaScript, forked from a template (zygotes = [\"js\"])",
             js_forked,
             1024.0,
         ),
         (
-            "Python (forked from a template; its share included)",
+            "Python (forked from its template: the default)",
             py_pss,
             2048.0,
         ),
-        (
-            "Python, each worker started by exec (zygotes off)",
-            py_exec,
-            2048.0,
-        ),
+        ("Python, started by exec (zygotes = [])", py_exec, 2048.0),
     ] {
         println!(
             "  {name:<58} {:>7.2} MiB   target {:.0} MiB: {}",

@@ -7,11 +7,12 @@
 //!   a running worker, beside a raw Unix-socket echo round trip with a second
 //!   process (same 4-byte length + payload framing) and an in-process wasmtime call
 //!   of the same function;
-//! - cold start: from an idle supervisor to the first result (spawn, handshake,
-//!   load from the module cache, call), beside fork+exec+wait of `/bin/true` and a
-//!   bare in-process engine start (deserialize the precompiled module, instantiate,
-//!   call).
-//!
+//! - cold start: from a new supervisor to the first result (its zygote template
+//!   started, the worker forked, handshake, load from the module cache, call), and
+//!   in a running supervisor the first call of a plugin not started yet, with the
+//!   worker started by exec and forked from the running template; beside
+//!   fork+exec+wait of `/bin/true` and a bare in-process engine start (deserialize
+//!   the precompiled module, instantiate, call).
 //! - the same warm call and cold start for the JavaScript and Python examples,
 //!   beside QuickJS's own start in process (runtime, context, the example's module
 //!   and its vendored library, a call) and CPython's own start (`python3 -I -S`
@@ -524,7 +525,7 @@ fn main() {
         row("baseline: bare engine start (cached module)", bare, None);
         let c = cold_start(&rt, cold, &bench_options(cached, true), wasm);
         row(
-            "corral: spawn, handshake, load (cached), call",
+            "corral: new supervisor: template, fork, load (cached), call",
             c,
             Some(bare),
         );
@@ -532,13 +533,13 @@ fn main() {
         row("corral: same, worker without its cgroup", c, Some(bare));
         let u = cold_start(&rt, cold.min(10), &bench_options(None, true), wasm);
         row("corral: same, module compiled (no cache)", u, Some(bare));
-        let mut forked = bench_options(cached, true);
-        forked.zygotes = vec![corral_protocol::Runtime::Wasm];
-        let c = cold_start_in_running(&rt, cold, &bench_options(cached, true), wasm);
+        let mut exec = bench_options(cached, true);
+        exec.zygotes = Vec::new();
+        let c = cold_start_in_running(&rt, cold, &exec, wasm);
         row("corral: running supervisor, exec'd worker", c, Some(bare));
-        let c = cold_start_in_running(&rt, cold, &forked, wasm);
+        let c = cold_start_in_running(&rt, cold, &bench_options(cached, true), wasm);
         row(
-            "corral: running supervisor, forked (zygotes = [\"wasm\"])",
+            "corral: running supervisor, forked (the default)",
             c,
             Some(bare),
         );

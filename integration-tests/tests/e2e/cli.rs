@@ -371,19 +371,25 @@ fn an_init_that_never_returns_holds_up_neither_list_nor_sigterm() {
         "list took {:?}",
         t.elapsed()
     );
-    // The daemon's children: the workers, the spinning one among them.
+    // The daemon's descendants: the spinning worker, forked from its zygote
+    // template (the module's compile helper comes and goes before it).
     let pid = d.child.id();
-    let workers: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| {
-            c.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect();
-    assert!(!workers.is_empty(), "no worker is loading");
+    let until = Instant::now() + Duration::from_secs(20);
+    let workers = loop {
+        let all = corral_integration_tests::descendants(pid);
+        let forked = all.iter().any(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .is_some_and(|pp| pp.trim() != pid.to_string())
+        });
+        if forked {
+            break all;
+        }
+        assert!(Instant::now() < until, "no worker is loading: {all:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let t = Instant::now();
     // SAFETY: signals the daemon this test started.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);

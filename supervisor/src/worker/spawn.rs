@@ -195,14 +195,7 @@ impl WorkerHandle {
             let tail = forward_both(spec, out, err);
             return WorkerHandle::connect(spec, load, process, stream(ours)?, tail).await;
         }
-        let mut cmd = Command::new(&spec.program);
-        cmd.env_clear()
-            .envs(worker_env(spec))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+        let mut cmd = worker_command(&spec.program, &worker_env(spec));
         let fd = theirs.as_raw_fd();
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
@@ -437,6 +430,20 @@ impl WorkerHandle {
         );
         Ok(handle)
     }
+}
+
+/// A worker binary's command: only `env`, stdin from /dev/null, stdout and stderr
+/// piped, its own process group, killed if dropped.
+pub(crate) fn worker_command(program: &std::path::Path, env: &[(OsString, OsString)]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd
 }
 
 /// The worker's environment: the allow-listed variables, its socket's number and

@@ -31,7 +31,7 @@ use std::ffi::OsString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -207,15 +207,8 @@ impl std::fmt::Debug for Shared {
 impl Template {
     fn start(program: &Path, env: &[(OsString, OsString)]) -> std::io::Result<Arc<Template>> {
         let (ours, theirs) = seqpacket_pair()?;
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.env_clear()
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env(TEMPLATE_ENV, "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+        let mut cmd = super::spawn::worker_command(program, env);
+        cmd.env(TEMPLATE_ENV, "1");
         let fd = theirs.as_raw_fd();
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };

@@ -151,8 +151,10 @@ pub struct PythonEngine {
     fork_gil: Option<pyo3::ffi::PyGILState_STATE>,
 }
 
-/// Modules a template imports before it forks: what boot.py and the host API use,
-/// and what nearly every plugin does (JSON in and out).
+/// Modules a template imports before it forks, so that every worker shares them:
+/// what boot.py and the host API use, and JSON in and out. More is not better:
+/// with `collections`, `typing`, `dataclasses` and `datetime` as well, an idle
+/// worker of the example used 3.4 MiB instead of 2.7 (docs/BENCHMARKS.md).
 const TEMPLATE_IMPORTS: &[&str] = &["json", "base64", "random"];
 
 // CPython's fork protocol (not in pyo3's bindings): called around a fork made
