@@ -225,3 +225,50 @@ async fn a_template_that_dies_takes_its_workers_and_the_next_start_forks_from_a_
     assert_eq!(k.sup.workers().templates_started, 2);
     k.sup.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn a_template_that_cannot_start_leaves_its_workers_started_by_exec() {
+    // A Python worker binary that dies when started as a template, and is the real
+    // worker otherwise.
+    let bin = open_tempdir();
+    let real = corral_integration_tests::built()
+        .bin_dir
+        .join("corral-worker-python");
+    let script = bin.path().join("corral-worker-python");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$CORRAL_ZYGOTE\" = 1 ] && {{ echo 'no template today' >&2; exit 3; }}\nexec {} \"$@\"\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cache = open_tempdir();
+    let mut opts = options(cache.path());
+    opts.worker_dir = bin.path().to_owned();
+    opts.policy = Arc::new(test_policy().with_level(Level::Standard, "test"));
+    opts.zygotes = vec![Runtime::Python];
+    let mut sup = Supervisor::new(opts);
+    let plugins: Vec<TempDir> = ["zy-a", "zy-b"]
+        .iter()
+        .map(|id| fixture_plugin("py-zygote", id, "python", "plugin.py", ""))
+        .collect();
+    for p in &plugins {
+        sup.add_plugin_dir(p.path()).unwrap();
+    }
+    let k = Kit {
+        sup,
+        _plugins: plugins,
+        cache,
+    };
+    for id in ["zy-a", "zy-b"] {
+        assert_eq!(k.text(id, "ok").await, "ok");
+        assert_eq!(parent_of(k.pid(id).await), std::process::id(), "{id}");
+    }
+    let w = k.sup.workers();
+    // One template tried, none used again after it failed.
+    assert_eq!((w.templates_started, w.workers_forked), (1, 0));
+    assert_confined_at(&k.info("zy-a").await, Level::Standard, "python");
+    k.sup.shutdown(Duration::from_secs(1)).await;
+}

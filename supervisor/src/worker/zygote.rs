@@ -306,7 +306,13 @@ impl Template {
                 status: None,
                 run_as: None,
             }),
-            Ok(Ok(Answer::Failed(e))) => Err(ForkError::Failed(e)),
+            // A resource ran out (the supervisor's limit, as for exec); anything
+            // else (no pidfd_open on this kernel, a template that grew a thread)
+            // means this template cannot serve: start by exec instead.
+            Ok(Ok(Answer::Failed(e))) if super::exhausted(&e).is_some() => {
+                Err(ForkError::Failed(e))
+            }
+            Ok(Ok(Answer::Failed(e))) => Err(unavailable(format!("the template's fork: {e}"))),
             Ok(Err(_)) => Err(unavailable("the template has exited".into())),
             Err(_) => Err(unavailable(format!("no answer within {ANSWER_WITHIN:?}"))),
         }
