@@ -7,6 +7,14 @@
 //! later call; dropping the [`Armed`] guard disarms it and says whether it fired.
 //! Dropping the [`Watchdog`] tells the thread to end (it is not joined; it holds
 //! nothing but the interrupt).
+//!
+//! Arming and disarming do not wake the thread: a call costs an uncontended lock
+//! and no context switch. The thread sleeps until the earliest deadline it knows
+//! of; when it wakes and the deadline has moved later (a later call armed it), it
+//! sleeps again until the new one. It is woken only when a deadline is armed
+//! earlier than the time it sleeps until, or while it sleeps with no deadline at
+//! all: about once per deadline period under a steady stream of calls, where a
+//! wake per arm and per disarm cost two context switches per call.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -16,6 +24,8 @@ use std::time::{Duration, Instant};
 struct State {
     generation: u64,
     deadline: Option<(u64, Instant)>,
+    /// When the thread will wake by itself (`None`: it waits to be woken).
+    sleeping_until: Option<Instant>,
     stop: bool,
 }
 
@@ -72,7 +82,10 @@ impl Watchdog {
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
         state.deadline = Some((generation, at));
         self.shared.fired.store(false, Ordering::SeqCst);
-        self.shared.wake.notify_one();
+        // A thread that wakes by itself before `at` will find this deadline then.
+        if state.sleeping_until.is_none_or(|t| at < t) {
+            self.shared.wake.notify_one();
+        }
         Armed {
             watchdog: self,
             generation,
@@ -98,10 +111,10 @@ impl Drop for Armed<'_> {
     fn drop(&mut self) {
         let shared = &self.watchdog.shared;
         let mut state = shared.lock();
+        // The thread is not woken: when it wakes by itself it finds no deadline.
         if state.generation == self.generation {
             state.generation += 1;
             state.deadline = None;
-            shared.wake.notify_one();
         }
     }
 }
@@ -113,7 +126,10 @@ fn run(shared: &Shared, interrupt: impl Fn()) {
             return;
         }
         match state.deadline {
-            None => state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner()),
+            None => {
+                state.sleeping_until = None;
+                state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
             Some((generation, at)) => {
                 let now = Instant::now();
                 if now >= at {
@@ -123,6 +139,7 @@ fn run(shared: &Shared, interrupt: impl Fn()) {
                     }
                     state.deadline = None;
                 } else {
+                    state.sleeping_until = Some(at);
                     state = shared
                         .wake
                         .wait_timeout(state, at - now)
@@ -175,6 +192,38 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         assert!(!later.fired());
         assert_eq!(count.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn an_earlier_deadline_armed_while_the_thread_sleeps_until_a_later_one_fires_on_time() {
+        let (w, count) = counting();
+        let long = w.arm(Duration::from_secs(60));
+        // Let the thread go to sleep until the long deadline.
+        std::thread::sleep(Duration::from_millis(50));
+        drop(long);
+        let t = Instant::now();
+        let short = w.arm(Duration::from_millis(20));
+        until_fired(&count);
+        assert!(short.fired());
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_later_deadline_armed_after_an_earlier_one_was_disarmed_fires_at_its_own_time() {
+        let (w, count) = counting();
+        drop(w.arm(Duration::from_millis(30)));
+        // The thread wakes at 30 ms by itself, finds this one and sleeps again.
+        let later = w.arm(Duration::from_millis(150));
+        let t = Instant::now();
+        until_fired(&count);
+        assert!(later.fired());
+        assert!(
+            t.elapsed() >= Duration::from_millis(140),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 
     #[test]
