@@ -228,3 +228,54 @@ async fn concurrent_callers_each_get_their_own_answer() {
         assert_eq!(k.count().await, 1, "{rt}: one instance served them all");
     }
 }
+
+#[tokio::test]
+async fn a_call_waiting_behind_a_long_one_times_out_in_the_queue_and_no_worker_is_killed() {
+    // A worker runs one call at a time. The deadline the worker is told, and the
+    // supervisor's kill at deadline plus grace, count from when a call is sent to
+    // it; a call waiting for its turn times out where it waits, unsent. (Counted
+    // from queueing, the short call's backstop, 200 ms + 1 s of grace, would have
+    // killed the worker while it was still within the long call's 1.5 s.)
+    for rt in RUNTIMES {
+        let k = kit(rt, "");
+        assert_eq!(k.call("ok", b"").await.unwrap(), b"ok", "{rt}");
+        let pid = k.pid().await;
+        let sup = k.sup.clone();
+        let long = tokio::spawn(async move {
+            let t = Instant::now();
+            let r = sup
+                .call("kit", "spin", Vec::new(), Some(Duration::from_millis(1500)))
+                .await;
+            (r, t.elapsed())
+        });
+        // The spin is running before the short call queues behind it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        let short = k
+            .sup
+            .call("kit", "ok", Vec::new(), Some(Duration::from_millis(200)))
+            .await;
+        let waited = t.elapsed();
+        assert_eq!(short, Err(CallError::Timeout { deadline_ms: 200 }), "{rt}");
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_millis(1200),
+            "{rt}: the queued call waited {waited:?}"
+        );
+        let (r, took) = long.await.unwrap();
+        // The engine stopped the spin at its own deadline, counted from dispatch.
+        assert_eq!(r, Err(CallError::Timeout { deadline_ms: 1500 }), "{rt}");
+        assert!(took >= Duration::from_millis(1500), "{rt}: {took:?}");
+        let info = &k.sup.list().await[0];
+        assert_eq!(info.pid, Some(pid), "{rt}: the worker was not replaced");
+        assert_eq!(info.restarts, 0, "{rt}");
+        assert!(
+            !info
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("killed")),
+            "{rt}: {info:?}"
+        );
+        assert_eq!(k.call("ok", b"").await.unwrap(), b"ok", "{rt}");
+        k.stop().await;
+    }
+}

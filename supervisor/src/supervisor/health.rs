@@ -23,11 +23,11 @@ impl Inner {
                 }
                 let deadline = interval.min(Duration::from_secs(5));
                 let chain: Arc<[String]> = Arc::from(vec![plugin.clone()]);
-                let Ok(result) = w
-                    .call_untracked(HEALTH_EXPORT, Vec::new(), deadline, chain)
-                    .await
-                else {
-                    break; // Retired: a new version took over.
+                let Some(sent) = w.call_if_idle(HEALTH_EXPORT, deadline, chain).await else {
+                    continue; // Busy serving a call: checked at the next interval.
+                };
+                let Ok(result) = sent else {
+                    break; // Retired or gone: a new worker took over.
                 };
                 let Err(e) = result else { continue };
                 if !w.is_alive() && !w.killed_by_supervisor() {

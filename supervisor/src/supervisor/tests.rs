@@ -662,14 +662,16 @@ async fn a_full_queue_answers_overloaded_and_frees_its_slots() {
             sup.call(&id, "hold", Vec::new(), None).await
         }));
     }
-    eventually("both calls are held", || {
+    // One call runs in the worker; the other waits in the supervisor for it.
+    eventually("both calls are admitted, one of them sent", || {
         f.launcher.launches() == 1
             && f.launcher
                 .journal(0)
                 .iter()
                 .filter(|e| *e == "call hold")
                 .count()
-                == 2
+                == 1
+            && f.sup.0.plugin(&f.id).unwrap().inflight.available_permits() == 0
     })
     .await;
     match f.call("echo").await {
@@ -679,6 +681,17 @@ async fn a_full_queue_answers_overloaded_and_frees_its_slots() {
         }) => assert_eq!(queued, 2),
         other => panic!("{other:?}"),
     }
+    // The first answers; only then is the second sent.
+    f.launcher.release();
+    eventually("the second call is sent", || {
+        f.launcher
+            .journal(0)
+            .iter()
+            .filter(|e| *e == "call hold")
+            .count()
+            == 2
+    })
+    .await;
     f.launcher.release();
     for h in held {
         assert_eq!(h.await.unwrap().unwrap(), b"held");

@@ -115,8 +115,8 @@ pub(crate) struct WorkerHandle {
     pub hello: Hello,
     pub exports: Vec<String>,
     plugin_id: String,
-    /// The supervisor's own frames: one `Call` per admitted call (admission is
-    /// bounded by the plugin's queue, `max_queue`), a `Shutdown`. Answers to host
+    /// The supervisor's own frames: the one `Call` holding the dispatch permit, a
+    /// `Shutdown`. Answers to host
     /// calls go on the connection's bounded channel instead.
     tx: mpsc::UnboundedSender<Vec<u8>>,
     pending: Arc<Mutex<Pending>>,
@@ -132,6 +132,11 @@ pub(crate) struct WorkerHandle {
     files: Option<PluginFiles>,
     /// When a call last began or ended (health checks do not count).
     last_active: Mutex<Instant>,
+    /// One permit: the call running in the worker holds it. A call is sent only
+    /// once it has the permit, so the deadline the worker is told and the kill
+    /// backstop both count from dispatch; a call that waits here past its
+    /// deadline fails with `Timeout` without being sent, and nobody is killed.
+    pub(crate) dispatch: tokio::sync::Semaphore,
 }
 
 pub(crate) fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
@@ -192,7 +197,7 @@ impl WorkerHandle {
     }
 
     /// [`WorkerHandle::try_call`] that does not count as activity for
-    /// `idle_timeout` (a health check).
+    /// `idle_timeout`.
     pub async fn call_untracked(
         &self,
         function: &str,
@@ -200,17 +205,60 @@ impl WorkerHandle {
         deadline: Duration,
         chain: Arc<[String]>,
     ) -> Result<Result<Vec<u8>, CallError>, Vec<u8>> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Wait for the call before it to end: the queue. Time spent here is not
+        // the worker's; past the deadline the call fails unsent.
+        let running = match self.dispatch.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => match tokio::time::timeout(deadline, self.dispatch.acquire()).await {
+                Ok(Ok(permit)) => permit,
+                // Closed: the worker is gone or retired, and the call was not sent.
+                Ok(Err(_)) => return Err(input),
+                Err(_) => {
+                    let deadline_ms = deadline.as_millis() as u64;
+                    return Ok(Err(CallError::Timeout { deadline_ms }));
+                }
+            },
+        };
+        self.dispatched(running, function, input, deadline, chain)
+            .await
+    }
+
+    /// A health check: [`WorkerHandle::call_untracked`] if the worker is idle now,
+    /// `None` (nothing sent) if a call is running. A busy worker is not unhealthy;
+    /// a running call that hangs is killed at its own deadline.
+    pub async fn call_if_idle(
+        &self,
+        function: &str,
+        deadline: Duration,
+        chain: Arc<[String]>,
+    ) -> Option<Result<Result<Vec<u8>, CallError>, Vec<u8>>> {
+        let running = self.dispatch.try_acquire().ok()?;
+        Some(
+            self.dispatched(running, function, Vec::new(), deadline, chain)
+                .await,
+        )
+    }
+
+    /// Send a call that holds the worker's dispatch permit, and wait for its
+    /// answer: the deadline the worker is told and the kill backstop count from now.
+    async fn dispatched(
+        &self,
+        _running: tokio::sync::SemaphorePermit<'_>,
+        function: &str,
+        input: Vec<u8>,
+        deadline: Duration,
+        chain: Arc<[String]>,
+    ) -> Result<Result<Vec<u8>, CallError>, Vec<u8>> {
         let deadline_ms = deadline.as_millis() as u64;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         {
             // Registered before it is sent: `retire` waits for every registered call.
             let mut p = lock(&self.pending);
-            if p.retiring {
+            // Retired, or gone while the call waited (nothing was sent to it):
+            // the caller routes the call to the plugin's current worker.
+            if p.retiring || p.closed.is_some() {
                 return Err(input);
-            }
-            if let Some(reason) = &p.closed {
-                return Ok(Err(CallError::WorkerCrashed(reason.clone())));
             }
             p.calls.insert(id, reply);
             p.contexts.insert(
@@ -258,8 +306,7 @@ impl WorkerHandle {
                         pid = self.pid,
                         "worker did not answer within its deadline; killing it"
                     );
-                    self.killed_by_supervisor.store(true, Ordering::SeqCst);
-                    self.kill.notify_one();
+                    self.kill();
                     Err(CallError::Timeout { deadline_ms })
                 }
             },
@@ -277,6 +324,8 @@ impl WorkerHandle {
     /// `grace` for its shutdown hook.
     pub async fn retire(&self, grace: Duration) {
         lock(&self.pending).retiring = true;
+        // Calls waiting for their turn go to the plugin's new worker, unsent.
+        self.dispatch.close();
         loop {
             {
                 let p = lock(&self.pending);
@@ -296,6 +345,8 @@ impl WorkerHandle {
         let exited = self.exited.notified();
         tokio::pin!(exited);
         exited.as_mut().enable();
+        // Calls waiting for their turn are not sent to a worker that is stopping.
+        self.dispatch.close();
         if !self.is_alive() {
             return;
         }
@@ -324,6 +375,8 @@ impl WorkerHandle {
     /// Kill the worker now (SIGKILL to the child the supervisor started).
     pub fn kill(&self) {
         self.killed_by_supervisor.store(true, Ordering::SeqCst);
+        // Calls waiting for their turn were not sent: they go to the next worker.
+        self.dispatch.close();
         self.kill.notify_one();
     }
 }
