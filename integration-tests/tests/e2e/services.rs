@@ -274,6 +274,54 @@ async fn store_round_trips_keeps_quota_and_plugins_apart_in_every_runtime() {
     }
 }
 
+/// Grants are resolved once per policy and cached; a policy edit that takes the
+/// store away applies to the very next host call of the same worker, and giving
+/// it back restores what was stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_edit_applies_to_the_next_host_call_of_a_running_worker_in_every_runtime() {
+    let file = corral_integration_tests::fixture("policy/test.toml");
+    let granted = std::fs::read_to_string(&file).unwrap();
+    let revoked = granted.replace(
+        "id = [\"svc-*\"]\nkv_quota = \"64KiB\"\n",
+        "id = [\"svc-*\"]\n",
+    );
+    assert_ne!(granted, revoked);
+    let policy = |text: &str| corral::Policy::parse(&[(file.clone(), text.to_owned())]).unwrap();
+    for rt in RUNTIMES {
+        let id = format!("svc-{rt}");
+        let e = env(&[(rt, &id, &[])], |_| {});
+        let s = &e.sup;
+        assert_eq!(host(s, &id, &[b"kv_put", b"k", b"v"]).await, Ok(vec![]));
+        assert_eq!(
+            host(s, &id, &[b"kv_get", b"k"]).await,
+            Ok(vec![b"v".to_vec()])
+        );
+        let pid = s.list().await[0].pid;
+        s.set_policy(policy(&revoked)).await;
+        let err = host(s, &id, &[b"kv_get", b"k"]).await.unwrap_err();
+        assert!(
+            err.contains("no [[grant]] kv_quota rule allows a key-value store"),
+            "{rt}: {err}"
+        );
+        assert_eq!(
+            audit_line(&e.audit, &id, "kv.get", "k")["decision"],
+            "denied"
+        );
+        s.set_policy(policy(&granted)).await;
+        assert_eq!(
+            host(s, &id, &[b"kv_get", b"k"]).await,
+            Ok(vec![b"v".to_vec()]),
+            "{rt}"
+        );
+        assert_eq!(
+            s.list().await[0].pid,
+            pid,
+            "{rt}: the same worker throughout"
+        );
+        e.sup.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
 /// The store lives in the state directory: a new supervisor (a restart, or a new
 /// version of the plugin) reads what the last one wrote.
 #[tokio::test(flavor = "multi_thread")]

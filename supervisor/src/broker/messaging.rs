@@ -25,6 +25,7 @@ use super::audit::AuditEvent;
 use super::{HostBroker, denied};
 use corral_policy::Services;
 use corral_protocol::{HostError, HostReply};
+use std::sync::Arc;
 
 /// Longest topic name, in bytes.
 pub const MAX_TOPIC: usize = 256;
@@ -57,7 +58,7 @@ pub fn subscriptions(p: &corral_manifest::Manifest) -> Vec<(String, String)> {
 pub(crate) struct Subscriber {
     pub(crate) plugin: String,
     pub(crate) function: String,
-    pub(crate) services: Services,
+    pub(crate) services: Arc<Services>,
 }
 
 impl HostBroker {
@@ -128,13 +129,13 @@ mod tests {
 
     /// Subscribers of `news` with queues the test holds the other end of.
     struct Plugins {
-        grants: Services,
+        grants: Arc<Services>,
         subscribers: Vec<Subscriber>,
         queues: BTreeMap<String, mpsc::Sender<Delivery>>,
     }
 
     impl Directory for Plugins {
-        fn services(&self, _: &str) -> Option<Services> {
+        fn services(&self, _: &str) -> Option<Arc<Services>> {
             Some(self.grants.clone())
         }
         fn subscribers(&self, topic: &str) -> Vec<Subscriber> {
@@ -163,7 +164,7 @@ mod tests {
         }
     }
 
-    fn grants(toml: &str) -> Services {
+    fn grants(toml: &str) -> Arc<Services> {
         let policy = corral_policy::Policy::parse(&[(
             "grants.toml".into(),
             format!("[[grant]]\nid = \"*\"\n{toml}"),
@@ -174,7 +175,7 @@ mod tests {
             "plugin.toml".as_ref(),
         )
         .unwrap();
-        policy.resolve(&m, None).services
+        Arc::new(policy.resolve(&m, None).services)
     }
 
     #[test]

@@ -28,7 +28,7 @@ use store::Store;
 /// What the broker needs of the supervisor.
 pub(crate) trait Directory: Send + Sync {
     /// The grants of `plugin` under the policy in force; `None`: no such plugin.
-    fn services(&self, plugin: &str) -> Option<Services>;
+    fn services(&self, plugin: &str) -> Option<Arc<Services>>;
 
     /// Every plugin whose manifest subscribes to `topic`, in id order.
     fn subscribers(&self, topic: &str) -> Vec<Subscriber>;
@@ -148,16 +148,19 @@ impl HostBroker {
             .ok_or_else(|| HostError::Failed(format!("unknown plugin {plugin}")))?;
         match op {
             HostOp::Now => unreachable!("answered above"),
-            HostOp::KvGet { .. }
-            | HostOp::KvPut { .. }
-            | HostOp::KvDelete { .. }
-            | HostOp::KvKeys { .. } => {
+            // A read transaction takes no lock a writer holds and no fsync: it is
+            // answered in place, without a hop to the blocking pool.
+            HostOp::KvGet { key } => {
+                services.check_kv().map_err(denied)?;
+                self.store()?.get(plugin, &key).map(HostReply::Value)
+            }
+            HostOp::KvPut { .. } | HostOp::KvDelete { .. } | HostOp::KvKeys { .. } => {
                 services.check_kv().map_err(denied)?;
                 let store = self.store()?;
                 let quota = services.kv_quota.value;
                 let plugin = plugin.to_owned();
+                // Writes wait for their commit's fsync; a key listing may be long.
                 tokio::task::spawn_blocking(move || match op {
-                    HostOp::KvGet { key } => store.get(&plugin, &key).map(HostReply::Value),
                     HostOp::KvPut { key, value } => store
                         .put(&plugin, &key, &value, quota)
                         .map(|()| HostReply::Unit),

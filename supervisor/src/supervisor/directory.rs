@@ -7,20 +7,16 @@ use crate::broker::messaging::{Delivery, Subscriber, subscriptions};
 use crate::worker::BoxFuture;
 use corral_policy::Services;
 use corral_protocol::CallError;
+use std::sync::Arc;
 use std::time::Duration;
 
 impl Directory for Inner {
-    fn services(&self, plugin: &str) -> Option<Services> {
+    fn services(&self, plugin: &str) -> Option<Arc<Services>> {
         let p = self.plugin(plugin)?;
-        Some(
-            self.policy()
-                .resolve(&p.manifest, p.publisher.as_deref())
-                .services,
-        )
+        Some(self.grants(&p))
     }
 
     fn subscribers(&self, topic: &str) -> Vec<Subscriber> {
-        let policy = self.policy();
         let mut out = Vec::new();
         for p in self.all_plugins() {
             for (t, function) in subscriptions(&p.manifest) {
@@ -28,7 +24,7 @@ impl Directory for Inner {
                     out.push(Subscriber {
                         plugin: p.manifest.id.clone(),
                         function,
-                        services: policy.resolve(&p.manifest, p.publisher.as_deref()).services,
+                        services: self.grants(&p),
                     });
                 }
             }

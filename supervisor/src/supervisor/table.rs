@@ -44,9 +44,31 @@ pub(crate) struct Plugin {
     /// Set (under the state lock) when a new version replaced this one or the plugin
     /// was removed: calls that still hold it go to the plugin's current version.
     pub(crate) retired: std::sync::atomic::AtomicBool,
+    /// This version's grants under the policy they were resolved from: a host call
+    /// resolves them again only when the policy in force is another one.
+    pub(crate) grants: GrantCache,
 }
 
+/// A plugin version's grants, with the policy they were resolved from.
+pub(crate) type GrantCache =
+    std::sync::Mutex<Option<(Arc<corral_policy::Policy>, Arc<corral_policy::Services>)>>;
+
 impl Inner {
+    /// `p`'s grants under the policy in force, resolved once per policy: a policy
+    /// edit (a new `Arc`) applies from the next host call on.
+    pub(crate) fn grants(&self, p: &Plugin) -> Arc<corral_policy::Services> {
+        let policy = self.policy();
+        let mut cache = p.grants.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((of, services)) = &*cache
+            && Arc::ptr_eq(of, &policy)
+        {
+            return Arc::clone(services);
+        }
+        let services = Arc::new(policy.resolve(&p.manifest, p.publisher.as_deref()).services);
+        *cache = Some((policy, Arc::clone(&services)));
+        services
+    }
+
     /// The plugin `id`.
     pub(crate) fn plugin(&self, id: &str) -> Option<Arc<Plugin>> {
         self.plugins
@@ -158,6 +180,7 @@ impl Inner {
             fingerprint,
             libraries,
             retired: Default::default(),
+            grants: Default::default(),
         })
     }
 
@@ -205,6 +228,7 @@ impl Inner {
             fingerprint: p.fingerprint.clone(),
             libraries: Arc::clone(&p.libraries),
             retired: Default::default(),
+            grants: Default::default(),
         }
     }
 
