@@ -73,6 +73,7 @@ pub struct ManifestOrigin {
     pub memory: Option<(usize, usize)>,
     pub timeout: Option<(usize, usize)>,
     pub max_output: Option<(usize, usize)>,
+    pub instances: Option<(usize, usize)>,
 }
 
 /// The runtime a plugin is written for: the one type every crate uses.
@@ -97,7 +98,13 @@ pub struct Limits {
     pub memory_bytes: u64,
     pub timeout: Duration,
     pub max_output_bytes: u64,
+    /// Worker processes serving the plugin's calls in parallel (capped by the
+    /// level's `instances`).
+    pub instances: u32,
 }
+
+/// Most instances a plugin may ask for.
+pub const MAX_INSTANCES: u32 = 64;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -105,6 +112,7 @@ impl Default for Limits {
             memory_bytes: DEFAULT_MEMORY,
             timeout: DEFAULT_TIMEOUT,
             max_output_bytes: DEFAULT_MAX_OUTPUT,
+            instances: 1,
         }
     }
 }
@@ -177,6 +185,7 @@ struct RawLimits {
     memory: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
     max_output: Option<Spanned<String>>,
+    instances: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -241,6 +250,11 @@ impl Manifest {
             memory: pos(&raw.limits.memory),
             timeout: pos(&raw.limits.timeout),
             max_output: pos(&raw.limits.max_output),
+            instances: raw
+                .limits
+                .instances
+                .as_ref()
+                .map(|s| line_col(text, s.span().start)),
         };
         let mut limits = Limits::default();
         if let Some(m) = &raw.limits.memory {
@@ -266,6 +280,20 @@ impl Manifest {
             if limits.max_output_bytes == 0 {
                 return Err(at(o, "max_output must be at least 1 byte".into()));
             }
+        }
+        if let Some(n) = &raw.limits.instances {
+            limits.instances = u32::try_from(*n.get_ref())
+                .ok()
+                .filter(|n| (1..=MAX_INSTANCES).contains(n))
+                .ok_or_else(|| {
+                    err(
+                        Some(n.span()),
+                        format!(
+                            "instances must be between 1 and {MAX_INSTANCES}, not {}",
+                            n.get_ref()
+                        ),
+                    )
+                })?;
         }
 
         let mut dependencies = BTreeMap::new();
@@ -490,6 +518,28 @@ extra = { version = ">=0.3, <0.5", optional = true }
             let (line, col, msg) = invalid(&GOOD.replace("\"16MiB\"", zero));
             assert_eq!((line, col), (12, 10), "{zero}");
             assert!(msg.starts_with("memory must be at least 1 MiB"), "{msg}");
+        }
+        // Instances: 1 to 64, named with their place.
+        let with = |n: &str| {
+            GOOD.replace(
+                "max_output = \"1MiB\"",
+                &format!("max_output = \"1MiB\"\ninstances = {n}"),
+            )
+        };
+        let m = Manifest::parse(&with("3"), Path::new("dir/plugin.toml")).unwrap();
+        assert_eq!(
+            (m.limits.instances, m.origin.instances),
+            (3, Some((15, 13)))
+        );
+        let m = Manifest::parse(GOOD, Path::new("dir/plugin.toml")).unwrap();
+        assert_eq!((m.limits.instances, m.origin.instances), (1, None));
+        for bad in ["0", "65", "-1"] {
+            let (line, col, msg) = invalid(&with(bad));
+            assert_eq!((line, col), (15, 13), "{bad}");
+            assert_eq!(
+                msg,
+                format!("instances must be between 1 and 64, not {bad}")
+            );
         }
         let (line, col, msg) = invalid(&GOOD.replace("\"1MiB\"", "\"0\""));
         assert_eq!(

@@ -209,6 +209,9 @@ pub struct Limits {
     pub audit_rate: Option<Setting<u64>>,
     /// Host calls one worker may have in flight.
     pub host_calls: Option<Setting<u64>>,
+    /// Most worker processes one plugin may run (a plugin asks for its number
+    /// in `[limits] instances`, default 1).
+    pub instances: Option<Setting<u64>>,
 }
 
 impl Limits {
@@ -230,6 +233,7 @@ impl Limits {
             log_rate: pick(&self.log_rate, &over.log_rate),
             audit_rate: pick(&self.audit_rate, &over.audit_rate),
             host_calls: pick(&self.host_calls, &over.host_calls),
+            instances: pick(&self.instances, &over.instances),
         }
     }
 }
@@ -237,10 +241,10 @@ impl Limits {
 /// Built-in limits of `level`; policy files override them.
 pub fn built_in_limits(level: Level) -> Limits {
     const MIB: u64 = 1 << 20;
-    let (memory, cpu, pids, timeout, max_output) = match level {
-        Level::Standard => (256 * MIB, 1.0, 64, 30, 16 * MIB),
-        Level::High => (128 * MIB, 1.0, 32, 10, 8 * MIB),
-        Level::Maximum => (64 * MIB, 0.5, 16, 5, 4 * MIB),
+    let (memory, cpu, pids, timeout, max_output, instances) = match level {
+        Level::Standard => (256 * MIB, 1.0, 64, 30, 16 * MIB, 4),
+        Level::High => (128 * MIB, 1.0, 32, 10, 8 * MIB, 2),
+        Level::Maximum => (64 * MIB, 0.5, 16, 5, 4 * MIB, 1),
     };
     Limits {
         memory: Some(Setting::built_in(memory)),
@@ -255,6 +259,7 @@ pub fn built_in_limits(level: Level) -> Limits {
         log_rate: Some(Setting::built_in(64 << 10)),
         audit_rate: Some(Setting::built_in(50)),
         host_calls: Some(Setting::built_in(4)),
+        instances: Some(Setting::built_in(instances)),
     }
 }
 
@@ -503,6 +508,20 @@ impl Policy {
             m.limits.max_output_bytes,
             m.origin.max_output,
         );
+        // One worker unless plugin.toml asks for more, up to the level's value.
+        let instances = match at(m.origin.instances) {
+            Some(origin) if u64::from(m.limits.instances) <= get(&limits.instances).value => {
+                Setting {
+                    value: u64::from(m.limits.instances),
+                    origin,
+                }
+            }
+            Some(_) => get(&limits.instances),
+            None => Setting {
+                value: 1,
+                origin: Origin::Derived("the default: one worker".into()),
+            },
+        };
         let timeout_cap = limits.timeout.clone().expect("complete level limits");
         let timeout = match at(m.origin.timeout) {
             Some(origin) if m.limits.timeout < timeout_cap.value => Setting {
@@ -527,6 +546,12 @@ impl Policy {
             clamped.push(format!(
                 "plugin.toml asks for timeout {:?}, policy allows {:?}",
                 m.limits.timeout, timeout.value
+            ));
+        }
+        if u64::from(m.limits.instances) > instances.value && m.origin.instances.is_some() {
+            clamped.push(format!(
+                "plugin.toml asks for instances {}, policy allows {}",
+                m.limits.instances, instances.value
             ));
         }
         if m.limits.max_output_bytes > max_output.value && m.origin.max_output.is_some() {
@@ -555,6 +580,7 @@ impl Policy {
             log_rate: get(&limits.log_rate),
             audit_rate: get(&limits.audit_rate),
             host_calls: get(&limits.host_calls),
+            instances,
             timeout,
             clamped,
             requested: Vec::new(),
@@ -590,6 +616,9 @@ pub struct Effective {
     pub audit_rate: Setting<u64>,
     /// Host calls in flight per worker.
     pub host_calls: Setting<u64>,
+    /// Worker processes serving the plugin's calls (its request, capped by the
+    /// level's `instances`).
+    pub instances: Setting<u64>,
     /// Requests in plugin.toml that the policy lowered.
     pub clamped: Vec<String>,
     /// The host services it may use.
@@ -699,6 +728,11 @@ impl fmt::Display for Effective {
             "host_calls",
             self.host_calls.value.to_string(),
             &self.host_calls.origin,
+        )?;
+        row(
+            "instances",
+            self.instances.value.to_string(),
+            &self.instances.origin,
         )?;
         let sv = &self.services;
         row("kv_quota", size(sv.kv_quota.value), &sv.kv_quota.origin)?;

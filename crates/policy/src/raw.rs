@@ -62,6 +62,7 @@ struct RawLimits {
     log_rate: Option<Spanned<String>>,
     audit_rate: Option<Spanned<i64>>,
     host_calls: Option<Spanned<i64>>,
+    instances: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -290,6 +291,14 @@ fn merge(
         new.host_calls,
         errors,
     );
+    one(
+        file,
+        level,
+        "instances",
+        &mut into.instances,
+        new.instances,
+        errors,
+    );
 }
 
 /// Validate a limits table; `None` if anything in it is wrong (reported).
@@ -402,6 +411,11 @@ fn limits(file: &File<'_>, raw: &RawLimits, errors: &mut Vec<PolicyError>) -> Op
     };
     let audit_rate = count(&raw.audit_rate, 1..=10_000, "audit_rate");
     let host_calls = count(&raw.host_calls, 1..=64, "host_calls");
+    let instances = count(
+        &raw.instances,
+        1..=i64::from(corral_manifest::MAX_INSTANCES),
+        "instances",
+    );
     let user = raw
         .user
         .as_ref()
@@ -425,6 +439,7 @@ fn limits(file: &File<'_>, raw: &RawLimits, errors: &mut Vec<PolicyError>) -> Op
         log_rate,
         audit_rate,
         host_calls,
+        instances,
     })
 }
 

@@ -151,7 +151,7 @@ fn a_level_override_from_the_command_line_comes_first() {
     assert_eq!(e.max_output.value, 8 << 20);
     assert_eq!(
         e.max_output.origin.to_string(),
-        "policies/levels.toml:41:14"
+        "policies/levels.toml:45:14"
     );
 }
 
@@ -827,5 +827,50 @@ fn a_large_policy_names_every_position() {
     assert_eq!(
         e.pids.origin.to_string(),
         format!("big.toml:{}:19", 6 * last + 5)
+    );
+}
+
+#[test]
+fn instances_are_the_plugins_request_capped_by_its_level_and_one_by_default() {
+    let p = Policy::parse(&files(&[
+        ("levels.toml", "[level.standard]\ninstances = 3\n"),
+        (
+            "routes.toml",
+            "[[route]]\nname = \"solo\"\nid = \"billing-*\"\nlevel = \"standard\"\n",
+        ),
+    ]))
+    .unwrap();
+    let d = p.resolve(&manifest(""), None);
+    assert_eq!(d.instances.value, 1);
+    assert_eq!(
+        d.instances.origin.to_string(),
+        "derived: the default: one worker"
+    );
+    let two = p.resolve(&manifest("[limits]\ninstances = 2\n"), None);
+    assert_eq!(two.instances.value, 2);
+    assert_eq!(
+        two.instances.origin.to_string(),
+        "/plugins/billing/plugin.toml:6:13 (the plugin's request)"
+    );
+    assert!(two.clamped.is_empty(), "{:?}", two.clamped);
+    let many = p.resolve(&manifest("[limits]\ninstances = 8\n"), None);
+    assert_eq!(many.instances.value, 3);
+    assert_eq!(many.instances.origin.to_string(), "levels.toml:2:13");
+    assert_eq!(
+        many.clamped,
+        ["plugin.toml asks for instances 8, policy allows 3"]
+    );
+    assert!(
+        many.to_string()
+            .contains("  instances      3            levels.toml:2:13"),
+        "{many}"
+    );
+    // Built in: 4 at standard, 2 at high, 1 at maximum.
+    let b = Policy::built_in().resolve(&manifest("[limits]\ninstances = 64\n"), None);
+    assert_eq!(b.instances.value, 1, "unrouted: maximum");
+    let e = errors(&[("levels.toml", "[level.high]\ninstances = 0\n")]);
+    assert_eq!(
+        e,
+        ["levels.toml:2:13: instances must be between 1 and 64, not 0"]
     );
 }
