@@ -27,89 +27,15 @@
 //! noisy: compare the ratios, not the absolute numbers.
 
 use corral::Supervisor;
-use corral_integration_tests::bench::{Stats, stats};
+use corral_integration_tests::bench::{
+    Stats, pin_to_cpu0, raw_socket_rtt, row, serve_echo_if_asked, spawn_wait, stats, unpin, us,
+};
 use corral_integration_tests::{built, options};
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const ECHO_ENV: &str = "CORRAL_BENCH_ECHO";
 const WARM_ITERS: usize = 20_000;
 const COLD_ITERS: usize = 60;
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
-fn row(name: &str, s: Stats, base: Option<Stats>) {
-    let ratio = base.map_or(String::new(), |b| {
-        format!("{:>8.2}x", s.p50.as_secs_f64() / b.p50.as_secs_f64())
-    });
-    println!(
-        "  {name:<44} p50 {:>9.1} us   p99 {:>9.1} us   mean {:>9.1} us {ratio}",
-        us(s.p50),
-        us(s.p99),
-        us(s.mean)
-    );
-}
-
-/// The echo side of the raw-socket baseline: a child process on fd 3.
-fn echo_server() -> ! {
-    // SAFETY: the parent placed a socket at fd 3 for this process alone.
-    let fd = unsafe { OwnedFd::from_raw_fd(3) };
-    let mut s = UnixStream::from(fd);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let mut len = [0u8; 4];
-        if s.read_exact(&mut len).is_err() {
-            std::process::exit(0);
-        }
-        let n = u32::from_le_bytes(len) as usize;
-        s.read_exact(&mut buf[..n]).unwrap();
-        s.write_all(&len).unwrap();
-        s.write_all(&buf[..n]).unwrap();
-    }
-}
-
-fn raw_socket_rtt(iters: usize) -> Stats {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let fd = theirs.as_raw_fd();
-    // This very binary, even if a build has replaced the file since it started.
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.env(ECHO_ENV, "1");
-    // SAFETY: dup2 is async-signal-safe; it places the socket at fd 3 in the child.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    drop(theirs);
-    let mut s = ours;
-    // Same shape as a Corral call frame for an empty function (~20 bytes).
-    let payload = [7u8; 20];
-    let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
-    frame.extend_from_slice(&payload);
-    let mut back = vec![0u8; frame.len()];
-    let mut samples = Vec::with_capacity(iters);
-    for i in 0..iters + iters / 10 {
-        let t = Instant::now();
-        s.write_all(&frame).unwrap();
-        s.read_exact(&mut back).unwrap();
-        if i >= iters / 10 {
-            samples.push(t.elapsed());
-        }
-    }
-    drop(s);
-    child.wait().unwrap();
-    stats(samples)
-}
 
 fn wasm_path() -> std::path::PathBuf {
     built()
@@ -276,16 +202,6 @@ fn cold_row(name: &str, s: Stats, bare: Stats) {
     );
 }
 
-fn fork_exec(iters: usize) -> Stats {
-    let mut samples = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t = Instant::now();
-        Command::new("/bin/true").status().unwrap();
-        samples.push(t.elapsed());
-    }
-    stats(samples)
-}
-
 /// Options for a measured supervisor: its own cache (or none) and cgroups on or off.
 fn bench_options(cache: Option<&std::path::Path>, cgroups: bool) -> corral::Options {
     let mut o = options(cache.unwrap_or(std::path::Path::new("/nonexistent")));
@@ -407,33 +323,8 @@ fn cold_start_in_running(
     })
 }
 
-fn pin_to_cpu0() {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it for this process.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
-}
-
-fn unpin() {
-    // SAFETY: as in `pin_to_cpu0`.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for cpu in 0..libc::CPU_SETSIZE as usize {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 fn main() {
-    if std::env::var_os(ECHO_ENV).is_some() {
-        echo_server();
-    }
+    serve_echo_if_asked();
     // `cargo bench` passes `--bench`; nextest/`cargo test --benches` lists with
     // `--list`: run nothing then.
     if std::env::args().any(|a| a == "--list") {
@@ -519,7 +410,7 @@ fn main() {
         }
 
         println!("cold start to first result ({cold} samples)");
-        let fe = fork_exec(cold);
+        let fe = spawn_wait(cold, std::path::Path::new("/bin/true"), &[]);
         row("baseline: fork+exec+wait /bin/true", fe, None);
         let bare = bare_engine_start(cold, cache.path());
         row("baseline: bare engine start (cached module)", bare, None);

@@ -592,7 +592,186 @@ pub fn vm_hwm() -> u64 {
 
 /// Latency samples summarised for the benchmarks.
 pub mod bench {
-    use std::time::Duration;
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    /// Set in the echo child of [`raw_socket_rtt`]: the bench binary serves echo.
+    const ECHO_ENV: &str = "CORRAL_BENCH_ECHO";
+
+    /// Microseconds, for printing.
+    pub fn us(d: Duration) -> f64 {
+        d.as_secs_f64() * 1e6
+    }
+
+    /// One line: median, p99 and mean, and the median's ratio to `base`'s.
+    pub fn row(name: &str, s: Stats, base: Option<Stats>) {
+        let ratio = base.map_or(String::new(), |b| {
+            format!("{:>8.2}x", s.p50.as_secs_f64() / b.p50.as_secs_f64())
+        });
+        println!(
+            "  {name:<52} p50 {:>9.1} us   p99 {:>9.1} us   mean {:>9.1} us {ratio}",
+            us(s.p50),
+            us(s.p99),
+            us(s.mean)
+        );
+    }
+
+    /// Call first in a bench's `main`: in the echo child of [`raw_socket_rtt`],
+    /// serve echo on fd 3 and exit.
+    pub fn serve_echo_if_asked() {
+        if std::env::var_os(ECHO_ENV).is_none() {
+            return;
+        }
+        // SAFETY: the parent placed a socket at fd 3 for this process alone.
+        let fd = unsafe { OwnedFd::from_raw_fd(3) };
+        let mut s = UnixStream::from(fd);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let mut len = [0u8; 4];
+            if s.read_exact(&mut len).is_err() {
+                std::process::exit(0);
+            }
+            let n = u32::from_le_bytes(len) as usize;
+            s.read_exact(&mut buf[..n]).unwrap();
+            s.write_all(&len).unwrap();
+            s.write_all(&buf[..n]).unwrap();
+        }
+    }
+
+    /// A socket to an echo child process (this binary, see [`serve_echo_if_asked`]).
+    pub fn echo_child() -> (UnixStream, std::process::Child) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let fd = theirs.as_raw_fd();
+        // This very binary, even if a build has replaced the file since it started.
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.env(ECHO_ENV, "1");
+        // SAFETY: dup2 is async-signal-safe; it places the socket at fd 3 in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(theirs);
+        (ours, child)
+    }
+
+    /// A frame the size of a Corral call frame for an empty function (~20 bytes).
+    fn echo_frame() -> Vec<u8> {
+        let payload = [7u8; 20];
+        let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(&payload);
+        frame
+    }
+
+    /// Round trips of a small length-prefixed frame with a second process over a
+    /// Unix socket: the floor of any call that crosses processes.
+    pub fn raw_socket_rtt(iters: usize) -> Stats {
+        let (mut s, mut child) = echo_child();
+        let frame = echo_frame();
+        let mut back = vec![0u8; frame.len()];
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..iters + iters / 10 {
+            let t = Instant::now();
+            s.write_all(&frame).unwrap();
+            s.read_exact(&mut back).unwrap();
+            if i >= iters / 10 {
+                samples.push(t.elapsed());
+            }
+        }
+        drop(s);
+        child.wait().unwrap();
+        stats(samples)
+    }
+
+    /// Round trips per second with `window` frames in flight on one echo socket
+    /// (a writer thread keeps the window full), for `run`.
+    pub fn raw_socket_pipelined(window: usize, run: Duration) -> f64 {
+        let (s, mut child) = echo_child();
+        let frame = echo_frame();
+        let mut rd = s.try_clone().unwrap();
+        let (credit_tx, credit_rx) = std::sync::mpsc::sync_channel::<()>(window);
+        for _ in 0..window {
+            credit_tx.send(()).unwrap();
+        }
+        let mut wr = s;
+        let writer = std::thread::spawn(move || {
+            while credit_rx.recv().is_ok() {
+                if wr.write_all(&frame).is_err() {
+                    break;
+                }
+            }
+            wr
+        });
+        let mut back = vec![0u8; echo_frame().len()];
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < run {
+            rd.read_exact(&mut back).unwrap();
+            n += 1;
+            let _ = credit_tx.send(());
+        }
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        drop(credit_tx);
+        let wr = writer.join().unwrap();
+        drop(wr);
+        // Drain what is still in flight so the child sees EOF and exits.
+        let _ = rd.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        let _ = rd.read_to_end(&mut rest);
+        child.wait().unwrap();
+        rate
+    }
+
+    /// fork+exec+wait of `program` with `args`, stdout and stderr discarded; each
+    /// run must exit 0.
+    pub fn spawn_wait(iters: usize, program: &std::path::Path, args: &[&std::ffi::OsStr]) -> Stats {
+        let mut samples = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = Instant::now();
+            let status = Command::new(program)
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            samples.push(t.elapsed());
+            assert!(status.success(), "{} {args:?}: {status}", program.display());
+        }
+        stats(samples)
+    }
+
+    /// Pin this process (and what it starts from now on) to CPU 0.
+    pub fn pin_to_cpu0() {
+        // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it for this process.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+                0
+            );
+        }
+    }
+
+    /// Undo [`pin_to_cpu0`]: every CPU.
+    pub fn unpin() {
+        // SAFETY: as in `pin_to_cpu0`.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for cpu in 0..libc::CPU_SETSIZE as usize {
+                libc::CPU_SET(cpu, &mut set);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
 
     #[derive(Debug, Clone, Copy)]
     pub struct Stats {

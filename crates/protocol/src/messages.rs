@@ -678,12 +678,25 @@ pub struct PluginInfo {
     /// The rules the supervisor itself enforces on this plugin's worker (what it may
     /// send, write, ask for and leave behind), each saying what enforces it.
     pub supervision: Vec<String>,
-    /// Live resource use of the running worker.
+    /// Live resource use of the running worker (the first, with several).
     pub resources: Option<ResourceStats>,
+    /// Every running worker of the plugin (`instances`), oldest first.
+    pub instances: Vec<InstanceInfo>,
+    /// Most workers the policy lets it run at once.
+    pub instances_allowed: u32,
     /// What its worker may read besides the plugin's files, each saying why: the
     /// engine's runtime files (reported by a running worker) and the system
     /// libraries the plugin's compiled extensions need.
     pub reads: Vec<String>,
+}
+
+/// One running worker of a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub pid: u32,
+    /// Whether a call is running in it now.
+    pub busy: bool,
+    pub resources: ResourceStats,
 }
 
 /// A worker's resource use, from its cgroup (and `/proc` where cgroup v1 has no

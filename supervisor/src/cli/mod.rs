@@ -326,17 +326,29 @@ fn parse_timeout(s: &str) -> Result<Duration, corral_manifest::ValueError> {
 
 /// Run the parsed command; returns the process exit code (errors are printed).
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
-    // Each worker takes a few of the supervisor's descriptors: the soft limit
-    // (often 1,024) is lifted to the hard one. A failure leaves the soft limit,
-    // and starts past it are refused as the supervisor's, not the plugins'.
-    if let Err(e) = crate::raise_open_files_limit() {
-        tracing::warn!("cannot raise the open files limit: {e}");
+    // A client of the daemon (`call`, `list`, `status`, `stop`) sends one request
+    // and waits: one thread does, and starts sooner than a pool.
+    let client = matches!(
+        cli.command,
+        Command::Call { .. } | Command::List { .. } | Command::Status { .. } | Command::Stop { .. }
+    );
+    let rt = if client {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        // Each worker takes a few of the supervisor's descriptors: the soft limit
+        // (often 1,024) is lifted to the hard one. A failure leaves the soft limit,
+        // and starts past it are refused as the supervisor's, not the plugins'.
+        if let Err(e) = crate::raise_open_files_limit() {
+            tracing::warn!("cannot raise the open files limit: {e}");
+        }
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("failed to start the async runtime")?;
+    .context("failed to start the async runtime")?;
     Ok(exit::report(rt.block_on(dispatch(cli.command))))
 }
 

@@ -56,6 +56,10 @@ pub(super) fn print_plugins(plugins: &[PluginInfo], json: bool) -> anyhow::Resul
                     "restarts": p.restarts, "calls": p.calls, "last_error": p.last_error,
                     "exports": p.exports, "policy": p.policy, "requested": p.requested,
                     "resources": p.resources.as_ref().map(resources_json),
+                    "instances": p.instances.iter().map(|i| serde_json::json!({
+                        "pid": i.pid, "busy": i.busy, "resources": resources_json(&i.resources),
+                    })).collect::<Vec<_>>(),
+                    "instances_allowed": p.instances_allowed,
                     "enforcement": p.enforcement.as_ref().map(enforcement_json),
                     "supervision": p.supervision,
                     "reads": p.reads,
@@ -235,7 +239,23 @@ pub(super) fn print_status(
         for s in &p.supervision {
             writeln!(out, "  supervisor  {s}")?;
         }
-        if let Some(r) = &p.resources {
+        if p.instances.len() > 1 || p.instances_allowed > 1 {
+            writeln!(
+                out,
+                "  instances   {} running of {} allowed",
+                p.instances.len(),
+                p.instances_allowed
+            )?;
+            for i in &p.instances {
+                writeln!(
+                    out,
+                    "  instance    pid {} {}: {}",
+                    i.pid,
+                    if i.busy { "busy" } else { "idle" },
+                    resources_line(&i.resources)
+                )?;
+            }
+        } else if let Some(r) = &p.resources {
             writeln!(out, "  resources   {}", resources_line(r))?;
         }
         for r in &p.requested {

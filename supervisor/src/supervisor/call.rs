@@ -4,7 +4,7 @@
 
 use super::{HEALTH_EXPORT, Inner, Plugin, error_chain};
 use crate::broker::messaging::Delivery;
-use crate::worker::WorkerHandle;
+use crate::worker::{Turn, WorkerHandle};
 use corral_protocol::{CallError, Overload};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 
 use super::start::Started;
 
-/// A running worker with the call deadline and its cap.
-type Ready = (Arc<WorkerHandle>, (Duration, Duration));
+/// A worker whose turn a call holds, with the call deadline and its cap.
+type Ready = (Arc<WorkerHandle>, Turn, (Duration, Duration));
+
+/// How often a call waiting for a worker looks again without being told (a
+/// safety net: a freed worker or a new one tells the waiters).
+const LOOK_AGAIN: Duration = Duration::from_millis(100);
 
 /// Why a start produced no worker.
 enum Start {
@@ -97,7 +101,7 @@ impl Inner {
         // passes the call to the plugin's current version; nothing was sent to it.
         let mut input = Some(input);
         for _ in 0..MAX_REROUTES {
-            let (worker, limits) = match self.worker_for(&p).await {
+            let (worker, turn, limits) = match self.turn_for(&p, timeout).await {
                 Err(CallError::ShuttingDown) if p.retired.load(Ordering::SeqCst) => {
                     p = self.plugin(plugin).ok_or_else(unknown)?;
                     continue;
@@ -111,11 +115,10 @@ impl Inner {
                     exports: worker.exports.join(", "),
                 });
             }
-            // A caller may shorten the deadline, or lengthen it up to the policy's cap.
-            let deadline = timeout.map_or(limits.0, |t| t.min(limits.1));
+            let deadline = deadline_of(timeout, limits);
             let bytes = input.take().unwrap_or_default();
             let result = match worker
-                .try_call(function, bytes, deadline, Arc::clone(&chain))
+                .try_call(turn, function, bytes, deadline, Arc::clone(&chain))
                 .await
             {
                 Ok(result) => result,
@@ -173,34 +176,122 @@ impl Inner {
             .ok_or_else(|| CallError::UnknownPlugin {
                 plugin: plugin.to_owned(),
             })?;
-        self.worker_for(&p).await.map(drop)
+        self.worker_for(&p).await
     }
 
-    /// The running worker of `p`, started (after any backoff) if needed, with the
-    /// call deadline and its cap from the plugin's effective policy.
+    /// A turn on one of `p`'s workers for a call: an idle one at once; else one
+    /// more worker is started if the policy's `instances` allow it, and the call
+    /// waits for whichever is free first. A call that waits longer than its
+    /// deadline fails with [`CallError::Timeout`] without being sent (the
+    /// deadline of a call sent counts from then).
+    async fn turn_for(
+        &self,
+        p: &Arc<Plugin>,
+        timeout: Option<Duration>,
+    ) -> Result<Ready, CallError> {
+        let mut until = None;
+        loop {
+            let freed = p.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let (more, limits) = {
+                let mut st = p.state.lock().await;
+                let serving = self.running_in(p, &mut st)?;
+                if let Some((w, turn)) = st.idle_instance(&p.freed) {
+                    return Ok((w, turn, st.deadlines()));
+                }
+                let more = serving
+                    && !st.starting
+                    && st.instances().len() < st.instances_allowed()
+                    && st
+                        .restart_wait(&self.options.restart, Instant::now())
+                        .is_zero();
+                if more {
+                    // Claimed now, so concurrent callers start one, not many.
+                    st.starting = true;
+                }
+                (serving.then_some(more), st.deadlines())
+            };
+            match more {
+                // No worker yet: this call starts the first (and waits for it).
+                None => {
+                    self.worker_for(p).await?;
+                    continue;
+                }
+                Some(true) => {
+                    if let Some(me) = self.me.upgrade() {
+                        let p = Arc::clone(p);
+                        tokio::spawn(async move { me.add_instance(&p).await });
+                    }
+                }
+                Some(false) => {}
+            }
+            let deadline = deadline_of(timeout, limits);
+            let until = *until.get_or_insert_with(|| Instant::now() + deadline);
+            let now = Instant::now();
+            if now >= until {
+                return Err(CallError::Timeout {
+                    deadline_ms: deadline.as_millis() as u64,
+                });
+            }
+            let _ = tokio::time::timeout_at(until.min(now + LOOK_AGAIN).into(), freed).await;
+        }
+    }
+
+    /// One more worker for `p`, whose callers are all busy (the caller set
+    /// `starting`). A start that fails is counted and shown like any; the callers
+    /// keep the workers they have.
+    async fn add_instance(&self, p: &Plugin) {
+        let _starting = p.starting.lock().await;
+        let started = self.start_abandoned_at_stop(p, Duration::ZERO).await;
+        let mut st = p.state.lock().await;
+        st.starting = false;
+        if let Err(e) = self.finish_start(p, &mut st, started) {
+            tracing::info!(plugin = %p.manifest.id, "no more instances: {e}");
+        }
+        drop(st);
+        // Waiters look again: at the new worker, or at why there is none.
+        p.freed.notify_waiters();
+    }
+
+    /// Make sure `p` has a running worker, starting one (after any backoff) if it
+    /// has none.
     ///
     /// The state lock is held only to look and to record: a start (dependencies,
     /// backoff, the worker's load and `init`) runs under `p.starting`, so `list`,
     /// removal and shutdown never wait for a plugin's `init`, and a shutdown
     /// abandons a start under way (its worker is killed).
-    pub(crate) async fn worker_for(&self, p: &Plugin) -> Result<Ready, CallError> {
-        if let Some(ready) = self.running_worker(p).await? {
-            return Ok(ready);
+    pub(crate) async fn worker_for(&self, p: &Plugin) -> Result<(), CallError> {
+        if self.running_worker(p).await? {
+            return Ok(());
         }
         // One start at a time; whoever waited here finds the worker it started.
         let _starting = p.starting.lock().await;
         let wait = {
             let mut st = p.state.lock().await;
-            if let Some(ready) = self.running_in(p, &mut st)? {
-                return Ok(ready);
+            if self.running_in(p, &mut st)? {
+                return Ok(());
             }
             st.starting = true;
             st.restart_wait(&self.options.restart, Instant::now())
         };
         let started = self.start_abandoned_at_stop(p, wait).await;
-        let id = &p.manifest.id;
         let mut st = p.state.lock().await;
         st.starting = false;
+        let r = self.finish_start(p, &mut st, started);
+        drop(st);
+        p.freed.notify_waiters();
+        r
+    }
+
+    /// Record how a start of `p`'s worker ended.
+    fn finish_start(
+        &self,
+        p: &Plugin,
+        st: &mut super::state::PluginState,
+        started: Result<Started, Start>,
+    ) -> Result<(), CallError> {
+        let id = &p.manifest.id;
         match started {
             Err(Start::Stopped) => Err(CallError::ShuttingDown),
             Err(Start::Dependencies(why)) => {
@@ -236,15 +327,15 @@ impl Inner {
                 tracing::info!(plugin = %id, pid = w.pid, level = %started.effective.level.value, "worker ready");
                 st.ready(started);
                 if w.exports.iter().any(|e| e == HEALTH_EXPORT) {
-                    self.watch_health(id, &w);
+                    self.watch_health(id, &w, &p.freed);
                 }
-                Ok((w, st.deadlines()))
+                Ok(())
             }
         }
     }
 
-    /// `p`'s running worker, if it has one; an error if it may not start one.
-    async fn running_worker(&self, p: &Plugin) -> Result<Option<Ready>, CallError> {
+    /// Whether `p` has a running worker; an error if it may not start one.
+    async fn running_worker(&self, p: &Plugin) -> Result<bool, CallError> {
         let mut st = p.state.lock().await;
         self.running_in(p, &mut st)
     }
@@ -253,14 +344,14 @@ impl Inner {
         &self,
         p: &Plugin,
         st: &mut super::state::PluginState,
-    ) -> Result<Option<Ready>, CallError> {
+    ) -> Result<bool, CallError> {
         let id = &p.manifest.id;
         if st.is_shutting_down() || p.retired.load(Ordering::SeqCst) || *self.stopping.borrow() {
             return Err(CallError::ShuttingDown);
         }
         st.reap(id, &self.options.restart, Instant::now());
-        if let Some(w) = st.worker() {
-            return Ok(Some((Arc::clone(w), st.deadlines())));
+        if !st.instances().is_empty() {
+            return Ok(true);
         }
         if let Some(last) = st.failed() {
             return Err(CallError::PluginFailed {
@@ -269,7 +360,7 @@ impl Inner {
                 last: last.to_owned(),
             });
         }
-        Ok(None)
+        Ok(false)
     }
 
     /// Start `p`'s worker: its dependencies first (a plugin whose dependency is
@@ -323,4 +414,9 @@ impl Inner {
             })
             .clone()
     }
+}
+
+/// A call's deadline: the caller's, up to the policy's cap; else the plugin's.
+fn deadline_of(timeout: Option<Duration>, (default, cap): (Duration, Duration)) -> Duration {
+    timeout.map_or(default, |t| t.min(cap))
 }

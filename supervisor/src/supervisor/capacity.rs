@@ -129,27 +129,30 @@ impl Inner {
     /// of any plugin but `except`; false if there is none.
     async fn stop_least_recently_used(&self, except: &str) -> bool {
         // A plugin whose state is busy (a start, a status read) is passed over.
-        let candidates: Vec<(Instant, Arc<Plugin>)> = self
+        let candidates: Vec<(Instant, u32, Arc<Plugin>)> = self
             .all_plugins()
             .into_iter()
             .filter(|q| q.manifest.id != except)
             .filter_map(|q| {
                 let st = q.state.try_lock().ok()?;
-                let w = st.worker()?;
-                let at = w.is_idle().then(|| w.last_active())?;
+                let (at, pid) = st
+                    .instances()
+                    .iter()
+                    .filter(|i| i.worker.is_idle())
+                    .map(|i| (i.worker.last_active(), i.worker.pid))
+                    .min()?;
                 drop(st);
-                Some((at, q))
+                Some((at, pid, q))
             })
             .collect();
         let mut candidates = candidates;
-        candidates.sort_by_key(|(at, _)| *at);
-        for (_, q) in candidates {
+        candidates.sort_by_key(|(at, _, _)| *at);
+        for (_, pid, q) in candidates {
             let mut st = q.state.lock().await;
             let Some(r) = st
-                .worker()
-                .is_some_and(|w| w.is_idle())
-                .then(|| st.idle_stop())
-                .flatten()
+                .idle_stop(|w| w.pid == pid && w.is_idle())
+                .into_iter()
+                .next()
             else {
                 continue; // Busy again since it was looked at.
             };
@@ -194,14 +197,13 @@ impl Inner {
             let idle_for = |w: &crate::worker::WorkerHandle| {
                 w.is_idle() && now.saturating_duration_since(w.last_active()) >= timeout
             };
-            if !st.worker().is_some_and(|w| idle_for(w)) {
-                continue;
-            }
-            let Some(r) = st.idle_stop() else { continue };
+            let stopped = st.idle_stop(idle_for);
             drop(st);
-            tracing::info!(plugin = %q.manifest.id, pid = r.worker.pid, ?timeout, "stopping an idle worker (idle_timeout)");
-            self.capacity.idle_stops.fetch_add(1, Ordering::Relaxed);
-            self.drain(r);
+            for r in stopped {
+                tracing::info!(plugin = %q.manifest.id, pid = r.worker.pid, ?timeout, "stopping an idle worker (idle_timeout)");
+                self.capacity.idle_stops.fetch_add(1, Ordering::Relaxed);
+                self.drain(r);
+            }
         }
     }
 

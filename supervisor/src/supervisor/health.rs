@@ -9,7 +9,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 impl Inner {
-    pub(crate) fn watch_health(&self, plugin: &str, worker: &Arc<WorkerHandle>) {
+    pub(crate) fn watch_health(
+        &self,
+        plugin: &str,
+        worker: &Arc<WorkerHandle>,
+        freed: &Arc<tokio::sync::Notify>,
+    ) {
+        let freed = Arc::clone(freed);
         let interval = self.options().health_interval;
         let me: Weak<Inner> = self.me.clone();
         let worker = Arc::downgrade(worker);
@@ -23,7 +29,8 @@ impl Inner {
                 }
                 let deadline = interval.min(Duration::from_secs(5));
                 let chain: Arc<[String]> = Arc::from(vec![plugin.clone()]);
-                let Some(sent) = w.call_if_idle(HEALTH_EXPORT, deadline, chain).await else {
+                let Some(sent) = w.call_if_idle(&freed, HEALTH_EXPORT, deadline, chain).await
+                else {
                     continue; // Busy serving a call: checked at the next interval.
                 };
                 let Ok(result) = sent else {

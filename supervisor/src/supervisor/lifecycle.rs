@@ -316,7 +316,7 @@ impl Inner {
         tracing::info!(plugin = %id, pid = worker.pid, version = %new.manifest.version, "new version ready");
         new.state.lock().await.ready(started);
         if worker.exports.iter().any(|e| e == HEALTH_EXPORT) {
-            self.watch_health(&id, &worker);
+            self.watch_health(&id, &worker, &new.freed);
         }
         let new = Arc::new(new);
         let replaced = self.install(Arc::clone(&new));
@@ -345,9 +345,12 @@ impl Inner {
     pub(crate) async fn retire(&self, p: &Plugin) {
         let mut st = p.state.lock().await;
         p.retired.store(true, Ordering::SeqCst);
-        if let Some(r) = st.retire() {
+        for r in st.retire() {
             self.drain(r);
         }
+        drop(st);
+        // Calls waiting for one of its workers go to the current version.
+        p.freed.notify_waiters();
     }
 
     /// Start a fresh worker for `plugin` from its directory (after a policy change

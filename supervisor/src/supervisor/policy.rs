@@ -64,26 +64,45 @@ impl Inner {
                 continue;
             }
             let limits = cgroup_limits(&new);
-            match st.group() {
-                Some(g) if g.limits() != limits => match g.set_limits(&limits) {
-                    Ok(()) => changes.push(format!(
-                        "{id}: cgroup limits applied live: worker_memory {}, cpu {}, pids {}",
-                        corral_policy::size(new.worker_memory.value),
-                        new.cpu.value,
-                        new.pids.value
-                    )),
-                    Err(e) => {
-                        let why = format!(
-                            "{id}: new cgroup limits not applied to the running worker: {}",
-                            error_chain(&e)
-                        );
-                        tracing::warn!("{why}");
-                        st.note_error(why.clone());
-                        changes.push(why);
-                        continue;
+            let groups: Vec<_> = st
+                .instances()
+                .iter()
+                .filter_map(|i| i.group.clone())
+                .filter(|g| g.limits() != limits)
+                .collect();
+            let failed = groups.iter().find_map(|g| g.set_limits(&limits).err());
+            if let Some(e) = failed {
+                let why = format!(
+                    "{id}: new cgroup limits not applied to the running worker: {}",
+                    error_chain(&e)
+                );
+                tracing::warn!("{why}");
+                st.note_error(why.clone());
+                changes.push(why);
+                continue;
+            }
+            if !groups.is_empty() {
+                changes.push(format!(
+                    "{id}: cgroup limits applied live: worker_memory {}, cpu {}, pids {}",
+                    corral_policy::size(new.worker_memory.value),
+                    new.cpu.value,
+                    new.pids.value
+                ));
+            }
+            if old.instances.value != new.instances.value {
+                let keep = new.instances.value as usize;
+                let extra = st.retire_past(keep);
+                changes.push(format!(
+                    "{id}: instances now {keep}{}",
+                    if extra.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {} retire after their calls", extra.len())
                     }
-                },
-                _ => {}
+                ));
+                for r in extra {
+                    self.drain(r);
+                }
             }
             if old.timeout != new.timeout {
                 changes.push(format!("{id}: call deadline now {:?}", new.timeout.value));
@@ -104,7 +123,7 @@ impl Inner {
                     tracing::warn!(plugin = %id, "no new worker under the new policy: {why}");
                     if let Some(current) = self.plugin(id) {
                         let mut st = current.state.lock().await;
-                        if let Some(r) = st.retire() {
+                        for r in st.retire() {
                             self.drain(r);
                         }
                         st.note_error(format!("no worker under the new policy: {why}"));

@@ -12,9 +12,8 @@ impl Inner {
         self.stopping.send_replace(true);
         let mut workers = Vec::new();
         for p in &self.all_plugins() {
-            if let Some(w) = p.state.lock().await.shut_down() {
-                workers.push(w);
-            }
+            workers.extend(p.state.lock().await.shut_down());
+            p.freed.notify_waiters();
         }
         workers.extend(self.take_draining());
         let mut stops = tokio::task::JoinSet::new();

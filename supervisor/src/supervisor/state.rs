@@ -6,7 +6,7 @@
 
 use super::capacity::Slot;
 use super::{Inner, RestartPolicy};
-use crate::worker::WorkerHandle;
+use crate::worker::{Turn, WorkerHandle};
 use corral_confine::cgroup::PluginCgroup;
 use corral_policy::Effective;
 use corral_protocol::{ExitReason, ResourceStats};
@@ -17,26 +17,36 @@ use std::time::{Duration, Instant};
 /// Deadlines used before a worker has an effective policy.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
 
-/// A plugin version's worker, its policy and its history.
+/// A plugin version's workers (its instances), its policy and its history.
 #[derive(Debug, Default)]
 pub(crate) struct PluginState {
-    worker: Option<Arc<WorkerHandle>>,
+    /// The running workers, oldest first; each has its cgroup and its place
+    /// under `max_workers`.
+    instances: Vec<Instance>,
     /// Crash times within the restart window.
     crashes: VecDeque<Instant>,
     restarts: u32,
     starts: u32,
+    /// Instances that ended without being stopped (a crash, a kill) and have not
+    /// been replaced: the next start of one is a restart.
+    lost: u32,
     failed: Option<String>,
     last_error: Option<String>,
     shutting_down: bool,
-    /// A worker is being started (shown as `starting`).
+    /// A worker is being started (shown as `starting` while none runs).
     pub(crate) starting: bool,
-    /// The policy the running worker was started with (live changes applied).
+    /// The policy the running workers were started with (live changes applied).
     effective: Option<Effective>,
-    group: Option<Arc<PluginCgroup>>,
-    /// The running worker's place under `max_workers`.
-    slot: Option<Slot>,
     /// The last worker was stopped for being idle (shown as `idle`).
     idle: bool,
+}
+
+/// One running worker of a plugin.
+#[derive(Debug)]
+pub(crate) struct Instance {
+    pub(crate) worker: Arc<WorkerHandle>,
+    pub(crate) group: Option<Arc<PluginCgroup>>,
+    slot: Slot,
 }
 
 /// A worker taken out of service, with its cgroup (kept until it has exited).
@@ -51,14 +61,38 @@ pub(crate) struct Retiring {
 }
 
 impl PluginState {
-    /// The running worker, if any.
+    /// The first running worker, if any (what `corral list` shows as the pid).
     pub(crate) fn worker(&self) -> Option<&Arc<WorkerHandle>> {
-        self.worker.as_ref()
+        self.instances.first().map(|i| &i.worker)
     }
 
-    /// The running worker's cgroup, if any.
+    /// Every running worker with its cgroup.
+    pub(crate) fn instances(&self) -> &[Instance] {
+        &self.instances
+    }
+
+    /// The first running worker's cgroup, if any.
     pub(crate) fn group(&self) -> Option<&Arc<PluginCgroup>> {
-        self.group.as_ref()
+        self.instances.first().and_then(|i| i.group.as_ref())
+    }
+
+    /// A running worker with no call, and the turn that holds it for one call.
+    pub(crate) fn idle_instance(
+        &self,
+        freed: &Arc<tokio::sync::Notify>,
+    ) -> Option<(Arc<WorkerHandle>, Turn)> {
+        self.instances.iter().find_map(|i| {
+            i.worker
+                .take_turn(freed)
+                .map(|t| (Arc::clone(&i.worker), t))
+        })
+    }
+
+    /// How many workers the policy lets this plugin run.
+    pub(crate) fn instances_allowed(&self) -> usize {
+        self.effective
+            .as_ref()
+            .map_or(1, |e| e.instances.value as usize)
     }
 
     /// The policy the running worker was started with (live changes applied).
@@ -98,16 +132,20 @@ impl PluginState {
 
     /// A new worker is ready under `effective`.
     pub(crate) fn ready(&mut self, started: super::start::Started) {
-        // A start after an idle stop is not a restart.
-        if self.starts > 0 && !self.idle {
+        // Replacing one that crashed or was killed is a restart; a first start, a
+        // start after an idle stop, or one more instance is not.
+        if self.lost > 0 {
+            self.lost -= 1;
             self.restarts += 1;
         }
         self.starts += 1;
         self.idle = false;
-        self.worker = Some(started.worker);
+        self.instances.push(Instance {
+            worker: started.worker,
+            group: started.group,
+            slot: started.slot,
+        });
         self.effective = Some(started.effective);
-        self.group = started.group;
-        self.slot = Some(started.slot);
     }
 
     /// Say why the plugin is not serving as it should (shown by `corral status`).
@@ -160,66 +198,95 @@ impl PluginState {
         }
     }
 
-    /// Notice a worker that has gone away: forget it, and count it as a crash
+    /// Notice workers that have gone away: forget them, and count each as a crash
     /// unless the supervisor killed it.
     pub(crate) fn reap(&mut self, plugin: &str, policy: &RestartPolicy, now: Instant) {
-        let Some(w) = &self.worker else { return };
-        let by_us = w.killed_by_supervisor();
-        let kill_reason = w.kill_reason();
-        // A worker the supervisor has killed is gone even if it has not been reaped yet:
-        // the next call must not be routed to it.
-        let reason = match w.exit_reason() {
-            Some(reason) => reason,
-            None if by_us => ExitReason::Signal {
-                signo: libc::SIGKILL,
-                name: "SIGKILL".into(),
-            },
-            None => return,
-        };
-        self.worker = None;
-        self.group = None;
-        self.slot = None;
-        if by_us {
-            self.last_error = Some(kill_reason.unwrap_or_else(|| {
-                format!("worker killed by the supervisor after it missed a deadline: {reason}")
-            }));
-        } else {
-            self.record_crash(plugin, policy, format!("worker crashed: {reason}"), now);
+        let mut i = 0;
+        while i < self.instances.len() {
+            let w = &self.instances[i].worker;
+            let by_us = w.killed_by_supervisor();
+            // A worker the supervisor has killed is gone even if it has not been
+            // reaped yet: the next call must not be routed to it.
+            let reason = match w.exit_reason() {
+                Some(reason) => reason,
+                None if by_us => ExitReason::Signal {
+                    signo: libc::SIGKILL,
+                    name: "SIGKILL".into(),
+                },
+                None => {
+                    i += 1;
+                    continue;
+                }
+            };
+            let kill_reason = w.kill_reason();
+            self.instances.remove(i);
+            self.lost += 1;
+            if by_us {
+                self.last_error = Some(kill_reason.unwrap_or_else(|| {
+                    format!("worker killed by the supervisor after it missed a deadline: {reason}")
+                }));
+            } else {
+                self.record_crash(plugin, policy, format!("worker crashed: {reason}"), now);
+            }
         }
     }
 
-    /// Take the worker out of service (a new version or policy took over, or the
-    /// plugin was removed); it finishes its calls elsewhere.
-    pub(crate) fn retire(&mut self) -> Option<Retiring> {
-        let grace = self
-            .effective
+    /// The grace a retired worker gets: its calls' longest deadline and a second
+    /// for its shutdown hook.
+    fn retire_grace(&self) -> Duration {
+        self.effective
             .as_ref()
             .map_or(DEFAULT_DEADLINE, |e| e.timeout_cap)
-            + Duration::from_secs(1);
-        let group = self.group.take();
-        let slot = self.slot.take();
-        self.worker.take().map(|worker| Retiring {
-            worker,
-            group,
-            grace,
-            slot,
-        })
+            + Duration::from_secs(1)
     }
 
-    /// Stop the worker for being idle (or to make room for another plugin's): it
-    /// is retired like a replaced one, and the next call starts a new one.
-    pub(crate) fn idle_stop(&mut self) -> Option<Retiring> {
-        let r = self.retire()?;
-        self.idle = true;
-        Some(r)
+    fn retiring(&self, i: Instance) -> Retiring {
+        Retiring {
+            worker: i.worker,
+            group: i.group,
+            grace: self.retire_grace(),
+            slot: Some(i.slot),
+        }
     }
 
-    /// The supervisor is stopping: no more starts; returns the worker to stop.
-    pub(crate) fn shut_down(&mut self) -> Option<Arc<WorkerHandle>> {
+    /// Take every worker out of service (a new version or policy took over, or the
+    /// plugin was removed); each finishes its calls elsewhere.
+    pub(crate) fn retire(&mut self) -> Vec<Retiring> {
+        let all = std::mem::take(&mut self.instances);
+        all.into_iter().map(|i| self.retiring(i)).collect()
+    }
+
+    /// Take out of service the workers past `keep` (the newest first), after a
+    /// policy lowered `instances`.
+    pub(crate) fn retire_past(&mut self, keep: usize) -> Vec<Retiring> {
+        let extra = self.instances.split_off(keep.min(self.instances.len()));
+        extra.into_iter().map(|i| self.retiring(i)).collect()
+    }
+
+    /// Stop the workers `stop` picks for being idle (or to make room for another
+    /// plugin's): each is retired like a replaced one; once none is left the
+    /// plugin shows `idle`, and the next call starts one.
+    pub(crate) fn idle_stop(
+        &mut self,
+        mut stop: impl FnMut(&WorkerHandle) -> bool,
+    ) -> Vec<Retiring> {
+        let (gone, kept) = std::mem::take(&mut self.instances)
+            .into_iter()
+            .partition::<Vec<_>, _>(|i| stop(&i.worker));
+        self.instances = kept;
+        if !gone.is_empty() && self.instances.is_empty() {
+            self.idle = true;
+        }
+        gone.into_iter().map(|i| self.retiring(i)).collect()
+    }
+
+    /// The supervisor is stopping: no more starts; returns the workers to stop.
+    pub(crate) fn shut_down(&mut self) -> Vec<Arc<WorkerHandle>> {
         self.shutting_down = true;
-        self.group = None;
-        self.slot = None;
-        self.worker.take()
+        std::mem::take(&mut self.instances)
+            .into_iter()
+            .map(|i| i.worker)
+            .collect()
     }
 
     /// The word `corral list` shows; `blocked` when a dependency keeps it from
@@ -227,7 +294,7 @@ impl PluginState {
     pub(crate) fn status_word(&self, blocked: bool) -> &'static str {
         if self.failed.is_some() {
             "failed"
-        } else if self.worker.is_some() {
+        } else if !self.instances.is_empty() {
             "running"
         } else if self.starting {
             "starting"
@@ -242,11 +309,17 @@ impl PluginState {
         }
     }
 
-    /// What the running worker uses, from its cgroup and `/proc`.
+    /// What the first running worker uses, from its cgroup and `/proc`.
     pub(crate) fn resources(&self) -> Option<ResourceStats> {
-        let w = self.worker.as_ref()?;
+        self.instances.first().map(Instance::resources)
+    }
+}
+
+impl Instance {
+    /// What this worker uses, from its cgroup and `/proc`.
+    pub(crate) fn resources(&self) -> ResourceStats {
         let base = self.group.as_ref().map(|g| g.stats()).unwrap_or_default();
-        Some(crate::plugins::access::worker_stats(base, w.pid))
+        crate::plugins::access::worker_stats(base, self.worker.pid)
     }
 }
 

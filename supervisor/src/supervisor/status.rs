@@ -37,6 +37,16 @@ impl Inner {
                 ),
                 policy: effective.summary(),
                 resources: st.resources(),
+                instances: st
+                    .instances()
+                    .iter()
+                    .map(|i| corral_protocol::InstanceInfo {
+                        pid: i.worker.pid,
+                        busy: !i.worker.is_idle(),
+                        resources: i.resources(),
+                    })
+                    .collect(),
+                instances_allowed: effective.instances.value as u32,
                 id: p.manifest.id.clone(),
                 version: p.manifest.version.to_string(),
                 runtime: p.manifest.runtime,

@@ -47,6 +47,9 @@ pub(crate) struct Plugin {
     /// This version's grants under the policy they were resolved from: a host call
     /// resolves them again only when the policy in force is another one.
     pub(crate) grants: GrantCache,
+    /// Told when one of this version's workers is free or a new one is ready:
+    /// the calls waiting for a worker look again.
+    pub(crate) freed: Arc<tokio::sync::Notify>,
 }
 
 /// A plugin version's grants, with the policy they were resolved from.
@@ -181,6 +184,7 @@ impl Inner {
             libraries,
             retired: Default::default(),
             grants: Default::default(),
+            freed: Default::default(),
         })
     }
 
@@ -229,6 +233,7 @@ impl Inner {
             libraries: Arc::clone(&p.libraries),
             retired: Default::default(),
             grants: Default::default(),
+            freed: Default::default(),
         }
     }
 

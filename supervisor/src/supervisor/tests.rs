@@ -433,10 +433,18 @@ fn write_plugin(dir: &std::path::Path, id: &str) {
 }
 
 fn fixture(tweak: impl FnOnce(&mut Options)) -> Fixture {
+    fixture_with("", tweak)
+}
+
+/// [`fixture`] with `extra` appended to the plugin's `plugin.toml`.
+fn fixture_with(extra: &str, tweak: impl FnOnce(&mut Options)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let plugin = dir.path().join("fake");
     std::fs::create_dir(&plugin).unwrap();
     write_plugin(&plugin, "fake");
+    let toml = plugin.join("plugin.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, text + extra).unwrap();
     let mut options = Options::new();
     options.cache_dir = Some(dir.path().join("cache"));
     options.state_dir = dir.path().join("state");
@@ -1051,4 +1059,135 @@ async fn idle_timeout_stops_a_worker_without_calls_and_the_next_call_starts_one(
         ("running", 0),
         "not a restart"
     );
+}
+
+/// Every plugin at level standard (whose `instances` allow four).
+fn standard_policy() -> Arc<corral_policy::Policy> {
+    let routes = "[[route]]\nname = \"all\"\nid = \"*\"\nlevel = \"standard\"\n";
+    Arc::new(corral_policy::Policy::parse(&[("routes.toml".into(), routes.to_owned())]).unwrap())
+}
+
+fn holds_sent(f: &Fixture, worker: usize) -> usize {
+    f.launcher
+        .journal(worker)
+        .iter()
+        .filter(|e| *e == "call hold")
+        .count()
+}
+
+#[tokio::test]
+async fn calls_run_in_parallel_on_instances_and_a_crashed_instance_leaves_the_others_serving() {
+    let f = fixture_with("\n[limits]\ninstances = 2\n", |o| {
+        o.policy = standard_policy()
+    });
+    let call = |function: &'static str| {
+        let (sup, id) = (f.sup.clone(), f.id.clone());
+        tokio::spawn(async move { sup.call(&id, function, b"in".to_vec(), None).await })
+    };
+    let held: Vec<_> = (0..2).map(|_| call("hold")).collect();
+    // Two workers, one call running in each at the same time.
+    eventually("a hold running in each of two workers", || {
+        f.launcher.launches() == 2 && holds_sent(&f, 0) == 1 && holds_sent(&f, 1) == 1
+    })
+    .await;
+    // A third call waits for one of them: the policy allows no third worker.
+    let third = call("echo");
+    eventually("the third call admitted", || {
+        f.sup.0.plugin(&f.id).unwrap().inflight.available_permits() == f.sup.0.options.max_queue - 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(f.launcher.launches(), 2);
+    assert!(!third.is_finished());
+    let info = state_of(&f.sup, &f.id).await;
+    assert_eq!(info.instances_allowed, 2);
+    assert_eq!(info.instances.len(), 2);
+    assert!(
+        info.instances.iter().all(|i| i.busy),
+        "{:?}",
+        info.instances
+    );
+    assert_ne!(info.instances[0].pid, info.instances[1].pid);
+    f.launcher.release();
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap(), b"held");
+    }
+    assert_eq!(third.await.unwrap().unwrap(), b"in");
+
+    // One instance crashes; the other serves on, and the next burst starts a
+    // replacement (a restart, as after any crash).
+    match f.call("crash").await {
+        Err(CallError::WorkerCrashed(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    let info = state_of(&f.sup, &f.id).await;
+    assert_eq!((info.state.as_str(), info.instances.len()), ("running", 1));
+    let held: Vec<_> = (0..2).map(|_| call("hold")).collect();
+    eventually("a replacement worker", || f.launcher.launches() == 3).await;
+    eventually("both holds running", || {
+        (0..3).map(|w| holds_sent(&f, w)).sum::<usize>() == 4
+    })
+    .await;
+    f.launcher.release();
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap(), b"held");
+    }
+    let info = state_of(&f.sup, &f.id).await;
+    assert_eq!((info.instances.len(), info.restarts), (2, 1));
+    f.sup.shutdown(Duration::from_secs(1)).await;
+    for w in 0..3 {
+        assert!(
+            f.launcher
+                .journal(w)
+                .iter()
+                .all(|e| !e.starts_with("unexpected"))
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_policy_that_lowers_instances_retires_the_extra_workers_after_their_calls() {
+    let f = fixture_with("\n[limits]\ninstances = 2\n", |o| {
+        o.policy = standard_policy()
+    });
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let (sup, id) = (f.sup.clone(), f.id.clone());
+            tokio::spawn(async move { sup.call(&id, "hold", Vec::new(), None).await })
+        })
+        .collect();
+    eventually("two workers busy", || {
+        f.launcher.launches() == 2 && holds_sent(&f, 0) == 1 && holds_sent(&f, 1) == 1
+    })
+    .await;
+    let one =
+        "[[route]]\nname = \"all\"\nid = \"*\"\nlevel = \"standard\"\nlimits = { instances = 1 }\n";
+    let changes = f
+        .sup
+        .set_policy(
+            corral_policy::Policy::parse(&[("routes.toml".into(), one.to_owned())]).unwrap(),
+        )
+        .await;
+    assert!(
+        changes
+            .iter()
+            .any(|c| c == "fake: instances now 1; 1 retire after their calls"),
+        "{changes:?}"
+    );
+    // The retired one finishes its call first.
+    f.launcher.release();
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap(), b"held");
+    }
+    eventually("the retired worker shut down", || {
+        f.launcher
+            .journal(1)
+            .last()
+            .is_some_and(|e| e == "shutdown")
+    })
+    .await;
+    let info = state_of(&f.sup, &f.id).await;
+    assert_eq!((info.instances.len(), info.instances_allowed), (1, 1));
+    f.sup.shutdown(Duration::from_secs(1)).await;
 }

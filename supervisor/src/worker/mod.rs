@@ -108,6 +108,24 @@ pub(crate) struct Pending {
     retiring: bool,
 }
 
+/// The right to run one call on a worker: its dispatch permit. Dropping it (the
+/// call answered, failed or given up) frees the worker and tells the plugin's
+/// waiting callers.
+#[derive(Debug)]
+pub(crate) struct Turn {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        // The worker is free before anyone is told (`notify_one` also keeps the
+        // wake-up for a waiter that registers just after).
+        drop(self.permit.take());
+        self.freed.notify_one();
+    }
+}
+
 /// A running worker. Cheap to share; dropping the last handle kills the process.
 #[derive(Debug)]
 pub(crate) struct WorkerHandle {
@@ -132,11 +150,12 @@ pub(crate) struct WorkerHandle {
     files: Option<PluginFiles>,
     /// When a call last began or ended (health checks do not count).
     last_active: Mutex<Instant>,
-    /// One permit: the call running in the worker holds it. A call is sent only
-    /// once it has the permit, so the deadline the worker is told and the kill
-    /// backstop both count from dispatch; a call that waits here past its
-    /// deadline fails with `Timeout` without being sent, and nobody is killed.
-    pub(crate) dispatch: tokio::sync::Semaphore,
+    /// One permit: the call running in the worker holds it (its [`Turn`]). A
+    /// call is sent only once it has one, so the deadline the worker is told and
+    /// the kill backstop both count from dispatch; a call waiting for a turn
+    /// times out where it waits, unsent, and nobody is killed. Closed once the
+    /// worker is killed, retired or stopping: it takes no more calls.
+    pub(crate) dispatch: Arc<tokio::sync::Semaphore>,
 }
 
 pub(crate) fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
@@ -179,62 +198,53 @@ impl WorkerHandle {
         *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
 
-    /// Run `function`. Ends in a result or a typed error, always: if the worker does
-    /// not answer by `deadline` plus the kill grace, it is killed and the call gets
-    /// [`CallError::Timeout`]. `Err(input)`, with nothing sent, when the worker
-    /// is being retired (the caller routes the call to the plugin's new worker).
+    /// A turn to run one call, if the worker is serving and has no call now.
+    /// `freed` is told when the turn ends (the plugin's callers waiting for a
+    /// worker look again).
+    pub fn take_turn(&self, freed: &Arc<Notify>) -> Option<Turn> {
+        let permit = Arc::clone(&self.dispatch).try_acquire_owned().ok()?;
+        Some(Turn {
+            permit: Some(permit),
+            freed: Arc::clone(freed),
+        })
+    }
+
+    /// Run `function` in the `turn` taken on this worker. Ends in a result or a
+    /// typed error, always: if the worker does not answer by `deadline` plus the
+    /// kill grace (counted from now: the call is sent now), it is killed and the
+    /// call gets [`CallError::Timeout`]. `Err(input)`, with nothing sent, when
+    /// the worker is being retired or is gone (the caller routes the call to the
+    /// plugin's current worker).
     pub async fn try_call(
         &self,
+        turn: Turn,
         function: &str,
         input: Vec<u8>,
         deadline: Duration,
         chain: Arc<[String]>,
     ) -> Result<Result<Vec<u8>, CallError>, Vec<u8>> {
         self.touch();
-        let r = self.call_untracked(function, input, deadline, chain).await;
+        let r = self
+            .dispatched(turn, function, input, deadline, chain)
+            .await;
         self.touch();
         r
     }
 
-    /// [`WorkerHandle::try_call`] that does not count as activity for
-    /// `idle_timeout`.
-    pub async fn call_untracked(
-        &self,
-        function: &str,
-        input: Vec<u8>,
-        deadline: Duration,
-        chain: Arc<[String]>,
-    ) -> Result<Result<Vec<u8>, CallError>, Vec<u8>> {
-        // Wait for the call before it to end: the queue. Time spent here is not
-        // the worker's; past the deadline the call fails unsent.
-        let running = match self.dispatch.try_acquire() {
-            Ok(permit) => permit,
-            Err(_) => match tokio::time::timeout(deadline, self.dispatch.acquire()).await {
-                Ok(Ok(permit)) => permit,
-                // Closed: the worker is gone or retired, and the call was not sent.
-                Ok(Err(_)) => return Err(input),
-                Err(_) => {
-                    let deadline_ms = deadline.as_millis() as u64;
-                    return Ok(Err(CallError::Timeout { deadline_ms }));
-                }
-            },
-        };
-        self.dispatched(running, function, input, deadline, chain)
-            .await
-    }
-
-    /// A health check: [`WorkerHandle::call_untracked`] if the worker is idle now,
-    /// `None` (nothing sent) if a call is running. A busy worker is not unhealthy;
-    /// a running call that hangs is killed at its own deadline.
+    /// A health check: the call if the worker is idle now (it does not count as
+    /// activity for `idle_timeout`), `None` (nothing sent) if a call is running.
+    /// A busy worker is not unhealthy; a running call that hangs is killed at its
+    /// own deadline.
     pub async fn call_if_idle(
         &self,
+        freed: &Arc<Notify>,
         function: &str,
         deadline: Duration,
         chain: Arc<[String]>,
     ) -> Option<Result<Result<Vec<u8>, CallError>, Vec<u8>>> {
-        let running = self.dispatch.try_acquire().ok()?;
+        let turn = self.take_turn(freed)?;
         Some(
-            self.dispatched(running, function, Vec::new(), deadline, chain)
+            self.dispatched(turn, function, Vec::new(), deadline, chain)
                 .await,
         )
     }
@@ -243,7 +253,7 @@ impl WorkerHandle {
     /// answer: the deadline the worker is told and the kill backstop count from now.
     async fn dispatched(
         &self,
-        _running: tokio::sync::SemaphorePermit<'_>,
+        _turn: Turn,
         function: &str,
         input: Vec<u8>,
         deadline: Duration,

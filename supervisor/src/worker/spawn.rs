@@ -402,7 +402,7 @@ impl WorkerHandle {
             kill_grace: spec.kill_grace,
             files: spec.files.clone(),
             last_active: Mutex::new(Instant::now()),
-            dispatch: tokio::sync::Semaphore::new(1),
+            dispatch: Arc::new(tokio::sync::Semaphore::new(1)),
         });
         // As many answers as there are permits to hold them (`Connection::unwritten`).
         let unwritten = spec.budgets.host_calls + 1;

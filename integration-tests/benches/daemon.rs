@@ -1,0 +1,345 @@
+//! Calls where users make them, each beside the raw socket round trip of the same
+//! run.
+//!
+//! Run with `cargo bench --workspace --bench daemon` (`-- --quick` for fewer
+//! samples). Warm calls of the examples' empty `noop` function:
+//!
+//! - the library, `Supervisor::call`, on a multi-thread tokio runtime of two
+//!   threads (the flavour `corral serve` runs);
+//! - a running `corral serve`, through its control socket: one persistent
+//!   connection, and a new connection per call;
+//! - the `corral call` CLI, beside fork+exec+wait of `/bin/true` and of
+//!   `corral --version`;
+//! - throughput of one plugin with 1, 8 and 64 callers, through the library and
+//!   through the daemon (one connection per caller), beside a raw echo socket
+//!   with 64 frames in flight.
+//!
+//! Every measurement runs pinned (the bench, the daemon and its workers share CPU
+//! 0) and unpinned. Machines here are shared and noisy: compare the ratios.
+
+use corral::Supervisor;
+use corral_integration_tests::bench::{
+    Stats, pin_to_cpu0, raw_socket_pipelined, raw_socket_rtt, row, serve_echo_if_asked, spawn_wait,
+    stats, unpin,
+};
+use corral_integration_tests::{built, example_plugin, open_tempdir, plugin_copy};
+use corral_protocol::{ControlRequest, ControlResponse, frame};
+use std::ffi::OsStr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+const PLUGINS: [&str; 3] = ["hello-wasm", "hello-js", "hello-python"];
+
+/// A running `corral serve` with the three examples, stopped when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    _dir: TempDir,
+}
+
+impl Daemon {
+    fn start(zygotes: &str) -> Daemon {
+        let dir = open_tempdir();
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir(&plugins).unwrap();
+        let js = example_plugin("hello-js");
+        let py = example_plugin("hello-python");
+        for (id, src) in PLUGINS
+            .iter()
+            .zip([built().hello_wasm.as_path(), js.path(), py.path()])
+        {
+            let copy = plugin_copy(src, id);
+            std::fs::rename(copy.path(), plugins.join(id)).unwrap();
+            std::mem::forget(copy);
+        }
+        let config = dir.path().join("corral.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "plugins_dir = \"plugins\"\nsocket = \"run/control.sock\"\ncache_dir = \"cache\"\n\
+                 state_dir = \"state\"\naudit = \"audit.jsonl\"\nzygotes = {zygotes}\n"
+            ),
+        )
+        .unwrap();
+        let socket = dir.path().join("run/control.sock");
+        let child = Command::new(built().corral())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("CORRAL_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(t.elapsed() < Duration::from_secs(60), "no control socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let d = Daemon {
+            child,
+            socket,
+            _dir: dir,
+        };
+        // Start every worker before anything is timed.
+        let mut c = d.connect();
+        for id in PLUGINS {
+            c.noop(id);
+        }
+        d
+    }
+
+    fn connect(&self) -> Client {
+        Client(UnixStream::connect(&self.socket).unwrap())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.connect().request(&ControlRequest::Shutdown);
+        let t = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            if t.elapsed() > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// A blocking control-socket client: what any program talking to the daemon
+/// does, without an async runtime of its own.
+struct Client(UnixStream);
+
+impl Client {
+    fn request(&mut self, req: &ControlRequest) -> std::io::Result<ControlResponse> {
+        use std::io::Write;
+        self.0.write_all(&frame::encode(req).unwrap())?;
+        frame::read_msg(&mut self.0, frame::MAX_FRAME).map_err(std::io::Error::other)
+    }
+
+    fn noop(&mut self, plugin: &str) {
+        let req = ControlRequest::Call {
+            plugin: plugin.into(),
+            function: "noop".into(),
+            input: Vec::new(),
+            timeout_ms: None,
+        };
+        match self.request(&req).unwrap() {
+            ControlResponse::Called(Ok(out)) => assert!(out.is_empty()),
+            other => panic!("{plugin}: {other:?}"),
+        }
+    }
+}
+
+/// `iters` timed samples of `f` after a tenth as many untimed ones.
+fn sample(iters: usize, mut f: impl FnMut()) -> Stats {
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        f();
+        if i >= iters / 10 {
+            samples.push(t.elapsed());
+        }
+    }
+    stats(samples)
+}
+
+/// The library on the daemon's runtime flavour, with the examples registered.
+fn library() -> (tokio::runtime::Runtime, Supervisor, Vec<TempDir>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache = open_tempdir();
+    let mut opts = corral_integration_tests::options(cache.path());
+    opts.policy = Arc::new(corral::Policy::built_in());
+    let js = example_plugin("hello-js");
+    let py = example_plugin("hello-python");
+    let mut sup = Supervisor::new(opts);
+    sup.add_plugin_dir(&built().hello_wasm).unwrap();
+    sup.add_plugin_dir(js.path()).unwrap();
+    sup.add_plugin_dir(py.path()).unwrap();
+    (rt, sup, vec![cache, js, py])
+}
+
+/// Calls per second of `plugin` with `callers` concurrent callers for `run`,
+/// through the library.
+fn library_throughput(
+    rt: &tokio::runtime::Runtime,
+    sup: &Supervisor,
+    plugin: &'static str,
+    callers: usize,
+    run: Duration,
+) -> f64 {
+    rt.block_on(async {
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Instant::now() + run;
+        let tasks: Vec<_> = (0..callers)
+            .map(|_| {
+                let (sup, done) = (sup.clone(), Arc::clone(&done));
+                tokio::spawn(async move {
+                    while Instant::now() < stop {
+                        let out = sup.call(plugin, "noop", Vec::new(), None).await;
+                        assert!(out.is_ok(), "{plugin}: {out:?}");
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let t = Instant::now();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
+    })
+}
+
+/// Calls per second of `plugin` with `callers` threads, each on its own
+/// connection to the daemon, for `run`.
+fn daemon_throughput(d: &Daemon, plugin: &'static str, callers: usize, run: Duration) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..callers)
+        .map(|_| {
+            let mut c = d.connect();
+            let (done, stop) = (Arc::clone(&done), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    c.noop(plugin);
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    std::thread::sleep(run);
+    stop.store(true, Ordering::Relaxed);
+    for th in threads {
+        th.join().unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn rate_row(name: &str, rate: f64, base: f64) {
+    println!(
+        "  {name:<52} {:>9.0} calls/s {:>8.2}x the raw ceiling",
+        rate,
+        rate / base
+    );
+}
+
+fn main() {
+    serve_echo_if_asked();
+    // `cargo bench` passes `--bench`; nextest/`cargo test --benches` lists with
+    // `--list`: run nothing then.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (warm, cli_iters, run) = if quick {
+        (2_000, 50, Duration::from_millis(500))
+    } else {
+        (20_000, 300, Duration::from_secs(2))
+    };
+    built();
+    let corral = built().corral();
+    for pinned in [true, false] {
+        if pinned {
+            pin_to_cpu0();
+        } else {
+            unpin();
+        }
+        println!(
+            "\n== {} ==",
+            if pinned {
+                "pinned: the bench, the daemon and its workers share CPU 0"
+            } else {
+                "unpinned: scheduler's choice of CPUs"
+            }
+        );
+        println!("warm call of an empty function ({warm} samples)");
+        let raw = raw_socket_rtt(warm);
+        row("baseline: raw unix-socket echo round trip", raw, None);
+        let (rt, sup, _dirs) = library();
+        for id in PLUGINS {
+            // From a task on the runtime's threads, as the daemon's own callers.
+            let sup = sup.clone();
+            let s = rt
+                .block_on(rt.spawn(async move {
+                    let mut samples = Vec::with_capacity(warm);
+                    for i in 0..warm + warm / 10 {
+                        let t = Instant::now();
+                        let out = sup.call(id, "noop", Vec::new(), None).await;
+                        assert_eq!(out.unwrap(), b"");
+                        if i >= warm / 10 {
+                            samples.push(t.elapsed());
+                        }
+                    }
+                    stats(samples)
+                }))
+                .unwrap();
+            row(
+                &format!("library, multi-thread runtime: {id}"),
+                s,
+                Some(raw),
+            );
+        }
+        let d = Daemon::start("[\"wasm\", \"python\"]");
+        for id in PLUGINS {
+            let mut c = d.connect();
+            let s = sample(warm, || c.noop(id));
+            row(
+                &format!("daemon, persistent connection: {id}"),
+                s,
+                Some(raw),
+            );
+        }
+        let s = sample(warm / 4, || d.connect().noop("hello-wasm"));
+        row("daemon, a connection per call: hello-wasm", s, Some(raw));
+        println!("  (targets: library <= 1.5x raw, persistent connection <= 2.5x raw)");
+
+        println!("the CLI ({cli_iters} samples)");
+        let t = spawn_wait(cli_iters, Path::new("/bin/true"), &[]);
+        row("baseline: fork+exec+wait /bin/true", t, None);
+        let v = spawn_wait(cli_iters, &corral, &[OsStr::new("--version")]);
+        row("corral --version", v, Some(t));
+        for id in ["hello-wasm", "hello-python"] {
+            let args = [
+                OsStr::new("call"),
+                OsStr::new("--socket"),
+                d.socket.as_os_str(),
+                OsStr::new(id),
+                OsStr::new("noop"),
+            ];
+            let c = spawn_wait(cli_iters, &corral, &args);
+            row(&format!("corral call {id} noop"), c, Some(t));
+        }
+        println!("  (ratio: p50 / /bin/true p50; target <= 2x)");
+
+        let ceiling = raw_socket_pipelined(64, run);
+        println!(
+            "throughput of one plugin ({:.1} s per row); raw echo, 64 frames in flight: {ceiling:.0} round trips/s",
+            run.as_secs_f64()
+        );
+        for id in PLUGINS {
+            for callers in [1, 8, 64] {
+                let r = library_throughput(&rt, &sup, id, callers, run);
+                rate_row(&format!("library: {id}, {callers} callers"), r, ceiling);
+            }
+            for callers in [1, 8, 64] {
+                let r = daemon_throughput(&d, id, callers, run);
+                rate_row(&format!("daemon: {id}, {callers} callers"), r, ceiling);
+            }
+        }
+        drop(d);
+        rt.block_on(sup.shutdown(Duration::from_secs(2)));
+    }
+}
