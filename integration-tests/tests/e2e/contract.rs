@@ -279,3 +279,76 @@ async fn a_call_waiting_behind_a_long_one_times_out_in_the_queue_and_no_worker_i
         k.stop().await;
     }
 }
+
+#[tokio::test]
+async fn instances_run_calls_in_parallel_and_one_killed_leaves_the_other_serving() {
+    for rt in RUNTIMES {
+        let k = kit(rt, "instances = 2");
+        assert_eq!(k.call("ok", b"").await.unwrap(), b"ok", "{rt}");
+        // Two calls that each run until their 400 ms deadline: in parallel on two
+        // workers they end together; one worker would take 800 ms.
+        let t = Instant::now();
+        let spins: Vec<_> = (0..2)
+            .map(|_| {
+                let sup = k.sup.clone();
+                tokio::spawn(async move {
+                    sup.call("kit", "spin", Vec::new(), Some(Duration::from_millis(400)))
+                        .await
+                })
+            })
+            .collect();
+        for s in spins {
+            assert_eq!(
+                s.await.unwrap(),
+                Err(CallError::Timeout { deadline_ms: 400 }),
+                "{rt}"
+            );
+        }
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_millis(750),
+            "{rt}: {took:?}, not in parallel"
+        );
+        let info = &k.sup.list().await[0];
+        assert_eq!(
+            (info.instances.len(), info.instances_allowed),
+            (2, 2),
+            "{rt}"
+        );
+        assert_eq!(info.restarts, 0, "{rt}: the engines stopped the spins");
+        let (a, b) = (info.instances[0].pid, info.instances[1].pid);
+        assert_ne!(a, b);
+        // Each instance is a confined worker of its own.
+        for pid in [a, b] {
+            assert!(
+                std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .unwrap()
+                    .lines()
+                    .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
+                "{rt}: pid {pid} has no seccomp filter"
+            );
+        }
+        // SAFETY: kill(2) of a worker this test's supervisor started, running.
+        assert_eq!(unsafe { libc::kill(a as i32, libc::SIGKILL) }, 0);
+        assert!(crate::support::wait_gone(a).await, "{rt}");
+        // Once the supervisor has seen it go (a call sent in the instant its last
+        // thread is exiting may still fail as crashed), the other serves alone.
+        let t = Instant::now();
+        loop {
+            let info = &k.sup.list().await[0];
+            let pids: Vec<u32> = info.instances.iter().map(|i| i.pid).collect();
+            if pids == [b] {
+                assert_eq!(info.state, "running", "{rt}");
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "{rt}: {pids:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..5 {
+            assert_eq!(k.call("ok", b"").await.unwrap(), b"ok", "{rt}");
+        }
+        assert_eq!(k.pid().await, b, "{rt}: served by the instance left");
+        k.stop().await;
+        assert!(crate::support::wait_gone(b).await, "{rt}");
+    }
+}

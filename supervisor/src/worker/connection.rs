@@ -34,10 +34,15 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 /// until it is written (see [`Connection::unwritten`]).
 pub(crate) type Answer = (Vec<u8>, OwnedSemaphorePermit);
 
-/// The task that writes to a worker: the supervisor's frames (calls, shutdown) and
-/// the answers to its host calls, each answer's permit given back once written.
+/// The write half of a worker's socket: calls are written by their callers,
+/// everything else by [`write_frames`], one whole frame at a time.
+pub(crate) type Writer = Arc<tokio::sync::Mutex<OwnedWriteHalf>>;
+
+/// The task that writes to a worker what its callers do not: the supervisor's
+/// `Shutdown` and the answers to its host calls, each answer's permit given back
+/// once written.
 pub(crate) async fn write_frames(
-    mut wr: OwnedWriteHalf,
+    wr: Writer,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     mut answers: mpsc::Receiver<Answer>,
 ) {
@@ -47,7 +52,7 @@ pub(crate) async fn write_frames(
             Some((buf, permit)) = answers.recv() => (buf, Some(permit)),
             else => break,
         };
-        if wr.write_all(&buf).await.is_err() {
+        if wr.lock().await.write_all(&buf).await.is_err() {
             break;
         }
         drop(permit);
@@ -197,6 +202,7 @@ impl Connection {
                 }
                 s = child.wait(), if status.is_none() => {
                     status = s;
+                    lock(&self.pending).gone = true;
                     // Read what the worker sent before it exited, briefly (the
                     // frame under way first).
                     if let Ok((mut rd, Ok(msg))) =
@@ -219,6 +225,8 @@ impl Connection {
                 }
             }
         }
+        // Nothing sent from now on reaches a worker.
+        lock(&self.pending).gone = true;
         if let Some(why) = &protocol_error {
             tracing::warn!(plugin = %self.plugin_id, "protocol violation, killing the worker: {why}");
             child.start_kill();

@@ -103,6 +103,10 @@ pub(crate) struct Pending {
     host_calls: HashSet<RequestId>,
     /// Set once the worker is gone; new calls fail at once with it.
     closed: Option<ExitReason>,
+    /// Set the moment the worker is seen to end (its socket closed, its exit
+    /// observed), before `closed`: a call registered from then on was never
+    /// delivered, and goes to another worker unsent.
+    gone: bool,
     /// Set when the worker is being retired (a new version took over): it finishes
     /// the calls it has and takes no more.
     retiring: bool,
@@ -133,8 +137,10 @@ pub(crate) struct WorkerHandle {
     pub hello: Hello,
     pub exports: Vec<String>,
     plugin_id: String,
-    /// The supervisor's own frames: the one `Call` holding the dispatch permit, a
-    /// `Shutdown`. Answers to host
+    /// Where a call's frame is written, by its caller (no task in between): a
+    /// write that fails means the worker is gone and never got the call.
+    writer: connection::Writer,
+    /// The supervisor's own frames other than calls: a `Shutdown` (bounded: one). Answers to host
     /// calls go on the connection's bounded channel instead.
     tx: mpsc::UnboundedSender<Vec<u8>>,
     pending: Arc<Mutex<Pending>>,
@@ -186,7 +192,11 @@ impl WorkerHandle {
     /// Whether the worker is serving and has no call in flight (nor a host call).
     pub fn is_idle(&self) -> bool {
         let p = lock(&self.pending);
-        p.closed.is_none() && !p.retiring && p.calls.is_empty() && p.host_calls.is_empty()
+        p.closed.is_none()
+            && !p.gone
+            && !p.retiring
+            && p.calls.is_empty()
+            && p.host_calls.is_empty()
     }
 
     /// When a call last began or ended on this worker (its start, before any).
@@ -202,6 +212,12 @@ impl WorkerHandle {
     /// `freed` is told when the turn ends (the plugin's callers waiting for a
     /// worker look again).
     pub fn take_turn(&self, freed: &Arc<Notify>) -> Option<Turn> {
+        {
+            let p = lock(&self.pending);
+            if p.gone || p.closed.is_some() || p.retiring {
+                return None;
+            }
+        }
         let permit = Arc::clone(&self.dispatch).try_acquire_owned().ok()?;
         Some(Turn {
             permit: Some(permit),
@@ -267,7 +283,7 @@ impl WorkerHandle {
             let mut p = lock(&self.pending);
             // Retired, or gone while the call waited (nothing was sent to it):
             // the caller routes the call to the plugin's current worker.
-            if p.retiring || p.closed.is_some() {
+            if p.retiring || p.gone || p.closed.is_some() {
                 return Err(input);
             }
             p.calls.insert(id, reply);
@@ -296,15 +312,34 @@ impl WorkerHandle {
                 }));
             }
         };
-        // If the writer is gone the connection task fails the pending call for us.
-        let _ = self.tx.send(frame);
+        // Written here, not by a task: one hop less, and a write that fails says
+        // the worker is gone and never got the call. The write is bounded by the
+        // deadline too (a worker that stops reading cannot hold the caller).
+        let run = async {
+            use tokio::io::AsyncWriteExt;
+            if self.writer.lock().await.write_all(&frame).await.is_err() {
+                return None;
+            }
+            Some(answer.await)
+        };
         Ok(
-            match tokio::time::timeout(deadline + self.kill_grace, answer).await {
-                Ok(Ok(result)) => match &self.files {
+            match tokio::time::timeout(deadline + self.kill_grace, run).await {
+                Ok(None) => {
+                    let mut p = lock(&self.pending);
+                    p.calls.remove(&id);
+                    p.contexts.remove(&id);
+                    p.gone = true;
+                    drop(p);
+                    let ToWorker::Call { input, .. } = msg else {
+                        unreachable!("a call was built above")
+                    };
+                    return Err(input);
+                }
+                Ok(Some(Ok(result))) => match &self.files {
                     Some(f) => result.map_err(|e| f.shown_error(e)),
                     None => result,
                 },
-                Ok(Err(_)) => Err(CallError::WorkerCrashed(ExitReason::Unknown)),
+                Ok(Some(Err(_))) => Err(CallError::WorkerCrashed(ExitReason::Unknown)),
                 Err(_) => {
                     let mut p = lock(&self.pending);
                     p.calls.remove(&id);

@@ -386,7 +386,9 @@ impl WorkerHandle {
         };
 
         let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let writer = Arc::new(tokio::sync::Mutex::new(wr));
         let handle = Arc::new(WorkerHandle {
+            writer: Arc::clone(&writer),
             pid,
             hello,
             exports,
@@ -407,7 +409,7 @@ impl WorkerHandle {
         // As many answers as there are permits to hold them (`Connection::unwritten`).
         let unwritten = spec.budgets.host_calls + 1;
         let (answers, answers_rx) = mpsc::channel(unwritten);
-        tokio::spawn(write_frames(wr, rx, answers_rx));
+        tokio::spawn(write_frames(writer, rx, answers_rx));
         tokio::spawn(
             Connection {
                 broker: spec.broker.clone(),
