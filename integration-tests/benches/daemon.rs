@@ -35,6 +35,9 @@ use tempfile::TempDir;
 
 const PLUGINS: [&str; 3] = ["hello-wasm", "hello-js", "hello-python"];
 
+/// The same examples with `instances = 2` (one worker per core here).
+const PARALLEL: [&str; 3] = ["hello-wasm-x2", "hello-js-x2", "hello-python-x2"];
+
 /// A running `corral serve` with the three examples, stopped when dropped.
 struct Daemon {
     child: Child,
@@ -49,11 +52,20 @@ impl Daemon {
         std::fs::create_dir(&plugins).unwrap();
         let js = example_plugin("hello-js");
         let py = example_plugin("hello-python");
+        let sources = [built().hello_wasm.as_path(), js.path(), py.path()];
         for (id, src) in PLUGINS
             .iter()
-            .zip([built().hello_wasm.as_path(), js.path(), py.path()])
+            .zip(sources)
+            .chain(PARALLEL.iter().zip(sources))
         {
             let copy = plugin_copy(src, id);
+            if id.ends_with("-x2") {
+                let toml = copy.path().join("plugin.toml");
+                let text = std::fs::read_to_string(&toml).unwrap();
+                assert!(text.contains("\n[limits]\n"), "{id}");
+                let text = text.replace("\n[limits]\n", "\n[limits]\ninstances = 2\n");
+                std::fs::write(&toml, text).unwrap();
+            }
             std::fs::rename(copy.path(), plugins.join(id)).unwrap();
             std::mem::forget(copy);
         }
@@ -70,7 +82,7 @@ impl Daemon {
         let child = Command::new(built().corral())
             .args(["serve", "--config"])
             .arg(&config)
-            .env("CORRAL_LOG", "error")
+            .env("CORRAL_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -87,7 +99,7 @@ impl Daemon {
         };
         // Start every worker before anything is timed.
         let mut c = d.connect();
-        for id in PLUGINS {
+        for id in PLUGINS.iter().chain(&PARALLEL) {
             c.noop(id);
         }
         d
@@ -339,6 +351,14 @@ fn main() {
                 rate_row(&format!("daemon: {id}, {callers} callers"), r, ceiling);
             }
         }
+        println!("  the same with instances = 2 (one worker per core)");
+        for id in PARALLEL {
+            for callers in [1, 8, 64] {
+                let r = daemon_throughput(&d, id, callers, run);
+                rate_row(&format!("daemon: {id}, {callers} callers"), r, ceiling);
+            }
+        }
+        println!("  (target: instances = 2 through the daemon >= 100,000 calls/s at 64 callers)");
         drop(d);
         rt.block_on(sup.shutdown(Duration::from_secs(2)));
     }

@@ -184,23 +184,35 @@ impl Inner {
     /// waits for whichever is free first. A call that waits longer than its
     /// deadline fails with [`CallError::Timeout`] without being sent (the
     /// deadline of a call sent counts from then).
+    ///
+    /// Waiting calls are served first come, first served: they queue on
+    /// `Plugin::line` (a fair semaphore of one permit), and only its holder, the
+    /// head of the line, waits for a worker to be freed and may take one; a call
+    /// arriving while others wait takes its place behind them.
     async fn turn_for(
         &self,
         p: &Arc<Plugin>,
         timeout: Option<Duration>,
     ) -> Result<Ready, CallError> {
         let mut until = None;
+        let mut head = None;
         loop {
+            // Only the head of the line listens: a wake-up is never spent on a
+            // call that then goes to wait in line.
             let freed = p.freed.notified();
             tokio::pin!(freed);
-            freed.as_mut().enable();
+            if head.is_some() {
+                freed.as_mut().enable();
+            }
             let (more, limits) = {
                 let mut st = p.state.lock().await;
                 let serving = self.running_in(p, &mut st)?;
-                if let Some((w, turn)) = st.idle_instance(&p.freed) {
+                let mine = head.is_some() || p.line.available_permits() > 0;
+                if mine && let Some((w, turn)) = st.idle_instance(&p.freed) {
                     return Ok((w, turn, st.deadlines()));
                 }
-                let more = serving
+                let more = mine
+                    && serving
                     && !st.starting
                     && st.instances().len() < st.instances_allowed()
                     && st
@@ -229,10 +241,21 @@ impl Inner {
             let deadline = deadline_of(timeout, limits);
             let until = *until.get_or_insert_with(|| Instant::now() + deadline);
             let now = Instant::now();
+            let timed_out = || CallError::Timeout {
+                deadline_ms: deadline.as_millis() as u64,
+            };
             if now >= until {
-                return Err(CallError::Timeout {
-                    deadline_ms: deadline.as_millis() as u64,
-                });
+                return Err(timed_out());
+            }
+            if head.is_none() {
+                // Into the line (first come, first served), then look again.
+                let line = Arc::clone(&p.line);
+                match tokio::time::timeout_at(until.into(), line.acquire_owned()).await {
+                    Ok(Ok(permit)) => head = Some(permit),
+                    Ok(Err(_)) => return Err(CallError::ShuttingDown),
+                    Err(_) => return Err(timed_out()),
+                }
+                continue;
             }
             let _ = tokio::time::timeout_at(until.min(now + LOOK_AGAIN).into(), freed).await;
         }

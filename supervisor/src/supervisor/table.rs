@@ -50,6 +50,9 @@ pub(crate) struct Plugin {
     /// Told when one of this version's workers is free or a new one is ready:
     /// the calls waiting for a worker look again.
     pub(crate) freed: Arc<tokio::sync::Notify>,
+    /// The calls waiting for a worker, first come first served: its one permit
+    /// is held by the head of the line (`Inner::turn_for`).
+    pub(crate) line: Arc<tokio::sync::Semaphore>,
 }
 
 /// A plugin version's grants, with the policy they were resolved from.
@@ -185,6 +188,7 @@ impl Inner {
             retired: Default::default(),
             grants: Default::default(),
             freed: Default::default(),
+            line: Arc::new(tokio::sync::Semaphore::new(1)),
         })
     }
 
@@ -234,6 +238,7 @@ impl Inner {
             retired: Default::default(),
             grants: Default::default(),
             freed: Default::default(),
+            line: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 

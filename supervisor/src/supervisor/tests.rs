@@ -308,6 +308,9 @@ async fn serve(
                 ..
             } => {
                 journal.push(format!("call {function}"));
+                if input.starts_with(b"order-") {
+                    journal.push(String::from_utf8_lossy(&input).into_owned());
+                }
                 let answer = move |result| FromWorker::CallResult { id, result };
                 match function.as_str() {
                     "echo" => drop(tx.send(answer(Ok(input)))),
@@ -1068,6 +1071,9 @@ fn standard_policy() -> Arc<corral_policy::Policy> {
 }
 
 fn holds_sent(f: &Fixture, worker: usize) -> usize {
+    if f.launcher.journals.lock().unwrap().len() <= worker {
+        return 0; // Not started yet.
+    }
     f.launcher
         .journal(worker)
         .iter()
@@ -1189,5 +1195,85 @@ async fn a_policy_that_lowers_instances_retires_the_extra_workers_after_their_ca
     .await;
     let info = state_of(&f.sup, &f.id).await;
     assert_eq!((info.instances.len(), info.instances_allowed), (1, 1));
+    f.sup.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_for_a_worker_are_served_first_come_first_served_and_none_starves() {
+    let f = fixture(|_| {});
+    let call = |function: &'static str, input: &'static [u8]| {
+        let (sup, id) = (f.sup.clone(), f.id.clone());
+        tokio::spawn(async move { sup.call(&id, function, input.to_vec(), None).await })
+    };
+    let held = call("hold", b"");
+    eventually("the hold running", || holds_sent(&f, 0) == 1).await;
+    let max_queue = f.sup.0.options.max_queue;
+    let plugin = f.sup.0.plugin(&f.id).unwrap();
+    let admitted = |n: usize| {
+        let plugin = Arc::clone(&plugin);
+        move || plugin.inflight.available_permits() == max_queue - n
+    };
+    // Three calls queue behind it, one after the other.
+    let mut waiting = Vec::new();
+    for (n, input) in [b"order-b", b"order-c", b"order-d"].iter().enumerate() {
+        waiting.push(call("echo", *input));
+        eventually("the call admitted", admitted(n + 2)).await;
+    }
+    f.launcher.release();
+    assert_eq!(held.await.unwrap().unwrap(), b"held");
+    for w in waiting {
+        w.await.unwrap().unwrap();
+    }
+    // In the order they came (the worker runs them one at a time, as sent).
+    let journal = f.launcher.journal(0);
+    let sent: Vec<&str> = journal
+        .iter()
+        .filter(|e| e.starts_with("order-"))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(sent, ["order-b", "order-c", "order-d"], "{journal:?}");
+
+    // Sixteen callers in tight loops do not starve one more call that arrives
+    // among them: it waits its turn behind those already waiting.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hot: Vec<_> = (0..16)
+        .map(|_| {
+            let (sup, id, stop) = (f.sup.clone(), f.id.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    sup.call(&id, "echo", b"hot".to_vec(), None).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let r = f
+            .sup
+            .call(
+                &f.id,
+                "echo",
+                b"x".to_vec(),
+                Some(Duration::from_millis(500)),
+            )
+            .await;
+        assert_eq!(
+            r,
+            Ok(b"x".to_vec()),
+            "after {:?}, {} launches",
+            t.elapsed(),
+            f.launcher.launches()
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in hot {
+        h.await.unwrap();
+    }
     f.sup.shutdown(Duration::from_secs(1)).await;
 }
