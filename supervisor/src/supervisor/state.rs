@@ -26,7 +26,6 @@ pub(crate) struct PluginState {
     /// Crash times within the restart window.
     crashes: VecDeque<Instant>,
     restarts: u32,
-    starts: u32,
     /// Instances that ended without being stopped (a crash, a kill) and have not
     /// been replaced: the next start of one is a restart.
     lost: u32,
@@ -138,7 +137,6 @@ impl PluginState {
             self.lost -= 1;
             self.restarts += 1;
         }
-        self.starts += 1;
         self.idle = false;
         self.instances.push(Instance {
             worker: started.worker,
