@@ -287,6 +287,13 @@ fn serve_call_list_stop() {
     ] {
         assert!(status.contains(rule), "{rule}: {status}");
     }
+    assert!(
+        status.contains(
+            "counted from when it is sent, then SIGKILL; one call at a time per worker, up to \
+             1 worker; a call waiting longer than its deadline for one fails unsent"
+        ),
+        "{status}"
+    );
     let out = d.cli(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["enforcement"]["landlock"]["status"], "full", "{v}");

@@ -498,10 +498,18 @@ pub(crate) fn supervision(
             effective.audit_rate.value.saturating_mul(4)
         ),
         format!(
-            "deadlines: load and init within {}, a call within its deadline and {} of grace, \
-             then SIGKILL (the supervisor's timers; no lock is held while waiting)",
+            "deadlines: load and init within {}, a call within its deadline and {} of grace \
+             counted from when it is sent, then SIGKILL; one call at a time per worker, up to \
+             {} worker{}; a call waiting longer than its deadline for one fails unsent, \
+             killing nothing (the supervisor's timers; no lock is held while waiting)",
             humantime::format_duration(effective.init_timeout.value + handshake),
             humantime::format_duration(kill_grace),
+            effective.instances.value,
+            if effective.instances.value == 1 {
+                ""
+            } else {
+                "s"
+            },
         ),
         match tree {
             None | Some(TreeKill::Cgroup) => {
