@@ -141,6 +141,11 @@ impl Daemon {
 
     /// A daemon with the example plugin and `module` as the plugin `kit`.
     fn start_with(policy: &Path, module: &str) -> Daemon {
+        Daemon::start_with_manifest(policy, module, "")
+    }
+
+    /// [`Daemon::start_with`], `extra` appended to the kit's plugin.toml.
+    fn start_with_manifest(policy: &Path, module: &str, extra: &str) -> Daemon {
         let dir = corral_integration_tests::open_tempdir();
         let kit = dir.path().join("kit");
         std::fs::create_dir(&kit).unwrap();
@@ -148,7 +153,7 @@ impl Daemon {
         std::fs::write(
             kit.join("plugin.toml"),
             format!(
-                "id = \"kit\"\nversion = \"1.0.0\"\nruntime = \"wasm\"\nentry = \"{module}\"\n"
+                "id = \"kit\"\nversion = \"1.0.0\"\nruntime = \"wasm\"\nentry = \"{module}\"\n{extra}"
             ),
         )
         .unwrap();
@@ -725,4 +730,64 @@ fn an_unprivileged_run_without_cgroups_leaves_no_process_behind() {
         unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
     }
     assert_eq!(left, Vec::<u32>::new(), "the orphan outlived the run");
+}
+
+#[test]
+fn status_lists_each_instance_of_a_plugin_that_runs_several() {
+    let d = Daemon::start_with_manifest(
+        &fixture("policy/test.toml"),
+        "testkit.wat",
+        "\n[limits]\ninstances = 2\n",
+    );
+    // Two calls at once, each running to its deadline: two workers.
+    let spin = || {
+        let socket = d.socket.clone();
+        std::thread::spawn(move || {
+            Command::new(built().corral())
+                .args(["call", "kit", "spin", "--timeout", "500ms", "--socket"])
+                .arg(&socket)
+                .output()
+                .unwrap()
+        })
+    };
+    let spins = [spin(), spin()];
+    for s in spins {
+        let out = s.join().unwrap();
+        assert!(
+            text(&out.stderr).contains("deadline"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    let status = text(&d.cli(&["status"]).stdout);
+    assert!(
+        status.contains("  instances   2 running of 2 allowed"),
+        "{status}"
+    );
+    let lines: Vec<&str> = status
+        .lines()
+        .filter(|l| l.starts_with("  instance    pid "))
+        .collect();
+    assert_eq!(lines.len(), 2, "{status}");
+    assert!(
+        lines.iter().all(|l| l.contains(" idle: memory ")),
+        "{status}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["status", "--json"]).stdout).unwrap();
+    let kit = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "kit")
+        .unwrap();
+    assert_eq!(kit["instances_allowed"], 2, "{kit}");
+    let pids: Vec<u64> = kit["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2);
+    assert_ne!(pids[0], pids[1]);
 }
