@@ -187,6 +187,17 @@ impl Daemon {
         }
     }
 
+    /// Plugin `id` as `corral <command> --json` (`list` or `status`) shows it.
+    fn plugin_json(&self, command: &str, id: &str) -> Option<serde_json::Value> {
+        let out = self.cli(&[command, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == id)
+            .cloned()
+    }
+
     fn cli(&self, args: &[&str]) -> Output {
         Command::new(built().corral())
             .args(args)
@@ -240,14 +251,7 @@ fn serve_call_list_stop() {
             .any(|l| l.starts_with("hello-wasm") && l.contains("running")),
         "{table}"
     );
-    let out = d.cli(&["list", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let kit = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == "kit")
-        .unwrap();
+    let kit = d.plugin_json("list", "kit").unwrap();
     assert_eq!(kit["state"], "running");
     assert_eq!(kit["calls"], 1);
     assert!(
@@ -363,12 +367,7 @@ fn an_init_that_never_returns_holds_up_neither_list_nor_sigterm() {
         .spawn()
         .unwrap();
     let state = |d: &Daemon| {
-        let out = d.cli(&["list", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["id"] == "kit")
+        d.plugin_json("list", "kit")
             .map(|p| p["state"].as_str().unwrap().to_owned())
     };
     let until = Instant::now() + Duration::from_secs(20);
@@ -565,15 +564,7 @@ fn policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy() {
     };
     call_ok();
     let kit_pid = || {
-        let v: serde_json::Value =
-            serde_json::from_slice(&d.cli(&["list", "--json"]).stdout).unwrap();
-        let kit = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["id"] == "kit")
-            .unwrap()
-            .clone();
+        let kit = d.plugin_json("list", "kit").unwrap();
         (
             kit["pid"].as_u64().map(|p| p as u32),
             kit["level"].as_str().unwrap().to_owned(),
@@ -773,14 +764,7 @@ fn status_lists_each_instance_of_a_plugin_that_runs_several() {
         lines.iter().all(|l| l.contains(" idle: memory ")),
         "{status}"
     );
-    let v: serde_json::Value =
-        serde_json::from_slice(&d.cli(&["status", "--json"]).stdout).unwrap();
-    let kit = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == "kit")
-        .unwrap();
+    let kit = d.plugin_json("status", "kit").unwrap();
     assert_eq!(kit["instances_allowed"], 2, "{kit}");
     let pids: Vec<u64> = kit["instances"]
         .as_array()
