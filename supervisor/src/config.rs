@@ -30,6 +30,12 @@
 //! # the cap stops the least recently used idle worker, else answers "overloaded").
 //! idle_timeout = "5m"
 //! max_workers = 2000
+//! # Prometheus metrics over HTTP at this address (off by default; loopback
+//! # unless a scraper elsewhere needs it: the endpoint has no authentication).
+//! metrics = "127.0.0.1:9464"
+//! # Log lines as `text` (default) or `json` (one object per line); `--log-format`
+//! # overrides it.
+//! log_format = "json"
 //! # Runtimes whose workers are forked from a zygote template, the engine set up
 //! # once (default ["wasm", "python"]; [] starts every worker by exec).
 //! zygotes = ["wasm", "python"]
@@ -50,6 +56,9 @@
 //! ```
 //!
 //! Unknown keys are errors; errors name the file, line and column.
+//!
+//! `corral serve` reads the file again on SIGHUP: see
+//! [`crate::supervisor`]'s `reconfigure` for what applies live.
 
 use crate::{Options, PluginConfig, RestartPolicy};
 use serde::Deserialize;
@@ -98,6 +107,8 @@ struct RawConfig {
     idle_timeout: Option<Spanned<String>>,
     max_workers: Option<Spanned<usize>>,
     zygotes: Option<Vec<corral_protocol::Runtime>>,
+    metrics: Option<Spanned<String>>,
+    log_format: Option<LogFormat>,
     #[serde(default)]
     restart: RawRestart,
     #[serde(default)]
@@ -131,6 +142,18 @@ struct RawRestart {
     window: Option<Spanned<String>>,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and
+    /// the event's fields (`plugin` among them) at the top level.
+    Json,
+}
+
 /// A loaded daemon configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -143,6 +166,9 @@ pub struct Config {
     pub socket: Option<PathBuf>,
     /// Where the policy was read from (`None`: the built-in policy); watched for edits.
     pub policy_path: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`None`: not served).
+    pub metrics: Option<std::net::SocketAddr>,
+    pub log_format: Option<LogFormat>,
     pub options: Options,
 }
 
@@ -241,6 +267,15 @@ impl Config {
             }
             options.max_workers = Some(*m.get_ref());
         }
+        let metrics = match &raw.metrics {
+            Some(m) => Some(m.get_ref().parse::<std::net::SocketAddr>().map_err(|e| {
+                invalid(
+                    Some(m.span()),
+                    format!("metrics: {e}: an address and port such as \"127.0.0.1:9464\""),
+                )
+            })?),
+            None => None,
+        };
         if let Some(z) = &raw.zygotes {
             options.zygotes = z.clone();
         }
@@ -312,6 +347,8 @@ impl Config {
             watch: raw.watch.unwrap_or(true),
             socket: raw.socket.as_deref().map(resolve),
             policy_path: raw.policy.as_deref().map(resolve),
+            metrics,
+            log_format: raw.log_format,
             options,
         })
     }

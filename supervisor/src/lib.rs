@@ -54,6 +54,7 @@ mod broker;
 pub mod cli;
 mod config;
 mod daemon;
+mod metrics;
 mod plugins;
 
 /// What the fuzz targets (`crates/fuzz-targets`) drive directly: not a stable API.
@@ -65,9 +66,10 @@ mod supervisor;
 mod worker;
 
 pub use broker::audit::AuditSink;
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, LogFormat};
 pub use corral_policy::{Effective, Policy};
 pub use daemon::{control, reload};
+pub use metrics::EXPORTED as EXPORTED_METRICS;
 pub use plugins::files::QUIET;
 pub use supervisor::lifecycle::SyncReport;
 pub use supervisor::{

@@ -5,10 +5,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = corral::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
-        .with_writer(std::io::stderr)
-        .init();
+    corral::cli::init_logging(&cli);
     match corral::cli::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -116,6 +116,7 @@ fn main() {
         ControlRequest::Policy,
         ControlRequest::Explain {
             plugin: "hello-wasm".into(),
+            json: true,
         },
     ];
     for (i, r) in requests.iter().enumerate() {

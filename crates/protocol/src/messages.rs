@@ -526,6 +526,60 @@ pub enum CallError {
     ShuttingDown,
 }
 
+impl CallError {
+    /// Short machine-readable name of the error's kind (the `kind` in `--json`
+    /// output, the `outcome` label of the daemon's call metrics).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::Plugin { .. } => "plugin_error",
+            CallError::Trap { .. } => "trap",
+            CallError::Timeout { .. } => "timeout",
+            CallError::MemoryLimit { .. } => "memory_limit",
+            CallError::OutputTooLarge { .. } => "output_too_large",
+            CallError::WorkerCrashed(_) => "worker_crashed",
+            CallError::PluginFailed { .. } => "plugin_failed",
+            CallError::StartFailed { .. } => "start_failed",
+            CallError::UnknownPlugin { .. } => "unknown_plugin",
+            CallError::UnknownFunction { .. } => "unknown_function",
+            CallError::BadInput { .. } => "bad_input",
+            CallError::Overloaded { .. } => "overloaded",
+            CallError::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Every kind [`CallError::kind`] names.
+    pub const KINDS: &'static [&'static str] = &[
+        "plugin_error",
+        "trap",
+        "timeout",
+        "memory_limit",
+        "output_too_large",
+        "worker_crashed",
+        "plugin_failed",
+        "start_failed",
+        "unknown_plugin",
+        "unknown_function",
+        "bad_input",
+        "overloaded",
+        "shutting_down",
+    ];
+}
+
+impl ExitReason {
+    /// Short machine-readable name of how a worker ended (the `reason` label of
+    /// the daemon's crash metrics).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ExitReason::Code(_) => "exit_code",
+            ExitReason::Signal { .. } => "signal",
+            ExitReason::Seccomp { .. } => "seccomp",
+            ExitReason::OomKilled { .. } => "oom",
+            ExitReason::Unknown => "unknown",
+            ExitReason::Protocol(_) => "protocol",
+        }
+    }
+}
+
 /// Why a call was refused as [`CallError::Overloaded`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Overload {
@@ -595,7 +649,9 @@ pub enum ControlRequest {
     /// Which policy is in force, and why the last reload was rejected (if it was).
     Policy,
     /// The effective policy of one plugin, with the origin of every value.
-    Explain { plugin: String },
+    /// `json`: the answer is the JSON document `corral policy explain --json`
+    /// prints, else its text.
+    Explain { plugin: String, json: bool },
 }
 
 /// The answer to a [`ControlRequest`].
@@ -621,6 +677,11 @@ pub struct PolicyStatus {
     /// Plugin versions the daemon rejected (`dir: why`); the running version, if
     /// any, keeps serving.
     pub plugin_errors: Vec<String>,
+    /// Why the last configuration reload (SIGHUP) was rejected; the configuration
+    /// in force is the one before it.
+    pub config_error: Option<String>,
+    /// Settings a reload changed that take effect when the daemon restarts.
+    pub config_pending: Vec<String>,
     /// The daemon's workers and its own descriptors.
     pub workers: WorkersStatus,
 }
@@ -667,6 +728,8 @@ pub struct PluginInfo {
     pub pid: Option<u32>,
     pub restarts: u32,
     pub calls: u64,
+    /// Calls queued or running now, of every version (at most `max_queue`).
+    pub queued: u32,
     pub last_error: Option<String>,
     pub exports: Vec<String>,
     /// What its `plugin.toml` `[permissions]` ask for, each with what the grants

@@ -191,6 +191,11 @@ impl Daemon {
     fn plugin_json(&self, command: &str, id: &str) -> Option<serde_json::Value> {
         let out = self.cli(&[command, "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = if command == "status" {
+            &v["plugins"]
+        } else {
+            &v
+        };
         v.as_array()
             .unwrap()
             .iter()
@@ -305,6 +310,9 @@ fn serve_call_list_stop() {
     );
     let out = d.cli(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["daemon"]["policy_error"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["daemon"]["workers"]["live"], 2, "{v}");
+    let v = &v["plugins"];
     assert_eq!(v[0]["enforcement"]["landlock"]["status"], "full", "{v}");
     assert_eq!(v[0]["enforcement"]["no_new_privs"], true);
     assert_eq!(v[0]["supervision"].as_array().map(Vec::len), Some(7), "{v}");

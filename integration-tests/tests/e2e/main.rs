@@ -15,6 +15,7 @@ mod hostile;
 mod js;
 mod lifecycle;
 mod modules;
+mod operators;
 mod packages;
 mod python;
 mod services;

@@ -81,8 +81,12 @@ pub struct Audit {
 
 #[derive(Debug)]
 struct Shared {
-    sink: AuditSink,
+    /// Where lines go, and the file open for them (opened at the first line after
+    /// a start or a [`Audit::reopen`]).
+    sink: Mutex<AuditSink>,
     file: Mutex<Option<std::fs::File>>,
+    /// Every event is counted here, written or held back.
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     budgets: Mutex<HashMap<String, Budget>>,
     /// Each plugin's `audit_rate` (the policy's; [`AUDIT_RATE`] when not set).
     rates: Mutex<HashMap<String, u32>>,
@@ -159,12 +163,22 @@ fn summary_event<'a>(plugin: &'a str, rule: &'a str) -> AuditEvent<'a> {
 }
 
 impl Audit {
-    /// A writer to `sink`. Inside a Tokio runtime a ticker writes the summaries of
-    /// plugins that went quiet after running over their budget, within a second.
+    #[cfg(test)]
     pub fn new(sink: AuditSink) -> Audit {
+        Audit::counted(sink, None)
+    }
+
+    /// A writer to `sink` that counts every event in `metrics`. Inside a Tokio
+    /// runtime a ticker writes the summaries of plugins that went quiet after
+    /// running over their budget, within a second.
+    pub(crate) fn counted(
+        sink: AuditSink,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    ) -> Audit {
         let shared = std::sync::Arc::new(Shared {
-            sink,
+            sink: Mutex::new(sink),
             file: Mutex::new(None),
+            metrics,
             budgets: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
         });
@@ -187,6 +201,15 @@ impl Audit {
     /// to write is logged, never fatal.
     pub fn record(&self, event: AuditEvent<'_>) {
         self.shared.record(event, Instant::now());
+    }
+
+    /// Close the audit file and open `sink` at the next line: after logrotate
+    /// renamed the file (SIGHUP), new lines go to a new file of the same name; a
+    /// reloaded configuration may name another place.
+    pub fn reopen(&self, sink: AuditSink) {
+        let mut file = self.shared.file.lock().unwrap_or_else(|e| e.into_inner());
+        *self.shared.sink.lock().unwrap_or_else(|e| e.into_inner()) = sink;
+        *file = None;
     }
 
     /// `plugin`'s budget from now on: `rate` events a second after a burst of four
@@ -213,6 +236,9 @@ impl Audit {
 
 impl Shared {
     fn record(&self, event: AuditEvent<'_>, now: Instant) {
+        if let Some(m) = &self.metrics {
+            m.audit(event.plugin, event.operation, event.decision);
+        }
         let summary = {
             let rate = self
                 .rates
@@ -281,11 +307,12 @@ impl Shared {
             return;
         };
         text.push('\n');
-        let written = match &self.sink {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let sink = self.sink.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let written = match &sink {
             AuditSink::Off => Ok(()),
             AuditSink::Stderr => std::io::stderr().lock().write_all(text.as_bytes()),
             AuditSink::File(path) => {
-                let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
                 if file.is_none() {
                     use std::os::unix::fs::OpenOptionsExt;
                     if let Some(dir) = path.parent() {

@@ -56,6 +56,9 @@ pub(crate) fn denied(rule: String) -> HostError {
 /// The host services and the audit log, shared by every worker.
 pub(crate) struct HostBroker {
     pub(crate) audit: Audit,
+    /// The daemon's counters (host calls, audit events, crashes, and the
+    /// supervisor's own).
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     store: OnceLock<Result<Arc<Store>, store::OpenStoreError>>,
     state_dir: PathBuf,
     fetcher: Fetcher,
@@ -81,8 +84,10 @@ impl HostBroker {
         max_queue: usize,
         directory: Weak<dyn Directory>,
     ) -> HostBroker {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         HostBroker {
-            audit: Audit::new(audit),
+            audit: Audit::counted(audit, Some(Arc::clone(&metrics))),
+            metrics,
             store: OnceLock::new(),
             state_dir,
             fetcher: Fetcher::new(),
@@ -117,6 +122,11 @@ impl HostBroker {
         let target = op.target();
         tracing::trace!(plugin, operation, target, "host call");
         let result = self.perform(plugin, &ctx, op).await;
+        self.metrics.host_call(
+            plugin,
+            operation,
+            result.as_ref().map_or_else(HostError::kind, |_| "ok"),
+        );
         if let Err(HostError::Denied { rule }) = &result {
             self.audit.record(AuditEvent {
                 plugin,
@@ -221,6 +231,18 @@ impl Broker for HostBroker {
     /// Audit the security events: seccomp, OOM and deadline kills.
     fn worker_exited(&self, exit: Exited<'_>) {
         let level = exit.level;
+        let reason = match exit.reason {
+            ExitReason::Seccomp { .. } | ExitReason::OomKilled { .. } | ExitReason::Protocol(_) => {
+                exit.reason.kind()
+            }
+            _ if exit.by_supervisor && exit.why.is_none() => "deadline",
+            _ if exit.by_supervisor => "supervisor",
+            other => other.kind(),
+        };
+        self.metrics.worker_crash(
+            crate::metrics::PluginLabels::new(exit.plugin, exit.runtime, level),
+            reason,
+        );
         let (operation, target, rule) = match exit.reason {
             ExitReason::Seccomp { syscall } => (
                 "seccomp",

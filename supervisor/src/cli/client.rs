@@ -2,7 +2,7 @@
 //! `list`, `status`, `policy explain --socket` and `stop`.
 
 use super::exit::{self, Failure, Outcome};
-use super::output::{print_plugins, print_result, print_status};
+use super::output::{print_plugins, print_result, print_status, print_status_json};
 use super::{InputArgs, OutputArgs};
 use crate::control::{ControlClient, default_socket_path};
 use anyhow::{Context, bail};
@@ -49,15 +49,19 @@ pub(super) async fn status(json: bool, socket: Option<PathBuf>) -> Outcome {
         other => return Err(unexpected(other)),
     };
     match request(socket, &ControlRequest::List).await? {
-        ControlResponse::Plugins(plugins) if json => print_plugins(&plugins, true)?,
+        ControlResponse::Plugins(plugins) if json => print_status_json(&policy, &plugins)?,
         ControlResponse::Plugins(plugins) => print_status(&policy, &plugins)?,
         other => return Err(unexpected(other)),
     }
     Ok(exit::OK)
 }
 
-pub(super) async fn explain(plugin: String, socket: PathBuf) -> Outcome {
-    match request(Some(socket), &ControlRequest::Explain { plugin }).await? {
+pub(super) async fn explain(plugin: String, socket: PathBuf, json: bool) -> Outcome {
+    match request(Some(socket), &ControlRequest::Explain { plugin, json }).await? {
+        ControlResponse::Explained(Ok(text)) if json => {
+            println!("{text}");
+            Ok(exit::OK)
+        }
         ControlResponse::Explained(Ok(text)) => {
             print!("{text}");
             Ok(exit::OK)
@@ -67,8 +71,11 @@ pub(super) async fn explain(plugin: String, socket: PathBuf) -> Outcome {
     }
 }
 
-pub(super) async fn stop(socket: Option<PathBuf>) -> Outcome {
+pub(super) async fn stop(socket: Option<PathBuf>, json: bool) -> Outcome {
     request(socket, &ControlRequest::Shutdown).await?;
+    if json {
+        super::output::print_json(&serde_json::json!({ "ok": true, "stopping": true }))?;
+    }
     Ok(exit::OK)
 }
 

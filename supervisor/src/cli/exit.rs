@@ -44,21 +44,7 @@ pub fn exit_code_for(e: &CallError) -> u8 {
 
 /// Short machine-readable name of a call error (the `kind` in `--json` output).
 pub fn error_kind(e: &CallError) -> &'static str {
-    match e {
-        CallError::Plugin { .. } => "plugin_error",
-        CallError::Trap { .. } => "trap",
-        CallError::Timeout { .. } => "timeout",
-        CallError::MemoryLimit { .. } => "memory_limit",
-        CallError::OutputTooLarge { .. } => "output_too_large",
-        CallError::WorkerCrashed(_) => "worker_crashed",
-        CallError::PluginFailed { .. } => "plugin_failed",
-        CallError::StartFailed { .. } => "start_failed",
-        CallError::UnknownPlugin { .. } => "unknown_plugin",
-        CallError::UnknownFunction { .. } => "unknown_function",
-        CallError::BadInput { .. } => "bad_input",
-        CallError::Overloaded { .. } => "overloaded",
-        CallError::ShuttingDown => "shutting_down",
-    }
+    e.kind()
 }
 
 /// A failure of a command: what `corral` prints after `error: ` and the exit code
@@ -100,19 +86,49 @@ impl std::error::Error for Failure {}
 /// carries its own code; any other error exits with [`FAILURE`].
 pub type Outcome = anyhow::Result<u8>;
 
-/// The exit code of `outcome`, with its error printed to stderr.
-pub fn report(outcome: Outcome) -> u8 {
-    match outcome {
-        Ok(code) => code,
-        Err(e) => match e.downcast::<Failure>() {
-            Ok(f) => {
-                eprintln!("error: {}", f.message);
-                f.code
-            }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                FAILURE
-            }
-        },
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the command was given `--json`: [`report`] then prints its error as a
+/// JSON object on standard output as well.
+pub fn set_json(json: bool) {
+    JSON.store(json, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The `kind` of an exit code in `--json` errors.
+pub fn kind_of(code: u8) -> &'static str {
+    match code {
+        OK => "ok",
+        USAGE => "usage",
+        PLUGIN_ERROR => "plugin_error",
+        CALL_STOPPED => "call_stopped",
+        WORKER_FAILED => "worker_failed",
+        NOT_FOUND => "not_found",
+        INVALID => "invalid",
+        UNREACHABLE => "unreachable",
+        UNAVAILABLE => "unavailable",
+        _ => "failure",
     }
+}
+
+/// The exit code of `outcome`, with its error printed to stderr (and, after
+/// `--json`, as `{"ok":false,"error":{"kind","code","message"}}` on stdout).
+pub fn report(outcome: Outcome) -> u8 {
+    let (code, message) = match outcome {
+        Ok(code) => return code,
+        Err(e) => match e.downcast::<Failure>() {
+            Ok(f) => (f.code, f.message),
+            Err(e) => (FAILURE, format!("{e:#}")),
+        },
+    };
+    eprintln!("error: {message}");
+    if JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ok": false,
+                "error": { "kind": kind_of(code), "code": code, "message": message },
+            })
+        );
+    }
+    code
 }

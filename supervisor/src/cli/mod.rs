@@ -4,7 +4,7 @@
 
 mod client;
 pub mod exit;
-mod output;
+pub(crate) mod output;
 mod plugin;
 mod policy;
 mod run;
@@ -23,6 +23,10 @@ pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `corral=debug`.
     #[arg(long, global = true, env = "CORRAL_LOG", default_value = "warn")]
     pub log: String,
+    /// Log lines as text, or as JSON objects one per line (default: the
+    /// configuration's `log_format` for `serve`, else text).
+    #[arg(long, global = true, env = "CORRAL_LOG_FORMAT", value_enum)]
+    pub log_format: Option<crate::config::LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -69,6 +73,9 @@ pub enum Command {
     },
     /// Ask the daemon to shut down gracefully.
     Stop {
+        /// Print JSON instead of text (docs/json.md).
+        #[arg(long)]
+        json: bool,
         #[arg(long, env = "CORRAL_SOCKET")]
         socket: Option<PathBuf>,
     },
@@ -78,6 +85,18 @@ pub enum Command {
     /// Plugin files: keys and signatures, archives and installs, vendored dependencies.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Print a shell completion script, e.g. `corral completions bash >
+    /// /usr/share/bash-completion/completions/corral`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page corral(1), or with `--out DIR` write one page per
+    /// command into DIR (corral.1, corral-serve.1, ...).
+    Man {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,12 +105,18 @@ pub enum PluginCommand {
     /// OUT (mode 0600, never overwritten), the public key printed for operators'
     /// `[publishers]`.
     Keygen {
+        /// Print JSON instead of text (docs/json.md).
+        #[arg(long)]
+        json: bool,
         #[arg(long)]
         out: PathBuf,
     },
     /// Sign a plugin directory as PUBLISHER: writes `plugin.sig`, which covers every
     /// file in it.
     Sign {
+        /// Print JSON instead of text (docs/json.md).
+        #[arg(long)]
+        json: bool,
         dir: PathBuf,
         /// The secret key file from `corral plugin keygen`.
         #[arg(long)]
@@ -103,6 +128,9 @@ pub enum PluginCommand {
     /// (`--trust NAME=KEY`, and the `[publishers]` of `--config`). Unsigned and
     /// tampered plugins fail (exit code 7), naming the file.
     Verify {
+        /// Print JSON instead of text (docs/json.md).
+        #[arg(long)]
+        json: bool,
         dir: PathBuf,
         #[arg(long = "trust", value_name = "NAME=KEY")]
         trust: Vec<String>,
@@ -112,6 +140,9 @@ pub enum PluginCommand {
     /// Write a plugin archive (.tar.gz) of a plugin directory and print its SHA-256
     /// (for an index's `sha256`).
     Pack {
+        /// Print JSON instead of text (docs/json.md).
+        #[arg(long)]
+        json: bool,
         dir: PathBuf,
         #[arg(long)]
         out: PathBuf,
@@ -123,6 +154,9 @@ pub enum PluginCommand {
     /// links). Packages whose install runs scripts (a source build, an npm install
     /// script) are refused unless `--allow-scripts`. A failure changes nothing.
     Vendor {
+        /// Print JSON instead of text (docs/json.md).
+        #[arg(long)]
+        json: bool,
         dir: PathBuf,
         /// Allow packages whose installation runs their scripts.
         #[arg(long)]
@@ -142,13 +176,21 @@ pub enum PluginCommand {
     /// Write DIR/index.toml for the plugin archives in DIR (*.tar.gz, *.tgz): id,
     /// version, archive and SHA-256 of each, read with the checks of an install.
     /// Entries of an existing index at a URL or in a subdirectory are kept.
-    Index { dir: PathBuf },
+    Index {
+        dir: PathBuf,
+        /// Print JSON instead of text (docs/json.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Install a plugin into the plugins directory from an archive (a path or an
     /// http(s) URL) or, with `--index`, by id (`ID` or `ID@REQ`, a semver
     /// requirement). Checks the checksum, the archive, the manifest and the
     /// signature; a failed install leaves nothing behind. A running daemon watching
     /// the directory loads it (or hot-reloads the version it replaces).
     Install {
+        /// Print JSON instead of text (docs/json.md).
+        #[arg(long)]
+        json: bool,
         /// An archive, or with --index a plugin id (`hello-js`, `hello-js@^0.2`).
         source: String,
         /// An index: a directory holding index.toml, an index.toml, or a URL.
@@ -166,12 +208,18 @@ pub enum PluginCommand {
     /// Remove an installed plugin from the plugins directory (a running daemon drains
     /// its calls and unloads it).
     Remove {
+        /// Print JSON instead of text (docs/json.md).
+        #[arg(long)]
+        json: bool,
         id: String,
         #[command(flatten)]
         place: PlaceArgs,
     },
     /// List the plugins in the plugins directory with their signature status.
     List {
+        /// Print JSON instead of text (docs/json.md).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         place: PlaceArgs,
     },
@@ -226,6 +274,9 @@ pub enum PolicyCommand {
     /// choices. PATH is a policy directory or file; default: the one `--config` names,
     /// else the built-in policy.
     Check {
+        /// Print JSON instead of text (docs/json.md).
+        #[arg(long)]
+        json: bool,
         path: Option<PathBuf>,
         /// Daemon configuration whose `policy` to check.
         #[arg(long)]
@@ -233,6 +284,9 @@ pub enum PolicyCommand {
     },
     /// Print a plugin's effective policy and the file and line that set each value.
     Explain {
+        /// Print JSON instead of text (docs/json.md).
+        #[arg(long)]
+        json: bool,
         /// A plugin directory, or the id of a plugin in `--config`.
         plugin: String,
         /// Policy directory or file (default: the one `--config` names, else built-in).
@@ -324,6 +378,59 @@ fn parse_timeout(s: &str) -> Result<Duration, corral_manifest::ValueError> {
     corral_manifest::parse_duration(s)
 }
 
+static LOG_FORMAT: std::sync::OnceLock<crate::config::LogFormat> = std::sync::OnceLock::new();
+
+/// The format log lines are written in (text until [`init_logging`] says).
+pub(crate) fn log_format() -> crate::config::LogFormat {
+    LOG_FORMAT.get().copied().unwrap_or_default()
+}
+
+/// A line the daemon always prints to standard error (where it serves, that it
+/// stops), whatever the log filter: as text, or as a JSON log line.
+pub(crate) fn announce(message: &str) {
+    match log_format() {
+        crate::config::LogFormat::Text => eprintln!("corral: {message}"),
+        crate::config::LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::json!({
+                "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+                "level": "INFO",
+                "message": message,
+                "target": "corral",
+            })
+        ),
+    }
+}
+
+/// Send log lines to standard error as `cli` says: its `--log` filter, in its
+/// `--log-format` (for `serve` without one, the configuration's `log_format`).
+pub fn init_logging(cli: &Cli) {
+    let format = cli
+        .log_format
+        .or_else(|| match &cli.command {
+            // Read again by `serve`, which reports what is wrong with it.
+            Command::Serve { config, .. } => Config::load(config).ok().and_then(|c| c.log_format),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let _ = LOG_FORMAT.set(format);
+    let filter = tracing_subscriber::EnvFilter::new(&cli.log);
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        crate::config::LogFormat::Text => fmt.init(),
+        // Fields (`plugin`, `pid`, ...) beside `message` at the top level: what a
+        // log collector indexes without a nested path.
+        crate::config::LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
 /// Run the parsed command; returns the process exit code (errors are printed).
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
     // A client of the daemon (`call`, `list`, `status`, `stop`) sends one request
@@ -353,6 +460,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 async fn dispatch(command: Command) -> exit::Outcome {
+    exit::set_json(wants_json(&command));
     match command {
         Command::Run(args) => run::run_once(args).await,
         Command::Serve { config, socket } => {
@@ -375,12 +483,63 @@ async fn dispatch(command: Command) -> exit::Outcome {
         Command::Policy(PolicyCommand::Explain {
             plugin,
             socket: Some(socket),
+            json,
             ..
-        }) => client::explain(plugin, socket).await,
+        }) => client::explain(plugin, socket, json).await,
         Command::Policy(cmd) => policy::policy_command(cmd),
         Command::Plugin(cmd) => plugin::plugin_command(cmd).await,
-        Command::Stop { socket } => client::stop(socket).await,
+        Command::Stop { socket, json } => client::stop(socket, json).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "corral", &mut std::io::stdout().lock());
+            Ok(exit::OK)
+        }
+        Command::Man { out } => man(out.as_deref()),
     }
+}
+
+/// Whether `command` was given `--json`: its errors are then JSON on standard
+/// output too.
+fn wants_json(command: &Command) -> bool {
+    match command {
+        Command::Run(args) => args.json(),
+        Command::Call { out, .. } => out.json,
+        Command::Status { json, .. } | Command::List { json, .. } | Command::Stop { json, .. } => {
+            *json
+        }
+        Command::Policy(
+            PolicyCommand::Check { json, .. } | PolicyCommand::Explain { json, .. },
+        ) => *json,
+        Command::Plugin(p) => match p {
+            PluginCommand::Keygen { json, .. }
+            | PluginCommand::Sign { json, .. }
+            | PluginCommand::Verify { json, .. }
+            | PluginCommand::Pack { json, .. }
+            | PluginCommand::Vendor { json, .. }
+            | PluginCommand::Index { json, .. }
+            | PluginCommand::Install { json, .. }
+            | PluginCommand::Remove { json, .. }
+            | PluginCommand::List { json, .. } => *json,
+        },
+        Command::Serve { .. } | Command::Completions { .. } | Command::Man { .. } => false,
+    }
+}
+
+/// `corral man`: the manual pages, made from the same definitions as `--help`.
+fn man(out: Option<&Path>) -> exit::Outcome {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match out {
+        None => clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout().lock())
+            .context("cannot write the manual page")?,
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("cannot write the manual pages into {}", dir.display()))?;
+        }
+    }
+    Ok(exit::OK)
 }
 
 #[cfg(test)]

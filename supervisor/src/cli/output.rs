@@ -44,10 +44,36 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub(super) fn print_plugins(plugins: &[PluginInfo], json: bool) -> anyhow::Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    if json {
-        let v: Vec<_> = plugins
+/// `corral status --json`: the daemon's state and every plugin's (docs/json.md).
+pub(super) fn print_status_json(
+    policy: &corral_protocol::PolicyStatus,
+    plugins: &[PluginInfo],
+) -> anyhow::Result<()> {
+    let w = &policy.workers;
+    let v = serde_json::json!({
+        "daemon": {
+            "policy_sources": policy.sources,
+            "policy_error": policy.reload_error,
+            "config_error": policy.config_error,
+            "config_pending": policy.config_pending,
+            "plugin_errors": policy.plugin_errors,
+            "workers": {
+                "live": w.live, "max_workers": w.max_workers,
+                "idle_timeout_ms": w.idle_timeout_ms, "idle_stops": w.idle_stops,
+                "evictions": w.evictions, "open_files": w.open_files,
+                "max_files": w.max_files, "modules_compiled": w.modules_compiled,
+                "templates_started": w.templates_started, "workers_forked": w.workers_forked,
+            },
+        },
+        "plugins": plugins_json(plugins),
+    });
+    writeln!(std::io::stdout().lock(), "{v}")?;
+    Ok(())
+}
+
+fn plugins_json(plugins: &[PluginInfo]) -> serde_json::Value {
+    serde_json::Value::Array(
+        plugins
             .iter()
             .map(|p| {
                 serde_json::json!({
@@ -63,10 +89,17 @@ pub(super) fn print_plugins(plugins: &[PluginInfo], json: bool) -> anyhow::Resul
                     "enforcement": p.enforcement.as_ref().map(enforcement_json),
                     "supervision": p.supervision,
                     "reads": p.reads,
+                    "queued": p.queued,
                 })
             })
-            .collect();
-        writeln!(stdout, "{}", serde_json::Value::Array(v))?;
+            .collect(),
+    )
+}
+
+pub(super) fn print_plugins(plugins: &[PluginInfo], json: bool) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        writeln!(stdout, "{}", plugins_json(plugins))?;
         return Ok(());
     }
     writeln!(
@@ -185,6 +218,18 @@ pub(super) fn print_status(
             writeln!(out, "  {line}")?;
         }
     }
+    if let Some(e) = &policy.config_error {
+        writeln!(
+            out,
+            "configuration reload REJECTED (the running configuration stays in force):"
+        )?;
+        for line in e.lines() {
+            writeln!(out, "  {line}")?;
+        }
+    }
+    for c in &policy.config_pending {
+        writeln!(out, "configuration: {c}")?;
+    }
     for e in &policy.plugin_errors {
         writeln!(
             out,
@@ -288,4 +333,119 @@ pub(super) fn print_status(
         }
     }
     Ok(())
+}
+
+/// Print one JSON document on standard output.
+pub(super) fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    writeln!(std::io::stdout().lock(), "{v}")?;
+    Ok(())
+}
+
+/// A setting and where it came from.
+fn setting<T: serde::Serialize>(s: &corral_policy::Setting<T>) -> serde_json::Value {
+    serde_json::json!({ "value": s.value, "origin": s.origin.to_string() })
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// `corral policy explain --json`: every value of a plugin's effective policy with
+/// its origin (sizes in bytes, durations in milliseconds), its grants, what it asks
+/// for and how that was judged (docs/json.md).
+pub(crate) fn effective_json(e: &corral_policy::Effective) -> serde_json::Value {
+    let with_ms = |s: &corral_policy::Setting<std::time::Duration>| serde_json::json!({ "value": ms(s.value), "origin": s.origin.to_string() });
+    let sv = &e.services;
+    let names = |v: &[corral_policy::NameGlob]| -> Vec<String> {
+        v.iter().map(|g| g.pattern.clone()).collect()
+    };
+    serde_json::json!({
+        "plugin": e.plugin,
+        "route": e.route,
+        "level": { "value": e.level.value.as_str(), "origin": e.level.origin.to_string() },
+        "memory": setting(&e.memory),
+        "worker_memory": setting(&e.worker_memory),
+        "cpu": setting(&e.cpu),
+        "pids": setting(&e.pids),
+        "timeout_ms": with_ms(&e.timeout),
+        "timeout_cap_ms": ms(e.timeout_cap),
+        "max_output": setting(&e.max_output),
+        "user": { "value": e.user.value.to_string(), "origin": e.user.origin.to_string() },
+        "tmpfs": setting(&e.tmpfs),
+        "init_timeout_ms": with_ms(&e.init_timeout),
+        "log_rate": setting(&e.log_rate),
+        "audit_rate": setting(&e.audit_rate),
+        "host_calls": setting(&e.host_calls),
+        "instances": setting(&e.instances),
+        "kv_quota": setting(&sv.kv_quota),
+        "fetch_max_response": setting(&sv.fetch_max_response),
+        "fetch_timeout_ms": with_ms(&sv.fetch_timeout),
+        "grants": sv.grants.iter().map(|g| serde_json::json!({
+            "name": g.name,
+            "origin": g.origin.to_string(),
+            "fetch": g.fetch.iter().map(|r| r.text.clone()).collect::<Vec<_>>(),
+            "publish": names(&g.publish),
+            "subscribe": names(&g.subscribe),
+            "call": g.call.iter().map(|(p, f)| match f {
+                Some(f) => format!("{}:{}", p.pattern, f.pattern),
+                None => p.pattern.clone(),
+            }).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "requested": e.requested.iter().map(|r| match &r.decision {
+            Ok(by) => serde_json::json!({ "what": r.what, "granted": true, "by": by }),
+            Err(why) => serde_json::json!({ "what": r.what, "granted": false, "why": why }),
+        }).collect::<Vec<_>>(),
+        "clamped": e.clamped,
+    })
+}
+
+/// `corral policy check --json` of a valid policy: its files, each level's limits
+/// and the routes (docs/json.md).
+pub(super) fn policy_json(policy: &corral_policy::Policy, built_in: bool) -> serde_json::Value {
+    let levels: serde_json::Map<String, serde_json::Value> = corral_policy::LEVELS
+        .iter()
+        .map(|&level| {
+            let l = policy.level_limits(level);
+            let opt = |s: &Option<corral_policy::Setting<u64>>| s.as_ref().map(setting);
+            (
+                level.as_str().to_owned(),
+                serde_json::json!({
+                    "memory": opt(&l.memory),
+                    "worker_memory": opt(&l.worker_memory),
+                    "cpu": l.cpu.as_ref().map(setting),
+                    "pids": opt(&l.pids),
+                    "timeout_ms": l.timeout.as_ref().map(|t| serde_json::json!({
+                        "value": ms(t.value), "origin": t.origin.to_string(),
+                    })),
+                    "max_output": opt(&l.max_output),
+                    "user": l.user.as_ref().map(|u| serde_json::json!({
+                        "value": u.value.to_string(), "origin": u.origin.to_string(),
+                    })),
+                }),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "ok": true,
+        "sources": policy.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "built_in": built_in,
+        "levels": levels,
+        "routes": policy.routes.iter().map(|r| serde_json::json!({
+            "name": r.name, "level": r.level.as_str(), "origin": r.origin.to_string(),
+        })).collect::<Vec<_>>(),
+        "unmatched": "maximum",
+    })
+}
+
+/// `corral policy check --json` of an invalid policy: every error with its place.
+pub(super) fn policy_errors_json(e: &corral_policy::PolicyErrors) -> serde_json::Value {
+    serde_json::json!({
+        "ok": false,
+        "errors": e.0.iter().map(|e| serde_json::json!({
+            "file": e.path.display().to_string(),
+            "line": e.line,
+            "column": e.column,
+            "message": e.message,
+        })).collect::<Vec<_>>(),
+    })
 }

@@ -1,6 +1,7 @@
 //! `corral plugin`: keys and signatures, archives and indexes, installs.
 
 use super::exit::{self, Failure, Outcome};
+use super::output::print_json;
 use super::{PluginCommand, parse_trust};
 use crate::Config;
 use crate::plugins::{install, signing, vendor};
@@ -12,7 +13,7 @@ const MAX_KEY_FILE: u64 = 4 << 10;
 pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
     let fail = |e: &dyn std::fmt::Display| -> Outcome { Err(Failure::invalid(e).into()) };
     match cmd {
-        PluginCommand::Keygen { out } => {
+        PluginCommand::Keygen { out, json } => {
             let (secret, public) = signing::keygen()?;
             use std::io::Write as _;
             use std::os::unix::fs::OpenOptionsExt;
@@ -32,14 +33,21 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
                 Err(e) => return fail(&format!("cannot create {}: {e}", out.display())),
             };
             writeln!(f, "{secret}")?;
-            println!("secret key: {} (keep it private)", out.display());
-            println!("public key: {public}");
+            if json {
+                print_json(&serde_json::json!({
+                    "ok": true, "secret_key_file": out.display().to_string(), "public_key": public,
+                }))?;
+            } else {
+                println!("secret key: {} (keep it private)", out.display());
+                println!("public key: {public}");
+            }
             Ok(exit::OK)
         }
         PluginCommand::Sign {
             dir,
             key,
             publisher,
+            json,
         } => {
             // A key file is 64 hex digits: a larger one, a FIFO or a device is not
             // a key, and says so rather than being cut or waited on.
@@ -47,17 +55,29 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
                 .with_context(|| format!("cannot read the key {}", key.display()))?;
             match signing::sign(&dir, &publisher, &secret) {
                 Ok(n) => {
-                    println!(
-                        "signed {n} files of {} as {publisher} (public key {})",
-                        dir.display(),
-                        signing::public_of(&secret)?
-                    );
+                    let public = signing::public_of(&secret)?;
+                    if json {
+                        print_json(&serde_json::json!({
+                            "ok": true, "dir": dir.display().to_string(), "files": n,
+                            "publisher": publisher, "public_key": public,
+                        }))?;
+                    } else {
+                        println!(
+                            "signed {n} files of {} as {publisher} (public key {public})",
+                            dir.display(),
+                        );
+                    }
                     Ok(exit::OK)
                 }
                 Err(e) => fail(&e),
             }
         }
-        PluginCommand::Verify { dir, trust, config } => {
+        PluginCommand::Verify {
+            dir,
+            trust,
+            config,
+            json,
+        } => {
             let mut trusted = std::collections::BTreeMap::new();
             if let Some(c) = &config {
                 match Config::load(c) {
@@ -71,7 +91,13 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
             }
             match signing::verify(&dir, &trusted) {
                 Ok(Some(publisher)) => {
-                    println!("verified: signed by {publisher}: {}", dir.display());
+                    if json {
+                        print_json(&serde_json::json!({
+                            "ok": true, "dir": dir.display().to_string(), "publisher": publisher,
+                        }))?;
+                    } else {
+                        println!("verified: signed by {publisher}: {}", dir.display());
+                    }
                     Ok(exit::OK)
                 }
                 Ok(None) => fail(&format!(
@@ -82,9 +108,15 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
                 Err(e) => fail(&e),
             }
         }
-        PluginCommand::Pack { dir, out } => match install::pack(&dir, &out) {
+        PluginCommand::Pack { dir, out, json } => match install::pack(&dir, &out) {
             Ok(sum) => {
-                println!("{}  sha256 {sum}", out.display());
+                if json {
+                    print_json(&serde_json::json!({
+                        "ok": true, "archive": out.display().to_string(), "sha256": sum,
+                    }))?;
+                } else {
+                    println!("{}  sha256 {sum}", out.display());
+                }
                 Ok(exit::OK)
             }
             Err(e) => fail(&corral_protocol::error_chain(&e)),
@@ -95,6 +127,7 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
             python,
             npm,
             worker_dir,
+            json,
         } => {
             let opts = vendor::VendorOptions {
                 allow_scripts,
@@ -111,6 +144,23 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
                 Err(e) => return fail(&corral_protocol::error_chain(&e)),
             };
             let (v, dir) = done;
+            if json {
+                print_json(&serde_json::json!({
+                    "ok": true,
+                    "into": dir.join(&v.lock.into).display().to_string(),
+                    "tool": v.lock.tool.to_string(),
+                    "packages": v.lock.packages.iter().map(|p| serde_json::json!({
+                        "name": p.name, "version": p.version, "hash": p.hash,
+                        "install_scripts": p.install_scripts,
+                    })).collect::<Vec<_>>(),
+                    "libraries": v.libraries.iter().map(|l| serde_json::json!({
+                        "path": l.path.display().to_string(), "needed_by": l.needed_by,
+                    })).collect::<Vec<_>>(),
+                    "warnings": v.warnings,
+                    "lock": dir.join(vendor::LOCK_FILE).display().to_string(),
+                }))?;
+                return Ok(exit::OK);
+            }
             println!(
                 "vendored {} packages into {} with {}:",
                 v.lock.packages.len(),
@@ -149,7 +199,23 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
             println!("wrote {}", dir.join(vendor::LOCK_FILE).display());
             Ok(exit::OK)
         }
-        PluginCommand::Index { dir } => match install::index(&dir) {
+        PluginCommand::Index { dir, json } => match install::index(&dir) {
+            Ok(done) if json => {
+                let entry = |e: &install::IndexEntry| {
+                    serde_json::json!({
+                        "id": e.id, "version": e.version.to_string(), "archive": e.archive,
+                        "sha256": e.sha256,
+                    })
+                };
+                print_json(&serde_json::json!({
+                    "ok": true,
+                    "index": dir.join(install::INDEX_FILE).display().to_string(),
+                    "entries": done.entries.iter().map(entry).collect::<Vec<_>>(),
+                    "kept": done.kept.iter().map(entry).collect::<Vec<_>>(),
+                    "dropped": done.dropped.iter().map(entry).collect::<Vec<_>>(),
+                }))?;
+                Ok(exit::OK)
+            }
             Ok(done) => {
                 for e in &done.entries {
                     println!("{} {}  {}  sha256 {}", e.id, e.version, e.archive, e.sha256);
@@ -181,6 +247,7 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
             sha256,
             allow_unsigned,
             place,
+            json,
         } => {
             let (dir, publishers) = match place.resolve() {
                 Ok(r) => r,
@@ -206,6 +273,14 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
                 sha256,
             };
             match install::install(&source, &dir, &checks).await {
+                Ok(i) if json => {
+                    print_json(&serde_json::json!({
+                        "ok": true, "id": i.id, "version": i.version.to_string(),
+                        "publisher": i.publisher, "dir": i.dir.display().to_string(),
+                        "replaced": i.replaced.as_ref().map(|v| v.to_string()),
+                    }))?;
+                    Ok(exit::OK)
+                }
                 Ok(i) => {
                     println!(
                         "installed {} {} ({}) in {}{}",
@@ -227,14 +302,21 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
                 )),
             }
         }
-        PluginCommand::Remove { id, place } => {
+        PluginCommand::Remove { id, place, json } => {
             let (dir, _) = match place.resolve() {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
             };
             match install::remove(&dir, &id) {
                 Ok(version) => {
-                    println!("removed {id} {version} from {}", dir.display());
+                    if json {
+                        print_json(&serde_json::json!({
+                            "ok": true, "id": id, "version": version.to_string(),
+                            "plugins_dir": dir.display().to_string(),
+                        }))?;
+                    } else {
+                        println!("removed {id} {version} from {}", dir.display());
+                    }
                     Ok(exit::OK)
                 }
                 Err(e @ install::InstallError::NotInstalled { .. }) => {
@@ -243,12 +325,31 @@ pub(super) async fn plugin_command(cmd: PluginCommand) -> Outcome {
                 Err(e) => fail(&corral_protocol::error_chain(&e)),
             }
         }
-        PluginCommand::List { place } => {
+        PluginCommand::List { place, json } => {
             let (dir, publishers) = match place.resolve() {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
             };
             match install::list(&dir, &publishers) {
+                Ok(list) if json => {
+                    let v: Vec<serde_json::Value> = list
+                        .iter()
+                        .map(|l| match &l.plugin {
+                            Ok((id, version, runtime)) => serde_json::json!({
+                                "dir": l.dir.display().to_string(), "valid": true,
+                                "id": id, "version": version.to_string(),
+                                "runtime": runtime.to_string(),
+                                "signature": l.signature.to_string(),
+                            }),
+                            Err(e) => serde_json::json!({
+                                "dir": l.dir.display().to_string(), "valid": false,
+                                "error": e.to_string(),
+                            }),
+                        })
+                        .collect();
+                    print_json(&serde_json::Value::Array(v))?;
+                    Ok(exit::OK)
+                }
                 Ok(list) => {
                     for l in list {
                         match &l.plugin {

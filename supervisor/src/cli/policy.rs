@@ -1,6 +1,7 @@
 //! `corral policy check` and `corral policy explain` (without a daemon).
 
 use super::exit::{self, Failure, Outcome};
+use super::output;
 use super::{PolicyCommand, policy_from};
 use crate::Config;
 use std::io::Write;
@@ -15,17 +16,25 @@ pub(super) fn policy_command(cmd: PolicyCommand) -> Outcome {
             .map_err(|e| Failure::chain(exit::INVALID, &e).into())
     };
     match cmd {
-        PolicyCommand::Check { path, config } => {
+        PolicyCommand::Check { path, config, json } => {
             let cfg = configured(config.as_deref())?;
             let path = path.or_else(|| cfg.and_then(|c| c.policy_path));
             let policy = match policy_from(path.as_deref(), None) {
                 Ok(p) => p,
+                Err(e) if json => {
+                    output::print_json(&output::policy_errors_json(&e))?;
+                    return Ok(exit::INVALID);
+                }
                 Err(e) => {
                     eprintln!("{e}");
                     eprintln!("policy check failed: {} error(s)", e.0.len());
                     return Ok(exit::INVALID);
                 }
             };
+            if json {
+                output::print_json(&output::policy_json(&policy, path.is_none()))?;
+                return Ok(exit::OK);
+            }
             let mut out = std::io::stdout().lock();
             let files: Vec<String> = policy
                 .sources
@@ -70,6 +79,7 @@ pub(super) fn policy_command(cmd: PolicyCommand) -> Outcome {
             config,
             level,
             socket: _,
+            json,
         } => {
             let cfg = configured(config.as_deref())?;
             let dir = PathBuf::from(&plugin);
@@ -86,8 +96,8 @@ pub(super) fn policy_command(cmd: PolicyCommand) -> Outcome {
                 match found {
                     Some(m) => Ok(m),
                     None => {
-                        eprintln!(
-                            "error: {plugin:?} is neither a plugin directory nor the id of a \
+                        let why = format!(
+                            "{plugin:?} is neither a plugin directory nor the id of a \
                              plugin in {}",
                             config
                                 .as_ref()
@@ -95,7 +105,7 @@ pub(super) fn policy_command(cmd: PolicyCommand) -> Outcome {
                                     .display()
                                     .to_string())
                         );
-                        return Ok(exit::NOT_FOUND);
+                        return Err(Failure::new(exit::NOT_FOUND, why).into());
                     }
                 }
             };
@@ -112,7 +122,12 @@ pub(super) fn policy_command(cmd: PolicyCommand) -> Outcome {
                     return Err(Failure::new(exit::INVALID, format!("invalid policy:\n{e}")).into());
                 }
             };
-            print!("{}", policy.resolve(&manifest, None));
+            let effective = policy.resolve(&manifest, None);
+            if json {
+                output::print_json(&output::effective_json(&effective))?;
+            } else {
+                print!("{effective}");
+            }
             Ok(exit::OK)
         }
     }

@@ -35,6 +35,13 @@ pub struct RunArgs {
     pub(super) level: Option<corral_confine::Level>,
 }
 
+impl RunArgs {
+    /// Whether `--json` was given.
+    pub(super) fn json(&self) -> bool {
+        self.out.json
+    }
+}
+
 pub(super) async fn run_once(args: RunArgs) -> Outcome {
     let RunArgs {
         plugin_dir,

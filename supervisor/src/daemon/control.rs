@@ -212,12 +212,20 @@ async fn handle_client(conn: Stream, supervisor: Arc<Supervisor>, stop: Arc<Noti
                     .collect(),
                 reload_error: supervisor.policy_error(),
                 plugin_errors: supervisor.lifecycle_errors().await,
+                config_error: supervisor.config_error().0,
+                config_pending: supervisor.config_error().1,
                 workers: supervisor.workers(),
             }),
-            ControlRequest::Explain { plugin } => ControlResponse::Explained(
+            ControlRequest::Explain { plugin, json } => ControlResponse::Explained(
                 supervisor
                     .explain(&plugin)
-                    .map(|e| e.to_string())
+                    .map(|e| {
+                        if json {
+                            crate::cli::output::effective_json(&e).to_string()
+                        } else {
+                            e.to_string()
+                        }
+                    })
                     .ok_or_else(|| format!("no plugin {plugin:?} in this daemon")),
             ),
             ControlRequest::Shutdown => {

@@ -2,5 +2,6 @@
 //! the watchers that apply policy and plugin edits live ([`reload`]).
 
 pub mod control;
+pub mod metrics;
 pub mod reload;
 pub mod serve;

@@ -1,8 +1,10 @@
 //! `corral serve`: the daemon. Its configuration, its plugins (listed, and found in
-//! its plugins directory), the control socket, the watchers that apply edits live,
-//! and an orderly stop on `corral stop`, SIGTERM or SIGINT.
+//! its plugins directory), the control socket, the metrics endpoint, the watchers
+//! that apply edits live, a reload of the configuration on SIGHUP, and an orderly
+//! stop on `corral stop`, SIGTERM or SIGINT.
 
 use crate::control::{ControlServer, default_socket_path};
+use crate::reload::{PluginSources, PluginWatcher};
 use crate::{Config, Supervisor};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -45,10 +47,7 @@ pub async fn serve(config_path: &Path, socket: Option<PathBuf>) -> Result<(), Se
             }
         }
     }
-    let sources = crate::reload::PluginSources {
-        dirs: config.plugins.clone(),
-        plugins_dir: config.plugins_dir.clone(),
-    };
+    let sources = sources_of(&config);
     if let Some(d) = &config.plugins_dir {
         std::fs::create_dir_all(d)
             .with_context(|| format!("cannot create the plugins directory {}", d.display()))?;
@@ -71,15 +70,16 @@ pub async fn serve(config_path: &Path, socket: Option<PathBuf>) -> Result<(), Se
     let server = ControlServer::bind(&socket)
         .await
         .with_context(|| format!("failed to serve {}", socket.display()))?;
-    let sup = Arc::new(sup);
-    let _plugins_watcher = if config.watch {
-        Some(
-            crate::reload::watch_plugins(sources, Arc::clone(&sup))
-                .context("cannot watch the plugin directories")?,
-        )
-    } else {
-        None
+    let metrics = match config.metrics {
+        Some(addr) => Some(
+            crate::daemon::metrics::MetricsServer::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve the metrics on {addr}"))?,
+        ),
+        None => None,
     };
+    let sup = Arc::new(sup);
+    let plugins_watcher = watch_sources(&config, &sources, &sup)?;
     let _watcher = match config.policy_path.as_ref().filter(|_| config.watch) {
         Some(p) => Some(
             crate::reload::watch_policy(p, Arc::clone(&sup))
@@ -87,29 +87,192 @@ pub async fn serve(config_path: &Path, socket: Option<PathBuf>) -> Result<(), Se
         ),
         None => None,
     };
+    let metrics = match metrics {
+        Some(m) => {
+            let addr = m.local_addr().context("the metrics listener")?;
+            crate::cli::announce(&format!("metrics on http://{addr}/metrics"));
+            Some(tokio::spawn(m.serve(Arc::clone(&sup))))
+        }
+        None => None,
+    };
     let stop = Arc::new(Notify::new());
+    let mut daemon = Daemon {
+        path: config_path.to_owned(),
+        first: config.clone(),
+        running: config,
+        sources,
+        plugins_watcher,
+        sup: Arc::clone(&sup),
+    };
     let signals = Arc::clone(&stop);
-    tokio::spawn(async move {
+    let signal_task = tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
+            tracing::error!("cannot handle signals; stop the daemon with `corral stop`");
             return;
         };
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => daemon.reload().await,
+            }
         }
         signals.notify_one();
     });
-    eprintln!(
-        "corral: serving {} plugin(s) on {}",
+    crate::cli::announce(&format!(
+        "serving {} plugin(s) on {}",
         sup.list().await.len(),
         server.path().display()
-    );
+    ));
     server.serve(Arc::clone(&sup), stop).await;
-    eprintln!("corral: shutting down");
+    crate::cli::announce("shutting down");
+    // No reload and no scrape while the workers stop.
+    signal_task.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     sup.shutdown(Duration::from_secs(5)).await;
     Ok(())
+}
+
+fn sources_of(config: &Config) -> PluginSources {
+    PluginSources {
+        dirs: config.plugins.clone(),
+        plugins_dir: config.plugins_dir.clone(),
+    }
+}
+
+fn watch_sources(
+    config: &Config,
+    sources: &PluginSources,
+    sup: &Arc<Supervisor>,
+) -> anyhow::Result<Option<PluginWatcher>> {
+    if !config.watch {
+        return Ok(None);
+    }
+    crate::reload::watch_plugins(sources.clone(), Arc::clone(sup))
+        .map(Some)
+        .context("cannot watch the plugin directories")
+}
+
+/// What a reload needs: the configuration the daemon started with (for the
+/// settings that wait for a restart) and the one in force.
+struct Daemon {
+    path: PathBuf,
+    first: Config,
+    running: Config,
+    sources: PluginSources,
+    plugins_watcher: Option<PluginWatcher>,
+    sup: Arc<Supervisor>,
+}
+
+impl Daemon {
+    /// SIGHUP: read the configuration again and apply it if it is valid (else keep
+    /// the one in force and say why, in the log and in `corral status`); open the
+    /// audit log again either way.
+    async fn reload(&mut self) {
+        let path = self.path.display().to_string();
+        let new = match self.validate().await {
+            Ok(c) => c,
+            Err(why) => {
+                self.sup.reopen_audit(self.running.options.audit.clone());
+                self.sup.reject_config(why);
+                return;
+            }
+        };
+        let pending = waiting_for_restart(&self.first, &new);
+        for p in &pending {
+            tracing::warn!("configuration: {p}");
+        }
+        let mut changes = self.sup.reconfigure(&new.options, pending).await;
+        if let Some(p) = new
+            .policy_path
+            .as_ref()
+            .filter(|_| new.policy_path == self.first.policy_path)
+        {
+            // The policy is read again with the configuration (SIGHUP also serves
+            // daemons that do not watch their files).
+            crate::reload::reload(p, &self.sup).await;
+        }
+        let sources = sources_of(&new);
+        if sources.dirs != self.sources.dirs || sources.plugins_dir != self.sources.plugins_dir {
+            if let Some(d) = &sources.plugins_dir
+                && let Err(e) = std::fs::create_dir_all(d)
+            {
+                tracing::error!("cannot create the plugins directory {}: {e}", d.display());
+            }
+            // The old watcher stops before the new one starts watching.
+            self.plugins_watcher = None;
+            match watch_sources(&self.first, &sources, &self.sup) {
+                Ok(w) => self.plugins_watcher = w,
+                Err(e) => tracing::error!("{e:#}"),
+            }
+            self.sources = sources;
+            changes.push("plugin directories changed".into());
+        }
+        // The listed plugins, the plugins directory and the new publishers:
+        // added, reloaded and removed as a watcher's pass would.
+        let report = crate::reload::sync(&self.sources, &self.sup).await;
+        for id in &report.added {
+            changes.push(format!("{id}: added"));
+        }
+        for id in &report.removed {
+            changes.push(format!("{id}: removed; its worker drains"));
+        }
+        tracing::info!(
+            "configuration reloaded from {path} ({} change(s)): {}",
+            changes.len(),
+            changes.join("; ")
+        );
+        self.running = new;
+    }
+
+    /// The configuration at `path`, its policy and the plugins it lists, all read
+    /// and checked; or why not.
+    async fn validate(&self) -> Result<Config, String> {
+        let mut new = Config::load(&self.path).map_err(|e| corral_protocol::error_chain(&e))?;
+        new.load_policy()
+            .map_err(|e| format!("invalid policy:\n{e}"))?;
+        for dir in &new.plugins {
+            corral_manifest::Manifest::load_dir(dir).map_err(|e| {
+                format!(
+                    "plugin {}: {}",
+                    dir.display(),
+                    corral_protocol::error_chain(&e)
+                )
+            })?;
+        }
+        Ok(new)
+    }
+}
+
+/// The settings that differ between `first` (what the daemon started with) and
+/// `new`, and that only a restart applies: one line each.
+fn waiting_for_restart(first: &Config, new: &Config) -> Vec<String> {
+    let (a, b) = (&first.options, &new.options);
+    let mut out = Vec::new();
+    let mut check = |changed: bool, key: &str| {
+        if changed {
+            out.push(format!(
+                "{key} changed: it takes effect when the daemon restarts"
+            ));
+        }
+    };
+    check(first.socket != new.socket, "socket");
+    check(first.metrics != new.metrics, "metrics");
+    check(first.log_format != new.log_format, "log_format");
+    check(first.watch != new.watch, "watch");
+    check(first.policy_path != new.policy_path, "policy");
+    check(a.cache_dir != b.cache_dir, "cache_dir");
+    check(a.worker_dir != b.worker_dir, "worker_dir");
+    check(a.state_dir != b.state_dir, "state_dir");
+    check(a.max_workers != b.max_workers, "max_workers");
+    check(a.idle_timeout != b.idle_timeout, "idle_timeout");
+    check(a.zygotes != b.zygotes, "zygotes");
+    out
 }

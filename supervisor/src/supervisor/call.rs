@@ -60,14 +60,39 @@ impl Inner {
         let unknown = || CallError::UnknownPlugin {
             plugin: plugin.to_owned(),
         };
-        let p = self.plugin(plugin).ok_or_else(unknown)?;
+        let Some(p) = self.plugin(plugin) else {
+            self.broker.metrics.unknown_plugin();
+            return Err(unknown());
+        };
         self.call_version(p, function, input, timeout, chain).await
+    }
+
+    /// [`Inner::call_version`], counted in the daemon's metrics by outcome and
+    /// duration (from admission to answer).
+    pub(crate) async fn call_version(
+        &self,
+        p: Arc<Plugin>,
+        function: &str,
+        input: Vec<u8>,
+        timeout: Option<Duration>,
+        chain: &[String],
+    ) -> Result<Vec<u8>, CallError> {
+        let started = Instant::now();
+        let labels = crate::metrics::PluginLabels::new(
+            &p.manifest.id,
+            p.manifest.runtime,
+            self.level_of(&p),
+        );
+        let result = self.route(p, function, input, timeout, chain).await;
+        let outcome = result.as_ref().map_or_else(CallError::kind, |_| "ok");
+        self.broker.metrics.call(labels, outcome, started.elapsed());
+        result
     }
 
     /// [`Inner::call_from`] starting at version `p` of the plugin (which may have
     /// been retired since it was looked up: the call then follows to the current
     /// version, unsent).
-    pub(crate) async fn call_version(
+    async fn route(
         &self,
         mut p: Arc<Plugin>,
         function: &str,
@@ -87,7 +112,7 @@ impl Inner {
                 .map_err(|_| CallError::Overloaded {
                     plugin: plugin.to_owned(),
                     reason: Overload::Queue {
-                        queued: self.options.max_queue as u32,
+                        queued: self.live().max_queue as u32,
                     },
                 })?;
         p.calls.fetch_add(1, Ordering::Relaxed);
@@ -216,7 +241,7 @@ impl Inner {
                     && !st.starting
                     && st.instances().len() < st.instances_allowed()
                     && st
-                        .restart_wait(&self.options.restart, Instant::now())
+                        .restart_wait(&self.live().restart, Instant::now())
                         .is_zero();
                 if more {
                     // Claimed now, so concurrent callers start one, not many.
@@ -296,7 +321,7 @@ impl Inner {
                 return Ok(());
             }
             st.starting = true;
-            st.restart_wait(&self.options.restart, Instant::now())
+            st.restart_wait(&self.live().restart, Instant::now())
         };
         let started = self.start_abandoned_at_stop(p, wait).await;
         let mut st = p.state.lock().await;
@@ -315,6 +340,18 @@ impl Inner {
         started: Result<Started, Start>,
     ) -> Result<(), CallError> {
         let id = &p.manifest.id;
+        let level = match &started {
+            Ok(s) => s.effective.level.value,
+            Err(_) => self.level_of(p),
+        };
+        let labels = || crate::metrics::PluginLabels::new(id, p.manifest.runtime, level);
+        let metrics = &self.broker.metrics;
+        match &started {
+            Ok(_) => metrics.worker_start(labels(), "ok"),
+            Err(Start::Failed(_)) => metrics.worker_start(labels(), "failed"),
+            Err(Start::Overloaded(_)) => metrics.worker_start(labels(), "overloaded"),
+            Err(Start::Stopped | Start::Dependencies(_)) => {}
+        }
         match started {
             Err(Start::Stopped) => Err(CallError::ShuttingDown),
             Err(Start::Dependencies(why)) => {
@@ -326,7 +363,7 @@ impl Inner {
                 })
             }
             Err(Start::Failed(reason)) => {
-                st.record_crash(id, &self.options.restart, reason.clone(), Instant::now());
+                st.record_crash(id, &self.live().restart, reason.clone(), Instant::now());
                 Err(CallError::StartFailed {
                     plugin: id.clone(),
                     reason,
@@ -348,7 +385,9 @@ impl Inner {
                     return Err(CallError::ShuttingDown);
                 }
                 tracing::info!(plugin = %id, pid = w.pid, level = %started.effective.level.value, "worker ready");
-                st.ready(started);
+                if st.ready(started) {
+                    metrics.worker_restart(labels());
+                }
                 if w.exports.iter().any(|e| e == HEALTH_EXPORT) {
                     self.watch_health(id, &w, &p.freed);
                 }
@@ -372,7 +411,7 @@ impl Inner {
         if st.is_shutting_down() || p.retired.load(Ordering::SeqCst) || *self.stopping.borrow() {
             return Err(CallError::ShuttingDown);
         }
-        st.reap(id, &self.options.restart, Instant::now());
+        st.reap(id, &self.live().restart, Instant::now());
         if !st.instances().is_empty() {
             return Ok(true);
         }
@@ -415,7 +454,7 @@ impl Inner {
     pub(crate) fn deliveries(&self, p: &Arc<Plugin>) -> tokio::sync::mpsc::Sender<Delivery> {
         p.deliveries
             .get_or_init(|| {
-                let (tx, mut rx) = tokio::sync::mpsc::channel::<Delivery>(self.options.max_queue);
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Delivery>(self.live().max_queue);
                 let me = self.me.clone();
                 let id = p.manifest.id.clone();
                 tokio::spawn(async move {

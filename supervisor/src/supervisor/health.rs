@@ -16,7 +16,7 @@ impl Inner {
         freed: &Arc<tokio::sync::Notify>,
     ) {
         let freed = Arc::clone(freed);
-        let interval = self.options().health_interval;
+        let interval = self.live().health_interval;
         let me: Weak<Inner> = self.me.clone();
         let worker = Arc::downgrade(worker);
         let plugin = plugin.to_owned();

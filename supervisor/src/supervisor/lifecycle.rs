@@ -263,7 +263,11 @@ impl Inner {
 
     /// Check `new`, start it in a worker, and put it in the table in place of `old`
     /// (which is retired after its calls).
-    async fn load_version(&self, new: Plugin, old: Option<Arc<Plugin>>) -> Result<(), NotLoaded> {
+    pub(super) async fn load_version(
+        &self,
+        new: Plugin,
+        old: Option<Arc<Plugin>>,
+    ) -> Result<(), NotLoaded> {
         let id = new.manifest.id.clone();
         if let Some(other) = self.plugin(&id)
             && old.as_ref().is_none_or(|o| !Arc::ptr_eq(o, &other))

@@ -17,6 +17,7 @@
 //! - [`start`]: the spawn spec of a worker under its effective policy, behind the
 //!   [`start::Launcher`] seam (a process, or a fake in the unit tests);
 //! - [`policy`]: the live policy and what changes when it does;
+//! - [`reconfigure`]: the settings a reloaded configuration changes live;
 //! - [`status`]: what `corral list` and `corral status` show;
 //! - [`health`]: health checks;
 //! - [`lifecycle`]: discovery, hot reload and removal of plugin versions;
@@ -30,6 +31,7 @@ mod health;
 pub mod lifecycle;
 mod modules;
 mod policy;
+mod reconfigure;
 mod shutdown;
 mod start;
 mod state;
@@ -274,6 +276,11 @@ pub(crate) struct Inner {
     pub(crate) broker: Arc<HostBroker>,
     launcher: Arc<dyn Launcher>,
     options: Options,
+    /// The settings of `options` that a reloaded configuration changes.
+    live: std::sync::RwLock<Arc<reconfigure::Live>>,
+    /// Why the last configuration reload was rejected, and the changes it made
+    /// that wait for a restart.
+    config_status: std::sync::Mutex<(Option<String>, Vec<String>)>,
     policy: std::sync::RwLock<Arc<Policy>>,
     /// Why the last policy reload was rejected (the previous policy stays).
     policy_error: std::sync::Mutex<Option<String>>,
@@ -327,6 +334,8 @@ impl Supervisor {
                 policy: std::sync::RwLock::new(Arc::clone(&options.policy)),
                 policy_error: std::sync::Mutex::new(None),
                 capacity: capacity::Capacity::new(options.max_workers, options.idle_timeout),
+                live: std::sync::RwLock::new(Arc::new(reconfigure::Live::of(&options))),
+                config_status: Default::default(),
                 options,
                 lifecycle: Mutex::new(Default::default()),
                 draining: Default::default(),
@@ -372,9 +381,58 @@ impl Supervisor {
         self.0.shutdown(grace).await
     }
 
-    /// The options the supervisor was made with.
+    /// The options the supervisor was made with (a reload changes some of them
+    /// live: see [`Supervisor::reconfigure`]).
     pub fn options(&self) -> &Options {
         &self.0.options
+    }
+
+    /// Switch to the settings of a reloaded configuration that apply live
+    /// (`max_queue`, plugin config and secrets, publishers, restart, health
+    /// interval, the audit log's place, which is opened again); `pending` names
+    /// the changed settings that wait for a restart. Returns one line per change.
+    pub async fn reconfigure(&self, options: &Options, pending: Vec<String>) -> Vec<String> {
+        let changes = self.0.reconfigure(options).await;
+        *self.config_status() = (None, pending);
+        self.0.broker.metrics.config_reload(true);
+        changes
+    }
+
+    /// Keep the configuration in force and remember why a reload was rejected.
+    pub fn reject_config(&self, why: String) {
+        tracing::error!("configuration reload rejected; keeping the running configuration: {why}");
+        self.config_status().0 = Some(why);
+        self.0.broker.metrics.config_reload(false);
+    }
+
+    /// Why the last configuration reload was rejected, if it was, and the changed
+    /// settings that wait for a restart.
+    pub fn config_error(&self) -> (Option<String>, Vec<String>) {
+        self.config_status().clone()
+    }
+
+    fn config_status(&self) -> std::sync::MutexGuard<'_, (Option<String>, Vec<String>)> {
+        self.0
+            .config_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Close the audit log and open it again at the next line (SIGHUP, after
+    /// logrotate renamed it).
+    pub fn reopen_audit(&self, sink: AuditSink) {
+        self.0.broker.audit.reopen(sink);
+    }
+
+    /// Every metric in the Prometheus text format (0.0.4), or OpenMetrics.
+    pub async fn metrics(&self, openmetrics: bool) -> String {
+        let now = crate::metrics::Snapshot {
+            plugins: self.list().await,
+            workers: self.workers(),
+            policy_rejected: self.policy_error().is_some(),
+            config_rejected: self.config_status().0.is_some(),
+        };
+        self.0.broker.metrics.encode(&now, openmetrics)
     }
 
     /// The policy in force.
@@ -435,10 +493,6 @@ impl Supervisor {
 }
 
 impl Inner {
-    pub(crate) fn options(&self) -> &Options {
-        &self.options
-    }
-
     /// The broker, as workers hold it.
     pub(crate) fn broker_handle(&self) -> Weak<dyn Broker> {
         let b: Arc<dyn Broker> = self.broker.clone();

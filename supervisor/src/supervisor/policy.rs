@@ -24,6 +24,7 @@ impl Inner {
     /// Keep the current policy and remember why a reload was rejected.
     pub(crate) fn reject_policy(&self, why: String) {
         tracing::error!("policy reload rejected; keeping the last good policy: {why}");
+        self.broker.metrics.policy_reload(false);
         *self.policy_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
     }
 
@@ -42,6 +43,7 @@ impl Inner {
         let policy = Arc::new(policy);
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&policy);
         *self.policy_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.broker.metrics.policy_reload(true);
         let mut changes = Vec::new();
         let mut renew = Vec::new();
         for p in &self.all_plugins() {

@@ -77,7 +77,7 @@ impl Inner {
         let files = p.files.path();
         // Checked again at every start: nothing but the supervisor may touch the copy.
         if p.publisher.is_some() || files.join(signing::SIG_FILE).exists() {
-            let now = signing::verify(files, &self.options.publishers)
+            let now = signing::verify(files, &self.live().publishers)
                 .map_err(|e| StartError::Refused(format!("signature: {e}")))?;
             if now != p.publisher {
                 return Err(StartError::Refused(format!(
@@ -349,7 +349,7 @@ impl ProcessLauncher {
                 .then(|| Arc::clone(&self.templates)),
             artifact,
         };
-        let settings = self.options.plugin_config.get(&m.id);
+        let settings = &p.settings;
         let load = LoadSpec {
             plugin_id: m.id.clone(),
             plugin_dir: files.to_string_lossy().into_owned(),
@@ -360,8 +360,8 @@ impl ProcessLauncher {
                 init_deadline_ms: effective.init_timeout.value.as_millis() as u64,
             },
             code,
-            config: settings.map(|c| c.config.clone()).unwrap_or_default(),
-            secrets: settings.map(|c| c.secrets.clone()).unwrap_or_default(),
+            config: settings.config.clone(),
+            secrets: settings.secrets.clone(),
         };
         match WorkerHandle::start(&spec, load).await {
             Ok(w) => Ok((w, cgroup)),

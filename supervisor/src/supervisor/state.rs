@@ -129,11 +129,12 @@ impl PluginState {
             })
     }
 
-    /// A new worker is ready under `effective`.
-    pub(crate) fn ready(&mut self, started: super::start::Started) {
+    /// A new worker is ready under `effective`; true if it is a restart.
+    pub(crate) fn ready(&mut self, started: super::start::Started) -> bool {
         // Replacing one that crashed or was killed is a restart; a first start, a
         // start after an idle stop, or one more instance is not.
-        if self.lost > 0 {
+        let restart = self.lost > 0;
+        if restart {
             self.lost -= 1;
             self.restarts += 1;
         }
@@ -144,6 +145,7 @@ impl PluginState {
             slot: started.slot,
         });
         self.effective = Some(started.effective);
+        restart
     }
 
     /// Say why the plugin is not serving as it should (shown by `corral status`).

@@ -15,7 +15,7 @@ impl Inner {
         let blocked = self.dependencies().blocked;
         for p in &self.all_plugins() {
             let mut st = p.state.lock().await;
-            st.reap(&p.manifest.id, &self.options.restart, Instant::now());
+            st.reap(&p.manifest.id, &self.live().restart, Instant::now());
             let why_blocked = blocked
                 .get(&p.manifest.id)
                 .filter(|_| st.worker().is_none());
@@ -57,6 +57,10 @@ impl Inner {
                 pid: worker.map(|w| w.pid),
                 restarts: st.restarts(),
                 calls: p.calls.load(Ordering::Relaxed),
+                queued: self
+                    .live()
+                    .max_queue
+                    .saturating_sub(p.inflight.available_permits()) as u32,
                 last_error: st.last_error().map(|e| p.redactor.redact(e)),
                 exports: worker.map(|w| w.exports.clone()).unwrap_or_default(),
                 requested: effective.requested_lines(),

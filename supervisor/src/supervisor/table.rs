@@ -33,6 +33,9 @@ pub(crate) struct Plugin {
     /// Messages queued for this plugin's subscriptions, delivered in order.
     pub(crate) deliveries: Arc<OnceLock<tokio::sync::mpsc::Sender<Delivery>>>,
     pub(crate) redactor: Redactor,
+    /// The operator's configuration and secrets for it, as they were when this
+    /// version was read (a reload that changes them makes a new version).
+    pub(crate) settings: Arc<crate::PluginConfig>,
     /// The publisher whose trusted key verified `plugin.sig`; `None`: unsigned.
     pub(crate) publisher: Option<String>,
     /// Digest of the files this version was loaded from (hot reload compares it).
@@ -56,23 +59,43 @@ pub(crate) struct Plugin {
 }
 
 /// A plugin version's grants, with the policy they were resolved from.
-pub(crate) type GrantCache =
-    std::sync::Mutex<Option<(Arc<corral_policy::Policy>, Arc<corral_policy::Services>)>>;
+pub(crate) type GrantCache = std::sync::Mutex<Option<Grants>>;
+
+/// What a plugin version's grants were resolved from, and its level under it.
+#[derive(Debug)]
+pub(crate) struct Grants {
+    of: Arc<corral_policy::Policy>,
+    services: Arc<corral_policy::Services>,
+    level: corral_confine::Level,
+}
 
 impl Inner {
     /// `p`'s grants under the policy in force, resolved once per policy: a policy
     /// edit (a new `Arc`) applies from the next host call on.
     pub(crate) fn grants(&self, p: &Plugin) -> Arc<corral_policy::Services> {
+        self.resolved(p, |g| Arc::clone(&g.services))
+    }
+
+    /// `p`'s level under the policy in force (the `level` label of its metrics).
+    pub(crate) fn level_of(&self, p: &Plugin) -> corral_confine::Level {
+        self.resolved(p, |g| g.level)
+    }
+
+    fn resolved<T>(&self, p: &Plugin, f: impl FnOnce(&Grants) -> T) -> T {
         let policy = self.policy();
         let mut cache = p.grants.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((of, services)) = &*cache
-            && Arc::ptr_eq(of, &policy)
+        if let Some(g) = &*cache
+            && Arc::ptr_eq(&g.of, &policy)
         {
-            return Arc::clone(services);
+            return f(g);
         }
-        let services = Arc::new(policy.resolve(&p.manifest, p.publisher.as_deref()).services);
-        *cache = Some((policy, Arc::clone(&services)));
-        services
+        let effective = policy.resolve(&p.manifest, p.publisher.as_deref());
+        let g = cache.insert(Grants {
+            of: policy,
+            services: Arc::new(effective.services),
+            level: effective.level.value,
+        });
+        f(g)
     }
 
     /// The plugin `id`.
@@ -142,7 +165,7 @@ impl Inner {
                 source,
             })?;
         let manifest = Manifest::load_dir(&dir)?;
-        let publisher = signing::verify(&dir, &self.options.publishers).map_err(|source| {
+        let publisher = signing::verify(&dir, &self.live().publishers).map_err(|source| {
             AddPluginError::Signature {
                 dir: dir.clone(),
                 source,
@@ -160,13 +183,14 @@ impl Inner {
         if files.fingerprint().ok().as_ref() != Some(&fingerprint) {
             return Err(AddPluginError::Changed { dir });
         }
-        let settings = self.options.plugin_config.get(&manifest.id);
-        let redactor = Redactor::new(
-            settings
-                .iter()
-                .flat_map(|c| c.secrets.iter())
-                .map(|(k, v)| (k.clone(), v.0.clone())),
+        let settings = Arc::new(
+            self.live()
+                .plugin_config
+                .get(&manifest.id)
+                .cloned()
+                .unwrap_or_default(),
         );
+        let redactor = redactor_of(&settings);
         let previous = previous.filter(|p| p.manifest.id == manifest.id);
         let libraries = Arc::new(self.native_libraries(&manifest, files.path()));
         Ok(Plugin {
@@ -177,11 +201,12 @@ impl Inner {
             starting: Mutex::new(()),
             calls: previous.map_or_else(Default::default, |p| Arc::clone(&p.calls)),
             inflight: previous.map_or_else(
-                || Arc::new(tokio::sync::Semaphore::new(self.options.max_queue)),
+                || Arc::new(tokio::sync::Semaphore::new(self.live().max_queue)),
                 |p| Arc::clone(&p.inflight),
             ),
             deliveries: previous.map_or_else(Default::default, |p| Arc::clone(&p.deliveries)),
             redactor,
+            settings,
             publisher,
             fingerprint,
             libraries,
@@ -222,6 +247,11 @@ impl Inner {
     /// The same version of `p` (the same files and shared queues) as a new table
     /// entry, to run in a new worker.
     pub(crate) fn same_version(p: &Plugin) -> Plugin {
+        Inner::same_version_with(p, Arc::clone(&p.settings))
+    }
+
+    /// [`Inner::same_version`] with the operator's new `settings` for it.
+    pub(crate) fn same_version_with(p: &Plugin, settings: Arc<crate::PluginConfig>) -> Plugin {
         Plugin {
             manifest: p.manifest.clone(),
             dir: p.dir.clone(),
@@ -231,7 +261,8 @@ impl Inner {
             calls: Arc::clone(&p.calls),
             inflight: Arc::clone(&p.inflight),
             deliveries: Arc::clone(&p.deliveries),
-            redactor: p.redactor.clone(),
+            redactor: redactor_of(&settings),
+            settings,
             publisher: p.publisher.clone(),
             fingerprint: p.fingerprint.clone(),
             libraries: Arc::clone(&p.libraries),
@@ -263,4 +294,14 @@ impl Inner {
         }
         false
     }
+}
+
+/// What hides `settings`' secrets in the plugin's log lines and errors.
+fn redactor_of(settings: &crate::PluginConfig) -> Redactor {
+    Redactor::new(
+        settings
+            .secrets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.0.clone())),
+    )
 }

@@ -153,6 +153,7 @@ pub(crate) struct Connection {
     /// The policy's `host_calls`: more in flight breaks the protocol.
     pub(crate) host_calls: usize,
     pub(crate) level: Level,
+    pub(crate) runtime: corral_protocol::Runtime,
     pub(crate) killed_by_supervisor: Arc<AtomicBool>,
     pub(crate) kill_reason: Arc<Mutex<Option<String>>>,
     pub(crate) plugin_id: String,
@@ -271,6 +272,7 @@ impl Connection {
             broker.worker_exited(Exited {
                 plugin: &self.plugin_id,
                 level: self.level,
+                runtime: self.runtime,
                 reason: &reason,
                 by_supervisor: self.killed_by_supervisor.load(Ordering::SeqCst),
                 why: why.as_deref(),

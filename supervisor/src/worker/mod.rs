@@ -75,6 +75,7 @@ pub(crate) trait Broker: Send + Sync + std::fmt::Debug {
 pub(crate) struct Exited<'a> {
     pub(crate) plugin: &'a str,
     pub(crate) level: Level,
+    pub(crate) runtime: corral_protocol::Runtime,
     pub(crate) reason: &'a ExitReason,
     /// The supervisor killed it (a missed deadline, or `why`).
     pub(crate) by_supervisor: bool,

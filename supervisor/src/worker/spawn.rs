@@ -417,6 +417,7 @@ impl WorkerHandle {
                 max_output,
                 host_calls: spec.budgets.host_calls,
                 level: spec.confine.level,
+                runtime: spec.runtime,
                 killed_by_supervisor: Arc::clone(&handle.killed_by_supervisor),
                 kill_reason: Arc::clone(&handle.kill_reason),
                 plugin_id: spec.plugin_id.clone(),
