@@ -470,4 +470,23 @@ mod tests {
         assert!(e.starts_with("c.toml:2:"), "{e}");
         assert!(e.contains("unknown variant `ruby`"), "{e}");
     }
+
+    #[test]
+    fn metrics_and_log_format_load_and_a_bad_address_is_refused_with_its_place() {
+        let parse = |text: &str| Config::parse(text, Path::new("c.toml"));
+        let c = parse("metrics = \"127.0.0.1:9464\"\nlog_format = \"json\"\n").unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.log_format, Some(LogFormat::Json));
+        let c = parse("plugins = []\n").unwrap();
+        assert_eq!((c.metrics, c.log_format), (None, None));
+        let e = parse("plugins = []\nmetrics = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("c.toml:2:11: metrics: invalid socket address"),
+            "{e}"
+        );
+        let e = parse("log_format = \"xml\"\n").unwrap_err().to_string();
+        assert!(e.starts_with("c.toml:1:14: unknown variant `xml`"), "{e}");
+    }
 }

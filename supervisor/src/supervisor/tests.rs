@@ -1277,3 +1277,94 @@ async fn calls_waiting_for_a_worker_are_served_first_come_first_served_and_none_
     }
     f.sup.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A reloaded `max_queue` applies at once: a larger queue admits more calls; a
+/// smaller one takes back no slot a call holds (every held call is answered) and
+/// refuses new calls until the calls past it have finished.
+#[tokio::test]
+async fn a_reloaded_max_queue_grows_at_once_and_shrinks_without_cutting_off_a_call() {
+    let f = fixture(|o| o.max_queue = 2);
+    let free = || f.sup.0.plugin(&f.id).unwrap().inflight.available_permits();
+    let hold = || {
+        let (sup, id) = (f.sup.clone(), f.id.clone());
+        tokio::spawn(async move { sup.call(&id, "hold", Vec::new(), None).await })
+    };
+    let mut options = f.sup.options().clone();
+    options.max_queue = 4;
+    let changes = f.sup.reconfigure(&options, Vec::new()).await;
+    assert_eq!(changes, ["max_queue now 4 (was 2)"]);
+    let held: Vec<_> = (0..4).map(|_| hold()).collect();
+    eventually("four calls admitted", || free() == 0).await;
+    let overloaded = |r: Result<Vec<u8>, CallError>| matches!(r, Err(CallError::Overloaded { reason: corral_protocol::Overload::Queue { queued }, .. }) if queued == 1);
+    // Down to one while four are held: none is cut off.
+    options.max_queue = 1;
+    f.sup.reconfigure(&options, Vec::new()).await;
+    assert!(
+        overloaded(f.call("echo").await),
+        "the queue is past its new size"
+    );
+    let sent = || {
+        f.launcher
+            .journal(0)
+            .iter()
+            .filter(|e| *e == "call hold")
+            .count()
+    };
+    for n in 2..=4 {
+        eventually("the call before answered", || sent() == n - 1).await;
+        f.launcher.release();
+        eventually("the next call sent", || sent() == n).await;
+    }
+    eventually("three held calls answered", || {
+        held.iter().filter(|h| h.is_finished()).count() == 3
+    })
+    .await;
+    // One call still holds the one slot left: still full.
+    assert_eq!(free(), 0);
+    assert!(overloaded(f.call("echo").await));
+    f.launcher.release();
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap(), b"held");
+    }
+    eventually("one slot free", || free() == 1).await;
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(f.sup.list().await[0].queued, 0);
+}
+
+/// A reload that changes a plugin's config or secrets brings a new version in a
+/// fresh worker with them; the old worker is retired; a reload that changes
+/// nothing about a plugin leaves its worker alone.
+#[tokio::test]
+async fn reloaded_plugin_settings_start_a_fresh_worker_and_unchanged_ones_keep_theirs() {
+    let f = fixture(|_| {});
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(f.launcher.launches(), 1);
+    let mut options = f.sup.options().clone();
+    options.max_queue = 8;
+    f.sup.reconfigure(&options, Vec::new()).await;
+    assert_eq!(f.launcher.launches(), 1, "nothing about the plugin changed");
+    let mut settings = crate::PluginConfig::default();
+    settings.config.insert("greeting".into(), "hi".into());
+    settings
+        .secrets
+        .insert("token".into(), corral_protocol::Secret("s3cr3t".into()));
+    options.plugin_config.insert(f.id.clone(), settings.clone());
+    let changes = f.sup.reconfigure(&options, Vec::new()).await;
+    assert_eq!(
+        changes,
+        [
+            "fake: its config or secrets changed: a new worker serves it; the old one retires after its calls"
+        ]
+    );
+    assert_eq!(f.launcher.launches(), 2);
+    let p = f.sup.0.plugin(&f.id).unwrap();
+    assert_eq!(*p.settings, settings);
+    assert_eq!(p.redactor.redact("the s3cr3t"), "the [secret token]");
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    f.sup.reconfigure(&options, Vec::new()).await;
+    assert_eq!(
+        f.launcher.launches(),
+        2,
+        "the same settings again: no new worker"
+    );
+}
