@@ -38,6 +38,8 @@ sed -e "s|^plugins = .*|plugins = [\"$plugin\", \"$js\", \"$py\"]|" \
     examples/corral.toml >"$run/corral.toml"
 # Keep the plugins' stores and the audit log with the demo.
 sed -i "1i state_dir = \"$run/state\"\naudit = \"$run/audit.jsonl\"" "$run/corral.toml"
+# Prometheus metrics on a port of the system's choosing (the daemon says which).
+sed -i "1i metrics = \"127.0.0.1:0\"" "$run/corral.toml"
 
 say corral run "$plugin" greet --input Ada
 $corral run "$plugin" greet --input Ada
@@ -58,7 +60,7 @@ $corral policy explain "$plugin" --policy policies
 
 socket="$run/ctl/control.sock"   # its own private directory
 say corral serve --config "$run/corral.toml" --socket "$socket" "&"
-$corral serve --config "$run/corral.toml" --socket "$socket" &
+$corral serve --config "$run/corral.toml" --socket "$socket" 2> >(tee "$run/daemon.log" >&2) &
 daemon=$!
 for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.05; done
 say corral call hello-wasm reverse --input stressed
@@ -106,6 +108,11 @@ say corral list
 $corral list --socket "$socket"
 say corral status   "# what each worker really enforces, and uses"
 $corral status --socket "$socket"
+metrics=$(sed -n 's|.*metrics on http://\([^/]*\)/metrics.*|\1|p' "$run/daemon.log")
+say curl "http://$metrics/metrics" "| grep corral_calls_total" "# Prometheus metrics"
+python3 -c 'import sys, urllib.request
+for l in urllib.request.urlopen("http://%s/metrics" % sys.argv[1]).read().decode().splitlines():
+    if l.startswith(("corral_calls_total", "corral_plugin_workers{", "corral_process_resident")): print(l)' "$metrics"
 say corral stop
 $corral stop --socket "$socket"
 wait "$daemon"
