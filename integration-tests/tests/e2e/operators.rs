@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 /// A `corral serve` of a configuration the test writes, its standard error in a
 /// file.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) socket: PathBuf,
     stderr: PathBuf,
     /// `host:port` of the metrics endpoint, when the configuration has one.
     metrics: Option<String>,
@@ -31,7 +31,7 @@ fn ops() -> tempfile::TempDir {
 impl Daemon {
     /// A daemon of `body` (plugins and settings) with its own socket, cache, state
     /// and the test policy; logging at `info`.
-    fn start(body: &str, plugins: Vec<tempfile::TempDir>) -> Daemon {
+    pub(crate) fn start(body: &str, plugins: Vec<tempfile::TempDir>) -> Daemon {
         let dir = corral_integration_tests::open_tempdir();
         let config = dir.path().join("corral.toml");
         std::fs::write(&config, Daemon::config(body)).unwrap();
@@ -82,11 +82,11 @@ impl Daemon {
         std::fs::write(self.dir.path().join("corral.toml"), Daemon::config(body)).unwrap();
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    fn cli(&self, args: &[&str]) -> Output {
+    pub(crate) fn cli(&self, args: &[&str]) -> Output {
         Command::new(built().corral())
             .args(args)
             .arg("--socket")
@@ -96,13 +96,13 @@ impl Daemon {
     }
 
     /// `corral call PLUGIN FUNCTION`'s output, asserting success.
-    fn call(&self, plugin: &str, function: &str) -> String {
+    pub(crate) fn call(&self, plugin: &str, function: &str) -> String {
         let out = self.cli(&["call", plugin, function]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         text(&out.stdout)
     }
 
-    fn pid_of(&self, plugin: &str) -> Option<u64> {
+    pub(crate) fn pid_of(&self, plugin: &str) -> Option<u64> {
         let out = self.cli(&["list", "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v.as_array()?.iter().find(|p| p["id"] == plugin)?["pid"].as_u64()

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 impl Inner {
     /// Stop accepting calls, let queued calls finish, run shutdown hooks, and stop
-    /// every worker (killing any that takes longer than `grace`).
+    /// every worker, killing any that takes longer than `grace` or than its own
+    /// hook's grace (its plugin's `timeout`), whichever is shorter.
     pub(crate) async fn shutdown(&self, grace: Duration) {
         // Starts under way end now (their workers are killed), and no new one begins.
         self.stopping.send_replace(true);
@@ -15,9 +16,10 @@ impl Inner {
             workers.extend(p.state.lock().await.shut_down());
             p.freed.notify_waiters();
         }
-        workers.extend(self.take_draining());
+        workers.extend(self.take_draining().into_iter().map(|w| (w, grace)));
         let mut stops = tokio::task::JoinSet::new();
-        for w in workers {
+        for (w, own) in workers {
+            let grace = grace.min(own);
             stops.spawn(async move { w.shutdown(grace).await });
         }
         while stops.join_next().await.is_some() {}

@@ -231,13 +231,13 @@ impl PluginState {
         }
     }
 
-    /// The grace a retired worker gets: its calls' longest deadline and a second
-    /// for its shutdown hook.
+    /// How long a retired worker's shutdown hook may run once its calls have
+    /// finished (they are waited for first, each within its own deadline): as
+    /// long as one call of the plugin, its `timeout`. Past it the worker is killed.
     fn retire_grace(&self) -> Duration {
         self.effective
             .as_ref()
-            .map_or(DEFAULT_DEADLINE, |e| e.timeout_cap)
-            + Duration::from_secs(1)
+            .map_or(DEFAULT_DEADLINE, |e| e.timeout.value)
     }
 
     fn retiring(&self, i: Instance) -> Retiring {
@@ -281,11 +281,12 @@ impl PluginState {
     }
 
     /// The supervisor is stopping: no more starts; returns the workers to stop.
-    pub(crate) fn shut_down(&mut self) -> Vec<Arc<WorkerHandle>> {
+    pub(crate) fn shut_down(&mut self) -> Vec<(Arc<WorkerHandle>, Duration)> {
         self.shutting_down = true;
+        let grace = self.retire_grace();
         std::mem::take(&mut self.instances)
             .into_iter()
-            .map(|i| i.worker)
+            .map(|i| (i.worker, grace))
             .collect()
     }
 
