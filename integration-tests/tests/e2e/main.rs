@@ -3,6 +3,7 @@
 //! One test binary with modules (so the binaries are built once per process, see
 //! `corral_integration_tests::built`).
 
+mod authors;
 mod calls;
 mod capacity;
 mod channel;
@@ -11,6 +12,7 @@ mod contract;
 mod deps;
 mod examples;
 mod faults;
+mod hooks;
 mod hostile;
 mod js;
 mod lifecycle;

@@ -24,6 +24,8 @@ pub const INVALID: u8 = 7;
 pub const UNREACHABLE: u8 = 8;
 /// The plugin is overloaded or the supervisor is shutting down; retry later.
 pub const UNAVAILABLE: u8 = 9;
+/// `corral test`: a test case or a check failed.
+pub const TESTS_FAILED: u8 = 10;
 
 /// Map a call error to its exit code.
 pub fn exit_code_for(e: &CallError) -> u8 {
@@ -106,6 +108,7 @@ pub fn kind_of(code: u8) -> &'static str {
         INVALID => "invalid",
         UNREACHABLE => "unreachable",
         UNAVAILABLE => "unavailable",
+        TESTS_FAILED => "tests_failed",
         _ => "failure",
     }
 }

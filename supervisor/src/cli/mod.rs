@@ -8,6 +8,7 @@ pub(crate) mod output;
 mod plugin;
 mod policy;
 mod run;
+mod test;
 
 use crate::Config;
 use anyhow::Context;
@@ -35,6 +36,9 @@ pub struct Cli {
 pub enum Command {
     /// Run one function of the plugin in a directory, without a daemon.
     Run(run::RunArgs),
+    /// Run a plugin's test cases (DIR/tests/*.toml) through a real supervisor,
+    /// confined at its level, and check what its manifest asks for.
+    Test(test::TestArgs),
     /// Run the daemon: load the configured plugins and serve the control socket.
     Serve {
         /// Daemon configuration file.
@@ -463,6 +467,7 @@ async fn dispatch(command: Command) -> exit::Outcome {
     exit::set_json(wants_json(&command));
     match command {
         Command::Run(args) => run::run_once(args).await,
+        Command::Test(args) => test::run_tests(args).await,
         Command::Serve { config, socket } => {
             use crate::daemon::serve::{ServeError, serve};
             match serve(&config, socket).await {
@@ -503,6 +508,7 @@ async fn dispatch(command: Command) -> exit::Outcome {
 fn wants_json(command: &Command) -> bool {
     match command {
         Command::Run(args) => args.json(),
+        Command::Test(args) => args.json,
         Command::Call { out, .. } => out.json,
         Command::Status { json, .. } | Command::List { json, .. } | Command::Stop { json, .. } => {
             *json
