@@ -344,16 +344,36 @@ pub mod __private {
     }
 }
 
-/// Export plugin functions (and optionally an init hook) under the Corral Wasm ABI.
+/// Export plugin functions, and optionally its hooks, under the Corral Wasm ABI.
 ///
 /// ```ignore
 /// corral_guest::plugin!(functions: [greet, reverse]);
 /// corral_guest::plugin!(init: setup, functions: [greet]);
+/// corral_guest::plugin!(init: setup, shutdown: flush, functions: [greet]);
 /// ```
+///
+/// `init` (`fn() -> Result<(), E>`, `E: Display`) runs once when a worker loads
+/// the plugin; an error fails the load with its message. `shutdown` (`fn()`) runs
+/// when the worker stops (the daemon stops, a hot reload or an idle stop retires
+/// it), within the plugin's `timeout`.
 ///
 /// Invoke it once per plugin.
 #[macro_export]
 macro_rules! plugin {
+    (init: $init:path, shutdown: $shutdown:path, functions: [$($name:ident),+ $(,)?] $(,)?) => {
+        $crate::plugin!(shutdown: $shutdown, functions: [$($name),+]);
+        #[unsafe(no_mangle)]
+        pub extern "C" fn corral_init() -> i32 {
+            $crate::__private::init($init)
+        }
+    };
+    (shutdown: $shutdown:path, functions: [$($name:ident),+ $(,)?] $(,)?) => {
+        #[unsafe(no_mangle)]
+        pub extern "C" fn corral_shutdown() {
+            $shutdown()
+        }
+        $crate::plugin!(functions: [$($name),+]);
+    };
     (init: $init:path, functions: [$($name:ident),+ $(,)?] $(,)?) => {
         #[unsafe(no_mangle)]
         pub extern "C" fn corral_init() -> i32 {

@@ -164,3 +164,117 @@ fn failures_and_what_authors_get_wrong_are_named() {
         "{v}"
     );
 }
+
+/// `corral new` writes a plugin in each runtime that builds with the command its
+/// README gives and passes `corral test` at once (with its development policy);
+/// it refuses a directory that is not empty, an id that cannot be one, and the
+/// native runtime, which has no worker yet.
+#[test]
+fn corral_new_writes_plugins_that_pass_corral_test_in_every_runtime() {
+    let place = corral_integration_tests::open_tempdir();
+    let corral = |args: &[&str]| {
+        Command::new(built().corral())
+            .args(args)
+            .env_remove("CORRAL_POLICY")
+            .output()
+            .unwrap()
+    };
+    for runtime in ["js", "python", "wasm"] {
+        let dir = place.path().join(format!("my-{runtime}"));
+        let d = dir.to_str().unwrap();
+        let out = corral(&["new", d, "--runtime", runtime, "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["id"], format!("my-{runtime}"));
+        let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+        assert!(
+            readme.contains("corral test . --policy dev-policy.toml"),
+            "{readme}"
+        );
+        if runtime == "wasm" {
+            assert!(readme.contains("cargo build --release --target wasm32-wasip1"));
+            let out = Command::new("cargo")
+                .args(["build", "--release", "--target", "wasm32-wasip1", "--quiet"])
+                .current_dir(&dir)
+                .env_remove("CARGO_TARGET_DIR")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "cargo build: {}", text(&out.stderr));
+            let module =
+                std::fs::read(dir.join("target/wasm32-wasip1/release/my_wasm.wasm")).unwrap();
+            for export in [
+                "corral_init",
+                "corral_shutdown",
+                "corral_fn_greet",
+                "corral_fn_visit",
+            ] {
+                assert!(
+                    module.windows(export.len()).any(|w| w == export.as_bytes()),
+                    "the module exports {export}"
+                );
+            }
+        }
+        // Workers run as nobody: what the test wrote must be readable to it.
+        let out = Command::new("chmod")
+            .args(["-R", "a+rX"])
+            .arg(place.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let policy = dir.join("dev-policy.toml");
+        let out = corral(&["test", d, "--policy", policy.to_str().unwrap()]);
+        let said = text(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{runtime}: {said}{}",
+            text(&out.stderr)
+        );
+        assert!(
+            said.ends_with("5 passed, 0 failed, 0 problem(s) found by the checks\n"),
+            "{runtime}: {said}"
+        );
+        // Under the shipped policy instead: the store is not granted, and it says so.
+        let out = corral(&["test", d]);
+        assert_eq!(out.status.code(), Some(10), "{runtime}");
+        assert!(
+            text(&out.stdout).contains(
+                "FAIL  check: the permissions asked for are granted by the policy: kv: default deny"
+            ),
+            "{}",
+            text(&out.stdout)
+        );
+    }
+    let taken = place.path().join("my-js");
+    let out = corral(&["new", taken.to_str().unwrap(), "--runtime", "js"]);
+    assert_eq!(out.status.code(), Some(7));
+    assert!(
+        text(&out.stderr).contains("is not empty"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = corral(&[
+        "new",
+        place.path().join("Bad Name").to_str().unwrap(),
+        "--runtime",
+        "js",
+    ]);
+    assert_eq!(out.status.code(), Some(7));
+    assert!(
+        text(&out.stderr).contains("cannot be a plugin id"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = corral(&[
+        "new",
+        place.path().join("n").to_str().unwrap(),
+        "--runtime",
+        "native",
+    ]);
+    assert_eq!(out.status.code(), Some(7));
+    assert!(
+        text(&out.stderr).contains("native plugins are not supported"),
+        "{}",
+        text(&out.stderr)
+    );
+}

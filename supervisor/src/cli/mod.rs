@@ -4,6 +4,7 @@
 
 mod client;
 pub mod exit;
+mod new;
 pub(crate) mod output;
 mod plugin;
 mod policy;
@@ -36,6 +37,9 @@ pub struct Cli {
 pub enum Command {
     /// Run one function of the plugin in a directory, without a daemon.
     Run(run::RunArgs),
+    /// Write a new, working plugin to start from: two functions, the init and
+    /// shutdown hooks, a use of the store, a README and test cases.
+    New(new::NewArgs),
     /// Run a plugin's test cases (DIR/tests/*.toml) through a real supervisor,
     /// confined at its level, and check what its manifest asks for.
     Test(test::TestArgs),
@@ -468,6 +472,7 @@ async fn dispatch(command: Command) -> exit::Outcome {
     match command {
         Command::Run(args) => run::run_once(args).await,
         Command::Test(args) => test::run_tests(args).await,
+        Command::New(args) => new::new_plugin(args),
         Command::Serve { config, socket } => {
             use crate::daemon::serve::{ServeError, serve};
             match serve(&config, socket).await {
@@ -509,6 +514,7 @@ fn wants_json(command: &Command) -> bool {
     match command {
         Command::Run(args) => args.json(),
         Command::Test(args) => args.json,
+        Command::New(args) => args.json,
         Command::Call { out, .. } => out.json,
         Command::Status { json, .. } | Command::List { json, .. } | Command::Stop { json, .. } => {
             *json
