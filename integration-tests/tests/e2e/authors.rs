@@ -278,3 +278,207 @@ fn corral_new_writes_plugins_that_pass_corral_test_in_every_runtime() {
         text(&out.stderr)
     );
 }
+
+/// A tool the suite runs from `PATH` (.ci/run installs it: TypeScript from npm,
+/// mypy and pytest from PyPI).
+fn tool(name: &str, args: &[&str], dir: &Path, env: &[(&str, &Path)]) -> Output {
+    let mut c = Command::new(name);
+    // No __pycache__ or .mypy_cache beside the plugins the other tests copy.
+    c.args(args)
+        .current_dir(dir)
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap_or_else(|e| {
+        panic!("{name} ({e}): .ci/run installs it (npm typescript; PyPI mypy, pytest)")
+    })
+}
+
+/// The typed host APIs: `tsc --noEmit` checks the JavaScript example and what
+/// `corral new` writes against `corral.d.ts` (and finds a misspelt host call);
+/// `mypy --strict` checks the Python package, the example and a new plugin; the
+/// stand-in runs the example's and the template's cases under pytest with
+/// Corral's answers, and a new plugin's own pytest file passes.
+#[test]
+fn typed_host_apis_check_with_tsc_and_mypy_and_the_stand_in_passes_pytest() {
+    let root = repo_root();
+    let sdk = root.join("sdk/python");
+    let out = tool("tsc", &["--noEmit", "-p", "examples/hello-js"], &root, &[]);
+    assert!(
+        out.status.success(),
+        "tsc: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
+    let place = corral_integration_tests::open_tempdir();
+    let js = place.path().join("new-js");
+    let py = place.path().join("new-py");
+    for (dir, runtime) in [(&js, "js"), (&py, "python")] {
+        let out = Command::new(built().corral())
+            .args(["new", dir.to_str().unwrap(), "--runtime", runtime])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    }
+    let out = tool("tsc", &["--noEmit"], &js, &[]);
+    assert!(
+        out.status.success(),
+        "tsc: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let main = js.join("main.js");
+    let good = std::fs::read_to_string(&main).unwrap();
+    std::fs::write(&main, good.replace("corral.kv.put(", "corral.kv.set(")).unwrap();
+    let out = tool("tsc", &["--noEmit"], &js, &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stdout).contains("Property 'set' does not exist on type 'Store'"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    for target in [
+        sdk.join("corral"),
+        root.join("examples/hello-python/plugin.py"),
+        py.join("plugin.py"),
+        py.join("test_plugin.py"),
+    ] {
+        let out = tool(
+            "mypy",
+            &[
+                "--strict",
+                "--no-incremental",
+                "--cache-dir=/dev/null",
+                target.to_str().unwrap(),
+            ],
+            place.path(),
+            &[("MYPYPATH", &sdk)],
+        );
+        assert!(
+            out.status.success(),
+            "mypy --strict {}: {}{}",
+            target.display(),
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    let out = tool(
+        "pytest",
+        &["-q", "-p", "no:cacheprovider", "tests"],
+        &sdk,
+        &[("PYTHONPATH", &sdk)],
+    );
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "pytest: {said}{}", text(&out.stderr));
+    assert!(said.contains("5 passed"), "{said}");
+    let out = tool(
+        "pytest",
+        &["-q", "-p", "no:cacheprovider", "test_plugin.py"],
+        &py,
+        &[("PYTHONPATH", &sdk)],
+    );
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "pytest: {said}{}", text(&out.stderr));
+    assert!(said.contains("4 passed"), "{said}");
+}
+
+/// The typed APIs name what the workers really give a plugin: the `corral`
+/// global of the JavaScript worker and the `corral` module of the Python worker,
+/// read by plugins running in Corral, against `corral.d.ts` and the package.
+#[test]
+fn the_typed_apis_name_what_the_workers_provide() {
+    let root = repo_root();
+    let place = corral_integration_tests::open_tempdir();
+    let js = place.path().join("names-js");
+    std::fs::create_dir(&js).unwrap();
+    std::fs::write(
+        js.join("main.js"),
+        "export function names() { return Object.keys(corral).sort().join(\" \"); }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        js.join("plugin.toml"),
+        "id = \"names-js\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n",
+    )
+    .unwrap();
+    let py = place.path().join("names-py");
+    std::fs::create_dir(&py).unwrap();
+    std::fs::write(
+        py.join("plugin.py"),
+        "import corral\n\ndef names(data):\n    return \" \".join(sorted(n for n in dir(corral) + [\"config\"] if not n.startswith(\"_\")))\n",
+    )
+    .unwrap();
+    std::fs::write(
+        py.join("plugin.toml"),
+        "id = \"names-py\"\nversion = \"1.0.0\"\nruntime = \"python\"\nentry = \"plugin.py\"\n",
+    )
+    .unwrap();
+    let _ = Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(place.path())
+        .output();
+    let run = |dir: &Path| {
+        let out = Command::new(built().corral())
+            .arg("run")
+            .arg(dir)
+            .arg("names")
+            .env_remove("CORRAL_POLICY")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let mut v: Vec<String> = text(&out.stdout).split(' ').map(str::to_owned).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    // What corral.d.ts declares in the namespace: functions, consts and classes.
+    let dts = std::fs::read_to_string(root.join("sdk/js/corral.d.ts")).unwrap();
+    let mut declared: Vec<String> = dts
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| {
+            let rest = l
+                .strip_prefix("function ")
+                .or_else(|| l.strip_prefix("const "))
+                .or_else(|| l.strip_prefix("class "))?;
+            Some(
+                rest.split(|c: char| !c.is_alphanumeric() && c != '_')
+                    .next()?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    declared.sort();
+    declared.dedup();
+    assert_eq!(
+        run(&js),
+        declared,
+        "the JavaScript worker's corral against corral.d.ts"
+    );
+    // The package's __all__.
+    let init = std::fs::read_to_string(root.join("sdk/python/corral/__init__.py")).unwrap();
+    let all = init
+        .split("__all__ = [")
+        .nth(1)
+        .unwrap()
+        .split(']')
+        .next()
+        .unwrap();
+    let mut exported: Vec<String> = all
+        .split(',')
+        .map(|s| s.trim().trim_matches('"').to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    exported.sort();
+    let provided: Vec<String> = run(&py)
+        .into_iter()
+        .filter(|n| !matches!(n.as_str(), "annotations" | "builtins"))
+        .collect();
+    assert_eq!(
+        provided, exported,
+        "the Python worker's corral against the package"
+    );
+}

@@ -72,6 +72,11 @@ const JS: &[Template] = &[
         include_str!("../../templates/js/plugin.toml"),
     ),
     ("main.js", include_str!("../../templates/js/main.js")),
+    (
+        "tsconfig.json",
+        include_str!("../../templates/js/tsconfig.json"),
+    ),
+    ("corral.d.ts", include_str!("../../../sdk/js/corral.d.ts")),
 ];
 
 const PYTHON: &[Template] = &[
@@ -82,6 +87,10 @@ const PYTHON: &[Template] = &[
     (
         "plugin.py",
         include_str!("../../templates/python/plugin.py"),
+    ),
+    (
+        "test_plugin.py",
+        include_str!("../../templates/python/test_plugin.py"),
     ),
 ];
 

@@ -1,7 +1,8 @@
+// @ts-check
 // {{id}}: a Corral plugin in JavaScript. Every exported function takes the
 // input bytes (a Uint8Array) and returns a string or bytes; a thrown error is
-// the call's error. `corral` (types: corral.d.ts in Corral's docs/plugins/) is
-// the host API: corral.text, corral.bytes, corral.log, corral.config,
+// the call's error. `corral` (its types: corral.d.ts; `tsc --noEmit` checks
+// this file against them) is the host API: corral.text, corral.bytes, corral.log, corral.config,
 // corral.secret, corral.kv, corral.fetch, corral.publish, corral.call.
 
 let greeting = "Hello";
@@ -12,14 +13,20 @@ export function init() {
   corral.log("info", `ready to say ${greeting}`);
 }
 
-/** `greet "Ada"` -> `Hello, Ada!` */
+/**
+ * `greet "Ada"` -> `Hello, Ada!`
+ * @param {Uint8Array} input
+ */
 export function greet(input) {
   const name = corral.text(input).trim();
   if (!name) throw new Error("give a name to greet");
   return `${greeting}, ${name}!`;
 }
 
-/** Count visits per name in the plugin's own store: `Welcome, Ada (visit 2)`. */
+/**
+ * Count visits per name in the plugin's own store: `Welcome, Ada (visit 2)`.
+ * @param {Uint8Array} input
+ */
 export function visit(input) {
   const name = corral.text(input).trim() || "stranger";
   const n = Number(corral.kv.get_text(`visits/${name}`) ?? "0") + 1;
