@@ -73,8 +73,8 @@ pub use metrics::EXPORTED as EXPORTED_METRICS;
 pub use plugins::files::QUIET;
 pub use supervisor::lifecycle::SyncReport;
 pub use supervisor::{
-    AddPluginError, CGROUP_PREFIX, DEFAULT_ZYGOTES, HEALTH_EXPORT, Options, PluginConfig,
-    RestartPolicy, Supervisor,
+    AddPluginError, CGROUP_PREFIX, DEFAULT_ZYGOTES, HEALTH_EXPORT, MAX_CONFIG_ERROR, Options,
+    PluginConfig, RestartPolicy, Supervisor,
 };
 pub use worker::{
     StartError, UNREPORTED_SYSCALL, VerifyError, WORKER_MAX_FILES, raise_open_files_limit,

@@ -84,6 +84,22 @@ fn touch(entry: &Path) {
     std::fs::write(entry, text).unwrap();
 }
 
+/// A call to each kit (starting its worker), then an edit of each: a new
+/// version that retires the old worker. The old workers' pids.
+fn serve_then_edit(d: &Daemon, entries: &[(&str, std::path::PathBuf)]) -> Vec<u64> {
+    let old = entries
+        .iter()
+        .map(|(id, _)| {
+            assert_eq!(d.call(id, "ok"), "ok");
+            d.pid_of(id).unwrap()
+        })
+        .collect();
+    for (_, entry) in entries {
+        touch(entry);
+    }
+    old
+}
+
 #[test]
 fn shutdown_hooks_run_at_stop_in_every_runtime() {
     let (mut d, _) = daemon(kits(false), "");
@@ -105,14 +121,7 @@ fn shutdown_hooks_run_at_stop_in_every_runtime() {
 #[test]
 fn shutdown_hooks_run_when_a_hot_reload_retires_the_old_worker_in_every_runtime() {
     let (d, entries) = daemon(kits(false), "");
-    let mut old = Vec::new();
-    for (id, _) in &entries {
-        assert_eq!(d.call(id, "ok"), "ok");
-        old.push(d.pid_of(id).unwrap());
-    }
-    for (_, entry) in &entries {
-        touch(entry);
-    }
+    let old = serve_then_edit(&d, &entries);
     for ((id, _), pid) in entries.iter().zip(old) {
         wait_for(
             &format!("{id}: the old worker's hook"),
@@ -157,14 +166,7 @@ fn a_shutdown_hook_that_never_returns_is_cut_at_its_grace_in_every_runtime() {
     let config =
         "[plugin.hooks-js.config]\nmode = \"spin\"\n[plugin.hooks-py.config]\nmode = \"spin\"\n";
     let (mut d, entries) = daemon(kits(true), config);
-    let mut old = Vec::new();
-    for (id, _) in &entries {
-        assert_eq!(d.call(id, "ok"), "ok");
-        old.push(d.pid_of(id).unwrap());
-    }
-    for (_, entry) in &entries {
-        touch(entry);
-    }
+    let old = serve_then_edit(&d, &entries);
     for ((id, _), pid) in entries.iter().zip(old) {
         wait_for(
             &format!("{id}: the old worker's hook began"),

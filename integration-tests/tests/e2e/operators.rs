@@ -1040,3 +1040,51 @@ fn every_command_prints_json_with_json_and_keeps_its_exit_codes() {
     );
     drop(d);
 }
+
+/// A reload that lists a plugin whose `plugin.toml` (its author's file) makes a
+/// huge error, an unknown key of 60 KiB, keeps at most `MAX_CONFIG_ERROR` bytes of
+/// it in `corral status` and the log: the reason cannot grow the daemon.
+#[test]
+fn a_huge_reason_for_a_refused_reload_is_cut() {
+    let ops = ops();
+    let hostile = corral_integration_tests::open_tempdir();
+    // Within the 64 KiB a manifest may have, and quoted by the error.
+    let key = "k".repeat(60 * 1024);
+    std::fs::write(
+        hostile.path().join("plugin.toml"),
+        format!(
+            "id = \"big\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n{key} = 1\n"
+        ),
+    )
+    .unwrap();
+    let ops_dir = ops.path().to_str().unwrap().to_owned();
+    let d = Daemon::start(&format!("plugins = [{ops_dir:?}]\n"), vec![ops]);
+    d.rewrite(&format!(
+        "plugins = [{ops_dir:?}, {:?}]\n",
+        hostile.path().to_str().unwrap()
+    ));
+    d.hup(1);
+    assert_eq!(
+        d.call("ops", "ok"),
+        "ok",
+        "the running configuration serves"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["status", "--json"]).stdout).unwrap();
+    let why = json["daemon"]["config_error"].as_str().unwrap();
+    assert!(
+        why.contains("unknown field `kkkk"),
+        "{}",
+        &why[..why.len().min(300)]
+    );
+    assert!(
+        why.len() <= corral::MAX_CONFIG_ERROR + 64 && why.ends_with("bytes in all]"),
+        "{} bytes",
+        why.len()
+    );
+    assert!(
+        d.log().len() < 64 * 1024,
+        "the log took {} bytes",
+        d.log().len()
+    );
+}

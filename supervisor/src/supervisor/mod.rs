@@ -157,6 +157,24 @@ pub const DEFAULT_ZYGOTES: &[Runtime] = &[Runtime::Wasm, Runtime::Python];
 /// The export the supervisor calls for health checks, when a plugin has it.
 pub const HEALTH_EXPORT: &str = "health";
 
+/// The most bytes of a rejected reload's reason kept and shown.
+pub const MAX_CONFIG_ERROR: usize = 4096;
+
+/// `text` cut to at most `max` bytes (on a character boundary), saying so.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let total = text.len();
+    let mut at = max;
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    text.truncate(at);
+    text.push_str(&format!(" [cut: {total} bytes in all]"));
+    text
+}
+
 /// Prefix of the supervisor's base cgroup (`corral-<pid>`).
 pub const CGROUP_PREFIX: &str = "corral-";
 
@@ -399,7 +417,11 @@ impl Supervisor {
     }
 
     /// Keep the configuration in force and remember why a reload was rejected.
+    /// `why` is cut at [`MAX_CONFIG_ERROR`] bytes: it may quote a listed plugin's
+    /// `plugin.toml` (a plugin author's words), and it is kept, shown by `status`
+    /// and logged until the next reload.
     pub fn reject_config(&self, why: String) {
+        let why = cut(why, MAX_CONFIG_ERROR);
         tracing::error!("configuration reload rejected; keeping the running configuration: {why}");
         self.config_status().0 = Some(why);
         self.0.broker.metrics.config_reload(false);
