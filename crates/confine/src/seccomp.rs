@@ -48,7 +48,8 @@ pub(crate) fn install(level: Level, runtime: Runtime) -> Result<Enforcement, Con
     if level == Level::Maximum {
         return Ok(Enforcement::Full(format!(
             "{runtime} allow-list: {} syscalls, everything else traps with SIGSYS; threads \
-             but no processes; clone3 answers ENOSYS; sockets other than AF_UNIX refused",
+             but no processes; clone3 answers ENOSYS; sockets other than AF_UNIX refused; \
+             no other process's limits (EPERM)",
             allowed_syscalls(source).len()
         )));
     }
@@ -56,7 +57,8 @@ pub(crate) fn install(level: Level, runtime: Runtime) -> Result<Enforcement, Con
     Ok(Enforcement::Full(format!(
         "{level} deny-list: {denied} syscalls trap with SIGSYS; clone3 answers ENOSYS; \
          no new sockets (socket answers EAFNOSUPPORT: no network, no host unix socket), \
-         stream socketpairs only; no inotify or fanotify (EPERM){}",
+         stream socketpairs only; no inotify or fanotify (EPERM); no renicing, \
+         rescheduling, pinning or limiting another process (EPERM){}",
         if level >= Level::High {
             "; no exec"
         } else {

@@ -52,6 +52,12 @@ const ATTACKS: &[&str] = &[
     "host_flood",
     "reset_pdeathsig",
     "x32_prctl",
+    "renice_pid",
+    "renice_user",
+    "prlimit_pid",
+    "affinity_pid",
+    "sched_pid",
+    "ioprio_pid",
     "ok",
 ];
 
@@ -120,6 +126,28 @@ impl Hostile {
             }
             "kill_parent" => outcome(sys::kill(sys::parent(), libc::SIGTERM)),
             "kill_pid" => outcome(sys::kill(arg.parse().expect("pid"), libc::SIGKILL)),
+            // Same-uid calls on another process that no LSM hook of Landlock's sees:
+            // each would starve, slow or kill a neighbour running as the same user.
+            "renice_pid" => outcome(sys::int_call(
+                libc::SYS_setpriority,
+                &[libc::PRIO_PROCESS as i64, arg.parse().expect("pid"), 19],
+            )),
+            "renice_user" => {
+                // SAFETY: getuid has no preconditions.
+                let uid = unsafe { libc::getuid() };
+                outcome(sys::int_call(
+                    libc::SYS_setpriority,
+                    &[libc::PRIO_USER as i64, i64::from(uid), 19],
+                ))
+            }
+            "prlimit_pid" => outcome(sys::prlimit_cpu(arg.parse().expect("pid"))),
+            "affinity_pid" => outcome(sys::affinity(arg.parse().expect("pid"))),
+            "sched_pid" => outcome(sys::sched_idle(arg.parse().expect("pid"))),
+            "ioprio_pid" => outcome(sys::int_call(
+                libc::SYS_ioprio_set,
+                // IOPRIO_WHO_PROCESS, the idle class (3 << 13).
+                &[1, arg.parse().expect("pid"), 3 << 13],
+            )),
             "ptrace" => outcome(sys::ptrace_attach(sys::parent())),
             "mount" => outcome(sys::mount_tmpfs("/tmp")),
             "unshare" => outcome(sys::unshare_user()),
@@ -330,6 +358,59 @@ impl Hostile {
 mod sys {
     use std::ffi::CString;
     use std::io;
+
+    /// A syscall with up to three integer arguments.
+    pub fn int_call(nr: libc::c_long, args: &[i64]) -> io::Result<()> {
+        let a = |i: usize| args.get(i).copied().unwrap_or(0);
+        // SAFETY: every argument is a plain integer; none is a pointer.
+        check(unsafe { libc::syscall(nr, a(0), a(1), a(2)) })
+    }
+
+    /// RLIMIT_CPU of `pid` to zero seconds (SIGKILL at its next tick).
+    pub fn prlimit_cpu(pid: i32) -> io::Result<()> {
+        let zero = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `zero` outlives the call; the old-limit pointer is null.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                pid,
+                libc::RLIMIT_CPU,
+                &zero as *const libc::rlimit,
+                std::ptr::null_mut::<libc::rlimit>(),
+            )
+        })
+    }
+
+    /// Pin `pid` to CPU 0.
+    pub fn affinity(pid: i32) -> io::Result<()> {
+        let mask: u64 = 1;
+        // SAFETY: `mask` is 8 readable bytes for the length given.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_sched_setaffinity,
+                pid,
+                std::mem::size_of::<u64>(),
+                &mask as *const u64,
+            )
+        })
+    }
+
+    /// Move `pid` to SCHED_IDLE.
+    pub fn sched_idle(pid: i32) -> io::Result<()> {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` outlives the call.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_sched_setscheduler,
+                pid,
+                libc::SCHED_IDLE,
+                &param as *const libc::sched_param,
+            )
+        })
+    }
 
     fn check(ret: libc::c_long) -> io::Result<()> {
         if ret < 0 {

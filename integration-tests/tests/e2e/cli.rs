@@ -283,7 +283,8 @@ fn serve_call_list_stop() {
         status.contains("  seccomp     enforced (standard deny-list")
             && status.contains(
                 "no new sockets (socket answers EAFNOSUPPORT: no network, no host unix \
-                 socket), stream socketpairs only; no inotify or fanotify (EPERM))"
+                 socket), stream socketpairs only; no inotify or fanotify (EPERM); no renicing, \
+                 rescheduling, pinning or limiting another process (EPERM))"
             ),
         "{status}"
     );

@@ -322,6 +322,19 @@ async fn common_attacks(a: &Arena) {
     a.expect("kill_parent", "", "EPERM").await;
     a.expect("kill_pid", &neighbour_pid.to_string(), "EPERM")
         .await;
+    // Nor anything else a process may do to another of its own user: renice it (or
+    // every process of the user), take its CPU limit to zero, pin it, idle it.
+    for attack in [
+        "renice_pid",
+        "prlimit_pid",
+        "affinity_pid",
+        "sched_pid",
+        "ioprio_pid",
+    ] {
+        a.expect(attack, &neighbour_pid.to_string(), "EPERM").await;
+    }
+    a.expect("renice_user", "", "EPERM").await;
+    assert_untouched_by_neighbour(neighbour_pid);
 
     // Dangerous syscalls: the worker dies by SIGSYS and the call names the syscall.
     a.expect_seccomp("ptrace", "ptrace").await;
@@ -384,6 +397,33 @@ async fn common_attacks(a: &Arena) {
         attacker.last_error.as_deref(),
         Some("worker crashed: OOM-killed at its memory limit of 384 MiB")
     );
+}
+
+/// The neighbour's scheduling and limits, from outside: what the attacks above tried
+/// to change.
+fn assert_untouched_by_neighbour(pid: u32) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name: state is field 3, nice field 19, policy field 41.
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    assert_eq!(fields[19 - 3], "0", "nice of {pid}");
+    assert_eq!(fields[41 - 3], "0", "SCHED_OTHER for {pid}");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let cpu = limits.lines().find(|l| l.starts_with("Max cpu time")).unwrap();
+    assert!(cpu.contains("unlimited"), "{cpu}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ours = ours
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    assert_eq!(allowed, ours, "CPUs of {pid}");
 }
 
 /// The engine memory limit of a plugin whose manifest names none.
@@ -565,12 +605,26 @@ async fn maximum_level_shows_a_minimal_read_only_world() {
     ] {
         a.expect_seccomp(attack, syscall).await;
     }
-    assert_eq!(
-        a.attack("kill_pid", &neighbour_pid.to_string()).await,
-        Err(CallError::WorkerCrashed(ExitReason::Seccomp {
-            syscall: "kill".into()
-        }))
-    );
+    for (attack, syscall) in [
+        ("kill_pid", "kill"),
+        ("renice_pid", "setpriority"),
+        ("renice_user", "setpriority"),
+        ("affinity_pid", "sched_setaffinity"),
+        ("sched_pid", "sched_setscheduler"),
+        ("ioprio_pid", "ioprio_set"),
+    ] {
+        assert_eq!(
+            a.attack(attack, &neighbour_pid.to_string()).await,
+            Err(CallError::WorkerCrashed(ExitReason::Seccomp {
+                syscall: syscall.into()
+            })),
+            "{attack}"
+        );
+    }
+    // prlimit64 is on the list (for its own limits), another pid's are refused.
+    a.expect("prlimit_pid", &neighbour_pid.to_string(), "EPERM")
+        .await;
+    assert_untouched_by_neighbour(neighbour_pid);
     a.expect("clone3", "", "ENOSYS").await;
     // Threads are allowed, up to the level's pids limit.
     let policy = a.sup.explain("attacker").unwrap();
