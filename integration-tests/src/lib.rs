@@ -223,6 +223,36 @@ pub fn py_plugin(id: &str, limits: &str) -> tempfile::TempDir {
     fixture_plugin("py-kit", id, "python", "plugin.py", limits)
 }
 
+/// A native plugin: the C sources of `fixtures/<name>` compiled by the system's C
+/// compiler (`$CC`, else `cc`) against `sdk/c/corral.h` alone into `plugin.so`,
+/// with `plugin.toml` for `id` and the given `[limits]` lines.
+pub fn native_plugin(name: &str, id: &str, limits: &str) -> tempfile::TempDir {
+    let dir = open_tempdir();
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(fixture(name))
+        .expect("the fixture's sources")
+        .map(|e| e.expect("a fixture entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "c"))
+        .collect();
+    sources.sort();
+    let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
+    let out = Command::new(&cc)
+        .args(["-shared", "-fPIC", "-O1", "-std=gnu11", "-Wall", "-Werror"])
+        .arg("-I")
+        .arg(repo_root().join("sdk/c"))
+        .args(&sources)
+        .arg("-o")
+        .arg(dir.path().join("plugin.so"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler {cc:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cc:?} failed on {sources:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    write_manifest(dir.path(), id, "native", "plugin.so", limits);
+    dir
+}
+
 /// A copy of the fixture directory `name` with `plugin.toml` for `id`, `runtime`,
 /// `entry` and the given `[limits]` lines, readable by the workers' user.
 pub fn fixture_plugin(

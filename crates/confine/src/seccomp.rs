@@ -11,6 +11,7 @@ const HIGH: &str = include_str!("../seccomp/high.json");
 const MAXIMUM_WASM: &str = include_str!("../seccomp/maximum-wasm.json");
 const MAXIMUM_JS: &str = include_str!("../seccomp/maximum-js.json");
 const MAXIMUM_PYTHON: &str = include_str!("../seccomp/maximum-python.json");
+const MAXIMUM_NATIVE: &str = include_str!("../seccomp/maximum-native.json");
 
 /// The filter file for `level` and `runtime`: deny-lists at standard and high (the
 /// same for every engine); at maximum, the engine's own allow-list.
@@ -21,6 +22,7 @@ pub fn filter_source(level: Level, runtime: Runtime) -> &'static str {
         (Level::Maximum, Runtime::Wasm) => MAXIMUM_WASM,
         (Level::Maximum, Runtime::Js) => MAXIMUM_JS,
         (Level::Maximum, Runtime::Python) => MAXIMUM_PYTHON,
+        (Level::Maximum, Runtime::Native) => MAXIMUM_NATIVE,
     }
 }
 
@@ -229,6 +231,7 @@ mod tests {
             (Level::Maximum, Runtime::Wasm),
             (Level::Maximum, Runtime::Js),
             (Level::Maximum, Runtime::Python),
+            (Level::Maximum, Runtime::Native),
         ] {
             let source = filter_source(level, runtime);
             seccompiler::compile_from_json(source.as_bytes(), ARCH)
@@ -262,7 +265,7 @@ mod tests {
 
     #[test]
     fn the_allow_lists_leave_out_every_dangerous_syscall() {
-        for source in [MAXIMUM_WASM, MAXIMUM_JS] {
+        for source in [MAXIMUM_WASM, MAXIMUM_JS, MAXIMUM_NATIVE] {
             allow_list_is_safe(source);
         }
     }

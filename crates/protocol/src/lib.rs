@@ -47,7 +47,7 @@ pub use frame::FrameError;
 pub use messages::*;
 
 /// Version of the messages in this crate. Bumped on any change to their encoding.
-pub const PROTOCOL_VERSION: u16 = 10;
+pub const PROTOCOL_VERSION: u16 = 11;
 
 /// Magic bytes that open every handshake frame.
 pub const MAGIC: [u8; 4] = *b"CRRL";

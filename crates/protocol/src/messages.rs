@@ -26,18 +26,26 @@ pub struct Hello {
 
 /// The runtime a plugin is written for, and so the engine its worker embeds: the
 /// one name for that concept in manifests, policy files, the handshake, seccomp
-/// allow-lists and status. Spelled in files as `wasm`, `js` or `python`.
+/// allow-lists and status. Spelled in files as `wasm`, `js`, `python` or `native`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Runtime {
     Wasm,
     Js,
     Python,
+    /// A shared library of machine code, loaded into a confined worker: no engine
+    /// sandbox, so the operating system's confinement is the whole wall.
+    Native,
 }
 
 impl Runtime {
     /// Every runtime, in the order files list them.
-    pub const ALL: [Runtime; 3] = [Runtime::Wasm, Runtime::Js, Runtime::Python];
+    pub const ALL: [Runtime; 4] = [
+        Runtime::Wasm,
+        Runtime::Js,
+        Runtime::Python,
+        Runtime::Native,
+    ];
 
     /// The name used in manifests and policy files.
     pub fn as_str(self) -> &'static str {
@@ -45,6 +53,7 @@ impl Runtime {
             Runtime::Wasm => "wasm",
             Runtime::Js => "js",
             Runtime::Python => "python",
+            Runtime::Native => "native",
         }
     }
 

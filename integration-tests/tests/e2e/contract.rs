@@ -1,6 +1,7 @@
 //! The plugin contract, the same in every runtime: one suite run against the same
-//! kit written three times (`fixtures/testkit.wat`, `fixtures/js-kit`,
-//! `fixtures/py-kit`), which share these function names:
+//! kit written four times (`fixtures/testkit.wat`, `fixtures/js-kit`,
+//! `fixtures/py-kit`, and in C, `fixtures/native-kit`), which share these function
+//! names:
 //!
 //! | function | does |
 //! |---|---|
@@ -8,22 +9,33 @@
 //! | `echo` | answers its input |
 //! | `count` | counts calls on this instance (Wasm: 4 bytes LE; else decimal) |
 //! | `fail` | the plugin's own error, "boom requested" |
-//! | `trap` | an engine fault (Wasm `unreachable`, JS `TypeError`, Python `RecursionError`) |
+//! | `trap` | an engine fault (Wasm `unreachable`, JS `TypeError`, Python `RecursionError`; native: an illegal instruction) |
 //! | `spin` | loops forever |
 //! | `grow` | allocates until refused |
 //! | `big` | answers more than 64 KiB |
 //! | `log` | logs "testkit says hi" |
+//!
+//! Where native code differs it is because nothing can stop machine code from the
+//! inside: a fault ends its worker (the supervisor starts a fresh one) and a loop
+//! runs until the supervisor kills the worker at its deadline plus the grace; the
+//! caller sees the same error kinds.
 
 use corral::Supervisor;
 use corral_integration_tests::{
-    js_plugin, open_tempdir, options, py_plugin, test_policy, wat_plugin,
+    js_plugin, native_plugin, open_tempdir, options, py_plugin, test_policy, wat_plugin,
 };
-use corral_protocol::CallError;
+use corral_protocol::{CallError, ExitReason};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
-const RUNTIMES: [&str; 3] = ["wasm", "js", "python"];
+const RUNTIMES: [&str; 4] = ["wasm", "js", "python", "native"];
+
+/// Whether the runtime's engine stops a plugin itself (at a fault or a deadline),
+/// keeping its worker: every one but native code.
+fn engine_stops_it(rt: &str) -> bool {
+    rt != "native"
+}
 
 struct Kit {
     runtime: &'static str,
@@ -37,6 +49,7 @@ fn kit(runtime: &'static str, limits: &str) -> Kit {
         "wasm" => wat_plugin("kit", "testkit.wat", limits),
         "js" => js_plugin("kit", limits),
         "python" => py_plugin("kit", limits),
+        "native" => native_plugin("native-kit", "kit", limits),
         other => panic!("no kit for {other}"),
     };
     let cache = open_tempdir();
@@ -135,6 +148,21 @@ async fn a_trap_is_typed_and_the_next_call_gets_a_fresh_instance() {
         assert_eq!(k.count().await, 1, "{rt}");
         assert_eq!(k.count().await, 2, "{rt}");
         let pid = k.pid().await;
+        if !engine_stops_it(rt) {
+            assert_eq!(
+                k.call("trap", b"").await,
+                Err(CallError::WorkerCrashed(ExitReason::Signal {
+                    signo: libc::SIGILL,
+                    name: "SIGILL".into()
+                })),
+                "{rt}"
+            );
+            assert_eq!(k.count().await, 1, "{rt}: a fresh worker counts again");
+            assert_ne!(k.pid().await, pid, "{rt}: in a fresh process");
+            assert_eq!(k.restarts().await, 1, "{rt}");
+            k.stop().await;
+            continue;
+        }
         match k.call("trap", b"").await {
             Err(CallError::Trap { message }) => {
                 let expected = match rt {
@@ -171,9 +199,18 @@ async fn a_loop_stops_at_the_deadline_inside_the_engine() {
             "{rt}"
         );
         let took = t.elapsed();
+        let backstop = Duration::from_millis(300) + corral::Options::new().kill_grace;
+        if !engine_stops_it(rt) {
+            // Killed at the deadline plus the grace; a fresh worker answers next.
+            assert!(took >= backstop, "{rt}: {took:?}");
+            assert!(crate::support::wait_gone(pid).await, "{rt}: {pid} still runs");
+            assert_eq!(k.call("ok", b"").await.unwrap(), b"ok", "{rt}");
+            assert_ne!(k.pid().await, pid, "{rt}");
+            k.stop().await;
+            continue;
+        }
         // The engine stops it itself, before the supervisor's kill backstop (the
         // deadline plus the kill grace); the same worker answers next.
-        let backstop = Duration::from_millis(300) + corral::Options::new().kill_grace;
         assert!(
             took >= Duration::from_millis(300) && took < backstop,
             "{rt}: {took:?}"
@@ -262,9 +299,16 @@ async fn a_call_waiting_behind_a_long_one_times_out_in_the_queue_and_no_worker_i
             "{rt}: the queued call waited {waited:?}"
         );
         let (r, took) = long.await.unwrap();
-        // The engine stopped the spin at its own deadline, counted from dispatch.
+        // The engine stopped the spin at its own deadline, counted from dispatch
+        // (native code: the supervisor, at that deadline plus the grace).
         assert_eq!(r, Err(CallError::Timeout { deadline_ms: 1500 }), "{rt}");
         assert!(took >= Duration::from_millis(1500), "{rt}: {took:?}");
+        if !engine_stops_it(rt) {
+            assert_eq!(k.call("ok", b"").await.unwrap(), b"ok", "{rt}");
+            assert_ne!(k.pid().await, pid, "{rt}: the spinning worker was killed");
+            k.stop().await;
+            continue;
+        }
         let info = &k.sup.list().await[0];
         assert_eq!(info.pid, Some(pid), "{rt}: the worker was not replaced");
         assert_eq!(info.restarts, 0, "{rt}");
@@ -282,7 +326,9 @@ async fn a_call_waiting_behind_a_long_one_times_out_in_the_queue_and_no_worker_i
 
 #[tokio::test]
 async fn instances_run_calls_in_parallel_and_one_killed_leaves_the_other_serving() {
-    for rt in RUNTIMES {
+    // Native code has no engine to end a spin at its deadline (it is killed, as
+    // above); instances themselves are the supervisor's and the same for it.
+    for rt in RUNTIMES.into_iter().filter(|rt| engine_stops_it(rt)) {
         let k = kit(rt, "instances = 2");
         assert_eq!(k.call("ok", b"").await.unwrap(), b"ok", "{rt}");
         // Two calls that each run until their 400 ms deadline: in parallel on two

@@ -94,7 +94,8 @@ pub enum VendorError {
     #[error(transparent)]
     Manifest(#[from] corral_manifest::ManifestError),
     #[error(
-        "a {0} plugin has no dependencies to vendor (a Wasm module links its own at build time)"
+        "a {0} plugin has no dependencies to vendor (a Wasm module or a native library links \
+         its own at build time)"
     )]
     Nothing(Runtime),
     #[error("cannot read {}: {why}", file.display())]
@@ -165,7 +166,7 @@ pub fn vendor(dir: &Path, opts: &VendorOptions) -> Result<Vendored, VendorError>
     match manifest.runtime {
         Runtime::Python => vendor_python(dir, opts),
         Runtime::Js => vendor_js(dir, opts),
-        Runtime::Wasm => Err(VendorError::Nothing(Runtime::Wasm)),
+        runtime @ (Runtime::Wasm | Runtime::Native) => Err(VendorError::Nothing(runtime)),
     }
 }
 

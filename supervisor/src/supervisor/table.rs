@@ -218,13 +218,15 @@ impl Inner {
     }
 
     /// What the compiled extensions in a version's `files` need of the system, as
-    /// the Python worker's loader resolves it. Only Python loads native code.
+    /// the worker's loader resolves it: a Python plugin's extensions, or a native
+    /// plugin's library and what it links (Wasm and JavaScript load no native code).
     fn native_libraries(
         &self,
         manifest: &Manifest,
         files: &Path,
     ) -> Result<Vec<Library>, NativeError> {
-        if manifest.runtime != corral_protocol::Runtime::Python {
+        use corral_protocol::Runtime;
+        if !matches!(manifest.runtime, Runtime::Python | Runtime::Native) {
             return Ok(Vec::new());
         }
         let worker = self
