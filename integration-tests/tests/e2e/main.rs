@@ -16,6 +16,7 @@ mod hooks;
 mod hostile;
 mod js;
 mod lifecycle;
+mod native;
 mod modules;
 mod operators;
 mod packages;

@@ -1,12 +1,15 @@
 //! The brokered host services (store, fetch, config and secrets, publish/subscribe,
-//! plugin calls, health checks, the audit log), each in all three runtimes through
-//! the service kits (`fixtures/svc-kit.wat`, `js-svc`, `py-svc`), with every denial
+//! plugin calls, health checks, the audit log), each in all four runtimes through
+//! the service kits (`fixtures/svc-kit.wat`, `js-svc`, `py-svc`, and the C
+//! `native-kit`), with every denial
 //! path and its audit line. Grants: `fixtures/policy/test.toml` gives plugins named
 //! `svc-*` a 64 KiB store, GET/POST under `http://127.0.0.1:*/allowed/`, the `news`
 //! topics and calls to each other's `host`; other plugins get nothing.
 
 use corral::{AuditSink, Options, PluginConfig, Supervisor};
-use corral_integration_tests::{fixture_plugin, open_tempdir, options, wat_plugin};
+use corral_integration_tests::{
+    fixture_plugin, native_plugin, open_tempdir, options, wat_plugin,
+};
 use corral_protocol::{CallError, Secret};
 use corral_worker::services::{decode_list, encode_list};
 use std::io::{Read, Write};
@@ -15,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
-pub const RUNTIMES: [&str; 3] = ["wasm", "js", "python"];
+pub const RUNTIMES: [&str; 4] = ["wasm", "js", "python", "native"];
 
 /// A service kit plugin `id` in `runtime`, subscribed to `subscribe`.
 pub fn kit(runtime: &str, id: &str, subscribe: &[&str]) -> TempDir {
@@ -23,6 +26,7 @@ pub fn kit(runtime: &str, id: &str, subscribe: &[&str]) -> TempDir {
         "wasm" => wat_plugin(id, "svc-kit.wat", ""),
         "js" => fixture_plugin("js-svc", id, "js", "main.js", ""),
         "python" => fixture_plugin("py-svc", id, "python", "plugin.py", ""),
+        "native" => native_plugin("native-kit", id, ""),
         other => panic!("no kit for {other}"),
     };
     let subs: Vec<String> = subscribe.iter().map(|s| format!("{s:?}")).collect();
@@ -983,7 +987,7 @@ const TOKEN: &str = "tok-5e6b2d91";
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
         let mut config = String::from(
-            "plugins = [\"wasm\", \"js\", \"python\"]\nsocket = \"run/control.sock\"\n\
+            "plugins = [\"wasm\", \"js\", \"python\", \"native\"]\nsocket = \"run/control.sock\"\n\
              cache_dir = \"cache\"\nstate_dir = \"state\"\naudit = \"audit.jsonl\"\n",
         );
         config.push_str(&format!(
