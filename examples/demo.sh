@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Corral's main job on built-in defaults: build the supervisor, the workers and the
-# example plugins (Wasm, JavaScript, Python), then run the examples' functions one-shot
+# example plugins (Wasm, JavaScript, Python, native), then run the examples' functions one-shot
 # and through a daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 cargo build --release --quiet -p corral -p corral-worker-wasm -p corral-worker-js \
-    -p corral-worker-python --bins
-# The example is its own workspace with its own target directory.
+    -p corral-worker-python -p corral-worker-native --bins
+# The examples are their own workspaces with their own target directories.
 env -u CARGO_TARGET_DIR cargo build --release --quiet --target wasm32-wasip1 \
     --manifest-path examples/hello-wasm/Cargo.toml
+env -u CARGO_TARGET_DIR cargo build --release --quiet \
+    --manifest-path examples/hello-native/Cargo.toml
 corral=${CARGO_TARGET_DIR:-target}/release/corral
 
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
@@ -27,13 +29,18 @@ entry=target/wasm32-wasip1/release/hello_wasm.wasm
 mkdir -p "$plugin/$(dirname "$entry")"
 cp examples/hello-wasm/plugin.toml "$plugin/"
 cp "examples/hello-wasm/$entry" "$plugin/$entry"
+native=$run/hello-native
+native_entry=target/release/libhello_native.so
+mkdir -p "$native/$(dirname "$native_entry")"
+cp examples/hello-native/plugin.toml "$native/"
+cp "examples/hello-native/$native_entry" "$native/$native_entry"
 cp -r examples/hello-js examples/hello-python "$run/"
 rm -rf "$run"/hello-python/__pycache__
 chmod -R a+rX "$run"
 js=$run/hello-js
 py=$run/hello-python
 # The daemon's configuration: examples/corral.toml with the installed plugins.
-sed -e "s|^plugins = .*|plugins = [\"$plugin\", \"$js\", \"$py\"]|" \
+sed -e "s|^plugins = .*|plugins = [\"$plugin\", \"$js\", \"$py\", \"$native\"]|" \
     -e "s|^policy = .*|policy = \"$PWD/policies\"|" \
     examples/corral.toml >"$run/corral.toml"
 # Keep the plugins' stores and the audit log with the demo.
@@ -47,8 +54,10 @@ say corral run "$plugin" wc --input "one two three" --json
 $corral run "$plugin" wc --input "one two three" --json
 say corral run "$js" greet --input Ada   "# the same job in JavaScript..."
 $corral run "$js" greet --input Ada
-say corral run "$py" greet --input Ada   "# ...and in Python"
+say corral run "$py" greet --input Ada   "# ...in Python"
 $corral run "$py" greet --input Ada
+say corral run "$native" greet --input Ada   "# ...and as machine code, confined by the OS alone"
+$corral run "$native" greet --input Ada
 say corral run "$js" render --input "# Corral *renders* markdown"   "# marked, vendored from npm"
 $corral run "$js" render --input "# Corral *renders* markdown"
 say corral run "$py" top --input "the cat and the dog and the bird"   "# the Python standard library"
@@ -86,7 +95,7 @@ say corral call hello-js fetch --input "$url"   "# the supervisor fetches for th
 $corral call hello-js fetch --input "$url" --socket "$socket"
 say corral call hello-python fetch --input http://example.com/   "# outside the grant: denied"
 $corral call hello-python fetch --input http://example.com/ --socket "$socket" || echo "(exit code $?)"
-say corral call hello-python announce --input "tea at five"   "# a topic all three subscribe to"
+say corral call hello-python announce --input "tea at five"   "# a topic all four subscribe to"
 $corral call hello-python announce --input "tea at five" --socket "$socket"
 for _ in $(seq 100); do
     [ "$($corral call hello-wasm news --socket "$socket")" = "tea at five" ] && break

@@ -3,7 +3,8 @@
 //!
 //! Tests go through real worker processes. [`built`] runs `cargo build` for the
 //! `corral` and worker binaries (in the same profile as the test) and for the
-//! example Wasm plugin (`wasm32-wasip1`, installed with rustup if missing), once per
+//! example Wasm plugin (`wasm32-wasip1`, installed with rustup if missing) and the
+//! example native plugin, once per
 //! test process; cargo makes that a no-op when nothing changed, and it guarantees a
 //! test never runs against a stale worker binary.
 
@@ -19,6 +20,8 @@ pub struct Built {
     /// The example Wasm plugin (its module built), staged where the workers' user can
     /// read it (see `stage_plugin`).
     pub hello_wasm: PathBuf,
+    /// The example native plugin (its library built), staged likewise.
+    pub hello_native: PathBuf,
 }
 
 impl Built {
@@ -111,6 +114,14 @@ pub fn built() -> &'static Built {
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS");
         run(cmd, "build the example Wasm plugin");
+        let native = repo_root().join("examples/hello-native");
+        let mut cmd = cargo();
+        cmd.args(["build", "--quiet", "--release", "--manifest-path"])
+            .arg(native.join("Cargo.toml"))
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS");
+        run(cmd, "build the example native plugin");
 
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
@@ -118,12 +129,15 @@ pub fn built() -> &'static Built {
         Built {
             bin_dir: target.join(if release { "release" } else { "debug" }),
             hello_wasm: stage_plugin(&example, HELLO_WASM_ENTRY),
+            hello_native: stage_plugin(&native, HELLO_NATIVE_ENTRY),
         }
     })
 }
 
 /// The example's entry, relative to its directory.
 const HELLO_WASM_ENTRY: &str = "target/wasm32-wasip1/release/hello_wasm.wasm";
+/// The native example's entry, relative to its directory.
+const HELLO_NATIVE_ENTRY: &str = "target/release/libhello_native.so";
 
 /// A copy of plugin `dir` (its `plugin.toml` and `entry`) where the workers'
 /// unprivileged user can read it, whatever the permissions of the checkout's parent

@@ -1,5 +1,6 @@
 //! The example Corral plugin for WebAssembly: ordinary Rust functions over bytes,
-//! exported with `corral_guest::plugin!`.
+//! exported with `corral_guest::plugin!`. Built for the machine instead of
+//! `wasm32-wasip1`, the same source is the native example (`examples/hello-native`).
 
 use std::str;
 

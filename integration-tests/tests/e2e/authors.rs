@@ -17,21 +17,27 @@ fn corral_test(dir: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
-/// The examples' cases pass in all three runtimes under the shipped policy, each
+/// The examples' cases pass in all four runtimes under the shipped policy, each
 /// file with its own store seeded from the file.
 #[test]
 fn the_examples_pass_their_own_cases_in_every_runtime() {
-    // The Wasm example as built for the tests, with the example's cases.
-    let wasm = plugin_copy(&built().hello_wasm, "hello-wasm");
-    let cases = repo_root().join("examples/hello-wasm/tests");
-    std::fs::create_dir(wasm.path().join("tests")).unwrap();
-    for f in ["basics.toml", "store.toml"] {
-        std::fs::copy(cases.join(f), wasm.path().join("tests").join(f)).unwrap();
-    }
+    // The Wasm and native examples as built for the tests, with their cases.
+    let compiled = |staged: &Path, id: &str| {
+        let copy = plugin_copy(staged, id);
+        let cases = repo_root().join("examples").join(id).join("tests");
+        std::fs::create_dir(copy.path().join("tests")).unwrap();
+        for f in ["basics.toml", "store.toml"] {
+            std::fs::copy(cases.join(f), copy.path().join("tests").join(f)).unwrap();
+        }
+        copy
+    };
+    let wasm = compiled(&built().hello_wasm, "hello-wasm");
+    let native = compiled(&built().hello_native, "hello-native");
     let examples = [
         wasm.path().to_owned(),
         repo_root().join("examples/hello-js"),
         repo_root().join("examples/hello-python"),
+        native.path().to_owned(),
     ];
     for dir in &examples {
         let out = corral_test(dir, &[]);
@@ -167,8 +173,7 @@ fn failures_and_what_authors_get_wrong_are_named() {
 
 /// `corral new` writes a plugin in each runtime that builds with the command its
 /// README gives and passes `corral test` at once (with its development policy);
-/// it refuses a directory that is not empty, an id that cannot be one, and the
-/// native runtime, which has no worker yet.
+/// it refuses a directory that is not empty and an id that cannot be one.
 #[test]
 fn corral_new_writes_plugins_that_pass_corral_test_in_every_runtime() {
     let place = corral_integration_tests::open_tempdir();
@@ -179,7 +184,7 @@ fn corral_new_writes_plugins_that_pass_corral_test_in_every_runtime() {
             .output()
             .unwrap()
     };
-    for runtime in ["js", "python", "wasm"] {
+    for runtime in ["js", "python", "wasm", "native"] {
         let dir = place.path().join(format!("my-{runtime}"));
         let d = dir.to_str().unwrap();
         let out = corral(&["new", d, "--runtime", runtime, "--json"]);
@@ -191,17 +196,28 @@ fn corral_new_writes_plugins_that_pass_corral_test_in_every_runtime() {
             readme.contains("corral test . --policy dev-policy.toml"),
             "{readme}"
         );
-        if runtime == "wasm" {
-            assert!(readme.contains("cargo build --release --target wasm32-wasip1"));
+        let rust = match runtime {
+            "wasm" => Some((
+                &["--target", "wasm32-wasip1"][..],
+                "target/wasm32-wasip1/release/my_wasm.wasm",
+            )),
+            "native" => Some((&[][..], "target/release/libmy_native.so")),
+            _ => None,
+        };
+        if let Some((target, built)) = rust {
+            let command = ["cargo build --release", &target.join(" ")].join(" ");
+            assert!(readme.contains(command.trim_end()), "{runtime}: {readme}");
             let out = Command::new("cargo")
-                .args(["build", "--release", "--target", "wasm32-wasip1", "--quiet"])
+                .args(["build", "--release", "--quiet"])
+                .args(target)
                 .current_dir(&dir)
                 .env_remove("CARGO_TARGET_DIR")
+                .env_remove("RUSTFLAGS")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS")
                 .output()
                 .unwrap();
             assert!(out.status.success(), "cargo build: {}", text(&out.stderr));
-            let module =
-                std::fs::read(dir.join("target/wasm32-wasip1/release/my_wasm.wasm")).unwrap();
+            let module = std::fs::read(dir.join(built)).unwrap();
             for export in [
                 "corral_init",
                 "corral_shutdown",
@@ -262,18 +278,6 @@ fn corral_new_writes_plugins_that_pass_corral_test_in_every_runtime() {
     assert_eq!(out.status.code(), Some(7));
     assert!(
         text(&out.stderr).contains("cannot be a plugin id"),
-        "{}",
-        text(&out.stderr)
-    );
-    let out = corral(&[
-        "new",
-        place.path().join("n").to_str().unwrap(),
-        "--runtime",
-        "native",
-    ]);
-    assert_eq!(out.status.code(), Some(7));
-    assert!(
-        text(&out.stderr).contains("native plugins are not supported"),
         "{}",
         text(&out.stderr)
     );

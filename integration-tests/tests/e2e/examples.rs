@@ -1,4 +1,5 @@
-//! The shipped examples, one per runtime, do the same job with the same answers;
+//! The shipped examples, one per runtime, do the same job with the same answers
+//! (the native one is the Wasm one's source compiled for the machine);
 //! the JavaScript one runs a library vendored from npm, unmodified.
 
 use corral::Supervisor;
@@ -6,9 +7,9 @@ use corral_integration_tests::{built, example_plugin, open_tempdir, options};
 use corral_protocol::CallError;
 use std::time::Duration;
 
-const IDS: [&str; 3] = ["hello-wasm", "hello-js", "hello-python"];
+const IDS: [&str; 4] = ["hello-wasm", "hello-js", "hello-python", "hello-native"];
 
-/// A supervisor with the three examples under the shipped policy (compiled in: the
+/// A supervisor with the four examples under the shipped policy (compiled in: the
 /// examples run at standard by its route, with its grant); keep the dirs alive.
 fn examples() -> (Supervisor, [tempfile::TempDir; 3]) {
     let js = example_plugin("hello-js");
@@ -20,11 +21,12 @@ fn examples() -> (Supervisor, [tempfile::TempDir; 3]) {
     sup.add_plugin_dir(&built().hello_wasm).unwrap();
     sup.add_plugin_dir(js.path()).unwrap();
     sup.add_plugin_dir(py.path()).unwrap();
+    sup.add_plugin_dir(&built().hello_native).unwrap();
     (sup, [js, py, cache])
 }
 
 #[tokio::test]
-async fn the_three_examples_give_the_same_answers() {
+async fn the_four_examples_give_the_same_answers() {
     let (sup, _dirs) = examples();
     let ids = IDS;
     let inputs: [(&str, &[u8]); 7] = [
@@ -44,6 +46,7 @@ async fn the_three_examples_give_the_same_answers() {
         assert!(answers[0].is_ok(), "{f}: {:?}", answers[0]);
         assert_eq!(answers[0], answers[1], "{f}: wasm vs js");
         assert_eq!(answers[0], answers[2], "{f}: wasm vs python");
+        assert_eq!(answers[0], answers[3], "{f}: wasm vs native");
     }
     assert_eq!(
         sup.call("hello-python", "greet", b"Ada".to_vec(), None)
@@ -136,13 +139,13 @@ async fn the_examples_use_the_store_fetch_and_a_topic() {
             .to_string();
         assert!(err.contains("denied by policy: default deny: no [[grant]] fetch rule allows GET http://localhost"), "{id}: {err}");
     }
-    // One announcement reaches all three subscribers.
+    // One announcement reaches all four subscribers.
     assert_eq!(
         text(
             sup.call("hello-js", "announce", b"tea at five".to_vec(), None)
                 .await
         ),
-        "queued for 3 subscribers"
+        "queued for 4 subscribers"
     );
     for id in ids {
         let until = std::time::Instant::now() + Duration::from_secs(20);

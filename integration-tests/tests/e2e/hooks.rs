@@ -4,12 +4,13 @@
 //! its grace (the plugin's `timeout`) and its worker killed.
 
 use crate::operators::Daemon;
-use corral_integration_tests::{fixture_plugin, wat_plugin};
+use corral_integration_tests::{fixture_plugin, native_plugin, wat_plugin};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The hook kits (`fixtures/js-hooks`, `py-hooks`, `hooks.wat` or, with `spin`,
-/// `hooks-spin.wat`), as `hooks-js`, `hooks-py`, `hooks-wasm`; each with a 1 s
+/// `hooks-spin.wat`, and the C `native-hooks`), as `hooks-js`, `hooks-py`,
+/// `hooks-wasm`, `hooks-native`; each with a 1 s
 /// `timeout`, which is also its shutdown hook's grace. The entry file of each.
 fn kits(spin: bool) -> Vec<(&'static str, tempfile::TempDir, &'static str)> {
     let limits = "timeout = \"1s\"";
@@ -26,10 +27,15 @@ fn kits(spin: bool) -> Vec<(&'static str, tempfile::TempDir, &'static str)> {
             "plugin.py",
         ),
         ("hooks-wasm", wat_plugin("hooks-wasm", wat, limits), wat),
+        (
+            "hooks-native",
+            native_plugin("native-hooks", "hooks-native", limits),
+            "plugin.so",
+        ),
     ]
 }
 
-/// A daemon of the three kits, logging JSON at info, with `extra` settings.
+/// A daemon of the four kits, logging JSON at info, with `extra` settings.
 fn daemon(
     kits: Vec<(&'static str, tempfile::TempDir, &'static str)>,
     extra: &str,
@@ -66,11 +72,13 @@ fn wait_for(what: &str, d: &Daemon, timeout: Duration, done: impl Fn(&str) -> bo
     }
 }
 
+const KITS: [&str; 4] = ["hooks-js", "hooks-py", "hooks-wasm", "hooks-native"];
 const INIT: &str = "hooks: init ran";
 const QUICK: &str = "hooks: shutdown ran (quick)";
 const SPIN: &str = "hooks: shutdown ran (spin)";
 
-/// Append a comment to a plugin's entry: a new version, hot-reloaded.
+/// Append a comment to a plugin's entry (to a library: bytes): a new version,
+/// hot-reloaded.
 fn touch(entry: &Path) {
     let comment = if entry.extension().is_some_and(|e| e == "wat") {
         "\n;; edited\n"
@@ -79,9 +87,10 @@ fn touch(entry: &Path) {
     } else {
         "\n// edited\n"
     };
-    let mut text = std::fs::read_to_string(entry).unwrap();
-    text.push_str(comment);
-    std::fs::write(entry, text).unwrap();
+    // (Bytes after a shared library's last section are ignored by the loader.)
+    let mut bytes = std::fs::read(entry).unwrap();
+    bytes.extend_from_slice(comment.as_bytes());
+    std::fs::write(entry, bytes).unwrap();
 }
 
 /// A call to each kit (starting its worker), then an edit of each: a new
@@ -103,7 +112,7 @@ fn serve_then_edit(d: &Daemon, entries: &[(&str, std::path::PathBuf)]) -> Vec<u6
 #[test]
 fn shutdown_hooks_run_at_stop_in_every_runtime() {
     let (mut d, _) = daemon(kits(false), "");
-    for id in ["hooks-js", "hooks-py", "hooks-wasm"] {
+    for id in KITS {
         assert_eq!(d.call(id, "ok"), "ok");
         assert_eq!(said(&d.log(), id, INIT), 1, "{id}");
         assert_eq!(said(&d.log(), id, QUICK), 0, "{id}");
@@ -113,7 +122,7 @@ fn shutdown_hooks_run_at_stop_in_every_runtime() {
     let status = d.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let log = d.log();
-    for id in ["hooks-js", "hooks-py", "hooks-wasm"] {
+    for id in KITS {
         assert_eq!(said(&log, id, QUICK), 1, "{id}:\n{log}");
     }
 }
@@ -141,10 +150,10 @@ fn shutdown_hooks_run_when_a_hot_reload_retires_the_old_worker_in_every_runtime(
 #[test]
 fn shutdown_hooks_run_when_an_idle_worker_is_stopped_in_every_runtime() {
     let (d, _) = daemon(kits(false), "idle_timeout = \"1s\"\n");
-    for id in ["hooks-js", "hooks-py", "hooks-wasm"] {
+    for id in KITS {
         assert_eq!(d.call(id, "ok"), "ok");
     }
-    for id in ["hooks-js", "hooks-py", "hooks-wasm"] {
+    for id in KITS {
         wait_for(
             &format!("{id}: stopped idle"),
             &d,
@@ -152,7 +161,7 @@ fn shutdown_hooks_run_when_an_idle_worker_is_stopped_in_every_runtime() {
             |log| said(log, id, QUICK) == 1,
         );
     }
-    for id in ["hooks-js", "hooks-py", "hooks-wasm"] {
+    for id in KITS {
         assert_eq!(d.pid_of(id), None, "{id} has no worker");
         assert_eq!(d.call(id, "ok"), "ok", "{id}: the next call starts one");
         assert_eq!(said(&d.log(), id, INIT), 2);
@@ -163,9 +172,10 @@ fn shutdown_hooks_run_when_an_idle_worker_is_stopped_in_every_runtime() {
 /// its worker is gone: at a reload (the new version serves meanwhile) and at stop.
 #[test]
 fn a_shutdown_hook_that_never_returns_is_cut_at_its_grace_in_every_runtime() {
-    let config =
-        "[plugin.hooks-js.config]\nmode = \"spin\"\n[plugin.hooks-py.config]\nmode = \"spin\"\n";
-    let (mut d, entries) = daemon(kits(true), config);
+    let config = ["hooks-js", "hooks-py", "hooks-native"]
+        .map(|id| format!("[plugin.{id}.config]\nmode = \"spin\"\n"))
+        .concat();
+    let (mut d, entries) = daemon(kits(true), &config);
     let old = serve_then_edit(&d, &entries);
     for ((id, _), pid) in entries.iter().zip(old) {
         wait_for(
@@ -194,7 +204,7 @@ fn a_shutdown_hook_that_never_returns_is_cut_at_its_grace_in_every_runtime() {
     let took = stopping.elapsed();
     assert!(
         took < Duration::from_secs(4),
-        "stop took {took:?} with three spinning hooks of 1 s grace"
+        "stop took {took:?} with four spinning hooks of 1 s grace"
     );
     let log = d.log();
     for (id, _) in &entries {

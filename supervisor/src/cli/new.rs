@@ -17,7 +17,7 @@ pub enum NewRuntime {
     Js,
     /// Python (a module).
     Python,
-    /// A shared library in a confined worker.
+    /// Rust, built for the machine as a shared library, in a confined worker.
     Native,
 }
 
@@ -94,6 +94,15 @@ const PYTHON: &[Template] = &[
     ),
 ];
 
+/// The Rust source both Rust runtimes share (corral-guest exports either ABI).
+const RUST: &[Template] = &[
+    (
+        "src/lib.rs",
+        include_str!("../../templates/rust/src/lib.rs"),
+    ),
+    (".gitignore", include_str!("../../templates/rust/gitignore")),
+];
+
 const WASM: &[Template] = &[
     (
         "plugin.toml",
@@ -103,15 +112,26 @@ const WASM: &[Template] = &[
         "Cargo.toml",
         include_str!("../../templates/wasm/Cargo.toml"),
     ),
+];
+
+const NATIVE: &[Template] = &[
     (
-        "src/lib.rs",
-        include_str!("../../templates/wasm/src/lib.rs"),
+        "plugin.toml",
+        include_str!("../../templates/native/plugin.toml"),
     ),
-    (".gitignore", include_str!("../../templates/wasm/gitignore")),
+    (
+        "Cargo.toml",
+        include_str!("../../templates/native/Cargo.toml"),
+    ),
 ];
 
 const WASM_BUILD: &str = "Build it (Rust with the `wasm32-wasip1` target: `rustup target add \
 wasm32-wasip1`):\n\n```sh\ncargo build --release --target wasm32-wasip1\n```\n\n";
+
+const NATIVE_BUILD: &str = "Build it (Rust, for this machine):\n\n```sh\ncargo build \
+--release\n```\n\nThe library is machine code: it runs in a worker confined at its level \
+like every plugin, but with no engine sandbox in front of that confinement, so operators \
+usually route native plugins to `high` or `maximum`.\n\n";
 
 /// The guest crate this corral was built from, if its source is still there.
 fn built_guest() -> Option<PathBuf> {
@@ -135,20 +155,24 @@ pub(super) fn new_plugin(args: NewArgs) -> Outcome {
             "{id:?} cannot be a plugin id ({e}); name the directory after the plugin or pass --id"
         ))
     })?;
-    let (files, runtime, build) = match args.runtime {
-        NewRuntime::Js => (JS, "JavaScript", String::new()),
-        NewRuntime::Python => (PYTHON, "Python", String::new()),
-        NewRuntime::Wasm => (WASM, "Rust for WebAssembly", WASM_BUILD.to_owned()),
-        NewRuntime::Native => {
-            return Err(invalid(
-                "native plugins are not supported by this corral: runtime = \"native\" has no \
-                 worker yet; write the plugin for wasm (Rust), js or python"
-                    .into(),
-            ));
-        }
+    let (files, runtime, build, built): (&[&[Template]], _, _, _) = match args.runtime {
+        NewRuntime::Js => (&[JS], "JavaScript", "", ""),
+        NewRuntime::Python => (&[PYTHON], "Python", "", ""),
+        NewRuntime::Wasm => (
+            &[WASM, RUST],
+            "Rust for WebAssembly",
+            WASM_BUILD,
+            "built for `wasm32-wasip1`",
+        ),
+        NewRuntime::Native => (
+            &[NATIVE, RUST],
+            "Rust, native",
+            NATIVE_BUILD,
+            "built for the machine as a shared library (`runtime = \"native\"`)",
+        ),
     };
     let guest = match args.runtime {
-        NewRuntime::Wasm => {
+        NewRuntime::Wasm | NewRuntime::Native => {
             let g = args.guest.clone().or_else(built_guest).ok_or_else(|| {
                 invalid(
                     "where is the guest crate? pass --guest PATH (crates/guest of Corral's \
@@ -186,10 +210,11 @@ pub(super) fn new_plugin(args: NewArgs) -> Outcome {
             .replace("{{crate}}", &id.replace('-', "_"))
             .replace("{{guest}}", &guest)
             .replace("{{runtime}}", runtime)
-            .replace("{{build}}", &build)
+            .replace("{{build}}", build)
+            .replace("{{built}}", built)
     };
     let mut written = Vec::new();
-    for (path, text) in files.iter().chain(COMMON) {
+    for (path, text) in files.iter().copied().flatten().chain(COMMON) {
         let to = args.dir.join(path);
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent)
@@ -210,11 +235,15 @@ pub(super) fn new_plugin(args: NewArgs) -> Outcome {
             args.dir.display(),
             written.join(", ")
         );
-        if args.runtime == NewRuntime::Wasm {
-            println!(
+        match args.runtime {
+            NewRuntime::Wasm => println!(
                 "build it:  cd {} && cargo build --release --target wasm32-wasip1",
                 args.dir.display()
-            );
+            ),
+            NewRuntime::Native => {
+                println!("build it:  cd {} && cargo build --release", args.dir.display())
+            }
+            NewRuntime::Js | NewRuntime::Python => {}
         }
         println!(
             "test it:   corral test {} --policy {}/dev-policy.toml",

@@ -1,4 +1,4 @@
-//! {{id}}: a Corral plugin in Rust, built for `wasm32-wasip1`. Every function in
+//! {{id}}: a Corral plugin in Rust, {{built}}. Every function in
 //! `corral_guest::plugin!` takes the input bytes and returns a `Result` whose
 //! error is the call's error; `corral_guest` is the host API (log, config, secret,
 //! kv, fetch, publish, call).
