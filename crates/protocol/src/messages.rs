@@ -40,12 +40,7 @@ pub enum Runtime {
 
 impl Runtime {
     /// Every runtime, in the order files list them.
-    pub const ALL: [Runtime; 4] = [
-        Runtime::Wasm,
-        Runtime::Js,
-        Runtime::Python,
-        Runtime::Native,
-    ];
+    pub const ALL: [Runtime; 4] = [Runtime::Wasm, Runtime::Js, Runtime::Python, Runtime::Native];
 
     /// The name used in manifests and policy files.
     pub fn as_str(self) -> &'static str {

@@ -203,7 +203,10 @@ async fn a_loop_stops_at_the_deadline_inside_the_engine() {
         if !engine_stops_it(rt) {
             // Killed at the deadline plus the grace; a fresh worker answers next.
             assert!(took >= backstop, "{rt}: {took:?}");
-            assert!(crate::support::wait_gone(pid).await, "{rt}: {pid} still runs");
+            assert!(
+                crate::support::wait_gone(pid).await,
+                "{rt}: {pid} still runs"
+            );
             assert_eq!(k.call("ok", b"").await.unwrap(), b"ok", "{rt}");
             assert_ne!(k.pid().await, pid, "{rt}");
             k.stop().await;

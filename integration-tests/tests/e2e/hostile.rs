@@ -408,7 +408,10 @@ fn assert_untouched_by_neighbour(pid: u32) {
     assert_eq!(fields[19 - 3], "0", "nice of {pid}");
     assert_eq!(fields[41 - 3], "0", "SCHED_OTHER for {pid}");
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let cpu = limits.lines().find(|l| l.starts_with("Max cpu time")).unwrap();
+    let cpu = limits
+        .lines()
+        .find(|l| l.starts_with("Max cpu time"))
+        .unwrap();
     assert!(cpu.contains("unlimited"), "{cpu}");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let allowed = status

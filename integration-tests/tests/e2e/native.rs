@@ -141,7 +141,11 @@ async fn attacks(level: Level) {
         control.to_str().unwrap(),
         at(
             level,
-            [Errno("EAFNOSUPPORT"), Errno("EAFNOSUPPORT"), Seccomp("connect")],
+            [
+                Errno("EAFNOSUPPORT"),
+                Errno("EAFNOSUPPORT"),
+                Seccomp("connect"),
+            ],
         ),
     )
     .await;
@@ -152,7 +156,10 @@ async fn attacks(level: Level) {
     a.expect(
         "exec",
         "/bin/true",
-        at(level, [Errno("EACCES"), Seccomp("execve"), Seccomp("execve")]),
+        at(
+            level,
+            [Errno("EACCES"), Seccomp("execve"), Seccomp("execve")],
+        ),
     )
     .await;
     a.expect(
@@ -164,7 +171,10 @@ async fn attacks(level: Level) {
     let neighbour = neighbour_pid.to_string();
     let same_user = at(level, [Errno("EPERM"), Errno("EPERM"), Seccomp("kill")]);
     a.expect("kill_pid", &neighbour, same_user).await;
-    let renice = at(level, [Errno("EPERM"), Errno("EPERM"), Seccomp("setpriority")]);
+    let renice = at(
+        level,
+        [Errno("EPERM"), Errno("EPERM"), Seccomp("setpriority")],
+    );
     a.expect("renice_pid", &neighbour, renice).await;
     a.expect("prlimit_pid", &neighbour, Errno("EPERM")).await;
 
@@ -212,7 +222,10 @@ async fn attacks(level: Level) {
         Err(CallError::Timeout { deadline_ms: 300 })
     );
     assert!(t.elapsed() >= Duration::from_millis(300) + corral::Options::new().kill_grace);
-    assert!(crate::support::wait_gone(pid).await, "the spinning worker {pid} runs");
+    assert!(
+        crate::support::wait_gone(pid).await,
+        "the spinning worker {pid} runs"
+    );
 
     // After all of it: the attacker answers from a fresh worker, the neighbour from
     // the same process as before.
@@ -228,7 +241,10 @@ async fn attacks(level: Level) {
     assert!(base.exists(), "{}", base.display());
     a.sup.shutdown(Duration::from_secs(1)).await;
     for pid in [attacker_pid, neighbour_pid] {
-        assert!(corral_integration_tests::process_gone(pid), "{pid} left running");
+        assert!(
+            corral_integration_tests::process_gone(pid),
+            "{pid} left running"
+        );
     }
     assert!(!base.exists(), "{} left behind", base.display());
 }

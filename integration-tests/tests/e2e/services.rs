@@ -7,9 +7,7 @@
 //! topics and calls to each other's `host`; other plugins get nothing.
 
 use corral::{AuditSink, Options, PluginConfig, Supervisor};
-use corral_integration_tests::{
-    fixture_plugin, native_plugin, open_tempdir, options, wat_plugin,
-};
+use corral_integration_tests::{fixture_plugin, native_plugin, open_tempdir, options, wat_plugin};
 use corral_protocol::{CallError, Secret};
 use corral_worker::services::{decode_list, encode_list};
 use std::io::{Read, Write};

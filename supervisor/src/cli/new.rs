@@ -241,7 +241,10 @@ pub(super) fn new_plugin(args: NewArgs) -> Outcome {
                 args.dir.display()
             ),
             NewRuntime::Native => {
-                println!("build it:  cd {} && cargo build --release", args.dir.display())
+                println!(
+                    "build it:  cd {} && cargo build --release",
+                    args.dir.display()
+                )
             }
             NewRuntime::Js | NewRuntime::Python => {}
         }

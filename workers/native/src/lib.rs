@@ -106,8 +106,8 @@ static TABLE: HostTable = HostTable {
     error: host_error,
     log: host_log,
     now_ms: host_now_ms,
-    host_call: host_call,
-    host_take: host_take,
+    host_call,
+    host_take,
 };
 
 /// The plugin's bytes at `ptr..ptr+len`, copied.
@@ -395,10 +395,13 @@ impl NativeEngine {
         }
         .map_err(|e| invalid(format!("cannot load the library: {e}")))?;
         let library = libloading::Library::from(library);
-        // SAFETY (all four): the types are those the native ABI gives these symbols.
+        // SAFETY: the type the native ABI gives this symbol.
         let set_host: Option<SetHostFn> = unsafe { symbol(&library, "corral_set_host") };
+        // SAFETY: as above.
         let alloc: Option<AllocFn> = unsafe { symbol(&library, "corral_alloc") };
+        // SAFETY: as above.
         let init: Option<InitFn> = unsafe { symbol(&library, "corral_init") };
+        // SAFETY: as above.
         let shutdown: Option<ShutdownFn> = unsafe { symbol(&library, "corral_shutdown") };
         let (Some(set_host), Some(alloc)) = (set_host, alloc) else {
             return Err(invalid(
@@ -498,9 +501,12 @@ impl corral_worker::Instance for NativeInstance {
         _deadline: Duration,
         _host: &Host,
     ) -> Result<Vec<u8>, CallError> {
-        let f = *self.functions.get(function).ok_or_else(|| CallError::Plugin {
-            message: format!("{function} is not among the library's functions"),
-        })?;
+        let f = *self
+            .functions
+            .get(function)
+            .ok_or_else(|| CallError::Plugin {
+                message: format!("{function} is not among the library's functions"),
+            })?;
         {
             let mut s = state();
             s.output = None;
@@ -557,5 +563,76 @@ impl corral_worker::Instance for NativeInstance {
         // SAFETY: mallinfo2 only reads the allocator's counters.
         let info = unsafe { libc::mallinfo2() };
         (info.uordblks as u64).saturating_add(info.hblkhd as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sdk/c/corral.h` is the same table, field for field, for C authors.
+    #[test]
+    fn the_c_header_declares_the_host_table_in_its_order() {
+        let header = include_str!("../../../sdk/c/corral.h");
+        let body = header
+            .split("struct corral_host {")
+            .nth(1)
+            .and_then(|b| b.split("};").next())
+            .expect("struct corral_host in corral.h");
+        // Comments out, then one declaration per `;` (a declaration may span lines).
+        let mut code = String::new();
+        let mut rest = body;
+        while let Some((before, after)) = rest.split_once("/*") {
+            code.push_str(before);
+            rest = after.split_once("*/").map_or("", |(_, a)| a);
+        }
+        code.push_str(rest);
+        let fields: Vec<String> = code
+            .split(';')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(|d| match d.split_once("(*") {
+                Some((_, r)) => r.split(')').next().unwrap_or("").to_string(),
+                None => d.rsplit(' ').next().unwrap_or("").to_string(),
+            })
+            .collect();
+        // The field names of HostTable, in its declaration order.
+        let ours = [
+            "abi",
+            "output",
+            "error",
+            "log",
+            "now_ms",
+            "host_call",
+            "host_take",
+        ];
+        assert_eq!(fields, ours);
+        assert_eq!(std::mem::size_of::<HostTable>(), 8 + 6 * 8);
+        assert!(header.contains(&format!("#define CORRAL_HOST_ABI {HOST_ABI}")));
+        assert!(header.contains(&format!("#define CORRAL_NO_MEMORY {STATUS_NO_MEMORY}")));
+        // The Wasm ABI's imports, under the same names.
+        let wasm = include_str!("../../wasm/src/lib.rs");
+        for name in &ours[1..] {
+            assert!(wasm.contains(&format!("//! | `{name}` |")), "{name}");
+        }
+    }
+
+    #[test]
+    fn only_a_shared_library_for_this_machine_is_taken() {
+        let err = exported_functions(b"#!/bin/sh\necho hi\n").unwrap_err();
+        assert!(err.contains("not a 64-bit ELF shared library"), "{err}");
+        // This test binary is an ELF (a position-independent executable is ET_DYN
+        // too) that exports no plugin functions.
+        let own = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        match exported_functions(&own) {
+            Ok(f) => assert!(f.is_empty(), "{f:?}"),
+            Err(e) => assert!(e.contains("ET_DYN"), "{e}"),
+        }
+        let mut other = own.clone();
+        // e_machine (offset 18): not this machine.
+        other[18..20].copy_from_slice(&40u16.to_le_bytes());
+        other[16..18].copy_from_slice(&3u16.to_le_bytes());
+        let err = exported_functions(&other).unwrap_err();
+        assert!(err.contains("built for ELF machine 40"), "{err}");
     }
 }
