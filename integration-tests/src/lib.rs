@@ -635,6 +635,8 @@ pub fn vm_hwm() -> u64 {
 }
 
 /// Latency samples summarised for the benchmarks.
+pub mod postgres;
+
 pub mod bench {
     use std::io::{Read, Write};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -19,6 +19,11 @@
 //!
 //! # Where the plugins' key-value stores live (default /var/lib/corral for root).
 //! state_dir = "/var/lib/corral"
+//! # The stores' backend: "redb" (default: kv.redb in state_dir, this machine only)
+//! # or a PostgreSQL database every node that names it shares (the password from
+//! # a file or the environment, as secrets below; ca_file: the CAs for TLS, default
+//! # the web's roots).
+//! store = { postgres = "postgres://corral@db.internal:5432/corral?sslmode=require", password = { file = "/run/secrets/pg" } }
 //! # Audit log: a file (JSON lines, appended), "stderr" (default) or "off".
 //! audit = "/var/log/corral/audit.jsonl"
 //! # Calls queued per plugin (and messages per subscriber) before "overloaded".
@@ -101,6 +106,7 @@ struct RawConfig {
     worker_dir: Option<String>,
     policy: Option<String>,
     state_dir: Option<String>,
+    store: Option<Spanned<toml::Value>>,
     audit: Option<String>,
     max_queue: Option<Spanned<usize>>,
     health_interval: Option<Spanned<String>>,
@@ -133,6 +139,15 @@ enum RawSecret {
     Value(String),
     Env { env: String },
     File { file: String },
+}
+
+/// `store = { postgres = "...", password = ..., ca_file = "..." }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    postgres: String,
+    password: Option<RawSecret>,
+    ca_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -208,6 +223,19 @@ impl Config {
             toml::from_str(text).map_err(|e| invalid(e.span(), e.message().to_owned()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &str| base.join(p);
+        let read_secret = |secret: &RawSecret, what: &str| -> Result<String, String> {
+            match secret {
+                RawSecret::Value(s) => Ok(s.clone()),
+                RawSecret::Env { env } => std::env::var(env)
+                    .map_err(|_| format!("{what}: the environment variable {env} is not set")),
+                RawSecret::File { file } => {
+                    let path = resolve(file);
+                    corral_files::read_regular_string(&path, MAX_SECRET_FILE)
+                        .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+                        .map_err(|e| format!("{what}: cannot read {}: {e}", path.display()))
+                }
+            }
+        };
         let mut options = Options::new();
         if let Some(d) = &raw.cache_dir {
             options.cache_dir = Some(resolve(d));
@@ -226,6 +254,33 @@ impl Config {
         options.restart = restart;
         if let Some(d) = &raw.state_dir {
             options.state_dir = resolve(d);
+        }
+        if let Some(st) = &raw.store {
+            let choices = "store is \"redb\" or { postgres = \"postgres://user@host/db\" } \
+                           (with optional password and ca_file)";
+            options.store = match st.get_ref() {
+                toml::Value::String(name) if name == "redb" => crate::StoreBackend::Redb,
+                toml::Value::Table(_) => {
+                    let p = RawPostgres::deserialize(st.get_ref().clone())
+                        .map_err(|e| invalid(Some(st.span()), format!("store: {e}")))?;
+                    let password = match &p.password {
+                        Some(secret) => Some(corral_protocol::Secret(
+                            read_secret(secret, "store.password")
+                                .map_err(|m| invalid(Some(st.span()), m))?,
+                        )),
+                        None => None,
+                    };
+                    let pg = crate::PostgresStore {
+                        url: p.postgres,
+                        password,
+                        ca_file: p.ca_file.as_deref().map(resolve),
+                    };
+                    pg.validate()
+                        .map_err(|m| invalid(Some(st.span()), format!("store.postgres: {m}")))?;
+                    crate::StoreBackend::Postgres(pg)
+                }
+                _ => return Err(invalid(Some(st.span()), choices.into())),
+            };
         }
         if let Some(a) = &raw.audit {
             options.audit = match crate::AuditSink::parse(a) {
@@ -312,31 +367,8 @@ impl Config {
                 pc.config.insert(k.clone(), text);
             }
             for (k, v) in &c.secrets {
-                let value = match v.get_ref() {
-                    RawSecret::Value(s) => s.clone(),
-                    RawSecret::Env { env } => std::env::var(env).map_err(|_| {
-                        invalid(
-                            Some(v.span()),
-                            format!(
-                                "plugin.{id}.secrets.{k}: the environment variable {env} is not set"
-                            ),
-                        )
-                    })?,
-                    RawSecret::File { file } => {
-                        let path = resolve(file);
-                        corral_files::read_regular_string(&path, MAX_SECRET_FILE)
-                            .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
-                            .map_err(|e| {
-                                invalid(
-                                    Some(v.span()),
-                                    format!(
-                                        "plugin.{id}.secrets.{k}: cannot read {}: {e}",
-                                        path.display()
-                                    ),
-                                )
-                            })?
-                    }
-                };
+                let value = read_secret(v.get_ref(), &format!("plugin.{id}.secrets.{k}"))
+                    .map_err(|m| invalid(Some(v.span()), m))?;
                 pc.secrets.insert(k.clone(), corral_protocol::Secret(value));
             }
             options.plugin_config.insert(id.clone(), pc);
@@ -424,6 +456,75 @@ mod tests {
             e.to_string().starts_with("c.toml:3:10: invalid duration"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_store_is_redb_or_postgres_with_its_password_never_shown_and_a_bad_one_is_refused_at_its_place()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("corral.toml");
+        let parse = |text: &str| Config::parse(text, &file);
+        assert_eq!(parse("").unwrap().options.store, crate::StoreBackend::Redb);
+        assert_eq!(
+            parse("store = \"redb\"").unwrap().options.store,
+            crate::StoreBackend::Redb
+        );
+        std::fs::write(dir.path().join("pg.pass"), "s3cret-pw\n").unwrap();
+        let c = parse(
+            "store = { postgres = \"postgres://corral@db.internal:6432/fleet?sslmode=require\", \
+             password = { file = \"pg.pass\" }, ca_file = \"ca.pem\" }",
+        )
+        .unwrap();
+        let crate::StoreBackend::Postgres(pg) = &c.options.store else {
+            panic!("{:?}", c.options.store)
+        };
+        assert_eq!(
+            pg.password.as_ref().map(|p| p.0.as_str()),
+            Some("s3cret-pw")
+        );
+        assert_eq!(
+            pg.ca_file.as_deref(),
+            Some(dir.path().join("ca.pem").as_path())
+        );
+        let shown = format!("{:?}", c.options);
+        assert!(
+            shown.contains("PostgreSQL corral@db.internal:6432/fleet"),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cret"), "{shown}");
+        // A password inside the URL is not shown either.
+        let c = parse("store = { postgres = \"postgres://corral:inline-pw@db/fleet\" }").unwrap();
+        assert!(!format!("{:?}", c.options).contains("inline-pw"));
+        for (text, error) in [
+            (
+                "store = \"sqlite\"",
+                "corral.toml:1:9: store is \"redb\" or { postgres",
+            ),
+            (
+                "store = 5",
+                "corral.toml:1:9: store is \"redb\" or { postgres",
+            ),
+            (
+                "store = { postgres = \"postgres://db/x\" }",
+                "corral.toml:1:9: store.postgres: the connection string names no user",
+            ),
+            (
+                "store = { postgres = \"postgres://u@db/x?sslmode=sometimes\" }",
+                "corral.toml:1:9: store.postgres: the connection string:",
+            ),
+            (
+                "store = { postgres = \"postgres://u@db/x\", pasword = \"x\" }",
+                "corral.toml:1:9: store: unknown field `pasword`",
+            ),
+            (
+                "store = { postgres = \"postgres://u@db/x\", password = { env = \"CORRAL_NO_SUCH_VAR\" } }",
+                "corral.toml:1:9: store.password: the environment variable CORRAL_NO_SUCH_VAR is not set",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.ends_with(error) || e.contains(error), "{text}: {e}");
+            assert!(e.starts_with(&file.display().to_string()), "{e}");
+        }
     }
 
     #[test]

@@ -66,6 +66,7 @@ mod supervisor;
 mod worker;
 
 pub use broker::audit::AuditSink;
+pub use broker::store::{PostgresStore, StoreBackend};
 pub use config::{Config, ConfigError, LogFormat};
 pub use corral_policy::{Effective, Policy};
 pub use daemon::{control, reload};

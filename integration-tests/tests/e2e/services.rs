@@ -202,11 +202,54 @@ fn serve_one(mut s: TcpStream, port: u16) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn store_round_trips_keeps_quota_and_plugins_apart_in_every_runtime() {
+    store_contract(&corral::StoreBackend::Redb).await;
+}
+
+/// The same contract on the PostgreSQL backend (a private server on 127.0.0.1),
+/// and the rows it leaves are the plugins' own, with their usage counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_postgres_store_keeps_the_same_contract_in_every_runtime() {
+    let pg = corral_integration_tests::postgres::Postgres::start();
+    pg.create_database("contract");
+    store_contract(&pg.store("contract")).await;
+    for rt in RUNTIMES {
+        let a = format!("svc-{rt}");
+        assert_eq!(
+            pg.psql(
+                "contract",
+                &format!(
+                    "SELECT convert_from(key, 'UTF8') FROM corral_kv WHERE plugin = '{a}' \
+                     ORDER BY key"
+                )
+            ),
+            "big\ngreeting",
+            "{rt}"
+        );
+        // The usage row is the bytes of the rows, as the quota counted them.
+        assert_eq!(
+            pg.psql(
+                "contract",
+                &format!(
+                    "SELECT u.bytes = (SELECT sum(octet_length(key) + octet_length(value)) \
+                     FROM corral_kv WHERE plugin = u.plugin) FROM corral_kv_usage u \
+                     WHERE u.plugin = '{a}'"
+                )
+            ),
+            "t"
+        );
+    }
+}
+
+/// Keys, values, quota, namespaces, deletes and denials, through the kits of every
+/// runtime, on `backend`.
+async fn store_contract(backend: &corral::StoreBackend) {
     for rt in RUNTIMES {
         let a = format!("svc-{rt}");
         let b = format!("svc-{rt}-other");
         let mute = format!("mute-{rt}");
-        let e = env(&[(rt, &a, &[]), (rt, &b, &[]), (rt, &mute, &[])], |_| {});
+        let e = env(&[(rt, &a, &[]), (rt, &b, &[]), (rt, &mute, &[])], |o| {
+            o.store = backend.clone()
+        });
         let s = &e.sup;
         assert_eq!(
             host(s, &a, &[b"kv_put", b"greeting", b"hello"]).await,
@@ -246,6 +289,24 @@ async fn store_round_trips_keeps_quota_and_plugins_apart_in_every_runtime() {
             host(s, &a, &[b"kv_delete", b"greeting/2"]).await,
             Ok(vec![b"0".to_vec()])
         );
+        // Keys list in byte order (no collation), whatever their script.
+        for k in ["o/\u{e9}", "o/z", "o/Z"] {
+            assert_eq!(
+                host(s, &a, &[b"kv_put", k.as_bytes(), b"1"]).await,
+                Ok(vec![])
+            );
+        }
+        assert_eq!(
+            text(&host(s, &a, &[b"kv_keys", b"o/"]).await.unwrap()),
+            ["o/Z", "o/z", "o/\u{e9}"],
+            "{rt}"
+        );
+        for k in ["o/\u{e9}", "o/z", "o/Z"] {
+            assert_eq!(
+                host(s, &a, &[b"kv_delete", k.as_bytes()]).await,
+                Ok(vec![b"1".to_vec()])
+            );
+        }
         // Quota: 64 KiB of keys and values; a write past it changes nothing.
         let big = vec![7u8; 60 << 10];
         assert_eq!(host(s, &a, &[b"kv_put", b"big", &big]).await, Ok(vec![]));

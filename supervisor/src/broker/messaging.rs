@@ -195,7 +195,13 @@ mod tests {
         });
         let dir = tempfile::tempdir().unwrap();
         let audit = AuditSink::File(dir.path().join("audit.jsonl"));
-        let broker = HostBroker::new(audit, dir.path().into(), 1, Arc::downgrade(&plugins));
+        let broker = HostBroker::new(
+            audit,
+            Default::default(),
+            dir.path().into(),
+            1,
+            Arc::downgrade(&plugins),
+        );
         // b's queue is full: nothing is queued for a either.
         b_tx.try_send(Delivery {
             from: "earlier".into(),
@@ -221,7 +227,13 @@ mod tests {
         }
         drop(plugins);
         let gone: Weak<dyn Directory> = Weak::<Plugins>::new();
-        let orphan = HostBroker::new(AuditSink::Stderr, dir.path().into(), 1, gone);
+        let orphan = HostBroker::new(
+            AuditSink::Stderr,
+            Default::default(),
+            dir.path().into(),
+            1,
+            gone,
+        );
         assert!(matches!(
             orphan.publish("p", &allowed, "news".into(), Vec::new()),
             Err(HostError::Failed(_))
@@ -245,6 +257,7 @@ mod tests {
         let log = dir.path().join("audit.jsonl");
         let broker = HostBroker::new(
             AuditSink::File(log.clone()),
+            Default::default(),
             dir.path().into(),
             4,
             Arc::downgrade(&plugins),

@@ -60,6 +60,7 @@ pub(crate) struct HostBroker {
     /// supervisor's own).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     store: OnceLock<Result<Arc<Store>, store::OpenStoreError>>,
+    backend: store::StoreBackend,
     state_dir: PathBuf,
     fetcher: Fetcher,
     max_queue: usize,
@@ -76,10 +77,11 @@ impl std::fmt::Debug for HostBroker {
 }
 
 impl HostBroker {
-    /// A broker whose store lives in `state_dir` (opened at the first use) and
-    /// whose subscribers queue at most `max_queue` messages each.
+    /// A broker whose store is `backend` (redb: in `state_dir`; opened at the first
+    /// use) and whose subscribers queue at most `max_queue` messages each.
     pub(crate) fn new(
         audit: AuditSink,
+        backend: store::StoreBackend,
         state_dir: PathBuf,
         max_queue: usize,
         directory: Weak<dyn Directory>,
@@ -89,6 +91,7 @@ impl HostBroker {
             audit: Audit::counted(audit, Some(Arc::clone(&metrics))),
             metrics,
             store: OnceLock::new(),
+            backend,
             state_dir,
             fetcher: Fetcher::new(),
             max_queue,
@@ -105,7 +108,7 @@ impl HostBroker {
     /// The store, opened at the first use.
     fn store(&self) -> Result<Arc<Store>, HostError> {
         self.store
-            .get_or_init(|| Store::open(&self.state_dir.join("kv.redb")).map(Arc::new))
+            .get_or_init(|| Store::open(&self.backend, &self.state_dir).map(Arc::new))
             .as_ref()
             .map(Arc::clone)
             .map_err(|e| HostError::Failed(e.to_string()))
@@ -158,28 +161,28 @@ impl HostBroker {
             .ok_or_else(|| HostError::Failed(format!("unknown plugin {plugin}")))?;
         match op {
             HostOp::Now => unreachable!("answered above"),
-            // A read transaction takes no lock a writer holds and no fsync: it is
-            // answered in place, without a hop to the blocking pool.
             HostOp::KvGet { key } => {
                 services.check_kv().map_err(denied)?;
-                self.store()?.get(plugin, &key).map(HostReply::Value)
+                self.store()?.get(plugin, &key).await.map(HostReply::Value)
             }
-            HostOp::KvPut { .. } | HostOp::KvDelete { .. } | HostOp::KvKeys { .. } => {
+            HostOp::KvPut { key, value } => {
+                services.check_kv().map_err(denied)?;
+                let quota = services.kv_quota.value;
+                let store = self.store()?;
+                store
+                    .put(plugin, key, value, quota)
+                    .await
+                    .map(|()| HostReply::Unit)
+            }
+            HostOp::KvDelete { key } => {
                 services.check_kv().map_err(denied)?;
                 let store = self.store()?;
-                let quota = services.kv_quota.value;
-                let plugin = plugin.to_owned();
-                // Writes wait for their commit's fsync; a key listing may be long.
-                tokio::task::spawn_blocking(move || match op {
-                    HostOp::KvPut { key, value } => store
-                        .put(&plugin, &key, &value, quota)
-                        .map(|()| HostReply::Unit),
-                    HostOp::KvDelete { key } => store.delete(&plugin, &key).map(HostReply::Existed),
-                    HostOp::KvKeys { prefix } => store.keys(&plugin, &prefix).map(HostReply::Keys),
-                    _ => Err(HostError::Failed("not a store operation".into())),
-                })
-                .await
-                .map_err(|e| HostError::Failed(format!("store task: {e}")))?
+                store.delete(plugin, key).await.map(HostReply::Existed)
+            }
+            HostOp::KvKeys { prefix } => {
+                services.check_kv().map_err(denied)?;
+                let store = self.store()?;
+                store.keys(plugin, prefix).await.map(HostReply::Keys)
             }
             HostOp::Fetch(req) => self
                 .fetcher

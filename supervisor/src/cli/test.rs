@@ -325,8 +325,9 @@ pub(super) async fn run_tests(args: TestArgs) -> Outcome {
             .plugin_config
             .insert(manifest.id.clone(), file.settings.clone());
         if !file.store.is_empty() {
-            let store = crate::broker::store::Store::open(&options.state_dir.join("kv.redb"))
-                .map_err(|e| Failure::new(exit::FAILURE, e))?;
+            let store =
+                crate::broker::store::redb::RedbStore::open(&options.state_dir.join("kv.redb"))
+                    .map_err(|e| Failure::new(exit::FAILURE, e))?;
             for (k, v) in &file.store {
                 store
                     .put(&manifest.id, k, v.as_bytes(), u64::MAX)

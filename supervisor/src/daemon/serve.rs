@@ -271,6 +271,7 @@ fn waiting_for_restart(first: &Config, new: &Config) -> Vec<String> {
     check(a.cache_dir != b.cache_dir, "cache_dir");
     check(a.worker_dir != b.worker_dir, "worker_dir");
     check(a.state_dir != b.state_dir, "state_dir");
+    check(a.store != b.store, "store");
     check(a.max_workers != b.max_workers, "max_workers");
     check(a.idle_timeout != b.idle_timeout, "idle_timeout");
     check(a.zygotes != b.zygotes, "zygotes");

@@ -44,6 +44,7 @@ pub(crate) use state::PluginState;
 pub(crate) use table::Plugin;
 
 use crate::broker::audit::AuditSink;
+use crate::broker::store::StoreBackend;
 use crate::broker::{Directory, HostBroker};
 use crate::plugins::access;
 use crate::plugins::versions::Versions;
@@ -111,8 +112,11 @@ pub struct Options {
     pub policy: Arc<Policy>,
     /// Where to create per-plugin cgroups; `None` disables them (refused at `high`).
     pub cgroups: Option<CgroupHost>,
-    /// Where the supervisor keeps the plugins' key-value stores (`kv.redb`).
+    /// Where the supervisor keeps its state: the plugins' key-value stores
+    /// (`kv.redb`) when `store` is redb.
     pub state_dir: PathBuf,
+    /// The backend of the plugins' key-value stores.
+    pub store: StoreBackend,
     /// Where audit lines go.
     pub audit: AuditSink,
     /// Calls one plugin may have queued or running (and messages queued for one
@@ -195,6 +199,7 @@ impl Options {
             policy: Arc::new(Policy::built_in()),
             cgroups: Some(CgroupHost::default()),
             state_dir: default_state_dir(),
+            store: StoreBackend::Redb,
             audit: AuditSink::Stderr,
             max_queue: 64,
             health_interval: Duration::from_secs(30),
@@ -343,6 +348,7 @@ impl Supervisor {
                 me: me.clone(),
                 broker: Arc::new(HostBroker::new(
                     options.audit.clone(),
+                    options.store.clone(),
                     options.state_dir.clone(),
                     options.max_queue,
                     directory,

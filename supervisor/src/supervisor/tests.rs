@@ -1044,11 +1044,14 @@ async fn idle_timeout_stops_a_worker_without_calls_and_the_next_call_starts_one(
     assert_eq!(f.state().await, "running");
     f.launcher.release();
     assert_eq!(held.await.unwrap().unwrap(), b"held");
-    eventually("the idle worker is stopped", || {
+    // Its slot is given back once the worker has exited, just after it was told
+    // to shut down.
+    eventually("the idle worker is stopped and its slot free", || {
         f.launcher
             .journal(0)
             .last()
             .is_some_and(|e| e == "shutdown")
+            && f.sup.workers().live == 0
     })
     .await;
     assert_eq!(f.state().await, "idle");

@@ -1,4 +1,4 @@
-//! The plugins' key-value stores: one redb database in the supervisor's state
+//! The embedded backend: one redb database in the supervisor's state
 //! directory, one table per plugin id (`kv/<id>`), and a usage table with each
 //! plugin's bytes (keys plus values) checked against its quota in the same write
 //! transaction.
@@ -9,58 +9,22 @@
 //! plugin saw acknowledged survives a SIGKILL of the supervisor. Tables are keyed by
 //! plugin id, not version: the store survives restarts and upgrades.
 
+use super::{MAX_KEYS, OpenStoreError, check_key, failed};
 use corral_protocol::HostError;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
-
-/// Longest key, in bytes.
-pub const MAX_KEY: usize = 1024;
-/// Most keys one `keys` answer lists.
-pub const MAX_KEYS: usize = 10_000;
 
 const USAGE: TableDefinition<&str, u64> = TableDefinition::new("usage");
 
 /// The database.
 #[derive(Debug)]
-pub struct Store {
+pub struct RedbStore {
     db: Database,
 }
 
-fn failed(what: &str, e: impl std::fmt::Display) -> HostError {
-    HostError::Failed(format!("store {what}: {e}"))
-}
-
-fn check_key(key: &str) -> Result<(), HostError> {
-    if key.is_empty() {
-        return Err(HostError::Invalid("the key is empty".into()));
-    }
-    if key.len() > MAX_KEY {
-        return Err(HostError::Invalid(format!(
-            "the key is {} bytes; keys are at most {MAX_KEY} bytes",
-            key.len()
-        )));
-    }
-    Ok(())
-}
-
-/// Why the store cannot be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenStoreError {
-    #[error("cannot create {}: {error}", dir.display())]
-    Dir {
-        dir: std::path::PathBuf,
-        error: std::io::Error,
-    },
-    #[error("cannot open the store {}: {error}", path.display())]
-    Database {
-        path: std::path::PathBuf,
-        error: redb::DatabaseError,
-    },
-}
-
-impl Store {
+impl RedbStore {
     /// Open (or create) the database at `path`, 0600.
-    pub fn open(path: &Path) -> Result<Store, OpenStoreError> {
+    pub fn open(path: &Path) -> Result<RedbStore, OpenStoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|error| OpenStoreError::Dir {
                 dir: dir.to_owned(),
@@ -73,7 +37,7 @@ impl Store {
         })?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        Ok(Store { db })
+        Ok(RedbStore { db })
     }
 
     fn table(plugin: &str) -> String {
@@ -201,6 +165,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use super::super::MAX_KEY;
     use super::*;
 
     #[test]
@@ -208,7 +173,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kv.redb");
         {
-            let s = Store::open(&path).unwrap();
+            let s = RedbStore::open(&path).unwrap();
             s.put("a", "k", b"12345", 100).unwrap();
             assert_eq!(s.get("a", "k").unwrap().as_deref(), Some(&b"12345"[..]));
             assert_eq!(s.get("b", "k").unwrap(), None);
@@ -240,7 +205,7 @@ mod tests {
                 Err(HostError::Invalid(_))
             ));
         }
-        let s = Store::open(&path).unwrap();
+        let s = RedbStore::open(&path).unwrap();
         assert_eq!(s.get("a", "k2").unwrap().as_deref(), Some(&b"x"[..]));
         assert_eq!(s.usage("a").unwrap(), 3);
     }
