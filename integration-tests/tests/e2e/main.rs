@@ -12,6 +12,7 @@ mod contract;
 mod deps;
 mod examples;
 mod faults;
+mod fleet;
 mod hooks;
 mod hostile;
 mod js;

@@ -1,0 +1,297 @@
+//! More than one node: daemons on this machine (separate state directories,
+//! sockets and caches) sharing one PostgreSQL server (`corral_integration_tests::
+//! postgres`, a private cluster on 127.0.0.1) as their store.
+
+use crate::services::{RUNTIMES, host, kit};
+use corral::{AuditSink, Supervisor};
+use corral_integration_tests::postgres::{PASSWORD, Postgres};
+use corral_integration_tests::{built, open_tempdir, options};
+use corral_worker::services::{decode_list, encode_list};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// `corral serve` in `dir` with `plugins`, its store the database `db` of `pg`
+/// (the password from a file); its stderr goes to `stderr.log`.
+struct Node {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Node {
+    fn start(dir: &Path, plugins: &[&Path], pg: &Postgres, db: &str) -> Node {
+        std::fs::write(dir.join("pg.pass"), format!("{PASSWORD}\n")).unwrap();
+        let listed: Vec<String> = plugins.iter().map(|p| format!("{p:?}")).collect();
+        let config = format!(
+            "plugins = [{}]\nsocket = \"run/control.sock\"\ncache_dir = \"cache\"\n\
+             state_dir = \"state\"\naudit = \"audit.jsonl\"\npolicy = {:?}\n\
+             store = {{ postgres = {:?}, password = {{ file = \"pg.pass\" }} }}\n",
+            listed.join(", "),
+            corral_integration_tests::fixture("policy/test.toml"),
+            pg.url(db),
+        );
+        std::fs::write(dir.join("corral.toml"), config).unwrap();
+        let _ = std::fs::remove_file(dir.join("run/control.sock"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("stderr.log"))
+            .unwrap();
+        let child = std::process::Command::new(built().corral())
+            .args(["serve", "--log", "info", "--config"])
+            .arg(dir.join("corral.toml"))
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while !dir.join("run/control.sock").exists() {
+            assert!(Instant::now() < until, "daemon did not create its socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Node {
+            child,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(built().corral())
+            .args(args)
+            .arg("--socket")
+            .arg(self.dir.join("run/control.sock"))
+            .output()
+            .unwrap()
+    }
+
+    /// `corral call <id> host` with [operation, args...]; the answer list or stderr.
+    fn host(&self, id: &str, items: &[&[u8]]) -> Result<Vec<String>, String> {
+        let input = self.dir.join("input.bin");
+        let list: Vec<Vec<u8>> = items.iter().map(|i| i.to_vec()).collect();
+        std::fs::write(&input, encode_list(&list)).unwrap();
+        let out = self.cli(&["call", id, "host", "--input-file", input.to_str().unwrap()]);
+        if out.status.success() {
+            Ok(decode_list(&out.stdout)
+                .unwrap()
+                .iter()
+                .map(|i| String::from_utf8_lossy(i).into_owned())
+                .collect())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two daemons, one database: what one writes the other reads, in every runtime;
+/// a node SIGKILLed right after its writes were acknowledged loses none of them;
+/// the database's password is in neither node's log nor its `status`.
+#[test]
+fn two_daemons_on_one_postgres_share_the_store_and_lose_no_acknowledged_write() {
+    let pg = Postgres::start();
+    pg.create_database("fleet");
+    let kits: Vec<TempDir> = RUNTIMES
+        .iter()
+        .map(|rt| kit(rt, &format!("svc-{rt}"), &[]))
+        .collect();
+    let paths: Vec<&Path> = kits.iter().map(|k| k.path()).collect();
+    let (dir_a, dir_b) = (open_tempdir(), open_tempdir());
+    let mut a = Node::start(dir_a.path(), &paths, &pg, "fleet");
+    let b = Node::start(dir_b.path(), &paths, &pg, "fleet");
+    for rt in RUNTIMES {
+        let id = format!("svc-{rt}");
+        for i in 0..20 {
+            let (key, value) = (format!("k{i:02}"), format!("{rt}-a-{i}"));
+            assert_eq!(
+                a.host(&id, &[b"kv_put", key.as_bytes(), value.as_bytes()]),
+                Ok(vec![]),
+                "{rt}"
+            );
+        }
+        assert_eq!(b.host(&id, &[b"kv_keys", b"k"]).unwrap().len(), 20, "{rt}");
+        assert_eq!(
+            b.host(&id, &[b"kv_get", b"k07"]),
+            Ok(vec![format!("{rt}-a-7")])
+        );
+        assert_eq!(b.host(&id, &[b"kv_put", b"from-b", b"hi"]), Ok(vec![]));
+        assert_eq!(a.host(&id, &[b"kv_get", b"from-b"]), Ok(vec!["hi".into()]));
+        // A delete on one node is seen by the other.
+        assert_eq!(a.host(&id, &[b"kv_delete", b"k00"]), Ok(vec!["1".into()]));
+        assert_eq!(b.host(&id, &[b"kv_get", b"k00"]), Ok(vec![]));
+    }
+    // Acknowledged on A, then A is killed at once: B reads every write.
+    for rt in RUNTIMES {
+        let id = format!("svc-{rt}");
+        assert_eq!(a.host(&id, &[b"kv_put", b"last", b"acked"]), Ok(vec![]));
+    }
+    a.kill();
+    for rt in RUNTIMES {
+        let id = format!("svc-{rt}");
+        assert_eq!(
+            b.host(&id, &[b"kv_get", b"last"]),
+            Ok(vec!["acked".into()]),
+            "{rt}"
+        );
+    }
+    // A again, from its own state directory: the shared data is there.
+    let a = Node::start(dir_a.path(), &paths, &pg, "fleet");
+    assert_eq!(
+        a.host("svc-js", &[b"kv_keys", b""]).unwrap(),
+        [
+            "from-b", "k01", "k02", "k03", "k04", "k05", "k06", "k07", "k08", "k09", "k10", "k11",
+            "k12", "k13", "k14", "k15", "k16", "k17", "k18", "k19", "last"
+        ]
+    );
+    // The rows are per plugin: one namespace per plugin id.
+    assert_eq!(
+        pg.psql("fleet", "SELECT count(DISTINCT plugin) FROM corral_kv"),
+        RUNTIMES.len().to_string()
+    );
+    for node in [&a, &b] {
+        let status = node.cli(&["status"]);
+        let status = String::from_utf8_lossy(&status.stdout);
+        assert!(status.contains("svc-js"), "{status}");
+        assert!(
+            !status.contains(PASSWORD),
+            "status shows the password:\n{status}"
+        );
+    }
+    drop((a, b));
+    for dir in [&dir_a, &dir_b] {
+        let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+        assert!(
+            !log.contains(PASSWORD),
+            "a node logged the password:\n{log}"
+        );
+    }
+}
+
+/// A supervisor on the database `db` of `pg` with the kit `svc-js`.
+fn node(pg: &Postgres, db: &str, cache: &Path, kit: &Path) -> Supervisor {
+    let mut opts = options(cache);
+    opts.audit = AuditSink::Off;
+    opts.store = pg.store(db);
+    let mut sup = Supervisor::new(opts);
+    sup.add_plugin_dir(kit).unwrap();
+    sup
+}
+
+/// Writers of one plugin on two nodes at once cannot share out more than its
+/// quota between them: every write that was acknowledged is there, every refusal
+/// wrote nothing, and the usage the quota counts is exactly the rows' bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugins_quota_holds_across_nodes_writing_at_once() {
+    let pg = Postgres::start();
+    pg.create_database("quota");
+    let kit_dir = kit("js", "svc-js", &[]);
+    let (cache_a, cache_b) = (open_tempdir(), open_tempdir());
+    let a = node(&pg, "quota", cache_a.path(), kit_dir.path());
+    let b = node(&pg, "quota", cache_b.path(), kit_dir.path());
+    // 2 x 48 writes of 1 KiB + 4 bytes of key against a 64 KiB quota: at most 63 fit.
+    let value = vec![b'v'; 1024];
+    let write = |sup: Supervisor, node: &'static str, i: usize| {
+        let value = value.clone();
+        async move {
+            let key = format!("{node}{i:02}");
+            (
+                key.clone(),
+                host(&sup, "svc-js", &[b"kv_put", key.as_bytes(), &value]).await,
+            )
+        }
+    };
+    let mut tasks = Vec::new();
+    for i in 0..48 {
+        tasks.push(tokio::spawn(write(a.clone(), "a-", i)));
+        tasks.push(tokio::spawn(write(b.clone(), "b-", i)));
+    }
+    let mut written = Vec::new();
+    for t in tasks {
+        let (key, result) = t.await.unwrap();
+        match result {
+            Ok(_) => written.push(key),
+            Err(e) => assert!(e.contains("quota: store quota exceeded"), "{key}: {e}"),
+        }
+    }
+    written.sort();
+    assert_eq!(written.len(), (64 << 10) / 1028, "{written:?}");
+    let stored = pg.psql(
+        "quota",
+        "SELECT string_agg(convert_from(key, 'UTF8'), ',' ORDER BY key) FROM corral_kv",
+    );
+    assert_eq!(stored, written.join(","));
+    assert_eq!(
+        pg.psql(
+            "quota",
+            "SELECT u.bytes = (SELECT sum(octet_length(key) + octet_length(value)) FROM corral_kv) \
+             FROM corral_kv_usage u WHERE plugin = 'svc-js'"
+        ),
+        "t"
+    );
+    // A delete on one node makes room for a write on the other.
+    assert_eq!(
+        host(&a, "svc-js", &[b"kv_delete", written[0].as_bytes()]).await,
+        Ok(vec![b"1".to_vec()])
+    );
+    assert_eq!(
+        host(&b, "svc-js", &[b"kv_put", b"b-late", &value]).await,
+        Ok(vec![])
+    );
+    a.shutdown(Duration::from_secs(2)).await;
+    b.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A database that stops answering fails the store's host calls with the reason
+/// (which server, what happened), within the store's timeout, without the
+/// password, and the plugin keeps answering everything else.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_database_fails_store_calls_with_the_reason_and_nothing_else() {
+    let pg = Postgres::start();
+    pg.create_database("gone");
+    let kit_dir = kit("python", "svc-python", &[]);
+    let cache = open_tempdir();
+    let mut opts = options(cache.path());
+    opts.audit = AuditSink::Off;
+    opts.store = pg.store("gone");
+    let mut sup = Supervisor::new(opts);
+    sup.add_plugin_dir(kit_dir.path()).unwrap();
+    assert_eq!(
+        host(&sup, "svc-python", &[b"kv_put", b"k", b"v"]).await,
+        Ok(vec![])
+    );
+    let port = pg.port;
+    drop(pg);
+    let started = Instant::now();
+    let err = host(&sup, "svc-python", &[b"kv_get", b"k"])
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "store connection to PostgreSQL corral@127.0.0.1:{port}/gone (PostgreSQL)"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains(PASSWORD), "{err}");
+    assert!(
+        started.elapsed() < corral_timeout(),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    // Everything else still works.
+    assert!(host(&sup, "svc-python", &[b"now"]).await.is_ok());
+    sup.shutdown(Duration::from_secs(2)).await;
+}
+
+/// The store's own bound on one operation, plus room for the call around it.
+fn corral_timeout() -> Duration {
+    Duration::from_secs(12)
+}
