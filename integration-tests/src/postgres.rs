@@ -20,9 +20,10 @@ pub const PASSWORD: &str = "pg-pw-41d7c0e9";
 /// A running test server.
 #[derive(Debug)]
 pub struct Postgres {
-    child: Child,
+    child: Option<Child>,
     dir: tempfile::TempDir,
     bin: PathBuf,
+    user: Option<(u32, u32)>,
     /// The TCP port on 127.0.0.1.
     pub port: u16,
 }
@@ -129,57 +130,99 @@ impl Postgres {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let mut last = None;
+        let mut pg = Postgres {
+            child: None,
+            dir,
+            bin,
+            user,
+            port: 0,
+        };
+        let mut last = String::new();
         for _ in 0..5 {
-            let port = free_port();
-            let mut child = as_user(&mut Command::new(bin.join("postgres")), user)
-                .arg("-D")
-                .arg(&data)
-                .arg("-p")
-                .arg(port.to_string())
-                .arg("-k")
-                .arg(&sockets)
-                .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=on"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log.try_clone().unwrap())
-                .spawn()
-                .expect("start postgres");
-            let until = Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Ok(Some(status)) = child.try_wait() {
-                    // Most likely the port was taken meanwhile: another one.
-                    last = Some(status);
-                    break;
-                }
-                let ready = Command::new(bin.join("pg_isready"))
-                    .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
-                    .status()
-                    .is_ok_and(|s| s.success());
-                if ready {
-                    return Postgres {
-                        child,
-                        dir,
-                        bin,
-                        port,
-                    };
-                }
-                if Instant::now() > until {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "PostgreSQL did not accept connections within 30 s:\n{}",
-                        std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            pg.port = free_port();
+            match pg.serve() {
+                Ok(()) => return pg,
+                // Most likely the port was taken meanwhile: another one.
+                Err(e) => last = e,
             }
         }
-        panic!(
-            "PostgreSQL exited ({last:?}):\n{}",
-            std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default()
-        );
+        panic!("PostgreSQL did not start: {last}\n{}", pg.log());
+    }
+
+    /// Start the server on the cluster and port; Err if it exits first.
+    fn serve(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
+        let mut child = as_user(&mut Command::new(self.bin.join("postgres")), self.user)
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(self.dir.path().join("sockets"))
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=on"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("postgres exited: {status}"));
+            }
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "PostgreSQL did not accept connections within 30 s:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stop the server (fast shutdown: its clients are disconnected); the cluster
+    /// stays for [`Postgres::restart`].
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // Fast shutdown (SIGINT) of the server we started, by its pid; killed if it
+        // has not finished in 10 s.
+        if let Ok(pid) = i32::try_from(child.id()) {
+            // SAFETY: signalling our own child, which we have not reaped.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Start the stopped server again, on the same port.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
+        if let Err(e) = self.serve() {
+            panic!("PostgreSQL did not start again: {e}\n{}", self.log());
+        }
     }
 
     /// The connection string of database `db`, without the password.
@@ -235,20 +278,6 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        // Fast shutdown (SIGINT) of the server we started, by its pid; killed if it
-        // has not finished in 10 s.
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SAFETY: signalling our own child, which we have not reaped.
-            unsafe { libc::kill(pid, libc::SIGINT) };
-        }
-        let until = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < until {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }

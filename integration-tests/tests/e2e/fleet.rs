@@ -250,48 +250,177 @@ async fn a_plugins_quota_holds_across_nodes_writing_at_once() {
     b.shutdown(Duration::from_secs(2)).await;
 }
 
-/// A database that stops answering fails the store's host calls with the reason
-/// (which server, what happened), within the store's timeout, without the
-/// password, and the plugin keeps answering everything else.
+/// A database that goes away fails the store's host calls and every publish with
+/// the reason (which server, what happened), within the store's timeout and
+/// without the password; a refused publish reaches nobody, not even this node's
+/// subscribers; the plugin keeps answering everything else; and when the
+/// database is back, so are the store and topics.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_unreachable_database_fails_store_calls_with_the_reason_and_nothing_else() {
-    let pg = Postgres::start();
+async fn a_database_that_goes_away_fails_store_calls_and_publishes_with_the_reason_until_it_is_back()
+ {
+    let mut pg = Postgres::start();
     pg.create_database("gone");
     let kit_dir = kit("python", "svc-python", &[]);
+    let sub_dir = kit("js", "svc-sub", &["news"]);
     let cache = open_tempdir();
     let mut opts = options(cache.path());
     opts.audit = AuditSink::Off;
     opts.store = pg.store("gone");
     let mut sup = Supervisor::new(opts);
     sup.add_plugin_dir(kit_dir.path()).unwrap();
+    sup.add_plugin_dir(sub_dir.path()).unwrap();
+    let p = "svc-python";
+    assert_eq!(host(&sup, p, &[b"kv_put", b"k", b"v"]).await, Ok(vec![]));
+    let port = pg.port;
+    pg.stop();
+    let reason = format!("store connection to PostgreSQL corral@127.0.0.1:{port}/gone");
+    for op in [
+        &[&b"kv_get"[..], b"k"][..],
+        &[b"kv_put", b"k", b"w"],
+        &[b"publish", b"news", b"lost"],
+    ] {
+        let started = Instant::now();
+        let err = host(&sup, p, op).await.unwrap_err();
+        assert!(err.contains(&reason), "{err}");
+        assert!(!err.contains(PASSWORD), "{err}");
+        assert!(
+            started.elapsed() < corral_timeout(),
+            "answered after {:?}",
+            started.elapsed()
+        );
+    }
+    // Everything else still works.
+    assert!(host(&sup, p, &[b"now"]).await.is_ok());
+    pg.restart();
+    let until = Instant::now() + Duration::from_secs(20);
+    while host(&sup, p, &[b"kv_get", b"k"]).await != Ok(vec![b"v".to_vec()]) {
+        assert!(Instant::now() < until, "the store did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The refused publish was delivered to nobody; a new one is.
     assert_eq!(
-        host(&sup, "svc-python", &[b"kv_put", b"k", b"v"]).await,
+        host(&sup, "svc-sub", &[b"kv_keys", b"inbox/"]).await,
         Ok(vec![])
     );
-    let port = pg.port;
-    drop(pg);
-    let started = Instant::now();
-    let err = host(&sup, "svc-python", &[b"kv_get", b"k"])
-        .await
-        .unwrap_err();
-    assert!(
-        err.contains(&format!(
-            "store connection to PostgreSQL corral@127.0.0.1:{port}/gone (PostgreSQL)"
-        )),
-        "{err}"
+    assert_eq!(
+        host(&sup, p, &[b"publish", b"news", b"back"]).await,
+        Ok(vec![b"1".to_vec()])
     );
-    assert!(!err.contains(PASSWORD), "{err}");
-    assert!(
-        started.elapsed() < corral_timeout(),
-        "answered after {:?}",
-        started.elapsed()
-    );
-    // Everything else still works.
-    assert!(host(&sup, "svc-python", &[b"now"]).await.is_ok());
+    let until = Instant::now() + Duration::from_secs(20);
+    while host(&sup, "svc-sub", &[b"kv_get", b"inbox/0000"]).await != Ok(vec![b"back".to_vec()]) {
+        assert!(
+            Instant::now() < until,
+            "the publish after the database came back was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     sup.shutdown(Duration::from_secs(2)).await;
 }
 
 /// The store's own bound on one operation, plus room for the call around it.
 fn corral_timeout() -> Duration {
     Duration::from_secs(12)
+}
+
+/// The inbox a kit's `on_message` fills (`inbox/0000`, ...), read through `node`,
+/// once it holds `n` messages (within 20 s).
+fn inbox(node: &Node, id: &str, n: usize) -> Vec<String> {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let keys = node.host(id, &[b"kv_keys", b"inbox/"]).unwrap();
+        if keys.len() >= n {
+            return keys
+                .iter()
+                .flat_map(|k| node.host(id, &[b"kv_get", k.as_bytes()]).unwrap())
+                .collect();
+        }
+        assert!(
+            Instant::now() < until,
+            "{id}: only {keys:?}; the node's log:\n{}",
+            std::fs::read_to_string(node.dir.join("stderr.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A message published on one node reaches the subscribers on the others, in
+/// publish order, once each (the publisher's own node delivers it once, not again
+/// through the database), within the subscribers' grants; the publish answers
+/// how many subscribers this node has.
+#[test]
+fn a_publish_on_one_node_reaches_the_subscribers_on_every_node_in_order() {
+    let pg = Postgres::start();
+    pg.create_database("topics");
+    let publisher = kit("js", "svc-js", &[]);
+    let sub_a = kit("python", "svc-sub-a", &["news"]);
+    // A kit that numbers its inbox from the store (the Wasm kit counts per
+    // instance, and node b restarts below).
+    let sub_b = kit("js", "svc-sub-b", &["news"]);
+    let mute_b = kit("wasm", "mute-sub-b", &["news"]);
+    let (dir_a, dir_b) = (open_tempdir(), open_tempdir());
+    let a = Node::start(
+        dir_a.path(),
+        &[publisher.path(), sub_a.path()],
+        &pg,
+        "topics",
+    );
+    let b = Node::start(dir_b.path(), &[sub_b.path(), mute_b.path()], &pg, "topics");
+    // B listens once its log says so.
+    let until = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(dir_b.path().join("stderr.log"))
+        .unwrap()
+        .contains("topics: listening to the other nodes")
+    {
+        assert!(Instant::now() < until, "node b never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let want: Vec<String> = (0..10).map(|i| format!("message {i}")).collect();
+    for m in &want {
+        assert_eq!(
+            a.host("svc-js", &[b"publish", b"news", m.as_bytes()]),
+            Ok(vec!["1".into()]),
+            "one subscriber on node a"
+        );
+    }
+    assert_eq!(inbox(&b, "svc-sub-b", 10), want, "node b, in order");
+    assert_eq!(inbox(&a, "svc-sub-a", 10), want, "node a");
+    // Once each: nothing more arrives.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        a.host("svc-sub-a", &[b"kv_keys", b"inbox/"]).unwrap().len(),
+        10
+    );
+    assert_eq!(
+        b.host("svc-sub-b", &[b"kv_keys", b"inbox/"]).unwrap().len(),
+        10
+    );
+    // B's subscriber without the grant got nothing, audited on B.
+    let audit = std::fs::read_to_string(dir_b.path().join("audit.jsonl")).unwrap();
+    let skipped = audit
+        .lines()
+        .filter(|l| {
+            l.contains("\"plugin\":\"mute-sub-b\"") && l.contains("\"operation\":\"subscribe\"")
+        })
+        .count();
+    assert_eq!(skipped, 10, "{audit}");
+    // The other way round too.
+    let back = kit("js", "svc-pub-b", &[]);
+    drop(b);
+    let b = Node::start(dir_b.path(), &[sub_b.path(), back.path()], &pg, "topics");
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(dir_b.path().join("stderr.log"))
+        .unwrap()
+        .matches("topics: listening to the other nodes")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < until, "node b never listened again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        b.host("svc-pub-b", &[b"publish", b"news", b"from b"]),
+        Ok(vec!["1".into()])
+    );
+    assert_eq!(inbox(&a, "svc-sub-a", 11).last().unwrap(), "from b");
+    assert_eq!(inbox(&b, "svc-sub-b", 11).last().unwrap(), "from b");
 }

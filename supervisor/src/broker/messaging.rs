@@ -14,6 +14,14 @@
 //!   subscriber's queue is full, the publish is refused with `overloaded` and queued
 //!   for nobody (all or nothing): the publisher decides whether to retry. A delivery
 //!   whose call fails is logged with the error (not retried).
+//! - **Across nodes** (the PostgreSQL store backend): a publish is also written to
+//!   the database and announced to every other daemon on it (`broker::bus`), after
+//!   this node's queues are reserved and before its deliveries are sent, so a
+//!   publish the database refuses reaches nobody. Another node queues it for its
+//!   own allowed subscribers in the order it was published; a subscriber there
+//!   whose queue is full misses it (logged and audited as `dropped`: the
+//!   publisher was answered already). The publish's answer counts this node's
+//!   subscribers.
 //! - **Calls** (`corral.call(plugin, function, input)`) are allowed by the caller's
 //!   `call` grants, run within the caller's remaining deadline, and count against the
 //!   callee's bounded queue (`overloaded` when full). A call to a plugin that is
@@ -62,8 +70,9 @@ pub(crate) struct Subscriber {
 }
 
 impl HostBroker {
-    /// Queue `payload` for every allowed subscriber of `topic`, or for none.
-    pub(crate) fn publish(
+    /// Queue `payload` for every allowed subscriber of `topic`, or for none; with
+    /// the PostgreSQL backend, also for the subscribers on every other node.
+    pub(crate) async fn publish(
         &self,
         from: &str,
         services: &Services,
@@ -76,14 +85,58 @@ impl HostBroker {
             )));
         }
         services.check_publish(&topic).map_err(denied)?;
+        let permits = self.reserve(&topic, Reserve::AllOrNothing)?;
+        // The other nodes' copy first: if it cannot be sent, nobody gets the
+        // message (the publisher may retry without anyone seeing it twice).
+        if let Some(store) = self.bus_store()? {
+            store.publish(&self.node, from, &topic, &payload).await?;
+        }
+        let n = permits.len() as u32;
+        Self::deliver(permits, from, &topic, &payload);
+        Ok(HostReply::Delivered(n))
+    }
+
+    /// A message another node published: queued for this node's allowed
+    /// subscribers; one whose queue is full misses it, logged and audited (the
+    /// publisher, elsewhere, cannot be refused any more).
+    pub(crate) fn deliver_remote(&self, from: &str, topic: &str, payload: &[u8]) {
+        match self.reserve(topic, Reserve::SkipFull) {
+            Ok(permits) => Self::deliver(permits, from, topic, payload),
+            Err(e) => tracing::warn!(topic, from, "a message from another node: {e}"),
+        }
+    }
+
+    fn deliver(
+        permits: Vec<(tokio::sync::mpsc::OwnedPermit<Delivery>, String)>,
+        from: &str,
+        topic: &str,
+        payload: &[u8],
+    ) {
+        for (permit, function) in permits {
+            permit.send(Delivery {
+                from: from.to_owned(),
+                topic: topic.to_owned(),
+                function,
+                payload: payload.to_vec(),
+            });
+        }
+    }
+
+    /// A place in the queue of every allowed subscriber of `topic`; subscriptions
+    /// the policy does not allow are audited and skipped.
+    fn reserve(
+        &self,
+        topic: &str,
+        mode: Reserve,
+    ) -> Result<Vec<(tokio::sync::mpsc::OwnedPermit<Delivery>, String)>, HostError> {
         let directory = self.directory()?;
         let mut permits = Vec::new();
-        for sub in directory.subscribers(&topic) {
-            if let Err(rule) = sub.services.check_subscribe(&topic) {
+        for sub in directory.subscribers(topic) {
+            if let Err(rule) = sub.services.check_subscribe(topic) {
                 self.audit.record(AuditEvent {
                     plugin: &sub.plugin,
                     operation: "subscribe",
-                    target: &topic,
+                    target: topic,
                     decision: "denied",
                     rule: &rule,
                 });
@@ -94,6 +147,20 @@ impl HostBroker {
             };
             match queue.try_reserve_owned() {
                 Ok(permit) => permits.push((permit, sub.function)),
+                Err(_) if mode == Reserve::SkipFull => {
+                    let rule = format!(
+                        "max_queue: {} messages already queued for it (a message from another node)",
+                        self.max_queue
+                    );
+                    tracing::warn!(plugin = %sub.plugin, topic, "message dropped: {rule}");
+                    self.audit.record(AuditEvent {
+                        plugin: &sub.plugin,
+                        operation: "subscribe",
+                        target: topic,
+                        decision: "dropped",
+                        rule: &rule,
+                    });
+                }
                 Err(_) => {
                     return Err(HostError::Overloaded(format!(
                         "subscriber {} has {} messages queued; nothing was published",
@@ -102,17 +169,17 @@ impl HostBroker {
                 }
             }
         }
-        let n = permits.len() as u32;
-        for (permit, function) in permits {
-            permit.send(Delivery {
-                from: from.to_owned(),
-                topic: topic.clone(),
-                function,
-                payload: payload.clone(),
-            });
-        }
-        Ok(HostReply::Delivered(n))
+        Ok(permits)
     }
+}
+
+/// What a full subscriber queue does to a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reserve {
+    /// Refuse the publish (it is this node's).
+    AllOrNothing,
+    /// Skip that subscriber (the message is another node's).
+    SkipFull,
 }
 
 #[cfg(test)]
@@ -178,8 +245,8 @@ mod tests {
         Arc::new(policy.resolve(&m, None).services)
     }
 
-    #[test]
-    fn a_publish_is_queued_for_every_subscriber_or_for_none() {
+    #[tokio::test]
+    async fn a_publish_is_queued_for_every_subscriber_or_for_none() {
         let allowed = grants("publish = [\"news\"]\nsubscribe = [\"news\"]");
         let (a_tx, mut a_rx) = mpsc::channel(1);
         let (b_tx, mut b_rx) = mpsc::channel(1);
@@ -210,14 +277,30 @@ mod tests {
             payload: Vec::new(),
         })
         .unwrap();
-        match broker.publish("p", &allowed, "news".into(), b"one".to_vec()) {
+        match broker
+            .publish("p", &allowed, "news".into(), b"one".to_vec())
+            .await
+        {
             Err(HostError::Overloaded(why)) => assert!(why.contains("subscriber b"), "{why}"),
             other => panic!("{other:?}"),
         }
         assert!(a_rx.try_recv().is_err(), "a got a message that b could not");
+        // A message from another node cannot be refused any more: a gets it, b
+        // (full) misses it, visibly.
+        broker.deliver_remote("far", "news", b"remote");
+        assert_eq!(a_rx.try_recv().unwrap().payload, b"remote");
+        let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        assert!(
+            audit.contains("\"decision\":\"dropped\"") && audit.contains("\"plugin\":\"b\""),
+            "{audit}"
+        );
         assert_eq!(b_rx.try_recv().unwrap().from, "earlier");
+        assert!(b_rx.try_recv().is_err());
         // Room for both: both get it.
-        match broker.publish("p", &allowed, "news".into(), b"two".to_vec()) {
+        match broker
+            .publish("p", &allowed, "news".into(), b"two".to_vec())
+            .await
+        {
             Ok(HostReply::Delivered(2)) => {}
             other => panic!("{other:?}"),
         }
@@ -235,13 +318,15 @@ mod tests {
             gone,
         );
         assert!(matches!(
-            orphan.publish("p", &allowed, "news".into(), Vec::new()),
+            orphan
+                .publish("p", &allowed, "news".into(), Vec::new())
+                .await,
             Err(HostError::Failed(_))
         ));
     }
 
-    #[test]
-    fn a_subscriber_without_the_grant_is_audited_and_skipped() {
+    #[tokio::test]
+    async fn a_subscriber_without_the_grant_is_audited_and_skipped() {
         let publisher = grants("publish = [\"news\"]");
         let (a_tx, mut a_rx) = mpsc::channel(4);
         let plugins: Arc<dyn Directory> = Arc::new(Plugins {
@@ -262,7 +347,10 @@ mod tests {
             4,
             Arc::downgrade(&plugins),
         );
-        match broker.publish("p", &publisher, "news".into(), Vec::new()) {
+        match broker
+            .publish("p", &publisher, "news".into(), Vec::new())
+            .await
+        {
             Ok(HostReply::Delivered(0)) => {}
             other => panic!("{other:?}"),
         }

@@ -10,6 +10,7 @@
 //! from `crate::supervisor`.
 
 pub mod audit;
+pub mod bus;
 pub mod fetch;
 pub mod messaging;
 pub mod store;
@@ -61,6 +62,10 @@ pub(crate) struct HostBroker {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     store: OnceLock<Result<Arc<Store>, store::OpenStoreError>>,
     backend: store::StoreBackend,
+    /// This daemon among the nodes of a shared store: random at every start.
+    pub(crate) node: String,
+    /// The task that receives the other nodes' messages (PostgreSQL backend).
+    bus: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     state_dir: PathBuf,
     fetcher: Fetcher,
     max_queue: usize,
@@ -92,6 +97,8 @@ impl HostBroker {
             metrics,
             store: OnceLock::new(),
             backend,
+            node: bus::node_id(),
+            bus: Default::default(),
             state_dir,
             fetcher: Fetcher::new(),
             max_queue,
@@ -112,6 +119,45 @@ impl HostBroker {
             .as_ref()
             .map(Arc::clone)
             .map_err(|e| HostError::Failed(e.to_string()))
+    }
+
+    /// The store, when it is shared with other nodes (PostgreSQL).
+    fn bus_store(&self) -> Result<Option<Arc<Store>>, HostError> {
+        match self.backend {
+            store::StoreBackend::Redb => Ok(None),
+            store::StoreBackend::Postgres(_) => self.store().map(Some),
+        }
+    }
+
+    /// Start receiving the other nodes' messages (with the PostgreSQL backend, in
+    /// a tokio runtime); stopped by [`HostBroker::stop_bus`] or when the broker goes.
+    pub(crate) fn start_bus(self: &Arc<Self>) {
+        let Ok(Some(store)) = self.bus_store() else {
+            if let store::StoreBackend::Postgres(_) = self.backend {
+                tracing::warn!("topics: the store cannot be opened; no messages from other nodes");
+            }
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("topics: not in a tokio runtime; no messages from other nodes");
+            return;
+        };
+        let task = runtime.spawn(bus::receive(Arc::downgrade(self), store));
+        if let Some(old) = self
+            .bus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(task)
+        {
+            old.abort();
+        }
+    }
+
+    /// Stop receiving the other nodes' messages.
+    pub(crate) fn stop_bus(&self) {
+        if let Some(task) = self.bus.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
     }
 
     /// Perform `op` for `plugin` within `ctx`; denials are audited.
@@ -189,7 +235,9 @@ impl HostBroker {
                 .fetch(&services, req, ctx.deadline)
                 .await
                 .map(HostReply::Fetched),
-            HostOp::Publish { topic, payload } => self.publish(plugin, &services, topic, payload),
+            HostOp::Publish { topic, payload } => {
+                self.publish(plugin, &services, topic, payload).await
+            }
             HostOp::Call {
                 plugin: target,
                 function,
@@ -218,6 +266,12 @@ impl HostBroker {
                     })
             }
         }
+    }
+}
+
+impl Drop for HostBroker {
+    fn drop(&mut self) {
+        self.stop_bus();
     }
 }
 

@@ -342,7 +342,7 @@ impl Supervisor {
 
     /// A supervisor whose workers `launcher` starts.
     pub(crate) fn with_launcher(options: Options, launcher: Arc<dyn Launcher>) -> Supervisor {
-        Supervisor(Arc::new_cyclic(|me: &Weak<Inner>| {
+        let sup = Supervisor(Arc::new_cyclic(|me: &Weak<Inner>| {
             let directory: Weak<dyn Directory> = me.clone();
             Inner {
                 me: me.clone(),
@@ -368,7 +368,10 @@ impl Supervisor {
                 rejected: Default::default(),
                 stopping: tokio::sync::watch::Sender::new(false),
             }
-        }))
+        }));
+        // Messages from the other nodes on a shared store.
+        sup.0.broker.start_bus();
+        sup
     }
 
     pub(crate) fn inner(&self) -> &Inner {

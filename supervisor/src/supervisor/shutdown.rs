@@ -11,6 +11,7 @@ impl Inner {
     pub(crate) async fn shutdown(&self, grace: Duration) {
         // Starts under way end now (their workers are killed), and no new one begins.
         self.stopping.send_replace(true);
+        self.broker.stop_bus();
         let mut workers = Vec::new();
         for p in &self.all_plugins() {
             workers.extend(p.state.lock().await.shut_down());

@@ -101,7 +101,7 @@ pub enum OpenStoreError {
 #[derive(Debug)]
 pub enum Store {
     Redb(redb::RedbStore),
-    Postgres(postgres::PgStore),
+    Postgres(Box<postgres::PgStore>),
 }
 
 impl Store {
@@ -114,7 +114,7 @@ impl Store {
                 redb::RedbStore::open(&state_dir.join("kv.redb")).map(Store::Redb)
             }
             StoreBackend::Postgres(p) => postgres::PgStore::new(p)
-                .map(Store::Postgres)
+                .map(|s| Store::Postgres(Box::new(s)))
                 .map_err(OpenStoreError::Postgres),
         }
     }
@@ -169,6 +169,21 @@ impl Store {
                 self.blocking(move |s| s.keys(&plugin, &prefix)).await
             }
             Store::Postgres(s) => s.keys(plugin, &prefix).await,
+        }
+    }
+
+    /// Announce a message to the other nodes that share this store (nothing to do
+    /// for redb, which no other node shares).
+    pub async fn publish(
+        &self,
+        node: &str,
+        from: &str,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<(), HostError> {
+        match self {
+            Store::Redb(_) => Ok(()),
+            Store::Postgres(s) => s.publish(node, from, topic, payload).await,
         }
     }
 

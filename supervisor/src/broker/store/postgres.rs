@@ -14,6 +14,13 @@
 //! write is answered only once its commit is flushed. The tables are created at
 //! the first use, under an advisory lock (two nodes starting at once do not race).
 //!
+//! Topics across nodes: a publish is a row of `corral_messages` and a
+//! `pg_notify` on [`CHANNEL`] naming it, in one transaction (so the row is there
+//! when the notification arrives, and notifications arrive in commit order); every
+//! node LISTENs on its own connection, reads the rows others announced and
+//! delivers them (`crate::broker::bus`). Rows older than [`MESSAGE_RETENTION`] are
+//! deleted by the nodes as they go.
+//!
 //! Connections come from a pool (deadpool-postgres, at most [`POOL_SIZE`]); each
 //! operation has [`TIMEOUT`], so a database that stops answering fails host calls
 //! with the reason instead of holding them.
@@ -47,11 +54,29 @@ const SCHEMA: &str = "
         plugin text PRIMARY KEY,
         bytes bigint NOT NULL
     );
+    CREATE TABLE IF NOT EXISTS corral_messages (
+        id bigserial PRIMARY KEY,
+        node text NOT NULL,
+        publisher text NOT NULL,
+        topic text NOT NULL,
+        payload bytea NOT NULL,
+        at timestamptz NOT NULL DEFAULT now()
+    );
 ";
+
+/// The channel every node LISTENs on; a notification is `<node> <message id>`.
+pub const CHANNEL: &str = "corral_topics";
+
+/// How long a published message stays in `corral_messages` for the other nodes
+/// to read.
+pub const MESSAGE_RETENTION: &str = "5 minutes";
 
 /// The pool, and whether the tables are known to exist.
 pub struct PgStore {
     pool: Pool,
+    /// For the listening connection, which is not the pool's.
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     schema: OnceCell<()>,
     shown: String,
 }
@@ -148,9 +173,10 @@ impl PgStore {
     /// The pool; nothing is contacted until the first operation.
     pub fn new(store: &PostgresStore) -> Result<PgStore, String> {
         let config = parse(store)?;
+        let tls = tls(store.ca_file.as_deref())?;
         let manager = Manager::from_config(
-            config,
-            tls(store.ca_file.as_deref())?,
+            config.clone(),
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -165,6 +191,8 @@ impl PgStore {
             .map_err(|e| format!("the connection pool: {e}"))?;
         Ok(PgStore {
             pool,
+            config,
+            tls,
             schema: OnceCell::new(),
             shown: describe(&store.url),
         })
@@ -379,6 +407,110 @@ impl PgStore {
                 out.push(String::from_utf8(key).map_err(|e| pg_failed("read", e))?);
             }
             Ok(out)
+        })
+        .await
+    }
+
+    /// Write a message for the other nodes and announce it; answered after commit.
+    pub async fn publish(
+        &self,
+        node: &str,
+        from: &str,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<(), HostError> {
+        self.timed(async {
+            let client = self.client().await?;
+            let st = client
+                .prepare_cached(
+                    "WITH m AS (INSERT INTO corral_messages (node, publisher, topic, payload) \
+                     VALUES ($1, $2, $3, $4) RETURNING id) \
+                     SELECT pg_notify('corral_topics', $1::text || ' ' || m.id) FROM m",
+                )
+                .await
+                .map_err(|e| pg_failed("publish", e))?;
+            client
+                .execute(&st, &[&node, &from, &topic, &payload])
+                .await
+                .map_err(|e| pg_failed("publish", e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A connection that LISTENs on [`CHANNEL`], and its notifications' payloads.
+    /// The channel is bounded: while the node is slow to deliver, notifications
+    /// wait in the server's queue, not in this process.
+    pub async fn listen(
+        &self,
+    ) -> Result<(tokio_postgres::Client, tokio::sync::mpsc::Receiver<String>), HostError> {
+        self.timed(async {
+            // The tables, through the pool, before the first message is read.
+            drop(self.client().await?);
+            let (client, mut connection) = self
+                .config
+                .connect(self.tls.clone())
+                .await
+                .map_err(|e| pg_failed(&format!("connection to {}", self.shown), e))?;
+            let (tx, rx) = tokio::sync::mpsc::channel(256);
+            tokio::spawn(async move {
+                loop {
+                    match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                            if tx.send(n.payload().to_owned()).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            tracing::warn!("topics: the listening connection failed: {e}");
+                            return;
+                        }
+                        None => return,
+                    }
+                }
+            });
+            client
+                .batch_execute(&format!("LISTEN {CHANNEL}"))
+                .await
+                .map_err(|e| pg_failed("listen", e))?;
+            Ok((client, rx))
+        })
+        .await
+    }
+
+    /// The message `id`: (publisher, topic, payload); `None` once it has expired.
+    pub async fn message(&self, id: i64) -> Result<Option<(String, String, Vec<u8>)>, HostError> {
+        self.timed(async {
+            let client = self.client().await?;
+            let st = client
+                .prepare_cached(
+                    "SELECT publisher, topic, payload FROM corral_messages WHERE id = $1",
+                )
+                .await
+                .map_err(|e| pg_failed("read", e))?;
+            let row = client
+                .query_opt(&st, &[&id])
+                .await
+                .map_err(|e| pg_failed("read", e))?;
+            Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+        })
+        .await
+    }
+
+    /// Delete messages older than [`MESSAGE_RETENTION`]; how many.
+    pub async fn expire_messages(&self) -> Result<u64, HostError> {
+        self.timed(async {
+            let client = self.client().await?;
+            client
+                .execute(
+                    &format!(
+                        "DELETE FROM corral_messages WHERE at < now() - interval '{MESSAGE_RETENTION}'"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_failed("expire", e))
         })
         .await
     }
