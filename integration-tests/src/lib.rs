@@ -635,6 +635,7 @@ pub fn vm_hwm() -> u64 {
 }
 
 /// Latency samples summarised for the benchmarks.
+pub mod daemon;
 pub mod postgres;
 
 pub mod bench {

@@ -121,6 +121,34 @@ struct RawConfig {
     plugin: BTreeMap<String, RawPluginConfig>,
     #[serde(default)]
     publishers: BTreeMap<String, Spanned<String>>,
+    remote: Option<Spanned<RawRemote>>,
+}
+
+/// `[remote]`: the remote call API.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRemote {
+    listen: Spanned<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    client_ca: Option<String>,
+    max_body: Option<Spanned<String>>,
+    max_concurrent: Option<usize>,
+    #[serde(default)]
+    caller: Vec<Spanned<RawCaller>>,
+}
+
+/// `[[remote.caller]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCaller {
+    name: String,
+    token: Option<RawSecret>,
+    client: Option<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    status: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -183,6 +211,8 @@ pub struct Config {
     pub policy_path: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`None`: not served).
     pub metrics: Option<std::net::SocketAddr>,
+    /// The remote call API (`None`: not served).
+    pub remote: Option<crate::daemon::remote::RemoteConfig>,
     pub log_format: Option<LogFormat>,
     pub options: Options,
 }
@@ -331,6 +361,10 @@ impl Config {
             })?),
             None => None,
         };
+        let remote = match &raw.remote {
+            Some(r) => Some(remote_config(r, &resolve, &read_secret, &invalid)?),
+            None => None,
+        };
         if let Some(z) = &raw.zygotes {
             options.zygotes = z.clone();
         }
@@ -380,10 +414,82 @@ impl Config {
             socket: raw.socket.as_deref().map(resolve),
             policy_path: raw.policy.as_deref().map(resolve),
             metrics,
+            remote,
             log_format: raw.log_format,
             options,
         })
     }
+}
+
+/// `[remote]`, read and checked (the certificates are read when the listener binds).
+fn remote_config(
+    raw: &Spanned<RawRemote>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    read_secret: &dyn Fn(&RawSecret, &str) -> Result<String, String>,
+    invalid: &dyn Fn(Option<std::ops::Range<usize>>, String) -> ConfigError,
+) -> Result<crate::daemon::remote::RemoteConfig, ConfigError> {
+    use crate::daemon::remote::{
+        Caller, DEFAULT_MAX_BODY, DEFAULT_MAX_CONCURRENT, RemoteConfig, TlsFiles,
+    };
+    let r = raw.get_ref();
+    let listen = r
+        .listen
+        .get_ref()
+        .parse::<std::net::SocketAddr>()
+        .map_err(|e| {
+            invalid(
+                Some(r.listen.span()),
+                format!("remote.listen: {e}: an address and port such as \"0.0.0.0:8443\""),
+            )
+        })?;
+    let tls = match (&r.tls_cert, &r.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: resolve(cert),
+            key: resolve(key),
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(invalid(
+                Some(raw.span()),
+                "remote: tls_cert and tls_key go together".into(),
+            ));
+        }
+    };
+    let max_body = match &r.max_body {
+        Some(m) => corral_manifest::parse_size(m.get_ref())
+            .map_err(|e| invalid(Some(m.span()), format!("remote.max_body: {e}")))?,
+        None => DEFAULT_MAX_BODY,
+    };
+    let mut callers = Vec::with_capacity(r.caller.len());
+    for c in &r.caller {
+        let (span, c) = (c.span(), c.get_ref());
+        let token = match &c.token {
+            Some(t) => Some(corral_protocol::Secret(
+                read_secret(t, &format!("remote.caller {:?}: token", c.name))
+                    .map_err(|m| invalid(Some(span.clone()), m))?,
+            )),
+            None => None,
+        };
+        callers.push(Caller {
+            name: c.name.clone(),
+            token,
+            client: c.client.clone(),
+            allow: c.allow.clone(),
+            status: c.status,
+        });
+    }
+    let config = RemoteConfig {
+        listen,
+        tls,
+        client_ca: r.client_ca.as_deref().map(resolve),
+        max_body,
+        max_concurrent: r.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT),
+        callers,
+    };
+    config
+        .validate()
+        .map_err(|m| invalid(Some(raw.span()), format!("remote: {m}")))?;
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -570,6 +676,75 @@ mod tests {
             .to_string();
         assert!(e.starts_with("c.toml:2:"), "{e}");
         assert!(e.contains("unknown variant `ruby`"), "{e}");
+    }
+
+    #[test]
+    fn remote_loads_its_callers_with_tokens_from_files_and_refuses_unsafe_settings_with_their_place()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ops.token"), "0123456789abcdef-ops\n").unwrap();
+        let path = dir.path().join("c.toml");
+        let parse = |text: &str| Config::parse(text, &path);
+        let c = parse(
+            "[remote]\nlisten = \"0.0.0.0:8443\"\ntls_cert = \"s.pem\"\ntls_key = \"s.key\"\n\
+             client_ca = \"ca.pem\"\nmax_body = \"2MiB\"\nmax_concurrent = 4\n\
+             [[remote.caller]]\nname = \"ops\"\ntoken = { file = \"ops.token\" }\n\
+             allow = [\"pricing\", \"orders:submit\"]\nstatus = true\n\
+             [[remote.caller]]\nname = \"billing\"\nclient = \"billing.internal\"\n",
+        )
+        .unwrap();
+        let r = c.remote.as_ref().unwrap();
+        assert_eq!(r.listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(r.tls.as_ref().unwrap().key, dir.path().join("s.key"));
+        assert_eq!(
+            r.client_ca.as_deref(),
+            Some(dir.path().join("ca.pem").as_path())
+        );
+        assert_eq!((r.max_body, r.max_concurrent), (2 << 20, 4));
+        assert_eq!(
+            r.callers[0].token.as_ref().unwrap().0,
+            "0123456789abcdef-ops"
+        );
+        assert!(r.callers[0].status && !r.callers[1].status);
+        assert_eq!(r.callers[1].client.as_deref(), Some("billing.internal"));
+        assert!(
+            !format!("{c:?}").contains("0123456789abcdef-ops"),
+            "a token in Debug"
+        );
+        assert!(parse("plugins = []\n").unwrap().remote.is_none());
+        for (text, expected) in [
+            (
+                "[remote]\nlisten = \"0.0.0.0:8443\"\n",
+                "remote: listen = \"0.0.0.0:8443\" without tls_cert and tls_key",
+            ),
+            (
+                "[remote]\nlisten = \"8443\"\n",
+                "c.toml:2:10: remote.listen: invalid socket address",
+            ),
+            (
+                "[remote]\nlisten = \"127.0.0.1:1\"\ntls_cert = \"s.pem\"\n",
+                "remote: tls_cert and tls_key go together",
+            ),
+            (
+                "[remote]\nlisten = \"127.0.0.1:1\"\nmax_body = \"lots\"\n",
+                "c.toml:3:12: remote.max_body:",
+            ),
+            (
+                "[remote]\nlisten = \"127.0.0.1:1\"\n[[remote.caller]]\nname = \"x\"\ntoken = { env = \"CORRAL_NO_SUCH_VAR\" }\n",
+                "the environment variable CORRAL_NO_SUCH_VAR is not set",
+            ),
+            (
+                "[remote]\nlisten = \"127.0.0.1:1\"\n[[remote.caller]]\nname = \"Ops Team\"\ntoken = \"0123456789abcdef0\"\n",
+                "caller name \"Ops Team\"",
+            ),
+            (
+                "[remote]\nlisten = \"127.0.0.1:1\"\n[[remote.caller]]\nname = \"x\"\ntokn = \"0123456789abcdef0\"\n",
+                "unknown field `tokn`",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(expected), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -4,18 +4,28 @@
 
 use crate::services::{RUNTIMES, host, kit};
 use corral::{AuditSink, Supervisor};
+use corral_integration_tests::daemon::Served;
 use corral_integration_tests::postgres::{PASSWORD, Postgres};
-use corral_integration_tests::{built, open_tempdir, options};
-use corral_worker::services::{decode_list, encode_list};
-use std::path::{Path, PathBuf};
+use corral_integration_tests::{open_tempdir, options};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 /// `corral serve` in `dir` with `plugins`, its store the database `db` of `pg`
 /// (the password from a file); its stderr goes to `stderr.log`.
-struct Node {
-    child: std::process::Child,
-    dir: PathBuf,
+struct Node(Served);
+
+impl std::ops::Deref for Node {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut Served {
+        &mut self.0
+    }
 }
 
 impl Node {
@@ -30,66 +40,16 @@ impl Node {
             corral_integration_tests::fixture("policy/test.toml"),
             pg.url(db),
         );
-        std::fs::write(dir.join("corral.toml"), config).unwrap();
-        let _ = std::fs::remove_file(dir.join("run/control.sock"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("stderr.log"))
-            .unwrap();
-        let child = std::process::Command::new(built().corral())
-            .args(["serve", "--log", "info", "--config"])
-            .arg(dir.join("corral.toml"))
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let until = Instant::now() + Duration::from_secs(10);
-        while !dir.join("run/control.sock").exists() {
-            assert!(Instant::now() < until, "daemon did not create its socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Node {
-            child,
-            dir: dir.to_owned(),
-        }
+        Node(Served::start(dir, &config))
     }
 
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(built().corral())
-            .args(args)
-            .arg("--socket")
-            .arg(self.dir.join("run/control.sock"))
-            .output()
-            .unwrap()
-    }
-
-    /// `corral call <id> host` with [operation, args...]; the answer list or stderr.
+    /// `corral call <id> host` with [operation, args...]; the answers as text, or stderr.
     fn host(&self, id: &str, items: &[&[u8]]) -> Result<Vec<String>, String> {
-        let input = self.dir.join("input.bin");
-        let list: Vec<Vec<u8>> = items.iter().map(|i| i.to_vec()).collect();
-        std::fs::write(&input, encode_list(&list)).unwrap();
-        let out = self.cli(&["call", id, "host", "--input-file", input.to_str().unwrap()]);
-        if out.status.success() {
-            Ok(decode_list(&out.stdout)
-                .unwrap()
-                .iter()
+        self.0.host(id, items).map(|list| {
+            list.iter()
                 .map(|i| String::from_utf8_lossy(i).into_owned())
-                .collect())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+                .collect()
+        })
     }
 }
 

@@ -22,6 +22,7 @@ mod native;
 mod operators;
 mod packages;
 mod python;
+mod remote;
 mod services;
 mod signing;
 mod support;

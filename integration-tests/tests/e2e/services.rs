@@ -7,6 +7,7 @@
 //! topics and calls to each other's `host`; other plugins get nothing.
 
 use corral::{AuditSink, Options, PluginConfig, Supervisor};
+use corral_integration_tests::daemon::Served;
 use corral_integration_tests::{fixture_plugin, native_plugin, open_tempdir, options, wat_plugin};
 use corral_protocol::{CallError, Secret};
 use corral_worker::services::{decode_list, encode_list};
@@ -1036,12 +1037,16 @@ async fn an_unhealthy_plugin_is_restarted_visibly_in_every_runtime() {
 
 /// `corral serve` with the three kits, a state directory, an audit file and a
 /// secret for each kit; its stderr goes to `stderr.log`.
-struct Daemon {
-    child: std::process::Child,
-    dir: PathBuf,
-}
+struct Daemon(Served);
 
 const TOKEN: &str = "tok-5e6b2d91";
+
+impl std::ops::Deref for Daemon {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.0
+    }
+}
 
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
@@ -1058,60 +1063,7 @@ impl Daemon {
                 "[plugin.svc-{rt}.config]\ngreeting = \"Hej\"\n[plugin.svc-{rt}.secrets]\ntoken = {TOKEN:?}\n"
             ));
         }
-        std::fs::write(dir.join("corral.toml"), config).unwrap();
-        let _ = std::fs::remove_file(dir.join("run/control.sock"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("stderr.log"))
-            .unwrap();
-        let child = std::process::Command::new(corral_integration_tests::built().corral())
-            .args(["serve", "--log", "info", "--config"])
-            .arg(dir.join("corral.toml"))
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let until = Instant::now() + Duration::from_secs(10);
-        while !dir.join("run/control.sock").exists() {
-            assert!(Instant::now() < until, "daemon did not create its socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon {
-            child,
-            dir: dir.to_owned(),
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(corral_integration_tests::built().corral())
-            .args(args)
-            .arg("--socket")
-            .arg(self.dir.join("run/control.sock"))
-            .output()
-            .unwrap()
-    }
-
-    /// `corral call <id> host` with [operation, args...]; the answer list or stderr.
-    fn host(&self, id: &str, items: &[&[u8]]) -> Result<Vec<Vec<u8>>, String> {
-        let input = self.dir.join("input.bin");
-        std::fs::write(
-            &input,
-            encode_list(&items.iter().map(|i| i.to_vec()).collect::<Vec<_>>()),
-        )
-        .unwrap();
-        let out = self.cli(&["call", id, "host", "--input-file", input.to_str().unwrap()]);
-        if out.status.success() {
-            Ok(decode_list(&out.stdout).unwrap())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Daemon(Served::start(dir, &config))
     }
 }
 
@@ -1152,8 +1104,7 @@ fn acknowledged_writes_survive_sigkill_and_secrets_stay_out_of_logs_and_status()
         }
     }
     // The last write was acknowledged; kill at once.
-    d.child.kill().unwrap();
-    d.child.wait().unwrap();
+    d.0.kill();
     let d = Daemon::start(dir.path());
     for rt in RUNTIMES {
         let id = format!("svc-{rt}");

@@ -71,7 +71,7 @@ pub(super) fn print_status_json(
     Ok(())
 }
 
-fn plugins_json(plugins: &[PluginInfo]) -> serde_json::Value {
+pub(crate) fn plugins_json(plugins: &[PluginInfo]) -> serde_json::Value {
     serde_json::Value::Array(
         plugins
             .iter()

@@ -4,4 +4,5 @@
 pub mod control;
 pub mod metrics;
 pub mod reload;
+pub mod remote;
 pub mod serve;

@@ -78,6 +78,14 @@ pub async fn serve(config_path: &Path, socket: Option<PathBuf>) -> Result<(), Se
         ),
         None => None,
     };
+    let remote = match &config.remote {
+        Some(r) => Some(
+            crate::daemon::remote::RemoteServer::bind(r)
+                .await
+                .map_err(|e| ServeError::Invalid(format!("remote: {e}")))?,
+        ),
+        None => None,
+    };
     let sup = Arc::new(sup);
     let plugins_watcher = watch_sources(&config, &sources, &sup)?;
     let _watcher = match config.policy_path.as_ref().filter(|_| config.watch) {
@@ -95,8 +103,19 @@ pub async fn serve(config_path: &Path, socket: Option<PathBuf>) -> Result<(), Se
         }
         None => None,
     };
+    let (remote, remote_reloader) = match remote {
+        Some(r) => {
+            let addr = r.local_addr().context("the remote listener")?;
+            let scheme = if r.tls() { "https" } else { "http" };
+            crate::cli::announce(&format!("remote calls on {scheme}://{addr}/v1/call/"));
+            let reloader = config.remote.as_ref().map(|c| r.reloader(c.listen));
+            (Some(tokio::spawn(r.serve(Arc::clone(&sup)))), reloader)
+        }
+        None => (None, None),
+    };
     let stop = Arc::new(Notify::new());
     let mut daemon = Daemon {
+        remote: remote_reloader,
         path: config_path.to_owned(),
         first: config.clone(),
         running: config,
@@ -136,6 +155,10 @@ pub async fn serve(config_path: &Path, socket: Option<PathBuf>) -> Result<(), Se
     if let Some(m) = metrics {
         m.abort();
     }
+    // No new remote call; the ones in flight end with the workers' stop.
+    if let Some(r) = remote {
+        r.abort();
+    }
     sup.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }
@@ -163,6 +186,8 @@ fn watch_sources(
 /// What a reload needs: the configuration the daemon started with (for the
 /// settings that wait for a restart) and the one in force.
 struct Daemon {
+    /// The remote listener's configuration slot, when it serves.
+    remote: Option<crate::daemon::remote::RemoteReloader>,
     path: PathBuf,
     first: Config,
     running: Config,
@@ -185,11 +210,29 @@ impl Daemon {
                 return;
             }
         };
-        let pending = waiting_for_restart(&self.first, &new);
+        let mut pending = waiting_for_restart(&self.first, &new);
+        // Callers, tokens, limits and certificates apply to the next connection;
+        // if one cannot be read, nothing of the new configuration is applied.
+        if let (Some(r), Some(c)) = (&self.remote, &new.remote) {
+            match r.apply(c) {
+                Ok(p) => pending.extend(p),
+                Err(why) => {
+                    self.sup.reopen_audit(self.running.options.audit.clone());
+                    self.sup.reject_config(format!("remote: {why}"));
+                    return;
+                }
+            }
+        }
         for p in &pending {
             tracing::warn!("configuration: {p}");
         }
         let mut changes = self.sup.reconfigure(&new.options, pending).await;
+        if let (Some(_), Some(c)) = (&self.remote, &new.remote) {
+            changes.push(format!(
+                "remote: {} caller(s) and the certificates read again",
+                c.callers.len()
+            ));
+        }
         if let Some(p) = new
             .policy_path
             .as_ref()
@@ -265,6 +308,10 @@ fn waiting_for_restart(first: &Config, new: &Config) -> Vec<String> {
     };
     check(first.socket != new.socket, "socket");
     check(first.metrics != new.metrics, "metrics");
+    check(
+        first.remote.is_some() != new.remote.is_some(),
+        "remote (turning the listener on or off)",
+    );
     check(first.log_format != new.log_format, "log_format");
     check(first.watch != new.watch, "watch");
     check(first.policy_path != new.policy_path, "policy");

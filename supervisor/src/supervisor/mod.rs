@@ -425,6 +425,37 @@ impl Supervisor {
         changes
     }
 
+    /// A refusal of the remote call API, in the audit log: under `@remote/<caller>`
+    /// (each caller its own audit budget) or `@remote` for requests that named no
+    /// valid caller, so that a flood of them cannot use up a plugin's budget.
+    pub fn audit_remote_denial(
+        &self,
+        caller: Option<&str>,
+        operation: &str,
+        target: &str,
+        rule: &str,
+    ) {
+        let who = match caller {
+            Some(c) => format!("@remote/{c}"),
+            None => "@remote".to_owned(),
+        };
+        // The target comes from the request line: kept short.
+        let mut end = target.len().min(200);
+        while !target.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.0
+            .broker
+            .audit
+            .record(crate::broker::audit::AuditEvent {
+                plugin: &who,
+                operation,
+                target: &target[..end],
+                decision: "denied",
+                rule,
+            });
+    }
+
     /// Keep the configuration in force and remember why a reload was rejected.
     /// `why` is cut at [`MAX_CONFIG_ERROR`] bytes: it may quote a listed plugin's
     /// `plugin.toml` (a plugin author's words), and it is kept, shown by `status`
