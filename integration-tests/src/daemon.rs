@@ -15,6 +15,8 @@ pub const SOCKET: &str = "run/control.sock";
 pub struct Served {
     pub child: std::process::Child,
     pub dir: PathBuf,
+    /// Its control socket.
+    pub socket: PathBuf,
 }
 
 impl Served {
@@ -22,20 +24,25 @@ impl Served {
     /// control socket exists (the configuration must say `socket = "run/control.sock"`).
     pub fn start(dir: &Path, config: &str) -> Served {
         std::fs::write(dir.join("corral.toml"), config).unwrap();
-        let _ = std::fs::remove_file(dir.join(SOCKET));
+        let mut serve = std::process::Command::new(crate::built().corral());
+        serve
+            .args(["serve", "--log", "info", "--config"])
+            .arg(dir.join("corral.toml"));
+        Served::launch(dir, serve, &dir.join(SOCKET))
+    }
+
+    /// Run `serve` (a `corral serve` command line, however it is wrapped) with its
+    /// stderr in `dir/stderr.log`, until `socket` exists.
+    pub fn launch(dir: &Path, mut serve: std::process::Command, socket: &Path) -> Served {
+        let _ = std::fs::remove_file(socket);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("stderr.log"))
             .unwrap();
-        let mut child = std::process::Command::new(crate::built().corral())
-            .args(["serve", "--log", "info", "--config"])
-            .arg(dir.join("corral.toml"))
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let until = Instant::now() + Duration::from_secs(10);
-        while !dir.join(SOCKET).exists() {
+        let mut child = serve.stderr(log).spawn().unwrap();
+        let until = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
                     "corral serve exited ({status}):\n{}",
@@ -48,6 +55,7 @@ impl Served {
         Served {
             child,
             dir: dir.to_owned(),
+            socket: socket.to_owned(),
         }
     }
 
@@ -56,7 +64,7 @@ impl Served {
         std::process::Command::new(crate::built().corral())
             .args(args)
             .arg("--socket")
-            .arg(self.dir.join(SOCKET))
+            .arg(&self.socket)
             .output()
             .unwrap()
     }
@@ -97,6 +105,23 @@ impl Served {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The base URL of its remote call API (`https://127.0.0.1:<port>`), from its
+    /// announcement (text or JSON log lines alike).
+    pub fn remote_url(&self) -> String {
+        let rest = self.announced("remote calls on ");
+        let url = rest
+            .split("/v1/call/")
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        assert!(
+            url.starts_with("https://") || url.starts_with("http://"),
+            "{rest}"
+        );
+        url
     }
 
     /// SIGKILL, and wait for it.

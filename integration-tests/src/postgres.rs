@@ -26,6 +26,8 @@ pub struct Postgres {
     user: Option<(u32, u32)>,
     /// The TCP port on 127.0.0.1.
     pub port: u16,
+    /// `-c` settings beyond the defaults (TLS).
+    settings: Vec<String>,
 }
 
 /// PostgreSQL's programs: `CORRAL_PG_BINDIR`, else the newest installed major.
@@ -96,6 +98,16 @@ fn free_port() -> u16 {
 impl Postgres {
     /// Make a cluster and start its server; waits until it accepts connections.
     pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// [`Postgres::start`], also serving TLS with `cert` and `key` (PEM) beside
+    /// plain connections.
+    pub fn start_tls(cert: &str, key: &str) -> Postgres {
+        Postgres::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Postgres {
         let bin = bindir();
         let user = server_user();
         let dir = crate::open_tempdir();
@@ -130,12 +142,27 @@ impl Postgres {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut settings = Vec::new();
+        if let Some((cert, key)) = tls {
+            for (name, pem, mode) in [("server.crt", cert, 0o644), ("server.key", key, 0o600)] {
+                let path = data.join(name);
+                std::fs::write(&path, pem).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+                chown(&path, user);
+            }
+            settings = vec![
+                "ssl=on".into(),
+                "ssl_cert_file=server.crt".into(),
+                "ssl_key_file=server.key".into(),
+            ];
+        }
         let mut pg = Postgres {
             child: None,
             dir,
             bin,
             user,
             port: 0,
+            settings,
         };
         let mut last = String::new();
         for _ in 0..5 {
@@ -164,6 +191,7 @@ impl Postgres {
             .arg("-k")
             .arg(self.dir.path().join("sockets"))
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=on"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

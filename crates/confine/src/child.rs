@@ -72,10 +72,14 @@ impl ChildSetup<'_> {
             // namespaces. At `standard`, its own IPC namespace when the supervisor is
             // root: SysV shared memory, semaphores and message queues (and POSIX ones)
             // would otherwise be shared with every other plugin and outlive the worker.
-            // (Needs CAP_SYS_ADMIN, so before the privileges go.)
+            // (Needs CAP_SYS_ADMIN, so before the privileges go. A root without it, as
+            // in a container that was not given it, starts standard workers without,
+            // like an unprivileged supervisor; `status` shows the namespaces each has.)
             let namespaces = if self.level >= Level::High {
                 libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS
-            } else if libc::geteuid() == 0 {
+            } else if libc::geteuid() == 0
+                && crate::sys::effective_capabilities() & (1 << crate::caps::CAP_SYS_ADMIN) != 0
+            {
                 libc::CLONE_NEWIPC
             } else {
                 0

@@ -48,6 +48,44 @@ mod maximum;
 mod seccomp;
 mod sys;
 
+/// Capabilities (linux/capability.h) the supervisor's work needs.
+pub mod caps {
+    pub const CAP_KILL: u32 = 5;
+    pub const CAP_SETGID: u32 = 6;
+    pub const CAP_SETUID: u32 = 7;
+    pub const CAP_SETPCAP: u32 = 8;
+    pub const CAP_SYS_ADMIN: u32 = 21;
+}
+
+/// Whether `cap` is in this process's effective set.
+pub fn has_capability(cap: u32) -> bool {
+    sys::effective_capabilities() & (1u64 << cap) != 0
+}
+
+/// Whether this process may create network, IPC and UTS namespaces itself
+/// (`CAP_SYS_ADMIN` in its effective set), as workers from level high need.
+pub fn can_create_namespaces() -> bool {
+    has_capability(caps::CAP_SYS_ADMIN)
+}
+
+/// What a supervisor running as root lacks to run workers as another user: to
+/// make them that user (`CAP_SETUID`, `CAP_SETGID`), to let them empty their
+/// bounding set (`CAP_SETPCAP`), and to end them (`CAP_KILL`: without it neither
+/// its kills nor the workers' parent-death signal reach another uid, and a worker
+/// past its deadline would run on). Empty when nothing is missing.
+pub fn missing_for_other_user() -> Vec<&'static str> {
+    [
+        (caps::CAP_SETUID, "CAP_SETUID"),
+        (caps::CAP_SETGID, "CAP_SETGID"),
+        (caps::CAP_SETPCAP, "CAP_SETPCAP"),
+        (caps::CAP_KILL, "CAP_KILL"),
+    ]
+    .into_iter()
+    .filter(|(cap, _)| !has_capability(*cap))
+    .map(|(_, name)| name)
+    .collect()
+}
+
 pub use seccomp::{filter_source, syscall_name, violation_from_stderr};
 
 /// Which namespaces the worker `pid` does not share with the calling process (the

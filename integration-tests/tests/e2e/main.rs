@@ -16,6 +16,7 @@ mod fleet;
 mod hooks;
 mod hostile;
 mod js;
+mod kubernetes;
 mod lifecycle;
 mod modules;
 mod native;

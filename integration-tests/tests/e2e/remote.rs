@@ -83,11 +83,7 @@ impl Remote {
             corral_integration_tests::fixture("policy/test.toml"),
         );
         let daemon = Served::start(dir, &config);
-        let url = daemon
-            .announced("remote calls on ")
-            .trim()
-            .trim_end_matches("/v1/call/")
-            .to_owned();
+        let url = daemon.remote_url();
         assert!(url.starts_with("https://127.0.0.1:"), "{url}");
         Remote {
             daemon,

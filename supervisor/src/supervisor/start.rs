@@ -181,6 +181,22 @@ impl ProcessLauncher {
                 effective.user.value, effective.user.origin
             ))
         })?;
+        if let Some(cred) = run_as
+            && cred.uid != 0
+        {
+            let missing = corral_confine::missing_for_other_user();
+            if !missing.is_empty() {
+                return Err(StartError::Refused(format!(
+                    "the worker runs as uid {} (user {}), and this supervisor lacks {}: it could \
+                     not drop the worker to that user or end it (its deadline, its stop); run \
+                     it as root with these capabilities (in a container, add them: \
+                     docs/fleet.md)",
+                    cred.uid,
+                    effective.user.value,
+                    missing.join(", ")
+                )));
+            }
+        }
         if let Some(cred) = run_as {
             access::check_readable(files, cred).map_err(|why| {
                 StartError::Refused(format!(
@@ -291,6 +307,13 @@ impl ProcessLauncher {
         let m = &p.manifest;
         let files = p.files.path();
         let level = effective.level.value;
+        if level >= Level::High && !corral_confine::can_create_namespaces() {
+            return Err(StartError::Refused(format!(
+                "level {level} requires its own network, IPC and UTS namespaces, which take \
+                 CAP_SYS_ADMIN, and this supervisor does not have it (run it as root with \
+                 CAP_SYS_ADMIN; in a container, add the capability: docs/fleet.md)"
+            )));
+        }
         let (cgroup, cgroup_unavailable) = match self.plugin_cgroup(m, effective) {
             Ok(g) => (Some(Arc::new(g)), None),
             // The supervisor's own limit: not a reason to start without a group.
