@@ -637,6 +637,7 @@ pub fn vm_hwm() -> u64 {
 /// Latency samples summarised for the benchmarks.
 pub mod daemon;
 pub mod postgres;
+pub mod tls;
 
 pub mod bench {
     use std::io::{Read, Write};

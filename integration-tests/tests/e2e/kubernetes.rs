@@ -7,8 +7,8 @@
 
 use corral_integration_tests::daemon::Served;
 use corral_integration_tests::postgres::{PASSWORD, Postgres};
+use corral_integration_tests::tls::Ca;
 use corral_integration_tests::{built, native_plugin, open_tempdir, repo_root};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -211,29 +211,6 @@ fn the_kubernetes_manifests_validate_against_the_schemas() {
     );
 }
 
-/// A CA, and certificates it signs.
-struct Ca(CertifiedIssuer<'static, KeyPair>);
-
-impl Ca {
-    fn new() -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "corral fleet test CA");
-        Ca(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
-    }
-
-    fn issue(&self, name: &str) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .signed_by(&key, &self.0)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 /// `setpriv` arguments that give a root process exactly the Deployment's
 /// capabilities (as the container runtime would: bounding set, so root's
 /// permitted and effective sets after exec), plus `extra`.
@@ -324,8 +301,8 @@ fn write(path: &Path, contents: &str) {
 /// the capability named; a worker past its deadline is ended (CAP_KILL).
 #[test]
 fn the_image_serves_the_configmaps_configuration_with_the_deployments_capabilities() {
-    let ca = Ca::new();
-    let (cert, key) = ca.issue("127.0.0.1");
+    let ca = Ca::new("corral fleet test CA");
+    let (cert, key) = ca.issue(&["127.0.0.1"]);
     let pg = Postgres::start_tls(&cert, &key);
     pg.create_database("corral");
     let root = open_tempdir();
@@ -353,7 +330,7 @@ fn the_image_serves_the_configmaps_configuration_with_the_deployments_capabiliti
     write(&r.join("run/secrets/corral/tls/tls.crt"), &cert);
     write(&r.join("run/secrets/corral/tls/tls.key"), &key);
     write(&r.join("run/secrets/corral/postgres/password"), PASSWORD);
-    write(&r.join("run/secrets/corral/postgres/ca.crt"), &ca.0.pem());
+    write(&r.join("run/secrets/corral/postgres/ca.crt"), &ca.pem());
     for d in ["run/corral", "var/cache/corral", "var/lib/corral"] {
         std::fs::create_dir_all(r.join(d)).unwrap();
     }
@@ -384,7 +361,7 @@ fn the_image_serves_the_configmaps_configuration_with_the_deployments_capabiliti
         let client = reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(ca.0.pem().as_bytes()).unwrap())
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
             .timeout(Duration::from_secs(30))
             .build()
             .unwrap();

@@ -5,8 +5,8 @@
 use crate::services::audit_line;
 use base64::Engine as _;
 use corral_integration_tests::daemon::Served;
+use corral_integration_tests::tls::Ca;
 use corral_integration_tests::{fixture_plugin, open_tempdir};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::path::Path;
@@ -16,32 +16,6 @@ const OPS_TOKEN: &str = "ops-3f9c1a7e55d04b2a9e61";
 const ROTATED_TOKEN: &str = "ops-rotated-8d2e44c1b7a09f36";
 const READER_TOKEN: &str = "reader-0b7d93e2a4c15f68";
 const WRONG_TOKEN: &str = "ops-3f9c1a7e55d04b2a9e62";
-
-/// A CA, and certificates it signs.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        Ca {
-            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
-        }
-    }
-
-    /// A leaf certificate for `names` (DNS names or IP addresses): (cert PEM, key PEM).
-    fn issue(&self, names: &[&str]) -> (String, String) {
-        let params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 /// A daemon with one JavaScript plugin `rjs` callers may reach and one, `vault`,
 /// nobody may; TLS with a server certificate for 127.0.0.1, client certificates
@@ -65,7 +39,7 @@ impl Remote {
         let (cert, key) = server_ca.issue(&["127.0.0.1"]);
         std::fs::write(dir.join("server.pem"), cert).unwrap();
         std::fs::write(dir.join("server.key"), key).unwrap();
-        std::fs::write(dir.join("clients.pem"), clients.issuer.pem()).unwrap();
+        std::fs::write(dir.join("clients.pem"), clients.pem()).unwrap();
         std::fs::write(dir.join("ops.token"), format!("{OPS_TOKEN}\n")).unwrap();
         let config = format!(
             "plugins = [{:?}, {:?}]\nsocket = \"run/control.sock\"\ncache_dir = \"cache\"\n\
@@ -101,7 +75,7 @@ impl Remote {
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
             .add_root_certificate(
-                reqwest::Certificate::from_pem(self.server_ca.issuer.pem().as_bytes()).unwrap(),
+                reqwest::Certificate::from_pem(self.server_ca.pem().as_bytes()).unwrap(),
             )
             .timeout(Duration::from_secs(20));
         if let Some((cert, key)) = identity {
@@ -398,25 +372,45 @@ fn the_remote_api_serves_only_the_callers_and_calls_it_allows() {
 
         // max_concurrent = 1: while ops's spin runs, ops's next call is 429 (and
         // billing, another caller, is still served); the spin ends as a timeout.
+        // The spin is the one call in flight (no other call of ops runs now);
+        // once the worker has it, ops's next call is refused at once.
         let spin = {
-            let (c, u) = (c.clone(), url("/v1/call/rjs/spin?timeout_ms=3000"));
+            let (c, u) = (c.clone(), url("/v1/call/rjs/spin?timeout_ms=4000"));
             tokio::spawn(async move { call(&c, &u, Some(OPS_TOKEN), "").await })
         };
-        let until = Instant::now() + Duration::from_secs(3);
+        let until = Instant::now() + Duration::from_secs(10);
         loop {
-            let (s, kind, body) = call(&c, &url("/v1/call/rjs/echo"), Some(OPS_TOKEN), "x").await;
-            if s == StatusCode::TOO_MANY_REQUESTS {
-                let (k, m) = error_of(s, &kind, &body);
-                assert_eq!(k, "overloaded");
-                assert!(
-                    m.contains("caller ops has 1 calls in flight (max_concurrent)"),
-                    "{m}"
-                );
+            let busy = remote.daemon.cli(&["list", "--json"]);
+            let plugins: Value = serde_json::from_slice(&busy.stdout).unwrap();
+            let rjs = plugins
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["id"] == "rjs")
+                .unwrap();
+            if rjs["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["busy"] == true)
+            {
                 break;
             }
-            assert!(Instant::now() < until, "never refused: {s}");
+            assert!(!spin.is_finished(), "the spin ended before it ran");
+            assert!(Instant::now() < until, "the spin never ran: {rjs}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let (s, kind, body) = call(&c, &url("/v1/call/rjs/echo"), Some(OPS_TOKEN), "x").await;
+        let (k, m) = error_of(s, &kind, &body);
+        assert_eq!(
+            (s, k.as_str()),
+            (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+            "{m}"
+        );
+        assert!(
+            m.contains("caller ops has 1 calls in flight (max_concurrent)"),
+            "{m}"
+        );
         let (s, _, _) = call(&billing, &url("/v1/call/rjs/ok"), None, "").await;
         assert_eq!(
             s,
