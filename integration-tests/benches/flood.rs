@@ -93,7 +93,7 @@ fn main() {
         let phases: [(&str, &[(&str, &str)]); 4] = [
             ("log frames (64 KiB each)", &[("log_flood", "16")]),
             (
-                "host calls, 64 at once, never read (kill, audit, restart)",
+                "host calls, 4,096 at once, never read (kill, audit, restart)",
                 &[("host_flood", "")],
             ),
             (

@@ -310,11 +310,13 @@ impl Hostile {
                 out.map_or_else(|e| errno_name(&e), |()| "not killed".into())
             }
             "host_flood" => {
-                // 64 host calls for the running call, in one write, never reading an
-                // answer: past the policy's host_calls in flight the worker is killed.
+                // 4,096 host calls for the running call, in one write, never reading
+                // an answer. Each `now` is answered at once, where it is read; once
+                // the socket's buffer is full, answers wait in the supervisor, and
+                // past host_calls + 1 of them the worker is killed.
                 let call = host.current_call();
                 let mut frames = Vec::new();
-                for id in 1..=64 {
+                for id in 1..=4096 {
                     let op = corral_protocol::HostOp::Now;
                     let frame = FromWorker::HostCall { id, call, op };
                     frames.extend(corral_protocol::frame::encode(&frame).expect("encodes"));

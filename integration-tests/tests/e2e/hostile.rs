@@ -1000,7 +1000,7 @@ async fn a_worker_writing_its_own_frames_is_bounded_killed_and_replaced() {
         ),
         (
             "host_flood",
-            "more than 4 host calls in flight (host_calls)".into(),
+            "5 answers to its host calls not read (host_calls 4)".into(),
         ),
     ];
     for (n, (attack, why)) in violations.iter().enumerate() {

@@ -171,21 +171,80 @@ impl HostBroker {
         let target = op.target();
         tracing::trace!(plugin, operation, target, "host call");
         let result = self.perform(plugin, &ctx, op).await;
+        self.account(plugin, operation, &target, &result);
+        result
+    }
+
+    /// `op` answered where it was read, when it is quick and waits on nothing:
+    /// the clock, and a read of a store on this machine. `Err(op)` hands any
+    /// other back, to be performed on a task of its own. Counted and audited as
+    /// [`HostBroker::perform_audited`] does.
+    pub(crate) fn perform_in_place(
+        &self,
+        plugin: &str,
+        op: HostOp,
+    ) -> Result<Result<HostReply, HostError>, HostOp> {
+        let result = match &op {
+            HostOp::Now => now(),
+            HostOp::KvGet { key } => {
+                let store = match self.store() {
+                    Ok(store) => store,
+                    Err(e) => return Ok(self.accounted(plugin, &op, Err(e))),
+                };
+                let services = match self.directory().and_then(|d| {
+                    d.services(plugin)
+                        .ok_or_else(|| HostError::Failed(format!("unknown plugin {plugin}")))
+                }) {
+                    Ok(services) => services,
+                    Err(e) => return Ok(self.accounted(plugin, &op, Err(e))),
+                };
+                match services.check_kv().map_err(denied) {
+                    Err(e) => Err(e),
+                    Ok(_) => match store.get_local(plugin, key) {
+                        Some(value) => value.map(HostReply::Value),
+                        None => return Err(op),
+                    },
+                }
+            }
+            _ => return Err(op),
+        };
+        Ok(self.accounted(plugin, &op, result))
+    }
+
+    fn accounted(
+        &self,
+        plugin: &str,
+        op: &HostOp,
+        result: Result<HostReply, HostError>,
+    ) -> Result<HostReply, HostError> {
+        let target = op.target();
+        tracing::trace!(plugin, operation = op.name(), target, "host call");
+        self.account(plugin, op.name(), &target, &result);
+        result
+    }
+
+    /// A host call's metric, and its audit record when it was denied.
+    fn account(
+        &self,
+        plugin: &str,
+        operation: &'static str,
+        target: &str,
+        result: &Result<HostReply, HostError>,
+    ) {
         self.metrics.host_call(
             plugin,
             operation,
             result.as_ref().map_or_else(HostError::kind, |_| "ok"),
         );
-        if let Err(HostError::Denied { rule }) = &result {
+        if let Err(HostError::Denied { rule }) = result {
             self.audit.record(AuditEvent {
                 plugin,
                 operation,
-                target: &target,
+                target,
                 decision: "denied",
                 rule,
             });
         }
-        result
     }
 
     async fn perform(
@@ -195,11 +254,7 @@ impl HostBroker {
         op: HostOp,
     ) -> Result<HostReply, HostError> {
         if let HostOp::Now = op {
-            let ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_err(|e| HostError::Failed(format!("system clock before 1970: {e}")))?
-                .as_millis() as i64;
-            return Ok(HostReply::Time(ms));
+            return now();
         }
         let directory = self.directory()?;
         let services = directory
@@ -269,6 +324,15 @@ impl HostBroker {
     }
 }
 
+/// `now`: the supervisor's clock, in milliseconds since 1970.
+fn now() -> Result<HostReply, HostError> {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| HostError::Failed(format!("system clock before 1970: {e}")))?
+        .as_millis() as i64;
+    Ok(HostReply::Time(ms))
+}
+
 impl Drop for HostBroker {
     fn drop(&mut self) {
         self.stop_bus();
@@ -283,6 +347,14 @@ impl Broker for HostBroker {
         op: HostOp,
     ) -> BoxFuture<'a, Result<HostReply, HostError>> {
         Box::pin(self.perform_audited(plugin, ctx, op))
+    }
+
+    fn host_call_in_place(
+        &self,
+        plugin: &str,
+        op: HostOp,
+    ) -> Result<Result<HostReply, HostError>, HostOp> {
+        self.perform_in_place(plugin, op)
     }
 
     /// Audit the security events: seccomp, OOM and deadline kills.

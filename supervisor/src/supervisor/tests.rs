@@ -333,8 +333,10 @@ async fn serve(
                     })),
                     "oversize" => drop(tx.send(answer(Ok(vec![0; (1 << 20) + 1])))),
                     "host_flood" => {
+                        // Host calls performed on tasks of their own (`now` and
+                        // `kv.get` are answered as they are read, never in flight).
                         for n in 0..64 {
-                            let op = corral_protocol::HostOp::Now;
+                            let op = corral_protocol::HostOp::KvKeys { prefix: "".into() };
                             let _ = tx.send(FromWorker::HostCall {
                                 id: n,
                                 call: id,

@@ -20,7 +20,7 @@ use super::{Broker, Exited, Pending, Reply, lock, lock_reason};
 use corral_confine::Level;
 use corral_confine::cgroup::PluginCgroup;
 use corral_protocol::{
-    CallError, ExitReason, FromWorker, FromWorkerKind, HostError, RequestId, ToWorker,
+    CallError, ExitReason, FromWorker, FromWorkerKind, HostError, HostReply, RequestId, ToWorker,
     frame::{self, FrameError},
 };
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -174,9 +174,47 @@ pub(crate) struct Connection {
     /// for it stays bounded (one more than `host_calls`, so a worker that reads each
     /// answer before its next call never races the writer).
     pub(crate) unwritten: Arc<Semaphore>,
+    /// The socket's write half, for answers written where they are made.
+    pub(crate) writer: Writer,
 }
 
 impl Connection {
+    /// Write the answer to host call `id` now, when the socket takes it whole and
+    /// no caller is writing; else its rest is written by a task holding the write
+    /// half (so no other frame comes between), or the whole answer goes to
+    /// [`write_frames`]. `permit` is held until it is written, as for any answer.
+    fn answer_in_place(
+        &self,
+        id: RequestId,
+        result: Result<HostReply, HostError>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let frame = match frame::encode(&ToWorker::HostResult { id, result }) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(plugin = %self.plugin_id, "host call answer not sent: {e}");
+                return;
+            }
+        };
+        let Ok(mut wr) = Arc::clone(&self.writer).try_lock_owned() else {
+            // Room is certain: the channel holds as many answers as there are permits.
+            let _ = self.answers.try_send((frame, permit));
+            return;
+        };
+        let written = match wr.try_write(&frame) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            // The worker's end is gone: the reader sees it.
+            Err(_) => return,
+        };
+        if written < frame.len() {
+            tokio::spawn(async move {
+                let _ = wr.write_all(&frame[written..]).await;
+                drop(permit);
+            });
+        }
+    }
+
     pub(crate) async fn run(mut self, rd: OwnedReadHalf, mut child: Box<dyn Process>) {
         let mut protocol_error = None;
         let mut status = None;
@@ -334,6 +372,18 @@ impl Connection {
                     return Err(Violation::AnswersNotRead {
                         host_calls: self.host_calls,
                     });
+                };
+                // The clock and a local store read are answered here, before the
+                // next frame is read: no task, no hop to the writer.
+                let op = match self.broker.upgrade() {
+                    Some(broker) => match broker.host_call_in_place(&self.plugin_id, op) {
+                        Ok(result) => {
+                            self.answer_in_place(id, result, permit);
+                            return Ok(());
+                        }
+                        Err(op) => op,
+                    },
+                    None => op,
                 };
                 lock(&self.pending).host_calls.insert(id);
                 let broker = self.broker.clone();

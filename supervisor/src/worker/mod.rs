@@ -66,6 +66,17 @@ pub(crate) trait Broker: Send + Sync + std::fmt::Debug {
         op: HostOp,
     ) -> BoxFuture<'a, Result<HostReply, HostError>>;
 
+    /// `op` answered at once, where the worker's frame was read, when it waits on
+    /// nothing (the clock, a local store read); `Err(op)` to have it performed by
+    /// [`Broker::host_call`] on a task of its own.
+    fn host_call_in_place(
+        &self,
+        _plugin: &str,
+        op: HostOp,
+    ) -> Result<Result<HostReply, HostError>, HostOp> {
+        Err(op)
+    }
+
     /// A worker ended without being asked to.
     fn worker_exited(&self, exit: Exited<'_>);
 }

@@ -409,7 +409,7 @@ impl WorkerHandle {
         // As many answers as there are permits to hold them (`Connection::unwritten`).
         let unwritten = spec.budgets.host_calls + 1;
         let (answers, answers_rx) = mpsc::channel(unwritten);
-        tokio::spawn(write_frames(writer, rx, answers_rx));
+        tokio::spawn(write_frames(Arc::clone(&writer), rx, answers_rx));
         tokio::spawn(
             Connection {
                 broker: spec.broker.clone(),
@@ -429,6 +429,7 @@ impl WorkerHandle {
                 exited: Arc::clone(&handle.exited),
                 answers,
                 unwritten: Arc::new(Semaphore::new(unwritten)),
+                writer,
             }
             .run(rd, child),
         );

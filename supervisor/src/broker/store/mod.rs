@@ -128,6 +128,16 @@ impl Store {
         }
     }
 
+    /// Read `key` where the caller stands, when the store is on this machine
+    /// (redb: a read transaction, no I/O wait worth a task); `None` for a store
+    /// across the network.
+    pub fn get_local(&self, plugin: &str, key: &str) -> Option<Result<Option<Vec<u8>>, HostError>> {
+        match self {
+            Store::Redb(s) => Some(s.get(plugin, key)),
+            Store::Postgres(_) => None,
+        }
+    }
+
     /// Write `key`, refusing growth past `quota` bytes. Durable when it returns.
     pub async fn put(
         self: &Arc<Self>,
