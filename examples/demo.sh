@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
-cargo build --release --quiet -p corral -p corral-worker-wasm -p corral-worker-js \
+cargo build --release --quiet -p corral -p corral-client -p corral-worker-wasm -p corral-worker-js \
     -p corral-worker-python -p corral-worker-native --bins
 # The examples are their own workspaces with their own target directories.
 env -u CARGO_TARGET_DIR cargo build --release --quiet --target wasm32-wasip1 \

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Lay out Corral's files under a root directory, as the container image has them:
 #   install.sh <release dir> <root>
-# <release dir> holds the built corral and corral-worker-* binaries (cargo build
+# <release dir> holds the built corral, corral-supervisor and corral-worker-* binaries (cargo build
 # --release); the examples must have been built (examples/demo.sh's steps). The
 # test suite runs it into a temporary root and serves from there.
 set -eu
@@ -11,7 +11,7 @@ src=$(cd "$(dirname "$0")/../.." && pwd)
 lib=$root/usr/libexec/corral
 share=$root/usr/share/corral
 mkdir -p "$lib" "$share/plugins" "$share/policies" "$root/usr/local/bin" "$root/etc/corral/config"
-for b in corral corral-worker-wasm corral-worker-js corral-worker-python corral-worker-native; do
+for b in corral corral-supervisor corral-worker-wasm corral-worker-js corral-worker-python corral-worker-native; do
     install -m 0755 "$bin/$b" "$lib/$b"
 done
 install -m 0755 "$src/dist/container/entrypoint.sh" "$lib/entrypoint.sh"

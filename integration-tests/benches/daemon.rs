@@ -8,8 +8,8 @@
 //!   threads (the flavour `corral serve` runs);
 //! - a running `corral serve`, through its control socket: one persistent
 //!   connection, and a new connection per call;
-//! - the `corral call` CLI, beside fork+exec+wait of `/bin/true` and of
-//!   `corral --version`;
+//! - the `corral call` CLI (the front), beside fork+exec+wait of `/bin/true`, of
+//!   `corral --version` and of the full binary answering the same call;
 //! - throughput of one plugin with 1, 8 and 64 callers, through the library and
 //!   through the daemon (one connection per caller), beside a raw echo socket
 //!   with 64 frames in flight.
@@ -321,8 +321,15 @@ fn main() {
         println!("the CLI ({cli_iters} samples)");
         let t = spawn_wait(cli_iters, Path::new("/bin/true"), &[]);
         row("baseline: fork+exec+wait /bin/true", t, None);
+        let full = built().corral_supervisor();
+        let v = spawn_wait(cli_iters, &full, &[OsStr::new("--version")]);
+        row("corral-supervisor --version (the full binary)", v, Some(t));
         let v = spawn_wait(cli_iters, &corral, &[OsStr::new("--version")]);
-        row("corral --version", v, Some(t));
+        row(
+            "corral --version (the front, then the full binary)",
+            v,
+            Some(t),
+        );
         for id in ["hello-wasm", "hello-python"] {
             let args = [
                 OsStr::new("call"),
@@ -333,6 +340,12 @@ fn main() {
             ];
             let c = spawn_wait(cli_iters, &corral, &args);
             row(&format!("corral call {id} noop"), c, Some(t));
+            let c = spawn_wait(cli_iters, &full, &args);
+            row(
+                &format!("corral-supervisor call {id} noop (the full binary)"),
+                c,
+                Some(t),
+            );
         }
         println!("  (ratio: p50 / /bin/true p50; target <= 2x)");
 

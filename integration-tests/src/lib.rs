@@ -28,6 +28,12 @@ impl Built {
     pub fn corral(&self) -> PathBuf {
         self.bin_dir.join("corral")
     }
+
+    /// `corral-supervisor`: the daemon and the whole command line, which the
+    /// `corral` front runs for every command but `call`.
+    pub fn corral_supervisor(&self) -> PathBuf {
+        self.bin_dir.join("corral-supervisor")
+    }
 }
 
 /// The repository root.

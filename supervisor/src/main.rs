@@ -1,4 +1,6 @@
-//! `corral`: the Corral daemon and command line. See `corral --help`.
+//! `corral-supervisor`: the Corral daemon and the whole command line (`corral`, the
+//! front in crates/client, answers `corral call` itself and runs this binary for
+//! everything else). See `corral --help`.
 
 use clap::Parser;
 use std::process::ExitCode;

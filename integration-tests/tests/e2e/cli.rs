@@ -348,6 +348,156 @@ fn serve_call_list_stop() {
     assert!(text(&out.stderr).contains("is `corral serve` running?"));
 }
 
+/// `corral call` is answered by the front (`corral`, crates/client) without the
+/// full binary: a copy of the front alone answers the daemon; everything else it
+/// hands to `corral-supervisor` beside it, and says so when that is missing. Both
+/// binaries answer every kind of call with the same bytes and the same code.
+#[test]
+fn the_front_answers_calls_alone_and_the_same_as_the_full_binary() {
+    let d = Daemon::start();
+    let missing = d._dir.path().join("no-daemon.sock");
+    let missing = missing.to_str().unwrap();
+    let input = d._dir.path().join("input.txt");
+    std::fs::write(&input, "Di").unwrap();
+    let input = input.to_str().unwrap();
+    // (arguments, the exit code both must end with)
+    let cases: &[(&[&str], i32)] = &[
+        (&["call", "hello-wasm", "greet", "--input", "Cy"], 0),
+        (
+            &["call", "hello-wasm", "greet", "--input", "Cy", "--json"],
+            0,
+        ),
+        (&["call", "hello-wasm", "greet", "--input-file", input], 0),
+        (&["call", "kit", "fail"], 3),
+        (&["call", "kit", "fail", "--json"], 3),
+        (&["call", "kit", "spin", "--timeout", "50ms"], 4),
+        (&["call", "ghost", "f"], 6),
+        (&["call", "ghost", "f", "--json"], 6),
+        (&["call", "hello-wasm", "nope", "--json"], 6),
+        (
+            &[
+                "call",
+                "hello-wasm",
+                "greet",
+                "--input-file",
+                "/nonexistent/x",
+            ],
+            1,
+        ),
+        (&["call", "hello-wasm", "greet", "--timeout", "soon"], 2),
+        (
+            &[
+                "call",
+                "hello-wasm",
+                "greet",
+                "--input",
+                "a",
+                "--input-file",
+                input,
+            ],
+            2,
+        ),
+        (&["call", "hello-wasm"], 2),
+        (&["call", "hello-wasm", "greet", "--socket", missing], 8),
+        (
+            &["call", "hello-wasm", "greet", "--json", "--socket", missing],
+            8,
+        ),
+    ];
+    let run = |bin: &Path, args: &[&str]| {
+        let mut c = Command::new(bin);
+        c.args(args).env_remove("CORRAL_SOCKET");
+        if !args.contains(&"--socket") {
+            c.arg("--socket").arg(&d.socket);
+        }
+        c.output().unwrap()
+    };
+    for (args, code) in cases {
+        let front = run(&built().corral(), args);
+        let full = run(&built().corral_supervisor(), args);
+        assert_eq!(
+            front.status.code(),
+            Some(*code),
+            "{args:?}: {}",
+            text(&front.stderr)
+        );
+        assert_eq!(front.status.code(), full.status.code(), "{args:?}");
+        assert_eq!(text(&front.stdout), text(&full.stdout), "{args:?}");
+        assert_eq!(text(&front.stderr), text(&full.stderr), "{args:?}");
+    }
+    let out = run(
+        &built().corral(),
+        &["call", "hello-wasm", "greet", "--input", "Cy", "--json"],
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "{\"ok\":true,\"output\":\"Hello, Cy!\"}\n"
+    );
+    let out = run(
+        &built().corral(),
+        &["call", "hello-wasm", "greet", "--socket", missing],
+    );
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: cannot connect to the corral daemon at {missing} (is `corral serve` \
+             running?): No such file or directory (os error 2)\n"
+        )
+    );
+
+    // The front alone, without corral-supervisor beside it.
+    let alone = d._dir.path().join("alone");
+    std::fs::create_dir(&alone).unwrap();
+    std::fs::copy(built().corral(), alone.join("corral")).unwrap();
+    let out = run(
+        &alone.join("corral"),
+        &["call", "hello-wasm", "greet", "--input", "Cy"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "Hello, Cy!");
+    let out = Command::new(alone.join("corral"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: cannot run {}: No such file or directory (os error 2) (every command but \
+             `call` is in that binary, installed beside `corral`)\n",
+            alone.join("corral-supervisor").display()
+        )
+    );
+
+    // Everything else is the full binary's, in the same process: its version, its
+    // help (under the name `corral`), its other commands.
+    let version = |bin: &Path| Command::new(bin).arg("--version").output().unwrap();
+    let (front, full) = (
+        version(&built().corral()),
+        version(&built().corral_supervisor()),
+    );
+    assert_eq!(front.status.code(), Some(0));
+    assert_eq!(text(&front.stdout), text(&full.stdout));
+    assert!(
+        text(&front.stdout).starts_with("corral "),
+        "{}",
+        text(&front.stdout)
+    );
+    let help = Command::new(built().corral())
+        .args(["call", "--help"])
+        .output()
+        .unwrap();
+    assert_eq!(help.status.code(), Some(0));
+    assert!(
+        text(&help.stdout).contains("Usage: corral call [OPTIONS] <PLUGIN> <FUNCTION>"),
+        "{}",
+        text(&help.stdout)
+    );
+    let out = d.cli(&["list", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(d.plugin_json("list", "hello-wasm").is_some());
+}
+
 #[test]
 fn sigterm_stops_the_daemon_and_its_workers() {
     let mut d = Daemon::start();

@@ -838,8 +838,8 @@ fn the_systemd_unit_verifies_and_is_hardened() {
     }
     let dir = corral_integration_tests::open_tempdir();
     let local = unit.replace(
-        "/usr/libexec/corral/corral",
-        built().corral().to_str().unwrap(),
+        "/usr/libexec/corral/corral-supervisor",
+        built().corral_supervisor().to_str().unwrap(),
     );
     let path = dir.path().join("corral.service");
     std::fs::write(&path, local).unwrap();

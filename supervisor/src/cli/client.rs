@@ -1,9 +1,9 @@
-//! The commands that talk to a running daemon over its control socket: `call`,
-//! `list`, `status`, `policy explain --socket` and `stop`.
+//! The commands that talk to a running daemon over its control socket: `list`,
+//! `status`, `policy explain --socket` and `stop` (`call` is `corral_client::call`,
+//! shared with the `corral` front).
 
 use super::exit::{self, Failure, Outcome};
-use super::output::{print_plugins, print_result, print_status, print_status_json};
-use super::{InputArgs, OutputArgs};
+use super::output::{print_plugins, print_status, print_status_json};
 use crate::control::{ControlClient, default_socket_path};
 use anyhow::{Context, bail};
 use corral_protocol::{ControlRequest, ControlResponse};
@@ -12,25 +12,6 @@ use std::path::PathBuf;
 /// An answer the daemon should not have given to this request.
 fn unexpected(other: ControlResponse) -> anyhow::Error {
     anyhow::anyhow!("unexpected answer from the daemon: {other:?}")
-}
-
-pub(super) async fn call(
-    plugin: String,
-    function: String,
-    input: InputArgs,
-    out: OutputArgs,
-    socket: Option<PathBuf>,
-) -> Outcome {
-    let req = ControlRequest::Call {
-        plugin,
-        function,
-        input: input.read()?,
-        timeout_ms: out.timeout.map(|t| t.as_millis() as u64),
-    };
-    match request(socket, &req).await? {
-        ControlResponse::Called(result) => print_result(result, out.json),
-        other => Err(unexpected(other)),
-    }
 }
 
 pub(super) async fn list(json: bool, socket: Option<PathBuf>) -> Outcome {

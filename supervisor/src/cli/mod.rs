@@ -3,7 +3,7 @@
 //! to an exit code in one place ([`exit::report`]).
 
 mod client;
-pub mod exit;
+pub use corral_client::exit;
 mod new;
 pub(crate) mod output;
 mod plugin;
@@ -15,12 +15,11 @@ use crate::Config;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// Corral runs untrusted WebAssembly, JavaScript and Python plugins in confined
 /// worker processes.
 #[derive(Debug, Parser)]
-#[command(name = "corral", version, about)]
+#[command(name = "corral", bin_name = "corral", version, about)]
 pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `corral=debug`.
     #[arg(long, global = true, env = "CORRAL_LOG", default_value = "warn")]
@@ -53,16 +52,7 @@ pub enum Command {
         socket: Option<PathBuf>,
     },
     /// Call a function of a plugin in the running daemon.
-    Call {
-        plugin: String,
-        function: String,
-        #[command(flatten)]
-        input: InputArgs,
-        #[command(flatten)]
-        out: OutputArgs,
-        #[arg(long, env = "CORRAL_SOCKET")]
-        socket: Option<PathBuf>,
-    },
+    Call(corral_client::CallArgs),
     /// Show each plugin's state and what its worker really enforces.
     Status {
         /// Print JSON instead of text.
@@ -312,57 +302,6 @@ pub enum PolicyCommand {
     },
 }
 
-#[derive(Debug, Args)]
-#[group(multiple = false)]
-pub struct InputArgs {
-    /// Input as a string.
-    #[arg(long)]
-    input: Option<String>,
-    /// Read the input from a file (`-` for standard input).
-    #[arg(long)]
-    input_file: Option<PathBuf>,
-}
-
-impl InputArgs {
-    fn read(&self) -> anyhow::Result<Vec<u8>> {
-        match (&self.input, &self.input_file) {
-            (Some(s), _) => Ok(s.clone().into_bytes()),
-            (None, Some(p)) if p == Path::new("-") => {
-                read_capped(std::io::stdin(), "standard input")
-            }
-            (None, Some(p)) => {
-                let f = std::fs::File::open(p)
-                    .with_context(|| format!("failed to read {}", p.display()))?;
-                read_capped(f, &p.display().to_string())
-            }
-            (None, None) => Ok(Vec::new()),
-        }
-    }
-}
-
-/// Read a call's input, at most one frame's worth: a larger input could never be
-/// sent, so it is refused before it fills memory.
-fn read_capped(r: impl std::io::Read, what: &str) -> anyhow::Result<Vec<u8>> {
-    let max = u64::from(corral_protocol::frame::MAX_FRAME);
-    let mut buf = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(r, max + 1), &mut buf)
-        .with_context(|| format!("failed to read {what}"))?;
-    if buf.len() as u64 > max {
-        anyhow::bail!("{what}: input larger than {max} bytes (one frame)");
-    }
-    Ok(buf)
-}
-
-#[derive(Debug, Args)]
-pub struct OutputArgs {
-    /// Print a JSON object (`{"ok":true,"output":...}` or `{"ok":false,"error":...}`).
-    #[arg(long)]
-    json: bool,
-    /// Per-call deadline, e.g. `500ms` or `10s` (default: the plugin's own).
-    #[arg(long, value_parser = parse_timeout)]
-    timeout: Option<Duration>,
-}
-
 fn parse_level(s: &str) -> Result<corral_confine::Level, corral_confine::UnknownLevel> {
     s.parse()
 }
@@ -380,10 +319,6 @@ fn policy_from(
         Some(l) => policy.with_level(l, "--level on the command line"),
         None => policy,
     })
-}
-
-fn parse_timeout(s: &str) -> Result<Duration, corral_manifest::ValueError> {
-    corral_manifest::parse_duration(s)
 }
 
 static LOG_FORMAT: std::sync::OnceLock<crate::config::LogFormat> = std::sync::OnceLock::new();
@@ -445,7 +380,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     // and waits: one thread does, and starts sooner than a pool.
     let client = matches!(
         cli.command,
-        Command::Call { .. } | Command::List { .. } | Command::Status { .. } | Command::Stop { .. }
+        Command::Call(_) | Command::List { .. } | Command::Status { .. } | Command::Stop { .. }
     );
     let rt = if client {
         tokio::runtime::Builder::new_current_thread()
@@ -481,13 +416,7 @@ async fn dispatch(command: Command) -> exit::Outcome {
                 Err(ServeError::Failed(e)) => Err(e),
             }
         }
-        Command::Call {
-            plugin,
-            function,
-            input,
-            out,
-            socket,
-        } => client::call(plugin, function, input, out, socket).await,
+        Command::Call(args) => corral_client::call(args),
         Command::List { json, socket } => client::list(json, socket).await,
         Command::Status { json, socket } => client::status(json, socket).await,
         Command::Policy(PolicyCommand::Explain {
@@ -515,7 +444,7 @@ fn wants_json(command: &Command) -> bool {
         Command::Run(args) => args.json(),
         Command::Test(args) => args.json,
         Command::New(args) => args.json,
-        Command::Call { out, .. } => out.json,
+        Command::Call(args) => args.out.json,
         Command::Status { json, .. } | Command::List { json, .. } | Command::Stop { json, .. } => {
             *json
         }
@@ -552,23 +481,4 @@ fn man(out: Option<&Path>) -> exit::Outcome {
         }
     }
     Ok(exit::OK)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_endless_input_is_refused_at_one_frame() {
-        // /dev/zero as --input-file: read up to one frame plus a byte, then refused.
-        let e = read_capped(std::io::repeat(0), "/dev/zero").unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            format!(
-                "/dev/zero: input larger than {} bytes (one frame)",
-                corral_protocol::frame::MAX_FRAME
-            )
-        );
-        assert_eq!(read_capped(&b"abc"[..], "x").unwrap(), b"abc");
-    }
 }

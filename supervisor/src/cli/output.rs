@@ -1,48 +1,8 @@
 //! How results, plugin lists and status are printed: plain text for people,
 //! `--json` for programs. Every command's output goes through here.
 
-use super::exit::{self, error_kind, exit_code_for};
-use corral_protocol::{CallError, PluginInfo};
+use corral_protocol::PluginInfo;
 use std::io::Write;
-
-pub(super) fn print_result(result: Result<Vec<u8>, CallError>, json: bool) -> anyhow::Result<u8> {
-    let mut stdout = std::io::stdout().lock();
-    match (result, json) {
-        (Ok(out), false) => {
-            stdout.write_all(&out)?;
-            // Exact bytes into pipes and files; a final newline only for a terminal.
-            use std::io::IsTerminal;
-            if stdout.is_terminal() && !out.ends_with(b"\n") && !out.is_empty() {
-                stdout.write_all(b"\n")?;
-            }
-            Ok(exit::OK)
-        }
-        (Ok(out), true) => {
-            let v = match String::from_utf8(out) {
-                Ok(s) => serde_json::json!({ "ok": true, "output": s }),
-                Err(e) => serde_json::json!({ "ok": true, "output_hex": hex(e.as_bytes()) }),
-            };
-            writeln!(stdout, "{v}")?;
-            Ok(exit::OK)
-        }
-        (Err(e), false) => {
-            eprintln!("error: {e}");
-            Ok(exit_code_for(&e))
-        }
-        (Err(e), true) => {
-            let v = serde_json::json!({
-                "ok": false,
-                "error": { "kind": error_kind(&e), "message": e.to_string() },
-            });
-            writeln!(stdout, "{v}")?;
-            Ok(exit_code_for(&e))
-        }
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// `corral status --json`: the daemon's state and every plugin's (docs/json.md).
 pub(super) fn print_status_json(

@@ -1,10 +1,10 @@
 //! `corral run`: one call without a daemon.
 
 use super::exit::{self, Failure, Outcome};
-use super::output::print_result;
-use super::{InputArgs, OutputArgs, parse_level, policy_from};
+use super::{parse_level, policy_from};
 use crate::{Options, Supervisor};
 use clap::Args;
+use corral_client::{InputArgs, OutputArgs, print_result};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

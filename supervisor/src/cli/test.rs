@@ -37,9 +37,10 @@
 
 use super::exit::{self, Failure, Outcome};
 use super::output::print_json;
-use super::{parse_level, parse_timeout, policy_from};
+use super::{parse_level, policy_from};
 use crate::{Options, PluginConfig, Supervisor};
 use clap::Args;
+use corral_client::parse_timeout;
 use corral_protocol::{CallError, Secret};
 use serde::Deserialize;
 use serde_spanned::Spanned;

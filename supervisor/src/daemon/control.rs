@@ -52,20 +52,7 @@ pub enum ControlError {
     Frame(#[from] frame::FrameError),
 }
 
-/// The default control socket path: `$XDG_RUNTIME_DIR/corral/control.sock`, else
-/// `/run/corral/control.sock` for root, else `/tmp/corral-<uid>/control.sock`.
-pub fn default_socket_path() -> PathBuf {
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("corral/control.sock");
-    }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
-    if uid == 0 {
-        PathBuf::from("/run/corral/control.sock")
-    } else {
-        PathBuf::from(format!("/tmp/corral-{uid}/control.sock"))
-    }
-}
+pub use corral_client::default_socket_path;
 
 /// Create (or check) the private directory that holds the socket.
 fn private_dir(dir: &Path) -> Result<(), ControlError> {
