@@ -84,6 +84,9 @@ pub(crate) struct Versions {
 
 const LOCK: &str = ".lock";
 const OBJECTS: &str = "objects";
+/// Touched by each sweep of `objects/`: the supervisors of a cache sweep at most
+/// once per [`UNUSED_FOR`] between them.
+const SWEPT: &str = ".swept";
 
 /// Files up to this size are read into memory, hashed, and written to the store
 /// only if it lacks their bytes; larger ones are streamed into it as they are hashed.
@@ -142,8 +145,22 @@ impl Versions {
     }
 
     /// Remove, on a thread of its own, the objects nothing has linked for
-    /// [`UNUSED_FOR`].
+    /// [`UNUSED_FOR`], unless a supervisor of this cache did less than that ago
+    /// (`objects/.swept`, touched by each sweep): a `corral run` would otherwise
+    /// read every shard at each start, beside the worker it starts.
     fn sweep_in_background(&self) {
+        let stamp = self.objects.join(SWEPT);
+        let recent = std::fs::metadata(&stamp)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|e| e < UNUSED_FOR));
+        if recent {
+            return;
+        }
+        if let Err(e) =
+            File::create(&stamp).and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        {
+            tracing::debug!("cannot touch {}: {e}", stamp.display());
+        }
         let objects = self.objects.clone();
         let _ = std::thread::Builder::new()
             .name("corral-objects-sweep".into())
@@ -309,6 +326,11 @@ fn make_objects(objects: &Path) -> std::io::Result<()> {
         .recursive(true)
         .create(objects)?;
     std::fs::set_permissions(objects, std::fs::Permissions::from_mode(0o700))?;
+    // Made in order, so the last one there means all are (a supervisor's start,
+    // and every `corral run`, skips 255 mkdir calls).
+    if objects.join("ff").is_dir() {
+        return Ok(());
+    }
     for i in 0..=255u8 {
         match std::fs::DirBuilder::new()
             .mode(0o700)
@@ -551,7 +573,9 @@ mod tests {
         let count = || {
             std::fs::read_dir(&objects)
                 .unwrap()
-                .map(|s| std::fs::read_dir(s.unwrap().path()).unwrap().count())
+                .map(|s| s.unwrap().path())
+                .filter(|s| s.is_dir())
+                .map(|s| std::fs::read_dir(s).unwrap().count())
                 .sum::<usize>()
         };
         assert_eq!(count(), 4);
@@ -615,5 +639,45 @@ mod tests {
         let gone = live.dir.path().to_owned();
         drop(live);
         assert!(!gone.exists());
+    }
+
+    /// The supervisors of a cache sweep its objects at most once per `UNUSED_FOR`
+    /// between them: a start sweeps (and touches `objects/.swept`) only when the
+    /// last sweep is older than that; the 256 shards are made once.
+    #[test]
+    fn a_start_sweeps_only_when_the_last_sweep_is_old() {
+        let root = tempfile::tempdir().unwrap();
+        let stamp = root.path().join("versions/objects/.swept");
+        let first = Versions::create(root.path()).unwrap();
+        let touched = std::fs::metadata(&stamp).unwrap().modified().unwrap();
+        assert!(touched.elapsed().unwrap() < Duration::from_secs(60));
+        for shard in ["00", "7f", "ff"] {
+            assert!(root.path().join("versions/objects").join(shard).is_dir());
+        }
+        let set = |ago: Duration| {
+            let t = std::time::SystemTime::now() - ago;
+            File::options()
+                .write(true)
+                .open(&stamp)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+            t
+        };
+        let five_minutes_ago = set(Duration::from_secs(300));
+        let second = Versions::create(root.path()).unwrap();
+        assert_eq!(
+            std::fs::metadata(&stamp).unwrap().modified().unwrap(),
+            five_minutes_ago,
+            "swept again five minutes after the last sweep"
+        );
+        set(UNUSED_FOR + Duration::from_secs(1));
+        let third = Versions::create(root.path()).unwrap();
+        let touched = std::fs::metadata(&stamp).unwrap().modified().unwrap();
+        assert!(
+            touched.elapsed().unwrap() < Duration::from_secs(60),
+            "not swept"
+        );
+        drop((first, second, third));
     }
 }
