@@ -123,6 +123,7 @@ pub(crate) fn serve<E: Engine>(engine: &mut E, host: &Host) -> u8 {
                 host.set_config(spec.config.clone(), spec.secrets.clone());
                 match engine.instantiate(&spec, host) {
                     Ok(instance) => {
+                        release_free_memory();
                         let exports = instance.exports().to_vec();
                         plugin = Some(Plugin {
                             spec,
@@ -180,6 +181,17 @@ pub(crate) fn serve<E: Engine>(engine: &mut E, host: &Host) -> u8 {
             eprintln!("corral worker: {e}");
             return EXIT_PROTOCOL;
         }
+    }
+}
+
+/// Give the C heap's free pages back to the kernel once the plugin is loaded: what
+/// parsing and compiling it allocated and freed (QuickJS's parser, CPython's
+/// import machinery) would otherwise stay resident for the worker's life.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes a pad and touches only the allocator's free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
