@@ -166,7 +166,9 @@ impl Drop for ControlServer {
 
 async fn handle_client(conn: Stream, supervisor: Arc<Supervisor>, stop: Arc<Notify>) {
     // `&Stream` reads and writes; one request is answered before the next is read.
-    let (mut rd, mut wr) = (&conn, &conn);
+    // Reads are buffered: a small request is one `recv`, not one for its length
+    // and one for the rest.
+    let (mut rd, mut wr) = (tokio::io::BufReader::with_capacity(1 << 10, &conn), &conn);
     loop {
         let req: ControlRequest = match frame::read_msg_async(&mut rd, frame::MAX_FRAME).await {
             Ok(r) => r,

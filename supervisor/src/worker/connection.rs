@@ -92,9 +92,23 @@ pub(crate) fn frame_limit(max_output: u64, tag: u8) -> Option<(&'static str, u32
     Some((kind.name(), max))
 }
 
+/// A worker socket's read half, buffered: a small frame (a call's result, a host
+/// call) is one `recv`, not one for its length, one for its kind and one for the
+/// rest. What the buffer holds ahead is bounded by its size.
+pub(crate) type WorkerReader = tokio::io::BufReader<OwnedReadHalf>;
+
+/// Bytes read from a worker's socket at once: a small frame whole, kept small
+/// since every live worker has one.
+const READ_BUFFER: usize = 2 << 10;
+
+/// [`WorkerReader`] over `rd`.
+pub(crate) fn buffered(rd: OwnedReadHalf) -> WorkerReader {
+    tokio::io::BufReader::with_capacity(READ_BUFFER, rd)
+}
+
 /// Read one message from a worker, each kind held to its [`frame_limit`].
 pub(crate) async fn read_from_worker(
-    rd: &mut OwnedReadHalf,
+    rd: &mut WorkerReader,
     max_output: u64,
 ) -> Result<FromWorker, FrameError> {
     let payload = frame::read_payload_async_limited(rd, |tag| frame_limit(max_output, tag)).await?;
@@ -104,9 +118,9 @@ pub(crate) async fn read_from_worker(
 /// [`read_from_worker`] owning the read half, so the read can be kept across the
 /// other branches of a `select!` (a partly read frame is never dropped).
 async fn read_owned(
-    mut rd: OwnedReadHalf,
+    mut rd: WorkerReader,
     max_output: u64,
-) -> (OwnedReadHalf, Result<FromWorker, FrameError>) {
+) -> (WorkerReader, Result<FromWorker, FrameError>) {
     let r = read_from_worker(&mut rd, max_output).await;
     (rd, r)
 }
@@ -215,7 +229,7 @@ impl Connection {
         }
     }
 
-    pub(crate) async fn run(mut self, rd: OwnedReadHalf, mut child: Box<dyn Process>) {
+    pub(crate) async fn run(mut self, rd: WorkerReader, mut child: Box<dyn Process>) {
         let mut protocol_error = None;
         let mut status = None;
         let max_output = self.max_output;
@@ -426,12 +440,12 @@ mod tests {
     use corral_protocol::LogLevel;
 
     /// A reader, and the worker's end to write to it.
-    fn pair() -> (OwnedReadHalf, tokio::net::UnixStream) {
+    fn pair() -> (WorkerReader, tokio::net::UnixStream) {
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        (a.into_split().0, b)
+        (buffered(a.into_split().0), b)
     }
 
-    async fn read(rd: &mut OwnedReadHalf) -> Result<FromWorker, FrameError> {
+    async fn read(rd: &mut WorkerReader) -> Result<FromWorker, FrameError> {
         tokio::time::timeout(Duration::from_secs(5), read_from_worker(rd, 1 << 20))
             .await
             .expect("refused from the header, without waiting for the rest")

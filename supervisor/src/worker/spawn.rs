@@ -2,7 +2,9 @@
 //! [`Process`] and socket, the handshake, the load and the connection task
 //! ([`WorkerHandle::connect`]).
 
-use super::connection::{Connection, message_name, read_from_worker, write_frames};
+use super::connection::{
+    Connection, WorkerReader, buffered, message_name, read_from_worker, write_frames,
+};
 use super::exit::{exit_reason, explain_exit};
 use super::output::{PluginLog, StderrTail, forward_output};
 use super::process::{Process, Spawned, VerifyError, remove_when_empty};
@@ -25,7 +27,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedReadHalf;
 use tokio::process::Command;
 use tokio::sync::{Notify, Semaphore, mpsc};
 
@@ -259,7 +260,8 @@ impl WorkerHandle {
         tail: Arc<StderrTail>,
     ) -> Result<Arc<WorkerHandle>, StartError> {
         let pid = child.pid();
-        let (mut rd, mut wr) = stream.into_split();
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = buffered(rd);
         let hello = match handshake(&mut rd, child.as_mut(), spec.handshake_timeout).await {
             Ok(h) => h,
             Err(HandshakeFailure::Died(exit)) => {
@@ -548,7 +550,7 @@ enum HandshakeFailure {
 }
 
 async fn handshake(
-    rd: &mut OwnedReadHalf,
+    rd: &mut WorkerReader,
     child: &mut dyn Process,
     timeout: Duration,
 ) -> Result<Hello, HandshakeFailure> {
