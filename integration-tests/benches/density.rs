@@ -10,8 +10,9 @@
 //!   and started by exec, and for Wasm with the store of compiled modules refused,
 //!   so every worker compiles for itself (what Corral did before the store);
 //! - registering a plugin vendoring 5,000 files (40 MB) beside a tiny one
-//!   (`Supervisor::add_plugin_dir`: fingerprint, manifest, snapshot), with the
-//!   store of file objects empty and with it holding the files already;
+//!   (`Supervisor::add_plugin_dir`: fingerprint, manifest, snapshot), in a new
+//!   supervisor each time, with the store of file objects empty and with it
+//!   holding the files already and their digests in its index;
 //! - a one-shot `corral run` of the big plugin beside the tiny one, through the
 //!   CLI;
 //! - a one-shot `corral run` of the Python example beside the same imports in
@@ -346,9 +347,9 @@ fn registration_and_runs(reg: usize, runs: usize, js: &tempfile::TempDir, py: &t
         big_cold,
         Some(tiny_cold),
     );
-    row("baseline: tiny plugin, objects stored", tiny_warm, None);
+    row("baseline: tiny plugin, objects and index stored", tiny_warm, None);
     row(
-        "5,000 files / 40 MB, objects stored (hashed, linked)",
+        "5,000 files / 40 MB, objects and index stored (linked)",
         big_warm,
         Some(tiny_warm),
     );

@@ -200,6 +200,45 @@ impl FileHashes {
         self.0.insert(path.to_owned(), (stamp, digest.to_owned()));
     }
 
+    /// What is remembered, for the cache's index (`Versions` keeps it between
+    /// supervisors): every entry whose digest `keep` accepts.
+    pub(crate) fn to_index(&self, keep: impl Fn(&str) -> bool) -> Vec<u8> {
+        use std::os::unix::ffi::OsStrExt;
+        let entries: Vec<(&[u8], &FileStamp, &str)> = self
+            .0
+            .iter()
+            .filter(|(_, (_, digest))| keep(digest))
+            .map(|(path, (stamp, digest))| (path.as_os_str().as_bytes(), stamp, digest.as_str()))
+            .collect();
+        bincode::serde::encode_to_vec(&entries, bincode::config::standard()).unwrap_or_default()
+    }
+
+    /// The entries of an index [`FileHashes::to_index`] wrote; `None` for anything
+    /// else (an absolute path and a SHA-256 in lowercase hex each, at most
+    /// [`MAX_REMEMBERED`] of them): a digest names an object's path, so a bad one
+    /// is never taken.
+    pub(crate) fn from_index(bytes: &[u8]) -> Option<FileHashes> {
+        use std::os::unix::ffi::OsStrExt;
+        let (entries, used): (Vec<(Vec<u8>, FileStamp, String)>, usize) =
+            bincode::serde::decode_from_slice(bytes, bincode::config::standard()).ok()?;
+        if used != bytes.len() || entries.len() > MAX_REMEMBERED {
+            return None;
+        }
+        let mut map = BTreeMap::new();
+        for (path, stamp, digest) in entries {
+            let path = PathBuf::from(std::ffi::OsStr::from_bytes(&path));
+            let hex = digest.len() == 64
+                && digest
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !path.is_absolute() || !hex {
+                return None;
+            }
+            map.insert(path, (stamp, digest));
+        }
+        Some(FileHashes(map))
+    }
+
     fn digest(&mut self, path: &Path) -> std::io::Result<String> {
         let key = stamp(&std::fs::symlink_metadata(path)?);
         if let Some(sum) = self.known(path, &key) {

@@ -14,7 +14,10 @@
 //! the supervisor, in a 0700 directory), and every snapshot holding those bytes,
 //! of any version or plugin, is a hard link to it. Only files whose metadata
 //! (device, inode, size, modification and change times) changed since they were
-//! last hashed are read again; the others are linked from what is known. A file is
+//! last hashed are read again; the others are linked from what is known, which
+//! the supervisors of a cache keep between them in `objects/.index` (read at the
+//! start, written at the end: a `corral run` of a plugin seen before reads none
+//! of its files). A file is
 //! copied into a new object through the descriptor it was checked on, hashed as it
 //! is copied. An object nothing links any more (a link count of one) for ten
 //! minutes is removed by the next sweep; the store is shared by the supervisors of
@@ -80,6 +83,8 @@ pub(crate) struct Versions {
     last_sweep: Mutex<Instant>,
     /// Bytes read from plugin directories into objects (what was not known).
     copied: std::sync::atomic::AtomicU64,
+    /// When `known` was last written to the cache's index.
+    last_saved: Mutex<Instant>,
 }
 
 const LOCK: &str = ".lock";
@@ -87,10 +92,20 @@ const OBJECTS: &str = "objects";
 /// Touched by each sweep of `objects/`: the supervisors of a cache sweep at most
 /// once per [`UNUSED_FOR`] between them.
 const SWEPT: &str = ".swept";
+/// The digests of plugin files by path and metadata, kept between supervisors
+/// (`FileHashes::to_index`): a new supervisor, or a `corral run`, links the files
+/// it has seen before without reading them. Written by each supervisor when it
+/// ends (and by a daemon at most once a minute), read at the start.
+const INDEX: &str = ".index";
+/// The largest index read (a million entries of about 100 bytes).
+const MAX_INDEX: u64 = 128 << 20;
 
 /// Files up to this size are read into memory, hashed, and written to the store
 /// only if it lacks their bytes; larger ones are streamed into it as they are hashed.
 const IN_MEMORY: u64 = 1 << 20;
+
+/// How often a daemon that keeps registering plugins writes its index.
+const SAVE_EVERY: Duration = Duration::from_secs(60);
 
 /// How long an object nothing links stays (a one-shot `corral run` of the same
 /// plugin a moment later links it again instead of copying).
@@ -132,13 +147,15 @@ impl Versions {
             .map_err(|e| at(format!("lock {}", lock_path.display()))(std::io::Error::from(e)))?;
         let objects = base.join(OBJECTS);
         make_objects(&objects).map_err(at(format!("create {}", objects.display())))?;
+        let known = load_index(&objects);
         let versions = Versions {
             dir,
             _lock: lock,
             objects,
-            known: Mutex::default(),
+            known: Mutex::new(known),
             last_sweep: Mutex::new(Instant::now()),
             copied: Default::default(),
+            last_saved: Mutex::new(Instant::now()),
         };
         versions.sweep_in_background();
         Ok(versions)
@@ -189,7 +206,35 @@ impl Versions {
             *last = Instant::now();
             self.sweep_in_background();
         }
+        drop(last);
+        let mut saved = self.last_saved.lock().unwrap_or_else(|e| e.into_inner());
+        if saved.elapsed() > SAVE_EVERY {
+            *saved = Instant::now();
+            self.save_index();
+        }
         Ok(Snapshot { dir: copy, digests })
+    }
+
+    /// Write what is known to the cache's index, for the next supervisor: only the
+    /// entries whose object is still in the store (what a sweep removed goes from
+    /// the index too). Replaced whole (a new file renamed over it); a failure
+    /// costs the next supervisor a read of the files, nothing else.
+    fn save_index(&self) {
+        let bytes = {
+            let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            known.to_index(|digest| self.object(digest).exists())
+        };
+        let write = || -> std::io::Result<()> {
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".index.")
+                .tempfile_in(&self.objects)?;
+            tmp.write_all(&bytes)?;
+            tmp.persist(self.objects.join(INDEX)).map_err(|e| e.error)?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            tracing::debug!("cannot write the index of {}: {e}", self.objects.display());
+        }
     }
 
     /// The fingerprint of the plugin in `dir`, hashing only the files that changed
@@ -319,6 +364,30 @@ impl Versions {
     }
 }
 
+/// The cache's index of file digests, if it is there and is what a supervisor
+/// wrote: a regular file (not a link) of this user's, writable by nobody else, at
+/// most [`MAX_INDEX`] bytes, that decodes whole. Else nothing is known.
+fn load_index(objects: &Path) -> FileHashes {
+    let path = objects.join(INDEX);
+    let Ok((mut file, meta)) = corral_files::open_regular_here(&path) else {
+        return FileHashes::default();
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != euid || meta.mode() & 0o022 != 0 || meta.len() > MAX_INDEX {
+        tracing::warn!("{}: not this supervisor's index; ignored", path.display());
+        return FileHashes::default();
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    if (&mut file).take(MAX_INDEX).read_to_end(&mut bytes).is_err() {
+        return FileHashes::default();
+    }
+    FileHashes::from_index(&bytes).unwrap_or_else(|| {
+        tracing::warn!("{}: not an index of file digests; ignored", path.display());
+        FileHashes::default()
+    })
+}
+
 /// `objects/` (0700) and its 256 shards.
 fn make_objects(objects: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
@@ -374,6 +443,12 @@ pub(crate) fn link_unnamed(file: &File, to: &Path) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+impl Drop for Versions {
+    fn drop(&mut self) {
+        self.save_index();
     }
 }
 
@@ -679,5 +754,88 @@ mod tests {
             "not swept"
         );
         drop((first, second, third));
+    }
+
+    /// The supervisors of a cache share what they hashed (`objects/.index`): a new
+    /// one links the files an earlier one read, reading none; a file changed since
+    /// is read again; an index another user could have written is not taken.
+    #[test]
+    fn a_new_supervisor_links_what_an_earlier_one_hashed() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let root = tempfile::tempdir().unwrap();
+        let plugin = tempfile::tempdir().unwrap();
+        std::fs::write(plugin.path().join("a.js"), "aaa").unwrap();
+        std::fs::create_dir(plugin.path().join("lib")).unwrap();
+        std::fs::write(plugin.path().join("lib/b.js"), "bb").unwrap();
+        // Only files settled for two seconds are remembered.
+        std::thread::sleep(Duration::from_millis(2100));
+        let first = Versions::create(root.path()).unwrap();
+        drop(first.snapshot(plugin.path()).unwrap());
+        assert_eq!(first.copied.load(Relaxed), 5);
+        drop(first);
+        let index = root.path().join("versions/objects/.index");
+        assert_eq!(
+            std::fs::metadata(&index).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        let second = Versions::create(root.path()).unwrap();
+        let snap = second.snapshot(plugin.path()).unwrap();
+        assert_eq!(second.copied.load(Relaxed), 0, "read again");
+        assert_eq!(
+            std::fs::read_to_string(snap.path().join("lib/b.js")).unwrap(),
+            "bb"
+        );
+        std::fs::write(plugin.path().join("lib/b.js"), "b2b2").unwrap();
+        let changed = second.snapshot(plugin.path()).unwrap();
+        assert_eq!(
+            second.copied.load(Relaxed),
+            4,
+            "only the changed file is read"
+        );
+        assert_eq!(
+            std::fs::read_to_string(changed.path().join("lib/b.js")).unwrap(),
+            "b2b2"
+        );
+        drop((snap, changed, second));
+
+        // Writable by others: ignored, every file read.
+        std::fs::set_permissions(&index, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let third = Versions::create(root.path()).unwrap();
+        drop(third.snapshot(plugin.path()).unwrap());
+        assert_eq!(third.copied.load(Relaxed), 7);
+        drop(third);
+        // Not an index: ignored too (and replaced by the next supervisor's).
+        std::fs::write(&index, b"not an index").unwrap();
+        std::fs::set_permissions(&index, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let fourth = Versions::create(root.path()).unwrap();
+        drop(fourth.snapshot(plugin.path()).unwrap());
+        assert_eq!(fourth.copied.load(Relaxed), 7);
+    }
+
+    /// An index whose digests could name paths outside the store is refused whole.
+    #[test]
+    fn an_index_naming_anything_but_digests_is_refused() {
+        let mut known = FileHashes::default();
+        let stamp = (1, 2, 3, 4, 5, 6, 7);
+        known.remember(Path::new("/p/a.js"), stamp, &"ab".repeat(32));
+        let bytes = known.to_index(|_| true);
+        let back = FileHashes::from_index(&bytes).unwrap();
+        assert_eq!(
+            back.known(Path::new("/p/a.js"), &stamp),
+            Some("ab".repeat(32))
+        );
+        for (path, digest) in [
+            ("/p/a.js", "../../../../etc/passwd".to_owned()),
+            ("/p/a.js", "AB".repeat(32)),
+            ("/p/a.js", "ab".repeat(31)),
+            ("relative/a.js", "ab".repeat(32)),
+        ] {
+            let entries = vec![(path.as_bytes().to_vec(), stamp, digest.clone())];
+            let bytes =
+                bincode::serde::encode_to_vec(&entries, bincode::config::standard()).unwrap();
+            assert!(FileHashes::from_index(&bytes).is_none(), "{path} {digest}");
+        }
+        assert!(FileHashes::from_index(&[bytes.as_slice(), b"x"].concat()).is_none());
     }
 }
