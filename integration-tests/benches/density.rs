@@ -347,7 +347,11 @@ fn registration_and_runs(reg: usize, runs: usize, js: &tempfile::TempDir, py: &t
         big_cold,
         Some(tiny_cold),
     );
-    row("baseline: tiny plugin, objects and index stored", tiny_warm, None);
+    row(
+        "baseline: tiny plugin, objects and index stored",
+        tiny_warm,
+        None,
+    );
     row(
         "5,000 files / 40 MB, objects and index stored (linked)",
         big_warm,

@@ -200,13 +200,15 @@ impl FileHashes {
         self.0.insert(path.to_owned(), (stamp, digest.to_owned()));
     }
 
-    /// What is remembered, for the cache's index (`Versions` keeps it between
-    /// supervisors): every entry whose digest `keep` accepts.
-    pub(crate) fn to_index(&self, keep: impl Fn(&str) -> bool) -> Vec<u8> {
+    /// What is remembered of the files under `under`, for the cache's index
+    /// (`Versions` keeps it between supervisors): every entry whose digest `keep`
+    /// accepts.
+    pub(crate) fn to_index(&self, under: &Path, keep: impl Fn(&str) -> bool) -> Vec<u8> {
         use std::os::unix::ffi::OsStrExt;
         let entries: Vec<(&[u8], &FileStamp, &str)> = self
             .0
-            .iter()
+            .range(under.to_owned()..)
+            .take_while(|(path, _)| path.starts_with(under))
             .filter(|(_, (_, digest))| keep(digest))
             .map(|(path, (stamp, digest))| (path.as_os_str().as_bytes(), stamp, digest.as_str()))
             .collect();
@@ -217,6 +219,18 @@ impl FileHashes {
     /// else (an absolute path and a SHA-256 in lowercase hex each, at most
     /// [`MAX_REMEMBERED`] of them): a digest names an object's path, so a bad one
     /// is never taken.
+    /// Add the entries of an index (see [`FileHashes::from_index`]); whether it
+    /// was one.
+    pub(crate) fn merge_index(&mut self, bytes: &[u8]) -> bool {
+        match FileHashes::from_index(bytes) {
+            Some(index) if self.0.len() + index.0.len() <= MAX_REMEMBERED => {
+                self.0.extend(index.0);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn from_index(bytes: &[u8]) -> Option<FileHashes> {
         use std::os::unix::ffi::OsStrExt;
         let (entries, used): (Vec<(Vec<u8>, FileStamp, String)>, usize) =

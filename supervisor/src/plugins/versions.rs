@@ -15,9 +15,10 @@
 //! of any version or plugin, is a hard link to it. Only files whose metadata
 //! (device, inode, size, modification and change times) changed since they were
 //! last hashed are read again; the others are linked from what is known, which
-//! the supervisors of a cache keep between them in `objects/.index` (read at the
-//! start, written at the end: a `corral run` of a plugin seen before reads none
-//! of its files). A file is
+//! the supervisors of a cache keep between them in `objects/.index/`, a file per
+//! plugin directory (read when the directory is first used, written when what is
+//! known of it changed: a `corral run` of a plugin seen before reads none of its
+//! files). A file is
 //! copied into a new object through the descriptor it was checked on, hashed as it
 //! is copied. An object nothing links any more (a link count of one) for ten
 //! minutes is removed by the next sweep; the store is shared by the supervisors of
@@ -85,6 +86,9 @@ pub(crate) struct Versions {
     copied: std::sync::atomic::AtomicU64,
     /// When `known` was last written to the cache's index.
     last_saved: Mutex<Instant>,
+    /// The plugin directories whose index was read, each with the SHA-256 of what
+    /// its index file holds: it is written again only when that changed.
+    indexed: Mutex<HashMap<PathBuf, [u8; 32]>>,
 }
 
 const LOCK: &str = ".lock";
@@ -93,9 +97,11 @@ const OBJECTS: &str = "objects";
 /// once per [`UNUSED_FOR`] between them.
 const SWEPT: &str = ".swept";
 /// The digests of plugin files by path and metadata, kept between supervisors
-/// (`FileHashes::to_index`): a new supervisor, or a `corral run`, links the files
-/// it has seen before without reading them. Written by each supervisor when it
-/// ends (and by a daemon at most once a minute), read at the start.
+/// (`FileHashes::to_index`), one file per plugin directory in `objects/.index/`
+/// named by the SHA-256 of the directory's path: a new supervisor, or a `corral
+/// run`, links the files it has seen before without reading them. Read when the
+/// directory is first fingerprinted or snapshotted; written when what is known of
+/// it changed, when the supervisor ends (and by a daemon at most once a minute).
 const INDEX: &str = ".index";
 /// The largest index read (a million entries of about 100 bytes).
 const MAX_INDEX: u64 = 128 << 20;
@@ -147,15 +153,22 @@ impl Versions {
             .map_err(|e| at(format!("lock {}", lock_path.display()))(std::io::Error::from(e)))?;
         let objects = base.join(OBJECTS);
         make_objects(&objects).map_err(at(format!("create {}", objects.display())))?;
-        let known = load_index(&objects);
+        let index = objects.join(INDEX);
+        match std::fs::DirBuilder::new().mode(0o700).create(&index) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(at(format!("create {}", index.display()))(e));
+            }
+            _ => {}
+        }
         let versions = Versions {
             dir,
             _lock: lock,
             objects,
-            known: Mutex::new(known),
+            known: Mutex::default(),
             last_sweep: Mutex::new(Instant::now()),
             copied: Default::default(),
             last_saved: Mutex::new(Instant::now()),
+            indexed: Mutex::default(),
         };
         versions.sweep_in_background();
         Ok(versions)
@@ -199,6 +212,7 @@ impl Versions {
         let mut digests = HashMap::new();
         {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            self.read_index(dir, &mut known);
             self.link_tree(dir, copy.path(), &mut known, &mut digests)?;
         }
         let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
@@ -215,25 +229,58 @@ impl Versions {
         Ok(Snapshot { dir: copy, digests })
     }
 
-    /// Write what is known to the cache's index, for the next supervisor: only the
-    /// entries whose object is still in the store (what a sweep removed goes from
-    /// the index too). Replaced whole (a new file renamed over it); a failure
-    /// costs the next supervisor a read of the files, nothing else.
+    /// What an earlier supervisor of this cache knew of the files in `dir`, once
+    /// per directory.
+    fn read_index(&self, dir: &Path, known: &mut FileHashes) {
+        let mut indexed = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
+        if indexed.contains_key(dir) {
+            return;
+        }
+        let path = self.index_path(dir);
+        let bytes = read_index_file(&path);
+        let held = match bytes {
+            Some(bytes) if known.merge_index(&bytes) => Sha256::digest(&bytes).into(),
+            Some(_) => {
+                tracing::warn!("{}: not an index of file digests; ignored", path.display());
+                [0; 32]
+            }
+            None => [0; 32],
+        };
+        indexed.insert(dir.to_owned(), held);
+    }
+
+    /// `objects/.index/<SHA-256 of the directory's path>`.
+    fn index_path(&self, dir: &Path) -> PathBuf {
+        use std::os::unix::ffi::OsStrExt;
+        let name = crate::plugins::signing::hex(&Sha256::digest(dir.as_os_str().as_bytes()));
+        self.objects.join(INDEX).join(name)
+    }
+
+    /// Write what is known of each directory whose index was read, where that
+    /// changed: only the entries whose object is still stored (what a sweep
+    /// removed goes from the index too). Replaced whole (a new file renamed over
+    /// it); a failure costs the next supervisor a read of the files, nothing else.
     fn save_index(&self) {
-        let bytes = {
-            let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-            known.to_index(|digest| self.object(digest).exists())
-        };
-        let write = || -> std::io::Result<()> {
-            let mut tmp = tempfile::Builder::new()
-                .prefix(".index.")
-                .tempfile_in(&self.objects)?;
-            tmp.write_all(&bytes)?;
-            tmp.persist(self.objects.join(INDEX)).map_err(|e| e.error)?;
-            Ok(())
-        };
-        if let Err(e) = write() {
-            tracing::debug!("cannot write the index of {}: {e}", self.objects.display());
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let mut indexed = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
+        for (dir, held) in indexed.iter_mut() {
+            if Sha256::digest(known.to_index(dir, |_| true)).as_slice() == held.as_slice() {
+                continue;
+            }
+            let bytes = known.to_index(dir, |digest| self.object(digest).exists());
+            let path = self.index_path(dir);
+            let write = || -> std::io::Result<()> {
+                let mut tmp = tempfile::Builder::new()
+                    .prefix(".new.")
+                    .tempfile_in(self.objects.join(INDEX))?;
+                tmp.write_all(&bytes)?;
+                tmp.persist(&path).map_err(|e| e.error)?;
+                Ok(())
+            };
+            match write() {
+                Ok(()) => *held = Sha256::digest(&bytes).into(),
+                Err(e) => tracing::debug!("cannot write {}: {e}", path.display()),
+            }
         }
     }
 
@@ -241,6 +288,7 @@ impl Versions {
     /// since they were last hashed here.
     pub(crate) fn fingerprint(&self, dir: &Path) -> std::io::Result<String> {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        self.read_index(dir, &mut known);
         crate::plugins::files::fingerprint_with(dir, &mut known)
     }
 
@@ -364,28 +412,20 @@ impl Versions {
     }
 }
 
-/// The cache's index of file digests, if it is there and is what a supervisor
-/// wrote: a regular file (not a link) of this user's, writable by nobody else, at
-/// most [`MAX_INDEX`] bytes, that decodes whole. Else nothing is known.
-fn load_index(objects: &Path) -> FileHashes {
-    let path = objects.join(INDEX);
-    let Ok((mut file, meta)) = corral_files::open_regular_here(&path) else {
-        return FileHashes::default();
-    };
+/// An index file, if it is there and is what a supervisor wrote: a regular file
+/// (not a link) of this user's, writable by nobody else, at most [`MAX_INDEX`]
+/// bytes.
+fn read_index_file(path: &Path) -> Option<Vec<u8>> {
+    let (mut file, meta) = corral_files::open_regular_here(path).ok()?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if meta.uid() != euid || meta.mode() & 0o022 != 0 || meta.len() > MAX_INDEX {
         tracing::warn!("{}: not this supervisor's index; ignored", path.display());
-        return FileHashes::default();
+        return None;
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    if (&mut file).take(MAX_INDEX).read_to_end(&mut bytes).is_err() {
-        return FileHashes::default();
-    }
-    FileHashes::from_index(&bytes).unwrap_or_else(|| {
-        tracing::warn!("{}: not an index of file digests; ignored", path.display());
-        FileHashes::default()
-    })
+    (&mut file).take(MAX_INDEX).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
 }
 
 /// `objects/` (0700) and its 256 shards.
@@ -457,6 +497,16 @@ impl Drop for Versions {
 fn sweep(objects: &Path, unused_for: Duration) {
     let mut removed = 0u64;
     for shard in std::fs::read_dir(objects).into_iter().flatten().flatten() {
+        // The 256 shards only: not `.index/`, whose files are not objects.
+        let name = shard.file_name();
+        if name.len() != 2
+            || name
+                .as_encoded_bytes()
+                .iter()
+                .any(|b| !b.is_ascii_hexdigit())
+        {
+            continue;
+        }
         for entry in std::fs::read_dir(shard.path())
             .into_iter()
             .flatten()
@@ -649,7 +699,7 @@ mod tests {
             std::fs::read_dir(&objects)
                 .unwrap()
                 .map(|s| s.unwrap().path())
-                .filter(|s| s.is_dir())
+                .filter(|s| s.is_dir() && !s.ends_with(INDEX))
                 .map(|s| std::fs::read_dir(s).unwrap().count())
                 .sum::<usize>()
         };
@@ -773,15 +823,27 @@ mod tests {
         drop(first.snapshot(plugin.path()).unwrap());
         assert_eq!(first.copied.load(Relaxed), 5);
         drop(first);
-        let index = root.path().join("versions/objects/.index");
+        let indexes: Vec<PathBuf> = std::fs::read_dir(root.path().join("versions/objects/.index"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(indexes.len(), 1, "one index file per plugin directory");
+        let index = indexes[0].clone();
         assert_eq!(
             std::fs::metadata(&index).unwrap().permissions().mode() & 0o777,
             0o600
         );
+        let written = std::fs::metadata(&index).unwrap().modified().unwrap();
 
         let second = Versions::create(root.path()).unwrap();
         let snap = second.snapshot(plugin.path()).unwrap();
         assert_eq!(second.copied.load(Relaxed), 0, "read again");
+        // Nothing new was learnt: the index is not written again.
+        second.save_index();
+        assert_eq!(
+            std::fs::metadata(&index).unwrap().modified().unwrap(),
+            written
+        );
         assert_eq!(
             std::fs::read_to_string(snap.path().join("lib/b.js")).unwrap(),
             "bb"
@@ -811,6 +873,10 @@ mod tests {
         let fourth = Versions::create(root.path()).unwrap();
         drop(fourth.snapshot(plugin.path()).unwrap());
         assert_eq!(fourth.copied.load(Relaxed), 7);
+        drop(fourth);
+        // A sweep removes objects, never the indexes beside them.
+        sweep(&root.path().join("versions/objects"), Duration::ZERO);
+        assert!(index.exists(), "a sweep removed the index");
     }
 
     /// An index whose digests could name paths outside the store is refused whole.
@@ -819,11 +885,17 @@ mod tests {
         let mut known = FileHashes::default();
         let stamp = (1, 2, 3, 4, 5, 6, 7);
         known.remember(Path::new("/p/a.js"), stamp, &"ab".repeat(32));
-        let bytes = known.to_index(|_| true);
+        known.remember(Path::new("/pq/b.js"), stamp, &"cd".repeat(32));
+        let bytes = known.to_index(Path::new("/p"), |_| true);
         let back = FileHashes::from_index(&bytes).unwrap();
         assert_eq!(
             back.known(Path::new("/p/a.js"), &stamp),
             Some("ab".repeat(32))
+        );
+        assert_eq!(
+            back.known(Path::new("/pq/b.js"), &stamp),
+            None,
+            "another directory's"
         );
         for (path, digest) in [
             ("/p/a.js", "../../../../etc/passwd".to_owned()),
