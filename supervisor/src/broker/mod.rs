@@ -187,10 +187,8 @@ impl HostBroker {
         let result = match &op {
             HostOp::Now => now(),
             HostOp::KvGet { key } => {
-                let store = match self.store() {
-                    Ok(store) => store,
-                    Err(e) => return Ok(self.accounted(plugin, &op, Err(e))),
-                };
+                // The grant first, as `perform` does: a plugin without one never
+                // opens the store, and its denial is audited.
                 let services = match self.directory().and_then(|d| {
                     d.services(plugin)
                         .ok_or_else(|| HostError::Failed(format!("unknown plugin {plugin}")))
@@ -198,12 +196,16 @@ impl HostBroker {
                     Ok(services) => services,
                     Err(e) => return Ok(self.accounted(plugin, &op, Err(e))),
                 };
-                match services.check_kv().map_err(denied) {
-                    Err(e) => Err(e),
-                    Ok(_) => match store.get_local(plugin, key) {
-                        Some(value) => value.map(HostReply::Value),
-                        None => return Err(op),
-                    },
+                if let Err(e) = services.check_kv().map_err(denied) {
+                    return Ok(self.accounted(plugin, &op, Err(e)));
+                }
+                let store = match self.store() {
+                    Ok(store) => store,
+                    Err(e) => return Ok(self.accounted(plugin, &op, Err(e))),
+                };
+                match store.get_local(plugin, key) {
+                    Some(value) => value.map(HostReply::Value),
+                    None => return Err(op),
                 }
             }
             _ => return Err(op),
