@@ -89,6 +89,9 @@ pub(crate) struct Versions {
     /// The plugin directories whose index was read, each with the SHA-256 of what
     /// its index file holds: it is written again only when that changed.
     indexed: Mutex<HashMap<PathBuf, [u8; 32]>>,
+    /// Whether `objects/.index/` is a private directory of this user's: else no
+    /// index is read or written.
+    use_index: bool,
 }
 
 const LOCK: &str = ".lock";
@@ -160,6 +163,18 @@ impl Versions {
             }
             _ => {}
         }
+        // A directory of this user's that nobody else can enter, not a link.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        let private = std::fs::symlink_metadata(&index)
+            .is_ok_and(|m| m.is_dir() && m.uid() == euid && m.mode() & 0o077 == 0);
+        if !private {
+            tracing::warn!(
+                "{}: not a private directory of this user's; file digests are not kept \
+                 between supervisors",
+                index.display()
+            );
+        }
         let versions = Versions {
             dir,
             _lock: lock,
@@ -169,6 +184,7 @@ impl Versions {
             copied: Default::default(),
             last_saved: Mutex::new(Instant::now()),
             indexed: Mutex::default(),
+            use_index: private,
         };
         versions.sweep_in_background();
         Ok(versions)
@@ -232,6 +248,9 @@ impl Versions {
     /// What an earlier supervisor of this cache knew of the files in `dir`, once
     /// per directory.
     fn read_index(&self, dir: &Path, known: &mut FileHashes) {
+        if !self.use_index {
+            return;
+        }
         let mut indexed = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
         if indexed.contains_key(dir) {
             return;
@@ -239,9 +258,14 @@ impl Versions {
         let path = self.index_path(dir);
         let bytes = read_index_file(&path);
         let held = match bytes {
-            Some(bytes) if known.merge_index(&bytes) => Sha256::digest(&bytes).into(),
+            Some(bytes) if known.merge_index(&bytes) => {
+                Sha256::digest(known.to_index(dir, |_| true)).into()
+            }
             Some(_) => {
-                tracing::warn!("{}: not an index of file digests; ignored", path.display());
+                tracing::warn!(
+                    "{}: not an index of file digests (or past the entries kept); ignored",
+                    path.display()
+                );
                 [0; 32]
             }
             None => [0; 32],
@@ -264,10 +288,18 @@ impl Versions {
         let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         let mut indexed = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
         for (dir, held) in indexed.iter_mut() {
-            if Sha256::digest(known.to_index(dir, |_| true)).as_slice() == held.as_slice() {
+            // `held` is the digest of all that is known of `dir`: unchanged, nothing
+            // is written (and no object is looked at).
+            let all: [u8; 32] = Sha256::digest(known.to_index(dir, |_| true)).into();
+            if all == *held {
                 continue;
             }
             let bytes = known.to_index(dir, |digest| self.object(digest).exists());
+            if bytes.len() <= 1 {
+                // Nothing worth keeping (an empty list): no file for it.
+                *held = all;
+                continue;
+            }
             let path = self.index_path(dir);
             let write = || -> std::io::Result<()> {
                 let mut tmp = tempfile::Builder::new()
@@ -278,7 +310,7 @@ impl Versions {
                 Ok(())
             };
             match write() {
-                Ok(()) => *held = Sha256::digest(&bytes).into(),
+                Ok(()) => *held = all,
                 Err(e) => tracing::debug!("cannot write {}: {e}", path.display()),
             }
         }
@@ -394,7 +426,17 @@ impl Versions {
     fn store(&self, out: &File, digest: &str, dst: &Path) -> std::io::Result<()> {
         out.set_permissions(std::fs::Permissions::from_mode(0o444))?;
         let object = self.object(digest);
-        match link_unnamed(out, &object) {
+        let linked = match link_unnamed(out, &object) {
+            // Its shard is gone (a cleaner removing empty directories): made again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(shard) = object.parent() {
+                    let _ = std::fs::DirBuilder::new().mode(0o700).create(shard);
+                }
+                link_unnamed(out, &object)
+            }
+            other => other,
+        };
+        match linked {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
@@ -909,5 +951,48 @@ mod tests {
             assert!(FileHashes::from_index(&bytes).is_none(), "{path} {digest}");
         }
         assert!(FileHashes::from_index(&[bytes.as_slice(), b"x"].concat()).is_none());
+    }
+
+    /// A shard removed under the store (a cleaner of empty directories) is made
+    /// again when an object goes into it.
+    #[test]
+    fn a_removed_shard_is_made_again() {
+        let root = tempfile::tempdir().unwrap();
+        let plugin = tempfile::tempdir().unwrap();
+        std::fs::write(plugin.path().join("a.js"), "shard").unwrap();
+        let digest = crate::plugins::signing::hex(&Sha256::digest(b"shard"));
+        let versions = Versions::create(root.path()).unwrap();
+        let shard = root.path().join("versions/objects").join(&digest[..2]);
+        std::fs::remove_dir(&shard).unwrap();
+        let snap = versions.snapshot(plugin.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(snap.path().join("a.js")).unwrap(),
+            "shard"
+        );
+        assert!(shard.join(&digest).is_file());
+    }
+
+    /// An `objects/.index` that is not a private directory (a file, a directory
+    /// others may enter) turns the index off; snapshots work as without one.
+    #[test]
+    fn an_index_directory_that_is_not_private_is_not_used() {
+        let root = tempfile::tempdir().unwrap();
+        let plugin = tempfile::tempdir().unwrap();
+        std::fs::write(plugin.path().join("a.js"), "x").unwrap();
+        drop(Versions::create(root.path()).unwrap());
+        let index = root.path().join("versions/objects/.index");
+        std::fs::set_permissions(&index, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let versions = Versions::create(root.path()).unwrap();
+        let snap = versions.snapshot(plugin.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(snap.path().join("a.js")).unwrap(),
+            "x"
+        );
+        drop((snap, versions));
+        assert_eq!(
+            std::fs::read_dir(&index).unwrap().count(),
+            0,
+            "an index was written"
+        );
     }
 }

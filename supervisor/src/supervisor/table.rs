@@ -183,6 +183,17 @@ impl Inner {
         if files.fingerprint().ok().as_ref() != Some(&fingerprint) {
             return Err(AddPluginError::Changed { dir });
         }
+        // A signed plugin's signature is checked again on the snapshot's own bytes:
+        // its files may have been linked from digests remembered by their metadata,
+        // which an author who controls the file system could forge.
+        if publisher.is_some()
+            && signing::verify(files.path(), &self.live().publishers)
+                .ok()
+                .flatten()
+                != publisher
+        {
+            return Err(AddPluginError::Changed { dir });
+        }
         let settings = Arc::new(
             self.live()
                 .plugin_config
