@@ -465,8 +465,20 @@ fn read_index_file(path: &Path) -> Option<Vec<u8>> {
         tracing::warn!("{}: not this supervisor's index; ignored", path.display());
         return None;
     }
+    // At most one byte past the limit, whatever the file grew to since it was
+    // stated: a longer one is refused, not read.
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    (&mut file).take(MAX_INDEX).read_to_end(&mut bytes).ok()?;
+    (&mut file)
+        .take(MAX_INDEX + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    if bytes.len() as u64 > MAX_INDEX {
+        tracing::warn!(
+            "{}: an index past {MAX_INDEX} bytes; ignored",
+            path.display()
+        );
+        return None;
+    }
     Some(bytes)
 }
 
@@ -994,5 +1006,35 @@ mod tests {
             0,
             "an index was written"
         );
+    }
+
+    /// An index past `MAX_INDEX` (a sparse file here, so the test writes nothing)
+    /// is refused from its size, never read into memory: the plugin's files are
+    /// read instead, and the next supervisor's index replaces it.
+    #[test]
+    fn an_index_past_its_limit_is_refused_unread() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let root = tempfile::tempdir().unwrap();
+        let plugin = tempfile::tempdir().unwrap();
+        std::fs::write(plugin.path().join("a.js"), "abc").unwrap();
+        let versions = Versions::create(root.path()).unwrap();
+        let index = versions.index_path(plugin.path());
+        let big = File::create(&index).unwrap();
+        big.set_len(MAX_INDEX + 1).unwrap();
+        std::fs::set_permissions(&index, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_index_file(&index), None);
+        let snap = versions.snapshot(plugin.path()).unwrap();
+        assert_eq!(versions.copied.load(Relaxed), 3, "the file was not read");
+        assert_eq!(
+            std::fs::read_to_string(snap.path().join("a.js")).unwrap(),
+            "abc"
+        );
+        // At the limit it is read (and, not being an index, ignored).
+        big.set_len(MAX_INDEX).unwrap();
+        assert_eq!(
+            read_index_file(&index).map(|b| b.len() as u64),
+            Some(MAX_INDEX)
+        );
+        big.set_len(0).unwrap();
     }
 }
