@@ -563,6 +563,31 @@ pub fn assert_confined_at(
         Enforcement::Full(namespaces.into()),
         "{level}"
     );
+    // Every thread of it is in the plugin's own group (`corral-<supervisor>/<id>-<n>`)
+    // in each controller: it joined before it ran anything, and each thread it made
+    // since was born there.
+    let pid = info.pid.expect("a running worker");
+    let threads: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the worker's threads")
+        .map(|t| t.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!threads.is_empty());
+    for controller in ["memory", "cpu", "pids"] {
+        for tid in &threads {
+            let group = v1_cgroup(&format!("{pid}/task/{tid}"), controller);
+            let mut names = group.iter().rev().map(|c| c.to_string_lossy().into_owned());
+            let (leaf, base) = (names.next().unwrap(), names.next().unwrap());
+            let numbered = |s: &str, prefix: &str| {
+                s.strip_prefix(prefix)
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            };
+            assert!(
+                numbered(&base, "corral-") && numbered(&leaf, &format!("{}-", info.id)),
+                "{level}: thread {tid} of {pid} is in {controller} group {}",
+                group.display()
+            );
+        }
+    }
     if level == Level::Maximum {
         let allow_list = format!("{engine} allow-list");
         assert!(

@@ -27,8 +27,8 @@ pub struct ChildSetup<'a> {
     /// The process that forked it: it dies with that one (`PR_SET_PDEATHSIG`).
     pub parent: libc::pid_t,
     pub level: Level,
-    /// The `cgroup.procs` files of the plugin's group (one per hierarchy).
-    pub cgroup_procs: &'a [CString],
+    /// The files that join the plugin's group, one per hierarchy (`PluginCgroup::join_files`).
+    pub cgroup_join: &'a [CString],
     /// A compile helper's artefact file and its largest size.
     pub artifact: Option<(RawFd, u64)>,
     /// A zygote child: close every other descriptor now except these (sorted; the
@@ -56,7 +56,7 @@ impl ChildSetup<'_> {
                 }
             }
             // Join the plugin's cgroup: nothing after this runs unlimited.
-            for path in self.cgroup_procs {
+            for path in self.cgroup_join {
                 let f = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                 if f < 0 {
                     return Err(std::io::Error::last_os_error());

@@ -20,8 +20,9 @@ pub struct ForkRequest {
     pub env: Vec<(String, String)>,
     /// The isolation level (its name), for the namespaces every worker of it enters.
     pub level: String,
-    /// The `cgroup.procs` files the child joins before anything else.
-    pub cgroup_procs: Vec<String>,
+    /// The files (`cgroup.procs`, or `tasks` on v1) the child writes `0` to, to join
+    /// its groups before anything else.
+    pub cgroup_join: Vec<String>,
 }
 
 /// From the template.

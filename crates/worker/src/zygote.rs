@@ -281,7 +281,7 @@ fn become_worker(
         .parse()
         .unwrap_or_else(|e| fail(format!("{e}")));
     let procs: Vec<CString> = request
-        .cgroup_procs
+        .cgroup_join
         .iter()
         .map(|p| CString::new(p.as_bytes()).unwrap_or_else(|_| fail(format!("bad path {p:?}"))))
         .collect();
@@ -292,7 +292,7 @@ fn become_worker(
         stdio: Some([fds[1].as_raw_fd(), fds[2].as_raw_fd()]),
         parent: template,
         level,
-        cgroup_procs: &procs,
+        cgroup_join: &procs,
         artifact: None,
         zygote_keep: Some(&keep),
     };

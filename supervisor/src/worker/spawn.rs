@@ -187,7 +187,7 @@ impl WorkerHandle {
     ) -> Result<Arc<WorkerHandle>, StartError> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::socket)?;
         let level = spec.confine.level;
-        let procs: Vec<CString> = spec.cgroup.iter().flat_map(|g| g.procs_files()).collect();
+        let procs: Vec<CString> = spec.cgroup.iter().flat_map(|g| g.join_files()).collect();
         if let (Some(templates), None) = (&spec.templates, &spec.artifact)
             && let Some(forked) = fork_worker(spec, templates, &theirs, &procs).await?
         {
@@ -220,7 +220,7 @@ impl WorkerHandle {
                     stdio: None,
                     parent,
                     level,
-                    cgroup_procs: &procs,
+                    cgroup_join: &procs,
                     artifact,
                     zygote_keep: None,
                 }

@@ -221,7 +221,7 @@ impl Template {
                     stdio: None,
                     parent,
                     level: Level::Standard,
-                    cgroup_procs: &[],
+                    cgroup_join: &[],
                     artifact: None,
                     zygote_keep: None,
                 }
@@ -508,14 +508,14 @@ pub(crate) fn request(
         .iter()
         .map(|(k, v)| Some((k.clone().into_string().ok()?, v.clone().into_string().ok()?)))
         .collect::<Option<Vec<_>>>()?;
-    let cgroup_procs = procs
+    let cgroup_join = procs
         .iter()
         .map(|p| p.clone().into_string().ok())
         .collect::<Option<Vec<_>>>()?;
     Some(ForkRequest {
         env,
         level: level.as_str().to_owned(),
-        cgroup_procs,
+        cgroup_join,
     })
 }
 
