@@ -599,7 +599,8 @@ pub fn assert_confined_at(
 }
 
 /// The copy of the plugin in `dir` that a supervisor with cache directory `cache`
-/// runs (`corral::versions`): the one version of it there.
+/// runs (`corral::versions`): the tree the one reference to a version of it there
+/// links to.
 pub fn version_copy(cache: &Path, dir: &Path) -> PathBuf {
     let name = format!("{}.", dir.file_name().unwrap().to_string_lossy());
     let mut found = Vec::new();
@@ -616,7 +617,7 @@ pub fn version_copy(cache: &Path, dir: &Path) -> PathBuf {
         }
     }
     assert_eq!(found.len(), 1, "copies of {}: {found:?}", dir.display());
-    found.remove(0)
+    std::fs::canonicalize(found.remove(0)).expect("a reference to a tree")
 }
 
 /// A directory of workers in which `corral-worker-wasm` is the hostile native worker

@@ -25,12 +25,22 @@
 //! one cache directory, and one of them removing an object another is about to
 //! link only costs that one a copy.
 //!
+//! The tree of a snapshot (its directories, links, and a hard link to the object of
+//! each file) is itself made once: it is named by the SHA-256 of everything it holds
+//! and shared by every version with the same files, of any plugin and any supervisor
+//! of the cache. Registering a plugin seen before, or a one-shot `corral run` of it,
+//! states its files, finds its tree, and links nothing; a version's end removes one
+//! link, its reference to the tree. A tree goes once no supervisor's directory
+//! refers to it and it has not been used for ten minutes.
+//!
 //! Layout: `<cache>/versions/<pid>.<random>/` per supervisor, holding a `.lock` that
-//! the supervisor keeps locked while it runs, and one `<dir name>.<random>/` per
-//! version; `<cache>/versions/objects/<2 hex>/<64 hex>`. A version's snapshot is
-//! removed when the version and all its workers are gone; a supervisor's directory
-//! when it exits, or, if it was killed, by the next supervisor that finds its lock
-//! free.
+//! the supervisor keeps locked while it runs, and one `<dir name>.<random>` per
+//! version, a link to `../trees/<key>`; `<cache>/versions/trees/<64 hex>/` (with a
+//! `.lock` held shared while a tree is looked up or made and referred to, and
+//! exclusively by a sweep); `<cache>/versions/objects/<2 hex>/<64 hex>`. A version's
+//! reference is removed when the version and all its workers are gone; a
+//! supervisor's directory when it exits, or, if it was killed, by the next
+//! supervisor that finds its lock free.
 
 use crate::plugins::files::{FileHashes, stamp};
 use sha2::{Digest, Sha256};
@@ -42,10 +52,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The snapshot of one plugin version's files; removed when dropped.
+/// The snapshot of one plugin version's files: a tree of the store, shared by every
+/// version (of any plugin, of any supervisor of the cache) with the same files, and
+/// this version's reference to it, removed when dropped.
 #[derive(Debug)]
 pub struct Snapshot {
-    dir: tempfile::TempDir,
+    /// `trees/<key>`.
+    path: PathBuf,
+    /// `<supervisor's directory>/<dir name>.<random>`, a link to `../trees/<key>`:
+    /// while one is there, no sweep removes the tree.
+    _reference: tempfile::NamedTempFile<()>,
     /// The digest of every regular file, by path in the snapshot.
     digests: HashMap<PathBuf, String>,
 }
@@ -53,7 +69,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Where the snapshot is.
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.path
     }
 
     /// The fingerprint of the snapshot (as [`crate::plugins::files::fingerprint`]
@@ -79,6 +95,8 @@ pub(crate) struct Versions {
     dir: tempfile::TempDir,
     _lock: File,
     objects: PathBuf,
+    /// `versions/trees/`: the snapshots' trees, by the key of what they hold.
+    trees: PathBuf,
     /// Digests of the plugin directories' files, by path and metadata.
     known: Mutex<FileHashes>,
     last_sweep: Mutex<Instant>,
@@ -96,6 +114,16 @@ pub(crate) struct Versions {
 
 const LOCK: &str = ".lock";
 const OBJECTS: &str = "objects";
+/// Snapshot trees, `trees/<key>/`: directories of links to objects, named by the
+/// SHA-256 of everything they hold ([`tree_key`]), made once and shared by every
+/// version with those files, kept while a supervisor's directory refers to one and
+/// for [`UNUSED_FOR`] after its last use. A one-shot `corral run` of a plugin run
+/// before, or a new supervisor registering it, finds its tree made and links
+/// nothing; a run's end removes one link, not the tree.
+const TREES: &str = "trees";
+/// In `trees/`: held shared while a tree is looked up (or made) and referred to,
+/// exclusively while a sweep decides what to remove.
+const TREES_LOCK: &str = ".lock";
 /// Touched by each sweep of `objects/`: the supervisors of a cache sweep at most
 /// once per [`UNUSED_FOR`] between them.
 const SWEPT: &str = ".swept";
@@ -156,6 +184,8 @@ impl Versions {
             .map_err(|e| at(format!("lock {}", lock_path.display()))(std::io::Error::from(e)))?;
         let objects = base.join(OBJECTS);
         make_objects(&objects).map_err(at(format!("create {}", objects.display())))?;
+        let trees = base.join(TREES);
+        make_trees(&trees).map_err(at(format!("create {}", trees.display())))?;
         let index = objects.join(INDEX);
         match std::fs::DirBuilder::new().mode(0o700).create(&index) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
@@ -179,6 +209,7 @@ impl Versions {
             dir,
             _lock: lock,
             objects,
+            trees,
             known: Mutex::default(),
             last_sweep: Mutex::new(Instant::now()),
             copied: Default::default(),
@@ -208,29 +239,69 @@ impl Versions {
             tracing::debug!("cannot touch {}: {e}", stamp.display());
         }
         let objects = self.objects.clone();
+        let base = self.trees.parent().map(Path::to_owned);
         let _ = std::thread::Builder::new()
             .name("corral-objects-sweep".into())
-            .spawn(move || sweep(&objects, UNUSED_FOR));
+            .spawn(move || {
+                // Trees first: the objects only they linked become unlinked then.
+                if let Some(base) = base {
+                    sweep_trees(&base, UNUSED_FOR);
+                }
+                sweep(&objects, UNUSED_FOR)
+            });
     }
 
     /// Snapshot the plugin in `dir` (every file but `__pycache__`, links as links),
-    /// readable (not writable) by every user: each regular file linked from the
-    /// object of its bytes, copied into a new object only if it is not known.
+    /// readable (not writable) by every user: each regular file's bytes stored as an
+    /// object once (read only if not known), then the tree of those files found in
+    /// `trees/`, or made there of links to the objects.
     pub(crate) fn snapshot(&self, dir: &Path) -> std::io::Result<Snapshot> {
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "plugin".into());
-        let copy = tempfile::Builder::new()
-            .prefix(&format!("{name}."))
-            .tempdir_in(self.dir.path())?;
-        std::fs::set_permissions(copy.path(), std::fs::Permissions::from_mode(0o755))?;
-        let mut digests = HashMap::new();
-        {
+        let mut entries = Vec::new();
+        let (path, reference) = {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
             self.read_index(dir, &mut known);
-            self.link_tree(dir, copy.path(), &mut known, &mut digests)?;
-        }
+            self.scan(dir, dir, &mut known, &mut entries)?;
+            let key = tree_key(&entries);
+            let path = self.trees.join(&key);
+            // No sweep decides while this holds: the tree found (or made) stays, as
+            // the reference made here is seen by the next one.
+            let lock = File::open(self.trees.join(TREES_LOCK))?;
+            lock.lock_shared()?;
+            let reference = tempfile::Builder::new()
+                .prefix(&format!("{name}."))
+                .make_in(self.dir.path(), |at| {
+                    std::os::unix::fs::symlink(Path::new("..").join(TREES).join(&key), at)
+                })?;
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                // Its last use, for the sweeps (a failure only lets it go sooner).
+                let _ =
+                    File::open(&path).and_then(|d| d.set_modified(std::time::SystemTime::now()));
+            } else {
+                let made = self.build(dir, &entries, &mut known)?;
+                match rename_new(made.path(), &path) {
+                    Ok(()) => {
+                        let _ = made.keep();
+                    }
+                    // Made by another supervisor of the cache meanwhile: the same
+                    // files, so that one is taken and this one goes.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            drop(lock);
+            (path, reference)
+        };
+        let digests = entries
+            .into_iter()
+            .filter_map(|e| match e {
+                Entry::File(rel, digest) => Some((path.join(rel), digest)),
+                _ => None,
+            })
+            .collect();
         let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
         if last.elapsed() > UNUSED_FOR {
             *last = Instant::now();
@@ -242,7 +313,83 @@ impl Versions {
             *saved = Instant::now();
             self.save_index();
         }
-        Ok(Snapshot { dir: copy, digests })
+        Ok(Snapshot {
+            path,
+            _reference: reference,
+            digests,
+        })
+    }
+
+    /// What the snapshot of `dir` holds, in order, each regular file's bytes in the
+    /// store: a file known by its metadata is not read.
+    fn scan(
+        &self,
+        root: &Path,
+        dir: &Path,
+        known: &mut FileHashes,
+        out: &mut Vec<Entry>,
+    ) -> std::io::Result<()> {
+        let mut entries = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let kind = entry.file_type()?;
+            let src = entry.path();
+            let rel = src.strip_prefix(root).unwrap_or(&src).to_owned();
+            if kind.is_dir() {
+                if entry.file_name() == "__pycache__" {
+                    continue;
+                }
+                out.push(Entry::Dir(rel));
+                self.scan(root, &src, known, out)?;
+            } else if kind.is_symlink() {
+                out.push(Entry::Link(rel, std::fs::read_link(&src)?));
+            } else if kind.is_file() {
+                out.push(Entry::File(rel, self.store_file(&src, known, true)?));
+            }
+            // Pipes, sockets and devices are not plugin files.
+        }
+        Ok(())
+    }
+
+    /// A new tree in `trees/` (under a temporary name) of `entries`, scanned from
+    /// `dir`: directories, links, and each file a link to its object.
+    fn build(
+        &self,
+        dir: &Path,
+        entries: &[Entry],
+        known: &mut FileHashes,
+    ) -> std::io::Result<tempfile::TempDir> {
+        let made = tempfile::Builder::new()
+            .prefix(".new.")
+            .tempdir_in(&self.trees)?;
+        std::fs::set_permissions(made.path(), std::fs::Permissions::from_mode(0o755))?;
+        for entry in entries {
+            match entry {
+                Entry::Dir(rel) => std::fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(made.path().join(rel))?,
+                Entry::Link(rel, target) => {
+                    std::os::unix::fs::symlink(target, made.path().join(rel))?
+                }
+                Entry::File(rel, digest) => {
+                    let dst = made.path().join(rel);
+                    if std::fs::hard_link(self.object(digest), &dst).is_ok() {
+                        continue;
+                    }
+                    // Its object was swept since it was known: stored again from
+                    // the plugin's file, if that still has these bytes.
+                    let src = dir.join(rel);
+                    if self.store_file(&src, known, false)? != *digest {
+                        return Err(std::io::Error::other(format!(
+                            "{}: it changed while the plugin was copied",
+                            src.display()
+                        )));
+                    }
+                    std::fs::hard_link(self.object(digest), &dst)?;
+                }
+            }
+        }
+        Ok(made)
     }
 
     /// What an earlier supervisor of this cache knew of the files in `dir`, once
@@ -324,43 +471,19 @@ impl Versions {
         crate::plugins::files::fingerprint_with(dir, &mut known)
     }
 
-    fn link_tree(
+    /// Make sure the store has the object of the bytes of the file `src`; their
+    /// digest. A file known by its metadata (when `trust_known`) is not read.
+    fn store_file(
         &self,
-        from: &Path,
-        to: &Path,
+        src: &Path,
         known: &mut FileHashes,
-        digests: &mut HashMap<PathBuf, String>,
-    ) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(from)? {
-            let entry = entry?;
-            let kind = entry.file_type()?;
-            let src = entry.path();
-            let dst = to.join(entry.file_name());
-            if kind.is_dir() {
-                if entry.file_name() == "__pycache__" {
-                    continue;
-                }
-                std::fs::DirBuilder::new().mode(0o755).create(&dst)?;
-                self.link_tree(&src, &dst, known, digests)?;
-            } else if kind.is_symlink() {
-                std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
-            } else if kind.is_file() {
-                let digest = self.link_file(&src, &dst, known)?;
-                digests.insert(dst, digest);
-            }
-            // Pipes, sockets and devices are not plugin files.
-        }
-        Ok(())
-    }
-
-    /// Put the file `src` at `dst` as a link to the object of its bytes; its digest.
-    fn link_file(&self, src: &Path, dst: &Path, known: &mut FileHashes) -> std::io::Result<String> {
-        // Known and unchanged: its object is linked without reading it (what is
-        // linked is the object, never the author's file).
+        trust_known: bool,
+    ) -> std::io::Result<String> {
+        // Known and unchanged: what is linked is its object, never the author's file.
         let m = std::fs::symlink_metadata(src)?;
-        if m.file_type().is_file()
+        if trust_known
+            && m.file_type().is_file()
             && let Some(digest) = known.known(src, &stamp(&m))
-            && std::fs::hard_link(self.object(&digest), dst).is_ok()
         {
             return Ok(digest);
         }
@@ -382,10 +505,10 @@ impl Versions {
             self.copied
                 .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let digest = crate::plugins::signing::hex(&Sha256::digest(&bytes));
-            if std::fs::hard_link(self.object(&digest), dst).is_err() {
+            if !self.object(&digest).is_file() {
                 let mut out = self.unnamed()?;
                 out.write_all(&bytes)?;
-                self.store(&out, &digest, dst)?;
+                self.store(&out, &digest)?;
             }
             digest
         } else {
@@ -403,7 +526,7 @@ impl Versions {
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             }
             let digest = crate::plugins::signing::hex(&h.finalize());
-            self.store(&out, &digest, dst)?;
+            self.store(&out, &digest)?;
             digest
         };
         // Remembered only if the file did not change while it was read.
@@ -421,9 +544,8 @@ impl Versions {
         unnamed_file(&self.objects)
     }
 
-    /// Make `out` (the bytes with `digest`) the store's object unless one exists,
-    /// and link the object at `dst`.
-    fn store(&self, out: &File, digest: &str, dst: &Path) -> std::io::Result<()> {
+    /// Make `out` (the bytes with `digest`) the store's object unless one exists.
+    fn store(&self, out: &File, digest: &str) -> std::io::Result<()> {
         out.set_permissions(std::fs::Permissions::from_mode(0o444))?;
         let object = self.object(digest);
         let linked = match link_unnamed(out, &object) {
@@ -437,20 +559,150 @@ impl Versions {
             other => other,
         };
         match linked {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
         }
-        // Linked from the store's object (the same bytes) when it is there; else
-        // (swept a moment ago by another supervisor) this copy itself.
-        if std::fs::hard_link(&object, dst).is_err() {
-            link_unnamed(out, dst)?;
-        }
-        Ok(())
     }
 
     fn object(&self, digest: &str) -> PathBuf {
         self.objects.join(&digest[..2]).join(digest)
+    }
+}
+
+/// What a snapshot holds, by path relative to its root.
+#[derive(Debug)]
+enum Entry {
+    Dir(PathBuf),
+    Link(PathBuf, PathBuf),
+    /// A regular file, by the digest of its bytes.
+    File(PathBuf, String),
+}
+
+/// The name of the tree of `entries` (in the order [`Versions::scan`] lists them):
+/// the SHA-256 of every name, kind, link target and file digest in it, each field
+/// ended by a NUL (which no name holds).
+fn tree_key(entries: &[Entry]) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut h = Sha256::new();
+    h.update(b"corral tree 1\0");
+    for entry in entries {
+        let (kind, rel, last): (&[u8], &Path, &[u8]) = match entry {
+            Entry::Dir(rel) => (b"d", rel, b""),
+            Entry::Link(rel, target) => (b"l", rel, target.as_os_str().as_bytes()),
+            Entry::File(rel, digest) => (b"f", rel, digest.as_bytes()),
+        };
+        for field in [kind, rel.as_os_str().as_bytes(), last] {
+            h.update(field);
+            h.update(b"\0");
+        }
+    }
+    crate::plugins::signing::hex(&h.finalize())
+}
+
+/// Rename `from` to `to` unless `to` exists (`AlreadyExists` then).
+fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from =
+        std::ffi::CString::new(from.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: both paths are NUL-terminated and live across the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `trees/` (0711: workers go through it to their tree, but may not list it) and
+/// its lock.
+fn make_trees(trees: &Path) -> std::io::Result<()> {
+    match std::fs::DirBuilder::new().mode(0o711).create(trees) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    std::fs::set_permissions(trees, std::fs::Permissions::from_mode(0o711))?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(trees.join(TREES_LOCK))
+        .map(drop)
+}
+
+/// Remove the trees in `<base>/trees` that no supervisor's directory in `base`
+/// refers to and that were last used at least `unused_for` ago, and what a build or
+/// a sweep cut short left there. Decided under the exclusive lock (no tree is
+/// being looked up, made or referred to meanwhile); each doomed tree is renamed out
+/// of the way then, and removed once the lock is free.
+fn sweep_trees(base: &Path, unused_for: Duration) {
+    let trees = base.join(TREES);
+    let Ok(lock) = File::open(trees.join(TREES_LOCK)) else {
+        return;
+    };
+    if lock.lock().is_err() {
+        return;
+    }
+    let mut used = std::collections::HashSet::new();
+    for sup in std::fs::read_dir(base).into_iter().flatten().flatten() {
+        if sup.file_name() == OBJECTS
+            || sup.file_name() == TREES
+            || !sup.file_type().is_ok_and(|t| t.is_dir())
+        {
+            continue;
+        }
+        for r in std::fs::read_dir(sup.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(target) = std::fs::read_link(r.path())
+                && let Some(key) = target.file_name()
+            {
+                used.insert(key.to_owned());
+            }
+        }
+    }
+    let mut doomed = Vec::new();
+    for tree in std::fs::read_dir(&trees).into_iter().flatten().flatten() {
+        let name = tree.file_name();
+        let text = name.to_string_lossy();
+        if name == TREES_LOCK || !tree.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if text.starts_with(".old.") {
+            doomed.push(tree.path());
+            continue;
+        }
+        let unused = !used.contains(&name)
+            && tree
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|e| e >= unused_for));
+        // No build runs while the lock is held: a `.new.` tree is a dead one's.
+        if unused || text.starts_with(".new.") {
+            let to = trees.join(format!(".old.{}", text.trim_start_matches('.')));
+            if std::fs::rename(tree.path(), &to).is_ok() {
+                doomed.push(to);
+            }
+        }
+    }
+    drop(lock);
+    let removed = doomed
+        .iter()
+        .filter(|d| std::fs::remove_dir_all(d).is_ok())
+        .count();
+    if removed > 0 {
+        tracing::debug!(removed, "unused plugin snapshot trees removed");
     }
 }
 
@@ -590,7 +842,10 @@ fn remove_stale(base: &Path) {
     };
     for entry in entries.flatten() {
         let path: PathBuf = entry.path();
-        if !entry.file_type().is_ok_and(|t| t.is_dir()) || entry.file_name() == OBJECTS {
+        if !entry.file_type().is_ok_and(|t| t.is_dir())
+            || entry.file_name() == OBJECTS
+            || entry.file_name() == TREES
+        {
             continue;
         }
         let gone = match File::open(path.join(LOCK)) {
@@ -670,8 +925,26 @@ mod tests {
             std::fs::read_to_string(s.join("plugin.py")).unwrap(),
             "x = 1\n"
         );
+        // The version's reference to its tree goes with it; the tree stays for the
+        // next use until a sweep finds it unused.
         let kept = s.to_owned();
+        let reference = std::fs::read_dir(versions.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|e| e.is_symlink())
+            .unwrap();
+        assert_eq!(std::fs::canonicalize(&reference).unwrap(), kept);
+        assert!(
+            reference
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{}.", p.file_name().unwrap().to_string_lossy()))
+        );
         drop(snap);
+        assert!(!reference.exists() && !reference.is_symlink());
+        assert!(kept.exists());
+        sweep_trees(&root.path().join("versions"), Duration::ZERO);
         assert!(!kept.exists());
     }
 
@@ -758,12 +1031,122 @@ mod tests {
                 .sum::<usize>()
         };
         assert_eq!(count(), 4);
+        let base = root.path().join("versions");
         drop((sa, again));
+        sweep_trees(&base, Duration::ZERO);
         sweep(&objects, Duration::ZERO);
         assert_eq!(count(), 3, "the object of \"a\" is linked by nothing");
         drop((sb, changed));
+        sweep_trees(&base, Duration::ZERO);
         sweep(&objects, Duration::ZERO);
         assert_eq!(count(), 0);
+    }
+
+    /// The tree of a plugin's files is made once: a second supervisor of the cache,
+    /// or a copy of the plugin under another name, finds it and links nothing. It
+    /// stays while a supervisor's directory refers to it, and an unused one goes
+    /// only once it was unused long enough; what it is named by covers every file,
+    /// hidden ones too; a tree whose objects were swept is made again from the files.
+    #[test]
+    fn a_tree_is_made_once_shared_and_kept_while_referred_to() {
+        let root = tempfile::tempdir().unwrap();
+        let base = root.path().join("versions");
+        let plugin = tempfile::tempdir().unwrap();
+        let p = plugin.path();
+        std::fs::create_dir(p.join("lib")).unwrap();
+        std::fs::write(p.join("main.js"), "export const a = 1;\n").unwrap();
+        std::fs::write(p.join("lib/x.js"), "export const x = 2;\n").unwrap();
+        std::fs::write(p.join(".hidden"), "h1").unwrap();
+        std::os::unix::fs::symlink("lib/x.js", p.join("alias.js")).unwrap();
+        // Settled, so known by their metadata once read.
+        std::thread::sleep(Duration::from_millis(2100));
+        let first = Versions::create(root.path()).unwrap();
+        let second = Versions::create(root.path()).unwrap();
+        let s1 = first.snapshot(p).unwrap();
+        let s2 = second.snapshot(p).unwrap();
+        assert_eq!(s1.path(), s2.path(), "one tree for the same files");
+        assert!(s1.path().starts_with(base.join(TREES)));
+        let nlink = |f: &Path| std::fs::metadata(f).unwrap().nlink();
+        assert_eq!(
+            nlink(&s1.path().join("main.js")),
+            2,
+            "the store's link and the tree's"
+        );
+        assert_eq!(
+            s2.digest(Path::new("lib/x.js")),
+            s1.digest(Path::new("lib/x.js"))
+        );
+        assert_eq!(
+            s2.fingerprint().unwrap(),
+            crate::plugins::files::fingerprint(p).unwrap()
+        );
+        // A copy under another name holds the same files: the same tree.
+        let copy = tempfile::tempdir().unwrap();
+        for f in ["main.js", ".hidden"] {
+            std::fs::copy(p.join(f), copy.path().join(f)).unwrap();
+        }
+        std::fs::create_dir(copy.path().join("lib")).unwrap();
+        std::fs::copy(p.join("lib/x.js"), copy.path().join("lib/x.js")).unwrap();
+        std::os::unix::fs::symlink("lib/x.js", copy.path().join("alias.js")).unwrap();
+        assert_eq!(first.snapshot(copy.path()).unwrap().path(), s1.path());
+        // A hidden file is in the snapshot, so in what names its tree; so is a
+        // link's target.
+        std::fs::write(p.join(".hidden"), "h2").unwrap();
+        let hidden = first.snapshot(p).unwrap();
+        assert_ne!(hidden.path(), s1.path());
+        assert_eq!(
+            std::fs::read_to_string(hidden.path().join(".hidden")).unwrap(),
+            "h2"
+        );
+        std::fs::remove_file(p.join("alias.js")).unwrap();
+        std::os::unix::fs::symlink("main.js", p.join("alias.js")).unwrap();
+        let relinked = first.snapshot(p).unwrap();
+        assert_ne!(relinked.path(), hidden.path());
+
+        // Kept while any supervisor refers to it, however old; an unused one only
+        // once it is old enough; a build cut short goes.
+        let shared = s1.path().to_owned();
+        drop(s1);
+        sweep_trees(&base, Duration::ZERO);
+        assert!(
+            shared.is_dir(),
+            "the second supervisor's version still uses it"
+        );
+        drop(s2);
+        let dead_build = base.join(TREES).join(".new.dead");
+        std::fs::create_dir(&dead_build).unwrap();
+        sweep_trees(&base, Duration::from_secs(3600));
+        assert!(shared.is_dir(), "unused for less than the time given");
+        assert!(!dead_build.exists());
+        sweep_trees(&base, Duration::ZERO);
+        assert!(!shared.exists());
+        assert!(hidden.path().is_dir() && relinked.path().is_dir());
+
+        // Its objects swept too: made again from the plugin's files, read again.
+        std::fs::remove_file(p.join(".hidden")).unwrap();
+        std::fs::remove_file(p.join("alias.js")).unwrap();
+        sweep(&base.join(OBJECTS), Duration::ZERO);
+        let x = object_of(&first, "export const x = 2;\n");
+        std::fs::remove_file(&x).unwrap();
+        let before = first.copied.load(std::sync::atomic::Ordering::Relaxed);
+        let again = first.snapshot(p).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(again.path().join("lib/x.js")).unwrap(),
+            "export const x = 2;\n"
+        );
+        assert!(x.is_file(), "stored again");
+        assert_eq!(
+            first.copied.load(std::sync::atomic::Ordering::Relaxed),
+            before + 20,
+            "only the file whose object was gone was read"
+        );
+    }
+
+    /// The object of `bytes` in the store of `v`.
+    fn object_of(v: &Versions, bytes: &str) -> PathBuf {
+        v.object(&crate::plugins::signing::hex(&Sha256::digest(
+            bytes.as_bytes(),
+        )))
     }
 
     /// Both ways a file goes in: up to `IN_MEMORY` read whole (bounded by its size,
