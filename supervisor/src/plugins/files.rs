@@ -142,8 +142,26 @@ pub fn fingerprint(dir: &Path) -> std::io::Result<String> {
 /// only the files that changed. A file changed within the last two seconds is not
 /// remembered (the kernel's coarse timestamps could hide a second write in the same
 /// tick, git's "racily clean" entries).
+///
+/// Keyed by the paths' bytes: compared as bytes, not component by component (a
+/// plugin of thousands of files is looked up thousands of times per pass).
 #[derive(Debug, Default)]
-pub(crate) struct FileHashes(BTreeMap<PathBuf, (FileStamp, String)>);
+pub(crate) struct FileHashes(BTreeMap<Vec<u8>, (FileStamp, String)>);
+
+/// The bytes of `path`.
+fn key(path: &Path) -> &[u8] {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str().as_bytes()
+}
+
+/// `dir`'s bytes ended by one `/`: what every path under it starts with.
+fn prefix_of(dir: &Path) -> Vec<u8> {
+    let mut p = key(dir).to_vec();
+    if p.last() != Some(&b'/') {
+        p.push(b'/');
+    }
+    p
+}
 
 /// Device, inode, size, and modification and change times (seconds, nanoseconds).
 pub(crate) type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
@@ -172,13 +190,18 @@ const MAX_REMEMBERED: usize = 1 << 20;
 impl FileHashes {
     /// Forget the files outside `dirs`.
     pub(crate) fn retain_under(&mut self, dirs: &[PathBuf]) {
-        self.0.retain(|f, _| dirs.iter().any(|d| f.starts_with(d)));
+        let prefixes: Vec<Vec<u8>> = dirs.iter().map(|d| prefix_of(d)).collect();
+        self.0.retain(|f, _| {
+            dirs.iter()
+                .zip(&prefixes)
+                .any(|(d, p)| f.starts_with(p) || f.as_slice() == key(d))
+        });
     }
 
     /// The digest of `path` if it was computed from a file with this stamp.
     pub(crate) fn known(&self, path: &Path, stamp: &FileStamp) -> Option<String> {
         self.0
-            .get(path)
+            .get(key(path))
             .filter(|(k, _)| k == stamp)
             .map(|(_, sum)| sum.clone())
     }
@@ -191,26 +214,27 @@ impl FileHashes {
             .duration_since(changed)
             .is_ok_and(|age| age >= SETTLED);
         if !settled {
-            self.0.remove(path);
+            self.0.remove(key(path));
             return;
         }
         if self.0.len() >= MAX_REMEMBERED {
             self.0.clear();
         }
-        self.0.insert(path.to_owned(), (stamp, digest.to_owned()));
+        self.0
+            .insert(key(path).to_vec(), (stamp, digest.to_owned()));
     }
 
     /// What is remembered of the files under `under`, for the cache's index
     /// (`Versions` keeps it between supervisors): every entry whose digest `keep`
     /// accepts.
     pub(crate) fn to_index(&self, under: &Path, keep: impl Fn(&str) -> bool) -> Vec<u8> {
-        use std::os::unix::ffi::OsStrExt;
+        let prefix = prefix_of(under);
         let entries: Vec<(&[u8], &FileStamp, &str)> = self
             .0
-            .range(under.to_owned()..)
-            .take_while(|(path, _)| path.starts_with(under))
+            .range(prefix.clone()..)
+            .take_while(|(path, _)| path.starts_with(&prefix))
             .filter(|(_, (_, digest))| keep(digest))
-            .map(|(path, (stamp, digest))| (path.as_os_str().as_bytes(), stamp, digest.as_str()))
+            .map(|(path, (stamp, digest))| (path.as_slice(), stamp, digest.as_str()))
             .collect();
         bincode::serde::encode_to_vec(&entries, bincode::config::standard()).unwrap_or_default()
     }
@@ -232,7 +256,6 @@ impl FileHashes {
     }
 
     pub(crate) fn from_index(bytes: &[u8]) -> Option<FileHashes> {
-        use std::os::unix::ffi::OsStrExt;
         let (entries, used): (Vec<(Vec<u8>, FileStamp, String)>, usize) =
             bincode::serde::decode_from_slice(bytes, bincode::config::standard()).ok()?;
         if used != bytes.len() || entries.len() > MAX_REMEMBERED {
@@ -240,12 +263,11 @@ impl FileHashes {
         }
         let mut map = BTreeMap::new();
         for (path, stamp, digest) in entries {
-            let path = PathBuf::from(std::ffi::OsStr::from_bytes(&path));
             let hex = digest.len() == 64
                 && digest
                     .bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if !path.is_absolute() || !hex {
+            if path.first() != Some(&b'/') || !hex {
                 return None;
             }
             map.insert(path, (stamp, digest));
@@ -253,8 +275,9 @@ impl FileHashes {
         Some(FileHashes(map))
     }
 
-    fn digest(&mut self, path: &Path) -> std::io::Result<String> {
-        let key = stamp(&std::fs::symlink_metadata(path)?);
+    /// The digest of the file at `path`, whose metadata is `meta` (not followed).
+    fn digest(&mut self, path: &Path, meta: &std::fs::Metadata) -> std::io::Result<String> {
+        let key = stamp(meta);
         if let Some(sum) = self.known(path, &key) {
             return Ok(sum);
         }
@@ -267,19 +290,22 @@ impl FileHashes {
 
 /// [`fingerprint`], reusing the digests of unchanged files from `cache`.
 pub(crate) fn fingerprint_with(dir: &Path, cache: &mut FileHashes) -> std::io::Result<String> {
-    fingerprint_by(dir, &mut |p| cache.digest(p))
+    fingerprint_by(dir, &mut |p, meta| cache.digest(p, meta))
 }
 
+/// What gives [`fingerprint_by`] the digest of a file, from its path and metadata.
+pub(crate) type Digester<'a> = dyn FnMut(&Path, &std::fs::Metadata) -> std::io::Result<String> + 'a;
+
 /// [`fingerprint`], with each regular file's digest from `digest`.
-pub(crate) fn fingerprint_by(
-    dir: &Path,
-    digest: &mut dyn FnMut(&Path) -> std::io::Result<String>,
-) -> std::io::Result<String> {
+///
+/// `digest` is given each file's metadata (not followed), taken relative to its
+/// directory's descriptor (`DirEntry::metadata`): no path is walked again per file.
+pub(crate) fn fingerprint_by(dir: &Path, digest: &mut Digester<'_>) -> std::io::Result<String> {
     fn walk(
         root: &Path,
         dir: &Path,
         h: &mut Sha256,
-        digest: &mut dyn FnMut(&Path) -> std::io::Result<String>,
+        digest: &mut Digester<'_>,
     ) -> std::io::Result<()> {
         let mut entries = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
         entries.sort_by_key(|e| e.file_name());
@@ -299,7 +325,7 @@ pub(crate) fn fingerprint_by(
                 h.update(format!("dir {rel}\n"));
                 walk(root, &path, h, digest)?;
             } else if kind.is_file() {
-                h.update(format!("file {rel} {}\n", digest(&path)?));
+                h.update(format!("file {rel} {}\n", digest(&path, &e.metadata()?)?));
             }
         }
         Ok(())

@@ -75,7 +75,7 @@ impl Snapshot {
     /// The fingerprint of the snapshot (as [`crate::plugins::files::fingerprint`]
     /// gives it), from the digests taken as it was made: nothing is read again.
     pub(crate) fn fingerprint(&self) -> std::io::Result<String> {
-        crate::plugins::files::fingerprint_by(self.path(), &mut |p| {
+        crate::plugins::files::fingerprint_by(self.path(), &mut |p, _| {
             self.digests.get(p).cloned().ok_or_else(|| {
                 std::io::Error::other(format!("{}: not in the snapshot", p.display()))
             })
@@ -344,7 +344,8 @@ impl Versions {
             } else if kind.is_symlink() {
                 out.push(Entry::Link(rel, std::fs::read_link(&src)?));
             } else if kind.is_file() {
-                out.push(Entry::File(rel, self.store_file(&src, known, true)?));
+                let meta = entry.metadata()?;
+                out.push(Entry::File(rel, self.store_file(&src, &meta, known, true)?));
             }
             // Pipes, sockets and devices are not plugin files.
         }
@@ -379,7 +380,8 @@ impl Versions {
                     // Its object was swept since it was known: stored again from
                     // the plugin's file, if that still has these bytes.
                     let src = dir.join(rel);
-                    if self.store_file(&src, known, false)? != *digest {
+                    let meta = std::fs::symlink_metadata(&src)?;
+                    if self.store_file(&src, &meta, known, false)? != *digest {
                         return Err(std::io::Error::other(format!(
                             "{}: it changed while the plugin was copied",
                             src.display()
@@ -471,19 +473,20 @@ impl Versions {
         crate::plugins::files::fingerprint_with(dir, &mut known)
     }
 
-    /// Make sure the store has the object of the bytes of the file `src`; their
-    /// digest. A file known by its metadata (when `trust_known`) is not read.
+    /// Make sure the store has the object of the bytes of the file `src`, whose
+    /// metadata (not followed) is `m`; their digest. A file known by its metadata
+    /// (when `trust_known`) is not read.
     fn store_file(
         &self,
         src: &Path,
+        m: &std::fs::Metadata,
         known: &mut FileHashes,
         trust_known: bool,
     ) -> std::io::Result<String> {
         // Known and unchanged: what is linked is its object, never the author's file.
-        let m = std::fs::symlink_metadata(src)?;
         if trust_known
             && m.file_type().is_file()
-            && let Some(digest) = known.known(src, &stamp(&m))
+            && let Some(digest) = known.known(src, &stamp(m))
         {
             return Ok(digest);
         }
