@@ -293,6 +293,31 @@ pub(crate) fn fingerprint_with(dir: &Path, cache: &mut FileHashes) -> std::io::R
     fingerprint_by(dir, &mut |p, meta| cache.digest(p, meta))
 }
 
+/// Whether an entry named `name` counts in a fingerprint: not hidden, not an
+/// editor's backup, not Python's bytecode cache (nor anything under them).
+pub(crate) fn fingerprinted(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    !(name.starts_with('.') || name.ends_with('~') || name == "__pycache__")
+}
+
+/// An entry of a fingerprint, by what it is.
+pub(crate) enum Listed<'a> {
+    Dir,
+    Link(&'a Path),
+    /// A regular file, by its digest.
+    File(&'a str),
+}
+
+/// Hash the entry at `rel` (relative to the plugin's root) into a fingerprint.
+pub(crate) fn hash_listed(h: &mut Sha256, rel: &Path, entry: Listed<'_>) {
+    let rel = rel.to_string_lossy();
+    match entry {
+        Listed::Dir => h.update(format!("dir {rel}\n")),
+        Listed::Link(target) => h.update(format!("link {rel} {}\n", target.display())),
+        Listed::File(digest) => h.update(format!("file {rel} {digest}\n")),
+    }
+}
+
 /// What gives [`fingerprint_by`] the digest of a file, from its path and metadata.
 pub(crate) type Digester<'a> = dyn FnMut(&Path, &std::fs::Metadata) -> std::io::Result<String> + 'a;
 
@@ -310,22 +335,20 @@ pub(crate) fn fingerprint_by(dir: &Path, digest: &mut Digester<'_>) -> std::io::
         let mut entries = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') || name.ends_with('~') || name == "__pycache__" {
+            if !fingerprinted(&e.file_name()) {
                 continue;
             }
             let path = e.path();
-            let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy();
+            let rel = path.strip_prefix(root).unwrap_or(&path);
             let kind = e.file_type()?;
             if kind.is_symlink() {
                 let target = std::fs::read_link(&path)?;
-                h.update(format!("link {rel} {}\n", target.display()));
+                hash_listed(h, rel, Listed::Link(&target));
             } else if kind.is_dir() {
-                h.update(format!("dir {rel}\n"));
+                hash_listed(h, rel, Listed::Dir);
                 walk(root, &path, h, digest)?;
             } else if kind.is_file() {
-                h.update(format!("file {rel} {}\n", digest(&path, &e.metadata()?)?));
+                hash_listed(h, rel, Listed::File(&digest(&path, &e.metadata()?)?));
             }
         }
         Ok(())

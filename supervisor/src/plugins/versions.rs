@@ -64,6 +64,8 @@ pub struct Snapshot {
     _reference: tempfile::NamedTempFile<()>,
     /// The digest of every regular file, by path in the snapshot.
     digests: HashMap<PathBuf, String>,
+    /// Its fingerprint, from what it was made of.
+    fingerprint: String,
 }
 
 impl Snapshot {
@@ -73,13 +75,10 @@ impl Snapshot {
     }
 
     /// The fingerprint of the snapshot (as [`crate::plugins::files::fingerprint`]
-    /// gives it), from the digests taken as it was made: nothing is read again.
+    /// gives it), from the entries and digests taken as it was made: nothing is
+    /// read or listed again.
     pub(crate) fn fingerprint(&self) -> std::io::Result<String> {
-        crate::plugins::files::fingerprint_by(self.path(), &mut |p, _| {
-            self.digests.get(p).cloned().ok_or_else(|| {
-                std::io::Error::other(format!("{}: not in the snapshot", p.display()))
-            })
-        })
+        Ok(self.fingerprint.clone())
     }
 
     /// The digest of the file at `rel` in the snapshot, if it is a regular file.
@@ -295,6 +294,7 @@ impl Versions {
             drop(lock);
             (path, reference)
         };
+        let fingerprint = fingerprint_of(&entries);
         let digests = entries
             .into_iter()
             .filter_map(|e| match e {
@@ -317,6 +317,7 @@ impl Versions {
             path,
             _reference: reference,
             digests,
+            fingerprint,
         })
     }
 
@@ -598,6 +599,25 @@ fn tree_key(entries: &[Entry]) -> String {
         for field in [kind, rel.as_os_str().as_bytes(), last] {
             h.update(field);
             h.update(b"\0");
+        }
+    }
+    crate::plugins::signing::hex(&h.finalize())
+}
+
+/// The fingerprint of a tree of `entries` (as [`Versions::scan`] lists them, in
+/// the order [`crate::plugins::files::fingerprint`] walks): every entry under no
+/// name a fingerprint leaves out.
+fn fingerprint_of(entries: &[Entry]) -> String {
+    use crate::plugins::files::{Listed, fingerprinted, hash_listed};
+    let mut h = Sha256::new();
+    for entry in entries {
+        let (rel, listed) = match entry {
+            Entry::Dir(rel) => (rel, Listed::Dir),
+            Entry::Link(rel, target) => (rel, Listed::Link(target)),
+            Entry::File(rel, digest) => (rel, Listed::File(digest)),
+        };
+        if rel.iter().all(fingerprinted) {
+            hash_listed(&mut h, rel, listed);
         }
     }
     crate::plugins::signing::hex(&h.finalize())
@@ -893,6 +913,10 @@ mod tests {
         std::fs::set_permissions(p.join("plugin.py"), std::fs::Permissions::from_mode(0o600))
             .unwrap();
         std::os::unix::fs::symlink("lib/util.py", p.join("alias.py")).unwrap();
+        // Copied, but left out of fingerprints.
+        std::fs::create_dir_all(p.join(".git/refs")).unwrap();
+        std::fs::write(p.join(".git/refs/main"), "0123").unwrap();
+        std::fs::write(p.join("lib/util.py~"), "old").unwrap();
 
         let versions = Versions::create(root.path()).unwrap();
         let snap = versions.snapshot(p).unwrap();
@@ -921,6 +945,18 @@ mod tests {
         assert_eq!(
             crate::plugins::files::fingerprint(s).unwrap(),
             crate::plugins::files::fingerprint(p).unwrap()
+        );
+        assert_eq!(
+            snap.fingerprint().unwrap(),
+            crate::plugins::files::fingerprint(p).unwrap()
+        );
+        assert_eq!(
+            std::fs::read_to_string(s.join(".git/refs/main")).unwrap(),
+            "0123"
+        );
+        assert_eq!(
+            std::fs::read_to_string(s.join("lib/util.py~")).unwrap(),
+            "old"
         );
         // The copy does not follow the original.
         std::fs::write(p.join("plugin.py"), "x = 2\n").unwrap();
@@ -1082,6 +1118,11 @@ mod tests {
         assert_eq!(
             s2.fingerprint().unwrap(),
             crate::plugins::files::fingerprint(p).unwrap()
+        );
+        assert_eq!(
+            s2.fingerprint().unwrap(),
+            crate::plugins::files::fingerprint(s2.path()).unwrap(),
+            "the fingerprint of what it was made of is that of the tree"
         );
         // A copy under another name holds the same files: the same tree.
         let copy = tempfile::tempdir().unwrap();
