@@ -25,11 +25,7 @@ impl Inner {
         }
         while stops.join_next().await.is_some() {}
         // Plugin groups go as their last processes exit; then the base.
-        for _ in 0..50 {
-            if self.launcher.clean_up() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::worker::process::poll_until(Duration::from_secs(1), || self.launcher.clean_up())
+            .await;
     }
 }

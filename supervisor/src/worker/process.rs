@@ -134,18 +134,37 @@ fn check_credentials(pid: u32, cred: Credentials) -> Result<(), VerifyError> {
 /// remove the group once it is empty.
 pub(crate) fn remove_when_empty(group: Arc<PluginCgroup>) {
     tokio::spawn(async move {
-        for _ in 0..100 {
+        let removed = poll_until(Duration::from_secs(2), || {
             group.kill_all();
-            if group.try_remove() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            group.try_remove()
+        })
+        .await;
+        if !removed {
+            tracing::warn!(
+                ?group,
+                "cgroup still busy after 2 s of kills; left in place"
+            );
         }
-        tracing::warn!(
-            ?group,
-            "cgroup still busy after 2 s of kills; left in place"
-        );
     });
+}
+
+/// Call `done` until it says so or `limit` has passed; whether it did. The waits
+/// between calls start at 1 ms and double up to 20 ms: what usually takes a moment
+/// (the kernel letting go of an exited process's group) is seen a moment after,
+/// not a whole period later.
+pub(crate) async fn poll_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut wait = Duration::from_millis(1);
+    loop {
+        if done() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(20));
+    }
 }
 
 /// Descriptors this process has open (`None` when counting them takes one more
