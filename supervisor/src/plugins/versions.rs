@@ -625,21 +625,31 @@ fn fingerprint_of(entries: &[Entry]) -> String {
 
 /// Rename `from` to `to` unless `to` exists (`AlreadyExists` then).
 fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    with_paths(from.as_os_str(), to, |from, to| {
+        // SAFETY: both paths are NUL-terminated and live across the call.
+        unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from,
+                libc::AT_FDCWD,
+                to,
+                libc::RENAME_NOREPLACE,
+            )
+        }
+    })
+}
+
+/// Call `f` (a system call taking two paths) with `from` and `to` as C strings;
+/// its error, if it returned anything but 0.
+fn with_paths(
+    from: &std::ffi::OsStr,
+    to: &Path,
+    f: impl FnOnce(*const libc::c_char, *const libc::c_char) -> libc::c_int,
+) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    let from =
-        std::ffi::CString::new(from.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let from = std::ffi::CString::new(from.as_bytes()).map_err(std::io::Error::other)?;
     let to = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: both paths are NUL-terminated and live across the call.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
+    if f(from.as_ptr(), to.as_ptr()) == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
@@ -794,25 +804,19 @@ pub(crate) fn unnamed_file(dir: &Path) -> std::io::Result<File> {
 /// Give an `O_TMPFILE` file its name (never replacing one).
 pub(crate) fn link_unnamed(file: &File, to: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map_err(std::io::Error::other)?;
-    let to = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: both paths are NUL-terminated and live across the call.
-    let r = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    let from = format!("/proc/self/fd/{}", file.as_raw_fd());
+    with_paths(from.as_ref(), to, |from, to| {
+        // SAFETY: both paths are NUL-terminated and live across the call.
+        unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from,
+                libc::AT_FDCWD,
+                to,
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        }
+    })
 }
 
 impl Drop for Versions {
