@@ -589,6 +589,21 @@ pub fn assert_confined_at(
         }
     }
     if level == Level::Maximum {
+        // The process serving the plugin (pid 1 of its PID namespace, the child of
+        // the one the supervisor started) holds no handle on a mount namespace: the
+        // one made as root to stage the view is held by the waiting parent alone.
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .expect("the worker's children");
+        let serving: Vec<&str> = children.split_whitespace().collect();
+        assert_eq!(serving.len(), 1, "{level}: one serving child: {serving:?}");
+        for fd in std::fs::read_dir(format!("/proc/{}/fd", serving[0])).expect("its fds") {
+            let target = std::fs::read_link(fd.unwrap().path()).unwrap_or_default();
+            assert!(
+                !target.to_string_lossy().starts_with("mnt:"),
+                "{level}: the serving worker holds {}",
+                target.display()
+            );
+        }
         let allow_list = format!("{engine} allow-list");
         assert!(
             matches!(&report.seccomp, Enforcement::Full(s) if s.starts_with(&allow_list)),

@@ -227,6 +227,14 @@ pub fn enter(visible: &[Shown], hide: &[PathBuf], tmpfs_bytes: u64) -> io::Resul
     LAST_CAP.get_or_init(crate::sys::last_capability);
     // Both the waiting parent and the serving child: no privilege gain by exec.
     crate::sys::set_no_new_privs()?;
+    // The mount namespace `prestage` made goes when its last reference does, and the
+    // kernel then waits for an (expedited) RCU grace period, which starts made side
+    // by side take turns for. Held here, it is let go by the waiting parent when the
+    // worker ends, not by the `unshare` below on the way to serving. The serving
+    // child closes its copy first thing (`fork_into_pid_namespace_holding`).
+    let prestaged = std::fs::File::open("/proc/self/ns/mnt")
+        .map(OwnedFd::from)
+        .map_err(|e| io::Error::new(e.kind(), format!("/proc/self/ns/mnt: {e}")))?;
     // SAFETY: unshare takes plain flags.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID) };
     check(rc, "unshare(user, mount, pid)")?;
@@ -310,7 +318,7 @@ pub fn enter(visible: &[Shown], hide: &[PathBuf], tmpfs_bytes: u64) -> io::Resul
         None,
     )?;
 
-    fork_into_pid_namespace()
+    fork_into_pid_namespace_holding(Some(prestaged))
 }
 
 /// A PID namespace for the children of this process (`with_user`: inside a user
@@ -356,6 +364,13 @@ pub static OWN_USER_NAMESPACE: std::sync::atomic::AtomicBool =
 /// seccomp filters keep the plugin from resetting), and every process in the
 /// namespace dies with the child.
 pub fn fork_into_pid_namespace() -> io::Result<()> {
+    fork_into_pid_namespace_holding(None)
+}
+
+/// [`fork_into_pid_namespace`]; `held` stays open in the waiting parent only (the
+/// child closes it before anything else) until the worker has ended.
+fn fork_into_pid_namespace_holding(held: Option<OwnedFd>) -> io::Result<()> {
+    let held = held.map(std::os::fd::IntoRawFd::into_raw_fd);
     // The child goes on only once the parent has given up its capabilities (the
     // supervisor checks the parent's from /proc at the handshake) and only while
     // the parent lives: its end of the pipe closes when it exits.
@@ -374,6 +389,9 @@ pub fn fork_into_pid_namespace() -> io::Result<()> {
         // SAFETY: prctl with plain integers; close and read on the pipe's own ends
         // into a one-byte buffer.
         let n = unsafe {
+            if let Some(fd) = held {
+                libc::close(fd);
+            }
             libc::close(ready[1]);
             libc::prctl(
                 libc::PR_SET_PDEATHSIG,
@@ -404,8 +422,21 @@ pub fn fork_into_pid_namespace() -> io::Result<()> {
     let _ = drop_capabilities();
     // SAFETY: write one byte from a live buffer to the pipe's write end.
     unsafe { libc::write(ready[1], [1u8].as_ptr().cast(), 1) };
-    // SAFETY: close_range with plain integers; nothing below uses a descriptor.
-    unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) };
+    // SAFETY: close_range with plain integers; nothing below uses a descriptor but
+    // `held`, which only stays open.
+    unsafe {
+        match held.map(|fd| fd as u32) {
+            Some(fd) => {
+                if fd > 0 {
+                    libc::syscall(libc::SYS_close_range, 0u32, fd - 1, 0u32);
+                }
+                libc::syscall(libc::SYS_close_range, fd + 1, u32::MAX, 0u32);
+            }
+            None => {
+                libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+            }
+        }
+    };
     let mut status = 0;
     loop {
         // SAFETY: waitpid writes the status into `status`.
