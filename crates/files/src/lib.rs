@@ -138,8 +138,15 @@ pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
             max,
         });
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+    read_at_most(file, max, meta.len())
+}
+
+/// All of `r`, at most `max` bytes: at most one byte past the limit is read, and a
+/// reader holding more is refused ([`ReadError::Grew`]) whatever it said its size
+/// was (`size`, the room made first, capped at `max`).
+pub fn read_at_most(r: impl Read, max: u64, size: u64) -> Result<Vec<u8>, ReadError> {
+    let mut bytes = Vec::with_capacity(size.min(max) as usize);
+    r.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
         return Err(ReadError::Grew { max });
     }
@@ -245,6 +252,26 @@ mod tests {
             "it grew past the 16 bytes it may have while being read"
         );
         assert!(read_regular(status, 1 << 20).unwrap().starts_with(b"Name:"));
+    }
+
+    /// A reader that holds far more than the limit gives up only one byte past it
+    /// before it is refused: the rest is never read, so never held.
+    #[test]
+    fn a_reader_past_the_limit_is_read_one_byte_past_it_and_refused() {
+        struct Counted(u64);
+        impl Read for Counted {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                buf.fill(7);
+                self.0 += buf.len() as u64;
+                Ok(buf.len())
+            }
+        }
+        let mut endless = Counted(0);
+        let e = read_at_most(&mut endless, 1000, 0).unwrap_err();
+        assert!(matches!(e, ReadError::Grew { max: 1000 }), "{e:?}");
+        assert_eq!(endless.0, 1001, "read past the limit and a byte");
+        assert_eq!(read_at_most(&b"abc"[..], 3, 3).unwrap(), b"abc");
+        assert_eq!(read_at_most(&b"abc"[..], 3, 1 << 40).unwrap(), b"abc");
     }
 
     #[test]

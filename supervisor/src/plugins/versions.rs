@@ -498,14 +498,8 @@ impl Versions {
         let digest = if before.len() <= IN_MEMORY {
             // Small (most files): read, hashed, and written only if no object has
             // these bytes yet.
-            let mut bytes = Vec::with_capacity(before.len() as usize);
-            (&mut file).take(IN_MEMORY + 1).read_to_end(&mut bytes)?;
-            if bytes.len() as u64 > IN_MEMORY {
-                return Err(std::io::Error::other(format!(
-                    "{}: it grew while it was read",
-                    src.display()
-                )));
-            }
+            let bytes = corral_files::read_at_most(&mut file, IN_MEMORY, before.len())
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", src.display())))?;
             self.copied
                 .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let digest = crate::plugins::signing::hex(&Sha256::digest(&bytes));
@@ -752,19 +746,13 @@ fn read_index_file(path: &Path) -> Option<Vec<u8>> {
     }
     // At most one byte past the limit, whatever the file grew to since it was
     // stated: a longer one is refused, not read.
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    (&mut file)
-        .take(MAX_INDEX + 1)
-        .read_to_end(&mut bytes)
-        .ok()?;
-    if bytes.len() as u64 > MAX_INDEX {
-        tracing::warn!(
-            "{}: an index past {MAX_INDEX} bytes; ignored",
-            path.display()
-        );
-        return None;
+    match corral_files::read_at_most(&mut file, MAX_INDEX, meta.len()) {
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            tracing::warn!("{}: {e}; ignored", path.display());
+            None
+        }
     }
-    Some(bytes)
 }
 
 /// `objects/` (0700) and its 256 shards.
@@ -1225,6 +1213,47 @@ mod tests {
             versions.copied.load(std::sync::atomic::Ordering::Relaxed),
             (big.len() + edge.len()) as u64
         );
+    }
+
+    /// A file whose size lies (a FUSE file an author serves, or here a kernel file
+    /// that states 0 bytes and holds megabytes): it is taken as small, read at most
+    /// one byte past the in-memory limit, and refused; nothing is stored or counted.
+    #[test]
+    fn a_file_longer_than_it_says_is_read_one_byte_past_the_limit_and_refused() {
+        let liar = Path::new("/proc/kallsyms");
+        let meta = std::fs::symlink_metadata(liar).unwrap();
+        assert_eq!(meta.len(), 0, "it must state less than it holds");
+        let holds = std::fs::File::open(liar)
+            .unwrap()
+            .take(IN_MEMORY + 1)
+            .read_to_end(&mut Vec::new())
+            .unwrap() as u64;
+        assert!(
+            holds > IN_MEMORY,
+            "it must hold more than the limit: {holds}"
+        );
+
+        let root = tempfile::tempdir().unwrap();
+        let versions = Versions::create(root.path()).unwrap();
+        let mut known = FileHashes::default();
+        let e = versions
+            .store_file(liar, &meta, &mut known, true)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/proc/kallsyms: it grew past the 1 MiB it may have while being read"
+        );
+        assert_eq!(
+            versions.copied.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        let stored: usize = std::fs::read_dir(root.path().join("versions/objects"))
+            .unwrap()
+            .map(|s| s.unwrap().path())
+            .filter(|s| s.is_dir() && !s.ends_with(INDEX))
+            .map(|s| std::fs::read_dir(s).unwrap().count())
+            .sum();
+        assert_eq!(stored, 0, "nothing stored");
     }
 
     #[test]
