@@ -131,14 +131,16 @@ pub struct EngineLimits {
     pub init_deadline_ms: u64,
 }
 
-/// How a Wasm worker gets the plugin's compiled code.
+/// How a worker gets the plugin's compiled code: a Wasm module, or the bytecode of
+/// a QuickJS module graph.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Code {
-    /// Compile the entry itself (no shared store of compiled modules, and every
-    /// engine but Wasm).
+    /// Compile (or parse) the entry itself: no shared store of compiled code, and
+    /// every engine but Wasm and QuickJS.
     Compile,
-    /// Map the precompiled module at this path (read-only to the worker; made by a
-    /// compile helper from exactly the entry's bytes, and named by their digest).
+    /// Load the precompiled code at this path (read-only to the worker; made by a
+    /// compile helper from exactly the entry's bytes, or for JavaScript the
+    /// plugin's files, and named by their digest).
     Precompiled(String),
     /// Be a compile helper: compile the entry, write the artefact to
     /// [`crate::ARTIFACT_FD`], answer `Loaded` with no exports and exit. No plugin
@@ -155,7 +157,7 @@ pub struct LoadSpec {
     /// Entry file, relative to `plugin_dir` (validated by the manifest crate).
     pub entry: String,
     pub limits: EngineLimits,
-    /// Where compiled code comes from (Wasm).
+    /// Where compiled code comes from (Wasm, QuickJS).
     pub code: Code,
     /// The operator's configuration for the plugin (`[plugin.<id>.config]` in the
     /// daemon's configuration), readable by the plugin from `init` on.

@@ -286,3 +286,126 @@ async fn javascript_runs_confined_at_every_level() {
         k.sup.shutdown(Duration::from_secs(1)).await;
     }
 }
+
+/// The bundles of bytecode in the cache's store.
+fn stored_bundles(cache: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(engines) = std::fs::read_dir(cache.join("js")) else {
+        return Vec::new();
+    };
+    engines
+        .flat_map(|e| std::fs::read_dir(e.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path())
+        .collect()
+}
+
+async fn worker_pid(sup: &Supervisor, id: &str) -> u32 {
+    let list = sup.list().await;
+    list.iter()
+        .find(|p| p.id == id)
+        .and_then(|p| p.pid)
+        .unwrap()
+}
+
+/// A plugin's modules are parsed once, by a compile helper, into one bundle of
+/// bytecode that every worker of the same files loads (a copy under another id,
+/// another supervisor of the cache); the workers really load it (a damaged one is
+/// refused, naming it), keep nothing open on it, and their errors still name the
+/// file and line. Code that does not parse is reported by the worker as before,
+/// and nothing is stored for it.
+#[tokio::test]
+async fn modules_are_precompiled_once_for_every_copy_and_every_supervisor() {
+    use std::os::unix::fs::MetadataExt;
+    let cache = open_tempdir();
+    let (a, b) = (
+        corral_integration_tests::js_plugin("kit", ""),
+        corral_integration_tests::js_plugin("kit2", ""),
+    );
+    let sup_with = |dirs: &[&std::path::Path]| {
+        let mut sup = Supervisor::new(options(cache.path()));
+        for d in dirs {
+            sup.add_plugin_dir(d).unwrap();
+        }
+        sup
+    };
+    let sup = sup_with(&[a.path(), b.path()]);
+    for id in ["kit", "kit2"] {
+        let out = sup.call(id, "greet", b"ada".to_vec(), None).await;
+        assert_eq!(out.unwrap(), b"Hello, ADA!", "{id}");
+    }
+    assert_eq!(sup.workers().modules_compiled, 1);
+    let stored = stored_bundles(cache.path());
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let bundle = &stored[0];
+    assert_eq!(bundle.extension().unwrap(), "qjsc");
+    let m = std::fs::metadata(bundle).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(m.uid(), unsafe { libc::geteuid() });
+    assert_eq!(m.mode() & 0o777, 0o644);
+    assert_eq!(
+        std::fs::metadata(bundle.parent().unwrap()).unwrap().mode() & 0o777,
+        0o711
+    );
+    for id in ["kit", "kit2"] {
+        let pid = worker_pid(&sup, id).await;
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+            let target = std::fs::read_link(fd.unwrap().path()).unwrap();
+            assert!(
+                !target.starts_with(cache.path().join("js")),
+                "{id} holds {}",
+                target.display()
+            );
+        }
+    }
+    match sup.call("kit", "greet", Vec::new(), None).await {
+        Err(CallError::Plugin { message }) => {
+            assert!(message.contains("at greet (main.js:"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    sup.shutdown(Duration::from_secs(1)).await;
+
+    // Another supervisor of the cache finds it.
+    let other = sup_with(&[a.path()]);
+    let out = other.call("kit", "greet", b"bo".to_vec(), None).await;
+    assert_eq!(out.unwrap(), b"Hello, BO!");
+    assert_eq!(other.workers().modules_compiled, 0);
+    other.shutdown(Duration::from_secs(1)).await;
+
+    // What the workers load is that file.
+    std::fs::write(bundle, b"damaged").unwrap();
+    let damaged = sup_with(&[a.path()]);
+    match damaged.call("kit", "greet", b"bo".to_vec(), None).await {
+        Err(CallError::StartFailed { reason, .. }) => assert!(
+            reason
+                .contains("the precompiled modules are refused: not a bundle of QuickJS bytecode")
+                && reason.contains(bundle.to_str().unwrap()),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    damaged.shutdown(Duration::from_secs(1)).await;
+    std::fs::remove_file(bundle).unwrap();
+    let again = sup_with(&[a.path()]);
+    let out = again.call("kit", "greet", b"bo".to_vec(), None).await;
+    assert_eq!(out.unwrap(), b"Hello, BO!");
+    assert_eq!(again.workers().modules_compiled, 1);
+    again.shutdown(Duration::from_secs(1)).await;
+
+    // A syntax error: the worker's own report, nothing stored.
+    std::fs::write(
+        b.path().join("main.js"),
+        "export function ok() {\n  return ;;) \"ok\";\n}\n",
+    )
+    .unwrap();
+    let broken = sup_with(&[b.path()]);
+    match broken.call("kit2", "ok", Vec::new(), None).await {
+        Err(CallError::StartFailed { reason, .. }) => assert!(
+            reason.contains("SyntaxError") && reason.contains("main.js:2"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(broken.workers().modules_compiled, 0);
+    assert_eq!(stored_bundles(cache.path()).len(), 1);
+    broken.shutdown(Duration::from_secs(1)).await;
+}

@@ -66,6 +66,8 @@ pub struct Snapshot {
     digests: HashMap<PathBuf, String>,
     /// Its fingerprint, from what it was made of.
     fingerprint: String,
+    /// The key of its code ([`code_key`]).
+    code_key: String,
 }
 
 impl Snapshot {
@@ -79,6 +81,12 @@ impl Snapshot {
     /// read or listed again.
     pub(crate) fn fingerprint(&self) -> std::io::Result<String> {
         Ok(self.fingerprint.clone())
+    }
+
+    /// The digest of every file, link and directory but the manifest: equal for
+    /// two snapshots whose code is the same, whatever plugin they are of.
+    pub(crate) fn code_key(&self) -> &str {
+        &self.code_key
     }
 
     /// The digest of the file at `rel` in the snapshot, if it is a regular file.
@@ -295,6 +303,7 @@ impl Versions {
             (path, reference)
         };
         let fingerprint = fingerprint_of(&entries);
+        let code_key = code_key(&entries);
         let digests = entries
             .into_iter()
             .filter_map(|e| match e {
@@ -318,6 +327,7 @@ impl Versions {
             _reference: reference,
             digests,
             fingerprint,
+            code_key,
         })
     }
 
@@ -581,9 +591,28 @@ enum Entry {
 /// the SHA-256 of every name, kind, link target and file digest in it, each field
 /// ended by a NUL (which no name holds).
 fn tree_key(entries: &[Entry]) -> String {
+    entries_key(b"corral tree 1\0", entries.iter())
+}
+
+/// The key of the code in a tree of `entries`: [`tree_key`] of every entry but the
+/// manifest (`plugin.toml` at the root), which names the plugin and its policy
+/// but is no module. Copies of one plugin under other ids share their code's key.
+fn code_key(entries: &[Entry]) -> String {
+    let manifest = Path::new(corral_manifest::MANIFEST_FILE);
+    entries_key(
+        b"corral code 1\0",
+        entries
+            .iter()
+            .filter(|e| !matches!(e, Entry::File(rel, _) if rel == manifest)),
+    )
+}
+
+/// The SHA-256 of `tag` and of every name, kind, link target and file digest of
+/// `entries`.
+fn entries_key<'a>(tag: &[u8], entries: impl Iterator<Item = &'a Entry>) -> String {
     use std::os::unix::ffi::OsStrExt;
     let mut h = Sha256::new();
-    h.update(b"corral tree 1\0");
+    h.update(tag);
     for entry in entries {
         let (kind, rel, last): (&[u8], &Path, &[u8]) = match entry {
             Entry::Dir(rel) => (b"d", rel, b""),

@@ -1,4 +1,5 @@
-//! Compiled Wasm modules, shared by every worker whose module has the same bytes.
+//! Compiled code, shared by every worker whose code has the same bytes: Wasm
+//! modules, and the bytecode of QuickJS module graphs.
 //!
 //! A module is compiled once, by a compile helper: the plugin's own worker binary
 //! started with `Code::CompileOnly`, under the plugin's level, user, cgroup and
@@ -19,7 +20,17 @@
 //! (the worker binary's path, inode and times), and wasmtime checks an artefact's
 //! header against its own version and settings before it maps one.
 //!
-//! Layout: `<cache>/wasm/<engine>/<sha256 of the module>.cwasm`, directories 0711
+//! QuickJS's bytecode is shared the same way (`workers/js/src/bytecode.rs`): its
+//! helper parses the entry and every module it imports statically, evaluates
+//! none, and writes their bytecode. Its key is the digest of every file of the
+//! version but its manifest, and of the entry: a helper's output is only ever
+//! loaded for exactly the files it parsed, in the order it parsed them. A helper
+//! that fails (a syntax error, an engine without precompiled code) is not tried
+//! again for those files by this supervisor: their workers parse the source, and
+//! report its errors as they always did.
+//!
+//! Layout: `<cache>/<kind>/<engine>/<key>.<extension>` (`wasm/…/<sha256 of the
+//! module>.cwasm`, `js/…/<key>.qjsc`), directories 0711
 //! (workers pass through, list nothing), files 0644 and owned by the supervisor.
 //! Without a cache directory the store is a private temporary directory that goes
 //! with the supervisor. Two starts of one module wait for one compile.
@@ -39,14 +50,42 @@ pub(crate) fn max_artifact_bytes(module_bytes: u64) -> u64 {
     (64 << 20) + module_bytes.saturating_mul(16)
 }
 
+/// What a store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Compiled Wasm modules (`.cwasm`).
+    Wasm,
+    /// Bundles of QuickJS bytecode (`.qjsc`).
+    QuickJs,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Wasm => "wasm",
+            Kind::QuickJs => "js",
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            Kind::Wasm => "cwasm",
+            Kind::QuickJs => "qjsc",
+        }
+    }
+}
+
 /// The store of compiled modules of one engine build.
 #[derive(Debug)]
 pub(crate) struct Modules {
+    kind: Kind,
     dir: PathBuf,
     /// Kept for a store in a private temporary directory.
     _private: Option<tempfile::TempDir>,
     /// One compile per module at a time: the starts that meet it wait for it.
     flights: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    /// Keys whose helper failed: not tried again while this store lives.
+    failed: Mutex<std::collections::HashSet<String>>,
     compiles: AtomicU64,
 }
 
@@ -72,14 +111,19 @@ pub(crate) enum StoreError {
 }
 
 impl Modules {
-    /// The store for the worker binary `worker`, under `cache` (or private).
-    pub(crate) fn open(cache: Option<&Path>, worker: &Path) -> Result<Modules, StoreError> {
+    /// The store of `kind` for the worker binary `worker`, under `cache` (or
+    /// private).
+    pub(crate) fn open(
+        cache: Option<&Path>,
+        worker: &Path,
+        kind: Kind,
+    ) -> Result<Modules, StoreError> {
         let engine = engine_key(worker)?;
         let (base, private) = match cache {
-            Some(c) => (c.join("wasm"), None),
+            Some(c) => (c.join(kind.dir()), None),
             None => {
                 let t = tempfile::Builder::new()
-                    .prefix("corral-wasm.")
+                    .prefix(&format!("corral-{}.", kind.dir()))
                     .tempdir()
                     .map_err(|error| StoreError::Io {
                         what: "create a directory in",
@@ -94,16 +138,30 @@ impl Modules {
             private_dir(d)?;
         }
         Ok(Modules {
+            kind,
             dir,
             _private: private,
             flights: Mutex::default(),
+            failed: Mutex::default(),
             compiles: AtomicU64::new(0),
         })
     }
 
     /// Where the compiled module of the bytes with `digest` is kept.
     pub(crate) fn path_for(&self, digest: &str) -> PathBuf {
-        self.dir.join(format!("{digest}.cwasm"))
+        self.dir.join(format!("{digest}.{}", self.kind.extension()))
+    }
+
+    /// Whether a helper for `digest` failed in this store's life.
+    pub(crate) fn failed_before(&self, digest: &str) -> bool {
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.contains(digest)
+    }
+
+    /// Remember that the helper for `digest` failed.
+    pub(crate) fn note_failed(&self, digest: &str) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.insert(digest.to_owned());
     }
 
     /// How many modules this store compiled.
@@ -276,7 +334,7 @@ mod tests {
     async fn a_module_is_compiled_once_and_stored_read_only_for_workers() {
         let cache = tempfile::tempdir().unwrap();
         let w = worker();
-        let store = Arc::new(Modules::open(Some(cache.path()), w.path()).unwrap());
+        let store = Arc::new(Modules::open(Some(cache.path()), w.path(), Kind::Wasm).unwrap());
         let runs = Arc::new(AtomicU64::new(0));
         let compile = |runs: Arc<AtomicU64>| {
             move |out: ArtifactOut| async move {
@@ -310,7 +368,7 @@ mod tests {
             .get_or_compile("abc", 100, compile(Arc::clone(&runs)))
             .await
             .unwrap();
-        let other = Modules::open(Some(cache.path()), w.path()).unwrap();
+        let other = Modules::open(Some(cache.path()), w.path(), Kind::Wasm).unwrap();
         assert_eq!(
             other
                 .get_or_compile("abc", 100, compile(Arc::clone(&runs)))
@@ -325,7 +383,7 @@ mod tests {
     async fn nothing_is_stored_from_a_failed_empty_or_oversized_compile() {
         let cache = tempfile::tempdir().unwrap();
         let w = worker();
-        let store = Modules::open(Some(cache.path()), w.path()).unwrap();
+        let store = Modules::open(Some(cache.path()), w.path(), Kind::Wasm).unwrap();
         let failed = store
             .get_or_compile("f", 100, |_| async {
                 Err(StartError::LoadFailed("invalid module".into()))
@@ -361,19 +419,19 @@ mod tests {
             std::fs::Permissions::from_mode(0o777),
         )
         .unwrap();
-        let e = Modules::open(Some(cache.path()), w.path()).unwrap_err();
+        let e = Modules::open(Some(cache.path()), w.path(), Kind::Wasm).unwrap_err();
         assert!(matches!(e, StoreError::NotOwn { mode: 0o777, .. }), "{e}");
         std::fs::set_permissions(
             cache.path().join("wasm"),
             std::fs::Permissions::from_mode(0o711),
         )
         .unwrap();
-        let a = Modules::open(Some(cache.path()), w.path()).unwrap();
+        let a = Modules::open(Some(cache.path()), w.path(), Kind::Wasm).unwrap();
         let v = worker();
-        let b = Modules::open(Some(cache.path()), v.path()).unwrap();
+        let b = Modules::open(Some(cache.path()), v.path(), Kind::Wasm).unwrap();
         assert_ne!(a.path_for("x"), b.path_for("x"));
         // Without a cache directory: private, and gone with the store.
-        let p = Modules::open(None, w.path()).unwrap();
+        let p = Modules::open(None, w.path(), Kind::Wasm).unwrap();
         let dir = p.path_for("x").parent().unwrap().to_owned();
         assert!(dir.is_dir());
         drop(p);

@@ -4,7 +4,7 @@
 //! user, the module cache, the cgroup, the confinement) and spawns the worker
 //! process; the unit tests launch an in-process fake instead.
 
-use super::modules::{Modules, max_artifact_bytes};
+use super::modules::{Kind, Modules, max_artifact_bytes};
 use super::{CGROUP_PREFIX, Inner, Options, Plugin, error_chain};
 use crate::plugins::{access, signing};
 use crate::worker::process::remove_when_empty;
@@ -119,6 +119,8 @@ pub(crate) struct ProcessLauncher {
     cgroup_base: OnceLock<Result<CgroupBase, String>>,
     /// Compiled Wasm modules; made at the first Wasm start.
     modules: OnceLock<Option<Modules>>,
+    /// QuickJS bytecode; made at the first JavaScript start.
+    scripts: OnceLock<Option<Modules>>,
     /// Zygote templates, for the runtimes in `options.zygotes`.
     templates: Arc<Templates>,
 }
@@ -159,12 +161,17 @@ fn module_digest(path: &Path) -> Result<(String, u64), corral_files::ReadError> 
 /// compile.
 const MAX_MODULE_BYTES: u64 = 1 << 30;
 
+/// The largest bundle of QuickJS bytecode stored (its helper's `RLIMIT_FSIZE`): a
+/// module graph past it is parsed by its workers.
+const MAX_BYTECODE_BYTES: u64 = 256 << 20;
+
 impl ProcessLauncher {
     pub(crate) fn new(options: Options) -> ProcessLauncher {
         ProcessLauncher {
             options,
             cgroup_base: OnceLock::new(),
             modules: OnceLock::new(),
+            scripts: OnceLock::new(),
             templates: Arc::default(),
         }
     }
@@ -233,6 +240,7 @@ impl ProcessLauncher {
         };
         let code = match m.runtime {
             corral_protocol::Runtime::Wasm => self.precompiled(&worker).await?,
+            corral_protocol::Runtime::Js => self.precompiled_js(&worker).await,
             _ => Code::Compile,
         };
         self.spawn(&worker, code, None).await
@@ -279,20 +287,88 @@ impl ProcessLauncher {
         Ok(Code::Precompiled(path.to_string_lossy().into_owned()))
     }
 
+    /// The bytecode a JavaScript worker of `w` loads: from the store, made first by
+    /// a compile helper if the store has none for these files. `Code::Compile` (the
+    /// worker parses its modules) when there is no store, or when a helper for
+    /// these files failed: the worker then reports the fault itself, as it would
+    /// without a store. Without a cache directory there is no store: a helper
+    /// would cost one-shot runs more than it saves.
+    async fn precompiled_js(&self, w: &Worker<'_>) -> Code {
+        if self.options.cache_dir.is_none() {
+            return Code::Compile;
+        }
+        let Some(scripts) = self.store(&self.scripts, Kind::QuickJs, &w.program) else {
+            return Code::Compile;
+        };
+        let p = w.req.plugin;
+        let key = {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            h.update(p.files.code_key());
+            h.update(b"\0");
+            h.update(p.manifest.entry.as_os_str().as_encoded_bytes());
+            crate::plugins::signing::hex(&h.finalize())
+        };
+        if scripts.failed_before(&key) {
+            return Code::Compile;
+        }
+        let made = scripts
+            .get_or_compile(&key, MAX_BYTECODE_BYTES, |out| async move {
+                let (helper, group) = self.spawn(w, Code::CompileOnly, Some(out)).await?;
+                helper.shutdown(self.options.kill_grace).await;
+                if let Some(g) = group {
+                    remove_when_empty(g);
+                }
+                Ok(())
+            })
+            .await;
+        match made {
+            Ok(path) => Code::Precompiled(path.to_string_lossy().into_owned()),
+            Err(e) => {
+                tracing::info!(
+                    plugin = %p.manifest.id,
+                    "its modules are not precompiled (the worker parses them): {}",
+                    error_chain(&e)
+                );
+                // What the files themselves caused is not tried again; the
+                // supervisor's own troubles (no room, a slow start) may pass.
+                if matches!(
+                    e,
+                    StartError::LoadFailed(_)
+                        | StartError::DiedEarly { .. }
+                        | StartError::LoadTimeout(_)
+                ) {
+                    scripts.note_failed(&key);
+                }
+                Code::Compile
+            }
+        }
+    }
+
     /// The store of compiled modules for the worker binary `program`, made at the
     /// first Wasm start; `None` (with a warning, once) if it cannot be.
     fn modules(&self, program: &Path) -> Option<&Modules> {
-        self.modules
-            .get_or_init(|| {
-                Modules::open(self.options.cache_dir.as_deref(), program)
-                    .inspect_err(|e| {
-                        tracing::warn!(
-                            "Wasm workers compile their own modules (nothing shared): {e}"
-                        )
-                    })
-                    .ok()
-            })
-            .as_ref()
+        self.store(&self.modules, Kind::Wasm, program)
+    }
+
+    /// The store of `kind` in `cell`, made at its first use; `None` (with a
+    /// warning, once) if it cannot be.
+    fn store<'s>(
+        &self,
+        cell: &'s OnceLock<Option<Modules>>,
+        kind: Kind,
+        program: &Path,
+    ) -> Option<&'s Modules> {
+        cell.get_or_init(|| {
+            Modules::open(self.options.cache_dir.as_deref(), program, kind)
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        "{kind:?} workers compile their own modules (nothing shared): {e}"
+                    )
+                })
+                .ok()
+        })
+        .as_ref()
     }
 
     /// Spawn the worker of `w` with `code`: a serving worker, or with `artifact` a
@@ -436,10 +512,11 @@ impl Launcher for ProcessLauncher {
     }
 
     fn modules_compiled(&self) -> u64 {
-        self.modules
-            .get()
-            .and_then(Option::as_ref)
-            .map_or(0, Modules::compiles)
+        [&self.modules, &self.scripts]
+            .into_iter()
+            .filter_map(|s| s.get().and_then(Option::as_ref))
+            .map(Modules::compiles)
+            .sum()
     }
 
     fn templates(&self) -> (u64, u64) {

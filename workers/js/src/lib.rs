@@ -42,6 +42,7 @@
 //! in every engine; the process stays.
 
 mod api;
+pub mod bytecode;
 mod loader;
 pub mod modules;
 pub use loader::{PluginLoader, PluginResolver};
@@ -51,7 +52,7 @@ pub mod v8;
 #[cfg(feature = "v8")]
 pub use v8::V8Engine;
 
-use corral_protocol::{CallError, LoadSpec};
+use corral_protocol::{CallError, Code, LoadSpec};
 use corral_worker::{EngineInfo, Host, LoadError};
 use rquickjs::promise::MaybePromise;
 use rquickjs::{
@@ -114,8 +115,8 @@ impl JsEngine {
     }
 }
 
-/// Create a runtime, run the module and its `init` within the load deadline.
-fn instantiate(spec: &LoadSpec, host: &Host) -> Result<JsInstance, LoadError> {
+/// The plugin's root and its entry's logical name.
+fn plugin_root(spec: &LoadSpec) -> Result<(PathBuf, String), LoadError> {
     let root = PathBuf::from(&spec.plugin_dir)
         .canonicalize()
         .map_err(|source| LoadError::Read {
@@ -125,20 +126,51 @@ fn instantiate(spec: &LoadSpec, host: &Host) -> Result<JsInstance, LoadError> {
     let entry = modules::logical_name(&spec.entry).ok_or_else(|| LoadError::Entry {
         entry: spec.entry.clone(),
     })?;
+    Ok((root, entry))
+}
+
+/// A runtime within the plugin's memory limit and QuickJS's stack limit.
+fn new_runtime(spec: &LoadSpec) -> Result<Runtime, LoadError> {
     let runtime = Runtime::new()
         .map_err(|e| LoadError::Engine(format!("cannot create a QuickJS runtime: {e}")))?;
     runtime.set_memory_limit(usize::try_from(spec.limits.memory_bytes).unwrap_or(usize::MAX));
     runtime.set_max_stack_size(MAX_STACK);
+    Ok(runtime)
+}
+
+/// The precompiled modules `spec` names (`Code::Precompiled`), if any.
+fn precompiled(spec: &LoadSpec) -> Result<Option<bytecode::Modules>, LoadError> {
+    let Code::Precompiled(path) = &spec.code else {
+        return Ok(None);
+    };
+    let refused = |message: String| LoadError::Invalid {
+        path: path.clone(),
+        message: format!(
+            "the precompiled modules are refused: {message} (remove the file and the next \
+             start compiles them again)"
+        ),
+    };
+    let bytes = std::fs::read(path).map_err(|e| refused(e.to_string()))?;
+    let modules = bytecode::decode(&bytes).map_err(refused)?;
+    Ok(Some(std::rc::Rc::new(std::cell::RefCell::new(modules))))
+}
+
+/// Create a runtime, run the module and its `init` within the load deadline.
+fn instantiate(spec: &LoadSpec, host: &Host) -> Result<JsInstance, LoadError> {
+    let (root, entry) = plugin_root(spec)?;
+    let bytecode = precompiled(spec)?;
+    let runtime = new_runtime(spec)?;
     let deadline = Rc::new(Cell::new(None::<Instant>));
     let watched = Rc::clone(&deadline);
     runtime.set_interrupt_handler(Some(Box::new(move || {
         watched.get().is_some_and(|d| Instant::now() >= d)
     })));
     let files = PluginFiles::new(root.clone());
-    runtime.set_loader(
-        PluginResolver::new(files.clone()),
-        PluginLoader::new(files.clone()),
-    );
+    let loader = match &bytecode {
+        Some(b) => PluginLoader::with_bytecode(files.clone(), std::rc::Rc::clone(b)),
+        None => PluginLoader::new(files.clone()),
+    };
+    runtime.set_loader(PluginResolver::new(files.clone()), loader);
     let context = Context::full(&runtime)
         .map_err(|e| LoadError::Engine(format!("cannot create a QuickJS context: {e}")))?;
 
@@ -155,15 +187,29 @@ fn instantiate(spec: &LoadSpec, host: &Host) -> Result<JsInstance, LoadError> {
                 files.format(&entry),
                 modules::Format::CommonJs | modules::Format::Json
             );
-            let source =
-                loader::es_source(&ctx, &files, &entry).map_err(|why| LoadError::Read {
-                    path: spec.entry.clone(),
-                    source: std::io::Error::other(why),
-                })?;
-            let evaluated = Module::declare(ctx.clone(), entry.clone(), source)
+            let declared = match bytecode
+                .as_ref()
+                .filter(|b| b.borrow().contains_key(&entry))
+            {
+                Some(b) => bytecode::declare(&ctx, &files, Some(b), &entry),
+                None => {
+                    let source =
+                        loader::es_source(&ctx, &files, &entry).map_err(|why| LoadError::Read {
+                            path: spec.entry.clone(),
+                            source: std::io::Error::other(why),
+                        })?;
+                    Module::declare(ctx.clone(), entry.clone(), source)
+                }
+            };
+            let evaluated = declared
                 .and_then(|m| m.eval())
                 .catch(&ctx)
                 .map_err(|e| load_failure(&ctx, e, "loading the module", init_deadline))?;
+            // The static module graph is loaded: what the bundle holds besides
+            // is not needed again (a dynamic import parses its source).
+            if let Some(b) = &bytecode {
+                b.borrow_mut().clear();
+            }
             let (module, promise) = evaluated;
             promise
                 .finish::<()>()
@@ -309,6 +355,43 @@ impl corral_worker::Engine for JsEngine {
     fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<JsInstance, LoadError> {
         instantiate(spec, host)
     }
+
+    fn precompile(&mut self, spec: &LoadSpec, out: &mut std::fs::File) -> Result<(), LoadError> {
+        use std::io::Write;
+        let bundle = precompile(spec)?;
+        out.write_all(&bundle)
+            .map_err(|e| LoadError::Engine(format!("cannot write the compiled modules: {e}")))
+    }
+}
+
+/// The bundle of bytecode of the entry of `spec` and every module it imports
+/// statically ([`bytecode`]): parsed, never evaluated.
+fn precompile(spec: &LoadSpec) -> Result<Vec<u8>, LoadError> {
+    let (root, entry) = plugin_root(spec)?;
+    let runtime = new_runtime(spec)?;
+    let files = PluginFiles::new(root);
+    let out = std::rc::Rc::default();
+    runtime.set_loader(
+        PluginResolver::new(files.clone()),
+        bytecode::Recorder {
+            files: files.clone(),
+            out: std::rc::Rc::clone(&out),
+        },
+    );
+    let context = Context::full(&runtime)
+        .map_err(|e| LoadError::Engine(format!("cannot create a QuickJS context: {e}")))?;
+    let code = context.with(|ctx| -> Result<Vec<u8>, LoadError> {
+        let source = loader::es_source(&ctx, &files, &entry).map_err(|why| LoadError::Read {
+            path: spec.entry.clone(),
+            source: std::io::Error::other(why),
+        })?;
+        bytecode::compile_entry(&ctx, &entry, source)
+            .catch(&ctx)
+            .map_err(|e| LoadError::Engine(format!("compiling the modules: {}", describe(&ctx, e))))
+    })?;
+    let mut modules = std::mem::take(&mut *out.borrow_mut());
+    modules.push((entry, code));
+    Ok(bytecode::encode(&modules))
 }
 
 impl corral_worker::Instance for JsInstance {
@@ -418,5 +501,136 @@ fn classify<'js>(
         }
     } else {
         CallError::Plugin { message: text }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rquickjs::CatchResultExt;
+
+    fn spec(dir: &std::path::Path, entry: &str) -> LoadSpec {
+        LoadSpec {
+            plugin_id: "p".into(),
+            plugin_dir: dir.to_string_lossy().into_owned(),
+            entry: entry.into(),
+            limits: corral_protocol::EngineLimits {
+                memory_bytes: 64 << 20,
+                max_output_bytes: 1 << 20,
+                init_deadline_ms: 1000,
+            },
+            code: Code::CompileOnly,
+            config: Default::default(),
+            secrets: Default::default(),
+        }
+    }
+
+    fn write(dir: &std::path::Path, name: &str, text: &str) {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// A plugin of three modules: the entry, a library it imports, and a CommonJS
+    /// package (whose facade is an ES module). With `hostile`, the entry's
+    /// top-level code never ends and the library's throws.
+    fn plugin(hostile: bool) -> tempfile::TempDir {
+        let top = |code: &str| {
+            if hostile {
+                code.to_owned()
+            } else {
+                String::new()
+            }
+        };
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            "main.js",
+            &("import { twice } from './lib/twice.js';\n\
+             import pkg from 'pkg';\n\
+             export function run(n) { return twice(n) + pkg.one; }\n\
+             export function fail() {\n  throw new Error('from main');\n}\n"
+                .to_owned()
+                + &top("for (;;) {}\n")),
+        );
+        write(
+            d.path(),
+            "lib/twice.js",
+            &("export const twice = (n) => 2 * n;\n".to_owned()
+                + &top("throw new Error('ran');\n")),
+        );
+        write(
+            d.path(),
+            "node_modules/pkg/index.js",
+            "module.exports = { one: 1 };\n",
+        );
+        d
+    }
+
+    #[test]
+    fn a_bundle_holds_the_static_graph_parsed_and_never_run() {
+        let d = plugin(true);
+        // Were any top-level code run, the compile would never end (or fail).
+        let bundle = bytecode::decode(&precompile(&spec(d.path(), "main.js")).unwrap()).unwrap();
+        let mut names: Vec<_> = bundle.keys().cloned().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["lib/twice.js", "main.js", "node_modules/pkg/index.js"]
+        );
+        // A syntax error in an imported module fails the compile, naming it.
+        write(d.path(), "lib/twice.js", "export const twice = (n) => ;\n");
+        let e = precompile(&spec(d.path(), "main.js"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SyntaxError") && e.contains("lib/twice.js"),
+            "{e}"
+        );
+        // An import that does not resolve, too.
+        write(d.path(), "lib/twice.js", "import './gone.js';\n");
+        let e = precompile(&spec(d.path(), "main.js"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gone.js"), "{e}");
+    }
+
+    /// The same runs from the bytecode as from the source: results, and errors
+    /// with their file and line; every module is taken from the bundle.
+    #[test]
+    fn modules_loaded_from_their_bytecode_run_as_from_source() {
+        let d = plugin(false);
+        let s = spec(d.path(), "main.js");
+        let modules = bytecode::decode(&precompile(&s).unwrap()).unwrap();
+        let modules: bytecode::Modules = std::rc::Rc::new(std::cell::RefCell::new(modules));
+        let root = d.path().canonicalize().unwrap();
+        let files = PluginFiles::new(root);
+        let runtime = new_runtime(&s).unwrap();
+        runtime.set_loader(
+            PluginResolver::new(files.clone()),
+            PluginLoader::with_bytecode(files.clone(), std::rc::Rc::clone(&modules)),
+        );
+        let context = Context::full(&runtime).unwrap();
+        context.with(|ctx| {
+            loader::install_commonjs(&ctx, files.clone()).unwrap();
+            let (module, promise) = bytecode::declare(&ctx, &files, Some(&modules), "main.js")
+                .and_then(|m| m.eval())
+                .catch(&ctx)
+                .unwrap();
+            promise.finish::<()>().catch(&ctx).unwrap();
+            let ns = module.namespace().unwrap();
+            let run: Function = ns.get("run").unwrap();
+            assert_eq!(run.call::<_, i32>((20,)).unwrap(), 41);
+            let fail: Function = ns.get("fail").unwrap();
+            let e = fail.call::<_, ()>(()).catch(&ctx).unwrap_err();
+            let text = describe(&ctx, e);
+            assert!(
+                text.contains("from main") && text.contains("main.js:5"),
+                "{text}"
+            );
+        });
+        // Every module came from the bundle (for the CommonJS package, the ES
+        // facade standing for it; its body is compiled when it is required).
+        assert!(modules.borrow().is_empty(), "{:?}", modules.borrow().keys());
     }
 }

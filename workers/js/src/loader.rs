@@ -152,15 +152,28 @@ impl Resolver for PluginResolver {
     }
 }
 
-/// Loads resolved modules from the plugin's files.
+/// Loads resolved modules from the plugin's files, or from their precompiled
+/// bytecode ([`crate::bytecode`]) where it has it.
 #[derive(Debug)]
 pub struct PluginLoader {
     files: PluginFiles,
+    bytecode: Option<crate::bytecode::Modules>,
 }
 
 impl PluginLoader {
     pub fn new(files: PluginFiles) -> PluginLoader {
-        PluginLoader { files }
+        PluginLoader {
+            files,
+            bytecode: None,
+        }
+    }
+
+    /// A loader that takes each module's bytecode from `bytecode` if it is there.
+    pub fn with_bytecode(files: PluginFiles, bytecode: crate::bytecode::Modules) -> PluginLoader {
+        PluginLoader {
+            files,
+            bytecode: Some(bytecode),
+        }
     }
 }
 
@@ -171,8 +184,6 @@ impl Loader for PluginLoader {
         name: &str,
         _attributes: Option<ImportAttributes<'js>>,
     ) -> Result<Module<'js>> {
-        let source = es_source(ctx, &self.files, name)
-            .map_err(|why| Error::new_loading_message(name, why))?;
-        Module::declare(ctx.clone(), name, source)
+        crate::bytecode::declare(ctx, &self.files, self.bytecode.as_ref(), name)
     }
 }
