@@ -161,6 +161,86 @@ fn bare_quickjs_start(iters: usize, dir: &std::path::Path) -> Stats {
     stats(samples)
 }
 
+/// The bundle a compile helper makes for the example in `dir`: every module's
+/// bytecode, by name.
+fn quickjs_bundle(dir: &std::path::Path) -> std::collections::HashMap<String, Vec<u8>> {
+    use corral_worker_js::bytecode;
+    let root = dir.canonicalize().unwrap();
+    let files = corral_worker_js::PluginFiles::new(root);
+    let runtime = rquickjs::Runtime::new().unwrap();
+    let out = bytecode::Recorded::default();
+    runtime.set_loader(
+        corral_worker_js::PluginResolver::new(files.clone()),
+        bytecode::Recorder {
+            files: files.clone(),
+            out: std::rc::Rc::clone(&out),
+        },
+    );
+    let context = rquickjs::Context::full(&runtime).unwrap();
+    let source = std::fs::read(dir.join("main.js")).unwrap();
+    let code = context
+        .with(|ctx| bytecode::compile_entry(&ctx, "main.js", source))
+        .unwrap();
+    let mut modules = std::mem::take(&mut *out.borrow_mut());
+    modules.push(("main.js".to_owned(), code));
+    modules.into_iter().collect()
+}
+
+/// [`bare_quickjs_start`] from the bytecode the worker loads instead of the
+/// source: what in-process QuickJS costs with the same cache.
+fn bare_quickjs_from_bytecode(iters: usize, dir: &std::path::Path) -> Stats {
+    let bundle = quickjs_bundle(dir);
+    let mut samples = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        let modules = std::rc::Rc::new(std::cell::RefCell::new(bundle.clone()));
+        let runtime = rquickjs::Runtime::new().unwrap();
+        let files = corral_worker_js::PluginFiles::new(dir.canonicalize().unwrap());
+        runtime.set_loader(
+            corral_worker_js::PluginResolver::new(files.clone()),
+            corral_worker_js::PluginLoader::with_bytecode(files.clone(), modules.clone()),
+        );
+        let context = rquickjs::Context::full(&runtime).unwrap();
+        context.with(|ctx| {
+            use rquickjs::CatchResultExt;
+            let (module, promise) =
+                corral_worker_js::bytecode::declare(&ctx, &files, Some(&modules), "main.js")
+                    .and_then(|m| m.eval())
+                    .catch(&ctx)
+                    .unwrap_or_else(|e| panic!("bare QuickJS: {e}"));
+            promise
+                .finish::<()>()
+                .catch(&ctx)
+                .unwrap_or_else(|e| panic!("bare QuickJS: {e}"));
+            let f: rquickjs::Function = module.namespace().unwrap().get("noop").unwrap();
+            f.call::<_, ()>(()).unwrap();
+        });
+        assert!(
+            modules.borrow().is_empty(),
+            "every module from its bytecode"
+        );
+        samples.push(t.elapsed());
+    }
+    stats(samples)
+}
+
+/// From a new supervisor over a new cache to the first result: the compile
+/// helper first, then the worker (what the first start of new code costs).
+fn first_start_of_new_code(rt: &tokio::runtime::Runtime, iters: usize, ex: Example) -> Stats {
+    rt.block_on(async {
+        let mut samples = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let cache = corral_integration_tests::open_tempdir();
+            let sup = hello_supervisor(&bench_options(Some(cache.path()), true), ex);
+            let t = Instant::now();
+            noop(&sup, ex).await;
+            samples.push(t.elapsed());
+            sup.shutdown(Duration::from_secs(1)).await;
+        }
+        stats(samples)
+    })
+}
+
 /// CPython's own start, as a process: `python3 -I -S` (isolated, no `site`, as the
 /// worker runs it) importing what the example imports.
 fn bare_python_start(iters: usize) -> Stats {
@@ -443,8 +523,20 @@ fn main() {
             bare,
             None,
         );
+        let from_bytecode = bare_quickjs_from_bytecode(cold, js.dir);
+        cold_row(
+            "baseline: the same from the module graph's bytecode",
+            from_bytecode,
+            bare,
+        );
         let c = cold_start(&rt, cold, &bench_options(cached, true), js);
         cold_row("corral: spawn, handshake, load, call (QuickJS)", c, bare);
+        let c = first_start_of_new_code(&rt, cold, js);
+        cold_row(
+            "corral: the same over a new cache (compile helper first)",
+            c,
+            bare,
+        );
         let mut forked = bench_options(cached, true);
         forked.zygotes = vec![corral_protocol::Runtime::Js];
         let c = cold_start_in_running(&rt, cold, &bench_options(cached, true), js);
@@ -454,6 +546,10 @@ fn main() {
             "corral: running supervisor, forked (zygotes = [\"js\"])",
             c,
             bare,
+        );
+        println!(
+            "  (ratio: corral p50 / bare QuickJS start from source p50; the worker loads \
+             bytecode: beside the bytecode baseline, divide by its ratio)"
         );
         println!("cold start, Python ({cold} samples)");
         let bare = bare_python_start(cold);

@@ -42,8 +42,8 @@
 //! # overrides it.
 //! log_format = "json"
 //! # Runtimes whose workers are forked from a zygote template, the engine set up
-//! # once (default ["wasm", "python"]; [] starts every worker by exec).
-//! zygotes = ["wasm", "python"]
+//! # once (default ["wasm", "js", "python"]; [] starts every worker by exec).
+//! zygotes = ["wasm", "js", "python"]
 //!
 //! [restart]
 //! max_crashes = 5
@@ -661,12 +661,14 @@ mod tests {
     }
 
     #[test]
-    fn zygotes_name_runtimes_default_to_wasm_and_python_and_a_wrong_name_is_refused_with_its_place()
-    {
+    fn zygotes_name_runtimes_default_to_every_engine_and_a_wrong_name_is_refused_with_its_place() {
         use corral_protocol::Runtime;
         let parse = |text: &str| Config::parse(text, Path::new("c.toml"));
         let c = parse("plugins = []\n").unwrap();
-        assert_eq!(c.options.zygotes, [Runtime::Wasm, Runtime::Python]);
+        assert_eq!(
+            c.options.zygotes,
+            [Runtime::Wasm, Runtime::Js, Runtime::Python]
+        );
         let c = parse("plugins = []\nzygotes = [\"python\", \"js\"]\n").unwrap();
         assert_eq!(c.options.zygotes, [Runtime::Python, Runtime::Js]);
         let c = parse("plugins = []\nzygotes = []\n").unwrap();

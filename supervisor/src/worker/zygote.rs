@@ -387,6 +387,22 @@ async fn read_answers(
                     let _ = a.send(Answer::Forked { pid, pidfd, exit });
                 }
             }
+            (Some(FromTemplate::Forked { pid }), None) => {
+                // Forked, but the child's pidfd did not reach this process: it is
+                // out of descriptors (the kernel drops a passed descriptor it has
+                // no room for). The start fails as at any EMFILE, and drops the
+                // child's socket: the child, which has run no plugin code, ends
+                // at its end of file, and its exit is the template's to reap.
+                tracing::warn!(
+                    pid,
+                    "a forked worker's pidfd did not arrive: this process is out of descriptors"
+                );
+                if let Some(a) = s.answer.take() {
+                    let _ = a.send(Answer::Failed(std::io::Error::from_raw_os_error(
+                        libc::EMFILE,
+                    )));
+                }
+            }
             (Some(FromTemplate::ForkFailed { errno, message }), _) => {
                 let e = std::io::Error::from_raw_os_error(errno);
                 tracing::debug!("zygote template could not fork: {message}");
