@@ -268,13 +268,11 @@ fn idle_memory(
 ) {
     println!("idle memory per worker (PSS, {workers} idle workers of each example):");
     let cache = open_tempdir();
-    // The defaults (Wasm and Python forked from zygote templates), every worker
-    // started by exec, and every runtime forked (JavaScript too).
+    // The defaults (every engine forked from zygote templates), and every worker
+    // started by exec.
     let opts = options(cache.path());
     let mut exec = opts.clone();
     exec.zygotes = Vec::new();
-    let mut all = opts.clone();
-    all.zygotes = corral_protocol::Runtime::ALL.to_vec();
     let wasm = idle_pss(rt, &opts, &built().hello_wasm, workers);
     let wasm_exec = idle_pss(rt, &exec, &built().hello_wasm, workers);
     // A store others can write is refused: every worker compiles its own module.
@@ -289,7 +287,7 @@ fn idle_memory(
     compiling_opts.zygotes = Vec::new();
     let compiling = idle_pss(rt, &compiling_opts, &built().hello_wasm, workers);
     let js_pss = idle_pss(rt, &opts, js.path(), workers);
-    let js_forked = idle_pss(rt, &all, js.path(), workers);
+    let js_exec = idle_pss(rt, &exec, js.path(), workers);
     let py_pss = idle_pss(rt, &opts, py.path(), workers);
     let py_exec = idle_pss(rt, &exec, py.path(), workers);
     for (name, kib, target) in [
@@ -304,10 +302,14 @@ fn idle_memory(
             compiling,
             1024.0,
         ),
-        ("JavaScript (started by exec: the default)", js_pss, 1024.0),
         (
-            "JavaScript, forked from a template (zygotes = [\"js\"])",
-            js_forked,
+            "JavaScript (forked from its template: the default)",
+            js_pss,
+            1024.0,
+        ),
+        (
+            "JavaScript, started by exec (zygotes = [])",
+            js_exec,
             1024.0,
         ),
         (

@@ -529,24 +529,34 @@ fn main() {
             from_bytecode,
             bare,
         );
+        let mut exec = bench_options(cached, true);
+        exec.zygotes = Vec::new();
         let c = cold_start(&rt, cold, &bench_options(cached, true), js);
-        cold_row("corral: spawn, handshake, load, call (QuickJS)", c, bare);
+        cold_row(
+            "corral: new supervisor, template, fork, load, call",
+            c,
+            bare,
+        );
+        let c = cold_start(&rt, cold, &exec, js);
+        cold_row(
+            "corral: new supervisor, exec'd worker (zygotes off)",
+            c,
+            bare,
+        );
         let c = first_start_of_new_code(&rt, cold, js);
         cold_row(
             "corral: the same over a new cache (compile helper first)",
             c,
             bare,
         );
-        let mut forked = bench_options(cached, true);
-        forked.zygotes = vec![corral_protocol::Runtime::Js];
-        let c = cold_start_in_running(&rt, cold, &bench_options(cached, true), js);
-        cold_row("corral: running supervisor, exec'd worker", c, bare);
-        let c = cold_start_in_running(&rt, cold, &forked, js);
+        let c = cold_start_in_running(&rt, cold, &exec, js);
         cold_row(
-            "corral: running supervisor, forked (zygotes = [\"js\"])",
+            "corral: running supervisor, exec'd worker (zygotes off)",
             c,
             bare,
         );
+        let c = cold_start_in_running(&rt, cold, &bench_options(cached, true), js);
+        cold_row("corral: running supervisor, forked (the default)", c, bare);
         println!(
             "  (ratio: corral p50 / bare QuickJS start from source p50; the worker loads \
              bytecode: beside the bytecode baseline, divide by its ratio)"

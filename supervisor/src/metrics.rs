@@ -493,7 +493,7 @@ impl Metrics {
         total(
             r,
             "modules_compiled",
-            "Wasm modules compiled by compile helpers (every other start mapped one compiled before)",
+            "Wasm modules and JavaScript module graphs compiled by compile helpers (every other start loaded one compiled before)",
             w.modules_compiled,
         );
         total(

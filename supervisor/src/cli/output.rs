@@ -150,8 +150,8 @@ fn workers_line(w: &corral_protocol::WorkersStatus) -> String {
         .open_files
         .map_or_else(|| "all".to_owned(), |n| n.to_string());
     format!(
-        "{} live ({cap}, {idle}); {} stopped idle, {} stopped for room; {} Wasm modules \
-         compiled; {} forked from {} zygote templates; supervisor files {open} open of {}",
+        "{} live ({cap}, {idle}); {} stopped idle, {} stopped for room; {} modules \
+         compiled (Wasm, JavaScript); {} forked from {} zygote templates; supervisor files {open} open of {}",
         w.live,
         w.idle_stops,
         w.evictions,

@@ -50,7 +50,7 @@ pub(crate) trait Launcher: Send + Sync + std::fmt::Debug {
         true
     }
 
-    /// Wasm modules compiled so far (for `status`).
+    /// Wasm modules and JavaScript module graphs compiled so far (for `status`).
     fn modules_compiled(&self) -> u64 {
         0
     }
