@@ -155,8 +155,8 @@ pub struct PluginConfig {
 /// and its imports) is most of a Python worker's start and of its idle memory; a
 /// forked Wasm worker starts in about 60% of the time and keeps about half the
 /// memory. Since QuickJS workers load their modules' bytecode instead of parsing
-/// them, a forked one starts in about 80% of an exec'd one's time (5.7-6.0 against
-/// 6.9-7.5 ms) and keeps 1.26 MiB against 1.42.
+/// them, a forked one starts in about 80% of an exec'd one's time (5.7-6.4 against
+/// 6.9-8.1 ms in a running supervisor) and keeps 1.19 MiB against 1.34.
 pub const DEFAULT_ZYGOTES: &[Runtime] = &[Runtime::Wasm, Runtime::Js, Runtime::Python];
 
 /// The export the supervisor calls for health checks, when a plugin has it.
