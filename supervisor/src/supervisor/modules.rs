@@ -50,6 +50,9 @@ pub(crate) fn max_artifact_bytes(module_bytes: u64) -> u64 {
     (64 << 20) + module_bytes.saturating_mul(16)
 }
 
+/// Most keys whose helper failed that a store remembers.
+const MAX_FAILED: usize = 4096;
+
 /// What a store holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -158,9 +161,14 @@ impl Modules {
         failed.contains(digest)
     }
 
-    /// Remember that the helper for `digest` failed.
+    /// Remember that the helper for `digest` failed. At most [`MAX_FAILED`] are
+    /// kept (an operator's edits can make new keys for ever): past it the set
+    /// starts again, and a forgotten key only costs one more helper.
     pub(crate) fn note_failed(&self, digest: &str) {
         let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.len() >= MAX_FAILED {
+            failed.clear();
+        }
         failed.insert(digest.to_owned());
     }
 
@@ -407,6 +415,26 @@ mod tests {
         );
         let dir = store.path_for("f").parent().unwrap().to_owned();
         assert_eq!(std::fs::read_dir(dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn failed_keys_are_remembered_within_a_bound() {
+        let cache = tempfile::tempdir().unwrap();
+        let w = worker();
+        let store = Modules::open(Some(cache.path()), w.path(), Kind::QuickJs).unwrap();
+        assert!(store.path_for("k").to_str().unwrap().ends_with("/k.qjsc"));
+        assert!(!store.failed_before("k"));
+        store.note_failed("k");
+        assert!(store.failed_before("k"));
+        for i in 1..MAX_FAILED {
+            store.note_failed(&i.to_string());
+        }
+        assert!(store.failed_before("k"));
+        assert_eq!(store.failed.lock().unwrap().len(), MAX_FAILED);
+        // One more: the set starts again, never past its bound.
+        store.note_failed("last");
+        assert!(!store.failed_before("k") && store.failed_before("last"));
+        assert_eq!(store.failed.lock().unwrap().len(), 1);
     }
 
     #[test]
