@@ -128,24 +128,34 @@ fn bare_engine_start(iters: usize, cache: &std::path::Path) -> Stats {
 /// QuickJS's own start, in process: runtime, context, the example's module (with
 /// the library it imports), one call of `noop`.
 fn bare_quickjs_start(iters: usize, dir: &std::path::Path) -> Stats {
-    let source = std::fs::read(dir.join("main.js")).unwrap();
-    let name = "main.js".to_owned();
+    bare_quickjs(iters, dir, None)
+}
+
+/// [`bare_quickjs_start`], each module from `bundle` if given (and all of them
+/// taken from it), else parsed from its source as the worker's loader does.
+fn bare_quickjs(
+    iters: usize,
+    dir: &std::path::Path,
+    bundle: Option<&std::collections::HashMap<String, Vec<u8>>>,
+) -> Stats {
     let mut samples = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
+        let modules = bundle.map(|b| std::rc::Rc::new(std::cell::RefCell::new(b.clone())));
         let runtime = rquickjs::Runtime::new().unwrap();
         // The worker's own resolver and loader (inside the plugin directory).
         let files = corral_worker_js::PluginFiles::new(dir.canonicalize().unwrap());
-        runtime.set_loader(
-            corral_worker_js::PluginResolver::new(files.clone()),
-            corral_worker_js::PluginLoader::new(files),
-        );
+        let loader = match &modules {
+            Some(m) => corral_worker_js::PluginLoader::with_bytecode(files.clone(), m.clone()),
+            None => corral_worker_js::PluginLoader::new(files.clone()),
+        };
+        runtime.set_loader(corral_worker_js::PluginResolver::new(files.clone()), loader);
         let context = rquickjs::Context::full(&runtime).unwrap();
         context.with(|ctx| {
             use rquickjs::CatchResultExt;
             // Named by its logical name, as the worker does.
             let (module, promise) =
-                rquickjs::Module::declare(ctx.clone(), name.clone(), source.clone())
+                corral_worker_js::bytecode::declare(&ctx, &files, modules.as_ref(), "main.js")
                     .and_then(|m| m.eval())
                     .catch(&ctx)
                     .unwrap_or_else(|e| panic!("bare QuickJS: {e}"));
@@ -156,6 +166,9 @@ fn bare_quickjs_start(iters: usize, dir: &std::path::Path) -> Stats {
             let f: rquickjs::Function = module.namespace().unwrap().get("noop").unwrap();
             f.call::<_, ()>(()).unwrap();
         });
+        if let Some(m) = &modules {
+            assert!(m.borrow().is_empty(), "every module from its bytecode");
+        }
         samples.push(t.elapsed());
     }
     stats(samples)
@@ -189,39 +202,7 @@ fn quickjs_bundle(dir: &std::path::Path) -> std::collections::HashMap<String, Ve
 /// [`bare_quickjs_start`] from the bytecode the worker loads instead of the
 /// source: what in-process QuickJS costs with the same cache.
 fn bare_quickjs_from_bytecode(iters: usize, dir: &std::path::Path) -> Stats {
-    let bundle = quickjs_bundle(dir);
-    let mut samples = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t = Instant::now();
-        let modules = std::rc::Rc::new(std::cell::RefCell::new(bundle.clone()));
-        let runtime = rquickjs::Runtime::new().unwrap();
-        let files = corral_worker_js::PluginFiles::new(dir.canonicalize().unwrap());
-        runtime.set_loader(
-            corral_worker_js::PluginResolver::new(files.clone()),
-            corral_worker_js::PluginLoader::with_bytecode(files.clone(), modules.clone()),
-        );
-        let context = rquickjs::Context::full(&runtime).unwrap();
-        context.with(|ctx| {
-            use rquickjs::CatchResultExt;
-            let (module, promise) =
-                corral_worker_js::bytecode::declare(&ctx, &files, Some(&modules), "main.js")
-                    .and_then(|m| m.eval())
-                    .catch(&ctx)
-                    .unwrap_or_else(|e| panic!("bare QuickJS: {e}"));
-            promise
-                .finish::<()>()
-                .catch(&ctx)
-                .unwrap_or_else(|e| panic!("bare QuickJS: {e}"));
-            let f: rquickjs::Function = module.namespace().unwrap().get("noop").unwrap();
-            f.call::<_, ()>(()).unwrap();
-        });
-        assert!(
-            modules.borrow().is_empty(),
-            "every module from its bytecode"
-        );
-        samples.push(t.elapsed());
-    }
-    stats(samples)
+    bare_quickjs(iters, dir, Some(&quickjs_bundle(dir)))
 }
 
 /// From a new supervisor over a new cache to the first result: the compile
