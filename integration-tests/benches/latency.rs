@@ -184,10 +184,7 @@ fn quickjs_bundle(dir: &std::path::Path) -> std::collections::HashMap<String, Ve
     let out = bytecode::Recorded::default();
     runtime.set_loader(
         corral_worker_js::PluginResolver::new(files.clone()),
-        bytecode::Recorder {
-            files: files.clone(),
-            out: std::rc::Rc::clone(&out),
-        },
+        corral_worker_js::PluginLoader::recording(files.clone(), std::rc::Rc::clone(&out)),
     );
     let context = rquickjs::Context::full(&runtime).unwrap();
     let source = std::fs::read(dir.join("main.js")).unwrap();

@@ -60,6 +60,11 @@ pub const WORKER_SOCKET_FD: i32 = 3;
 /// only thing the helper can write.
 pub const ARTIFACT_FD: i32 = 4;
 
+/// The largest bundle of QuickJS bytecode: a compile helper's `RLIMIT_FSIZE`, the
+/// most the supervisor stores, and the most a worker reads (a module graph past it
+/// is parsed by its workers).
+pub const MAX_BYTECODE_BYTES: u64 = 256 << 20;
+
 /// An error and its sources on one line (`a: b: c`), for the error strings that
 /// cross the wire (`LoadFailed`, `StartFailed`) and for logs.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

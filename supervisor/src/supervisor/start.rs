@@ -161,10 +161,6 @@ fn module_digest(path: &Path) -> Result<(String, u64), corral_files::ReadError> 
 /// compile.
 const MAX_MODULE_BYTES: u64 = 1 << 30;
 
-/// The largest bundle of QuickJS bytecode stored (its helper's `RLIMIT_FSIZE`): a
-/// module graph past it is parsed by its workers.
-const MAX_BYTECODE_BYTES: u64 = 256 << 20;
-
 impl ProcessLauncher {
     pub(crate) fn new(options: Options) -> ProcessLauncher {
         ProcessLauncher {
@@ -313,14 +309,18 @@ impl ProcessLauncher {
             return Code::Compile;
         }
         let made = scripts
-            .get_or_compile(&key, MAX_BYTECODE_BYTES, |out| async move {
-                let (helper, group) = self.spawn(w, Code::CompileOnly, Some(out)).await?;
-                helper.shutdown(self.options.kill_grace).await;
-                if let Some(g) = group {
-                    remove_when_empty(g);
-                }
-                Ok(())
-            })
+            .get_or_compile(
+                &key,
+                corral_protocol::MAX_BYTECODE_BYTES,
+                |out| async move {
+                    let (helper, group) = self.spawn(w, Code::CompileOnly, Some(out)).await?;
+                    helper.shutdown(self.options.kill_grace).await;
+                    if let Some(g) = group {
+                        remove_when_empty(g);
+                    }
+                    Ok(())
+                },
+            )
             .await;
         match made {
             Ok(path) => Code::Precompiled(path.to_string_lossy().into_owned()),

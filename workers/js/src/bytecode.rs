@@ -4,8 +4,8 @@
 //!
 //! The helper (`Code::CompileOnly`) declares the entry as the serving worker would
 //! and has QuickJS resolve its imports (`JS_ResolveModule`): each module of the
-//! graph goes through [`Recorder`], which declares it from its source exactly as
-//! [`crate::PluginLoader`] does and keeps its bytecode. Nothing is evaluated: no
+//! graph goes through a [`crate::PluginLoader::recording`], which declares it from
+//! its source exactly as the serving worker's loader does and keeps its bytecode. Nothing is evaluated: no
 //! module's top-level code runs, no `init`. The bundle is written to the file the
 //! supervisor gave it; the supervisor stores it under a digest of the plugin's
 //! files and entry.
@@ -21,8 +21,6 @@
 
 use crate::loader::es_source;
 use crate::modules::PluginFiles;
-use rquickjs::loader::{ImportAttributes, Loader};
-use rquickjs::module::WriteOptions;
 use rquickjs::{Ctx, Error, Module, Result};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -48,6 +46,17 @@ pub fn encode(modules: &[(String, Vec<u8>)]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The bundle in the file at `path`, read only if it holds at most `max` bytes.
+pub fn read(
+    path: &std::path::Path,
+    max: u64,
+) -> std::result::Result<HashMap<String, Vec<u8>>, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    let bytes = corral_files::read_at_most(file, max, size).map_err(|e| e.to_string())?;
+    decode(&bytes)
 }
 
 /// Decode a bundle; an error says what is wrong with it.
@@ -99,28 +108,6 @@ pub fn declare<'js>(
     let source =
         es_source(ctx, files, name).map_err(|why| Error::new_loading_message(name, why))?;
     Module::declare(ctx.clone(), name, source)
-}
-
-/// The compile helper's loader: declares each module from its source, as the
-/// serving worker's does, and keeps its bytecode.
-#[derive(Debug)]
-pub struct Recorder {
-    pub files: PluginFiles,
-    pub out: Recorded,
-}
-
-impl Loader for Recorder {
-    fn load<'js>(
-        &mut self,
-        ctx: &Ctx<'js>,
-        name: &str,
-        _attributes: Option<ImportAttributes<'js>>,
-    ) -> Result<Module<'js>> {
-        let module = declare(ctx, &self.files, None, name)?;
-        let code = module.write(WriteOptions::default())?;
-        self.out.borrow_mut().push((name.to_owned(), code));
-        Ok(module)
-    }
 }
 
 /// Declare the module `name` (the entry) from `source` and resolve its static
@@ -213,6 +200,13 @@ mod tests {
                 .unwrap_err()
                 .contains("lib/a.js is in it twice")
         );
+        // A file past the limit is refused before anything of it is decoded.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.qjsc");
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read(&path, bytes.len() as u64).unwrap().len(), 2);
+        let e = read(&path, bytes.len() as u64 - 1).unwrap_err();
+        assert!(e.contains(&(bytes.len() - 1).to_string()), "{e}");
         let mut stray = bytes.clone();
         stray.extend_from_slice(&[1, 0]);
         assert!(

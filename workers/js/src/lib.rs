@@ -150,8 +150,11 @@ fn precompiled(spec: &LoadSpec) -> Result<Option<bytecode::Modules>, LoadError> 
              start compiles them again)"
         ),
     };
-    let bytes = std::fs::read(path).map_err(|e| refused(e.to_string()))?;
-    let modules = bytecode::decode(&bytes).map_err(refused)?;
+    let modules = bytecode::read(
+        std::path::Path::new(path),
+        corral_protocol::MAX_BYTECODE_BYTES,
+    )
+    .map_err(refused)?;
     Ok(Some(std::rc::Rc::new(std::cell::RefCell::new(modules))))
 }
 
@@ -370,13 +373,10 @@ fn precompile(spec: &LoadSpec) -> Result<Vec<u8>, LoadError> {
     let (root, entry) = plugin_root(spec)?;
     let runtime = new_runtime(spec)?;
     let files = PluginFiles::new(root);
-    let out = std::rc::Rc::default();
+    let out = bytecode::Recorded::default();
     runtime.set_loader(
         PluginResolver::new(files.clone()),
-        bytecode::Recorder {
-            files: files.clone(),
-            out: std::rc::Rc::clone(&out),
-        },
+        PluginLoader::recording(files.clone(), std::rc::Rc::clone(&out)),
     );
     let context = Context::full(&runtime)
         .map_err(|e| LoadError::Engine(format!("cannot create a QuickJS context: {e}")))?;

@@ -153,11 +153,13 @@ impl Resolver for PluginResolver {
 }
 
 /// Loads resolved modules from the plugin's files, or from their precompiled
-/// bytecode ([`crate::bytecode`]) where it has it.
+/// bytecode ([`crate::bytecode`]) where it has it; a compile helper's loader also
+/// keeps the bytecode of every module it declares.
 #[derive(Debug)]
 pub struct PluginLoader {
     files: PluginFiles,
     bytecode: Option<crate::bytecode::Modules>,
+    record: Option<crate::bytecode::Recorded>,
 }
 
 impl PluginLoader {
@@ -165,14 +167,24 @@ impl PluginLoader {
         PluginLoader {
             files,
             bytecode: None,
+            record: None,
         }
     }
 
     /// A loader that takes each module's bytecode from `bytecode` if it is there.
     pub fn with_bytecode(files: PluginFiles, bytecode: crate::bytecode::Modules) -> PluginLoader {
         PluginLoader {
-            files,
             bytecode: Some(bytecode),
+            ..PluginLoader::new(files)
+        }
+    }
+
+    /// A compile helper's loader: each module declared from its source, and its
+    /// bytecode kept in `out`.
+    pub fn recording(files: PluginFiles, out: crate::bytecode::Recorded) -> PluginLoader {
+        PluginLoader {
+            record: Some(out),
+            ..PluginLoader::new(files)
         }
     }
 }
@@ -184,6 +196,11 @@ impl Loader for PluginLoader {
         name: &str,
         _attributes: Option<ImportAttributes<'js>>,
     ) -> Result<Module<'js>> {
-        crate::bytecode::declare(ctx, &self.files, self.bytecode.as_ref(), name)
+        let module = crate::bytecode::declare(ctx, &self.files, self.bytecode.as_ref(), name)?;
+        if let Some(out) = &self.record {
+            let code = module.write(rquickjs::module::WriteOptions::default())?;
+            out.borrow_mut().push((name.to_owned(), code));
+        }
+        Ok(module)
     }
 }
