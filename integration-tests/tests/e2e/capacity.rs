@@ -131,13 +131,24 @@ fn a_daemon_out_of_descriptors_refuses_starts_as_its_own_limit_and_blames_no_plu
         }
     }
     // No failed start left a group: the daemon's base holds one per live worker.
+    // A start refused after its template forked (the pidfd could not be received)
+    // had a child in its group: the group goes once that child has ended at its
+    // socket's end of file, a moment later, so this waits (within 5 s) for it.
     let base = v1_cgroup(&pid.to_string(), "memory").join(format!("corral-{pid}"));
-    let groups: Vec<String> = std::fs::read_dir(&base)
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let list_groups = || -> Vec<String> {
+        std::fs::read_dir(&base)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut groups = list_groups();
+    while groups.len() != started.len() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+        groups = list_groups();
+    }
     assert_eq!(groups.len(), started.len(), "{groups:?} for {started:?}");
     assert!(
         groups
