@@ -11,8 +11,9 @@
 //! - the `corral call` CLI (the front), beside fork+exec+wait of `/bin/true`, of
 //!   `corral --version` and of the full binary answering the same call;
 //! - throughput of one plugin with 1, 8 and 64 callers, through the library and
-//!   through the daemon (one connection per caller), beside a raw echo socket
-//!   with 64 frames in flight.
+//!   through the daemon (one connection per caller, waiting for each answer;
+//!   and pipelining connections, 64 calls in flight on one or on eight), beside
+//!   a raw echo socket with 64 frames in flight.
 //!
 //! Every measurement runs pinned (the bench, the daemon and its workers share CPU
 //! 0) and unpinned. Machines here are shared and noisy: compare the ratios.
@@ -240,6 +241,74 @@ fn daemon_throughput(d: &Daemon, plugin: &'static str, callers: usize, run: Dura
     done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// Calls per second of `plugin` with `conns` connections to the daemon, each
+/// keeping `window` calls in flight (a writer thread sends while it has credit,
+/// the reader gives credit back per answer), for `run`.
+fn daemon_pipelined(
+    d: &Daemon,
+    plugin: &'static str,
+    conns: usize,
+    window: usize,
+    run: Duration,
+) -> f64 {
+    use std::io::Write;
+    let req = frame::encode(&ControlRequest::Call {
+        plugin: plugin.into(),
+        function: "noop".into(),
+        input: Vec::new(),
+        timeout_ms: None,
+    })
+    .unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = Instant::now();
+    let threads: Vec<_> = (0..conns)
+        .map(|_| {
+            let Client(mut rd) = d.connect();
+            let mut wr = rd.try_clone().unwrap();
+            let (credit_tx, credit_rx) = std::sync::mpsc::sync_channel::<()>(window);
+            for _ in 0..window {
+                credit_tx.send(()).unwrap();
+            }
+            let req = req.clone();
+            let writer = std::thread::spawn(move || {
+                while credit_rx.recv().is_ok() {
+                    wr.write_all(&req).unwrap();
+                }
+            });
+            let (done, stop) = (Arc::clone(&done), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut owed = window;
+                loop {
+                    match frame::read_msg(&mut rd, frame::MAX_FRAME).unwrap() {
+                        ControlResponse::Called(Ok(out)) => assert!(out.is_empty()),
+                        other => panic!("{plugin}: {other:?}"),
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    if stop.load(Ordering::Relaxed) {
+                        owed -= 1;
+                        if owed == 0 {
+                            break;
+                        }
+                    } else {
+                        let _ = credit_tx.send(());
+                    }
+                }
+                drop(credit_tx);
+                writer.join().unwrap();
+            })
+        })
+        .collect();
+    std::thread::sleep(run);
+    let n = done.load(Ordering::Relaxed);
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for th in threads {
+        th.join().unwrap();
+    }
+    rate
+}
+
 fn rate_row(name: &str, rate: f64, base: f64) {
     println!(
         "  {name:<52} {:>9.0} calls/s {:>8.2}x the raw ceiling",
@@ -369,6 +438,20 @@ fn main() {
             for callers in [1, 8, 64] {
                 let r = daemon_throughput(&d, id, callers, run);
                 rate_row(&format!("daemon: {id}, {callers} callers"), r, ceiling);
+            }
+        }
+        println!(
+            "  64 callers on pipelining connections (calls sent without waiting, \
+             answered in order): 1 connection x 64, 8 x 8"
+        );
+        for id in PLUGINS.iter().chain(&PARALLEL) {
+            for (conns, window) in [(1, 64), (8, 8)] {
+                let r = daemon_pipelined(&d, id, conns, window, run);
+                rate_row(
+                    &format!("daemon: {id}, {conns} x {window} in flight"),
+                    r,
+                    ceiling,
+                );
             }
         }
         println!("  (target: instances = 2 through the daemon >= 100,000 calls/s at 64 callers)");

@@ -64,6 +64,7 @@ fn main() {
             function: "greet".into(),
             input: b"Ada".to_vec(),
             deadline_ms: 1000,
+            start_by_us: 0,
         },
         ToWorker::HostResult {
             id: 1,

@@ -339,6 +339,7 @@ mod tests {
                 function: "greet".into(),
                 input: vec![],
                 deadline_ms: 10,
+                start_by_us: 12_345,
             },
             ToWorker::HostResult {
                 id: 1,
@@ -486,8 +487,9 @@ mod tests {
             function in ".{0,40}",
             input in proptest::collection::vec(any::<u8>(), 0..4096),
             deadline_ms in any::<u64>(),
+            start_by_us in any::<u64>(),
         ) {
-            let msg = ToWorker::Call { id, function, input, deadline_ms };
+            let msg = ToWorker::Call { id, function, input, deadline_ms, start_by_us };
             let buf = encode(&msg).unwrap();
             prop_assert_eq!(read_msg::<ToWorker>(&mut buf.as_slice(), MAX_FRAME).unwrap(), msg);
         }

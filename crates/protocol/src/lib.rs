@@ -47,7 +47,7 @@ pub use frame::FrameError;
 pub use messages::*;
 
 /// Version of the messages in this crate. Bumped on any change to their encoding.
-pub const PROTOCOL_VERSION: u16 = 11;
+pub const PROTOCOL_VERSION: u16 = 12;
 
 /// Magic bytes that open every handshake frame.
 pub const MAGIC: [u8; 4] = *b"CRRL";
@@ -81,3 +81,17 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// Environment variable naming the fd of the worker socket (always
 /// [`WORKER_SOCKET_FD`]; present so a worker started by hand fails clearly).
 pub const WORKER_SOCKET_ENV: &str = "CORRAL_WORKER_FD";
+
+/// Now, in microseconds of `CLOCK_MONOTONIC`: the clock the supervisor and its
+/// workers share (no worker gets a time namespace), for
+/// [`ToWorker::Call`]'s `start_by_us`.
+pub fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC exists
+    // on every Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+}

@@ -188,8 +188,14 @@ pub enum ToWorker {
         function: String,
         #[serde(with = "serde_bytes")]
         input: Vec<u8>,
-        /// Wall-clock budget for the call, enforced inside the engine.
+        /// Wall-clock budget for the call, enforced inside the engine, counted
+        /// from when the worker begins it.
         deadline_ms: u64,
+        /// The latest time the worker may begin the call, in microseconds of
+        /// `CLOCK_MONOTONIC` ([`crate::monotonic_us`]; 0: no limit). A call the
+        /// supervisor sent behind others (pipelined) that is still waiting then is
+        /// answered `Timeout` without being run: its caller has stopped waiting.
+        start_by_us: u64,
     },
     /// The answer to a `FromWorker::HostCall`.
     HostResult {

@@ -84,6 +84,7 @@ mod tests {
             function: "echo".into(),
             input: big.clone(),
             deadline_ms: 5,
+            start_by_us: 0,
         })
         .unwrap();
         let mut r = &f[..];

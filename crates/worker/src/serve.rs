@@ -143,10 +143,16 @@ pub(crate) fn serve<E: Engine>(engine: &mut E, host: &Host) -> u8 {
                 function,
                 input,
                 deadline_ms,
+                start_by_us,
             } => {
                 host.set_current_call(id);
                 let deadline = Duration::from_millis(deadline_ms);
                 let result = match plugin.as_mut() {
+                    // It waited behind earlier calls until its caller stopped
+                    // waiting: not run at all.
+                    _ if start_by_us != 0 && corral_protocol::monotonic_us() > start_by_us => {
+                        Err(CallError::Timeout { deadline_ms })
+                    }
                     Some(p) => p.call(engine, &function, &input, deadline, host),
                     None => Err(CallError::BadInput {
                         reason: "no plugin loaded".into(),
@@ -334,6 +340,7 @@ mod tests {
                 function: function.into(),
                 input: input.as_bytes().to_vec(),
                 deadline_ms: 1000,
+                start_by_us: 0,
             });
             match self.recv() {
                 FromWorker::CallResult { id: got, result } => {
@@ -367,6 +374,39 @@ mod tests {
             })
         );
         assert_eq!(s.call(2, "echo", "a"), Ok(b"1:a".to_vec()));
+        assert_eq!(s.shut_down(), (0, 1, 1));
+    }
+
+    #[test]
+    fn a_call_past_its_start_by_is_answered_timeout_without_running() {
+        let mut s = Supervisor::start(Script::default());
+        s.load();
+        // Sent behind others and still waiting when its caller stopped waiting.
+        s.send(&ToWorker::Call {
+            id: 1,
+            function: "trap".into(),
+            input: Vec::new(),
+            deadline_ms: 250,
+            start_by_us: corral_protocol::monotonic_us() - 1,
+        });
+        match s.recv() {
+            FromWorker::CallResult { id: 1, result } => {
+                assert_eq!(result, Err(CallError::Timeout { deadline_ms: 250 }));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Not run: the trap would have discarded the instance (`1:` is the first).
+        s.send(&ToWorker::Call {
+            id: 2,
+            function: "echo".into(),
+            input: b"a".to_vec(),
+            deadline_ms: 1000,
+            start_by_us: corral_protocol::monotonic_us() + 60_000_000,
+        });
+        match s.recv() {
+            FromWorker::CallResult { id: 2, result } => assert_eq!(result, Ok(b"1:a".to_vec())),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(s.shut_down(), (0, 1, 1));
     }
 

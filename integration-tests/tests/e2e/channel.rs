@@ -242,6 +242,82 @@ async fn control_socket_is_private_and_refuses_a_worker_impostor() {
     sup.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A client may send requests without waiting for answers: the daemon serves them
+/// concurrently (the worker takes them behind one another once it has shown its
+/// calls are fast) and answers every one, in the order they came; a frame that is
+/// not a request is answered after them, with why, and the connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_connection_answers_pipelined_requests_in_order() {
+    let (sup, _c) = hello();
+    let sup = Arc::new(sup);
+    let dir = corral_integration_tests::open_tempdir();
+    let path = dir.path().join("control.sock");
+    let server = ControlServer::bind(&path).await.unwrap();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let serving = tokio::spawn(server.serve(sup.clone(), stop.clone()));
+    let p = path.clone();
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&p).unwrap();
+        let mut burst = Vec::new();
+        for i in 0..300 {
+            let req = match i {
+                100 => ControlRequest::List,
+                150 => ControlRequest::Call {
+                    plugin: "nobody".into(),
+                    function: "greet".into(),
+                    input: Vec::new(),
+                    timeout_ms: None,
+                },
+                _ => ControlRequest::Call {
+                    plugin: "hello-wasm".into(),
+                    function: "greet".into(),
+                    input: format!("n{i}").into_bytes(),
+                    timeout_ms: None,
+                },
+            };
+            burst.extend(frame::encode(&req).unwrap());
+        }
+        // Then a frame that is not a request (an empty one).
+        burst.extend(0u32.to_le_bytes());
+        // Written by one thread while this one reads: the daemon reads ahead of
+        // its answers, up to its bound, never deadlocking on a full socket.
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || w.write_all(&burst).unwrap());
+        let answers: Vec<ControlResponse> = (0..301)
+            .map(|_| frame::read_msg(&mut s, frame::MAX_FRAME).unwrap())
+            .collect();
+        writer.join().unwrap();
+        let mut rest = Vec::new();
+        let closed = s.read_to_end(&mut rest).map(|n| n == 0).unwrap_or(true);
+        (answers, closed)
+    })
+    .await
+    .unwrap();
+    let (answers, closed) = answers;
+    for (i, a) in answers.iter().enumerate() {
+        match (i, a) {
+            (100, ControlResponse::Plugins(list)) => assert_eq!(list[0].id, "hello-wasm"),
+            (150, ControlResponse::Called(Err(e))) => {
+                assert_eq!(e.to_string(), "unknown plugin \"nobody\"")
+            }
+            (300, ControlResponse::Rejected(why)) => {
+                assert!(why.starts_with("malformed message"), "{why}")
+            }
+            (i, ControlResponse::Called(Ok(out))) if i < 300 => {
+                assert_eq!(out, format!("Hello, n{i}!").as_bytes(), "answer {i}")
+            }
+            other => panic!("answer {i}: {other:?}"),
+        }
+    }
+    assert!(closed, "the connection is closed after the rejection");
+    // Every call ran in the plugin's one worker, which is still serving.
+    let list = sup.list().await;
+    assert_eq!((list[0].restarts, list[0].instances.len()), (0, 1));
+    stop.notify_one();
+    serving.await.unwrap();
+    sup.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn control_socket_dir_writable_by_others_is_refused() {
     let dir = corral_integration_tests::open_tempdir();

@@ -164,71 +164,173 @@ impl Drop for ControlServer {
     }
 }
 
+/// Requests one connection may have in flight. A client may send requests without
+/// waiting for their answers (pipelining): they are served concurrently and answered
+/// in the order they came, so a client that waits for each answer sees no change.
+const PIPELINED: usize = 64;
+
+/// What the requests in flight on one connection may hold of the daemon's memory
+/// (their inputs): past it nothing more is read from the connection until some are
+/// answered. A larger request (up to the frame limit) is still read, alone.
+const PIPELINED_BYTES: usize = 16 << 20;
+
+/// Bytes read from a client at once: a burst of pipelined small requests in one
+/// `recv`, a single one whole.
+const READ_BUFFER: usize = 8 << 10;
+
+/// Answers past this size are not kept as the connection's write buffer.
+const KEEP_BUFFER: usize = 1 << 20;
+
+type ClientReader<'a> = tokio::io::BufReader<&'a Stream>;
+
+/// What a client sent: a request, or a frame that is not one (answered with why,
+/// after every earlier request, and then the connection is closed).
+enum Asked {
+    Request(ControlRequest),
+    Bad(String),
+}
+
+/// Read one request, owning the reader, so the read can be kept across the other
+/// branch of a `select!` (a partly read frame is never dropped).
+async fn read_request(
+    mut rd: ClientReader<'_>,
+) -> (ClientReader<'_>, Result<ControlRequest, frame::FrameError>) {
+    let r = frame::read_msg_async(&mut rd, frame::MAX_FRAME).await;
+    (rd, r)
+}
+
+/// Bytes a request holds while it is in flight (its input).
+fn held_by(req: &ControlRequest) -> usize {
+    match req {
+        ControlRequest::Call {
+            plugin,
+            function,
+            input,
+            ..
+        } => input.len() + plugin.len() + function.len(),
+        ControlRequest::Explain { plugin, .. } => plugin.len(),
+        ControlRequest::List | ControlRequest::Shutdown | ControlRequest::Policy => 0,
+    }
+}
+
 async fn handle_client(conn: Stream, supervisor: Arc<Supervisor>, stop: Arc<Notify>) {
-    // `&Stream` reads and writes; one request is answered before the next is read.
-    // Reads are buffered: a small request is one `recv`, not one for its length
-    // and one for the rest.
-    let (mut rd, mut wr) = (tokio::io::BufReader::with_capacity(1 << 10, &conn), &conn);
+    use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
+    let conn = &conn;
+    let read = read_request(tokio::io::BufReader::with_capacity(READ_BUFFER, conn));
+    tokio::pin!(read);
+    let mut answers = FuturesOrdered::new();
+    // Input bytes of the requests in flight.
+    let mut held = 0usize;
+    let mut reading = true;
+    let mut out = Vec::new();
     loop {
-        let req: ControlRequest = match frame::read_msg_async(&mut rd, frame::MAX_FRAME).await {
-            Ok(r) => r,
-            Err(frame::FrameError::Closed) => return,
-            Err(e) => {
-                // Say why, then hang up: the stream position is unknown.
-                if let Ok(buf) = frame::encode(&ControlResponse::Rejected(e.to_string())) {
-                    let _ = wr.write_all(&buf).await;
+        tokio::select! {
+            (rd, req) = &mut read,
+                if reading && answers.len() < PIPELINED && held < PIPELINED_BYTES =>
+            {
+                let asked = match req {
+                    Ok(req) => Asked::Request(req),
+                    Err(frame::FrameError::Closed) => {
+                        reading = false;
+                        continue;
+                    }
+                    // Say why, then hang up: the stream position is unknown.
+                    Err(e) => {
+                        reading = false;
+                        Asked::Bad(e.to_string())
+                    }
+                };
+                let size = match &asked {
+                    Asked::Request(req) => held_by(req),
+                    Asked::Bad(_) => 0,
+                };
+                held += size;
+                answers.push_back(answer(asked, &supervisor, &stop, size));
+                if reading {
+                    read.set(read_request(rd));
                 }
-                return;
             }
-        };
-        let resp = match req {
-            ControlRequest::Call {
-                plugin,
-                function,
-                input,
-                timeout_ms,
-            } => {
-                let timeout = timeout_ms.map(Duration::from_millis);
-                ControlResponse::Called(supervisor.call(&plugin, &function, input, timeout).await)
+            Some(first) = answers.next(), if !answers.is_empty() => {
+                let mut ready = Some(first);
+                // Answers already there leave in the same write.
+                while let Some((resp, size)) = ready {
+                    held -= size;
+                    let buf = frame::encode(&resp).or_else(|e| {
+                        frame::encode(&ControlResponse::Rejected(format!(
+                            "the answer cannot be sent: {e}"
+                        )))
+                    });
+                    let Ok(buf) = buf else { return };
+                    out.extend_from_slice(&buf);
+                    ready = answers.next().now_or_never().flatten();
+                }
+                let mut wr = conn;
+                if wr.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+                if out.capacity() > KEEP_BUFFER {
+                    out = Vec::new();
+                }
             }
-            ControlRequest::List => ControlResponse::Plugins(supervisor.list().await),
-            ControlRequest::Policy => ControlResponse::Policy(corral_protocol::PolicyStatus {
-                sources: supervisor
-                    .policy()
-                    .sources
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect(),
-                reload_error: supervisor.policy_error(),
-                plugin_errors: supervisor.lifecycle_errors().await,
-                config_error: supervisor.config_error().0,
-                config_pending: supervisor.config_error().1,
-                workers: supervisor.workers(),
-            }),
-            ControlRequest::Explain { plugin, json } => ControlResponse::Explained(
-                supervisor
-                    .explain(&plugin)
-                    .map(|e| {
-                        if json {
-                            crate::cli::output::effective_json(&e).to_string()
-                        } else {
-                            e.to_string()
-                        }
-                    })
-                    .ok_or_else(|| format!("no plugin {plugin:?} in this daemon")),
-            ),
-            ControlRequest::Shutdown => {
-                stop.notify_one();
-                ControlResponse::ShuttingDown
-            }
-        };
-        let Ok(buf) = frame::encode(&resp) else {
-            return;
-        };
-        if wr.write_all(&buf).await.is_err() {
-            return;
+            else => return,
         }
     }
+}
+
+/// The answer to one request, with the bytes it held.
+async fn answer(
+    asked: Asked,
+    supervisor: &Supervisor,
+    stop: &Notify,
+    held: usize,
+) -> (ControlResponse, usize) {
+    let req = match asked {
+        Asked::Request(req) => req,
+        Asked::Bad(why) => return (ControlResponse::Rejected(why), held),
+    };
+    let resp = match req {
+        ControlRequest::Call {
+            plugin,
+            function,
+            input,
+            timeout_ms,
+        } => {
+            let timeout = timeout_ms.map(Duration::from_millis);
+            ControlResponse::Called(supervisor.call(&plugin, &function, input, timeout).await)
+        }
+        ControlRequest::List => ControlResponse::Plugins(supervisor.list().await),
+        ControlRequest::Policy => ControlResponse::Policy(corral_protocol::PolicyStatus {
+            sources: supervisor
+                .policy()
+                .sources
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            reload_error: supervisor.policy_error(),
+            plugin_errors: supervisor.lifecycle_errors().await,
+            config_error: supervisor.config_error().0,
+            config_pending: supervisor.config_error().1,
+            workers: supervisor.workers(),
+        }),
+        ControlRequest::Explain { plugin, json } => ControlResponse::Explained(
+            supervisor
+                .explain(&plugin)
+                .map(|e| {
+                    if json {
+                        crate::cli::output::effective_json(&e).to_string()
+                    } else {
+                        e.to_string()
+                    }
+                })
+                .ok_or_else(|| format!("no plugin {plugin:?} in this daemon")),
+        ),
+        ControlRequest::Shutdown => {
+            stop.notify_one();
+            ControlResponse::ShuttingDown
+        }
+    };
+    (resp, held)
 }
 
 async fn connect(path: &Path) -> Result<Stream, ControlError> {

@@ -4,7 +4,7 @@
 
 use super::{HEALTH_EXPORT, Inner, Plugin, error_chain};
 use crate::broker::messaging::Delivery;
-use crate::worker::{Turn, WorkerHandle};
+use crate::worker::{PIPELINE_INPUT, Turn, WorkerHandle};
 use corral_protocol::{CallError, Overload};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use super::start::Started;
 
-/// A worker whose turn a call holds, with the call deadline and its cap.
-type Ready = (Arc<WorkerHandle>, Turn, (Duration, Duration));
+/// A worker whose turn a call holds, with the call deadline and its cap, and when
+/// the call stops waiting to begin.
+type Ready = (Arc<WorkerHandle>, Turn, (Duration, Duration), Instant);
 
 /// How often a call waiting for a worker looks again without being told (a
 /// safety net: a freed worker or a new one tells the waiters).
@@ -126,7 +127,8 @@ impl Inner {
         // passes the call to the plugin's current version; nothing was sent to it.
         let mut input = Some(input);
         for _ in 0..MAX_REROUTES {
-            let (worker, turn, limits) = match self.turn_for(&p, timeout).await {
+            let alone = input.as_ref().is_some_and(|i| i.len() > PIPELINE_INPUT);
+            let (worker, turn, limits, start_by) = match self.turn_for(&p, timeout, alone).await {
                 Err(CallError::ShuttingDown) if p.retired.load(Ordering::SeqCst) => {
                     p = self.plugin(plugin).ok_or_else(unknown)?;
                     continue;
@@ -143,7 +145,13 @@ impl Inner {
             let deadline = deadline_of(timeout, limits);
             let bytes = input.take().unwrap_or_default();
             let result = match worker
-                .try_call(turn, function, bytes, deadline, Arc::clone(&chain))
+                .try_call(
+                    turn,
+                    function,
+                    bytes,
+                    (deadline, start_by),
+                    Arc::clone(&chain),
+                )
                 .await
             {
                 Ok(result) => result,
@@ -218,8 +226,9 @@ impl Inner {
         &self,
         p: &Arc<Plugin>,
         timeout: Option<Duration>,
+        alone: bool,
     ) -> Result<Ready, CallError> {
-        let mut until = None;
+        let mut until: Option<Instant> = None;
         let mut head = None;
         loop {
             // Only the head of the line listens: a wake-up is never spent on a
@@ -229,12 +238,15 @@ impl Inner {
             if head.is_some() {
                 freed.as_mut().enable();
             }
-            let (more, limits) = {
+            let (more, limits, behind) = {
                 let mut st = p.state.lock().await;
                 let serving = self.running_in(p, &mut st)?;
                 let mine = head.is_some() || p.line.available_permits() > 0;
-                if mine && let Some((w, turn)) = st.idle_instance(&p.freed) {
-                    return Ok((w, turn, st.deadlines()));
+                let start_by =
+                    |limits| until.unwrap_or_else(|| Instant::now() + deadline_of(timeout, limits));
+                if mine && let Some((w, turn)) = st.idle_instance(&p.freed, alone) {
+                    let limits = st.deadlines();
+                    return Ok((w, turn, limits, start_by(limits)));
                 }
                 let more = mine
                     && serving
@@ -247,7 +259,16 @@ impl Inner {
                     // Claimed now, so concurrent callers start one, not many.
                     st.starting = true;
                 }
-                (serving.then_some(more), st.deadlines())
+                // Every worker is busy: behind the calls of one whose calls are
+                // fast, if there is one (while another instance starts).
+                let behind = if mine && !alone {
+                    st.pipelined_instance(&p.freed)
+                } else {
+                    None
+                };
+                let limits = st.deadlines();
+                let behind = behind.map(|(w, turn)| (w, turn, limits, start_by(limits)));
+                (serving.then_some(more), limits, behind)
             };
             match more {
                 // No worker yet: this call starts the first (and waits for it).
@@ -262,6 +283,9 @@ impl Inner {
                     }
                 }
                 Some(false) => {}
+            }
+            if let Some(ready) = behind {
+                return Ok(ready);
             }
             let deadline = deadline_of(timeout, limits);
             let until = *until.get_or_insert_with(|| Instant::now() + deadline);

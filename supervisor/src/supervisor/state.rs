@@ -79,12 +79,26 @@ impl PluginState {
     pub(crate) fn idle_instance(
         &self,
         freed: &Arc<tokio::sync::Notify>,
+        alone: bool,
     ) -> Option<(Arc<WorkerHandle>, Turn)> {
         self.instances.iter().find_map(|i| {
             i.worker
-                .take_turn(freed)
+                .take_idle_turn(freed, alone)
                 .map(|t| (Arc::clone(&i.worker), t))
         })
+    }
+
+    /// A turn behind the calls of the instance with the fewest in flight, among
+    /// those whose calls are fast (see [`WorkerHandle::take_pipelined_turn`]).
+    pub(crate) fn pipelined_instance(
+        &self,
+        freed: &Arc<tokio::sync::Notify>,
+    ) -> Option<(Arc<WorkerHandle>, Turn)> {
+        let mut by_load: Vec<_> = self.instances.iter().map(|i| &i.worker).collect();
+        by_load.sort_by_key(|w| w.in_flight());
+        by_load
+            .into_iter()
+            .find_map(|w| w.take_pipelined_turn(freed).map(|t| (Arc::clone(w), t)))
     }
 
     /// How many workers the policy lets this plugin run.

@@ -48,7 +48,7 @@ impl Default for Script {
     }
 }
 
-const EXPORTS: [&str; 15] = [
+const EXPORTS: [&str; 16] = [
     "echo",
     "version",
     "hold",
@@ -64,6 +64,7 @@ const EXPORTS: [&str; 15] = [
     "log_huge",
     "oversize_frame",
     "host_unread",
+    "ahead",
 ];
 
 /// What one fake worker received, in order.
@@ -282,6 +283,26 @@ async fn serve(
             }
         }
     });
+    // Answers leave in the order the calls came, as from a real worker (which
+    // runs one call at a time): a call sent behind a held one is answered after it.
+    let (atx, mut arx) = mpsc::unbounded_channel::<(u64, FromWorker)>();
+    let in_order = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (mut next, mut parked) = (0u64, std::collections::BTreeMap::new());
+            while let Some((n, m)) = arx.recv().await {
+                parked.insert(n, m);
+                while let Some(m) = parked.remove(&next) {
+                    let _ = tx.send(m);
+                    next += 1;
+                }
+            }
+        })
+    };
+    let mut seq = 0u64;
+    // Set by `ahead`: the next call is answered at once, before `ahead` (which
+    // never is): answers out of order.
+    let mut ahead = false;
     let mut holds = tokio::task::JoinSet::new();
     let code = loop {
         let msg: ToWorker = match frame::read_msg_async(&mut rd, frame::MAX_FRAME).await {
@@ -311,13 +332,23 @@ async fn serve(
                 if input.starts_with(b"order-") {
                     journal.push(String::from_utf8_lossy(&input).into_owned());
                 }
-                let answer = move |result| FromWorker::CallResult { id, result };
+                if std::mem::take(&mut ahead) {
+                    journal.push(format!("answered {function} ahead"));
+                    let _ = tx.send(FromWorker::CallResult {
+                        id,
+                        result: Ok(input),
+                    });
+                    continue;
+                }
+                let n = seq;
+                seq += 1;
+                let answer = move |result| (n, FromWorker::CallResult { id, result });
                 match function.as_str() {
-                    "echo" => drop(tx.send(answer(Ok(input)))),
-                    "version" => drop(tx.send(answer(Ok(script.tag.as_bytes().to_vec())))),
+                    "echo" => drop(atx.send(answer(Ok(input)))),
+                    "version" => drop(atx.send(answer(Ok(script.tag.as_bytes().to_vec())))),
                     "hold" => {
                         let (tx, release, journal) =
-                            (tx.clone(), Arc::clone(&release), Arc::clone(&journal));
+                            (atx.clone(), Arc::clone(&release), Arc::clone(&journal));
                         let released = release.notified_owned();
                         holds.spawn(async move {
                             released.await;
@@ -326,12 +357,13 @@ async fn serve(
                         });
                     }
                     "crash" => break 3,
+                    "ahead" => ahead = true,
                     // Hostile: what a worker running someone else's code may send.
                     "forge" => drop(tx.send(FromWorker::CallResult {
                         id: id + 1000,
                         result: Ok(b"forged".to_vec()),
                     })),
-                    "oversize" => drop(tx.send(answer(Ok(vec![0; (1 << 20) + 1])))),
+                    "oversize" => drop(atx.send(answer(Ok(vec![0; (1 << 20) + 1])))),
                     "host_flood" => {
                         // Host calls performed on tasks of their own (`now` and
                         // `kv.get` are answered as they are read, never in flight).
@@ -379,7 +411,7 @@ async fn serve(
                         let level = corral_protocol::LogLevel::Info;
                         let _ = tx.send(FromWorker::Log { level, message });
                     }
-                    "oversize_frame" => drop(tx.send(answer(Ok(vec![0; 3 << 20])))),
+                    "oversize_frame" => drop(atx.send(answer(Ok(vec![0; 3 << 20])))),
                     "log_flood" => {
                         // 16 MiB of log lines of 64 KiB each (the most a line may
                         // be), then an answer.
@@ -388,12 +420,12 @@ async fn serve(
                             let level = corral_protocol::LogLevel::Info;
                             let _ = tx.send(FromWorker::Log { level, message });
                         }
-                        let _ = tx.send(answer(Ok(b"logged".to_vec())));
+                        let _ = atx.send(answer(Ok(b"logged".to_vec())));
                     }
                     _ => {} // "hang", and "late": answered after the deadline
                 }
                 if function == "late" {
-                    let tx = tx.clone();
+                    let tx = atx.clone();
                     holds.spawn(async move {
                         tokio::time::sleep(Duration::from_millis(300)).await;
                         let _ = tx.send(answer(Ok(b"late".to_vec())));
@@ -410,8 +442,12 @@ async fn serve(
     if code == 0 {
         // An orderly exit answers what it holds first.
         while holds.join_next().await.is_some() {}
+    } else {
+        // A crashed worker answers nothing more.
+        holds.abort_all();
     }
-    drop(tx);
+    drop((tx, atx));
+    let _ = in_order.await;
     let _ = writer.await;
     code
 }
@@ -1372,4 +1408,180 @@ async fn reloaded_plugin_settings_start_a_fresh_worker_and_unchanged_ones_keep_t
         2,
         "the same settings again: no new worker"
     );
+}
+
+/// The first worker of the fixture's plugin.
+async fn first_worker(f: &Fixture) -> Arc<crate::worker::WorkerHandle> {
+    let p = f.sup.0.plugin(&f.id).unwrap();
+    let st = p.state.lock().await;
+    Arc::clone(&st.instances()[0].worker)
+}
+
+/// A worker that has answered enough fast calls to take calls behind its running
+/// one, with "fast" widened so that a held call counts as just begun.
+async fn pipelining(f: &Fixture) -> Arc<crate::worker::WorkerHandle> {
+    for _ in 0..20 {
+        assert_eq!(f.call("echo").await.unwrap(), b"in");
+    }
+    let w = first_worker(f).await;
+    w.pipeline_fast_us.store(60_000_000, Ordering::Relaxed);
+    w
+}
+
+fn spawn_call(
+    f: &Fixture,
+    function: &'static str,
+    input: &'static [u8],
+    timeout_ms: u64,
+) -> tokio::task::JoinHandle<Result<Vec<u8>, CallError>> {
+    let (sup, id) = (f.sup.clone(), f.id.clone());
+    let timeout = Some(Duration::from_millis(timeout_ms));
+    tokio::spawn(async move { sup.call(&id, function, input.to_vec(), timeout).await })
+}
+
+fn sent(f: &Fixture, worker: usize, entry: &str) -> bool {
+    f.launcher.journal(worker).iter().any(|e| e == entry)
+}
+
+fn killed(f: &Fixture, worker: usize) -> bool {
+    f.launcher.journals.lock().unwrap()[worker].killed()
+}
+
+#[tokio::test]
+async fn calls_behind_a_running_one_are_answered_in_order_and_one_not_begun_in_time_times_out_killing_nobody()
+ {
+    let f = fixture(|_| {});
+    // A fresh worker takes one call at a time.
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    let w = first_worker(&f).await;
+    let held = spawn_call(&f, "hold", b"", 10_000);
+    eventually("the hold running", || holds_sent(&f, 0) == 1).await;
+    let waiting = spawn_call(&f, "echo", b"order-0", 10_000);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!sent(&f, 0, "order-0"), "{:?}", f.launcher.journal(0));
+    assert_eq!(w.in_flight(), 1);
+    f.launcher.release();
+    assert_eq!(held.await.unwrap().unwrap(), b"held");
+    assert_eq!(waiting.await.unwrap().unwrap(), b"order-0");
+
+    // One whose calls are fast takes calls behind the one it runs.
+    let w = pipelining(&f).await;
+    let held = spawn_call(&f, "hold", b"", 10_000);
+    eventually("the hold running", || holds_sent(&f, 0) == 2).await;
+    let mut behind = Vec::new();
+    for input in [b"order-a", b"order-b", b"order-c"] {
+        behind.push((input, spawn_call(&f, "echo", input, 10_000)));
+        let entry = String::from_utf8_lossy(input).into_owned();
+        eventually("sent behind the hold", || sent(&f, 0, &entry)).await;
+    }
+    assert_eq!(w.in_flight(), 4);
+    // One more with a short deadline is sent too, and times out where it waits:
+    // nobody is killed, and its answer (after the hold's) is no violation.
+    let late = f
+        .sup
+        .call(
+            &f.id,
+            "echo",
+            b"order-late".to_vec(),
+            Some(Duration::from_millis(100)),
+        )
+        .await;
+    assert_eq!(late, Err(CallError::Timeout { deadline_ms: 100 }));
+    assert!(sent(&f, 0, "order-late"));
+    assert!(!killed(&f, 0));
+    f.launcher.release();
+    assert_eq!(held.await.unwrap().unwrap(), b"held");
+    for (input, b) in behind {
+        assert_eq!(b.await.unwrap().unwrap(), input);
+    }
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!((f.launcher.launches(), killed(&f, 0)), (1, false));
+    assert_eq!(w.in_flight(), 0);
+    let order: Vec<String> = f
+        .launcher
+        .journal(0)
+        .into_iter()
+        .filter(|e| e.starts_with("order-"))
+        .collect();
+    assert_eq!(
+        order,
+        ["order-0", "order-a", "order-b", "order-c", "order-late"]
+    );
+    let info = &f.sup.list().await[0];
+    assert_eq!(info.state, "running");
+    f.sup.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_call_sent_behind_another_is_killed_at_its_deadline_counted_from_when_it_began() {
+    let f = fixture(|_| {});
+    pipelining(&f).await;
+    let held = spawn_call(&f, "hold", b"", 10_000);
+    eventually("the hold running", || holds_sent(&f, 0) == 1).await;
+    let hang = spawn_call(&f, "hang", b"", 300);
+    eventually("the hang sent behind it", || sent(&f, 0, "call hang")).await;
+    // The hold answers: the hang begins, with its whole deadline ahead of it.
+    let began = Instant::now();
+    f.launcher.release();
+    assert_eq!(held.await.unwrap().unwrap(), b"held");
+    assert_eq!(
+        hang.await.unwrap(),
+        Err(CallError::Timeout { deadline_ms: 300 })
+    );
+    // Killed by the supervisor at its deadline and grace (200 ms), not before.
+    assert!(
+        began.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        began.elapsed()
+    );
+    eventually("the worker killed", || killed(&f, 0)).await;
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(f.launcher.launches(), 2);
+    let info = &f.sup.list().await[0];
+    assert!(
+        info.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("missed a deadline")),
+        "{info:?}"
+    );
+    f.sup.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn calls_waiting_behind_the_running_one_when_the_worker_ends_go_to_the_next_worker() {
+    let f = fixture(|_| {});
+    let w = pipelining(&f).await;
+    let held = spawn_call(&f, "hold", b"", 10_000);
+    eventually("the hold running", || holds_sent(&f, 0) == 1).await;
+    let behind = spawn_call(&f, "echo", b"order-x", 10_000);
+    eventually("sent behind the hold", || sent(&f, 0, "order-x")).await;
+    w.kill();
+    // The running call ended with the worker; the one behind it never began
+    // there, and runs on the next worker.
+    assert!(
+        matches!(held.await.unwrap(), Err(CallError::WorkerCrashed(_))),
+        "the held call"
+    );
+    assert_eq!(behind.await.unwrap().unwrap(), b"order-x");
+    assert_eq!(f.launcher.launches(), 2);
+    assert!(sent(&f, 1, "order-x"), "{:?}", f.launcher.journal(1));
+
+    // A worker answering a call behind the running one first breaks the
+    // protocol: it is killed, the running call fails naming the rule, and the
+    // call it answered early runs again on the next worker.
+    let w = pipelining(&f).await;
+    let _ = w;
+    let ahead = spawn_call(&f, "ahead", b"", 10_000);
+    eventually("ahead running", || sent(&f, 1, "call ahead")).await;
+    let early = spawn_call(&f, "echo", b"order-y", 10_000);
+    match ahead.await.unwrap() {
+        Err(CallError::WorkerCrashed(ExitReason::Protocol(why))) => {
+            assert!(why.contains("(answers come in order)"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(early.await.unwrap().unwrap(), b"order-y");
+    assert!(sent(&f, 1, "answered echo ahead"));
+    assert_eq!(f.launcher.launches(), 3);
+    f.sup.shutdown(Duration::from_secs(1)).await;
 }

@@ -16,7 +16,7 @@
 use super::exit::{exit_reason, explain_exit};
 use super::output::{PluginLog, StderrTail};
 use super::process::{Process, remove_when_empty};
-use super::{Broker, Exited, Pending, Reply, lock, lock_reason};
+use super::{Broker, Exited, Outcome, Pending, Reply, Sent, lock, lock_reason};
 use corral_confine::Level;
 use corral_confine::cgroup::PluginCgroup;
 use corral_protocol::{
@@ -25,7 +25,7 @@ use corral_protocol::{
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -131,6 +131,8 @@ async fn read_owned(
 pub(crate) enum Violation {
     #[error("an answer to call {0}, which is not running")]
     AnswerNotRunning(RequestId),
+    #[error("an answer to call {id} while call {running} runs (answers come in order)")]
+    AnswerOutOfOrder { id: RequestId, running: RequestId },
     #[error("call {id} answered {size} bytes, past its max_output of {limit} bytes")]
     OutputTooLarge {
         id: RequestId,
@@ -190,6 +192,14 @@ pub(crate) struct Connection {
     pub(crate) unwritten: Arc<Semaphore>,
     /// The socket's write half, for answers written where they are made.
     pub(crate) writer: Writer,
+    /// The worker's turns, closed when this task kills it.
+    pub(crate) dispatch: Arc<Semaphore>,
+    /// How long past its deadline a running call may take before the worker is
+    /// killed.
+    pub(crate) kill_grace: Duration,
+    /// The running call this task holds the backstop of (one that began when the
+    /// answer before it was read), and when it fires.
+    pub(crate) backstop: Option<(Sent, Instant)>,
 }
 
 impl Connection {
@@ -235,7 +245,17 @@ impl Connection {
         let max_output = self.max_output;
         let read = read_owned(rd, max_output);
         tokio::pin!(read);
+        let far = || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        let timer = tokio::time::sleep_until(far());
+        tokio::pin!(timer);
+        let mut armed = None;
         loop {
+            if armed != self.backstop.map(|(s, at)| (s.id, at)) {
+                armed = self.backstop.map(|(s, at)| (s.id, at));
+                timer
+                    .as_mut()
+                    .reset(self.backstop.map_or_else(far, |(_, at)| at.into()));
+            }
             tokio::select! {
                 (rd, msg) = &mut read => {
                     match msg {
@@ -276,6 +296,10 @@ impl Connection {
                 () = self.kill.notified() => {
                     child.start_kill();
                 }
+                () = &mut timer, if self.backstop.is_some() => {
+                    self.overran();
+                    child.start_kill();
+                }
             }
         }
         // Nothing sent from now on reaches a worker.
@@ -313,11 +337,16 @@ impl Connection {
         } else {
             tracing::warn!(plugin = %self.plugin_id, "worker {reason}");
         }
-        let calls: Vec<Reply> = {
+        let calls: Vec<(bool, Reply)> = {
             let mut p = lock(&self.pending);
             p.closed = Some(reason.clone());
             p.contexts.clear();
-            p.calls.drain().map(|(_, r)| r).collect()
+            let running = p.order.front().map(|s| s.id);
+            p.order.clear();
+            p.calls
+                .drain()
+                .map(|(id, r)| (Some(id) == running, r))
+                .collect()
         };
         if !orderly && let Some(broker) = self.broker.upgrade() {
             let why = lock_reason(&self.kill_reason).clone();
@@ -330,15 +359,44 @@ impl Connection {
                 why: why.as_deref(),
             });
         }
-        for reply in calls {
-            let err = if orderly {
-                CallError::ShuttingDown
+        for (running, reply) in calls {
+            let outcome = if orderly {
+                Outcome::Done(Err(CallError::ShuttingDown))
+            } else if running {
+                Outcome::Done(Err(CallError::WorkerCrashed(reason.clone())))
             } else {
-                CallError::WorkerCrashed(reason.clone())
+                // Waiting behind the call that ended the worker: never begun.
+                Outcome::NotRun
             };
-            let _ = reply.send(Err(err));
+            let _ = reply.send(outcome);
         }
         self.exited.notify_waiters();
+    }
+
+    /// The running call whose backstop this task holds missed its deadline and
+    /// grace: its caller gets `Timeout`, and the worker is killed (the caller
+    /// kills it).
+    fn overran(&mut self) {
+        let Some((sent, _)) = self.backstop.take() else {
+            return;
+        };
+        let mut p = lock(&self.pending);
+        if !p.running(sent.id) {
+            return;
+        }
+        if let Some(reply) = p.calls.remove(&sent.id) {
+            p.contexts.remove(&sent.id);
+            p.given_up.insert(sent.id);
+            let deadline_ms = sent.deadline.as_millis() as u64;
+            let _ = reply.send(Outcome::Done(Err(CallError::Timeout { deadline_ms })));
+        }
+        drop(p);
+        tracing::warn!(
+            plugin = %self.plugin_id,
+            "worker did not answer within its deadline; killing it"
+        );
+        self.killed_by_supervisor.store(true, Ordering::SeqCst);
+        self.dispatch.close();
     }
 
     /// Route one message. An error means the worker broke the protocol.
@@ -346,32 +404,47 @@ impl Connection {
         match msg {
             FromWorker::CallResult { id, result } => {
                 let mut p = lock(&self.pending);
-                // The supervisor gave up on it (and is killing the worker).
-                if p.given_up.remove(&id) {
-                    return Ok(());
+                // Answers come in the order the calls were sent.
+                if !p.running(id) {
+                    return Err(match p.order.front() {
+                        Some(r) if p.order.iter().any(|s| s.id == id) => {
+                            Violation::AnswerOutOfOrder { id, running: r.id }
+                        }
+                        _ => Violation::AnswerNotRunning(id),
+                    });
                 }
-                let Some(reply) = p.calls.remove(&id) else {
-                    return Err(Violation::AnswerNotRunning(id));
-                };
                 if let Ok(out) = &result
                     && out.len() as u64 > self.max_output
                 {
                     // Failed with the violation, like every call in flight.
-                    p.calls.insert(id, reply);
                     return Err(Violation::OutputTooLarge {
                         id,
                         size: out.len(),
                         limit: self.max_output,
                     });
                 }
+                let now = Instant::now();
+                // The next call begins: its backstop is this task's.
+                self.backstop = p
+                    .advance(now)
+                    .map(|next| (next, now + next.deadline + self.kill_grace));
+                // The supervisor gave up on it (and is killing the worker, or it
+                // was never begun).
+                if p.given_up.remove(&id) {
+                    return Ok(());
+                }
+                let Some(reply) = p.calls.remove(&id) else {
+                    return Err(Violation::AnswerNotRunning(id));
+                };
                 p.contexts.remove(&id);
-                let _ = reply.send(result);
+                let _ = reply.send(Outcome::Done(result));
                 Ok(())
             }
             FromWorker::HostCall { id, call, op } => {
                 let ctx = {
                     let p = lock(&self.pending);
-                    let Some(ctx) = p.contexts.get(&call).cloned() else {
+                    let Some(ctx) = p.contexts.get(&call).filter(|_| p.running(call)).cloned()
+                    else {
                         return Err(Violation::HostCallNotRunning { id, call });
                     };
                     if p.host_calls.len() >= self.host_calls {

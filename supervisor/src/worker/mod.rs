@@ -43,7 +43,7 @@ use corral_confine::Level;
 use corral_protocol::{
     CallError, ExitReason, Hello, HostError, HostOp, HostReply, RequestId, ToWorker, frame,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -101,7 +101,44 @@ pub(crate) struct CallCtx {
     pub(crate) deadline: Instant,
 }
 
-pub(crate) type Reply = oneshot::Sender<Result<Vec<u8>, CallError>>;
+/// How a call sent to a worker ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Its answer, or why it has none (the worker crashed running it, it missed
+    /// its deadline).
+    Done(Result<Vec<u8>, CallError>),
+    /// The worker ended before it began the call (it was waiting behind the one
+    /// running): the caller sends it to the plugin's next worker.
+    NotRun,
+}
+
+pub(crate) type Reply = oneshot::Sender<Outcome>;
+
+/// Calls one worker may have in flight: one running, the rest waiting in its
+/// socket in the order sent (a worker serves one call at a time, in order). A
+/// call is sent behind others only to a worker whose calls are fast (see
+/// [`WorkerHandle::take_pipelined_turn`]): it saves the worker a wake-up per call
+/// and the supervisor a round trip between calls.
+pub(crate) const PIPELINE: u32 = 8;
+
+/// A call is sent behind others only to a worker that has answered this many...
+const PIPELINE_AFTER: u32 = 16;
+
+/// ...whose calls ran under this on average, and whose running call began less
+/// than this ago: a slow call never has calls queued behind it that another
+/// instance could serve.
+pub(crate) const PIPELINE_FAST: Duration = Duration::from_millis(1);
+
+/// A call whose input is larger waits for an idle worker (and takes all of it):
+/// what waits in a worker's socket stays small.
+pub(crate) const PIPELINE_INPUT: usize = 64 << 10;
+
+/// A call sent to a worker and not yet answered.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sent {
+    pub(crate) id: RequestId,
+    pub(crate) deadline: Duration,
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
@@ -122,11 +159,55 @@ pub(crate) struct Pending {
     /// Set when the worker is being retired (a new version took over): it finishes
     /// the calls it has and takes no more.
     retiring: bool,
+    /// Every call sent and not yet answered (those given up on too), in the order
+    /// sent: the first is the one running, and answers must come in this order.
+    order: VecDeque<Sent>,
+    /// When the first of `order` began, as far as the supervisor can tell: when
+    /// it was sent to an idle worker, or when the answer before it was read.
+    head_since: Option<Instant>,
+    /// Calls answered (saturating), and how long they ran, a moving average.
+    answered: u32,
+    recent: Duration,
 }
 
-/// The right to run one call on a worker: its dispatch permit. Dropping it (the
-/// call answered, failed or given up) frees the worker and tells the plugin's
-/// waiting callers.
+impl Pending {
+    /// Take `id` out of `order`, where it was sent (its write failed).
+    fn unsend(&mut self, id: RequestId) {
+        self.order.retain(|s| s.id != id);
+        if self.order.is_empty() {
+            self.head_since = None;
+        }
+    }
+
+    /// Whether `id` is the call the worker is running.
+    pub(crate) fn running(&self, id: RequestId) -> bool {
+        self.order.front().is_some_and(|s| s.id == id)
+    }
+
+    /// The answer to the running call was read at `now`: the next one begins.
+    /// Returns it, if there is one.
+    pub(crate) fn advance(&mut self, now: Instant) -> Option<Sent> {
+        self.order.pop_front();
+        if let Some(since) = self.head_since {
+            let ran = now.saturating_duration_since(since);
+            self.recent = (self.recent * 7 + ran) / 8;
+        }
+        self.answered = self.answered.saturating_add(1);
+        let next = self.order.front().copied();
+        self.head_since = next.map(|_| now);
+        if let Some(n) = next
+            && let Some(ctx) = self.contexts.get_mut(&n.id)
+        {
+            // Its host calls' deadline counts from when it began.
+            ctx.deadline = now + n.deadline;
+        }
+        next
+    }
+}
+
+/// The right to send one call to a worker: its slot (or, for a call that must run
+/// alone, every slot). Dropping it (the call answered, failed or given up) frees
+/// the slot and tells the plugin's waiting callers.
 #[derive(Debug)]
 pub(crate) struct Turn {
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -168,12 +249,15 @@ pub(crate) struct WorkerHandle {
     files: Option<PluginFiles>,
     /// When a call last began or ended (health checks do not count).
     last_active: Mutex<Instant>,
-    /// One permit: the call running in the worker holds it (its [`Turn`]). A
-    /// call is sent only once it has one, so the deadline the worker is told and
-    /// the kill backstop both count from dispatch; a call waiting for a turn
+    /// [`PIPELINE`] slots: each call sent to the worker holds one (its
+    /// [`Turn`]). A call is sent only once it has one; its deadline and the kill
+    /// backstop count from when the worker begins it; a call waiting for a turn
     /// times out where it waits, unsent, and nobody is killed. Closed once the
     /// worker is killed, retired or stopping: it takes no more calls.
     pub(crate) dispatch: Arc<tokio::sync::Semaphore>,
+    /// [`PIPELINE_FAST`], in microseconds (tests widen it to send calls behind a
+    /// held one at will).
+    pub(crate) pipeline_fast_us: AtomicU64,
 }
 
 pub(crate) fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
@@ -220,13 +304,45 @@ impl WorkerHandle {
         *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
 
-    /// A turn to run one call, if the worker is serving and has no call now.
-    /// `freed` is told when the turn ends (the plugin's callers waiting for a
-    /// worker look again).
-    pub fn take_turn(&self, freed: &Arc<Notify>) -> Option<Turn> {
+    /// A turn to run one call now, if the worker is serving and has no call.
+    /// `alone`: nothing is sent behind it while it runs (a call with a large
+    /// input, a health check). `freed` is told when the turn ends (the plugin's
+    /// callers waiting for a worker look again).
+    pub fn take_idle_turn(&self, freed: &Arc<Notify>, alone: bool) -> Option<Turn> {
         {
             let p = lock(&self.pending);
-            if p.gone || p.closed.is_some() || p.retiring {
+            if p.gone || p.closed.is_some() || p.retiring || !p.order.is_empty() {
+                return None;
+            }
+        }
+        // Every slot at once, so no call holds one: the worker is idle.
+        let mut permit = Arc::clone(&self.dispatch)
+            .try_acquire_many_owned(PIPELINE)
+            .ok()?;
+        if !alone {
+            drop(permit.split(PIPELINE as usize - 1));
+        }
+        Some(Turn {
+            permit: Some(permit),
+            freed: Arc::clone(freed),
+        })
+    }
+
+    /// A turn to send one call behind the calls this worker has, if its calls are
+    /// fast: it has answered [`PIPELINE_AFTER`] calls, under [`PIPELINE_FAST`] on
+    /// average, and its running call began less than that ago; and it has fewer
+    /// than [`PIPELINE`] in flight. The call's deadline counts from when the worker
+    /// begins it; if it has not begun by its `start_by`, its caller stops waiting
+    /// (a `Timeout`, nobody killed) and the worker does not run it.
+    pub fn take_pipelined_turn(&self, freed: &Arc<Notify>) -> Option<Turn> {
+        {
+            let p = lock(&self.pending);
+            let fast_us = self.pipeline_fast_us.load(Ordering::Relaxed);
+            let fast = Duration::from_micros(fast_us);
+            let fast = p.answered >= PIPELINE_AFTER
+                && p.recent < fast
+                && p.head_since.is_some_and(|t| t.elapsed() < fast);
+            if p.gone || p.closed.is_some() || p.retiring || !fast {
                 return None;
             }
         }
@@ -237,23 +353,30 @@ impl WorkerHandle {
         })
     }
 
+    /// Calls sent to the worker and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.pending).order.len()
+    }
+
     /// Run `function` in the `turn` taken on this worker. Ends in a result or a
     /// typed error, always: if the worker does not answer by `deadline` plus the
-    /// kill grace (counted from now: the call is sent now), it is killed and the
-    /// call gets [`CallError::Timeout`]. `Err(input)`, with nothing sent, when
-    /// the worker is being retired or is gone (the caller routes the call to the
+    /// kill grace (counted from when it begins the call), it is killed and the
+    /// call gets [`CallError::Timeout`]; a call sent behind others that has not
+    /// begun by `start_by` gets [`CallError::Timeout`] and kills nobody.
+    /// `Err(input)`, with nothing run, when the worker is being retired or is
+    /// gone, or ended before it began the call (the caller routes the call to the
     /// plugin's current worker).
     pub async fn try_call(
         &self,
         turn: Turn,
         function: &str,
         input: Vec<u8>,
-        deadline: Duration,
+        (deadline, start_by): (Duration, Instant),
         chain: Arc<[String]>,
     ) -> Result<Result<Vec<u8>, CallError>, Vec<u8>> {
         self.touch();
         let r = self
-            .dispatched(turn, function, input, deadline, chain)
+            .dispatched(turn, function, input, (deadline, start_by), chain)
             .await;
         self.touch();
         r
@@ -270,26 +393,31 @@ impl WorkerHandle {
         deadline: Duration,
         chain: Arc<[String]>,
     ) -> Option<Result<Result<Vec<u8>, CallError>, Vec<u8>>> {
-        let turn = self.take_turn(freed)?;
+        let turn = self.take_idle_turn(freed, true)?;
+        let start_by = Instant::now() + deadline;
         Some(
-            self.dispatched(turn, function, Vec::new(), deadline, chain)
+            self.dispatched(turn, function, Vec::new(), (deadline, start_by), chain)
                 .await,
         )
     }
 
-    /// Send a call that holds the worker's dispatch permit, and wait for its
-    /// answer: the deadline the worker is told and the kill backstop count from now.
+    /// Send a call that holds a turn on the worker, and wait for its answer. The
+    /// deadline the worker is told counts from when it begins the call; so does
+    /// the kill backstop: here, for a call sent to an idle worker (it begins now),
+    /// in the connection's task for one sent behind others (it begins when the
+    /// answer before it is read).
     async fn dispatched(
         &self,
         _turn: Turn,
         function: &str,
         input: Vec<u8>,
-        deadline: Duration,
+        (deadline, start_by): (Duration, Instant),
         chain: Arc<[String]>,
     ) -> Result<Result<Vec<u8>, CallError>, Vec<u8>> {
         let deadline_ms = deadline.as_millis() as u64;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
+        let now = Instant::now();
         {
             // Registered before it is sent: `retire` waits for every registered call.
             let mut p = lock(&self.pending);
@@ -303,15 +431,19 @@ impl WorkerHandle {
                 id,
                 CallCtx {
                     chain,
-                    deadline: Instant::now() + deadline,
+                    deadline: now + deadline,
                 },
             );
         }
+        // It has until `start_by` to begin (the worker checks too): a call sent
+        // behind others may wait in the worker's socket until then.
+        let left = start_by.saturating_duration_since(now).as_micros() as u64;
         let msg = ToWorker::Call {
             id,
             function: function.to_owned(),
             input,
             deadline_ms,
+            start_by_us: corral_protocol::monotonic_us().saturating_add(left).max(1),
         };
         let frame = match frame::encode(&msg) {
             Ok(f) => f,
@@ -324,50 +456,100 @@ impl WorkerHandle {
                 }));
             }
         };
-        // Written here, not by a task: one hop less, and a write that fails says
-        // the worker is gone and never got the call. The write is bounded by the
-        // deadline too (a worker that stops reading cannot hold the caller).
-        let run = async {
-            use tokio::io::AsyncWriteExt;
-            if self.writer.lock().await.write_all(&frame).await.is_err() {
-                return None;
-            }
-            Some(answer.await)
+        let give_back = |msg: ToWorker| {
+            let ToWorker::Call { input, .. } = msg else {
+                unreachable!("a call was built above")
+            };
+            input
         };
-        Ok(
-            match tokio::time::timeout(deadline + self.kill_grace, run).await {
-                Ok(None) => {
-                    let mut p = lock(&self.pending);
-                    p.calls.remove(&id);
-                    p.contexts.remove(&id);
-                    p.gone = true;
-                    drop(p);
-                    let ToWorker::Call { input, .. } = msg else {
-                        unreachable!("a call was built above")
-                    };
-                    return Err(input);
+        // Written here, not by a task: one hop less, and a write that fails says
+        // the worker is gone and never got the call. The worker runs calls in the
+        // order they reach it, so a call joins `order` with the write half held.
+        // The write is bounded by the deadline too (a worker that stops reading
+        // cannot hold the caller).
+        let write = async {
+            use tokio::io::AsyncWriteExt;
+            let mut wr = self.writer.lock().await;
+            let first = {
+                let mut p = lock(&self.pending);
+                p.order.push_back(Sent { id, deadline });
+                let first = p.order.len() == 1;
+                if first {
+                    p.head_since = Some(Instant::now());
                 }
-                Ok(Some(Ok(result))) => match &self.files {
-                    Some(f) => result.map_err(|e| f.shown_error(e)),
-                    None => result,
-                },
-                Ok(Some(Err(_))) => Err(CallError::WorkerCrashed(ExitReason::Unknown)),
-                Err(_) => {
-                    let mut p = lock(&self.pending);
-                    p.calls.remove(&id);
-                    p.contexts.remove(&id);
-                    p.given_up.insert(id);
-                    drop(p);
-                    tracing::warn!(
-                        plugin = %self.plugin_id,
-                        pid = self.pid,
-                        "worker did not answer within its deadline; killing it"
-                    );
-                    self.kill();
-                    Err(CallError::Timeout { deadline_ms })
-                }
+                first
+            };
+            (first, wr.write_all(&frame).await.is_ok())
+        };
+        let overdue = now + deadline + self.kill_grace;
+        let outcome = match tokio::time::timeout_at(overdue.into(), write).await {
+            Ok((_, false)) => None,
+            // Sent to an idle worker, it begins now: the backstop is here.
+            Ok((true, true)) => match tokio::time::timeout_at(overdue.into(), answer).await {
+                Ok(a) => Some(a),
+                Err(_) => return Ok(self.overdue(id, deadline_ms)),
             },
-        )
+            // Sent behind others, it is waited for only until `start_by`; once
+            // it has begun, the connection's task holds its backstop.
+            Ok((false, true)) => {
+                tokio::pin!(answer);
+                match tokio::time::timeout_at(start_by.into(), &mut answer).await {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        let begun = {
+                            let mut p = lock(&self.pending);
+                            let begun = p.running(id) || !p.calls.contains_key(&id);
+                            if !begun {
+                                // Stays in `order`: the worker answers it, unrun.
+                                p.calls.remove(&id);
+                                p.contexts.remove(&id);
+                                p.given_up.insert(id);
+                            }
+                            begun
+                        };
+                        if !begun {
+                            return Ok(Err(CallError::Timeout { deadline_ms }));
+                        }
+                        Some(answer.await)
+                    }
+                }
+            }
+            // The write itself did not finish: what the worker got is unknown.
+            Err(_) => return Ok(self.overdue(id, deadline_ms)),
+        };
+        Ok(match outcome {
+            None => {
+                let mut p = lock(&self.pending);
+                p.calls.remove(&id);
+                p.contexts.remove(&id);
+                p.unsend(id);
+                p.gone = true;
+                drop(p);
+                return Err(give_back(msg));
+            }
+            Some(Ok(Outcome::Done(result))) => match &self.files {
+                Some(f) => result.map_err(|e| f.shown_error(e)),
+                None => result,
+            },
+            Some(Ok(Outcome::NotRun)) => return Err(give_back(msg)),
+            Some(Err(_)) => Err(CallError::WorkerCrashed(ExitReason::Unknown)),
+        })
+    }
+
+    /// Call `id` missed its deadline and grace: given up, and the worker killed.
+    fn overdue(&self, id: RequestId, deadline_ms: u64) -> Result<Vec<u8>, CallError> {
+        let mut p = lock(&self.pending);
+        p.calls.remove(&id);
+        p.contexts.remove(&id);
+        p.given_up.insert(id);
+        drop(p);
+        tracing::warn!(
+            plugin = %self.plugin_id,
+            pid = self.pid,
+            "worker did not answer within its deadline; killing it"
+        );
+        self.kill();
+        Err(CallError::Timeout { deadline_ms })
     }
 
     /// Whether the worker is being retired.

@@ -406,7 +406,8 @@ impl WorkerHandle {
             kill_grace: spec.kill_grace,
             files: spec.files.clone(),
             last_active: Mutex::new(Instant::now()),
-            dispatch: Arc::new(tokio::sync::Semaphore::new(1)),
+            dispatch: Arc::new(tokio::sync::Semaphore::new(super::PIPELINE as usize)),
+            pipeline_fast_us: AtomicU64::new(super::PIPELINE_FAST.as_micros() as u64),
         });
         // As many answers as there are permits to hold them (`Connection::unwritten`).
         let unwritten = spec.budgets.host_calls + 1;
@@ -432,6 +433,9 @@ impl WorkerHandle {
                 answers,
                 unwritten: Arc::new(Semaphore::new(unwritten)),
                 writer,
+                dispatch: Arc::clone(&handle.dispatch),
+                kill_grace: spec.kill_grace,
+                backstop: None,
             }
             .run(rd, child),
         );
