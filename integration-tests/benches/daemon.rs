@@ -20,8 +20,8 @@
 
 use corral::Supervisor;
 use corral_integration_tests::bench::{
-    Stats, pin_to_cpu0, raw_socket_pipelined, raw_socket_rtt, row, serve_echo_if_asked, spawn_wait,
-    stats, unpin,
+    Stats, pin_to_cpu0, pipelined_writer, raw_socket_pipelined, raw_socket_rtt, row,
+    serve_echo_if_asked, spawn_wait, stats, unpin,
 };
 use corral_integration_tests::{built, example_plugin, open_tempdir, plugin_copy};
 use corral_protocol::{ControlRequest, ControlResponse, frame};
@@ -251,7 +251,6 @@ fn daemon_pipelined(
     window: usize,
     run: Duration,
 ) -> f64 {
-    use std::io::Write;
     let req = frame::encode(&ControlRequest::Call {
         plugin: plugin.into(),
         function: "noop".into(),
@@ -264,18 +263,15 @@ fn daemon_pipelined(
     let t = Instant::now();
     let threads: Vec<_> = (0..conns)
         .map(|_| {
-            let Client(mut rd) = d.connect();
-            let mut wr = rd.try_clone().unwrap();
+            let Client(rd) = d.connect();
+            let wr = rd.try_clone().unwrap();
             let (credit_tx, credit_rx) = std::sync::mpsc::sync_channel::<()>(window);
             for _ in 0..window {
                 credit_tx.send(()).unwrap();
             }
             let req = req.clone();
-            let writer = std::thread::spawn(move || {
-                while credit_rx.recv().is_ok() {
-                    wr.write_all(&req).unwrap();
-                }
-            });
+            let writer = std::thread::spawn(move || pipelined_writer(wr, &req, &credit_rx));
+            let mut rd = std::io::BufReader::with_capacity(64 << 10, rd);
             let (done, stop) = (Arc::clone(&done), Arc::clone(&stop));
             std::thread::spawn(move || {
                 let mut owed = window;
@@ -322,6 +318,17 @@ fn main() {
     // `cargo bench` passes `--bench`; nextest/`cargo test --benches` lists with
     // `--list`: run nothing then.
     if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    // `-- --profile <plugin>`: only 64 calls in flight on one connection to a
+    // running daemon, for 20 s (to watch it with `perf`), and the rate.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--profile") {
+        let plugin: &'static str = args[i + 1].clone().leak();
+        let d = Daemon::start("[\"wasm\", \"python\"]");
+        println!("daemon pid {}", d.child.id());
+        let r = daemon_pipelined(&d, plugin, 1, 64, Duration::from_secs(20));
+        println!("{plugin}: {r:.0} calls/s, 64 in flight on one connection");
         return;
     }
     let quick = std::env::args().any(|a| a == "--quick");

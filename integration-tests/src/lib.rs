@@ -723,17 +723,26 @@ pub mod bench {
         }
         // SAFETY: the parent placed a socket at fd 3 for this process alone.
         let fd = unsafe { OwnedFd::from_raw_fd(3) };
-        let mut s = UnixStream::from(fd);
+        let s = UnixStream::from(fd);
+        // As a worker reads and writes: a small frame is one `recv` (several
+        // pipelined ones too), and the echoes of every frame read at once leave
+        // in one `send`.
+        let mut rd = std::io::BufReader::with_capacity(64 * 1024, &s);
+        let mut out = Vec::with_capacity(64 * 1024);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let mut len = [0u8; 4];
-            if s.read_exact(&mut len).is_err() {
+            if rd.read_exact(&mut len).is_err() {
                 std::process::exit(0);
             }
             let n = u32::from_le_bytes(len) as usize;
-            s.read_exact(&mut buf[..n]).unwrap();
-            s.write_all(&len).unwrap();
-            s.write_all(&buf[..n]).unwrap();
+            rd.read_exact(&mut buf[..n]).unwrap();
+            out.extend_from_slice(&len);
+            out.extend_from_slice(&buf[..n]);
+            if rd.buffer().is_empty() {
+                (&s).write_all(&out).unwrap();
+                out.clear();
+            }
         }
     }
 
@@ -791,20 +800,13 @@ pub mod bench {
     pub fn raw_socket_pipelined(window: usize, run: Duration) -> f64 {
         let (s, mut child) = echo_child();
         let frame = echo_frame();
-        let mut rd = s.try_clone().unwrap();
+        let rd = s.try_clone().unwrap();
         let (credit_tx, credit_rx) = std::sync::mpsc::sync_channel::<()>(window);
         for _ in 0..window {
             credit_tx.send(()).unwrap();
         }
-        let mut wr = s;
-        let writer = std::thread::spawn(move || {
-            while credit_rx.recv().is_ok() {
-                if wr.write_all(&frame).is_err() {
-                    break;
-                }
-            }
-            wr
-        });
+        let writer = std::thread::spawn(move || pipelined_writer(s, &frame, &credit_rx));
+        let mut rd = std::io::BufReader::with_capacity(64 * 1024, rd);
         let mut back = vec![0u8; echo_frame().len()];
         let t = Instant::now();
         let mut n = 0u64;
@@ -818,11 +820,34 @@ pub mod bench {
         let wr = writer.join().unwrap();
         drop(wr);
         // Drain what is still in flight so the child sees EOF and exits.
+        let rd = rd.into_inner();
         let _ = rd.shutdown(std::net::Shutdown::Write);
         let mut rest = Vec::new();
-        let _ = rd.read_to_end(&mut rest);
+        let _ = (&rd).read_to_end(&mut rest);
         child.wait().unwrap();
         rate
+    }
+
+    /// The writer of a pipelining client: `frame` once per credit, every credit
+    /// there is sent in one write (as a client with many requests ready does).
+    /// Returns the stream when the credits end.
+    pub fn pipelined_writer(
+        mut wr: UnixStream,
+        frame: &[u8],
+        credits: &std::sync::mpsc::Receiver<()>,
+    ) -> UnixStream {
+        let mut batch = Vec::new();
+        while credits.recv().is_ok() {
+            batch.clear();
+            batch.extend_from_slice(frame);
+            while credits.try_recv().is_ok() {
+                batch.extend_from_slice(frame);
+            }
+            if wr.write_all(&batch).is_err() {
+                break;
+            }
+        }
+        wr
     }
 
     /// fork+exec+wait of `program` with `args`, stdout and stderr discarded; each

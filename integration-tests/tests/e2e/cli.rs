@@ -304,8 +304,8 @@ fn serve_call_list_stop() {
     }
     assert!(
         status.contains(
-            "counted from when it is sent, then SIGKILL; one call at a time per worker, up to \
-             1 worker; a call waiting longer than its deadline for one fails unsent"
+            "counted from when it begins, then SIGKILL; one call at a time per worker, up to \
+             1 worker; a call waiting longer than its deadline for one fails unrun"
         ),
         "{status}"
     );

@@ -16,7 +16,7 @@
 use super::exit::{exit_reason, explain_exit};
 use super::output::{PluginLog, StderrTail};
 use super::process::{Process, remove_when_empty};
-use super::{Broker, Exited, Outcome, Pending, Reply, Sent, lock, lock_reason};
+use super::{Broker, Exited, Outbox, Outcome, Pending, Reply, Sent, lock, lock_reason, not_sent};
 use corral_confine::Level;
 use corral_confine::cgroup::PluginCgroup;
 use corral_protocol::{
@@ -38,16 +38,24 @@ pub(crate) type Answer = (Vec<u8>, OwnedSemaphorePermit);
 /// everything else by [`write_frames`], one whole frame at a time.
 pub(crate) type Writer = Arc<tokio::sync::Mutex<OwnedWriteHalf>>;
 
-/// The task that writes to a worker what its callers do not: the supervisor's
-/// `Shutdown` and the answers to its host calls, each answer's permit given back
-/// once written.
+/// The task that writes to a worker what its callers do not: the calls sent
+/// behind others (the [`Outbox`]), the supervisor's `Shutdown` and the answers
+/// to its host calls, each answer's permit given back once written.
 pub(crate) async fn write_frames(
     wr: Writer,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     mut answers: mpsc::Receiver<Answer>,
+    (outbox, pending, kill): (Arc<Outbox>, Arc<Mutex<Pending>>, Arc<Notify>),
 ) {
     loop {
         let (buf, permit) = tokio::select! {
+            () = outbox.ready.notified() => {
+                if let Err(ids) = outbox.flush(&wr).await {
+                    not_sent(&pending, &kill, ids);
+                    break;
+                }
+                continue;
+            }
             Some(buf) = rx.recv() => (buf, None),
             Some((buf, permit)) = answers.recv() => (buf, Some(permit)),
             else => break,
@@ -341,7 +349,11 @@ impl Connection {
             let mut p = lock(&self.pending);
             p.closed = Some(reason.clone());
             p.contexts.clear();
-            let running = p.order.front().map(|s| s.id);
+            let running = p
+                .order
+                .front()
+                .map(|s| s.id)
+                .filter(|id| !p.unsent.contains(id));
             p.order.clear();
             p.calls
                 .drain()

@@ -119,7 +119,7 @@ pub(crate) type Reply = oneshot::Sender<Outcome>;
 /// call is sent behind others only to a worker whose calls are fast (see
 /// [`WorkerHandle::take_pipelined_turn`]): it saves the worker a wake-up per call
 /// and the supervisor a round trip between calls.
-pub(crate) const PIPELINE: u32 = 8;
+pub(crate) const PIPELINE: u32 = 32;
 
 /// A call is sent behind others only to a worker that has answered this many...
 const PIPELINE_AFTER: u32 = 16;
@@ -132,6 +132,50 @@ pub(crate) const PIPELINE_FAST: Duration = Duration::from_millis(1);
 /// A call whose input is larger waits for an idle worker (and takes all of it):
 /// what waits in a worker's socket stays small.
 pub(crate) const PIPELINE_INPUT: usize = 64 << 10;
+
+/// Call frames on their way to a worker, in the order their calls joined
+/// `Pending::order` (a frame is queued under that lock): whoever takes the write
+/// half next writes them all in one `send`. A call sent to an idle worker writes
+/// at once; one sent behind others leaves it to the connection's writer task,
+/// which by then has usually more to send with it.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    queued: Mutex<(Vec<u8>, Vec<RequestId>)>,
+    /// Tells the writer task there is something to write.
+    pub(crate) ready: Notify,
+}
+
+impl Outbox {
+    fn push(&self, frame: &[u8], id: RequestId) {
+        let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        q.0.extend_from_slice(frame);
+        q.1.push(id);
+    }
+
+    /// Write what is queued. On failure (the worker's end is gone), the calls
+    /// whose frames did not go out.
+    pub(crate) async fn flush(&self, wr: &connection::Writer) -> Result<(), Vec<RequestId>> {
+        use tokio::io::AsyncWriteExt;
+        let mut w = wr.lock().await;
+        let (buf, ids) =
+            std::mem::take(&mut *self.queued.lock().unwrap_or_else(|e| e.into_inner()));
+        if buf.is_empty() {
+            return Ok(());
+        }
+        w.write_all(&buf).await.map_err(|_| ids)
+    }
+}
+
+/// Calls whose frames could not be written: none of them began, and the worker,
+/// whose socket no longer takes frames, is killed (each call then goes to the
+/// plugin's next worker).
+pub(crate) fn not_sent(pending: &Mutex<Pending>, kill: &Notify, ids: Vec<RequestId>) {
+    let mut p = lock(pending);
+    p.gone = true;
+    p.unsent.extend(ids);
+    drop(p);
+    kill.notify_one();
+}
 
 /// A call sent to a worker and not yet answered.
 #[derive(Debug, Clone, Copy)]
@@ -168,6 +212,8 @@ pub(crate) struct Pending {
     /// Calls answered (saturating), and how long they ran, a moving average.
     answered: u32,
     recent: Duration,
+    /// Calls whose frames were never written (see [`not_sent`]).
+    unsent: HashSet<RequestId>,
 }
 
 impl Pending {
@@ -181,7 +227,7 @@ impl Pending {
 
     /// Whether `id` is the call the worker is running.
     pub(crate) fn running(&self, id: RequestId) -> bool {
-        self.order.front().is_some_and(|s| s.id == id)
+        self.order.front().is_some_and(|s| s.id == id) && !self.unsent.contains(&id)
     }
 
     /// The answer to the running call was read at `now`: the next one begins.
@@ -258,6 +304,7 @@ pub(crate) struct WorkerHandle {
     /// [`PIPELINE_FAST`], in microseconds (tests widen it to send calls behind a
     /// held one at will).
     pub(crate) pipeline_fast_us: AtomicU64,
+    pub(crate) outbox: Arc<Outbox>,
 }
 
 pub(crate) fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
@@ -462,14 +509,12 @@ impl WorkerHandle {
             };
             input
         };
-        // Written here, not by a task: one hop less, and a write that fails says
-        // the worker is gone and never got the call. The worker runs calls in the
-        // order they reach it, so a call joins `order` with the write half held.
-        // The write is bounded by the deadline too (a worker that stops reading
-        // cannot hold the caller).
+        // Sent to an idle worker, written here, not by a task: one hop less, and
+        // a write that fails says the worker is gone and never got the call. The
+        // worker runs calls in the order they reach it: a call joins `order` as
+        // its frame joins the outbox. The write is bounded by the deadline too (a
+        // worker that stops reading cannot hold the caller).
         let write = async {
-            use tokio::io::AsyncWriteExt;
-            let mut wr = self.writer.lock().await;
             let first = {
                 let mut p = lock(&self.pending);
                 p.order.push_back(Sent { id, deadline });
@@ -477,9 +522,21 @@ impl WorkerHandle {
                 if first {
                     p.head_since = Some(Instant::now());
                 }
+                self.outbox.push(&frame, id);
                 first
             };
-            (first, wr.write_all(&frame).await.is_ok())
+            if !first {
+                self.outbox.ready.notify_one();
+                return (false, true);
+            }
+            match self.outbox.flush(&self.writer).await {
+                Ok(()) => (true, true),
+                Err(ids) => {
+                    let mine = ids.contains(&id);
+                    not_sent(&self.pending, &self.kill, ids);
+                    (true, !mine)
+                }
+            }
         };
         let overdue = now + deadline + self.kill_grace;
         let outcome = match tokio::time::timeout_at(overdue.into(), write).await {
@@ -693,9 +750,10 @@ pub(crate) fn supervision(
         ),
         format!(
             "deadlines: load and init within {}, a call within its deadline and {} of grace \
-             counted from when it is sent, then SIGKILL; one call at a time per worker, up to \
-             {} worker{}; a call waiting longer than its deadline for one fails unsent, \
-             killing nothing (the supervisor's timers; no lock is held while waiting)",
+             counted from when it begins, then SIGKILL; one call at a time per worker, up to \
+             {} worker{}; a call waiting longer than its deadline for one fails unrun, \
+             killing nothing, whether it waits unsent or sent behind a fast worker's running \
+             call (the supervisor's timers; no lock is held while waiting)",
             humantime::format_duration(effective.init_timeout.value + handshake),
             humantime::format_duration(kill_grace),
             effective.instances.value,

@@ -408,11 +408,21 @@ impl WorkerHandle {
             last_active: Mutex::new(Instant::now()),
             dispatch: Arc::new(tokio::sync::Semaphore::new(super::PIPELINE as usize)),
             pipeline_fast_us: AtomicU64::new(super::PIPELINE_FAST.as_micros() as u64),
+            outbox: Arc::default(),
         });
         // As many answers as there are permits to hold them (`Connection::unwritten`).
         let unwritten = spec.budgets.host_calls + 1;
         let (answers, answers_rx) = mpsc::channel(unwritten);
-        tokio::spawn(write_frames(Arc::clone(&writer), rx, answers_rx));
+        tokio::spawn(write_frames(
+            Arc::clone(&writer),
+            rx,
+            answers_rx,
+            (
+                Arc::clone(&handle.outbox),
+                Arc::clone(&handle.pending),
+                Arc::clone(&handle.kill),
+            ),
+        ));
         tokio::spawn(
             Connection {
                 broker: spec.broker.clone(),
