@@ -48,7 +48,7 @@ impl Default for Script {
     }
 }
 
-const EXPORTS: [&str; 16] = [
+const EXPORTS: [&str; 17] = [
     "echo",
     "version",
     "hold",
@@ -65,6 +65,7 @@ const EXPORTS: [&str; 16] = [
     "oversize_frame",
     "host_unread",
     "ahead",
+    "deaf",
 ];
 
 /// What one fake worker received, in order.
@@ -358,6 +359,13 @@ async fn serve(
                     }
                     "crash" => break 3,
                     "ahead" => ahead = true,
+                    // Takes no more frames (writes to it fail), and never answers.
+                    "deaf" => {
+                        use std::os::fd::AsRawFd;
+                        // SAFETY: shutdown takes the socket's descriptor, which `rd`
+                        // keeps open.
+                        unsafe { libc::shutdown(rd.as_ref().as_raw_fd(), libc::SHUT_RD) };
+                    }
                     // Hostile: what a worker running someone else's code may send.
                     "forge" => drop(tx.send(FromWorker::CallResult {
                         id: id + 1000,
@@ -1583,5 +1591,21 @@ async fn calls_waiting_behind_the_running_one_when_the_worker_ends_go_to_the_nex
     assert_eq!(early.await.unwrap().unwrap(), b"order-y");
     assert!(sent(&f, 1, "answered echo ahead"));
     assert_eq!(f.launcher.launches(), 3);
+
+    // A worker that stops taking frames: the calls whose frames could not be
+    // written never began there, and run on the next worker.
+    let w = pipelining(&f).await;
+    let _ = w;
+    let deaf = spawn_call(&f, "deaf", b"", 10_000);
+    eventually("deaf running", || sent(&f, 2, "call deaf")).await;
+    let unsendable = spawn_call(&f, "echo", b"order-z", 10_000);
+    assert!(
+        matches!(deaf.await.unwrap(), Err(CallError::WorkerCrashed(_))),
+        "the deaf call"
+    );
+    assert_eq!(unsendable.await.unwrap().unwrap(), b"order-z");
+    assert!(!sent(&f, 2, "order-z"));
+    assert!(sent(&f, 3, "order-z"));
+    assert_eq!(f.launcher.launches(), 4);
     f.sup.shutdown(Duration::from_secs(1)).await;
 }
