@@ -49,6 +49,8 @@ pub(crate) async fn write_frames(
 ) {
     loop {
         let (buf, permit) = tokio::select! {
+            // Calls queued first: a `Shutdown` sent after them comes after them.
+            biased;
             () = outbox.ready.notified() => {
                 if let Err(ids) = outbox.flush(&wr).await {
                     not_sent(&pending, &kill, ids);
