@@ -304,8 +304,10 @@ fn serve_call_list_stop() {
     }
     assert!(
         status.contains(
-            "counted from when it begins, then SIGKILL; one call at a time per worker, up to \
-             1 worker; a call waiting longer than its deadline for one fails unrun"
+            "counted from when it is sent, then SIGKILL; one call at a time per worker, up to \
+             1 worker; a call waiting longer than its deadline for one fails unsent, killing \
+             nothing; a call sent behind a fast worker's running call counts from when it \
+             begins, and one not begun within its deadline fails unrun"
         ),
         "{status}"
     );

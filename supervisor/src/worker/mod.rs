@@ -750,10 +750,11 @@ pub(crate) fn supervision(
         ),
         format!(
             "deadlines: load and init within {}, a call within its deadline and {} of grace \
-             counted from when it begins, then SIGKILL; one call at a time per worker, up to \
-             {} worker{}; a call waiting longer than its deadline for one fails unrun, \
-             killing nothing, whether it waits unsent or sent behind a fast worker's running \
-             call (the supervisor's timers; no lock is held while waiting)",
+             counted from when it is sent, then SIGKILL; one call at a time per worker, up to \
+             {} worker{}; a call waiting longer than its deadline for one fails unsent, \
+             killing nothing; a call sent behind a fast worker's running call counts from \
+             when it begins, and one not begun within its deadline fails unrun, killing \
+             nothing (the supervisor's timers; no lock is held while waiting)",
             humantime::format_duration(effective.init_timeout.value + handshake),
             humantime::format_duration(kill_grace),
             effective.instances.value,
