@@ -108,12 +108,26 @@ impl ControlServer {
             path: path.to_owned(),
             source,
         };
-        let name = path.to_fs_name::<GenericFilePath>().map_err(listen_err)?;
+        // Bound under a private name and renamed into place once it listens: a
+        // client that finds the socket's file can connect to it.
+        let mut staging = path.as_os_str().to_owned();
+        staging.push(format!(".{}.binding", std::process::id()));
+        let staging = PathBuf::from(staging);
+        let _ = std::fs::remove_file(&staging);
+        let name = staging
+            .as_path()
+            .to_fs_name::<GenericFilePath>()
+            .map_err(listen_err)?;
         let listener = ListenerOptions::new()
             .name(name)
             .mode(0o600)
+            .reclaim_name(false)
             .create_tokio()
             .map_err(listen_err)?;
+        if let Err(e) = std::fs::rename(&staging, path) {
+            let _ = std::fs::remove_file(&staging);
+            return Err(listen_err(e));
+        }
         Ok(ControlServer {
             listener,
             path: path.to_owned(),
