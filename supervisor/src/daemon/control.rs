@@ -227,12 +227,66 @@ fn held_by(req: &ControlRequest) -> usize {
     }
 }
 
+/// The requests in flight on one connection, answered in the order they came.
+///
+/// The oldest one, when it is the only one, is polled directly with the
+/// connection's own waker: `FuturesOrdered` wakes its task again whenever every
+/// future in it was polled and is still pending (to let other tasks run), which
+/// for the usual single request in flight sent the connection's task through the
+/// runtime's queue, and to the other thread, at every call.
+struct InOrder<F: Future> {
+    head: Option<std::pin::Pin<Box<F>>>,
+    rest: futures_util::stream::FuturesOrdered<F>,
+}
+
+impl<F: Future> InOrder<F> {
+    fn new() -> Self {
+        InOrder {
+            head: None,
+            rest: futures_util::stream::FuturesOrdered::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.head.is_some()) + self.rest.len()
+    }
+
+    fn push(&mut self, fut: F) {
+        // Everything in `rest` came after the head: one behind the others stays
+        // behind them.
+        if self.head.is_none() && self.rest.is_empty() {
+            self.head = Some(Box::pin(fut));
+        } else {
+            self.rest.push_back(fut);
+        }
+    }
+
+    /// The oldest answer, when it is ready (pending while none is in flight).
+    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        use futures_util::StreamExt;
+        use std::task::Poll;
+        if let Some(head) = &mut self.head {
+            let out = std::task::ready!(head.as_mut().poll(cx));
+            self.head = None;
+            return Poll::Ready(out);
+        }
+        match self.rest.poll_next_unpin(cx) {
+            Poll::Ready(Some(out)) => Poll::Ready(out),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    async fn next(&mut self) -> F::Output {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+}
+
 async fn handle_client(conn: Stream, supervisor: Arc<Supervisor>, stop: Arc<Notify>) {
-    use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
+    use futures_util::FutureExt;
     let conn = &conn;
     let read = read_request(tokio::io::BufReader::with_capacity(READ_BUFFER, conn));
     tokio::pin!(read);
-    let mut answers = FuturesOrdered::new();
+    let mut answers = InOrder::new();
     // Input bytes of the requests in flight.
     let mut held = 0usize;
     let mut reading = true;
@@ -259,12 +313,12 @@ async fn handle_client(conn: Stream, supervisor: Arc<Supervisor>, stop: Arc<Noti
                     Asked::Bad(_) => 0,
                 };
                 held += size;
-                answers.push_back(answer(asked, &supervisor, &stop, size));
+                answers.push(answer(asked, &supervisor, &stop, size));
                 if reading {
                     read.set(read_request(rd));
                 }
             }
-            Some(first) = answers.next(), if !answers.is_empty() => {
+            first = answers.next(), if answers.len() > 0 => {
                 let mut ready = Some(first);
                 // Answers already there leave in the same write.
                 while let Some((resp, size)) = ready {
@@ -276,7 +330,7 @@ async fn handle_client(conn: Stream, supervisor: Arc<Supervisor>, stop: Arc<Noti
                     });
                     let Ok(buf) = buf else { return };
                     out.extend_from_slice(&buf);
-                    ready = answers.next().now_or_never().flatten();
+                    ready = answers.next().now_or_never();
                 }
                 let mut wr = conn;
                 if wr.write_all(&out).await.is_err() {
