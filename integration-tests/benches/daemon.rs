@@ -320,13 +320,27 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    // `-- --profile <plugin>`: only 64 calls in flight on one connection to a
-    // running daemon, for 20 s (to watch it with `perf`), and the rate.
+    // `-- --profile <plugin> [--warm]`: only 64 calls in flight (or one at a
+    // time) on one connection to a running daemon, for 20 s (to watch it with
+    // `perf`), and the rate.
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--profile") {
         let plugin: &'static str = args[i + 1].clone().leak();
         let d = Daemon::start("[\"wasm\", \"python\"]");
         println!("daemon pid {}", d.child.id());
+        // `--warm`: one call at a time on a persistent connection instead.
+        if args.iter().any(|a| a == "--warm") {
+            let mut c = d.connect();
+            let t = Instant::now();
+            let mut n = 0u64;
+            while t.elapsed() < Duration::from_secs(20) {
+                c.noop(plugin);
+                n += 1;
+            }
+            let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+            println!("{plugin}: {us:.1} us a call, one at a time on one connection");
+            return;
+        }
         let r = daemon_pipelined(&d, plugin, 1, 64, Duration::from_secs(20));
         println!("{plugin}: {r:.0} calls/s, 64 in flight on one connection");
         return;
