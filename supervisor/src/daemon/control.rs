@@ -433,3 +433,92 @@ impl ControlClient {
         Ok(frame::read_msg_async(&mut self.conn, frame::MAX_FRAME).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::InOrder;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll, Wake, Waker};
+    use tokio::sync::oneshot;
+
+    /// A waker that counts how often it was woken.
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn answer(rx: oneshot::Receiver<u32>) -> impl Future<Output = u32> {
+        async move { rx.await.unwrap() }
+    }
+
+    #[test]
+    fn answers_leave_in_the_order_they_came_whichever_finishes_first() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut q = InOrder::new();
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..4).map(|_| oneshot::channel::<u32>()).unzip();
+        for rx in rxs {
+            q.push(answer(rx));
+        }
+        assert_eq!(q.len(), 4);
+        let mut txs: Vec<_> = txs.into_iter().map(Some).collect();
+        // The last three finish first: nothing may leave before the first.
+        for (i, tx) in txs.iter_mut().enumerate().skip(1) {
+            tx.take().unwrap().send(i as u32 * 10).unwrap();
+        }
+        assert!(q.poll_next(&mut cx).is_pending());
+        txs[0].take().unwrap().send(0).unwrap();
+        let mut out = Vec::new();
+        while let Poll::Ready(v) = q.poll_next(&mut cx) {
+            out.push(v);
+        }
+        assert_eq!(out, [0, 10, 20, 30]);
+        assert_eq!(q.len(), 0);
+        // Empty: pending, not finished.
+        assert!(q.poll_next(&mut cx).is_pending());
+    }
+
+    #[test]
+    fn a_request_pushed_behind_others_stays_behind_them() {
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let mut cx = Context::from_waker(&waker);
+        let mut q = InOrder::new();
+        let (a_tx, a) = oneshot::channel();
+        let (b_tx, b) = oneshot::channel();
+        q.push(answer(a));
+        q.push(answer(b));
+        b_tx.send(2).unwrap();
+        assert!(q.poll_next(&mut cx).is_pending());
+        // The head leaves; one pushed now goes behind `b`, even though `b`
+        // sits in the queue rather than in the head's place.
+        a_tx.send(1).unwrap();
+        assert_eq!(q.poll_next(&mut cx), Poll::Ready(1));
+        let (c_tx, c) = oneshot::channel();
+        q.push(answer(c));
+        c_tx.send(3).unwrap();
+        assert_eq!(q.poll_next(&mut cx), Poll::Ready(2));
+        assert_eq!(q.poll_next(&mut cx), Poll::Ready(3));
+    }
+
+    #[test]
+    fn a_lone_pending_request_does_not_wake_its_task_again() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut q = InOrder::new();
+        let (tx, rx) = oneshot::channel();
+        q.push(answer(rx));
+        for _ in 0..3 {
+            assert!(q.poll_next(&mut cx).is_pending());
+        }
+        // Only the answer itself wakes the connection's task.
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        tx.send(7).unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(q.poll_next(&mut cx), Poll::Ready(7));
+    }
+}
