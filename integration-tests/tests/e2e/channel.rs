@@ -318,6 +318,76 @@ async fn a_control_connection_answers_pipelined_requests_in_order() {
     sup.shutdown(Duration::from_secs(1)).await;
 }
 
+/// Requests pipelined on one connection run concurrently: a call sent behind one
+/// that is still running (another plugin's, asleep until its 5 s deadline) is
+/// dispatched meanwhile, and its answer leaves after the first's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_call_runs_while_the_one_before_it_on_its_connection_still_runs() {
+    let cache = corral_integration_tests::open_tempdir();
+    let mut sup = Supervisor::new(corral_integration_tests::options(cache.path()));
+    sup.add_plugin_dir(&built().hello_wasm).unwrap();
+    let sleeper = corral_integration_tests::py_plugin("sleeper", "timeout = \"10s\"");
+    sup.add_plugin_dir(sleeper.path()).unwrap();
+    let sup = Arc::new(sup);
+    let dir = corral_integration_tests::open_tempdir();
+    let path = dir.path().join("control.sock");
+    let server = ControlServer::bind(&path).await.unwrap();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let serving = tokio::spawn(server.serve(sup.clone(), stop.clone()));
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let mut burst = Vec::new();
+    for (plugin, function, timeout_ms) in [
+        ("sleeper", "sleepy", Some(5000)),
+        ("hello-wasm", "greet", None),
+    ] {
+        let req = ControlRequest::Call {
+            plugin: plugin.into(),
+            function: function.into(),
+            input: b"Bo".to_vec(),
+            timeout_ms,
+        };
+        burst.extend(frame::encode(&req).unwrap());
+    }
+    s.write_all(&burst).unwrap();
+    // The second call reaches its plugin (counted as it is routed) ...
+    let calls = |list: &[corral_protocol::PluginInfo], id: &str| {
+        list.iter().find(|p| p.id == id).unwrap().calls
+    };
+    let t = std::time::Instant::now();
+    while calls(&sup.list().await, "hello-wasm") == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the second call never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ... while the first still sleeps: nothing was answered yet (answers leave in
+    // order, and the first is answered only at its deadline).
+    assert_eq!(calls(&sup.list().await, "sleeper"), 1);
+    s.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let early = s.read(&mut byte).map_err(|e| e.kind());
+    assert_eq!(
+        early,
+        Err(std::io::ErrorKind::WouldBlock),
+        "an answer came before the first call's deadline"
+    );
+    s.set_nonblocking(false).unwrap();
+    let first: ControlResponse = frame::read_msg(&mut s, frame::MAX_FRAME).unwrap();
+    let second: ControlResponse = frame::read_msg(&mut s, frame::MAX_FRAME).unwrap();
+    assert_eq!(
+        first,
+        ControlResponse::Called(Err(corral_protocol::CallError::Timeout {
+            deadline_ms: 5000
+        }))
+    );
+    assert_eq!(second, ControlResponse::Called(Ok(b"Hello, Bo!".to_vec())));
+    drop(s);
+    stop.notify_one();
+    serving.await.unwrap();
+    sup.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn control_socket_dir_writable_by_others_is_refused() {
     let dir = corral_integration_tests::open_tempdir();

@@ -229,14 +229,16 @@ fn held_by(req: &ControlRequest) -> usize {
 
 /// The requests in flight on one connection, answered in the order they came.
 ///
-/// The oldest one, when it is the only one, is polled directly with the
-/// connection's own waker: `FuturesOrdered` wakes its task again whenever every
-/// future in it was polled and is still pending (to let other tasks run), which
-/// for the usual single request in flight sent the connection's task through the
-/// runtime's queue, and to the other thread, at every call.
+/// A request alone in flight is polled directly with the connection's own waker:
+/// `FuturesOrdered` wakes its task again whenever every future in it was polled
+/// and is still pending (to let other tasks run), which for the usual single
+/// request sent the connection's task through the runtime's queue, and to the
+/// other thread, at every call. As soon as a second one comes, the first joins
+/// the queue at its front: every request in flight is polled (and so dispatched)
+/// while the older ones run.
 struct InOrder<F: Future> {
     head: Option<std::pin::Pin<Box<F>>>,
-    rest: futures_util::stream::FuturesOrdered<F>,
+    rest: futures_util::stream::FuturesOrdered<std::pin::Pin<Box<F>>>,
 }
 
 impl<F: Future> InOrder<F> {
@@ -252,10 +254,15 @@ impl<F: Future> InOrder<F> {
     }
 
     fn push(&mut self, fut: F) {
-        // Everything in `rest` came after the head: one behind the others stays
-        // behind them.
-        if self.head.is_none() && self.rest.is_empty() {
-            self.head = Some(Box::pin(fut));
+        let fut = Box::pin(fut);
+        if self.rest.is_empty() {
+            match self.head.take() {
+                None => self.head = Some(fut),
+                Some(head) => {
+                    self.rest.push_back(head);
+                    self.rest.push_back(fut);
+                }
+            }
         } else {
             self.rest.push_back(fut);
         }
@@ -266,6 +273,7 @@ impl<F: Future> InOrder<F> {
         use futures_util::StreamExt;
         use std::task::Poll;
         if let Some(head) = &mut self.head {
+            // Only when `rest` is empty: a head is never left behind others.
             let out = std::task::ready!(head.as_mut().poll(cx));
             self.head = None;
             return Poll::Ready(out);
@@ -450,8 +458,8 @@ mod tests {
         }
     }
 
-    fn answer(rx: oneshot::Receiver<u32>) -> impl Future<Output = u32> {
-        async move { rx.await.unwrap() }
+    async fn answer(rx: oneshot::Receiver<u32>) -> u32 {
+        rx.await.unwrap()
     }
 
     #[test]
@@ -493,13 +501,41 @@ mod tests {
         q.push(answer(b));
         b_tx.send(2).unwrap();
         assert!(q.poll_next(&mut cx).is_pending());
-        // The head leaves; one pushed now goes behind `b`, even though `b`
-        // sits in the queue rather than in the head's place.
+        // The oldest leaves; one pushed now goes behind `b`, the oldest left.
         a_tx.send(1).unwrap();
         assert_eq!(q.poll_next(&mut cx), Poll::Ready(1));
         let (c_tx, c) = oneshot::channel();
         q.push(answer(c));
         c_tx.send(3).unwrap();
+        assert_eq!(q.poll_next(&mut cx), Poll::Ready(2));
+        assert_eq!(q.poll_next(&mut cx), Poll::Ready(3));
+    }
+
+    #[test]
+    fn every_request_in_flight_is_polled_while_the_oldest_waits() {
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let mut cx = Context::from_waker(&waker);
+        let mut q = InOrder::new();
+        let polled = Arc::new(AtomicUsize::new(0));
+        let (a_tx, a) = oneshot::channel();
+        let (b_tx, b) = oneshot::channel();
+        let (c_tx, c) = oneshot::channel();
+        for rx in [a, b, c] {
+            let polled = Arc::clone(&polled);
+            q.push(async move {
+                // What a request does when first polled (its call dispatched).
+                polled.fetch_add(1, Ordering::SeqCst);
+                rx.await.unwrap()
+            });
+        }
+        assert!(q.poll_next(&mut cx).is_pending());
+        // All three were started, not only the oldest.
+        assert_eq!(polled.load(Ordering::SeqCst), 3);
+        c_tx.send(3).unwrap();
+        b_tx.send(2).unwrap();
+        assert!(q.poll_next(&mut cx).is_pending());
+        a_tx.send(1).unwrap();
+        assert_eq!(q.poll_next(&mut cx), Poll::Ready(1));
         assert_eq!(q.poll_next(&mut cx), Poll::Ready(2));
         assert_eq!(q.poll_next(&mut cx), Poll::Ready(3));
     }
