@@ -242,6 +242,40 @@ async fn control_socket_is_private_and_refuses_a_worker_impostor() {
     sup.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A control server serving `sup` on a socket in a temporary directory.
+struct Served {
+    sup: Arc<Supervisor>,
+    path: std::path::PathBuf,
+    stop: Arc<tokio::sync::Notify>,
+    serving: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    async fn start(sup: Supervisor) -> Served {
+        let sup = Arc::new(sup);
+        let dir = corral_integration_tests::open_tempdir();
+        let path = dir.path().join("control.sock");
+        let server = ControlServer::bind(&path).await.unwrap();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let serving = tokio::spawn(server.serve(Arc::clone(&sup), Arc::clone(&stop)));
+        Served {
+            sup,
+            path,
+            stop,
+            serving,
+            _dir: dir,
+        }
+    }
+
+    /// Stop serving, then stop the supervisor's workers.
+    async fn end(self) {
+        self.stop.notify_one();
+        self.serving.await.unwrap();
+        self.sup.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
 /// A client may send requests without waiting for answers: the daemon serves them
 /// concurrently (the worker takes them behind one another once it has shown its
 /// calls are fast) and answers every one, in the order they came; a frame that is
@@ -249,12 +283,8 @@ async fn control_socket_is_private_and_refuses_a_worker_impostor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_connection_answers_pipelined_requests_in_order() {
     let (sup, _c) = hello();
-    let sup = Arc::new(sup);
-    let dir = corral_integration_tests::open_tempdir();
-    let path = dir.path().join("control.sock");
-    let server = ControlServer::bind(&path).await.unwrap();
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let serving = tokio::spawn(server.serve(sup.clone(), stop.clone()));
+    let served = Served::start(sup).await;
+    let (sup, path) = (Arc::clone(&served.sup), served.path.clone());
     let p = path.clone();
     let answers = tokio::task::spawn_blocking(move || {
         let mut s = std::os::unix::net::UnixStream::connect(&p).unwrap();
@@ -313,9 +343,8 @@ async fn a_control_connection_answers_pipelined_requests_in_order() {
     // Every call ran in the plugin's one worker, which is still serving.
     let list = sup.list().await;
     assert_eq!((list[0].restarts, list[0].instances.len()), (0, 1));
-    stop.notify_one();
-    serving.await.unwrap();
-    sup.shutdown(Duration::from_secs(1)).await;
+    drop(sup);
+    served.end().await;
 }
 
 /// Requests pipelined on one connection run concurrently: a call sent behind one
@@ -328,12 +357,8 @@ async fn a_pipelined_call_runs_while_the_one_before_it_on_its_connection_still_r
     sup.add_plugin_dir(&built().hello_wasm).unwrap();
     let sleeper = corral_integration_tests::py_plugin("sleeper", "timeout = \"10s\"");
     sup.add_plugin_dir(sleeper.path()).unwrap();
-    let sup = Arc::new(sup);
-    let dir = corral_integration_tests::open_tempdir();
-    let path = dir.path().join("control.sock");
-    let server = ControlServer::bind(&path).await.unwrap();
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let serving = tokio::spawn(server.serve(sup.clone(), stop.clone()));
+    let served = Served::start(sup).await;
+    let (sup, path) = (Arc::clone(&served.sup), served.path.clone());
     let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
     let mut burst = Vec::new();
     for (plugin, function, timeout_ms) in [
@@ -382,10 +407,8 @@ async fn a_pipelined_call_runs_while_the_one_before_it_on_its_connection_still_r
         }))
     );
     assert_eq!(second, ControlResponse::Called(Ok(b"Hello, Bo!".to_vec())));
-    drop(s);
-    stop.notify_one();
-    serving.await.unwrap();
-    sup.shutdown(Duration::from_secs(1)).await;
+    drop((s, sup));
+    served.end().await;
 }
 
 #[tokio::test]
