@@ -109,9 +109,13 @@ impl ControlServer {
             source,
         };
         // Bound under a private name and renamed into place once it listens: a
-        // client that finds the socket's file can connect to it.
+        // client that finds the socket's file can connect to it. Never over a
+        // socket that appeared meanwhile (another daemon starting at the same
+        // time): that one stays, and this bind fails as `InUse`.
         let mut staging = path.as_os_str().to_owned();
-        staging.push(format!(".{}.binding", std::process::id()));
+        static BINDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = BINDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        staging.push(format!(".{}.{n}.binding", std::process::id()));
         let staging = PathBuf::from(staging);
         let _ = std::fs::remove_file(&staging);
         let name = staging
@@ -124,9 +128,14 @@ impl ControlServer {
             .reclaim_name(false)
             .create_tokio()
             .map_err(listen_err)?;
-        if let Err(e) = std::fs::rename(&staging, path) {
+        if let Err(e) = crate::plugins::versions::rename_new(&staging, path) {
             let _ = std::fs::remove_file(&staging);
-            return Err(listen_err(e));
+            return Err(match e.kind() {
+                std::io::ErrorKind::AlreadyExists => ControlError::InUse {
+                    path: path.to_owned(),
+                },
+                _ => listen_err(e),
+            });
         }
         Ok(ControlServer {
             listener,
@@ -460,6 +469,50 @@ mod tests {
 
     async fn answer(rx: oneshot::Receiver<u32>) -> u32 {
         rx.await.unwrap()
+    }
+
+    /// Two daemons binding one path at once: exactly one listens there, the other
+    /// is told it is in use (never a socket silently replaced), every time.
+    #[test]
+    fn of_two_binds_at_once_one_listens_and_the_other_is_refused() {
+        use super::{ControlError, ControlServer};
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..40 {
+            let path = dir.path().join(format!("run/control-{round}.sock"));
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let binds: Vec<_> = (0..2)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), Arc::clone(&barrier));
+                    std::thread::spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap();
+                        barrier.wait();
+                        rt.block_on(ControlServer::bind(&path))
+                            .map(|server| (server, rt))
+                    })
+                })
+                .collect();
+            let results: Vec<_> = binds.into_iter().map(|t| t.join().unwrap()).collect();
+            let bound = results.iter().filter(|r| r.is_ok()).count();
+            assert_eq!(bound, 1, "round {round}: {results:?}");
+            for r in &results {
+                if let Err(e) = r {
+                    assert!(
+                        matches!(e, ControlError::InUse { .. }),
+                        "round {round}: {e}"
+                    );
+                }
+            }
+            // What is left in the directory: the socket, and no staging name.
+            let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.starts_with(&format!("control-{round}.")))
+                .collect();
+            assert_eq!(names, [format!("control-{round}.sock")], "round {round}");
+        }
     }
 
     #[test]

@@ -647,7 +647,7 @@ fn fingerprint_of(entries: &[Entry]) -> String {
 }
 
 /// Rename `from` to `to` unless `to` exists (`AlreadyExists` then).
-fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(crate) fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
     with_paths(from.as_os_str(), to, |from, to| {
         // SAFETY: both paths are NUL-terminated and live across the call.
         unsafe {
