@@ -96,6 +96,7 @@ impl ControlServer {
         if let Some(dir) = path.parent() {
             private_dir(dir)?;
         }
+        remove_dead_staging(path);
         if path.exists() {
             if connect(path).await.is_ok() {
                 return Err(ControlError::InUse {
@@ -177,6 +178,42 @@ impl ControlServer {
                 },
                 () = stop.notified() => break,
             }
+        }
+    }
+}
+
+/// Remove the staging names (`<path>.<pid>.<n>.binding`) of binds whose process
+/// is gone: a daemon that died between binding and renaming left them. Only
+/// sockets, and only of a pid that no longer exists.
+fn remove_dead_staging(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{name}.");
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|r| r.strip_suffix(".binding"))
+            .and_then(|r| r.split('.').next())
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+            .filter(|&p| p > 0)
+        else {
+            continue;
+        };
+        if !e.file_type().is_ok_and(|t| t.is_socket()) {
+            continue;
+        }
+        // SAFETY: signal 0 only checks that the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }
@@ -513,6 +550,37 @@ mod tests {
                 .collect();
             assert_eq!(names, [format!("control-{round}.sock")], "round {round}");
         }
+    }
+
+    /// The staging name a dead daemon left is removed by the next bind; a live
+    /// one's (a bind under way) is not.
+    #[test]
+    fn a_bind_removes_the_staging_names_of_dead_binders_only() {
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let path = dir.path().join("control.sock");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let dead_name = dir.path().join(format!("control.sock.{dead}.0.binding"));
+        let live_name = dir
+            .path()
+            .join(format!("control.sock.{}.99.binding", std::process::id()));
+        let not_socket = dir.path().join(format!("control.sock.{dead}.1.binding"));
+        drop(std::os::unix::net::UnixListener::bind(&dead_name).unwrap());
+        drop(std::os::unix::net::UnixListener::bind(&live_name).unwrap());
+        std::fs::write(&not_socket, b"not ours").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = rt.block_on(super::ControlServer::bind(&path)).unwrap();
+        assert!(!dead_name.exists(), "the dead binder's name is left");
+        assert!(live_name.exists(), "a live binder's name was removed");
+        assert!(not_socket.exists(), "a file that is no socket was removed");
+        assert!(path.exists());
+        drop(server);
     }
 
     #[test]
