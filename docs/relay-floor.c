@@ -19,6 +19,7 @@
 #include <sys/socket.h>
 #include <sys/epoll.h>
 #include <sys/wait.h>
+#include <signal.h>
 #include <time.h>
 #include <stdatomic.h>
 #ifndef N
@@ -30,13 +31,17 @@ static double now(){struct timespec t; clock_gettime(CLOCK_MONOTONIC,&t); return
 int main(int argc,char**argv){ int relay=argc>1; int sfd[N];
  for(int i=0;i<N;i++){int p[2]; socketpair(AF_UNIX,SOCK_STREAM,0,p); cfd[i]=p[0]; sfd[i]=p[1];}
  int bp[2]; socketpair(AF_UNIX,SOCK_STREAM,0,bp);
- if(relay && fork()==0){ // backend echo: reads batches, writes back batches
+ pid_t kids[2]={0,0};
+ if(relay && (kids[0]=fork())==0){ // backend echo: reads batches, writes back batches
    char buf[65536]; for(;;){int r=read(bp[1],buf,sizeof buf); if(r<=0)_exit(0); write(bp[1],buf,r);} }
- if(fork()==0){ int ep=epoll_create1(0); for(int i=0;i<N;i++){struct epoll_event e={.events=EPOLLIN,.data.u32=i}; epoll_ctl(ep,EPOLL_CTL_ADD,sfd[i],&e);}
+ if((kids[1]=fork())==0){ int ep=epoll_create1(0); for(int i=0;i<N;i++){struct epoll_event e={.events=EPOLLIN,.data.u32=i}; epoll_ctl(ep,EPOLL_CTL_ADD,sfd[i],&e);}
    if(relay){struct epoll_event e={.events=EPOLLIN,.data.u32=999}; epoll_ctl(ep,EPOLL_CTL_ADD,bp[0],&e);}
    int fifo[1<<16]; unsigned h=0,t=0; char buf[65536]; struct epoll_event ev[64];
    for(;;){int n=epoll_wait(ep,ev,64,-1); for(int k=0;k<n;k++){unsigned i=ev[k].data.u32;
      if(i==999){int r=read(bp[0],buf,sizeof buf); for(int j=0;j<r/24;j++){int c=fifo[h++&0xffff]; write(sfd[c],buf+24*j,24);} }
      else {char b[24]; int r=read(sfd[i],b,24); if(r<=0)_exit(0); if(relay){fifo[t++&0xffff]=i; write(bp[0],b,24);} else write(sfd[i],b,24);} }}}
  pthread_t th[N]; for(int i=0;i<N;i++)pthread_create(&th[i],0,client,&cfd[i]);
- double t0=now(); sleep(2); stop=1; long d=done; printf("%s: %.0f calls/s\n", relay?"relay+backend":"echo", d/(now()-t0)); fflush(stdout); _exit(0);}
+ double t0=now(); sleep(2); stop=1; long d=done; printf("%s: %.0f calls/s\n", relay?"relay+backend":"echo", d/(now()-t0)); fflush(stdout);
+ // The servers hold copies of every socket, so they never see an end of file: ended here.
+ for(int i=0;i<2;i++) if(kids[i]>0){ kill(kids[i],SIGKILL); waitpid(kids[i],0,0); }
+ _exit(0);}
