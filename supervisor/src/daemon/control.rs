@@ -504,6 +504,12 @@ mod tests {
         }
     }
 
+    /// A waker, and how often it was woken.
+    fn counting_waker() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        (Arc::clone(&count), Waker::from(count))
+    }
+
     async fn answer(rx: oneshot::Receiver<u32>) -> u32 {
         rx.await.unwrap()
     }
@@ -585,8 +591,7 @@ mod tests {
 
     #[test]
     fn answers_leave_in_the_order_they_came_whichever_finishes_first() {
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (_, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut q = InOrder::new();
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..4).map(|_| oneshot::channel::<u32>()).unzip();
@@ -613,7 +618,7 @@ mod tests {
 
     #[test]
     fn a_request_pushed_behind_others_stays_behind_them() {
-        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let (_, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut q = InOrder::new();
         let (a_tx, a) = oneshot::channel();
@@ -634,7 +639,7 @@ mod tests {
 
     #[test]
     fn every_request_in_flight_is_polled_while_the_oldest_waits() {
-        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let (_, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut q = InOrder::new();
         let polled = Arc::new(AtomicUsize::new(0));
@@ -663,8 +668,7 @@ mod tests {
 
     #[test]
     fn a_lone_pending_request_does_not_wake_its_task_again() {
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (count, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut q = InOrder::new();
         let (tx, rx) = oneshot::channel();
