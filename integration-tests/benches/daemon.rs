@@ -138,15 +138,20 @@ impl Client {
     }
 
     fn noop(&mut self, plugin: &str) {
+        assert!(self.call(plugin, "noop").is_empty());
+    }
+
+    /// Call `function` with no input; its output.
+    fn call(&mut self, plugin: &str, function: &str) -> Vec<u8> {
         let req = ControlRequest::Call {
             plugin: plugin.into(),
-            function: "noop".into(),
+            function: function.into(),
             input: Vec::new(),
             timeout_ms: None,
         };
         match self.request(&req).unwrap() {
-            ControlResponse::Called(Ok(out)) => assert!(out.is_empty()),
-            other => panic!("{plugin}: {other:?}"),
+            ControlResponse::Called(Ok(out)) => out,
+            other => panic!("{plugin}.{function}: {other:?}"),
         }
     }
 }
@@ -320,9 +325,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    // `-- --profile <plugin> [--warm]`: only 64 calls in flight (or one at a
-    // time) on one connection to a running daemon, for 20 s (to watch it with
-    // `perf`), and the rate.
+    // `-- --profile <plugin> [--warm [--function <name>]]`: only 64 calls in
+    // flight (or one at a time, of `noop` or the function named) on one
+    // connection to a running daemon, for 20 s (to watch it with `perf`), and the
+    // rate.
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--profile") {
         let plugin: &'static str = args[i + 1].clone().leak();
@@ -330,15 +336,19 @@ fn main() {
         println!("daemon pid {}", d.child.id());
         // `--warm`: one call at a time on a persistent connection instead.
         if args.iter().any(|a| a == "--warm") {
+            let function = match args.iter().position(|a| a == "--function") {
+                Some(i) => args[i + 1].as_str(),
+                None => "noop",
+            };
             let mut c = d.connect();
             let t = Instant::now();
             let mut n = 0u64;
             while t.elapsed() < Duration::from_secs(20) {
-                c.noop(plugin);
+                c.call(plugin, function);
                 n += 1;
             }
             let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
-            println!("{plugin}: {us:.1} us a call, one at a time on one connection");
+            println!("{plugin}.{function}: {us:.1} us a call, one at a time on one connection");
             return;
         }
         let r = daemon_pipelined(&d, plugin, 1, 64, Duration::from_secs(20));
