@@ -283,16 +283,12 @@ impl SelfConfinement {
         // One mount per path, none inside another: making a mount point inside a
         // bound host tree would create it on the host.
         let visible = maximum::distinct_mounts(visible);
-        let shown = match self.run_as {
-            // Still root: stage what to show while every path is reachable.
-            Some(_) if maximum => maximum::prestage(&visible).map_err(ConfineError::Namespaces)?,
-            _ => visible
-                .iter()
-                .map(|p| maximum::Shown {
-                    at: p.clone(),
-                    from: p.clone(),
-                })
-                .collect(),
+        let tmpfs_bytes = self.tmpfs_bytes.max(1 << 20);
+        let view = match self.run_as {
+            // Still root: stage the whole view while every path is reachable.
+            Some(owner) if maximum => maximum::prestage(&visible, &self.hide, tmpfs_bytes, owner)
+                .map_err(ConfineError::Namespaces)?,
+            _ => maximum::View::Paths(visible.clone()),
         };
         let mut own_pids = self.own_pids && !maximum;
         // Below maximum the namespace is best effort, as every mechanism at standard:
@@ -335,8 +331,7 @@ impl SelfConfinement {
         if !maximum {
             return Ok(());
         }
-        maximum::enter(&shown, &self.hide, self.tmpfs_bytes.max(1 << 20))
-            .map_err(ConfineError::Namespaces)
+        maximum::enter(&view, &self.hide, tmpfs_bytes).map_err(ConfineError::Namespaces)
     }
 
     fn apply_landlock(

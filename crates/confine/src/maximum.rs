@@ -118,29 +118,43 @@ fn bind_readonly(fd: &OwnedFd, target: &Path) -> io::Result<()> {
     )
 }
 
-/// A host path to show in the view, and where to open it from.
+/// Where [`enter`] builds the worker's view from.
 #[derive(Debug, Clone)]
-pub struct Shown {
-    /// The path inside the view (the host path).
-    pub at: PathBuf,
-    /// Where the worker opens it: the host path, or its pre-staged copy.
-    pub from: PathBuf,
+pub enum View {
+    /// [`prestage`] assembled the whole view at the staging directory, as root.
+    Staged,
+    /// Host paths to bind from the worker itself (a supervisor that is not root,
+    /// so nothing was prestaged).
+    Paths(Vec<PathBuf>),
 }
 
 /// Run as root, before dropping privileges: in a mount namespace of its own
-/// (owned by the host's user namespace, so the worker can never change it), bind
-/// each of `visible` at `/tmp/<path>`, whose parents are world-traversable. The
-/// unprivileged worker can then show a tree its user cannot reach on the host,
-/// such as an interpreter's standard library under a 0700 `/root`, and nothing
-/// else of what lies on that path.
-pub fn prestage(visible: &[PathBuf]) -> io::Result<Vec<Shown>> {
+/// (owned by the host's user namespace, so the worker can never change it),
+/// assemble the worker's whole view at `/tmp`, whose parents are world-traversable:
+/// each of `visible` bound read-only at `/tmp/<path>`, the device nodes, the
+/// writable tmpfs (`tmpfs_bytes`, owned by `owner`, the uid and gid the worker
+/// drops to) and an empty tmpfs on each of `hide`. The unprivileged worker can then
+/// show a tree its user cannot reach on the host, such as an interpreter's standard
+/// library under a 0700 `/root`, and nothing else of what lies on that path; and
+/// [`enter`] takes the view with one recursive bind instead of a mount per path.
+pub fn prestage(
+    visible: &[PathBuf],
+    hide: &[PathBuf],
+    tmpfs_bytes: u64,
+    owner: [u32; 2],
+) -> io::Result<View> {
     // SAFETY: unshare takes plain flags.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
     check(rc, "unshare(mount) as root")?;
     make_mounts_private()?;
+    // Handles on everything to show, before the staging tmpfs hides any.
     let mut sources = Vec::new();
     for p in visible {
         sources.push((p.clone(), open_path(p)?, p.is_dir()));
+    }
+    let mut devices = Vec::new();
+    for d in DEVICES {
+        devices.push((Path::new(d), open_path(Path::new(d))?));
     }
     let root = Path::new(STAGING);
     mount(
@@ -150,18 +164,58 @@ pub fn prestage(visible: &[PathBuf]) -> io::Result<Vec<Shown>> {
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         Some("size=1m,mode=0755"),
     )?;
-    let mut shown = Vec::new();
+    // The writable tmpfs first: shown paths under /tmp are bound on top of it.
+    let tmp = root.join("tmp");
+    std::fs::create_dir(&tmp)?;
+    let [uid, gid] = owner;
+    mount(
+        Some(Path::new("corral-tmp")),
+        &tmp,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some(&format!("size={tmpfs_bytes},mode=0700,uid={uid},gid={gid}")),
+    )?;
     for (host, fd, is_dir) in &sources {
         let target = root.join(host.strip_prefix("/").unwrap_or(host));
         make_mount_point(&target, *is_dir)?;
+        // The directories made in the worker's own /tmp are its own, as if it had
+        // made them itself.
+        for dir in target.ancestors().skip(1) {
+            if dir == tmp || !dir.starts_with(&tmp) {
+                break;
+            }
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+        }
         // Read-only at once: nothing done as root below may write through it.
         bind_readonly(fd, &target)?;
-        shown.push(Shown {
-            at: host.clone(),
-            from: target,
-        });
     }
-    Ok(shown)
+    for (dev, fd) in &devices {
+        let target = root.join(dev.strip_prefix("/").unwrap_or(dev));
+        make_mount_point(&target, false)?;
+        // Device nodes stay usable (no MS_NODEV on these binds).
+        let via = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        mount(Some(&via), &target, None, libc::MS_BIND, None)?;
+    }
+    hide_under(root, hide)?;
+    Ok(View::Staged)
+}
+
+/// Hidden directories inside shown trees: an empty read-only tmpfs on each, in the
+/// view assembled at `root`.
+fn hide_under(root: &Path, hide: &[PathBuf]) -> io::Result<()> {
+    for h in hide {
+        let target = root.join(h.strip_prefix("/").unwrap_or(h));
+        if target.is_dir() {
+            mount(
+                Some(Path::new("corral-hidden")),
+                &target,
+                Some("tmpfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some("size=4k,mode=0555"),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// In a new mount namespace: make every mount private, so nothing done here
@@ -219,9 +273,9 @@ fn make_mount_point(target: &Path, is_dir: bool) -> io::Result<()> {
 }
 
 /// Enter the maximum-level namespaces and filesystem view; returns in the child
-/// (pid 1 of the new PID namespace). `visible` are the paths to show read-only;
-/// `tmpfs_bytes` sizes the writable `/tmp`.
-pub fn enter(visible: &[Shown], hide: &[PathBuf], tmpfs_bytes: u64) -> io::Result<()> {
+/// (pid 1 of the new PID namespace). `view` is what to show read-only (`hide` and
+/// `tmpfs_bytes`, the size of the writable `/tmp`, are for a view not prestaged).
+pub fn enter(view: &View, hide: &[PathBuf], tmpfs_bytes: u64) -> io::Result<()> {
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     LAST_CAP.get_or_init(crate::sys::last_capability);
@@ -243,19 +297,53 @@ pub fn enter(visible: &[Shown], hide: &[PathBuf], tmpfs_bytes: u64) -> io::Resul
     write_file("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
 
     make_mounts_private()?;
+    let root = Path::new(STAGING);
+    match view {
+        // The prestaged tree came into this namespace locked (its mounts cannot be
+        // taken apart from here). A recursive bind of it is a mount of this
+        // namespace, which `pivot_root` takes as the new root.
+        View::Staged => mount(Some(root), root, None, libc::MS_BIND | libc::MS_REC, None)?,
+        View::Paths(visible) => build_view(root, visible, hide, tmpfs_bytes)?,
+    }
+    // Make the staging tree the root and drop the host's.
+    std::env::set_current_dir(root)?;
+    let dot = CString::new(".").expect("no NUL");
+    // SAFETY: pivot_root with two NUL-terminated paths.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int };
+    check(rc, "pivot_root")?;
+    // SAFETY: umount2 with a NUL-terminated path.
+    let rc = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
+    check(rc, "detach the host root")?;
+    std::env::set_current_dir("/")?;
+    let keep = locked_flags(Path::new("/"))?;
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | keep,
+        None,
+    )?;
+
+    fork_into_pid_namespace_holding(Some(prestaged))
+}
+
+/// The view of a worker nothing was prestaged for, at `root` in its own mount
+/// namespace: a tmpfs, the writable tmpfs at `tmp`, each of `visible` bound
+/// read-only, the device nodes and the hidden directories.
+fn build_view(
+    root: &Path,
+    visible: &[PathBuf],
+    hide: &[PathBuf],
+    tmpfs_bytes: u64,
+) -> io::Result<()> {
     // Handles on everything to show: taken in the new mount namespace (a bind source
     // must be a mount of the caller's namespace), before the staging tmpfs hides any.
     let mut sources = Vec::new();
-    let devices = DEVICES.iter().map(|d| (Path::new(d), Path::new(d)));
-    for (at, from) in visible
-        .iter()
-        .map(|s| (s.at.as_path(), s.from.as_path()))
-        .chain(devices)
-    {
-        sources.push((at.to_owned(), open_path(from)?, from.is_dir()));
+    let devices = DEVICES.iter().map(Path::new);
+    for p in visible.iter().map(PathBuf::as_path).chain(devices) {
+        sources.push((p.to_owned(), open_path(p)?, p.is_dir()));
     }
-
-    let root = Path::new(STAGING);
     mount(
         Some(Path::new("corral-root")),
         root,
@@ -273,7 +361,6 @@ pub fn enter(visible: &[Shown], hide: &[PathBuf], tmpfs_bytes: u64) -> io::Resul
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         Some(&format!("size={tmpfs_bytes},mode=0700")),
     )?;
-
     for (host, fd, is_dir) in &sources {
         let target = root.join(host.strip_prefix("/").unwrap_or(host));
         make_mount_point(&target, *is_dir)?;
@@ -286,39 +373,7 @@ pub fn enter(visible: &[Shown], hide: &[PathBuf], tmpfs_bytes: u64) -> io::Resul
         }
     }
     drop(sources);
-    // Hidden directories inside shown trees: an empty read-only tmpfs on top.
-    for h in hide {
-        let target = root.join(h.strip_prefix("/").unwrap_or(h));
-        if target.is_dir() {
-            mount(
-                Some(Path::new("corral-hidden")),
-                &target,
-                Some("tmpfs"),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                Some("size=4k,mode=0555"),
-            )?;
-        }
-    }
-    // Make the staging tmpfs the root and drop the host's.
-    std::env::set_current_dir(root)?;
-    let dot = CString::new(".").expect("no NUL");
-    // SAFETY: pivot_root with two NUL-terminated paths.
-    let rc =
-        unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int };
-    check(rc, "pivot_root")?;
-    // SAFETY: umount2 with a NUL-terminated path.
-    let rc = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
-    check(rc, "detach the host root")?;
-    std::env::set_current_dir("/")?;
-    mount(
-        None,
-        Path::new("/"),
-        None,
-        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-        None,
-    )?;
-
-    fork_into_pid_namespace_holding(Some(prestaged))
+    hide_under(root, hide)
 }
 
 /// A PID namespace for the children of this process (`with_user`: inside a user
