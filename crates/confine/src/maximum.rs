@@ -177,15 +177,13 @@ pub fn prestage(
     )?;
     for (host, fd, is_dir) in &sources {
         let target = root.join(host.strip_prefix("/").unwrap_or(host));
-        make_mount_point(&target, *is_dir)?;
-        // The directories made in the worker's own /tmp are its own, as if it had
-        // made them itself.
-        for dir in target.ancestors().skip(1) {
-            if dir == tmp || !dir.starts_with(&tmp) {
-                break;
-            }
-            std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+        if let Some(parent) = target.parent().filter(|p| p.starts_with(&tmp)) {
+            // The directories made in the worker's own /tmp are its own, as if it
+            // had made them itself: made with its ids as the filesystem's (which
+            // needs CAP_SETUID, as the drop to them does, and not CAP_CHOWN).
+            as_filesystem_user(uid, gid, || std::fs::create_dir_all(parent))?;
         }
+        make_mount_point(&target, *is_dir)?;
         // Read-only at once: nothing done as root below may write through it.
         bind_readonly(fd, &target)?;
     }
@@ -198,6 +196,26 @@ pub fn prestage(
     }
     hide_under(root, hide)?;
     Ok(View::Staged)
+}
+
+/// Run `f` with `uid` and `gid` as the filesystem ids of this (single-threaded)
+/// process, then as its effective ids again.
+fn as_filesystem_user<T>(uid: u32, gid: u32, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    // SAFETY: geteuid/getegid cannot fail; setfsgid/setfsuid change this thread's
+    // filesystem ids only.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    // SAFETY: as above.
+    unsafe {
+        libc::setfsgid(gid);
+        libc::setfsuid(uid);
+    }
+    let r = f();
+    // SAFETY: as above; back to the effective ids, which did not change.
+    unsafe {
+        libc::setfsuid(euid);
+        libc::setfsgid(egid);
+    }
+    r
 }
 
 /// Hidden directories inside shown trees: an empty read-only tmpfs on each, in the
@@ -321,7 +339,12 @@ pub fn enter(view: &View, hide: &[PathBuf], tmpfs_bytes: u64) -> io::Result<()> 
         None,
         Path::new("/"),
         None,
-        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | keep,
+        libc::MS_REMOUNT
+            | libc::MS_BIND
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | keep,
         None,
     )?;
 
