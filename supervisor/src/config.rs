@@ -251,7 +251,11 @@ impl Config {
         };
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| invalid(e.span(), e.message().to_owned()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Against the file's directory made absolute (`corral.toml` alone: the
+        // current one): the daemon hands these paths to workers and checks their
+        // parents, so none is left relative.
+        let file = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        let base = file.parent().unwrap_or(Path::new("/"));
         let resolve = |p: &str| base.join(p);
         let read_secret = |secret: &RawSecret, what: &str| -> Result<String, String> {
             match secret {
@@ -509,6 +513,11 @@ mod tests {
         );
         assert_eq!(c.socket.unwrap(), Path::new("/etc/corral/s.sock"));
         assert_eq!(c.options.restart.window, std::time::Duration::from_secs(2));
+        // A file named alone is in the current directory: so are its paths, and each
+        // has a directory to make or bind in.
+        let c = Config::parse("socket = \"s.sock\"\n", Path::new("corral.toml")).unwrap();
+        let here = std::env::current_dir().unwrap();
+        assert_eq!(c.socket.unwrap(), here.join("s.sock"));
     }
 
     #[test]

@@ -93,9 +93,7 @@ impl ControlServer {
     /// Bind the control socket at `path`. A stale socket left by a dead daemon is
     /// replaced; a live one is an error.
     pub async fn bind(path: &Path) -> Result<ControlServer, ControlError> {
-        if let Some(dir) = path.parent() {
-            private_dir(dir)?;
-        }
+        private_dir(dir_of(path))?;
         remove_dead_staging(path);
         if path.exists() {
             if connect(path).await.is_ok() {
@@ -182,12 +180,19 @@ impl ControlServer {
     }
 }
 
+/// The directory `path` is in (`.` for a bare name such as `control.sock`).
+fn dir_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 /// Remove the staging names (`<path>.<pid>.<n>.binding`) of binds whose process
 /// is gone: a daemon that died between binding and renaming left them. Only
 /// sockets, and only of a pid that no longer exists.
 fn remove_dead_staging(path: &Path) {
     use std::os::unix::fs::FileTypeExt;
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+    let (dir, Some(name)) = (dir_of(path), path.file_name().and_then(|n| n.to_str())) else {
         return;
     };
     let Ok(entries) = std::fs::read_dir(dir) else {
