@@ -164,17 +164,8 @@ pub fn prestage(
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         Some("size=1m,mode=0755"),
     )?;
-    // The writable tmpfs first: shown paths under /tmp are bound on top of it.
-    let tmp = root.join("tmp");
-    std::fs::create_dir(&tmp)?;
+    let tmp = writable_tmp(root, tmpfs_bytes, Some(owner))?;
     let [uid, gid] = owner;
-    mount(
-        Some(Path::new("corral-tmp")),
-        &tmp,
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        Some(&format!("size={tmpfs_bytes},mode=0700,uid={uid},gid={gid}")),
-    )?;
     for (host, fd, is_dir) in &sources {
         let target = root.join(host.strip_prefix("/").unwrap_or(host));
         if let Some(parent) = target.parent().filter(|p| p.starts_with(&tmp)) {
@@ -196,6 +187,26 @@ pub fn prestage(
     }
     hide_under(root, hide)?;
     Ok(View::Staged)
+}
+
+/// The writable tmpfs at `<root>/tmp` (`owner`: the uid and gid its root directory
+/// belongs to, else the caller's), made first: shown paths under /tmp are bound on
+/// top of it. Its path.
+fn writable_tmp(root: &Path, tmpfs_bytes: u64, owner: Option<[u32; 2]>) -> io::Result<PathBuf> {
+    let tmp = root.join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    let mut data = format!("size={tmpfs_bytes},mode=0700");
+    if let Some([uid, gid]) = owner {
+        data.push_str(&format!(",uid={uid},gid={gid}"));
+    }
+    mount(
+        Some(Path::new("corral-tmp")),
+        &tmp,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some(&data),
+    )?;
+    Ok(tmp)
 }
 
 /// Run `f` with `uid` and `gid` as the filesystem ids of this (single-threaded)
@@ -374,16 +385,7 @@ fn build_view(
         libc::MS_NOSUID | libc::MS_NODEV,
         Some("size=1m,mode=0755"),
     )?;
-    // The writable tmpfs first: shown paths under /tmp are bound on top of it.
-    let tmp = root.join("tmp");
-    std::fs::create_dir_all(&tmp)?;
-    mount(
-        Some(Path::new("corral-tmp")),
-        &tmp,
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        Some(&format!("size={tmpfs_bytes},mode=0700")),
-    )?;
+    writable_tmp(root, tmpfs_bytes, None)?;
     for (host, fd, is_dir) in &sources {
         let target = root.join(host.strip_prefix("/").unwrap_or(host));
         make_mount_point(&target, *is_dir)?;
