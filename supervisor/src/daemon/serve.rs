@@ -39,8 +39,12 @@ pub async fn serve(config_path: &Path, socket: Option<PathBuf>) -> Result<(), Se
         return Err(ServeError::Invalid(format!("invalid policy:\n{e}")));
     }
     let mut sup = Supervisor::new(config.options.clone());
-    for dir in &config.plugins {
-        match sup.add_plugin_dir(dir) {
+    for (dir, added) in config
+        .plugins
+        .iter()
+        .zip(sup.add_plugin_dirs(&config.plugins))
+    {
+        match added {
             Ok(id) => tracing::info!(plugin = %id, dir = %dir.display(), "plugin added"),
             Err(e) => {
                 return Err(ServeError::Invalid(corral_protocol::error_chain(&e)));
@@ -54,8 +58,9 @@ pub async fn serve(config_path: &Path, socket: Option<PathBuf>) -> Result<(), Se
         // A broken plugin in the directory is reported and skipped; the others run.
         let found = crate::plugins::files::discover(d)
             .with_context(|| format!("cannot read the plugins directory {}", d.display()))?;
-        for dir in found {
-            match sup.add_plugin_dir(&dir) {
+        let added = sup.add_plugin_dirs(&found);
+        for (dir, added) in found.into_iter().zip(added) {
+            match added {
                 Ok(id) => tracing::info!(plugin = %id, dir = %dir.display(), "plugin found"),
                 Err(e) => {
                     sup.record_rejection(&dir, corral_protocol::error_chain(&e))

@@ -269,9 +269,12 @@ impl Versions {
             .unwrap_or_else(|| "plugin".into());
         let mut entries = Vec::new();
         let (path, reference) = {
-            let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-            self.read_index(dir, &mut known);
-            self.scan(dir, dir, &mut known, &mut entries)?;
+            // What is known of files is locked only to look them up and to remember
+            // them: snapshots of other plugins (registration reads them side by side)
+            // go on meanwhile. Objects and trees may be made twice at once, as by two
+            // supervisors of the cache: the second one made is let go.
+            self.read_index(dir);
+            self.scan(dir, dir, &mut entries)?;
             let key = tree_key(&entries);
             let path = self.trees.join(&key);
             // No sweep decides while this holds: the tree found (or made) stays, as
@@ -288,7 +291,7 @@ impl Versions {
                 let _ =
                     File::open(&path).and_then(|d| d.set_modified(std::time::SystemTime::now()));
             } else {
-                let made = self.build(dir, &entries, &mut known)?;
+                let made = self.build(dir, &entries)?;
                 match rename_new(made.path(), &path) {
                     Ok(()) => {
                         let _ = made.keep();
@@ -333,13 +336,7 @@ impl Versions {
 
     /// What the snapshot of `dir` holds, in order, each regular file's bytes in the
     /// store: a file known by its metadata is not read.
-    fn scan(
-        &self,
-        root: &Path,
-        dir: &Path,
-        known: &mut FileHashes,
-        out: &mut Vec<Entry>,
-    ) -> std::io::Result<()> {
+    fn scan(&self, root: &Path, dir: &Path, out: &mut Vec<Entry>) -> std::io::Result<()> {
         let mut entries = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
@@ -351,12 +348,12 @@ impl Versions {
                     continue;
                 }
                 out.push(Entry::Dir(rel));
-                self.scan(root, &src, known, out)?;
+                self.scan(root, &src, out)?;
             } else if kind.is_symlink() {
                 out.push(Entry::Link(rel, std::fs::read_link(&src)?));
             } else if kind.is_file() {
                 let meta = entry.metadata()?;
-                out.push(Entry::File(rel, self.store_file(&src, &meta, known, true)?));
+                out.push(Entry::File(rel, self.store_file(&src, &meta, true)?));
             }
             // Pipes, sockets and devices are not plugin files.
         }
@@ -365,12 +362,7 @@ impl Versions {
 
     /// A new tree in `trees/` (under a temporary name) of `entries`, scanned from
     /// `dir`: directories, links, and each file a link to its object.
-    fn build(
-        &self,
-        dir: &Path,
-        entries: &[Entry],
-        known: &mut FileHashes,
-    ) -> std::io::Result<tempfile::TempDir> {
+    fn build(&self, dir: &Path, entries: &[Entry]) -> std::io::Result<tempfile::TempDir> {
         let made = tempfile::Builder::new()
             .prefix(".new.")
             .tempdir_in(&self.trees)?;
@@ -392,7 +384,7 @@ impl Versions {
                     // the plugin's file, if that still has these bytes.
                     let src = dir.join(rel);
                     let meta = std::fs::symlink_metadata(&src)?;
-                    if self.store_file(&src, &meta, known, false)? != *digest {
+                    if self.store_file(&src, &meta, false)? != *digest {
                         return Err(std::io::Error::other(format!(
                             "{}: it changed while the plugin was copied",
                             src.display()
@@ -407,10 +399,12 @@ impl Versions {
 
     /// What an earlier supervisor of this cache knew of the files in `dir`, once
     /// per directory.
-    fn read_index(&self, dir: &Path, known: &mut FileHashes) {
+    fn read_index(&self, dir: &Path) {
         if !self.use_index {
             return;
         }
+        // `known` before `indexed`, as `save_index` takes them.
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         let mut indexed = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
         if indexed.contains_key(dir) {
             return;
@@ -479,8 +473,8 @@ impl Versions {
     /// The fingerprint of the plugin in `dir`, hashing only the files that changed
     /// since they were last hashed here.
     pub(crate) fn fingerprint(&self, dir: &Path) -> std::io::Result<String> {
+        self.read_index(dir);
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        self.read_index(dir, &mut known);
         crate::plugins::files::fingerprint_with(dir, &mut known)
     }
 
@@ -491,13 +485,13 @@ impl Versions {
         &self,
         src: &Path,
         m: &std::fs::Metadata,
-        known: &mut FileHashes,
         trust_known: bool,
     ) -> std::io::Result<String> {
+        let known = || self.known.lock().unwrap_or_else(|e| e.into_inner());
         // Known and unchanged: what is linked is its object, never the author's file.
         if trust_known
             && m.file_type().is_file()
-            && let Some(digest) = known.known(src, &stamp(m))
+            && let Some(digest) = known().known(src, &stamp(m))
         {
             return Ok(digest);
         }
@@ -542,7 +536,7 @@ impl Versions {
             .metadata()
             .is_ok_and(|after| stamp(&after) == stamp(&before))
         {
-            known.remember(src, stamp(&before), &digest);
+            known().remember(src, stamp(&before), &digest);
         }
         Ok(digest)
     }
@@ -1264,10 +1258,7 @@ mod tests {
 
         let root = tempfile::tempdir().unwrap();
         let versions = Versions::create(root.path()).unwrap();
-        let mut known = FileHashes::default();
-        let e = versions
-            .store_file(liar, &meta, &mut known, true)
-            .unwrap_err();
+        let e = versions.store_file(liar, &meta, true).unwrap_err();
         assert_eq!(
             e.to_string(),
             "/proc/kallsyms: it grew past the 1 MiB it may have while being read"

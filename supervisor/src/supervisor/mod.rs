@@ -384,6 +384,14 @@ impl Supervisor {
         self.0.add_plugin_dir(dir)
     }
 
+    /// Add the plugins in `dirs`, read side by side on up to one thread per CPU
+    /// (their files hashed and snapshotted) and added in the order given, as
+    /// [`Supervisor::add_plugin_dir`] one after the other would: each one's id or
+    /// why it was refused, in order (of two with one id, the first is added).
+    pub fn add_plugin_dirs(&mut self, dirs: &[PathBuf]) -> Vec<Result<String, AddPluginError>> {
+        self.0.add_plugin_dirs(dirs)
+    }
+
     /// Call `function` of `plugin`. `timeout` overrides the plugin's own deadline
     /// (up to the policy's cap).
     pub async fn call(

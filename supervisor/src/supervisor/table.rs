@@ -119,6 +119,53 @@ impl Inner {
 
     pub(crate) fn add_plugin_dir(&self, dir: &Path) -> Result<String, AddPluginError> {
         let plugin = self.read_plugin(dir, None)?;
+        self.add_read(plugin)
+    }
+
+    /// [`Inner::add_plugin_dir`] of each of `dirs`, read on up to one thread per CPU
+    /// and added in order.
+    pub(crate) fn add_plugin_dirs(&self, dirs: &[PathBuf]) -> Vec<Result<String, AddPluginError>> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(dirs.len());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut read: Vec<Option<Result<Plugin, AddPluginError>>> =
+            std::iter::repeat_with(|| None).take(dirs.len()).collect();
+        std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(dir) = dirs.get(i) else { break };
+                            done.push((i, self.read_plugin(dir, None)));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            for reader in readers {
+                // A panic in a reader is a bug: it goes on up, as on one thread.
+                let done = reader
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+                for (i, plugin) in done {
+                    read[i] = Some(plugin);
+                }
+            }
+        });
+        read.into_iter()
+            .map(|plugin| {
+                plugin
+                    .expect("every directory was read")
+                    .and_then(|p| self.add_read(p))
+            })
+            .collect()
+    }
+
+    /// Put a plugin just read in the table, unless one with its id is there.
+    fn add_read(&self, plugin: Plugin) -> Result<String, AddPluginError> {
         let mut plugins = self.plugins.write().unwrap_or_else(|e| e.into_inner());
         if let Some(other) = plugins.get(&plugin.manifest.id) {
             return Err(AddPluginError::Duplicate {

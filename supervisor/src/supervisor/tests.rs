@@ -1609,3 +1609,54 @@ async fn calls_waiting_behind_the_running_one_when_the_worker_ends_go_to_the_nex
     assert_eq!(f.launcher.launches(), 4);
     f.sup.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn plugins_read_side_by_side_are_added_in_order_with_each_refusal_in_its_place() {
+    let f = fixture(|_| {});
+    let root = tempfile::tempdir().unwrap();
+    let mut dirs = Vec::new();
+    for (name, id) in [("a", "x"), ("b", ""), ("c", "x"), ("d", "y")] {
+        let dir = root.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        if id.is_empty() {
+            std::fs::write(dir.join("plugin.toml"), "id = \n").unwrap();
+        } else {
+            write_plugin(&dir, id);
+        }
+        dirs.push(dir);
+    }
+    // More directories than threads: every one is read once, on whichever thread.
+    for i in 0..12 {
+        let dir = root.path().join(format!("many-{i:02}"));
+        std::fs::create_dir(&dir).unwrap();
+        write_plugin(&dir, &format!("many-{i:02}"));
+        dirs.push(dir);
+    }
+    let mut sup = f.sup.clone();
+    let added = sup.add_plugin_dirs(&dirs);
+    assert_eq!(added.len(), dirs.len());
+    assert_eq!(added[0].as_deref().unwrap(), "x");
+    assert!(
+        matches!(&added[1], Err(AddPluginError::Manifest(_))),
+        "{:?}",
+        added[1]
+    );
+    // Two with one id: the first given is added, the second refused naming it.
+    match &added[2] {
+        Err(AddPluginError::Duplicate { id, other, .. }) => {
+            assert_eq!(id, "x");
+            assert_eq!(other, &dirs[0].canonicalize().unwrap());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(added[3].as_deref().unwrap(), "y");
+    for (i, a) in added[4..].iter().enumerate() {
+        assert_eq!(a.as_deref().unwrap(), format!("many-{i:02}"));
+    }
+    let listed: Vec<String> = sup.list().await.into_iter().map(|p| p.id).collect();
+    assert_eq!(listed.len(), 1 + 2 + 12, "{listed:?}");
+    // Each copy holds its own files.
+    let x = sup.inner().plugin("x").unwrap();
+    assert_eq!(x.dir, dirs[0].canonicalize().unwrap());
+    assert!(x.files.path().join("main.js").is_file());
+}
