@@ -288,7 +288,11 @@ impl SelfConfinement {
             // Still root: stage the whole view while every path is reachable.
             Some(owner) if maximum => maximum::prestage(&visible, &self.hide, tmpfs_bytes, owner)
                 .map_err(ConfineError::Namespaces)?,
-            _ => maximum::View::Paths(visible.clone()),
+            _ => maximum::View::Paths {
+                visible: visible.clone(),
+                hide: self.hide.clone(),
+                tmpfs_bytes,
+            },
         };
         let mut own_pids = self.own_pids && !maximum;
         // Below maximum the namespace is best effort, as every mechanism at standard:
@@ -331,7 +335,7 @@ impl SelfConfinement {
         if !maximum {
             return Ok(());
         }
-        maximum::enter(&view, &self.hide, tmpfs_bytes).map_err(ConfineError::Namespaces)
+        maximum::enter(&view).map_err(ConfineError::Namespaces)
     }
 
     fn apply_landlock(

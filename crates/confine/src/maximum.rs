@@ -124,8 +124,13 @@ pub enum View {
     /// [`prestage`] assembled the whole view at the staging directory, as root.
     Staged,
     /// Host paths to bind from the worker itself (a supervisor that is not root,
-    /// so nothing was prestaged).
-    Paths(Vec<PathBuf>),
+    /// so nothing was prestaged), the directories to hide in them and the size of
+    /// the writable `/tmp`.
+    Paths {
+        visible: Vec<PathBuf>,
+        hide: Vec<PathBuf>,
+        tmpfs_bytes: u64,
+    },
 }
 
 /// Run as root, before dropping privileges: in a mount namespace of its own
@@ -302,9 +307,8 @@ fn make_mount_point(target: &Path, is_dir: bool) -> io::Result<()> {
 }
 
 /// Enter the maximum-level namespaces and filesystem view; returns in the child
-/// (pid 1 of the new PID namespace). `view` is what to show read-only (`hide` and
-/// `tmpfs_bytes`, the size of the writable `/tmp`, are for a view not prestaged).
-pub fn enter(view: &View, hide: &[PathBuf], tmpfs_bytes: u64) -> io::Result<()> {
+/// (pid 1 of the new PID namespace) with `view` as its filesystem.
+pub fn enter(view: &View) -> io::Result<()> {
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     LAST_CAP.get_or_init(crate::sys::last_capability);
@@ -332,7 +336,11 @@ pub fn enter(view: &View, hide: &[PathBuf], tmpfs_bytes: u64) -> io::Result<()> 
         // taken apart from here). A recursive bind of it is a mount of this
         // namespace, which `pivot_root` takes as the new root.
         View::Staged => mount(Some(root), root, None, libc::MS_BIND | libc::MS_REC, None)?,
-        View::Paths(visible) => build_view(root, visible, hide, tmpfs_bytes)?,
+        View::Paths {
+            visible,
+            hide,
+            tmpfs_bytes,
+        } => build_view(root, visible, hide, *tmpfs_bytes)?,
     }
     // Make the staging tree the root and drop the host's.
     std::env::set_current_dir(root)?;
