@@ -86,7 +86,9 @@ pub fn missing_for_other_user() -> Vec<&'static str> {
     .collect()
 }
 
-pub use seccomp::{filter_source, syscall_name, violation_from_stderr};
+pub use seccomp::{
+    filter_source, precompile as precompile_seccomp, syscall_name, violation_from_stderr,
+};
 
 /// Which namespaces the worker `pid` does not share with the calling process (the
 /// supervisor checks from outside what the worker cannot see once it is unprivileged).
@@ -233,8 +235,15 @@ impl SelfConfinement {
     /// code exists: Landlock applies to the calling thread and its future children.
     /// The seccomp filter is synchronised to all threads.
     pub fn apply(&self) -> Result<EnforcementReport, ConfineError> {
-        // Read before Landlock hides the supervisor's /proc entries.
-        let namespaces = sys::namespaces_report();
+        // Read before Landlock hides the supervisor's /proc entries. A worker that
+        // dropped root cannot read them at all (its parent's are root's): the
+        // supervisor checks from outside instead (it always does).
+        let namespaces = match self.run_as {
+            None => sys::namespaces_report(),
+            Some(_) => Enforcement::None(
+                "checked from outside by the supervisor (unreadable after the drop)".into(),
+            ),
+        };
         if self.level != Level::Maximum
             && maximum::OWN_USER_NAMESPACE.load(std::sync::atomic::Ordering::SeqCst)
         {

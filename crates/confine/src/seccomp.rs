@@ -5,6 +5,7 @@
 use crate::{ConfineError, Level};
 use corral_protocol::{Enforcement, Runtime};
 use seccompiler::TargetArch;
+use std::sync::{Arc, Mutex};
 
 const STANDARD: &str = include_str!("../seccomp/standard.json");
 const HIGH: &str = include_str!("../seccomp/high.json");
@@ -31,21 +32,52 @@ const ARCH: TargetArch = TargetArch::x86_64;
 #[cfg(target_arch = "aarch64")]
 const ARCH: TargetArch = TargetArch::aarch64;
 
-pub(crate) fn install(level: Level, runtime: Runtime) -> Result<Enforcement, ConfineError> {
+/// The programs `install` applies for `level` and `runtime`, in order: the x32 trap,
+/// then the filter file's filters with the allow-list last (once it is in force,
+/// seccomp(2) itself is refused).
+type Programs = Vec<seccompiler::BpfProgram>;
+
+/// Programs compiled once per process. A zygote template compiles its runtime's
+/// ([`precompile`]) so that its forked workers only install them: compiling the
+/// JSON is most of a filter's cost, and it is the same for every worker.
+static COMPILED: Mutex<Vec<((Level, Runtime), Arc<Programs>)>> = Mutex::new(Vec::new());
+
+/// Compile the filters of every level for `runtime` and keep them for the workers
+/// this process forks. The filter files are built in, so an error here is the same
+/// error every worker would report at [`install`]; it is returned, not kept.
+pub fn precompile(runtime: Runtime) -> Result<(), ConfineError> {
+    for level in [Level::Standard, Level::High, Level::Maximum] {
+        programs(level, runtime)?;
+    }
+    Ok(())
+}
+
+fn programs(level: Level, runtime: Runtime) -> Result<Arc<Programs>, ConfineError> {
+    // A poisoned lock still holds whole entries (each is pushed complete).
+    let mut compiled = COMPILED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = compiled.iter().find(|(k, _)| *k == (level, runtime)) {
+        return Ok(Arc::clone(p));
+    }
     let source = filter_source(level, runtime);
-    let filters = seccompiler::compile_from_json(source.as_bytes(), ARCH).map_err(|e| {
+    let mut filters = seccompiler::compile_from_json(source.as_bytes(), ARCH).map_err(|e| {
         ConfineError::SeccompFilter {
             level,
             why: e.to_string(),
         }
     })?;
-    seccompiler::apply_filter_all_threads(&no_x32()).map_err(ConfineError::SeccompInstall)?;
-    // The allow-list goes last: once it is in force, seccomp(2) itself is refused.
-    let mut names: Vec<&String> = filters.keys().collect();
-    names.sort_by_key(|n| (n.as_str() == "allow", n.as_str()));
-    for name in &names {
-        seccompiler::apply_filter_all_threads(&filters[*name])
-            .map_err(ConfineError::SeccompInstall)?;
+    let mut names: Vec<String> = filters.keys().cloned().collect();
+    names.sort_by_key(|n| (n.as_str() == "allow", n.clone()));
+    let mut programs = vec![no_x32()];
+    programs.extend(names.iter().filter_map(|n| filters.remove(n)));
+    let programs = Arc::new(programs);
+    compiled.push(((level, runtime), Arc::clone(&programs)));
+    Ok(programs)
+}
+
+pub(crate) fn install(level: Level, runtime: Runtime) -> Result<Enforcement, ConfineError> {
+    let source = filter_source(level, runtime);
+    for program in programs(level, runtime)?.iter() {
+        seccompiler::apply_filter_all_threads(program).map_err(ConfineError::SeccompInstall)?;
     }
     if level == Level::Maximum {
         return Ok(Enforcement::Full(format!(
@@ -245,6 +277,30 @@ mod tests {
                         "{level}/{name}: rule {rule} has no reason"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn precompiled_programs_are_compiled_once_in_the_order_they_are_installed() {
+        for runtime in [Runtime::Wasm, Runtime::Js, Runtime::Python, Runtime::Native] {
+            precompile(runtime).unwrap();
+            for level in [Level::Standard, Level::High, Level::Maximum] {
+                let first = programs(level, runtime).unwrap();
+                // Kept: the same programs again, not compiled a second time.
+                assert!(Arc::ptr_eq(&first, &programs(level, runtime).unwrap()));
+                let source = filter_source(level, runtime);
+                let mut filters = seccompiler::compile_from_json(source.as_bytes(), ARCH).unwrap();
+                let mut names: Vec<String> = filters.keys().cloned().collect();
+                names.sort();
+                // The x32 trap first; the allow-list (which refuses seccomp(2)) last.
+                if let Some(i) = names.iter().position(|n| n == "allow") {
+                    let allow = names.remove(i);
+                    names.push(allow);
+                }
+                let mut expected = vec![no_x32()];
+                expected.extend(names.iter().map(|n| filters.remove(n).unwrap()));
+                assert_eq!(*first, expected, "{level} {runtime}");
             }
         }
     }

@@ -271,6 +271,11 @@ pub fn run_confined(mut engine: impl Engine, confinement: impl Confinement) -> E
         if let Err(e) = engine.warm() {
             return fail("template set-up failed", &e, EXIT_LOAD_FAILED);
         }
+        // Every worker of this runtime installs the same programs: compiled once,
+        // here, they are only installed after each fork.
+        if let Err(e) = corral_confine::precompile_seccomp(engine.info().runtime) {
+            return fail("template set-up failed", &e, EXIT_CONFINE_FAILED);
+        }
         // Returns only in a forked worker, set up as the supervisor asked; the
         // template itself ends there when the supervisor closes its socket.
         if let Err(code) = zygote::serve_template(&mut engine) {

@@ -207,6 +207,9 @@ pub struct WasmEngine {
     /// it is applied.
     watchdog: Option<Arc<Watchdog>>,
     compiled: Option<Compiled>,
+    /// WASI and the host API, linked once (in a zygote template, before any fork):
+    /// the same for every plugin.
+    linker: Option<Linker<State>>,
 }
 
 impl std::fmt::Debug for WasmEngine {
@@ -227,6 +230,7 @@ impl WasmEngine {
             engine,
             watchdog: None,
             compiled: None,
+            linker: None,
         })
     }
 
@@ -314,13 +318,16 @@ impl WasmEngine {
         }
     }
 
-    fn linker(&self) -> Result<Linker<State>, LoadError> {
+    fn linker(&mut self) -> Result<Linker<State>, LoadError> {
+        if let Some(l) = &self.linker {
+            return Ok(l.clone());
+        }
         let mut linker: Linker<State> = Linker::new(&self.engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| &mut s.wasi)
             .map_err(|e| LoadError::Engine(format!("cannot link WASI: {e:#}")))?;
         link_host_functions(&mut linker)
             .map_err(|e| LoadError::Engine(format!("cannot link host API: {e:#}")))?;
-        Ok(linker)
+        Ok(self.linker.insert(linker).clone())
     }
 }
 
@@ -561,6 +568,19 @@ impl Engine for WasmEngine {
             runtime: Runtime::Wasm,
             version: format!("wasmtime {WASMTIME_VERSION}"),
         }
+    }
+
+    /// In a zygote template: link WASI and the host API once for every worker, and
+    /// make and drop one WASI context, so that what its first use sets up per
+    /// process (its random generator's CPU feature detection) is done here. Each
+    /// worker's own context still seeds its generators from the kernel.
+    fn warm(&mut self) -> Result<(), SetupError> {
+        self.linker().map_err(|e| SetupError::Engine {
+            engine: "wasmtime",
+            message: e.to_string(),
+        })?;
+        drop(WasiCtxBuilder::new().build_p1());
+        Ok(())
     }
 
     fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<WasmInstance, LoadError> {
