@@ -40,7 +40,10 @@ type Programs = Vec<seccompiler::BpfProgram>;
 /// Programs compiled once per process. A zygote template compiles its runtime's
 /// ([`precompile`]) so that its forked workers only install them: compiling the
 /// JSON is most of a filter's cost, and it is the same for every worker.
-static COMPILED: Mutex<Vec<((Level, Runtime), Arc<Programs>)>> = Mutex::new(Vec::new());
+static COMPILED: Mutex<Vec<Compiled>> = Mutex::new(Vec::new());
+
+/// The programs of one level and runtime.
+type Compiled = ((Level, Runtime), Arc<Programs>);
 
 /// Compile the filters of every level for `runtime` and keep them for the workers
 /// this process forks. The filter files are built in, so an error here is the same
