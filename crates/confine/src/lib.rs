@@ -93,7 +93,7 @@ pub use seccomp::{
 /// Which namespaces the worker `pid` does not share with the calling process (the
 /// supervisor checks from outside what the worker cannot see once it is unprivileged).
 pub fn worker_namespaces(pid: u32) -> corral_protocol::Enforcement {
-    sys::namespaces_between(&pid.to_string(), "self")
+    sys::namespaces_apart_from_self(pid)
 }
 
 use corral_protocol::{Enforcement, EnforcementReport, Runtime};

@@ -154,27 +154,48 @@ pub fn namespaces_report() -> Enforcement {
     namespaces_between("self", &parent.to_string())
 }
 
+/// The namespace files compared, by the name a report gives them. The PID
+/// namespace is the one the process's children get (a worker at maximum is the
+/// parent of the namespace's pid 1).
+const NAMESPACES: [(&str, &str); 6] = [
+    ("net", "net"),
+    ("ipc", "ipc"),
+    ("uts", "uts"),
+    ("pid", "pid_for_children"),
+    ("mnt", "mnt"),
+    ("user", "user"),
+];
+
+type Links = [Option<std::path::PathBuf>; 6];
+
+/// What process `p`'s namespace files name (`None`: unreadable).
+fn namespace_links(p: &str) -> Links {
+    NAMESPACES.map(|(_, file)| std::fs::read_link(format!("/proc/{p}/ns/{file}")).ok())
+}
+
 /// Which namespaces process `a` does not share with process `b` (`/proc/<x>/ns`
 /// entries; a process running as another user can only see its own).
 pub fn namespaces_between(a: &str, b: &str) -> Enforcement {
-    // The PID namespace is the one the process's children get (a worker at maximum
-    // is the parent of the namespace's pid 1).
-    let own: Vec<&str> = [
-        ("net", "net"),
-        ("ipc", "ipc"),
-        ("uts", "uts"),
-        ("pid", "pid_for_children"),
-        ("mnt", "mnt"),
-        ("user", "user"),
-    ]
-    .into_iter()
-    .filter(|(_, file)| {
-        let mine = std::fs::read_link(format!("/proc/{a}/ns/{file}")).ok();
-        let theirs = std::fs::read_link(format!("/proc/{b}/ns/{file}")).ok();
-        mine.is_some() && theirs.is_some() && mine != theirs
-    })
-    .map(|(name, _)| name)
-    .collect();
+    apart(&namespace_links(a), &namespace_links(b))
+}
+
+/// Which namespaces process `pid` does not share with this one, whose own are
+/// read once: a supervisor never changes its namespaces.
+pub fn namespaces_apart_from_self(pid: u32) -> Enforcement {
+    static MINE: std::sync::OnceLock<Links> = std::sync::OnceLock::new();
+    apart(
+        &namespace_links(&pid.to_string()),
+        MINE.get_or_init(|| namespace_links("self")),
+    )
+}
+
+fn apart(a: &Links, b: &Links) -> Enforcement {
+    let own: Vec<&str> = NAMESPACES
+        .iter()
+        .zip(a.iter().zip(b))
+        .filter(|(_, (mine, theirs))| mine.is_some() && theirs.is_some() && mine != theirs)
+        .map(|((name, _), _)| *name)
+        .collect();
     if own.is_empty() {
         Enforcement::None("shares all namespaces with the supervisor".into())
     } else {

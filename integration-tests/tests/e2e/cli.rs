@@ -754,6 +754,9 @@ fn policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy() {
         std::fs::read_to_string(&pids_max).is_ok_and(|s| s.trim() == "20")
     });
     assert_eq!(std::fs::read_to_string(&quota).unwrap().trim(), "50000");
+    // Against the kernel's default period, which the supervisor does not write.
+    let period = quota.with_file_name("cpu.cfs_period_us");
+    assert_eq!(std::fs::read_to_string(&period).unwrap().trim(), "100000");
     assert_eq!(kit_pid().0, Some(pid), "same worker, limits changed live");
     call_ok();
 
