@@ -162,6 +162,38 @@ async fn forked_workers_draw_their_own_random_numbers() {
     k.sup.shutdown(Duration::from_secs(1)).await;
 }
 
+/// WASI's generators are seeded from the worker thread's `rand::rng()`, which is
+/// seeded at its first use and never again at a fork: made in the template, it
+/// would give every child the same stream.
+#[tokio::test]
+async fn forked_wasm_workers_draw_their_own_random_numbers() {
+    let cache = open_tempdir();
+    let mut opts = options(cache.path());
+    opts.zygotes = vec![Runtime::Wasm];
+    let mut sup = Supervisor::new(opts);
+    let ids = ["zw-a", "zw-b", "zw-c"];
+    let plugins: Vec<TempDir> = ids
+        .iter()
+        .map(|id| corral_integration_tests::wat_plugin(id, "random.wat", ""))
+        .collect();
+    for p in &plugins {
+        sup.add_plugin_dir(p.path()).unwrap();
+    }
+    let mut seen = Vec::new();
+    for id in ids {
+        let drawn = sup.call(id, "draw", Vec::new(), None).await.unwrap();
+        assert_eq!(drawn.len(), 16);
+        seen.push(drawn);
+    }
+    for (i, x) in seen.iter().enumerate() {
+        for y in &seen[i + 1..] {
+            assert_ne!(x, y, "WASI's random stream is shared: {seen:?}");
+        }
+    }
+    assert_eq!(sup.workers().workers_forked, 3);
+    sup.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn a_forked_plugin_cannot_signal_read_or_trace_its_template() {
     let expected = [

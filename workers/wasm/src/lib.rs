@@ -570,17 +570,26 @@ impl Engine for WasmEngine {
         }
     }
 
-    /// In a zygote template: link WASI and the host API once for every worker, and
-    /// make and drop one WASI context, so that what its first use sets up per
-    /// process (its random generator's CPU feature detection) is done here. Each
-    /// worker's own context still seeds its generators from the kernel.
+    /// In a zygote template: link WASI and the host API once for every worker. No
+    /// WASI context is made here: its generators are seeded from the thread's
+    /// `rand::rng()`, which is seeded at its first use and not again at a fork, so
+    /// one made in the template would give every child the same random stream.
     fn warm(&mut self) -> Result<(), SetupError> {
         self.linker().map_err(|e| SetupError::Engine {
             engine: "wasmtime",
             message: e.to_string(),
         })?;
-        drop(WasiCtxBuilder::new().build_p1());
         Ok(())
+    }
+
+    /// In a forked worker: reseed the thread's generator, which WASI's are drawn
+    /// from. The template never uses it (tested: siblings draw different bytes);
+    /// this keeps it so should anything in the template ever do.
+    fn after_fork(&mut self, child: bool) {
+        if child && let Err(e) = rand::rng().reseed() {
+            eprintln!("corral worker: cannot reseed the random generator after the fork: {e}");
+            std::process::abort();
+        }
     }
 
     fn instantiate(&mut self, spec: &LoadSpec, host: &Host) -> Result<WasmInstance, LoadError> {
