@@ -209,10 +209,6 @@ impl Template {
         let (ours, theirs) = seqpacket_pair()?;
         let mut cmd = super::spawn::worker_command(program, env);
         cmd.env(TEMPLATE_ENV, "1");
-        // Every dynamic symbol bound at the template's start, once, rather than at
-        // each one's first use in every worker forked from it (the workers get the
-        // environment of their own request, without this).
-        cmd.env("LD_BIND_NOW", "1");
         let fd = theirs.as_raw_fd();
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
