@@ -184,11 +184,23 @@ impl Versions {
         // list it.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
             .map_err(at(format!("open {} to workers", dir.path().display())))?;
+        // The lock file appears already locked: made under another name, locked,
+        // then renamed. Another supervisor's `remove_stale` takes a directory whose
+        // lock it can take for one that is gone, so a lock made in place and locked
+        // after left a moment in which this new directory was removed under it
+        // (seen in CI: "cannot copy the plugin ...: No such file or directory").
         let lock_path = dir.path().join(LOCK);
-        let lock =
-            File::create(&lock_path).map_err(at(format!("create {}", lock_path.display())))?;
-        lock.try_lock()
+        let lock = tempfile::Builder::new()
+            .prefix(".lock.")
+            .permissions(std::fs::Permissions::from_mode(0o644))
+            .tempfile_in(dir.path())
+            .map_err(at(format!("create {}", lock_path.display())))?;
+        lock.as_file()
+            .try_lock()
             .map_err(|e| at(format!("lock {}", lock_path.display()))(std::io::Error::from(e)))?;
+        let lock = lock
+            .persist(&lock_path)
+            .map_err(|e| at(format!("create {}", lock_path.display()))(e.error))?;
         let objects = base.join(OBJECTS);
         make_objects(&objects).map_err(at(format!("create {}", objects.display())))?;
         let trees = base.join(TREES);
@@ -1298,6 +1310,31 @@ mod tests {
         let gone = live.dir.path().to_owned();
         drop(live);
         assert!(!gone.exists());
+    }
+
+    /// Supervisors of one cache starting at once: each one's `remove_stale` sees the
+    /// others' new directories, and none is taken for the directory of one that is
+    /// gone (a lock made in place and locked after left that moment open).
+    #[test]
+    fn supervisors_starting_at_once_keep_each_others_directories() {
+        let root = tempfile::tempdir().unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..40 {
+                        let v = Versions::create(root.path()).unwrap();
+                        // Work in its directory while the others start and sweep.
+                        for i in 0..5 {
+                            let f = v.dir.path().join(format!("f{i}"));
+                            std::fs::write(&f, "x").unwrap_or_else(|e| {
+                                panic!("{} removed under a live supervisor: {e}", f.display())
+                            });
+                        }
+                        assert!(v.dir.path().join(LOCK).exists());
+                    }
+                });
+            }
+        });
     }
 
     /// The supervisors of a cache sweep its objects at most once per `UNUSED_FOR`
