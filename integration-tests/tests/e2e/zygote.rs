@@ -194,6 +194,50 @@ async fn forked_wasm_workers_draw_their_own_random_numbers() {
     sup.shutdown(Duration::from_secs(1)).await;
 }
 
+/// QuickJS seeds `Math.random` and sets `performance`'s time origin when a context is
+/// made, and has no call to do either again: a context made in the template (tried
+/// and dropped, ARCHITECTURE.md "Zygotes") would give every child one stream and the
+/// template's clock. Each forked worker makes its own.
+#[tokio::test]
+async fn forked_js_workers_draw_their_own_random_numbers_and_count_time_from_their_start() {
+    let cache = open_tempdir();
+    let mut opts = options(cache.path());
+    opts.zygotes = vec![Runtime::Js];
+    let mut sup = Supervisor::new(opts);
+    let ids = ["zj-a", "zj-b", "zj-c"];
+    let plugins: Vec<TempDir> = ids
+        .iter()
+        .map(|id| fixture_plugin("js-zygote", id, "js", "main.js", ""))
+        .collect();
+    for p in &plugins {
+        sup.add_plugin_dir(p.path()).unwrap();
+    }
+    let text = async |id: &str, f: &str| {
+        let out = sup.call(id, f, Vec::new(), None).await;
+        String::from_utf8(out.unwrap_or_else(|e| panic!("{id}.{f}: {e:?}"))).unwrap()
+    };
+    let mut seen = Vec::new();
+    for id in &ids[..2] {
+        seen.push(text(id, "draws").await);
+    }
+    // The template is older than a second when the third worker forks from it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    seen.push(text(ids[2], "draws").await);
+    for (i, x) in seen.iter().enumerate() {
+        for y in &seen[i + 1..] {
+            assert_ne!(x, y, "Math.random's state is shared: {seen:?}");
+        }
+    }
+    let since: f64 = text(ids[2], "clock").await.parse().unwrap();
+    assert!(
+        (0.0..1000.0).contains(&since),
+        "performance.now() counts from the template's start: {since} ms"
+    );
+    let w = sup.workers();
+    assert_eq!((w.templates_started, w.workers_forked), (1, 3));
+    sup.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn a_forked_plugin_cannot_signal_read_or_trace_its_template() {
     let expected = [
