@@ -88,6 +88,30 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     })
 }
 
+/// A v1 group's CFS period in microseconds; the kernel's default (100 ms) where the
+/// file is missing.
+fn v1_period(path: &Path) -> Result<u64, CgroupError> {
+    match fs::read_to_string(path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| CgroupError::Read {
+                path: path.to_owned(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("not a CFS period: {:?}", text.trim()),
+                ),
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(100_000),
+        Err(source) => Err(CgroupError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 fn mkdir(path: &Path) -> Result<(), CgroupError> {
     match fs::create_dir(path) {
         Ok(()) => Ok(()),
@@ -306,10 +330,11 @@ impl PluginCgroup {
     }
 
     fn write_limits(&self, l: &CgroupLimits) -> Result<(), CgroupError> {
-        let period: u64 = 100_000;
-        let quota = (l.cpu_micros_per_sec * period / 1_000_000).max(1_000);
+        let quota_for = |period: u64| (l.cpu_micros_per_sec * period / 1_000_000).max(1_000);
         match self.version {
             CgroupVersion::V2 => {
+                let period: u64 = 100_000;
+                let quota = quota_for(period);
                 let d = &self.dirs[0];
                 write(&d.join("memory.max"), &l.memory_bytes.to_string())?;
                 // memory.high at the hard limit: a throttling zone below it turns a
@@ -332,13 +357,15 @@ impl PluginCgroup {
                 if memsw.exists() {
                     write(&memsw, &l.memory_bytes.to_string())?;
                 }
-                // The period is the kernel's default for every new group (100 ms):
-                // only the quota is written (each write re-applies the bandwidth on
-                // every CPU).
-                write(
-                    &self.dir("cpu").join("cpu.cfs_quota_us"),
-                    &quota.to_string(),
-                )?;
+                // The period is the kernel's default for every new group (100 ms)
+                // and is not written (each write re-applies the bandwidth on every
+                // CPU): the quota is computed against the group's own period, read,
+                // so that a group found already there (a leftover of an earlier
+                // supervisor with this pid) whose period someone changed still gets
+                // the policy's share of a CPU.
+                let cpu = self.dir("cpu");
+                let quota = quota_for(v1_period(&cpu.join("cpu.cfs_period_us"))?);
+                write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
                 write(&self.dir("pids").join("pids.max"), &l.pids_max.to_string())?;
             }
         }
@@ -593,6 +620,21 @@ mod tests {
         // Left to the kernel, whose default for every new group is the 100 ms the
         // quota is computed against (the e2e tests read it from a real group).
         assert!(!cpu.join("cpu.cfs_period_us").exists());
+
+        // A group found already there with another period: the quota is the same
+        // share of a CPU, against its period, which is left as it is.
+        let old = t.path().join("cpu/corral-1/hello-2");
+        fs::create_dir_all(&old).unwrap();
+        fs::write(old.join("cpu.cfs_period_us"), "10000\n").unwrap();
+        base.create("hello-2", &limits).unwrap();
+        assert_eq!(
+            fs::read_to_string(old.join("cpu.cfs_quota_us")).unwrap(),
+            "5000"
+        );
+        assert_eq!(
+            fs::read_to_string(old.join("cpu.cfs_period_us")).unwrap(),
+            "10000\n"
+        );
         let join: Vec<String> = g
             .join_files()
             .iter()
