@@ -180,13 +180,19 @@ pub fn namespaces_between(a: &str, b: &str) -> Enforcement {
 }
 
 /// Which namespaces process `pid` does not share with this one, whose own are
-/// read once: a supervisor never changes its namespaces.
+/// read once they could all be read: a supervisor never changes its namespaces
+/// (a link that could not be read is read again next time, not kept).
 pub fn namespaces_apart_from_self(pid: u32) -> Enforcement {
     static MINE: std::sync::OnceLock<Links> = std::sync::OnceLock::new();
-    apart(
-        &namespace_links(&pid.to_string()),
-        MINE.get_or_init(|| namespace_links("self")),
-    )
+    let theirs = namespace_links(&pid.to_string());
+    if let Some(mine) = MINE.get() {
+        return apart(&theirs, mine);
+    }
+    let mine = namespace_links("self");
+    if mine.iter().all(Option::is_some) {
+        let _ = MINE.set(mine.clone());
+    }
+    apart(&theirs, &mine)
 }
 
 fn apart(a: &Links, b: &Links) -> Enforcement {
