@@ -30,6 +30,8 @@ struct Script {
     load_error: Option<&'static str>,
     /// The load never answers (an `init` that never returns).
     load_hangs: bool,
+    /// After its `LoadFailed` the worker does not exit (hostile code in `init`).
+    stays_after_load_error: bool,
     /// A kill takes effect half a second late (the worker keeps sending).
     dies_slowly: bool,
     /// The load's deadline (the plugin's `init`).
@@ -42,13 +44,14 @@ impl Default for Script {
             tag: "v1",
             load_error: None,
             load_hangs: false,
+            stays_after_load_error: false,
             dies_slowly: false,
             init_deadline_ms: 1000,
         }
     }
 }
 
-const EXPORTS: [&str; 17] = [
+const EXPORTS: [&str; 19] = [
     "echo",
     "version",
     "hold",
@@ -66,6 +69,8 @@ const EXPORTS: [&str; 17] = [
     "host_unread",
     "ahead",
     "deaf",
+    "close_and_stay",
+    "orphan_logs",
 ];
 
 /// What one fake worker received, in order.
@@ -318,6 +323,9 @@ async fn serve(
                 }
                 if let Some(e) = script.load_error {
                     let _ = tx.send(FromWorker::LoadFailed { error: e.into() });
+                    if script.stays_after_load_error {
+                        std::future::pending::<()>().await;
+                    }
                     break 1;
                 }
                 let exports = EXPORTS.iter().map(|e| e.to_string()).collect();
@@ -365,6 +373,33 @@ async fn serve(
                         // SAFETY: shutdown takes the socket's descriptor, which `rd`
                         // keeps open.
                         unsafe { libc::shutdown(rd.as_ref().as_raw_fd(), libc::SHUT_RD) };
+                    }
+                    // Closes its socket (as `close(3)` would, for the supervisor)
+                    // and stays, answering nothing, until killed.
+                    "close_and_stay" => {
+                        use std::os::fd::AsRawFd;
+                        // SAFETY: shutdown takes the socket's descriptor, which `rd`
+                        // keeps open.
+                        unsafe { libc::shutdown(rd.as_ref().as_raw_fd(), libc::SHUT_RDWR) };
+                        std::future::pending::<()>().await;
+                    }
+                    // Exits (code 3) and leaves behind something that holds its
+                    // socket and sends a log line every 10 ms for as long as it can
+                    // (a process it forked, at a level without a PID namespace).
+                    "orphan_logs" => {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            loop {
+                                let level = corral_protocol::LogLevel::Info;
+                                let message = "still here".to_owned();
+                                if tx.send(FromWorker::Log { level, message }).is_err() {
+                                    break;
+                                }
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                        });
+                        // Not the orderly end below, which waits for the writer.
+                        return 3;
                     }
                     // Hostile: what a worker running someone else's code may send.
                     "forge" => drop(tx.send(FromWorker::CallResult {
@@ -794,6 +829,95 @@ async fn a_version_that_does_not_load_is_a_failed_start() {
     }
     assert_eq!(f.state().await, "crashed");
     assert_eq!(f.call("echo").await.unwrap(), b"in");
+}
+
+/// A worker whose load failed and which does not exit is killed: its start ends,
+/// and the plugin's next start is not held behind it.
+#[tokio::test]
+async fn a_worker_that_stays_after_its_load_failed_is_killed_and_the_next_start_goes_on() {
+    let f = fixture(|o| o.restart.base_backoff = Duration::from_millis(1));
+    f.launcher.next(Script {
+        load_error: Some("Error: thrown from init"),
+        stays_after_load_error: true,
+        ..Script::default()
+    });
+    let started = Instant::now();
+    let start = tokio::time::timeout(Duration::from_secs(10), f.call("echo")).await;
+    match start.expect("the start ends") {
+        Err(CallError::StartFailed { reason, .. }) => {
+            assert!(reason.contains("thrown from init"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(f.launcher.journals.lock().unwrap()[0].killed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(f.launcher.launches(), 2);
+}
+
+/// A worker that closes its socket and stays serves nothing: it is killed after
+/// the grace, audited, and replaced; nothing waits for it, shutdown included.
+#[tokio::test]
+async fn a_worker_that_closes_its_socket_and_stays_is_killed_audited_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let f = fixture(|o| {
+        o.audit = AuditSink::File(audit.clone());
+        o.restart.base_backoff = Duration::from_millis(1);
+    });
+    let why = "its socket closed and it did not exit within 1s";
+    match f.call("close_and_stay").await {
+        Err(CallError::WorkerCrashed(ExitReason::Protocol(got))) => assert_eq!(got, why),
+        other => panic!("{other:?}"),
+    }
+    assert!(f.launcher.journals.lock().unwrap()[0].killed());
+    eventually("the violation is audited", || {
+        audit_lines(&audit).iter().any(|l| {
+            l["operation"] == "protocol" && l["rule"] == format!("protocol violation: {why}")
+        })
+    })
+    .await;
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(f.launcher.launches(), 2);
+
+    // Shut down while a worker has just closed its socket and stays.
+    let closing = f.sup.call(&f.id, "close_and_stay", Vec::new(), None);
+    let _ = tokio::time::timeout(Duration::from_millis(100), closing).await;
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(5),
+        f.sup.shutdown(Duration::from_millis(200)),
+    )
+    .await;
+    assert!(
+        stopped.is_ok(),
+        "shutdown waits for a worker without its socket"
+    );
+    assert!(f.launcher.journals.lock().unwrap()[1].killed());
+}
+
+/// What a worker sent just before it exited is read, but a process it left with
+/// its socket does not keep the supervisor reading: the crash is seen and the
+/// plugin restarts.
+#[tokio::test]
+async fn a_process_left_holding_an_exited_workers_socket_does_not_hold_its_end() {
+    let f = fixture(|o| o.restart.base_backoff = Duration::from_millis(1));
+    let started = Instant::now();
+    match f.call("orphan_logs").await {
+        Err(CallError::WorkerCrashed(ExitReason::Code(3))) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(f.launcher.launches(), 2);
+    assert_eq!(f.sup.list().await[0].restarts, 1);
 }
 
 #[tokio::test]

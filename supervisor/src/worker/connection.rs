@@ -83,6 +83,30 @@ pub(crate) const MAX_LOAD_FRAME: u32 = 1 << 20;
 /// violation whatever its size, and is not read whole to find that out.
 pub(crate) const MAX_SMALL_FRAME: u32 = 4 << 10;
 
+/// How long a worker that closed its socket, or said its load failed, has to exit
+/// before it is killed: a worker without its socket serves nothing, and one that
+/// stays would hold its slot, its start and the supervisor's shutdown.
+pub(crate) const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+/// The most a worker that has exited may still be read for (what it sent just
+/// before; a process it left behind with its socket would otherwise keep the read
+/// going), and the most frames read then.
+const DRAIN_TIME: Duration = Duration::from_millis(250);
+const DRAIN_FRAMES: usize = 256;
+
+/// Wait for `child` to end within `grace`, else kill it and wait; `true` if it had
+/// to be killed.
+pub(crate) async fn wait_or_kill(
+    child: &mut dyn Process,
+    grace: Duration,
+) -> (Option<std::process::ExitStatus>, bool) {
+    if let Ok(status) = tokio::time::timeout(grace, child.wait()).await {
+        return (status, false);
+    }
+    child.start_kill();
+    (child.wait().await, true)
+}
+
 /// The size limit of each kind of frame from a worker whose calls may answer
 /// `max_output` bytes: a call's result and a host call (what the plugin sends out
 /// through the host) at most `max_output` and [`FRAME_SLACK`], a log line
@@ -159,6 +183,8 @@ pub(crate) enum Violation {
     AnswersNotRead { host_calls: usize },
     #[error("a {0} message nobody asked for")]
     Unasked(&'static str),
+    #[error("its socket closed and it did not exit within {0:?}")]
+    ClosedButAlive(Duration),
     /// A frame past its kind's limit, or one that does not decode.
     #[error(transparent)]
     Frame(FrameError),
@@ -287,20 +313,28 @@ impl Connection {
                     status = s;
                     lock(&self.pending).gone = true;
                     // Read what the worker sent before it exited, briefly (the
-                    // frame under way first).
-                    if let Ok((mut rd, Ok(msg))) =
-                        tokio::time::timeout(Duration::from_millis(50), &mut read).await
-                    {
-                        let _ = self.handle(msg);
-                        while let Ok(Ok(msg)) = tokio::time::timeout(
-                            Duration::from_millis(50),
-                            read_from_worker(&mut rd, max_output),
-                        )
-                        .await
+                    // frame under way first), and for DRAIN_TIME and DRAIN_FRAMES
+                    // at most: a process left with its socket does not keep this
+                    // going.
+                    let drain = async {
+                        if let Ok((mut rd, Ok(msg))) =
+                            tokio::time::timeout(Duration::from_millis(50), &mut read).await
                         {
                             let _ = self.handle(msg);
+                            for _ in 1..DRAIN_FRAMES {
+                                let Ok(Ok(msg)) = tokio::time::timeout(
+                                    Duration::from_millis(50),
+                                    read_from_worker(&mut rd, max_output),
+                                )
+                                .await
+                                else {
+                                    break;
+                                };
+                                let _ = self.handle(msg);
+                            }
                         }
-                    }
+                    };
+                    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
                     break;
                 }
                 () = self.kill.notified() => {
@@ -314,6 +348,14 @@ impl Connection {
         }
         // Nothing sent from now on reaches a worker.
         lock(&self.pending).gone = true;
+        if status.is_none() && protocol_error.is_none() {
+            // Its socket closed (or broke): a worker ending, or one that means to
+            // stay without it. It has EXIT_GRACE to exit.
+            match tokio::time::timeout(EXIT_GRACE, child.wait()).await {
+                Ok(s) => status = s,
+                Err(_) => protocol_error = Some(Violation::ClosedButAlive(EXIT_GRACE)),
+            }
+        }
         if let Some(why) = &protocol_error {
             tracing::warn!(plugin = %self.plugin_id, "protocol violation, killing the worker: {why}");
             child.start_kill();

@@ -356,7 +356,10 @@ impl WorkerHandle {
         let exports = match loaded {
             Ok(Ok(exports)) => exports,
             Ok(Err(error)) => {
-                child.wait().await;
+                // It ends after saying so; one that stays is killed, so that its
+                // start (which holds the plugin's other starts) ends.
+                super::connection::wait_or_kill(child.as_mut(), super::connection::EXIT_GRACE)
+                    .await;
                 return Err(StartError::LoadFailed(match &spec.files {
                     Some(f) => f.shown(error),
                     None => error,
@@ -576,8 +579,9 @@ async fn handshake(
         r = tokio::time::timeout(timeout, read) => match r {
             Ok(Ok(hello)) => Ok(hello),
             Ok(Err(FrameError::Closed | FrameError::Io(_) | FrameError::Truncated { .. })) => {
-                let status = child.wait().await.map(exit_reason).unwrap_or(ExitReason::Unknown);
-                Err(HandshakeFailure::Died(status))
+                let (status, _) =
+                    super::connection::wait_or_kill(child, super::connection::EXIT_GRACE).await;
+                Err(HandshakeFailure::Died(status.map(exit_reason).unwrap_or(ExitReason::Unknown)))
             }
             Ok(Err(e)) => Err(HandshakeFailure::Other(StartError::Handshake(e))),
             Err(_) => Err(HandshakeFailure::Other(StartError::HandshakeTimeout(timeout))),
