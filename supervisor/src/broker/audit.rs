@@ -63,6 +63,11 @@ struct Line<'a> {
     event: &'a AuditEvent<'a>,
 }
 
+/// The most bytes of an audit line's target (a key, URL, topic, plugin.function)
+/// and of its rule written; the rest is cut, with the length said.
+pub const MAX_AUDIT_TARGET: usize = 1024;
+pub const MAX_AUDIT_RULE: usize = 4096;
+
 /// Lines a second one plugin may have written, after a burst of four seconds'
 /// worth, unless the policy's `audit_rate` says otherwise. A plugin that makes denied host calls in a loop would
 /// otherwise write megabytes a second, drowning the other plugins' lines (and the
@@ -291,6 +296,15 @@ impl Shared {
     }
 
     fn write(&self, event: &AuditEvent<'_>) {
+        // A worker chooses its host calls' keys, URLs and names (up to a frame's
+        // size): what an audit line keeps of them is bounded.
+        let target = crate::supervisor::cut(event.target.to_owned(), MAX_AUDIT_TARGET);
+        let rule = crate::supervisor::cut(event.rule.to_owned(), MAX_AUDIT_RULE);
+        let event = &AuditEvent {
+            target: &target,
+            rule: &rule,
+            ..event.clone()
+        };
         tracing::warn!(
             plugin = event.plugin,
             operation = event.operation,
@@ -471,6 +485,36 @@ mod tests {
     }
 
     /// What is still suppressed when the broker goes away is written then.
+    #[test]
+    fn what_a_worker_names_is_cut_in_the_audit_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = Audit::new(AuditSink::File(path.clone()));
+        let key = "k\u{1}".repeat(1 << 19);
+        let rule = format!("default deny: no grant allows call on {key}");
+        audit.shared.record(
+            AuditEvent {
+                plugin: "p",
+                operation: "kv.get",
+                target: &key,
+                decision: "denied",
+                rule: &rule,
+            },
+            Instant::now(),
+        );
+        drop(audit);
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Escaped, a control character is six bytes: still far below the 1 MiB key.
+        assert!(text.len() < 64 << 10, "{} bytes", text.len());
+        let got = lines(&path);
+        let target = got[0]["target"].as_str().unwrap();
+        assert!(target.ends_with(" [cut: 1048576 bytes in all]"), "{target:.80}");
+        assert!(target.len() <= MAX_AUDIT_TARGET + 40);
+        let r = got[0]["rule"].as_str().unwrap();
+        assert!(r.starts_with("default deny: no grant allows call on k"));
+        assert!(r.len() <= MAX_AUDIT_RULE + 40);
+    }
+
     #[test]
     fn pending_summaries_are_written_at_the_end() {
         let dir = tempfile::tempdir().unwrap();

@@ -166,7 +166,7 @@ pub const HEALTH_EXPORT: &str = "health";
 pub const MAX_CONFIG_ERROR: usize = 4096;
 
 /// `text` cut to at most `max` bytes (on a character boundary), saying so.
-fn cut(mut text: String, max: usize) -> String {
+pub(crate) fn cut(mut text: String, max: usize) -> String {
     if text.len() <= max {
         return text;
     }
