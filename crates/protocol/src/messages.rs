@@ -539,6 +539,27 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// Whether a worker may answer a call with this error (what its engine or
+    /// worker loop decides); the others are the supervisor's own, and a worker
+    /// that sends one breaks the protocol.
+    pub fn is_a_workers(&self) -> bool {
+        match self {
+            CallError::Plugin { .. }
+            | CallError::Trap { .. }
+            | CallError::Timeout { .. }
+            | CallError::MemoryLimit { .. }
+            | CallError::OutputTooLarge { .. }
+            | CallError::UnknownFunction { .. }
+            | CallError::BadInput { .. } => true,
+            CallError::WorkerCrashed(_)
+            | CallError::PluginFailed { .. }
+            | CallError::StartFailed { .. }
+            | CallError::UnknownPlugin { .. }
+            | CallError::Overloaded { .. }
+            | CallError::ShuttingDown => false,
+        }
+    }
+
     /// Short machine-readable name of the error's kind (the `kind` in `--json`
     /// output, the `outcome` label of the daemon's call metrics).
     pub fn kind(&self) -> &'static str {

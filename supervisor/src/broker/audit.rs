@@ -508,7 +508,10 @@ mod tests {
         assert!(text.len() < 64 << 10, "{} bytes", text.len());
         let got = lines(&path);
         let target = got[0]["target"].as_str().unwrap();
-        assert!(target.ends_with(" [cut: 1048576 bytes in all]"), "{target:.80}");
+        assert!(
+            target.ends_with(" [cut: 1048576 bytes in all]"),
+            "{target:.80}"
+        );
         assert!(target.len() <= MAX_AUDIT_TARGET + 40);
         let r = got[0]["rule"].as_str().unwrap();
         assert!(r.starts_with("default deny: no grant allows call on k"));

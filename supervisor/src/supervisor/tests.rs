@@ -51,7 +51,7 @@ impl Default for Script {
     }
 }
 
-const EXPORTS: [&str; 19] = [
+const EXPORTS: [&str; 20] = [
     "echo",
     "version",
     "hold",
@@ -71,6 +71,7 @@ const EXPORTS: [&str; 19] = [
     "deaf",
     "close_and_stay",
     "orphan_logs",
+    "forge_error",
 ];
 
 /// What one fake worker received, in order.
@@ -407,6 +408,7 @@ async fn serve(
                         result: Ok(b"forged".to_vec()),
                     })),
                     "oversize" => drop(atx.send(answer(Ok(vec![0; (1 << 20) + 1])))),
+                    "forge_error" => drop(atx.send(answer(Err(CallError::ShuttingDown)))),
                     "host_flood" => {
                         // Host calls performed on tasks of their own (`now` and
                         // `kv.get` are answered as they are read, never in flight).
@@ -999,6 +1001,10 @@ async fn a_worker_that_breaks_the_protocol_is_killed_audited_and_replaced() {
             "more than 4 host calls in flight (host_calls)",
         ),
         ("host_dup", "host call id 7 is already in flight"),
+        (
+            "forge_error",
+            "call 1 answered with a shutting_down error, which only the supervisor gives",
+        ),
         (
             "host_unread",
             "5 answers to its host calls not read (host_calls 4)",

@@ -183,6 +183,8 @@ pub(crate) enum Violation {
     AnswersNotRead { host_calls: usize },
     #[error("a {0} message nobody asked for")]
     Unasked(&'static str),
+    #[error("call {id} answered with a {kind} error, which only the supervisor gives")]
+    SupervisorsError { id: RequestId, kind: &'static str },
     #[error("its socket closed and it did not exit within {0:?}")]
     ClosedButAlive(Duration),
     /// A frame past its kind's limit, or one that does not decode.
@@ -468,6 +470,11 @@ impl Connection {
                         }
                         _ => Violation::AnswerNotRunning(id),
                     });
+                }
+                if let Err(e) = &result
+                    && !e.is_a_workers()
+                {
+                    return Err(Violation::SupervisorsError { id, kind: e.kind() });
                 }
                 if let Ok(out) = &result
                     && out.len() as u64 > self.max_output
