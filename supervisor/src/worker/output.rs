@@ -22,17 +22,25 @@ pub(crate) struct StderrTail {
 impl StderrTail {
     const KEEP: usize = 8 * 1024;
 
+    /// Keep `line`. The text is cut back to [`Self::KEEP`] only once it holds twice
+    /// that: cutting at every line moved the whole tail per line, so a worker
+    /// writing bare newlines cost the supervisor KEEP bytes of copying per byte.
     pub(crate) fn push(&self, line: &str) {
         let mut t = self.text.lock().unwrap_or_else(|e| e.into_inner());
         t.push_str(line);
         t.push('\n');
-        if t.len() > Self::KEEP {
-            let cut = t.len() - Self::KEEP;
-            let cut = (cut..t.len())
-                .find(|&i| t.is_char_boundary(i))
-                .unwrap_or(t.len());
+        if t.len() > 2 * Self::KEEP {
+            let cut = Self::start_of_last(&t, Self::KEEP);
             t.drain(..cut);
         }
+    }
+
+    /// Where the last `keep` bytes of `t` begin (on a character boundary).
+    fn start_of_last(t: &str, keep: usize) -> usize {
+        let cut = t.len().saturating_sub(keep);
+        (cut..t.len())
+            .find(|&i| t.is_char_boundary(i))
+            .unwrap_or(t.len())
     }
 
     pub(crate) fn close(&self) {
@@ -46,7 +54,8 @@ impl StderrTail {
         if !self.is_closed.load(Ordering::SeqCst) {
             let _ = tokio::time::timeout(Duration::from_millis(200), closed).await;
         }
-        self.text.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let t = self.text.lock().unwrap_or_else(|e| e.into_inner());
+        t[Self::start_of_last(&t, Self::KEEP)..].to_owned()
     }
 }
 
@@ -367,5 +376,25 @@ mod tests {
             &text[text.len().saturating_sub(200)..]
         );
         assert!(text.len() <= StderrTail::KEEP + MAX_LINE, "{}", text.len());
+    }
+
+    #[tokio::test]
+    async fn the_tail_is_the_last_words_whatever_came_before() {
+        let tail = StderrTail::default();
+        for i in 0..100_000 {
+            tail.push(if i % 7 == 0 { "é" } else { "" });
+            let kept = tail.text.lock().unwrap().len();
+            assert!(kept <= 2 * StderrTail::KEEP + 3, "{kept}");
+        }
+        tail.push("corral-seccomp: 101");
+        tail.close();
+        let text = tail.wait_closed().await;
+        assert!(text.len() <= StderrTail::KEEP, "{}", text.len());
+        assert!(text.len() >= StderrTail::KEEP - 3, "{}", text.len());
+        assert!(text.ends_with("\ncorral-seccomp: 101\n"));
+        assert_eq!(
+            corral_confine::violation_from_stderr(&text).as_deref(),
+            Some("ptrace")
+        );
     }
 }
