@@ -302,6 +302,46 @@ mod tests {
         }
     }
 
+    /// Sequences a worker sends are refused from their length past their bound:
+    /// an empty pair of strings is two bytes on the wire and 48 in memory.
+    #[test]
+    fn sequences_past_their_bound_are_refused_before_they_are_read() {
+        let fetch = |n: usize| FromWorker::HostCall {
+            id: 1,
+            call: 2,
+            op: HostOp::Fetch(FetchRequest {
+                method: "GET".into(),
+                url: "https://example.com/".into(),
+                headers: vec![(String::new(), String::new()); n],
+                body: Vec::new(),
+            }),
+        };
+        let loaded = |n: usize| FromWorker::Loaded {
+            exports: vec![String::new(); n],
+        };
+        for (ok, too_many) in [
+            (fetch(MAX_FETCH_HEADERS), fetch(MAX_FETCH_HEADERS + 1)),
+            (loaded(MAX_EXPORTS), loaded(MAX_EXPORTS + 1)),
+        ] {
+            let f = encode(&ok).unwrap();
+            assert_eq!(decode::<FromWorker>(&f[4..]).unwrap(), ok);
+            let f = encode(&too_many).unwrap();
+            let e = decode::<FromWorker>(&f[4..]).unwrap_err().to_string();
+            assert!(e.contains("at most"), "{e}");
+        }
+        // A frame whose header count claims millions of pairs (what a 5 MiB host
+        // call of empty pairs would hold): refused from the count.
+        // No headers ends in their count (0) and the body's length (0).
+        let none = encode(&fetch(0)).unwrap()[4..].to_vec();
+        assert!(none.ends_with(&[0, 0]));
+        let mut crafted = none[..none.len() - 2].to_vec();
+        crafted.push(0xfc); // bincode's varint: a u32 follows
+        crafted.extend_from_slice(&2_621_440u32.to_le_bytes());
+        crafted.extend(std::iter::repeat_n(0u8, 64));
+        let e = decode::<FromWorker>(&crafted).unwrap_err().to_string();
+        assert!(e.contains("at most 256"), "{e}");
+    }
+
     #[test]
     fn a_frames_first_byte_names_its_kind() {
         let msgs = [

@@ -38,11 +38,13 @@
 //! handshake names another version (workers ship with the supervisor, so this is a
 //! deployment error, reported as such, never a silent misparse).
 
+mod bounded;
 pub mod frame;
 mod messages;
 mod payload;
 pub mod template;
 
+pub use bounded::{MAX_EXPORTS, MAX_FETCH_HEADERS};
 pub use frame::FrameError;
 pub use messages::*;
 

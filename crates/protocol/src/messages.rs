@@ -211,8 +211,12 @@ pub enum ToWorker {
 /// Messages from a worker to the supervisor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromWorker {
-    /// The plugin is loaded and initialised; it exports these functions.
-    Loaded { exports: Vec<String> },
+    /// The plugin is loaded and initialised; it exports these functions (at most
+    /// [`crate::MAX_EXPORTS`]).
+    Loaded {
+        #[serde(deserialize_with = "crate::bounded::exports")]
+        exports: Vec<String>,
+    },
     /// Loading failed; the worker exits after sending this.
     LoadFailed { error: String },
     /// The outcome of `ToWorker::Call` with the same id.
@@ -361,6 +365,8 @@ impl HostOp {
 pub struct FetchRequest {
     pub method: String,
     pub url: String,
+    /// At most [`crate::MAX_FETCH_HEADERS`].
+    #[serde(deserialize_with = "crate::bounded::headers")]
     pub headers: Vec<(String, String)>,
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,

@@ -122,6 +122,15 @@ pub(crate) fn serve<E: Engine>(engine: &mut E, host: &Host) -> u8 {
                 }
                 host.set_config(spec.config.clone(), spec.secrets.clone());
                 match engine.instantiate(&spec, host) {
+                    Ok(instance) if instance.exports().len() > corral_protocol::MAX_EXPORTS => {
+                        let error = format!(
+                            "the plugin exports {} functions; a plugin may export at most {}",
+                            instance.exports().len(),
+                            corral_protocol::MAX_EXPORTS
+                        );
+                        let _ = host.send(&FromWorker::LoadFailed { error });
+                        return EXIT_LOAD_FAILED;
+                    }
                     Ok(instance) => {
                         release_free_memory();
                         let exports = instance.exports().to_vec();

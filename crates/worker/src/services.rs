@@ -156,7 +156,8 @@ fn text(b: &[u8], what: &str) -> Result<String, HostError> {
 }
 
 fn parse_headers(s: &str) -> Result<Vec<(String, String)>, HostError> {
-    s.lines()
+    let headers = s
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             let (k, v) = l
@@ -164,7 +165,15 @@ fn parse_headers(s: &str) -> Result<Vec<(String, String)>, HostError> {
                 .ok_or_else(|| HostError::Invalid(format!("header line {l:?} has no `:`")))?;
             Ok((k.trim().to_owned(), v.trim().to_owned()))
         })
-        .collect()
+        .collect::<Result<Vec<_>, HostError>>()?;
+    if headers.len() > corral_protocol::MAX_FETCH_HEADERS {
+        return Err(HostError::Invalid(format!(
+            "{} headers; a request may have at most {}",
+            headers.len(),
+            corral_protocol::MAX_FETCH_HEADERS
+        )));
+    }
+    Ok(headers)
 }
 
 /// Byte strings as the Wasm ABI passes them: each a little-endian `u32` length and
