@@ -205,7 +205,15 @@ impl Audit {
     /// Write one event, within its plugin's budget (see [`AUDIT_RATE`]). A failure
     /// to write is logged, never fatal.
     pub fn record(&self, event: AuditEvent<'_>) {
-        self.shared.record(event, Instant::now());
+        self.shared.record(event, None, Instant::now());
+    }
+
+    /// Write an event about one plugin that another caused, within the budget of
+    /// the one that caused it (`payer`): a publisher whose messages a subscriber may
+    /// not receive must not use up that subscriber's budget, which its own denials
+    /// and kills need.
+    pub fn record_charged_to(&self, payer: &str, event: AuditEvent<'_>) {
+        self.shared.record(event, Some(payer), Instant::now());
     }
 
     /// Close the audit file and open `sink` at the next line: after logrotate
@@ -240,21 +248,22 @@ impl Audit {
 }
 
 impl Shared {
-    fn record(&self, event: AuditEvent<'_>, now: Instant) {
+    fn record(&self, event: AuditEvent<'_>, payer: Option<&str>, now: Instant) {
         if let Some(m) = &self.metrics {
             m.audit(event.plugin, event.operation, event.decision);
         }
+        let payer = payer.unwrap_or(event.plugin);
         let summary = {
             let rate = self
                 .rates
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .get(event.plugin)
+                .get(payer)
                 .copied()
                 .unwrap_or(AUDIT_RATE);
             let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
             let b = budgets
-                .entry(event.plugin.to_owned())
+                .entry(payer.to_owned())
                 .or_insert_with(|| Budget::full(now, rate));
             b.refill(now);
             if b.tokens < 1.0 {
@@ -268,7 +277,7 @@ impl Shared {
             b.take_summary()
         };
         if let Some(rule) = summary {
-            self.write(&summary_event(event.plugin, &rule));
+            self.write(&summary_event(payer, &rule));
         }
         self.write(&event);
     }
@@ -401,15 +410,15 @@ mod tests {
         let a = &audit.shared;
         let t0 = Instant::now();
         for _ in 0..100 {
-            a.record(event("quiet", "kv.get"), t0);
-            a.record(event("other", "kv.get"), t0);
+            a.record(event("quiet", "kv.get"), None, t0);
+            a.record(event("other", "kv.get"), None, t0);
         }
         let l = lines(&path);
         assert_eq!(of(&l, "quiet").len(), 20);
         assert_eq!(of(&l, "other").len(), 100);
         // A second later: five more, after the summary of the 80 held back.
         for _ in 0..10 {
-            a.record(event("quiet", "kv.get"), t0 + Duration::from_secs(1));
+            a.record(event("quiet", "kv.get"), None, t0 + Duration::from_secs(1));
         }
         let l = lines(&path);
         let quiet = of(&l, "quiet");
@@ -435,16 +444,16 @@ mod tests {
         let a = &audit.shared;
         let t0 = Instant::now();
         for _ in 0..10_000 {
-            a.record(event("flood", "kv.get"), t0);
+            a.record(event("flood", "kv.get"), None, t0);
         }
-        a.record(event("neighbour", "fetch"), t0);
+        a.record(event("neighbour", "fetch"), None, t0);
         let got = lines(&path);
         assert_eq!(of(&got, "flood").len(), AUDIT_BURST as usize);
         assert_eq!(of(&got, "neighbour").len(), 1, "not blinded by the flood");
 
         // Half a second on: 25 lines of budget; the next one brings the summary.
         let t1 = t0 + Duration::from_millis(500);
-        a.record(event("flood", "fetch"), t1);
+        a.record(event("flood", "fetch"), None, t1);
         let got = lines(&path);
         let flood = of(&got, "flood");
         assert_eq!(flood.len(), AUDIT_BURST as usize + 2);
@@ -465,6 +474,7 @@ mod tests {
         for i in 0..100 {
             a.record(
                 event("flood", if i % 2 == 0 { "kv.get" } else { "call" }),
+                None,
                 t1,
             );
         }
@@ -486,6 +496,22 @@ mod tests {
 
     /// What is still suppressed when the broker goes away is written then.
     #[test]
+    fn events_another_plugin_caused_use_its_budget_not_the_subjects() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = Audit::new(AuditSink::File(path.clone()));
+        for _ in 0..10_000 {
+            audit.record_charged_to("publisher", event("subscriber", "subscribe"));
+        }
+        // The subscriber's own kill is still written in full.
+        audit.record(event("subscriber", "seccomp"));
+        let got = lines(&path);
+        let mine: Vec<_> = of(&got, "subscriber");
+        assert_eq!(mine.len(), AUDIT_BURST as usize + 1);
+        assert_eq!(mine.last().unwrap()["operation"], "seccomp");
+    }
+
+    #[test]
     fn what_a_worker_names_is_cut_in_the_audit_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
@@ -500,6 +526,7 @@ mod tests {
                 decision: "denied",
                 rule: &rule,
             },
+            None,
             Instant::now(),
         );
         drop(audit);
@@ -525,7 +552,7 @@ mod tests {
         let audit = Audit::new(AuditSink::File(path.clone()));
         let t0 = Instant::now();
         for _ in 0..AUDIT_BURST + 7 {
-            audit.shared.record(event("flood", "publish"), t0);
+            audit.shared.record(event("flood", "publish"), None, t0);
         }
         drop(audit);
         let got = lines(&path);

@@ -85,7 +85,7 @@ impl HostBroker {
             )));
         }
         services.check_publish(&topic).map_err(denied)?;
-        let permits = self.reserve(&topic, Reserve::AllOrNothing)?;
+        let permits = self.reserve(from, &topic, Reserve::AllOrNothing)?;
         // The other nodes' copy first: if it cannot be sent, nobody gets the
         // message (the publisher may retry without anyone seeing it twice).
         if let Some(store) = self.bus_store()? {
@@ -100,7 +100,7 @@ impl HostBroker {
     /// subscribers; one whose queue is full misses it, logged and audited (the
     /// publisher, elsewhere, cannot be refused any more).
     pub(crate) fn deliver_remote(&self, from: &str, topic: &str, payload: &[u8]) {
-        match self.reserve(topic, Reserve::SkipFull) {
+        match self.reserve(from, topic, Reserve::SkipFull) {
             Ok(permits) => Self::deliver(permits, from, topic, payload),
             Err(e) => tracing::warn!(topic, from, "a message from another node: {e}"),
         }
@@ -123,9 +123,11 @@ impl HostBroker {
     }
 
     /// A place in the queue of every allowed subscriber of `topic`; subscriptions
-    /// the policy does not allow are audited and skipped.
+    /// the policy does not allow are audited and skipped. What is audited about a
+    /// subscriber here is charged to the publisher `from`, whose message caused it.
     fn reserve(
         &self,
+        from: &str,
         topic: &str,
         mode: Reserve,
     ) -> Result<Vec<(tokio::sync::mpsc::OwnedPermit<Delivery>, String)>, HostError> {
@@ -133,13 +135,16 @@ impl HostBroker {
         let mut permits = Vec::new();
         for sub in directory.subscribers(topic) {
             if let Err(rule) = sub.services.check_subscribe(topic) {
-                self.audit.record(AuditEvent {
-                    plugin: &sub.plugin,
-                    operation: "subscribe",
-                    target: topic,
-                    decision: "denied",
-                    rule: &rule,
-                });
+                self.audit.record_charged_to(
+                    from,
+                    AuditEvent {
+                        plugin: &sub.plugin,
+                        operation: "subscribe",
+                        target: topic,
+                        decision: "denied",
+                        rule: &rule,
+                    },
+                );
                 continue;
             }
             let Some(queue) = directory.delivery_queue(&sub.plugin) else {
@@ -153,13 +158,16 @@ impl HostBroker {
                         self.max_queue
                     );
                     tracing::warn!(plugin = %sub.plugin, topic, "message dropped: {rule}");
-                    self.audit.record(AuditEvent {
-                        plugin: &sub.plugin,
-                        operation: "subscribe",
-                        target: topic,
-                        decision: "dropped",
-                        rule: &rule,
-                    });
+                    self.audit.record_charged_to(
+                        from,
+                        AuditEvent {
+                            plugin: &sub.plugin,
+                            operation: "subscribe",
+                            target: topic,
+                            decision: "dropped",
+                            rule: &rule,
+                        },
+                    );
                 }
                 Err(_) => {
                     return Err(HostError::Overloaded(format!(
