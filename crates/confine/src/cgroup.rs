@@ -88,28 +88,40 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     })
 }
 
+/// Most bytes of a v1 group's `cpu.cfs_period_us` read: the kernel writes at most
+/// seven digits and a newline; anything longer is not a period.
+const MAX_PERIOD_FILE: u64 = 32;
+
 /// A v1 group's CFS period in microseconds; the kernel's default (100 ms) where the
-/// file is missing.
+/// file is missing. At most [`MAX_PERIOD_FILE`] bytes are read, whatever the file
+/// holds.
 fn v1_period(path: &Path) -> Result<u64, CgroupError> {
-    match fs::read_to_string(path) {
-        Ok(text) => text
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| CgroupError::Read {
-                path: path.to_owned(),
-                source: io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("not a CFS period: {:?}", text.trim()),
-                ),
-            }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(100_000),
-        Err(source) => Err(CgroupError::Read {
-            path: path.to_owned(),
-            source,
-        }),
-    }
+    use std::io::Read;
+    let read_error = |source| CgroupError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(100_000),
+        Err(e) => return Err(read_error(e)),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_PERIOD_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    let text = String::from_utf8_lossy(&bytes);
+    (bytes.len() as u64 <= MAX_PERIOD_FILE)
+        .then(|| text.trim().parse::<u64>().ok())
+        .flatten()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| {
+            read_error(io::Error::new(
+                io::ErrorKind::InvalidData,
+                // `text` is at most MAX_PERIOD_FILE + 1 bytes.
+                format!("not a CFS period: {:?}", text.trim()),
+            ))
+        })
 }
 
 fn mkdir(path: &Path) -> Result<(), CgroupError> {
@@ -635,6 +647,21 @@ mod tests {
             fs::read_to_string(old.join("cpu.cfs_period_us")).unwrap(),
             "10000\n"
         );
+
+        // A period file that is not one (too long, not a number, zero) refuses
+        // the group with the file named, after reading at most 33 bytes of it.
+        for bad in ["9".repeat(1 << 20), "abc\n".into(), "0\n".into()] {
+            let g = t.path().join("cpu/corral-1/hello-3");
+            fs::create_dir_all(&g).unwrap();
+            fs::write(g.join("cpu.cfs_period_us"), &bad).unwrap();
+            let e = base.create("hello-3", &limits).unwrap_err();
+            let e = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+            assert!(
+                e.contains("cpu.cfs_period_us") && e.contains("not a CFS period"),
+                "{e:.200}"
+            );
+            assert!(e.len() < 400, "{} bytes", e.len());
+        }
         let join: Vec<String> = g
             .join_files()
             .iter()

@@ -155,23 +155,24 @@ fn text(b: &[u8], what: &str) -> Result<String, HostError> {
         .map_err(|e| HostError::Invalid(format!("the {what} is not UTF-8: {e}")))
 }
 
+/// The plugin's header lines (`name: value`), at most
+/// [`corral_protocol::MAX_FETCH_HEADERS`]: refused at the first one past it, before
+/// anything more is parsed or kept.
 fn parse_headers(s: &str) -> Result<Vec<(String, String)>, HostError> {
-    let headers = s
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let (k, v) = l
-                .split_once(':')
-                .ok_or_else(|| HostError::Invalid(format!("header line {l:?} has no `:`")))?;
-            Ok((k.trim().to_owned(), v.trim().to_owned()))
-        })
-        .collect::<Result<Vec<_>, HostError>>()?;
-    if headers.len() > corral_protocol::MAX_FETCH_HEADERS {
-        return Err(HostError::Invalid(format!(
-            "{} headers; a request may have at most {}",
-            headers.len(),
-            corral_protocol::MAX_FETCH_HEADERS
-        )));
+    let max = corral_protocol::MAX_FETCH_HEADERS;
+    let mut headers = Vec::new();
+    for l in s.lines().filter(|l| !l.trim().is_empty()) {
+        if headers.len() == max {
+            return Err(HostError::Invalid(format!(
+                "more than {max} headers; a request may have at most {max}"
+            )));
+        }
+        let (k, v) = l.split_once(':').ok_or_else(|| {
+            let shown: String = l.chars().take(80).collect();
+            let more = if shown.len() < l.len() { " (cut)" } else { "" };
+            HostError::Invalid(format!("header line {shown:?}{more} has no `:`"))
+        })?;
+        headers.push((k.trim().to_owned(), v.trim().to_owned()));
     }
     Ok(headers)
 }
@@ -209,6 +210,24 @@ pub fn decode_list(mut b: &[u8]) -> Result<Vec<Vec<u8>>, String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn headers_past_the_bound_are_refused_at_the_first_one_too_many() {
+        let max = corral_protocol::MAX_FETCH_HEADERS;
+        let ok = "a: b\n".repeat(max);
+        assert_eq!(parse_headers(&ok).unwrap().len(), max);
+        let e = parse_headers(&"a: b\n".repeat(max + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("more than {max} headers")), "{e}");
+        // A long line without `:` is named in a bounded message.
+        let e = parse_headers(&"x".repeat(1 << 20)).unwrap_err().to_string();
+        assert!(
+            e.contains("has no `:`") && e.len() < 300,
+            "{} bytes",
+            e.len()
+        );
+    }
     use super::*;
 
     #[test]

@@ -162,23 +162,33 @@ async fn forked_workers_draw_their_own_random_numbers() {
     k.sup.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A supervisor forking `runtime`'s workers from a template, with the plugins
+/// `plugin` makes for `ids`.
+fn forked(
+    runtime: Runtime,
+    ids: &[&str],
+    plugin: impl Fn(&str) -> TempDir,
+) -> (Supervisor, Vec<TempDir>, TempDir) {
+    let cache = open_tempdir();
+    let mut opts = options(cache.path());
+    opts.zygotes = vec![runtime];
+    let mut sup = Supervisor::new(opts);
+    let plugins: Vec<TempDir> = ids.iter().map(|id| plugin(id)).collect();
+    for p in &plugins {
+        sup.add_plugin_dir(p.path()).unwrap();
+    }
+    (sup, plugins, cache)
+}
+
 /// WASI's generators are seeded from the worker thread's `rand::rng()`, which is
 /// seeded at its first use and never again at a fork: made in the template, it
 /// would give every child the same stream.
 #[tokio::test]
 async fn forked_wasm_workers_draw_their_own_random_numbers() {
-    let cache = open_tempdir();
-    let mut opts = options(cache.path());
-    opts.zygotes = vec![Runtime::Wasm];
-    let mut sup = Supervisor::new(opts);
     let ids = ["zw-a", "zw-b", "zw-c"];
-    let plugins: Vec<TempDir> = ids
-        .iter()
-        .map(|id| corral_integration_tests::wat_plugin(id, "random.wat", ""))
-        .collect();
-    for p in &plugins {
-        sup.add_plugin_dir(p.path()).unwrap();
-    }
+    let (sup, _plugins, _cache) = forked(Runtime::Wasm, &ids, |id| {
+        corral_integration_tests::wat_plugin(id, "random.wat", "")
+    });
     let mut seen = Vec::new();
     for id in ids {
         let drawn = sup.call(id, "draw", Vec::new(), None).await.unwrap();
@@ -200,18 +210,10 @@ async fn forked_wasm_workers_draw_their_own_random_numbers() {
 /// template's clock. Each forked worker makes its own.
 #[tokio::test]
 async fn forked_js_workers_draw_their_own_random_numbers_and_count_time_from_their_start() {
-    let cache = open_tempdir();
-    let mut opts = options(cache.path());
-    opts.zygotes = vec![Runtime::Js];
-    let mut sup = Supervisor::new(opts);
     let ids = ["zj-a", "zj-b", "zj-c"];
-    let plugins: Vec<TempDir> = ids
-        .iter()
-        .map(|id| fixture_plugin("js-zygote", id, "js", "main.js", ""))
-        .collect();
-    for p in &plugins {
-        sup.add_plugin_dir(p.path()).unwrap();
-    }
+    let (sup, _plugins, _cache) = forked(Runtime::Js, &ids, |id| {
+        fixture_plugin("js-zygote", id, "js", "main.js", "")
+    });
     let text = async |id: &str, f: &str| {
         let out = sup.call(id, f, Vec::new(), None).await;
         String::from_utf8(out.unwrap_or_else(|e| panic!("{id}.{f}: {e:?}"))).unwrap()

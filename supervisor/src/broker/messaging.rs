@@ -122,6 +122,26 @@ impl HostBroker {
         }
     }
 
+    /// Audit what became of `subscriber`'s delivery of a message on `topic`,
+    /// charged to the publisher `from`, whose message caused it.
+    fn audit_subscriber(
+        &self,
+        from: &str,
+        subscriber: &str,
+        topic: &str,
+        decision: &str,
+        rule: &str,
+    ) {
+        let event = AuditEvent {
+            plugin: subscriber,
+            operation: "subscribe",
+            target: topic,
+            decision,
+            rule,
+        };
+        self.audit.record_charged_to(from, event);
+    }
+
     /// A place in the queue of every allowed subscriber of `topic`; subscriptions
     /// the policy does not allow are audited and skipped. What is audited about a
     /// subscriber here is charged to the publisher `from`, whose message caused it.
@@ -135,16 +155,7 @@ impl HostBroker {
         let mut permits = Vec::new();
         for sub in directory.subscribers(topic) {
             if let Err(rule) = sub.services.check_subscribe(topic) {
-                self.audit.record_charged_to(
-                    from,
-                    AuditEvent {
-                        plugin: &sub.plugin,
-                        operation: "subscribe",
-                        target: topic,
-                        decision: "denied",
-                        rule: &rule,
-                    },
-                );
+                self.audit_subscriber(from, &sub.plugin, topic, "denied", &rule);
                 continue;
             }
             let Some(queue) = directory.delivery_queue(&sub.plugin) else {
@@ -158,16 +169,7 @@ impl HostBroker {
                         self.max_queue
                     );
                     tracing::warn!(plugin = %sub.plugin, topic, "message dropped: {rule}");
-                    self.audit.record_charged_to(
-                        from,
-                        AuditEvent {
-                            plugin: &sub.plugin,
-                            operation: "subscribe",
-                            target: topic,
-                            decision: "dropped",
-                            rule: &rule,
-                        },
-                    );
+                    self.audit_subscriber(from, &sub.plugin, topic, "dropped", &rule);
                 }
                 Err(_) => {
                     return Err(HostError::Overloaded(format!(

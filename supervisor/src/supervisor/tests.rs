@@ -572,6 +572,13 @@ impl Fixture {
     }
 }
 
+/// That what began at `started` ended within `limit` (not a speed figure: what
+/// would otherwise wait forever, or until a deadline, ended at once).
+fn within(started: Instant, limit: Duration) {
+    let took = started.elapsed();
+    assert!(took < limit, "took {took:?}, more than {limit:?}");
+}
+
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..500 {
         if done() {
@@ -852,11 +859,7 @@ async fn a_worker_that_stays_after_its_load_failed_is_killed_and_the_next_start_
         other => panic!("{other:?}"),
     }
     assert!(f.launcher.journals.lock().unwrap()[0].killed());
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
+    within(started, Duration::from_secs(2));
     assert_eq!(f.call("echo").await.unwrap(), b"in");
     assert_eq!(f.launcher.launches(), 2);
 }
@@ -912,11 +915,7 @@ async fn a_process_left_holding_an_exited_workers_socket_does_not_hold_its_end()
         Err(CallError::WorkerCrashed(ExitReason::Code(3))) => {}
         other => panic!("{other:?}"),
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
+    within(started, Duration::from_secs(1));
     assert_eq!(f.call("echo").await.unwrap(), b"in");
     assert_eq!(f.launcher.launches(), 2);
     assert_eq!(f.sup.list().await[0].restarts, 1);
