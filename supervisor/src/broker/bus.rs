@@ -103,7 +103,7 @@ async fn serve(
     };
     match pg.message(id).await {
         Ok(Some((publisher, topic, payload))) => {
-            broker.deliver_remote(&publisher, &topic, &payload);
+            broker.deliver_remote(&publisher, &topic, payload);
         }
         Ok(None) => tracing::warn!(
             id,

@@ -11,23 +11,121 @@
 //! rebinding) never reaches it. Each hop gets its own client with no pooled
 //! connections, so no connection made for one plugin or address is reused for
 //! another.
+//!
+//! A name lookup (`getaddrinfo`, on tokio's blocking pool) cannot be cancelled: a
+//! fetch that gives up at its deadline leaves its lookup running until the
+//! resolver answers, seconds later with a slow one. So the lookups running are
+//! bounded where they run, not by the calls that asked: at most
+//! [`LOOKUPS_PER_PLUGIN`] for one plugin and [`LOOKUPS`] in all, each place given
+//! back when its lookup ends. A plugin asking for names that never resolve, as
+//! fast as its deadlines let it, holds its own few threads, not the pool that
+//! every plugin's store writes and lookups share.
 
 use corral_policy::{Services, special_use};
 use corral_protocol::{FetchRequest, FetchResponse, HostError};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use tokio::sync::Semaphore;
 
 /// Redirects followed before giving up.
 pub const MAX_REDIRECTS: usize = 5;
+/// Name lookups of one plugin running at once (its fetches past that wait).
+pub const LOOKUPS_PER_PLUGIN: usize = 4;
+/// Name lookups running at once in all (a quarter of tokio's blocking pool).
+pub const LOOKUPS: usize = 128;
+
+/// What resolves a name: `getaddrinfo`, or a test's stand-in.
+type Resolve = Arc<dyn Fn(&str, u16) -> std::io::Result<Vec<SocketAddr>> + Send + Sync>;
 
 /// The broker's HTTP requests (no automatic redirects, no proxies from the
 /// environment, no pooled connections, every address pinned).
-#[derive(Debug, Clone, Default)]
-pub struct Fetcher {}
+#[derive(Clone)]
+pub struct Fetcher {
+    resolve: Resolve,
+    /// Places for the lookups running, in all and per plugin.
+    all: Arc<Semaphore>,
+    plugins: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("lookups free", &self.all.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Fetcher {
+    fn default() -> Fetcher {
+        Fetcher::new()
+    }
+}
 
 impl Fetcher {
     pub fn new() -> Fetcher {
-        Fetcher {}
+        Fetcher::resolving_with(Arc::new(|name, port| {
+            (name, port).to_socket_addrs().map(Iterator::collect)
+        }))
+    }
+
+    fn resolving_with(resolve: Resolve) -> Fetcher {
+        Fetcher {
+            resolve,
+            all: Arc::new(Semaphore::new(LOOKUPS)),
+            plugins: Default::default(),
+        }
+    }
+
+    /// `name`'s addresses, looked up on the blocking pool once `plugin` has a
+    /// place for it (waited for until `until`); the places are held by the lookup
+    /// itself, so a lookup outliving its fetch still counts.
+    async fn lookup(
+        &self,
+        plugin: &str,
+        name: &str,
+        port: u16,
+        until: Instant,
+    ) -> Result<Vec<IpAddr>, HostError> {
+        let mine = {
+            let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+            if plugins.len() > 64 {
+                // Forget plugins with no lookup running or waiting (each of
+                // those holds its semaphore).
+                plugins.retain(|_, s| Arc::strong_count(s) > 1);
+            }
+            Arc::clone(
+                plugins
+                    .entry(plugin.to_owned())
+                    .or_insert_with(|| Arc::new(Semaphore::new(LOOKUPS_PER_PLUGIN))),
+            )
+        };
+        let waited = |whose: String| {
+            HostError::Failed(format!(
+                "cannot resolve {name}: {whose} still running (a lookup ends when the \
+                 resolver answers, not with the fetch that asked)"
+            ))
+        };
+        let until = tokio::time::Instant::from_std(until);
+        let own = tokio::time::timeout_at(until, mine.acquire_owned())
+            .await
+            .map_err(|_| waited(format!("{plugin}'s {LOOKUPS_PER_PLUGIN} name lookups")))?
+            .map_err(|_| HostError::Failed("name lookups closed".into()))?;
+        let shared = tokio::time::timeout_at(until, Arc::clone(&self.all).acquire_owned())
+            .await
+            .map_err(|_| waited(format!("the supervisor's {LOOKUPS} name lookups")))?
+            .map_err(|_| HostError::Failed("name lookups closed".into()))?;
+        let resolve = Arc::clone(&self.resolve);
+        let owned = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let _places = (own, shared);
+            resolve(&owned, port)
+        })
+        .await
+        .map_err(|e| HostError::Failed(format!("name lookup: {e}")))?
+        .map(|addrs| addrs.into_iter().map(|a| a.ip()).collect())
+        .map_err(|e| HostError::Failed(format!("cannot resolve {name}: {e}")))
     }
 
     /// A client that connects `url`'s host to `addrs` only.
@@ -48,20 +146,25 @@ impl Fetcher {
     /// connect to, or a denial naming the first special-use address refused when
     /// none is left.
     async fn admit(
-        services: &Services,
+        &self,
+        (plugin, services): (&str, &Services),
         method: &str,
         url: &url::Url,
+        until: Instant,
     ) -> Result<Vec<SocketAddr>, HostError> {
         let port = url.port_or_known_default().unwrap_or(0);
         let host = url.host_str().unwrap_or_default();
         let found: Vec<IpAddr> = match url.host() {
             Some(url::Host::Ipv4(a)) => vec![IpAddr::V4(a)],
             Some(url::Host::Ipv6(a)) => vec![IpAddr::V6(a)],
-            Some(url::Host::Domain(name)) => tokio::net::lookup_host((name, port))
-                .await
-                .map_err(|e| HostError::Failed(format!("{url}: cannot resolve {name}: {e}")))?
-                .map(|a| a.ip())
-                .collect(),
+            Some(url::Host::Domain(name)) => {
+                self.lookup(plugin, name, port, until)
+                    .await
+                    .map_err(|e| match e {
+                        HostError::Failed(why) => HostError::Failed(format!("{url}: {why}")),
+                        e => e,
+                    })?
+            }
             None => return Err(HostError::Invalid(format!("{url} has no host"))),
         };
         let mut refused = None;
@@ -105,10 +208,11 @@ impl Fetcher {
             .map_err(|rule| HostError::Denied { rule })
     }
 
-    /// Perform `req` for the plugin whose grants are `services`, finishing by
+    /// Perform `req` for `plugin`, whose grants are `services`, finishing by
     /// `deadline` at the latest.
     pub async fn fetch(
         &self,
+        plugin: &str,
         services: &Services,
         req: FetchRequest,
         deadline: Instant,
@@ -133,6 +237,7 @@ impl Fetcher {
             .fetch_timeout
             .value
             .min(deadline.saturating_duration_since(Instant::now()));
+        let until = Instant::now() + timeout;
         let mut headers = reqwest::header::HeaderMap::new();
         for (k, v) in &req.headers {
             let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
@@ -152,7 +257,8 @@ impl Fetcher {
                     e => e,
                 };
                 Self::check(services, method.as_str(), &url).map_err(hop)?;
-                let addrs = Self::admit(services, method.as_str(), &url)
+                let addrs = self
+                    .admit((plugin, services), method.as_str(), &url, until)
                     .await
                     .map_err(hop)?;
                 let mut r = Self::client(&url, &addrs)?
@@ -249,4 +355,106 @@ fn chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    fn grants() -> Services {
+        let policy = corral_policy::Policy::parse(&[(
+            "grants.toml".into(),
+            "[[grant]]\nid = \"*\"\nfetch = [{ url = \"http://*.test/\" }]\n".into(),
+        )])
+        .unwrap();
+        let m = corral_manifest::Manifest::parse(
+            "id = \"x\"\nversion = \"1.0.0\"\nruntime = \"js\"\nentry = \"main.js\"\n",
+            "plugin.toml".as_ref(),
+        )
+        .unwrap();
+        policy.resolve(&m, None).services
+    }
+
+    fn get(url: &str) -> FetchRequest {
+        FetchRequest {
+            method: "GET".into(),
+            url: url.into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// A plugin whose fetches give up while their name lookups hang (a resolver
+    /// that never answers) holds at most its own few lookups: the ones it asks
+    /// for past them wait for a place and fail saying why, never reaching the
+    /// resolver; another plugin's lookup goes on at once; and the places come
+    /// back when the lookups end, not when the fetches did.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_plugins_hanging_name_lookups_hold_its_own_places_not_the_pool() {
+        let running = Arc::new(AtomicUsize::new(0));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Arc::new(Mutex::new(released));
+        let resolve: Resolve = {
+            let running = Arc::clone(&running);
+            Arc::new(move |name, port| {
+                if name == "hang.test" {
+                    running.fetch_add(1, Ordering::SeqCst);
+                    let _ = released.lock().unwrap().recv();
+                    running.fetch_sub(1, Ordering::SeqCst);
+                }
+                Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
+            })
+        };
+        let fetcher = Fetcher::resolving_with(resolve);
+        let services = grants();
+        let soon = || Instant::now() + Duration::from_millis(150);
+        // Ten fetches, four at a time as a worker's host calls would come.
+        for _ in 0..10 {
+            let tries =
+                (0..4).map(|_| fetcher.fetch("a", &services, get("http://hang.test/"), soon()));
+            for r in futures_util::future::join_all(tries).await {
+                let Err(HostError::Failed(why)) = r else {
+                    panic!("{r:?}")
+                };
+                assert!(
+                    why.contains("no complete answer within")
+                        || why.ends_with(
+                            "cannot resolve hang.test: a's 4 name lookups still running (a \
+                             lookup ends when the resolver answers, not with the fetch that asked)"
+                        ),
+                    "{why}"
+                );
+            }
+            assert_eq!(running.load(Ordering::SeqCst), LOOKUPS_PER_PLUGIN);
+        }
+        // Another plugin's lookup is not held back: it resolves, and its address
+        // is judged (loopback, which no rule names).
+        let r = fetcher
+            .fetch("b", &services, get("http://fast.test/"), soon())
+            .await;
+        let Err(HostError::Denied { rule }) = r else {
+            panic!("{r:?}")
+        };
+        assert!(rule.contains("127.0.0.1"), "{rule}");
+        assert_eq!(
+            fetcher.all.available_permits(),
+            LOOKUPS - LOOKUPS_PER_PLUGIN
+        );
+        // The lookups end: their places come back.
+        for _ in 0..LOOKUPS_PER_PLUGIN {
+            release.send(()).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fetcher.all.available_permits() < LOOKUPS {
+            assert!(Instant::now() < deadline, "the places did not come back");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(running.load(Ordering::SeqCst), 0);
+        let r = fetcher
+            .fetch("a", &services, get("http://fast.test/"), soon())
+            .await;
+        assert!(matches!(r, Err(HostError::Denied { .. })), "{r:?}");
+    }
 }

@@ -14,6 +14,19 @@
 //!   subscriber's queue is full, the publish is refused with `overloaded` and queued
 //!   for nobody (all or nothing): the publisher decides whether to retry. A delivery
 //!   whose call fails is logged with the error (not retried).
+//! - **What a publisher can make the supervisor hold** is bounded by the
+//!   publisher: a message is kept once however many subscribers it is queued for
+//!   (every delivery shares its bytes), and the messages of one publisher not yet
+//!   delivered to every subscriber hold at most [`PUBLISHER_QUEUED_BYTES`]. A
+//!   publish past that is refused with `overloaded` (nothing queued); a message
+//!   from another node past it is dropped for this node's subscribers, audited.
+//!   Without it, a publisher of 16 MiB messages to ten slow subscribers would have
+//!   had the supervisor hold 64 queued copies per subscriber: 10 GiB.
+//! - **No publisher fills a subscriber's queue alone**: one publisher's messages
+//!   take at most three quarters of a subscriber's places ([`publisher_places`]:
+//!   48 of 64; all of a queue of 3 or fewer), so a publisher flooding a topic
+//!   leaves room for the other publishers to that subscriber. Past its share a
+//!   publish is refused with `overloaded`, saying so.
 //! - **Across nodes** (the PostgreSQL store backend): a publish is also written to
 //!   the database and announced to every other daemon on it (`broker::bus`), after
 //!   this node's queues are reserved and before its deliveries are sent, so a
@@ -33,10 +46,15 @@ use super::audit::AuditEvent;
 use super::{HostBroker, denied};
 use corral_policy::Services;
 use corral_protocol::{HostError, HostReply};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Longest topic name, in bytes.
 pub const MAX_TOPIC: usize = 256;
+/// What one publisher's messages not yet delivered to every subscriber may hold,
+/// in bytes (payloads, each counted once).
+pub const PUBLISHER_QUEUED_BYTES: usize = 64 << 20;
 /// The function a subscription calls unless it names one (`"topic=function"`).
 pub const DEFAULT_HANDLER: &str = "on_message";
 
@@ -46,7 +64,149 @@ pub(crate) struct Delivery {
     pub(crate) from: String,
     pub(crate) topic: String,
     pub(crate) function: String,
-    pub(crate) payload: Vec<u8>,
+    pub(crate) payload: Arc<Payload>,
+    /// The place this takes of the publisher's share of the subscriber's queue,
+    /// until it is taken off the queue.
+    pub(crate) _place: Place,
+}
+
+/// A place in a subscriber's queue counted against one publisher's share.
+#[derive(Debug)]
+pub(crate) struct Place {
+    _taken: Charge,
+}
+
+impl Place {
+    /// A place nobody's: for a message queued by hand (tests).
+    #[cfg(test)]
+    pub(crate) fn uncounted() -> Place {
+        Place {
+            _taken: Charge {
+                held: Arc::default(),
+                bytes: 0,
+            },
+        }
+    }
+}
+
+/// How many of a subscriber's `max_queue` places one publisher's messages may
+/// take: three quarters, and every one of a queue of 3 or fewer.
+pub fn publisher_places(max_queue: usize) -> usize {
+    max_queue - max_queue / 4
+}
+
+/// A published message's bytes, shared by all its deliveries; they count against
+/// the publisher's [`PUBLISHER_QUEUED_BYTES`] until the last delivery is done.
+#[derive(Debug)]
+pub(crate) struct Payload {
+    bytes: Vec<u8>,
+    _charge: Charge,
+}
+
+impl Payload {
+    /// Bytes that are nobody's: for a message queued by hand (tests).
+    #[cfg(test)]
+    pub(crate) fn uncharged(bytes: Vec<u8>) -> Arc<Payload> {
+        Arc::new(Payload {
+            bytes,
+            _charge: Charge {
+                held: Arc::default(),
+                bytes: 0,
+            },
+        })
+    }
+
+    /// The bytes, for a call's input: taken when this is the last delivery of
+    /// the message, else copied. The second value is what keeps them counted
+    /// against the publisher: hold it until the call is done.
+    pub(crate) fn into_input(this: Arc<Payload>) -> (Vec<u8>, Box<dyn Send>) {
+        match Arc::try_unwrap(this) {
+            Ok(Payload { bytes, _charge }) => (bytes, Box::new(_charge)),
+            Err(shared) => (shared.bytes.clone(), Box::new(shared)),
+        }
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Bytes counted against a publisher, given back when dropped.
+#[derive(Debug)]
+struct Charge {
+    held: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// What every publisher's messages not yet delivered hold.
+#[derive(Debug, Default)]
+pub(crate) struct Publishers {
+    held: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    /// Places each publisher's messages take in each subscriber's queue, by
+    /// (subscriber, publisher).
+    places: Mutex<HashMap<(String, String), Arc<AtomicUsize>>>,
+}
+
+impl Publishers {
+    /// `bytes` counted against `publisher`, or what it holds already when that
+    /// would pass `limit`.
+    fn charge(&self, publisher: &str, bytes: usize, limit: usize) -> Result<Charge, usize> {
+        let held = {
+            let mut map = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            // Forget publishers holding nothing, so the map is as large as the
+            // publishers with messages queued, not every name ever seen.
+            if map.len() > 64 {
+                map.retain(|_, h| h.load(Ordering::Acquire) != 0 || Arc::strong_count(h) > 1);
+            }
+            Arc::clone(map.entry(publisher.to_owned()).or_default())
+        };
+        let before = held.fetch_add(bytes, Ordering::AcqRel);
+        if before.saturating_add(bytes) > limit {
+            held.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(before);
+        }
+        Ok(Charge { held, bytes })
+    }
+
+    /// A place for `publisher` in `subscriber`'s queue within its share of
+    /// `places`, or how many it takes already.
+    fn place(&self, subscriber: &str, publisher: &str, places: usize) -> Result<Place, usize> {
+        let taken = {
+            let mut map = self.places.lock().unwrap_or_else(|e| e.into_inner());
+            if map.len() > 1024 {
+                map.retain(|_, n| Arc::strong_count(n) > 1);
+            }
+            let key = (subscriber.to_owned(), publisher.to_owned());
+            Arc::clone(map.entry(key).or_default())
+        };
+        let before = taken.fetch_add(1, Ordering::AcqRel);
+        if before >= places {
+            taken.fetch_sub(1, Ordering::AcqRel);
+            return Err(before);
+        }
+        Ok(Place {
+            _taken: Charge {
+                held: taken,
+                bytes: 1,
+            },
+        })
+    }
+
+    /// What `publisher`'s messages not yet delivered hold now.
+    #[cfg(test)]
+    fn held(&self, publisher: &str) -> usize {
+        let map = self.held.lock().unwrap();
+        map.get(publisher).map_or(0, |h| h.load(Ordering::Acquire))
+    }
 }
 
 /// A plugin's subscriptions from `plugin.toml`: (topic, function).
@@ -85,6 +245,18 @@ impl HostBroker {
             )));
         }
         services.check_publish(&topic).map_err(denied)?;
+        let charge = self
+            .publishers
+            .charge(from, payload.len(), self.publisher_bytes)
+            .map_err(|held| {
+                HostError::Overloaded(format!(
+                    "{from}'s messages not yet delivered hold {}; another {} would pass \
+                     the {} a publisher may hold; nothing was published",
+                    mib(held),
+                    mib(payload.len()),
+                    mib(self.publisher_bytes)
+                ))
+            })?;
         let permits = self.reserve(from, &topic, Reserve::AllOrNothing)?;
         // The other nodes' copy first: if it cannot be sent, nobody gets the
         // message (the publisher may retry without anyone seeing it twice).
@@ -92,32 +264,62 @@ impl HostBroker {
             store.publish(&self.node, from, &topic, &payload).await?;
         }
         let n = permits.len() as u32;
-        Self::deliver(permits, from, &topic, &payload);
+        Self::deliver(permits, from, &topic, payload, charge);
         Ok(HostReply::Delivered(n))
     }
 
     /// A message another node published: queued for this node's allowed
     /// subscribers; one whose queue is full misses it, logged and audited (the
     /// publisher, elsewhere, cannot be refused any more).
-    pub(crate) fn deliver_remote(&self, from: &str, topic: &str, payload: &[u8]) {
+    pub(crate) fn deliver_remote(&self, from: &str, topic: &str, payload: Vec<u8>) {
+        let charge = match self
+            .publishers
+            .charge(from, payload.len(), self.publisher_bytes)
+        {
+            Ok(charge) => charge,
+            Err(held) => {
+                let rule = format!(
+                    "its messages not yet delivered hold {}; another {} would pass the {} \
+                     a publisher may hold (a message from another node)",
+                    mib(held),
+                    mib(payload.len()),
+                    mib(self.publisher_bytes)
+                );
+                tracing::warn!(topic, from, "message dropped: {rule}");
+                let event = AuditEvent {
+                    plugin: from,
+                    operation: "publish",
+                    target: topic,
+                    decision: "dropped",
+                    rule: &rule,
+                };
+                self.audit.record(event);
+                return;
+            }
+        };
         match self.reserve(from, topic, Reserve::SkipFull) {
-            Ok(permits) => Self::deliver(permits, from, topic, payload),
+            Ok(permits) => Self::deliver(permits, from, topic, payload, charge),
             Err(e) => tracing::warn!(topic, from, "a message from another node: {e}"),
         }
     }
 
-    fn deliver(
-        permits: Vec<(tokio::sync::mpsc::OwnedPermit<Delivery>, String)>,
-        from: &str,
-        topic: &str,
-        payload: &[u8],
-    ) {
-        for (permit, function) in permits {
+    /// Send the message to every subscriber whose place was reserved, its bytes
+    /// kept once for all of them.
+    fn deliver(permits: Vec<Reserved>, from: &str, topic: &str, bytes: Vec<u8>, charge: Charge) {
+        if permits.is_empty() {
+            return;
+        }
+        let payload = Arc::new(Payload {
+            bytes,
+            _charge: charge,
+        });
+        for (permit, function, place) in permits {
             permit.send(Delivery {
                 from: from.to_owned(),
                 topic: topic.to_owned(),
                 function,
-                payload: payload.to_vec(),
+                payload: Arc::clone(&payload),
+                _place: place,
             });
         }
     }
@@ -145,14 +347,10 @@ impl HostBroker {
     /// A place in the queue of every allowed subscriber of `topic`; subscriptions
     /// the policy does not allow are audited and skipped. What is audited about a
     /// subscriber here is charged to the publisher `from`, whose message caused it.
-    fn reserve(
-        &self,
-        from: &str,
-        topic: &str,
-        mode: Reserve,
-    ) -> Result<Vec<(tokio::sync::mpsc::OwnedPermit<Delivery>, String)>, HostError> {
+    fn reserve(&self, from: &str, topic: &str, mode: Reserve) -> Result<Vec<Reserved>, HostError> {
         let directory = self.directory()?;
         let mut permits = Vec::new();
+        let share = publisher_places(self.max_queue);
         for sub in directory.subscribers(topic) {
             if let Err(rule) = sub.services.check_subscribe(topic) {
                 self.audit_subscriber(from, &sub.plugin, topic, "denied", &rule);
@@ -161,8 +359,8 @@ impl HostBroker {
             let Some(queue) = directory.delivery_queue(&sub.plugin) else {
                 continue; // Removed meanwhile.
             };
-            match queue.try_reserve_owned() {
-                Ok(permit) => permits.push((permit, sub.function)),
+            let permit = match queue.try_reserve_owned() {
+                Ok(permit) => permit,
                 Err(_) if mode == Reserve::SkipFull => {
                     let rule = format!(
                         "max_queue: {} messages already queued for it (a message from another node)",
@@ -170,6 +368,7 @@ impl HostBroker {
                     );
                     tracing::warn!(plugin = %sub.plugin, topic, "message dropped: {rule}");
                     self.audit_subscriber(from, &sub.plugin, topic, "dropped", &rule);
+                    continue;
                 }
                 Err(_) => {
                     return Err(HostError::Overloaded(format!(
@@ -177,11 +376,46 @@ impl HostBroker {
                         sub.plugin, self.max_queue
                     )));
                 }
-            }
+            };
+            // Its share, once there is room (a full queue says so first).
+            let place = match self.publishers.place(&sub.plugin, from, share) {
+                Ok(place) => place,
+                Err(taken) if mode == Reserve::SkipFull => {
+                    let rule = format!(
+                        "{taken} of {from}'s messages already queued for it, its share of \
+                         {} places (a message from another node)",
+                        self.max_queue
+                    );
+                    tracing::warn!(plugin = %sub.plugin, topic, "message dropped: {rule}");
+                    self.audit_subscriber(from, &sub.plugin, topic, "dropped", &rule);
+                    continue;
+                }
+                Err(taken) => {
+                    return Err(HostError::Overloaded(format!(
+                        "subscriber {} has {taken} of {from}'s messages queued, as many as \
+                         one publisher may of its {} places; nothing was published",
+                        sub.plugin, self.max_queue
+                    )));
+                }
+            };
+            permits.push((permit, sub.function, place));
         }
         Ok(permits)
     }
 }
+
+/// `bytes` for a person: in MiB past one, else in bytes.
+fn mib(bytes: usize) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// A place reserved in a subscriber's queue: its permit, the function the
+/// delivery calls, and the place counted against the publisher's share.
+type Reserved = (tokio::sync::mpsc::OwnedPermit<Delivery>, String, Place);
 
 /// What a full subscriber queue does to a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,7 +518,8 @@ mod tests {
             from: "earlier".into(),
             topic: "news".into(),
             function: "on_message".into(),
-            payload: Vec::new(),
+            payload: Payload::uncharged(Vec::new()),
+            _place: Place::uncounted(),
         })
         .unwrap();
         match broker
@@ -297,8 +532,8 @@ mod tests {
         assert!(a_rx.try_recv().is_err(), "a got a message that b could not");
         // A message from another node cannot be refused any more: a gets it, b
         // (full) misses it, visibly.
-        broker.deliver_remote("far", "news", b"remote");
-        assert_eq!(a_rx.try_recv().unwrap().payload, b"remote");
+        broker.deliver_remote("far", "news", b"remote".to_vec());
+        assert_eq!(&a_rx.try_recv().unwrap().payload[..], b"remote");
         let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
         assert!(
             audit.contains("\"decision\":\"dropped\"") && audit.contains("\"plugin\":\"b\""),
@@ -316,7 +551,7 @@ mod tests {
         }
         for rx in [&mut a_rx, &mut b_rx] {
             let d = rx.try_recv().unwrap();
-            assert_eq!((d.from.as_str(), d.payload.as_slice()), ("p", &b"two"[..]));
+            assert_eq!((d.from.as_str(), &d.payload[..]), ("p", &b"two"[..]));
         }
         drop(plugins);
         let gone: Weak<dyn Directory> = Weak::<Plugins>::new();
@@ -333,6 +568,195 @@ mod tests {
                 .await,
             Err(HostError::Failed(_))
         ));
+    }
+
+    /// A publisher's messages are kept once for all their subscribers, and what
+    /// its messages not yet delivered hold is bounded by the publisher: past it,
+    /// its publishes are refused (and another node's message from it dropped,
+    /// audited), while another publisher is not affected; the bytes are given
+    /// back as the last delivery of each message is done.
+    #[tokio::test]
+    async fn a_publishers_queued_messages_are_kept_once_and_bounded() {
+        let allowed = grants("publish = [\"news\"]\nsubscribe = [\"news\"]");
+        let (a_tx, mut a_rx) = mpsc::channel(64);
+        let (b_tx, mut b_rx) = mpsc::channel(64);
+        let sub = |plugin: &str| Subscriber {
+            plugin: plugin.to_owned(),
+            function: "on_message".to_owned(),
+            services: allowed.clone(),
+        };
+        let plugins: Arc<dyn Directory> = Arc::new(Plugins {
+            grants: allowed.clone(),
+            subscribers: vec![sub("a"), sub("b")],
+            queues: [("a".to_owned(), a_tx), ("b".to_owned(), b_tx)].into(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("audit.jsonl");
+        let mut broker = HostBroker::new(
+            AuditSink::File(log.clone()),
+            Default::default(),
+            dir.path().into(),
+            64,
+            Arc::downgrade(&plugins),
+        );
+        assert_eq!(broker.publisher_bytes, PUBLISHER_QUEUED_BYTES);
+        broker.publisher_bytes = 10 << 20;
+        let big = || vec![7u8; 4 << 20];
+        for _ in 0..2 {
+            match broker.publish("p", &allowed, "news".into(), big()).await {
+                Ok(HostReply::Delivered(2)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            broker.publishers.held("p"),
+            8 << 20,
+            "each message counted once"
+        );
+        match broker.publish("p", &allowed, "news".into(), big()).await {
+            Err(HostError::Overloaded(why)) => assert_eq!(
+                why,
+                "p's messages not yet delivered hold 8.0 MiB; another 4.0 MiB would pass \
+                 the 10.0 MiB a publisher may hold; nothing was published"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Another publisher is not held back by p.
+        match broker
+            .publish("q", &allowed, "news".into(), b"small".to_vec())
+            .await
+        {
+            Ok(HostReply::Delivered(2)) => {}
+            other => panic!("{other:?}"),
+        }
+        // p's message from another node is dropped for everyone, audited.
+        broker.deliver_remote("p", "news", big());
+        let audit = std::fs::read_to_string(&log).unwrap();
+        let dropped: Vec<serde_json::Value> = audit
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|l: &serde_json::Value| l["decision"] == "dropped")
+            .collect();
+        assert_eq!(dropped.len(), 1, "{audit}");
+        assert_eq!(dropped[0]["plugin"], "p");
+        assert_eq!(dropped[0]["operation"], "publish");
+        assert!(
+            dropped[0]["rule"]
+                .as_str()
+                .unwrap()
+                .ends_with("(a message from another node)"),
+            "{audit}"
+        );
+        // Both subscribers' queues hold the same bytes: one copy per message.
+        let a: Vec<Delivery> = std::iter::from_fn(|| a_rx.try_recv().ok()).collect();
+        let b: Vec<Delivery> = std::iter::from_fn(|| b_rx.try_recv().ok()).collect();
+        assert_eq!(a.len(), 3);
+        assert_eq!(b.len(), 3);
+        for (a, b) in a.iter().zip(&b) {
+            assert!(Arc::ptr_eq(&a.payload, &b.payload));
+        }
+        assert_eq!(&a[2].payload[..], b"small");
+        // The bytes are given back when the last delivery of a message is done;
+        // that delivery takes them without a copy.
+        let mut a = a.into_iter();
+        let mut b = b.into_iter();
+        drop(a.next());
+        assert_eq!(broker.publishers.held("p"), 8 << 20, "b still holds it");
+        let last = b.next().unwrap().payload;
+        let at = last.as_ptr();
+        let (input, held) = Payload::into_input(last);
+        assert_eq!(input.as_ptr(), at, "the last delivery copies nothing");
+        assert_eq!(
+            broker.publishers.held("p"),
+            8 << 20,
+            "held until the call is done"
+        );
+        drop(held);
+        assert_eq!(broker.publishers.held("p"), 4 << 20);
+        match broker.publish("p", &allowed, "news".into(), big()).await {
+            Ok(HostReply::Delivered(2)) => {}
+            other => panic!("{other:?}"),
+        }
+        drop((a, b));
+        assert_eq!(broker.publishers.held("p"), 4 << 20);
+    }
+
+    /// One publisher's messages take at most three quarters of a subscriber's
+    /// queue: past its share its publishes are refused (and its messages from
+    /// another node dropped, audited), while another publisher still gets its
+    /// messages queued; a place comes back when its delivery leaves the queue.
+    #[tokio::test]
+    async fn no_publisher_fills_a_subscribers_queue_alone() {
+        assert_eq!(publisher_places(64), 48);
+        assert_eq!(publisher_places(3), 3);
+        assert_eq!(publisher_places(1), 1);
+        let allowed = grants("publish = [\"news\"]\nsubscribe = [\"news\"]");
+        let (a_tx, mut a_rx) = mpsc::channel(8);
+        let plugins: Arc<dyn Directory> = Arc::new(Plugins {
+            grants: allowed.clone(),
+            subscribers: vec![Subscriber {
+                plugin: "a".into(),
+                function: "on_message".into(),
+                services: allowed.clone(),
+            }],
+            queues: [("a".to_owned(), a_tx)].into(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("audit.jsonl");
+        let broker = HostBroker::new(
+            AuditSink::File(log.clone()),
+            Default::default(),
+            dir.path().into(),
+            8,
+            Arc::downgrade(&plugins),
+        );
+        let publish = |from: &'static str| {
+            let broker = &broker;
+            let allowed = &allowed;
+            async move {
+                broker
+                    .publish(from, allowed, "news".into(), from.as_bytes().to_vec())
+                    .await
+            }
+        };
+        for _ in 0..6 {
+            assert!(matches!(publish("p").await, Ok(HostReply::Delivered(1))));
+        }
+        match publish("p").await {
+            Err(HostError::Overloaded(why)) => assert_eq!(
+                why,
+                "subscriber a has 6 of p's messages queued, as many as one publisher may \
+                 of its 8 places; nothing was published"
+            ),
+            other => panic!("{other:?}"),
+        }
+        broker.deliver_remote("p", "news", b"far".to_vec());
+        let audit = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            audit.contains("\"decision\":\"dropped\"")
+                && audit.contains("6 of p's messages already queued for it, its share of 8 places"),
+            "{audit}"
+        );
+        // The rest of the queue is another publisher's to use.
+        for _ in 0..2 {
+            assert!(matches!(publish("q").await, Ok(HostReply::Delivered(1))));
+        }
+        match publish("q").await {
+            Err(HostError::Overloaded(why)) => {
+                assert!(
+                    why.starts_with("subscriber a has 8 messages queued"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // A delivery taken off the queue gives its place back to its publisher.
+        assert_eq!(a_rx.try_recv().unwrap().from, "p");
+        assert!(matches!(publish("p").await, Ok(HostReply::Delivered(1))));
+        let queued: Vec<String> = std::iter::from_fn(|| a_rx.try_recv().ok())
+            .map(|d| d.from)
+            .collect();
+        assert_eq!(queued, ["p", "p", "p", "p", "p", "q", "q", "p"]);
     }
 
     #[tokio::test]

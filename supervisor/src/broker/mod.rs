@@ -69,6 +69,10 @@ pub(crate) struct HostBroker {
     state_dir: PathBuf,
     fetcher: Fetcher,
     max_queue: usize,
+    /// What each publisher's messages not yet delivered hold.
+    publishers: messaging::Publishers,
+    /// The most that may be (`messaging::PUBLISHER_QUEUED_BYTES`).
+    publisher_bytes: usize,
     directory: Weak<dyn Directory>,
 }
 
@@ -102,6 +106,8 @@ impl HostBroker {
             state_dir,
             fetcher: Fetcher::new(),
             max_queue,
+            publishers: Default::default(),
+            publisher_bytes: messaging::PUBLISHER_QUEUED_BYTES,
             directory,
         }
     }
@@ -289,7 +295,7 @@ impl HostBroker {
             }
             HostOp::Fetch(req) => self
                 .fetcher
-                .fetch(&services, req, ctx.deadline)
+                .fetch(plugin, &services, req, ctx.deadline)
                 .await
                 .map(HostReply::Fetched),
             HostOp::Publish { topic, payload } => {

@@ -3,7 +3,12 @@
 //! plugin's worker on demand (dependencies first, after any backoff).
 
 use super::{HEALTH_EXPORT, Inner, Plugin, error_chain};
-use crate::broker::messaging::Delivery;
+use crate::broker::messaging::{Delivery, Payload};
+use crate::worker::output::LogBudget;
+
+/// Bytes a second of a subscriber's failed deliveries that are logged (after a
+/// burst of four seconds' worth); the rest are counted and summarised.
+const DELIVERY_LOG_RATE: u64 = 8 << 10;
 use crate::worker::{PIPELINE_INPUT, Turn, WorkerHandle};
 use corral_protocol::{CallError, Overload};
 use std::sync::Arc;
@@ -139,7 +144,7 @@ impl Inner {
                 return Err(CallError::UnknownFunction {
                     plugin: plugin.to_owned(),
                     function: function.to_owned(),
-                    exports: worker.exports.join(", "),
+                    exports: exports_named(&worker.exports),
                 });
             }
             let deadline = deadline_of(timeout, limits);
@@ -482,24 +487,64 @@ impl Inner {
                 let me = self.me.clone();
                 let id = p.manifest.id.clone();
                 tokio::spawn(async move {
+                    // A delivery's failure is the publisher's doing as much as the
+                    // subscriber's (a failed subscriber fails each at once): its
+                    // log lines are bounded like a worker's.
+                    let mut budget =
+                        LogBudget::new(DELIVERY_LOG_RATE, DELIVERY_LOG_RATE * 4, Instant::now());
+                    let suppressed = |n: u64| {
+                        tracing::warn!(
+                            plugin = %id,
+                            "{n} more failed deliveries not logged (over {DELIVERY_LOG_RATE} bytes/s)"
+                        );
+                    };
                     while let Some(d) = rx.recv().await {
                         let Some(me) = me.upgrade() else { break };
-                        let r = me.call_from(&id, &d.function, d.payload, None, &[]).await;
+                        // Out of the queue: its place in the publisher's share
+                        // is free. The message's bytes stay counted against its
+                        // publisher until this delivery is done.
+                        drop(d._place);
+                        let (input, _held) = Payload::into_input(d.payload);
+                        let r = me.call_from(&id, &d.function, input, None, &[]).await;
                         if let Err(e) = r {
-                            tracing::warn!(
-                                plugin = %id,
+                            let line = format!(
                                 "message on {:?} from {} not delivered to {}: {e}",
-                                d.topic,
-                                d.from,
-                                d.function
+                                d.topic, d.from, d.function
                             );
+                            let (log, before) = budget.admit(line.len(), Instant::now());
+                            if let Some(n) = before {
+                                suppressed(n);
+                            }
+                            if log {
+                                tracing::warn!(plugin = %id, "{line}");
+                            }
                         }
+                    }
+                    if let Some(n) = budget.pending() {
+                        suppressed(n);
                     }
                 });
                 tx
             })
             .clone()
     }
+}
+
+/// The exports named in an unknown function's error: as many as fit in 1 KiB
+/// (a worker may export 10,000), then how many more.
+pub(super) fn exports_named(exports: &[String]) -> String {
+    let mut named = String::new();
+    for (i, e) in exports.iter().enumerate() {
+        if named.len() + e.len() > 1024 {
+            named.push_str(&format!(" and {} more", exports.len() - i));
+            break;
+        }
+        if i > 0 {
+            named.push_str(", ");
+        }
+        named.push_str(e);
+    }
+    named
 }
 
 /// A call's deadline: the caller's, up to the policy's cap; else the plugin's.
