@@ -5,6 +5,7 @@
 
 use super::start::{Launch, Launched, Launcher};
 use super::*;
+use crate::worker::connection::MAX_ERROR_TEXT;
 use crate::worker::output::StderrTail;
 use crate::worker::process::Process;
 use crate::worker::{BoxFuture, SpawnSpec, StartError};
@@ -51,7 +52,7 @@ impl Default for Script {
     }
 }
 
-const EXPORTS: [&str; 20] = [
+const EXPORTS: [&str; 21] = [
     "echo",
     "version",
     "hold",
@@ -72,6 +73,7 @@ const EXPORTS: [&str; 20] = [
     "close_and_stay",
     "orphan_logs",
     "forge_error",
+    "long_error",
 ];
 
 /// What one fake worker received, in order.
@@ -409,6 +411,9 @@ async fn serve(
                     })),
                     "oversize" => drop(atx.send(answer(Ok(vec![0; (1 << 20) + 1])))),
                     "forge_error" => drop(atx.send(answer(Err(CallError::ShuttingDown)))),
+                    "long_error" => drop(atx.send(answer(Err(CallError::Plugin {
+                        message: "é".repeat(1 << 19),
+                    })))),
                     "host_flood" => {
                         // Host calls performed on tasks of their own (`now` and
                         // `kv.get` are answered as they are read, never in flight).
@@ -607,6 +612,36 @@ async fn one_worker_serves_every_call_and_unknown_functions_are_named() {
     assert_eq!(f.launcher.journal(0), ["load", "call echo", "call version"]);
     f.sup.shutdown(Duration::from_secs(1)).await;
     assert_eq!(f.launcher.journal(0).last().unwrap(), "shutdown");
+}
+
+/// A worker's error of 1 MiB reaches the caller cut to 16 KiB, saying how long it
+/// was; a worker exporting many functions is named
+/// in an unknown function's error by as many as fit in 1 KiB, then a count.
+#[tokio::test]
+async fn what_a_worker_says_in_an_error_is_cut() {
+    let f = fixture(|_| {});
+    let cut = format!(
+        "{} [cut: {} bytes in all]",
+        "é".repeat(MAX_ERROR_TEXT / 2),
+        1 << 20
+    );
+    match f.call("long_error").await {
+        Err(CallError::Plugin { message }) => assert!(message == cut, "{}", message.len()),
+        other => panic!("{other:?}"),
+    }
+    let many: Vec<String> = (0..10_000).map(|i| format!("function_{i:05}")).collect();
+    let named = super::call::exports_named(&many);
+    assert!(named.len() <= 1024 + 16, "{}", named.len());
+    assert!(
+        named.starts_with("function_00000, function_00001, "),
+        "{named}"
+    );
+    assert!(named.ends_with(" and 9936 more"), "{named}");
+    assert_eq!(
+        super::call::exports_named(&many[..2]),
+        "function_00000, function_00001"
+    );
+    f.sup.shutdown(Duration::from_secs(1)).await;
 }
 
 /// `status` says the process tree is not enforced for a worker without a cgroup (the

@@ -159,6 +159,38 @@ async fn read_owned(
     (rd, r)
 }
 
+/// The most bytes of each text in a worker's error that are kept: its message or
+/// trap, the names in it. The rest is cut, saying how long it was: what a worker
+/// says is stored as the plugin's last error, shown in `status`, logged, and
+/// repeated in every answer of a failed plugin.
+pub(crate) const MAX_ERROR_TEXT: usize = 16 << 10;
+
+/// `e`, a worker's error, with every text in it cut to [`MAX_ERROR_TEXT`].
+pub(crate) fn cut_error(e: CallError) -> CallError {
+    let cut = |text: String| crate::supervisor::cut(text, MAX_ERROR_TEXT);
+    match e {
+        CallError::Plugin { message } => CallError::Plugin {
+            message: cut(message),
+        },
+        CallError::Trap { message } => CallError::Trap {
+            message: cut(message),
+        },
+        CallError::UnknownFunction {
+            plugin,
+            function,
+            exports,
+        } => CallError::UnknownFunction {
+            plugin: cut(plugin),
+            function: cut(function),
+            exports: cut(exports),
+        },
+        CallError::BadInput { reason } => CallError::BadInput {
+            reason: cut(reason),
+        },
+        e => e,
+    }
+}
+
 /// A rule of the protocol a worker broke. The supervisor kills the worker and names
 /// the rule in the exit reason, in every call in flight and in one audit line.
 #[derive(Debug, thiserror::Error)]
@@ -281,6 +313,12 @@ impl Connection {
         let mut protocol_error = None;
         let mut status = None;
         let max_output = self.max_output;
+        // Both halves share it; shut at the end (below), while both are open.
+        let socket = {
+            use std::os::fd::AsRawFd;
+            let half: &tokio::net::UnixStream = rd.get_ref().as_ref();
+            half.as_raw_fd()
+        };
         let read = read_owned(rd, max_output);
         tokio::pin!(read);
         let far = || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
@@ -302,6 +340,11 @@ impl Connection {
                                 protocol_error = Some(why);
                                 break;
                             }
+                            // Frames read from the buffer and host calls answered
+                            // in place cost no I/O budget: a worker writing them
+                            // as fast as it can would hold this runtime thread
+                            // (and every task queued on it) for tens of ms.
+                            tokio::task::coop::consume_budget().await;
                         }
                         Err(FrameError::Closed | FrameError::Io(_)) => break,
                         Err(e) => {
@@ -348,8 +391,13 @@ impl Connection {
                 }
             }
         }
-        // Nothing sent from now on reaches a worker.
+        // Nothing sent from now on reaches a worker. The socket is shut both
+        // ways: a write still waiting for a process left holding the other end
+        // (one that never reads) fails now instead of holding its frame forever.
         lock(&self.pending).gone = true;
+        // SAFETY: `socket` is the descriptor of the stream whose halves `read`
+        // and `self.writer` own, both alive here; shutdown does not close it.
+        unsafe { libc::shutdown(socket, libc::SHUT_RDWR) };
         if status.is_none() && protocol_error.is_none() {
             // Its socket closed (or broke): a worker ending, or one that means to
             // stay without it. It has EXIT_GRACE to exit.
@@ -476,6 +524,7 @@ impl Connection {
                 {
                     return Err(Violation::SupervisorsError { id, kind: e.kind() });
                 }
+                let result = result.map_err(cut_error);
                 if let Ok(out) = &result
                     && out.len() as u64 > self.max_output
                 {

@@ -117,6 +117,11 @@ impl Lines {
 }
 
 /// A token bucket over the bytes one stream may log.
+/// What a line costs a log budget besides its bytes: about what the daemon's log
+/// adds to it (time, level, target, plugin, stream). Without it a stream of bare
+/// newlines passed `rate` lines a second, each a full line of the daemon's log.
+pub(crate) const LINE_COST: usize = 128;
+
 #[derive(Debug)]
 pub(crate) struct LogBudget {
     rate: u64,
@@ -145,7 +150,7 @@ impl LogBudget {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.burst as f64);
-        let cost = len.max(1) as f64;
+        let cost = (len + LINE_COST) as f64;
         if self.tokens >= cost {
             self.tokens -= cost;
             let before = std::mem::take(&mut self.suppressed);
@@ -335,19 +340,24 @@ mod tests {
     #[test]
     fn the_budget_refills_at_its_rate_and_counts_what_it_drops() {
         let t = Instant::now();
-        let mut b = LogBudget::new(100, 300, t);
-        assert_eq!(b.admit(200, t), (true, None));
-        assert_eq!(b.admit(200, t), (false, None), "100 left of the burst");
-        assert_eq!(b.admit(150, t), (false, None));
+        // Each line costs LINE_COST (128) more than its bytes.
+        let mut b = LogBudget::new(1000, 3000, t);
+        assert_eq!(b.admit(1872, t), (true, None));
+        assert_eq!(b.admit(1872, t), (false, None), "1000 left of the burst");
+        assert_eq!(b.admit(1372, t), (false, None));
         // A line that fits says first how many were dropped before it.
-        assert_eq!(b.admit(50, t), (true, Some(2)));
-        assert_eq!(b.admit(60, t), (false, None), "50 left");
-        // One second refills 100 bytes.
-        assert_eq!(b.admit(140, t + Duration::from_secs(1)), (true, Some(1)));
+        assert_eq!(b.admit(872, t), (true, Some(2)));
+        assert_eq!(b.admit(0, t), (false, None), "an empty line costs its line");
+        // One second refills 1000.
+        assert_eq!(b.admit(872, t + Duration::from_secs(1)), (true, Some(1)));
         assert_eq!(b.pending(), None);
         // Never above the burst, however long the wait.
-        assert_eq!(b.admit(301, t + Duration::from_secs(3600)), (false, None));
+        assert_eq!(b.admit(2873, t + Duration::from_secs(3600)), (false, None));
         assert_eq!(b.pending(), Some(1));
+        // Bare newlines: a burst of 3000 passes 23 of them, not 3000.
+        let later = t + Duration::from_secs(7200);
+        let passed = (0..3000).filter(|_| b.admit(0, later).0).count();
+        assert_eq!(passed, 3000 / LINE_COST);
     }
 
     #[tokio::test]

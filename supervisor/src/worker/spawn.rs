@@ -316,7 +316,12 @@ impl WorkerHandle {
             loop {
                 match read_from_worker(&mut rd, max_output).await? {
                     FromWorker::Loaded { exports } => return Ok(Ok(exports)),
-                    FromWorker::LoadFailed { error } => return Ok(Err(error)),
+                    FromWorker::LoadFailed { error } => {
+                        return Ok(Err(crate::supervisor::cut(
+                            error,
+                            super::connection::MAX_ERROR_TEXT,
+                        )));
+                    }
                     FromWorker::Log { level, message } => log.line(level, message),
                     // Host calls from `init`: answered in line.
                     FromWorker::HostCall { id, op, .. } => {
