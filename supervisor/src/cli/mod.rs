@@ -5,6 +5,7 @@
 mod client;
 pub use corral_client::exit;
 mod new;
+pub mod one_line;
 pub(crate) mod output;
 mod plugin;
 mod policy;
@@ -360,7 +361,7 @@ pub fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::new(&cli.log);
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(one_line::OneLine(std::io::stderr));
     match format {
         crate::config::LogFormat::Text => fmt.init(),
         // Fields (`plugin`, `pid`, ...) beside `message` at the top level: what a
