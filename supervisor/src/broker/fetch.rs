@@ -21,11 +21,11 @@
 //! fast as its deadlines let it, holds its own few threads, not the pool that
 //! every plugin's store writes and lookups share.
 
+use super::places::Places;
 use corral_policy::{Services, special_use};
 use corral_protocol::{FetchRequest, FetchResponse, HostError};
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Semaphore;
 
@@ -46,7 +46,7 @@ pub struct Fetcher {
     resolve: Resolve,
     /// Places for the lookups running, in all and per plugin.
     all: Arc<Semaphore>,
-    plugins: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+    plugins: Arc<Places>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -74,7 +74,7 @@ impl Fetcher {
         Fetcher {
             resolve,
             all: Arc::new(Semaphore::new(LOOKUPS)),
-            plugins: Default::default(),
+            plugins: Arc::new(Places::new(LOOKUPS_PER_PLUGIN)),
         }
     }
 
@@ -88,19 +88,6 @@ impl Fetcher {
         port: u16,
         until: Instant,
     ) -> Result<Vec<IpAddr>, HostError> {
-        let mine = {
-            let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
-            if plugins.len() > 64 {
-                // Forget plugins with no lookup running or waiting (each of
-                // those holds its semaphore).
-                plugins.retain(|_, s| Arc::strong_count(s) > 1);
-            }
-            Arc::clone(
-                plugins
-                    .entry(plugin.to_owned())
-                    .or_insert_with(|| Arc::new(Semaphore::new(LOOKUPS_PER_PLUGIN))),
-            )
-        };
         let waited = |whose: String| {
             HostError::Failed(format!(
                 "cannot resolve {name}: {whose} still running (a lookup ends when the \
@@ -108,10 +95,9 @@ impl Fetcher {
             ))
         };
         let until = tokio::time::Instant::from_std(until);
-        let own = tokio::time::timeout_at(until, mine.acquire_owned())
+        let own = tokio::time::timeout_at(until, self.plugins.take(plugin))
             .await
-            .map_err(|_| waited(format!("{plugin}'s {LOOKUPS_PER_PLUGIN} name lookups")))?
-            .map_err(|_| HostError::Failed("name lookups closed".into()))?;
+            .map_err(|_| waited(format!("{plugin}'s {LOOKUPS_PER_PLUGIN} name lookups")))?;
         let shared = tokio::time::timeout_at(until, Arc::clone(&self.all).acquire_owned())
             .await
             .map_err(|_| waited(format!("the supervisor's {LOOKUPS} name lookups")))?
@@ -360,6 +346,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod bus;
 pub mod fetch;
 pub mod messaging;
+mod places;
 pub mod store;
 
 use crate::worker::{BoxFuture, Broker, CallCtx, Exited};
@@ -50,6 +51,12 @@ pub(crate) trait Directory: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<u8>, CallError>>;
 }
 
+/// Store operations one plugin may have running at once (a quarter of the
+/// PostgreSQL pool); its others wait for them. redb has one writer, which commits
+/// with an fsync: without this, one plugin's instances could keep 16 writes queued
+/// ahead of every neighbour's.
+pub const STORE_OPS_PER_PLUGIN: usize = 4;
+
 pub(crate) fn denied(rule: String) -> HostError {
     HostError::Denied { rule }
 }
@@ -69,6 +76,8 @@ pub(crate) struct HostBroker {
     state_dir: PathBuf,
     fetcher: Fetcher,
     max_queue: usize,
+    /// Each plugin's store operations running (at most [`STORE_OPS_PER_PLUGIN`]).
+    store_places: places::Places,
     /// What each publisher's messages not yet delivered hold.
     publishers: messaging::Publishers,
     /// The most that may be (`messaging::PUBLISHER_QUEUED_BYTES`).
@@ -106,6 +115,7 @@ impl HostBroker {
             state_dir,
             fetcher: Fetcher::new(),
             max_queue,
+            store_places: places::Places::new(STORE_OPS_PER_PLUGIN),
             publishers: Default::default(),
             publisher_bytes: messaging::PUBLISHER_QUEUED_BYTES,
             directory,
@@ -268,6 +278,13 @@ impl HostBroker {
         let services = directory
             .services(plugin)
             .ok_or_else(|| HostError::Failed(format!("unknown plugin {plugin}")))?;
+        let _place = match &op {
+            HostOp::KvGet { .. }
+            | HostOp::KvPut { .. }
+            | HostOp::KvDelete { .. }
+            | HostOp::KvKeys { .. } => Some(self.store_places.take(plugin).await),
+            _ => None,
+        };
         match op {
             HostOp::Now => unreachable!("answered above"),
             HostOp::KvGet { key } => {
