@@ -6,7 +6,7 @@
 use super::start::{Launch, Launched, Launcher};
 use super::*;
 use crate::worker::connection::MAX_ERROR_TEXT;
-use crate::worker::output::StderrTail;
+use crate::worker::output::Output;
 use crate::worker::process::Process;
 use crate::worker::{BoxFuture, SpawnSpec, StartError};
 use corral_confine::SelfConfinement;
@@ -223,9 +223,9 @@ impl Launcher for FakeLauncher {
                 status,
                 kill,
             });
-            let tail = Arc::new(StderrTail::default());
-            tail.close();
-            let w = WorkerHandle::connect(&spec, load, process, ours, tail).await?;
+            let output = Output::new(spec.budgets.log_rate);
+            output.tail.close();
+            let w = WorkerHandle::connect(&spec, load, process, ours, output).await?;
             Ok((w, None))
         })
     }

@@ -736,11 +736,19 @@ pub(crate) fn supervision(
             effective.host_calls.value
         ),
         format!(
-            "output: stdout, stderr and log lines cut at {}, any bytes, {}/s per stream after \
-             a burst of {}, the rest counted as suppressed (the supervisor's log)",
+            "output: stdout, stderr and log lines cut at {}, any bytes, {}/s for the three \
+             together after a burst of {} (a line counts {} bytes more than its own), the rest \
+             counted as suppressed (the supervisor's log)",
             size(output::MAX_LINE as u64),
             size(effective.log_rate.value),
-            size(effective.log_rate.value.saturating_mul(4)),
+            size(
+                effective
+                    .log_rate
+                    .value
+                    .saturating_mul(4)
+                    .max((output::MAX_LINE + output::LINE_COST) as u64)
+            ),
+            output::LINE_COST,
         ),
         format!(
             "audit: {} events/s per plugin after a burst of {}, the rest summarized (the \

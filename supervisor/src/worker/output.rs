@@ -122,6 +122,42 @@ impl Lines {
 /// newlines passed `rate` lines a second, each a full line of the daemon's log.
 pub(crate) const LINE_COST: usize = 128;
 
+/// What a worker's output leaves with the supervisor: the tail of its stderr,
+/// and the budget its log lines, stdout and stderr share.
+#[derive(Debug)]
+pub(crate) struct Output {
+    pub(crate) tail: Arc<StderrTail>,
+    pub(crate) budget: SharedBudget,
+}
+
+impl Output {
+    pub(crate) fn new(rate: u64) -> Output {
+        Output {
+            tail: Arc::new(StderrTail::default()),
+            budget: shared_budget(rate),
+        }
+    }
+}
+
+/// One budget for all of a worker's lines: its `Log` frames, stdout and stderr
+/// together (each had its own, three times the rate).
+pub(crate) type SharedBudget = Arc<std::sync::Mutex<LogBudget>>;
+
+/// A budget of `rate` bytes a second after a burst of four seconds' worth (and
+/// never less than a longest line), for every stream of one worker.
+pub(crate) fn shared_budget(rate: u64) -> SharedBudget {
+    let burst = rate.saturating_mul(4).max((MAX_LINE + LINE_COST) as u64);
+    Arc::new(std::sync::Mutex::new(LogBudget::new(
+        rate,
+        burst,
+        std::time::Instant::now(),
+    )))
+}
+
+fn lock(b: &SharedBudget) -> std::sync::MutexGuard<'_, LogBudget> {
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[derive(Debug)]
 pub(crate) struct LogBudget {
     rate: u64,
@@ -178,14 +214,18 @@ pub(crate) async fn forward_output(
     plugin: String,
     stream: &'static str,
     keep: Option<Arc<StderrTail>>,
-    rate: u64,
+    budget: SharedBudget,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut lines = Lines::default();
-    let mut budget = LogBudget::new(rate, rate.saturating_mul(4), std::time::Instant::now());
+    let rate = lock(&budget).rate;
     let mut ready = Vec::new();
     let suppressed = |n: u64| {
-        tracing::warn!(plugin = %plugin, stream, "{n} lines suppressed (over {rate} bytes/s)");
+        tracing::warn!(
+            plugin = %plugin,
+            stream,
+            "{n} lines suppressed (over {rate} bytes/s of its log, stdout and stderr)"
+        );
     };
     loop {
         let n = match out.read(&mut buf).await {
@@ -201,7 +241,7 @@ pub(crate) async fn forward_output(
             if let Some(k) = &keep {
                 k.push(&line);
             }
-            let (log, before) = budget.admit(line.len(), std::time::Instant::now());
+            let (log, before) = lock(&budget).admit(line.len(), std::time::Instant::now());
             if let Some(n) = before {
                 suppressed(n);
             }
@@ -213,7 +253,8 @@ pub(crate) async fn forward_output(
             break;
         }
     }
-    if let Some(n) = budget.pending() {
+    let pending = lock(&budget).pending();
+    if let Some(n) = pending {
         suppressed(n);
     }
     if let Some(k) = &keep {
@@ -228,18 +269,18 @@ pub(crate) async fn forward_output(
 pub(crate) struct PluginLog {
     plugin: String,
     redactor: Redactor,
-    budget: LogBudget,
+    budget: SharedBudget,
     rate: u64,
 }
 
 impl PluginLog {
-    /// The log of `plugin`, passing on `rate` bytes a second after a burst of four
-    /// seconds' worth.
-    pub(crate) fn new(plugin: &str, redactor: Redactor, rate: u64) -> PluginLog {
+    /// The log of `plugin`, within `budget` (shared with its output streams).
+    pub(crate) fn new(plugin: &str, redactor: Redactor, budget: SharedBudget) -> PluginLog {
+        let rate = lock(&budget).rate;
         PluginLog {
             plugin: plugin.to_owned(),
             redactor,
-            budget: LogBudget::new(rate, rate.saturating_mul(4), std::time::Instant::now()),
+            budget,
             rate,
         }
     }
@@ -254,7 +295,7 @@ impl PluginLog {
             message.truncate(cut);
             message.push_str(&format!(" [line cut: {} more bytes]", total - cut));
         }
-        let (log, before) = self.budget.admit(message.len(), std::time::Instant::now());
+        let (log, before) = lock(&self.budget).admit(message.len(), std::time::Instant::now());
         if let Some(n) = before {
             self.suppressed(n);
         }
@@ -265,13 +306,19 @@ impl PluginLog {
 
     /// Say how many lines were suppressed since the last one logged (at the end).
     pub(crate) fn finish(&mut self) {
-        if let Some(n) = self.budget.pending() {
+        let pending = lock(&self.budget).pending();
+        if let Some(n) = pending {
             self.suppressed(n);
         }
     }
 
     fn suppressed(&self, n: u64) {
-        tracing::warn!(plugin = %self.plugin, stream = "log", "{n} lines suppressed (over {} bytes/s)", self.rate);
+        tracing::warn!(
+            plugin = %self.plugin,
+            stream = "log",
+            "{n} lines suppressed (over {} bytes/s of its log, stdout and stderr)",
+            self.rate
+        );
     }
 }
 
@@ -360,6 +407,49 @@ mod tests {
         assert_eq!(passed, 3000 / LINE_COST);
     }
 
+    /// A worker's stdout, stderr and log lines draw on one budget: a flood on
+    /// stdout leaves no room for its log lines, instead of each stream having the
+    /// whole rate.
+    #[tokio::test]
+    async fn a_workers_streams_and_log_share_one_budget() {
+        use tokio::io::AsyncWriteExt;
+        // A burst of 400: room for one line of 200 bytes (328 with its cost).
+        let line = || "y".repeat(200);
+        let fresh = Output::new(100);
+        PluginLog::new("p", Redactor::default(), Arc::clone(&fresh.budget))
+            .line(LogLevel::Info, line());
+        assert_eq!(
+            lock(&fresh.budget).pending(),
+            None,
+            "a fresh budget takes it"
+        );
+        let output = Output::new(100);
+        let (mut w, r) = tokio::io::duplex(64 * 1024);
+        let out = tokio::spawn(forward_output(
+            r,
+            "p".into(),
+            "stdout",
+            None,
+            Arc::clone(&output.budget),
+        ));
+        for _ in 0..100 {
+            w.write_all(&[b'x'; 99]).await.unwrap();
+            w.write_all(b"\n").await.unwrap();
+        }
+        drop(w);
+        out.await.unwrap();
+        // The burst took one line of 99 bytes (227 with its cost); the rest were
+        // summarised at the end.
+        assert_eq!(lock(&output.budget).pending(), None, "summarised");
+        let mut log = PluginLog::new("p", Redactor::default(), Arc::clone(&output.budget));
+        log.line(LogLevel::Info, line());
+        assert_eq!(
+            lock(&output.budget).pending(),
+            Some(1),
+            "the log line found the budget spent"
+        );
+    }
+
     #[tokio::test]
     async fn a_flood_of_garbage_never_hides_the_last_words_on_stderr() {
         let (mut w, r) = tokio::io::duplex(64 * 1024);
@@ -369,7 +459,7 @@ mod tests {
             "p".into(),
             "stderr",
             Some(Arc::clone(&tail)),
-            LOG_RATE,
+            shared_budget(LOG_RATE),
         ));
         use tokio::io::AsyncWriteExt;
         for _ in 0..256 {

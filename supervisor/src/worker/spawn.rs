@@ -6,7 +6,7 @@ use super::connection::{
     Connection, WorkerReader, buffered, message_name, read_from_worker, write_frames,
 };
 use super::exit::{exit_reason, explain_exit};
-use super::output::{PluginLog, StderrTail, forward_output};
+use super::output::{Output, PluginLog, forward_output};
 use super::process::{Process, Spawned, VerifyError, remove_when_empty};
 use super::zygote::{self, ForkError, Templates};
 use super::{Broker, CallCtx, Pending, PluginFiles, Redactor, WorkerHandle};
@@ -193,8 +193,8 @@ impl WorkerHandle {
         {
             let (process, out, err) = forked;
             drop(theirs);
-            let tail = forward_both(spec, out, err);
-            return WorkerHandle::connect(spec, load, process, stream(ours)?, tail).await;
+            let output = forward_both(spec, out, err);
+            return WorkerHandle::connect(spec, load, process, stream(ours)?, output).await;
         }
         let mut cmd = worker_command(&spec.program, &worker_env(spec));
         let fd = theirs.as_raw_fd();
@@ -240,25 +240,26 @@ impl WorkerHandle {
         let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(StartError::Socket(std::io::Error::other("no output pipes")));
         };
-        let tail = forward_both(spec, out, err);
+        let output = forward_both(spec, out, err);
         let process = Box::new(Spawned {
             child,
             pid,
             run_as: run_as(spec),
         });
-        WorkerHandle::connect(spec, load, process, stream(ours)?, tail).await
+        WorkerHandle::connect(spec, load, process, stream(ours)?, output).await
     }
 
     /// The handshake and the load over `stream`, then the connection task that
-    /// serves the worker until it ends. `tail` is the worker's stderr as far as it
-    /// is read.
+    /// serves the worker until it ends. `output` has the worker's stderr as far as
+    /// it is read, and the budget its log lines share with its output.
     pub(crate) async fn connect(
         spec: &SpawnSpec,
         load: LoadSpec,
         mut child: Box<dyn Process>,
         stream: tokio::net::UnixStream,
-        tail: Arc<StderrTail>,
+        output: Output,
     ) -> Result<Arc<WorkerHandle>, StartError> {
+        let Output { tail, budget } = output;
         let pid = child.pid();
         let (rd, mut wr) = stream.into_split();
         let mut rd = buffered(rd);
@@ -305,11 +306,7 @@ impl WorkerHandle {
         // Load: the worker answers Loaded or LoadFailed (and exits).
         let init_deadline = Duration::from_millis(load.limits.init_deadline_ms);
         let max_output = load.limits.max_output_bytes;
-        let mut log = PluginLog::new(
-            &spec.plugin_id,
-            spec.redactor.clone(),
-            spec.budgets.log_rate,
-        );
+        let mut log = PluginLog::new(&spec.plugin_id, spec.redactor.clone(), budget);
         let load_frame = frame::encode(&ToWorker::Load(load)).map_err(StartError::Handshake)?;
         let loaded = async {
             wr.write_all(&load_frame).await.map_err(FrameError::Io)?;
@@ -500,29 +497,29 @@ fn stream(ours: std::os::unix::net::UnixStream) -> Result<tokio::net::UnixStream
 }
 
 /// Pass a worker's stdout and stderr to the log; the tail of stderr is kept.
+/// One budget covers both streams and the worker's `Log` frames.
 fn forward_both(
     spec: &SpawnSpec,
     out: impl tokio::io::AsyncRead + Unpin + Send + 'static,
     err: impl tokio::io::AsyncRead + Unpin + Send + 'static,
-) -> Arc<StderrTail> {
-    let tail = Arc::new(StderrTail::default());
-    let rate = spec.budgets.log_rate;
+) -> Output {
+    let output = Output::new(spec.budgets.log_rate);
     tokio::spawn(forward_output(
         out,
         spec.plugin_id.clone(),
         "stdout",
         None,
-        rate,
+        Arc::clone(&output.budget),
     ));
-    let keep = Some(Arc::clone(&tail));
+    let keep = Some(Arc::clone(&output.tail));
     tokio::spawn(forward_output(
         err,
         spec.plugin_id.clone(),
         "stderr",
         keep,
-        rate,
+        Arc::clone(&output.budget),
     ));
-    tail
+    output
 }
 
 /// A forked worker, its stdout and its stderr.

@@ -16,7 +16,7 @@
 //! has been reaped. A template that cannot be started or stops answering is not
 //! used again for that binary and level: workers are then started as before.
 
-use super::output::forward_output;
+use super::output::{forward_output, shared_budget};
 use super::process::{Process, VerifyError, verify_worker};
 use super::{BoxFuture, StartError};
 use crate::plugins::access::Credentials;
@@ -232,17 +232,13 @@ impl Template {
         drop(theirs);
         let pid = child.id().unwrap_or(0);
         let name = format!("zygote template {}", program.display());
+        let budget = shared_budget(TEMPLATE_LOG_RATE);
         if let Some(s) = child.stdout.take() {
-            tokio::spawn(forward_output(
-                s,
-                name.clone(),
-                "stdout",
-                None,
-                TEMPLATE_LOG_RATE,
-            ));
+            let budget = Arc::clone(&budget);
+            tokio::spawn(forward_output(s, name.clone(), "stdout", None, budget));
         }
         if let Some(s) = child.stderr.take() {
-            tokio::spawn(forward_output(s, name, "stderr", None, TEMPLATE_LOG_RATE));
+            tokio::spawn(forward_output(s, name, "stderr", None, budget));
         }
         let socket = Arc::new(UnixDatagram::from_std(ours)?);
         let state = Arc::new(Mutex::new(Shared::default()));
