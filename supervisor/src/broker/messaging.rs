@@ -489,30 +489,71 @@ mod tests {
         Arc::new(policy.resolve(&m, None).services)
     }
 
-    #[tokio::test]
-    async fn a_publish_is_queued_for_every_subscriber_or_for_none() {
+    /// Subscribers of `news` (allowed) with queues of `capacity` the test holds
+    /// the other end of, and a broker of `max_queue` whose audit is `audit`.
+    struct World {
+        allowed: Arc<Services>,
+        plugins: Arc<dyn Directory>,
+        senders: Vec<mpsc::Sender<Delivery>>,
+        queues: Vec<mpsc::Receiver<Delivery>>,
+        broker: HostBroker,
+        audit: std::path::PathBuf,
+        dir: tempfile::TempDir,
+    }
+
+    fn world(subscribers: &[&str], capacity: usize, max_queue: usize) -> World {
         let allowed = grants("publish = [\"news\"]\nsubscribe = [\"news\"]");
-        let (a_tx, mut a_rx) = mpsc::channel(1);
-        let (b_tx, mut b_rx) = mpsc::channel(1);
-        let sub = |plugin: &str| Subscriber {
-            plugin: plugin.to_owned(),
-            function: "on_message".to_owned(),
-            services: allowed.clone(),
-        };
+        let (senders, queues): (Vec<_>, Vec<_>) =
+            subscribers.iter().map(|_| mpsc::channel(capacity)).unzip();
         let plugins: Arc<dyn Directory> = Arc::new(Plugins {
             grants: allowed.clone(),
-            subscribers: vec![sub("a"), sub("b")],
-            queues: [("a".to_owned(), a_tx), ("b".to_owned(), b_tx.clone())].into(),
+            subscribers: subscribers
+                .iter()
+                .map(|plugin| Subscriber {
+                    plugin: (*plugin).to_owned(),
+                    function: "on_message".to_owned(),
+                    services: allowed.clone(),
+                })
+                .collect(),
+            queues: subscribers
+                .iter()
+                .map(|p| (*p).to_owned())
+                .zip(senders.iter().cloned())
+                .collect(),
         });
         let dir = tempfile::tempdir().unwrap();
-        let audit = AuditSink::File(dir.path().join("audit.jsonl"));
+        let audit = dir.path().join("audit.jsonl");
         let broker = HostBroker::new(
-            audit,
+            AuditSink::File(audit.clone()),
             Default::default(),
             dir.path().into(),
-            1,
+            max_queue,
             Arc::downgrade(&plugins),
         );
+        World {
+            allowed,
+            plugins,
+            senders,
+            queues,
+            broker,
+            audit,
+            dir,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_publish_is_queued_for_every_subscriber_or_for_none() {
+        let World {
+            allowed,
+            plugins,
+            senders,
+            mut queues,
+            broker,
+            audit,
+            dir,
+        } = world(&["a", "b"], 1, 1);
+        let (b_tx, mut b_rx) = (&senders[1], queues.pop().unwrap());
+        let mut a_rx = queues.pop().unwrap();
         // b's queue is full: nothing is queued for a either.
         b_tx.try_send(Delivery {
             from: "earlier".into(),
@@ -534,7 +575,7 @@ mod tests {
         // (full) misses it, visibly.
         broker.deliver_remote("far", "news", b"remote".to_vec());
         assert_eq!(&a_rx.try_recv().unwrap().payload[..], b"remote");
-        let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let audit = std::fs::read_to_string(&audit).unwrap();
         assert!(
             audit.contains("\"decision\":\"dropped\"") && audit.contains("\"plugin\":\"b\""),
             "{audit}"
@@ -577,28 +618,16 @@ mod tests {
     /// back as the last delivery of each message is done.
     #[tokio::test]
     async fn a_publishers_queued_messages_are_kept_once_and_bounded() {
-        let allowed = grants("publish = [\"news\"]\nsubscribe = [\"news\"]");
-        let (a_tx, mut a_rx) = mpsc::channel(64);
-        let (b_tx, mut b_rx) = mpsc::channel(64);
-        let sub = |plugin: &str| Subscriber {
-            plugin: plugin.to_owned(),
-            function: "on_message".to_owned(),
-            services: allowed.clone(),
-        };
-        let plugins: Arc<dyn Directory> = Arc::new(Plugins {
-            grants: allowed.clone(),
-            subscribers: vec![sub("a"), sub("b")],
-            queues: [("a".to_owned(), a_tx), ("b".to_owned(), b_tx)].into(),
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("audit.jsonl");
-        let mut broker = HostBroker::new(
-            AuditSink::File(log.clone()),
-            Default::default(),
-            dir.path().into(),
-            64,
-            Arc::downgrade(&plugins),
-        );
+        let World {
+            allowed,
+            mut queues,
+            mut broker,
+            audit: log,
+            plugins: _plugins,
+            senders: _senders,
+            dir: _dir,
+        } = world(&["a", "b"], 64, 64);
+        let (mut b_rx, mut a_rx) = (queues.pop().unwrap(), queues.pop().unwrap());
         assert_eq!(broker.publisher_bytes, PUBLISHER_QUEUED_BYTES);
         broker.publisher_bytes = 10 << 20;
         let big = || vec![7u8; 4 << 20];
@@ -690,26 +719,16 @@ mod tests {
         assert_eq!(publisher_places(64), 48);
         assert_eq!(publisher_places(3), 3);
         assert_eq!(publisher_places(1), 1);
-        let allowed = grants("publish = [\"news\"]\nsubscribe = [\"news\"]");
-        let (a_tx, mut a_rx) = mpsc::channel(8);
-        let plugins: Arc<dyn Directory> = Arc::new(Plugins {
-            grants: allowed.clone(),
-            subscribers: vec![Subscriber {
-                plugin: "a".into(),
-                function: "on_message".into(),
-                services: allowed.clone(),
-            }],
-            queues: [("a".to_owned(), a_tx)].into(),
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("audit.jsonl");
-        let broker = HostBroker::new(
-            AuditSink::File(log.clone()),
-            Default::default(),
-            dir.path().into(),
-            8,
-            Arc::downgrade(&plugins),
-        );
+        let World {
+            allowed,
+            mut queues,
+            broker,
+            audit: log,
+            plugins: _plugins,
+            senders: _senders,
+            dir: _dir,
+        } = world(&["a"], 8, 8);
+        let mut a_rx = queues.pop().unwrap();
         let publish = |from: &'static str| {
             let broker = &broker;
             let allowed = &allowed;
