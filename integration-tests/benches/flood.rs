@@ -10,6 +10,9 @@
 //! one:
 //!
 //! - log frames: 64 KiB `Log` frames (the largest allowed) without pause;
+//! - empty log frames, 64 KiB of them to a write, from one attacker and then from
+//!   two at once (as many as the runtime has threads): frames the supervisor
+//!   reads from its buffer without I/O of its own;
 //! - stdout and stderr: megabytes without a newline, not UTF-8, on both streams;
 //! - violations: frames claiming 60 MiB, frames that do not decode, answers to
 //!   calls that are not running: each gets the worker killed, audited and
@@ -63,9 +66,11 @@ fn main() {
     // Violations for as long as the phase lasts: each is a crash.
     opts.restart.max_crashes = u32::MAX;
     let attacker = wat_plugin("attacker", "testkit.wat", "max_output = \"1MiB\"");
+    let second = wat_plugin("attacker-2", "testkit.wat", "max_output = \"1MiB\"");
     let neighbour_dir = wat_plugin("neighbour", "testkit.wat", "");
     let mut sup = Supervisor::new(opts);
     sup.add_plugin_dir(attacker.path()).unwrap();
+    sup.add_plugin_dir(second.path()).unwrap();
     sup.add_plugin_dir(neighbour_dir.path()).unwrap();
     let sup = Arc::new(sup);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -73,10 +78,12 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        assert_eq!(
-            sup.call("attacker", "ok", Vec::new(), None).await.unwrap(),
-            b"ok"
-        );
+        for attacker in ["attacker", "attacker-2"] {
+            assert_eq!(
+                sup.call(attacker, "ok", Vec::new(), None).await.unwrap(),
+                b"ok"
+            );
+        }
         let never = AtomicBool::new(false);
         // Warm up, then the quiet figures.
         neighbour(&sup, &never, 200).await;
@@ -90,15 +97,28 @@ fn main() {
             quiet.p99.as_secs_f64() * 1e6,
             quiet.n
         );
-        let phases: [(&str, &[(&str, &str)]); 4] = [
-            ("log frames (64 KiB each)", &[("log_flood", "16")]),
+        // (name, attacks, how many attackers make them at once)
+        let phases: [(&str, &[(&str, &str)], usize); 6] = [
+            ("log frames (64 KiB each)", &[("log_flood", "16")], 1),
+            (
+                "empty log frames, 64 KiB to a write",
+                &[("log_spin", "16")],
+                1,
+            ),
+            (
+                "empty log frames from two attackers at once",
+                &[("log_spin", "16")],
+                2,
+            ),
             (
                 "host calls, 4,096 at once, never read (kill, audit, restart)",
                 &[("host_flood", "")],
+                1,
             ),
             (
                 "stdout + stderr, no newline, not UTF-8",
                 &[("output_flood", "16")],
+                1,
             ),
             (
                 "violations (kill, audit, restart)",
@@ -107,28 +127,38 @@ fn main() {
                     ("garbage_frame", ""),
                     ("forge_answer", ""),
                 ],
+                1,
             ),
         ];
-        for (name, attacks) in phases {
+        for (name, attacks, attackers) in phases {
             let stop = Arc::new(AtomicBool::new(false));
             let sent = Arc::new(AtomicU64::new(0));
-            let flood = {
-                let (sup, stop, sent) = (Arc::clone(&sup), Arc::clone(&stop), Arc::clone(&sent));
-                let attacks: Vec<(String, String)> = attacks
-                    .iter()
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .collect();
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        for (attack, arg) in &attacks {
-                            let _ = sup
-                                .call("attacker", attack, arg.as_bytes().to_vec(), None)
-                                .await;
-                            sent.fetch_add(1, Ordering::Relaxed);
+            let answered = Arc::new(AtomicU64::new(0));
+            let floods: Vec<_> = ["attacker", "attacker-2"][..attackers]
+                .iter()
+                .map(|plugin| {
+                    let (sup, stop, sent) =
+                        (Arc::clone(&sup), Arc::clone(&stop), Arc::clone(&sent));
+                    let answered = Arc::clone(&answered);
+                    let attacks: Vec<(String, String)> = attacks
+                        .iter()
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .collect();
+                    tokio::spawn(async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            for (attack, arg) in &attacks {
+                                let r = sup
+                                    .call(plugin, attack, arg.as_bytes().to_vec(), None)
+                                    .await;
+                                sent.fetch_add(1, Ordering::Relaxed);
+                                if r.as_deref() == Ok(b"ok") {
+                                    answered.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
                         }
-                    }
+                    })
                 })
-            };
+                .collect();
             let stopper = {
                 let stop = Arc::clone(&stop);
                 tokio::spawn(async move {
@@ -138,13 +168,16 @@ fn main() {
             };
             let during = stats(neighbour(&sup, &stop, usize::MAX).await);
             stopper.await.unwrap();
-            flood.await.unwrap();
+            for flood in floods {
+                flood.await.unwrap();
+            }
             row(&format!("neighbour call, {name}"), &during, &quiet);
             println!(
-                "  {:<40} {} attacker calls in {:?}",
+                "  {:<40} {} attacker calls in {:?} ({} answered \"ok\")",
                 "",
                 sent.load(Ordering::Relaxed),
-                phase
+                phase,
+                answered.load(Ordering::Relaxed)
             );
         }
         let hwm = vm_hwm();

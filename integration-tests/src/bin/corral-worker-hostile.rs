@@ -45,6 +45,7 @@ const ATTACKS: &[&str] = &[
     "fd_bomb",
     "forge_answer",
     "log_flood",
+    "log_spin",
     "output_flood",
     "huge_frame",
     "garbage_frame",
@@ -324,6 +325,25 @@ impl Hostile {
                 let out = sys::write_all(3, &frames);
                 std::thread::sleep(Duration::from_secs(30));
                 out.map_or_else(|e| errno_name(&e), |()| "not killed".into())
+            }
+            "log_spin" => {
+                // `arg` MiB of empty log lines, a few bytes each, 64 KiB to a
+                // write: frames the supervisor takes without I/O of its own (each
+                // read from its buffer, most of them suppressed by the budget), as
+                // many as the worker can write.
+                let mib: usize = arg.parse().expect("MiB");
+                let line = FromWorker::Log {
+                    level: LogLevel::Trace,
+                    message: String::new(),
+                };
+                let frame = corral_protocol::frame::encode(&line).expect("encodes");
+                let chunk: Vec<u8> = frame.repeat((64 << 10) / frame.len());
+                for _ in 0..mib * 16 {
+                    if let Err(e) = sys::write_all(3, &chunk) {
+                        return errno_name(&e);
+                    }
+                }
+                "ok".into()
             }
             "x32_prctl" => {
                 // prctl by its x32 number (the same architecture value, bit 30 set),

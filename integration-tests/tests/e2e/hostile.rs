@@ -933,8 +933,9 @@ async fn without_a_cgroup_the_process_tree_still_dies_with_the_worker() {
 }
 
 /// A worker that writes its own frames and output (any Python plugin with ctypes
-/// can): floods of log frames and of stdout and stderr without newlines or UTF-8
-/// cost the supervisor a few frames' memory, not the flood's, and break nothing; a
+/// can): floods of log frames (large, and tiny ones 64 KiB to a write) and of
+/// stdout and stderr without newlines or UTF-8 cost the supervisor a few frames'
+/// memory, not the flood's, and break nothing; a
 /// forged answer, a frame claiming 60 MiB, a frame that does not decode and a host
 /// call for a call that is not running and a flood of host calls that never reads
 /// an answer each get the worker killed, audited as a
@@ -964,6 +965,9 @@ async fn a_worker_writing_its_own_frames_is_bounded_killed_and_replaced() {
     };
     a.expect("log_flood", "256", "ok").await;
     a.expect("output_flood", "64", "ok").await;
+    // Tiny log frames as fast as it can write them: within the protocol, so
+    // nothing is killed.
+    a.expect("log_spin", "4", "ok").await;
     assert!(
         grown() < 16 << 20,
         "the supervisor's peak memory grew by {} MiB over a 256 MiB log flood and \
