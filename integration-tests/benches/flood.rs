@@ -26,6 +26,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// A flood: its name, the attacks (function, argument) made in turn, and how
+/// many attackers make them at once.
+type Phase = (&'static str, &'static [(&'static str, &'static str)], usize);
+
 fn row(name: &str, s: &Stats, quiet: &Stats) {
     println!(
         "  {name:<40} p50 {:>8.1} us   p99 {:>8.1} us   ({} calls)  p50 {:.2}x, p99 {:.2}x quiet",
@@ -97,8 +101,7 @@ fn main() {
             quiet.p99.as_secs_f64() * 1e6,
             quiet.n
         );
-        // (name, attacks, how many attackers make them at once)
-        let phases: [(&str, &[(&str, &str)], usize); 6] = [
+        let phases: [Phase; 6] = [
             ("log frames (64 KiB each)", &[("log_flood", "16")], 1),
             (
                 "empty log frames, 64 KiB to a write",
