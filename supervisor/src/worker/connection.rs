@@ -245,6 +245,8 @@ pub(crate) struct Connection {
     pub(crate) plugin_id: String,
     pub(crate) cgroup: Option<Arc<PluginCgroup>>,
     pub(crate) tail: Arc<StderrTail>,
+    /// Dropped with the connection: the output forwarders stop reading soon after.
+    pub(crate) _connected: tokio::sync::watch::Sender<()>,
     pub(crate) pending: Arc<Mutex<Pending>>,
     pub(crate) kill: Arc<Notify>,
     pub(crate) shutting_down: Arc<AtomicBool>,

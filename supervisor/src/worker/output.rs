@@ -59,6 +59,10 @@ impl StderrTail {
     }
 }
 
+/// How long a worker's stdout and stderr are still read after its connection
+/// ended.
+pub(crate) const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+
 /// Longest line forwarded from a worker's stdout or stderr, in bytes; the rest of a
 /// longer line is dropped and counted in a marker. A worker that writes without
 /// newlines costs the supervisor this much, not what it wrote.
@@ -128,6 +132,9 @@ pub(crate) const LINE_COST: usize = 128;
 pub(crate) struct Output {
     pub(crate) tail: Arc<StderrTail>,
     pub(crate) budget: SharedBudget,
+    /// Held by the worker's connection: dropped when it ends, which tells the
+    /// forwarders to stop reading soon after.
+    pub(crate) connected: tokio::sync::watch::Sender<()>,
 }
 
 impl Output {
@@ -135,7 +142,13 @@ impl Output {
         Output {
             tail: Arc::new(StderrTail::default()),
             budget: shared_budget(rate),
+            connected: tokio::sync::watch::Sender::new(()),
         }
+    }
+
+    /// What a forwarder watches to know the connection has ended.
+    pub(crate) fn gone(&self) -> Option<tokio::sync::watch::Receiver<()>> {
+        Some(self.connected.subscribe())
     }
 }
 
@@ -209,12 +222,18 @@ impl LogBudget {
 /// `log_rate`); every line
 /// also goes to `keep` (the stderr tail that explains a death), so a flood cannot
 /// hide the worker's last words.
+///
+/// Once `gone` says the worker's connection has ended (its sender dropped), the
+/// stream is read for [`OUTPUT_GRACE`] more and then left: a process the worker
+/// left behind holding the pipe (where no cgroup or PID namespace ends the tree)
+/// gets no reader, not one forwarding for ever.
 pub(crate) async fn forward_output(
     mut out: impl AsyncRead + Unpin,
     plugin: String,
     stream: &'static str,
     keep: Option<Arc<StderrTail>>,
     budget: SharedBudget,
+    mut gone: Option<tokio::sync::watch::Receiver<()>>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut lines = Lines::default();
@@ -227,10 +246,22 @@ pub(crate) async fn forward_output(
             "{n} lines suppressed (over {rate} bytes/s of its log, stdout and stderr)"
         );
     };
+    let far = || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    let left = tokio::time::sleep_until(far());
+    tokio::pin!(left);
     loop {
-        let n = match out.read(&mut buf).await {
-            Ok(0) | Err(_) => 0,
-            Ok(n) => n,
+        let n = tokio::select! {
+            r = out.read(&mut buf) => match r {
+                Ok(0) | Err(_) => 0,
+                Ok(n) => n,
+            },
+            _ = async { gone.as_mut().expect("checked").changed().await }, if gone.is_some() => {
+                // Any change, or the sender gone: the connection has ended.
+                gone = None;
+                left.as_mut().reset(tokio::time::Instant::now() + OUTPUT_GRACE);
+                continue;
+            }
+            () = &mut left => 0,
         };
         if n == 0 {
             lines.finish(&mut ready);
@@ -407,6 +438,43 @@ mod tests {
         assert_eq!(passed, 3000 / LINE_COST);
     }
 
+    /// A process left holding a dead worker's stderr (the write end open, never
+    /// closed) gets a reader for OUTPUT_GRACE after the worker's connection ends,
+    /// not for ever: what it wrote until then is kept, and the forwarder ends.
+    #[tokio::test]
+    async fn a_pipe_held_open_after_the_connection_ends_is_left_soon_after() {
+        use tokio::io::AsyncWriteExt;
+        let output = Output::new(LOG_RATE);
+        let (mut w, r) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(forward_output(
+            r,
+            "p".into(),
+            "stderr",
+            Some(Arc::clone(&output.tail)),
+            Arc::clone(&output.budget),
+            output.gone(),
+        ));
+        w.write_all(b"before\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !task.is_finished(),
+            "the worker's connection is still there"
+        );
+        let Output {
+            tail, connected, ..
+        } = output;
+        drop(connected);
+        w.write_all(b"during the grace\n").await.unwrap();
+        let ended = Instant::now();
+        tokio::time::timeout(OUTPUT_GRACE + Duration::from_secs(4), task)
+            .await
+            .expect("the forwarder ended although the pipe is still open")
+            .unwrap();
+        assert!(ended.elapsed() >= OUTPUT_GRACE - Duration::from_millis(100));
+        assert_eq!(tail.wait_closed().await, "before\nduring the grace\n");
+        drop(w);
+    }
+
     /// A worker's stdout, stderr and log lines draw on one budget: a flood on
     /// stdout leaves no room for its log lines, instead of each stream having the
     /// whole rate.
@@ -431,6 +499,7 @@ mod tests {
             "stdout",
             None,
             Arc::clone(&output.budget),
+            None,
         ));
         for _ in 0..100 {
             w.write_all(&[b'x'; 99]).await.unwrap();
@@ -460,6 +529,7 @@ mod tests {
             "stderr",
             Some(Arc::clone(&tail)),
             shared_budget(LOG_RATE),
+            None,
         ));
         use tokio::io::AsyncWriteExt;
         for _ in 0..256 {

@@ -259,7 +259,11 @@ impl WorkerHandle {
         stream: tokio::net::UnixStream,
         output: Output,
     ) -> Result<Arc<WorkerHandle>, StartError> {
-        let Output { tail, budget } = output;
+        let Output {
+            tail,
+            budget,
+            connected,
+        } = output;
         let pid = child.pid();
         let (rd, mut wr) = stream.into_split();
         let mut rd = buffered(rd);
@@ -441,6 +445,7 @@ impl WorkerHandle {
                 plugin_id: spec.plugin_id.clone(),
                 cgroup: spec.cgroup.clone(),
                 tail,
+                _connected: connected,
                 pending: Arc::clone(&handle.pending),
                 kill: Arc::clone(&handle.kill),
                 shutting_down: Arc::clone(&handle.shutting_down),
@@ -510,6 +515,7 @@ fn forward_both(
         "stdout",
         None,
         Arc::clone(&output.budget),
+        output.gone(),
     ));
     let keep = Some(Arc::clone(&output.tail));
     tokio::spawn(forward_output(
@@ -518,6 +524,7 @@ fn forward_both(
         "stderr",
         keep,
         Arc::clone(&output.budget),
+        output.gone(),
     ));
     output
 }

@@ -235,10 +235,17 @@ impl Template {
         let budget = shared_budget(TEMPLATE_LOG_RATE);
         if let Some(s) = child.stdout.take() {
             let budget = Arc::clone(&budget);
-            tokio::spawn(forward_output(s, name.clone(), "stdout", None, budget));
+            tokio::spawn(forward_output(
+                s,
+                name.clone(),
+                "stdout",
+                None,
+                budget,
+                None,
+            ));
         }
         if let Some(s) = child.stderr.take() {
-            tokio::spawn(forward_output(s, name, "stderr", None, budget));
+            tokio::spawn(forward_output(s, name, "stderr", None, budget, None));
         }
         let socket = Arc::new(UnixDatagram::from_std(ours)?);
         let state = Arc::new(Mutex::new(Shared::default()));
