@@ -344,6 +344,13 @@ impl HostBroker {
         self.audit.record_charged_to(from, event);
     }
 
+    /// Another node's message from `from` dropped for `subscriber` by `rule`:
+    /// logged, and audited against the publisher's budget.
+    fn dropped_for(&self, from: &str, subscriber: &str, topic: &str, rule: &str) {
+        tracing::warn!(plugin = %subscriber, topic, "message dropped: {rule}");
+        self.audit_subscriber(from, subscriber, topic, "dropped", rule);
+    }
+
     /// A place in the queue of every allowed subscriber of `topic`; subscriptions
     /// the policy does not allow are audited and skipped. What is audited about a
     /// subscriber here is charged to the publisher `from`, whose message caused it.
@@ -366,8 +373,7 @@ impl HostBroker {
                         "max_queue: {} messages already queued for it (a message from another node)",
                         self.max_queue
                     );
-                    tracing::warn!(plugin = %sub.plugin, topic, "message dropped: {rule}");
-                    self.audit_subscriber(from, &sub.plugin, topic, "dropped", &rule);
+                    self.dropped_for(from, &sub.plugin, topic, &rule);
                     continue;
                 }
                 Err(_) => {
@@ -386,8 +392,7 @@ impl HostBroker {
                          {} places (a message from another node)",
                         self.max_queue
                     );
-                    tracing::warn!(plugin = %sub.plugin, topic, "message dropped: {rule}");
-                    self.audit_subscriber(from, &sub.plugin, topic, "dropped", &rule);
+                    self.dropped_for(from, &sub.plugin, topic, &rule);
                     continue;
                 }
                 Err(taken) => {
