@@ -625,6 +625,65 @@ async fn rejections_are_readable_while_a_pass_loads() {
     live.sup.shutdown(Duration::from_secs(2)).await;
 }
 
+/// A plugin whose new version's `init` runs for 15 s (its deadline allows 30)
+/// holds up no other plugin: while it loads, its old version serves, another
+/// plugin's edit is loaded by a later pass of the watcher, and a shutdown does
+/// not wait for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugins_slow_init_holds_up_no_other_plugins_reload_and_no_shutdown() {
+    let live = Live::new();
+    write_plugin(&live.dir("quick"), "js", "quick", 1, "");
+    let slow = live.dir("slow-init");
+    write_plugin(&slow, "js", "slow-init", 1, "");
+    live.until_version("quick", "v1").await;
+    live.until_version("slow-init", "v1").await;
+    std::fs::write(
+        slow.join("main.js"),
+        "export function init() { const t = corral.now_ms(); while (corral.now_ms() - t < 15000) {} }\n\
+         export function version() { return 'v2'; }\n",
+    )
+    .unwrap();
+    // Its new version is copied: a pass is loading it now, for 15 s.
+    let versions = live._cache.path().join("versions");
+    let copies = || {
+        std::fs::read_dir(&versions)
+            .unwrap()
+            .flatten()
+            .flat_map(|sup| {
+                std::fs::read_dir(sup.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .filter(|v| v.file_name().to_string_lossy().starts_with("slow-init."))
+            .count()
+    };
+    wait_for(
+        "a pass to read slow-init's new version",
+        Duration::from_secs(20),
+        || copies() == 2,
+    );
+    let loading = Instant::now();
+    write_plugin(&live.dir("quick"), "js", "quick", 2, "");
+    live.until_version("quick", "v2").await;
+    assert_eq!(
+        live.answer("slow-init", "version").await.as_deref(),
+        Ok("v1")
+    );
+    assert!(
+        loading.elapsed() < Duration::from_secs(10),
+        "quick's reload waited {:?}, for slow-init's init",
+        loading.elapsed()
+    );
+    let stop = Instant::now();
+    live.sup.shutdown(Duration::from_secs(2)).await;
+    assert!(
+        stop.elapsed() < Duration::from_secs(8),
+        "the shutdown waited {:?}, for slow-init's init",
+        stop.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removed_plugin_finishes_its_calls_then_is_unloaded() {
     let live = Live::new();

@@ -127,6 +127,9 @@ pub fn watch_plugins(
         .map(|d| d.canonicalize().unwrap_or_else(|_| d.clone()))
         .collect();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // The loop below keeps no sender: it ends when the watcher (and its callback,
+    // which has the only one) is gone.
+    let again = tx.downgrade();
     let filter = roots.clone();
     let writes = Arc::clone(&sup.inner().writes);
     // Roots that were created, removed or renamed (seen through their parent's
@@ -184,38 +187,36 @@ pub fn watch_plugins(
         }
     }
     let watcher = Arc::new(std::sync::Mutex::new(watcher));
-    let weak = Arc::downgrade(&watcher);
+    let rewatch = Arc::new(Rewatch {
+        watcher: Arc::downgrade(&watcher),
+        roots,
+        watched: std::sync::Mutex::new(watched),
+        touched,
+    });
+    let sources = Arc::new(sources);
     tokio::spawn(async move {
-        let mut again = false;
-        loop {
-            // After a pass that found files still changing, pass again once they
-            // have had time to settle, events or not.
-            if again {
-                tokio::time::sleep(crate::plugins::files::QUIET).await;
-            } else if rx.recv().await.is_none() || !quiet(&mut rx).await {
-                break;
-            }
+        while rx.recv().await.is_some() && quiet(&mut rx).await {
             while rx.try_recv().is_ok() {}
-            again = !sync(&sources, &sup).await.unsettled.is_empty();
-            // A directory removed and made again (or renamed in): watch it again.
-            let Some(w) = weak.upgrade() else { break };
-            let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
-            let again_roots: Vec<PathBuf> =
-                std::mem::take(&mut *touched.lock().unwrap_or_else(|e| e.into_inner()));
-            for (root, seen) in roots.iter().zip(&mut watched) {
-                let now = inode(root);
-                if now.is_some() && (now != *seen || again_roots.contains(root)) {
-                    match w.watch(root, notify::RecursiveMode::Recursive) {
-                        // What was written before the watch began has no events:
-                        // one more pass sees it.
-                        Ok(()) => {
-                            *seen = now;
-                            again = true;
-                        }
-                        Err(e) => tracing::warn!("cannot watch {}: {e}", root.display()),
+            // Each pass on its own: a pass waiting for a plugin's `init` (up to
+            // its deadline) holds up no later pass over the other plugins.
+            let (sources, sup, rewatch, again) = (
+                Arc::clone(&sources),
+                Arc::clone(&sup),
+                Arc::clone(&rewatch),
+                again.clone(),
+            );
+            tokio::spawn(async move {
+                let unsettled = !sync(&sources, &sup).await.unsettled.is_empty();
+                let rewatched = rewatch.roots_made_again();
+                // After a pass that found files still changing, pass again once
+                // they have had time to settle, events or not.
+                if unsettled || rewatched {
+                    tokio::time::sleep(crate::plugins::files::QUIET).await;
+                    if let Some(tx) = again.upgrade() {
+                        let _ = tx.send(());
                     }
                 }
-            }
+            });
         }
     });
     Ok(PluginWatcher { _watcher: watcher })
@@ -234,6 +235,46 @@ async fn quiet(rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>) -> bool {
         }
     }
     true
+}
+
+/// The watched roots, to watch again when one is removed and made again.
+struct Rewatch {
+    watcher: std::sync::Weak<std::sync::Mutex<notify::RecommendedWatcher>>,
+    roots: Vec<PathBuf>,
+    /// Each root's inode when its watch began.
+    watched: std::sync::Mutex<Vec<Option<u64>>>,
+    /// Roots that were created, removed or renamed (seen through their parent's
+    /// watch) since the last look.
+    touched: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+}
+
+impl Rewatch {
+    /// Watch again each root removed and made again (or renamed in); true if one
+    /// was: what was written before its watch began has no events, so one more
+    /// pass must see it.
+    fn roots_made_again(&self) -> bool {
+        let Some(w) = self.watcher.upgrade() else {
+            return false;
+        };
+        let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+        let again_roots: Vec<PathBuf> =
+            std::mem::take(&mut *self.touched.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let mut again = false;
+        for (root, seen) in self.roots.iter().zip(watched.iter_mut()) {
+            let now = inode(root);
+            if now.is_some() && (now != *seen || again_roots.contains(root)) {
+                match w.watch(root, notify::RecursiveMode::Recursive) {
+                    Ok(()) => {
+                        *seen = now;
+                        again = true;
+                    }
+                    Err(e) => tracing::warn!("cannot watch {}: {e}", root.display()),
+                }
+            }
+        }
+        again
+    }
 }
 
 fn inode(path: &Path) -> Option<u64> {

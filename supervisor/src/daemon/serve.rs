@@ -143,7 +143,17 @@ pub async fn serve(config_path: &Path, socket: Option<PathBuf>) -> Result<(), Se
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => daemon.reload().await,
+                _ = hup.recv() => {
+                    // A reload loads plugins (their `init` up to its deadline): a
+                    // stop does not wait for it.
+                    let reload = daemon.reload();
+                    tokio::pin!(reload);
+                    tokio::select! {
+                        () = &mut reload => {}
+                        _ = term.recv() => break,
+                        _ = int.recv() => break,
+                    }
+                }
             }
         }
         signals.notify_one();

@@ -414,9 +414,11 @@ impl Inner {
                     return Err(CallError::ShuttingDown);
                 }
                 tracing::info!(plugin = %id, pid = w.pid, level = %started.effective.level.value, "worker ready");
+                let effective = started.effective.clone();
                 if st.ready(started) {
                     metrics.worker_restart(labels());
                 }
+                self.catch_up_policy(p, st, &effective);
                 if w.exports.iter().any(|e| e == HEALTH_EXPORT) {
                     self.watch_health(id, &w, &p.freed);
                 }

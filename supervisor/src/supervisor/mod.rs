@@ -308,8 +308,11 @@ pub(crate) struct Inner {
     policy: std::sync::RwLock<Arc<Policy>>,
     /// Why the last policy reload was rejected (the previous policy stays).
     policy_error: std::sync::Mutex<Option<String>>,
-    /// Serialises adds, reloads and removals; remembers file digests.
+    /// Held to plan a pass over the plugin directories and to put a loaded
+    /// version in the table (never through a load); remembers file digests.
     pub(crate) lifecycle: Mutex<lifecycle::Lifecycle>,
+    /// Loads under way: one at a time per plugin, side by side across plugins.
+    pub(crate) loads: lifecycle::Loads,
     /// Retired workers finishing their calls (shut down with the rest at shutdown).
     draining: std::sync::Mutex<Vec<Weak<WorkerHandle>>>,
     /// Plugin files being written, as the plugin watcher sees them.
@@ -363,6 +366,7 @@ impl Supervisor {
                 config_status: Default::default(),
                 options,
                 lifecycle: Mutex::new(Default::default()),
+                loads: Default::default(),
                 draining: Default::default(),
                 writes: Default::default(),
                 versions: OnceLock::new(),

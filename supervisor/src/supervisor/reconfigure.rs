@@ -18,6 +18,7 @@
 
 use super::{Inner, Options, PluginConfig, RestartPolicy, error_chain};
 use crate::plugins::signing;
+use futures_util::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,7 +75,7 @@ impl Inner {
     /// Switch to the reloadable settings of `options` (a validated configuration);
     /// returns one line per change.
     pub(crate) async fn reconfigure(&self, options: &Options) -> Vec<String> {
-        let _lc = self.lifecycle.lock().await;
+        let lc = self.lifecycle.lock().await;
         let old = self.live();
         let new = Live::of(options);
         let mut changes = Vec::new();
@@ -118,57 +119,81 @@ impl Inner {
             ));
         }
         *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.clone());
+        // Loads run the plugins' own code: not under the lifecycle lock, and side
+        // by side (one plugin's slow `init` holds up no other's new settings).
+        drop(lc);
+        let mut loads = Vec::new();
         for p in self.all_plugins() {
-            let id = p.manifest.id.clone();
-            let settings = new.plugin_config.get(&id).cloned().unwrap_or_default();
-            let signer_changed = publishers_changed
-                && signing::verify(p.files.path(), &new.publishers)
-                    .ok()
-                    .as_ref()
-                    != Some(&p.publisher);
-            let version = if signer_changed {
-                // Read again, checked against the publishers trusted now.
-                match self.read_plugin(&p.dir, Some(&p)) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        let why = format!(
-                            "{id}: not read again under the new publishers: {}; the running \
-                             version keeps serving until its worker stops",
-                            error_chain(&e)
-                        );
-                        p.state.lock().await.note_error(why.clone());
-                        changes.push(why);
-                        continue;
-                    }
-                }
-            } else if *p.settings != settings {
-                Inner::same_version_with(&p, Arc::new(settings))
-            } else {
-                continue;
-            };
-            let what = if signer_changed {
-                "its publisher"
-            } else {
-                "its config or secrets"
-            };
-            match self.load_version(version, Some(Arc::clone(&p))).await {
-                Ok(()) => changes.push(format!(
-                    "{id}: {what} changed: a new worker serves it; the old one retires after \
-                     its calls"
-                )),
-                Err(why) => {
-                    let why = format!(
-                        "{id}: {what} changed but no worker could start with them ({why}); \
-                         the running version keeps serving"
-                    );
-                    p.state.lock().await.note_error(why.clone());
-                    changes.push(why);
-                }
-            }
+            loads.push(self.apply_settings(p.manifest.id.clone(), publishers_changed));
         }
+        let renewed: Vec<Option<String>> = futures_util::stream::iter(loads)
+            .buffered(super::lifecycle::PARALLEL_LOADS)
+            .collect()
+            .await;
+        changes.extend(renewed.into_iter().flatten());
         for c in &changes {
             tracing::info!("configuration: {c}");
         }
         changes
+    }
+
+    /// Give plugin `id` the settings in force (and check it against the
+    /// publishers in force if they changed): a new version in a new worker if
+    /// anything about it changed, in its turn (after a reload under way). Returns
+    /// the change, if any.
+    async fn apply_settings(&self, id: String, publishers_changed: bool) -> Option<String> {
+        let _turn = self.load_turn(&id).await;
+        let p = self.plugin(&id)?;
+        let live = self.live();
+        let settings = live.plugin_config.get(&id).cloned().unwrap_or_default();
+        let signer_changed = publishers_changed
+            && signing::verify(p.files.path(), &live.publishers)
+                .ok()
+                .as_ref()
+                != Some(&p.publisher);
+        let version = if signer_changed {
+            // Read again, checked against the publishers trusted now.
+            match self
+                .read_plugin_blocking(&p.dir, Some(Arc::clone(&p)))
+                .await
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    let why = format!(
+                        "{id}: not read again under the new publishers: {}; the running \
+                         version keeps serving until its worker stops",
+                        error_chain(&e)
+                    );
+                    p.state.lock().await.note_error(why.clone());
+                    return Some(why);
+                }
+            }
+        } else if *p.settings != settings {
+            Inner::same_version_with(&p, Arc::new(settings))
+        } else {
+            return None;
+        };
+        let what = if signer_changed {
+            "its publisher"
+        } else {
+            "its config or secrets"
+        };
+        match self
+            .load_version(version, Some(Arc::clone(&p)), false)
+            .await
+        {
+            Ok(_) => Some(format!(
+                "{id}: {what} changed: a new worker serves it; the old one retires after its \
+                 calls"
+            )),
+            Err(why) => {
+                let why = format!(
+                    "{id}: {what} changed but no worker could start with them ({why}); the \
+                     running version keeps serving"
+                );
+                p.state.lock().await.note_error(why.clone());
+                Some(why)
+            }
+        }
     }
 }

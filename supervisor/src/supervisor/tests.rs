@@ -13,7 +13,7 @@ use corral_confine::SelfConfinement;
 use corral_protocol::{
     CallError, EnforcementReport, ExitReason, FromWorker, Hello, Runtime, ToWorker, frame,
 };
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::Mutex as StdMutex;
@@ -37,6 +37,8 @@ struct Script {
     dies_slowly: bool,
     /// The load's deadline (the plugin's `init`).
     init_deadline_ms: u64,
+    /// The load answers only once [`FakeLauncher::open_loads`] is called.
+    load_held: bool,
 }
 
 impl Default for Script {
@@ -48,6 +50,7 @@ impl Default for Script {
             stays_after_load_error: false,
             dies_slowly: false,
             init_deadline_ms: 1000,
+            load_held: false,
         }
     }
 }
@@ -103,11 +106,28 @@ struct FakeLauncher {
     release: Arc<Notify>,
     /// One journal per worker started, in start order.
     journals: StdMutex<Vec<Arc<Journal>>>,
+    /// Scripts for the workers of one plugin, before `scripts`.
+    by_plugin: StdMutex<HashMap<String, VecDeque<Script>>>,
+    /// Set by [`FakeLauncher::open_loads`]: held loads answer.
+    loads_open: Arc<watch::Sender<bool>>,
 }
 
 impl FakeLauncher {
     fn next(&self, script: Script) {
         self.scripts.lock().unwrap().push_back(script);
+    }
+    /// The script of the next worker started for `plugin`.
+    fn next_for(&self, plugin: &str, script: Script) {
+        self.by_plugin
+            .lock()
+            .unwrap()
+            .entry(plugin.to_owned())
+            .or_default()
+            .push_back(script);
+    }
+    /// Let every held load (and every one to come) answer.
+    fn open_loads(&self) {
+        self.loads_open.send_replace(true);
     }
     fn journal(&self, n: usize) -> Vec<String> {
         self.journals.lock().unwrap()[n].entries()
@@ -161,7 +181,16 @@ impl Launcher for FakeLauncher {
     fn launch<'a>(&'a self, req: Launch<'a>) -> BoxFuture<'a, Result<Launched, StartError>> {
         Box::pin(async move {
             let n = self.launches.fetch_add(1, Ordering::SeqCst);
-            let script = self.scripts.lock().unwrap().pop_front().unwrap_or_default();
+            let id = &req.plugin.manifest.id;
+            let own = self
+                .by_plugin
+                .lock()
+                .unwrap()
+                .get_mut(id)
+                .and_then(|q| q.pop_front());
+            let script = own
+                .or_else(|| self.scripts.lock().unwrap().pop_front())
+                .unwrap_or_default();
             let journal = Arc::new(Journal::default());
             self.journals.lock().unwrap().push(Arc::clone(&journal));
             let (ours, theirs) = tokio::net::UnixStream::pair().map_err(StartError::Socket)?;
@@ -173,6 +202,7 @@ impl Launcher for FakeLauncher {
                 script,
                 journal,
                 Arc::clone(&self.release),
+                self.loads_open.subscribe(),
                 Arc::clone(&kill),
                 status_tx,
             ));
@@ -236,12 +266,13 @@ async fn fake_worker(
     script: Script,
     journal: Arc<Journal>,
     release: Arc<Notify>,
+    loads_open: watch::Receiver<bool>,
     kill: Arc<Notify>,
     status: watch::Sender<Option<ExitStatus>>,
 ) {
     let dies_slowly = script.dies_slowly;
     let killed = Arc::clone(&journal);
-    let serving = serve(stream, script, journal, release);
+    let serving = serve(stream, script, journal, release, loads_open);
     tokio::pin!(serving);
     let code = tokio::select! {
         code = &mut serving => code,
@@ -268,6 +299,7 @@ async fn serve(
     script: Script,
     journal: Arc<Journal>,
     release: Arc<Notify>,
+    mut loads_open: watch::Receiver<bool>,
 ) -> i32 {
     let (mut rd, mut wr) = stream.into_split();
     let hello = Hello {
@@ -323,6 +355,9 @@ async fn serve(
                 journal.push("load".into());
                 if script.load_hangs {
                     std::future::pending::<()>().await;
+                }
+                if script.load_held {
+                    let _ = loads_open.wait_for(|open| *open).await;
                 }
                 if let Some(e) = script.load_error {
                     let _ = tx.send(FromWorker::LoadFailed { error: e.into() });
@@ -1823,4 +1858,257 @@ async fn plugins_read_side_by_side_are_added_in_order_with_each_refusal_in_its_p
     let x = sup.inner().plugin("x").unwrap();
     assert_eq!(x.dir, dirs[0].canonicalize().unwrap());
     assert!(x.files.path().join("main.js").is_file());
+}
+
+/// Plugins `ids`, each in its own directory, added by a pass (each loaded in a
+/// fake worker); the directories in the order of `ids`.
+async fn passed(
+    ids: &[&str],
+) -> (
+    Supervisor,
+    Arc<FakeLauncher>,
+    Vec<PathBuf>,
+    tempfile::TempDir,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut options = Options::new();
+    options.cache_dir = Some(tmp.path().join("cache"));
+    options.state_dir = tmp.path().join("state");
+    options.cgroups = None;
+    options.health_interval = Duration::from_secs(3600);
+    let launcher = Arc::new(FakeLauncher::default());
+    let sup = Supervisor::with_launcher(options, Arc::clone(&launcher) as Arc<dyn Launcher>);
+    let dirs: Vec<PathBuf> = ids
+        .iter()
+        .map(|id| {
+            let d = tmp.path().join(id);
+            std::fs::create_dir(&d).unwrap();
+            write_plugin(&d, id);
+            d
+        })
+        .collect();
+    settle().await;
+    let report = sup.sync_plugins(&dirs).await;
+    assert_eq!(report.added, ids, "{report:?}");
+    (sup, launcher, dirs, tmp)
+}
+
+/// A change to the plugin in `dir` (a new version of its files).
+fn edit(dir: &std::path::Path, n: u32) {
+    std::fs::write(
+        dir.join("main.js"),
+        format!("export function echo(x) {{ return x }} // edit {n}\n"),
+    )
+    .unwrap();
+}
+
+/// Long enough for files just written to count as settled.
+async fn settle() {
+    tokio::time::sleep(crate::plugins::files::QUIET + Duration::from_millis(50)).await;
+}
+
+/// What `plugin`'s `version` answers, once it answers `want` (within 5 s).
+async fn answers(sup: &Supervisor, plugin: &str, want: &str) {
+    let mut last = None;
+    for _ in 0..500 {
+        let got = sup
+            .call(plugin, "version", Vec::new(), Some(Duration::from_secs(2)))
+            .await;
+        if got.as_deref() == Ok(want.as_bytes()) {
+            return;
+        }
+        last = Some(got);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{plugin} does not answer {want:?} within 5 s: {last:?}");
+}
+
+/// What bounds a wait that must not wait for a plugin's `init`.
+async fn at_once<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} waited for another plugin's init"))
+}
+
+/// A plugin whose new version's `init` takes as long as its deadline allows
+/// holds up no other plugin: in the same pass the others' new versions serve at
+/// once, and meanwhile the slow plugin's old version serves, a later pass reloads
+/// another plugin, and a policy change renews the other plugins' workers and
+/// leaves the slow one's to after its load. Once that load ends, the new version
+/// serves and is renewed under the policy that changed while it loaded, once.
+#[tokio::test]
+async fn a_slow_init_holds_up_no_other_plugins_load_no_pass_and_no_policy_change() {
+    let (sup, launcher, dirs, _tmp) = passed(&["a-slow", "b-quick", "c-later"]).await;
+    let level = async |id: &str| {
+        let list = sup.list().await;
+        list.iter().find(|p| p.id == id).unwrap().level.clone()
+    };
+    let before = level("a-slow").await;
+    assert_ne!(before, "standard");
+    launcher.next_for(
+        "a-slow",
+        Script {
+            tag: "v2",
+            load_held: true,
+            init_deadline_ms: 60_000,
+            ..Script::default()
+        },
+    );
+    launcher.next_for(
+        "b-quick",
+        Script {
+            tag: "v2",
+            ..Script::default()
+        },
+    );
+    edit(&dirs[0], 1);
+    edit(&dirs[1], 1);
+    settle().await;
+    let pass = tokio::spawn({
+        let (sup, dirs) = (sup.clone(), dirs.clone());
+        async move { sup.sync_plugins(&dirs).await }
+    });
+    // The same pass: b-quick's new version serves while a-slow's loads.
+    answers(&sup, "b-quick", "v2").await;
+    answers(&sup, "a-slow", "v1").await;
+    assert_eq!(launcher.launches(), 5);
+
+    // A later pass: c-later reloaded; a-slow, being loaded, left alone.
+    launcher.next_for(
+        "c-later",
+        Script {
+            tag: "v2",
+            ..Script::default()
+        },
+    );
+    edit(&dirs[2], 1);
+    settle().await;
+    let report = at_once("a later pass", sup.sync_plugins(&dirs)).await;
+    assert_eq!(report.reloaded, ["c-later 1.0.0 -> 1.0.0"], "{report:?}");
+    assert!(
+        report.rejected.is_empty() && report.added.is_empty(),
+        "{report:?}"
+    );
+    answers(&sup, "c-later", "v2").await;
+    assert_eq!(launcher.launches(), 6);
+
+    // A policy change that needs new workers: b-quick's and c-later's at once,
+    // a-slow's after its load.
+    launcher.next_for(
+        "a-slow",
+        Script {
+            tag: "v3",
+            ..Script::default()
+        },
+    );
+    let changes = at_once(
+        "a policy change",
+        sup.set_policy(Arc::unwrap_or_clone(standard_policy())),
+    )
+    .await;
+    let of = |id: &str| {
+        changes
+            .iter()
+            .filter(|c| c.starts_with(&format!("{id}: ")))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of("a-slow").len(), 1, "{changes:?}");
+    assert!(
+        of("a-slow")[0].contains("once the load under way ends"),
+        "{changes:?}"
+    );
+    for id in ["b-quick", "c-later"] {
+        assert!(
+            of(id).len() == 1 && of(id)[0].starts_with(&format!("{id}: new worker at ")),
+            "{changes:?}"
+        );
+        assert_eq!(level(id).await, "standard");
+    }
+    assert_eq!(launcher.launches(), 8);
+    assert_eq!(level("a-slow").await, before, "still its old worker");
+    assert!(!pass.is_finished(), "the first pass still loads a-slow");
+
+    // a-slow's load ends: its new version serves, then is renewed under the
+    // policy in force, once.
+    launcher.open_loads();
+    let report = at_once("the first pass", pass).await.unwrap();
+    assert_eq!(report.reloaded.len(), 2, "{report:?}");
+    answers(&sup, "a-slow", "v3").await;
+    assert_eq!(level("a-slow").await, "standard");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(launcher.launches(), 9, "a-slow renewed once");
+}
+
+/// A policy change that lands while a worker starts (its start resolved the
+/// policy before the change; the change looked at the plugin before the worker
+/// was there) applies to that worker once it is ready: a change that needs a new
+/// worker renews it, one that applies live is applied. No worker serves under a
+/// policy that is no longer in force.
+#[tokio::test]
+async fn a_policy_change_during_a_start_applies_to_the_worker_it_started() {
+    let f = fixture(|_| {});
+    let before = f.sup.list().await[0].level.clone();
+    assert_ne!(before, "standard");
+    f.launcher.next(Script {
+        load_held: true,
+        ..Script::default()
+    });
+    let call = tokio::spawn({
+        let sup = f.sup.clone();
+        async move { sup.call("fake", "version", Vec::new(), None).await }
+    });
+    eventually("the first worker is loading", || {
+        f.launcher.launches() == 1 && f.launcher.journal(0) == ["load"]
+    })
+    .await;
+    let changes = f
+        .sup
+        .set_policy(Arc::unwrap_or_clone(standard_policy()))
+        .await;
+    assert!(changes.is_empty(), "no worker to change yet: {changes:?}");
+    f.launcher.next(Script {
+        tag: "v2",
+        ..Script::default()
+    });
+    f.launcher.open_loads();
+    assert_eq!(call.await.unwrap().unwrap(), b"v1");
+    answers(&f.sup, "fake", "v2").await;
+    assert_eq!(f.sup.list().await[0].level, "standard");
+    assert_eq!(f.launcher.launches(), 2);
+    eventually("the worker started under the old policy is retired", || {
+        f.launcher
+            .journal(0)
+            .last()
+            .is_some_and(|e| e == "shutdown")
+    })
+    .await;
+}
+
+/// [`a_policy_change_during_a_start_applies_to_the_worker_it_started`], for a
+/// change that applies live (the call deadline): the worker takes it as it is.
+#[tokio::test]
+async fn a_live_policy_change_during_a_start_applies_to_the_worker_it_started() {
+    let f = fixture(|o| o.policy = standard_policy());
+    f.launcher.next(Script {
+        load_held: true,
+        ..Script::default()
+    });
+    let call = tokio::spawn({
+        let sup = f.sup.clone();
+        async move { sup.call("fake", "version", Vec::new(), None).await }
+    });
+    eventually("the worker is loading", || {
+        f.launcher.launches() == 1 && f.launcher.journal(0) == ["load"]
+    })
+    .await;
+    let routes = "[[route]]\nlevel = \"standard\"\nlimits = { timeout = \"7s\" }\n";
+    let policy = corral_policy::Policy::parse(&[("routes.toml".into(), routes.to_owned())]);
+    let changes = f.sup.set_policy(policy.unwrap()).await;
+    assert!(changes.is_empty(), "no worker to change yet: {changes:?}");
+    f.launcher.open_loads();
+    assert_eq!(call.await.unwrap().unwrap(), b"v1");
+    let p = f.sup.inner().plugin("fake").unwrap();
+    assert_eq!(p.state.lock().await.deadlines().0, Duration::from_secs(7));
+    assert_eq!(f.launcher.launches(), 1);
 }
