@@ -210,6 +210,68 @@ async fn a_plugins_quota_holds_across_nodes_writing_at_once() {
     b.shutdown(Duration::from_secs(2)).await;
 }
 
+/// A publisher cannot fill the shared database with messages for the other nodes
+/// (kept five minutes whether anyone subscribes or not): past its budget (64 MiB
+/// at once, each message costing 256 bytes more) a publish is refused, saying so,
+/// and writes nothing; the database holds exactly the messages that were
+/// answered; another publisher still publishes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_cannot_fill_the_shared_database_with_messages() {
+    let pg = Postgres::start();
+    pg.create_database("flood");
+    let kit_dir = kit("js", "svc-js", &[]);
+    let other = kit("python", "svc-python", &[]);
+    let cache = open_tempdir();
+    let mut sup = node(&pg, "flood", cache.path(), kit_dir.path());
+    sup.add_plugin_dir(other.path()).unwrap();
+    let big = vec![b'm'; 1 << 20];
+    let mut published = 0;
+    let started = Instant::now();
+    // 63 fit at once; the budget refills at 64 MiB per 300 s meanwhile.
+    let most = |published: usize| {
+        let refilled = started.elapsed().as_secs_f64() * f64::from(64 << 20) / 300.0;
+        assert!(
+            published <= 63 + (refilled / f64::from((1 << 20) + 256)).ceil() as usize,
+            "{published} published in {:?}: past the budget",
+            started.elapsed()
+        );
+    };
+    let refusal = loop {
+        match host(&sup, "svc-js", &[b"publish", b"news", &big]).await {
+            Ok(answer) => {
+                assert_eq!(answer, [b"0".to_vec()], "nobody subscribes here");
+                published += 1;
+            }
+            Err(e) => break e,
+        }
+        most(published);
+    };
+    assert!(published >= 63, "{published}: {refusal}");
+    assert!(
+        refusal.contains(
+            "overloaded: svc-js's messages to the other nodes have used its 64.0 MiB for five \
+             minutes ("
+        ) && refusal.contains("bytes left; another 1.0 MiB would pass it); nothing was published"),
+        "{refusal}"
+    );
+    let rows = |who: &str| {
+        pg.psql(
+            "flood",
+            &format!(
+                "SELECT count(*) || ' ' || coalesce(sum(octet_length(payload)), 0) \
+                 FROM corral_messages WHERE publisher = '{who}'"
+            ),
+        )
+    };
+    assert_eq!(rows("svc-js"), format!("{published} {}", published << 20));
+    assert_eq!(
+        host(&sup, "svc-python", &[b"publish", b"news", b"still"]).await,
+        Ok(vec![b"0".to_vec()])
+    );
+    assert_eq!(rows("svc-python"), "1 5");
+    sup.shutdown(Duration::from_secs(2)).await;
+}
+
 /// A database that goes away fails the store's host calls and every publish with
 /// the reason (which server, what happened), within the store's timeout and
 /// without the password; a refused publish reaches nobody, not even this node's

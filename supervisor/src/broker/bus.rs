@@ -6,7 +6,9 @@
 //! The task LISTENs on its own connection and serves notifications one at a
 //! time, in the order the database delivers them (commit order), so a publisher's
 //! messages reach a subscriber here in publish order. It skips its own node's
-//! notifications (this node delivered those locally). When the connection is lost
+//! notifications (this node delivered those locally), and those of topics no
+//! plugin here subscribes to (the notification names the topic: their payloads
+//! are never read). When the connection is lost
 //! it logs it, waits (1 s, doubling to 30 s) and listens again: messages published
 //! meanwhile are missed (delivery is at most once), and the log says so. Every
 //! minute it deletes expired messages.
@@ -83,18 +85,24 @@ pub(crate) async fn receive(broker: Weak<HostBroker>, store: Arc<Store>) {
     }
 }
 
-/// One notification: `<node> <id>`.
+/// One notification: `<node> <id> <topic>` (`<node> <id>` from a node before
+/// topics were named).
 async fn serve(
     broker: &HostBroker,
     pg: &super::store::postgres::PgStore,
     node: &str,
     notification: &str,
 ) {
-    let Some((from_node, id)) = notification.split_once(' ') else {
+    let mut parts = notification.splitn(3, ' ');
+    let (Some(from_node), Some(id), topic) = (parts.next(), parts.next(), parts.next()) else {
         tracing::warn!(notification, "topics: a notification not from Corral");
         return;
     };
     if from_node == node {
+        return;
+    }
+    // Nobody here subscribes to it: not read at all.
+    if topic.is_some_and(|t| !broker.has_subscribers(t)) {
         return;
     }
     let Ok(id) = id.parse::<i64>() else {

@@ -35,6 +35,15 @@
 //!   whose queue is full misses it (logged and audited as `dropped`: the
 //!   publisher was answered already). The publish's answer counts this node's
 //!   subscribers.
+//! - **What a publisher can make the database hold** is bounded by the publisher
+//!   too: a row is kept for every node to read for five minutes
+//!   (`MESSAGE_RETENTION`), subscribers or not, so each publisher may write
+//!   [`PUBLISHER_BUS_BYTES`] to the other nodes at once and that much again every
+//!   five minutes after (a token bucket; each message costs its bytes and
+//!   [`BUS_MESSAGE_COST`]). A publish past it is refused with `overloaded`,
+//!   saying so, and reaches nobody. Without it, one plugin publishing 16 MiB
+//!   messages in a loop would have filled the shared database's disk, every node's
+//!   with it. A node reads only the messages of topics it has subscribers for.
 //! - **Calls** (`corral.call(plugin, function, input)`) are allowed by the caller's
 //!   `call` grants, run within the caller's remaining deadline, and count against the
 //!   callee's bounded queue (`overloaded` when full). A call to a plugin that is
@@ -55,6 +64,58 @@ pub const MAX_TOPIC: usize = 256;
 /// What one publisher's messages not yet delivered to every subscriber may hold,
 /// in bytes (payloads, each counted once).
 pub const PUBLISHER_QUEUED_BYTES: usize = 64 << 20;
+/// What one publisher may write to the other nodes (the database's message table)
+/// at once, and again every five minutes, in bytes.
+pub const PUBLISHER_BUS_BYTES: usize = 64 << 20;
+/// What a message to the other nodes costs besides its payload (its row, its
+/// notification): a publisher of empty messages is bounded too.
+pub const BUS_MESSAGE_COST: usize = 256;
+/// How long the database keeps a message (`MESSAGE_RETENTION`), which the
+/// budget of [`PUBLISHER_BUS_BYTES`] refills over.
+const BUS_REFILL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Each publisher's budget for messages to the other nodes (see
+/// [`PUBLISHER_BUS_BYTES`]): a token bucket per publisher, forgotten once full.
+#[derive(Debug, Default)]
+pub(crate) struct BusBudgets {
+    budgets: Mutex<HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl BusBudgets {
+    /// Take `len` bytes (and [`BUS_MESSAGE_COST`]) of `from`'s budget of `bytes`
+    /// at `now`, or say what it has left.
+    pub(crate) fn admit(
+        &self,
+        from: &str,
+        len: usize,
+        bytes: usize,
+        now: std::time::Instant,
+    ) -> Result<(), String> {
+        let burst = bytes as f64;
+        let rate = burst / BUS_REFILL.as_secs_f64();
+        let cost = (len + BUS_MESSAGE_COST) as f64;
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        // Full buckets are forgotten: what is kept is bounded by the publishers
+        // that published in the last five minutes.
+        budgets.retain(|_, (left, at)| {
+            *left + now.saturating_duration_since(*at).as_secs_f64() * rate < burst
+        });
+        let (left, at) = budgets.get(from).copied().unwrap_or((burst, now));
+        let left = (left + now.saturating_duration_since(at).as_secs_f64() * rate).min(burst);
+        if left < cost {
+            return Err(format!(
+                "{from}'s messages to the other nodes have used its {} for five minutes \
+                 ({} left; another {} would pass it); nothing was published",
+                mib(bytes),
+                mib(left as usize),
+                mib(len + BUS_MESSAGE_COST)
+            ));
+        }
+        budgets.insert(from.to_owned(), (left - cost, now));
+        Ok(())
+    }
+}
+
 /// The function a subscription calls unless it names one (`"topic=function"`).
 pub const DEFAULT_HANDLER: &str = "on_message";
 
@@ -261,11 +322,26 @@ impl HostBroker {
         // The other nodes' copy first: if it cannot be sent, nobody gets the
         // message (the publisher may retry without anyone seeing it twice).
         if let Some(store) = self.bus_store()? {
+            self.bus_budgets
+                .admit(
+                    from,
+                    payload.len(),
+                    self.bus_bytes,
+                    std::time::Instant::now(),
+                )
+                .map_err(HostError::Overloaded)?;
             store.publish(&self.node, from, &topic, &payload).await?;
         }
         let n = permits.len() as u32;
         Self::deliver(permits, from, &topic, payload, charge);
         Ok(HostReply::Delivered(n))
+    }
+
+    /// Whether this node has a plugin subscribed to `topic` (another node's
+    /// message on a topic nobody here subscribes to is not even read).
+    pub(crate) fn has_subscribers(&self, topic: &str) -> bool {
+        self.directory()
+            .is_ok_and(|d| !d.subscribers(topic).is_empty())
     }
 
     /// A message another node published: queued for this node's allowed
@@ -442,6 +518,49 @@ mod tests {
     use std::sync::{Arc, Weak};
     use std::time::Duration;
     use tokio::sync::mpsc;
+
+    /// A publisher's messages to the other nodes take its budget: at once up to
+    /// its size, each message costing its bytes and 256 more; past it a publish
+    /// is refused saying what is left; the budget refills over five minutes;
+    /// another publisher's is its own; and full budgets are forgotten.
+    #[test]
+    fn a_publishers_messages_to_the_other_nodes_are_bounded_by_its_budget() {
+        let budgets = BusBudgets::default();
+        let t0 = std::time::Instant::now();
+        let size = 64 << 20;
+        let msg = 1 << 20;
+        for i in 0..63 {
+            assert_eq!(budgets.admit("p", msg, size, t0), Ok(()), "message {i}");
+        }
+        let refused = budgets.admit("p", msg, size, t0).unwrap_err();
+        assert_eq!(
+            refused,
+            "p's messages to the other nodes have used its 64.0 MiB for five minutes \
+             (1032448 bytes left; another 1.0 MiB would pass it); nothing was published"
+        );
+        // Empty messages cost too.
+        let small = BusBudgets::default();
+        let n = (0..10_000)
+            .take_while(|_| small.admit("q", 0, 64 << 10, t0).is_ok())
+            .count();
+        assert_eq!(n, (64 << 10) / BUS_MESSAGE_COST);
+        // Another publisher has its own.
+        assert_eq!(budgets.admit("other", msg, size, t0), Ok(()));
+        // A fifth of five minutes later, a fifth of the budget is back.
+        let later = t0 + Duration::from_secs(60);
+        let back = (0..100)
+            .take_while(|_| budgets.admit("p", msg, size, later).is_ok())
+            .count();
+        assert_eq!(back, 13, "1,032,448 bytes left plus 12.8 MiB refilled");
+        // Once full again, nothing is kept of either.
+        let full = t0 + Duration::from_secs(301);
+        assert_eq!(budgets.admit("p", 0, size, full), Ok(()));
+        assert_eq!(
+            budgets.budgets.lock().unwrap().len(),
+            1,
+            "only p's, just used"
+        );
+    }
 
     /// Subscribers of `news` with queues the test holds the other end of.
     struct Plugins {

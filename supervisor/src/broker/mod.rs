@@ -82,6 +82,10 @@ pub(crate) struct HostBroker {
     publishers: messaging::Publishers,
     /// The most that may be (`messaging::PUBLISHER_QUEUED_BYTES`).
     publisher_bytes: usize,
+    /// What each publisher may still write to the other nodes.
+    bus_budgets: messaging::BusBudgets,
+    /// Its size (`messaging::PUBLISHER_BUS_BYTES`).
+    bus_bytes: usize,
     directory: Weak<dyn Directory>,
 }
 
@@ -118,6 +122,8 @@ impl HostBroker {
             store_places: places::Places::new(STORE_OPS_PER_PLUGIN),
             publishers: Default::default(),
             publisher_bytes: messaging::PUBLISHER_QUEUED_BYTES,
+            bus_budgets: Default::default(),
+            bus_bytes: messaging::PUBLISHER_BUS_BYTES,
             directory,
         }
     }

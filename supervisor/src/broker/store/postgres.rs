@@ -425,7 +425,8 @@ impl PgStore {
                 .prepare_cached(
                     "WITH m AS (INSERT INTO corral_messages (node, publisher, topic, payload) \
                      VALUES ($1, $2, $3, $4) RETURNING id) \
-                     SELECT pg_notify('corral_topics', $1::text || ' ' || m.id) FROM m",
+                     SELECT pg_notify('corral_topics', $1::text || ' ' || m.id || ' ' || $3::text) \
+                     FROM m",
                 )
                 .await
                 .map_err(|e| pg_failed("publish", e))?;
