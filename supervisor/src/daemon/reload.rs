@@ -206,6 +206,11 @@ pub fn watch_plugins(
                 again.clone(),
             );
             tokio::spawn(async move {
+                // A watcher replaced (the configuration named other directories)
+                // passes no more: its sources are not the plugins any more.
+                if rewatch.watcher.strong_count() == 0 {
+                    return;
+                }
                 let unsettled = !sync(&sources, &sup).await.unsettled.is_empty();
                 let rewatched = rewatch.roots_made_again();
                 // After a pass that found files still changing, pass again once

@@ -129,6 +129,7 @@ pub async fn serve(config_path: &Path, socket: Option<PathBuf>) -> Result<(), Se
         sup: Arc::clone(&sup),
     };
     let signals = Arc::clone(&stop);
+    let sup_for_signals = Arc::clone(&sup);
     let signal_task = tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -145,13 +146,20 @@ pub async fn serve(config_path: &Path, socket: Option<PathBuf>) -> Result<(), Se
                 _ = int.recv() => break,
                 _ = hup.recv() => {
                     // A reload loads plugins (their `init` up to its deadline): a
-                    // stop does not wait for it.
+                    // stop ends those loads (their workers killed) and the reload
+                    // with them, rather than waiting, or leaving a version half
+                    // put in the table.
                     let reload = daemon.reload();
                     tokio::pin!(reload);
-                    tokio::select! {
-                        () = &mut reload => {}
-                        _ = term.recv() => break,
-                        _ = int.recv() => break,
+                    let stop = tokio::select! {
+                        () = &mut reload => false,
+                        _ = term.recv() => true,
+                        _ = int.recv() => true,
+                    };
+                    if stop {
+                        sup_for_signals.begin_shutdown();
+                        reload.await;
+                        break;
                     }
                 }
             }

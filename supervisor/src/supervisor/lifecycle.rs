@@ -67,7 +67,8 @@ pub(crate) struct Lifecycle {
 /// turn per plugin id (see [`Inner::load_turn`]).
 #[derive(Debug, Default)]
 pub(crate) struct Loads {
-    dirs: std::sync::Mutex<BTreeSet<PathBuf>>,
+    /// Each with whether a pass left it alone since (its files may have changed).
+    dirs: std::sync::Mutex<BTreeMap<PathBuf, bool>>,
     turns: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -100,6 +101,20 @@ impl Drop for LoadTurn<'_> {
 struct Loading<'a> {
     loads: &'a Loads,
     dir: PathBuf,
+}
+
+impl Loading<'_> {
+    /// The load is over: whether a pass left the directory alone meanwhile.
+    fn finish(self) -> bool {
+        let skipped = self
+            .loads
+            .dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&self.dir)
+            .copied();
+        skipped == Some(true)
+    }
 }
 
 impl Drop for Loading<'_> {
@@ -225,19 +240,20 @@ impl Inner {
         // after the new plugins they depend on.
         let mut pending: Vec<(Plugin, Option<Arc<Plugin>>)> = Vec::new();
         let mut changed = Vec::new();
-        let mut loading: Vec<Loading<'_>> = Vec::new();
+        let mut loading: BTreeMap<PathBuf, Loading<'_>> = BTreeMap::new();
         {
             let mut lc = self.lifecycle.lock().await;
             for dir in wanted {
-                if self
+                if let Some(skipped) = self
                     .loads
                     .dirs
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .contains(dir)
+                    .get_mut(dir)
                 {
-                    // Another pass is loading its version, and reads it again
-                    // if it changed meanwhile.
+                    // Another pass is loading its version, and passes again
+                    // when that load ends.
+                    *skipped = true;
                     continue;
                 }
                 let old = self.all_plugins().into_iter().find(|p| &p.dir == dir);
@@ -268,11 +284,14 @@ impl Inner {
                     .dirs
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(dir.clone());
-                loading.push(Loading {
-                    loads: &self.loads,
-                    dir: dir.clone(),
-                });
+                    .insert(dir.clone(), false);
+                loading.insert(
+                    dir.clone(),
+                    Loading {
+                        loads: &self.loads,
+                        dir: dir.clone(),
+                    },
+                );
                 changed.push((dir.clone(), fp, old));
             }
         }
@@ -289,6 +308,7 @@ impl Inner {
                 }
             }
         }
+        loading.retain(|dir, _| pending.iter().any(|(new, _)| &new.dir == dir));
         let order = {
             let mut map: BTreeMap<String, &corral_manifest::Manifest> = BTreeMap::new();
             let all = self.all_plugins();
@@ -323,6 +343,7 @@ impl Inner {
                 .map(|j| done[j].subscribe())
                 .collect();
             let done = &done[i];
+            let guard = loading.remove(&new.dir);
             loads.push(async move {
                 for mut dep in before {
                     let _ = dep.wait_for(|loaded| *loaded).await;
@@ -332,15 +353,30 @@ impl Inner {
                 let (id, version) = (new.manifest.id.clone(), new.manifest.version.to_string());
                 let loaded = self.load_from_pass(new, old).await;
                 done.send_replace(true);
-                (dir, fp, id, version, loaded)
+                // Pass again once the files settle if they changed while it
+                // loaded, if another pass left the directory alone meanwhile, or
+                // if it was removed and made again.
+                let skipped = guard.is_some_and(Loading::finish);
+                let again = !matches!(loaded, Err(NotLoaded::Stopped)) && {
+                    let mut lc = self.lifecycle.lock().await;
+                    lc.wanted.contains(&dir)
+                        && (skipped
+                            || matches!(loaded, Err(NotLoaded::Gone(_)))
+                            || fingerprint_with(&dir, &mut lc.hashes).ok().as_ref() != Some(&fp))
+                };
+                (i, dir, fp, id, version, loaded, again)
             });
         }
-        let loaded: Vec<_> = futures_util::stream::iter(loads)
+        let mut loaded: Vec<_> = futures_util::stream::iter(loads)
             .buffer_unordered(PARALLEL_LOADS)
             .collect()
             .await;
-        let mut lc = self.lifecycle.lock().await;
-        for (dir, fp, id, version, result) in loaded {
+        // Reported in the order they were loaded in (dependencies first).
+        loaded.sort_by_key(|l| l.0);
+        for (_, dir, fp, id, version, result, again) in loaded {
+            if again && !report.unsettled.contains(&dir) {
+                report.unsettled.push(dir.clone());
+            }
             match result {
                 Ok(old) => {
                     self.rejected().remove(&dir);
@@ -358,11 +394,6 @@ impl Inner {
                             report.added.push(id);
                         }
                     }
-                    // Changed while it loaded (other passes left it alone): read
-                    // again once the files settle.
-                    if fingerprint_with(&dir, &mut lc.hashes).ok().as_ref() != Some(&fp) {
-                        report.unsettled.push(dir);
-                    }
                 }
                 // No room for its worker now: tried again at the next pass,
                 // not remembered against its files.
@@ -374,7 +405,9 @@ impl Inner {
                             .await
                             .note_error(format!("new version not loaded yet: {why}"));
                     }
-                    report.unsettled.push(dir);
+                    if !report.unsettled.contains(&dir) {
+                        report.unsettled.push(dir);
+                    }
                 }
                 // Removed while it loaded, or the supervisor is stopping.
                 Err(NotLoaded::Gone(_) | NotLoaded::Stopped) => {}
@@ -384,8 +417,6 @@ impl Inner {
                 }
             }
         }
-        drop(lc);
-        drop(loading);
         skipped
     }
 
@@ -520,7 +551,11 @@ impl Inner {
             || old
                 .as_ref()
                 .is_some_and(|o| o.retired.load(Ordering::SeqCst));
-        let still = if gone {
+        let still = if *self.stopping.borrow() {
+            // A shutdown takes this lock after it says so: what it stops is in
+            // the table and the draining list by then, and nothing after.
+            Err(NotLoaded::Stopped)
+        } else if gone {
             Err(NotLoaded::Gone(id.clone()))
         } else {
             self.may_install(&new, old.as_ref())
@@ -531,16 +566,15 @@ impl Inner {
         }
         tracing::info!(plugin = %id, pid = worker.pid, version = %new.manifest.version, "new version ready");
         let effective = started.effective.clone();
-        {
-            let mut st = new.state.lock().await;
-            st.ready(started);
-            self.catch_up_policy(&new, &mut st, &effective);
-        }
+        new.state.lock().await.ready(started);
         if worker.exports.iter().any(|e| e == HEALTH_EXPORT) {
             self.watch_health(&id, &worker, &new.freed);
         }
         let new = Arc::new(new);
         let replaced = self.install(Arc::clone(&new));
+        // After it is in the table: a policy edit stored from now on finds it
+        // there, and one stored before is seen here.
+        self.catch_up_policy(&new, &mut *new.state.lock().await, &effective);
         if let Some(o) = &old {
             if o.manifest.id != id {
                 self.uninstall(o);
@@ -627,8 +661,15 @@ impl Inner {
         let old = self
             .plugin(plugin)
             .ok_or_else(|| NotLoaded::Gone(plugin.to_owned()))?;
-        // The same version in a new worker: file changes are the watcher's business.
-        let new = Inner::same_version(&old);
+        // The same version in a new worker, with the operator's settings in
+        // force: file changes are the watcher's business.
+        let settings = self
+            .live()
+            .plugin_config
+            .get(plugin)
+            .cloned()
+            .unwrap_or_default();
+        let new = Inner::same_version_with(&old, Arc::new(settings));
         self.load_version(new, Some(old), false).await.map(|_| ())
     }
 }

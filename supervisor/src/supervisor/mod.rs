@@ -396,6 +396,13 @@ impl Supervisor {
         self.0.add_plugin_dirs(dirs)
     }
 
+    /// Say that the supervisor is stopping, ahead of [`Supervisor::shutdown`]:
+    /// starts and loads under way end now (their workers killed) and no new one
+    /// begins.
+    pub fn begin_shutdown(&self) {
+        self.0.stopping.send_replace(true);
+    }
+
     /// Call `function` of `plugin`. `timeout` overrides the plugin's own deadline
     /// (up to the policy's cap).
     pub async fn call(

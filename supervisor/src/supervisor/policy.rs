@@ -175,11 +175,19 @@ impl Inner {
         new: &Effective,
         _turn: super::lifecycle::LoadTurn<'_>,
     ) -> String {
-        // A load that ended meanwhile may have started it under this policy.
+        // A load that ended meanwhile may have started it under this policy; or
+        // its workers are gone (stopped idle, crashed): the next start resolves
+        // the policy in force.
         if let Some(p) = self.plugin(id) {
             let st = p.state.lock().await;
             let current = self.policy().resolve(&p.manifest, p.publisher.as_deref());
-            if st.worker().is_some() && st.effective() == Some(&current) {
+            if st.worker().is_none() {
+                return format!(
+                    "{id}: no worker to renew; the next one starts at {}",
+                    current.summary()
+                );
+            }
+            if st.effective() == Some(&current) {
                 return format!("{id}: a worker at {} serves it", current.summary());
             }
         }

@@ -142,10 +142,47 @@ impl Inner {
     /// anything about it changed, in its turn (after a reload under way). Returns
     /// the change, if any.
     async fn apply_settings(&self, id: String, publishers_changed: bool) -> Option<String> {
-        let _turn = self.load_turn(&id).await;
+        // Nothing changed for it: no need to wait for a load of it under way.
         let p = self.plugin(&id)?;
+        if !publishers_changed
+            && *p.settings
+                == self
+                    .live()
+                    .plugin_config
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_default()
+        {
+            return None;
+        }
+        let Some(turn) = self.try_load_turn(&id) else {
+            // A load of it is under way (its `init` may take its whole deadline):
+            // applied after it, in the background; nobody waits.
+            let me = self.me.upgrade()?;
+            let later = id.clone();
+            tokio::spawn(async move {
+                let turn = me.load_turn(&later).await;
+                if let Some(change) = me.settings_in_turn(&later, publishers_changed, turn).await {
+                    tracing::info!("configuration: {change}");
+                }
+            });
+            return Some(format!(
+                "{id}: its settings or publishers changed; applied once the load under way ends"
+            ));
+        };
+        self.settings_in_turn(&id, publishers_changed, turn).await
+    }
+
+    /// [`Inner::apply_settings`] in `id`'s turn, from what the turn before installed.
+    async fn settings_in_turn(
+        &self,
+        id: &str,
+        publishers_changed: bool,
+        _turn: super::lifecycle::LoadTurn<'_>,
+    ) -> Option<String> {
+        let p = self.plugin(id)?;
         let live = self.live();
-        let settings = live.plugin_config.get(&id).cloned().unwrap_or_default();
+        let settings = live.plugin_config.get(id).cloned().unwrap_or_default();
         let signer_changed = publishers_changed
             && signing::verify(p.files.path(), &live.publishers)
                 .ok()

@@ -11,6 +11,9 @@ impl Inner {
     pub(crate) async fn shutdown(&self, grace: Duration) {
         // Starts under way end now (their workers are killed), and no new one begins.
         self.stopping.send_replace(true);
+        // A version being put in the table now is in it (and the one it replaced
+        // draining) once this is free; later ones see `stopping` and are not.
+        drop(self.lifecycle.lock().await);
         self.broker.stop_bus();
         let mut workers = Vec::new();
         for p in &self.all_plugins() {

@@ -305,12 +305,7 @@ impl Inner {
     }
 
     /// The same version of `p` (the same files and shared queues) as a new table
-    /// entry, to run in a new worker.
-    pub(crate) fn same_version(p: &Plugin) -> Plugin {
-        Inner::same_version_with(p, Arc::clone(&p.settings))
-    }
-
-    /// [`Inner::same_version`] with the operator's new `settings` for it.
+    /// entry with the operator's `settings` for it, to run in a new worker.
     pub(crate) fn same_version_with(p: &Plugin, settings: Arc<crate::PluginConfig>) -> Plugin {
         Plugin {
             manifest: p.manifest.clone(),

@@ -1973,24 +1973,33 @@ async fn a_slow_init_holds_up_no_other_plugins_load_no_pass_and_no_policy_change
     answers(&sup, "a-slow", "v1").await;
     assert_eq!(launcher.launches(), 5);
 
-    // A later pass: c-later reloaded; a-slow, being loaded, left alone.
-    launcher.next_for(
-        "c-later",
-        Script {
-            tag: "v2",
-            ..Script::default()
-        },
-    );
+    // A later pass: b-quick (loaded by the first pass) and c-later reloaded;
+    // a-slow, being loaded, left alone.
+    for (id, tag) in [("b-quick", "v3"), ("c-later", "v2")] {
+        launcher.next_for(
+            id,
+            Script {
+                tag,
+                ..Script::default()
+            },
+        );
+    }
+    edit(&dirs[1], 2);
     edit(&dirs[2], 1);
     settle().await;
     let report = at_once("a later pass", sup.sync_plugins(&dirs)).await;
-    assert_eq!(report.reloaded, ["c-later 1.0.0 -> 1.0.0"], "{report:?}");
+    assert_eq!(
+        report.reloaded,
+        ["b-quick 1.0.0 -> 1.0.0", "c-later 1.0.0 -> 1.0.0"],
+        "{report:?}"
+    );
     assert!(
         report.rejected.is_empty() && report.added.is_empty(),
         "{report:?}"
     );
+    answers(&sup, "b-quick", "v3").await;
     answers(&sup, "c-later", "v2").await;
-    assert_eq!(launcher.launches(), 6);
+    assert_eq!(launcher.launches(), 7);
 
     // A policy change that needs new workers: b-quick's and c-later's at once,
     // a-slow's after its load.
@@ -2025,19 +2034,99 @@ async fn a_slow_init_holds_up_no_other_plugins_load_no_pass_and_no_policy_change
         );
         assert_eq!(level(id).await, "standard");
     }
-    assert_eq!(launcher.launches(), 8);
+    assert_eq!(launcher.launches(), 9);
     assert_eq!(level("a-slow").await, before, "still its old worker");
+
+    // New settings for b-quick and a-slow: b-quick's at once, a-slow's after its
+    // load; the configuration reload does not wait for it.
+    let mut options = sup.options().clone();
+    let mut settings = crate::PluginConfig::default();
+    settings.config.insert("greeting".into(), "hi".into());
+    for id in ["a-slow", "b-quick"] {
+        options.plugin_config.insert(id.into(), settings.clone());
+    }
+    let changes = at_once(
+        "a configuration reload",
+        sup.reconfigure(&options, Vec::new()),
+    )
+    .await;
+    assert_eq!(
+        changes,
+        [
+            "a-slow: its settings or publishers changed; applied once the load under way ends",
+            "b-quick: its config or secrets changed: a new worker serves it; the old one retires \
+             after its calls"
+        ]
+    );
+    assert_eq!(launcher.launches(), 10);
     assert!(!pass.is_finished(), "the first pass still loads a-slow");
 
     // a-slow's load ends: its new version serves, then is renewed under the
-    // policy in force, once.
+    // policy and with the settings in force, once.
     launcher.open_loads();
     let report = at_once("the first pass", pass).await.unwrap();
-    assert_eq!(report.reloaded.len(), 2, "{report:?}");
+    assert_eq!(
+        report.reloaded,
+        ["a-slow 1.0.0 -> 1.0.0", "b-quick 1.0.0 -> 1.0.0"],
+        "{report:?}"
+    );
     answers(&sup, "a-slow", "v3").await;
     assert_eq!(level("a-slow").await, "standard");
+    assert_eq!(*sup.inner().plugin("a-slow").unwrap().settings, settings);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(launcher.launches(), 9, "a-slow renewed once");
+    assert_eq!(launcher.launches(), 11, "a-slow renewed once");
+}
+
+/// A directory edited while its version loads, whose load then fails, is passed
+/// again: the later files load (the pass that found it loading left it alone).
+#[tokio::test]
+async fn files_changed_while_a_version_loaded_are_loaded_after_it_whatever_became_of_it() {
+    let (sup, launcher, dirs, _tmp) = passed(&["edited"]).await;
+    launcher.next_for(
+        "edited",
+        Script {
+            load_held: true,
+            load_error: Some("v2 does not load"),
+            ..Script::default()
+        },
+    );
+    edit(&dirs[0], 1);
+    settle().await;
+    let pass = tokio::spawn({
+        let (sup, dirs) = (sup.clone(), dirs.clone());
+        async move { sup.sync_plugins(&dirs).await }
+    });
+    eventually("v2 is loading", || launcher.launches() == 2).await;
+    edit(&dirs[0], 2);
+    settle().await;
+    let report = at_once("a pass", sup.sync_plugins(&dirs)).await;
+    assert!(
+        report.is_empty(),
+        "the loading directory is left alone: {report:?}"
+    );
+    launcher.open_loads();
+    let report = at_once("the first pass", pass).await.unwrap();
+    assert_eq!(report.rejected.len(), 1, "{report:?}");
+    assert!(
+        report.rejected[0].contains("v2 does not load"),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.unsettled,
+        [dirs[0].canonicalize().unwrap()],
+        "{report:?}"
+    );
+    launcher.next_for(
+        "edited",
+        Script {
+            tag: "v3",
+            ..Script::default()
+        },
+    );
+    settle().await;
+    let report = sup.sync_plugins(&dirs).await;
+    assert_eq!(report.reloaded, ["edited 1.0.0 -> 1.0.0"], "{report:?}");
+    answers(&sup, "edited", "v3").await;
 }
 
 /// A policy change that lands while a worker starts (its start resolved the
