@@ -2139,18 +2139,7 @@ async fn a_policy_change_during_a_start_applies_to_the_worker_it_started() {
     let f = fixture(|_| {});
     let before = f.sup.list().await[0].level.clone();
     assert_ne!(before, "standard");
-    f.launcher.next(Script {
-        load_held: true,
-        ..Script::default()
-    });
-    let call = tokio::spawn({
-        let sup = f.sup.clone();
-        async move { sup.call("fake", "version", Vec::new(), None).await }
-    });
-    eventually("the first worker is loading", || {
-        f.launcher.launches() == 1 && f.launcher.journal(0) == ["load"]
-    })
-    .await;
+    let call = first_start_held(&f).await;
     let changes = f
         .sup
         .set_policy(Arc::unwrap_or_clone(standard_policy()))
@@ -2174,11 +2163,9 @@ async fn a_policy_change_during_a_start_applies_to_the_worker_it_started() {
     .await;
 }
 
-/// [`a_policy_change_during_a_start_applies_to_the_worker_it_started`], for a
-/// change that applies live (the call deadline): the worker takes it as it is.
-#[tokio::test]
-async fn a_live_policy_change_during_a_start_applies_to_the_worker_it_started() {
-    let f = fixture(|o| o.policy = standard_policy());
+/// A call to the fixture's plugin whose first worker is loading, held until
+/// [`FakeLauncher::open_loads`].
+async fn first_start_held(f: &Fixture) -> tokio::task::JoinHandle<Result<Vec<u8>, CallError>> {
     f.launcher.next(Script {
         load_held: true,
         ..Script::default()
@@ -2187,10 +2174,19 @@ async fn a_live_policy_change_during_a_start_applies_to_the_worker_it_started() 
         let sup = f.sup.clone();
         async move { sup.call("fake", "version", Vec::new(), None).await }
     });
-    eventually("the worker is loading", || {
+    eventually("the first worker is loading", || {
         f.launcher.launches() == 1 && f.launcher.journal(0) == ["load"]
     })
     .await;
+    call
+}
+
+/// [`a_policy_change_during_a_start_applies_to_the_worker_it_started`], for a
+/// change that applies live (the call deadline): the worker takes it as it is.
+#[tokio::test]
+async fn a_live_policy_change_during_a_start_applies_to_the_worker_it_started() {
+    let f = fixture(|o| o.policy = standard_policy());
+    let call = first_start_held(&f).await;
     let routes = "[[route]]\nlevel = \"standard\"\nlimits = { timeout = \"7s\" }\n";
     let policy = corral_policy::Policy::parse(&[("routes.toml".into(), routes.to_owned())]);
     let changes = f.sup.set_policy(policy.unwrap()).await;
