@@ -344,20 +344,41 @@ impl HostOp {
     }
 
     /// What the operation is about, for logs and the audit log (never values).
+    ///
+    /// At most [`MAX_TARGET`] bytes of each of the worker's strings in it (then
+    /// how long it was): it is computed for every host call, before anything is
+    /// checked.
     pub fn target(&self) -> String {
         match self {
             HostOp::Now => String::new(),
             HostOp::KvGet { key } | HostOp::KvPut { key, .. } | HostOp::KvDelete { key } => {
-                key.clone()
+                head(key)
             }
-            HostOp::KvKeys { prefix } => prefix.clone(),
-            HostOp::Fetch(r) => format!("{} {}", r.method, r.url),
-            HostOp::Publish { topic, .. } => topic.clone(),
+            HostOp::KvKeys { prefix } => head(prefix),
+            HostOp::Fetch(r) => format!("{} {}", head(&r.method), head(&r.url)),
+            HostOp::Publish { topic, .. } => head(topic),
             HostOp::Call {
                 plugin, function, ..
-            } => format!("{plugin}.{function}"),
+            } => format!("{}.{}", head(plugin), head(function)),
         }
     }
+}
+
+/// The most of one of a worker's strings that [`HostOp::target`] keeps: with
+/// what it says when it cuts, within the 1 KiB an audit line keeps of a target.
+pub const MAX_TARGET: usize = 960;
+
+/// `s` up to [`MAX_TARGET`] bytes (on a character boundary), then how long it
+/// was if cut.
+fn head(s: &str) -> String {
+    if s.len() <= MAX_TARGET {
+        return s.to_owned();
+    }
+    let mut at = MAX_TARGET;
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    format!("{} [cut: {} bytes in all]", &s[..at], s.len())
 }
 
 /// An HTTP request a plugin asks the supervisor to make.

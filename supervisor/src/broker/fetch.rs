@@ -22,6 +22,7 @@
 //! every plugin's store writes and lookups share.
 
 use super::places::Places;
+use super::quoted;
 use corral_policy::{Services, special_use};
 use corral_protocol::{FetchRequest, FetchResponse, HostError};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -204,13 +205,15 @@ impl Fetcher {
         deadline: Instant,
     ) -> Result<FetchResponse, HostError> {
         let mut method = reqwest::Method::from_bytes(req.method.to_ascii_uppercase().as_bytes())
-            .map_err(|_| HostError::Invalid(format!("{:?} is not an HTTP method", req.method)))?;
+            .map_err(|_| {
+                HostError::Invalid(format!("{} is not an HTTP method", quoted(&req.method)))
+            })?;
         let mut url = url::Url::parse(&req.url)
-            .map_err(|e| HostError::Invalid(format!("bad URL {:?}: {e}", req.url)))?;
+            .map_err(|e| HostError::Invalid(format!("bad URL {}: {e}", quoted(&req.url))))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(HostError::Invalid(format!(
-                "URL scheme {:?}: only http and https",
-                url.scheme()
+                "URL scheme {}: only http and https",
+                quoted(url.scheme())
             )));
         }
         if !url.username().is_empty() || url.password().is_some() {
@@ -227,9 +230,9 @@ impl Fetcher {
         let mut headers = reqwest::header::HeaderMap::new();
         for (k, v) in &req.headers {
             let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| HostError::Invalid(format!("bad header name {k:?}")))?;
+                .map_err(|_| HostError::Invalid(format!("bad header name {}", quoted(k))))?;
             let value = reqwest::header::HeaderValue::from_str(v)
-                .map_err(|_| HostError::Invalid(format!("bad value for header {k}")))?;
+                .map_err(|_| HostError::Invalid(format!("bad value for header {}", quoted(k))))?;
             headers.append(name, value);
         }
         let mut body = req.body;

@@ -302,7 +302,8 @@ impl HostBroker {
     ) -> Result<HostReply, HostError> {
         if topic.is_empty() || topic.len() > MAX_TOPIC || topic.chars().any(char::is_whitespace) {
             return Err(HostError::Invalid(format!(
-                "topic {topic:?}: 1 to {MAX_TOPIC} bytes, no spaces"
+                "topic {}: 1 to {MAX_TOPIC} bytes, no spaces",
+                super::quoted(&topic)
             )));
         }
         services.check_publish(&topic).map_err(denied)?;
@@ -330,6 +331,9 @@ impl HostBroker {
                     std::time::Instant::now(),
                 )
                 .map_err(HostError::Overloaded)?;
+            // A database write like any store operation: within the publisher's
+            // share of the pool (`STORE_OPS_PER_PLUGIN`).
+            let _place = self.store_places.take(from).await;
             store.publish(&self.node, from, &topic, &payload).await?;
         }
         let n = permits.len() as u32;

@@ -135,6 +135,18 @@ impl HostBroker {
     }
 
     /// The store, opened at the first use.
+    /// Open the store now, on the blocking pool (redb may repair its file after
+    /// an unclean stop, which takes a while): the first host call that needs it
+    /// then does not open it on a runtime thread, with every other store call
+    /// waiting for it. Why it cannot be opened, if it cannot.
+    pub(crate) async fn open_store(self: &Arc<Self>) -> Result<(), String> {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || me.store().map(|_| ()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
     fn store(&self) -> Result<Arc<Store>, HostError> {
         self.store
             .get_or_init(|| Store::open(&self.backend, &self.state_dir).map(Arc::new))
@@ -182,7 +194,8 @@ impl HostBroker {
         }
     }
 
-    /// Perform `op` for `plugin` within `ctx`; denials are audited.
+    /// Perform `op` for `plugin` within `ctx`; denials are audited, and the error's
+    /// texts cut (see [`cut_host_error`]).
     pub(crate) async fn perform_audited(
         &self,
         plugin: &str,
@@ -192,7 +205,7 @@ impl HostBroker {
         let operation = op.name();
         let target = op.target();
         tracing::trace!(plugin, operation, target, "host call");
-        let result = self.perform(plugin, &ctx, op).await;
+        let result = self.perform(plugin, &ctx, op).await.map_err(cut_host_error);
         self.account(plugin, operation, &target, &result);
         result
     }
@@ -243,6 +256,7 @@ impl HostBroker {
     ) -> Result<HostReply, HostError> {
         let target = op.target();
         tracing::trace!(plugin, operation = op.name(), target, "host call");
+        let result = result.map_err(cut_host_error);
         self.account(plugin, op.name(), &target, &result);
         result
     }
@@ -433,5 +447,50 @@ impl Broker for HostBroker {
             decision: "killed",
             rule: &rule,
         });
+    }
+}
+
+/// The most of a string a worker sent that an error quotes (escaped).
+const QUOTED: usize = 128;
+
+/// `s`, a string a worker sent, quoted for an error: at most [`QUOTED`] bytes of
+/// it, escaped, then how long it was. A worker's string is never escaped whole:
+/// escaping makes it up to six times longer (`\u{7f}` for one byte), and a
+/// 16 MiB topic would have become a 100 MiB error.
+pub(crate) fn quoted(s: &str) -> String {
+    if s.len() <= QUOTED {
+        return format!("{s:?}");
+    }
+    let mut at = QUOTED;
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    format!("{:?}... ({} bytes)", &s[..at], s.len())
+}
+
+/// A host call's error with each text cut to what a worker's own error may say
+/// (`MAX_ERROR_TEXT`), and the names in it to 1 KiB: some repeat what the
+/// worker sent (a plugin or function it named), and the error is answered,
+/// logged and kept.
+pub(crate) fn cut_host_error(e: HostError) -> HostError {
+    use crate::worker::connection::{MAX_ERROR_TEXT, cut_error};
+    let cut = |text: String| crate::supervisor::cut(text, MAX_ERROR_TEXT);
+    let name = |text: String| crate::supervisor::cut(text, 1 << 10);
+    match e {
+        HostError::Denied { rule } => HostError::Denied { rule: cut(rule) },
+        HostError::Invalid(why) => HostError::Invalid(cut(why)),
+        HostError::Overloaded(why) => HostError::Overloaded(cut(why)),
+        HostError::Failed(why) => HostError::Failed(cut(why)),
+        HostError::Cycle { chain } => HostError::Cycle { chain: cut(chain) },
+        HostError::Call {
+            plugin,
+            function,
+            error,
+        } => HostError::Call {
+            plugin: name(plugin),
+            function: name(function),
+            error: cut_error(error),
+        },
+        e @ HostError::Quota { .. } => e,
     }
 }

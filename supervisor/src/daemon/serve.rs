@@ -51,6 +51,11 @@ pub async fn serve(config_path: &Path, socket: Option<PathBuf>) -> Result<(), Se
             }
         }
     }
+    // Before any plugin can ask for it (a repair after an unclean stop takes a
+    // while, and would have stalled the runtime thread of the first host call).
+    if let Err(e) = sup.open_store().await {
+        tracing::error!("the plugins' store cannot be opened; store host calls fail: {e}");
+    }
     let sources = sources_of(&config);
     if let Some(d) = &config.plugins_dir {
         std::fs::create_dir_all(d)

@@ -396,6 +396,13 @@ impl Supervisor {
         self.0.add_plugin_dirs(dirs)
     }
 
+    /// Open the plugins' store now (off the runtime's threads) rather than at the
+    /// first host call that needs it; why it cannot be opened, if it cannot
+    /// (store host calls then fail with the reason).
+    pub async fn open_store(&self) -> Result<(), String> {
+        self.0.broker.open_store().await
+    }
+
     /// Say that the supervisor is stopping, ahead of [`Supervisor::shutdown`]:
     /// starts and loads under way end now (their workers killed) and no new one
     /// begins.

@@ -55,7 +55,7 @@ impl Default for Script {
     }
 }
 
-const EXPORTS: [&str; 21] = [
+const EXPORTS: [&str; 24] = [
     "echo",
     "version",
     "hold",
@@ -77,6 +77,9 @@ const EXPORTS: [&str; 21] = [
     "orphan_logs",
     "forge_error",
     "long_error",
+    "answer_unread",
+    "long_names",
+    "call_then_crash",
 ];
 
 /// What one fake worker received, in order.
@@ -404,6 +407,21 @@ async fn serve(
                         });
                     }
                     "crash" => break 3,
+                    // Calls `other`'s `hold` through the host, then exits.
+                    "call_then_crash" => {
+                        let op = corral_protocol::HostOp::Call {
+                            plugin: "other".into(),
+                            function: "hold".into(),
+                            input: Vec::new(),
+                        };
+                        let _ = tx.send(FromWorker::HostCall {
+                            id: 1,
+                            call: id,
+                            op,
+                        });
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        break 3;
+                    }
                     "ahead" => ahead = true,
                     // Takes no more frames (writes to it fail), and never answers.
                     "deaf" => {
@@ -479,6 +497,52 @@ async fn serve(
                                 tokio::time::sleep(Duration::from_millis(1)).await;
                             }
                         }
+                    }
+                    "long_names" => {
+                        // A topic of 1.5 MiB of DEL (six bytes each, escaped) and a
+                        // call to a plugin of 1.5 MiB of name; then the answer.
+                        let topic = "\u{7f}".repeat(3 << 19);
+                        let ops = [
+                            corral_protocol::HostOp::Publish {
+                                topic,
+                                payload: Vec::new(),
+                            },
+                            corral_protocol::HostOp::Call {
+                                plugin: "p".repeat(3 << 19),
+                                function: "f".into(),
+                                input: Vec::new(),
+                            },
+                        ];
+                        for (n, op) in ops.into_iter().enumerate() {
+                            let _ = tx.send(FromWorker::HostCall {
+                                id: n as u64 + 1,
+                                call: id,
+                                op,
+                            });
+                        }
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let _ = atx.send(answer(Ok(b"asked".to_vec())));
+                    }
+                    "answer_unread" => {
+                        // 1 MiB stored, asked back, and then nothing read, ever:
+                        // the answer waits in the supervisor, the call never ends.
+                        let put = corral_protocol::HostOp::KvPut {
+                            key: "big".into(),
+                            value: vec![7; 1 << 20],
+                        };
+                        let _ = tx.send(FromWorker::HostCall {
+                            id: 1,
+                            call: id,
+                            op: put,
+                        });
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let get = corral_protocol::HostOp::KvGet { key: "big".into() };
+                        let _ = tx.send(FromWorker::HostCall {
+                            id: 2,
+                            call: id,
+                            op: get,
+                        });
+                        std::future::pending::<()>().await;
                     }
                     "host_dup" => {
                         for _ in 0..2 {
@@ -1131,6 +1195,129 @@ async fn a_worker_that_breaks_the_protocol_is_killed_audited_and_replaced() {
         assert_eq!(f.sup.list().await[0].restarts, 1, "{function}");
         f.sup.shutdown(Duration::from_secs(1)).await;
     }
+}
+
+/// A worker's host calls end with it: a worker that calls another plugin through
+/// the host and exits leaves no call behind holding the other plugin's queue (a
+/// fresh worker would have added its own to it).
+#[tokio::test]
+async fn a_workers_host_calls_end_with_it() {
+    let f = fixture(|o| {
+        let p = corral_policy::Policy::parse(&[
+            (
+                "levels.toml".into(),
+                "[[route]]\nlevel = \"standard\"\n".into(),
+            ),
+            (
+                "grants.toml".into(),
+                "[[grant]]\nid = \"fake\"\ncall = [\"other\"]\n".into(),
+            ),
+        ])
+        .unwrap();
+        o.policy = Arc::new(p);
+    });
+    let (other, _dir) = add_other(&f);
+    // A long deadline: the host call would have held other's queue until then.
+    let deadline = Some(Duration::from_secs(30));
+    match f
+        .sup
+        .call(&f.id, "call_then_crash", Vec::new(), deadline)
+        .await
+    {
+        Err(CallError::WorkerCrashed(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        f.launcher.journal(1),
+        ["load", "call hold"],
+        "other got the call"
+    );
+    let mut queued = u32::MAX;
+    for _ in 0..100 {
+        queued = state_of(&f.sup, &other).await.queued;
+        if queued == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        queued, 0,
+        "the dead worker's call to other still holds its queue"
+    );
+    f.launcher.release();
+}
+
+/// What a worker names in a host call comes back in an error cut: a topic of
+/// 1.5 MiB that escapes to 9 MiB is quoted in 128 bytes and its length, a
+/// plugin name of 1.5 MiB in a denial's rule in 16 KiB.
+#[tokio::test]
+async fn what_a_worker_names_in_a_host_call_comes_back_cut() {
+    let f = fixture(|_| {});
+    assert_eq!(f.call("long_names").await.unwrap(), b"asked");
+    let answers: Vec<String> = f
+        .launcher
+        .journal(0)
+        .into_iter()
+        .filter(|e| e.starts_with("unexpected HostResult"))
+        .collect();
+    assert_eq!(answers.len(), 2, "{:.200?}", answers);
+    assert!(
+        answers[0].contains(r#"Invalid("topic \"\\u{7f}"#)
+            && answers[0].contains("... (1572864 bytes): 1 to 256 bytes"),
+        "{:.300}",
+        answers[0]
+    );
+    assert!(answers[0].len() < 2 << 10, "{} bytes", answers[0].len());
+    assert!(
+        answers[1].contains("Denied") && answers[1].contains("[cut: "),
+        "{:.300}",
+        answers[1]
+    );
+    assert!(answers[1].len() < 17 << 10, "{} bytes", answers[1].len());
+}
+
+/// A worker that asks for 1 MiB and does not read the answer is killed once the
+/// answer has waited [`crate::worker::connection::ANSWER_WRITE_TIME`], as a
+/// protocol violation, audited; the next call gets a new worker. (Without it, an
+/// idle worker kept its unread answers for as long as nobody called it.)
+#[tokio::test]
+async fn a_worker_that_does_not_read_an_answer_it_asked_for_is_killed_audited_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let f = fixture(|o| {
+        let p = corral_policy::Policy::parse(&[
+            (
+                "levels.toml".into(),
+                "[[route]]\nlevel = \"standard\"\n".into(),
+            ),
+            (
+                "grants.toml".into(),
+                "[[grant]]\nid = \"fake\"\nkv_quota = \"4MiB\"\n".into(),
+            ),
+        ])
+        .unwrap();
+        o.policy = Arc::new(p);
+        o.audit = AuditSink::File(audit.clone());
+        o.restart.base_backoff = Duration::from_millis(1);
+    });
+    let why = "it did not read the answer to its host call within 500ms";
+    let t = Instant::now();
+    match f.call("answer_unread").await {
+        Err(CallError::WorkerCrashed(ExitReason::Protocol(got))) => assert_eq!(got, why),
+        other => panic!("{other:?}"),
+    }
+    within(t, Duration::from_secs(2));
+    assert!(f.launcher.journals.lock().unwrap()[0].killed());
+    eventually("the violation is audited", || {
+        audit_lines(&audit).iter().any(|l| {
+            l["operation"] == "protocol"
+                && l["decision"] == "killed"
+                && l["rule"] == format!("protocol violation: {why}")
+        })
+    })
+    .await;
+    assert_eq!(f.call("echo").await.unwrap(), b"in");
+    assert_eq!(f.launcher.launches(), 2);
 }
 
 /// The policy's `host_calls` is the bound the supervisor holds a worker to.

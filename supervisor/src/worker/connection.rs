@@ -38,6 +38,49 @@ pub(crate) type Answer = (Vec<u8>, OwnedSemaphorePermit);
 /// everything else by [`write_frames`], one whole frame at a time.
 pub(crate) type Writer = Arc<tokio::sync::Mutex<OwnedWriteHalf>>;
 
+/// How long a worker has to read the answer to one of its host calls: a worker
+/// waits for each (the worker library blocks on it), so one not read by then is
+/// a worker that stopped reading, and is killed, saying so. Without it an idle
+/// worker would have kept its unread answers (up to `host_calls` + 1 frames of up
+/// to 16 MiB each) for as long as nobody called it.
+pub(crate) const ANSWER_WRITE_TIME: Duration = if cfg!(test) {
+    Duration::from_millis(500)
+} else {
+    Duration::from_secs(10)
+};
+
+/// What kills a worker for a violation found by a task that writes to it.
+#[derive(Clone)]
+pub(crate) struct Killer {
+    pub(crate) pending: Arc<Mutex<Pending>>,
+    pub(crate) kill: Arc<Notify>,
+    /// The worker's turns: calls waiting for one go to the next worker.
+    pub(crate) dispatch: Arc<Semaphore>,
+}
+
+impl Killer {
+    /// The connection kills the worker and reports `why` as it does the
+    /// violations it reads.
+    fn violation(&self, why: Violation) {
+        lock(&self.pending).violation.get_or_insert(why);
+        self.dispatch.close();
+        self.kill.notify_one();
+    }
+}
+
+/// Write `frame` (or what is left of it), the answer to a host call, within
+/// [`ANSWER_WRITE_TIME`]; false if it was not written (the worker is gone, or is
+/// killed for not reading).
+async fn write_answer(wr: &mut OwnedWriteHalf, frame: &[u8], killer: &Killer) -> bool {
+    match tokio::time::timeout(ANSWER_WRITE_TIME, wr.write_all(frame)).await {
+        Ok(written) => written.is_ok(),
+        Err(_) => {
+            killer.violation(Violation::AnswerUnread(ANSWER_WRITE_TIME));
+            false
+        }
+    }
+}
+
 /// The task that writes to a worker what its callers do not: the calls sent
 /// behind others (the [`Outbox`]), the supervisor's `Shutdown` and the answers
 /// to its host calls, each answer's permit given back once written.
@@ -45,15 +88,16 @@ pub(crate) async fn write_frames(
     wr: Writer,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     mut answers: mpsc::Receiver<Answer>,
-    (outbox, pending, kill): (Arc<Outbox>, Arc<Mutex<Pending>>, Arc<Notify>),
+    (outbox, killer): (Arc<Outbox>, Killer),
 ) {
+    let (pending, kill) = (&killer.pending, &killer.kill);
     loop {
         let (buf, permit) = tokio::select! {
             // Calls queued first: a `Shutdown` sent after them comes after them.
             biased;
             () = outbox.ready.notified() => {
                 if let Err(ids) = outbox.flush(&wr).await {
-                    not_sent(&pending, &kill, ids);
+                    not_sent(pending, kill, ids);
                     break;
                 }
                 continue;
@@ -62,9 +106,15 @@ pub(crate) async fn write_frames(
             Some((buf, permit)) = answers.recv() => (buf, Some(permit)),
             else => break,
         };
-        if wr.lock().await.write_all(&buf).await.is_err() {
+        let mut w = wr.lock().await;
+        let written = match permit {
+            Some(_) => write_answer(&mut w, &buf, &killer).await,
+            None => w.write_all(&buf).await.is_ok(),
+        };
+        if !written {
             break;
         }
+        drop(w);
         drop(permit);
     }
 }
@@ -219,6 +269,8 @@ pub(crate) enum Violation {
     SupervisorsError { id: RequestId, kind: &'static str },
     #[error("its socket closed and it did not exit within {0:?}")]
     ClosedButAlive(Duration),
+    #[error("it did not read the answer to its host call within {0:?}")]
+    AnswerUnread(Duration),
     /// A frame past its kind's limit, or one that does not decode.
     #[error(transparent)]
     Frame(FrameError),
@@ -272,9 +324,21 @@ pub(crate) struct Connection {
     /// The running call this task holds the backstop of (one that began when the
     /// answer before it was read), and when it fires.
     pub(crate) backstop: Option<(Sent, Instant)>,
+    /// The host calls being performed (at most `host_calls`): ended with the
+    /// connection, so a worker that exits does not leave them running (holding
+    /// their places and the calls they made) for a fresh worker to add to.
+    pub(crate) host_tasks: tokio::task::JoinSet<()>,
 }
 
 impl Connection {
+    fn killer(&self) -> Killer {
+        Killer {
+            pending: Arc::clone(&self.pending),
+            kill: Arc::clone(&self.kill),
+            dispatch: Arc::clone(&self.dispatch),
+        }
+    }
+
     /// Write the answer to host call `id` now, when the socket takes it whole and
     /// no caller is writing; else its rest is written by a task holding the write
     /// half (so no other frame comes between), or the whole answer goes to
@@ -304,8 +368,9 @@ impl Connection {
             Err(_) => return,
         };
         if written < frame.len() {
+            let killer = self.killer();
             tokio::spawn(async move {
-                let _ = wr.write_all(&frame[written..]).await;
+                write_answer(&mut wr, &frame[written..], &killer).await;
                 drop(permit);
             });
         }
@@ -393,6 +458,8 @@ impl Connection {
                 }
             }
         }
+        // Its host calls end with it.
+        self.host_tasks.abort_all();
         // Nothing sent from now on reaches a worker. The socket is shut both
         // ways: a write still waiting for a process left holding the other end
         // (one that never reads) fails now instead of holding its frame forever.
@@ -407,6 +474,9 @@ impl Connection {
                 Ok(s) => status = s,
                 Err(_) => protocol_error = Some(Violation::ClosedButAlive(EXIT_GRACE)),
             }
+        }
+        if protocol_error.is_none() {
+            protocol_error = lock(&self.pending).violation.take();
         }
         if let Some(why) = &protocol_error {
             tracing::warn!(plugin = %self.plugin_id, "protocol violation, killing the worker: {why}");
@@ -593,7 +663,8 @@ impl Connection {
                 let pending = Arc::clone(&self.pending);
                 // Performed on its own task: a fetch or another plugin's call may take
                 // a while, and the connection keeps reading meanwhile.
-                tokio::spawn(async move {
+                while self.host_tasks.try_join_next().is_some() {}
+                self.host_tasks.spawn(async move {
                     let result = match broker.upgrade() {
                         Some(broker) => broker.host_call(&plugin, ctx, op).await,
                         None => Err(HostError::Failed("the supervisor is gone".into())),

@@ -214,6 +214,9 @@ pub(crate) struct Pending {
     recent: Duration,
     /// Calls whose frames were never written (see [`not_sent`]).
     unsent: HashSet<RequestId>,
+    /// Set by a task writing to the worker that found it breaking the protocol
+    /// (it does not read what it asked for); the worker is killed for it.
+    pub(crate) violation: Option<connection::Violation>,
 }
 
 impl Pending {

@@ -428,8 +428,11 @@ impl WorkerHandle {
             answers_rx,
             (
                 Arc::clone(&handle.outbox),
-                Arc::clone(&handle.pending),
-                Arc::clone(&handle.kill),
+                super::connection::Killer {
+                    pending: Arc::clone(&handle.pending),
+                    kill: Arc::clone(&handle.kill),
+                    dispatch: Arc::clone(&handle.dispatch),
+                },
             ),
         ));
         tokio::spawn(
@@ -456,6 +459,7 @@ impl WorkerHandle {
                 dispatch: Arc::clone(&handle.dispatch),
                 kill_grace: spec.kill_grace,
                 backstop: None,
+                host_tasks: Default::default(),
             }
             .run(rd, child),
         );

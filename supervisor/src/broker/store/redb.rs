@@ -107,9 +107,14 @@ impl RedbStore {
         tx.commit().map_err(|e| failed("commit", e))
     }
 
-    /// Delete `key`; whether it existed.
+    /// Delete `key`; whether it existed. Deleting a key that is not there takes
+    /// neither the single writer nor an fsync (a plugin deleting missing keys in
+    /// a loop would have queued a commit each ahead of its neighbours' writes).
     pub fn delete(&self, plugin: &str, key: &str) -> Result<bool, HostError> {
         check_key(key)?;
+        if self.get(plugin, key)?.is_none() {
+            return Ok(false);
+        }
         let name = Self::table(plugin);
         let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&name);
         let tx = self.db.begin_write().map_err(|e| failed("write", e))?;
@@ -131,8 +136,13 @@ impl RedbStore {
             }
             removed.is_some()
         };
+        if !existed {
+            // Deleted meanwhile: nothing to write.
+            tx.abort().map_err(|e| failed("write", e))?;
+            return Ok(false);
+        }
         tx.commit().map_err(|e| failed("commit", e))?;
-        Ok(existed)
+        Ok(true)
     }
 
     /// Keys starting with `prefix`, in byte order (at most [`MAX_KEYS`]).
