@@ -1203,18 +1203,7 @@ async fn a_worker_that_breaks_the_protocol_is_killed_audited_and_replaced() {
 #[tokio::test]
 async fn a_workers_host_calls_end_with_it() {
     let f = fixture(|o| {
-        let p = corral_policy::Policy::parse(&[
-            (
-                "levels.toml".into(),
-                "[[route]]\nlevel = \"standard\"\n".into(),
-            ),
-            (
-                "grants.toml".into(),
-                "[[grant]]\nid = \"fake\"\ncall = [\"other\"]\n".into(),
-            ),
-        ])
-        .unwrap();
-        o.policy = Arc::new(p);
+        o.policy = standard_granting_fake("call = [\"other\"]");
     });
     let (other, _dir) = add_other(&f);
     // A long deadline: the host call would have held other's queue until then.
@@ -1285,18 +1274,7 @@ async fn a_worker_that_does_not_read_an_answer_it_asked_for_is_killed_audited_an
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.log");
     let f = fixture(|o| {
-        let p = corral_policy::Policy::parse(&[
-            (
-                "levels.toml".into(),
-                "[[route]]\nlevel = \"standard\"\n".into(),
-            ),
-            (
-                "grants.toml".into(),
-                "[[grant]]\nid = \"fake\"\nkv_quota = \"4MiB\"\n".into(),
-            ),
-        ])
-        .unwrap();
-        o.policy = Arc::new(p);
+        o.policy = standard_granting_fake("kv_quota = \"4MiB\"");
         o.audit = AuditSink::File(audit.clone());
         o.restart.base_backoff = Duration::from_millis(1);
     });
@@ -1500,6 +1478,18 @@ async fn idle_timeout_stops_a_worker_without_calls_and_the_next_call_starts_one(
 }
 
 /// Every plugin at level standard (whose `instances` allow four).
+/// Every plugin at `standard`, and the fake plugin granted `grant` (one line of
+/// a `[[grant]]`).
+fn standard_granting_fake(grant: &str) -> Arc<corral_policy::Policy> {
+    let grants = format!("[[grant]]\nid = \"fake\"\n{grant}\n");
+    let routes = "[[route]]\nlevel = \"standard\"\n";
+    let files = [
+        ("levels.toml".into(), routes.to_owned()),
+        ("grants.toml".into(), grants),
+    ];
+    Arc::new(corral_policy::Policy::parse(&files).unwrap())
+}
+
 fn standard_policy() -> Arc<corral_policy::Policy> {
     let routes = "[[route]]\nname = \"all\"\nid = \"*\"\nlevel = \"standard\"\n";
     Arc::new(corral_policy::Policy::parse(&[("routes.toml".into(), routes.to_owned())]).unwrap())
