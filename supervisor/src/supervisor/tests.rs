@@ -119,6 +119,10 @@ impl FakeLauncher {
     fn next(&self, script: Script) {
         self.scripts.lock().unwrap().push_back(script);
     }
+    /// Whether worker `n` was told to shut down (its last frame).
+    fn shut_down(&self, n: usize) -> bool {
+        self.journal(n).last().is_some_and(|e| e == "shutdown")
+    }
     /// The script of the next worker started for `plugin`.
     fn next_for(&self, plugin: &str, script: Script) {
         self.by_plugin
@@ -1457,11 +1461,7 @@ async fn idle_timeout_stops_a_worker_without_calls_and_the_next_call_starts_one(
     // Its slot is given back once the worker has exited, just after it was told
     // to shut down.
     eventually("the idle worker is stopped and its slot free", || {
-        f.launcher
-            .journal(0)
-            .last()
-            .is_some_and(|e| e == "shutdown")
-            && f.sup.workers().live == 0
+        f.launcher.shut_down(0) && f.sup.workers().live == 0
     })
     .await;
     assert_eq!(f.state().await, "idle");
@@ -1611,13 +1611,7 @@ async fn a_policy_that_lowers_instances_retires_the_extra_workers_after_their_ca
     for h in held {
         assert_eq!(h.await.unwrap().unwrap(), b"held");
     }
-    eventually("the retired worker shut down", || {
-        f.launcher
-            .journal(1)
-            .last()
-            .is_some_and(|e| e == "shutdown")
-    })
-    .await;
+    eventually("the retired worker shut down", || f.launcher.shut_down(1)).await;
     let info = state_of(&f.sup, &f.id).await;
     assert_eq!((info.instances.len(), info.instances_allowed), (1, 1));
     f.sup.shutdown(Duration::from_secs(1)).await;
@@ -2332,10 +2326,7 @@ async fn a_policy_change_during_a_start_applies_to_the_worker_it_started() {
     assert_eq!(f.sup.list().await[0].level, "standard");
     assert_eq!(f.launcher.launches(), 2);
     eventually("the worker started under the old policy is retired", || {
-        f.launcher
-            .journal(0)
-            .last()
-            .is_some_and(|e| e == "shutdown")
+        f.launcher.shut_down(0)
     })
     .await;
 }
